@@ -1,0 +1,1 @@
+"""jlora: LoRA fine-tuning for JAX/Flax."""
