@@ -1,13 +1,1 @@
-"""Test-wide JAX settings: 8 virtual CPU devices and strict rank promotion.
-
-The device count must be set before jax is imported anywhere, so it lives here.
-"""
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import jax  # noqa: E402
-
-jax.config.update("jax_numpy_rank_promotion", "raise")
+"""Test fixtures. JAX flags (8 CPU devices, strict rank promotion) are set in the root conftest.py."""

@@ -1,1 +1,47 @@
-"""jlora: LoRA fine-tuning for JAX/Flax."""
+"""jlora: LoRA fine-tuning for JAX/Flax.
+
+Adapters are a separate pytree holding everything that trains; a Flax transform runs a model with them
+unmerged; an optax step trains them alone. See README.md and DESIGN.md for the whole picture.
+
+Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+    >>> model = nn.Dense(4)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> cfg = jlora.LoraConfig(rank=2, alpha=4, targets="kernel")
+    >>> adapters = jlora.init(params, cfg, key=jax.random.key(1))
+    >>> jlora.count(adapters)
+    24
+"""
+
+import importlib
+from importlib import metadata as _metadata
+
+from jlora import tree
+from jlora.config import LoraConfig
+from jlora.lora import KernelLayout, count, init, merge, summary, unmerge
+from jlora.train import TrainState, causal_lm_loss, lm_loss, make_eval_step, make_train_step
+from jlora.transform import apply, layout
+from jlora.tree import combine, partition
+
+try:
+    __version__ = _metadata.version("jlora")
+except _metadata.PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0+local"
+
+# Submodules with heavier imports load on first use: `jlora.hf`, `jlora.peft`, `jlora.checkpoint`, ...
+_LAZY = ("hf", "peft", "checkpoint", "parallel", "data", "run", "models", "gguf", "tokenizer", "cli")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f"jlora.{name}")
+    raise AttributeError(f"module 'jlora' has no attribute {name!r}")
+
+
+__all__ = [
+    "LoraConfig", "KernelLayout", "TrainState",
+    "init", "apply", "merge", "unmerge", "count", "summary", "layout",
+    "partition", "combine", "tree",
+    "make_train_step", "make_eval_step", "causal_lm_loss", "lm_loss",
+    "__version__",
+]

@@ -1,0 +1,186 @@
+"""Training: a TrainState, a causal-LM loss, and a pure train step over the adapters only.
+
+The step differentiates with respect to the adapter tree alone; the frozen params are an ordinary argument, so
+gradients and optimizer state exist for adapter leaves only by construction. It is a pure function of
+``(state, params, batch)``: jit it (donating the state), pmap it, or shard it (see :mod:`jlora.parallel`).
+
+Mixed precision: frozen params may be bf16 while adapters, gradients and optimizer state stay fp32; the transform
+casts adapters to each layer's compute dtype, and the loss is computed from fp32 logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jlora import transform
+from jlora.config import LoraConfig
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[Callable[..., Any], Batch], tuple[jax.Array, dict]]
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training. ``step`` is an int32 scalar, ``rng`` a PRNG key."""
+
+    step: jax.Array
+    adapters: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @classmethod
+    def create(cls, adapters: Any, optimizer: optax.GradientTransformation, *, rng: jax.Array) -> "TrainState":
+        """A step-0 state with fresh optimizer state for ``adapters``."""
+        return cls(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters), rng)
+
+
+def causal_lm_loss(logits: jax.Array, input_ids: jax.Array,
+                   loss_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy over the tokens that ``loss_mask`` keeps.
+
+    Position t predicts token t+1. ``loss_mask`` (B, T) is aligned with ``input_ids``: ``loss_mask[:, t]``
+    says whether token t is a target (e.g. 1 on completion tokens, 0 on the prompt and padding).
+
+    Returns:
+        ``(loss, n_tokens)``: the fp32 mean over kept targets, and how many there were.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> logits = jnp.zeros((1, 3, 4))            # uniform over 4 tokens
+        >>> loss, n = causal_lm_loss(logits, jnp.array([[0, 1, 2]]))
+        >>> round(float(loss), 4), int(n)            # log(4)
+        (1.3863, 2)
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    mask = jnp.ones(targets.shape, jnp.float32) if loss_mask is None else loss_mask[:, 1:].astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    n = jnp.sum(mask)
+    return jnp.sum((logz - picked) * mask) / jnp.maximum(n, 1.0), n
+
+
+def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict]:
+    """The default loss: ``apply_fn(input_ids[, attention_mask=...])`` then :func:`causal_lm_loss`.
+
+    The loss mask is ``batch["loss_mask"]`` if present, else ``batch["attention_mask"]``, else all ones.
+    """
+    kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+    logits = apply_fn(batch["input_ids"], **kwargs)
+    mask = batch.get("loss_mask", batch.get("attention_mask"))
+    loss, n = causal_lm_loss(logits, batch["input_ids"], mask)
+    return loss, {"loss": loss, "tokens": n}
+
+
+def _bind(model: nn.Module, cfg: LoraConfig, params, adapters, rng) -> Callable[..., Any]:
+    rngs = {transform.DROPOUT_RNG: rng} if (rng is not None and cfg.dropout > 0) else None
+    return lambda *args, **kwargs: transform.apply(model, params, adapters, cfg, *args, rngs=rngs, **kwargs)
+
+
+def _weighted_grads(model, cfg, loss_fn, params, adapters, batch, rng):
+    """Loss, metrics and gradients of one (micro)batch, weighted by its token count."""
+    def f(ad):
+        loss, metrics = loss_fn(_bind(model, cfg, params, ad, rng), batch)
+        return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(adapters)
+    weight = metrics.get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
+    return jax.tree.map(lambda g: g * weight, grads), metrics, weight
+
+
+def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.GradientTransformation, *,
+                    loss_fn: LossFn = lm_loss, grad_accum_steps: int = 1,
+                    reduce_grads: Callable[[Any], Any] | None = None):
+    """Builds ``step(state, params, batch) -> (state, metrics)``, a pure function for ``jax.jit``.
+
+    Args:
+        model: the Flax model.
+        cfg: the LoRA config of ``state.adapters``.
+        optimizer: an optax transformation over the adapter tree.
+        loss_fn: ``loss_fn(apply_fn, batch) -> (loss, metrics)`` where ``apply_fn(*args, **kwargs)`` runs the
+            model with the current adapters. ``metrics["tokens"]``, if present, weights micro-batches.
+        grad_accum_steps: split the batch's leading axis into this many micro-batches, run them one after
+            another (``lax.scan``, so activation memory is that of one micro-batch), and apply the token-weighted
+            mean gradient once.
+        reduce_grads: optional hook applied to the (weighted sum of) gradients, metrics and weights before the
+            update, e.g. a ``lax.pmean`` under ``pmap`` (see :func:`jlora.parallel.make_pmap_train_step`).
+
+    Returns:
+        The step function. ``metrics`` holds ``loss`` (token-weighted mean), ``tokens`` and ``grad_norm``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora
+        >>> class LM(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, ids):
+        ...         return nn.Dense(11, name="out")(nn.Embed(11, 8, name="embed")(ids))
+        >>> model, ids = LM(), jnp.array([[1, 2, 3, 4]])
+        >>> params = model.init(jax.random.key(0), ids)["params"]
+        >>> cfg = jlora.LoraConfig(rank=2, alpha=4, targets="out")
+        >>> opt = optax.adam(1e-2)
+        >>> state = TrainState.create(jlora.init(params, cfg, key=jax.random.key(1)), opt, rng=jax.random.key(2))
+        >>> step = jax.jit(make_train_step(model, cfg, opt), donate_argnums=0)
+        >>> state, metrics = step(state, params, {"input_ids": ids})
+        >>> int(state.step), sorted(metrics)
+        (1, ['grad_norm', 'loss', 'tokens'])
+    """
+    if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"`grad_accum_steps` must be an integer >= 1; got {grad_accum_steps!r}")
+
+    def step(state: TrainState, params, batch: Batch):
+        rng, step_rng = jax.random.split(state.rng)
+        if grad_accum_steps == 1:
+            grads, metrics, weight = _weighted_grads(model, cfg, loss_fn, params, state.adapters, batch, step_rng)
+            metrics = jax.tree.map(lambda m: m * weight, metrics)
+        else:
+            micro = jax.tree.map(lambda x: _split_micro(x, grad_accum_steps), batch)
+            zeros = jax.tree.map(jnp.zeros_like, state.adapters)
+
+            def body(carry, xs):
+                i, mb = xs
+                g_sum, w_sum, m_sum = carry
+                g, m, w = _weighted_grads(model, cfg, loss_fn, params, state.adapters, mb,
+                                          jax.random.fold_in(step_rng, i))
+                m = jax.tree.map(lambda v: v * w, m)
+                m_sum = m if m_sum is None else jax.tree.map(jnp.add, m_sum, m)
+                return (jax.tree.map(jnp.add, g_sum, g), w_sum + w, m_sum), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            _, m0, _ = jax.eval_shape(lambda: _weighted_grads(model, cfg, loss_fn, params, state.adapters,
+                                                              first, step_rng))
+            m_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+            (grads, weight, metrics), _ = jax.lax.scan(
+                body, (zeros, jnp.zeros((), jnp.float32), m_init), (jnp.arange(grad_accum_steps), micro))
+        if reduce_grads is not None:
+            grads, metrics, weight = reduce_grads((grads, metrics, weight))
+        denom = jnp.maximum(weight, 1e-9)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        metrics = jax.tree.map(lambda m: m / denom, metrics)
+        if "tokens" in metrics:
+            metrics["tokens"] = weight
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters)
+        adapters = optax.apply_updates(state.adapters, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return TrainState(state.step + 1, adapters, opt_state, rng), metrics
+
+    return step
+
+
+def _split_micro(x: jax.Array, k: int) -> jax.Array:
+    if x.shape[0] % k:
+        raise ValueError(f"batch size {x.shape[0]} does not divide into grad_accum_steps={k} micro-batches")
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+
+def make_eval_step(model: nn.Module, cfg: LoraConfig, *, loss_fn: LossFn = lm_loss):
+    """Builds ``eval_step(params, adapters, batch) -> metrics`` (no dropout, no gradients)."""
+    def eval_step(params, adapters, batch: Batch):
+        _, metrics = loss_fn(_bind(model, cfg, params, adapters, None), batch)
+        return metrics
+
+    return eval_step
