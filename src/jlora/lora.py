@@ -284,6 +284,7 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
                  f"({len(entries)} adapted kernels)")
     if ranks:
         lines.append("")
+        lines.append("rank ladder (same targets)")
         lines.append("rank   trainable        % of parameters")
         for r in ranks:
             n = sum(layers * r * (fi + fo) for layers, fi, fo in entries)

