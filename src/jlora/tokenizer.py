@@ -1,0 +1,441 @@
+"""A small tokenizer: a `tokenizers.Tokenizer` plus the few facts a chat model needs.
+
+jlora never imports transformers or torch to tokenize. A `Tokenizer` holds a backend
+`tokenizers.Tokenizer` (the Rust BPE/WordPiece/Unigram machine that `tokenizer.json` describes) and the
+pieces that transformers keeps beside it in `tokenizer_config.json`: the named special tokens, whether
+encoding adds BOS/EOS, and the Jinja chat template.
+
+It comes from one of two places:
+
+* `Tokenizer.from_folder(path)`: a Hugging Face folder (`tokenizer.json`, `tokenizer_config.json`, and
+  `chat_template.jinja` as transformers 5 writes it; `generation_config.json` adds end-of-turn ids).
+* `Tokenizer.from_gguf_metadata(fields)`: a GGUF file's `tokenizer.*` metadata. A GGUF carries no
+  `tokenizer.json`; it stores llama.cpp's description (tokens, merges, token types, special ids and the
+  name of the pre-tokenizer split regex). We rebuild the byte-level BPE that description names, the same
+  way transformers' GGUF loader does (its path imports torch, so it is our test oracle, not a dependency).
+
+Chat templates render in a sandboxed Jinja environment set up like transformers'
+(`trim_blocks`, `lstrip_blocks`, `loopcontrols`, a `tojson` that does not escape HTML, `raise_exception`,
+`strftime_now`), with `bos_token`, `eos_token`, `unk_token` and `pad_token` visible to the template.
+
+`save(folder)` writes `tokenizer.json` + `tokenizer_config.json` that transformers' `AutoTokenizer` loads.
+
+Examples:
+    >>> from tokenizers import Tokenizer as Backend, models, pre_tokenizers, decoders
+    >>> vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4}
+    >>> backend = Backend(models.BPE(vocab, [("a", "b")]))
+    >>> backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    >>> backend.decoder = decoders.ByteLevel()
+    >>> tok = Tokenizer(backend, bos_token="<s>", eos_token="</s>", add_bos_token=True,
+    ...                 chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    >>> tok.encode("abab")
+    [0, 4, 4]
+    >>> tok.decode([0, 4, 4])
+    'abab'
+    >>> tok.apply_chat_template([{"role": "user", "content": "ab"}], tokenize=True)
+    [4]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+# llama.cpp token types (`tokenizer.ggml.token_type`).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Split regexes of llama.cpp pre-tokenizer types (`tokenizer.ggml.pre`), as transformers' GGUF loader and
+# the models' own tokenizer.json files spell them.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLIT_PRE = {
+    "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+# GPT-2's regex (ByteLevel's built-in one). "default" (and a file without the key) gets it too, as in
+# transformers' loader.
+_GPT2_PRE = ("gpt-2", "gpt2", "default")
+# GPT-2's regex after isolating every digit: llama.cpp's `\p{N}` then the GPT-2 regex; SmolLM2's and
+# StarCoder's own tokenizer.json spell it Digits(individual_digits=True) + ByteLevel.
+_DIGITS_PRE = ("smollm", "starcoder", "refact")
+SUPPORTED_GGUF_PRE = tuple(sorted((*_SPLIT_PRE, *_GPT2_PRE, *_DIGITS_PRE)))
+
+
+@functools.cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet byte-level BPE vocabularies are spelled in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _token_text(token: Any) -> str | None:
+    """A special token as tokenizer_config.json may write it: a string or an AddedToken dict."""
+    if token is None or isinstance(token, str):
+        return token
+    if isinstance(token, Mapping) and "content" in token:
+        return token["content"]
+    raise ValueError(f"cannot read special token {token!r}; expected a string or a dict with 'content'")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with special tokens, BOS/EOS flags and a chat template.
+
+    Args:
+        backend: the `tokenizers.Tokenizer` doing the work. Its post-processor is replaced by one adding
+            BOS/EOS per `add_bos_token`/`add_eos_token` unless `keep_post_processor` is true.
+        bos_token, eos_token, pad_token, unk_token: token strings (None when the model has none).
+        add_bos_token, add_eos_token: whether `encode(..., add_special_tokens=True)` adds them.
+        chat_template: Jinja source, or None.
+        extra_eos_token_ids: ids that also end a generation (end-of-turn tokens), besides `eos_token`.
+        keep_post_processor: keep the backend's own post-processor (a tokenizer.json that adds BOS itself).
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        add_bos_token: bool = False,
+        add_eos_token: bool = False,
+        chat_template: str | None = None,
+        extra_eos_token_ids: Sequence[int] = (),
+        keep_post_processor: bool = False,
+    ):
+        self._backend = backend
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        # The named special tokens match whole and are skipped on decode, as in transformers, even when
+        # the backend lists them as plain vocabulary (or not at all: then, as in transformers, they get new ids).
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        missing = [t for t in dict.fromkeys((bos_token, eos_token, pad_token, unk_token)) if t and t not in added]
+        if missing:
+            backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in missing])
+        self.add_bos_token = bool(add_bos_token and bos_token is not None)
+        self.add_eos_token = bool(add_eos_token and eos_token is not None)
+        self._chat_template = chat_template
+        self._extra_eos = tuple(int(i) for i in extra_eos_token_ids)
+        if not keep_post_processor:
+            backend.post_processor = self._template_processing()
+
+    def _template_processing(self) -> processors.TemplateProcessing:
+        """BOS/EOS around each sequence, as transformers' `update_post_processor` builds it."""
+        bos, eos = self.bos_token, self.eos_token
+        single = f"{bos + ':0 ' if self.add_bos_token else ''}$A:0{' ' + eos + ':0' if self.add_eos_token else ''}"
+        pair = (f"{single}{' ' + bos + ':1' if self.add_bos_token else ''} $B:1"
+                f"{' ' + eos + ':1' if self.add_eos_token else ''}")
+        special = [(t, self._backend.token_to_id(t)) for t, on in ((bos, self.add_bos_token),
+                                                                    (eos, self.add_eos_token)) if on]
+        return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike) -> Tokenizer | None:
+        """The tokenizer of a Hugging Face folder, or None when it has no `tokenizer.json`.
+
+        Reads `tokenizer.json`, `tokenizer_config.json` (special tokens, `add_bos_token`/`add_eos_token`,
+        `chat_template`), `chat_template.jinja` (preferred over the config's template, as in transformers 5)
+        and the `eos_token_id` list of `generation_config.json` (end-of-turn ids).
+        """
+        path = os.fspath(path)
+        tokenizer_file = os.path.join(path, TOKENIZER_FILE)
+        if not os.path.isfile(tokenizer_file):
+            return None
+        backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+        config = _read_json(os.path.join(path, CONFIG_FILE)) or {}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default")
+        jinja_file = os.path.join(path, CHAT_TEMPLATE_FILE)
+        if os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+        explicit_flags = "add_bos_token" in config or "add_eos_token" in config
+        tokens = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        generation = _read_json(os.path.join(path, GENERATION_CONFIG_FILE)) or {}
+        eos_ids = generation.get("eos_token_id")
+        eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        return cls(
+            backend,
+            **tokens,
+            add_bos_token=bool(config.get("add_bos_token", False)),
+            add_eos_token=bool(config.get("add_eos_token", False)),
+            chat_template=template,
+            extra_eos_token_ids=eos_ids,
+            keep_post_processor=not explicit_flags and backend.post_processor is not None,
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, fields: Mapping[str, Any]) -> Tokenizer:
+        """Rebuild the tokenizer a GGUF file's metadata describes.
+
+        Args:
+            fields: GGUF metadata as plain Python values, keyed by GGUF name (`"tokenizer.ggml.tokens"`
+                -> list of str, `"tokenizer.ggml.bos_token_id"` -> int, ...), as `jlora.gguf` reads them.
+
+        Raises:
+            ValueError: the file's tokenizer is not byte-level BPE (`tokenizer.ggml.model` other than
+                "gpt2") or its pre-tokenizer (`tokenizer.ggml.pre`) is one we do not know.
+        """
+        kind = fields.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(
+                f"GGUF tokenizer.ggml.model={kind!r} is not supported; jlora rebuilds byte-level BPE "
+                "tokenizers (tokenizer.ggml.model='gpt2') only. Convert the model to a Hugging Face folder "
+                "with tokenizer.json instead."
+            )
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        if pre not in SUPPORTED_GGUF_PRE:
+            raise ValueError(
+                f"GGUF tokenizer.ggml.pre={pre!r} (pre-tokenizer split regex) is not supported; "
+                f"supported: {list(SUPPORTED_GGUF_PRE)}"
+            )
+        tokens = list(fields["tokenizer.ggml.tokens"])
+        types = list(fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
+        if len(types) != len(tokens):
+            raise ValueError(f"GGUF has {len(tokens)} tokenizer.ggml.tokens but {len(types)} token types")
+        alphabet = set(_bytes_to_unicode().values())
+        spelling = _bytes_to_unicode()
+        # A byte-level vocabulary is spelled in GPT-2's byte alphabet; respell any token that is not
+        # (llama.cpp stores some added tokens as raw text).
+        vocab = {
+            t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+            for i, t in enumerate(tokens)
+        }
+        merges = []
+        for m in fields.get("tokenizer.ggml.merges") or ():
+            parts = m.split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"GGUF merge {m!r} is not two space-separated tokens")
+            merges.append(tuple(parts))
+        backend = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre in _SPLIT_PRE:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
+        elif pre in _DIGITS_PRE:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                             byte_level])
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+
+        def name_of(key: str) -> str | None:
+            i = fields.get(f"tokenizer.ggml.{key}")
+            return None if i is None else tokens[int(i)]
+
+        named = {"bos_token": name_of("bos_token_id"), "eos_token": name_of("eos_token_id"),
+                 "unk_token": name_of("unknown_token_id"), "pad_token": name_of("padding_token_id")}
+        # Control tokens become special tokens (matched whole, dropped by skip_special_tokens), user-defined
+        # ones plain added tokens. A "control" token spelled outside the byte alphabet is a llama.cpp mislabel
+        # that transformers skips too.
+        special = [t for t, k in zip(tokens, types) if k == TOKEN_CONTROL and set(t) <= alphabet]
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+        user = [t for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED and t in vocab]
+        if user:
+            backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+        end_of_turn = [int(fields[f"tokenizer.ggml.{k}_token_id"]) for k in ("eot", "eom")
+                       if fields.get(f"tokenizer.ggml.{k}_token_id") is not None]
+        return cls(
+            backend,
+            **named,
+            add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+            add_eos_token=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
+            chat_template=fields.get("tokenizer.chat_template"),
+            extra_eos_token_ids=end_of_turn,
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._backend
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.token_to_id(self.unk_token)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: `eos_token_id` first, then end-of-turn ids the source names
+        (GGUF `tokenizer.ggml.eot_token_id`/`eom_token_id`, `generation_config.json`'s `eos_token_id`)."""
+        ids = [] if self.eos_token_id is None else [self.eos_token_id]
+        return tuple(dict.fromkeys(ids + list(self._extra_eos)))
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+                f"pad={self.pad_token!r}, chat_template={'yes' if self._chat_template else 'no'})")
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` adds BOS/EOS per the tokenizer's flags.
+
+        Special tokens written in the text (e.g. `<|im_start|>`) always encode as their single ids.
+        """
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; special tokens are dropped when `skip_special_tokens`."""
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat
+
+    @functools.cached_property
+    def _compiled_template(self):
+        if self._chat_template is None:
+            raise ValueError("this tokenizer has no chat_template; pass a model with one, or format prompts yourself")
+        return _jinja_env().from_string(self._chat_template)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        **template_kwargs: Any,
+    ) -> str | list[int]:
+        """Render `messages` (dicts with "role" and "content") with the chat template.
+
+        Args:
+            messages: the conversation.
+            add_generation_prompt: end with the assistant turn's opening, ready for generation.
+            tokenize: return token ids (encoded without adding BOS/EOS, as transformers does) instead of text.
+            **template_kwargs: extra variables for the template (e.g. `tools`).
+        """
+        for m in messages:
+            if not isinstance(m, Mapping):
+                raise ValueError(f"chat messages must be dicts with 'role' and 'content'; got {m!r}")
+        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
+                     "pad_token": self.pad_token}
+        variables = {k: v for k, v in variables.items() if v is not None}
+        text = self._compiled_template.render(
+            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+            **variables, **template_kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write `tokenizer.json` and `tokenizer_config.json` (with the chat template) into `folder`,
+        a pair transformers' `AutoTokenizer.from_pretrained(folder)` loads."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        self._backend.save(os.path.join(folder, TOKENIZER_FILE))
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "clean_up_tokenization_spaces": False,
+        }
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
+        if self._chat_template is not None:
+            config["chat_template"] = self._chat_template
+        with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+@functools.cache
+def _jinja_env():
+    """A sandboxed Jinja environment configured like transformers' chat template renderer."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (assistant-mask markers): render the body as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
