@@ -105,13 +105,15 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` with special tokens, BOS/EOS flags and a chat template.
 
     Args:
-        backend: the `tokenizers.Tokenizer` doing the work. Its post-processor is replaced by one adding
-            BOS/EOS per `add_bos_token`/`add_eos_token` unless `keep_post_processor` is true.
+        backend: the `tokenizers.Tokenizer` doing the work; the Tokenizer keeps a copy. The copy's
+            post-processor is replaced by one adding BOS/EOS per `add_bos_token`/`add_eos_token` unless
+            `keep_post_processor` is true.
         bos_token, eos_token, pad_token, unk_token: token strings (None when the model has none).
-        add_bos_token, add_eos_token: whether `encode(..., add_special_tokens=True)` adds them.
+        add_bos_token, add_eos_token: whether `encode(..., add_special_tokens=True)` adds them (ignored
+            with `keep_post_processor`).
         chat_template: Jinja source, or None.
         extra_eos_token_ids: ids that also end a generation (end-of-turn tokens), besides `eos_token`.
-        keep_post_processor: keep the backend's own post-processor (a tokenizer.json that adds BOS itself).
+        keep_post_processor: keep the backend's own post-processor (tokenizer.json says what it adds).
     """
 
     def __init__(
@@ -128,6 +130,8 @@ class Tokenizer:
         extra_eos_token_ids: Sequence[int] = (),
         keep_post_processor: bool = False,
     ):
+        # A private copy: the post-processor and special tokens set below must not leak into the caller's object.
+        backend = tokenizers.Tokenizer.from_str(backend.to_str())
         self._backend = backend
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         # The named special tokens match whole and are skipped on decode, as in transformers, even when
@@ -136,22 +140,11 @@ class Tokenizer:
         missing = [t for t in dict.fromkeys((bos_token, eos_token, pad_token, unk_token)) if t and t not in added]
         if missing:
             backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in missing])
-        self.add_bos_token = bool(add_bos_token and bos_token is not None)
-        self.add_eos_token = bool(add_eos_token and eos_token is not None)
         self._chat_template = chat_template
         self._extra_eos = tuple(int(i) for i in extra_eos_token_ids)
         if not keep_post_processor:
-            backend.post_processor = self._template_processing()
-
-    def _template_processing(self) -> processors.TemplateProcessing:
-        """BOS/EOS around each sequence, as transformers' `update_post_processor` builds it."""
-        bos, eos = self.bos_token, self.eos_token
-        single = f"{bos + ':0 ' if self.add_bos_token else ''}$A:0{' ' + eos + ':0' if self.add_eos_token else ''}"
-        pair = (f"{single}{' ' + bos + ':1' if self.add_bos_token else ''} $B:1"
-                f"{' ' + eos + ':1' if self.add_eos_token else ''}")
-        special = [(t, self._backend.token_to_id(t)) for t, on in ((bos, self.add_bos_token),
-                                                                    (eos, self.add_eos_token)) if on]
-        return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+            backend.post_processor = _template_processing(
+                backend, bos_token if add_bos_token else None, eos_token if add_eos_token else None)
 
     # ------------------------------------------------------------------ constructors
 
@@ -159,9 +152,11 @@ class Tokenizer:
     def from_folder(cls, path: str | os.PathLike) -> Tokenizer | None:
         """The tokenizer of a Hugging Face folder, or None when it has no `tokenizer.json`.
 
-        Reads `tokenizer.json`, `tokenizer_config.json` (special tokens, `add_bos_token`/`add_eos_token`,
-        `chat_template`), `chat_template.jinja` (preferred over the config's template, as in transformers 5)
-        and the `eos_token_id` list of `generation_config.json` (end-of-turn ids).
+        Reads `tokenizer.json`, `tokenizer_config.json` (special tokens, `chat_template`),
+        `chat_template.jinja` (preferred over the config's template, as in transformers 5) and the
+        `eos_token_id` list of `generation_config.json` (end-of-turn ids). Whether encoding adds BOS/EOS is
+        what tokenizer.json's post-processor does: like transformers 5, the config's `add_bos_token` and
+        `add_eos_token` are ignored when tokenizer.json is present.
         """
         path = os.fspath(path)
         tokenizer_file = os.path.join(path, TOKENIZER_FILE)
@@ -177,7 +172,6 @@ class Tokenizer:
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
                 template = f.read()
-        explicit_flags = "add_bos_token" in config or "add_eos_token" in config
         tokens = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
         generation = _read_json(os.path.join(path, GENERATION_CONFIG_FILE)) or {}
         eos_ids = generation.get("eos_token_id")
@@ -185,11 +179,9 @@ class Tokenizer:
         return cls(
             backend,
             **tokens,
-            add_bos_token=bool(config.get("add_bos_token", False)),
-            add_eos_token=bool(config.get("add_eos_token", False)),
             chat_template=template,
             extra_eos_token_ids=eos_ids,
-            keep_post_processor=not explicit_flags and backend.post_processor is not None,
+            keep_post_processor=True,
         )
 
     @classmethod
@@ -310,6 +302,22 @@ class Tokenizer:
         return self.token_to_id(self.unk_token)
 
     @property
+    def add_bos_token(self) -> bool:
+        """Whether `encode(..., add_special_tokens=True)` starts with BOS (read off the backend's post-processor)."""
+        added, plain = self._probe()
+        return self.bos_token_id is not None and len(added) > len(plain) and added[0] == self.bos_token_id
+
+    @property
+    def add_eos_token(self) -> bool:
+        """Whether `encode(..., add_special_tokens=True)` ends with EOS."""
+        added, plain = self._probe()
+        return self.eos_token_id is not None and len(added) > len(plain) and added[-1] == self.eos_token_id
+
+    def _probe(self) -> tuple[list[int], list[int]]:
+        return (self._backend.encode("a", add_special_tokens=True).ids,
+                self._backend.encode("a", add_special_tokens=False).ids)
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """Ids that end a generation: `eos_token_id` first, then end-of-turn ids the source names
         (GGUF `tokenizer.ggml.eot_token_id`/`eom_token_id`, `generation_config.json`'s `eos_token_id`)."""
@@ -390,6 +398,15 @@ class Tokenizer:
         with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
+
+
+def _template_processing(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None):
+    """A post-processor putting `bos`/`eos` (when not None) around each sequence, as transformers'
+    `update_post_processor` builds it."""
+    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+    special = [(t, backend.token_to_id(t)) for t in (bos, eos) if t]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 def _read_json(path: str) -> dict | None:

