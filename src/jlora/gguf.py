@@ -221,6 +221,8 @@ def read(path: str | os.PathLike) -> GGUFModel:
         entries[name] = t
 
     config = hf_config(meta, tied="lm_head.weight" not in entries, path=path)
+    if arch_name == "llama" and any(n.endswith("self_attn.q_proj.bias") for n in entries):
+        config["attention_bias"] = True  # Llama's q/k/v/o biases (Qwen2's are implied by its model_type)
     permute = {}
     if arch.permute_qk:
         for name in entries:
@@ -271,9 +273,8 @@ def hf_config(meta: Mapping[str, Any], *, tied: bool, path: str = "<gguf>") -> d
         "max_position_embeddings": get("context_length", required=True),
         "tie_word_embeddings": tied,
     }
-    head_dim = get("attention.key_length")
-    if head_dim is not None:
-        config["head_dim"] = head_dim
+    # llama.cpp's head size: attention.key_length when given, else hidden / heads
+    config["head_dim"] = get("attention.key_length") or config["hidden_size"] // n_head
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
         if meta.get(f"tokenizer.ggml.{key}") is not None:

