@@ -1,0 +1,182 @@
+"""PEFT interop, verified by PEFT itself: jlora -> PEFT folder -> PeftModel logits, and PEFT-trained -> jlora."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import jlora  # noqa: E402
+from helpers import max_diff, randomize  # noqa: E402
+
+IDS = np.array([[1, 5, 9, 20, 3, 7, 11, 2], [4, 4, 8, 15, 16, 23, 42, 0]])
+
+
+def _hf_model(kind, tmp_path):
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **common)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=2, **common)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_head=4, n_layer=2, n_positions=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    return model, jlora.hf.load(folder)
+
+
+def _torch_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+TARGETS = {"llama": ("q_proj", "v_proj", "down_proj"), "qwen2": ("q_proj", "k_proj", "o_proj", "up_proj"),
+           "gpt2": ("c_attn", "c_proj", "c_fc")}
+PATTERN = {"llama": "layers_1/self_attn/v_proj", "qwen2": "layers_0/mlp", "gpt2": "h_1/mlp/c_fc"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_export_loads_in_peft_with_equal_logits(kind, use_rslora, tmp_path):
+    hf_model, loaded = _hf_model(kind, tmp_path)
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=TARGETS[kind], use_rslora=use_rslora,
+                           rank_pattern={PATTERN[kind]: 2}, alpha_pattern={PATTERN[kind]: 3.0})
+    adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.2)
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    base = _torch_logits(hf_model)
+    out = jlora.peft.save(tmp_path / "adapter", adapters, cfg, loaded)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"]
+    assert config["fan_in_fan_out"] == (kind == "gpt2")
+    peft_model = peft.PeftModel.from_pretrained(hf_model, str(out)).eval()
+    theirs = _torch_logits(peft_model)
+    assert max_diff(ours, base) > 1e-3, "adapters must change the logits"
+    assert max_diff(ours, theirs) <= 1e-4
+    # PEFT selected exactly the modules jlora trained
+    lora_modules = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert len(lora_modules) == len(config["target_modules"])
+
+
+def test_export_keys_golden(tmp_path):
+    _, loaded = _hf_model("llama", tmp_path)
+    cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "embed_tokens"))
+    adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0))
+    out = jlora.peft.save(tmp_path / "a", adapters, cfg, loaded)
+    from safetensors.numpy import load_file
+
+    shapes = {k: v.shape for k, v in load_file(out / "adapter_model.safetensors").items()}
+    assert shapes == {
+        "base_model.model.model.embed_tokens.lora_embedding_A": (2, 96),
+        "base_model.model.model.embed_tokens.lora_embedding_B": (32, 2),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (32, 2),
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": (2, 32),
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": (32, 2),
+    }
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_import_peft_trained_adapter(kind, tmp_path):
+    hf_model, loaded = _hf_model(kind, tmp_path)
+    targets = ["q_proj", "v_proj", "gate_proj"] if kind == "llama" else ["c_attn", "c_fc"]
+    pattern_key = "model.layers.1.self_attn.v_proj" if kind == "llama" else "transformer.h.0.mlp.c_fc"
+    lcfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_rslora=True,
+                           rank_pattern={pattern_key: 2}, alpha_pattern={pattern_key: 5},
+                           fan_in_fan_out=kind == "gpt2", task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(hf_model, lcfg)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.tensor(IDS)
+    for _ in range(3):
+        loss = pm(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft_adapter")
+    theirs = _torch_logits(pm)
+    adapters, cfg = jlora.peft.load(tmp_path / "peft_adapter", loaded)
+    assert cfg.use_rslora
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    with pm.disable_adapter():
+        assert max_diff(theirs, _torch_logits(pm)) > 1e-4, "the PEFT adapter must change the logits"
+    assert max_diff(ours, theirs) <= 1e-4
+    # and jlora's own export of what it imported round-trips through PEFT again
+    again, cfg2 = jlora.peft.load(jlora.peft.save(tmp_path / "again", adapters, cfg, loaded), loaded)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), adapters, again)
+    assert [cfg2.scale(p) for p in jlora.tree.flatten(adapters)] == [cfg.scale(p) for p in
+                                                                   jlora.tree.flatten(adapters)]
+
+
+def test_scanned_model_round_trip(tmp_path):
+    hf_model, _ = _hf_model("llama", tmp_path)
+    loaded = jlora.hf.load(tmp_path / "llama", scan_layers=True)
+    cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets=("q_proj", "o_proj"))
+    lay = jlora.layout(loaded.model, jnp.asarray(IDS))
+    adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(2), layout=lay), jax.random.key(3))
+    out = jlora.peft.save(tmp_path / "scan", adapters, cfg, loaded)
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    theirs = _torch_logits(peft.PeftModel.from_pretrained(hf_model, str(out)).eval())
+    assert max_diff(ours, theirs) <= 1e-4
+    back, _ = jlora.peft.load(out, loaded)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y), adapters, back)
+
+
+# ---------------------------------------------------------------- bad input
+def _exported(tmp_path):
+    _, loaded = _hf_model("llama", tmp_path)
+    cfg = jlora.LoraConfig(rank=2, targets="q_proj")
+    out = jlora.peft.save(tmp_path / "ad", jlora.init(loaded.params, cfg, key=jax.random.key(0)), cfg, loaded)
+    return loaded, out
+
+
+def test_misspelled_or_foreign_keys_list_missing_and_unexpected(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    loaded, out = _exported(tmp_path)
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors[key.replace("q_proj", "q_prj")] = tensors.pop(key)
+    save_file(tensors, out / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected keys \[.*q_prj.*missing keys \[.*layers.0.self_attn.q_proj"):
+        jlora.peft.load(out, loaded)
+    # keys without the base_model.model. prefix are accepted
+    loaded2, out2 = _exported(tmp_path / "x")
+    t2 = {k.removeprefix("base_model.model."): v for k, v in load_file(out2 / "adapter_model.safetensors").items()}
+    save_file(t2, out2 / "adapter_model.safetensors")
+    adapters, _ = jlora.peft.load(out2, loaded2)
+    assert "q_proj" in adapters["layers_0"]["self_attn"]
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    loaded, out = _exported(tmp_path)
+    torch.manual_seed(0)
+    bigger = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    bigger.save_pretrained(tmp_path / "bigger")
+    with pytest.raises(ValueError, match=r"q_proj: PEFT tensors have shapes"):
+        jlora.peft.load(out, jlora.hf.load(tmp_path / "bigger"))
+
+
+def test_unsupported_peft_features_and_pickles_are_refused(tmp_path):
+    loaded, out = _exported(tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [0],
+                                                         "target_parameters": ["x"]}))
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\].*target_parameters"):
+        jlora.peft.load(out, loaded)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    (out / "adapter_model.safetensors").rename(out / "adapter_model.bin")
+    with pytest.raises(ValueError, match="pickle adapter_model.bin.*safe_serialization"):
+        jlora.peft.load(out, loaded)
+    (out / "adapter_model.bin").write_bytes(b"garbage")
+    (out / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        jlora.peft.load(out, loaded)
