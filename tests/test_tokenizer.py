@@ -50,7 +50,8 @@ def hf_tok():
 
 @pytest.fixture(scope="module")
 def hf_folder(hf_tok, tmp_path_factory):
-    """transformers' GGUF tokenizer saved as a HF folder (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
+    """transformers' GGUF tokenizer saved as a HF folder (tokenizer.json, tokenizer_config.json,
+    chat_template.jinja)."""
     folder = tmp_path_factory.mktemp("hf_tok")
     hf_tok.save_pretrained(folder)
     return folder
