@@ -23,13 +23,15 @@ Batches are dicts of numpy int32 arrays of shape (batch_size, length):
 
 * padding (default): one example per row, right padded with ``pad_id``; the row length is the batch's
   longest example rounded up to a multiple of ``bucket`` (capped at ``max_length``), so jit sees few shapes.
-  Keys: ``input_ids``, ``attention_mask``, ``loss_mask``.
+  Keys: ``input_ids``, ``attention_mask``, ``loss_mask``. The default bucket, 16, gives the demo data one shape
+  (rows of 112); a coarser bucket means fewer compilations for data of widely varying lengths.
 * packing: examples are laid greedily into rows of exactly ``max_length``; each also carries ``positions``
   (restarting at 0 for every example) and ``segment_ids`` (1, 2, ... per example in its row, 0 on padding).
-  jlora's models take a (B, S) ``attention_mask`` only, so with packing an example still attends to the
-  earlier examples of its row (plain causal attention across examples); the loss stays on completion tokens
-  and ``positions`` keep RoPE positions per example. A model that honours ``segment_ids`` would make packing
-  exact; until then prefer padding when cross-example leakage matters.
+  jlora's models take a (B, S) ``attention_mask`` (and ``positions``) only, so with packing an example still
+  attends to the earlier examples of its row: plain causal attention across examples. The loss stays on
+  completion tokens. Pass ``positions`` to the model to restart RoPE positions per example (`jlora.lm_loss`
+  passes only ``attention_mask``, so positions then run on across the row). A model that honours
+  ``segment_ids`` would make packing exact; until then prefer padding (the default) when leakage matters.
 
 Order: each epoch is a seeded permutation (``numpy.random.default_rng([seed, epoch])``). A `Loader`'s
 ``position`` is ``{"epoch": e, "index": i}``, i = examples of epoch e's order already consumed; a Loader built
@@ -189,6 +191,13 @@ def _end_ids(tokenizer) -> tuple[int, ...]:
     return ids or (() if eos is None else (eos,))
 
 
+def _pair_prompt_ids(prompt: str, tokenizer) -> list[int]:
+    """A raw prompt's ids: BOS when the tokenizer adds one, then the text (never an EOS)."""
+    bos = tokenizer.bos_token_id
+    add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and bos is not None
+    return [bos] * add_bos + tokenizer.encode(prompt, add_special_tokens=False)
+
+
 def tokenize(record: Mapping[str, Any], tokenizer, *, source: str = "") -> Example:
     """One record (either format) as an `Example`; see the module docstring for the formatting rules."""
     fmt = validate_record(record, source or "record")
@@ -200,9 +209,7 @@ def tokenize(record: Mapping[str, Any], tokenizer, *, source: str = "") -> Examp
         cut = max((i for i, t in enumerate(completion) if t in end), default=None)
         completion = completion[:cut + 1] if cut is not None else completion + list(end[:1])
     else:
-        bos = tokenizer.bos_token_id
-        add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and bos is not None
-        prompt = [bos] * add_bos + tokenizer.encode(record["prompt"], add_special_tokens=False)
+        prompt = _pair_prompt_ids(record["prompt"], tokenizer)
         completion = tokenizer.encode(record["completion"], add_special_tokens=False) + list(end[:1])
     if not completion:
         raise ValueError(f"{source or 'record'}: the completion is empty, so there is nothing to train on")
@@ -351,7 +358,7 @@ class Loader:
     """
 
     def __init__(self, examples: Sequence[Example], *, batch_size: int, max_length: int, pad_id: int,
-                 seed: int = 0, shuffle: bool = True, packing: bool = False, bucket: int | None = 32,
+                 seed: int = 0, shuffle: bool = True, packing: bool = False, bucket: int | None = 16,
                  drop_last: bool = True, epochs: int | None = None, position: Mapping[str, int] | None = None):
         if not examples:
             raise ValueError("the dataset is empty; a Loader needs at least one example")
@@ -466,13 +473,19 @@ def eval_prompts(data: str | os.PathLike | Sequence[Mapping[str, Any]], tokenize
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             text, target = record["prompt"], record["completion"]
-            ids = list(tokenize({"prompt": text, "completion": "x"}, tokenizer).prompt_ids)
+            ids = _pair_prompt_ids(text, tokenizer)
         try:
             expected = json.loads(target)
         except json.JSONDecodeError:
             expected = None
         out.append(EvalPrompt(text, ids, target, expected if isinstance(expected, dict) else None, where))
     return out
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise ValueError("repeated key")
+    return dict(pairs)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -490,7 +503,8 @@ def _same(a: Any, b: Any) -> bool:
 def score_json(output_text: str, expected: Mapping[str, Any] | str) -> bool:
     """Whether ``output_text`` is exactly one JSON object with exactly ``expected``'s keys and values.
 
-    Surrounding whitespace is allowed; any other text (prose, code fences, a second object) fails. Numbers
+    Surrounding whitespace is allowed; any other text (prose, code fences, a second object) fails, and so does a
+    repeated key. Numbers
     compare by value (``12.5 == 12.50``, ``3 == 3.0``), booleans only with booleans, strings exactly.
     ``expected`` may be a dict or its JSON text.
 
@@ -505,7 +519,7 @@ def score_json(output_text: str, expected: Mapping[str, Any] | str) -> bool:
     if isinstance(expected, str):
         expected = json.loads(expected)
     try:
-        got = json.loads(output_text)
-    except (json.JSONDecodeError, TypeError):
+        got = json.loads(output_text, object_pairs_hook=_no_duplicates)
+    except (json.JSONDecodeError, TypeError, ValueError):
         return False
     return isinstance(got, dict) and _same(got, dict(expected))
