@@ -208,6 +208,18 @@ def test_save_scanned_bare_model_and_bf16(saved, tmp_path):
         hf.save(tmp_path / "x", object(), loaded.params)
 
 
+def test_save_over_the_source_folder(saved, tmp_path):
+    model, folder = saved["llama"]
+    folder = _copy_folder(folder, tmp_path / "m")
+    loaded = hf.load(folder)
+    before = _jlora_logits(loaded, _ids())
+    doubled = jax.tree.map(lambda x: 2 * x, loaded.params)
+    hf.save(folder, loaded, doubled)          # rewrites the file the params were read from
+    assert _max_diff(_jlora_logits(loaded, _ids()), before) == 0.0
+    np.testing.assert_array_equal(np.asarray(hf.load(folder).params["norm"]["scale"]),
+                                  2 * np.asarray(loaded.params["norm"]["scale"]))
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_merged_lora_saved_equals_unmerged_apply(saved, tmp_path, kind):
     _, folder = saved[kind]

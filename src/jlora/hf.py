@@ -200,8 +200,8 @@ def resolve(path: str | os.PathLike) -> str:
     return path
 
 
-def _open_folder(folder: str) -> tuple[dict, Callable[[str], np.ndarray], list[str]]:
-    """(config dict, tensor getter, all tensor names) of a Hugging Face folder."""
+def _open_folder(folder: str) -> tuple[dict, Callable[[str], np.ndarray], list[str], Callable[[str], str]]:
+    """(config dict, tensor getter, all tensor names, tensor name -> its file) of a Hugging Face folder."""
     config_path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(config_path):
         ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
@@ -239,10 +239,11 @@ def _open_folder(folder: str) -> tuple[dict, Callable[[str], np.ndarray], list[s
                              f"incomplete: download or save it again")
 
     def get(name: str) -> np.ndarray:
-        return files[where[name]][name]
+        # A private copy, not a view of the memory map: jnp.asarray aliases host numpy memory on CPU, and params
+        # backed by the file would change (or fault) when the file is rewritten.
+        return np.array(files[where[name]][name])
 
-    get.where = lambda name: os.path.join(folder, where[name])  # type: ignore[attr-defined]
-    return config, get, list(where)
+    return config, get, list(where), lambda name: os.path.join(folder, where[name])
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -310,12 +311,11 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
         local = os.path.dirname(local) or "."
     tokenizer = None
     if os.path.isdir(local):
-        hf_config, get, names = _open_folder(local)
+        hf_config, get, names, where = _open_folder(local)
         source = local
         name = hf_config.get("_name_or_path") or os.path.basename(os.path.normpath(os.path.abspath(local)))
         from jlora.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_folder(local)
-        where = get.where
     elif local.endswith(".gguf"):
         from jlora import gguf
         try:
@@ -406,10 +406,16 @@ def save(out_dir: str | os.PathLike, loaded_or_model: Any, params: Any, *, dtype
     hf["dtype"] = hf["torch_dtype"] = _TORCH_NAMES[out_dtype.name]
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    # Each file is written beside its final name and renamed into place: a crash leaves no half-written file,
+    # and saving into the folder the model was loaded from never truncates a file that is still mapped.
+    weights = os.path.join(out_dir, WEIGHTS_FILE)
+    write_safetensors(weights + ".tmp", tensors, dtype=out_dtype)
+    os.replace(weights + ".tmp", weights)
+    config_path = os.path.join(out_dir, CONFIG_FILE)
+    with open(config_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2)
         f.write("\n")
-    write_safetensors(os.path.join(out_dir, WEIGHTS_FILE), tensors, dtype=out_dtype)
+    os.replace(config_path + ".tmp", config_path)
     tokenizer = getattr(loaded_or_model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save(out_dir)
