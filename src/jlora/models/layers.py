@@ -1,0 +1,257 @@
+"""Building blocks shared by jlora's model families: norms, rotary embeddings, masked attention, the KV cache.
+
+Every projection in the models is a plain ``nn.Dense`` (so the LoRA transform can intercept it); this module
+holds only the parameter-free math plus two norms, written out so that their numerics follow transformers'
+PyTorch code (statistics in float32, the result cast to the compute dtype) whatever the dtype promotion mode.
+
+The KV cache is an explicit pytree argument, not a Flax variable: a model called with ``cache=`` returns
+``(logits, new_cache)``. Slots are shared by all rows of a batch (left padding aligns them), so one scalar
+``end`` says where the next tokens go; ``mask`` records which slots hold real tokens and ``pos`` the next
+position of each row, so decoding continues the positions of a left-padded prompt correctly.
+
+Attention rule (one function for training, prefill and decoding): query slot ``end + t`` may attend key slot
+``s`` when ``s <= end + t``, slot ``s`` holds a real token, and (with a sliding window ``w``)
+``end + t - s < w``, exactly transformers' ``kv_idx > q_idx - sliding_window``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, plus the bookkeeping shared by all layers.
+
+    Attributes:
+        k: ``(layers, batch, max_len, kv_heads, head_dim)`` cached keys (after RoPE).
+        v: ``(layers, batch, max_len, kv_heads, head_dim)`` cached values.
+        mask: ``(batch, max_len)`` int32, 1 where a slot holds a real (non-padding) token.
+        pos: ``(batch,)`` int32, the position the next real token of each row gets.
+        end: ``()`` int32, the number of slots written so far (the next tokens go to ``end, end + 1, ...``).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    pos: jax.Array
+    end: jax.Array
+
+
+def make_cache(num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+               dtype: Dtype) -> KVCache:
+    """An empty :class:`KVCache`. Writing past ``max_len`` slots is not checked (size it for prompt + new tokens).
+
+    Examples:
+        >>> c = make_cache(2, 3, 16, 4, 8, jnp.float32)
+        >>> c.k.shape, c.mask.shape, int(c.end)
+        ((2, 3, 16, 4, 8), (3, 16), 0)
+    """
+    shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size, max_len), jnp.int32),
+                   jnp.zeros((batch_size,), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class Masking(NamedTuple):
+    """What every layer needs to attend: positions, the (B, T, S) allowed matrix, and where to write the cache."""
+
+    positions: jax.Array
+    allowed: jax.Array
+    end: jax.Array | None
+
+
+def masking(input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,
+            cache: KVCache | None, sliding_window: int | None = None) -> tuple[Masking, KVCache | None]:
+    """Positions and attention masks for a call on ``input_ids`` (B, T), and the cache's updated bookkeeping.
+
+    Default positions are ``cumsum(attention_mask) - 1`` clipped at 0 (continuing from ``cache.pos``), so
+    left-padded rows start at position 0 at their first real token.
+
+    Returns:
+        ``(Masking, cache)`` where the returned cache has new ``mask``/``pos``/``end`` (its k/v are untouched;
+        the layers write those) or is None without a cache.
+    """
+    b, t = input_ids.shape
+    mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
+    if mask.shape != (b, t):
+        raise ValueError(f"`attention_mask` has shape {mask.shape} but `input_ids` has shape {(b, t)}; they must "
+                         f"match (with a cache, pass the mask of the new tokens only)")
+    start = jnp.zeros((b,), jnp.int32) if cache is None else cache.pos
+    if positions is None:
+        positions = jnp.maximum(start[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = jnp.asarray(positions).astype(jnp.int32)
+    if cache is None:
+        end = jnp.zeros((), jnp.int32)
+        key_valid = mask
+        new_cache = None
+    else:
+        end = cache.end
+        key_valid = jax.lax.dynamic_update_slice(cache.mask, mask, (jnp.zeros((), jnp.int32), end))
+        new_cache = cache._replace(mask=key_valid, pos=cache.pos + jnp.sum(mask, axis=1), end=end + t)
+    q_slot = end + jnp.arange(t, dtype=jnp.int32)                      # (T,)
+    k_slot = jnp.arange(key_valid.shape[1], dtype=jnp.int32)           # (S,)
+    rel = q_slot[:, None] - k_slot[None, :]                            # (T, S)
+    ok = rel >= 0
+    if sliding_window is not None:
+        ok = ok & (rel < sliding_window)
+    allowed = ok[None, :, :] & (key_valid[:, None, :] > 0)             # (B, T, S)
+    return Masking(positions, allowed, None if cache is None else end), new_cache
+
+
+def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+             end: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Writes one layer's new keys/values (B, T, H, D) at slot ``end`` of its cache (B, S, H, D)."""
+    zero = jnp.zeros((), jnp.int32)
+    idx = (zero, end, zero, zero)
+    return (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx),
+            jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float) -> jax.Array:
+    """Masked softmax attention with grouped KV heads (MHA, GQA and MQA alike).
+
+    Args:
+        q: (B, T, H, D) queries; head ``h`` uses KV head ``h // (H // KV)``, as transformers' ``repeat_kv``.
+        k, v: (B, S, KV, D).
+        allowed: (B, T, S) bool.
+        scale: multiplies the scores (``1/sqrt(D)`` for these models).
+
+    Returns:
+        (B, T, H, D) in ``v``'s dtype. Scores and softmax are float32. A row with nothing allowed (a padding
+        query) gets a uniform average instead of NaN; its output is meaningless and ignored downstream.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f"{h} query heads are not a multiple of {kv} key/value heads")
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, v.shape[-1])
+
+
+# --- rotary position embeddings (transformers' "rotate_half" layout) ------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_position_embeddings: int | None = None) -> np.ndarray:
+    """Inverse frequencies (head_dim // 2,) float32, as transformers' ``ROPE_INIT_FUNCTIONS`` compute them.
+
+    Supports ``rope_type`` "default", "linear" (frequencies / factor) and "llama3" (Llama 3.1's smooth
+    interpolation between low and high frequency bands).
+
+    Examples:
+        >>> rope_inv_freq(4, 10000.0).tolist()
+        [1.0, 0.009999999776482582]
+    """
+    inv = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(np.float32)
+    if rope_type == "default":
+        return inv
+    if rope_type == "linear":
+        return (inv / np.float32(factor)).astype(np.float32)
+    if rope_type == "llama3":
+        old = float(original_max_position_embeddings)
+        low_wavelen, high_wavelen = old / low_freq_factor, old / high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: 'default', 'linear', 'llama3'")
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables (B, T, head_dim) for integer ``positions`` (B, T), cast to ``dtype``."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x`` (B, T, H, D) by the tables (B, T, D): ``x * cos + rotate_half(x) * sin``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# --- norms ---------------------------------------------------------------------------------------------------
+
+def _expand(v: jax.Array, ndim: int) -> jax.Array:
+    """A feature vector shaped to broadcast explicitly against an array of ``ndim`` dims."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+class RMSNorm(nn.Module):
+    """``scale * x / sqrt(mean(x^2) + eps)``; statistics in float32, like transformers' LlamaRMSNorm."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return _expand(scale, x.ndim).astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` computed in float32, cast to ``dtype``."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * _expand(scale, x.ndim).astype(jnp.float32) + _expand(bias, x.ndim).astype(jnp.float32)
+                ).astype(self.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """The activation function transformers calls ``name`` (``ACT2FN``)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def maybe_remat(block_cls, remat: str, *, scanned: bool):
+    """Wraps a layer class in ``nn.remat`` per the config's ``remat`` ("none" | "full" | "dots")."""
+    if remat == "none":
+        return block_cls
+    if remat == "full":
+        return nn.remat(block_cls, prevent_cse=not scanned)
+    if remat == "dots":
+        return nn.remat(block_cls, prevent_cse=not scanned,
+                        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")

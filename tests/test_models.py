@@ -1,0 +1,306 @@
+"""jlora's Flax models against transformers' PyTorch models (the oracle), built from tiny random configs offline.
+
+Weights are perturbed away from HF's init (norm weights around 1, biases non-zero, larger matrices) so that
+every parameter matters and logits are O(1), which makes the 1e-4 comparisons meaningful.
+"""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jlora import models
+from jlora.models import gpt2 as gpt2_lib
+from jlora.models import llama as llama_lib
+
+TOL = 1e-4
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+CASES = {
+    "llama_mha": (transformers.LlamaConfig, dict(BASE, num_key_value_heads=4)),
+    "llama_gqa": (transformers.LlamaConfig, dict(BASE, num_key_value_heads=2)),
+    "llama_mqa": (transformers.LlamaConfig, dict(BASE, num_key_value_heads=1)),
+    "llama_tied": (transformers.LlamaConfig, dict(BASE, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama3_rope": (transformers.LlamaConfig, dict(BASE, num_key_value_heads=2, max_position_embeddings=512,
+                                                   rope_parameters=LLAMA3_ROPE)),
+    "llama_linear_rope": (transformers.LlamaConfig, dict(BASE, num_key_value_heads=2, rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
+    "llama_head_dim": (transformers.LlamaConfig, dict(BASE, num_key_value_heads=2, head_dim=32)),
+    "llama_biases": (transformers.LlamaConfig, dict(BASE, num_key_value_heads=2, attention_bias=True,
+                                                    mlp_bias=True)),
+    "mistral_window": (transformers.MistralConfig, dict(BASE, num_key_value_heads=2, sliding_window=4)),
+    "mistral": (transformers.MistralConfig, dict(BASE, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, dict(BASE, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(BASE, num_key_value_heads=2, head_dim=32)),
+    "gpt2": (transformers.GPT2Config, dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    "gpt2_untied": (transformers.GPT2Config, dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   tie_word_embeddings=False)),
+}
+
+
+def _perturb(hf_model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and "bias" not in name:      # norm weights
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.ndim == 1:                           # biases
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5 * (0.3 if "wpe" in name else 1.0))
+
+
+@functools.lru_cache(maxsize=None)
+def _hf(case):
+    cls, kw = CASES[case]
+    torch.manual_seed(0)
+    hf_cfg = cls(**kw)
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    _perturb(hf_model)
+    return hf_model, hf_cfg
+
+
+def build(case, **overrides):
+    """(hf_model, hf config.json dict, family, jlora config, jlora params) for a case."""
+    hf_model, hf_cfg = _hf(case)
+    d = hf_cfg.to_dict()
+    fam = models.family_for(d["model_type"])
+    cfg = fam.config_from_hf(d, **overrides)
+    sd = hf_model.state_dict()
+    params = models.params_from_hf(fam, cfg, lambda k: sd[k].numpy())
+    return hf_model, d, fam, cfg, params
+
+
+def _ids(batch=2, t=12, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (batch, t))
+
+
+def _left_padded_mask(t=12):
+    mask = np.ones((3, t), np.int64)
+    mask[1, :4] = 0
+    mask[2, :t - 2] = 0
+    return mask
+
+
+def _hf_logits(hf_model, ids, mask=None):
+    kw = {}
+    if mask is not None:
+        kw = dict(attention_mask=torch.tensor(mask),
+                  position_ids=torch.tensor(np.maximum(np.cumsum(mask, axis=1) - 1, 0)))
+    with torch.no_grad():
+        return hf_model(torch.tensor(ids), **kw).logits.float().numpy()
+
+
+def _max_diff(a, b, mask=None):
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    if mask is not None:
+        diff = diff[np.asarray(mask) > 0]
+    return float(diff.max())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, tmp_path):
+    hf_model, _, fam, cfg, params = build(case)
+    _hf(case)[1].save_pretrained(tmp_path)               # the config.json transformers 5 writes parses the same
+    assert fam.config_from_hf(json.loads((tmp_path / "config.json").read_text())) == cfg
+    model = fam.make_model(cfg)
+    ids = _ids()
+    ref = _hf_logits(hf_model, ids)
+    assert np.abs(ref).max() > 0.5, "oracle logits too small for a meaningful comparison"
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids))
+    assert out.dtype == jnp.float32 and out.shape == (2, 12, 256)
+    assert _max_diff(out, ref) <= TOL
+
+    mask = _left_padded_mask()
+    ids3 = _ids(3)
+    ref = _hf_logits(hf_model, ids3, mask)
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids3), attention_mask=jnp.asarray(mask))
+    assert _max_diff(out, ref, mask) <= TOL
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "qwen3", "gpt2"])
+def test_left_padding_equals_unpadded_rows(case):
+    """A left-padded row gives the logits of the same tokens run alone (positions restart at its first token)."""
+    _, _, fam, cfg, params = build(case)
+    model = fam.make_model(cfg)
+    ids, mask = _ids(3), _left_padded_mask()
+    batch = jax.jit(model.apply)({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    alone = jax.jit(model.apply)({"params": params}, jnp.asarray(ids[1:2, 4:]))
+    assert _max_diff(batch[1, 4:], alone[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("case, remat", [("llama_gqa", "none"), ("qwen2", "full"), ("gpt2_untied", "dots")])
+def test_scan_layers_equals_unrolled(case, remat):
+    _, _, fam, cfg, params = build(case)
+    scfg = dataclasses.replace(cfg, scan_layers=True, remat=remat)
+    sd = {k: v for k, v in models.params_to_hf(fam, cfg, params).items()}
+    sparams = models.params_from_hf(fam, scfg, sd.__getitem__)
+    assert fam.layer_prefix in sparams and f"{fam.layer_prefix}_0" not in sparams
+    leaf = jax.tree.leaves(sparams[fam.layer_prefix])[0]
+    assert leaf.shape[0] == cfg.num_hidden_layers
+    ids, mask = jnp.asarray(_ids(3)), jnp.asarray(_left_padded_mask())
+    a = jax.jit(fam.make_model(cfg).apply)({"params": params}, ids, attention_mask=mask)
+    b = jax.jit(fam.make_model(scfg).apply)({"params": sparams}, ids, attention_mask=mask)
+    assert _max_diff(a, b) <= 1e-5
+    # gradients flow through scan + remat
+    loss = lambda p: jnp.mean(fam.make_model(scfg).apply({"params": p}, ids) ** 2)
+    grads = jax.jit(jax.grad(loss))(sparams)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "qwen3", "gpt2"])
+def test_bf16_runs_close_to_fp32(case):
+    hf_model, _, fam, cfg, params = build(case, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    ids = _ids()
+    out = jax.jit(fam.make_model(cfg).apply)({"params": params}, jnp.asarray(ids))
+    assert out.dtype == jnp.float32
+    ref = _hf_logits(hf_model, ids)
+    err = _max_diff(out, ref)
+    assert err < 0.05 * np.abs(ref).max(), err
+    # bf16 compute with fp32 params also runs
+    fcfg = dataclasses.replace(cfg, param_dtype=jnp.float32)
+    fparams = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    out2 = jax.jit(fam.make_model(fcfg).apply)({"params": fparams}, jnp.asarray(ids))
+    assert _max_diff(out2, ref) < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("case", ["llama_biases", "qwen3", "qwen2", "mistral_window", "llama3_rope", "gpt2",
+                                  "gpt2_untied"])
+def test_config_and_params_to_hf_load_in_transformers(case, tmp_path):
+    """config_to_hf -> config.json -> AutoConfig; params_to_hf -> load_state_dict: transformers gives our logits."""
+    hf_model, _, fam, cfg, params = build(case)
+    sd = hf_model.state_dict()
+    exported = models.params_to_hf(fam, cfg, params)
+    for k, v in exported.items():
+        np.testing.assert_array_equal(v, sd[k].numpy())
+    (tmp_path / "config.json").write_text(json.dumps(fam.config_to_hf(cfg)))
+    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert fam.config_from_hf(hf_cfg.to_dict()) == cfg
+    model2 = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    missing, unexpected = model2.load_state_dict({k: torch.tensor(v) for k, v in exported.items()}, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)   # tied lm_head is the embedding
+    ids, mask = _ids(3), _left_padded_mask()
+    ref = _hf_logits(model2, ids, mask)
+    out = jax.jit(fam.make_model(cfg).apply)({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    assert _max_diff(out, ref, mask) <= TOL
+
+
+def test_llama_config_dict_constructor_roundtrip():
+    _, _, fam, cfg, _ = build("llama3_rope")
+    hf_cfg = transformers.LlamaConfig(**fam.config_to_hf(cfg))
+    assert hf_cfg.rope_parameters["rope_type"] == "llama3"
+    assert fam.config_from_hf(hf_cfg.to_dict()) == cfg
+
+
+def test_params_roundtrip_scanned():
+    hf_model, _, fam, cfg, _ = build("qwen3", scan_layers=True)
+    sd = hf_model.state_dict()
+    params = models.params_from_hf(fam, cfg, lambda k: sd[k].numpy())
+    back = models.params_to_hf(fam, cfg, params)
+    assert set(back) == {s.hf_name for s in fam.param_specs(cfg)}
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, sd[k].numpy())
+
+
+def test_transformers_4x_config_form():
+    """transformers 4.x wrote rope_theta/rope_scaling/torch_dtype; 5.x writes rope_parameters/dtype."""
+    v5 = dict(model_type="llama", **BASE, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE, dtype="bfloat16")
+    v4 = dict(model_type="llama", **BASE, num_key_value_heads=2, rope_theta=500000.0, torch_dtype="bfloat16",
+              rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}, pretraining_tp=1,
+              architectures=["LlamaForCausalLM"], transformers_version="4.45.0")
+    a, b = llama_lib.config_from_hf(v5), llama_lib.config_from_hf(v4)
+    assert a == b and a.rope_type == "llama3" and a.hf_dtype == "bfloat16"
+    old = dict(v4, rope_scaling={"type": "linear", "factor": 2.0})
+    assert llama_lib.config_from_hf(old).rope_type == "linear"
+    # Qwen2.5's real config.json: sliding window fields present but off
+    qwen = dict(model_type="qwen2", **BASE, num_key_value_heads=2, use_sliding_window=False, sliding_window=131072,
+                max_window_layers=21, rope_theta=1e6, rope_scaling=None, torch_dtype="bfloat16")
+    assert llama_lib.config_from_hf(qwen).sliding_window is None
+    # the original gpt2 config.json
+    g = dict(activation_function="gelu_new", architectures=["GPT2LMHeadModel"], attn_pdrop=0.1, bos_token_id=50256,
+             embd_pdrop=0.1, eos_token_id=50256, initializer_range=0.02, layer_norm_epsilon=1e-05, model_type="gpt2",
+             n_ctx=1024, n_embd=768, n_head=12, n_layer=12, n_positions=1024, resid_pdrop=0.1,
+             summary_activation=None, summary_first_dropout=0.1, summary_proj_to_labels=True,
+             summary_type="cls_index", summary_use_proj=True, task_specific_params={"text-generation": {}},
+             vocab_size=50257)
+    assert gpt2_lib.config_from_hf(g).eos_token_id == (50256,)
+
+
+@pytest.mark.parametrize("bad, attr", [
+    (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window"),
+    (dict(model_type="llama", attention_dropout=0.1), "attention_dropout"),
+    (dict(model_type="llama", quantization_config={"bits": 4}), "quantization_config"),
+    (dict(model_type="llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
+    (dict(model_type="llama", rope_parameters={"rope_type": "yarn", "factor": 2.0}), "yarn"),
+    (dict(model_type="llama", partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(model_type="qwen3", layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+    (dict(model_type="llama", hidden_act="tanh_glu"), "tanh_glu"),
+])
+def test_unsupported_attributes_raise(bad, attr):
+    d = dict(BASE, num_key_value_heads=2, **bad)
+    with pytest.raises(ValueError, match=attr):
+        llama_lib.config_from_hf(d)
+
+
+def test_gpt2_unsupported_attribute_raises():
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        gpt2_lib.config_from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
+
+
+def test_family_errors():
+    with pytest.raises(ValueError, match="'bert'.*llama"):
+        models.family_for("bert")
+    _, _, fam, cfg, params = build("llama_gqa")
+    sd = models.params_to_hf(fam, cfg, params)
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        models.params_from_hf(fam, cfg, lambda k: sd[k] if k != "model.layers.1.mlp.up_proj.weight" else {}[k])
+    bad = dict(sd, **{"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)})
+    with pytest.raises(ValueError, match=r"k_proj.weight.*\(64, 64\).*\(32, 64\)"):
+        models.params_from_hf(fam, cfg, bad.__getitem__)
+
+
+def test_hf_module_names_and_specs():
+    _, _, fam, cfg, params = build("qwen2")
+    assert models.hf_module_name(fam, cfg, "layers_1/self_attn/v_proj/kernel") == "model.layers.1.self_attn.v_proj"
+    assert models.hf_module_name(fam, cfg, "embed_tokens/embedding") == "model.embed_tokens"
+    scfg = dataclasses.replace(cfg, scan_layers=True)
+    assert models.hf_module_name(fam, scfg, "layers/mlp/down_proj/kernel", layer=0) == "model.layers.0.mlp.down_proj"
+    with pytest.raises(ValueError, match="layer="):
+        models.hf_module_name(fam, scfg, "layers/mlp/down_proj/kernel")
+    specs = fam.param_specs(cfg)
+    # every spec is a param and every param a spec; qwen2 has q/k/v biases, no o_proj bias; tied: no lm_head
+    from jlora import tree
+    flat = tree.flatten(params)
+    assert {s.path for s in specs} == set(flat)
+    assert {s.path for s in specs if s.path.endswith("bias")} == {
+        f"layers_{i}/self_attn/{p}_proj/bias" for i in range(2) for p in "qkv"}
+    g = models.family_for("gpt2")
+    gcfg = g.config_from_hf({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256})
+    assert models.hf_module_name(g, gcfg, "h_1/attn/c_attn/kernel") == "transformer.h.1.attn.c_attn"
+
+
+def test_lora_targets_select_q_v_kernels():
+    """targets=("q_proj", "v_proj") picks exactly 2 x layers kernels (no biases), and jlora.apply runs on the
+    scanned model with the adapters sliced per layer."""
+    import jlora
+
+    _, _, fam, cfg, params = build("qwen2", scan_layers=True)
+    lcfg = jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj"))
+    adapters = jlora.init(params, lcfg, key=jax.random.key(0),
+                          layout=jlora.layout(fam.make_model(cfg), jnp.ones((1, 4), jnp.int32)))
+    paths = set(jlora.tree.flatten(adapters))
+    assert paths == {f"layers/self_attn/{p}_proj/kernel/{ab}" for p in "qv" for ab in "ab"}
+    ucfg = dataclasses.replace(cfg, scan_layers=False)
+    up = models.params_from_hf(fam, ucfg, models.params_to_hf(fam, cfg, params).__getitem__)
+    uad = jlora.init(up, lcfg, key=jax.random.key(0))
+    assert len(jlora.tree.flatten(uad)) == 2 * 2 * cfg.num_hidden_layers
