@@ -1,0 +1,266 @@
+"""Jitted autoregressive decoding with a KV cache: greedy, temperature, top-k, top-p; batched left-padded prompts.
+
+One compiled function runs the whole generation: a prefill call on the (left-padded) prompts fills the
+:class:`~jlora.models.layers.KVCache`, then a ``lax.while_loop`` feeds one token per step until
+``max_new_tokens`` or until every row has produced an end-of-sequence id. ``use_cache=False`` is the reference
+path: each step recomputes the logits of the whole fixed-size sequence (prompt + room for the new tokens,
+future slots masked out); it is token-identical to the cached path and exists to prove it.
+
+The model is called through ``apply_fn(params, input_ids, attention_mask=..., cache=...)``, where ``params`` is
+whatever was passed to :func:`generate` (traced, not baked into the compiled code). The default is
+``model.apply({"params": params}, ...)``. For unmerged LoRA adapters use :func:`lora_apply_fn`:
+
+    generate(model, (params, adapters), prompts, max_new_tokens=32, apply_fn=lora_apply_fn(model, lora_cfg))
+
+``apply_fn`` is a static argument of the compiled function: pass the same (hashable) object each call to reuse
+the compilation; a fresh lambda per call recompiles.
+
+Randomness is explicit: sampling (``temperature > 0``) needs ``key``; step ``i`` uses ``fold_in(key, i)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class GenerateOutput(NamedTuple):
+    """Generated tokens (prompt excluded).
+
+    Attributes:
+        tokens: (B, max_new_tokens) int32; after a row's end-of-sequence token the rest is ``pad_token_id``.
+        lengths: (B,) int32, tokens generated per row, the end-of-sequence token included.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    def to_lists(self) -> list[list[int]]:
+        """Each row's generated tokens up to and including its end-of-sequence token."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelApply:
+    """The default ``apply_fn``: ``model.apply({"params": params}, ...)``; hashable so compilations are reused."""
+
+    model: Any
+
+    def __call__(self, params, *args, **kwargs):
+        return self.model.apply({"params": params}, *args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoraApply:
+    model: Any
+    lora_config: Any
+
+    def __call__(self, params_and_adapters, *args, **kwargs):
+        from jlora import transform
+
+        params, adapters = params_and_adapters
+        return transform.apply(self.model, params, adapters, self.lora_config, *args, **kwargs)
+
+
+def lora_apply_fn(model, lora_config) -> Callable:
+    """An ``apply_fn`` running ``model`` with unmerged adapters; pass ``(params, adapters)`` as ``params``.
+
+    Equal objects for equal ``(model, lora_config)``, so repeated :func:`generate` calls reuse the compilation.
+    """
+    return _LoraApply(model, lora_config)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to a (B, T) int32 array and its attention mask (1 for real tokens).
+
+    Examples:
+        >>> ids, mask = pad_prompts([[5, 6, 7], [8]], pad_token_id=0)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    if not len(prompts) or any(len(p) == 0 for p in prompts):
+        raise ValueError("`prompts` must be a non-empty list of non-empty token lists")
+    t = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), t), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = np.asarray(p, np.int32)
+        mask[i, t - len(p):] = 1
+    return ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: ``temperature == 0`` is greedy (argmax); otherwise logits / temperature,
+    then the ``top_k`` largest, then the smallest set with probability >= ``top_p``, then a categorical draw."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1 or None")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] or None")
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """Next tokens (B,) int32 from float32 logits (B, V)."""
+        if self.temperature == 0.0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / self.temperature
+        neg = jnp.finfo(logits.dtype).min
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, neg, logits)
+        if self.top_p is not None and self.top_p < 1.0:
+            desc = -jnp.sort(-logits, axis=-1)
+            probs = jax.nn.softmax(desc, axis=-1)
+            keep = (jnp.cumsum(probs, axis=-1) - probs) < self.top_p       # always keeps the top token
+            cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+            logits = jnp.where(logits < cutoff, neg, logits)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model, params, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, key: jax.Array | None = None, attention_mask=None,
+             use_cache: bool = True, apply_fn: Callable | None = None, cache_dtype=None) -> GenerateOutput:
+    """Generates up to ``max_new_tokens`` tokens after each prompt.
+
+    Args:
+        model: a jlora model (``LlamaForCausalLM``/``GPT2LMHeadModel``; its ``config`` sizes the cache).
+        params: passed as the first argument of ``apply_fn`` (default: the model's param tree).
+        prompts: a list of token-id lists (left-padded here), or a (B, T) array, left-padded, with
+            ``attention_mask`` (default all ones).
+        max_new_tokens: number of decoding steps at most.
+        temperature, top_k, top_p: see :class:`Sampling`; ``temperature=0`` (default) is greedy.
+        eos_token_id: an id or ids that end a row; default the model config's ``eos_token_id``; ``()`` never stops.
+        pad_token_id: fills prompt padding and the output after a row ends; default the config's, else 0.
+        key: PRNG key, required when sampling.
+        attention_mask: (B, T) mask of an array ``prompts``.
+        use_cache: False recomputes the whole sequence at every step (the slow reference path).
+        apply_fn: ``apply_fn(params, input_ids, attention_mask=..., cache=...)`` with the signature of
+            ``model.apply`` minus the variables wrapping: returns logits, or ``(logits, cache)`` when given
+            ``cache``. See :func:`lora_apply_fn`.
+        cache_dtype: dtype of cached keys/values; default the model's compute dtype.
+
+    Returns:
+        :class:`GenerateOutput` of numpy arrays.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1))
+        >>> params = model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))["params"]
+        >>> out = generate(model, params, [[1, 2, 3], [4]], max_new_tokens=5)
+        >>> out.tokens.shape, out.lengths.tolist()
+        ((2, 5), [5, 5])
+    """
+    cfg = model.config
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    sampling = Sampling(float(temperature), top_k, top_p)
+    if sampling.temperature > 0 and key is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit PRNG `key` (e.g. jax.random.key(0))")
+    if pad_token_id is None:
+        pad_token_id = getattr(cfg, "pad_token_id", None) or 0
+    if eos_token_id is None:
+        eos_token_id = tuple(getattr(cfg, "eos_token_id", ()) or ())
+    eos = (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id)
+    if isinstance(prompts, (list, tuple)) and (not prompts or not hasattr(prompts[0], "shape")
+                                               or np.ndim(prompts[0]) == 1):
+        if attention_mask is not None:
+            raise ValueError("`attention_mask` is for array prompts; token lists are padded here")
+        ids, mask = pad_prompts(prompts, pad_token_id)
+    else:
+        ids = np.asarray(prompts, np.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"`prompts` array must be (batch, length); got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        if mask.shape != ids.shape:
+            raise ValueError(f"`attention_mask` shape {mask.shape} differs from `prompts` shape {ids.shape}")
+    if not mask[:, -1].all():
+        raise ValueError("prompts must be left-padded: every row's last token must be real (attention_mask 1)")
+    limit = getattr(cfg, "n_positions", None)
+    if limit is not None and int(mask.sum(1).max()) + max_new_tokens > limit:
+        raise ValueError(f"prompt + max_new_tokens = {int(mask.sum(1).max()) + max_new_tokens} exceeds the "
+                         f"model's {limit} learned positions (n_positions)")
+    apply_fn = _ModelApply(model) if apply_fn is None else apply_fn
+    key = jax.random.key(0) if key is None else key
+    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    tokens, lengths = _generate(params, jnp.asarray(ids), jnp.asarray(mask), key, eos_ids, model=model,
+                                apply_fn=apply_fn, max_new_tokens=max_new_tokens, sampling=sampling,
+                                pad=int(pad_token_id), use_cache=use_cache, cache_dtype=cache_dtype)
+    return GenerateOutput(np.asarray(tokens), np.asarray(lengths))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "apply_fn", "max_new_tokens", "sampling", "pad", "use_cache",
+                                             "cache_dtype"))
+def _generate(params, ids, mask, key, eos_arr, *, model, apply_fn, max_new_tokens, sampling, pad, use_cache,
+              cache_dtype):
+    from jlora import models
+
+    b, t = ids.shape
+    n = max_new_tokens
+
+    if use_cache:
+        cache = models.init_cache(model.config, b, t + n, cache_dtype)
+        logits, cache = apply_fn(params, ids, attention_mask=mask, cache=cache)
+        state = cache
+
+        def step(tok, live, state):
+            logits, cache = apply_fn(params, tok[:, None], attention_mask=live[:, None].astype(jnp.int32),
+                                     cache=state)
+            return logits[:, -1], cache
+    else:
+        seq = jnp.concatenate([ids, jnp.full((b, n), pad, jnp.int32)], axis=1)
+        seq_mask = jnp.concatenate([mask, jnp.zeros((b, n), jnp.int32)], axis=1)
+        logits = apply_fn(params, seq, attention_mask=seq_mask)[:, :t]
+        state = (seq, seq_mask, jnp.asarray(t, jnp.int32))
+
+        def step(tok, live, state):
+            seq, seq_mask, cur = state
+            zero = jnp.zeros((), jnp.int32)
+            seq = jax.lax.dynamic_update_slice(seq, tok[:, None], (zero, cur))
+            seq_mask = jax.lax.dynamic_update_slice(seq_mask, live[:, None].astype(jnp.int32), (zero, cur))
+            logits = apply_fn(params, seq, attention_mask=seq_mask)
+            return jax.lax.dynamic_index_in_dim(logits, cur, axis=1, keepdims=False), (seq, seq_mask, cur + 1)
+
+    def pick(last, i, done):
+        tok = sampling(last, jax.random.fold_in(key, i))
+        tok = jnp.where(done, pad, tok)
+        return tok, done | jnp.any(tok[:, None] == eos_arr[None, :], axis=1)
+
+    out = jnp.full((b, n), pad, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    tok, done_next = pick(logits[:, -1], 0, done)
+    out = out.at[:, 0].set(tok)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, state, done, out, lengths = carry
+        last, state = step(tok, ~done, state)
+        tok, new_done = pick(last, i, done)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (jnp.zeros((), jnp.int32), i))
+        lengths = lengths + (~done).astype(jnp.int32)
+        return i + 1, tok, state, new_done, out, lengths
+
+    carry = (jnp.asarray(1, jnp.int32), tok, state, done_next, out, lengths)
+    _, _, _, _, out, lengths = jax.lax.while_loop(cond, body, carry)
+    return out, lengths
+
+
+__all__ = ["generate", "GenerateOutput", "Sampling", "lora_apply_fn", "pad_prompts"]
