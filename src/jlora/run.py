@@ -121,19 +121,18 @@ def generate_texts(loaded, params, prompts_ids: Sequence[Sequence[int]], *, adap
     """Decodes each prompt (greedy unless sampling options are given) and returns the completions' text."""
     from jlora.models import generate as gen
 
-    apply_fn = None
+    apply_fn, variables = None, params
     if adapters is not None:
-        def apply_fn(variables, *args, **kwargs):
-            return jlora.apply(loaded.model, variables["params"], adapters, lora_cfg, *args, **kwargs)
-    eos = tuple(loaded.tokenizer.eos_token_ids) if loaded.tokenizer is not None else ()
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer and loaded.tokenizer.pad_token_id is not None else 0
+        apply_fn, variables = gen.lora_apply_fn(loaded.model, lora_cfg), (params, adapters)
+    tok = loaded.tokenizer
+    eos = tuple(tok.eos_token_ids) if tok is not None else None
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None
     texts = []
     for i in range(0, len(prompts_ids), batch_size):
         chunk = [list(p) for p in prompts_ids[i:i + batch_size]]
-        out = gen.generate(loaded.model, params, chunk, max_new_tokens=max_new_tokens, eos_token_ids=eos,
+        out = gen.generate(loaded.model, variables, chunk, max_new_tokens=max_new_tokens, eos_token_id=eos,
                            pad_token_id=pad, apply_fn=apply_fn, **sampling)
-        for row in out.tokens if hasattr(out, "tokens") else out:
-            texts.append(loaded.tokenizer.decode([int(t) for t in row], skip_special_tokens=True))
+        texts.extend(tok.decode(row, skip_special_tokens=True) for row in out.to_lists())
     return texts
 
 
