@@ -1,0 +1,546 @@
+"""Adapter-only checkpoints on orbax's ``CheckpointManager``, with exact resume and validation before restore.
+
+A checkpoint holds what trains and nothing else: the adapters, the optimizer state, the step, the RNG key and the
+data position, plus a metadata JSON that says what the adapters belong to. The frozen base weights are never
+written; a base model is identified instead by :func:`fingerprint`, a hash of its parameter paths, shapes, dtypes
+and a few hundred strided samples of each leaf's values (so a base model and its instruct variant differ, and
+hashing an 8B model costs milliseconds).
+
+On disk, one folder per saved step, written by orbax into ``<step>.orbax-checkpoint-tmp-*`` and renamed to
+``<step>`` only when complete (a process killed mid-save leaves a tmp folder that no listing or restore sees)::
+
+    <directory>/<step>/adapters/      orbax PyTree (OCDBT/zarr): the adapter tree
+    <directory>/<step>/train_state/   orbax PyTree: {"step", "rng" (key data, uint32), "opt_state"}
+    <directory>/<step>/jlora/metadata JSON: format, jlora version, LoraConfig, base model name + fingerprint,
+                                      RNG impl, data position, user metrics, and per-leaf shape/dtype/checksum
+    <directory>/<step>/metrics/       orbax's copy of the metrics (when keep-best is on)
+
+Restore validates before it loads anything: the step exists, the metadata parses, the base model's fingerprint
+matches, the LoraConfig gives the same adapter ranks and scales, and the target tree has the saved paths, shapes
+and dtypes. After loading, every leaf's checksum (an order-independent uint32 sum computed on device, so it works
+on sharded arrays) is compared with the saved one, which catches garbled data files that orbax itself would read
+without complaint. Restore only reads: a failed restore leaves every saved file as it was.
+
+Retention uses orbax's preservation policies: the ``max_to_keep`` latest steps, joined (``AnyPreservationPolicy``)
+with the ``keep_best`` best by a metric; the latest step is always kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from jlora import tree as tree_lib
+from jlora.config import LoraConfig
+from jlora.train import TrainState
+
+FORMAT = "jlora.checkpoint/1"
+ITEMS = ("adapters", "train_state", "jlora")
+# LoraConfig fields that change neither an adapter's shape nor its scale (a resume may change them).
+_FREE_FIELDS = ("dropout", "init")
+# Fields that only select paths or set per-path ranks and scales (compared by their effect on the given params).
+_SELECTION = ("targets", "exclude", "rank", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "bias",
+              "modules_to_save")
+_SAMPLES = 256
+
+_NO_DIR = "checkpoint directory {dir} does not exist; check the path (a run keeps its checkpoints in <run>/checkpoints)"
+_NO_STEP = "no checkpoint for step {step} in {dir}; saved steps: {steps}"
+_CORRUPT = ("checkpoint {dir}/{step} is unreadable or corrupt ({what}); restore another step (saved: {steps}) "
+            "or delete this one")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit what it is restored onto, or cannot be read."""
+
+
+class Restored(NamedTuple):
+    """What :meth:`CheckpointManager.restore` returns."""
+
+    state: TrainState
+    data_position: Any
+    step: int
+    metadata: dict
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+def _sample(x, k: int) -> np.ndarray:
+    """Up to ``k`` values of ``x`` at deterministic strided positions (with a moving offset inside each stride)."""
+    shape = tuple(np.shape(x))
+    n = math.prod(shape)
+    if n <= k:
+        return np.asarray(x).reshape(-1)
+    i = np.arange(k, dtype=np.int64)
+    stride = n // k
+    flat = (i * n) // k + (i * 7919) % stride
+    return np.asarray(x[np.unravel_index(flat, shape)])
+
+
+def _leaves(params) -> list[tuple[str, Any]]:
+    return sorted(((tree_lib.path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]),
+                  key=lambda t: t[0])
+
+
+def _structure_hash(params) -> str:
+    h = hashlib.sha256()
+    for path, x in _leaves(params):
+        h.update(f"{path}|{tuple(np.shape(x))}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(params, *, samples: int = _SAMPLES) -> str:
+    """A 16-hex-digit identity of a parameter tree: paths, shapes, dtypes and sampled values.
+
+    Hashes every leaf's path, shape and dtype, and the bytes of ``samples`` values read at strided positions, so
+    two checkpoints of one architecture (a base model and its instruct variant) differ while the cost stays a few
+    hundred reads per leaf, whatever the model's size. Works on numpy and (sharded) jax arrays.
+
+    Examples:
+        >>> import numpy as np
+        >>> p = {"dense": {"kernel": np.arange(6.0).reshape(2, 3)}}
+        >>> fingerprint(p) == fingerprint({"dense": {"kernel": np.arange(6.0).reshape(2, 3)}})
+        True
+        >>> fingerprint(p) == fingerprint({"dense": {"kernel": np.arange(6.0).reshape(2, 3) + 1}})
+        False
+    """
+    h = hashlib.sha256()
+    for path, x in _leaves(params):
+        h.update(f"{path}|{tuple(np.shape(x))}|{np.dtype(x.dtype).name}\n".encode())
+        h.update(np.ascontiguousarray(_sample(x, samples)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _identity(params, name: str | None) -> dict:
+    leaves = _leaves(params)
+    return {"name": name, "fingerprint": fingerprint(params), "structure": _structure_hash(params),
+            "dtypes": sorted({np.dtype(x.dtype).name for _, x in leaves}),
+            "num_params": int(sum(math.prod(np.shape(x)) for _, x in leaves)), "num_leaves": len(leaves)}
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+def _bits(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size >= 4:  # an 8-byte dtype becomes (..., 2) uint32
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """sum_i bits[i] * (2 i + 1) mod 2**32: integer, so exact and independent of reduction order and sharding."""
+    bits = _bits(x)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[d]
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(leaves: list) -> list:
+    return [_checksum(x) for x in leaves]
+
+
+def _describe(tree) -> dict[str, dict]:
+    """``{path: {"shape", "dtype", "checksum"}}`` for every array leaf."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = jax.device_get(_checksums([x for _, x in flat])) if flat else []
+    return {tree_lib.path_str(kp): {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name, "checksum": int(s)}
+            for (kp, x), s in zip(flat, sums)}
+
+
+# ------------------------------------------------------------------------------------------------ manager
+@dataclasses.dataclass
+class _Options:
+    max_to_keep: int | None
+    best_metric: str | None
+    mode: str
+    keep_best: int
+    async_save: bool
+
+
+class CheckpointManager:
+    """Saves and restores adapter-only training checkpoints in ``directory`` (see the module docstring).
+
+    Args:
+        directory: the checkpoint folder (local path or any ``epath`` URL). It is created on the first save;
+            reading a folder that does not exist raises ``FileNotFoundError``.
+        max_to_keep: keep this many most recent steps (``None``: all). The latest step is never deleted.
+        best_metric: with it, also keep the ``keep_best`` steps whose ``metrics[best_metric]`` is best.
+        mode: ``"min"`` or ``"max"``: which end of ``best_metric`` is best.
+        keep_best: how many best steps to keep.
+        async_save: write in a background thread; :meth:`save` returns once the arrays are copied to host, so
+            the state may be donated right after. Call :meth:`wait` (or :meth:`close`) before reading.
+
+    Examples:
+        >>> import tempfile, jax, jax.numpy as jnp, optax, jlora
+        >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+        >>> cfg = jlora.LoraConfig(rank=2, alpha=4, targets="dense")
+        >>> opt = optax.adam(1e-3)
+        >>> state = jlora.TrainState.create(jlora.init(params, cfg, key=jax.random.key(0)), opt,
+        ...                                 rng=jax.random.key(1))
+        >>> with CheckpointManager(tempfile.mkdtemp(), max_to_keep=2) as manager:
+        ...     manager.save(10, state, params=params, lora_config=cfg, name="toy", data_position={"index": 3})
+        ...     restored = manager.restore(state, params=params, lora_config=cfg)
+        >>> manager.all_steps(), restored.step, restored.data_position
+        ([10], 10, {'index': 3})
+    """
+
+    def __init__(self, directory, *, max_to_keep: int | None = None, best_metric: str | None = None,
+                 mode: str = "min", keep_best: int = 1, async_save: bool = False):
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
+                                        or max_to_keep < 1):
+            raise ValueError(f"`max_to_keep` must be None (keep all) or an integer >= 1; got {max_to_keep!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` must be 'min' or 'max'; got {mode!r}")
+        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1:
+            raise ValueError(f"`keep_best` must be an integer >= 1; got {keep_best!r}")
+        if best_metric is not None and not isinstance(best_metric, str):
+            raise ValueError(f"`best_metric` must be a metric name (str) or None; got {best_metric!r}")
+        self.directory = epath.Path(directory)
+        self._options = _Options(max_to_keep, best_metric, mode, keep_best, bool(async_save))
+        self._manager: ocp.CheckpointManager | None = None
+        self._identity_cache: tuple | None = None
+
+    # -------------------------------------------------------------------------------------------- orbax plumbing
+    def _orbax(self, *, create: bool) -> ocp.CheckpointManager | None:
+        if self._manager is None:
+            if not self.directory.exists():
+                if not create:
+                    return None
+                self.directory.mkdir(parents=True, exist_ok=True)
+            o = self._options
+            policy = ocm.LatestN(o.max_to_keep)
+            best_fn = None
+            if o.best_metric is not None:
+                metric = o.best_metric
+                best_fn = lambda m: float(m[metric])  # noqa: E731
+                policy = ocm.AnyPreservationPolicy([
+                    policy, ocm.BestN(get_metric_fn=best_fn, reverse=o.mode == "min", n=o.keep_best,
+                                      keep_checkpoints_without_metrics=False)])
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=policy, best_fn=best_fn, best_mode=o.mode,
+                enable_async_checkpointing=o.async_save, create=False)
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        return self._manager
+
+    def all_steps(self) -> list[int]:
+        """The saved (complete) steps, ascending; a save still in flight or cut off by a crash is not listed."""
+        manager = self._orbax(create=False)
+        return sorted(manager.all_steps()) if manager is not None else []
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or ``None`` if there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The step with the best ``best_metric`` (the latest step when no metric is tracked)."""
+        manager = self._orbax(create=False)
+        return manager.best_step() if manager is not None else None
+
+    def wait(self) -> None:
+        """Blocks until an async save has been written and committed."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    wait_until_finished = wait
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({str(self.directory)!r}, steps={self.all_steps()})"
+
+    # -------------------------------------------------------------------------------------------- save
+    def _base_identity(self, params, name) -> dict:
+        leaves = jax.tree.leaves(params)
+        key = tuple(map(id, leaves))
+        if self._identity_cache is None or self._identity_cache[0] != key or self._identity_cache[2] != name:
+            self._identity_cache = (key, leaves, name, _identity(params, name))  # holds leaves: ids stay unique
+        return self._identity_cache[3]
+
+    def save(self, step: int, state: TrainState, *, params, lora_config: LoraConfig, name: str | None = None,
+             data_position: Any = None, metrics: Mapping[str, float] | None = None) -> None:
+        """Saves ``state`` (adapters, optimizer state, step, RNG) as checkpoint ``step``.
+
+        Args:
+            step: the checkpoint's step number (usually ``int(state.step)``); it must not exist yet.
+            state: the :class:`jlora.TrainState` to save.
+            params: the frozen base params the adapters belong to; only their :func:`fingerprint` is written.
+            lora_config: the adapters' config.
+            name: a human-readable name of the base model (e.g. ``loaded.name``), shown in errors.
+            data_position: anything JSON-serializable that says where the data loader is (e.g. ``loader.position``).
+            metrics: optional ``{name: number}``, e.g. ``{"eval_loss": 1.23}``; ``best_metric`` ranks by it.
+        """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"`step` must be an integer >= 0; got {step!r}")
+        step = int(step)
+        if not isinstance(state, TrainState):
+            raise ValueError(f"`state` must be a jlora.TrainState; got {type(state).__name__}")
+        if not isinstance(lora_config, LoraConfig):
+            raise ValueError(f"`lora_config` must be a jlora.LoraConfig; got {type(lora_config).__name__}")
+        metrics = _check_metrics(metrics, self._options.best_metric)
+        try:
+            json.dumps(data_position)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"`data_position` must be JSON-serializable (a dict of ints, say); got "
+                             f"{data_position!r}: {e}") from None
+        manager = self._orbax(create=True)
+        if step in manager.all_steps():
+            raise ValueError(f"step {step} is already saved in {self.directory}; saved steps: "
+                             f"{sorted(manager.all_steps())}. Steps are never overwritten: pick a new step")
+        rng, rng_info = _split_rng(state.rng)
+        train_state = {"step": jnp.asarray(state.step), "rng": rng, "opt_state": state.opt_state}
+        meta = {
+            "format": FORMAT, "jlora_version": _version(), "step": step,
+            "lora_config": lora_config.to_dict(), "base_model": self._base_identity(params, name),
+            "rng": rng_info, "data_position": data_position, "metrics": metrics,
+            "leaves": {"adapters": _describe(state.adapters), "train_state": _describe(train_state)},
+        }
+        args = ocp.args.Composite(adapters=ocp.args.StandardSave(state.adapters),
+                                  train_state=ocp.args.StandardSave(train_state),
+                                  jlora=ocp.args.JsonSave(meta))
+        manager.save(step, args=args, metrics=metrics if self._options.best_metric else None)
+
+    # -------------------------------------------------------------------------------------------- restore
+    def _resolve(self, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+        manager = self._orbax(create=False)
+        if manager is None:
+            raise FileNotFoundError(_NO_DIR.format(dir=self.directory))
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint in {self.directory} (it holds no complete step folder)")
+            return manager, steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(_NO_STEP.format(step=step, dir=self.directory, steps=steps))
+        return manager, int(step)
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The metadata JSON of ``step`` (default: the latest): config, base model identity, version, metrics."""
+        manager, step = self._resolve(step)
+        return self._read_metadata(manager, step)
+
+    def _read_metadata(self, manager, step: int) -> dict:
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
+        except Exception as e:  # noqa: BLE001  (orbax/json raise many kinds; we name the folder instead)
+            raise CheckpointError(self._corrupt(step, f"metadata: {type(e).__name__}: {e}")) from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(self._corrupt(step, f"metadata has no format {FORMAT!r}"))
+        return meta
+
+    def _corrupt(self, step: int, what: str) -> str:
+        return _CORRUPT.format(dir=self.directory, step=step, what=what[:500], steps=self.all_steps())
+
+    def _validate(self, meta: dict, step: int, params, lora_config: LoraConfig, name: str | None) -> None:
+        where = f"{self.directory}/{step}"
+        if params is not None:
+            _check_base(meta["base_model"], _identity(params, name), where)
+        _check_lora(LoraConfig.from_dict(meta["lora_config"]), lora_config, params, where)
+
+    def restore(self, target: TrainState, step: int | None = None, *, params, lora_config: LoraConfig,
+                name: str | None = None) -> Restored:
+        """Restores a full training state; validates everything before loading.
+
+        Args:
+            target: a :class:`jlora.TrainState` giving the tree structure, shapes, dtypes and shardings to restore
+                onto: real arrays (e.g. a fresh ``TrainState.create(...)``) or ``jax.ShapeDtypeStruct`` leaves with
+                ``.sharding`` (e.g. from ``jax.eval_shape``), so a mesh-sharded state restores sharded.
+            step: which step (default: the latest).
+            params: the base params the adapters will be used with (checked against the saved fingerprint);
+                ``None`` skips that check.
+            lora_config: the config the adapters will be used with (checked against the saved one).
+            name: the base model's name, shown in errors.
+
+        Raises:
+            FileNotFoundError: no such directory or step.
+            CheckpointError: a different base model or LoraConfig, a target that does not fit, or corrupt files.
+        """
+        manager, step = self._resolve(step)
+        meta = self._read_metadata(manager, step)
+        self._validate(meta, step, params, lora_config, name)
+        rng_target, rng_kind = _rng_target(target.rng, meta["rng"], f"{self.directory}/{step}")
+        train_target = {"step": target.step, "rng": rng_target, "opt_state": target.opt_state}
+        adapters, train_state = self._load(manager, step, meta, adapters=target.adapters, train_state=train_target)
+        rng = train_state["rng"] if rng_kind is None else jax.random.wrap_key_data(train_state["rng"], impl=rng_kind)
+        state = TrainState(train_state["step"], adapters, train_state["opt_state"], rng)
+        return Restored(state, meta.get("data_position"), step, meta)
+
+    def restore_adapters(self, step: int | None = None, *, params, lora_config: LoraConfig,
+                         name: str | None = None, layout=None, target=None):
+        """Restores only the adapters (no optimizer state), e.g. for inference, merging or PEFT export.
+
+        The target tree is ``jax.eval_shape(jlora.init(params, lora_config, layout=layout))`` unless ``target``
+        (an adapter tree of arrays or ``ShapeDtypeStruct`` with shardings) is given. Validation as in
+        :meth:`restore`.
+        """
+        from jlora import lora
+
+        manager, step = self._resolve(step)
+        meta = self._read_metadata(manager, step)
+        self._validate(meta, step, params, lora_config, name)
+        if target is None:
+            target = jax.eval_shape(lambda: lora.init(params, lora_config, key=jax.random.key(0), layout=layout))
+        (adapters,) = self._load(manager, step, meta, adapters=target)
+        return adapters
+
+    def _load(self, manager, step: int, meta: dict, **targets) -> list:
+        where = f"{self.directory}/{step}"
+        abstract = {k: _abstract(t) for k, t in targets.items()}
+        for item, tree in abstract.items():
+            _check_tree(meta["leaves"][item], tree, item, where)
+        args = ocp.args.Composite(**{k: ocp.args.StandardRestore(t) for k, t in abstract.items()})
+        try:
+            restored = manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(self._corrupt(step, f"{type(e).__name__}: {e}")) from e
+        out = []
+        for item in targets:
+            tree = restored[item]
+            bad = [p for p, d in _describe(tree).items() if d["checksum"] != meta["leaves"][item][p]["checksum"]]
+            if bad:
+                raise CheckpointError(self._corrupt(step, f"checksum mismatch in {item}: {bad[:5]}"))
+            out.append(tree)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _version() -> str:
+    import jlora
+
+    return jlora.__version__
+
+
+def _check_metrics(metrics, best_metric) -> dict | None:
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"`metrics` must be a mapping name -> number; got {metrics!r}")
+    try:
+        out = {str(k): float(v) for k, v in metrics.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"`metrics` values must be numbers; got {metrics!r}") from None
+    if best_metric is not None and best_metric not in out:
+        raise ValueError(f"best_metric={best_metric!r} is not in `metrics` {sorted(out)}; pass it to every save "
+                         f"that should compete for best, or save without metrics")
+    return out
+
+
+def _split_rng(rng) -> tuple[jax.Array, dict]:
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng), {"typed": True, "impl": str(jax.random.key_impl(rng))}
+    return jnp.asarray(rng), {"typed": False, "impl": None}
+
+
+def _rng_target(rng, saved: dict, where: str):
+    """The abstract key data to restore into, and the impl to re-wrap with (None for a raw uint32 key)."""
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if not typed:
+        return rng, None
+    impl = str(jax.random.key_impl(rng))
+    if saved["typed"] and saved["impl"] != impl:
+        raise CheckpointError(f"checkpoint {where} holds a {saved['impl']!r} PRNG key but the target's key is "
+                              f"{impl!r}; create the target's rng with jax.random.key(seed, impl={saved['impl']!r})")
+    data = jax.eval_shape(jax.random.key_data, rng)
+    sharding = getattr(rng, "sharding", None)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding), impl
+
+
+def _abstract(tree):
+    """Target leaves as ShapeDtypeStructs with a sharding (orbax restores un-sharded structs as numpy)."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x):
+        sharding = getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _check_tree(saved: dict, target, item: str, where: str) -> None:
+    got = {tree_lib.path_str(kp): (list(x.shape), np.dtype(x.dtype).name)
+           for kp, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    want = {p: (d["shape"], d["dtype"]) for p, d in saved.items()}
+    if got == want:
+        return
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    differ = [f"{p}: saved {want[p][1]}{want[p][0]}, target {got[p][1]}{got[p][0]}"
+              for p in sorted(set(want) & set(got)) if want[p] != got[p]]
+    raise CheckpointError(
+        f"checkpoint {where}: the target's {item} tree does not match the saved one; in the checkpoint only: "
+        f"{missing[:5]}; in the target only: {unexpected[:5]}; shape/dtype differs: {differ[:5]}. Build the target "
+        f"with the same LoraConfig and optimizer as the run that saved it")
+
+
+def _check_base(saved: dict, given: dict, where: str) -> None:
+    if saved["fingerprint"] == given["fingerprint"]:
+        return
+    if saved["structure"] != given["structure"]:
+        why = (f"a different architecture ({saved['num_leaves']} leaves / {saved['num_params']:,} values saved, "
+               f"{given['num_leaves']} / {given['num_params']:,} given)")
+    elif saved["dtypes"] != given["dtypes"]:
+        why = (f"the same architecture in other dtypes (saved {saved['dtypes']}, given {given['dtypes']}); load the "
+               f"base model in the dtype it was trained in")
+    else:
+        why = "the same architecture with different weights (e.g. a base model and its instruct variant)"
+    raise CheckpointError(
+        f"checkpoint {where} was trained on base model {saved['name']!r} (fingerprint {saved['fingerprint']}), but "
+        f"the given params are {given['name']!r} (fingerprint {given['fingerprint']}): {why}. Load the base model "
+        f"the adapters were trained on")
+
+
+def _check_lora(saved: LoraConfig, given: LoraConfig, params, where: str) -> None:
+    if saved == given:
+        return
+    a, b = saved.to_dict(), given.to_dict()
+    differ = [k for k in a if a.get(k) != b.get(k) and k not in _FREE_FIELDS]
+    if not differ:
+        return
+    fields = "; ".join(f"{k}: saved {a.get(k)!r}, given {b.get(k)!r}" for k in differ)
+    examples: list[str] = []
+    if params is not None:
+        # Fields that only select paths or set ranks/scales: equal if they select the same adapters in `params`.
+        paths = [p for p, _ in _leaves(params)]
+        ea, eb = _effective(saved, paths), _effective(given, paths)
+        if ea == eb and set(differ) <= set(_SELECTION):
+            return
+        examples = [f"{p}: saved {ea.get(p)}, given {eb.get(p)}"
+                    for p in sorted(set(ea) | set(eb)) if ea.get(p) != eb.get(p)][:5]
+    raise CheckpointError(
+        f"checkpoint {where} was saved with a different LoraConfig; differing fields: {fields}"
+        + (f"; e.g. (rank, scale, full tensor) per path: {examples}" if examples else "")
+        + ". Restore with the saved config: LoraConfig.from_dict(manager.metadata(step)['lora_config'])")
+
+
+def _effective(cfg: LoraConfig, paths: list[str]) -> dict[str, tuple]:
+    saves = getattr(cfg, "saves", lambda p: False)
+    out = {}
+    for p in paths:
+        lora = cfg.matches(p)
+        if lora or saves(p):
+            out[p] = (cfg.rank_for(p) if lora else None, cfg.scale(p) if lora else None, bool(saves(p)))
+    return out
