@@ -27,7 +27,7 @@ $(VENV)/.test: pyproject.toml $(VENV)/.core
 	touch $@
 
 demo: $(VENV)/.core
-	$(PY) examples/demo.py
+	$(VENV)/bin/jlora train --config configs/default.yaml --overwrite
 
 test: $(VENV)/.test
 	$(PY) -m pytest -m "not slow" -q

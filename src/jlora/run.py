@@ -127,12 +127,21 @@ def generate_texts(loaded, params, prompts_ids: Sequence[Sequence[int]], *, adap
     tok = loaded.tokenizer
     eos = tuple(tok.eos_token_ids) if tok is not None else None
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None
+    # One shape for every batch (prompts left-padded to a common bucketed length, the last batch filled with
+    # empty rows), so decoding compiles once.
+    width = -(-max(len(p) for p in prompts_ids) // 16) * 16
+    rows = min(batch_size, len(prompts_ids))
     texts = []
-    for i in range(0, len(prompts_ids), batch_size):
-        chunk = [list(p) for p in prompts_ids[i:i + batch_size]]
-        out = gen.generate(loaded.model, variables, chunk, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                           pad_token_id=pad, apply_fn=apply_fn, **sampling)
-        texts.extend(tok.decode(row, skip_special_tokens=True) for row in out.to_lists())
+    for i in range(0, len(prompts_ids), rows):
+        chunk = [list(p) for p in prompts_ids[i:i + rows]]
+        ids = np.full((rows, width), pad if pad is not None else 0, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+        mask[len(chunk):, -1] = 1  # filler rows: one token, discarded below
+        out = gen.generate(loaded.model, variables, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos, pad_token_id=pad, apply_fn=apply_fn, **sampling)
+        texts.extend(tok.decode(row, skip_special_tokens=True) for row in out.to_lists()[:len(chunk)])
     return texts
 
 
