@@ -127,7 +127,7 @@ def test_logits_match_transformers(case, tmp_path):
     assert _max_diff(out, ref, mask) <= TOL
 
 
-@pytest.mark.parametrize("case", ["llama_gqa", "qwen3", "gpt2"])
+@pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
 def test_left_padding_equals_unpadded_rows(case):
     """A left-padded row gives the logits of the same tokens run alone (positions restart at its first token)."""
     _, _, fam, cfg, params = build(case)
@@ -151,13 +151,15 @@ def test_scan_layers_equals_unrolled(case, remat):
     a = jax.jit(fam.make_model(cfg).apply)({"params": params}, ids, attention_mask=mask)
     b = jax.jit(fam.make_model(scfg).apply)({"params": sparams}, ids, attention_mask=mask)
     assert _max_diff(a, b) <= 1e-5
-    # gradients flow through scan + remat
+    if remat != "dots":
+        return
+    # gradients flow through scan + remat (remat="full" is exercised with LoRA in test_lora_targets_select_q_v_kernels)
     loss = lambda p: jnp.mean(fam.make_model(scfg).apply({"params": p}, ids) ** 2)
     grads = jax.jit(jax.grad(loss))(sparams)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("case", ["llama_gqa", "qwen3", "gpt2"])
+@pytest.mark.parametrize("case", ["qwen3", "gpt2"])
 def test_bf16_runs_close_to_fp32(case):
     hf_model, _, fam, cfg, params = build(case, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
@@ -290,16 +292,24 @@ def test_hf_module_names_and_specs():
 
 
 def test_lora_targets_select_q_v_kernels():
-    """targets=("q_proj", "v_proj") picks exactly 2 x layers kernels (no biases), and jlora.apply runs on the
-    scanned model with the adapters sliced per layer."""
+    """targets=("q_proj", "v_proj") picks exactly 2 x layers kernels (no biases); on the scanned, rematerialized
+    model jlora.apply (adapters sliced per layer by nn.scan) equals the merged model, and gradients flow."""
     import jlora
 
-    _, _, fam, cfg, params = build("qwen2", scan_layers=True)
+    _, _, fam, cfg, params = build("qwen2", scan_layers=True, remat="full")
+    model = fam.make_model(cfg)
     lcfg = jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj"))
-    adapters = jlora.init(params, lcfg, key=jax.random.key(0),
-                          layout=jlora.layout(fam.make_model(cfg), jnp.ones((1, 4), jnp.int32)))
+    layout = jlora.layout(model, jnp.ones((1, 4), jnp.int32))
+    adapters = jlora.init(params, lcfg, key=jax.random.key(0), layout=layout)
     paths = set(jlora.tree.flatten(adapters))
     assert paths == {f"layers/self_attn/{p}_proj/kernel/{ab}" for p in "qv" for ab in "ab"}
+    adapters = jax.tree.map(lambda x: 0.2 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), adapters)
+    ids = jnp.asarray(_ids())
+    out = jax.jit(lambda a: jlora.apply(model, params, a, lcfg, ids))(adapters)
+    ref = jax.jit(model.apply)({"params": jlora.merge(params, adapters, lcfg, layout=layout)}, ids)
+    assert _max_diff(out, ref) <= 1e-4
+    grads = jax.jit(jax.grad(lambda a: jnp.mean(jlora.apply(model, params, a, lcfg, ids) ** 2)))(adapters)
+    assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
     ucfg = dataclasses.replace(cfg, scan_layers=False)
     up = models.params_from_hf(fam, ucfg, models.params_to_hf(fam, cfg, params).__getitem__)
     uad = jlora.init(up, lcfg, key=jax.random.key(0))
