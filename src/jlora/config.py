@@ -6,7 +6,9 @@ parameter paths), *how big* they are (``rank``, ``rank_pattern``) and *how stron
 :meth:`LoraConfig.scale`, so every consumer (the transform, merge, PEFT export) agrees on it.
 
 Targets select *layers*: only ``kernel`` and ``embedding`` leaves can ever match, so a target such as
-``"q_proj"`` never picks up ``q_proj/bias`` or a norm's ``scale``.
+``"q_proj"`` never picks up ``q_proj/bias`` or a norm's ``scale``. Whole tensors that train beside the adapters
+are chosen separately, by ``bias`` and ``modules_to_save``; variants are switched on by ``use_dora`` and
+``init`` (see :mod:`jlora.dora`, :mod:`jlora.inits`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 TARGETABLE_LEAVES = ("kernel", "embedding")
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "pissa", "olora")
+BIAS_MODES = ("none", "all", "lora_only")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -60,9 +63,16 @@ class LoraConfig:
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA) instead of ``alpha / r``.
         rank_pattern: regex -> rank, the first pattern found in a path wins.
         alpha_pattern: regex -> alpha, the first pattern found in a path wins.
-        init: ``"default"`` (as PEFT: dense A kaiming-uniform, B = 0; embedding A = 0, B normal) or
-            ``"gaussian"`` (A normal with std 1/r, B = 0).
+        init: ``"default"`` (as PEFT: dense A kaiming-uniform, B = 0; embedding A = 0, B normal),
+            ``"gaussian"`` (A normal with std 1/r, B = 0), or ``"pissa"`` / ``"olora"`` (A, B from the kernel's
+            principal singular vectors / QR factors; these change the base, so use :func:`jlora.init_with_base`).
         dtype: adapter dtype name (``"float32"`` default, also ``"bfloat16"``, ``"float16"``).
+        use_dora: DoRA (weight-decomposed LoRA): each adapted Dense kernel also trains a magnitude ``m`` per
+            output feature, ``W' = m * (W + s A B) / ||W + s A B||`` (column norms).
+        bias: which biases train as full tensors in the adapter tree: ``"none"``, ``"all"`` (every ``bias``
+            leaf) or ``"lora_only"`` (biases of adapted layers), as PEFT's ``bias``.
+        modules_to_save: regexes searched in parameter paths; every matching parameter trains as a full tensor
+            in the adapter tree (PEFT's ``modules_to_save``, e.g. ``"lm_head"``). They must not also be targets.
 
     Examples:
         >>> cfg = LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj"), rank_pattern={"v_proj": 4})
@@ -84,14 +94,18 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     init: str = "default"
     dtype: str = "float32"
+    use_dora: bool = False
+    bias: str = "none"
+    modules_to_save: str | tuple[str, ...] = ()
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalization)
         set_("targets", _as_tuple(self.targets, "targets"))
         set_("exclude", _as_tuple(self.exclude, "exclude"))
+        set_("modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save"))
         if not self.targets:
             raise ValueError("`targets` is empty; give at least one regex, e.g. targets=('q_proj', 'v_proj')")
-        for field in ("targets", "exclude"):
+        for field in ("targets", "exclude", "modules_to_save"):
             for pattern in getattr(self, field):
                 _check_regex(pattern, field)
         _check_rank(self.rank, "rank")
@@ -115,6 +129,33 @@ class LoraConfig:
             raise ValueError(f"`init` must be one of {INITS}; got {self.init!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {DTYPES}; got {self.dtype!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"`use_dora` must be a bool; got {self.use_dora!r}")
+        if self.use_dora and self.init in ("pissa", "olora"):
+            raise ValueError(f"`use_dora=True` with init={self.init!r} is not supported (PEFT cannot share such an "
+                             f"adapter either); use init='default' or 'gaussian' with DoRA")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"`bias` must be one of {BIAS_MODES}; got {self.bias!r}")
+
+    def saves(self, path: str) -> bool:
+        """Whether the parameter at ``path`` trains as a full tensor (``bias`` mode or ``modules_to_save``).
+
+        ``bias="lora_only"`` needs to know which layers have adapters: a bias is selected when its layer's kernel
+        (or embedding) path is a target.
+
+        Examples:
+            >>> cfg = LoraConfig(targets="q_proj", bias="lora_only", modules_to_save="lm_head")
+            >>> [cfg.saves(p) for p in ("q_proj/bias", "k_proj/bias", "lm_head/kernel", "q_proj/kernel")]
+            [True, False, True, False]
+        """
+        if any(re.search(p, path) for p in self.modules_to_save):
+            return True
+        if path.rsplit("/", 1)[-1] != "bias" or self.bias == "none":
+            return False
+        if self.bias == "all":
+            return True
+        module = path.rsplit("/", 1)[0]
+        return any(self.matches(f"{module}/{leaf}") for leaf in TARGETABLE_LEAVES)
 
     def matches(self, path: str) -> bool:
         """Whether the parameter at ``path`` gets an adapter."""
@@ -141,6 +182,7 @@ class LoraConfig:
         """A JSON-serializable dict; :meth:`from_dict` inverts it."""
         d = dataclasses.asdict(self)
         d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
+        d["modules_to_save"] = list(self.modules_to_save)
         d["rank_pattern"], d["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
         return d
 
@@ -152,7 +194,7 @@ class LoraConfig:
         if unknown:
             raise ValueError(f"unknown LoraConfig keys {unknown}; valid keys are {names}")
         d = dict(d)
-        for k in ("targets", "exclude"):
+        for k in ("targets", "exclude", "modules_to_save"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
         return cls(**d)

@@ -8,6 +8,12 @@ that ``in`` and ``out`` are the products of its input and output dims. The layer
 
 The frozen params are never copied or modified here: :func:`merge` returns a new tree.
 
+Variants add to the same tree: DoRA a magnitude ``m`` beside ``a`` and ``b`` (:mod:`jlora.dora`); ``bias`` and
+``modules_to_save`` whole tensors at their own parameter paths (a leaf outside any ``{"a", "b"}`` pair), which
+:func:`overlay` puts in place of the frozen ones. Inits that change the base (PiSSA, OLoRA) live in
+:mod:`jlora.inits` and return the new base explicitly; quantized (:mod:`jlora.quant`) kernels are dequantized to
+compute and re-quantized when merged.
+
 Which kernel dims are inputs cannot be read off a >2-D array (is the leading axis a layer stack? which dims of
 an Einsum kernel are contracted?), so such kernels need a :class:`KernelLayout`, derived once by tracing the
 model with :func:`jlora.layout`. Plain 2-D kernels need none.
@@ -25,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import dora as dora_lib
+from jlora import quant as quant_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 
@@ -111,7 +119,7 @@ def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
 
 def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
          layout: Mapping[str, KernelLayout] | None = None) -> dict:
-    """Creates fresh adapters for every parameter that ``cfg`` targets.
+    """Creates fresh adapters for every parameter that ``cfg`` targets (and ``bias``/``modules_to_save`` selects).
 
     With ``init="default"`` (as PEFT does), dense A is kaiming-uniform (bound ``1/sqrt(in)``) and B = 0;
     an embedding's A = 0 and B is standard normal. Either way the product is zero, so fresh adapters leave the
@@ -125,7 +133,11 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
         layout: kernel layouts from :func:`jlora.layout`; required for kernels of more than 2 dims.
 
     Returns:
-        The adapter tree: at each targeted path ``{"a": (..., in, r), "b": (..., r, out)}``.
+        The adapter tree: at each targeted path ``{"a": (..., in, r), "b": (..., r, out)}`` (plus ``"m"``, the
+        column norms of the kernel, with ``use_dora``); at each path that ``cfg.saves`` a copy of the parameter.
+
+    Raises:
+        ValueError: for ``init="pissa"``/``"olora"``, which change the base: use :func:`jlora.init_with_base`.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -136,6 +148,15 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
         >>> count(adapters)
         131072
     """
+    if cfg.init in ("pissa", "olora"):
+        raise ValueError(f"init={cfg.init!r} changes the base weights as well as creating adapters; use "
+                         f"`adapters, params = jlora.init_with_base(params, cfg, key=key)` and train on the "
+                         f"returned params")
+    return _init(params, cfg, key=key, layout=layout)
+
+
+def _init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout=None, factors=None) -> dict:
+    """:func:`init`; ``factors(w, r, scale) -> (a, b)`` computes A and B from the kernel (PiSSA, OLoRA)."""
     flat = tree_lib.flatten(params)
     dtype = jnp.dtype(cfg.dtype)
     out = {}
@@ -154,7 +175,13 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
                              f"can set it per path)")
         ka, kb = jax.random.split(_path_key(key, path))
         a_shape, b_shape = (*lead, fan_in, r), (*lead, r, fan_out)
-        if lay.kind == "Embed":
+        if factors is not None:
+            if lay.kind != "Dense" or len(shape) != lay.lead + 2:
+                raise ValueError(f"init={cfg.init!r} supports nn.Dense kernels only (as PEFT: Linear layers); "
+                                 f"{path!r} is used by a {lay.kind} layer. Exclude it from the targets.")
+            a, b = factors(dense_value(flat[path]), r, cfg.scale(path))
+            a, b = a.astype(dtype), b.astype(dtype)
+        elif lay.kind == "Embed":
             a = jnp.zeros(a_shape, dtype)
             b = jax.random.normal(kb, b_shape, dtype)
         elif cfg.init == "gaussian":
@@ -165,7 +192,29 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
             a = jax.random.uniform(ka, a_shape, dtype, -bound, bound)
             b = jnp.zeros(b_shape, dtype)
         out[path] = {"a": a, "b": b}
+        if cfg.use_dora:
+            if lay.kind != "Dense" or len(shape) != lay.lead + 2:
+                raise ValueError(f"use_dora supports nn.Dense kernels only (PEFT's Linear); {path!r} is used by a "
+                                 f"{lay.kind} layer. Exclude it from the targets or train it without DoRA.")
+            norm = dora_lib.column_norm(dense_value(flat[path]), a, b, cfg.scale(path))
+            out[path][dora_lib.MAGNITUDE] = norm.astype(dtype)
+    for path, leaf in flat.items():
+        if not cfg.saves(path):
+            continue
+        if path in out or cfg.matches(path):
+            raise ValueError(f"{path!r} is both a LoRA target and selected by bias={cfg.bias!r}/modules_to_save="
+                             f"{list(cfg.modules_to_save)}; a parameter either gets an adapter or trains in full. "
+                             f"Exclude it from one of them.")
+        if quant_lib.is_quantized(leaf):
+            raise ValueError(f"{path!r} is quantized and cannot train in full (modules_to_save); quantize with "
+                             f"`exclude` covering it")
+        out[path] = jnp.array(leaf, dtype=dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype)
     return tree_lib.unflatten(out)
+
+
+def dense_value(w) -> jax.Array:
+    """A parameter leaf as an fp32 array (dequantizing a quantized kernel)."""
+    return quant_lib.dequantize(w, jnp.float32) if quant_lib.is_quantized(w) else jnp.asarray(w, jnp.float32)
 
 
 def _kind_hint(layout, path) -> str:
@@ -178,6 +227,12 @@ def _kind_hint(layout, path) -> str:
 def check_fits(params: Mapping, adapters: Mapping, layout: Mapping[str, KernelLayout] | None = None) -> None:
     """Raises if ``adapters`` do not fit ``params``, naming the first mismatching path and both shapes."""
     flat_params = tree_lib.flatten(params)
+    for path, leaf in full_items(adapters):
+        shape = tuple(np.shape(flat_params[path])) if path in flat_params else None
+        if shape != tuple(np.shape(leaf)):
+            raise ValueError(f"the fully trained tensor at {path!r} has shape {tuple(np.shape(leaf))} but the "
+                             f"parameter there {'does not exist' if shape is None else f'has shape {shape}'}; "
+                             f"the adapters were made for a different model")
     for path, pair in _adapter_items(adapters):
         if path not in flat_params:
             near = [p for p in flat_params if p.rsplit("/", 1)[-1] in ("kernel", "embedding")][:10]
@@ -191,6 +246,37 @@ def check_fits(params: Mapping, adapters: Mapping, layout: Mapping[str, KernelLa
         if a != (*lead, fan_in, r) or b != (*lead, r, fan_out):
             raise ValueError(f"adapter at {path!r} does not fit the parameter: kernel {shape} needs a "
                              f"{(*lead, fan_in, 'r')} and b {(*lead, 'r', fan_out)}; got a {a} and b {b}")
+        m = pair.get(dora_lib.MAGNITUDE)
+        if m is not None and np.shape(m) != (*lead, fan_out):
+            raise ValueError(f"DoRA magnitude at {path!r} has shape {np.shape(m)}; the kernel {shape} needs "
+                             f"{(*lead, fan_out)}")
+
+
+def full_items(adapters: Mapping):
+    """Yields ``(param_path, array)`` for every whole tensor in the tree (``bias``/``modules_to_save`` leaves)."""
+    def visit(node, prefix):
+        if isinstance(node, Mapping) and "a" in node and "b" in node and not isinstance(node["a"], Mapping):
+            return
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                yield from visit(v, f"{prefix}/{k}" if prefix else str(k))
+        elif node is not None:
+            yield prefix, node
+    yield from visit(adapters, "")
+
+
+def overlay(params: Mapping, adapters: Mapping) -> Mapping:
+    """``params`` with the whole tensors of ``adapters`` in place of the frozen ones (a new tree, no copies)."""
+    full = dict(full_items(adapters))
+    if not full:
+        return params
+    flat = tree_lib.flatten(params)
+    missing = sorted(set(full) - set(flat))
+    if missing:
+        raise ValueError(f"the adapter tree holds whole tensors at {missing[:5]} but the params have no such "
+                         f"paths; the adapters were made for a different model")
+    flat.update(full)
+    return tree_lib.unflatten(flat)
 
 
 def _adapter_items(adapters: Mapping):
@@ -220,18 +306,29 @@ def delta(pair: Mapping, scale: float, shape: tuple[int, ...], lay: KernelLayout
 
 def _merge(params, adapters, cfg, layout, sign):
     check_fits(params, adapters, layout)
-    flat = tree_lib.flatten(params)
+    if sign < 0 and (next(full_items(adapters), None) is not None or any(
+            dora_lib.MAGNITUDE in pair for _, pair in _adapter_items(adapters))):
+        raise ValueError("unmerge cannot invert a merge of DoRA magnitudes or of whole trained tensors (bias, "
+                         "modules_to_save): the original values are not in the adapters. Keep the original params.")
+    flat = tree_lib.flatten(overlay(params, adapters) if sign > 0 else params)
     for path, pair in _adapter_items(adapters):
         w = flat[path]
         lay = _layout_for(path, tuple(w.shape), layout, pair)
-        update = delta(pair, cfg.scale(path), tuple(w.shape), lay, dtype=jnp.float32)
-        flat[path] = (w.astype(jnp.float32) + sign * update).astype(w.dtype)
+        if dora_lib.MAGNITUDE in pair:
+            new = dora_lib.merged_kernel(dense_value(w), pair, cfg.scale(path))
+        else:
+            update = delta(pair, cfg.scale(path), tuple(w.shape), lay, dtype=jnp.float32)
+            new = dense_value(w) + sign * update
+        flat[path] = quant_lib.requantize_like(w, new) if quant_lib.is_quantized(w) else new.astype(w.dtype)
     return tree_lib.unflatten(flat)
 
 
 def merge(params: Mapping, adapters: Mapping, cfg: LoraConfig,
           layout: Mapping[str, KernelLayout] | None = None) -> dict:
     """Returns params with every adapter folded in: ``W + scale * A @ B`` (computed in fp32, cast back).
+
+    DoRA adapters give ``m * (W + s A B) / ||W + s A B||``; whole trained tensors replace their parameters; a
+    quantized kernel is dequantized, merged and re-quantized (see :func:`jlora.quant.error` for the error).
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -277,9 +374,11 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
         n = count(pair)
         entries.append((layers, fan_in, fan_out))
         rows.append((path, str(shape), str(a[-1]), f"{n:,}", f"{100 * n / math.prod(shape):.2f}%"))
+    for path, leaf in full_items(adapters):
+        rows.append((path, str(tuple(np.shape(leaf))), "full", f"{count(leaf):,}", "100.00%"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    total, n_params = count(adapters), sum(math.prod(np.shape(x)) for x in flat.values())
+    total, n_params = count(adapters), sum(math.prod(getattr(x, "shape", np.shape(x))) for x in flat.values())
     lines.append(f"total: {total:,} trainable values = {100 * total / n_params:.2f}% of {n_params:,} parameters "
                  f"({len(entries)} adapted kernels)")
     if ranks:

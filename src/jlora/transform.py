@@ -11,6 +11,11 @@ Because adapters are a collection, ``nn.scan`` slices them per layer like the pa
 adapter that no intercepted call used (a typo'd tree, or a layer kind the transform does not handle) is an
 error rather than a silent no-op.
 
+Variants hook in at two places: whole trained tensors (``bias``, ``modules_to_save``) replace their frozen
+params before the call (:func:`jlora.lora.overlay`), and inside the interceptor a Dense layer with a quantized
+kernel is computed by :func:`jlora.quant.dense_call` and a DoRA adapter (a pair with ``"m"``) by
+:func:`jlora.dora.dense_output`.
+
 :func:`layout` traces a model once (``jax.eval_shape``, no compute) to learn which kernel axes are inputs and
 outputs, for kernels of more than 2 dims.
 """
@@ -27,7 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora import dora as dora_lib
 from jlora import lora as lora_lib
+from jlora import quant as quant_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 
@@ -140,14 +147,31 @@ def _interceptor(next_fun, args, kwargs, context):
     if not isinstance(module, _SUPPORTED):
         return next_fun(*args, **kwargs)
     leaf = _leaf_name(module)
-    if not module.has_variable(COLLECTION, leaf):
-        return next_fun(*args, **kwargs)
     path = f"{mpath}/{leaf}" if mpath else leaf
-    pair = module.get_variable(COLLECTION, leaf)
+    kernel = module.get_variable("params", leaf) if module.has_variable("params", leaf) else None
+    if quant_lib.is_quantized(kernel):
+        next_fun = lambda *a, **kw: quant_lib.dense_call(module, path, a, kw)  # noqa: E731
+    pair = module.get_variable(COLLECTION, leaf) if module.has_variable(COLLECTION, leaf) else None
+    if not isinstance(pair, Mapping):         # no adapter here, or a whole trained tensor (see `overlay`)
+        return next_fun(*args, **kwargs)
     _check_pair(module, args, kwargs, pair, path)
     y = next_fun(*args, **kwargs)
     ctx.used.add(path)
+    if dora_lib.MAGNITUDE in pair:
+        return _dora(module, args, kwargs, pair, ctx.cfg.scale(path), y, kernel, path)
     return y + _low_rank(module, method, args, kwargs, pair, ctx.cfg.scale(path), y, path)
+
+
+def _dora(module, args, kwargs, pair, scale, y, kernel, path):
+    if type(module) is not nn.Dense:
+        raise ValueError(f"the DoRA adapter at {path!r} is on a {type(module).__name__} layer; DoRA supports "
+                         f"nn.Dense layers only")
+    x = args[0] if args else next(iter(kwargs.values()))
+    rate = _state.ctx.cfg.dropout
+    dropout = (lambda v: _maybe_dropout(module, v)) if rate > 0 and module.has_rng(DROPOUT_RNG) else None
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    dtype = module.dtype or y.dtype
+    return dora_lib.dense_output(x, y, lora_lib.dense_value(kernel), bias, pair, scale, dtype, dropout)
 
 
 def _check_pair(module, args, kwargs, pair, path):
@@ -203,7 +227,7 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig,
         >>> bool(jnp.array_equal(apply(model, params, adapters, cfg, x), model.apply({"params": params}, x)))
         True
     """
-    variables = {"params": params, COLLECTION: adapters}
+    variables = {"params": lora_lib.overlay(params, adapters), COLLECTION: adapters}
     with _intercepting(cfg) as ctx:
         out = model.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
     _check_all_used(adapters, ctx)

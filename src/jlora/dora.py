@@ -1,0 +1,86 @@
+"""DoRA: weight-decomposed low-rank adaptation, with PEFT's ``lora_magnitude_vector`` semantics.
+
+A DoRA adapter is a LoRA pair plus a magnitude ``m`` with one value per output feature. The adapted kernel is
+``W' = m * V / ||V||`` with ``V = W + s * A @ B`` and ``||V||`` the L2 norm of each output column (in Flax's
+(in, out) layout; PEFT's row norm of its (out, in) weight, ``torch.linalg.norm(weight, dim=1)``). As in the
+DoRA paper (section 4.3) and PEFT, the norm is treated as a constant in the backward pass.
+
+The layer output is computed from the unmerged pieces (PEFT's ``DoraLinearLayer.forward``):
+``y = g * (x @ W) + g * s * (x @ A) @ B + bias`` with ``g = m / ||V||``, and the column norms come from
+products with ``A`` and ``B`` instead of the full-size ``A @ B``::
+
+    ||V_j||^2 = ||W_j||^2 + 2 s (A^T W)_j . B_j + s^2 B_j^T (A^T A) B_j
+
+which costs an (r, out) and an (r, r) intermediate rather than an (in, out) one. With LoRA dropout, PEFT applies
+the dropout to the input of both the base term and the low-rank term; so does :func:`dense_output`.
+
+Magnitudes live in the adapter tree next to ``a`` and ``b`` as ``m`` of shape ``(*lead, out)``. DoRA is
+implemented for ``nn.Dense`` layers (PEFT's ``Linear``); other layer kinds raise an error naming the layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MAGNITUDE = "m"
+
+
+def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``||W + scale * A @ B||`` per output column, for kernels ``(*lead, in, out)``, without forming ``A @ B``.
+
+    Computed in fp32. Returns shape ``(*lead, out)``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> w, a, b = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(6, 5), (6, 2), (2, 5)]))
+        >>> full = jnp.linalg.norm(w + 0.5 * a @ b, axis=0)
+        >>> bool(jnp.allclose(column_norm(w, a, b, 0.5), full, atol=1e-5))
+        True
+    """
+    w, a, b = (t.astype(jnp.float32) for t in (w, a, b))
+    wa = jnp.einsum("...io,...ir->...ro", w, a)            # (r, out): A^T W
+    gram = jnp.einsum("...ir,...is->...rs", a, a)          # (r, r):   A^T A
+    cross = jnp.sum(wa * b, axis=-2)                       # (out,):   (A^T W)_j . B_j
+    quad = jnp.sum(b * jnp.einsum("...rs,...so->...ro", gram, b), axis=-2)
+    sq = jnp.sum(w * w, axis=-2) + 2.0 * scale * cross + (scale * scale) * quad
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array | None, pair,
+                 scale: float, dtype, dropout=None) -> jax.Array:
+    """A DoRA ``nn.Dense`` output from its unmerged pieces.
+
+    Args:
+        x: the layer input ``(..., in)``.
+        y: the layer's plain output ``x @ W + bias``.
+        kernel: the (dequantized) frozen kernel ``(in, out)``.
+        bias: the layer's bias (or None).
+        pair: ``{"a": (in, r), "b": (r, out), "m": (out,)}``.
+        scale: the LoRA scale s.
+        dtype: the layer's compute dtype.
+        dropout: optional function applied to the input of the adapted path (LoRA dropout).
+
+    Returns:
+        ``g * (x @ W + s * (x @ A) @ B) + bias`` with ``g = m / stop_gradient(||W + s A B||)``.
+    """
+    a, b, m = pair["a"], pair["b"], pair[MAGNITUDE]
+    norm = jax.lax.stop_gradient(column_norm(kernel, a, b, scale))
+    lift = (None,) * (y.ndim - 1)                          # explicit broadcasting over batch axes
+    g = (m.astype(jnp.float32) / norm).astype(dtype)[lift]
+    a, b = a.astype(dtype), b.astype(dtype)
+    if dropout is None:
+        xd = x.astype(dtype)
+        base = y if bias is None else y - bias.astype(y.dtype)[lift]
+    else:
+        xd = dropout(x).astype(dtype)
+        base = jnp.matmul(xd, kernel.astype(dtype))
+    low = scale * jnp.matmul(jnp.matmul(xd, a), b)
+    return (y + (g - 1) * base.astype(dtype) + g * low).astype(y.dtype)
+
+
+def merged_kernel(w: jax.Array, pair, scale: float) -> jax.Array:
+    """``m * (W + s A B) / ||W + s A B||`` for a kernel ``(*lead, in, out)``, in fp32."""
+    v = w.astype(jnp.float32) + scale * jnp.matmul(pair["a"].astype(jnp.float32), pair["b"].astype(jnp.float32))
+    g = pair[MAGNITUDE].astype(jnp.float32) / jnp.linalg.norm(v, axis=-2)
+    return v * g[..., None, :]
