@@ -152,6 +152,20 @@ def test_load_transformers_4_config_form(tmp_path):
     assert _max_diff(_jlora_logits(loaded, ids), _torch_logits(model, ids)) <= ATOL
 
 
+def test_load_base_model_names_and_buffers(saved, tmp_path):
+    """The layout of the original openai-community/gpt2 file: no "transformer." prefix, causal-mask buffers."""
+    model, folder = saved["gpt2"]
+    folder = _copy_folder(folder, tmp_path / "m")
+
+    def edit(t):
+        for k in list(t):
+            t[k.removeprefix("transformer.")] = t.pop(k)
+        t["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    _rewrite_weights(folder, edit)
+    ids = _ids()
+    assert _max_diff(_jlora_logits(hf.load(folder), ids), _torch_logits(model, ids)) <= ATOL
+
+
 def test_load_gguf_dispatch(tmp_path):
     """A float32 GGUF written from a torch Llama (llama.cpp's names and q/k permutation) loads via hf.load."""
     model = _hf_model("llama", seed=6)
