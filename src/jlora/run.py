@@ -69,7 +69,7 @@ def _check_inputs(cfg: RunConfig) -> None:
 
 
 def _prepare_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> pathlib.Path:
-    run_dir = pathlib.Path(cfg.run.dir)
+    run_dir = pathlib.Path(cfg.run.dir).absolute()
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
@@ -395,7 +395,7 @@ def load_adapters(source: str, loaded) -> tuple[dict, jlora.LoraConfig]:
     """Adapters and their config from a PEFT folder or a run folder (its latest checkpoint)."""
     from jlora import checkpoint
 
-    folder = pathlib.Path(source)
+    folder = pathlib.Path(source).absolute()
     if (folder / "adapter_config.json").is_file():
         return jlora.peft.load(folder, loaded)
     if (folder / CONFIG_FILE).is_file():
@@ -476,7 +476,7 @@ def export_peft_command(run_dir: str, out: str, *, step: int | None = None) -> p
 def _adapters_at(run_dir: str, cfg: RunConfig, loaded, step: int):
     from jlora import checkpoint
 
-    with checkpoint.CheckpointManager(pathlib.Path(run_dir) / CKPT_DIR) as manager:
+    with checkpoint.CheckpointManager(pathlib.Path(run_dir).absolute() / CKPT_DIR) as manager:
         return manager.restore_adapters(step, params=loaded.params, lora_config=cfg.lora, name=loaded.name,
                                         layout=_layout(loaded)), cfg.lora
 
