@@ -66,11 +66,11 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array,
 
 
 def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict]:
-    """The default loss: ``apply_fn(input_ids[, attention_mask=...])`` then :func:`causal_lm_loss`.
+    """The default loss: ``apply_fn(input_ids[, attention_mask=..., positions=...])``, then :func:`causal_lm_loss`.
 
     The loss mask is ``batch["loss_mask"]`` if present, else ``batch["attention_mask"]``, else all ones.
     """
-    kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+    kwargs = {k: batch[k] for k in ("attention_mask", "positions") if k in batch}
     logits = apply_fn(batch["input_ids"], **kwargs)
     mask = batch.get("loss_mask", batch.get("attention_mask"))
     loss, n = causal_lm_loss(logits, batch["input_ids"], mask)
