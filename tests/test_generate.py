@@ -22,6 +22,9 @@ def _model(kind="llama", scan=False):
     torch.manual_seed(0)
     if kind == "gpt2":
         hf_cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    elif kind == "mistral":   # a sliding window shorter than the prompts: the cache must apply it too
+        hf_cfg = transformers.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, sliding_window=5)
     else:
         hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, eos_token_id=[2, 3])
@@ -40,7 +43,7 @@ def _model(kind="llama", scan=False):
 PROMPTS = [[5, 17, 99, 42, 7, 8, 200], [33, 12], [250, 1, 64, 64]]
 
 
-@pytest.mark.parametrize("kind, scan", [("llama", False), ("llama", True), ("gpt2", False)])
+@pytest.mark.parametrize("kind, scan", [("llama", False), ("llama", True), ("gpt2", False), ("mistral", False)])
 def test_cache_is_token_identical_to_recompute(kind, scan):
     _, model, params = _model(kind, scan)
     a = gen.generate(model, params, PROMPTS, max_new_tokens=64, eos_token_id=())
@@ -50,8 +53,9 @@ def test_cache_is_token_identical_to_recompute(kind, scan):
     assert len(set(a.tokens[0].tolist())) > 5, "degenerate output makes the comparison weak"
 
 
-def test_greedy_matches_transformers_generate():
-    hf, model, params = _model()
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_greedy_matches_transformers_generate(kind):
+    hf, model, params = _model(kind)
     out = gen.generate(model, params, [PROMPTS[0]], max_new_tokens=16, eos_token_id=())
     with torch.no_grad():
         ref = hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=16, min_new_tokens=16, do_sample=False,

@@ -83,11 +83,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = _dense(c, 3 * c.n_embd, "c_attn")(x)
         q, k, v = (a.reshape(b, t, c.n_head, c.head_dim) for a in jnp.split(qkv, 3, axis=-1))
-        new_kv = None
-        if kv is not None:
-            k, v = new_kv = L.write_kv(kv[0], kv[1], k, v, m.end)
-        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), m.allowed, c.head_dim ** -0.5)
-        return _dense(c, c.n_embd, "c_proj")(out.reshape(b, t, c.n_embd)), new_kv
+        out = L.attend(q, k, v, m, c.head_dim ** -0.5, kv)
+        return _dense(c, c.n_embd, "c_proj")(out.reshape(b, t, c.n_embd)), None if kv is None else (k, v)
 
 
 class MLP(nn.Module):
@@ -138,7 +135,7 @@ class GPT2LMHeadModel(nn.Module):
                        name="wte")
         wpe = nn.Embed(c.n_positions, c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init,
                        name="wpe")
-        m, new_cache = L.masking(input_ids, attention_mask, positions, cache)
+        m = L.masking(input_ids, attention_mask, positions, cache)
         x = wte(input_ids) + wpe(m.positions)
         kv = None if cache is None else (cache.k, cache.v)
         x, new_kv = run_layers(Block, c, "h", x, kv, (m,))
@@ -151,7 +148,7 @@ class GPT2LMHeadModel(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, new_cache._replace(k=new_kv[0], v=new_kv[1])
+        return logits, L.append(cache, new_kv[0], new_kv[1], attention_mask)
 
 
 def make_model(config: GPT2Config) -> GPT2LMHeadModel:

@@ -7,7 +7,9 @@ PyTorch code (statistics in float32, the result cast to the compute dtype) whate
 The KV cache is an explicit pytree argument, not a Flax variable: a model called with ``cache=`` returns
 ``(logits, new_cache)``. Slots are shared by all rows of a batch (left padding aligns them), so one scalar
 ``end`` says where the next tokens go; ``mask`` records which slots hold real tokens and ``pos`` the next
-position of each row, so decoding continues the positions of a left-padded prompt correctly.
+position of each row, so decoding continues the positions of a left-padded prompt correctly. Layers read their
+cache slab and return only the new tokens' keys/values; the model writes those for all layers at once
+(:func:`append`), so a decoding step never copies the cache.
 
 Attention rule (one function for training, prefill and decoding): query slot ``end + t`` may attend key slot
 ``s`` when ``s <= end + t``, slot ``s`` holds a real token, and (with a sliding window ``w``)
@@ -60,23 +62,25 @@ def make_cache(num_layers: int, batch_size: int, max_len: int, num_kv_heads: int
 
 
 class Masking(NamedTuple):
-    """What every layer needs to attend: positions, the (B, T, S) allowed matrix, and where to write the cache."""
+    """What every layer needs to attend.
+
+    Attributes:
+        positions: (B, T) positions of the new tokens.
+        allowed: (B, T, T) bool, which new tokens each new token may attend (causal, padding, window).
+        cached_allowed: (B, T, S) bool, which cache slots each new token may attend; None without a cache.
+    """
 
     positions: jax.Array
     allowed: jax.Array
-    end: jax.Array | None
+    cached_allowed: jax.Array | None
 
 
 def masking(input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,
-            cache: KVCache | None, sliding_window: int | None = None) -> tuple[Masking, KVCache | None]:
-    """Positions and attention masks for a call on ``input_ids`` (B, T), and the cache's updated bookkeeping.
+            cache: KVCache | None, sliding_window: int | None = None) -> Masking:
+    """Positions and attention masks for a call on ``input_ids`` (B, T), with or without a cache.
 
     Default positions are ``cumsum(attention_mask) - 1`` clipped at 0 (continuing from ``cache.pos``), so
     left-padded rows start at position 0 at their first real token.
-
-    Returns:
-        ``(Masking, cache)`` where the returned cache has new ``mask``/``pos``/``end`` (its k/v are untouched;
-        the layers write those) or is None without a cache.
     """
     b, t = input_ids.shape
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
@@ -87,44 +91,49 @@ def masking(input_ids: jax.Array, attention_mask: jax.Array | None, positions: j
     if positions is None:
         positions = jnp.maximum(start[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
     positions = jnp.asarray(positions).astype(jnp.int32)
-    if cache is None:
-        end = jnp.zeros((), jnp.int32)
-        key_valid = mask
-        new_cache = None
-    else:
-        end = cache.end
-        key_valid = jax.lax.dynamic_update_slice(cache.mask, mask, (jnp.zeros((), jnp.int32), end))
-        new_cache = cache._replace(mask=key_valid, pos=cache.pos + jnp.sum(mask, axis=1), end=end + t)
-    q_slot = end + jnp.arange(t, dtype=jnp.int32)                      # (T,)
-    k_slot = jnp.arange(key_valid.shape[1], dtype=jnp.int32)           # (S,)
-    rel = q_slot[:, None] - k_slot[None, :]                            # (T, S)
-    ok = rel >= 0
-    if sliding_window is not None:
-        ok = ok & (rel < sliding_window)
-    allowed = ok[None, :, :] & (key_valid[:, None, :] > 0)             # (B, T, S)
-    return Masking(positions, allowed, None if cache is None else end), new_cache
+
+    def rule(rel, key_valid):          # rel: (T, S) query slot - key slot; key_valid: (B, S)
+        ok = rel >= 0
+        if sliding_window is not None:
+            ok = ok & (rel < sliding_window)
+        return ok[None, :, :] & (key_valid[:, None, :] > 0)
+
+    steps = jnp.arange(t, dtype=jnp.int32)
+    allowed = rule(steps[:, None] - steps[None, :], mask)
+    cached_allowed = None
+    if cache is not None:      # slots >= end were never written: their mask is 0
+        slots = jnp.arange(cache.mask.shape[1], dtype=jnp.int32)
+        cached_allowed = rule(cache.end + steps[:, None] - slots[None, :], cache.mask)
+    return Masking(positions, allowed, cached_allowed)
 
 
-def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
-             end: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Writes one layer's new keys/values (B, T, H, D) at slot ``end`` of its cache (B, S, H, D)."""
+def append(cache: KVCache, k: jax.Array, v: jax.Array, attention_mask: jax.Array | None) -> KVCache:
+    """The cache with the new tokens' keys/values (L, B, T, KV, D) written at slot ``end``, and the bookkeeping
+    advanced: one ``dynamic_update_slice`` per array, done in place inside a jitted decoding loop."""
+    b, t = k.shape[1], k.shape[2]
+    mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
     zero = jnp.zeros((), jnp.int32)
-    idx = (zero, end, zero, zero)
-    return (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx),
-            jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx))
+    idx = (zero, zero, cache.end, zero, zero)
+    return KVCache(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), idx),
+                   v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), idx),
+                   mask=jax.lax.dynamic_update_slice(cache.mask, mask, (zero, cache.end)),
+                   pos=cache.pos + jnp.sum(mask, axis=1), end=cache.end + t)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float) -> jax.Array:
-    """Masked softmax attention with grouped KV heads (MHA, GQA and MQA alike).
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, m: Masking, scale: float,
+           kv_cache: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Masked softmax attention with grouped KV heads (MHA, GQA and MQA alike), over the new tokens and,
+    when given, one layer's cache slots (one joint softmax; the cache is read, never copied).
 
     Args:
         q: (B, T, H, D) queries; head ``h`` uses KV head ``h // (H // KV)``, as transformers' ``repeat_kv``.
-        k, v: (B, S, KV, D).
-        allowed: (B, T, S) bool.
+        k, v: (B, T, KV, D) keys/values of the new tokens.
+        m: the :class:`Masking` of this call.
         scale: multiplies the scores (``1/sqrt(D)`` for these models).
+        kv_cache: this layer's cached ``(k, v)``, each (B, S, KV, D), or None.
 
     Returns:
-        (B, T, H, D) in ``v``'s dtype. Scores and softmax are float32. A row with nothing allowed (a padding
+        (B, T, H, D) in ``q``'s dtype. Scores and softmax are float32. A row with nothing allowed (a padding
         query) gets a uniform average instead of NaN; its output is meaningless and ignored downstream.
     """
     b, t, h, d = q.shape
@@ -132,10 +141,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: 
     if h % kv:
         raise ValueError(f"{h} query heads are not a multiple of {kv} key/value heads")
     qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    neg = jnp.finfo(jnp.float32).min
+
+    def scores(keys, allowed):
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+        return jnp.where(allowed[:, None, None, :, :], s, neg)
+
+    s_new = scores(k, m.allowed)
+    if kv_cache is None:
+        probs = jax.nn.softmax(s_new, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    else:
+        s_old = scores(kv_cache[0], m.cached_allowed)
+        probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(q.dtype)
+        n_old = s_old.shape[-1]
+        out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :n_old], kv_cache[1].astype(q.dtype))
+               + jnp.einsum("bkgts,bskd->btkgd", probs[..., n_old:], v.astype(q.dtype)))
     return out.reshape(b, t, h, v.shape[-1])
 
 

@@ -123,11 +123,9 @@ class Attention(nn.Module):
             q = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
             k = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-        new_kv = None
-        if kv is not None:
-            k, v = new_kv = L.write_kv(kv[0], kv[1], k, v, m.end)
-        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), m.allowed, d ** -0.5)
-        return _dense(c, c.hidden_size, c.o_proj_bias, "o_proj")(out.reshape(b, t, h * d)), new_kv
+        out = L.attend(q, k, v, m, d ** -0.5, kv)
+        return _dense(c, c.hidden_size, c.o_proj_bias, "o_proj")(out.reshape(b, t, h * d)), (
+            None if kv is None else (k, v))
 
 
 class MLP(nn.Module):
@@ -144,7 +142,8 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """One pre-norm block. Signature ``(x, kv, shared) -> (x, new_kv)`` so that ``nn.scan`` can carry ``x``,
-    slice ``kv`` per layer and broadcast ``shared = (masking, cos, sin)``."""
+    slice ``kv`` (this layer's cache, read only) per layer and broadcast ``shared = (masking, cos, sin)``;
+    ``new_kv`` is the new tokens' ``(k, v)``."""
 
     config: LlamaConfig
 
@@ -166,8 +165,9 @@ SCAN_SPLIT_RNGS = {"params": True, "dropout": True, "lora_dropout": True}
 def run_layers(layer_cls, config, prefix: str, x, kv, shared):
     """Runs ``config.num_hidden_layers`` layers, unrolled (``{prefix}_{i}``) or as one ``nn.scan`` (``prefix``).
 
-    Must be called inside a compact method of the parent module. ``kv`` is ``(k, v)`` stacked over layers or
-    None; returns ``(x, new_kv)``.
+    Must be called inside a compact method of the parent module. ``kv`` is the cache's ``(k, v)`` stacked over
+    layers or None; returns ``(x, new_kv)``, the new tokens' keys/values stacked over layers (None without
+    a cache).
     """
     n = config.num_hidden_layers
     block = L.maybe_remat(layer_cls, config.remat, scanned=config.scan_layers)
@@ -206,7 +206,7 @@ class LlamaForCausalLM(nn.Module):
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                          embedding_init=nn.initializers.normal(c.initializer_range), name="embed_tokens")
         x = embed(input_ids)
-        m, new_cache = L.masking(input_ids, attention_mask, positions, cache, c.sliding_window)
+        m = L.masking(input_ids, attention_mask, positions, cache, c.sliding_window)
         cos, sin = L.rope_cos_sin(m.positions, c.inv_freq(), c.dtype)
         kv = None if cache is None else (cache.k, cache.v)
         x, new_kv = run_layers(DecoderLayer, c, "layers", x, kv, (m, cos, sin))
@@ -218,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, new_cache._replace(k=new_kv[0], v=new_kv[1])
+        return logits, L.append(cache, new_kv[0], new_kv[1], attention_mask)
 
 
 def make_model(config: LlamaConfig) -> LlamaForCausalLM:
