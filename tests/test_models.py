@@ -314,3 +314,20 @@ def test_lora_targets_select_q_v_kernels():
     up = models.params_from_hf(fam, ucfg, models.params_to_hf(fam, cfg, params).__getitem__)
     uad = jlora.init(up, lcfg, key=jax.random.key(0))
     assert len(jlora.tree.flatten(uad)) == 2 * 2 * cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
+def test_packed_segments_equal_separate_examples(case):
+    """A packed row (segment_ids 1, 2 and padding 0, positions restarting per example) gives each example's
+    logits as if it ran alone."""
+    _, _, fam, cfg, params = build(case)
+    apply = jax.jit(fam.make_model(cfg).apply)
+    a, b = _ids(1, 7, seed=1)[0], _ids(1, 4, seed=2)[0]
+    row = np.concatenate([a, b, [0]])[None]
+    seg = np.array([[1] * 7 + [2] * 4 + [0]])
+    pos = np.array([list(range(7)) + list(range(4)) + [0]])
+    mask = (seg > 0).astype(np.int32)
+    packed = apply({"params": params}, jnp.asarray(row), attention_mask=jnp.asarray(mask),
+                   positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg))
+    assert _max_diff(packed[0, :7], apply({"params": params}, jnp.asarray(a[None]))[0]) <= 1e-5
+    assert _max_diff(packed[0, 7:11], apply({"params": params}, jnp.asarray(b[None]))[0]) <= 1e-5

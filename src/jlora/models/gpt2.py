@@ -113,8 +113,8 @@ class Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    """``model.apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None)`` -> float32
-    logits, or ``(logits, new_cache)`` with a cache.
+    """``model.apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None, segment_ids=None)``
+    -> float32 logits, or ``(logits, new_cache)`` with a cache (``segment_ids``: see the Llama model).
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -128,14 +128,15 @@ class GPT2LMHeadModel(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache: L.KVCache | None = None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache: L.KVCache | None = None,
+                 segment_ids=None):
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
         wte = nn.Embed(c.vocab_size, c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init,
                        name="wte")
         wpe = nn.Embed(c.n_positions, c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init,
                        name="wpe")
-        m = L.masking(input_ids, attention_mask, positions, cache)
+        m = L.masking(input_ids, attention_mask, positions, cache, segment_ids=segment_ids)
         x = wte(input_ids) + wpe(m.positions)
         kv = None if cache is None else (cache.k, cache.v)
         x, new_kv = run_layers(Block, c, "h", x, kv, (m,))

@@ -76,11 +76,13 @@ class Masking(NamedTuple):
 
 
 def masking(input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,
-            cache: KVCache | None, sliding_window: int | None = None) -> Masking:
+            cache: KVCache | None, sliding_window: int | None = None,
+            segment_ids: jax.Array | None = None) -> Masking:
     """Positions and attention masks for a call on ``input_ids`` (B, T), with or without a cache.
 
     Default positions are ``cumsum(attention_mask) - 1`` clipped at 0 (continuing from ``cache.pos``), so
-    left-padded rows start at position 0 at their first real token.
+    left-padded rows start at position 0 at their first real token. ``segment_ids`` (B, T) (packed rows: 1, 2,
+    ... per example) restrict attention to tokens of the same segment; pass the per-example ``positions`` too.
     """
     b, t = input_ids.shape
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
@@ -100,6 +102,13 @@ def masking(input_ids: jax.Array, attention_mask: jax.Array | None, positions: j
 
     steps = jnp.arange(t, dtype=jnp.int32)
     allowed = rule(steps[:, None] - steps[None, :], mask)
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("`segment_ids` (packed sequences) cannot be combined with a KV cache")
+        seg = jnp.asarray(segment_ids)
+        if seg.shape != (b, t):
+            raise ValueError(f"`segment_ids` has shape {seg.shape} but `input_ids` has shape {(b, t)}")
+        allowed = allowed & (seg[:, :, None] == seg[:, None, :])
     cached_allowed = None
     if cache is not None:      # slots >= end were never written: their mask is 0
         slots = jnp.arange(cache.mask.shape[1], dtype=jnp.int32)

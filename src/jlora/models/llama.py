@@ -185,9 +185,10 @@ def run_layers(layer_cls, config, prefix: str, x, kv, shared):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``model.apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None)``.
+    """``model.apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None, segment_ids=None)``.
 
-    Returns float32 logits (B, T, vocab), or ``(logits, new_cache)`` when ``cache`` is given.
+    Returns float32 logits (B, T, vocab), or ``(logits, new_cache)`` when ``cache`` is given. ``segment_ids``
+    (with per-example ``positions``) keeps the examples of a packed row from attending to each other.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -201,12 +202,13 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache: L.KVCache | None = None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache: L.KVCache | None = None,
+                 segment_ids=None):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                          embedding_init=nn.initializers.normal(c.initializer_range), name="embed_tokens")
         x = embed(input_ids)
-        m = L.masking(input_ids, attention_mask, positions, cache, c.sliding_window)
+        m = L.masking(input_ids, attention_mask, positions, cache, c.sliding_window, segment_ids)
         cos, sin = L.rope_cos_sin(m.positions, c.inv_freq(), c.dtype)
         kv = None if cache is None else (cache.k, cache.v)
         x, new_kv = run_layers(DecoderLayer, c, "layers", x, kv, (m, cos, sin))
