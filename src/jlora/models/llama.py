@@ -23,7 +23,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jlora.models import layers as L
@@ -412,7 +411,7 @@ def config_to_hf(config: LlamaConfig) -> dict:
         (['Qwen2ForCausalLM'], {'rope_type': 'default', 'rope_theta': 10000.0})
     """
     c = config
-    expected = config_from_hf_biases(c.model_type, c)
+    expected = _inexpressible_in_hf(c.model_type, c)
     if expected is not None:
         raise ValueError(expected)
     rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
@@ -447,7 +446,7 @@ def config_to_hf(config: LlamaConfig) -> dict:
     return d
 
 
-def config_from_hf_biases(model_type: str, c: LlamaConfig) -> str | None:
+def _inexpressible_in_hf(model_type: str, c: LlamaConfig) -> str | None:
     """An error message when ``c``'s biases/norms cannot be expressed by HF's ``model_type`` class, else None."""
     want = {
         "llama": (c.attention_bias, c.attention_bias, c.mlp_bias, False),
