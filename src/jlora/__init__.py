@@ -18,7 +18,9 @@ from importlib import metadata as _metadata
 
 from jlora import tree
 from jlora.config import LoraConfig
+from jlora.inits import init_with_base
 from jlora.lora import KernelLayout, count, init, merge, summary, unmerge
+from jlora.quant import quantize
 from jlora.train import TrainState, causal_lm_loss, lm_loss, make_eval_step, make_train_step
 from jlora.transform import apply, layout
 from jlora.tree import combine, partition
@@ -40,7 +42,7 @@ def __getattr__(name):
 
 __all__ = [
     "LoraConfig", "KernelLayout", "TrainState",
-    "init", "apply", "merge", "unmerge", "count", "summary", "layout",
+    "init", "apply", "merge", "unmerge", "count", "summary", "layout", "init_with_base", "quantize",
     "partition", "combine", "tree",
     "make_train_step", "make_eval_step", "causal_lm_loss", "lm_loss",
     "__version__",

@@ -10,6 +10,14 @@ Export writes ``target_modules`` and pattern keys as full module names, so PEFT'
 module name ``m`` when ``re.match(rf"(.*\\.)?({key})$", m)``) selects exactly what jlora trained. Import
 applies those same semantics to ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``, checks every tensor
 against the base model, and refuses PEFT features jlora does not implement rather than ignoring them.
+
+Variants map as PEFT writes them: a DoRA magnitude is ``<module>.lora_magnitude_vector`` (``use_dora``); whole
+trained tensors (``bias``, ``modules_to_save``) are HF-layout tensors at ``<module>.bias`` (``.base_layer.bias``
+for a layer with an adapter) and ``<module>.weight``; a PiSSA/OLoRA adapter is exported the way PEFT converts it
+for sharing (``save_pretrained(path_initial_model_for_weight_conversion=...)``): the rank-2r LoRA
+``[A | A0] @ [B ; -B0]`` relative to the *original* base, with alpha scaled to keep the scale, so PEFT users load
+it onto the unmodified model. The initial ``A0, B0`` are recomputed from ``loaded.params``, which must therefore
+be the original base (as :func:`jlora.hf.load` returns it), not the residual.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from jlora import dora as dora_lib
+from jlora import inits as inits_lib
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
@@ -33,8 +43,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 # adapter_config.json keys jlora reads, and keys it may ignore when they hold these neutral values.
 _HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora",
-            "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path", "bias"}
-_IGNORED = {"auto_mapping", "peft_version", "revision", "inference_mode", "init_lora_weights", "exclude_modules",
+            "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path", "bias", "use_dora",
+            "modules_to_save", "init_lora_weights"}
+_IGNORED = {"auto_mapping", "peft_version", "revision", "inference_mode", "exclude_modules",
             "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "loftq_config"}
 
 
@@ -42,21 +53,26 @@ def _neutral(value: Any) -> bool:
     return value is None or value is False or value in ("", "none") or value == {} or value == []
 
 
-def _module_table(loaded) -> dict[str, tuple[str, int | None]]:
-    """HF module name -> (jlora param path, layer index in a scanned stack or None), for kernels/embeddings."""
+def _param_table(loaded) -> dict[str, tuple[str, int | None, Any]]:
+    """HF tensor name -> (jlora param path, layer index in a scanned stack or None, ParamSpec), for every param."""
     table = {}
     flat = tree_lib.flatten(loaded.params)
     scanned = getattr(loaded.config, "scan_layers", False)
     for spec in loaded.family.param_specs(loaded.config):
-        leaf = spec.path.rsplit("/", 1)[-1]
-        if leaf not in ("kernel", "embedding"):
-            continue
-        module = spec.hf_name[: -len(".weight")] if spec.hf_name.endswith(".weight") else spec.hf_name
         path, layer = spec.path, None
         m = re.match(r"^([A-Za-z]+)_(\d+)/(.*)$", spec.path)
         if scanned and m and f"{m.group(1)}/{m.group(3)}" in flat:
             path, layer = f"{m.group(1)}/{m.group(3)}", int(m.group(2))
-        table[module] = (path, layer)
+        table[spec.hf_name] = (path, layer, spec)
+    return table
+
+
+def _module_table(loaded) -> dict[str, tuple[str, int | None]]:
+    """HF module name -> (jlora param path, layer index in a scanned stack or None), for kernels/embeddings."""
+    table = {}
+    for name, (path, layer, _) in _param_table(loaded).items():
+        if path.rsplit("/", 1)[-1] in ("kernel", "embedding"):
+            table[name[: -len(".weight")] if name.endswith(".weight") else name] = (path, layer)
     return table
 
 
@@ -83,8 +99,16 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    initial = _initial_factors(adapters, cfg, loaded)
     for path, pair in lora_lib._adapter_items(adapters):
         a, b = np.asarray(pair["a"], np.float32), np.asarray(pair["b"], np.float32)
+        m = pair.get(dora_lib.MAGNITUDE)
+        m = None if m is None else np.asarray(m, np.float32)
+        alpha = cfg.alpha_for(path)
+        if path in initial:   # PEFT's PiSSA/OLoRA conversion: A' = [A | A0], B' = [B ; -B0], same scale
+            a0, b0 = initial[path]
+            a, b = np.concatenate([a, a0], axis=-1), np.concatenate([b, -b0], axis=-2)
+            alpha = alpha * (2 ** 0.5 if cfg.use_rslora else 2.0)
         layers = [None] if a.ndim == 2 else list(range(a.shape[0]))
         for layer in layers:
             module = by_path.get((path, layer))
@@ -99,7 +123,11 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
             else:
                 tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(la.T)
                 tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(lb.T)
-            ranks[module], alphas[module] = la.shape[-1], cfg.alpha_for(path)
+            if m is not None:
+                tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = np.ascontiguousarray(
+                    m if layer is None else m[layer])
+            ranks[module], alphas[module] = la.shape[-1], alpha
+    saved_modules = _save_full(tensors, adapters, cfg, loaded, set(ranks))
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -113,13 +141,13 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         "use_rslora": cfg.use_rslora,
         "rank_pattern": {m: int(v) for m, v in sorted(ranks.items()) if v != r},
         "alpha_pattern": {m: v for m, v in sorted(alphas.items()) if v != alpha},
-        "bias": "none",
+        "bias": cfg.bias,
         "fan_in_fan_out": loaded.family.name == "gpt2",
-        "modules_to_save": None,
+        "modules_to_save": saved_modules or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "inference_mode": True,
     }
     out = pathlib.Path(out_dir)
@@ -127,6 +155,58 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _initial_factors(adapters: Mapping, cfg: LoraConfig, loaded) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For PiSSA/OLoRA adapters, the initial ``(A0, B0)`` recomputed from the original base ``loaded.params``."""
+    if cfg.init not in inits_lib.CHANGES_BASE:
+        return {}
+    flat = tree_lib.flatten(loaded.params)
+    factors = inits_lib._FACTORS[cfg.init]
+    out = {}
+    for path, pair in lora_lib._adapter_items(adapters):
+        a0, b0 = factors(lora_lib.dense_value(flat[path]), np.shape(pair["a"])[-1], cfg.scale(path))
+        out[path] = (np.asarray(a0, np.float32), np.asarray(b0, np.float32))
+    return out
+
+
+def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_modules: set[str]) -> list[str]:
+    """Adds the whole trained tensors (bias, modules_to_save) to ``tensors`` as PEFT names them.
+
+    Returns the HF module names of modules_to_save. A module to save is written whole, as PEFT saves it: its
+    parameters that did not train are written from the base.
+    """
+    full = dict(lora_lib.full_items(adapters))
+    if not full:
+        return []
+    base = tree_lib.flatten(loaded.params)
+    table = _param_table(loaded)
+    by_path: dict[tuple[str, int | None], tuple[str, Any]] = {(p, layer): (name, spec)
+                                                               for name, (p, layer, spec) in table.items()}
+    saved_modules: set[str] = set()
+    for path, leaf in full.items():
+        is_module = any(re.search(r, path) for r in cfg.modules_to_save)
+        value = np.asarray(leaf, np.float32)
+        layers = [None] if (path, None) in by_path else [i for i in range(value.shape[0]) if (path, i) in by_path]
+        if not layers:
+            raise ValueError(f"the trained tensor at {path!r} has no Hugging Face name in the {loaded.family.name} "
+                             f"table, so PEFT export cannot name it")
+        for layer in layers:
+            name, spec = by_path[(path, layer)]
+            v = value if layer is None else value[layer]
+            module, leaf_name = name.rsplit(".", 1)
+            if is_module:
+                saved_modules.add(module)
+            elif module in lora_modules:
+                name = f"{module}.base_layer.{leaf_name}"
+            tensors[f"{PREFIX}{name}"] = np.ascontiguousarray(v.T if spec.transpose else v)
+    for name, (path, layer, spec) in table.items():   # the rest of each module to save
+        module = name.rsplit(".", 1)[0]
+        if module in saved_modules and f"{PREFIX}{name}" not in tensors:
+            v = np.asarray(base[path], np.float32)
+            v = v if layer is None else v[layer]
+            tensors[f"{PREFIX}{name}"] = np.ascontiguousarray(v.T if spec.transpose else v)
+    return sorted(saved_modules)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -148,7 +228,12 @@ def _read_config(folder: pathlib.Path) -> dict[str, Any]:
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; jlora reads LoRA adapters only")
     unsupported = sorted(k for k, v in config.items() if k not in _HANDLED | _IGNORED and not _neutral(v))
-    if config.get("bias", "none") != "none":
+    init = config.get("init_lora_weights", True)
+    if init not in (True, False, None, "gaussian"):
+        raise ValueError(f"{path}: init_lora_weights={init!r} means A and B are relative to a modified (residual) "
+                         f"base, which this folder does not hold. Convert it in PEFT to a plain LoRA first: "
+                         f"`model.save_pretrained(out, path_initial_model_for_weight_conversion=initial_adapter)`")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
         unsupported.append("bias")
     if unsupported:
         detail = ", ".join(f"{k}={config[k]!r}" for k in unsupported)
@@ -174,7 +259,8 @@ def _read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} cannot be read as safetensors ({e}); the file is corrupt or truncated") from None
 
 
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
+                  r"lora_magnitude_vector)$")
 
 
 def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
@@ -191,16 +277,23 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     config = _read_config(folder)
     tensors = _read_tensors(folder)
     table = _module_table(loaded)
+    params_table = _param_table(loaded)
     flat_params = tree_lib.flatten(loaded.params)
     found: dict[str, dict[str, np.ndarray]] = {}
+    whole: dict[str, np.ndarray] = {}
     unexpected = []
     for key, value in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _KEY.match(name)
         if not m or m.group("module") not in table:
-            unexpected.append(key)
+            if name.replace(".base_layer.", ".") in params_table:
+                whole[name.replace(".base_layer.", ".")] = value
+            else:
+                unexpected.append(key)
             continue
-        part = "a" if m.group("part").startswith(("lora_A", "lora_embedding_A")) else "b"
+        part = m.group("part")
+        part = "m" if part == "lora_magnitude_vector" else "a" if part.startswith(("lora_A", "lora_embedding_A")) \
+            else "b"
         found.setdefault(m.group("module"), {})[part] = value
     missing = [f"{PREFIX}{mod}.{'lora_A' if p == 'a' else 'lora_B'}" for mod, pair in found.items()
                for p in "ab" if p not in pair]
@@ -219,7 +312,7 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
         r = int(_pattern_value(rank_pattern, module, r0))
         alpha = float(_pattern_value(alpha_pattern, module, alpha0))
         a, b = pair["a"].T.astype(np.float32), pair["b"].T.astype(np.float32)
-        shape = flat_params[path].shape[(0 if layer is None else 1):]
+        shape = tuple(flat_params[path].shape)[(0 if layer is None else 1):]
         if a.shape != (shape[0], r) or b.shape != (r, shape[1]):
             raise ValueError(f"{module}: PEFT tensors have shapes A {pair['a'].shape} and B {pair['b'].shape}; "
                              f"the base kernel {module} is {shape[0]} in x {shape[1]} out at r={r}, so they "
@@ -228,6 +321,14 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
             raise ValueError(f"{module}: a scanned layer stack needs one rank and alpha for all its layers; "
                              f"{path} has r {ranks[path]} vs {r}, alpha {alphas[path]} vs {alpha}")
         per_path.setdefault(path, {})[layer] = {"a": a, "b": b}
+        if "m" in pair:
+            if pair["m"].shape != (shape[1],):
+                raise ValueError(f"{module}: lora_magnitude_vector has shape {pair['m'].shape}; the kernel has "
+                                 f"{shape[1]} output features")
+            per_path[path][layer]["m"] = pair["m"].astype(np.float32)
+    if bool(config.get("use_dora")) != all("m" in pair for pair in found.values()):
+        raise ValueError(f"adapter {folder}: use_dora={config.get('use_dora')} but lora_magnitude_vector tensors "
+                         f"are present for {sum('m' in p for p in found.values())} of {len(found)} modules")
     out = {}
     for path, layers in per_path.items():
         if None in layers:
@@ -238,12 +339,48 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
             if absent:
                 raise ValueError(f"{path}: the adapter covers layers {sorted(layers)} of a scanned stack of {n}; "
                                  f"load the model with scan_layers=False to use adapters on some layers only")
-            out[path] = {k: np.stack([layers[i][k] for i in range(n)]) for k in ("a", "b")}
-    cfg = _config_for(set(out), ranks, alphas, config, flat_params)
-    return tree_lib.unflatten(out), cfg
+            out[path] = {k: np.stack([layers[i][k] for i in range(n)]) for k in layers[0]}
+    full, saved_paths = _load_full(whole, params_table, flat_params, config, folder)
+    cfg = _config_for(set(out), ranks, alphas, config, flat_params, saved_paths)
+    lowrank = tree_lib.unflatten({f"{p}/{k}": v for p, pair in out.items() for k, v in pair.items()})
+    adapters = tree_lib.unflatten({**tree_lib.flatten(lowrank), **full})
+    unwanted = sorted(p for p in full if not cfg.saves(p))
+    if unwanted:
+        raise ValueError(f"adapter {folder} holds whole tensors {unwanted[:5]} that bias={cfg.bias!r} and "
+                         f"modules_to_save={config.get('modules_to_save')} do not select")
+    return adapters, cfg
 
 
-def _config_for(paths: set[str], ranks, alphas, config, flat_params) -> LoraConfig:
+def _load_full(whole: dict[str, np.ndarray], params_table, flat_params, config, folder):
+    """Whole tensors (bias, modules_to_save) in jlora layout; and the param paths of the modules to save."""
+    per_path: dict[str, dict[int | None, np.ndarray]] = {}
+    saved_modules = [str(m) for m in (config.get("modules_to_save") or [])]
+    saved_paths = set()
+    for name, value in whole.items():
+        path, layer, spec = params_table[name]
+        v = value.T if spec.transpose else value
+        want = tuple(flat_params[path].shape)[(0 if layer is None else 1):]
+        if v.shape != want:
+            raise ValueError(f"{name}: PEFT tensor has shape {value.shape}; the base parameter needs "
+                             f"{tuple(reversed(want)) if spec.transpose else want}")
+        per_path.setdefault(path, {})[layer] = v.astype(np.float32)
+        module = name.rsplit(".", 1)[0]
+        if any(module == m or module.endswith(f".{m}") for m in saved_modules):
+            saved_paths.add(path)
+    out = {}
+    for path, layers in per_path.items():
+        if None in layers:
+            out[path] = layers[None]
+            continue
+        n = flat_params[path].shape[0]
+        if sorted(layers) != list(range(n)):
+            raise ValueError(f"{path}: adapter {folder} trains this tensor in layers {sorted(layers)} of a scanned "
+                             f"stack of {n}; load the model with scan_layers=False")
+        out[path] = np.stack([layers[i] for i in range(n)])
+    return out, saved_paths
+
+
+def _config_for(paths: set[str], ranks, alphas, config, flat_params, saved_paths=()) -> LoraConfig:
     """A LoraConfig whose targets select exactly ``paths`` and whose patterns give the loaded ranks/alphas."""
     names = sorted({p.rsplit("/", 2)[-2] for p in paths})
     targets = tuple(rf"(^|/){re.escape(n)}/(kernel|embedding)$" for n in names)
@@ -256,4 +393,6 @@ def _config_for(paths: set[str], ranks, alphas, config, flat_params) -> LoraConf
         rank=r, alpha=alpha, targets=targets, dropout=float(config.get("lora_dropout") or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         rank_pattern={rf"^{re.escape(p)}$": v for p, v in sorted(ranks.items()) if v != r},
-        alpha_pattern={rf"^{re.escape(p)}$": v for p, v in sorted(alphas.items()) if v != alpha})
+        alpha_pattern={rf"^{re.escape(p)}$": v for p, v in sorted(alphas.items()) if v != alpha},
+        use_dora=bool(config.get("use_dora", False)), bias=config.get("bias") or "none",
+        modules_to_save=tuple(sorted({rf"^{re.escape(p.rsplit('/', 1)[0])}/" for p in saved_paths})))

@@ -1,0 +1,276 @@
+"""LoRA variants against PEFT itself: DoRA, PiSSA/OLoRA (with PEFT's rank-2r conversion), bias modes and
+modules_to_save; plus jnp references for the DoRA math."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import jlora  # noqa: E402
+from helpers import max_diff, randomize  # noqa: E402
+from jlora import dora  # noqa: E402
+
+IDS = np.array([[1, 5, 9, 20, 3, 7, 11, 2], [4, 4, 8, 15, 16, 23, 42, 0]])
+
+
+def _hf_model(kind, tmp_path, **extra):
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+                  num_key_value_heads=2, **extra)
+    cfg = transformers.LlamaConfig(**common) if kind == "llama" else transformers.Qwen2Config(**common)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _torch_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def _apply(loaded, params, adapters, cfg):
+    return np.asarray(jlora.apply(loaded.model, params, adapters, cfg, jnp.asarray(IDS)))
+
+
+def _train(loaded, params, adapters, cfg, steps=3, lr=1e-2):
+    opt = optax.adam(lr)
+    state = jlora.TrainState.create(adapters, opt, rng=jax.random.key(0))
+    step = jax.jit(jlora.make_train_step(loaded.model, cfg, opt))
+    for _ in range(steps):
+        state, _ = step(state, params, {"input_ids": jnp.asarray(IDS)})
+    return state.adapters
+
+
+# ---------------------------------------------------------------- DoRA
+def test_dora_dense_matches_jnp_reference_and_merge():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 12))
+    model = nn.Dense(7)
+    params = model.init(jax.random.key(1), x)["params"]
+    cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets="kernel", use_dora=True)
+    fresh = jlora.init(params, cfg, key=jax.random.key(2))
+    w = params["kernel"]
+    np.testing.assert_allclose(fresh["kernel"]["m"], np.linalg.norm(np.asarray(w), axis=0), rtol=1e-6)
+    assert jnp.array_equal(jlora.apply(model, params, fresh, cfg, x), model.apply({"params": params}, x))
+    ad = randomize(fresh, jax.random.key(3), 0.5)
+    a, b, m = ad["kernel"]["a"], ad["kernel"]["b"], ad["kernel"]["m"]
+    v = w + 2.0 * a @ b
+    expected = x @ (m[None] * v / jnp.linalg.norm(v, axis=0)[None]) + params["bias"][None, None]
+    with jax.numpy_dtype_promotion("strict"):
+        got = jax.jit(lambda p, a: jlora.apply(model, p, a, cfg, x))(params, ad)
+    assert max_diff(got, expected) <= 1e-5
+    assert max_diff(model.apply({"params": jlora.merge(params, ad, cfg)}, x), expected) <= 1e-5
+    with pytest.raises(ValueError, match="unmerge cannot invert"):
+        jlora.unmerge(params, ad, cfg)
+
+
+def test_dora_norm_is_constant_in_backward():
+    """PEFT (and the DoRA paper, 4.3) detach ||W + sAB||: the gradient equals the one with the norm frozen."""
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 6))
+    pair = randomize({"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "m": jnp.zeros(6)}, jax.random.key(2), 0.5)
+    norm = dora.column_norm(w, pair["a"], pair["b"], 1.5)
+
+    def ours(p):
+        return jnp.sum(dora.dense_output(x, x @ w, w, None, p, 1.5, jnp.float32) ** 2)
+
+    def frozen(p):
+        return jnp.sum((x @ (w + 1.5 * p["a"] @ p["b"]) * (p["m"] / norm)[None]) ** 2)
+
+    jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5),
+                 jax.grad(ours)(pair), jax.grad(frozen)(pair))
+
+
+def test_dora_export_equals_peft_logits(tmp_path):
+    hf_model, folder = _hf_model("llama", tmp_path)
+    loaded = jlora.hf.load(folder)
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"), use_dora=True,
+                           rank_pattern={"layers_1/self_attn/v_proj": 2})
+    adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.2)
+    adapters = jax.tree.map(lambda x: x, adapters)
+    for path, pair in jlora.lora._adapter_items(adapters):   # magnitudes near the column norms, as in training
+        pair["m"] = jlora.dora.column_norm(jlora.tree.flatten(loaded.params)[path], pair["a"], pair["b"],
+                                           cfg.scale(path)) * (1 + pair["m"])
+    ours = _apply(loaded, loaded.params, adapters, cfg)
+    assert max_diff(ours, _torch_logits(hf_model)) > 1e-3
+    out = jlora.peft.save(tmp_path / "dora", adapters, cfg, loaded)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    pm = peft.PeftModel.from_pretrained(hf_model, str(out)).eval()
+    theirs = _torch_logits(pm)
+    assert max_diff(ours, theirs) <= 1e-4
+    back, cfg2 = jlora.peft.load(out, loaded)
+    assert cfg2.use_dora
+    assert max_diff(_apply(loaded, loaded.params, back, cfg2), theirs) <= 1e-4
+
+
+def test_dora_import_of_peft_trained_adapter(tmp_path):
+    hf_model, folder = _hf_model("qwen2", tmp_path)
+    loaded = jlora.hf.load(folder)
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                                                       use_dora=True, task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(3):
+        pm(torch.tensor(IDS), labels=torch.tensor(IDS)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft_dora")
+    adapters, cfg = jlora.peft.load(tmp_path / "peft_dora", loaded)
+    assert cfg.use_dora and "m" in adapters["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert max_diff(_apply(loaded, loaded.params, adapters, cfg), _torch_logits(pm)) <= 1e-4
+
+
+def test_dora_train_step_and_scan():
+    from tiny import TinyLM
+
+    ids = jnp.arange(16).reshape(2, 8) % 64
+    unrolled, scanned = TinyLM(multi_axis=False), TinyLM(multi_axis=False, scan=True)
+    params = unrolled.init(jax.random.key(0), ids)["params"]
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "up_proj"), use_dora=True)
+    ad = randomize(jlora.init(params, cfg, key=jax.random.key(1)), jax.random.key(2), 0.3)
+
+    def stack(tree):
+        tree = dict(tree)
+        tree["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree.pop(f"layers_{i}") for i in range(2)])
+        return tree
+
+    assert max_diff(jlora.apply(unrolled, params, ad, cfg, ids),
+                    jlora.apply(scanned, stack(params), stack(ad), cfg, ids)) <= 1e-5
+    opt = optax.adam(1e-2)
+    state = jlora.TrainState.create(ad, opt, rng=jax.random.key(3))
+    step = jax.jit(jlora.make_train_step(unrolled, cfg, opt))
+    new, metrics = step(state, params, {"input_ids": ids})
+    assert float(metrics["grad_norm"]) > 0
+    assert not jnp.array_equal(new.adapters["layers_0"]["q_proj"]["kernel"]["m"], ad["layers_0"]["q_proj"]["kernel"]["m"])
+
+
+def test_dora_rejects_non_dense_layers():
+    params = {"embed": {"embedding": jnp.ones((10, 4))}}
+    with pytest.raises(ValueError, match="use_dora supports nn.Dense kernels only"):
+        jlora.init(params, jlora.LoraConfig(rank=2, targets="embed", use_dora=True), key=jax.random.key(0))
+
+
+# ---------------------------------------------------------------- PiSSA / OLoRA
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_pissa_olora_keep_output_and_match_peft(method, tmp_path):
+    hf_model, folder = _hf_model("llama", tmp_path)
+    loaded = jlora.hf.load(folder)
+    targets = ("q_proj", "v_proj", "gate_proj")
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=targets, init=method)
+    with pytest.raises(ValueError, match="init_with_base"):
+        jlora.init(loaded.params, cfg, key=jax.random.key(0))
+    adapters, base = jlora.init_with_base(loaded.params, cfg, key=jax.random.key(0))
+    assert max_diff(_apply(loaded, base, adapters, cfg), _torch_logits(hf_model)) <= 1e-5
+    # the residual base equals PEFT's own PiSSA/OLoRA-modified weights
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                                       init_lora_weights=method, task_type="CAUSAL_LM"))
+    theirs = dict(pm.named_parameters())
+    w_res = theirs["base_model.model.model.layers.1.self_attn.q_proj.base_layer.weight"].detach().numpy()
+    assert max_diff(base["layers_1"]["self_attn"]["q_proj"]["kernel"], w_res.T) <= 1e-5
+    # train, export as PEFT converts it (rank 2r against the original base), load in PEFT on the unmodified model
+    trained = _train(loaded, base, adapters, cfg)
+    ours = _apply(loaded, base, trained, cfg)
+    out = jlora.peft.save(tmp_path / "conv", trained, cfg, loaded)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16.0 and config["init_lora_weights"] is True
+    original = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert max_diff(ours, _torch_logits(original)) > 1e-3
+    peft_logits = _torch_logits(peft.PeftModel.from_pretrained(original, str(out)).eval())
+    assert max_diff(ours, peft_logits) <= 1e-4
+
+
+def test_pissa_is_reproducible_and_scanned():
+    params = {"layers": {"q_proj": {"kernel": jax.random.normal(jax.random.key(0), (3, 16, 8))}}}
+    lay = {"layers/q_proj/kernel": jlora.KernelLayout("Dense", (0,), (1,), lead=1)}
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets="q_proj", init="pissa", use_rslora=True)
+    ad, base = jlora.init_with_base(params, cfg, key=jax.random.key(1), layout=lay)
+    ad2, _ = jlora.init_with_base(params, cfg, key=jax.random.key(2), layout=lay)
+    assert ad["layers"]["q_proj"]["kernel"]["a"].shape == (3, 16, 2)
+    jax.tree.map(np.testing.assert_array_equal, ad, ad2)
+    merged = jlora.merge(base, ad, cfg, layout=lay)
+    assert max_diff(merged["layers"]["q_proj"]["kernel"], params["layers"]["q_proj"]["kernel"]) <= 1e-5
+    w = np.asarray(params["layers"]["q_proj"]["kernel"][1], np.float64)
+    u, s, vt = np.linalg.svd(w)   # the adapter holds the rank-2 truncated SVD of each layer
+    top = cfg.scale("layers/q_proj/kernel") * ad["layers"]["q_proj"]["kernel"]["a"][1] @ ad["layers"]["q_proj"][
+        "kernel"]["b"][1]
+    np.testing.assert_allclose(top, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)
+
+
+# ---------------------------------------------------------------- bias and modules_to_save
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_and_modules_to_save_export_to_peft(bias, tmp_path):
+    hf_model, folder = _hf_model("qwen2", tmp_path, tie_word_embeddings=False)
+    loaded = jlora.hf.load(folder)
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "o_proj"), bias=bias, modules_to_save="lm_head")
+    adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0))
+    saved = sorted(p for p in jlora.tree.flatten(adapters) if not p.endswith(("/a", "/b")))
+    biases = [f"layers_{i}/self_attn/{m}/bias" for i in range(2) for m in
+              (("q_proj", "k_proj", "v_proj") if bias == "all" else ("q_proj",))]
+    assert saved == sorted(["lm_head/kernel", *biases])
+    assert jnp.array_equal(_apply(loaded, loaded.params, adapters, cfg), _apply(loaded, loaded.params, {}, cfg))
+    trained = _train(loaded, loaded.params, adapters, cfg, steps=4)
+    for path in saved:   # the whole tensors trained; the frozen params did not change
+        assert max_diff(jlora.tree.flatten(trained)[path], jlora.tree.flatten(loaded.params)[path]) > 1e-4
+    ours = _apply(loaded, loaded.params, trained, cfg)
+    merged = jlora.merge(loaded.params, trained, cfg)
+    assert max_diff(ours, np.asarray(loaded.model.apply({"params": merged}, jnp.asarray(IDS)))) <= 1e-5
+    out = jlora.peft.save(tmp_path / "ad", trained, cfg, loaded)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["bias"] == bias and config["modules_to_save"] == ["lm_head"]
+    theirs = _torch_logits(peft.PeftModel.from_pretrained(hf_model, str(out)).eval())
+    assert max_diff(ours, theirs) <= 1e-4
+    back, cfg2 = jlora.peft.load(out, loaded)
+    assert cfg2.bias == bias and sorted(p for p in jlora.tree.flatten(back) if not p.endswith(("/a", "/b"))) == saved
+    assert max_diff(_apply(loaded, loaded.params, back, cfg2), theirs) <= 1e-4
+
+
+def test_import_peft_trained_bias_and_modules_to_save(tmp_path):
+    hf_model, folder = _hf_model("qwen2", tmp_path, tie_word_embeddings=False)
+    loaded = jlora.hf.load(folder)
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"], bias="all",
+                                                       modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(3):
+        pm(torch.tensor(IDS), labels=torch.tensor(IDS)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft_ad")
+    adapters, cfg = jlora.peft.load(tmp_path / "peft_ad", loaded)
+    assert cfg.bias == "all" and cfg.saves("lm_head/kernel") and not cfg.saves("layers_0/mlp/up_proj/kernel")
+    assert max_diff(_apply(loaded, loaded.params, adapters, cfg), _torch_logits(pm)) <= 1e-4
+
+
+def test_saved_module_cannot_also_be_a_target():
+    params = {"lm_head": {"kernel": jnp.ones((4, 4))}}
+    with pytest.raises(ValueError, match="both a LoRA target and selected by"):
+        jlora.init(params, jlora.LoraConfig(rank=1, targets="lm_head", modules_to_save="lm_head"),
+                   key=jax.random.key(0))
+
+
+def test_pissa_folder_without_conversion_is_refused(tmp_path):
+    hf_model, folder = _hf_model("llama", tmp_path)
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa",
+                                                       task_type="CAUSAL_LM"))
+    pm.save_pretrained(tmp_path / "raw")
+    with pytest.raises(ValueError, match="path_initial_model_for_weight_conversion"):
+        jlora.peft.load(tmp_path / "raw", jlora.hf.load(folder))
+
+
+def test_config_round_trip_with_variants():
+    cfg = jlora.LoraConfig(rank=4, targets="q", use_dora=True, bias="lora_only", modules_to_save=("lm_head",))
+    assert jlora.LoraConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="`bias` must be one of"):
+        jlora.LoraConfig(bias="some")
+    with pytest.raises(ValueError, match="use_dora=True` with init='pissa'"):
+        jlora.LoraConfig(use_dora=True, init="pissa")
+
