@@ -159,7 +159,7 @@ def score_generation(loaded, params, prompts: Sequence[data_lib.EvalPrompt], *, 
 def validation_loss(eval_step, params, adapters, loader) -> float:
     total, tokens = 0.0, 0.0
     for batch in loader:
-        m = eval_step(params, adapters, {k: jnp.asarray(v) for k, v in batch.items() if k != "segment_ids"})
+        m = eval_step(params, adapters, {k: jnp.asarray(v) for k, v in batch.items()})
         total += float(m["loss"]) * float(m["tokens"])
         tokens += float(m["tokens"])
     return total / max(tokens, 1.0)
@@ -319,7 +319,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         with _Interrupt() as interrupt:
             for step in range(start, cfg.train.steps):
                 batch = next(loader)
-                batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "segment_ids"}
+                batch = {k: jnp.asarray(v) for k, v in batch.items()}
                 state, metrics = step_fn(state, loaded.params, batch)
                 loss = float(metrics["loss"])
                 tokens_seen += float(metrics["tokens"])

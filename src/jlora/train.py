@@ -66,11 +66,14 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array,
 
 
 def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict]:
-    """The default loss: ``apply_fn(input_ids[, attention_mask=..., positions=...])``, then :func:`causal_lm_loss`.
+    """The default loss: ``apply_fn(input_ids, **model_inputs)``, then :func:`causal_lm_loss`.
+
+    ``model_inputs`` are whichever of ``attention_mask``, ``positions`` and ``segment_ids`` (packed rows) the batch
+    holds.
 
     The loss mask is ``batch["loss_mask"]`` if present, else ``batch["attention_mask"]``, else all ones.
     """
-    kwargs = {k: batch[k] for k in ("attention_mask", "positions") if k in batch}
+    kwargs = {k: batch[k] for k in ("attention_mask", "positions", "segment_ids") if k in batch}
     logits = apply_fn(batch["input_ids"], **kwargs)
     mask = batch.get("loss_mask", batch.get("attention_mask"))
     loss, n = causal_lm_loss(logits, batch["input_ids"], mask)

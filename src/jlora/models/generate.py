@@ -197,7 +197,12 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     apply_fn = _ModelApply(model) if apply_fn is None else apply_fn
     key = jax.random.key(0) if key is None else key
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    tokens, lengths = _generate(params, jnp.asarray(ids), jnp.asarray(mask), key, eos_ids, model=model,
+    # The empty cache is made outside the jit and passed in: built inside, its zeros are constants and XLA spends
+    # seconds per layer constant-folding the prefill's attention over them.
+    from jlora import models
+
+    cache = models.init_cache(cfg, ids.shape[0], ids.shape[1] + max_new_tokens, cache_dtype) if use_cache else None
+    tokens, lengths = _generate(params, jnp.asarray(ids), jnp.asarray(mask), key, eos_ids, cache, model=model,
                                 apply_fn=apply_fn, max_new_tokens=max_new_tokens, sampling=sampling,
                                 pad=int(pad_token_id), use_cache=use_cache, cache_dtype=cache_dtype)
     return GenerateOutput(np.asarray(tokens), np.asarray(lengths))
@@ -205,15 +210,12 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
 
 @functools.partial(jax.jit, static_argnames=("model", "apply_fn", "max_new_tokens", "sampling", "pad", "use_cache",
                                              "cache_dtype"))
-def _generate(params, ids, mask, key, eos_arr, *, model, apply_fn, max_new_tokens, sampling, pad, use_cache,
+def _generate(params, ids, mask, key, eos_arr, cache, *, model, apply_fn, max_new_tokens, sampling, pad, use_cache,
               cache_dtype):
-    from jlora import models
-
     b, t = ids.shape
     n = max_new_tokens
 
     if use_cache:
-        cache = models.init_cache(model.config, b, t + n, cache_dtype)
         logits, cache = apply_fn(params, ids, attention_mask=mask, cache=cache)
         state = cache
 
