@@ -41,13 +41,19 @@ class TinyLM(nn.Module):
 def setup(seed: int = 0):
     """Model, base params, optimizer and a step-0 state (random non-zero B so every adapter trains from step 1)."""
     model = TinyLM()
-    params = model.init(jax.random.key(seed), jnp.zeros((1, SEQ), jnp.int32))["params"]
     optimizer = optax.adamw(1e-2, weight_decay=0.01)
-    adapters = jlora.init(params, CFG, key=jax.random.key(seed + 1))
-    adapters = jax.tree_util.tree_map_with_path(
-        lambda kp, x: x if jlora.tree.path_str(kp).endswith("a")
-        else 0.01 * jax.random.normal(jax.random.key(7), x.shape, x.dtype), adapters)
-    state = jlora.TrainState.create(adapters, optimizer, rng=jax.random.key(seed + 2))
+
+    @jax.jit  # one compilation instead of many small eager ones
+    def build():
+        params = model.init(jax.random.key(seed), jnp.zeros((1, SEQ), jnp.int32))["params"]
+        adapters = jlora.init(params, CFG, key=jax.random.key(seed + 1))
+        adapters = jax.tree_util.tree_map_with_path(
+            lambda kp, x: x if jlora.tree.path_str(kp).endswith("a")
+            else 0.01 * jax.random.normal(jax.random.key(7), x.shape, x.dtype), adapters)
+        return params, adapters, optimizer.init(adapters)
+
+    params, adapters, opt_state = build()
+    state = jlora.TrainState(jnp.zeros((), jnp.int32), adapters, opt_state, jax.random.key(seed + 2))
     return model, params, optimizer, state
 
 

@@ -82,8 +82,11 @@ def _sample(x, k: int) -> np.ndarray:
         return np.asarray(x).reshape(-1)
     i = np.arange(k, dtype=np.int64)
     stride = n // k
-    flat = (i * n) // k + (i * 7919) % stride
-    return np.asarray(x[np.unravel_index(flat, shape)])
+    index = np.unravel_index((i * n) // k + (i * 7919) % stride, shape)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather onto every process
+        replicated = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
+        return np.asarray(jax.jit(lambda v: v[index], out_shardings=replicated)(x).addressable_data(0))
+    return np.asarray(x[index])
 
 
 def _leaves(params) -> list[tuple[str, Any]]:
@@ -276,11 +279,12 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------------------- save
     def _base_identity(self, params, name) -> dict:
+        """:func:`_identity`, computed once per params tree (saves and restores reuse it)."""
         leaves = jax.tree.leaves(params)
         key = tuple(map(id, leaves))
-        if self._identity_cache is None or self._identity_cache[0] != key or self._identity_cache[2] != name:
-            self._identity_cache = (key, leaves, name, _identity(params, name))  # holds leaves: ids stay unique
-        return self._identity_cache[3]
+        if self._identity_cache is None or self._identity_cache[0] != key:
+            self._identity_cache = (key, leaves, _identity(params, name))  # holds the leaves: their ids stay unique
+        return {**self._identity_cache[2], "name": name}
 
     def save(self, step: int, state: TrainState, *, params, lora_config: LoraConfig, name: str | None = None,
              data_position: Any = None, metrics: Mapping[str, float] | None = None) -> None:
@@ -359,7 +363,7 @@ class CheckpointManager:
     def _validate(self, meta: dict, step: int, params, lora_config: LoraConfig, name: str | None) -> None:
         where = f"{self.directory}/{step}"
         if params is not None:
-            _check_base(meta["base_model"], _identity(params, name), where)
+            _check_base(meta["base_model"], self._base_identity(params, name), where)
         _check_lora(LoraConfig.from_dict(meta["lora_config"]), lora_config, params, where)
 
     def restore(self, target: TrainState, step: int | None = None, *, params, lora_config: LoraConfig,
@@ -461,11 +465,17 @@ def _rng_target(rng, saved: dict, where: str):
     typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
     if not typed:
         return rng, None
-    impl = str(jax.random.key_impl(rng))
+    impls: list[str] = []  # key_impl of a traced key also covers a ShapeDtypeStruct target
+
+    def data_of(key):
+        impls.append(str(jax.random.key_impl(key)))
+        return jax.random.key_data(key)
+
+    data = jax.eval_shape(data_of, rng)
+    impl = impls[0]
     if saved["typed"] and saved["impl"] != impl:
         raise CheckpointError(f"checkpoint {where} holds a {saved['impl']!r} PRNG key but the target's key is "
                               f"{impl!r}; create the target's rng with jax.random.key(seed, impl={saved['impl']!r})")
-    data = jax.eval_shape(jax.random.key_data, rng)
     sharding = getattr(rng, "sharding", None)
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding), impl
 
@@ -509,8 +519,8 @@ def _check_base(saved: dict, given: dict, where: str) -> None:
         why = "the same architecture with different weights (e.g. a base model and its instruct variant)"
     raise CheckpointError(
         f"checkpoint {where} was trained on base model {saved['name']!r} (fingerprint {saved['fingerprint']}), but "
-        f"the given params are {given['name']!r} (fingerprint {given['fingerprint']}): {why}. Load the base model "
-        f"the adapters were trained on")
+        f"the given params are {given['name'] or 'unnamed'!r} (fingerprint {given['fingerprint']}): {why}. "
+        f"Load the base model the adapters were trained on")
 
 
 def _check_lora(saved: LoraConfig, given: LoraConfig, params, where: str) -> None:
