@@ -24,6 +24,7 @@ tree), and a block of zeros has absmax 0 and codes for 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -177,24 +178,37 @@ def quantize_array(w: jax.Array, *, lead: int | None = None, double_quant: bool 
     return NF4(codes, absmax, scale, offset, layer_shape, jnp.dtype(w.dtype).name)
 
 
-def block_absmax(q: NF4) -> jax.Array:
+def block_absmax(q: NF4, one: jax.Array | None = None) -> jax.Array:
     """The fp32 absmax of every 64-value block (decoding the double quantization if present)."""
     if not q.double_quant:
         return q.absmax
     nb = q.absmax.shape[-1]
     pad = -nb % DQ_BLOCK
     qa = jnp.pad(q.absmax, [(0, 0)] * (q.absmax.ndim - 1) + [(0, pad)])
-    vals = jnp.take(jnp.asarray(DYNAMIC_MAP), qa.astype(jnp.int32), axis=0)
+    table = jnp.asarray(DYNAMIC_MAP) if one is None else jnp.asarray(DYNAMIC_MAP) * one
+    vals = jnp.take(table, qa.astype(jnp.int32), axis=0)
     vals = vals.reshape(*qa.shape[:-1], -1, DQ_BLOCK) * q.absmax_scale[..., None]
     return vals.reshape(*qa.shape[:-1], -1)[..., :nb] + q.absmax_offset[..., None]
 
 
-def dequantize(q: NF4, dtype=None) -> jax.Array:
-    """The kernel that ``q`` stands for, in ``dtype`` (default: the original kernel's dtype)."""
+def dequantize(q: NF4, dtype=None, *, after: jax.Array | None = None) -> jax.Array:
+    """The kernel that ``q`` stands for, in ``dtype`` (default: the original kernel's dtype).
+
+    With ``after``, every step of the decoding depends on that array (through an exact 0 and 1 computed from
+    one of its values). Inside a layer, pass the layer's input: otherwise each layer's decoding depends on
+    params only, and XLA may hoist all of them to the start of the program and hold every full-precision
+    kernel at once (XLA's CPU backend strips ``lax.optimization_barrier`` before scheduling, so a data
+    dependency is the portable way to order it).
+    """
     lead = q.codes.shape[:-1]
-    hi, lo = q.codes >> 4, q.codes & 15
+    codes, table, one = q.codes, jnp.asarray(NF4_CODE), None
+    if after is not None:
+        zero = jnp.ravel(after)[0].astype(jnp.float32) * 0.0
+        one = zero + 1.0
+        codes, table = codes + zero.astype(jnp.uint8), table * one
+    hi, lo = codes >> 4, codes & 15
     idx = jnp.stack([hi, lo], axis=-1).reshape(*lead, -1, BLOCK).astype(jnp.int32)
-    vals = jnp.take(jnp.asarray(NF4_CODE), idx, axis=0) * block_absmax(q)[..., None]
+    vals = jnp.take(table, idx, axis=0) * block_absmax(q, one)[..., None]
     n = math.prod(q.layer_shape)
     return vals.reshape(*lead, -1)[..., :n].reshape(q.shape).astype(dtype or q.dtype)
 
@@ -308,12 +322,36 @@ def dense_call(module, path: str, args, kwargs) -> jax.Array:
     x = args[0] if args else next(iter(kwargs.values()))
     q = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    kernel = dequantize(q)
-    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+    dtype = module.dtype or jnp.result_type(x.dtype, jnp.dtype(q.dtype), *([] if bias is None else [bias.dtype]))
+    y = _qmatmul(x.astype(dtype), q, module.precision)
     if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
     return y
+
+
+def _matmul(x, kernel, precision):
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qmatmul(x: jax.Array, q: NF4, precision) -> jax.Array:
+    """``x @ dequantize(q)``; the backward pass decodes the kernel again instead of saving it."""
+    return _matmul(x, dequantize(q, x.dtype, after=x), precision)
+
+
+def _qmatmul_fwd(x, q, precision):
+    return _qmatmul(x, q, precision), q
+
+
+def _qmatmul_bwd(precision, q, g):
+    kernel = dequantize(q, g.dtype, after=g)
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+    zeros = jax.tree.map(lambda v: np.zeros(v.shape, jax.dtypes.float0) if not jnp.issubdtype(v.dtype, jnp.floating)
+                         else jnp.zeros_like(v), q)
+    return dx, zeros
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 __all__ = ["NF4", "NF4_CODE", "DYNAMIC_MAP", "quantize", "quantize_array", "dequantize", "dequantize_params",
