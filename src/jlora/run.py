@@ -17,6 +17,7 @@ The other commands (``eval``, ``generate``, ``merge``, ``export-peft``, ``inspec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -358,9 +359,11 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             with open(run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"step": final_step, "valid_loss": summary["valid_loss"]}) + "\n")
         if prompts and cfg.eval.after:
-            acc, records = score_generation(loaded, loaded.params, prompts, adapters=state.adapters,
-                                            lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,
+            # Merged params decode exactly like unmerged adapters and reuse the base model's compiled decoder.
+            merged = jlora.merge(loaded.params, state.adapters, lora_cfg, layout=_layout(loaded))
+            acc, records = score_generation(loaded, merged, prompts, batch_size=cfg.eval.batch_size,
                                             max_new_tokens=cfg.eval.max_new_tokens)
+            del merged
             summary["accuracy_after"] = acc
             _write_json(run_dir / "eval_after.json", records)
         if cfg.run.export_peft:
@@ -410,6 +413,18 @@ def load_adapters(source: str, loaded) -> tuple[dict, jlora.LoraConfig]:
                             f"folder ({CONFIG_FILE}); pass one of those as --adapter")
 
 
+def _load_with_adapter(model: str, adapter: str | None):
+    """Loads ``model`` the way ``adapter`` needs it: a run folder's adapters follow its model settings
+    (e.g. a scanned layer stack); a PEFT folder works with either form."""
+    from jlora import hf
+
+    run_config = pathlib.Path(adapter or "") / CONFIG_FILE
+    if adapter and run_config.is_file():
+        saved = runconfig.load(run_config)
+        return _load_model(dataclasses.replace(saved, model=dataclasses.replace(saved.model, path=model)))
+    return hf.load(model)
+
+
 def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False) -> dict[str, float]:
     """Validation loss and exact-JSON accuracy of the base model or an adapter."""
     _check_inputs(cfg)
@@ -434,9 +449,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
 def generate_command(model: str, prompts: Sequence[str], *, adapter: str | None = None, chat: bool = False,
                      max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int = 0) -> list[str]:
-    from jlora import hf
-
-    loaded = hf.load(model)
+    loaded = _load_with_adapter(model, adapter)
     if loaded.tokenizer is None:
         raise FileNotFoundError(f"model {model!r} has no tokenizer")
     adapters, lora_cfg = load_adapters(adapter, loaded) if adapter else (None, None)
@@ -455,7 +468,7 @@ def generate_command(model: str, prompts: Sequence[str], *, adapter: str | None 
 def merge_command(model: str, adapter: str, out: str) -> pathlib.Path:
     from jlora import hf
 
-    loaded = hf.load(model)
+    loaded = _load_with_adapter(model, adapter)
     adapters, lora_cfg = load_adapters(adapter, loaded)
     merged = jlora.merge(loaded.params, adapters, lora_cfg, layout=_layout(loaded))
     hf.save(out, loaded, merged)
@@ -483,9 +496,7 @@ def _adapters_at(run_dir: str, cfg: RunConfig, loaded, step: int):
 
 def inspect_command(model: str, *, adapter: str | None = None, targets: Sequence[str] = ("q_proj", "v_proj"),
                     rank: int = 16) -> str:
-    from jlora import hf
-
-    loaded = hf.load(model)
+    loaded = _load_with_adapter(model, adapter)
     if adapter:
         adapters, _ = load_adapters(adapter, loaded)
     else:
