@@ -56,11 +56,17 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array,
         >>> round(float(loss), 4), int(n)            # log(4)
         (1.3863, 2)
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    mask = jnp.ones(targets.shape, jnp.float32) if loss_mask is None else loss_mask[:, 1:].astype(jnp.float32)
+    # Shift the (tiny) targets, not the (B, T, vocab) logits: slicing the logits copies them and their gradient is
+    # padded back; the last position gets weight 0 instead. The target logit is picked by a compare-and-sum that
+    # XLA fuses into one pass (take_along_axis's gradient would scatter into a zero (B, T, vocab) buffer).
+    b, t, vocab = logits.shape
+    logits = logits.astype(jnp.float32)
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)
+    keep = jnp.ones((b, t - 1), jnp.float32) if loss_mask is None else loss_mask[:, 1:].astype(jnp.float32)
+    mask = jnp.concatenate([keep, jnp.zeros((b, 1), jnp.float32)], axis=1)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    hit = targets[..., None] == jnp.arange(vocab, dtype=targets.dtype)[None, None, :]
+    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     n = jnp.sum(mask)
     return jnp.sum((logz - picked) * mask) / jnp.maximum(n, 1.0), n
 
