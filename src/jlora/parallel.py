@@ -1,0 +1,501 @@
+"""Scaling out on JAX's own runtime: a device mesh, sharding rules, sharded/pmap train steps, multi-host helpers.
+
+One mesh with three named axes covers the usual layouts:
+
+- ``data``: plain data parallelism. Frozen params and adapters are replicated; the batch is split.
+- ``fsdp``: the batch is split as for ``data``, and every frozen kernel (embeddings too) is sharded along its
+  largest dimension divisible by the axis size, so each device holds ``1/fsdp`` of the frozen weights.
+- ``tensor``: Megatron tensor parallelism. In the llama family q/k/v/gate/up kernels are split by output
+  columns, o/down by input rows (so each attention/MLP block needs one reduction), embeddings and ``lm_head`` by
+  vocabulary. The batch is replicated over it.
+
+The axes are ``AxisType.Auto``: shardings are placed on the arguments and XLA's partitioner (GSPMD/Shardy) fills
+in the collectives, so the same unmodified train step (:func:`jlora.make_train_step`) runs on any mesh and
+computes the same numbers as on one device. Adapters follow their base kernel (A like the kernel's input dim, B
+like its output dim, the rank dim replicated) and optimizer state follows the adapters, so the LoRA update
+needs no extra communication. A scanned layer stack's leading layer axis is never sharded.
+
+Multi-host is ``jax.distributed``: call :func:`initialize` in every process, build the same mesh over all global
+devices, feed each process its own rows with :func:`shard_local_batch`, and guard logging with
+:func:`is_main_process`. Checkpoints are written by every process through orbax (:mod:`jlora.checkpoint`).
+
+Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> mesh = make_mesh(data=2, fsdp=4)          # 8 devices (tests run on 8 virtual CPU devices)
+    >>> params = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.zeros((16, 64))}}}}
+    >>> param_specs(params, mesh, family="llama")["layers_0"]["mlp"]["up_proj"]["kernel"]
+    P(None, 'fsdp')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jlora import tree as tree_lib
+from jlora.config import LoraConfig
+from jlora.train import LossFn, TrainState, lm_loss, make_train_step
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Megatron rules per family: regexes on a layer-relative path -> which per-layer kernel dim the tensor axis splits
+# (-1: output columns, -2: input rows, 0 for an embedding table: the vocabulary).
+_TENSOR_RULES = {
+    "llama": {"layer_prefix": "layers", "rules": (
+        (r"(^|/)self_attn/(q|k|v)_proj/(kernel|bias)$", -1),
+        (r"(^|/)mlp/(gate|up)_proj/(kernel|bias)$", -1),
+        (r"(^|/)self_attn/o_proj/kernel$", -2),
+        (r"(^|/)mlp/down_proj/kernel$", -2),
+        (r"^lm_head/kernel$", -1),
+        (r"^embed_tokens/embedding$", 0),
+    )},
+    "gpt2": {"layer_prefix": "h", "rules": (
+        (r"(^|/)attn/c_attn/(kernel|bias)$", -1),
+        (r"(^|/)mlp/c_fc/(kernel|bias)$", -1),
+        (r"(^|/)(attn|mlp)/c_proj/kernel$", -2),
+        (r"^wte/embedding$", 0),
+    )},
+}
+_BAD_TENSOR_DIM = (
+    "tensor parallelism splits dim {dim} of {path!r} (shape {shape}) over the mesh's tensor axis of size {n}, but "
+    "{size} is not divisible by {n}; use a tensor size that divides {size} (e.g. {hint}), or shard with fsdp instead")
+_BAD_BATCH = (
+    "batch leaf {name!r} has {rows} rows, which do not divide into {n} equal batch shards (rows are split over "
+    "the mesh's data x fsdp axes; mesh {mesh}); use a batch size that is a multiple of {n}")
+
+
+# --- the mesh --------------------------------------------------------------------------------------------------
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``("data", "fsdp", "tensor")`` mesh with Auto axis types over all (global) devices.
+
+    One size may be ``-1``: it takes whatever the others leave of the device count.
+
+    Raises:
+        ValueError: the sizes are not positive, or their product differs from the number of devices
+            (both are shown).
+
+    Examples:
+        >>> dict(make_mesh(fsdp=4, tensor=2).shape)
+        {'data': 1, 'fsdp': 4, 'tensor': 2}
+        >>> make_mesh(data=-1).shape["data"]
+        8
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1)}
+    if bad or list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"mesh sizes must be integers >= 1 (at most one may be -1, inferred); got {sizes}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        if len(devices) % known:
+            raise ValueError(f"cannot infer the -1 mesh axis: {len(devices)} devices are not a multiple of the "
+                             f"other axes' product {known} (sizes {sizes})")
+        sizes = {k: (len(devices) // known if v == -1 else v) for k, v in sizes.items()}
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(
+            f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {total} devices, but "
+            f"there are {len(devices)} devices ({devices[0].platform if devices else 'none'}); choose sizes whose "
+            f"product is {len(devices)}, or pass `devices=` (on CPU, XLA_FLAGS="
+            f"--xla_force_host_platform_device_count=N sets the device count)")
+    return jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def _size(mesh: Mesh, axis: str) -> int:
+    return int(mesh.shape.get(axis, 1))
+
+
+# --- sharding rules --------------------------------------------------------------------------------------------
+
+def _family_name(family: Any) -> str | None:
+    if family is None or isinstance(family, str):
+        return family
+    return getattr(family, "name", None) or getattr(family, "model_type", None)
+
+
+def _divisor_hint(size: int, n: int) -> int:
+    """The largest tensor size that divides both ``size`` and ``n`` (so the rest of ``n`` can move to fsdp)."""
+    return max(d for d in range(1, n + 1) if size % d == 0 and n % d == 0)
+
+
+def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, family: str | None = None) -> P:
+    """The :class:`PartitionSpec` of one frozen parameter (see :func:`param_specs` for the rules).
+
+    Examples:
+        >>> mesh = make_mesh(fsdp=4, tensor=2)
+        >>> leaf_spec("layers_0/self_attn/o_proj/kernel", (64, 32), mesh, "llama")
+        P('tensor', 'fsdp')
+        >>> leaf_spec("layers/self_attn/q_proj/kernel", (2, 32, 64), mesh, "llama")  # scanned: layer axis kept
+        P(None, 'fsdp', 'tensor')
+        >>> leaf_spec("norm/scale", (32,), mesh, "llama")
+        P(None,)
+    """
+    name = _family_name(family)
+    fam = _TENSOR_RULES.get(name) if name is not None else None
+    if name is not None and fam is None and name != "generic":
+        raise ValueError(f"no sharding rules for family {name!r}; known families: {sorted(_TENSOR_RULES)} "
+                         f"(or family=None for the generic FSDP-only rule)")
+    spec: list[Any] = [None] * len(shape)
+    lead, rel = 0, path
+    if fam is not None and path.startswith(fam["layer_prefix"] + "/"):
+        lead, rel = 1, path[len(fam["layer_prefix"]) + 1:]
+    n_tp, n_fsdp = _size(mesh, "tensor"), _size(mesh, "fsdp")
+    if fam is not None and n_tp > 1:
+        for pattern, dim in fam["rules"]:
+            if re.search(pattern, rel) and len(shape) - lead >= (1 if path.endswith("bias") else 2):
+                d = len(shape) - 1 if path.endswith("bias") else (dim % len(shape) if dim < 0 else lead + dim)
+                if shape[d] % n_tp:
+                    raise ValueError(_BAD_TENSOR_DIM.format(dim=d, path=path, shape=tuple(shape), n=n_tp,
+                                                            size=shape[d], hint=_divisor_hint(shape[d], n_tp)))
+                spec[d] = "tensor"
+                break
+    if n_fsdp > 1 and len(shape) - lead >= 2:
+        free = [d for d in range(lead, len(shape)) if spec[d] is None and shape[d] % n_fsdp == 0]
+        if free:
+            spec[max(free, key=lambda d: (shape[d], -d))] = "fsdp"
+    return P(*spec)
+
+
+def param_specs(params: Any, mesh: Mesh, family: Any = None) -> Any:
+    """:class:`PartitionSpec` of every frozen parameter, in the tree structure of ``params``.
+
+    Rules: with ``tensor > 1``, the family's Megatron rule (llama: q/k/v/gate/up and their biases by output
+    columns, o/down by input rows, ``embed_tokens``/``lm_head`` by vocabulary; gpt2 likewise for
+    c_attn/c_fc/c_proj/wte); a dim it splits must divide (else a ValueError naming the parameter). Then with
+    ``fsdp > 1``, each kernel or embedding (>= 2 dims besides a scanned layer axis) is sharded along its largest
+    remaining dim divisible by the fsdp size (left replicated if none divides). Vectors (norm scales, biases)
+    stay replicated. ``family=None`` is the generic rule for any model: FSDP only.
+
+    Args:
+        params: the frozen parameter tree (arrays or anything with ``.shape``, e.g. ``jax.eval_shape`` output).
+        mesh: from :func:`make_mesh`.
+        family: ``"llama"``, ``"gpt2"``, a :class:`jlora.models.Family`, or None.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: leaf_spec(tree_lib.path_str(kp), tuple(x.shape), mesh, family), params)
+
+
+def param_shardings(params: Any, mesh: Mesh, family: Any = None) -> Any:
+    """:func:`param_specs` as :class:`NamedSharding` objects on ``mesh`` (for ``jax.device_put`` / ``jax.jit``)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, family),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def _spec_of(sharding: Any, ndim: int) -> list[Any]:
+    spec = list(getattr(sharding, "spec", ()))
+    return spec + [None] * (ndim - len(spec))
+
+
+def _group_spec(specs: Sequence[Any]) -> Any:
+    """The sharding of dims flattened into one (row-major): the major dim's, if the others are unsharded."""
+    return specs[0] if specs and all(s is None for s in specs[1:]) else None
+
+
+def _mesh_of(shardings: Any) -> Mesh:
+    for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    raise ValueError("no NamedSharding found in the given shardings; build them with `param_shardings`")
+
+
+def adapter_shardings(adapters: Mapping, param_shardings: Any, params: Any = None) -> Any:
+    """Shardings for an adapter tree that follow its base kernels.
+
+    ``a`` (``(..., in, r)``) is sharded like the kernel's input dim, ``b`` (``(..., r, out)``) like its output
+    dim; the rank dim and a scanned layer axis stay as the kernel's leading dims are (replicated by our rules).
+    Kernels with several input or output dims (``DenseGeneral``) need ``params`` to tell where the input dims
+    end; the flattened dim then takes the major dim's sharding when the rest are unsharded. Any other adapter
+    leaf takes its parameter's sharding when it sits at a parameter path with the same rank, else is replicated.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> mesh = make_mesh(fsdp=4, tensor=2)
+        >>> params = {"self_attn": {"q_proj": {"kernel": jnp.zeros((32, 64))}}}
+        >>> ad = {"self_attn": {"q_proj": {"kernel": {"a": jnp.zeros((32, 4)), "b": jnp.zeros((4, 64))}}}}
+        >>> sh = adapter_shardings(ad, param_shardings(params, mesh, "llama"))["self_attn"]["q_proj"]["kernel"]
+        >>> sh["a"].spec, sh["b"].spec
+        (P('fsdp', None), P(None, 'tensor'))
+    """
+    mesh = _mesh_of(param_shardings)
+    flat_sh = tree_lib.flatten(param_shardings)
+    flat_p = tree_lib.flatten(params) if params is not None else {}
+    flat_ad = tree_lib.flatten(adapters)
+
+    def rule(path: str, leaf) -> NamedSharding:
+        parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+        ndim = len(leaf.shape)
+        if parent in flat_sh and name in ("a", "b") and ndim >= 2:
+            lead = ndim - 2
+            if parent in flat_p:
+                kshape = tuple(flat_p[parent].shape)
+            else:
+                kshape = tuple(flat_ad[path].shape[:lead]) + (-1, -1)
+                if len(_spec_of(flat_sh[parent], 0)) > len(kshape):  # a >2-D kernel without params: replicate
+                    return NamedSharding(mesh, P())
+            spec = _spec_of(flat_sh[parent], len(kshape))
+            per = kshape[lead:]
+            fan_in = flat_ad.get(f"{parent}/a", leaf).shape[-2]
+            k = next((k for k in range(1, len(per)) if math.prod(per[:k]) == fan_in), 1) if -1 not in per else 1
+            s_in, s_out = _group_spec(spec[lead:lead + k]), _group_spec(spec[lead + k:])
+            tail = [s_in, None] if name == "a" else [None, s_out]
+            return NamedSharding(mesh, P(*spec[:lead], *tail))
+        if path in flat_sh and len(_spec_of(flat_sh[path], 0)) <= ndim:
+            return NamedSharding(mesh, P(*_spec_of(flat_sh[path], ndim)))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(lambda kp, x: rule(tree_lib.path_str(kp), x), adapters)
+
+
+def like_adapters(tree: Any, adapters: Mapping, adapter_shardings: Any) -> Any:
+    """Shardings for a tree whose leaves mirror the adapters (optimizer state: adam's ``mu``/``nu`` ...).
+
+    A leaf whose path ends with an adapter leaf's path and has its shape takes that leaf's sharding (the longest
+    such path wins); everything else (step counts, scalars) is replicated.
+    """
+    mesh = _mesh_of(adapter_shardings)
+    shapes = {p: tuple(x.shape) for p, x in tree_lib.flatten(adapters).items()}
+    flat_sh = tree_lib.flatten(adapter_shardings)
+
+    def rule(kp, x):
+        parts = tree_lib.path_str(kp).split("/")
+        for i in range(len(parts)):
+            cand = "/".join(parts[i:])
+            if cand in shapes and shapes[cand] == tuple(getattr(x, "shape", ())):
+                return flat_sh[cand]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(rule, tree)
+
+
+def state_shardings(state: TrainState, adapter_shardings: Any) -> TrainState:
+    """Shardings of a :class:`jlora.TrainState`: adapters and optimizer state follow the adapter shardings; the
+    step and rng are replicated."""
+    rep = NamedSharding(_mesh_of(adapter_shardings), P())
+    return TrainState(rep, adapter_shardings, like_adapters(state.opt_state, state.adapters, adapter_shardings),
+                      rep)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of every batch leaf split over ``("data", "fsdp")``; replicated over ``tensor``."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _check_batch(batch: Mapping, mesh: Mesh, n: int | None = None, what: str = "") -> None:
+    n = _size(mesh, "data") * _size(mesh, "fsdp") if n is None else n
+    for name, x in tree_lib.flatten(batch).items():
+        rows = x.shape[0] if getattr(x, "shape", ()) else 0
+        if not rows or rows % n:
+            raise ValueError(_BAD_BATCH.format(name=name, rows=rows, n=n, mesh=dict(mesh.shape)) + what)
+
+
+# --- placement -------------------------------------------------------------------------------------------------
+
+def _place_leaf(x, sharding):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_place_leaf(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)   # multi-host: every process holds the same full value; each places its own shards
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Puts every leaf of ``tree`` on its sharding (``shardings`` is a matching tree or a prefix of it).
+
+    Works multi-host too: a host value (the same in every process) is cut into this process's shards.
+    """
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: _place_leaf(x, s), sub), shardings, tree,
+                        is_leaf=is_sharding)
+
+
+def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
+    """Places a global batch (the same in every process) with rows over ``("data", "fsdp")``.
+
+    Raises:
+        ValueError: a leaf's row count does not divide by ``data * fsdp``.
+    """
+    _check_batch(batch, mesh)
+    return place(dict(batch), batch_sharding(mesh))
+
+
+def _local_shards(mesh: Mesh) -> list[int]:
+    """Batch-shard indices (0 .. data*fsdp-1) held by this process's devices, sorted."""
+    ids = np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices)
+    d_idx, f_idx, _ = np.nonzero(ids)
+    return sorted(set((d_idx * _size(mesh, "fsdp") + f_idx).tolist()))
+
+
+def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of a global batch that this process feeds to :func:`shard_local_batch`.
+
+    Examples:
+        >>> local_batch_rows(make_mesh(data=8), 16)     # a single process feeds everything
+        slice(0, 16, None)
+    """
+    n = _size(mesh, "data") * _size(mesh, "fsdp")
+    if global_batch_size % n:
+        raise ValueError(_BAD_BATCH.format(name="<global batch>", rows=global_batch_size, n=n,
+                                           mesh=dict(mesh.shape)))
+    shards, per = _local_shards(mesh), global_batch_size // n
+    if shards != list(range(shards[0], shards[-1] + 1)):
+        raise ValueError(f"this process's devices hold non-contiguous batch shards {shards} of mesh "
+                         f"{dict(mesh.shape)}; build the mesh with make_mesh() so each process's devices are "
+                         f"adjacent on the batch axes")
+    return slice(shards[0] * per, (shards[-1] + 1) * per)
+
+
+def shard_local_batch(local_batch: Mapping, mesh: Mesh) -> dict:
+    """Per-process data feeding: each process passes only its rows (:func:`local_batch_rows`) and gets back the
+    global batch as arrays sharded over ``("data", "fsdp")``, via ``jax.make_array_from_process_local_data``.
+    With one process this equals :func:`shard_batch`."""
+    _check_batch(local_batch, mesh, len(_local_shards(mesh)),
+                 " (per process: this process's devices hold that many of the batch shards)")
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+# --- train steps -----------------------------------------------------------------------------------------------
+
+def _interleave(batch: Mapping, k: int) -> dict:
+    """Reorders rows so that the step's contiguous micro-batch split takes every k-th row: micro-batch i is rows
+    i, i+k, ...; each device then holds an equal part of every micro-batch (XLA folds the reshapes)."""
+    def f(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} does not divide into grad_accum_steps={k} micro-batches")
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+    return {name: f(x) for name, x in batch.items()}
+
+
+def make_sharded_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                            param_shardings: Any, state_shardings: TrainState, loss_fn: LossFn = lm_loss,
+                            grad_accum_steps: int = 1, donate: bool = True) -> Callable:
+    """:func:`jlora.make_train_step` under ``jax.jit`` with explicit in/out shardings on ``mesh``.
+
+    Returns ``step(state, params, batch) -> (state, metrics)``: the state is donated (its buffers are reused for
+    the new state), params and batch are expected on ``param_shardings`` and :func:`batch_sharding` (use
+    :func:`place`, :func:`shard_batch`, :func:`shard_local_batch`), metrics come back replicated. With
+    ``grad_accum_steps > 1`` micro-batch i takes rows i, i+k, ... of the batch, so that every device works on
+    every micro-batch; the token-weighted mean gradient is the same as without accumulation.
+    """
+    step = make_train_step(model, cfg, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps)
+    if grad_accum_steps > 1:
+        inner = step
+        step = lambda state, params, batch: inner(state, params, _interleave(batch, grad_accum_steps))  # noqa: E731
+    rep = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,) if donate else ())
+
+
+def make_pmap_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTransformation, *,
+                         axis_name: str = "batch", loss_fn: LossFn = lm_loss, grad_accum_steps: int = 1,
+                         devices: Sequence[Any] | None = None, donate: bool = True) -> Callable:
+    """The train step under ``jax.pmap``: replicated state and frozen params, one batch slice per device.
+
+    Gradients, metric sums and token counts are averaged with ``lax.pmean`` (the ``reduce_grads`` hook of
+    :func:`jlora.make_train_step`) before the update, so every replica applies the same token-weighted mean
+    gradient. Call as ``step(replicate(state), replicate(params), split_for_pmap(batch, n))``; metrics come
+    back with a leading device axis (identical rows). Dropout masks are the same on every replica (one rng).
+    """
+    step = make_train_step(model, cfg, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
+                           reduce_grads=lambda t: jax.lax.pmean(t, axis_name))
+    return jax.pmap(step, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ())
+
+
+def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:
+    """Stacks a copy of ``tree`` on each local device (a leading device axis), for :func:`make_pmap_train_step`."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    sharding = NamedSharding(Mesh(np.array(devices), ("replica",)), P("replica"))
+
+    def rep(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(rep(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        one = jnp.asarray(x)[None]
+        return jax.make_array_from_single_device_arrays((len(devices), *one.shape[1:]), sharding,
+                                                        [jax.device_put(one, d) for d in devices])
+    return jax.tree.map(rep, tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first replica of a pmapped tree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def split_for_pmap(batch: Mapping, n: int | None = None) -> dict:
+    """Reshapes each ``(B, ...)`` leaf to ``(n, B // n, ...)``; ``n`` defaults to the local device count."""
+    n = jax.local_device_count() if n is None else n
+    out = {}
+    for name, x in batch.items():
+        if x.shape[0] % n:
+            raise ValueError(f"batch leaf {name!r} has {x.shape[0]} rows, which do not split over {n} pmap "
+                             f"devices; use a batch size that is a multiple of {n}")
+        out[name] = jnp.reshape(x, (n, x.shape[0] // n, *x.shape[1:]))
+    return out
+
+
+# --- multi-host ------------------------------------------------------------------------------------------------
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids: int | Sequence[int] | None = None) -> None:
+    """Joins this process to a multi-process JAX job (``jax.distributed.initialize``); call it first thing,
+    before any other JAX call, in every process.
+
+    Arguments not given are read from ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0),
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` and ``JAX_LOCAL_DEVICE_IDS``; whatever is still unset is left to
+    JAX's cluster auto-detection (TPU pods, SLURM, Open MPI, Kubernetes). CPU collectives use gloo, so the same
+    code runs multi-process on plain CPUs. Calling it again once initialized does nothing.
+    """
+    if jax.distributed.is_initialized():
+        return
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids)
+    except ValueError as e:
+        raise ValueError(
+            f"{e} jlora.parallel.initialize needs coordinator_address (host:port of process 0), num_processes "
+            f"and process_id, as arguments or as JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; "
+            f"on TPU pods and SLURM/MPI clusters JAX detects them by itself. Got coordinator_address="
+            f"{coordinator_address!r}, num_processes={num_processes!r}, process_id={process_id!r}") from None
+
+
+def is_main_process() -> bool:
+    """True in process 0: log, print progress and write run files there only."""
+    return jax.process_index() == 0
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly multi-host sharded) arrays, identical in every process.
+
+    A collective: in a multi-process job every process must call it.
+    """
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(get, tree)
+
+
+__all__ = ["AXES", "BATCH_AXES", "make_mesh", "leaf_spec", "param_specs", "param_shardings", "adapter_shardings",
+           "like_adapters", "state_shardings", "batch_sharding", "place", "shard_batch", "local_batch_rows",
+           "shard_local_batch", "make_sharded_train_step", "make_pmap_train_step", "replicate", "unreplicate",
+           "split_for_pmap", "initialize", "is_main_process", "to_host"]

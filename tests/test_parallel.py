@@ -1,0 +1,344 @@
+"""jlora.parallel on 8 virtual CPU devices: sharded and pmapped training equals the single-device run; FSDP
+shrinks per-device parameter memory (XLA's compiled memory analysis); two processes on jax.distributed train,
+checkpoint and resume; the sharding rules; clear errors; the notes/scaling.md snippet runs.
+
+The oracle of every equivalence test is the plain single-device ``jax.jit(jlora.make_train_step(...))`` run
+(fp32), for 5 steps of a tiny Llama with left-padded batches (token-weighted losses)."""
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jlora
+from _mp_worker import SPLIT, TOTAL, setup
+from helpers import assert_trees_all_close
+from jlora import parallel
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 5
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.array, tree)   # a fresh buffer: donating the state must not delete the originals
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return setup()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """The single-device run: losses of all TOTAL steps, adapters after STEPS and after TOTAL steps."""
+    model, params, cfg, opt, adapters, batches = tiny
+    step = jax.jit(jlora.make_train_step(model, cfg, opt), donate_argnums=0)
+    state = jlora.TrainState.create(_copy(adapters), opt, rng=jax.random.key(4))
+    losses, snapshots = [], {}
+    for i, batch in enumerate(batches):
+        state, metrics = step(state, params, batch)
+        losses.append(float(metrics["loss"]))
+        snapshots[i + 1] = jax.tree.map(np.asarray, state.adapters)
+    return np.asarray(losses), snapshots
+
+
+def _stack_layers(tree, n):
+    """Unrolled ``layers_{i}`` subtrees -> one ``layers`` subtree with a leading layer axis (nn.scan's layout)."""
+    out = {k: v for k, v in tree.items() if not re.fullmatch(r"layers_\d+", k)}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layers_{i}"] for i in range(n)])
+    return out
+
+
+def _unstack_layers(tree, n):
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    out.update({f"layers_{i}": jax.tree.map(lambda x: x[i], tree["layers"]) for i in range(n)})
+    return out
+
+
+SHARDED_CASES = {
+    "data8": dict(mesh=dict(data=8)),
+    "fsdp8": dict(mesh=dict(fsdp=8)),
+    "fsdp4_tensor2": dict(mesh=dict(fsdp=4, tensor=2)),
+    # everything at once: 3 axes, scanned layers, remat, gradient accumulation
+    "data2_fsdp2_tensor2_scan_remat_accum2": dict(mesh=dict(data=2, fsdp=2, tensor=2), scan=True, remat="dots",
+                                                  accum=2),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDED_CASES))
+def test_sharded_training_equals_single_device(case, tiny, reference):
+    spec = SHARDED_CASES[case]
+    model, params, cfg, opt, adapters, batches = setup(scan_layers=spec.get("scan", False),
+                                                       remat=spec.get("remat", "none")) if (
+        spec.get("scan") or spec.get("remat")) else tiny
+    n_layers = model.config.num_hidden_layers
+    if spec.get("scan"):
+        params, adapters = _stack_layers(params, n_layers), _stack_layers(adapters, n_layers)
+    mesh = parallel.make_mesh(**spec["mesh"])
+    p_sh = parallel.param_shardings(params, mesh, family="llama")
+    params = parallel.place(params, p_sh)
+    state = jlora.TrainState.create(_copy(adapters), opt, rng=jax.random.key(4))
+    s_sh = parallel.state_shardings(state, parallel.adapter_shardings(adapters, p_sh))
+    state = parallel.place(state, s_sh)
+    step = parallel.make_sharded_train_step(model, cfg, opt, mesh, param_shardings=p_sh, state_shardings=s_sh,
+                                            grad_accum_steps=spec.get("accum", 1))
+    losses = []
+    for batch in batches[:STEPS]:
+        state, metrics = step(state, params, parallel.shard_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    ref_losses, ref_adapters = reference
+    np.testing.assert_allclose(losses, ref_losses[:STEPS], atol=1e-5, rtol=0)
+    got = jax.tree.map(np.asarray, state.adapters)
+    if spec.get("scan"):
+        got = _unstack_layers(got, n_layers)
+    assert_trees_all_close(got, ref_adapters[STEPS], atol=1e-5)
+    # the state really is sharded as planned, and stays so across steps (out_shardings = in_shardings)
+    assert jax.tree.map(lambda x: x.sharding, state) == s_sh
+    if mesh.shape["fsdp"] > 1:
+        q = params["layers" if spec.get("scan") else "layers_0"]["self_attn"]["q_proj"]["kernel"]
+        assert "fsdp" in q.sharding.spec
+
+
+def test_pmap_training_equals_single_device(tiny, reference):
+    model, params, cfg, opt, adapters, batches = tiny
+    step = parallel.make_pmap_train_step(model, cfg, opt, grad_accum_steps=2)
+    state = parallel.replicate(jlora.TrainState.create(_copy(adapters), opt, rng=jax.random.key(4)))
+    params = parallel.replicate(params)
+    losses = []
+    for batch in batches[:STEPS]:
+        state, metrics = step(state, params, parallel.split_for_pmap(batch))
+        assert np.ptp(np.asarray(metrics["loss"])) == 0     # pmean: every replica reports the same loss
+        losses.append(float(metrics["loss"][0]))
+    ref_losses, ref_adapters = reference
+    np.testing.assert_allclose(losses, ref_losses[:STEPS], atol=1e-5, rtol=0)
+    assert_trees_all_close(jax.tree.map(np.asarray, parallel.unreplicate(state.adapters)), ref_adapters[STEPS],
+                           atol=1e-5)
+    # every replica holds the same adapters
+    for leaf in jax.tree.leaves(state.adapters):
+        np.testing.assert_array_equal(np.asarray(leaf), np.broadcast_to(np.asarray(leaf)[:1], leaf.shape))
+
+
+def test_fsdp_cuts_per_device_parameter_bytes_per_xla_memory_analysis(tiny):
+    model, params, *_ = tiny
+    ids = jnp.zeros((8, 16), jnp.int32)
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+
+    def per_device_argument_bytes(mesh):
+        shardings = (parallel.param_shardings(params, mesh, family="llama"), parallel.batch_sharding(mesh))
+        fwd = jax.jit(lambda p, x: model.apply({"params": p}, x), in_shardings=shardings)
+        return fwd.lower(params, ids).compile().memory_analysis().argument_size_in_bytes - ids.nbytes // 8
+
+    fsdp, replicated = per_device_argument_bytes(parallel.make_mesh(fsdp=8)), per_device_argument_bytes(
+        parallel.make_mesh(data=8))
+    print(f"frozen params per device: unsharded {total} B, data-parallel {replicated} B, FSDP(8) {fsdp} B "
+          f"({fsdp / total:.4f} of unsharded)")
+    assert replicated >= total
+    assert fsdp <= total / 7
+
+
+# --- two processes ---------------------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_pair(phase, tmp_path, timeout=240):
+    """Runs two worker processes of one jax.distributed job; kills both if either fails or hangs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=os.pathsep.join(
+                   [str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
+    port, out = _free_port(), tmp_path / f"{phase}.npz"
+    logs = [open(tmp_path / f"{phase}.{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_mp_worker.py"), str(i), "2", str(port), phase,
+                               str(tmp_path / "ckpt"), str(out)], env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+             for i in range(2)]
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = []
+    for f in logs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    if any(p.returncode for p in procs):
+        pytest.fail(f"{phase} workers exited with {[p.returncode for p in procs]}:\n" +
+                    "\n".join(f"--- process {i} ---\n{t[-3000:]}" for i, t in enumerate(texts)))
+    return dict(np.load(out))
+
+
+def test_two_processes_train_checkpoint_and_a_new_pair_resumes(tmp_path, reference):
+    ref_losses, ref_adapters = reference
+    first = _run_pair("train", tmp_path)
+    assert int(first.pop("step")) == SPLIT
+    np.testing.assert_allclose(first.pop("losses"), ref_losses[:SPLIT], atol=1e-5, rtol=0)
+    assert_trees_all_close(jlora.tree.unflatten(first), ref_adapters[SPLIT], atol=1e-5)
+    assert (tmp_path / "ckpt" / str(SPLIT)).is_dir()
+
+    second = _run_pair("resume", tmp_path)      # new processes: everything comes from the checkpoint
+    assert int(second.pop("step")) == TOTAL
+    np.testing.assert_allclose(second.pop("losses"), ref_losses[SPLIT:TOTAL], atol=1e-5, rtol=0)
+    assert_trees_all_close(jlora.tree.unflatten(second), ref_adapters[TOTAL], atol=1e-5)
+
+
+# --- sharding rules --------------------------------------------------------------------------------------------
+
+def _specs(params, mesh, family="llama"):
+    return {k: tuple(v) for k, v in jlora.tree.flatten(parallel.param_specs(params, mesh, family)).items()}
+
+
+def test_llama_rules_megatron_and_fsdp(tiny):
+    _, params, *_ = tiny
+    specs = _specs(params, parallel.make_mesh(fsdp=4, tensor=2))
+    # column-parallel: output columns over tensor; row-parallel: input rows over tensor; fsdp on the other dim
+    for name in ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "mlp/gate_proj", "mlp/up_proj"):
+        assert specs[f"layers_1/{name}/kernel"] == ("fsdp", "tensor"), name
+    for name in ("self_attn/o_proj", "mlp/down_proj"):
+        assert specs[f"layers_1/{name}/kernel"] == ("tensor", "fsdp"), name
+    assert specs["embed_tokens/embedding"] == ("tensor", "fsdp")      # vocab-parallel
+    assert specs["lm_head/kernel"] == ("fsdp", "tensor")
+    assert specs["norm/scale"] == (None,)
+    assert specs["layers_0/input_layernorm/scale"] == (None,)
+    # FSDP alone: the largest divisible dim (embedding: vocab 256 > hidden 64; up_proj: 128 > 64)
+    specs = _specs(params, parallel.make_mesh(fsdp=8))
+    assert specs["embed_tokens/embedding"] == ("fsdp", None)
+    assert specs["layers_0/mlp/up_proj/kernel"] == (None, "fsdp")
+    assert specs["layers_0/mlp/down_proj/kernel"] == ("fsdp", None)
+    # data parallel: everything replicated
+    assert set(_specs(params, parallel.make_mesh(data=8)).values()) <= {(None,), (None, None)}
+
+
+def test_scanned_layer_axis_is_never_sharded_and_biases_follow_columns():
+    mesh = parallel.make_mesh(fsdp=4, tensor=2)
+    params = {"layers": {"self_attn": {"q_proj": {"kernel": jnp.zeros((8, 32, 64)), "bias": jnp.zeros((8, 64))},
+                                       "o_proj": {"kernel": jnp.zeros((8, 64, 32))}}}}
+    specs = _specs(params, mesh)
+    assert specs["layers/self_attn/q_proj/kernel"] == (None, "fsdp", "tensor")
+    assert specs["layers/self_attn/q_proj/bias"] == (None, "tensor")
+    assert specs["layers/self_attn/o_proj/kernel"] == (None, "tensor", "fsdp")
+    # the generic rule (family=None) knows no layer axis and no tensor rule: FSDP on the largest divisible dim
+    assert _specs(params, mesh, None)["layers/self_attn/q_proj/kernel"] == (None, None, "fsdp")
+
+
+def test_generic_rule_leaves_non_divisible_kernels_replicated():
+    mesh = parallel.make_mesh(fsdp=8)
+    params = {"a": {"kernel": jnp.zeros((12, 20))}, "b": {"kernel": jnp.zeros((12, 24))}}
+    assert _specs(params, mesh, None) == {"a/kernel": (None, None), "b/kernel": (None, "fsdp")}
+
+
+def test_adapters_follow_their_kernels_and_optimizer_state_follows_adapters(tiny):
+    _, params, cfg, _, adapters, _ = tiny
+    mesh = parallel.make_mesh(fsdp=4, tensor=2)
+    p_sh = parallel.param_shardings(params, mesh, family="llama")
+    a_sh = jlora.tree.flatten(parallel.adapter_shardings(adapters, p_sh))
+    k = "layers_0/self_attn/"
+    assert tuple(a_sh[k + "q_proj/kernel/a"].spec) == ("fsdp", None)      # kernel (fsdp, tensor)
+    assert tuple(a_sh[k + "q_proj/kernel/b"].spec) == (None, "tensor")
+    assert tuple(a_sh[k + "o_proj/kernel/a"].spec) == ("tensor", None)    # kernel (tensor, fsdp)
+    assert tuple(a_sh[k + "o_proj/kernel/b"].spec) == (None, "fsdp")
+    assert tuple(a_sh["embed_tokens/embedding/a"].spec) == ("tensor", None)
+    # q_proj's and o_proj's A have the same shape (64, 4) but different shardings: state leaves match by path
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    state = jlora.TrainState.create(adapters, opt, rng=jax.random.key(0))
+    s_sh = parallel.state_shardings(state, parallel.adapter_shardings(adapters, p_sh))
+    by_path = {jlora.tree.path_str(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(s_sh.opt_state)[0]}
+    for path, sharding in by_path.items():
+        adapter_path = next((p for p in a_sh if path.endswith("/" + p)), None)
+        expected = a_sh[adapter_path].spec if adapter_path else P()
+        assert sharding.spec == expected, path
+    assert sum("mu/" in p for p in by_path) == len(a_sh)
+    assert s_sh.step.spec == P() and s_sh.rng.spec == P()
+
+
+def test_adapter_shardings_of_multi_axis_kernels_need_params():
+    from tiny import TinyLM
+
+    model = TinyLM(vocab=64, dim=32, heads=4, layers=1, multi_axis=True)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]     # shapes are all the rules need
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "o_proj"))
+    layout = jlora.layout(model, ids)
+    adapters = jax.eval_shape(lambda p: jlora.init(p, cfg, key=jax.random.key(1), layout=layout), params)
+    mesh = parallel.make_mesh(fsdp=4, data=2)
+    p_sh = parallel.param_shardings(params, mesh)        # generic: q (32, 4, 8) -> fsdp on 32; o (4, 8, 32) -> 32
+    assert tuple(p_sh["layers_0"]["q_proj"]["kernel"].spec) == ("fsdp", None, None)
+    assert tuple(p_sh["layers_0"]["o_proj"]["kernel"].spec) == (None, None, "fsdp")
+    with_params = jlora.tree.flatten(parallel.adapter_shardings(adapters, p_sh, params))
+    assert tuple(with_params["layers_0/q_proj/kernel/a"].spec) == ("fsdp", None)   # a: (32, 2)
+    assert tuple(with_params["layers_0/q_proj/kernel/b"].spec) == (None, None)     # b: (2, 4*8): out unsharded
+    assert tuple(with_params["layers_0/o_proj/kernel/b"].spec) == (None, "fsdp")   # b: (2, 32)
+    without = jlora.tree.flatten(parallel.adapter_shardings(adapters, p_sh))       # cannot tell: replicated
+    assert all(tuple(s.spec) == () for s in without.values())
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+def test_mesh_size_must_equal_device_count():
+    with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x tensor=1 = 4 devices, but there are 8 devices"):
+        parallel.make_mesh(data=2, fsdp=2)
+    with pytest.raises(ValueError, match=r"= 16 devices, but there are 8"):
+        parallel.make_mesh(fsdp=8, tensor=2)
+    with pytest.raises(ValueError, match=r"at most one may be -1"):
+        parallel.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match=r"not a multiple"):
+        parallel.make_mesh(data=-1, tensor=3)
+    assert parallel.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4]).devices.size == 4
+
+
+def test_batch_that_does_not_divide_is_a_clear_error():
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    batch = {"input_ids": np.zeros((6, 8), np.int32)}
+    with pytest.raises(ValueError, match=r"'input_ids' has 6 rows, which do not divide into 4 equal batch shards.*"
+                                         r"multiple of 4"):
+        parallel.shard_batch(batch, mesh)
+    with pytest.raises(ValueError, match=r"6 rows.*8 pmap devices"):
+        parallel.split_for_pmap(batch, 8)
+    with pytest.raises(ValueError, match=r"has 6 rows.*4 equal batch shards"):
+        parallel.local_batch_rows(mesh, 6)
+    sharded = parallel.shard_batch({"input_ids": np.zeros((8, 8), np.int32)}, mesh)   # 8 rows: 2 per shard
+    assert sharded["input_ids"].sharding.spec == P(("data", "fsdp"))
+
+
+def test_tensor_dim_that_does_not_divide_is_a_clear_error():
+    mesh = parallel.make_mesh(fsdp=2, tensor=4)
+    params = {"layers_0": {"self_attn": {"k_proj": {"kernel": jnp.zeros((64, 6))}}}}
+    with pytest.raises(ValueError, match=r"'layers_0/self_attn/k_proj/kernel' \(shape \(64, 6\)\).*6 is not "
+                                         r"divisible by 4.*e.g. 2"):
+        parallel.param_specs(params, mesh, "llama")
+    with pytest.raises(ValueError, match=r"no sharding rules for family 'bert'"):
+        parallel.param_specs(params, mesh, "bert")
+
+
+def test_single_process_helpers():
+    assert parallel.is_main_process()
+    mesh = parallel.make_mesh(data=8)
+    assert parallel.local_batch_rows(mesh, 16) == slice(0, 16)
+    local = parallel.shard_local_batch({"x": np.arange(16.0).reshape(16, 1)}, mesh)   # one process: = global
+    np.testing.assert_array_equal(parallel.to_host(local)["x"][:, 0], np.arange(16.0))
+
+
+# --- the README section ----------------------------------------------------------------------------------------
+
+def test_scaling_notes_snippet_runs():
+    text = (ROOT / "notes" / "scaling.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "notes/scaling.md", "exec"), {"__name__": "scaling"})
