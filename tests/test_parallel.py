@@ -1,6 +1,6 @@
 """jlora.parallel on 8 virtual CPU devices: sharded and pmapped training equals the single-device run; FSDP
 shrinks per-device parameter memory (XLA's compiled memory analysis); two processes on jax.distributed train,
-checkpoint and resume; the sharding rules; clear errors; the notes/scaling.md snippet runs.
+checkpoint and resume; the sharding rules; clear errors (the README's Scaling out snippet runs in test_readme.py).
 
 The oracle of every equivalence test is the plain single-device ``jax.jit(jlora.make_train_step(...))`` run
 (fp32), for 5 steps of a tiny Llama with left-padded batches (token-weighted losses)."""
@@ -335,10 +335,5 @@ def test_single_process_helpers():
     np.testing.assert_array_equal(parallel.to_host(local)["x"][:, 0], np.arange(16.0))
 
 
-# --- the README section ----------------------------------------------------------------------------------------
+# The README's "Scaling out" snippet runs in tests/test_readme.py with the other README examples.
 
-def test_scaling_notes_snippet_runs():
-    text = (ROOT / "notes" / "scaling.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 1
-    exec(compile(blocks[0], "notes/scaling.md", "exec"), {"__name__": "scaling"})
