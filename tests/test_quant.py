@@ -127,7 +127,7 @@ def test_stacked_kernels_quantize_per_layer():
 def test_quantized_params_take_under_0_3_of_bf16():
     model = TinyLM(vocab=64, dim=256, heads=4, layers=2, multi_axis=False, tied=False)
     ids = jnp.zeros((1, 4), jnp.int32)
-    params = model.init(jax.random.key(0), ids)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
     for dq, bound in ((False, 0.3), (True, 0.27)):
         q = jlora.quantize(params, double_quant=dq)
         paths = [p for p, v in jlora.tree.flatten(q).items() if quant.is_quantized(v)]
@@ -148,9 +148,9 @@ def test_no_full_precision_kernel_outlives_its_layer():
     """XLA's temp memory of a QLoRA forward and gradient stays at about one layer's decoded kernels."""
     ids = jnp.zeros((1, 8), jnp.int32)
     temps = {}
-    for layers in (2, 6):
+    for layers in (1, 4):
         model = TinyLM(vocab=64, dim=256, heads=4, layers=layers, multi_axis=False, tied=False)
-        params = model.init(jax.random.key(0), ids)["params"]
+        params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
         q = jlora.quantize(params)
         cfg = jlora.LoraConfig(rank=4, targets="q_proj")
         ad = jlora.init(q, cfg, key=jax.random.key(1))
@@ -159,30 +159,31 @@ def test_no_full_precision_kernel_outlives_its_layer():
                          for f in (loss, jax.grad(loss))]
         decoded = sum(4 * v.size for p, v in jlora.tree.flatten(params).items()
                       if quant.is_quantized(jlora.tree.flatten(q)[p]))
-    per_layer = decoded // 6
-    print(f"temp bytes (forward, grad): 2 layers {temps[2]}, 6 layers {temps[6]}; fp32 kernels {decoded}")
-    # four more layers add less than one layer's decoded kernels (activations only), and the whole is small
-    assert all(t6 - t2 < per_layer for t2, t6 in zip(temps[2], temps[6]))
-    assert max(temps[6]) <= 0.15 * decoded
+    per_layer = decoded // 4
+    print(f"temp bytes (forward, grad): 1 layer {temps[1]}, 4 layers {temps[4]}; fp32 kernels {decoded}")
+    # three more layers add less than one layer's decoded kernels (activations only), and the whole is small
+    assert all(t4 - t1 < per_layer for t1, t4 in zip(temps[1], temps[4]))
+    assert max(temps[4]) <= 0.25 * decoded
 
 
 def test_qlora_gradients_equal_those_on_the_dequantized_base():
-    for scan in (False, True):
-        model, ids, params = _model_and_params(scan=scan)
-        lay = jlora.layout(model, ids)
-        q = jlora.quantize(params, layout=lay, double_quant=True)
-        cfg = jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "up_proj"))
-        ad = randomize(jlora.init(q, cfg, key=jax.random.key(1), layout=lay), jax.random.key(2), 0.2)
-        loss = lambda a, p: jlora.lm_loss(lambda *x: jlora.apply(model, p, a, cfg, *x), {"input_ids": ids})[0]  # noqa
-        g_q = jax.jit(jax.grad(loss))(ad, q)
-        g_d = jax.jit(jax.grad(loss))(ad, quant.dequantize_params(q))
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), g_q, g_d)
+    model = TinyLM(vocab=64, dim=64, heads=2, layers=2, multi_axis=False, tied=False, scan=True)
+    ids = jax.random.randint(jax.random.key(3), (2, 8), 0, 64)
+    params = jax.jit(model.init)(jax.random.key(0), ids)["params"]     # the custom backward under nn.scan
+    lay = jlora.layout(model, ids)
+    q = jlora.quantize(params, layout=lay, double_quant=True)
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "up_proj"))
+    ad = randomize(jlora.init(q, cfg, key=jax.random.key(1), layout=lay), jax.random.key(2), 0.2)
+    loss = lambda a, p: jlora.lm_loss(lambda *x: jlora.apply(model, p, a, cfg, *x), {"input_ids": ids})[0]  # noqa
+    g_q = jax.jit(jax.grad(loss))(ad, q)
+    g_d = jax.jit(jax.grad(loss))(ad, quant.dequantize_params(q))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), g_q, g_d)
 
 
 def _model_and_params(scan=False):
     model = TinyLM(vocab=64, dim=64, heads=4, layers=2, multi_axis=False, tied=False, scan=scan)
     ids = jax.random.randint(jax.random.key(3), (4, 16), 0, 64)
-    return model, ids, model.init(jax.random.key(0), ids)["params"]
+    return model, ids, jax.jit(model.init)(jax.random.key(0), ids)["params"]
 
 
 def test_quantized_transform_equals_dequantized_model():
