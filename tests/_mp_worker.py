@@ -6,6 +6,8 @@ Llama of :func:`setup` on an fsdp=2 x tensor=2 mesh over the 4 global devices, f
 batch, and
 - PHASE "train": trains ``SPLIT`` steps from scratch and saves checkpoint ``SPLIT`` from every process;
 - PHASE "resume": restores the latest checkpoint onto the sharded state and trains to ``TOTAL`` steps.
+"train" passes the job's coordinates to ``jlora.parallel.initialize`` as arguments, "resume" through the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables.
 Process 0 writes the losses and the final adapters (gathered to host) to OUT (.npz).
 """
 
@@ -62,12 +64,16 @@ def main(process_id, num_processes, port, phase, ckpt_dir, out):
     from jlora import parallel
     from jlora.checkpoint import CheckpointManager
 
-    parallel.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+    if phase == "train":      # both ways of configuring the job: arguments, and the environment variables
+        parallel.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+    else:
+        os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+                          JAX_PROCESS_ID=str(process_id))
+        parallel.initialize()
     jax.config.update("jax_numpy_rank_promotion", "raise")
     assert jax.device_count() == 2 * num_processes and jax.local_device_count() == 2, jax.devices()
 
     model, params, cfg, opt, adapters, batches = setup()
-    host_params = jax.tree.map(np.asarray, params)
     mesh = parallel.make_mesh(fsdp=2, tensor=2)
     p_sh = parallel.param_shardings(params, mesh, family="llama")
     params = parallel.place(params, p_sh)
@@ -78,7 +84,7 @@ def main(process_id, num_processes, port, phase, ckpt_dir, out):
 
     manager = CheckpointManager(ckpt_dir)
     if phase == "resume":
-        state = manager.restore(state, params=host_params, lora_config=cfg).state
+        state = manager.restore(state, params=params, lora_config=cfg).state
     rows = parallel.local_batch_rows(mesh, B)
     losses = []
     for i in range(int(jax.device_get(state.step)), SPLIT if phase == "train" else TOTAL):
@@ -86,7 +92,7 @@ def main(process_id, num_processes, port, phase, ckpt_dir, out):
         state, metrics = step(state, params, parallel.shard_local_batch(local, mesh))
         losses.append(float(parallel.to_host(metrics["loss"])))
     if phase == "train":
-        manager.save(SPLIT, state, params=host_params, lora_config=cfg)
+        manager.save(SPLIT, state, params=params, lora_config=cfg)
     manager.close()
     flat = jlora.tree.flatten(parallel.to_host(state.adapters))   # a collective: every process calls it
     if parallel.is_main_process():

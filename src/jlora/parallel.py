@@ -485,9 +485,12 @@ def is_main_process() -> bool:
 def to_host(tree: Any) -> Any:
     """Numpy copies of (possibly multi-host sharded) arrays, identical in every process.
 
-    A collective: in a multi-process job every process must call it.
+    Fully replicated arrays (metrics) are read locally; other arrays that span processes are gathered with
+    ``process_allgather``, a collective: in a multi-process job every process must call it.
     """
     def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
