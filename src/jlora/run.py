@@ -323,9 +323,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 batch = {k: jnp.asarray(v) for k, v in batch.items()}
                 state, metrics = step_fn(state, loaded.params, batch)
                 loss = float(metrics["loss"])
-                tokens_seen += float(metrics["tokens"])
+                tokens_seen += float(jnp.sum(batch["attention_mask"]))  # tokens processed (loss: completions)
                 elapsed = time.perf_counter() - t_start
-                record = {"step": step + 1, "loss": loss, "tokens": float(metrics["tokens"]),
+                record = {"step": step + 1, "loss": loss, "loss_tokens": float(metrics["tokens"]),
                           "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_seen / elapsed}
                 if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and valid_examples:
                     record["valid_loss"] = validation_loss(eval_step, loaded.params, state.adapters,
