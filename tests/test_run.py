@@ -168,3 +168,17 @@ def test_finetune_example_runs(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "validation loss after" in result.stdout
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_mesh_section_shards_the_run_and_matches_one_device(tiny_model, tmp_path):
+    common = dict(train={"steps": 3, "checkpoint_every": 0}, eval={"before": False, "after": False},
+                  run={"export_peft": False})
+    one = _write_config(tmp_path, tiny_model, "one", data={"batch_size": 8}, **common)
+    fsdp = _write_config(tmp_path, tiny_model, "fsdp", data={"batch_size": 8}, mesh={"fsdp": 8}, **common)
+    assert cli.main(["train", "--config", str(one), "--no-progress"]) == 0
+    assert cli.main(["train", "--config", str(fsdp), "--no-progress"]) == 0
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
+    bad = _write_config(tmp_path, tiny_model, "bad", mesh={"fsdp": 3}, **common)
+    assert cli.main(["train", "--config", str(bad)]) == 2

@@ -94,6 +94,19 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, weight_decay=t.weight_decay))
 
 
+def _mesh(cfg: RunConfig):
+    """The configured device mesh, or None for a single device (mesh 1 x 1 x 1)."""
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    if math.prod(sizes) == 1:
+        return None
+    from jlora import parallel
+
+    try:
+        return parallel.make_mesh(*sizes)
+    except ValueError as e:
+        raise ConfigError(f"`mesh` section: {e}") from None
+
+
 def _load_model(cfg: RunConfig):
     from jlora import hf
 
@@ -277,15 +290,32 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     lora_cfg = cfg.lora
     key = jax.random.key(cfg.train.seed)
     init_key, rng = jax.random.split(key)
-    adapters = jlora.init(loaded.params, lora_cfg, key=init_key, layout=_layout(loaded))
-    say(jlora.summary(loaded.params, adapters))
+    # `params` is the base the adapters train on: the loaded weights, or PiSSA/OLoRA's residual of them.
+    adapters, params = jlora.init_with_base(loaded.params, lora_cfg, key=init_key, layout=_layout(loaded))
+    say(jlora.summary(params, adapters))
     optimizer = make_optimizer(cfg)
     state = jlora.TrainState.create(adapters, optimizer, rng=rng)
+    mesh = _mesh(cfg)
+    if mesh is not None:   # shard frozen params, adapters and optimizer state over the configured mesh
+        from jlora import parallel
+
+        param_sh = parallel.param_shardings(params, mesh, family=loaded.family.name)
+        params = parallel.place(params, param_sh)
+        state_sh = parallel.state_shardings(state, parallel.adapter_shardings(state.adapters, param_sh, params))
+        state = parallel.place(state, state_sh)
+        step_fn = parallel.make_sharded_train_step(loaded.model, lora_cfg, optimizer, mesh,
+                                                   param_shardings=param_sh, state_shardings=state_sh,
+                                                   grad_accum_steps=cfg.train.grad_accum_steps)
+        put_batch = lambda b: parallel.shard_batch(b, mesh)  # noqa: E731
+    else:
+        step_fn = jax.jit(jlora.make_train_step(loaded.model, lora_cfg, optimizer,
+                                                grad_accum_steps=cfg.train.grad_accum_steps), donate_argnums=0)
+        put_batch = lambda b: {k: jnp.asarray(v) for k, v in b.items()}  # noqa: E731
     manager = checkpoint.CheckpointManager(run_dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep)
     position = None
     summary: dict[str, Any] = {}
     if resume and manager.latest_step() is not None:
-        restored = manager.restore(state, params=loaded.params, lora_config=lora_cfg, name=loaded.name)
+        restored = manager.restore(state, params=params, lora_config=lora_cfg, name=loaded.name)
         state, position = restored.state, restored.data_position
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         say(f"resumed from step {int(state.step)}")
@@ -304,8 +334,6 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         say(f"base model: {acc:.1f}% exact JSON on {len(prompts)} validation prompts "
             f"({time.perf_counter() - t0:.0f}s)")
 
-    step_fn = jax.jit(jlora.make_train_step(loaded.model, lora_cfg, optimizer,
-                                            grad_accum_steps=cfg.train.grad_accum_steps), donate_argnums=0)
     eval_step = jax.jit(jlora.make_eval_step(loaded.model, lora_cfg))
     start = int(state.step)
     log = _Log(run_dir, cfg.train.steps, start, progress)
@@ -313,22 +341,21 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     tokens_seen, t_start = 0.0, time.perf_counter()
 
     def save(step):
-        manager.save(step, state, params=loaded.params, lora_config=lora_cfg, name=loaded.name,
+        manager.save(step, state, params=params, lora_config=lora_cfg, name=loaded.name,
                      data_position=loader.position)
 
     try:
         with _Interrupt() as interrupt:
             for step in range(start, cfg.train.steps):
-                batch = next(loader)
-                batch = {k: jnp.asarray(v) for k, v in batch.items()}
-                state, metrics = step_fn(state, loaded.params, batch)
+                batch = put_batch(next(loader))
+                state, metrics = step_fn(state, params, batch)
                 loss = float(metrics["loss"])
                 tokens_seen += float(jnp.sum(batch["attention_mask"]))  # tokens processed (loss: completions)
                 elapsed = time.perf_counter() - t_start
                 record = {"step": step + 1, "loss": loss, "loss_tokens": float(metrics["tokens"]),
                           "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_seen / elapsed}
                 if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and valid_examples:
-                    record["valid_loss"] = validation_loss(eval_step, loaded.params, state.adapters,
+                    record["valid_loss"] = validation_loss(eval_step, params, state.adapters,
                                                            _loader(cfg, valid_examples, loaded.tokenizer,
                                                                    train=False))
                 log.write(record)
@@ -354,13 +381,13 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             save(final_step)
         manager.wait()
         if valid_examples:
-            summary["valid_loss"] = validation_loss(eval_step, loaded.params, state.adapters,
+            summary["valid_loss"] = validation_loss(eval_step, params, state.adapters,
                                                     _loader(cfg, valid_examples, loaded.tokenizer, train=False))
             with open(run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"step": final_step, "valid_loss": summary["valid_loss"]}) + "\n")
         if prompts and cfg.eval.after:
             # Merged params decode exactly like unmerged adapters and reuse the base model's compiled decoder.
-            merged = jlora.merge(loaded.params, state.adapters, lora_cfg, layout=_layout(loaded))
+            merged = jlora.merge(params, state.adapters, lora_cfg, layout=_layout(loaded))
             acc, records = score_generation(loaded, merged, prompts, batch_size=cfg.eval.batch_size,
                                             max_new_tokens=cfg.eval.max_new_tokens)
             del merged
@@ -431,7 +458,8 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     loaded = _load_model(cfg)
     adapters, lora_cfg = (None, cfg.lora) if base else load_adapters(adapter or cfg.run.dir, loaded)
     if adapters is None:
-        adapters = jlora.init(loaded.params, lora_cfg, key=jax.random.key(0), layout=_layout(loaded))
+        adapters = jlora.init(loaded.params, dataclasses.replace(lora_cfg, init="default"), key=jax.random.key(0),
+                              layout=_layout(loaded))
     if not cfg.data.valid:
         raise ConfigError("`data.valid` is empty; eval needs a validation JSONL file")
     _, valid = data_lib.load_splits(cfg.data.valid, loaded.tokenizer, valid=cfg.data.valid,
