@@ -1,0 +1,221 @@
+"""Runs the benchmarks: ``python -m bench.run`` (what ``make bench`` does).
+
+    python -m bench.run                               # every section, SmolLM2-135M shape
+    python -m bench.run --sections train,inference    # some sections
+    python -m bench.run --quick                       # 4 layers, 3 repeats: checks that everything runs
+
+Writes ``bench/results/<UTC time>.json`` (and ``latest.json``) with every sample, and rewrites ``bench/README.md``
+with the tables. Sections: figures (compiled FLOPs, trainable fraction, checkpoint bytes), train (step times vs
+PEFT and full fine-tuning), inference (forward and generation), compile (scan vs unrolled), gpu (skips without a
+GPU), variants (``bench/variants.py``: DoRA and QLoRA, when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("figures", "train", "inference", "compile", "gpu", "variants")
+TITLES = {"figures": "Deterministic figures: compiled FLOPs, trainable fraction, checkpoint bytes",
+          "train": "Train step: jlora vs PEFT vs full fine-tuning (CPU)",
+          "inference": "Inference: forward and generation",
+          "compile": "Compile time: unrolled layers vs nn.scan",
+          "gpu": "GPU: bf16 tokens/s and MFU",
+          "variants": "LoRA variants: DoRA step time, QLoRA memory"}
+
+
+def _variants(quick: bool) -> dict:
+    try:
+        from bench import variants
+    except ImportError as e:
+        return {"results": {"skipped": f"bench/variants.py not importable ({e})"},
+                "markdown": f"Skipped: bench/variants.py is not importable ({e})."}
+    fn = getattr(variants, "run", None) or getattr(variants, "main")
+    try:
+        out = fn(quick=quick)
+    except TypeError:
+        out = fn()
+    if isinstance(out, dict) and "markdown" in out:
+        return out
+    return {"results": out, "markdown": "```\n" + json.dumps(out, indent=1, default=str)[:4000] + "\n```"}
+
+
+def _section(name: str, args) -> dict:
+    from bench import compile_time, figures, gpu, inference, train_speed
+
+    layers = 4 if args.quick else None
+    repeats = 3 if args.quick else args.repeats
+    if name == "figures":
+        return figures.run()
+    if name == "train":
+        return train_speed.run(repeats=repeats, layers=layers)
+    if name == "inference":
+        return inference.run(repeats=repeats, layers=layers)
+    if name == "compile":
+        return compile_time.run(layers=layers)
+    if name == "gpu":
+        return gpu.run()
+    if name == "variants":
+        return _variants(args.quick)
+    raise ValueError(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
+
+
+def _environment() -> dict:
+    import jax
+
+    from bench import common
+
+    env = {"python": platform.python_version(), "jax": jax.__version__, "machine": platform.machine(),
+           "processor": _cpu_name(), "threads": common.threads(), "devices": [str(d) for d in jax.devices()][:4],
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "load_average_at_start": os.getloadavg()}
+    try:
+        import peft
+        import torch
+        import transformers
+        env.update(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:
+        pass
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def _memory_table(train: dict) -> str:
+    """Compiled memory of the 30-layer jlora steps (XLA's memory analysis of the executables the train section
+    timed): LoRA keeps no full-size gradients or optimizer moments."""
+    rows = []
+    for mode in ("1", "all"):
+        groups = train.get(mode, {}).get("groups")
+        if not groups:
+            continue
+        entries = [("LoRA q,v", groups["q,v"].get("jlora LoRA")), ("LoRA all linear", groups["all linear"].get("jlora LoRA")),
+                   ("full fine-tuning", groups["q,v"].get("jlora full"))]
+        for name, e in entries:
+            m = (e or {}).get("memory") or {}
+            if m:
+                rows.append([name, f"{m.get('argument_size_in_bytes', 0) / 2**20:.1f}",
+                             f"{m.get('temp_size_in_bytes', 0) / 2**20:.1f}",
+                             f"{(e.get('flops') or 0) / 1e9:.1f}", f"{e.get('compile_s', 0):.1f}"])
+        break
+    if not rows:
+        return ""
+    from bench import common
+    full = rows[-1]
+    extra = [f"LoRA / full compiled temp memory: "
+             + ", ".join(f"{r[0]} {float(r[2]) / float(full[2]):.3f}" for r in rows[:-1]) + "; arguments (params + "
+             f"trainable state): " + ", ".join(f"{r[0]} {float(r[1]) / float(full[1]):.3f}" for r in rows[:-1]) + "."]
+    return "\n".join(["Compiled memory of the timed 30-layer executables (XLA memory analysis; arguments are the "
+                      "frozen params plus the trainable state and batch):", "",
+                      common.md_table(["jlora step", "arguments MiB", "temp MiB", "GFLOP", "compile s"], rows), "",
+                      *extra])
+
+
+def _targets(report: dict) -> str:
+    """The issue's targets, each with its measured value from this run."""
+    secs = {k: v.get("results", {}) for k, v in report["sections"].items()}
+    rows = []
+
+    def add(target, value, limit, note=""):
+        if value is None:
+            return
+        rows.append([target, f"{value:.3f}", f"<= {limit:.2f}", "yes" if value <= limit else "**no**", note])
+
+    train = secs.get("train", {})
+    for mode, label in (("1", "1 thread"), ("all", "all cores")):
+        for tset in ("q,v", "all linear"):
+            r = train.get(mode, {}).get("groups", {}).get(tset, {}).get("ratios", {})
+            add(f"jlora LoRA / PEFT LoRA step, {tset}, {label}", r.get("jlora LoRA / PEFT LoRA (wall)"), 1.00,
+                "aim <= 0.85")
+    flops = secs.get("figures", {}).get("flops", {})
+    add("LoRA / full compiled FLOPs, q,v", flops.get("q,v"), 0.69)
+    add("LoRA / full compiled FLOPs, all linear", flops.get("all linear"), 0.72)
+    ratios = secs.get("inference", {}).get("ratios", {})
+    add("merged forward / base forward", ratios.get("merged / base"), 1.02)
+    add("unmerged forward / base forward (r=16, q,v)", ratios.get("unmerged / base"), 1.10)
+    if not rows:
+        return ""
+    from bench import common
+    return common.md_table(["target", "measured", "target", "met", "note"], rows)
+
+
+def _readme(report: dict) -> str:
+    env = report["environment"]
+    lines = ["# jlora benchmarks", "",
+             "Generated by `make bench` (`python -m bench.run`); every ratio is measured side by side in one run. "
+             "Raw samples: `bench/results/*.json` (not committed).", "",
+             f"Run {report['started']} ({report['total_s']:.0f} s): {env['processor']}, {env['threads']} threads, "
+             f"jax {env['jax']}, torch {env.get('torch', '-')}, transformers {env.get('transformers', '-')}, "
+             f"peft {env.get('peft', '-')}; load average at start {env['load_average_at_start'][0]:.1f} "
+             f"(the machine may be shared: compare ratios, not absolute times)."
+             + (" **Quick mode: 4 layers, 3 repeats.**" if report["quick"] else ""), "",
+             "## Targets", "", _targets(report), ""]
+    for name in report["sections"]:
+        sec = report["sections"][name]
+        lines += [f"## {TITLES[name]}", "", sec.get("markdown", ""), ""]
+        if name == "train" and isinstance(sec.get("results"), dict):
+            lines += [_memory_table(sec["results"]), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per contender after warm-up (>= 5)")
+    parser.add_argument("--quick", action="store_true", help="4 layers, 3 repeats; writes no README")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite bench/README.md from bench/results/latest.json")
+    args = parser.parse_args(argv)
+    if args.render:
+        with open(os.path.join(HERE, "results", "latest.json")) as f:
+            report = json.load(f)
+        with open(os.path.join(HERE, "README.md"), "w") as f:
+            f.write(_readme(report))
+        return 0
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t0 = time.perf_counter()
+    report = {"started": started, "quick": args.quick, "environment": _environment(), "sections": {}}
+    failed = []
+    for name in names:
+        print(f"[bench] {name} ...", flush=True)
+        s0 = time.perf_counter()
+        try:
+            report["sections"][name] = _section(name, args)
+        except Exception as e:  # one failing section must not lose the others' results
+            failed.append(name)
+            report["sections"][name] = {"results": {"error": repr(e)}, "markdown": f"**Failed**: `{e!r}`",
+                                        "traceback": traceback.format_exc()}
+            traceback.print_exc()
+        report["sections"][name]["seconds"] = time.perf_counter() - s0
+        print(report["sections"][name]["markdown"] + "\n", flush=True)
+    report["total_s"] = time.perf_counter() - t0
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    for fname in (f"{started.replace(':', '')}.json", "latest.json"):
+        with open(os.path.join(HERE, "results", fname), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    if not (args.quick or args.no_readme):
+        with open(os.path.join(HERE, "README.md"), "w") as f:
+            f.write(_readme(report))
+    print(f"[bench] done in {report['total_s']:.0f} s; results in bench/results/latest.json", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Train steps on both sides, each wrapped as a zero-argument callable that runs one step and blocks.
+
+jlora side: ``jlora.make_train_step`` (LoRA) and a full fine-tuning step written the plain JAX way (gradients of
+every param, AdamW on all of them), each compiled once ahead of time (``jit(...).lower(...).compile()``) so the
+compile time, XLA's cost analysis and its memory analysis come from the very executable that is timed.
+torch side: PEFT ``get_peft_model`` LoRA and plain full fine-tuning of transformers' model, AdamW, loss from
+``labels=input_ids`` (the same mean next-token cross-entropy as ``jlora.lm_loss``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+from bench import common
+
+LR = 1e-4
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One compiled jlora step: ``run()`` does a step and blocks; figures come from the executable."""
+
+    run: Callable[[], object]
+    compile_s: float
+    flops: float
+    memory: dict
+    loss: Callable[[], float]
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+            "generated_code_size_in_bytes")
+    return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def _compile(fn, *args, donate=(0,)):
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def jlora_lora(model, params, ids, targets, *, loss_fn=None) -> Compiled:
+    """jlora's LoRA train step (rank 16, alpha 32 on ``targets``), AdamW."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jlora
+
+    cfg = jlora.LoraConfig(rank=common.RANK, alpha=common.ALPHA, targets=tuple(targets))
+    layout = jlora.layout(model, jnp.asarray(ids[:1, :8])) if model.config.scan_layers else None
+    adapters = jlora.init(params, cfg, key=jax.random.key(1), layout=layout)
+    opt = optax.adamw(LR)
+    kw = {} if loss_fn is None else {"loss_fn": loss_fn}
+    step = jlora.make_train_step(model, cfg, opt, **kw)
+    state = jlora.TrainState.create(adapters, opt, rng=jax.random.key(2))
+    batch = {"input_ids": jnp.asarray(ids)}
+    compiled, seconds = _compile(step, state, params, batch)
+    box = {"state": state, "metrics": None}
+
+    def run():
+        box["state"], box["metrics"] = compiled(box["state"], params, batch)
+        return jax.block_until_ready(box["metrics"])
+
+    return Compiled(run, seconds, _flops(compiled), _memory(compiled), lambda: float(box["metrics"]["loss"]))
+
+
+def full_step_fn(model, opt):
+    """A plain full fine-tuning step: ``(params, opt_state), batch -> (params, opt_state), loss``."""
+    import jax
+    import optax
+
+    import jlora
+
+    def step(carry, batch):
+        params, opt_state = carry
+
+        def loss(p):
+            return jlora.lm_loss(lambda *a, **k: model.apply({"params": p}, *a, **k), batch)[0]
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    return step
+
+
+def jlora_full(model, params, ids) -> Compiled:
+    """Full fine-tuning of the same Flax model in JAX (every param trains), AdamW. Consumes ``params``."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    opt = optax.adamw(LR)
+    carry = (jax.tree.map(jnp.copy, params), None)
+    carry = (carry[0], opt.init(carry[0]))
+    batch = {"input_ids": jnp.asarray(ids)}
+    compiled, seconds = _compile(full_step_fn(model, opt), carry, batch)
+    box = {"carry": carry, "loss": None}
+
+    def run():
+        box["carry"], box["loss"] = compiled(box["carry"], batch)
+        return jax.block_until_ready(box["loss"])
+
+    return Compiled(run, seconds, _flops(compiled), _memory(compiled), lambda: float(box["loss"]))
+
+
+def torch_step(model, ids, *, targets=None) -> Callable[[], object]:
+    """One torch AdamW step; PEFT LoRA (rank 16, alpha 32) on ``targets``, or full fine-tuning when None."""
+    import torch
+
+    if targets is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=common.RANK, lora_alpha=common.ALPHA, lora_dropout=0.0,
+                                                 target_modules=list(targets)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=LR)
+    tids = torch.as_tensor(ids, dtype=torch.long)
+
+    def run():
+        loss = model(input_ids=tids, labels=tids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return run
