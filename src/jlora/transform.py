@@ -101,7 +101,7 @@ def _low_rank(module: nn.Module, method: str, args, kwargs, pair, scale: float, 
         return (scale * jnp.matmul(jnp.take(a, x, axis=0), b)).astype(y.dtype)
     x = _maybe_dropout(module, x).astype(dtype)
     if isinstance(module, nn.Dense):
-        return (scale * jnp.matmul(jnp.matmul(x, a), b)).astype(y.dtype)
+        return _low_rank_matmul(x, a, (b * scale).astype(dtype)).astype(y.dtype)
     kernel_shape = module.get_variable("params", "kernel").shape
     in_axes, out_axes = _axes(module, args, kwargs)
     in_dims = [kernel_shape[i] for i in in_axes]
@@ -120,6 +120,37 @@ def _low_rank(module: nn.Module, method: str, args, kwargs, pair, scale: float, 
     h = jnp.einsum(f"{lhs},{in_letters}{z}->{mid}{z}", x, a.reshape(*in_dims, a.shape[-1]))
     d = jnp.einsum(f"{mid}{z},{z}{out_letters}->{out}", h, b.reshape(b.shape[0], *out_dims))
     return (scale * d).astype(y.dtype)
+
+
+@jax.custom_vjp
+def _low_rank_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``(x @ a) @ b`` whose backward pass keeps the large operands in place.
+
+    The default transpose rule computes the factor gradients as ``x^T @ g`` and ``g^T @ h``: contracting the token
+    axis of a large operand on the left, which XLA:CPU lays out by materializing ``x^T`` or ``g^T`` (fused into
+    whatever produced ``g``, as strided writes). Here the large operand is always the right-hand side, contracted
+    over its major (token) axis, and only the small ``(tokens, r)`` factors get transposed; on the SmolLM2 shape
+    with all linear layers targeted this removes most of the LoRA path's overhead.
+    """
+    return jnp.matmul(jnp.matmul(x, a), b)
+
+
+def _low_rank_fwd(x, a, b):
+    h = jnp.matmul(x, a)
+    return jnp.matmul(h, b), (x, a, b, h)
+
+
+def _low_rank_bwd(res, g):
+    x, a, b, h = res
+    contract_tokens = (((0,), (0,)), ((), ()))
+    x2, g2, h2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
+    gb = jax.lax.dot_general(h2, g2, contract_tokens)                  # (r, out)
+    gh = jnp.matmul(g, b.T)                                            # (..., r)
+    ga = jax.lax.dot_general(gh.reshape(-1, gh.shape[-1]), x2, contract_tokens).T   # (r, in) -> (in, r)
+    return jnp.matmul(gh, a.T), ga.astype(a.dtype), gb.astype(b.dtype)
+
+
+_low_rank_matmul.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _maybe_dropout(module: nn.Module, x: jax.Array) -> jax.Array:
