@@ -151,6 +151,30 @@ def _targets(report: dict) -> str:
     return common.md_table(["target", "measured", "target", "met", "note"], rows)
 
 
+NOTES = """## What bounds the CPU train step (profiled with jax.profiler and torch.profiler, 1 thread)
+
+- Both sides spend most of the step in the same fp32 matmuls (SmolLM2 shape, batch 4 x 128: about 280 GFLOP
+  for a LoRA step, 21% of it the tied 49152-word output projection and its input gradient), at 75-90 GFLOP/s
+  per core on this AVX2 CPU: XLA:CPU's YNNPACK dots and torch's MKL sgemm are within a few percent of each other
+  on each shape. The matmul time alone is about 80% of PEFT's whole step, so the remaining difference is
+  non-matmul work, and <= 0.85 is out of reach without doing fewer FLOPs than PEFT (see below).
+- Made faster for this benchmark: the loss no longer slices the (B, T, vocab) logits or scatters into a
+  vocab-sized buffer (`jlora.train.causal_lm_loss`); attention without a cache runs head-major so XLA copies
+  each operand once (`jlora.models.layers.attend`); the Dense low-rank path's backward keeps the large
+  operands in place instead of materializing x^T and dy^T (`jlora.transform`), which was most of the LoRA
+  overhead with all linear layers targeted. Screened and rejected: XLA:CPU flags (fast math, vector width,
+  oneDNN/XNNPACK dot fusions instead of YNNPACK, eltwise/reduce fusion types): none beat the defaults.
+- Still slower than torch: attention (XLA materializes the masked (B, KV, G*T, T) scores; torch's fused CPU
+  flash-attention kernel does not), RoPE's concatenate and the softmax/silu elementwise passes.
+- On all cores, a shared machine penalizes the side with more parallel regions per step (torch's eager ops
+  wait for descheduled OpenMP threads); the 1-thread table is the steadier comparison.
+- Not done: computing the output projection only at positions the loss mask keeps. It cuts the head's cost in
+  proportion to the masked fraction (prompts in chat fine-tuning), but needs a static number of target
+  positions per batch (from the data loader) and a hidden-states entry point in the models; with the all-token
+  batches measured here it would change nothing.
+"""
+
+
 def _readme(report: dict) -> str:
     env = report["environment"]
     lines = ["# jlora benchmarks", "",
@@ -162,11 +186,17 @@ def _readme(report: dict) -> str:
              f"(the machine may be shared: compare ratios, not absolute times)."
              + (" **Quick mode: 4 layers, 3 repeats.**" if report["quick"] else ""), "",
              "## Targets", "", _targets(report), ""]
-    for name in report["sections"]:
-        sec = report["sections"][name]
+    for name in SECTIONS:
+        sec = report["sections"].get(name)
+        if sec is None:
+            continue
+        when = sec.get("measured", report["started"])
         lines += [f"## {TITLES[name]}", "", sec.get("markdown", ""), ""]
+        if when != report["started"]:
+            lines += [f"(measured in the run of {when})", ""]
         if name == "train" and isinstance(sec.get("results"), dict):
             lines += [_memory_table(sec["results"]), ""]
+    lines += [NOTES]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -192,6 +222,15 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     t0 = time.perf_counter()
     report = {"started": started, "quick": args.quick, "environment": _environment(), "sections": {}}
+    latest = os.path.join(HERE, "results", "latest.json")
+    if not args.quick and set(names) != set(SECTIONS) and os.path.exists(latest):
+        # a partial run keeps the other sections of the last full-size run (each says when it was measured)
+        with open(latest) as f:
+            previous = json.load(f)
+        if not previous.get("quick"):
+            for name, sec in previous.get("sections", {}).items():
+                sec.setdefault("measured", previous.get("started"))
+                report["sections"][name] = sec
     failed = []
     for name in names:
         print(f"[bench] {name} ...", flush=True)
@@ -204,6 +243,7 @@ def main(argv=None) -> int:
                                         "traceback": traceback.format_exc()}
             traceback.print_exc()
         report["sections"][name]["seconds"] = time.perf_counter() - s0
+        report["sections"][name]["measured"] = started
         print(report["sections"][name]["markdown"] + "\n", flush=True)
     report["total_s"] = time.perf_counter() - t0
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
