@@ -22,3 +22,16 @@ def randomize(adapters, key, scale=0.1):
 
 def max_diff(a, b):
     return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+def train_peft(peft_model, ids, steps=3, lr=1e-2):
+    """A few AdamW steps of a PEFT model on ``ids`` (its own LM loss), then eval mode: a trained PEFT oracle."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    ids = torch.as_tensor(ids)
+    for _ in range(steps):
+        peft_model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return peft_model.eval()

@@ -203,6 +203,18 @@ def test_restore_round_trip_and_metadata(saved, tiny):
     assert listing(directory) == before
 
 
+def test_relative_directory_saves_and_restores(tmp_path, tiny, monkeypatch):
+    # orbax refuses relative paths; the manager resolves them itself (runs pass run.dir as written in YAML)
+    _, params, _, state0 = tiny
+    monkeypatch.chdir(tmp_path)
+    with CheckpointManager("runs/ckpt") as manager:
+        manager.save(1, state0, params=params, lora_config=CFG)
+    with CheckpointManager("runs/ckpt") as manager:
+        assert manager.latest_step() == 1
+        assert_trees_equal(manager.restore(state0, params=params, lora_config=CFG).state, state0)
+    assert (tmp_path / "runs" / "ckpt" / "1").is_dir()
+
+
 def test_fingerprint_tells_variants_apart(tiny):
     _, params, _, _ = tiny
     fp = checkpoint.fingerprint(params)

@@ -132,7 +132,7 @@ def test_scan_equals_unrolled_with_adapters():
     s_params = stack(dict(params))
     s_adapters = stack(dict(adapters))
     s_lay = jlora.layout(scanned, ids)
-    assert s_lay["layers/self_attn/q_proj/kernel" if False else "layers/q_proj/kernel"].lead == 1
+    assert s_lay["layers/q_proj/kernel"].lead == 1
     out_u = jlora.apply(unrolled, params, adapters, cfg, ids)
     out_s = jlora.apply(scanned, s_params, s_adapters, cfg, ids)
     assert max_diff(out_u, out_s) <= 1e-5

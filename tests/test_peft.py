@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import jlora  # noqa: E402
-from helpers import max_diff, randomize  # noqa: E402
+from helpers import max_diff, randomize, train_peft  # noqa: E402
 
 IDS = np.array([[1, 5, 9, 20, 3, 7, 11, 2], [4, 4, 8, 15, 16, 23, 42, 0]])
 
@@ -91,14 +91,7 @@ def test_import_peft_trained_adapter(kind, tmp_path):
                            rank_pattern={pattern_key: 2}, alpha_pattern={pattern_key: 5},
                            fan_in_fan_out=kind == "gpt2", task_type="CAUSAL_LM")
     pm = peft.get_peft_model(hf_model, lcfg)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.tensor(IDS)
-    for _ in range(3):
-        loss = pm(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
+    train_peft(pm, IDS)
     pm.save_pretrained(tmp_path / "peft_adapter")
     theirs = _torch_logits(pm)
     adapters, cfg = jlora.peft.load(tmp_path / "peft_adapter", loaded)

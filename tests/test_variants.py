@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import jlora  # noqa: E402
-from helpers import max_diff, randomize  # noqa: E402
+from helpers import max_diff, randomize, train_peft  # noqa: E402
 from jlora import dora  # noqa: E402
 
 IDS = np.array([[1, 5, 9, 20, 3, 7, 11, 2], [4, 4, 8, 15, 16, 23, 42, 0]])
@@ -117,12 +117,7 @@ def test_dora_import_of_peft_trained_adapter(tmp_path):
     loaded = jlora.hf.load(folder)
     pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
                                                        use_dora=True, task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
-    for _ in range(3):
-        pm(torch.tensor(IDS), labels=torch.tensor(IDS)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
+    train_peft(pm, IDS, lr=2e-2)
     pm.save_pretrained(tmp_path / "peft_dora")
     adapters, cfg = jlora.peft.load(tmp_path / "peft_dora", loaded)
     assert cfg.use_dora and "m" in adapters["layers_0"]["self_attn"]["q_proj"]["kernel"]
@@ -238,12 +233,7 @@ def test_import_peft_trained_bias_and_modules_to_save(tmp_path):
     loaded = jlora.hf.load(folder)
     pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"], bias="all",
                                                        modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
-    for _ in range(3):
-        pm(torch.tensor(IDS), labels=torch.tensor(IDS)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
+    train_peft(pm, IDS, lr=2e-2)
     pm.save_pretrained(tmp_path / "peft_ad")
     adapters, cfg = jlora.peft.load(tmp_path / "peft_ad", loaded)
     assert cfg.bias == "all" and cfg.saves("lm_head/kernel") and not cfg.saves("layers_0/mlp/up_proj/kernel")

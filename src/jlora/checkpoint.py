@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -212,7 +213,7 @@ class CheckpointManager:
             raise ValueError(f"`keep_best` must be an integer >= 1; got {keep_best!r}")
         if best_metric is not None and not isinstance(best_metric, str):
             raise ValueError(f"`best_metric` must be a metric name (str) or None; got {best_metric!r}")
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(os.path.abspath(directory))  # orbax refuses relative paths
         self._options = _Options(max_to_keep, best_metric, mode, keep_best, bool(async_save))
         self._manager: ocp.CheckpointManager | None = None
         self._identity_cache: tuple | None = None

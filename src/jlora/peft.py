@@ -55,15 +55,16 @@ def _neutral(value: Any) -> bool:
 
 def _param_table(loaded) -> dict[str, tuple[str, int | None, Any]]:
     """HF tensor name -> (jlora param path, layer index in a scanned stack or None, ParamSpec), for every param."""
+    from jlora.models import split_layer
+
     table = {}
-    flat = tree_lib.flatten(loaded.params)
     scanned = getattr(loaded.config, "scan_layers", False)
     for spec in loaded.family.param_specs(loaded.config):
-        path, layer = spec.path, None
-        m = re.match(r"^([A-Za-z]+)_(\d+)/(.*)$", spec.path)
-        if scanned and m and f"{m.group(1)}/{m.group(3)}" in flat:
-            path, layer = f"{m.group(1)}/{m.group(3)}", int(m.group(2))
-        table[spec.hf_name] = (path, layer, spec)
+        layer, rest = split_layer(loaded.family, spec.path)
+        if scanned and layer is not None:
+            table[spec.hf_name] = (f"{loaded.family.layer_prefix}/{rest}", layer, spec)
+        else:
+            table[spec.hf_name] = (spec.path, None, spec)
     return table
 
 

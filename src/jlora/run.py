@@ -291,7 +291,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     key = jax.random.key(cfg.train.seed)
     init_key, rng = jax.random.split(key)
     # `params` is the base the adapters train on: the loaded weights, or PiSSA/OLoRA's residual of them.
-    adapters, params = jlora.init_with_base(loaded.params, lora_cfg, key=init_key, layout=_layout(loaded))
+    layout = _layout(loaded)
+    adapters, params = jlora.init_with_base(loaded.params, lora_cfg, key=init_key, layout=layout)
     say(jlora.summary(params, adapters))
     optimizer = make_optimizer(cfg)
     state = jlora.TrainState.create(adapters, optimizer, rng=rng)
@@ -387,7 +388,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 f.write(json.dumps({"step": final_step, "valid_loss": summary["valid_loss"]}) + "\n")
         if prompts and cfg.eval.after:
             # Merged params decode exactly like unmerged adapters and reuse the base model's compiled decoder.
-            merged = jlora.merge(params, state.adapters, lora_cfg, layout=_layout(loaded))
+            merged = jlora.merge(params, state.adapters, lora_cfg, layout=layout)
             acc, records = score_generation(loaded, merged, prompts, batch_size=cfg.eval.batch_size,
                                             max_new_tokens=cfg.eval.max_new_tokens)
             del merged
@@ -425,7 +426,7 @@ def load_adapters(source: str, loaded) -> tuple[dict, jlora.LoraConfig]:
     """Adapters and their config from a PEFT folder or a run folder (its latest checkpoint)."""
     from jlora import checkpoint
 
-    folder = pathlib.Path(source).absolute()
+    folder = pathlib.Path(source)
     if (folder / "adapter_config.json").is_file():
         return jlora.peft.load(folder, loaded)
     if (folder / CONFIG_FILE).is_file():
@@ -462,8 +463,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
                               layout=_layout(loaded))
     if not cfg.data.valid:
         raise ConfigError("`data.valid` is empty; eval needs a validation JSONL file")
-    _, valid = data_lib.load_splits(cfg.data.valid, loaded.tokenizer, valid=cfg.data.valid,
-                                    max_length=cfg.data.max_length)
+    valid = data_lib.load(cfg.data.valid, loaded.tokenizer, max_length=cfg.data.max_length)
     loss = validation_loss(jax.jit(jlora.make_eval_step(loaded.model, lora_cfg)), loaded.params, adapters,
                            _loader(cfg, valid, loaded.tokenizer, train=False))
     prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples)
@@ -517,7 +517,7 @@ def export_peft_command(run_dir: str, out: str, *, step: int | None = None) -> p
 def _adapters_at(run_dir: str, cfg: RunConfig, loaded, step: int):
     from jlora import checkpoint
 
-    with checkpoint.CheckpointManager(pathlib.Path(run_dir).absolute() / CKPT_DIR) as manager:
+    with checkpoint.CheckpointManager(pathlib.Path(run_dir) / CKPT_DIR) as manager:
         return manager.restore_adapters(step, params=loaded.params, lora_config=cfg.lora, name=loaded.name,
                                         layout=_layout(loaded)), cfg.lora
 

@@ -103,7 +103,7 @@ def init_cache(config: Any, batch_size: int, max_len: int, dtype=None):
     return family_of(config).init_cache(config, batch_size, max_len, dtype)
 
 
-def _split_layer(family: Family, path: str) -> tuple[int | None, str]:
+def split_layer(family: Family, path: str) -> tuple[int | None, str]:
     """``"layers_3/mlp/..."`` -> ``(3, "mlp/...")``; a non-layer path -> ``(None, path)``."""
     m = re.fullmatch(rf"{family.layer_prefix}_(\d+)/(.*)", path)
     return (int(m.group(1)), m.group(2)) if m else (None, path)
@@ -167,7 +167,7 @@ def params_from_hf(family: Family, config: Any, get_tensor: Callable[[str], np.n
                            f"checkpoint") from e
         arr = _convert(spec, tensor, dtype)
         del tensor
-        layer, rest = _split_layer(family, spec.path)
+        layer, rest = split_layer(family, spec.path)
         if config.scan_layers and layer is not None:
             buf = stacked.get(rest)
             if buf is None:
@@ -185,7 +185,7 @@ def params_to_hf(family: Family, config: Any, params: Mapping) -> dict[str, np.n
     :func:`params_from_hf`. Arrays keep their dtype (bfloat16 stays ``ml_dtypes.bfloat16``)."""
     out = {}
     for spec in family.param_specs(config):
-        layer, rest = _split_layer(family, spec.path)
+        layer, rest = split_layer(family, spec.path)
         if config.scan_layers and layer is not None:
             arr = np.asarray(jax.device_get(_get(params, f"{family.layer_prefix}/{rest}")[layer]))
         else:
