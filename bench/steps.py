@@ -2,7 +2,8 @@
 
 jlora side: ``jlora.make_train_step`` (LoRA) and a full fine-tuning step written the plain JAX way (gradients of
 every param, AdamW on all of them), each compiled once ahead of time (``jit(...).lower(...).compile()``) so the
-compile time, XLA's cost analysis and its memory analysis come from the very executable that is timed.
+compile time and XLA's memory analysis come from the very executable that is timed; FLOPs come from the same step
+compiled with the fused loss in one chunk (:func:`exact_flops`).
 torch side: PEFT ``get_peft_model`` LoRA and plain full fine-tuning of transformers' model, AdamW, loss from
 ``labels=input_ids`` (the same mean next-token cross-entropy as ``jlora.lm_loss``).
 """
@@ -52,6 +53,24 @@ def _compile(fn, *args, donate=(0,)):
     return compiled, time.perf_counter() - t0
 
 
+def exact_flops(fn, *args) -> float:
+    """Compiled FLOPs of ``fn`` with the fused loss in one chunk.
+
+    jlora's fused output-projection loss walks the tokens in a ``lax.scan`` of chunks, and XLA's cost analysis
+    counts a loop body once; chunking does not change the FLOPs, so one chunk gives the exact count.
+    """
+    import jax
+
+    from jlora import loss
+
+    saved = loss.CHUNK_ELEMENTS
+    loss.CHUNK_ELEMENTS = 1 << 62
+    try:
+        return _flops(jax.jit(fn).lower(*args).compile())
+    finally:
+        loss.CHUNK_ELEMENTS = saved
+
+
 def jlora_lora(model, params, ids, targets, *, loss_fn=None) -> Compiled:
     """jlora's LoRA train step (rank 16, alpha 32 on ``targets``), AdamW."""
     import jax
@@ -69,13 +88,14 @@ def jlora_lora(model, params, ids, targets, *, loss_fn=None) -> Compiled:
     state = jlora.TrainState.create(adapters, opt, rng=jax.random.key(2))
     batch = {"input_ids": jnp.asarray(ids)}
     compiled, seconds = _compile(step, state, params, batch)
+    flops = exact_flops(step, state, params, batch)
     box = {"state": state, "metrics": None}
 
     def run():
         box["state"], box["metrics"] = compiled(box["state"], params, batch)
         return jax.block_until_ready(box["metrics"])
 
-    return Compiled(run, seconds, _flops(compiled), _memory(compiled), lambda: float(box["metrics"]["loss"]))
+    return Compiled(run, seconds, flops, _memory(compiled), lambda: float(box["metrics"]["loss"]))
 
 
 def full_step_fn(model, opt):
@@ -89,7 +109,11 @@ def full_step_fn(model, opt):
         params, opt_state = carry
 
         def loss(p):
-            return jlora.lm_loss(lambda *a, **k: model.apply({"params": p}, *a, **k), batch)[0]
+            def apply_fn(*a, **k):
+                return model.apply({"params": p}, *a, **k)
+
+            apply_fn.hidden_output = getattr(model, "HIDDEN_OUTPUT", False)   # the same (fused) loss as LoRA's
+            return jlora.lm_loss(apply_fn, batch)[0]
 
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -109,13 +133,14 @@ def jlora_full(model, params, ids) -> Compiled:
     carry = (carry[0], opt.init(carry[0]))
     batch = {"input_ids": jnp.asarray(ids)}
     compiled, seconds = _compile(full_step_fn(model, opt), carry, batch)
+    flops = exact_flops(full_step_fn(model, opt), carry, batch)
     box = {"carry": carry, "loss": None}
 
     def run():
         box["carry"], box["loss"] = compiled(box["carry"], batch)
         return jax.block_until_ready(box["loss"])
 
-    return Compiled(run, seconds, _flops(compiled), _memory(compiled), lambda: float(box["loss"]))
+    return Compiled(run, seconds, flops, _memory(compiled), lambda: float(box["loss"]))
 
 
 def torch_step(model, ids, *, targets=None) -> Callable[[], object]:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jlora import transform
+from jlora.loss import Hidden, causal_lm_loss, fused_causal_lm_loss, token_nll  # noqa: F401  (re-exported)
 from jlora.config import LoraConfig
 
 Batch = Mapping[str, jax.Array]
@@ -39,56 +40,39 @@ class TrainState(NamedTuple):
         return cls(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters), rng)
 
 
-def causal_lm_loss(logits: jax.Array, input_ids: jax.Array,
-                   loss_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy over the tokens that ``loss_mask`` keeps.
-
-    Position t predicts token t+1. ``loss_mask`` (B, T) is aligned with ``input_ids``: ``loss_mask[:, t]``
-    says whether token t is a target (e.g. 1 on completion tokens, 0 on the prompt and padding).
-
-    Returns:
-        ``(loss, n_tokens)``: the fp32 mean over kept targets, and how many there were.
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> logits = jnp.zeros((1, 3, 4))            # uniform over 4 tokens
-        >>> loss, n = causal_lm_loss(logits, jnp.array([[0, 1, 2]]))
-        >>> round(float(loss), 4), int(n)            # log(4)
-        (1.3863, 2)
-    """
-    # Shift the (tiny) targets, not the (B, T, vocab) logits: slicing the logits copies them and their gradient is
-    # padded back; the last position gets weight 0 instead. The target logit is picked by a compare-and-sum that
-    # XLA fuses into one pass (take_along_axis's gradient would scatter into a zero (B, T, vocab) buffer).
-    b, t, vocab = logits.shape
-    logits = logits.astype(jnp.float32)
-    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)
-    keep = jnp.ones((b, t - 1), jnp.float32) if loss_mask is None else loss_mask[:, 1:].astype(jnp.float32)
-    mask = jnp.concatenate([keep, jnp.zeros((b, 1), jnp.float32)], axis=1)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    hit = targets[..., None] == jnp.arange(vocab, dtype=targets.dtype)[None, None, :]
-    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    n = jnp.sum(mask)
-    return jnp.sum((logz - picked) * mask) / jnp.maximum(n, 1.0), n
-
-
 def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict]:
     """The default loss: ``apply_fn(input_ids, **model_inputs)``, then :func:`causal_lm_loss`.
 
     ``model_inputs`` are whichever of ``attention_mask``, ``positions`` and ``segment_ids`` (packed rows) the batch
-    holds.
+    holds. The loss mask is ``batch["loss_mask"]`` if present, else ``batch["attention_mask"]``, else all ones.
 
-    The loss mask is ``batch["loss_mask"]`` if present, else ``batch["attention_mask"]``, else all ones.
+    When the model can hand back its final hidden states and output weight instead of logits (jlora's own
+    models: ``apply_fn.hidden_output`` is true, and the output layer carries no adapter and no quantization), the
+    loss is :func:`jlora.loss.fused_causal_lm_loss`, the same value without (B, T, vocab) logits in memory.
     """
     kwargs = {k: batch[k] for k in ("attention_mask", "positions", "segment_ids") if k in batch}
-    logits = apply_fn(batch["input_ids"], **kwargs)
     mask = batch.get("loss_mask", batch.get("attention_mask"))
-    loss, n = causal_lm_loss(logits, batch["input_ids"], mask)
+    if getattr(apply_fn, "hidden_output", False):
+        out = apply_fn(batch["input_ids"], return_hidden=True, **kwargs)
+    else:
+        out = apply_fn(batch["input_ids"], **kwargs)
+    if isinstance(out, Hidden):
+        loss, n = fused_causal_lm_loss(out.states, out.weight, batch["input_ids"], mask, vocab_axis=out.vocab_axis)
+    else:
+        loss, n = causal_lm_loss(out, batch["input_ids"], mask)
     return loss, {"loss": loss, "tokens": n}
 
 
 def _bind(model: nn.Module, cfg: LoraConfig, params, adapters, rng) -> Callable[..., Any]:
+    """``apply_fn`` for a loss: the model with these adapters. ``apply_fn.hidden_output`` says whether the model
+    takes ``return_hidden=True`` (class attribute ``HIDDEN_OUTPUT``)."""
     rngs = {transform.DROPOUT_RNG: rng} if (rng is not None and cfg.dropout > 0) else None
-    return lambda *args, **kwargs: transform.apply(model, params, adapters, cfg, *args, rngs=rngs, **kwargs)
+
+    def apply_fn(*args, **kwargs):
+        return transform.apply(model, params, adapters, cfg, *args, rngs=rngs, **kwargs)
+
+    apply_fn.hidden_output = bool(getattr(model, "HIDDEN_OUTPUT", False))
+    return apply_fn
 
 
 def _weighted_grads(model, cfg, loss_fn, params, adapters, batch, rng):

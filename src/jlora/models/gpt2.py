@@ -12,7 +12,7 @@ Same call convention, KV cache, ``scan_layers`` and ``remat`` as :mod:`jlora.mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -114,7 +114,8 @@ class Block(nn.Module):
 
 class GPT2LMHeadModel(nn.Module):
     """``model.apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None, segment_ids=None)``
-    -> float32 logits, or ``(logits, new_cache)`` with a cache (``segment_ids``: see the Llama model).
+    -> float32 logits, or ``(logits, new_cache)`` with a cache (``segment_ids``, ``return_hidden``: see the Llama
+    model).
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -126,10 +127,11 @@ class GPT2LMHeadModel(nn.Module):
     """
 
     config: GPT2Config
+    HIDDEN_OUTPUT: ClassVar[bool] = True   # takes return_hidden=True (see jlora.train.lm_loss)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache: L.KVCache | None = None,
-                 segment_ids=None):
+                 segment_ids=None, return_hidden: bool = False):
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
         wte = nn.Embed(c.vocab_size, c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init,
@@ -141,12 +143,10 @@ class GPT2LMHeadModel(nn.Module):
         kv = None if cache is None else (cache.k, cache.v)
         x, new_kv = run_layers(Block, c, "h", x, kv, (m,))
         x = L.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name="ln_f")(x)
-        if c.tie_word_embeddings:
-            logits = wte.attend(x)
-        else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                              kernel_init=init, name="lm_head")(x)
-        logits = logits.astype(jnp.float32)
+        head = wte if c.tie_word_embeddings else nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype,
+                                                          param_dtype=c.param_dtype, kernel_init=init,
+                                                          name="lm_head")
+        logits = L.output(x, head, return_hidden and cache is None)
         if cache is None:
             return logits
         return logits, L.append(cache, new_kv[0], new_kv[1], attention_mask)

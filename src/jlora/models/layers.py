@@ -180,10 +180,100 @@ def _attend_head_major(q, k, v, allowed, scale):
     vh = v.astype(q.dtype).transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkmd,bksd->bkms", qh, kh, preferred_element_type=jnp.float32) * scale
     mask = jnp.broadcast_to(allowed[:, None, None, :, :], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    probs = masked_softmax(scores, mask).astype(q.dtype)
     out = jnp.einsum("bkms,bksd->bkmd", probs, vh)
     return out.reshape(b, kv, g, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv)
+
+
+def output(x: jax.Array, head: nn.Module, return_hidden: bool):
+    """The model's output from its final hidden states ``x``: float32 logits from ``head`` (an ``nn.Embed``,
+    through ``attend``, or an ``nn.Dense``), or with ``return_hidden`` a :class:`jlora.loss.Hidden` for the fused
+    loss, when the head's weight may be read directly: not when the LoRA transform adapts it (the module holds a
+    ``"lora"`` variable) or it is quantized (not an array); then logits after all."""
+    from jlora.loss import Hidden
+
+    tied = isinstance(head, nn.Embed)
+    leaf = "embedding" if tied else "kernel"
+    if return_hidden and not head.has_variable("lora", leaf):
+        weight = head.get_variable("params", leaf)
+        if isinstance(weight, jax.Array) and not (not tied and head.use_bias):
+            return Hidden(x, weight, 0 if tied else 1)
+    return (head.attend(x) if tied else head(x)).astype(jnp.float32)
+
+
+@jax.custom_vjp
+def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Softmax over the last axis of ``scores`` where ``allowed`` (broadcastable bool), 0 elsewhere.
+
+    A row with nothing allowed gets a uniform average (as :func:`attend` documents). The custom VJP saves only
+    the probabilities and computes ``p * (g - sum(g * p))`` from them; differentiating the formula (or JAX's
+    default ``jax.nn.softmax``) also keeps the masked scores, the exponentials and the mask alive per layer,
+    three more (B, heads, T, S) buffers.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> s, ok = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[True, True, False]])
+        >>> [round(float(p), 4) for p in masked_softmax(s, ok)[0]]
+        [0.2689, 0.7311, 0.0]
+        >>> ref = lambda z: jax.nn.softmax(jnp.where(ok, z, -1e30))
+        >>> g = lambda f: jax.grad(lambda z: jnp.sum(f(z) * jnp.array([[1.0, -2.0, 5.0]])))(s)
+        >>> bool(jnp.allclose(g(lambda z: masked_softmax(z, ok)), g(ref)))
+        True
+    """
+    return _masked_softmax_fwd(scores, allowed)[0]
+
+
+def _masked_softmax_fwd(scores, allowed):
+    probs = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(scores.dtype).min), axis=-1)
+    return probs, probs
+
+
+def _masked_softmax_bwd(probs, g):
+    g = g.astype(probs.dtype)
+    return probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
+@jax.custom_vjp
+def silu_gate(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up``, the gated MLP of Llama-style models, saving only ``gate`` and ``up`` for the backward
+    pass (the sigmoid is recomputed there) instead of the four (tokens, intermediate) intermediates that
+    differentiating ``jax.nn.silu(gate) * up`` keeps per layer.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> g, u = jnp.array([-1.0, 0.5, 2.0]), jnp.array([3.0, -1.0, 0.25])
+        >>> bool(jnp.allclose(silu_gate(g, u), jax.nn.silu(g) * u))
+        True
+        >>> ref = jax.grad(lambda a, b: jnp.sum(jax.nn.silu(a) * b), argnums=(0, 1))(g, u)
+        >>> got = jax.grad(lambda a, b: jnp.sum(silu_gate(a, b)), argnums=(0, 1))(g, u)
+        >>> all(bool(jnp.allclose(x, y)) for x, y in zip(got, ref))
+        True
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _silu_gate_fwd(gate, up):
+    return jax.nn.silu(gate) * up, (gate, up)
+
+
+def _silu_gate_bwd(res, dy):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    dgate = dy * up * sig * (1 + gate * (1 - sig))
+    return dgate.astype(gate.dtype), (dy * gate * sig).astype(up.dtype)
+
+
+silu_gate.defvjp(_silu_gate_fwd, _silu_gate_bwd)
+
+
+def gated(name: str, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``activation(name)(gate) * up``, through :func:`silu_gate` for silu."""
+    if name in ("silu", "swish"):
+        return silu_gate(gate, up)
+    return activation(name)(gate) * up
 
 
 # --- rotary position embeddings (transformers' "rotate_half" layout) ------------------------------------------

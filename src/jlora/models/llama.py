@@ -20,7 +20,7 @@ deliberately ignores, and raises on anything else that is set to a non-default v
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -133,10 +133,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        act = L.activation(c.hidden_act)
         gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
         up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
-        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(act(gate) * up)
+        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(L.gated(c.hidden_act, gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -188,6 +187,7 @@ class LlamaForCausalLM(nn.Module):
 
     Returns float32 logits (B, T, vocab), or ``(logits, new_cache)`` when ``cache`` is given. ``segment_ids``
     (with per-example ``positions``) keeps the examples of a packed row from attending to each other.
+    ``return_hidden=True`` (no cache) returns a :class:`jlora.loss.Hidden` instead of logits, for the fused loss.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -199,10 +199,11 @@ class LlamaForCausalLM(nn.Module):
     """
 
     config: LlamaConfig
+    HIDDEN_OUTPUT: ClassVar[bool] = True   # takes return_hidden=True (see jlora.train.lm_loss)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache: L.KVCache | None = None,
-                 segment_ids=None):
+                 segment_ids=None, return_hidden: bool = False):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                          embedding_init=nn.initializers.normal(c.initializer_range), name="embed_tokens")
@@ -212,11 +213,8 @@ class LlamaForCausalLM(nn.Module):
         kv = None if cache is None else (cache.k, cache.v)
         x, new_kv = run_layers(DecoderLayer, c, "layers", x, kv, (m, cos, sin))
         x = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
-        if c.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = _dense(c, c.vocab_size, False, "lm_head")(x)
-        logits = logits.astype(jnp.float32)
+        head = embed if c.tie_word_embeddings else _dense(c, c.vocab_size, False, "lm_head")
+        logits = L.output(x, head, return_hidden and cache is None)
         if cache is None:
             return logits
         return logits, L.append(cache, new_kv[0], new_kv[1], attention_mask)
