@@ -24,6 +24,7 @@ QV = ("q_proj", "v_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_SETS = {"q,v": QV, "all linear": ALL_LINEAR}
 RANK, ALPHA = 16, 32
+STEPS_PER_CALL = 4   # the jlora.scan_steps contender
 BATCH, SEQ = 4, 128
 
 
@@ -78,6 +79,10 @@ class Samples:
 
     wall: list[float] = dataclasses.field(default_factory=list)
     cpu: list[float] = dataclasses.field(default_factory=list)
+
+    def scaled(self, factor: float) -> "Samples":
+        """These samples times ``factor`` (e.g. per-call times -> per-step times)."""
+        return Samples([x * factor for x in self.wall], [x * factor for x in self.cpu])
 
     def summary(self) -> dict:
         return {"wall_median_s": statistics.median(self.wall), "cpu_median_s": statistics.median(self.cpu),

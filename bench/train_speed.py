@@ -25,6 +25,8 @@ import tempfile
 
 from bench import common, steps
 
+MULTI = f"jlora LoRA, {common.STEPS_PER_CALL} steps/call"
+
 
 def run(*, repeats: int = 5, layers: int | None = None, modes=("1", "all")) -> dict:
     """Runs :func:`measure` for each thread setting in its own process and joins the tables."""
@@ -61,20 +63,24 @@ def measure(*, repeats: int = 5, layers: int | None = None) -> dict:
     rows = []
     for label, targets in common.TARGET_SETS.items():
         model, params = common.jlora_model(hf)
-        compiled = {"jlora LoRA": steps.jlora_lora(model, params, ids, targets)}
-        fns = {"jlora LoRA": compiled["jlora LoRA"].run,
+        compiled = {"jlora LoRA": steps.jlora_lora(model, params, ids, targets),
+                    MULTI: steps.jlora_lora(model, params, ids, targets, steps_per_call=common.STEPS_PER_CALL)}
+        fns = {"jlora LoRA": compiled["jlora LoRA"].run, MULTI: compiled[MULTI].run,
                "PEFT LoRA": steps.torch_step(common.torch_model(hf), ids, targets=targets)}
         if label == "q,v":   # full fine-tuning does not depend on the targets: time it once, beside q,v
             compiled["jlora full"] = steps.jlora_full(model, params, ids)
             fns["jlora full"] = compiled["jlora full"].run
             fns["torch full"] = steps.torch_step(common.torch_model(hf), ids)
         samples = common.interleaved(fns, repeats=repeats)
+        samples[MULTI] = samples[MULTI].scaled(1 / common.STEPS_PER_CALL)   # per step
         group = {name: s.summary() for name, s in samples.items()}
         for name, c in compiled.items():
             group[name].update(compile_s=c.compile_s, flops=c.flops, memory=c.memory, last_loss=c.loss())
         group["ratios"] = ratios = {
             "jlora LoRA / PEFT LoRA (wall)": common.paired_ratio(samples, "jlora LoRA", "PEFT LoRA"),
-            "jlora LoRA / PEFT LoRA (cpu)": common.paired_ratio(samples, "jlora LoRA", "PEFT LoRA", "cpu")}
+            "jlora LoRA / PEFT LoRA (cpu)": common.paired_ratio(samples, "jlora LoRA", "PEFT LoRA", "cpu"),
+            f"{MULTI} / PEFT LoRA (wall)": common.paired_ratio(samples, MULTI, "PEFT LoRA"),
+            f"{MULTI} / PEFT LoRA (cpu)": common.paired_ratio(samples, MULTI, "PEFT LoRA", "cpu")}
         if "jlora full" in samples:
             ratios["jlora LoRA / jlora full (wall)"] = common.paired_ratio(samples, "jlora LoRA", "jlora full")
             ratios["PEFT LoRA / torch full (wall)"] = common.paired_ratio(samples, "PEFT LoRA", "torch full")
@@ -90,7 +96,9 @@ def measure(*, repeats: int = 5, layers: int | None = None) -> dict:
     results["target"] = {"jlora LoRA / PEFT LoRA, q,v (wall)": target, "met (<= 1.00)": target <= 1.0,
                          "aim (<= 0.85)": target <= 0.85}
     md = [f"Batch {ids.shape[0]} x {ids.shape[1]}, {hf['num_hidden_layers']} layers, fp32, {n} threads on both "
-          f"sides, median of {repeats} steps after warm-up (alternating contenders).", "",
+          f"sides, median of {repeats} steps after warm-up (alternating contenders). \"{MULTI}\": "
+          f"{common.STEPS_PER_CALL} steps in one call (`jlora.scan_steps`), per-step time = call time / "
+          f"{common.STEPS_PER_CALL}.", "",
           common.md_table(["targets", "step", "wall s (median)", "process CPU s (median)"], rows), "",
           common.md_table(["ratio (median of per-round ratios)", "q,v", "all linear"],
                           [[k, common.fmt_ratio(v), common.fmt_ratio(al.get(k))] for k, v in qv.items()])]

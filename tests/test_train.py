@@ -169,3 +169,22 @@ def test_partition_with_callable_and_bool_prefix():
     assert other == {"w": None, "n": {"scale": None, "count": 3}}
     first, second = jlora.partition(tree, {"w": True, "n": False})
     assert second["w"] is None and first["n"] == {"scale": None, "count": None}
+
+
+def test_scan_steps_equals_the_same_steps_one_call_each():
+    model, ids, params = _memorize_setup()
+    cfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"), dropout=0.1)
+    opt = optax.adamw(1e-2)
+    state = jlora.TrainState.create(jlora.init(params, cfg, key=KEY), opt, rng=jax.random.key(7))
+    step = jlora.make_train_step(model, cfg, opt)
+    batches = [{"input_ids": jnp.roll(ids, i, axis=1)} for i in range(3)]
+    one, losses = state, []
+    for b in batches:
+        one, m = jax.jit(step)(one, params, b)
+        losses.append(float(m["loss"]))
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+    many, metrics = jax.jit(jlora.scan_steps(step))(state, params, stacked)
+    assert int(many.step) == 3 and metrics["loss"].shape == (3,)
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), losses, rtol=1e-6)
+    assert_trees_all_close(many.adapters, one.adapters, atol=1e-6)
+    assert_trees_all_close(many.opt_state, one.opt_state, atol=1e-6)

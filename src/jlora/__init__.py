@@ -21,7 +21,7 @@ from jlora.config import LoraConfig
 from jlora.inits import init_with_base
 from jlora.lora import KernelLayout, count, init, merge, summary, unmerge
 from jlora.quant import quantize
-from jlora.train import TrainState, causal_lm_loss, lm_loss, make_eval_step, make_train_step
+from jlora.train import TrainState, causal_lm_loss, lm_loss, make_eval_step, make_train_step, scan_steps
 from jlora.transform import apply, layout
 from jlora.tree import combine, partition
 
@@ -44,6 +44,6 @@ __all__ = [
     "LoraConfig", "KernelLayout", "TrainState",
     "init", "apply", "merge", "unmerge", "count", "summary", "layout", "init_with_base", "quantize",
     "partition", "combine", "tree",
-    "make_train_step", "make_eval_step", "causal_lm_loss", "lm_loss",
+    "make_train_step", "make_eval_step", "scan_steps", "causal_lm_loss", "lm_loss",
     "__version__",
 ]

@@ -170,6 +170,40 @@ def _split_micro(x: jax.Array, k: int) -> jax.Array:
     return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
 
+def scan_steps(step: Callable[..., tuple[TrainState, dict]]):
+    """Several train steps in one call: ``multi(state, params, batches) -> (state, metrics)``.
+
+    ``batches`` is a batch whose arrays have a leading axis of length n, one slice per step; the steps run in a
+    ``lax.scan`` and ``metrics`` come back stacked (n, ...). The result equals n calls of ``step``.
+
+    Why: a compiled step allocates its scratch memory afresh on every call. On the CPU that memory is fresh
+    pages the kernel must fault in and zero each time (on the SmolLM2 shape, 0.6 GB and about a tenth of the
+    step's time); inside one call the scan reuses the same scratch for every step. On accelerators it saves the
+    per-call dispatch instead. The price: n batches are in memory at once, and the host sees metrics every n
+    steps.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora
+        >>> class LM(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, ids):
+        ...         return nn.Dense(11, name="out")(nn.Embed(11, 8, name="embed")(ids))
+        >>> model, ids = LM(), jnp.array([[1, 2, 3, 4]])
+        >>> params = model.init(jax.random.key(0), ids)["params"]
+        >>> cfg = jlora.LoraConfig(rank=2, alpha=4, targets="out")
+        >>> opt = optax.adam(1e-2)
+        >>> state = TrainState.create(jlora.init(params, cfg, key=jax.random.key(1)), opt, rng=jax.random.key(2))
+        >>> multi = jax.jit(scan_steps(make_train_step(model, cfg, opt)), donate_argnums=0)
+        >>> state, metrics = multi(state, params, {"input_ids": jnp.stack([ids, ids, ids])})
+        >>> int(state.step), metrics["loss"].shape
+        (3, (3,))
+    """
+    def multi(state: TrainState, params, batches: Batch):
+        return jax.lax.scan(lambda s, batch: step(s, params, batch), state, batches)
+
+    return multi
+
+
 def make_eval_step(model: nn.Module, cfg: LoraConfig, *, loss_fn: LossFn = lm_loss):
     """Builds ``eval_step(params, adapters, batch) -> metrics`` (no dropout, no gradients)."""
     def eval_step(params, adapters, batch: Batch):
