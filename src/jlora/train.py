@@ -183,20 +183,13 @@ def scan_steps(step: Callable[..., tuple[TrainState, dict]]):
     steps.
 
     Examples:
-        >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora
-        >>> class LM(nn.Module):
-        ...     @nn.compact
-        ...     def __call__(self, ids):
-        ...         return nn.Dense(11, name="out")(nn.Embed(11, 8, name="embed")(ids))
-        >>> model, ids = LM(), jnp.array([[1, 2, 3, 4]])
-        >>> params = model.init(jax.random.key(0), ids)["params"]
-        >>> cfg = jlora.LoraConfig(rank=2, alpha=4, targets="out")
-        >>> opt = optax.adam(1e-2)
-        >>> state = TrainState.create(jlora.init(params, cfg, key=jax.random.key(1)), opt, rng=jax.random.key(2))
-        >>> multi = jax.jit(scan_steps(make_train_step(model, cfg, opt)), donate_argnums=0)
-        >>> state, metrics = multi(state, params, {"input_ids": jnp.stack([ids, ids, ids])})
-        >>> int(state.step), metrics["loss"].shape
-        (3, (3,))
+        >>> import jax, jax.numpy as jnp
+        >>> def step(state, params, batch):          # any function of make_train_step's signature
+        ...     state = state + params * batch["x"]
+        ...     return state, {"loss": state}
+        >>> state, metrics = jax.jit(scan_steps(step))(0.0, 2.0, {"x": jnp.array([1.0, 2.0, 3.0])})
+        >>> float(state), metrics["loss"].tolist()
+        (12.0, [2.0, 6.0, 12.0])
     """
     def multi(state: TrainState, params, batches: Batch):
         return jax.lax.scan(lambda s, batch: step(s, params, batch), state, batches)
