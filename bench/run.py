@@ -163,27 +163,37 @@ def _targets(report: dict) -> str:
     return common.md_table(["target", "measured", "target", "met", "note"], rows)
 
 
-NOTES = """## What bounds the CPU train step (profiled with jax.profiler and torch.profiler, 1 thread)
+NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA dumps and getrusage, 1 thread)
 
-- Both sides spend most of the step in the same fp32 matmuls (SmolLM2 shape, batch 4 x 128: about 280 GFLOP
-  for a LoRA step, 21% of it the tied 49152-word output projection and its input gradient), at 75-90 GFLOP/s
+- Both sides spend most of the step in the same fp32 matmuls (SmolLM2 shape, batch 4 x 128: about 290 GFLOP
+  for a LoRA step, 20% of it the tied 49152-word output projection and its input gradient), at 70-90 GFLOP/s
   per core on this AVX2 CPU: XLA:CPU's YNNPACK dots and torch's MKL sgemm are within a few percent of each other
-  on each shape. The matmul time alone is about 80% of PEFT's whole step, so the remaining difference is
-  non-matmul work, and <= 0.85 is out of reach without doing fewer FLOPs than PEFT (see below).
-- Made faster for this benchmark: the loss no longer slices the (B, T, vocab) logits or scatters into a
-  vocab-sized buffer (`jlora.train.causal_lm_loss`); attention without a cache runs head-major so XLA copies
-  each operand once (`jlora.models.layers.attend`); the Dense low-rank path's backward keeps the large
-  operands in place instead of materializing x^T and dy^T (`jlora.transform`), which was most of the LoRA
-  overhead with all linear layers targeted. Screened and rejected: XLA:CPU flags (fast math, vector width,
-  oneDNN/XNNPACK dot fusions instead of YNNPACK, eltwise/reduce fusion types): none beat the defaults.
-- Still slower than torch: attention (XLA materializes the masked (B, KV, G*T, T) scores; torch's fused CPU
-  flash-attention kernel does not), RoPE's concatenate and the softmax/silu elementwise passes.
+  on each shape. In user CPU time jlora's q,v step is already a little below PEFT's (3.8 s vs 3.9-4.0 s).
+- The rest was system time: XLA:CPU allocates a step's scratch ("temp") memory afresh on every call, as one
+  fresh mapping whose every page the kernel faults in and zeroes (about 3 us per 4 KiB page here). With 915 MiB
+  of temp the q,v step paid 234k page faults, 0.75 s, per step; torch's allocations mostly reuse freed heap
+  memory (98k faults, 0.25 s, nearly all its (B, T, vocab) buffers). So on this CPU, scratch memory is time.
+- What this round changed (all in the library, used by every jlora model and `jlora train`):
+  `jlora.loss.fused_causal_lm_loss` computes logits, loss and their gradients one chunk of tokens at a time
+  (no (B, T, vocab) logits); the token NLL, the attention softmax and the silu gate got custom VJPs that save
+  only what the backward pass needs (per layer 24.2 -> 16.6 MiB of temp). q,v step temp 915 -> 598 MiB, faults
+  234k -> 153k per step; all linear 1266 -> 949 MiB. An XLA reduction with a fused exp (a slow path that
+  took 180 ms on the logits) is avoided by writing the exponentials once.
+- `jlora.scan_steps` (and `train.steps_per_call` in run configs) runs n steps in one call, so the scratch is
+  faulted in once per call instead of once per step (38k faults per step at 4 steps/call): the
+  "4 steps/call" rows. The same steps and numerics (tested against one call per step).
+- Environment, not used in any table: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for
+  malloc'd memory, both sides in one process) removes the faults: jlora 4.13 s vs PEFT 4.40 s per q,v step
+  (0.94) in a side run. Worth setting for CPU training; it is a process setting, so jlora does not set it.
+- Still slower than torch: attention (XLA materializes the masked (B, KV, G*T, T) scores and copies q, k, v
+  to and from head-major layout: about 500 ms per step of which ~200 ms are matmuls; torch's fused CPU
+  flash-attention kernel does neither); with all linear layers, the low-rank paths add (tokens, features)
+  buffers per layer (each new MiB of scratch costs ~0.7 ms a step in faults), about 0.55 s over q,v.
+- Screened and rejected: XLA:CPU flags (fast math, vector width, oneDNN/XNNPACK dot fusions instead of
+  YNNPACK, eltwise/reduce fusion types, schedulers): none beat the defaults; smaller loss chunks (fewer faults,
+  but the 113 MB head weight is re-read per chunk: slower); `nn.scan` over layers (fewer faults, more user time).
 - On all cores, a shared machine penalizes the side with more parallel regions per step (torch's eager ops
   wait for descheduled OpenMP threads); the 1-thread table is the steadier comparison.
-- Not done: computing the output projection only at positions the loss mask keeps. It cuts the head's cost in
-  proportion to the masked fraction (prompts in chat fine-tuning), but needs a static number of target
-  positions per batch (from the data loader) and a hidden-states entry point in the models; with the all-token
-  batches measured here it would change nothing.
 """
 
 

@@ -182,3 +182,42 @@ def test_mesh_section_shards_the_run_and_matches_one_device(tiny_model, tmp_path
     assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
     bad = _write_config(tmp_path, tiny_model, "bad", mesh={"fsdp": 3}, **common)
     assert cli.main(["train", "--config", str(bad)]) == 2
+
+
+def test_steps_per_call_trains_the_same_steps_and_resumes(tiny_model, tmp_path):
+    # 7 steps, 3 per call: calls of 3 + 3, then one single step; checkpoints every 3 land between calls
+    common = dict(eval={"before": False, "after": False}, run={"export_peft": False})
+    one = _write_config(tmp_path, tiny_model, "one", train={"steps": 7, "checkpoint_every": 3}, **common)
+    three = _write_config(tmp_path, tiny_model, "three", train={"steps": 7, "checkpoint_every": 3,
+                                                                "steps_per_call": 3, "max_to_keep": 3}, **common)
+    assert cli.main(["train", "--config", str(one), "--no-progress"]) == 0
+    assert cli.main(["train", "--config", str(three), "--no-progress"]) == 0
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "three")
+    assert sorted(a) == sorted(b) == list(range(1, 8))
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    steps = sorted(int(p.name) for p in (tmp_path / "three" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6, 7]
+    # resuming from step 3 (a checkpoint between calls) continues with the same losses
+    import shutil
+
+    for step in ("6", "7"):
+        shutil.rmtree(tmp_path / "three" / "checkpoints" / step)
+    assert cli.main(["train", "--config", str(three), "--resume", "--no-progress"]) == 0
+    c = _losses(tmp_path / "three")
+    assert all(abs(a[s] - c[s]) <= 1e-5 for s in a), (a, c)
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"steps_per_call": 0}, "train.steps_per_call must be >= 1"),
+    ({"steps_per_call": 4, "checkpoint_every": 6}, "train.checkpoint_every=6 is not a multiple of "
+                                                   "train.steps_per_call=4"),
+])
+def test_bad_steps_per_call_is_a_config_error(train, message, tmp_path):
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw["train"].update(train)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from jlora import run as run_lib
+
+    with pytest.raises(runconfig.ConfigError, match=message):
+        run_lib.load_config(str(path))

@@ -450,6 +450,23 @@ class Loader:
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
+def stack_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches of one batch size stacked on a new leading axis (for :func:`jlora.scan_steps`), each right-padded
+    to the widest: padding columns get mask 0 (and id, position and segment 0), so every batch's loss and
+    gradients are those it has alone.
+
+    Examples:
+        >>> a = {"input_ids": np.ones((2, 3), np.int32), "attention_mask": np.ones((2, 3), np.int32)}
+        >>> b = {"input_ids": np.ones((2, 5), np.int32), "attention_mask": np.ones((2, 5), np.int32)}
+        >>> s = stack_batches([a, b])
+        >>> s["input_ids"].shape, s["attention_mask"][0].tolist()
+        ((2, 2, 5), [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+    """
+    width = max(b["input_ids"].shape[1] for b in batches)
+    return {k: np.stack([np.pad(b[k], ((0, 0), (0, width - b[k].shape[1]))) for b in batches])
+            for k in batches[0]}
+
+
 class EvalPrompt(NamedTuple):
     """A generation-based eval item: the prompt (text and ids) and the reference answer."""
 

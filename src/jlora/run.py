@@ -170,6 +170,26 @@ def score_generation(loaded, params, prompts: Sequence[data_lib.EvalPrompt], *, 
     return 100.0 * sum(r["correct"] for r in records) / max(len(records), 1), records
 
 
+def _calls(step_fn, multi_fn, put_batch, loader, state, params, start: int, total: int, per_call: int):
+    """Runs steps ``start`` to ``total``: ``per_call`` steps per call of ``multi_fn`` (:func:`jlora.scan_steps`) in
+    groups that end at multiples of ``per_call``, any other step one per call of ``step_fn``. Yields ``(step,
+    batch, metrics, state, last)`` for every step: ``state`` after the call that ran it, ``last`` whether that
+    call ends at this step (only then is ``state`` this step's state)."""
+    step = start
+    while step < total:
+        n = min(per_call - step % per_call, total - step)
+        batches = [next(loader) for _ in range(n if n == per_call > 1 else 1)]
+        if len(batches) > 1:
+            state, stacked = multi_fn(state, params, put_batch(data_lib.stack_batches(batches)))
+            metrics = [jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(len(batches))]
+        else:
+            state, one = step_fn(state, params, put_batch(batches[0]))
+            metrics = [one]
+        for i, (batch, m) in enumerate(zip(batches, metrics)):
+            yield step + i, batch, m, state, i == len(batches) - 1
+        step += len(batches)
+
+
 def validation_loss(eval_step, params, adapters, loader) -> float:
     total, tokens = 0.0, 0.0
     for batch in loader:
@@ -297,6 +317,10 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     optimizer = make_optimizer(cfg)
     state = jlora.TrainState.create(adapters, optimizer, rng=rng)
     mesh = _mesh(cfg)
+    per_call = cfg.train.steps_per_call
+    if mesh is not None and per_call > 1:
+        raise ConfigError(f"train.steps_per_call={per_call} works on a single device only; with a `mesh` section "
+                          f"set train.steps_per_call: 1")
     if mesh is not None:   # shard frozen params, adapters and optimizer state over the configured mesh
         from jlora import parallel
 
@@ -308,9 +332,11 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                                                    param_shardings=param_sh, state_shardings=state_sh,
                                                    grad_accum_steps=cfg.train.grad_accum_steps)
         put_batch = lambda b: parallel.shard_batch(b, mesh)  # noqa: E731
+        multi_fn = None
     else:
-        step_fn = jax.jit(jlora.make_train_step(loaded.model, lora_cfg, optimizer,
-                                                grad_accum_steps=cfg.train.grad_accum_steps), donate_argnums=0)
+        one_step = jlora.make_train_step(loaded.model, lora_cfg, optimizer, grad_accum_steps=cfg.train.grad_accum_steps)
+        step_fn = jax.jit(one_step, donate_argnums=0)
+        multi_fn = jax.jit(jlora.scan_steps(one_step), donate_argnums=0)   # for train.steps_per_call > 1
         put_batch = lambda b: {k: jnp.asarray(v) for k, v in b.items()}  # noqa: E731
     manager = checkpoint.CheckpointManager(run_dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep)
     position = None
@@ -347,9 +373,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     try:
         with _Interrupt() as interrupt:
-            for step in range(start, cfg.train.steps):
-                batch = put_batch(next(loader))
-                state, metrics = step_fn(state, params, batch)
+            for step, batch, metrics, state, last in _calls(step_fn, multi_fn, put_batch,
+                                                            loader, state, params, start, cfg.train.steps,
+                                                            per_call):
                 loss = float(metrics["loss"])
                 tokens_seen += float(jnp.sum(batch["attention_mask"]))  # tokens processed (loss: completions)
                 elapsed = time.perf_counter() - t_start
@@ -368,7 +394,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                     on_step(step + 1, record)
                 if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
                     save(step + 1)
-                if interrupt.requested:
+                if last and interrupt.requested:
                     save(step + 1)
                     manager.wait()
                     interrupted = True

@@ -71,6 +71,17 @@ class TrainSection:
     eval_every: int = 0
     checkpoint_every: int = 50
     max_to_keep: int = 2
+    steps_per_call: int = 1
+
+    def __post_init__(self):
+        if self.steps_per_call < 1:
+            raise ValueError(f"train.steps_per_call must be >= 1; got {self.steps_per_call}")
+        for name in ("eval_every", "checkpoint_every"):
+            every = getattr(self, name)
+            if every and every % self.steps_per_call:
+                raise ValueError(f"train.{name}={every} is not a multiple of train.steps_per_call="
+                                 f"{self.steps_per_call}: validation and checkpoints happen between calls, so "
+                                 f"make {name} a multiple of steps_per_call (or set steps_per_call: 1)")
 
 
 @dataclasses.dataclass(frozen=True)
