@@ -101,12 +101,8 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf():
-    from transformers import AutoModelForCausalLM
-
-    path = _smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return model.config, {k: v.numpy() for k, v in model.state_dict().items()}
+def smollm2_hf(smollm2_torch):
+    return smollm2_torch.config, {k: v.numpy() for k, v in smollm2_torch.state_dict().items()}
 
 
 def test_smollm2_tensors_equal_transformers(smollm2, smollm2_hf):

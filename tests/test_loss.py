@@ -119,11 +119,9 @@ def _grads(model, params, cfg, adapters, batch, hidden: bool):
     return jax.value_and_grad(f)(adapters)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("lm_head",), ("embed_tokens",)])
+@pytest.mark.parametrize("tied, targets", [(True, ("q_proj", "v_proj")), (False, ("q_proj", "v_proj")),
+                                           (False, ("lm_head",)), (True, ("embed_tokens",))])
 def test_model_loss_is_the_same_with_and_without_the_fused_head(tied, targets):
-    if (targets == ("lm_head",) and tied) or (targets == ("embed_tokens",) and not tied):
-        pytest.skip("no such output layer in this variant")
     model, params, ids = _llama(tie_word_embeddings=tied)
     cfg = jlora.LoraConfig(rank=4, alpha=8, targets=targets)
     adapters = randomize(jlora.init(params, cfg, key=KEY), jax.random.key(2))

@@ -74,7 +74,9 @@ SHARDED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SHARDED_CASES))
+# fsdp8 and fsdp4_tensor2 are covered by the all-axes case in `make test`; they run in `make test-all`
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("fsdp8", "fsdp4_tensor2") else c
+                                  for c in SHARDED_CASES])
 def test_sharded_training_equals_single_device(case, tiny, reference):
     spec = SHARDED_CASES[case]
     model, params, cfg, opt, adapters, batches = setup(scan_layers=spec.get("scan", False),

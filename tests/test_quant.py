@@ -144,6 +144,7 @@ def test_quantized_params_take_under_0_3_of_bf16():
         assert ratio <= bound
 
 
+@pytest.mark.slow   # a compiled-memory figure (~12 s); the quantized forward/backward stay in `make test`
 def test_no_full_precision_kernel_outlives_its_layer():
     """XLA's temp memory of a QLoRA forward and gradient stays at about one layer's decoded kernels."""
     ids = jnp.zeros((1, 8), jnp.int32)

@@ -170,9 +170,13 @@ def test_finetune_example_runs(tiny_model, tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+_NO_EVAL = dict(train={"steps": 3, "checkpoint_every": 0}, eval={"before": False, "after": False},
+                run={"export_peft": False})
+
+
+@pytest.mark.slow   # two CLI runs (~25 s); sharded == single-device training is in test_parallel (make test)
 def test_mesh_section_shards_the_run_and_matches_one_device(tiny_model, tmp_path):
-    common = dict(train={"steps": 3, "checkpoint_every": 0}, eval={"before": False, "after": False},
-                  run={"export_peft": False})
+    common = _NO_EVAL
     one = _write_config(tmp_path, tiny_model, "one", data={"batch_size": 8}, **common)
     fsdp = _write_config(tmp_path, tiny_model, "fsdp", data={"batch_size": 8}, mesh={"fsdp": 8}, **common)
     assert cli.main(["train", "--config", str(one), "--no-progress"]) == 0
@@ -180,10 +184,14 @@ def test_mesh_section_shards_the_run_and_matches_one_device(tiny_model, tmp_path
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
-    bad = _write_config(tmp_path, tiny_model, "bad", mesh={"fsdp": 3}, **common)
+
+
+def test_mesh_that_does_not_match_the_devices_is_an_error(tiny_model, tmp_path):
+    bad = _write_config(tmp_path, tiny_model, "bad", mesh={"fsdp": 3}, **_NO_EVAL)
     assert cli.main(["train", "--config", str(bad)]) == 2
 
 
+@pytest.mark.slow   # three CLI runs (~40 s); jlora.scan_steps == single steps is in test_train (make test)
 def test_steps_per_call_trains_the_same_steps_and_resumes(tiny_model, tmp_path):
     # 7 steps, 3 per call: calls of 3 + 3, then one single step; checkpoints every 3 land between calls
     common = dict(eval={"before": False, "after": False}, run={"export_peft": False})

@@ -44,10 +44,8 @@ def scanned(loaded):
 
 
 @pytest.fixture(scope="module")
-def torch_model():
-    folder, name = os.path.split(hf.resolve(SMOLLM2))
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+def torch_model(smollm2_torch):
+    return smollm2_torch
 
 
 @pytest.fixture(scope="module")
