@@ -191,16 +191,16 @@ def _logits(h, w, vocab_axis):
 
 
 def _chunk_loss(h, w, targets, weights, vocab_axis):
-    logits = _logits(h, w, vocab_axis)
-    nll, logz = _nll(logits, targets)
-    return jnp.sum(nll * weights), logits, logz
+    """Sum of ``weights * nll`` over one chunk (the forward-only path)."""
+    return jnp.sum(_nll(_logits(h, w, vocab_axis), targets)[0] * weights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused_sum(h, w, targets, weights, vocab_axis):
     """Sum over chunks of ``weights * nll``; h (k, B, c, D), targets and weights (k, B, c)."""
     def body(total, xs):
-        return total + _chunk_loss(*xs[:1], w, *xs[1:], vocab_axis)[0], None
+        hc, tc, wc = xs
+        return total + _chunk_loss(hc, w, tc, wc, vocab_axis), None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets, weights))[0]
 

@@ -196,7 +196,7 @@ def output(x: jax.Array, head: nn.Module, return_hidden: bool):
     leaf = "embedding" if tied else "kernel"
     if return_hidden and not head.has_variable("lora", leaf):
         weight = head.get_variable("params", leaf)
-        if isinstance(weight, jax.Array) and not (not tied and head.use_bias):
+        if isinstance(weight, jax.Array) and (tied or not head.use_bias):   # the fused loss has no bias
             return Hidden(x, weight, 0 if tied else 1)
     return (head.attend(x) if tied else head(x)).astype(jnp.float32)
 
