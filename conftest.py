@@ -1,4 +1,4 @@
-"""Root pytest configuration, shared by doctests in src/ and tests in tests/: set before jax is imported."""
+"""Root pytest configuration, shared by doctests in jlora/ and tests in tests/: set before jax is imported."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

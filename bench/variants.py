@@ -46,7 +46,7 @@ def run(*, quick: bool = False) -> dict:
     import jax.numpy as jnp
 
     import jlora
-    from jlora import quant
+    from jlora.variants import quant
 
     layers, repeats = (2, 2) if quick else (4, 5)
     model, params = common.jlora_model(common.hf_config(num_hidden_layers=layers))

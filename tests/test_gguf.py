@@ -1,4 +1,4 @@
-"""jlora.gguf against oracles: transformers' GGUF loader (real SmolLM2 file and tiny files written here from
+"""jlora.hf.gguf against oracles: transformers' GGUF loader (real SmolLM2 file and tiny files written here from
 random HF models, with llama.cpp's q/k permutation), transformers' torch dequantizer and gguf's quantizer
 (per tensor type, on files written with gguf.GGUFWriter), numpy-packed K-quant blocks, and bad files."""
 
@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from jlora import gguf as jgguf
+from jlora.hf import gguf as jgguf
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -25,7 +25,7 @@ def _smollm2_path():
 def _write_gguf(path, tensors, *, arch="llama", hidden=32, ffn=48, layers=1, heads=4, kv_heads=2, vocab=64,
                 key_length=None, extra=None, tokenizer=True):
     """A GGUF at `path` with `tensors` ({gguf name: array, or (uint8 bytes, GGMLQuantizationType)}) and the
-    metadata jlora.gguf reads (plus a tiny byte-level tokenizer)."""
+    metadata jlora.hf.gguf reads (plus a tiny byte-level tokenizer)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)

@@ -160,7 +160,7 @@ def _run_pair(phase, tmp_path, timeout=240):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
     env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=os.pathsep.join(
-                   [str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
+                   [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
     port, out = _free_port(), tmp_path / f"{phase}.npz"
     logs = [open(tmp_path / f"{phase}.{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_mp_worker.py"), str(i), "2", str(port), phase,

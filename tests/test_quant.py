@@ -10,7 +10,7 @@ import pytest
 
 import jlora
 from helpers import max_diff, randomize
-from jlora import quant
+from jlora.variants import quant
 from tiny import TinyLM
 
 # The 16 NF4 values as published (QLoRA paper appendix E / bitsandbytes).

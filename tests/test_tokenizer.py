@@ -1,4 +1,4 @@
-"""jlora.tokenizer against transformers' tokenizers (the oracle): the SmolLM2 GGUF's tokenizer rebuilt from
+"""jlora.hf.tokenizer against transformers' tokenizers (the oracle): the SmolLM2 GGUF's tokenizer rebuilt from
 metadata, HF folders (as transformers saves them), and jlora's own saved folders loaded by AutoTokenizer."""
 
 import importlib.util
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from jlora import gguf as jgguf
-from jlora.tokenizer import Tokenizer
+from jlora.hf import gguf as jgguf
+from jlora.hf.tokenizer import Tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [

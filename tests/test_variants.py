@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 
 import jlora  # noqa: E402
 from helpers import max_diff, randomize, train_peft  # noqa: E402
-from jlora import dora  # noqa: E402
+from jlora.variants import dora  # noqa: E402
 
 IDS = np.array([[1, 5, 9, 20, 3, 7, 11, 2], [4, 4, 8, 15, 16, 23, 42, 0]])
 
@@ -97,7 +97,7 @@ def test_dora_export_equals_peft_logits(tmp_path):
     adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.2)
     adapters = jax.tree.map(lambda x: x, adapters)
     for path, pair in jlora.lora._adapter_items(adapters):   # magnitudes near the column norms, as in training
-        pair["m"] = jlora.dora.column_norm(jlora.tree.flatten(loaded.params)[path], pair["a"], pair["b"],
+        pair["m"] = jlora.variants.dora.column_norm(jlora.tree.flatten(loaded.params)[path], pair["a"], pair["b"],
                                            cfg.scale(path)) * (1 + pair["m"])
     ours = _apply(loaded, loaded.params, adapters, cfg)
     assert max_diff(ours, _torch_logits(hf_model)) > 1e-3

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from jlora import dora as dora_lib
-from jlora import inits as inits_lib
+from jlora.variants import dora as dora_lib
+from jlora.variants import inits as inits_lib
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig

@@ -8,10 +8,10 @@ that ``in`` and ``out`` are the products of its input and output dims. The layer
 
 The frozen params are never copied or modified here: :func:`merge` returns a new tree.
 
-Variants add to the same tree: DoRA a magnitude ``m`` beside ``a`` and ``b`` (:mod:`jlora.dora`); ``bias`` and
+Variants add to the same tree: DoRA a magnitude ``m`` beside ``a`` and ``b`` (:mod:`jlora.variants.dora`); ``bias`` and
 ``modules_to_save`` whole tensors at their own parameter paths (a leaf outside any ``{"a", "b"}`` pair), which
 :func:`overlay` puts in place of the frozen ones. Inits that change the base (PiSSA, OLoRA) live in
-:mod:`jlora.inits` and return the new base explicitly; quantized (:mod:`jlora.quant`) kernels are dequantized to
+:mod:`jlora.variants.inits` and return the new base explicitly; quantized (:mod:`jlora.variants.quant`) kernels are dequantized to
 compute and re-quantized when merged.
 
 Which kernel dims are inputs cannot be read off a >2-D array (is the leading axis a layer stack? which dims of
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import dora as dora_lib
-from jlora import quant as quant_lib
+from jlora.variants import dora as dora_lib
+from jlora.variants import quant as quant_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 
@@ -328,7 +328,7 @@ def merge(params: Mapping, adapters: Mapping, cfg: LoraConfig,
     """Returns params with every adapter folded in: ``W + scale * A @ B`` (computed in fp32, cast back).
 
     DoRA adapters give ``m * (W + s A B) / ||W + s A B||``; whole trained tensors replace their parameters; a
-    quantized kernel is dequantized, merged and re-quantized (see :func:`jlora.quant.error` for the error).
+    quantized kernel is dequantized, merged and re-quantized (see :func:`jlora.variants.quant.error` for the error).
 
     Examples:
         >>> import jax, jax.numpy as jnp

@@ -8,7 +8,7 @@ parameter paths), *how big* they are (``rank``, ``rank_pattern``) and *how stron
 Targets select *layers*: only ``kernel`` and ``embedding`` leaves can ever match, so a target such as
 ``"q_proj"`` never picks up ``q_proj/bias`` or a norm's ``scale``. Whole tensors that train beside the adapters
 are chosen separately, by ``bias`` and ``modules_to_save``; variants are switched on by ``use_dora`` and
-``init`` (see :mod:`jlora.dora`, :mod:`jlora.inits`).
+``init`` (see :mod:`jlora.variants.dora`, :mod:`jlora.variants.inits`).
 """
 
 from __future__ import annotations

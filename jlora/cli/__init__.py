@@ -1,4 +1,4 @@
-"""The ``jlora`` command: parses arguments and calls :mod:`jlora.run`; it has no logic of its own.
+"""The ``jlora`` command: parses arguments and calls :mod:`jlora.cli.run`; it has no logic of its own.
 
     jlora train --config configs/default.yaml [--set train.steps=20 ...] [--resume | --overwrite]
     jlora eval --config configs/default.yaml [--adapter RUN_DIR_OR_PEFT_DIR]
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jlora import run
-    from jlora.runconfig import ConfigError
+    from jlora.cli import run
+    from jlora.cli.config import ConfigError
 
     try:
         if args.command == "train":

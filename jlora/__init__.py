@@ -13,14 +13,14 @@ Examples:
     24
 """
 
-import importlib
+import importlib as _importlib
 from importlib import metadata as _metadata
 
 from jlora import tree
 from jlora.config import LoraConfig
-from jlora.inits import init_with_base
+from jlora.variants.inits import init_with_base
 from jlora.lora import KernelLayout, count, init, merge, summary, unmerge
-from jlora.quant import quantize
+from jlora.variants.quant import quantize
 from jlora.train import TrainState, causal_lm_loss, lm_loss, make_eval_step, make_train_step, scan_steps
 from jlora.transform import apply, layout
 from jlora.tree import combine, partition
@@ -31,12 +31,12 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
     __version__ = "0.0.0+local"
 
 # Submodules with heavier imports load on first use: `jlora.hf`, `jlora.peft`, `jlora.checkpoint`, ...
-_LAZY = ("hf", "peft", "checkpoint", "parallel", "data", "run", "models", "gguf", "tokenizer", "cli")
+_LAZY = ("hf", "peft", "checkpoint", "parallel", "data", "models", "variants", "cli")
 
 
 def __getattr__(name):
     if name in _LAZY:
-        return importlib.import_module(f"jlora.{name}")
+        return _importlib.import_module(f"jlora.{name}")
     raise AttributeError(f"module 'jlora' has no attribute {name!r}")
 
 

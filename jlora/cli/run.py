@@ -35,8 +35,8 @@ import yaml
 
 import jlora
 from jlora import data as data_lib
-from jlora import runconfig
-from jlora.runconfig import ConfigError, RunConfig
+from jlora.cli import config as runconfig
+from jlora.cli.config import ConfigError, RunConfig
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -45,7 +45,7 @@ PEFT_DIR = "peft"
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Reads and validates a run config (see :mod:`jlora.runconfig`)."""
+    """Reads and validates a run config (see :mod:`jlora.cli.config`)."""
     return runconfig.load(path, overrides)
 
 

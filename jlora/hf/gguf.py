@@ -8,7 +8,7 @@
 * `tensors`: a lazy read-only mapping from HF state-dict names (`model.layers.0.self_attn.q_proj.weight`)
   to float32 numpy arrays in HF layout (nn.Linear weights are (out, in)). Each access dequantizes one
   tensor from the memory-mapped file, so loading never holds two full copies of the model.
-* `tokenizer`: a `jlora.tokenizer.Tokenizer` rebuilt from the `tokenizer.*` metadata (None when the file
+* `tokenizer`: a `jlora.hf.tokenizer.Tokenizer` rebuilt from the `tokenizer.*` metadata (None when the file
   has none).
 
 Three details of the format matter:
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from jlora.tokenizer import Tokenizer
+from jlora.hf.tokenizer import Tokenizer
 
 # Tensor types we dequantize; each is checked against transformers' own dequantizer in tests/test_gguf.py.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -217,7 +217,7 @@ def read(path: str | os.PathLike) -> GGUFModel:
         name = hf_name(t.name, arch_name)
         if name is None:
             raise ValueError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face name in jlora's "
-                             f"{arch_name} table (jlora.gguf.ARCHS); the model uses a feature jlora does not load")
+                             f"{arch_name} table (jlora.hf.gguf.ARCHS); the model uses a feature jlora does not load")
         entries[name] = t
 
     config = hf_config(meta, tied="lm_head.weight" not in entries, path=path)

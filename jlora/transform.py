@@ -13,8 +13,8 @@ error rather than a silent no-op.
 
 Variants hook in at two places: whole trained tensors (``bias``, ``modules_to_save``) replace their frozen
 params before the call (:func:`jlora.lora.overlay`), and inside the interceptor a Dense layer with a quantized
-kernel is computed by :func:`jlora.quant.dense_call` and a DoRA adapter (a pair with ``"m"``) by
-:func:`jlora.dora.dense_output`.
+kernel is computed by :func:`jlora.variants.quant.dense_call` and a DoRA adapter (a pair with ``"m"``) by
+:func:`jlora.variants.dora.dense_output`.
 
 :func:`layout` traces a model once (``jax.eval_shape``, no compute) to learn which kernel axes are inputs and
 outputs, for kernels of more than 2 dims.
@@ -32,9 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora import dora as dora_lib
+from jlora.variants import dora as dora_lib
 from jlora import lora as lora_lib
-from jlora import quant as quant_lib
+from jlora.variants import quant as quant_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 

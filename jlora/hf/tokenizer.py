@@ -190,7 +190,7 @@ class Tokenizer:
 
         Args:
             fields: GGUF metadata as plain Python values, keyed by GGUF name (`"tokenizer.ggml.tokens"`
-                -> list of str, `"tokenizer.ggml.bos_token_id"` -> int, ...), as `jlora.gguf` reads them.
+                -> list of str, `"tokenizer.ggml.bos_token_id"` -> int, ...), as `jlora.hf.gguf` reads them.
 
         Raises:
             ValueError: the file's tokenizer is not byte-level BPE (`tokenizer.ggml.model` other than
