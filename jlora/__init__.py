@@ -17,10 +17,10 @@ import importlib as _importlib
 from importlib import metadata as _metadata
 
 from jlora import tree
+from jlora.adapter import Adapter, KernelLayout
 from jlora.config import LoraConfig
-from jlora.variants.inits import init_with_base
-from jlora.lora import KernelLayout, count, init, merge, summary, unmerge
-from jlora.variants.quant import quantize
+from jlora.lora import count, init, merge, summary, unmerge
+from jlora.variants import init_with_base, quantize  # importing the variants registers their hooks
 from jlora.train import TrainState, causal_lm_loss, lm_loss, make_eval_step, make_train_step, scan_steps
 from jlora.transform import apply, layout
 from jlora.tree import combine, partition
@@ -41,7 +41,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "LoraConfig", "KernelLayout", "TrainState",
+    "LoraConfig", "Adapter", "KernelLayout", "TrainState",
     "init", "apply", "merge", "unmerge", "count", "summary", "layout", "init_with_base", "quantize",
     "partition", "combine", "tree",
     "make_train_step", "make_eval_step", "scan_steps", "causal_lm_loss", "lm_loss",

@@ -1,39 +1,36 @@
 """Adapters as a separate pytree: init, merge, unmerge, delta, count and summary.
 
-An adapter tree mirrors the parameter tree but holds only what trains. At the path of every targeted kernel or
-embedding leaf it holds ``{"a": (..., in, r), "b": (..., r, out)}``; leading axes (a scanned layer stack) stay
-leading, and a kernel with several input or output axes (``nn.DenseGeneral``, ``nn.Einsum``) is flattened so
-that ``in`` and ``out`` are the products of its input and output dims. The layer's update is
-``scale * A @ B`` with ``scale`` from :meth:`jlora.LoraConfig.scale`.
+At the path of every targeted kernel or embedding leaf, :func:`init` puts an :class:`jlora.Adapter` holding
+``a`` ``(..., in, r)`` and ``b`` ``(..., r, out)``; leading axes (a scanned layer stack) stay leading, and a
+kernel with several input or output axes (``nn.DenseGeneral``, ``nn.Einsum``) is flattened so that ``in`` and
+``out`` are the products of its input and output dims. The layer's update is ``scale * A @ B`` with ``scale``
+from :meth:`jlora.LoraConfig.scale`. Whole tensors that train beside the adapters (``bias``,
+``modules_to_save``) sit at their own parameter paths; :func:`overlay` puts them in place of the frozen ones.
 
-The frozen params are never copied or modified here: :func:`merge` returns a new tree.
+Which axes of a kernel are inputs cannot be read off the array (is the leading axis a layer stack? which dims
+of an Einsum kernel are contracted?), so :func:`init` takes a layout, derived once by tracing the model with
+:func:`jlora.layout`, and records it in each adapter; merging reads it from there. Without a layout, a 2-D
+kernel is taken as ``(in, out)``, the layout of ``nn.Dense`` and ``nn.Embed``, and :func:`jlora.apply` checks
+that against the layer; a kernel of more dims needs the layout.
 
-Variants add to the same tree: DoRA a magnitude ``m`` beside ``a`` and ``b`` (:mod:`jlora.variants.dora`); ``bias`` and
-``modules_to_save`` whole tensors at their own parameter paths (a leaf outside any ``{"a", "b"}`` pair), which
-:func:`overlay` puts in place of the frozen ones. Inits that change the base (PiSSA, OLoRA) live in
-:mod:`jlora.variants.inits` and return the new base explicitly; quantized (:mod:`jlora.variants.quant`) kernels are dequantized to
-compute and re-quantized when merged.
-
-Which kernel dims are inputs cannot be read off a >2-D array (is the leading axis a layer stack? which dims of
-an Einsum kernel are contracted?), so such kernels need a :class:`KernelLayout`, derived once by tracing the
-model with :func:`jlora.layout`. Plain 2-D kernels need none.
+The frozen params are never copied or modified here: :func:`merge` returns a new tree. Variants (DoRA's
+magnitude, quantized kernels, PiSSA/OLoRA inits) plug in through :mod:`jlora.adapter`'s tables.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.variants import dora as dora_lib
-from jlora.variants import quant as quant_lib
+from jlora import adapter as adapter_lib
 from jlora import tree as tree_lib
+from jlora.adapter import Adapter, KernelLayout, Layout, adapter_items, full_items
 from jlora.config import LoraConfig
 
 _NO_MATCH = (
@@ -45,60 +42,26 @@ _NEEDS_LAYOUT = (
     "outputs or a scanned layer axis. Pass `layout=jlora.layout(model, *example_args)` (derived once by "
     "tracing the model), or exclude this path from the targets."
 )
+_COLLECTIONS = ("params", "batch_stats", "cache", "intermediates", "lora", "constants")
+_WHOLE_VARIABLES = (
+    "`params` looks like a whole variables dict (top-level keys {keys}); jlora functions take the params "
+    "collection itself: pass `variables['params']` (other collections go to jlora.apply's `variables=`)."
+)
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelLayout:
-    """How a kernel's axes map onto an adapter's ``(in, r)`` and ``(r, out)`` factors.
-
-    Attributes:
-        kind: the layer class that uses the kernel (``"Dense"``, ``"DenseGeneral"``, ``"Embed"``, ``"Einsum"``).
-        in_axes: axes of the per-layer kernel contracted with the layer's input (for an embedding table: the
-            vocabulary axis).
-        out_axes: the remaining axes, which index the layer's output features.
-        lead: number of leading stacked axes (e.g. 1 for a layer stack under ``nn.scan``).
-    """
-
-    kind: str
-    in_axes: tuple[int, ...] = (0,)
-    out_axes: tuple[int, ...] = (1,)
-    lead: int = 0
-
-    def split(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
-        """Returns ``(lead_shape, fan_in, fan_out)`` for a kernel of ``shape``."""
-        per_layer = shape[self.lead:]
-        if len(per_layer) != len(self.in_axes) + len(self.out_axes):
-            raise ValueError(f"layout {self} does not fit a kernel of shape {shape}")
-        fan_in = math.prod(per_layer[i] for i in self.in_axes)
-        fan_out = math.prod(per_layer[i] for i in self.out_axes)
-        return tuple(shape[:self.lead]), fan_in, fan_out
+def check_params(params: Mapping) -> None:
+    """Raises if ``params`` is a whole Flax variables dict (``{"params": ...}``) instead of its params."""
+    keys = list(params) if isinstance(params, Mapping) else []
+    if "params" in keys and all(k in _COLLECTIONS for k in keys):
+        raise ValueError(_WHOLE_VARIABLES.format(keys=keys))
 
 
-class Layout(dict):
-    """``{param path: KernelLayout}`` for every kernel a supported layer uses, from :func:`jlora.layout`.
-
-    ``unsupported`` maps the paths of kernels used by other layer kinds (``nn.Conv``, ...) to their class names,
-    so that targeting one gives an error naming the kind.
-    """
-
-    def __init__(self, entries=(), unsupported=None):
-        super().__init__(entries)
-        self.unsupported = dict(unsupported or {})
-
-
-def _default_layout(path: str, shape: tuple[int, ...], adapter: Mapping | None = None) -> KernelLayout:
-    """The layout of a kernel that needs none: 2-D per layer, with the lead count read off an adapter."""
-    kind = "Embed" if path.endswith("/embedding") or path == "embedding" else "Dense"
-    lead = 0 if adapter is None else np.ndim(adapter["a"]) - 2
-    if len(shape) - lead != 2:
+def default_layout(path: str, shape: tuple[int, ...]) -> KernelLayout:
+    """The layout :func:`init` takes for an untraced kernel: ``(in, out)``, which only a 2-D kernel can have."""
+    if len(shape) != 2:
         raise ValueError(_NEEDS_LAYOUT.format(path=path, shape=tuple(shape)))
-    return KernelLayout(kind, (0,), (1,), lead)
-
-
-def _layout_for(path: str, shape, layout: Mapping[str, KernelLayout] | None, adapter=None) -> KernelLayout:
-    if layout is not None and path in layout:
-        return layout[path]
-    return _default_layout(path, tuple(shape), adapter)
+    kind = "Embed" if path.endswith("/embedding") or path == "embedding" else "Dense"
+    return KernelLayout(kind, (0,), (1,), 0, traced=False)
 
 
 def _path_key(key: jax.Array, path: str) -> jax.Array:
@@ -117,8 +80,21 @@ def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
     return found
 
 
-def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
-         layout: Mapping[str, KernelLayout] | None = None) -> dict:
+def dense_value(w) -> jax.Array:
+    """A parameter leaf as an fp32 array (a registered kernel type, e.g. quantized, is decoded)."""
+    kind = adapter_lib.kernel_type(w)
+    return kind.dense_value(w) if kind is not None else jnp.asarray(w, jnp.float32)
+
+
+def _kind_hint(layout, path) -> str:
+    kinds = getattr(layout, "unsupported", {})
+    if path in kinds:
+        return f" ({path!r} belongs to a {kinds[path]} layer, which the LoRA transform does not handle.)"
+    return ""
+
+
+def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[str, KernelLayout] | None = None,
+         factors: Callable[..., tuple[jax.Array, jax.Array]] | None = None) -> dict:
     """Creates fresh adapters for every parameter that ``cfg`` targets (and ``bias``/``modules_to_save`` selects).
 
     With ``init="default"`` (as PEFT does), dense A is kaiming-uniform (bound ``1/sqrt(in)``) and B = 0;
@@ -127,36 +103,37 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
     change the others.
 
     Args:
-        params: the frozen parameter tree (arrays or ``jax.ShapeDtypeStruct``s).
+        params: the frozen parameter tree (arrays or ``jax.ShapeDtypeStruct``s), not the whole variables dict.
         cfg: the LoRA config.
         key: a PRNG key.
-        layout: kernel layouts from :func:`jlora.layout`; required for kernels of more than 2 dims.
+        layout: kernel layouts from :func:`jlora.layout`; required for kernels of more than 2 dims. Without it,
+            every targeted 2-D kernel is taken as ``(in, out)`` (``nn.Dense``/``nn.Embed``), which
+            :func:`jlora.apply` verifies against the layer.
+        factors: ``(kernel fp32, r, scale) -> (A, B)`` computing the factors from the kernel; used by
+            :func:`jlora.init_with_base` for PiSSA/OLoRA, which also change the base.
 
     Returns:
-        The adapter tree: at each targeted path ``{"a": (..., in, r), "b": (..., r, out)}`` (plus ``"m"``, the
-        column norms of the kernel, with ``use_dora``); at each path that ``cfg.saves`` a copy of the parameter.
+        The adapter tree: an :class:`jlora.Adapter` at each targeted path (with DoRA's magnitude ``m`` as an
+        extra when ``use_dora``); a copy of the parameter at each path that ``cfg.saves``.
 
     Raises:
-        ValueError: for ``init="pissa"``/``"olora"``, which change the base: use :func:`jlora.init_with_base`.
+        ValueError: for ``init="pissa"``/``"olora"`` without ``factors``: use :func:`jlora.init_with_base`.
 
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> params = {"q_proj": {"kernel": jnp.ones((4096, 4096)), "bias": jnp.zeros(4096)}}
         >>> adapters = init(params, LoraConfig(rank=16, targets="q_proj"), key=jax.random.key(0))
-        >>> jax.tree.map(jnp.shape, adapters)
-        {'q_proj': {'kernel': {'a': (4096, 16), 'b': (16, 4096)}}}
+        >>> adapters
+        {'q_proj': {'kernel': Adapter(a=float32[4096, 16], b=float32[16, 4096])}}
         >>> count(adapters)
         131072
     """
-    if cfg.init in ("pissa", "olora"):
+    check_params(params)
+    if cfg.init in ("pissa", "olora") and factors is None:
         raise ValueError(f"init={cfg.init!r} changes the base weights as well as creating adapters; use "
                          f"`adapters, params = jlora.init_with_base(params, cfg, key=key)` and train on the "
                          f"returned params")
-    return _init(params, cfg, key=key, layout=layout)
-
-
-def _init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout=None, factors=None) -> dict:
-    """:func:`init`; ``factors(w, r, scale) -> (a, b)`` computes A and B from the kernel (PiSSA, OLoRA)."""
+    var = adapter_lib.variant("dora" if cfg.use_dora else "lora")
     flat = tree_lib.flatten(params)
     dtype = jnp.dtype(cfg.dtype)
     out = {}
@@ -164,15 +141,19 @@ def _init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout=None, fact
         shape = tuple(flat[path].shape)
         if layout is not None and path not in layout:
             raise ValueError(f"parameter {path!r} is targeted but the traced layout has no entry for it: no layer "
-                             f"jlora handles (Dense, DenseGeneral, Embed, Einsum) uses it. Exclude it from the "
+                             f"jlora handles ({', '.join(adapter_lib.LAYER_KINDS)}) uses it. Exclude it from the "
                              f"targets.{_kind_hint(layout, path)}")
-        lay = _layout_for(path, shape, layout)
+        lay = layout[path] if layout is not None else default_layout(path, shape)
         lead, fan_in, fan_out = lay.split(shape)
         r = cfg.rank_for(path)
         if r > min(fan_in, fan_out):
             raise ValueError(f"rank {r} at {path!r} exceeds the kernel's smaller side: shape {shape} is "
                              f"{fan_in} in x {fan_out} out; use a rank <= {min(fan_in, fan_out)} (rank_pattern "
                              f"can set it per path)")
+        if lay.kind not in var.layers:
+            raise ValueError(f"the {var.name} variant supports {'/'.join(var.layers)} layers; "
+                             f"{path!r} is used by a {lay.kind} layer (kernel {shape}). Exclude it from the "
+                             f"targets or train it as plain LoRA.")
         ka, kb = jax.random.split(_path_key(key, path))
         a_shape, b_shape = (*lead, fan_in, r), (*lead, r, fan_out)
         if factors is not None:
@@ -191,13 +172,11 @@ def _init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout=None, fact
             bound = 1.0 / math.sqrt(fan_in)
             a = jax.random.uniform(ka, a_shape, dtype, -bound, bound)
             b = jnp.zeros(b_shape, dtype)
-        out[path] = {"a": a, "b": b}
-        if cfg.use_dora:
-            if lay.kind != "Dense" or len(shape) != lay.lead + 2:
-                raise ValueError(f"use_dora supports nn.Dense kernels only (PEFT's Linear); {path!r} is used by a "
-                                 f"{lay.kind} layer. Exclude it from the targets or train it without DoRA.")
-            norm = dora_lib.column_norm(dense_value(flat[path]), a, b, cfg.scale(path))
-            out[path][dora_lib.MAGNITUDE] = norm.astype(dtype)
+        extras = {}
+        if var.init_extras is not None:
+            extras = {k: v.astype(dtype) for k, v in
+                      var.init_extras(dense_value(flat[path]), a, b, cfg.scale(path)).items()}
+        out[path] = Adapter(a, b, extras, layout=lay, variant=var.name)
     for path, leaf in flat.items():
         if not cfg.saves(path):
             continue
@@ -205,27 +184,28 @@ def _init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout=None, fact
             raise ValueError(f"{path!r} is both a LoRA target and selected by bias={cfg.bias!r}/modules_to_save="
                              f"{list(cfg.modules_to_save)}; a parameter either gets an adapter or trains in full. "
                              f"Exclude it from one of them.")
-        if quant_lib.is_quantized(leaf):
-            raise ValueError(f"{path!r} is quantized and cannot train in full (modules_to_save); quantize with "
-                             f"`exclude` covering it")
+        if adapter_lib.kernel_type(leaf) is not None:
+            raise ValueError(f"{path!r} is a {type(leaf).__name__} kernel and cannot train in full "
+                             f"(modules_to_save); keep it out of the quantized paths")
         out[path] = jnp.array(leaf, dtype=dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype)
     return tree_lib.unflatten(out)
 
 
-def dense_value(w) -> jax.Array:
-    """A parameter leaf as an fp32 array (dequantizing a quantized kernel)."""
-    return quant_lib.dequantize(w, jnp.float32) if quant_lib.is_quantized(w) else jnp.asarray(w, jnp.float32)
+def _check_layout_arg(path: str, node: Adapter, layout) -> None:
+    given = layout.get(path) if layout is not None else None
+    if given is not None and node.layout is not None and not given.same_axes(node.layout):
+        raise ValueError(f"layout= gives {path!r} the axes {given.describe()}, but its adapter was made for "
+                         f"{node.layout.describe()}; the adapters carry their layout, so drop `layout=`")
 
 
-def _kind_hint(layout, path) -> str:
-    kinds = getattr(layout, "unsupported", {})
-    if path in kinds:
-        return f" ({path!r} belongs to a {kinds[path]} layer, which the LoRA transform does not handle.)"
-    return ""
+def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None) -> None:
+    """Raises if ``adapters`` do not fit ``params`` (or ``cfg``'s ranks), naming the first mismatch.
 
-
-def check_fits(params: Mapping, adapters: Mapping, layout: Mapping[str, KernelLayout] | None = None) -> None:
-    """Raises if ``adapters`` do not fit ``params``, naming the first mismatching path and both shapes."""
+    Checks that every adapter's path is a parameter, that its factors have the shapes its recorded layout gives
+    for that kernel (an extra leading axis means stacked adapters), that its rank is ``cfg``'s at that path, and
+    that every whole trained tensor has its parameter's shape.
+    """
+    check_params(params)
     flat_params = tree_lib.flatten(params)
     for path, leaf in full_items(adapters):
         shape = tuple(np.shape(flat_params[path])) if path in flat_params else None
@@ -233,36 +213,31 @@ def check_fits(params: Mapping, adapters: Mapping, layout: Mapping[str, KernelLa
             raise ValueError(f"the fully trained tensor at {path!r} has shape {tuple(np.shape(leaf))} but the "
                              f"parameter there {'does not exist' if shape is None else f'has shape {shape}'}; "
                              f"the adapters were made for a different model")
-    for path, pair in _adapter_items(adapters):
+    for path, node in adapter_items(adapters):
         if path not in flat_params:
             near = [p for p in flat_params if p.rsplit("/", 1)[-1] in ("kernel", "embedding")][:10]
             raise ValueError(f"adapter at {path!r} has no parameter at that path; the adapters were made for a "
                              f"different model. Kernel paths here look like: {near}")
         shape = tuple(flat_params[path].shape)
-        lay = _layout_for(path, shape, layout, pair)
+        if node.layout is None and len(shape) != 2:
+            continue   # a hand-made adapter on a >2-D kernel: the layer that uses it (apply) or merge decides
+        lay = node.layout.fitted(shape) if node.layout is not None else default_layout(path, shape)
         lead, fan_in, fan_out = lay.split(shape)
-        a, b = np.shape(pair["a"]), np.shape(pair["b"])
-        r = a[-1]
-        if a != (*lead, fan_in, r) or b != (*lead, r, fan_out):
-            raise ValueError(f"adapter at {path!r} does not fit the parameter: kernel {shape} needs a "
-                             f"{(*lead, fan_in, 'r')} and b {(*lead, 'r', fan_out)}; got a {a} and b {b}")
-        m = pair.get(dora_lib.MAGNITUDE)
-        if m is not None and np.shape(m) != (*lead, fan_out):
-            raise ValueError(f"DoRA magnitude at {path!r} has shape {np.shape(m)}; the kernel {shape} needs "
-                             f"{(*lead, fan_out)}")
-
-
-def full_items(adapters: Mapping):
-    """Yields ``(param_path, array)`` for every whole tensor in the tree (``bias``/``modules_to_save`` leaves)."""
-    def visit(node, prefix):
-        if isinstance(node, Mapping) and "a" in node and "b" in node and not isinstance(node["a"], Mapping):
-            return
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                yield from visit(v, f"{prefix}/{k}" if prefix else str(k))
-        elif node is not None:
-            yield prefix, node
-    yield from visit(adapters, "")
+        a, b = tuple(np.shape(node.a)), tuple(np.shape(node.b))
+        extra = len(a) - 2 - len(lead)
+        if extra > 0 and a[extra:] == (*lead, fan_in, a[-1]) and b[extra:] == (*lead, a[-1], fan_out):
+            raise ValueError(f"the adapter at {path!r} carries {extra} extra leading axis of size {a[:extra]} "
+                             f"(a {a}, b {b} for kernel {shape}): these are stacked adapters (e.g. from jax.vmap "
+                             f"over jlora.init). Merge or apply them one at a time, e.g. "
+                             f"jax.tree.map(lambda x: x[i], adapters).")
+        if a != (*lead, fan_in, a[-1]) or b != (*lead, a[-1], fan_out):
+            raise ValueError(f"adapter at {path!r} does not fit the parameter: kernel {shape} laid out "
+                             f"{lay.describe()} needs a {(*lead, fan_in, 'r')} and b {(*lead, 'r', fan_out)}; got a "
+                             f"{a} and b {b}")
+        if cfg is not None and node.rank != cfg.rank_for(path):
+            raise ValueError(f"adapter at {path!r} has rank {node.rank} but the config gives rank "
+                             f"{cfg.rank_for(path)} there (rank={cfg.rank}, rank_pattern={dict(cfg.rank_pattern)}); "
+                             f"the scale alpha/r would be wrong. Use the config the adapters were made with.")
 
 
 def overlay(params: Mapping, adapters: Mapping) -> Mapping:
@@ -279,20 +254,11 @@ def overlay(params: Mapping, adapters: Mapping) -> Mapping:
     return tree_lib.unflatten(flat)
 
 
-def _adapter_items(adapters: Mapping):
-    """Yields ``(param_path, {"a", "b", ...})`` for every adapter in the tree."""
-    def visit(node, prefix):
-        if isinstance(node, Mapping) and "a" in node and "b" in node and not isinstance(node["a"], Mapping):
-            yield prefix, node
-        elif isinstance(node, Mapping):
-            for k, v in node.items():
-                yield from visit(v, f"{prefix}/{k}" if prefix else str(k))
-    yield from visit(adapters, "")
-
-
-def delta(pair: Mapping, scale: float, shape: tuple[int, ...], lay: KernelLayout, dtype=None) -> jax.Array:
-    """The full-size update ``scale * A @ B`` reshaped to a kernel of ``shape`` (used only for merging)."""
-    a, b = pair["a"], pair["b"]
+def delta(node: Adapter, scale: float, shape: tuple[int, ...], lay: KernelLayout | None = None,
+          dtype=None) -> jax.Array:
+    """The full-size update ``scale * A @ B`` laid out like a kernel of ``shape`` (used only for merging)."""
+    lay = lay or node.layout
+    a, b = node.a, node.b
     dtype = dtype or jnp.result_type(a)
     full = scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))  # (*lead, in, out)
     per_layer = shape[lay.lead:]
@@ -305,35 +271,41 @@ def delta(pair: Mapping, scale: float, shape: tuple[int, ...], lay: KernelLayout
 
 
 def _merge(params, adapters, cfg, layout, sign):
-    check_fits(params, adapters, layout)
-    if sign < 0 and (next(full_items(adapters), None) is not None or any(
-            dora_lib.MAGNITUDE in pair for _, pair in _adapter_items(adapters))):
-        raise ValueError("unmerge cannot invert a merge of DoRA magnitudes or of whole trained tensors (bias, "
-                         "modules_to_save): the original values are not in the adapters. Keep the original params.")
+    check_fits(params, adapters, cfg)
+    nodes = list(adapter_items(adapters))
+    if sign < 0:
+        fixed = [n.variant for _, n in nodes if not adapter_lib.variant(n.variant).invertible]
+        if next(full_items(adapters), None) is not None or fixed:
+            raise ValueError("unmerge cannot invert a merge of whole trained tensors (bias, modules_to_save) or of "
+                             f"{sorted(set(fixed)) or 'non-invertible'} adapters: the original values are not in "
+                             "the adapters. Keep the original params.")
     flat = tree_lib.flatten(overlay(params, adapters) if sign > 0 else params)
-    for path, pair in _adapter_items(adapters):
+    for path, node in nodes:
+        _check_layout_arg(path, node, layout)
         w = flat[path]
-        lay = _layout_for(path, tuple(w.shape), layout, pair)
-        if dora_lib.MAGNITUDE in pair:
-            new = dora_lib.merged_kernel(dense_value(w), pair, cfg.scale(path))
+        lay = node.layout.fitted(tuple(w.shape)) if node.layout is not None else default_layout(path, tuple(w.shape))
+        hook = adapter_lib.variant(node.variant).merged
+        if hook is not None:
+            new = hook(dense_value(w), node, cfg.scale(path))
         else:
-            update = delta(pair, cfg.scale(path), tuple(w.shape), lay, dtype=jnp.float32)
-            new = dense_value(w) + sign * update
-        flat[path] = quant_lib.requantize_like(w, new) if quant_lib.is_quantized(w) else new.astype(w.dtype)
+            new = dense_value(w) + sign * delta(node, cfg.scale(path), tuple(w.shape), lay, dtype=jnp.float32)
+        kind = adapter_lib.kernel_type(w)
+        flat[path] = kind.rebuild(w, new) if kind is not None else new.astype(w.dtype)
     return tree_lib.unflatten(flat)
 
 
-def merge(params: Mapping, adapters: Mapping, cfg: LoraConfig,
-          layout: Mapping[str, KernelLayout] | None = None) -> dict:
+def merge(params: Mapping, adapters: Mapping, cfg: LoraConfig, layout: Mapping[str, KernelLayout] | None = None
+          ) -> dict:
     """Returns params with every adapter folded in: ``W + scale * A @ B`` (computed in fp32, cast back).
 
+    Each adapter carries the layout of its kernel, so no layout is needed here (``layout``, if given, must agree).
     DoRA adapters give ``m * (W + s A B) / ||W + s A B||``; whole trained tensors replace their parameters; a
-    quantized kernel is dequantized, merged and re-quantized (see :func:`jlora.variants.quant.error` for the error).
+    quantized kernel is decoded, merged and re-encoded (see :func:`jlora.variants.quant.error` for the error).
 
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> params = {"dense": {"kernel": jnp.zeros((2, 3))}}
-        >>> adapters = {"dense": {"kernel": {"a": jnp.ones((2, 1)), "b": jnp.ones((1, 3))}}}
+        >>> adapters = {"dense": {"kernel": Adapter(jnp.ones((2, 1)), jnp.ones((1, 3)))}}
         >>> merge(params, adapters, LoraConfig(rank=1, alpha=2.0, targets="dense"))["dense"]["kernel"]
         Array([[2., 2., 2.],
                [2., 2., 2.]], dtype=float32)
@@ -367,11 +339,11 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
     flat = tree_lib.flatten(params)
     rows = [("path", "kernel shape", "rank", "trainable", "% of update")]
     entries = []
-    for path, pair in _adapter_items(adapters):
+    for path, node in adapter_items(adapters):
         shape = tuple(flat[path].shape)
-        a, b = np.shape(pair["a"]), np.shape(pair["b"])
+        a, b = np.shape(node.a), np.shape(node.b)
         layers, fan_in, fan_out = math.prod(a[:-2]), a[-2], b[-1]
-        n = count(pair)
+        n = count(node)
         entries.append((layers, fan_in, fan_out))
         rows.append((path, str(shape), str(a[-1]), f"{n:,}", f"{100 * n / math.prod(shape):.2f}%"))
     for path, leaf in full_items(adapters):
@@ -389,3 +361,7 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
             n = sum(layers * r * (fi + fo) for layers, fi, fo in entries)
             lines.append(f"{r:<6} {n:<16,} {100 * n / n_params:.3f}%")
     return "\n".join(lines)
+
+
+__all__ = ["Adapter", "KernelLayout", "Layout", "init", "merge", "unmerge", "delta", "count", "summary",
+           "check_fits", "overlay", "target_paths", "dense_value", "adapter_items", "full_items"]

@@ -223,9 +223,10 @@ def adapter_shardings(adapters: Mapping, param_shardings: Any, params: Any = Non
         >>> import jax.numpy as jnp
         >>> mesh = make_mesh(fsdp=4, tensor=2)
         >>> params = {"self_attn": {"q_proj": {"kernel": jnp.zeros((32, 64))}}}
-        >>> ad = {"self_attn": {"q_proj": {"kernel": {"a": jnp.zeros((32, 4)), "b": jnp.zeros((4, 64))}}}}
+        >>> from jlora import Adapter
+        >>> ad = {"self_attn": {"q_proj": {"kernel": Adapter(jnp.zeros((32, 4)), jnp.zeros((4, 64)))}}}
         >>> sh = adapter_shardings(ad, param_shardings(params, mesh, "llama"))["self_attn"]["q_proj"]["kernel"]
-        >>> sh["a"].spec, sh["b"].spec
+        >>> sh.a.spec, sh.b.spec
         (P('fsdp', None), P(None, 'tensor'))
     """
     mesh = _mesh_of(param_shardings)
@@ -246,9 +247,15 @@ def adapter_shardings(adapters: Mapping, param_shardings: Any, params: Any = Non
                     return NamedSharding(mesh, P())
             spec = _spec_of(flat_sh[parent], len(kshape))
             per = kshape[lead:]
-            fan_in = flat_ad.get(f"{parent}/a", leaf).shape[-2]
-            k = next((k for k in range(1, len(per)) if math.prod(per[:k]) == fan_in), 1) if -1 not in per else 1
-            s_in, s_out = _group_spec(spec[lead:lead + k]), _group_spec(spec[lead + k:])
+            node = flat_ad[parent]
+            if node.layout is not None and len(node.layout.in_axes) + len(node.layout.out_axes) == len(per):
+                in_axes, out_axes = node.layout.in_axes, node.layout.out_axes
+            else:   # no recorded layout that fits: the input dims are the leading ones whose product is fan_in
+                fan_in = np.shape(node.a)[-2]
+                k = next((k for k in range(1, len(per)) if math.prod(per[:k]) == fan_in), 1) if -1 not in per else 1
+                in_axes, out_axes = tuple(range(k)), tuple(range(k, len(per)))
+            s_in = _group_spec([spec[lead + i] for i in in_axes])
+            s_out = _group_spec([spec[lead + i] for i in out_axes])
             tail = [s_in, None] if name == "a" else [None, s_out]
             return NamedSharding(mesh, P(*spec[:lead], *tail))
         if path in flat_sh and len(_spec_of(flat_sh[path], 0)) <= ndim:
@@ -265,8 +272,8 @@ def like_adapters(tree: Any, adapters: Mapping, adapter_shardings: Any) -> Any:
     such path wins); everything else (step counts, scalars) is replicated.
     """
     mesh = _mesh_of(adapter_shardings)
-    shapes = {p: tuple(x.shape) for p, x in tree_lib.flatten(adapters).items()}
-    flat_sh = tree_lib.flatten(adapter_shardings)
+    shapes = {p: tuple(np.shape(x)) for p, x in tree_lib.leaves_by_path(adapters).items()}
+    flat_sh = tree_lib.leaves_by_path(adapter_shardings)
 
     def rule(kp, x):
         parts = tree_lib.path_str(kp).split("/")
@@ -279,12 +286,21 @@ def like_adapters(tree: Any, adapters: Mapping, adapter_shardings: Any) -> Any:
     return jax.tree_util.tree_map_with_path(rule, tree)
 
 
-def state_shardings(state: TrainState, adapter_shardings: Any) -> TrainState:
+def state_shardings(state: TrainState, adapter_shardings: Any,
+                    optimizer: optax.GradientTransformation | None = None) -> TrainState:
     """Shardings of a :class:`jlora.TrainState`: adapters and optimizer state follow the adapter shardings; the
-    step and rng are replicated."""
+    step and rng are replicated.
+
+    With ``optimizer``, the optimizer state's parameter-shaped parts are found by ``optax.tree_map_params``;
+    without it, by matching paths and shapes (:func:`like_adapters`).
+    """
     rep = NamedSharding(_mesh_of(adapter_shardings), P())
-    return TrainState(rep, adapter_shardings, like_adapters(state.opt_state, state.adapters, adapter_shardings),
-                      rep)
+    if optimizer is not None:
+        opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, state.opt_state, adapter_shardings,
+                                       transform_non_params=lambda _: rep)
+    else:
+        opt_sh = like_adapters(state.opt_state, state.adapters, adapter_shardings)
+    return TrainState(rep, adapter_shardings, opt_sh, rep)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -35,6 +35,7 @@ from jlora.variants import dora as dora_lib
 from jlora.variants import inits as inits_lib
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
+from jlora.adapter import Adapter, KernelLayout, adapter_items, full_items
 from jlora.config import LoraConfig
 
 PREFIX = "base_model.model."
@@ -95,15 +96,15 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     """
     from safetensors.numpy import save_file
 
-    lora_lib.check_fits(loaded.params, adapters)
+    lora_lib.check_fits(loaded.params, adapters, cfg)
     by_path: dict[tuple[str, int | None], str] = {v: k for k, v in _module_table(loaded).items()}
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     initial = _initial_factors(adapters, cfg, loaded)
-    for path, pair in lora_lib._adapter_items(adapters):
-        a, b = np.asarray(pair["a"], np.float32), np.asarray(pair["b"], np.float32)
-        m = pair.get(dora_lib.MAGNITUDE)
+    for path, node in adapter_items(adapters):
+        a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)
+        m = node.extras.get(dora_lib.MAGNITUDE)
         m = None if m is None else np.asarray(m, np.float32)
         alpha = cfg.alpha_for(path)
         if path in initial:   # PEFT's PiSSA/OLoRA conversion: A' = [A | A0], B' = [B ; -B0], same scale
@@ -165,8 +166,8 @@ def _initial_factors(adapters: Mapping, cfg: LoraConfig, loaded) -> dict[str, tu
     flat = tree_lib.flatten(loaded.params)
     factors = inits_lib._FACTORS[cfg.init]
     out = {}
-    for path, pair in lora_lib._adapter_items(adapters):
-        a0, b0 = factors(lora_lib.dense_value(flat[path]), np.shape(pair["a"])[-1], cfg.scale(path))
+    for path, node in adapter_items(adapters):
+        a0, b0 = factors(lora_lib.dense_value(flat[path]), node.rank, cfg.scale(path))
         out[path] = (np.asarray(a0, np.float32), np.asarray(b0, np.float32))
     return out
 
@@ -177,7 +178,7 @@ def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_m
     Returns the HF module names of modules_to_save. A module to save is written whole, as PEFT saves it: its
     parameters that did not train are written from the base.
     """
-    full = dict(lora_lib.full_items(adapters))
+    full = dict(full_items(adapters))
     if not full:
         return []
     base = tree_lib.flatten(loaded.params)
@@ -343,13 +344,22 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
             out[path] = {k: np.stack([layers[i][k] for i in range(n)]) for k in layers[0]}
     full, saved_paths = _load_full(whole, params_table, flat_params, config, folder)
     cfg = _config_for(set(out), ranks, alphas, config, flat_params, saved_paths)
-    lowrank = tree_lib.unflatten({f"{p}/{k}": v for p, pair in out.items() for k, v in pair.items()})
-    adapters = tree_lib.unflatten({**tree_lib.flatten(lowrank), **full})
+    nodes = {p: _node(p, parts, flat_params) for p, parts in out.items()}
+    adapters = tree_lib.unflatten({**nodes, **full})
     unwanted = sorted(p for p in full if not cfg.saves(p))
     if unwanted:
         raise ValueError(f"adapter {folder} holds whole tensors {unwanted[:5]} that bias={cfg.bias!r} and "
                          f"modules_to_save={config.get('modules_to_save')} do not select")
     return adapters, cfg
+
+
+def _node(path: str, parts: dict[str, np.ndarray], flat_params) -> Adapter:
+    """An adapter for jlora's own kernel at ``path`` ((in, out) per layer; a scanned stack leading)."""
+    lead = flat_params[path].ndim - 2
+    kind = "Embed" if path.endswith("embedding") else "Dense"
+    extras = {k: v for k, v in parts.items() if k not in ("a", "b")}
+    return Adapter(parts["a"], parts["b"], extras, layout=KernelLayout(kind, (0,), (1,), lead),
+                   variant="dora" if extras else "lora")
 
 
 def _load_full(whole: dict[str, np.ndarray], params_table, flat_params, config, folder):

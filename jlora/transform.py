@@ -3,18 +3,20 @@
 :func:`apply` runs ``model.apply`` with the adapters in a separate variable collection, ``"lora"``, that
 mirrors the params, and intercepts the calls of the layers it knows (``nn.Dense``, ``nn.DenseGeneral``,
 ``nn.Embed`` incl. ``Embed.attend`` and ``nn.Einsum``) with Flax's ``nn.intercept_methods``. A layer whose
-scope holds an adapter computes its usual output plus the low-rank path ``scale * (dropout(x) @ A) @ B``, so
-the full-size update ``A @ B`` is never formed and the backward pass never builds a full-size weight gradient.
+scope holds an :class:`jlora.Adapter` computes its usual output plus the low-rank path
+``scale * (dropout(x) @ A) @ B``, so the full-size update ``A @ B`` is never formed and the backward pass never
+builds a full-size weight gradient. The interceptor is a closure over one call's state (config, what ran, what
+was used); nothing is kept between calls.
 
 Because adapters are a collection, ``nn.scan`` slices them per layer like the params, provided the scan lists
-``"lora"`` in ``variable_axes`` (jlora's own models do). The interceptor records which adapters it used: an
-adapter that no intercepted call used (a typo'd tree, or a layer kind the transform does not handle) is an
-error rather than a silent no-op.
+``"lora"`` in ``variable_axes`` (jlora's own models do). After the call, every adapter must be accounted for:
+one whose layer ran without seeing it (an ``nn.scan``/``nn.vmap`` that lacks ``"lora"``) or whose layer is of
+a kind the transform does not handle is an error; one whose layer simply did not run (``method=`` that runs part
+of a model) is not. Adapters for paths the params do not have are an error before the call.
 
-Variants hook in at two places: whole trained tensors (``bias``, ``modules_to_save``) replace their frozen
-params before the call (:func:`jlora.lora.overlay`), and inside the interceptor a Dense layer with a quantized
-kernel is computed by :func:`jlora.variants.quant.dense_call` and a DoRA adapter (a pair with ``"m"``) by
-:func:`jlora.variants.dora.dense_output`.
+Variants hook in through :mod:`jlora.adapter`'s tables: a kernel of a registered type (e.g. quantized) computes
+its layer with the type's ``layer_call``; an adapter whose variant has a ``layer_call`` (e.g. DoRA) computes the
+layer's output itself.
 
 :func:`layout` traces a model once (``jax.eval_shape``, no compute) to learn which kernel axes are inputs and
 outputs, for kernels of more than 2 dims.
@@ -22,9 +24,7 @@ outputs, for kernels of more than 2 dims.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,21 +32,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.variants import dora as dora_lib
+from jlora import adapter as adapter_lib
 from jlora import lora as lora_lib
-from jlora.variants import quant as quant_lib
 from jlora import tree as tree_lib
+from jlora.adapter import Adapter, KernelLayout, LayerCall, Layout
 from jlora.config import LoraConfig
 
 COLLECTION = "lora"
 DROPOUT_RNG = "lora_dropout"
-_SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Embed, nn.Einsum)
+_KINDS = ((nn.Dense, "Dense"), (nn.DenseGeneral, "DenseGeneral"), (nn.Embed, "Embed"), (nn.Einsum, "Einsum"))
 _METHODS = ("__call__", "attend")
-_state = threading.local()
 
 
-def _leaf_name(module: nn.Module) -> str:
-    return "embedding" if isinstance(module, nn.Embed) else "kernel"
+def _kind(module: nn.Module) -> str | None:
+    return next((name for cls, name in _KINDS if isinstance(module, cls)), None)
+
+
+def _leaf_name(kind: str) -> str:
+    return "embedding" if kind == "Embed" else "kernel"
 
 
 def _normalize_axes(axes, ndim: int) -> tuple[int, ...]:
@@ -55,58 +58,79 @@ def _normalize_axes(axes, ndim: int) -> tuple[int, ...]:
 
 
 def _einsum_parts(module: nn.Einsum, kwargs: Mapping) -> tuple[str, str, str]:
-    spec = kwargs.get("einsum_str") or module.einsum_str
-    spec = spec.replace(" ", "")
+    spec = (kwargs.get("einsum_str") or module.einsum_str).replace(" ", "")
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
     return lhs, rhs, out
 
 
-def _einsum_axes(module: nn.Einsum, kwargs: Mapping) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    lhs, rhs, out = _einsum_parts(module, kwargs)
-    shared = [c for c in rhs if c in lhs and c in out]
-    if shared or "." in rhs:
-        raise ValueError(f"nn.Einsum at {'/'.join(module.path)!r} with einsum_str {lhs},{rhs}->{out}: kernel "
-                         f"axes {shared or '...'} are batch axes shared by input and output, which LoRA does "
-                         f"not support; exclude this layer from the targets")
-    in_axes = tuple(i for i, c in enumerate(rhs) if c in lhs)
-    out_axes = tuple(i for i, c in enumerate(rhs) if c not in lhs)
-    return in_axes, out_axes
-
-
-def _axes(module: nn.Module, args, kwargs) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _axes(module: nn.Module, kind: str, kwargs) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (in_axes, out_axes) of the per-layer kernel for a call of ``module``."""
-    if isinstance(module, nn.DenseGeneral):
+    where = "/".join(module.path)
+    if kind == "DenseGeneral":
         if module.batch_dims:
-            raise ValueError(f"nn.DenseGeneral at {'/'.join(module.path)!r} has batch_dims={module.batch_dims}; "
-                             f"LoRA supports DenseGeneral without batch_dims only")
-        n_in = len(_normalize_axes(module.axis, 1 if isinstance(module.axis, int) else len(module.axis)))
+            raise ValueError(f"nn.DenseGeneral at {where!r} has batch_dims={module.batch_dims}; LoRA supports "
+                             f"DenseGeneral without batch_dims only")
+        n_in = 1 if isinstance(module.axis, int) else len(module.axis)
         n_out = 1 if isinstance(module.features, int) else len(module.features)
         return tuple(range(n_in)), tuple(range(n_in, n_in + n_out))
-    if isinstance(module, nn.Einsum):
-        return _einsum_axes(module, kwargs)
+    if kind == "Einsum":
+        lhs, rhs, out = _einsum_parts(module, kwargs)
+        shared = [c for c in rhs if c in lhs and c in out]
+        if shared or "." in rhs:
+            raise ValueError(f"nn.Einsum at {where!r} with einsum_str {lhs},{rhs}->{out}: kernel axes "
+                             f"{shared or '...'} are batch axes shared by input and output, which LoRA does not "
+                             f"support; exclude this layer from the targets")
+        return tuple(i for i, c in enumerate(rhs) if c in lhs), tuple(i for i, c in enumerate(rhs) if c not in lhs)
     return (0,), (1,)
 
 
-def _low_rank(module: nn.Module, method: str, args, kwargs, pair, scale: float, y: jax.Array,
-              path: str) -> jax.Array:
+@jax.custom_jvp
+def _low_rank_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``(x @ a) @ b``, differentiable in forward and reverse mode, with a fast reverse pass.
+
+    The JVP below is the product rule, but written so that its transpose (the reverse pass JAX derives from it)
+    contracts the token axis with the large operands ``x`` and ``dy`` on the right-hand side, and only the small
+    ``(tokens, r)`` factors transposed: JAX's own rule would compute the factor gradients as ``x^T @ g`` and
+    ``g^T @ h``, which XLA:CPU lays out by materializing ``x^T`` or ``g^T``. Being a JVP of plain ops, it also
+    serves ``jax.jvp``, ``jacfwd``, ``linearize`` and ``hessian``.
+    """
+    return jnp.matmul(jnp.matmul(x, a), b)
+
+
+@_low_rank_matmul.defjvp
+def _low_rank_jvp(primals, tangents):
+    x, a, b = primals
+    dx, da, db = tangents
+    h = jnp.matmul(x, a)
+    x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+    rows = lambda t: t.T.reshape(*x.shape[:-1], t.shape[0])  # noqa: E731  ((n, tokens) -> (..., n))
+    x_da = rows(jax.lax.dot_general(da, x2, (((0,), (1,)), ((), ()))))    # x @ da as (da^T x^T)^T
+    h_db = rows(jax.lax.dot_general(db, h2, (((0,), (1,)), ((), ()))))    # h @ db as (db^T h^T)^T
+    return jnp.matmul(h, b), jnp.matmul(jnp.matmul(dx, a) + x_da, b) + h_db
+
+
+def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    keep = jax.random.bernoulli(module.make_rng(DROPOUT_RNG), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _low_rank(module, kind: str, method: str, x, node: Adapter, scale: float, y, kwargs, dropout) -> jax.Array:
     """``scale * (dropout(x) @ A) @ B`` laid out like the layer's output ``y``."""
     dtype = getattr(module, "dtype", None) or y.dtype
-    a, b = pair["a"].astype(dtype), pair["b"].astype(dtype)
-    x = args[0] if args else next(iter(kwargs.values()))
-    if isinstance(module, nn.Embed):
+    a, b = node.a.astype(dtype), node.b.astype(dtype)
+    if kind == "Embed":
         if method == "attend":        # x @ E^T + s (x @ B^T) @ A^T
-            h = jnp.matmul(x.astype(dtype), b.T)
-            return (scale * jnp.matmul(h, a.T)).astype(y.dtype)
+            return (scale * jnp.matmul(jnp.matmul(x.astype(dtype), b.T), a.T)).astype(y.dtype)
         return (scale * jnp.matmul(jnp.take(a, x, axis=0), b)).astype(y.dtype)
-    x = _maybe_dropout(module, x).astype(dtype)
-    if isinstance(module, nn.Dense):
+    x = (dropout(x) if dropout is not None else x).astype(dtype)
+    if kind == "Dense":
         return _low_rank_matmul(x, a, (b * scale).astype(dtype)).astype(y.dtype)
     kernel_shape = module.get_variable("params", "kernel").shape
-    in_axes, out_axes = _axes(module, args, kwargs)
+    in_axes, out_axes = _axes(module, kind, kwargs)
     in_dims = [kernel_shape[i] for i in in_axes]
     out_dims = [kernel_shape[i] for i in out_axes]
-    if isinstance(module, nn.DenseGeneral):
+    if kind == "DenseGeneral":
         contract = _normalize_axes(module.axis, x.ndim)
         keep = [i for i in range(x.ndim) if i not in contract]
         xm = jnp.transpose(x, (*keep, *contract)).reshape(*[x.shape[i] for i in keep], math.prod(in_dims))
@@ -122,116 +146,89 @@ def _low_rank(module: nn.Module, method: str, args, kwargs, pair, scale: float, 
     return (scale * d).astype(y.dtype)
 
 
-@jax.custom_vjp
-def _low_rank_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``(x @ a) @ b`` whose backward pass keeps the large operands in place.
+class _Trace:
+    """What one :func:`apply` call saw: the adapters it used, the layers that ran, those that ran blind."""
 
-    The default transpose rule computes the factor gradients as ``x^T @ g`` and ``g^T @ h``: contracting the token
-    axis of a large operand on the left, which XLA:CPU lays out by materializing ``x^T`` or ``g^T`` (fused into
-    whatever produced ``g``, as strided writes). Here the large operand is always the right-hand side, contracted
-    over its major (token) axis, and only the small ``(tokens, r)`` factors get transposed; on the SmolLM2 shape
-    with all linear layers targeted this removes most of the LoRA path's overhead.
-    """
-    return jnp.matmul(jnp.matmul(x, a), b)
-
-
-def _low_rank_fwd(x, a, b):
-    h = jnp.matmul(x, a)
-    return jnp.matmul(h, b), (x, a, b, h)
-
-
-def _low_rank_bwd(res, g):
-    x, a, b, h = res
-    contract_tokens = (((0,), (0,)), ((), ()))
-    x2, g2, h2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
-    gb = jax.lax.dot_general(h2, g2, contract_tokens)                  # (r, out)
-    gh = jnp.matmul(g, b.T)                                            # (..., r)
-    ga = jax.lax.dot_general(gh.reshape(-1, gh.shape[-1]), x2, contract_tokens).T   # (r, in) -> (in, r)
-    return jnp.matmul(gh, a.T), ga.astype(a.dtype), gb.astype(b.dtype)
-
-
-_low_rank_matmul.defvjp(_low_rank_fwd, _low_rank_bwd)
-
-
-def _maybe_dropout(module: nn.Module, x: jax.Array) -> jax.Array:
-    rate = _state.ctx.cfg.dropout
-    if rate == 0.0 or not module.has_rng(DROPOUT_RNG):
-        return x
-    keep = jax.random.bernoulli(module.make_rng(DROPOUT_RNG), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-class _Context:
-    def __init__(self, cfg: LoraConfig):
+    def __init__(self, cfg: LoraConfig, adapter_paths: set[str]):
         self.cfg = cfg
+        self.adapter_paths = adapter_paths
         self.used: set[str] = set()
-        self.kinds: dict[str, str] = {}   # module path -> class name, for error messages
+        self.called: dict[str, str] = {}   # module path -> layer class name
+        self.blind: set[str] = set()       # adapter paths whose layer ran without the "lora" collection in scope
 
 
-def _interceptor(next_fun, args, kwargs, context):
-    module, method = context.module, context.method_name
-    ctx = _state.ctx
-    if method not in _METHODS:
-        return next_fun(*args, **kwargs)
-    mpath = "/".join(module.path)
-    ctx.kinds.setdefault(mpath, type(module).__name__)
-    if not isinstance(module, _SUPPORTED):
-        return next_fun(*args, **kwargs)
-    leaf = _leaf_name(module)
-    path = f"{mpath}/{leaf}" if mpath else leaf
-    kernel = module.get_variable("params", leaf) if module.has_variable("params", leaf) else None
-    if quant_lib.is_quantized(kernel):
-        next_fun = lambda *a, **kw: quant_lib.dense_call(module, path, a, kw)  # noqa: E731
-    pair = module.get_variable(COLLECTION, leaf) if module.has_variable(COLLECTION, leaf) else None
-    if not isinstance(pair, Mapping):         # no adapter here, or a whole trained tensor (see `overlay`)
-        return next_fun(*args, **kwargs)
-    _check_pair(module, args, kwargs, pair, path)
-    y = next_fun(*args, **kwargs)
-    ctx.used.add(path)
-    if dora_lib.MAGNITUDE in pair:
-        return _dora(module, args, kwargs, pair, ctx.cfg.scale(path), y, kernel, path)
-    return y + _low_rank(module, method, args, kwargs, pair, ctx.cfg.scale(path), y, path)
-
-
-def _dora(module, args, kwargs, pair, scale, y, kernel, path):
-    if type(module) is not nn.Dense:
-        raise ValueError(f"the DoRA adapter at {path!r} is on a {type(module).__name__} layer; DoRA supports "
-                         f"nn.Dense layers only")
-    x = args[0] if args else next(iter(kwargs.values()))
-    rate = _state.ctx.cfg.dropout
-    dropout = (lambda v: _maybe_dropout(module, v)) if rate > 0 and module.has_rng(DROPOUT_RNG) else None
-    bias = module.get_variable("params", "bias") if module.use_bias else None
-    dtype = module.dtype or y.dtype
-    return dora_lib.dense_output(x, y, lora_lib.dense_value(kernel), bias, pair, scale, dtype, dropout)
-
-
-def _check_pair(module, args, kwargs, pair, path):
-    kernel = module.get_variable("params", _leaf_name(module))
-    if kernel is None:
-        return
-    in_axes, out_axes = ((0,), (1,)) if isinstance(module, nn.Embed) else _axes(module, args, kwargs)
+def _check_node(module, kind: str, kwargs, node: Adapter, kernel, path: str) -> None:
+    """Raises unless ``node`` fits the layer that is about to use it (layout, shapes, variant)."""
+    var = adapter_lib.variant(node.variant)
+    if kind not in var.layers:
+        raise ValueError(f"the {var.name} adapter at {path!r} is on an nn.{kind} layer; the {var.name} variant "
+                         f"supports {'/'.join(var.layers)} layers only")
+    in_axes, out_axes = _axes(module, kind, kwargs)
+    actual = KernelLayout(kind, in_axes, out_axes)
+    if node.layout is not None and not node.layout.same_axes(actual):
+        made = ("without a layout, so its 2-D kernel was taken as (in, out), nn.Dense's layout"
+                if not node.layout.traced else f"for a kernel laid out {node.layout.describe()}")
+        raise ValueError(f"the adapter at {path!r} was made {made}, but the nn.{kind} layer using it reads its "
+                         f"kernel {tuple(kernel.shape)} as {actual.describe()}; create the adapters with "
+                         f"`layout=jlora.layout(model, *example_args)` so that apply and merge agree")
     fan_in = math.prod(kernel.shape[i] for i in in_axes)
     fan_out = math.prod(kernel.shape[i] for i in out_axes)
-    a, b = jnp.shape(pair["a"]), jnp.shape(pair["b"])
+    a, b = jnp.shape(node.a), jnp.shape(node.b)
+    if len(a) > 2 and a[-2:] == (fan_in, a[-1]):
+        raise ValueError(f"the adapter at {path!r} carries extra leading axes {a[:-2]} (a {a}, b {b}) for a "
+                         f"layer whose kernel is {tuple(kernel.shape)}: stacked adapters must be applied one at a "
+                         f"time (index them, or jax.vmap over jlora.apply)")
     if len(a) != 2 or len(b) != 2 or a[0] != fan_in or b[1] != fan_out or a[1] != b[0]:
-        raise ValueError(f"adapter at {path!r} does not fit its layer: the {type(module).__name__} kernel "
+        raise ValueError(f"adapter at {path!r} does not fit its layer: the nn.{kind} kernel "
                          f"{tuple(kernel.shape)} needs a ({fan_in}, r) and b (r, {fan_out}) per layer; got a {a} "
                          f"and b {b}")
 
 
-@contextlib.contextmanager
-def _intercepting(cfg: LoraConfig):
-    prev = getattr(_state, "ctx", None)
-    _state.ctx = ctx = _Context(cfg)
-    try:
-        with nn.intercept_methods(_interceptor):
-            yield ctx
-    finally:
-        _state.ctx = prev
+def _interceptor(trace: _Trace):
+    """The ``nn.intercept_methods`` function of one :func:`apply` call, bound to its trace."""
+    rate = trace.cfg.dropout
+
+    def intercept(next_fun, args, kwargs, context):
+        module, method = context.module, context.method_name
+        if method not in _METHODS:
+            return next_fun(*args, **kwargs)
+        mpath = "/".join(module.path)
+        kind = _kind(module)
+        trace.called.setdefault(mpath, kind or type(module).__name__)
+        if kind is None:
+            return next_fun(*args, **kwargs)
+        leaf = _leaf_name(kind)
+        path = f"{mpath}/{leaf}" if mpath else leaf
+        kernel = module.get_variable("params", leaf) if module.has_variable("params", leaf) else None
+        ktype = adapter_lib.kernel_type(kernel)
+        call = next_fun if ktype is None else (lambda *a, **kw: ktype.layer_call(module, path, a, kw))
+        node = module.get_variable(COLLECTION, leaf) if module.has_variable(COLLECTION, leaf) else None
+        if node is None and path in trace.adapter_paths:
+            trace.blind.add(path)
+        if not isinstance(node, Adapter):     # no adapter here, or a whole trained tensor (see lora.overlay)
+            return call(*args, **kwargs)
+        _check_node(module, kind, kwargs, node, kernel, path)
+        x = args[0] if args else next(iter(kwargs.values()))
+        y = call(*args, **kwargs)
+        trace.used.add(path)
+        scale = trace.cfg.scale(path)
+        dropout = ((lambda v: _dropout(module, v, rate))
+                   if rate > 0 and kind != "Embed" and module.has_rng(DROPOUT_RNG) else None)
+        var = adapter_lib.variant(node.variant)
+        if var.layer_call is not None:
+            bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+            return var.layer_call(LayerCall(
+                module=module, method=method, x=x, y=y, kernel=lora_lib.dense_value(kernel), bias=bias,
+                adapter=node, scale=scale, dtype=getattr(module, "dtype", None) or y.dtype, dropout=dropout,
+                path=path))
+        return y + _low_rank(module, kind, method, x, node, scale, y, kwargs, dropout)
+
+    return intercept
 
 
 def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig, *args,
-          rngs: Mapping[str, jax.Array] | None = None, method=None, mutable=False, **kwargs) -> Any:
+          variables: Mapping[str, Any] | None = None, rngs: Mapping[str, jax.Array] | None = None, method=None,
+          mutable=False, **kwargs) -> Any:
     """Runs ``model`` with unmerged adapters: equal to ``model.apply({"params": merge(...)}, ...)``.
 
     Args:
@@ -240,13 +237,15 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig,
         adapters: the adapter tree from :func:`jlora.init`.
         cfg: the LoRA config the adapters were made with (it gives the scale per path).
         *args: positional arguments of the model call.
+        variables: the model's other variable collections (``{"batch_stats": ...}``, ``{"cache": ...}``).
         rngs: optional rngs; LoRA dropout is active only when ``cfg.dropout > 0`` and ``"lora_dropout"`` is given.
         method: optional method of ``model`` to call instead of ``__call__``.
-        mutable: as in ``flax.linen.Module.apply`` (e.g. ``["cache"]``).
+        mutable: as in ``flax.linen.Module.apply`` (e.g. ``["batch_stats"]``).
         **kwargs: keyword arguments of the model call.
 
     Returns:
-        What ``model.apply`` returns.
+        What ``model.apply`` returns: the output, or ``(output, mutated collections)`` when ``mutable`` is set
+        (the adapters' own collection is not among them).
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -255,43 +254,54 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig,
         >>> params = model.init(jax.random.key(0), x)["params"]
         >>> cfg = jlora.LoraConfig(rank=4, alpha=8, targets="kernel")
         >>> adapters = jlora.init(params, cfg, key=jax.random.key(1))
-        >>> bool(jnp.array_equal(apply(model, params, adapters, cfg, x), model.apply({"params": params}, x)))
+        >>> y = jlora.apply(model, params, adapters, cfg, x)
+        >>> bool(jnp.array_equal(y, model.apply({"params": params}, x)))
         True
     """
-    variables = {"params": lora_lib.overlay(params, adapters), COLLECTION: adapters}
-    with _intercepting(cfg) as ctx:
-        out = model.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
-    _check_all_used(adapters, ctx)
+    lora_lib.check_fits(params, adapters, cfg)
+    others = dict(variables or {})
+    clash = sorted({"params", COLLECTION} & set(others))
+    if clash:
+        raise ValueError(f"`variables` holds the collections {clash}; pass the params as `params` and the "
+                         f"adapters as `adapters`, and only the model's other collections in `variables`")
+    trace = _Trace(cfg, {p for p, _ in adapter_lib.adapter_items(adapters)})
+    all_vars = {**others, "params": lora_lib.overlay(params, adapters), COLLECTION: adapters}
+    with nn.intercept_methods(_interceptor(trace)):
+        out = model.apply(all_vars, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
+    _check_accounted(trace)
+    if mutable is not False:
+        out, mutated = out
+        return out, {k: v for k, v in mutated.items() if k != COLLECTION}
     return out
 
 
-def _check_all_used(adapters: Mapping, ctx: _Context) -> None:
-    for path, _ in lora_lib._adapter_items(adapters):
-        if path in ctx.used:
-            continue
+def _check_accounted(trace: _Trace) -> None:
+    """Raises for an adapter whose layer ran without it; adapters of layers that did not run are fine."""
+    for path in sorted(trace.adapter_paths - trace.used):
         mpath = path.rsplit("/", 1)[0] if "/" in path else ""
-        kind = ctx.kinds.get(mpath)
-        if kind is not None:
+        if path in trace.blind:
+            raise ValueError(f"the layer {mpath!r} ran without seeing its adapter at {path!r}: the {COLLECTION!r} "
+                             f"collection is not visible there, as happens inside an nn.scan or nn.vmap whose "
+                             f"variable_axes lack {COLLECTION!r}. Add {COLLECTION!r} to its variable_axes (with the "
+                             f"same axis as 'params'), or merge the adapters with jlora.merge.")
+        kind = trace.called.get(mpath)
+        if kind is not None and kind not in adapter_lib.LAYER_KINDS:
             raise ValueError(f"the adapter at {path!r} targets a parameter of a {kind} layer, which the LoRA "
-                             f"transform does not handle (it handles Dense, DenseGeneral, Embed, Einsum). Exclude "
-                             f"it from the targets, or use jlora.merge to fold it into the params.")
-        raise ValueError(f"the adapter at {path!r} was not used by any layer call: no intercepted layer has that "
-                         f"path (paths of called layers look like {sorted(ctx.kinds)[:10]}). The adapters may be "
-                         f"for another model, or the model runs this layer under an nn.scan whose variable_axes "
-                         f"lack {COLLECTION!r}.")
+                             f"transform does not handle (it handles {', '.join(adapter_lib.LAYER_KINDS)}). "
+                             f"Exclude it from the targets, or use jlora.merge to fold it into the params.")
 
 
-def layout(model: nn.Module, *args, method=None, **kwargs) -> lora_lib.Layout:
-    """Traces ``model`` once (shapes only) and returns the :class:`jlora.lora.KernelLayout` of each kernel.
+def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
+    """Traces ``model`` once (shapes only) and returns the :class:`jlora.KernelLayout` of each kernel.
 
-    Needed by :func:`jlora.init` and :func:`jlora.merge` for kernels of more than 2 dims (multi-axis
-    ``DenseGeneral``/``Einsum`` kernels, or any kernel stacked by ``nn.scan``).
+    Needed by :func:`jlora.init` for kernels of more than 2 dims (multi-axis ``DenseGeneral``/``Einsum``
+    kernels, or any kernel stacked by ``nn.scan``) and for ``nn.Einsum`` kernels stored ``(out, in)``.
 
     Examples:
         >>> import jax.numpy as jnp, flax.linen as nn
         >>> model = nn.DenseGeneral(features=(4, 8), axis=-1)
         >>> layout(model, jnp.ones((2, 16)))["kernel"]
-        KernelLayout(kind='DenseGeneral', in_axes=(0,), out_axes=(1, 2), lead=0)
+        KernelLayout(kind='DenseGeneral', in_axes=(0,), out_axes=(1, 2), lead=0, traced=True)
     """
     records: dict[str, tuple[str, tuple, tuple, int]] = {}
     unsupported: dict[str, str] = {}
@@ -303,12 +313,13 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> lora_lib.Layout:
             return out
         mpath = "/".join(module.path)
         prefix = f"{mpath}/" if mpath else ""
-        if isinstance(module, _SUPPORTED):
-            leaf = _leaf_name(module)
+        kind = _kind(module)
+        if kind is not None:
+            leaf = _leaf_name(kind)
             kernel = module.get_variable("params", leaf)
             if kernel is not None:
-                in_axes, out_axes = ((0,), (1,)) if isinstance(module, nn.Embed) else _axes(module, a, kw)
-                records[prefix + leaf] = (type(module).__name__, in_axes, out_axes, len(kernel.shape))
+                in_axes, out_axes = _axes(module, kind, kw)
+                records[prefix + leaf] = (kind, in_axes, out_axes, len(kernel.shape))
         else:
             for leaf in ("kernel", "embedding"):
                 if module.has_variable("params", leaf):
@@ -318,10 +329,10 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> lora_lib.Layout:
     with nn.intercept_methods(record):
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
     flat = tree_lib.flatten(shapes.get("params", {}))
-    result = lora_lib.Layout(unsupported=unsupported)
+    result = Layout(unsupported=unsupported)
     for path, (kind, in_axes, out_axes, ndim) in records.items():
         if path in flat:
-            result[path] = lora_lib.KernelLayout(kind, in_axes, out_axes, len(flat[path].shape) - ndim)
+            result[path] = KernelLayout(kind, in_axes, out_axes, len(flat[path].shape) - ndim)
     return result
 
 

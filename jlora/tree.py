@@ -78,6 +78,18 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
     return out
 
 
+def leaves_by_path(tree: PyTree) -> dict[str, Any]:
+    """``{path: leaf}`` for every pytree leaf, paths through any registered node (an adapter's ``.../a``).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from jlora.adapter import Adapter
+        >>> list(leaves_by_path({"q": {"kernel": Adapter(jnp.zeros((4, 2)), jnp.zeros((2, 3)))}}))
+        ['q/kernel/a', 'q/kernel/b']
+    """
+    return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def paths(tree: PyTree) -> list[str]:
     """The path strings of every leaf of ``tree``, in flattening order."""
     return [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -105,7 +105,7 @@ def _resume(directory: str, at: int, out: str, steps: int) -> None:
     with checkpoint.CheckpointManager(directory) as manager:
         restored = manager.restore(fresh, at, params=params, lora_config=CFG, name=NAME)
     state, losses = train(model, params, optimizer, restored.state, restored.data_position["index"], steps)
-    flat = {f"adapters/{k}": np.asarray(v) for k, v in jlora.tree.flatten(state.adapters).items()}
+    flat = {f"adapters/{k}": np.asarray(v) for k, v in jlora.tree.leaves_by_path(state.adapters).items()}
     np.savez(out, losses=losses, step=np.asarray(state.step), restored_step=restored.step, **flat)
 
 

@@ -94,7 +94,7 @@ def main(process_id, num_processes, port, phase, ckpt_dir, out):
     if phase == "train":
         manager.save(SPLIT, state, params=params, lora_config=cfg)
     manager.close()
-    flat = jlora.tree.flatten(parallel.to_host(state.adapters))   # a collective: every process calls it
+    flat = jlora.tree.leaves_by_path(parallel.to_host(state.adapters))   # a collective: every process calls it
     if parallel.is_main_process():
         np.savez(out, losses=np.asarray(losses), step=int(parallel.to_host(state.step)), **flat)
     jax.distributed.shutdown()

@@ -115,7 +115,7 @@ def test_exact_resume_in_a_new_process(tmp_path, tiny, saved):
 
     assert int(out["restored_step"]) == 10 and int(out["step"]) == 20
     np.testing.assert_array_equal(out["losses"], straight_losses[10:])  # every loss after the resume, bitwise
-    for path, x in jlora.tree.flatten(straight.adapters).items():
+    for path, x in jlora.tree.leaves_by_path(straight.adapters).items():
         np.testing.assert_array_equal(out[f"adapters/{path}"], np.asarray(x), err_msg=path)
 
     # The RNG round-trip matters: the same resume with another dropout key gives another loss.

@@ -241,7 +241,7 @@ def test_merged_lora_saved_equals_unmerged_apply(saved, tmp_path, kind):
     targets = ("c_attn", "c_fc") if kind == "gpt2" else ("q_proj", "v_proj", "down_proj")
     cfg = jlora.LoraConfig(rank=4, alpha=8, targets=targets)
     adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0))
-    flat = jlora.tree.flatten(adapters)
+    flat = jlora.tree.leaves_by_path(adapters)
     keys = jax.random.split(jax.random.key(1), len(flat))
     flat = {p: (0.2 * jax.random.normal(k, x.shape, x.dtype) if p.endswith("/b") else x)
             for k, (p, x) in zip(keys, flat.items())}
@@ -292,7 +292,7 @@ def test_q_v_targets_select_two_kernels_per_layer(tmp_path, model_type):
     assert has_bias == (model_type != "mistral")    # biases, where they exist, must not be picked up
     adapters = jlora.init(loaded.params, jlora.LoraConfig(rank=2, targets=("q_proj", "v_proj")),
                           key=jax.random.key(0))
-    kernels = sorted({p.rsplit("/", 1)[0] for p in jlora.tree.flatten(adapters)})
+    kernels = sorted({p.rsplit("/", 1)[0] for p in jlora.tree.leaves_by_path(adapters)})
     assert kernels == sorted(f"layers_{i}/self_attn/{m}/kernel" for i in range(3) for m in ("q_proj", "v_proj"))
 
 

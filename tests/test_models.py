@@ -301,7 +301,7 @@ def test_lora_targets_select_q_v_kernels():
     lcfg = jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj"))
     layout = jlora.layout(model, jnp.ones((1, 4), jnp.int32))
     adapters = jlora.init(params, lcfg, key=jax.random.key(0), layout=layout)
-    paths = set(jlora.tree.flatten(adapters))
+    paths = set(jlora.tree.leaves_by_path(adapters))
     assert paths == {f"layers/self_attn/{p}_proj/kernel/{ab}" for p in "qv" for ab in "ab"}
     adapters = jax.tree.map(lambda x: 0.2 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), adapters)
     ids = jnp.asarray(_ids())

@@ -250,7 +250,7 @@ def test_adapters_follow_their_kernels_and_optimizer_state_follows_adapters(tiny
     _, params, cfg, _, adapters, _ = tiny
     mesh = parallel.make_mesh(fsdp=4, tensor=2)
     p_sh = parallel.param_shardings(params, mesh, family="llama")
-    a_sh = jlora.tree.flatten(parallel.adapter_shardings(adapters, p_sh))
+    a_sh = jlora.tree.leaves_by_path(parallel.adapter_shardings(adapters, p_sh))
     k = "layers_0/self_attn/"
     assert tuple(a_sh[k + "q_proj/kernel/a"].spec) == ("fsdp", None)      # kernel (fsdp, tensor)
     assert tuple(a_sh[k + "q_proj/kernel/b"].spec) == (None, "tensor")
@@ -283,11 +283,11 @@ def test_adapter_shardings_of_multi_axis_kernels_need_params():
     p_sh = parallel.param_shardings(params, mesh)        # generic: q (32, 4, 8) -> fsdp on 32; o (4, 8, 32) -> 32
     assert tuple(p_sh["layers_0"]["q_proj"]["kernel"].spec) == ("fsdp", None, None)
     assert tuple(p_sh["layers_0"]["o_proj"]["kernel"].spec) == (None, None, "fsdp")
-    with_params = jlora.tree.flatten(parallel.adapter_shardings(adapters, p_sh, params))
+    with_params = jlora.tree.leaves_by_path(parallel.adapter_shardings(adapters, p_sh, params))
     assert tuple(with_params["layers_0/q_proj/kernel/a"].spec) == ("fsdp", None)   # a: (32, 2)
     assert tuple(with_params["layers_0/q_proj/kernel/b"].spec) == (None, None)     # b: (2, 4*8): out unsharded
     assert tuple(with_params["layers_0/o_proj/kernel/b"].spec) == (None, "fsdp")   # b: (2, 32)
-    without = jlora.tree.flatten(parallel.adapter_shardings(adapters, p_sh))       # cannot tell: replicated
+    without = jlora.tree.leaves_by_path(parallel.adapter_shardings(adapters, p_sh))       # cannot tell: replicated
     assert all(tuple(s.spec) == () for s in without.values())
 
 

@@ -103,8 +103,8 @@ def test_import_peft_trained_adapter(kind, tmp_path):
     # and jlora's own export of what it imported round-trips through PEFT again
     again, cfg2 = jlora.peft.load(jlora.peft.save(tmp_path / "again", adapters, cfg, loaded), loaded)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), adapters, again)
-    assert [cfg2.scale(p) for p in jlora.tree.flatten(adapters)] == [cfg.scale(p) for p in
-                                                                   jlora.tree.flatten(adapters)]
+    assert [cfg2.scale(p) for p in jlora.tree.leaves_by_path(adapters)] == [cfg.scale(p) for p in
+                                                                   jlora.tree.leaves_by_path(adapters)]
 
 
 def test_scanned_model_round_trip(tmp_path):

@@ -102,7 +102,7 @@ def test_summary_rank_ladder(loaded, capsys):
     rows = {int(m.group(1)): int(m.group(2).replace(",", ""))
             for line in ladder if (m := re.match(r"\s*(\d+)\s+([\d,]+)\s", line))}
     assert rows == {r: r * per_rank for r in ranks}
-    assert len(jlora.tree.flatten(adapters)) == 2 * 4 * LAYERS   # an (a, b) pair per targeted kernel
+    assert len(jlora.tree.leaves_by_path(adapters)) == 2 * 4 * LAYERS   # an (a, b) pair per targeted kernel
     total = next(line for line in table.splitlines() if line.startswith("total:"))
     with capsys.disabled():   # the ladder is the point of this test: show it in the test log
         print("\nSmolLM2-135M-Instruct, LoRA on q/k/v/o (r=8): " + total, *ladder, sep="\n")

@@ -58,10 +58,10 @@ def test_dora_dense_matches_jnp_reference_and_merge():
     cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets="kernel", use_dora=True)
     fresh = jlora.init(params, cfg, key=jax.random.key(2))
     w = params["kernel"]
-    np.testing.assert_allclose(fresh["kernel"]["m"], np.linalg.norm(np.asarray(w), axis=0), rtol=1e-6)
+    np.testing.assert_allclose(fresh["kernel"].extras["m"], np.linalg.norm(np.asarray(w), axis=0), rtol=1e-6)
     assert jnp.array_equal(jlora.apply(model, params, fresh, cfg, x), model.apply({"params": params}, x))
     ad = randomize(fresh, jax.random.key(3), 0.5)
-    a, b, m = ad["kernel"]["a"], ad["kernel"]["b"], ad["kernel"]["m"]
+    a, b, m = ad["kernel"].a, ad["kernel"].b, ad["kernel"].extras["m"]
     v = w + 2.0 * a @ b
     expected = x @ (m[None] * v / jnp.linalg.norm(v, axis=0)[None]) + params["bias"][None, None]
     with jax.numpy_dtype_promotion("strict"):
@@ -76,14 +76,15 @@ def test_dora_norm_is_constant_in_backward():
     """PEFT (and the DoRA paper, 4.3) detach ||W + sAB||: the gradient equals the one with the norm frozen."""
     x = jax.random.normal(jax.random.key(0), (5, 8))
     w = jax.random.normal(jax.random.key(1), (8, 6))
-    pair = randomize({"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "m": jnp.zeros(6)}, jax.random.key(2), 0.5)
-    norm = dora.column_norm(w, pair["a"], pair["b"], 1.5)
+    pair = randomize(jlora.Adapter(jnp.zeros((8, 2)), jnp.zeros((2, 6)), {"m": jnp.zeros(6)}, variant="dora"),
+                     jax.random.key(2), 0.5)
+    norm = dora.column_norm(w, pair.a, pair.b, 1.5)
 
     def ours(p):
         return jnp.sum(dora.dense_output(x, x @ w, w, None, p, 1.5, jnp.float32) ** 2)
 
     def frozen(p):
-        return jnp.sum((x @ (w + 1.5 * p["a"] @ p["b"]) * (p["m"] / norm)[None]) ** 2)
+        return jnp.sum((x @ (w + 1.5 * p.a @ p.b) * (p.extras["m"] / norm)[None]) ** 2)
 
     jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5),
                  jax.grad(ours)(pair), jax.grad(frozen)(pair))
@@ -96,9 +97,9 @@ def test_dora_export_equals_peft_logits(tmp_path):
                            rank_pattern={"layers_1/self_attn/v_proj": 2})
     adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.2)
     adapters = jax.tree.map(lambda x: x, adapters)
-    for path, pair in jlora.lora._adapter_items(adapters):   # magnitudes near the column norms, as in training
-        pair["m"] = jlora.variants.dora.column_norm(jlora.tree.flatten(loaded.params)[path], pair["a"], pair["b"],
-                                           cfg.scale(path)) * (1 + pair["m"])
+    for path, pair in jlora.adapter.adapter_items(adapters):   # magnitudes near the column norms, as in training
+        pair.extras["m"] = jlora.variants.dora.column_norm(jlora.tree.flatten(loaded.params)[path], pair.a, pair.b,
+                                           cfg.scale(path)) * (1 + pair.extras["m"])
     ours = _apply(loaded, loaded.params, adapters, cfg)
     assert max_diff(ours, _torch_logits(hf_model)) > 1e-3
     out = jlora.peft.save(tmp_path / "dora", adapters, cfg, loaded)
@@ -120,7 +121,7 @@ def test_dora_import_of_peft_trained_adapter(tmp_path):
     train_peft(pm, IDS, lr=2e-2)
     pm.save_pretrained(tmp_path / "peft_dora")
     adapters, cfg = jlora.peft.load(tmp_path / "peft_dora", loaded)
-    assert cfg.use_dora and "m" in adapters["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert cfg.use_dora and "m" in adapters["layers_0"]["self_attn"]["q_proj"]["kernel"].extras
     assert max_diff(_apply(loaded, loaded.params, adapters, cfg), _torch_logits(pm)) <= 1e-4
 
 
@@ -145,12 +146,12 @@ def test_dora_train_step_and_scan():
     step = jax.jit(jlora.make_train_step(unrolled, cfg, opt))
     new, metrics = step(state, params, {"input_ids": ids})
     assert float(metrics["grad_norm"]) > 0
-    assert not jnp.array_equal(new.adapters["layers_0"]["q_proj"]["kernel"]["m"], ad["layers_0"]["q_proj"]["kernel"]["m"])
+    assert not jnp.array_equal(new.adapters["layers_0"]["q_proj"]["kernel"].extras["m"], ad["layers_0"]["q_proj"]["kernel"].extras["m"])
 
 
 def test_dora_rejects_non_dense_layers():
     params = {"embed": {"embedding": jnp.ones((10, 4))}}
-    with pytest.raises(ValueError, match="use_dora supports nn.Dense kernels only"):
+    with pytest.raises(ValueError, match=r"the dora variant supports Dense layers; .embed/embedding. is used by a Embed layer"):
         jlora.init(params, jlora.LoraConfig(rank=2, targets="embed", use_dora=True), key=jax.random.key(0))
 
 
@@ -189,14 +190,14 @@ def test_pissa_is_reproducible_and_scanned():
     cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets="q_proj", init="pissa", use_rslora=True)
     ad, base = jlora.init_with_base(params, cfg, key=jax.random.key(1), layout=lay)
     ad2, _ = jlora.init_with_base(params, cfg, key=jax.random.key(2), layout=lay)
-    assert ad["layers"]["q_proj"]["kernel"]["a"].shape == (3, 16, 2)
+    assert ad["layers"]["q_proj"]["kernel"].a.shape == (3, 16, 2)
     jax.tree.map(np.testing.assert_array_equal, ad, ad2)
     merged = jlora.merge(base, ad, cfg, layout=lay)
     assert max_diff(merged["layers"]["q_proj"]["kernel"], params["layers"]["q_proj"]["kernel"]) <= 1e-5
     w = np.asarray(params["layers"]["q_proj"]["kernel"][1], np.float64)
     u, s, vt = np.linalg.svd(w)   # the adapter holds the rank-2 truncated SVD of each layer
-    top = cfg.scale("layers/q_proj/kernel") * ad["layers"]["q_proj"]["kernel"]["a"][1] @ ad["layers"]["q_proj"][
-        "kernel"]["b"][1]
+    top = cfg.scale("layers/q_proj/kernel") * ad["layers"]["q_proj"]["kernel"].a[1] @ ad["layers"]["q_proj"][
+        "kernel"].b[1]
     np.testing.assert_allclose(top, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)
 
 
@@ -207,7 +208,7 @@ def test_bias_and_modules_to_save_export_to_peft(bias, tmp_path):
     loaded = jlora.hf.load(folder)
     cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "o_proj"), bias=bias, modules_to_save="lm_head")
     adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0))
-    saved = sorted(p for p in jlora.tree.flatten(adapters) if not p.endswith(("/a", "/b")))
+    saved = sorted(p for p in jlora.tree.leaves_by_path(adapters) if not p.endswith(("/a", "/b")))
     biases = [f"layers_{i}/self_attn/{m}/bias" for i in range(2) for m in
               (("q_proj", "k_proj", "v_proj") if bias == "all" else ("q_proj",))]
     assert saved == sorted(["lm_head/kernel", *biases])
@@ -224,7 +225,7 @@ def test_bias_and_modules_to_save_export_to_peft(bias, tmp_path):
     theirs = _torch_logits(peft.PeftModel.from_pretrained(hf_model, str(out)).eval())
     assert max_diff(ours, theirs) <= 1e-4
     back, cfg2 = jlora.peft.load(out, loaded)
-    assert cfg2.bias == bias and sorted(p for p in jlora.tree.flatten(back) if not p.endswith(("/a", "/b"))) == saved
+    assert cfg2.bias == bias and sorted(p for p in jlora.tree.leaves_by_path(back) if not p.endswith(("/a", "/b"))) == saved
     assert max_diff(_apply(loaded, loaded.params, back, cfg2), theirs) <= 1e-4
 
 

@@ -14,14 +14,18 @@ products with ``A`` and ``B`` instead of the full-size ``A @ B``::
 which costs an (r, out) and an (r, r) intermediate rather than an (in, out) one. With LoRA dropout, PEFT applies
 the dropout to the input of both the base term and the low-rank term; so does :func:`dense_output`.
 
-Magnitudes live in the adapter tree next to ``a`` and ``b`` as ``m`` of shape ``(*lead, out)``. DoRA is
-implemented for ``nn.Dense`` layers (PEFT's ``Linear``); other layer kinds raise an error naming the layer.
+Magnitudes live in the adapter as the extra ``m`` of shape ``(*lead, out)``, in an :class:`jlora.Adapter` whose
+variant is ``"dora"``; this module registers that variant's hooks (init, merge, layer call) with
+:func:`jlora.adapter.register_variant`. DoRA is implemented for ``nn.Dense`` layers (PEFT's ``Linear``); other
+layer kinds raise an error naming the layer.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jlora.adapter import Adapter, LayerCall, Variant, register_variant
 
 MAGNITUDE = "m"
 
@@ -47,7 +51,7 @@ def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.A
     return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
-def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array | None, pair,
+def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array | None, node: Adapter,
                  scale: float, dtype, dropout=None) -> jax.Array:
     """A DoRA ``nn.Dense`` output from its unmerged pieces.
 
@@ -56,7 +60,7 @@ def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array 
         y: the layer's plain output ``x @ W + bias``.
         kernel: the (dequantized) frozen kernel ``(in, out)``.
         bias: the layer's bias (or None).
-        pair: ``{"a": (in, r), "b": (r, out), "m": (out,)}``.
+        node: the adapter: ``a`` (in, r), ``b`` (r, out), extra ``m`` (out,).
         scale: the LoRA scale s.
         dtype: the layer's compute dtype.
         dropout: optional function applied to the input of the adapted path (LoRA dropout).
@@ -64,7 +68,7 @@ def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array 
     Returns:
         ``g * (x @ W + s * (x @ A) @ B) + bias`` with ``g = m / stop_gradient(||W + s A B||)``.
     """
-    a, b, m = pair["a"], pair["b"], pair[MAGNITUDE]
+    a, b, m = node.a, node.b, node.extras[MAGNITUDE]
     norm = jax.lax.stop_gradient(column_norm(kernel, a, b, scale))
     lift = (None,) * (y.ndim - 1)                          # explicit broadcasting over batch axes
     g = (m.astype(jnp.float32) / norm).astype(dtype)[lift]
@@ -79,8 +83,22 @@ def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array 
     return (y + (g - 1) * base.astype(dtype) + g * low).astype(y.dtype)
 
 
-def merged_kernel(w: jax.Array, pair, scale: float) -> jax.Array:
+def merged_kernel(w: jax.Array, node: Adapter, scale: float) -> jax.Array:
     """``m * (W + s A B) / ||W + s A B||`` for a kernel ``(*lead, in, out)``, in fp32."""
-    v = w.astype(jnp.float32) + scale * jnp.matmul(pair["a"].astype(jnp.float32), pair["b"].astype(jnp.float32))
-    g = pair[MAGNITUDE].astype(jnp.float32) / jnp.linalg.norm(v, axis=-2)
+    v = w.astype(jnp.float32) + scale * jnp.matmul(node.a.astype(jnp.float32), node.b.astype(jnp.float32))
+    g = node.extras[MAGNITUDE].astype(jnp.float32) / jnp.linalg.norm(v, axis=-2)
     return v * g[..., None, :]
+
+
+def _layer_call(c: LayerCall) -> jax.Array:
+    return dense_output(c.x, c.y, c.kernel, c.bias, c.adapter, c.scale, c.dtype, c.dropout)
+
+
+VARIANT = register_variant(Variant(
+    "dora",
+    init_extras=lambda w, a, b, scale: {MAGNITUDE: column_norm(w, a, b, scale)},
+    merged=merged_kernel,
+    layer_call=_layer_call,
+    layers=("Dense",),
+    invertible=False,
+))

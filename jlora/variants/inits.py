@@ -21,9 +21,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from jlora import adapter as adapter_lib
 from jlora import lora as lora_lib
-from jlora.variants import quant as quant_lib
 from jlora import tree as tree_lib
+from jlora.adapter import Adapter
 from jlora.config import LoraConfig
 
 CHANGES_BASE = ("pissa", "olora")
@@ -65,17 +66,17 @@ def init_with_base(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
     """
     if cfg.init not in CHANGES_BASE:
         return lora_lib.init(params, cfg, key=key, layout=layout), params
-    if any(quant_lib.is_quantized(x) for x in tree_lib.flatten(params).values()):
+    if any(adapter_lib.kernel_type(x) is not None for x in tree_lib.flatten(params).values()):
         raise ValueError(f"init={cfg.init!r} needs full-precision kernels (as PEFT): run it on the unquantized "
                          f"params, then quantize the returned residual base with jlora.quantize")
-    adapters = lora_lib._init(params, cfg, key=key, layout=layout, factors=_FACTORS[cfg.init])
+    adapters = lora_lib.init(params, cfg, key=key, layout=layout, factors=_FACTORS[cfg.init])
     return adapters, residual(params, adapters, cfg, layout)
 
 
 def residual(params: Mapping, adapters: Mapping, cfg: LoraConfig, layout: Mapping | None = None) -> dict:
     """``params`` minus the low-rank part of ``adapters`` at every adapted kernel: ``W - s A @ B``."""
-    lowrank = tree_lib.unflatten({f"{p}/{k}": v for p, pair in lora_lib._adapter_items(adapters)
-                                  for k, v in pair.items()})
+    lowrank = tree_lib.unflatten({p: Adapter(n.a, n.b, layout=n.layout)
+                                  for p, n in adapter_lib.adapter_items(adapters)})
     return lora_lib.unmerge(params, lowrank, cfg, layout)
 
 

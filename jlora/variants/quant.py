@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import tree as tree_lib
+from jlora.adapter import KernelType, register_kernel_type
 
 BLOCK = 64
 DQ_BLOCK = 256
@@ -352,6 +353,9 @@ def _qmatmul_bwd(precision, q, g):
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+register_kernel_type(KernelType(NF4, dense_value=lambda q: dequantize(q, jnp.float32), rebuild=requantize_like,
+                                layer_call=dense_call))
 
 
 __all__ = ["NF4", "NF4_CODE", "DYNAMIC_MAP", "quantize", "quantize_array", "dequantize", "dequantize_params",

@@ -1,0 +1,264 @@
+"""The adapter node, the kernel layouts it records, and the two hook tables through which variants plug in.
+
+An adapter tree mirrors the parameter tree but holds only what trains. At the path of every adapted kernel (or
+embedding table) it holds an :class:`Adapter`: the factors ``a`` ``(..., in, r)`` and ``b`` ``(..., r, out)``,
+optional extra trained arrays (DoRA's magnitude ``m``), the :class:`KernelLayout` of the kernel it was made for,
+and the name of its variant. ``Adapter`` is a registered pytree node, so ``jit``, ``grad``, optax, ``nn.scan`` and
+orbax see its arrays as ordinary leaves (key paths ``.../kernel/a``, ``.../kernel/b``), while every jlora
+function recognizes an adapter by its type, never by the keys of a dict. Any other leaf of an adapter tree is a
+whole trained tensor (``bias``/``modules_to_save``) that replaces the frozen parameter at its path.
+
+Variants hook in through two small tables, so the core never imports them:
+
+- :func:`register_variant` adds a kind of adapter (``Adapter.variant``): how its extras are initialized, how it
+  merges into a kernel, and how an adapted layer computes its output. The core registers ``"lora"``;
+  ``jlora.variants`` registers ``"dora"``.
+- :func:`register_kernel_type` adds a kind of frozen kernel leaf (``jlora.variants.quant`` registers NF4): how to
+  read it as a dense array, rebuild it from a merged array, and compute the layer that uses it.
+
+Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> ad = Adapter(jnp.zeros((8, 2)), jnp.zeros((2, 4)))
+    >>> ad.rank, [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(ad)[0]]
+    (2, ['.a', '.b'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+# Layer kinds the transform handles and the layouts it records for them.
+LAYER_KINDS = ("Dense", "DenseGeneral", "Embed", "Einsum")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """How a kernel's axes map onto an adapter's ``(in, r)`` and ``(r, out)`` factors.
+
+    Attributes:
+        kind: the layer class that uses the kernel (one of :data:`LAYER_KINDS`).
+        in_axes: axes of the per-layer kernel contracted with the layer's input (for an embedding table: the
+            vocabulary axis).
+        out_axes: the remaining axes, which index the layer's output features.
+        lead: number of leading stacked axes (e.g. 1 for a layer stack under ``nn.scan``).
+        traced: whether the layout was read off the layer by tracing (:func:`jlora.layout`). ``False`` means it is
+            the ``(in, out)`` convention of ``nn.Dense``/``nn.Embed`` that :func:`jlora.init` takes for a 2-D
+            kernel when given no layout; :func:`jlora.apply` checks it against the layer that uses the kernel.
+    """
+
+    kind: str
+    in_axes: tuple[int, ...] = (0,)
+    out_axes: tuple[int, ...] = (1,)
+    lead: int = 0
+    traced: bool = True
+
+    def split(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+        """Returns ``(lead_shape, fan_in, fan_out)`` for a kernel of ``shape``."""
+        per_layer = shape[self.lead:]
+        if len(per_layer) != len(self.in_axes) + len(self.out_axes):
+            raise ValueError(f"layout {self} does not fit a kernel of shape {tuple(shape)}")
+        fan_in = math.prod(per_layer[i] for i in self.in_axes)
+        fan_out = math.prod(per_layer[i] for i in self.out_axes)
+        return tuple(shape[:self.lead]), fan_in, fan_out
+
+    def fitted(self, shape: tuple[int, ...]) -> "KernelLayout":
+        """This layout with ``lead`` set from a kernel's ``shape`` (a stacked or unstacked copy of the kernel)."""
+        lead = len(shape) - len(self.in_axes) - len(self.out_axes)
+        return self if lead == self.lead or lead < 0 else dataclasses.replace(self, lead=lead)
+
+    def same_axes(self, other: "KernelLayout") -> bool:
+        """Whether both layouts read a kernel the same way (kind, traced and lead aside)."""
+        return (self.in_axes, self.out_axes) == (other.in_axes, other.out_axes)
+
+    def describe(self) -> str:
+        """``"(in, out)"``-style text of the per-layer axes, for error messages."""
+        n = len(self.in_axes) + len(self.out_axes)
+        names = ["in" if i in self.in_axes else "out" for i in range(n)]
+        return "(" + ", ".join(names) + ")"
+
+
+class Layout(dict):
+    """``{param path: KernelLayout}`` for every kernel a supported layer uses, from :func:`jlora.layout`.
+
+    ``unsupported`` maps the paths of kernels used by other layer kinds (``nn.Conv``, ...) to their class names,
+    so that targeting one gives an error naming the kind.
+    """
+
+    def __init__(self, entries=(), unsupported=None):
+        super().__init__(entries)
+        self.unsupported = dict(unsupported or {})
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Adapter:
+    """One adapted kernel's trainable factors: ``a`` ``(..., in, r)``, ``b`` ``(..., r, out)`` and extras.
+
+    Args:
+        a: the down-projection factor.
+        b: the up-projection factor.
+        extras: further trained arrays of the variant, by name (DoRA: ``{"m": (..., out)}``).
+        layout: the :class:`KernelLayout` of the kernel it adapts; merging reads it, so a merge needs no layout.
+        variant: the registered variant that computes it (``"lora"``, ``"dora"``).
+    """
+
+    __slots__ = ("a", "b", "extras", "layout", "variant")
+
+    def __init__(self, a, b, extras: Mapping[str, Any] | None = None, *, layout: KernelLayout | None = None,
+                 variant: str = "lora"):
+        self.a, self.b = a, b
+        self.extras = dict(sorted((extras or {}).items()))
+        self.layout = layout
+        self.variant = variant
+
+    @property
+    def rank(self) -> int:
+        return int(np.shape(self.a)[-1])
+
+    def replace(self, **changes) -> "Adapter":
+        """A copy with some fields changed (``a=``, ``b=``, ``extras=``, ``layout=``, ``variant=``)."""
+        fields = {"a": self.a, "b": self.b, "extras": self.extras, "layout": self.layout, "variant": self.variant}
+        fields.update(changes)
+        return Adapter(fields.pop("a"), fields.pop("b"), fields.pop("extras"), **fields)
+
+    def tree_flatten_with_keys(self):
+        names = tuple(self.extras)
+        children = [(jax.tree_util.GetAttrKey("a"), self.a), (jax.tree_util.GetAttrKey("b"), self.b)]
+        children += [(jax.tree_util.GetAttrKey(n), self.extras[n]) for n in names]
+        return children, (names, self.layout, self.variant)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        names, layout, variant = aux
+        obj = object.__new__(cls)
+        obj.a, obj.b = children[0], children[1]
+        obj.extras = dict(zip(names, children[2:]))
+        obj.layout, obj.variant = layout, variant
+        return obj
+
+    def __repr__(self) -> str:
+        def show(x):
+            return f"{getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}" if hasattr(x, "shape") else repr(x)
+        extras = "".join(f", {k}={show(v)}" for k, v in self.extras.items())
+        variant = "" if self.variant == "lora" else f", variant={self.variant!r}"
+        return f"Adapter(a={show(self.a)}, b={show(self.b)}{extras}{variant})"
+
+
+def is_adapter(x: Any) -> bool:
+    return isinstance(x, Adapter)
+
+
+def _walk(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _walk(v, f"{prefix}/{k}" if prefix else str(k))
+    elif tree is not None:
+        yield prefix, tree
+
+
+def adapter_items(adapters: Any) -> Iterator[tuple[str, Adapter]]:
+    """Yields ``(param_path, Adapter)`` for every adapter in the tree."""
+    return ((p, x) for p, x in _walk(adapters) if isinstance(x, Adapter))
+
+
+def full_items(adapters: Any) -> Iterator[tuple[str, Any]]:
+    """Yields ``(param_path, array)`` for every whole trained tensor (``bias``/``modules_to_save`` leaves)."""
+    return ((p, x) for p, x in _walk(adapters) if not isinstance(x, Adapter))
+
+
+# --- variants ---------------------------------------------------------------------------------------------------
+
+class LayerCall(dict):
+    """What a variant's ``layer_call`` hook receives about one adapted layer call (attribute access).
+
+    Keys: ``module``, ``method``, ``x`` (the input), ``y`` (the layer's plain output), ``kernel`` (its dense
+    value), ``bias`` (or None), ``adapter``, ``scale``, ``dtype`` (the compute dtype), ``dropout`` (a function
+    applying LoRA dropout, or None), ``path``.
+    """
+
+    __getattr__ = dict.__getitem__
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A kind of adapter: the three hooks through which it differs from plain LoRA.
+
+    Attributes:
+        name: the value of ``Adapter.variant``.
+        init_extras: ``(kernel fp32, a, b, scale) -> {name: array}``, its extra trained arrays at init.
+        merged: ``(kernel fp32, adapter, scale) -> merged kernel fp32`` with the kernel's ``(*lead, in, out)``
+            layout; None means ``W + scale * A @ B`` reshaped to the kernel's layout.
+        layer_call: ``(LayerCall) -> output`` of an adapted layer; None means ``y + scale * (x @ A) @ B``.
+        layers: the layer kinds it supports (an error names any other).
+        invertible: whether :func:`jlora.unmerge` can undo its merge.
+    """
+
+    name: str
+    init_extras: Callable[..., dict] | None = None
+    merged: Callable[..., Any] | None = None
+    layer_call: Callable[[LayerCall], Any] | None = None
+    layers: tuple[str, ...] = LAYER_KINDS
+    invertible: bool = True
+
+
+_VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant) -> Variant:
+    """Adds (or replaces) a variant in the table; returns it."""
+    _VARIANTS[variant.name] = variant
+    return variant
+
+
+def variant(name: str) -> Variant:
+    """The registered variant called ``name``."""
+    if name not in _VARIANTS:
+        raise ValueError(f"no adapter variant {name!r} is registered (known: {sorted(_VARIANTS)}); "
+                         f"`import jlora` registers the built-in ones")
+    return _VARIANTS[name]
+
+
+register_variant(Variant("lora"))
+
+
+# --- kernel types -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class KernelType:
+    """A kind of frozen kernel leaf other than a plain array (e.g. a quantized one).
+
+    Attributes:
+        cls: the leaf's class.
+        dense_value: ``leaf -> fp32 array`` of the kernel's shape.
+        rebuild: ``(leaf, fp32 array) -> leaf`` of the same kind holding the new values (after a merge).
+        layer_call: ``(module, path, args, kwargs) -> output``, the layer's plain output computed from the leaf.
+    """
+
+    cls: type
+    dense_value: Callable[[Any], Any]
+    rebuild: Callable[[Any, Any], Any]
+    layer_call: Callable[..., Any]
+
+
+_KERNEL_TYPES: dict[type, KernelType] = {}
+
+
+def register_kernel_type(kernel_type: KernelType) -> KernelType:
+    """Adds (or replaces) a kernel type in the table; returns it."""
+    _KERNEL_TYPES[kernel_type.cls] = kernel_type
+    return kernel_type
+
+
+def kernel_type(leaf: Any) -> KernelType | None:
+    """The registered :class:`KernelType` of ``leaf``, or None for a plain array."""
+    return _KERNEL_TYPES.get(type(leaf))
+
+
+__all__ = ["Adapter", "KernelLayout", "Layout", "LayerCall", "Variant", "KernelType", "LAYER_KINDS",
+           "adapter_items", "full_items", "is_adapter", "register_variant", "variant", "register_kernel_type",
+           "kernel_type"]

@@ -1,0 +1,3 @@
+from jlora.cli import main
+
+raise SystemExit(main())
