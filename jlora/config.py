@@ -61,7 +61,8 @@ class LoraConfig:
         exclude: regexes; a path matching any of them gets no adapter even if a target matches.
         dropout: LoRA dropout on the adapter's input, in [0, 1); active only when an rng is given.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA) instead of ``alpha / r``.
-        rank_pattern: regex -> rank, the first pattern found in a path wins.
+        rank_pattern: regex -> rank, the first pattern found in a path wins (so the order matters: configs
+            whose patterns differ only in order are not equal).
         alpha_pattern: regex -> alpha, the first pattern found in a path wins.
         init: ``"default"`` (as PEFT: dense A kaiming-uniform, B = 0; embedding A = 0, B normal),
             ``"gaussian"`` (A normal with std 1/r, B = 0), or ``"pissa"`` / ``"olora"`` (A, B from the kernel's
@@ -207,6 +208,16 @@ class _FrozenDict(dict):
         raise TypeError("LoraConfig patterns are immutable; build a new config with dataclasses.replace")
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore
+
+    # Patterns are first-match, so their order is part of their meaning: compare and hash them in order.
+    def __eq__(self, other):
+        if isinstance(other, Mapping):
+            return list(self.items()) == list(other.items())
+        return NotImplemented
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
 
     def __hash__(self):
         return hash(tuple(self.items()))
