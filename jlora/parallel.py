@@ -5,9 +5,9 @@ One mesh with three named axes covers the usual layouts:
 - ``data``: plain data parallelism. Frozen params and adapters are replicated; the batch is split.
 - ``fsdp``: the batch is split as for ``data``, and every frozen kernel (embeddings too) is sharded along its
   largest dimension divisible by the axis size, so each device holds ``1/fsdp`` of the frozen weights.
-- ``tensor``: Megatron tensor parallelism. In the llama family q/k/v/gate/up kernels are split by output
-  columns, o/down by input rows (so each attention/MLP block needs one reduction), embeddings and ``lm_head`` by
-  vocabulary. The batch is replicated over it.
+- ``tensor``: Megatron tensor parallelism by the model family's rules (:func:`jlora.models.tensor_split`): the
+  kernels that open an attention or MLP block are split by output columns, the ones that close it by input rows
+  (so each block needs one reduction), embeddings by vocabulary. The batch is replicated over it.
 
 The axes are ``AxisType.Auto``: shardings are placed on the arguments and XLA's partitioner (GSPMD/Shardy) fills
 in the collectives, so the same unmodified train step (:func:`jlora.make_train_step`) runs on any mesh and
@@ -22,16 +22,15 @@ devices, feed each process its own rows with :func:`shard_local_batch`, and guar
 Examples:
     >>> import jax, jax.numpy as jnp
     >>> mesh = make_mesh(data=2, fsdp=4)          # 8 devices (tests run on 8 virtual CPU devices)
-    >>> params = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.zeros((16, 64))}}}}
-    >>> param_specs(params, mesh, family="llama")["layers_0"]["mlp"]["up_proj"]["kernel"]
-    P(None, 'fsdp')
+    >>> params = {"block": {"up": {"kernel": jnp.zeros((16, 64))}, "norm": {"scale": jnp.zeros((16,))}}}
+    >>> param_specs(params, mesh)     # family=None: the generic rule for any Flax model, FSDP only
+    {'block': {'norm': {'scale': P(None,)}, 'up': {'kernel': P(None, 'fsdp')}}}
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jlora import models
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 from jlora.train import LossFn, TrainState, lm_loss, make_train_step
@@ -48,24 +48,6 @@ from jlora.train import LossFn, TrainState, lm_loss, make_train_step
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Megatron rules per family: regexes on a layer-relative path -> which per-layer kernel dim the tensor axis splits
-# (-1: output columns, -2: input rows, 0 for an embedding table: the vocabulary).
-_TENSOR_RULES = {
-    "llama": {"layer_prefix": "layers", "rules": (
-        (r"(^|/)self_attn/(q|k|v)_proj/(kernel|bias)$", -1),
-        (r"(^|/)mlp/(gate|up)_proj/(kernel|bias)$", -1),
-        (r"(^|/)self_attn/o_proj/kernel$", -2),
-        (r"(^|/)mlp/down_proj/kernel$", -2),
-        (r"^lm_head/kernel$", -1),
-        (r"^embed_tokens/embedding$", 0),
-    )},
-    "gpt2": {"layer_prefix": "h", "rules": (
-        (r"(^|/)attn/c_attn/(kernel|bias)$", -1),
-        (r"(^|/)mlp/c_fc/(kernel|bias)$", -1),
-        (r"(^|/)(attn|mlp)/c_proj/kernel$", -2),
-        (r"^wte/embedding$", 0),
-    )},
-}
 _BAD_TENSOR_DIM = (
     "tensor parallelism splits dim {dim} of {path!r} (shape {shape}) over the mesh's tensor axis of size {n}, but "
     "{size} is not divisible by {n}; use a tensor size that divides {size} (e.g. {hint}), or shard with fsdp instead")
@@ -119,10 +101,17 @@ def _size(mesh: Mesh, axis: str) -> int:
 
 # --- sharding rules --------------------------------------------------------------------------------------------
 
-def _family_name(family: Any) -> str | None:
-    if family is None or isinstance(family, str):
+def _family(family: Any) -> models.Family | None:
+    """The :class:`jlora.models.Family` that ``family`` (a Family, a family name or model type, or a model
+    config) names; None for the generic rule (``None`` or ``"generic"``)."""
+    if family is None or family == "generic" or isinstance(family, models.Family):
         return family
-    return getattr(family, "name", None) or getattr(family, "model_type", None)
+    name = family if isinstance(family, str) else getattr(family, "model_type", None)
+    try:
+        return models.family_named(name)
+    except ValueError as e:
+        raise ValueError(f"no sharding rules for family {family!r}: {e} (or family=None for the generic FSDP-only "
+                         f"rule)") from None
 
 
 def _divisor_hint(size: int, n: int) -> int:
@@ -130,37 +119,28 @@ def _divisor_hint(size: int, n: int) -> int:
     return max(d for d in range(1, n + 1) if size % d == 0 and n % d == 0)
 
 
-def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, family: str | None = None) -> P:
-    """The :class:`PartitionSpec` of one frozen parameter (see :func:`param_specs` for the rules).
+def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, family: Any = None) -> P:
+    """The :class:`PartitionSpec` of one frozen parameter (see :func:`param_specs` for the rules; each family's
+    module in :mod:`jlora.models` shows its tensor rules in action).
 
     Examples:
         >>> mesh = make_mesh(fsdp=4, tensor=2)
-        >>> leaf_spec("layers_0/self_attn/o_proj/kernel", (64, 32), mesh, "llama")
-        P('tensor', 'fsdp')
-        >>> leaf_spec("layers/self_attn/q_proj/kernel", (2, 32, 64), mesh, "llama")  # scanned: layer axis kept
-        P(None, 'fsdp', 'tensor')
-        >>> leaf_spec("norm/scale", (32,), mesh, "llama")
+        >>> leaf_spec("block/proj/kernel", (64, 32), mesh)
+        P('fsdp', None)
+        >>> leaf_spec("norm/scale", (32,), mesh)
         P(None,)
     """
-    name = _family_name(family)
-    fam = _TENSOR_RULES.get(name) if name is not None else None
-    if name is not None and fam is None and name != "generic":
-        raise ValueError(f"no sharding rules for family {name!r}; known families: {sorted(_TENSOR_RULES)} "
-                         f"(or family=None for the generic FSDP-only rule)")
+    fam = _family(family)
     spec: list[Any] = [None] * len(shape)
-    lead, rel = 0, path
-    if fam is not None and path.startswith(fam["layer_prefix"] + "/"):
-        lead, rel = 1, path[len(fam["layer_prefix"]) + 1:]
+    lead = 1 if fam is not None and path.startswith(fam.layer_prefix + "/") else 0
     n_tp, n_fsdp = _size(mesh, "tensor"), _size(mesh, "fsdp")
-    if fam is not None and n_tp > 1:
-        for pattern, dim in fam["rules"]:
-            if re.search(pattern, rel) and len(shape) - lead >= (1 if path.endswith("bias") else 2):
-                d = len(shape) - 1 if path.endswith("bias") else (dim % len(shape) if dim < 0 else lead + dim)
-                if shape[d] % n_tp:
-                    raise ValueError(_BAD_TENSOR_DIM.format(dim=d, path=path, shape=tuple(shape), n=n_tp,
-                                                            size=shape[d], hint=_divisor_hint(shape[d], n_tp)))
-                spec[d] = "tensor"
-                break
+    split = models.tensor_split(fam, path) if fam is not None and n_tp > 1 else None
+    if split is not None and len(shape) - lead >= (1 if path.endswith("bias") else 2):
+        d = len(shape) + split
+        if shape[d] % n_tp:
+            raise ValueError(_BAD_TENSOR_DIM.format(dim=d, path=path, shape=tuple(shape), n=n_tp,
+                                                    size=shape[d], hint=_divisor_hint(shape[d], n_tp)))
+        spec[d] = "tensor"
     if n_fsdp > 1 and len(shape) - lead >= 2:
         free = [d for d in range(lead, len(shape)) if spec[d] is None and shape[d] % n_fsdp == 0]
         if free:
@@ -171,17 +151,22 @@ def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, family: str | None 
 def param_specs(params: Any, mesh: Mesh, family: Any = None) -> Any:
     """:class:`PartitionSpec` of every frozen parameter, in the tree structure of ``params``.
 
-    Rules: with ``tensor > 1``, the family's Megatron rule (llama: q/k/v/gate/up and their biases by output
-    columns, o/down by input rows, ``embed_tokens``/``lm_head`` by vocabulary; gpt2 likewise for
-    c_attn/c_fc/c_proj/wte); a dim it splits must divide (else a ValueError naming the parameter). Then with
-    ``fsdp > 1``, each kernel or embedding (>= 2 dims besides a scanned layer axis) is sharded along its largest
-    remaining dim divisible by the fsdp size (left replicated if none divides). Vectors (norm scales, biases)
-    stay replicated. ``family=None`` is the generic rule for any model: FSDP only.
+    Rules: with ``tensor > 1``, the family's Megatron rules (:func:`jlora.models.tensor_split`: column-parallel
+    kernels and their biases by output columns, row-parallel kernels by input rows, embeddings by vocabulary);
+    a dim it splits must divide (else a ValueError naming the parameter). Then with ``fsdp > 1``, each kernel or
+    embedding (>= 2 dims besides a scanned layer axis, which the family's ``layer_prefix`` identifies) is sharded
+    along its largest remaining dim divisible by the fsdp size (left replicated if none divides). Vectors (norm
+    scales, biases) stay replicated. ``family=None`` is the generic rule for any model: FSDP only.
 
     Args:
         params: the frozen parameter tree (arrays or anything with ``.shape``, e.g. ``jax.eval_shape`` output).
         mesh: from :func:`make_mesh`.
-        family: ``"llama"``, ``"gpt2"``, a :class:`jlora.models.Family`, or None.
+        family: a :class:`jlora.models.Family` (``loaded.family``), a family's name or one of its HF model
+            types, or None.
+
+    Raises:
+        ValueError: ``family`` names no family jlora implements, or a dim the tensor axis splits does not
+            divide by its size.
     """
     return jax.tree_util.tree_map_with_path(
         lambda kp, x: leaf_spec(tree_lib.path_str(kp), tuple(x.shape), mesh, family), params)
@@ -222,12 +207,12 @@ def adapter_shardings(adapters: Mapping, param_shardings: Any, params: Any = Non
     Examples:
         >>> import jax.numpy as jnp
         >>> mesh = make_mesh(fsdp=4, tensor=2)
-        >>> params = {"self_attn": {"q_proj": {"kernel": jnp.zeros((32, 64))}}}
         >>> from jlora import Adapter
-        >>> ad = {"self_attn": {"q_proj": {"kernel": Adapter(jnp.zeros((32, 4)), jnp.zeros((4, 64)))}}}
-        >>> sh = adapter_shardings(ad, param_shardings(params, mesh, "llama"))["self_attn"]["q_proj"]["kernel"]
+        >>> params = {"proj": {"kernel": jnp.zeros((64, 32))}}          # generic rule: kernel P('fsdp', None)
+        >>> ad = {"proj": {"kernel": Adapter(jnp.zeros((64, 4)), jnp.zeros((4, 32)))}}
+        >>> sh = adapter_shardings(ad, param_shardings(params, mesh))["proj"]["kernel"]
         >>> sh.a.spec, sh.b.spec
-        (P('fsdp', None), P(None, 'tensor'))
+        (P('fsdp', None), P(None, None))
     """
     mesh = _mesh_of(param_shardings)
     flat_sh = tree_lib.flatten(param_shardings)
@@ -499,12 +484,24 @@ def is_main_process() -> bool:
 
 
 def to_host(tree: Any) -> Any:
-    """Numpy copies of (possibly multi-host sharded) arrays, identical in every process.
+    """Host copies of (possibly multi-host sharded) arrays, identical in every process: numpy arrays, and PRNG
+    key arrays (a :class:`jlora.TrainState`'s ``rng``) as key arrays.
 
-    Fully replicated arrays (metrics) are read locally; other arrays that span processes are gathered with
+    Numpy cannot hold JAX's key dtypes, so a key comes back as a key array of the same implementation rebuilt
+    from its key data on the host (uncommitted, like a fresh ``jax.random.key``): the result feeds straight back
+    into :func:`place` or a train step, and ``jax.random.key_data`` gives its numpy data for saving. Fully
+    replicated arrays (metrics) are read locally; other arrays that span processes are gathered with
     ``process_allgather``, a collective: in a multi-process job every process must call it.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> host = to_host({"step": jnp.int32(3), "rng": jax.random.key(7)})
+        >>> type(host["step"]).__name__, jax.random.key_data(host["rng"]).tolist()
+        ('ndarray', [0, 7])
     """
     def get(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(get(jax.random.key_data(x)), impl=jax.random.key_impl(x))
         if isinstance(x, jax.Array) and not x.is_fully_addressable and x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
         if isinstance(x, jax.Array) and not x.is_fully_addressable:

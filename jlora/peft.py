@@ -34,6 +34,7 @@ import numpy as np
 from jlora.variants import dora as dora_lib
 from jlora.variants import inits as inits_lib
 from jlora import lora as lora_lib
+from jlora import models
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, KernelLayout, adapter_items, full_items
 from jlora.config import LoraConfig
@@ -56,30 +57,17 @@ def _neutral(value: Any) -> bool:
 
 def _param_table(loaded) -> dict[str, tuple[str, int | None, Any]]:
     """HF tensor name -> (jlora param path, layer index in a scanned stack or None, ParamSpec), for every param."""
-    from jlora.models import split_layer
-
-    table = {}
-    scanned = getattr(loaded.config, "scan_layers", False)
-    for spec in loaded.family.param_specs(loaded.config):
-        layer, rest = split_layer(loaded.family, spec.path)
-        if scanned and layer is not None:
-            table[spec.hf_name] = (f"{loaded.family.layer_prefix}/{rest}", layer, spec)
-        else:
-            table[spec.hf_name] = (spec.path, None, spec)
-    return table
+    return models.hf_param_table(loaded.family, loaded.config)
 
 
 def _module_table(loaded) -> dict[str, tuple[str, int | None]]:
     """HF module name -> (jlora param path, layer index in a scanned stack or None), for kernels/embeddings."""
-    table = {}
-    for name, (path, layer, _) in _param_table(loaded).items():
-        if path.rsplit("/", 1)[-1] in ("kernel", "embedding"):
-            table[name[: -len(".weight")] if name.endswith(".weight") else name] = (path, layer)
-    return table
+    return models.hf_module_table(loaded.family, loaded.config)
 
 
 def _kind(path: str) -> str:
-    return "embedding" if path.endswith("/embedding") else "linear"
+    """``"embedding"`` (PEFT's ``lora_embedding_A``/``_B``) or ``"linear"`` (``lora_A``/``lora_B.weight``)."""
+    return models.module_kind(path)
 
 
 def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded) -> pathlib.Path:
@@ -144,7 +132,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         "rank_pattern": {m: int(v) for m, v in sorted(ranks.items()) if v != r},
         "alpha_pattern": {m: v for m, v in sorted(alphas.items()) if v != alpha},
         "bias": cfg.bias,
-        "fan_in_fan_out": loaded.family.name == "gpt2",
+        "fan_in_fan_out": loaded.family.fan_in_fan_out,
         "modules_to_save": saved_modules or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -253,12 +241,11 @@ def _read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
                              f".save_pretrained(new_folder, safe_serialization=True)`, or "
                              f"`safetensors.torch.save_file(torch.load(bin), 'adapter_model.safetensors')`.")
         raise FileNotFoundError(f"{path} not found: a PEFT adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    from safetensors.numpy import load_file
+    from jlora.hf import SafetensorsFile
 
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path} cannot be read as safetensors ({e}); the file is corrupt or truncated") from None
+    # the reader model loading uses, for every dtype it reads (safetensors.numpy refuses fp8, and reads bf16 only
+    # because ml_dtypes registers it with numpy); copies, so that nothing keeps the file mapped
+    return {name: np.array(value) for name, value in SafetensorsFile(path).items()}
 
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"

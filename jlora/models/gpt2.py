@@ -6,7 +6,17 @@ already Flax's kernel layout: no transpose on load or save. Module names mirror 
 ``transformer.`` (``h_3/attn/c_attn``); the output projection is tied to ``wte`` unless
 ``tie_word_embeddings`` is false (then ``lm_head``).
 
-Same call convention, KV cache, ``scan_layers`` and ``remat`` as :mod:`jlora.models.llama`.
+Same call convention, KV cache, ``scan_layers`` and ``remat`` as :mod:`jlora.models.llama`. :data:`FAMILY`
+declares the family for :mod:`jlora.models`; its Megatron rules (:data:`TENSOR_PARALLEL`) split ``c_attn`` and
+``c_fc`` by output columns, both ``c_proj`` by input rows, and ``wte`` by vocabulary:
+
+Examples:
+    >>> from jlora import parallel
+    >>> mesh = parallel.make_mesh(fsdp=4, tensor=2)
+    >>> parallel.leaf_spec("h_0/attn/c_attn/kernel", (64, 192), mesh, FAMILY)
+    P('fsdp', 'tensor')
+    >>> parallel.leaf_spec("h/mlp/c_proj/kernel", (2, 256, 64), mesh, FAMILY)   # scanned: layer axis kept
+    P(None, 'tensor', 'fsdp')
 """
 
 from __future__ import annotations
@@ -17,11 +27,13 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jlora.models import COLUMN, ROW, VOCAB, Family, ParamSpec
+from jlora.models import hf_config
 from jlora.models import layers as L
-from jlora.models.llama import IGNORED as _BASE_IGNORED
-from jlora.models.llama import _check_attrs, _eos, _hf_dtype, run_layers
 
 MODEL_TYPES = ("gpt2",)
+LAYER_PREFIX = "h"             # the layer stack: h_{i} unrolled, h scanned (HF: transformer.h.{i})
+HF_PREFIX = "transformer."     # the base model in HF names (GPT2LMHeadModel.transformer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +153,7 @@ class GPT2LMHeadModel(nn.Module):
         m = L.masking(input_ids, attention_mask, positions, cache, segment_ids=segment_ids)
         x = wte(input_ids) + wpe(m.positions)
         kv = None if cache is None else (cache.k, cache.v)
-        x, new_kv = run_layers(Block, c, "h", x, kv, (m,))
+        x, new_kv = L.run_layers(Block, c, LAYER_PREFIX, x, kv, (m,))
         x = L.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name="ln_f")(x)
         head = wte if c.tie_word_embeddings else nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype,
                                                           param_dtype=c.param_dtype, kernel_init=init,
@@ -164,12 +176,10 @@ def init_cache(config: GPT2Config, batch_size: int, max_len: int, dtype=None) ->
 
 def param_specs(config: GPT2Config):
     """``(path, hf_name, shape, transpose)`` for every parameter; Conv1D weights are (in, out): never transposed."""
-    from jlora.models import ParamSpec
-
     c = config
     e = c.n_embd
-    specs = [ParamSpec("wte/embedding", "transformer.wte.weight", (c.vocab_size, e), False),
-             ParamSpec("wpe/embedding", "transformer.wpe.weight", (c.n_positions, e), False)]
+    specs = [ParamSpec("wte/embedding", f"{HF_PREFIX}wte.weight", (c.vocab_size, e), False),
+             ParamSpec("wpe/embedding", f"{HF_PREFIX}wpe.weight", (c.n_positions, e), False)]
 
     def norm(path, hf):
         specs.append(ParamSpec(f"{path}/scale", f"{hf}.weight", (e,), False))
@@ -180,14 +190,14 @@ def param_specs(config: GPT2Config):
         specs.append(ParamSpec(f"{path}/bias", f"{hf}.bias", (fan_out,), False))
 
     for i in range(c.n_layer):
-        p, hf = f"h_{i}", f"transformer.h.{i}"
+        p, hf = f"{LAYER_PREFIX}_{i}", f"{HF_PREFIX}h.{i}"
         norm(f"{p}/ln_1", f"{hf}.ln_1")
         conv1d(f"{p}/attn/c_attn", f"{hf}.attn.c_attn", e, 3 * e)
         conv1d(f"{p}/attn/c_proj", f"{hf}.attn.c_proj", e, e)
         norm(f"{p}/ln_2", f"{hf}.ln_2")
         conv1d(f"{p}/mlp/c_fc", f"{hf}.mlp.c_fc", e, c.inner)
         conv1d(f"{p}/mlp/c_proj", f"{hf}.mlp.c_proj", c.inner, e)
-    norm("ln_f", "transformer.ln_f")
+    norm("ln_f", f"{HF_PREFIX}ln_f")
     if not c.tie_word_embeddings:
         specs.append(ParamSpec("lm_head/kernel", "lm_head.weight", (e, c.vocab_size), True))
     return specs
@@ -201,7 +211,7 @@ HANDLED = frozenset({
 # Dropout (training-time regularization of full fine-tuning; jlora's base model has none), GPT2DoubleHeadsModel's
 # summary head, n_ctx (an old alias of n_positions), and reorder_and_upcast_attn (same math, only changes fp16
 # rounding) have no effect on jlora's forward pass.
-IGNORED = _BASE_IGNORED | frozenset({
+IGNORED = hf_config.IGNORED | frozenset({
     "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
     "summary_proj_to_labels", "summary_first_dropout", "n_ctx", "reorder_and_upcast_attn",
 })
@@ -219,16 +229,16 @@ def config_from_hf(d: dict, **overrides) -> GPT2Config:
     """
     if d.get("model_type") != "gpt2":
         raise ValueError(f"model_type {d.get('model_type')!r} is not 'gpt2'")
-    _check_attrs(d, HANDLED, IGNORED - set(MUST_BE_DEFAULT), MUST_BE_DEFAULT, "gpt2")
+    hf_config.check_attrs(d, HANDLED, IGNORED - set(MUST_BE_DEFAULT), MUST_BE_DEFAULT, "gpt2")
     fields = dict(
         vocab_size=int(d.get("vocab_size", 50257)), n_positions=int(d.get("n_positions", 1024)),
         n_embd=int(d.get("n_embd", 768)), n_layer=int(d.get("n_layer", 12)), n_head=int(d.get("n_head", 12)),
         n_inner=d.get("n_inner"), activation_function=d.get("activation_function", "gelu_new"),
         layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-        bos_token_id=d.get("bos_token_id"), eos_token_id=_eos(d.get("eos_token_id")),
+        bos_token_id=d.get("bos_token_id"), eos_token_id=hf_config.eos_ids(d.get("eos_token_id")),
         pad_token_id=d.get("pad_token_id"), initializer_range=float(d.get("initializer_range", 0.02)),
-        hf_dtype=_hf_dtype(d),
+        hf_dtype=hf_config.hf_dtype(d),
     )
     fields.update(overrides)
     return GPT2Config(**fields)
@@ -251,3 +261,24 @@ def config_to_hf(config: GPT2Config) -> dict:
     if c.hf_dtype is not None:
         d["dtype"] = d["torch_dtype"] = c.hf_dtype
     return d
+
+
+# --- the family --------------------------------------------------------------------------------------------------
+
+# Megatron tensor parallelism: c_attn (q, k and v side by side) and c_fc by output columns, the c_proj after each
+# by input rows, so each attention and MLP block needs one reduction; wte by vocabulary rows. An untied lm_head
+# stays whole over the tensor axis.
+TENSOR_PARALLEL = (
+    ("attn/c_attn", COLUMN), ("mlp/c_fc", COLUMN),
+    ("attn/c_proj", ROW), ("mlp/c_proj", ROW),
+    ("wte", VOCAB),
+)
+
+FAMILY = Family(
+    name="gpt2", model_types=MODEL_TYPES, config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+    make_model=make_model, param_specs=param_specs, layer_prefix=LAYER_PREFIX, init_cache=init_cache,
+    tensor_parallel=TENSOR_PARALLEL,
+    fan_in_fan_out=True,                                # Conv1D weights, (in, out)
+    hf_prefix=HF_PREFIX,
+    hf_buffers=r"\.attn\.(bias|masked_bias)$",          # causal-mask buffers, which older transformers saved
+)

@@ -1,4 +1,5 @@
-"""Building blocks shared by jlora's model families: norms, rotary embeddings, masked attention, the KV cache.
+"""Building blocks shared by jlora's model families: norms, rotary embeddings, masked attention, the KV cache,
+the layer stack (unrolled or scanned).
 
 Every projection in the models is a plain ``nn.Dense`` (so the LoRA transform can intercept it); this module
 holds only the parameter-free math plus two norms, written out so that their numerics follow transformers'
@@ -392,3 +393,33 @@ def maybe_remat(block_cls, remat: str, *, scanned: bool):
         return nn.remat(block_cls, prevent_cse=not scanned,
                         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
+
+
+# Variable collections and rng streams of a scanned layer stack: params and LoRA adapters get a leading layer axis,
+# and every layer draws its own init and dropout randomness.
+SCAN_VARIABLE_AXES = {"params": 0, "lora": 0}
+SCAN_SPLIT_RNGS = {"params": True, "dropout": True, "lora_dropout": True}
+
+
+def run_layers(layer_cls, config, prefix: str, x, kv, shared):
+    """Runs ``config.num_hidden_layers`` layers, unrolled (``{prefix}_{i}``) or as one ``nn.scan`` (``prefix``).
+
+    ``layer_cls(config, name=...)`` is a layer with the scan-friendly signature ``(x, kv, shared) -> (x, new_kv)``;
+    ``config.scan_layers`` and ``config.remat`` choose scanning and rematerialization. Must be called inside a
+    compact method of the parent module. ``kv`` is the cache's ``(k, v)`` stacked over layers or None;
+    ``shared`` is broadcast to every layer. Returns ``(x, new_kv)``, the new tokens' keys/values stacked over
+    layers (None without a cache).
+    """
+    n = config.num_hidden_layers
+    block = maybe_remat(layer_cls, config.remat, scanned=config.scan_layers)
+    if config.scan_layers:
+        stack = nn.scan(block, variable_axes=SCAN_VARIABLE_AXES, split_rngs=SCAN_SPLIT_RNGS,
+                        in_axes=(0, nn.broadcast), length=n)
+        return stack(config, name=prefix)(x, kv, shared)
+    new = []
+    for i in range(n):
+        x, new_kv = block(config, name=f"{prefix}_{i}")(x, None if kv is None else (kv[0][i], kv[1][i]), shared)
+        new.append(new_kv)
+    if kv is None:
+        return x, None
+    return x, (jnp.stack([a for a, _ in new]), jnp.stack([b for _, b in new]))

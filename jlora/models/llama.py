@@ -15,6 +15,19 @@ collection) carry a leading layer axis; ``remat`` rematerializes each layer. Cal
 :func:`config_from_hf` reads both transformers 4.x (``rope_theta``/``rope_scaling``/``torch_dtype``) and 5.x
 (``rope_parameters``/``dtype``) config.json forms. Like penzai, it knows every attribute it reads or
 deliberately ignores, and raises on anything else that is set to a non-default value, naming it.
+
+:data:`FAMILY` declares the family for :mod:`jlora.models`, including its Megatron tensor-parallel rules
+(:data:`TENSOR_PARALLEL`), which :mod:`jlora.parallel` applies:
+
+Examples:
+    >>> from jlora import parallel
+    >>> mesh = parallel.make_mesh(fsdp=4, tensor=2)
+    >>> parallel.leaf_spec("layers_0/self_attn/o_proj/kernel", (64, 32), mesh, FAMILY)   # row-parallel
+    P('tensor', 'fsdp')
+    >>> parallel.leaf_spec("layers/self_attn/q_proj/kernel", (2, 32, 64), mesh, FAMILY)  # scanned: layer axis kept
+    P(None, 'fsdp', 'tensor')
+    >>> parallel.leaf_spec("norm/scale", (32,), mesh, FAMILY)
+    P(None,)
 """
 
 from __future__ import annotations
@@ -25,9 +38,13 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jlora.models import COLUMN, ROW, VOCAB, Family, ParamSpec
+from jlora.models import hf_config
 from jlora.models import layers as L
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LAYER_PREFIX = "layers"   # the layer stack: layers_{i} unrolled, layers scanned (HF: model.layers.{i})
+HF_PREFIX = "model."      # the base model in HF names (LlamaForCausalLM.model)
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
 
@@ -156,32 +173,6 @@ class DecoderLayer(nn.Module):
         return x + MLP(c, name="mlp")(h), new_kv
 
 
-SCAN_VARIABLE_AXES = {"params": 0, "lora": 0}
-SCAN_SPLIT_RNGS = {"params": True, "dropout": True, "lora_dropout": True}
-
-
-def run_layers(layer_cls, config, prefix: str, x, kv, shared):
-    """Runs ``config.num_hidden_layers`` layers, unrolled (``{prefix}_{i}``) or as one ``nn.scan`` (``prefix``).
-
-    Must be called inside a compact method of the parent module. ``kv`` is the cache's ``(k, v)`` stacked over
-    layers or None; returns ``(x, new_kv)``, the new tokens' keys/values stacked over layers (None without
-    a cache).
-    """
-    n = config.num_hidden_layers
-    block = L.maybe_remat(layer_cls, config.remat, scanned=config.scan_layers)
-    if config.scan_layers:
-        stack = nn.scan(block, variable_axes=SCAN_VARIABLE_AXES, split_rngs=SCAN_SPLIT_RNGS,
-                        in_axes=(0, nn.broadcast), length=n)
-        return stack(config, name=prefix)(x, kv, shared)
-    new = []
-    for i in range(n):
-        x, new_kv = block(config, name=f"{prefix}_{i}")(x, None if kv is None else (kv[0][i], kv[1][i]), shared)
-        new.append(new_kv)
-    if kv is None:
-        return x, None
-    return x, (jnp.stack([a for a, _ in new]), jnp.stack([b for _, b in new]))
-
-
 class LlamaForCausalLM(nn.Module):
     """``model.apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None, segment_ids=None)``.
 
@@ -211,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
         m = L.masking(input_ids, attention_mask, positions, cache, c.sliding_window, segment_ids)
         cos, sin = L.rope_cos_sin(m.positions, c.inv_freq(), c.dtype)
         kv = None if cache is None else (cache.k, cache.v)
-        x, new_kv = run_layers(DecoderLayer, c, "layers", x, kv, (m, cos, sin))
+        x, new_kv = L.run_layers(DecoderLayer, c, LAYER_PREFIX, x, kv, (m, cos, sin))
         x = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
         head = embed if c.tie_word_embeddings else _dense(c, c.vocab_size, False, "lm_head")
         logits = L.output(x, head, return_hidden and cache is None)
@@ -234,11 +225,10 @@ def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -
 
 def param_specs(config: LlamaConfig):
     """``(path, hf_name, shape, transpose)`` for every parameter, in the unrolled layout."""
-    from jlora.models import ParamSpec
-
     c = config
     hd, h, g = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-    specs = [ParamSpec("embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, c.hidden_size), False)]
+    specs = [ParamSpec("embed_tokens/embedding", f"{HF_PREFIX}embed_tokens.weight", (c.vocab_size, c.hidden_size),
+                       False)]
 
     def linear(path, hf, fan_in, fan_out, bias):
         specs.append(ParamSpec(f"{path}/kernel", f"{hf}.weight", (fan_in, fan_out), True))
@@ -246,7 +236,7 @@ def param_specs(config: LlamaConfig):
             specs.append(ParamSpec(f"{path}/bias", f"{hf}.bias", (fan_out,), False))
 
     for i in range(c.num_hidden_layers):
-        p, hf = f"layers_{i}", f"model.layers.{i}"
+        p, hf = f"{LAYER_PREFIX}_{i}", f"{HF_PREFIX}layers.{i}"
         linear(f"{p}/self_attn/q_proj", f"{hf}.self_attn.q_proj", c.hidden_size, h * hd, c.attention_bias)
         linear(f"{p}/self_attn/k_proj", f"{hf}.self_attn.k_proj", c.hidden_size, g * hd, c.attention_bias)
         linear(f"{p}/self_attn/v_proj", f"{hf}.self_attn.v_proj", c.hidden_size, g * hd, c.attention_bias)
@@ -260,7 +250,7 @@ def param_specs(config: LlamaConfig):
         specs.append(ParamSpec(f"{p}/input_layernorm/scale", f"{hf}.input_layernorm.weight", (c.hidden_size,), False))
         specs.append(ParamSpec(f"{p}/post_attention_layernorm/scale", f"{hf}.post_attention_layernorm.weight",
                                (c.hidden_size,), False))
-    specs.append(ParamSpec("norm/scale", "model.norm.weight", (c.hidden_size,), False))
+    specs.append(ParamSpec("norm/scale", f"{HF_PREFIX}norm.weight", (c.hidden_size,), False))
     if not c.tie_word_embeddings:
         linear("lm_head", "lm_head", c.hidden_size, c.vocab_size, False)
     return specs
@@ -276,48 +266,11 @@ HANDLED = frozenset({
     "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "bos_token_id", "eos_token_id",
     "pad_token_id", "initializer_range", "torch_dtype", "dtype", "partial_rotary_factor",
 })
-# Attributes with no effect on the forward pass (bookkeeping, generation defaults, and pretraining_tp, which
-# only splits matmuls in transformers 4.x without changing their result).
-IGNORED = frozenset({
-    "architectures", "transformers_version", "_name_or_path", "use_cache", "pretraining_tp", "auto_map",
-    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss",
-    "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
-    "add_cross_attention", "tie_encoder_decoder", "finetuning_task", "id2label", "label2id", "num_labels",
-    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
-    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
-    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "output_router_logits",
-    "attn_implementation", "_attn_implementation_autoset", "use_return_dict", "quantization_config_ignored",
-})
+# Attributes with no effect on the forward pass: every config's bookkeeping, and pretraining_tp, which only splits
+# matmuls in transformers 4.x without changing their result.
+IGNORED = hf_config.IGNORED | {"pretraining_tp"}
 # Attributes of features jlora does not implement, with the only value it accepts (None also accepted).
 MUST_BE_DEFAULT = {"attention_dropout": 0.0, "mlp_dropout": 0.0, "use_sliding_window": False}
-
-
-def _check_attrs(d: dict, handled, ignored, must_be_default, model_type: str) -> None:
-    bad = []
-    for key, value in d.items():
-        if key in must_be_default:
-            if value is not None and value != must_be_default[key]:
-                bad.append(f"{key}={value!r} (only {must_be_default[key]!r} is implemented)")
-        elif key not in handled and key not in ignored and value is not None:
-            bad.append(f"{key}={value!r} (unknown to jlora)")
-    if bad:
-        raise ValueError(f"{model_type} config.json sets attributes jlora does not implement: {'; '.join(bad)}. "
-                         f"Loading would silently compute something else than transformers; remove the attribute "
-                         f"if it has no effect on the model, or use a supported model.")
-
-
-def _hf_dtype(d: dict) -> str | None:
-    value = d.get("dtype", d.get("torch_dtype"))
-    return None if value is None else str(value).removeprefix("torch.")
-
-
-def _eos(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
 def _rope(d: dict) -> dict:
@@ -368,7 +321,7 @@ def config_from_hf(d: dict, **overrides) -> LlamaConfig:
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not in the Llama family; supported: {MODEL_TYPES}")
-    _check_attrs(d, HANDLED, IGNORED, MUST_BE_DEFAULT, model_type)
+    hf_config.check_attrs(d, HANDLED, IGNORED, MUST_BE_DEFAULT, model_type)
     layer_types = d.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise ValueError(f"layer_types={layer_types} asks for sliding-window layers, which jlora does not "
@@ -392,9 +345,10 @@ def config_from_hf(d: dict, **overrides) -> LlamaConfig:
         attention_bias=biases[0], o_proj_bias=biases[1], mlp_bias=biases[2],
         qk_norm=model_type == "qwen3", hidden_act=d.get("hidden_act", "silu"),
         sliding_window=(d.get("sliding_window", 4096) if model_type == "mistral" else None),
-        model_type=model_type, bos_token_id=d.get("bos_token_id"), eos_token_id=_eos(d.get("eos_token_id")),
+        model_type=model_type, bos_token_id=d.get("bos_token_id"),
+        eos_token_id=hf_config.eos_ids(d.get("eos_token_id")),
         pad_token_id=d.get("pad_token_id"), initializer_range=float(d.get("initializer_range", 0.02)),
-        hf_dtype=_hf_dtype(d), **_rope(d),
+        hf_dtype=hf_config.hf_dtype(d), **_rope(d),
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
@@ -459,3 +413,24 @@ def _inexpressible_in_hf(model_type: str, c: LlamaConfig) -> str | None:
     if c.sliding_window is not None and model_type != "mistral":
         return f"sliding_window={c.sliding_window} is only expressible as model_type 'mistral', not {model_type!r}"
     return None
+
+
+# --- the family --------------------------------------------------------------------------------------------------
+
+# Megatron tensor parallelism: q/k/v/gate/up by output columns, o/down by input rows, so each attention and MLP
+# block needs one reduction; the embedding by vocabulary rows and lm_head by vocabulary columns.
+TENSOR_PARALLEL = (
+    ("self_attn/q_proj", COLUMN), ("self_attn/k_proj", COLUMN), ("self_attn/v_proj", COLUMN),
+    ("mlp/gate_proj", COLUMN), ("mlp/up_proj", COLUMN),
+    ("self_attn/o_proj", ROW), ("mlp/down_proj", ROW),
+    ("embed_tokens", VOCAB), ("lm_head", COLUMN),
+)
+
+FAMILY = Family(
+    name="llama", model_types=MODEL_TYPES, config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+    make_model=make_model, param_specs=param_specs, layer_prefix=LAYER_PREFIX, init_cache=init_cache,
+    tensor_parallel=TENSOR_PARALLEL,
+    fan_in_fan_out=False,                       # nn.Linear weights, (out, in)
+    hf_prefix=HF_PREFIX,
+    hf_buffers=r"rotary_emb\.inv_freq$",        # RoPE frequencies, which older transformers saved
+)
