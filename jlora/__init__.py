@@ -1,7 +1,8 @@
 """jlora: LoRA fine-tuning for JAX/Flax.
 
 Adapters are a separate pytree holding everything that trains; a Flax transform runs a model with them
-unmerged; an optax step trains them alone. See README.md and DESIGN.md for the whole picture.
+unmerged; an optax step trains them alone. README.md shows how to use it; docs/architecture.md shows how it is
+built (data flow, where each concern lives, the adapter node and the variant hooks).
 
 Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora

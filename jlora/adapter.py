@@ -141,6 +141,17 @@ class Adapter:
         obj.layout, obj.variant = layout, variant
         return obj
 
+    def __eq__(self, other) -> bool:
+        """Same variant, layout and leaves (arrays compared by value), as dicts of arrays would be."""
+        if not isinstance(other, Adapter):
+            return NotImplemented
+        (xs, tx), (ys, ty) = jax.tree.flatten(self), jax.tree.flatten(other)
+        same = lambda x, y: (np.array_equal(x, y) if hasattr(x, "shape") and hasattr(y, "shape")  # noqa: E731
+                             else x == y)
+        return tx == ty and all(x is y or bool(same(x, y)) for x, y in zip(xs, ys))
+
+    __hash__ = None   # mutable arrays inside, like a dict
+
     def __repr__(self) -> str:
         def show(x):
             return f"{getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}" if hasattr(x, "shape") else repr(x)

@@ -200,8 +200,9 @@ def adapter_shardings(adapters: Mapping, param_shardings: Any, params: Any = Non
 
     ``a`` (``(..., in, r)``) is sharded like the kernel's input dim, ``b`` (``(..., r, out)``) like its output
     dim; the rank dim and a scanned layer axis stay as the kernel's leading dims are (replicated by our rules).
-    Kernels with several input or output dims (``DenseGeneral``) need ``params`` to tell where the input dims
-    end; the flattened dim then takes the major dim's sharding when the rest are unsharded. Any other adapter
+    Kernels with several input or output dims (``DenseGeneral``, ``Einsum``) are read with the layout each
+    adapter carries (for hand-made adapters without one, ``params`` tells where the input dims end); a flattened
+    dim takes the major dim's sharding when the rest are unsharded. Any other adapter
     leaf takes its parameter's sharding when it sits at a parameter path with the same rank, else is replicated.
 
     Examples:
@@ -223,20 +224,19 @@ def adapter_shardings(adapters: Mapping, param_shardings: Any, params: Any = Non
         parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
         ndim = len(leaf.shape)
         if parent in flat_sh and name in ("a", "b") and ndim >= 2:
-            lead = ndim - 2
-            if parent in flat_p:
-                kshape = tuple(flat_p[parent].shape)
-            else:
-                kshape = tuple(flat_ad[path].shape[:lead]) + (-1, -1)
-                if len(_spec_of(flat_sh[parent], 0)) > len(kshape):  # a >2-D kernel without params: replicate
-                    return NamedSharding(mesh, P())
-            spec = _spec_of(flat_sh[parent], len(kshape))
-            per = kshape[lead:]
-            node = flat_ad[parent]
-            if node.layout is not None and len(node.layout.in_axes) + len(node.layout.out_axes) == len(per):
+            lead, node = ndim - 2, flat_ad[parent]
+            if node.layout is not None:    # the adapter knows which kernel axes are inputs
                 in_axes, out_axes = node.layout.in_axes, node.layout.out_axes
-            else:   # no recorded layout that fits: the input dims are the leading ones whose product is fan_in
-                fan_in = np.shape(node.a)[-2]
+                spec = _spec_of(flat_sh[parent], lead + len(in_axes) + len(out_axes))
+            else:                          # the input dims are the leading ones whose product is fan_in
+                if parent in flat_p:
+                    kshape = tuple(flat_p[parent].shape)
+                else:
+                    kshape = tuple(leaf.shape[:lead]) + (-1, -1)
+                    if len(_spec_of(flat_sh[parent], 0)) > len(kshape):  # a >2-D kernel without params: replicate
+                        return NamedSharding(mesh, P())
+                spec = _spec_of(flat_sh[parent], len(kshape))
+                per, fan_in = kshape[lead:], np.shape(node.a)[-2]
                 k = next((k for k in range(1, len(per)) if math.prod(per[:k]) == fan_in), 1) if -1 not in per else 1
                 in_axes, out_axes = tuple(range(k)), tuple(range(k, len(per)))
             s_in = _group_spec([spec[lead + i] for i in in_axes])

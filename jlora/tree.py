@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from flax import traverse_util
 
 PyTree = Any
 
@@ -28,37 +29,17 @@ def path_str(keypath: tuple) -> str:
         >>> path_str((jax.tree_util.DictKey("a"), jax.tree_util.DictKey("b")))
         'a/b'
     """
-    parts = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(keypath), simple=True, separator="/")
 
 
 def flatten(tree: Mapping) -> dict[str, Any]:
-    """Flattens a nested dict into ``{path: leaf}``.
+    """Flattens a nested dict into ``{path: leaf}`` (any non-dict value, an :class:`jlora.Adapter` too, is a leaf).
 
     Examples:
         >>> flatten({"dense": {"kernel": 1, "bias": 2}})
         {'dense/kernel': 1, 'dense/bias': 2}
     """
-    out: dict[str, Any] = {}
-
-    def visit(node, prefix):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                visit(v, f"{prefix}/{k}" if prefix else str(k))
-        else:
-            out[prefix] = node
-
-    visit(tree, "")
-    return out
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
@@ -68,14 +49,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
         >>> unflatten({"dense/kernel": 1, "dense/bias": 2})
         {'dense': {'kernel': 1, 'bias': 2}}
     """
-    out: dict = {}
-    for path, leaf in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return out
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def leaves_by_path(tree: PyTree) -> dict[str, Any]:

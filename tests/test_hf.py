@@ -240,11 +240,10 @@ def test_merged_lora_saved_equals_unmerged_apply(saved, tmp_path, kind):
     targets = ("c_attn", "c_fc") if kind == "gpt2" else ("q_proj", "v_proj", "down_proj")
     cfg = jlora.LoraConfig(rank=4, alpha=8, targets=targets)
     adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0))
-    flat = jlora.tree.leaves_by_path(adapters)
-    keys = jax.random.split(jax.random.key(1), len(flat))
-    flat = {p: (0.2 * jax.random.normal(k, x.shape, x.dtype) if p.endswith("/b") else x)
-            for k, (p, x) in zip(keys, flat.items())}
-    adapters = jlora.tree.unflatten(flat)
+    adapters = jax.tree_util.tree_map_with_path(   # random B (init makes it 0), per path
+        lambda kp, x: 0.2 * jax.random.normal(jax.random.fold_in(jax.random.key(1), hash(jlora.tree.path_str(kp))
+                                                                 % 2**31), x.shape, x.dtype)
+        if jlora.tree.path_str(kp).endswith("/b") else x, adapters)
     ids = _ids()
     unmerged = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(ids)))
     assert _max_diff(unmerged, _jlora_logits(loaded, ids)) > 1e-2   # the adapters do change the model

@@ -314,7 +314,7 @@ def test_lora_targets_select_q_v_kernels():
     ucfg = dataclasses.replace(cfg, scan_layers=False)
     up = models.params_from_hf(fam, ucfg, models.params_to_hf(fam, cfg, params).__getitem__)
     uad = jlora.init(up, lcfg, key=jax.random.key(0))
-    assert len(jlora.tree.flatten(uad)) == 2 * 2 * cfg.num_hidden_layers
+    assert len(jlora.tree.leaves_by_path(uad)) == 2 * 2 * cfg.num_hidden_layers
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])

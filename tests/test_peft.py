@@ -142,7 +142,7 @@ def test_low_precision_adapter_loads_with_its_exact_values(dtype, rtol, atol, tm
     stored = load_file(file)
     assert {v.dtype for v in stored.values()} == {getattr(torch, dtype)} and set(stored) == set(fp32)
     adapters, cfg = jlora.peft.load(tmp_path / "adapter", loaded)
-    flat = jlora.tree.flatten(adapters)
+    flat = jlora.tree.leaves_by_path(adapters)
     assert len(flat) == len(fp32) and cfg.scale("layers_0/self_attn/q_proj/kernel") == 2.0
     for name, value in fp32.items():
         layer, proj, part = re.fullmatch(r"base_model\.model\.model\.layers\.(\d)\.self_attn\.(\w)_proj\.lora_(A|B)"
