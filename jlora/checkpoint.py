@@ -584,7 +584,8 @@ class _AsyncDebris:
             time.sleep(0.01)
         if not loops:
             return
-        leftovers = [f for f in gc.get_objects() if isinstance(f, asyncio.Future) and id(f.get_loop()) in loops]
+        # type(), not isinstance(): the latter reads __class__, which some lazy objects answer with a warning
+        leftovers = [f for f in gc.get_objects() if issubclass(type(f), asyncio.Future) and id(f.get_loop()) in loops]
         for future in leftovers:
             if future.done():
                 if not future.cancelled():
