@@ -9,7 +9,7 @@
 3. :func:`_build`: adapters, an AdamW optimizer with warmup + cosine decay, the compiled train and eval steps
    (sharded over ``mesh`` when it has more than one device);
 4. :func:`_resume`: with ``resume``, the latest checkpoint's state and data position;
-5. :func:`_generation_eval` of the base model: greedy decoding of validation prompts, each completion scored by
+5. :func:`_score_base_model`: greedy decoding of validation prompts by the base model, each completion scored by
    ``eval.scorer`` (:mod:`jlora.cli.scoring`);
 6. :func:`_train_loop`: one compiled step (or ``train.steps_per_call`` steps) per call, a progress bar with loss,
    tokens/s and ETA, ``metrics.jsonl``, periodic validation loss and checkpoints (adapters, optimizer state,
@@ -312,7 +312,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
           on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Runs a fine-tune as configured; returns a summary dict (also written to ``summary.json``).
 
-    The phases are the functions below, in this order (see the module docstring).
+    Each call below is one phase of the run, in order (see the module docstring).
     """
     from jlora import checkpoint
 
