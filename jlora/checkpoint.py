@@ -3,8 +3,9 @@
 A checkpoint holds what trains and nothing else: the adapters, the optimizer state, the step, the RNG key and the
 data position, plus a metadata JSON that says what the adapters belong to. The frozen base weights are never
 written; a base model is identified instead by :func:`fingerprint`, a hash of its parameter paths, shapes, dtypes
-and a few hundred strided samples of each leaf's values (so a base model and its instruct variant differ, and
-hashing an 8B model costs milliseconds).
+and a few hundred strided samples of each leaf's values (so a base model and its instruct variant differ, while the
+cost is a few hundred reads per leaf whatever the model's size). A manager computes that identity once per params
+tree and keeps only the result, with weak references to tell the tree again: it never holds the base weights.
 
 On disk, one folder per saved step, written by orbax into ``<step>.orbax-checkpoint-tmp-*`` and renamed to
 ``<step>`` only when complete (a process killed mid-save leaves a tmp folder that no listing or restore sees)::
@@ -21,18 +22,35 @@ and dtypes. After loading, every leaf's checksum (an order-independent uint32 su
 on sharded arrays) is compared with the saved one, which catches garbled data files that orbax itself would read
 without complaint. Restore only reads: a failed restore leaves every saved file as it was.
 
+Failures: a step whose files cannot be read (a truncated or garbled data file, a missing item, metadata that does
+not parse) is a :class:`CheckpointError` naming the folder, the read error and the other saved steps. Any other
+failure (a target whose shardings cannot hold the arrays, say) is raised as itself: the checkpoint is fine. When
+orbax's parallel reads fail, the reads still in flight leave asyncio debris behind ("Exception ignored in:
+<coroutine ...>", "Event loop is closed", "... exception was never retrieved"); the manager waits for it and keeps
+it off stderr, so a failed restore prints nothing but its error.
+
 Retention uses orbax's preservation policies: the ``max_to_keep`` latest steps, joined (``AnyPreservationPolicy``)
 with the ``keep_best`` best by a metric; the latest step is always kept.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
+import logging
 import math
 import os
-from collections.abc import Mapping
+import re
+import sys
+import time
+import traceback
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -216,7 +234,7 @@ class CheckpointManager:
         self.directory = epath.Path(os.path.abspath(directory))  # orbax refuses relative paths
         self._options = _Options(max_to_keep, best_metric, mode, keep_best, bool(async_save))
         self._manager: ocp.CheckpointManager | None = None
-        self._identity_cache: tuple | None = None
+        self._identity_cache: tuple[tuple[weakref.ref, ...], dict] | None = None
 
     # -------------------------------------------------------------------------------------------- orbax plumbing
     def _orbax(self, *, create: bool) -> ocp.CheckpointManager | None:
@@ -280,12 +298,23 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------------------- save
     def _base_identity(self, params, name) -> dict:
-        """:func:`_identity`, computed once per params tree (saves and restores reuse it)."""
+        """:func:`_identity`, computed once per params tree (saves and restores reuse it).
+
+        The cache keeps the identity (a few hashes and counts) and weak references to the leaves it was computed
+        from: it is valid while those very arrays are the leaves, and never keeps a replaced base alive. (Ids
+        alone could not tell a freed tree from a new one that got the same ids.)
+        """
         leaves = jax.tree.leaves(params)
-        key = tuple(map(id, leaves))
-        if self._identity_cache is None or self._identity_cache[0] != key:
-            self._identity_cache = (key, leaves, _identity(params, name))  # holds the leaves: their ids stay unique
-        return {**self._identity_cache[2], "name": name}
+        if self._identity_cache is not None:
+            refs, identity = self._identity_cache
+            if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+                return {**identity, "name": name}
+        identity = _identity(params, name)
+        try:
+            self._identity_cache = (tuple(weakref.ref(x) for x in leaves), identity)
+        except TypeError:  # a leaf without weak references (a Python scalar): no cache for this tree
+            self._identity_cache = None
+        return {**identity, "name": name}
 
     def save(self, step: int, state: TrainState, *, params, lora_config: LoraConfig, name: str | None = None,
              data_position: Any = None, metrics: Mapping[str, float] | None = None) -> None:
@@ -350,12 +379,13 @@ class CheckpointManager:
         return self._read_metadata(manager, step)
 
     def _read_metadata(self, manager, step: int) -> dict:
-        try:
+        with _orbax_read(self, step, "metadata: "):
             meta = manager.restore(step, args=ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
-        except Exception as e:  # noqa: BLE001  (orbax/json raise many kinds; we name the folder instead)
-            raise CheckpointError(self._corrupt(step, f"metadata: {type(e).__name__}: {e}")) from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(self._corrupt(step, f"metadata has no format {FORMAT!r}"))
+        missing = [k for k in ("lora_config", "base_model", "rng", "leaves") if k not in meta]
+        if missing:
+            raise CheckpointError(self._corrupt(step, f"metadata lacks {missing}"))
         return meta
 
     def _corrupt(self, step: int, what: str) -> str:
@@ -419,10 +449,8 @@ class CheckpointManager:
         for item, tree in abstract.items():
             _check_tree(meta["leaves"][item], tree, item, where)
         args = ocp.args.Composite(**{k: ocp.args.StandardRestore(t) for k, t in abstract.items()})
-        try:
+        with _orbax_read(self, step):
             restored = manager.restore(step, args=args)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(self._corrupt(step, f"{type(e).__name__}: {e}")) from e
         out = []
         for item in targets:
             tree = restored[item]
@@ -431,6 +459,145 @@ class CheckpointManager:
                 raise CheckpointError(self._corrupt(step, f"checksum mismatch in {item}: {bad[:5]}"))
             out.append(tree)
         return out
+
+
+# ------------------------------------------------------------------------------------------------ read failures
+# tensorstore reports a failed read as a ValueError "<STATUS>: Error reading|opening|decoding ..."; these statuses
+# mean the stored bytes are missing, cut short or malformed.
+_TENSORSTORE_READ = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND): Error (reading|opening|"
+                               r"decoding)")
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from (``__cause__``, else ``__context__``), outermost first."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _read_error(e: BaseException) -> BaseException | None:
+    """The exception in ``e``'s chain that says the checkpoint's files cannot be read, or None if it is none.
+
+    Read errors: an OSError other than a permission error (a missing file), text or JSON that does not decode, an
+    item orbax cannot find in the step, and tensorstore's read failures (`_TENSORSTORE_READ`). Anything else (a
+    target the arrays cannot be placed on, a bug) is not the checkpoint's fault.
+    """
+    for x in _chain(e):
+        if isinstance(x, (json.JSONDecodeError, UnicodeDecodeError)):
+            return x
+        if isinstance(x, OSError) and not isinstance(x, PermissionError):
+            return x
+        if isinstance(x, KeyError) and "was not found in the checkpoint" in str(x):
+            return x
+        if type(x) is ValueError and _TENSORSTORE_READ.match(str(x)):
+            return x
+    return None
+
+
+@contextlib.contextmanager
+def _orbax_read(manager: "CheckpointManager", step: int, prefix: str = ""):
+    """Runs the orbax read inside the ``with`` block and sorts its failure.
+
+    A read error (:func:`_read_error`) becomes a :class:`CheckpointError` that names the folder and says the step
+    is corrupt; any other exception is re-raised unchanged. Either way the debris of orbax's abandoned parallel
+    reads is collected first, with :class:`_AsyncDebris` keeping it off stderr.
+    """
+    with _AsyncDebris() as debris:
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  (sorted below: only read errors are the checkpoint's fault)
+            debris.settle(e)
+            cause = _read_error(e)
+            if cause is None:
+                raise
+            message = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+            raise CheckpointError(manager._corrupt(step, f"{prefix}{type(cause).__name__}: {message}")) from e
+
+
+class _AsyncDebris:
+    """Keeps what a failed orbax read leaves behind off stderr.
+
+    Orbax reads arrays in parallel on a private event loop, stops at the first failure and closes the loop with
+    other reads still in flight. Those finish later on tensorstore's threads, and their leftovers are reported as
+    they finish or die: "Event loop is closed" and "Exception ignored in: <coroutine ...>" (through
+    ``sys.unraisablehook``), "Task was destroyed but it is pending!" and "... exception was never retrieved" (the
+    ``asyncio`` logger), "coroutine ... was never awaited" (a warning). While this context is active such reports
+    are dropped (other unraisable exceptions go to the previous hook); :meth:`settle` disposes of the debris so
+    that nothing of it is reported later.
+    """
+
+    QUIET_SECONDS = 0.25   # settled: no debris for this long
+    MAX_SECONDS = 10.0
+    _FILES = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}", "tensorstore")
+
+    def __enter__(self) -> "_AsyncDebris":
+        self.dropped = 0
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+        self._previous = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+        self._logger = logging.getLogger("asyncio")
+        self._logger.addFilter(self._drop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous
+        self._logger.removeFilter(self._drop)
+        self._warnings.__exit__(*exc)
+
+    def _drop(self, record: logging.LogRecord) -> bool:
+        self.dropped += 1
+        return False
+
+    def _unraisable(self, report) -> None:
+        code = getattr(report.object, "cr_code", None)
+        files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(report.exc_traceback)]
+        files += [code.co_filename] if code is not None else []
+        if any(f in name for name in files for f in self._FILES):
+            self.dropped += 1
+        else:
+            self._previous(report)
+
+    def settle(self, error: BaseException) -> None:
+        """Disposes of ``error``'s debris inside this context.
+
+        Frees what the frames of ``error`` hold, waits until no debris has arrived for ``QUIET_SECONDS`` (the
+        reads still in flight end quickly once the files fail; each reports "Event loop is closed"), then goes
+        through the futures and tasks of the event loops those frames ran: a failed one's exception is marked as
+        retrieved, and a task left pending for good has its coroutine closed and its destruction left unlogged.
+        Otherwise they would be reported whenever the garbage collector or the interpreter's exit gets to them.
+        """
+        loops = {id(v): v for x in _chain(error) for frame, _ in traceback.walk_tb(x.__traceback__)
+                 for v in frame.f_locals.values() if isinstance(v, asyncio.AbstractEventLoop)}
+        for x in _chain(error):
+            traceback.clear_frames(x.__traceback__)
+        start = last = time.monotonic()
+        seen = -1
+        while time.monotonic() - last < self.QUIET_SECONDS and time.monotonic() - start < self.MAX_SECONDS:
+            gc.collect()
+            if self.dropped != seen:
+                seen, last = self.dropped, time.monotonic()
+            time.sleep(0.01)
+        if not loops:
+            return
+        # type(), not isinstance(): the latter reads __class__, which some lazy objects answer with a warning
+        leftovers = [f for f in gc.get_objects() if issubclass(type(f), asyncio.Future) and id(f.get_loop()) in loops]
+        for future in leftovers:
+            if future.done():
+                if not future.cancelled():
+                    future.exception()   # marks it as retrieved
+            elif isinstance(future, asyncio.Task):
+                future._log_destroy_pending = False   # its loop is closed: it can never finish
+                try:
+                    future.get_coro().close()
+                except BaseException:  # noqa: BLE001  (orbax turns the GeneratorExit into its read error)
+                    self.dropped += 1
+        del leftovers
+        gc.collect()
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -1,4 +1,4 @@
-"""Training data: JSONL records -> tokenized examples -> padded or packed, loss-masked batches.
+"""Training data: JSONL records -> tokenized examples -> padded or packed, loss-masked batches; eval prompts.
 
 Records are JSON objects, one per line, in either of two formats (a file may mix them):
 
@@ -25,19 +25,23 @@ Batches are dicts of numpy int32 arrays of shape (batch_size, length):
   longest example rounded up to a multiple of ``bucket`` (capped at ``max_length``), so jit sees few shapes.
   Keys: ``input_ids``, ``attention_mask``, ``loss_mask``. The default bucket, 16, gives the demo data one shape
   (rows of 112); a coarser bucket means fewer compilations for data of widely varying lengths.
-* packing: examples are laid greedily into rows of exactly ``max_length``; each also carries ``positions``
-  (restarting at 0 for every example) and ``segment_ids`` (1, 2, ... per example in its row, 0 on padding).
-  jlora's models take a (B, S) ``attention_mask`` (and ``positions``) only, so with packing an example still
-  attends to the earlier examples of its row: plain causal attention across examples. The loss stays on
-  completion tokens. Pass ``positions`` to the model to restart RoPE positions per example (`jlora.lm_loss`
-  passes only ``attention_mask``, so positions then run on across the row). A model that honours
-  ``segment_ids`` would make packing exact; until then prefer padding (the default) when leakage matters.
+* packing: examples are laid greedily, in order, into rows of exactly ``max_length`` (an example that does not
+  fit the rest of a row starts the next one); each row also carries ``positions`` (restarting at 0 for every
+  example) and ``segment_ids`` (1, 2, ... per example in its row, 0 on padding). `jlora.lm_loss` passes both to the
+  model, and jlora's models attend only within a segment, at the per-example positions: a packed example computes
+  exactly what it computes alone. Its first token is never a target (nothing of its own precedes it), so no loss
+  crosses from one example into the next. A model of your own packs exactly only if it honours ``segment_ids``
+  and ``positions``; otherwise an example attends to the earlier examples of its row.
 
 Order: each epoch is a seeded permutation (``numpy.random.default_rng([seed, epoch])``). A `Loader`'s
 ``position`` is ``{"epoch": e, "index": i}``, i = examples of epoch e's order already consumed; a Loader built
 with that position yields exactly the batches an uninterrupted one would have yielded next. With ``drop_last``
 (training) an epoch's tail that cannot fill a batch is skipped; otherwise it is padded with empty rows
 (all-zero masks) so every batch has ``batch_size`` rows.
+
+Generation-based evaluation decodes from `eval_prompts`: each record's prompt (as training formats it) and its
+reference text. Scoring a completion against the reference is the task's business, not this module's (a run
+names its scorer in ``eval.scorer``: :mod:`jlora.cli.scoring`).
 
 Examples:
     >>> examples = [Example((1, 5), (6, 7, 2)), Example((1, 5, 5), (8, 2))]
@@ -47,8 +51,6 @@ Examples:
     ([[1, 5, 6, 7, 2, 0, 0, 0], [1, 5, 5, 8, 2, 0, 0, 0]], [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]])
     >>> loader.position
     {'epoch': 0, 'index': 2}
-    >>> score_json('{"city": "Oslo", "amount": 12.5}', {"amount": 12.50, "city": "Oslo"})
-    True
 """
 
 from __future__ import annotations
@@ -330,10 +332,13 @@ def _empty(batch_size: int, length: int, pad_id: int, packing: bool) -> dict[str
 
 
 def _put(batch, row: int, start: int, ex: Example, segment: int | None) -> int:
+    """Writes ``ex`` into ``batch`` at ``row, start:``; returns where the next example may start. The example's first
+    token is never a target: nothing of its own precedes it (in a packed row, the previous example's last token)."""
     n = len(ex)
     batch["input_ids"][row, start:start + n] = ex.input_ids
     batch["attention_mask"][row, start:start + n] = 1
     batch["loss_mask"][row, start:start + n] = ex.loss_mask
+    batch["loss_mask"][row, start] = 0
     if segment is not None:
         batch["positions"][row, start:start + n] = np.arange(n)
         batch["segment_ids"][row, start:start + n] = segment
@@ -447,9 +452,6 @@ class Loader:
         return batch, i
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-
 def stack_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Batches of one batch size stacked on a new leading axis (for :func:`jlora.scan_steps`), each right-padded
     to the widest: padding columns get mask 0 (and id, position and segment 0), so every batch's loss and
@@ -467,13 +469,15 @@ def stack_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.n
             for k in batches[0]}
 
 
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
 class EvalPrompt(NamedTuple):
     """A generation-based eval item: the prompt (text and ids) and the reference answer."""
 
     prompt_text: str
     prompt_ids: list[int]
     target: str                  # the reference completion text (the last assistant turn, or `completion`)
-    expected: dict | None        # ``target`` parsed as a JSON object, or None when it is not one
     source: str
 
 
@@ -491,52 +495,6 @@ def eval_prompts(data: str | os.PathLike | Sequence[Mapping[str, Any]], tokenize
         else:
             text, target = record["prompt"], record["completion"]
             ids = _pair_prompt_ids(text, tokenizer)
-        try:
-            expected = json.loads(target)
-        except json.JSONDecodeError:
-            expected = None
-        out.append(EvalPrompt(text, ids, target, expected if isinstance(expected, dict) else None, where))
+        out.append(EvalPrompt(text, ids, target, where))
     return out
 
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    if len({k for k, _ in pairs}) != len(pairs):
-        raise ValueError("repeated key")
-    return dict(pairs)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-9)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(map(_same, a, b))
-    return type(a) is type(b) and a == b
-
-
-def score_json(output_text: str, expected: Mapping[str, Any] | str) -> bool:
-    """Whether ``output_text`` is exactly one JSON object with exactly ``expected``'s keys and values.
-
-    Surrounding whitespace is allowed; any other text (prose, code fences, a second object) fails, and so does a
-    repeated key. Numbers
-    compare by value (``12.5 == 12.50``, ``3 == 3.0``), booleans only with booleans, strings exactly.
-    ``expected`` may be a dict or its JSON text.
-
-    Examples:
-        >>> score_json(' {"a": 1, "b": "x"}\\n', {"b": "x", "a": 1.0})
-        True
-        >>> score_json('Sure! {"a": 1, "b": "x"}', {"a": 1, "b": "x"})
-        False
-        >>> score_json('{"a": 1}', {"a": 1, "b": "x"})
-        False
-    """
-    if isinstance(expected, str):
-        expected = json.loads(expected)
-    try:
-        got = json.loads(output_text, object_pairs_hook=_no_duplicates)
-    except (json.JSONDecodeError, TypeError, ValueError):
-        return False
-    return isinstance(got, dict) and _same(got, dict(expected))

@@ -3,6 +3,9 @@
 Run as a script it is the "new process" of the checkpoint tests:
     python tests/_ckpt_helper.py resume <ckpt_dir> <step> <out.npz> <steps>  restore a step, train on, save results
     python tests/_ckpt_helper.py crash <ckpt_dir> <mode> <rank>        save step 1, then die by SIGKILL saving step 2
+    python tests/_ckpt_helper.py corrupt <ckpt_dir> <tries>            save, truncate the adapters' data, restore
+                                                                       <tries> times as `jlora` would (one error line
+                                                                       per try on stderr, exit 2)
 """
 
 import os
@@ -127,11 +130,38 @@ def _crash(directory: str, mode: str, rank: int) -> None:
     print("SAVED", flush=True)
 
 
+def _corrupt(directory: str, tries: int) -> None:
+    """Restores a truncated checkpoint ``tries`` times, printing each clean error the way the CLI does. Orbax fails
+    such a read with many array reads still in flight; whatever they leave behind must not reach stderr."""
+    import pathlib
+
+    params = {f"w{i}": {"kernel": np.ones((256, 256), np.float32)} for i in range(6)}
+    cfg = jlora.LoraConfig(rank=16, alpha=16, targets=tuple(params))
+    state = random_state(params, cfg, optax.adam(1e-3))
+    with checkpoint.CheckpointManager(directory) as manager:
+        manager.save(1, state, params=params, lora_config=cfg)
+    data = max((p for p in (pathlib.Path(directory) / "1" / "adapters").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 20])
+    for i in range(tries):
+        try:
+            with checkpoint.CheckpointManager(directory) as manager:
+                if i % 2:
+                    manager.restore_adapters(params=params, lora_config=cfg)
+                else:
+                    manager.restore(state, params=params, lora_config=cfg)
+        except checkpoint.CheckpointError as e:
+            print(f"error: {' '.join(str(e).split())[:120]}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "resume":
         _resume(args[0], int(args[1]), args[2], int(args[3]))
     elif command == "crash":
         _crash(args[0], args[1], int(args[2]))
+    elif command == "corrupt":
+        _corrupt(args[0], int(args[1]))
     else:
         raise SystemExit(f"unknown command {command!r}")

@@ -1,6 +1,6 @@
 """jlora.data: formatting and loss masks checked by decoding the masked tokens and comparing text (with a tiny
 BPE trained here and with SmolLM2's real tokenizer), batching/packing invariants, seeded order, exact resume,
-error messages, score_json, and the demo data set's token lengths."""
+error messages, eval prompts, and the demo data set's token lengths (and its answers, under the demo's scorer)."""
 
 import importlib.util
 import json
@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jlora import data
+from jlora.cli import scoring
 from jlora.hf.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,6 +198,17 @@ def test_packing_rows_segments_positions():
     assert batches[0]["segment_ids"][0].tolist() == [1] * 5 + [2] * 9 + [0] * 2
 
 
+def test_packed_example_is_not_a_target_of_the_one_before():
+    """An example's first token is never a target: in a packed row it follows the previous example's last token,
+    which must not learn to predict it (an empty prompt makes that first token a completion token)."""
+    examples = [data.Example((1, 2), (3, 4)), data.Example((), (5, 6, 7))]
+    for packing in (False, True):
+        batch = next(data.Loader(examples, batch_size=2 - packing, max_length=8, pad_id=0, shuffle=False,
+                                 packing=packing, bucket=None))
+        targets = [t for row, mask in zip(batch["input_ids"], batch["loss_mask"]) for t, m in zip(row, mask) if m]
+        assert targets == [3, 4, 6, 7], packing
+
+
 @settings(max_examples=40, deadline=None)
 @given(lengths=st.lists(st.integers(2, 20), min_size=1, max_size=25), batch_size=st.integers(1, 4),
        packing=st.booleans(), seed=st.integers(0, 3))
@@ -331,28 +343,6 @@ def test_bad_position(tiny):
 # ------------------------------------------------------------------------------------------- eval helpers
 
 
-@pytest.mark.parametrize("output, expected, ok", [
-    ('{"name":"Ana","amount":12.5}', {"name": "Ana", "amount": 12.5}, True),
-    ('  {"amount": 12.50, "name": "Ana"}\n', {"name": "Ana", "amount": 12.5}, True),    # order, spaces, 12.50
-    ('{"name":"Ana","amount":12}', {"name": "Ana", "amount": 12.0}, True),               # int vs float value
-    ('{"name":"Ana","amount":"12"}', {"name": "Ana", "amount": 12}, False),             # string is not a number
-    ('{"name":"ana","amount":12}', {"name": "Ana", "amount": 12}, False),               # case matters
-    ('{"name":"Ana"}', {"name": "Ana", "amount": 12}, False),                            # missing field
-    ('{"name":"Ana","amount":12,"city":"Oslo"}', {"name": "Ana", "amount": 12}, False),  # extra field
-    ('Here you go: {"name":"Ana","amount":12}', {"name": "Ana", "amount": 12}, False),  # prose
-    ('```json\n{"name":"Ana","amount":12}\n```', {"name": "Ana", "amount": 12}, False),  # code fence
-    ('{"name":"Ana","amount":12}{"x":1}', {"name": "Ana", "amount": 12}, False),        # two objects
-    ('{"name":"Ana","amount":12', {"name": "Ana", "amount": 12}, False),                 # truncated
-    ('["Ana", 12]', {"name": "Ana", "amount": 12}, False),
-    ('{"ok":true}', {"ok": 1}, False),
-    ('{"name":"Bo","name":"Ana","amount":12}', {"name": "Ana", "amount": 12}, False),  # repeated key                                                    # bool is not 1
-    ('{"name":"Ana","amount":12}', '{"amount": 12, "name": "Ana"}', True),               # expected as JSON text
-    ("", {"a": 1}, False),
-])
-def test_score_json(output, expected, ok):
-    assert data.score_json(output, expected) is ok
-
-
 def test_eval_prompts(tiny, tmp_path):
     path = _write(tmp_path / "v.jsonl", [CHAT, PAIR, CHAT])
     items = data.eval_prompts(path, tiny, limit=2)
@@ -360,9 +350,8 @@ def test_eval_prompts(tiny, tmp_path):
     chat, pair = items
     assert chat.prompt_text == tiny.apply_chat_template(CHAT["messages"][:-1], add_generation_prompt=True)
     assert chat.prompt_ids == list(data.tokenize(CHAT, tiny).prompt_ids)
-    assert chat.expected == {"name": "Ana", "amount": 12} and data.score_json(chat.target, chat.expected)
-    assert chat.source == path + ":1"
-    assert pair.prompt_ids == list(data.tokenize(PAIR, tiny).prompt_ids) and pair.expected is None
+    assert chat.target == CHAT["messages"][-1]["content"] and chat.source == path + ":1"
+    assert pair.prompt_ids == list(data.tokenize(PAIR, tiny).prompt_ids) and pair.target == PAIR["completion"]
 
 
 # ------------------------------------------------------------------------------------------- the demo data
@@ -390,7 +379,8 @@ def test_demo_data_with_smollm2_tokenizer(smol, recwarn):
     for ex in valid[:10]:
         assert smol.decode(ex.completion_ids, skip_special_tokens=False).endswith("}<|im_end|>")
     items = data.eval_prompts(os.path.join(DEMO_DATA, "valid.jsonl"), smol)
-    assert all(it.expected is not None and list(it.expected) == ["name", "date", "amount", "city"] for it in items)
-    assert all(data.score_json(it.target, it.expected) for it in items)
+    assert all(list(json.loads(it.target)) == ["name", "date", "amount", "city"] for it in items)
+    score = scoring.load(os.path.join(ROOT, "examples", "json_task.py") + ":score")   # the demo's scorer
+    assert all(score(it.target, it.target) == 1.0 for it in items)
     batch = next(data.Loader(train, batch_size=8, max_length=160, pad_id=smol.pad_token_id, seed=0))
     assert batch["input_ids"].shape == (8, 112)      # the default bucket (16) gives one shape for this data

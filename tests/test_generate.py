@@ -3,7 +3,6 @@ per-prompt decoding, top-k=1 equals greedy, EOS stops rows, and the greedy token
 ``generate`` on the same tiny random weights."""
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -131,21 +130,3 @@ def test_unmerged_lora_adapters_equal_merged():
     base = gen.generate(model, params, PROMPTS, max_new_tokens=16, eos_token_id=())
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, base.tokens)
-
-
-def test_cached_decoding_speed_ratio(capsys):
-    """Prints the per-token time of cached vs uncached decoding (measured once; no timed assertion)."""
-    _, model, params = _model()
-    prompts = [list(range(1, 129))] * 2
-    n = 64
-
-    def timed(use_cache):
-        gen.generate(model, params, prompts, max_new_tokens=n, eos_token_id=(), use_cache=use_cache)  # compile
-        t0 = time.perf_counter()
-        gen.generate(model, params, prompts, max_new_tokens=n, eos_token_id=(), use_cache=use_cache)
-        return (time.perf_counter() - t0) / n
-
-    cached, uncached = timed(True), timed(False)
-    with capsys.disabled():
-        print(f"\n[generate] per token: cached {cached * 1e3:.2f} ms, uncached {uncached * 1e3:.2f} ms, "
-              f"speedup {uncached / cached:.1f}x (prompt 128, 64 new tokens, batch 2, tiny llama, CPU)")

@@ -10,6 +10,8 @@ import sys
 import time
 
 import pytest
+import torch
+import transformers
 import yaml
 
 from jlora import cli
@@ -30,8 +32,6 @@ def test_every_config_parses(path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny random Llama with SmolLM2's real tokenizer (so the chat data tokenizes as in the demo)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from jlora import hf
     from jlora.hf import gguf
 
@@ -52,6 +52,7 @@ def _write_config(tmp_path, model, name="run", **sections):
     raw["model"]["path"] = str(model)
     raw["data"].update(train=str(ROOT / "examples/data/train.jsonl"), valid=str(ROOT / "examples/data/valid.jsonl"),
                        batch_size=4)
+    raw["eval"]["scorer"] = str(ROOT / raw["eval"]["scorer"])   # relative to the repository, like the data
     raw["train"].update(steps=8, checkpoint_every=4, log_every=2, warmup_steps=2, learning_rate=1e-2)
     raw["eval"].update(num_examples=4, batch_size=4, max_new_tokens=6)
     raw["run"]["dir"] = str(tmp_path / name)
@@ -95,6 +96,15 @@ def test_train_and_every_command(tiny_model, tmp_path, capsys):
     assert cli.main(["inspect", "--model", str(tiny_model), "--adapter", str(run)]) == 0
     text = capsys.readouterr().out
     assert "rank ladder" in text and "self_attn/o_proj/kernel" in text
+
+
+def test_eval_scores_with_the_configured_scorer(tiny_model, tmp_path, capsys):
+    scorer = tmp_path / "my_task.py"
+    scorer.write_text("def half(output, target):\n    return 0.5\n\nhalf.label = 'half credit'\n")
+    config = _write_config(tmp_path, tiny_model, eval={"scorer": f"{scorer}:half"})
+    capsys.readouterr()
+    assert cli.main(["eval", "--config", str(config), "--base"]) == 0
+    assert "; half credit 50.0% on 4 prompts" in capsys.readouterr().out
 
 
 def _cli(*args, **kw):

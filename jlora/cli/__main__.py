@@ -1,3 +1,7 @@
+"""``python -m jlora.cli ...``: the ``jlora`` command (see :mod:`jlora.cli`)."""
+
+import sys
+
 from jlora.cli import main
 
-raise SystemExit(main())
+sys.exit(main())

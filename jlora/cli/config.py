@@ -86,13 +86,20 @@ class TrainSection:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
-    """Generation-based evaluation before and after training (exact-match JSON scoring)."""
+    """Generation-based evaluation before and after training: greedy completions of the first ``num_examples``
+    prompts of ``data.valid``, each scored against its reference by ``scorer``.
+
+    Attributes:
+        scorer: the scoring function, ``path/to/file.py:function`` or ``package.module:function`` (see
+            :mod:`jlora.cli.scoring`); the default compares texts exactly, ignoring surrounding whitespace.
+    """
 
     before: bool = True
     after: bool = True
     num_examples: int = 32
     batch_size: int = 16
     max_new_tokens: int = 64
+    scorer: str = "jlora.cli.scoring:exact_match"
 
 
 @dataclasses.dataclass(frozen=True)

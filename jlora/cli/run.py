@@ -1,16 +1,23 @@
 """A training run: run folder, loop, evaluation, logging, checkpoints, resume and Ctrl-C.
 
-``train(cfg)`` reads top to bottom like a short script:
+``train(cfg)`` runs these phases, each a function below, top to bottom:
 
-1. prepare ``run.dir`` (refusing to overwrite an existing run unless ``overwrite`` or ``resume``) and write the
-   resolved ``config.yaml``;
-2. load the model (:func:`jlora.hf.load`) and the data (:mod:`jlora.data`), create adapters and an AdamW
-   optimizer with warmup + cosine decay;
-3. optionally score the base model: greedy decoding of validation prompts, exact-JSON accuracy;
-4. the loop: one jitted step per batch, a progress bar with loss, tokens/s and ETA, ``metrics.jsonl``, periodic
-   validation loss and checkpoints (adapters, optimizer state, step, RNG and the data position, so a resumed run
-   sees exactly the batches it would have seen). SIGINT saves a checkpoint and stops cleanly;
-5. score again, write ``loss.png`` and a PEFT export.
+1. :func:`_open_run`: check the config's paths and the scorer, prepare ``run.dir`` (refusing to overwrite an
+   existing run unless ``overwrite`` or ``resume``) and write the resolved ``config.yaml``;
+2. :func:`_load_model` (:func:`jlora.hf.load`) and :func:`_load_data` (:mod:`jlora.data`: train and validation
+   examples, the generation-eval prompts);
+3. :func:`_build`: adapters, an AdamW optimizer with warmup + cosine decay, the compiled train and eval steps
+   (sharded over ``mesh`` when it has more than one device);
+4. :func:`_resume`: with ``resume``, the latest checkpoint's state and data position;
+5. :func:`_score_base_model`: greedy decoding of validation prompts by the base model, each completion scored by
+   ``eval.scorer`` (:mod:`jlora.cli.scoring`);
+6. :func:`_train_loop`: one compiled step (or ``train.steps_per_call`` steps) per call, a progress bar with loss,
+   tokens/s and ETA, ``metrics.jsonl``, periodic validation loss and checkpoints (adapters, optimizer state,
+   step, RNG and the data position, so a resumed run sees exactly the batches it would have seen). SIGINT saves
+   a checkpoint and stops cleanly;
+7. :func:`_finish`: the last checkpoint, validation loss, the generation eval of the trained adapters, a PEFT
+   export;
+8. :func:`_wrap_up`: ``loss.png``, ``summary.json`` and the report.
 
 The other commands (``eval``, ``generate``, ``merge``, ``export-peft``, ``inspect``) are small functions at the end.
 """
@@ -36,6 +43,7 @@ import yaml
 import jlora
 from jlora import data as data_lib
 from jlora.cli import config as runconfig
+from jlora.cli import scoring
 from jlora.cli.config import ConfigError, RunConfig
 
 CONFIG_FILE = "config.yaml"
@@ -159,15 +167,30 @@ def generate_texts(loaded, params, prompts_ids: Sequence[Sequence[int]], *, adap
     return texts
 
 
-def score_generation(loaded, params, prompts: Sequence[data_lib.EvalPrompt], *, adapters=None, lora_cfg=None,
-                     batch_size: int = 16, max_new_tokens: int = 64) -> tuple[float, list[dict]]:
-    """Exact-JSON accuracy (%) of greedy completions of ``prompts``, and the per-example records."""
+def score_generation(loaded, params, prompts: Sequence[data_lib.EvalPrompt], scorer: scoring.Scorer, *,
+                     adapters=None, lora_cfg=None, batch_size: int = 16,
+                     max_new_tokens: int = 64) -> tuple[float, list[dict]]:
+    """Greedy completions of ``prompts``, scored by ``scorer``: the mean score (%) and the per-example records."""
     texts = generate_texts(loaded, params, [p.prompt_ids for p in prompts], adapters=adapters,
                            lora_cfg=lora_cfg, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    records = [{"source": p.source, "output": t, "target": p.target,
-                "correct": bool(p.expected is not None and data_lib.score_json(t, p.expected))}
-               for p, t in zip(prompts, texts)]
-    return 100.0 * sum(r["correct"] for r in records) / max(len(records), 1), records
+    return score_texts(prompts, texts, scorer)
+
+
+def score_texts(prompts: Sequence[data_lib.EvalPrompt], texts: Sequence[str],
+                scorer: scoring.Scorer) -> tuple[float, list[dict]]:
+    """The mean score (%) of ``texts``, one completion per prompt, against the prompts' references, and the
+    per-example records.
+
+    Examples:
+        >>> from jlora.data import EvalPrompt
+        >>> prompts = [EvalPrompt("2+2=", [7], "4", "v.jsonl:1"), EvalPrompt("3+3=", [8], "6", "v.jsonl:2")]
+        >>> accuracy, records = score_texts(prompts, [" 4", "5"], scoring.load("jlora.cli.scoring:exact_match"))
+        >>> accuracy, records[1]
+        (50.0, {'source': 'v.jsonl:2', 'output': '5', 'target': '6', 'score': 0.0})
+    """
+    records = [{"source": p.source, "output": t, "target": p.target, "score": scorer(t, p.target)}
+               for p, t in zip(prompts, texts, strict=True)]
+    return 100.0 * sum(r["score"] for r in records) / max(len(records), 1), records
 
 
 def _calls(step_fn, multi_fn, put_batch, loader, state, params, start: int, total: int, per_call: int):
@@ -287,158 +310,259 @@ class _Interrupt:
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Runs a fine-tune as configured; returns a summary dict (also written to ``summary.json``)."""
+    """Runs a fine-tune as configured; returns a summary dict (also written to ``summary.json``).
+
+    Each call below is one phase of the run, in order (see the module docstring).
+    """
     from jlora import checkpoint
 
+    run_dir, scorer = _open_run(cfg, resume=resume, overwrite=overwrite)
+    loaded = _load_model(cfg)
+    data = _load_data(cfg, loaded)
+    run, state = _build(cfg, run_dir, loaded, data, scorer)
+    with checkpoint.CheckpointManager(run_dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep) as manager:
+        state, position, summary = _resume(run, manager, state) if resume else (state, None, {})
+        if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
+            summary["accuracy_before"] = _score_base_model(run)
+        loader = _loader(cfg, data.train, loaded.tokenizer, train=True, position=position)
+        t_start = time.perf_counter()
+        state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
+        if not interrupted:
+            summary.update(_finish(run, manager, loader, state))
+    return _wrap_up(run, summary, step=int(state.step), interrupted=interrupted,
+                    seconds=time.perf_counter() - t_start)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """What a run trains and evaluates on."""
+
+    train: list[data_lib.Example]
+    valid: list[data_lib.Example]        # validation loss (empty: none)
+    prompts: list[data_lib.EvalPrompt]   # the generation eval's prompts (empty: no generation eval)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the phases after :func:`_build` share; the train state itself is passed from phase to phase."""
+
+    cfg: RunConfig
+    dir: pathlib.Path
+    loaded: Any                         # the model as jlora.hf.load returns it
+    data: _Data
+    scorer: scoring.Scorer
+    layout: Any                         # a scanned layer stack's jlora.KernelLayout, else None
+    params: Any                         # the base the adapters train on: the loaded weights or PiSSA/OLoRA's residual
+    step_fn: Callable                   # (state, params, batch) -> (state, metrics), compiled
+    multi_fn: Callable | None           # train.steps_per_call steps in one call (single device only)
+    put_batch: Callable                 # a numpy batch onto the device(s)
+    eval_step: Callable                 # (params, adapters, batch) -> metrics, compiled
+
+
+def _open_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[pathlib.Path, scoring.Scorer]:
+    """Checks everything that can be checked before loading anything (paths, the scorer, the mesh against
+    ``steps_per_call``, and for ``resume`` that the model and lora sections are the saved run's), then prepares the
+    run folder. Returns the folder and the scorer."""
     _check_inputs(cfg)
+    scorer = scoring.load(cfg.eval.scorer)
+    per_call = cfg.train.steps_per_call
+    if math.prod((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) > 1 and per_call > 1:
+        raise ConfigError(f"train.steps_per_call={per_call} works on a single device only; with a `mesh` section "
+                          f"set train.steps_per_call: 1")
     if resume:
         saved = runconfig.load(pathlib.Path(cfg.run.dir) / CONFIG_FILE)
         if saved.lora != cfg.lora or saved.model != cfg.model:
             raise ConfigError(f"--resume: the config's model/lora sections differ from the run's saved "
                               f"{pathlib.Path(cfg.run.dir) / CONFIG_FILE}; resume with the same settings")
-    run_dir = _prepare_dir(cfg, resume=resume, overwrite=overwrite)
-    say = print
-    loaded = _load_model(cfg)
+    return _prepare_dir(cfg, resume=resume, overwrite=overwrite), scorer
+
+
+def _load_data(cfg: RunConfig, loaded) -> _Data:
+    """Train and validation examples (:func:`jlora.data.load_splits`) and the generation eval's prompts (the first
+    ``eval.num_examples`` of ``data.valid``, when a generation eval is on)."""
     if loaded.tokenizer is None:
         raise ConfigError(f"model {cfg.model.path!r} has no tokenizer; jlora's runs need one (tokenizer.json)")
     train_examples, valid_examples = data_lib.load_splits(
         cfg.data.train, loaded.tokenizer, valid=cfg.data.valid or None, valid_fraction=cfg.data.valid_fraction,
         max_length=cfg.data.max_length, seed=cfg.data.seed)
-    say(f"model {loaded.name}: {sum(x.size for x in jax.tree.leaves(loaded.params)):,} parameters; "
-        f"data: {len(train_examples)} train / {len(valid_examples)} validation examples")
+    print(f"model {loaded.name}: {sum(x.size for x in jax.tree.leaves(loaded.params)):,} parameters; "
+          f"data: {len(train_examples)} train / {len(valid_examples)} validation examples")
+    prompts = []
+    if valid_examples and cfg.data.valid and (cfg.eval.before or cfg.eval.after):
+        prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples)
+    return _Data(train_examples, valid_examples, prompts)
 
-    lora_cfg = cfg.lora
-    key = jax.random.key(cfg.train.seed)
-    init_key, rng = jax.random.split(key)
-    # `params` is the base the adapters train on: the loaded weights, or PiSSA/OLoRA's residual of them.
+
+def _build(cfg: RunConfig, run_dir: pathlib.Path, loaded, data: _Data,
+           scorer: scoring.Scorer) -> tuple[_Run, jlora.TrainState]:
+    """Adapters on the loaded base, the optimizer and the initial train state, and the compiled steps: jitted for
+    one device, or sharded over the configured mesh (frozen params, adapters and optimizer state placed on it)."""
+    init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     layout = _layout(loaded)
-    adapters, params = jlora.init_with_base(loaded.params, lora_cfg, key=init_key, layout=layout)
-    say(jlora.summary(params, adapters))
+    adapters, params = jlora.init_with_base(loaded.params, cfg.lora, key=init_key, layout=layout)
+    print(jlora.summary(params, adapters))
     optimizer = make_optimizer(cfg)
     state = jlora.TrainState.create(adapters, optimizer, rng=rng)
     mesh = _mesh(cfg)
-    per_call = cfg.train.steps_per_call
-    if mesh is not None and per_call > 1:
-        raise ConfigError(f"train.steps_per_call={per_call} works on a single device only; with a `mesh` section "
-                          f"set train.steps_per_call: 1")
-    if mesh is not None:   # shard frozen params, adapters and optimizer state over the configured mesh
-        from jlora import parallel
-
-        param_sh = parallel.param_shardings(params, mesh, family=loaded.family.name)
-        params = parallel.place(params, param_sh)
-        state_sh = parallel.state_shardings(state, parallel.adapter_shardings(state.adapters, param_sh, params))
-        state = parallel.place(state, state_sh)
-        step_fn = parallel.make_sharded_train_step(loaded.model, lora_cfg, optimizer, mesh,
-                                                   param_shardings=param_sh, state_shardings=state_sh,
-                                                   grad_accum_steps=cfg.train.grad_accum_steps)
-        put_batch = lambda b: parallel.shard_batch(b, mesh)  # noqa: E731
-        multi_fn = None
-    else:
-        one_step = jlora.make_train_step(loaded.model, lora_cfg, optimizer, grad_accum_steps=cfg.train.grad_accum_steps)
+    if mesh is None:
+        one_step = jlora.make_train_step(loaded.model, cfg.lora, optimizer, grad_accum_steps=cfg.train.grad_accum_steps)
         step_fn = jax.jit(one_step, donate_argnums=0)
         multi_fn = jax.jit(jlora.scan_steps(one_step), donate_argnums=0)   # for train.steps_per_call > 1
-        put_batch = lambda b: {k: jnp.asarray(v) for k, v in b.items()}  # noqa: E731
-    manager = checkpoint.CheckpointManager(run_dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep)
-    position = None
-    summary: dict[str, Any] = {}
-    if resume and manager.latest_step() is not None:
-        restored = manager.restore(state, params=params, lora_config=lora_cfg, name=loaded.name)
-        state, position = restored.state, restored.data_position
-        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-        say(f"resumed from step {int(state.step)}")
-    loader = _loader(cfg, train_examples, loaded.tokenizer, train=True, position=position)
+        put_batch = _to_device
+    else:
+        params, state, step_fn, put_batch = _shard(cfg, loaded, mesh, params, state, optimizer)
+        multi_fn = None
+    eval_step = jax.jit(jlora.make_eval_step(loaded.model, cfg.lora))
+    run = _Run(cfg, run_dir, loaded, data, scorer, layout, params, step_fn, multi_fn, put_batch, eval_step)
+    return run, state
 
-    prompts = []
-    if valid_examples and (cfg.eval.before or cfg.eval.after):
-        prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples) \
-            if cfg.data.valid else []
-    if prompts and cfg.eval.before and "accuracy_before" not in summary:
-        t0 = time.perf_counter()
-        acc, records = score_generation(loaded, loaded.params, prompts, batch_size=cfg.eval.batch_size,
-                                        max_new_tokens=cfg.eval.max_new_tokens)
-        summary["accuracy_before"] = acc
-        _write_json(run_dir / "eval_before.json", records)
-        say(f"base model: {acc:.1f}% exact JSON on {len(prompts)} validation prompts "
-            f"({time.perf_counter() - t0:.0f}s)")
 
-    eval_step = jax.jit(jlora.make_eval_step(loaded.model, lora_cfg))
+def _to_device(batch: dict) -> dict:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _shard(cfg: RunConfig, loaded, mesh, params, state, optimizer):
+    """Places the frozen params, the adapters and the optimizer state on ``mesh``; returns them with the sharded
+    train step and the batch placement."""
+    from jlora import parallel
+
+    param_sh = parallel.param_shardings(params, mesh, family=loaded.family.name)
+    params = parallel.place(params, param_sh)
+    state_sh = parallel.state_shardings(state, parallel.adapter_shardings(state.adapters, param_sh, params))
+    state = parallel.place(state, state_sh)
+    step_fn = parallel.make_sharded_train_step(loaded.model, cfg.lora, optimizer, mesh, param_shardings=param_sh,
+                                               state_shardings=state_sh, grad_accum_steps=cfg.train.grad_accum_steps)
+    return params, state, step_fn, lambda batch: parallel.shard_batch(batch, mesh)
+
+
+def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainState, Any, dict[str, Any]]:
+    """The latest checkpoint's state and data position and the run's summary so far; without a checkpoint yet,
+    ``state`` from the start."""
+    if manager.latest_step() is None:
+        return state, None, {}
+    restored = manager.restore(state, params=run.params, lora_config=run.cfg.lora, name=run.loaded.name)
+    summary_file = run.dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    print(f"resumed from step {int(restored.state.step)}")
+    return restored.state, restored.data_position, summary
+
+
+def _generation_eval(run: _Run, params, file: str) -> float:
+    """Scores greedy completions by the model with ``params`` (:func:`score_generation`); writes the records to
+    ``file`` in the run folder and returns the mean score (%)."""
+    acc, records = score_generation(run.loaded, params, run.data.prompts, run.scorer,
+                                    batch_size=run.cfg.eval.batch_size, max_new_tokens=run.cfg.eval.max_new_tokens)
+    _write_json(run.dir / file, records)
+    return acc
+
+
+def _score_base_model(run: _Run) -> float:
+    t0 = time.perf_counter()
+    acc = _generation_eval(run, run.loaded.params, "eval_before.json")
+    print(f"base model: {acc:.1f}% {run.scorer.label} on {len(run.data.prompts)} validation prompts "
+          f"({time.perf_counter() - t0:.0f}s)")
+    return acc
+
+
+def _validation_loss(run: _Run, state: jlora.TrainState) -> float:
+    return validation_loss(run.eval_step, run.params, state.adapters,
+                           _loader(run.cfg, run.data.valid, run.loaded.tokenizer, train=False))
+
+
+def _save(run: _Run, manager, step: int, state: jlora.TrainState, loader: data_lib.Loader) -> None:
+    manager.save(step, state, params=run.params, lora_config=run.cfg.lora, name=run.loaded.name,
+                 data_position=loader.position)
+
+
+def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState, *, progress: bool,
+                on_step: Callable[[int, dict], None] | None) -> tuple[jlora.TrainState, bool]:
+    """Steps from ``state.step`` to ``train.steps``: a ``metrics.jsonl`` record per step, validation and checkpoints
+    on schedule; a SIGINT stops it after the call in flight, with a checkpoint. Returns the state and whether a
+    SIGINT stopped it."""
+    t = run.cfg.train
     start = int(state.step)
-    log = _Log(run_dir, cfg.train.steps, start, progress)
-    interrupted = False
+    log = _Log(run.dir, t.steps, start, progress)
     tokens_seen, t_start = 0.0, time.perf_counter()
-
-    def save(step):
-        manager.save(step, state, params=params, lora_config=lora_cfg, name=loaded.name,
-                     data_position=loader.position)
-
     try:
         with _Interrupt() as interrupt:
-            for step, batch, metrics, state, last in _calls(step_fn, multi_fn, put_batch,
-                                                            loader, state, params, start, cfg.train.steps,
-                                                            per_call):
+            for step, batch, metrics, state, last in _calls(run.step_fn, run.multi_fn, run.put_batch, loader, state,
+                                                            run.params, start, t.steps, t.steps_per_call):
                 loss = float(metrics["loss"])
                 tokens_seen += float(jnp.sum(batch["attention_mask"]))  # tokens processed (loss: completions)
-                elapsed = time.perf_counter() - t_start
                 record = {"step": step + 1, "loss": loss, "loss_tokens": float(metrics["tokens"]),
-                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_seen / elapsed}
-                if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and valid_examples:
-                    record["valid_loss"] = validation_loss(eval_step, params, state.adapters,
-                                                           _loader(cfg, valid_examples, loaded.tokenizer,
-                                                                   train=False))
+                          "grad_norm": float(metrics["grad_norm"]),
+                          "tokens_per_s": tokens_seen / (time.perf_counter() - t_start)}
+                if t.eval_every and (step + 1) % t.eval_every == 0 and run.data.valid:
+                    record["valid_loss"] = _validation_loss(run, state)
                 log.write(record)
                 log.step({"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
-                if not progress and ((step + 1) % cfg.train.log_every == 0 or step == start):
-                    log.say(f"step {step + 1}/{cfg.train.steps}  loss {loss:.4f}  "
-                            f"{record['tokens_per_s']:.0f} tok/s")
+                if not progress and ((step + 1) % t.log_every == 0 or step == start):
+                    log.say(f"step {step + 1}/{t.steps}  loss {loss:.4f}  {record['tokens_per_s']:.0f} tok/s")
                 if on_step is not None:
                     on_step(step + 1, record)
-                if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-                    save(step + 1)
+                if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+                    _save(run, manager, step + 1, state, loader)
                 if last and interrupt.requested:
-                    save(step + 1)
+                    _save(run, manager, step + 1, state, loader)
                     manager.wait()
-                    interrupted = True
                     log.say(f"interrupted: saved a checkpoint at step {step + 1}; continue with --resume")
-                    break
+                    return state, True
     finally:
         log.close()
+    return state, False
+
+
+def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState) -> dict[str, float]:
+    """After the last step: its checkpoint, the final validation loss (also in ``metrics.jsonl``), the generation
+    eval of the trained adapters and the PEFT export. Returns the summary's entries."""
+    cfg, out = run.cfg, {}
     final_step = int(state.step)
+    if manager.latest_step() != final_step:
+        _save(run, manager, final_step, state, loader)
+    manager.wait()
+    if run.data.valid:
+        out["valid_loss"] = _validation_loss(run, state)
+        with open(run.dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps({"step": final_step, "valid_loss": out["valid_loss"]}) + "\n")
+    if run.data.prompts and cfg.eval.after:
+        # Merged params decode exactly like unmerged adapters and reuse the base model's compiled decoder.
+        merged = jlora.merge(run.params, state.adapters, cfg.lora, layout=run.layout)
+        out["accuracy_after"] = _generation_eval(run, merged, "eval_after.json")
+        del merged
+    if cfg.run.export_peft:
+        jlora.peft.save(run.dir / PEFT_DIR, state.adapters, cfg.lora, run.loaded)
+    return out
+
+
+def _wrap_up(run: _Run, summary: dict[str, Any], *, step: int, interrupted: bool, seconds: float) -> dict[str, Any]:
+    """Writes ``loss.png`` and ``summary.json``, prints the report (unless interrupted); returns the summary."""
+    plot_losses(run.dir)
+    summary.update({"step": step, "interrupted": interrupted, "run_dir": str(run.dir), "train_seconds": seconds})
+    _write_json(run.dir / "summary.json", summary)
     if not interrupted:
-        if manager.latest_step() != final_step:
-            save(final_step)
-        manager.wait()
-        if valid_examples:
-            summary["valid_loss"] = validation_loss(eval_step, params, state.adapters,
-                                                    _loader(cfg, valid_examples, loaded.tokenizer, train=False))
-            with open(run_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps({"step": final_step, "valid_loss": summary["valid_loss"]}) + "\n")
-        if prompts and cfg.eval.after:
-            # Merged params decode exactly like unmerged adapters and reuse the base model's compiled decoder.
-            merged = jlora.merge(params, state.adapters, lora_cfg, layout=layout)
-            acc, records = score_generation(loaded, merged, prompts, batch_size=cfg.eval.batch_size,
-                                            max_new_tokens=cfg.eval.max_new_tokens)
-            del merged
-            summary["accuracy_after"] = acc
-            _write_json(run_dir / "eval_after.json", records)
-        if cfg.run.export_peft:
-            jlora.peft.save(run_dir / PEFT_DIR, state.adapters, lora_cfg, loaded)
-    manager.close()
-    plot_losses(run_dir)
-    summary.update({"step": final_step, "interrupted": interrupted, "run_dir": str(run_dir),
-                    "train_seconds": time.perf_counter() - t_start})
-    _write_json(run_dir / "summary.json", summary)
-    if not interrupted:
-        say(_report(summary))
+        print(_report(summary, run.scorer.label))
     return summary
 
 
-def _report(summary: dict[str, Any]) -> str:
-    lines = ["", "                        exact JSON   validation loss"]
+def _report(summary: dict[str, Any], label: str) -> str:
+    """The before/after table: the generation eval's mean score (named by ``label``) and the validation loss.
+
+    Examples:
+        >>> print(_report({"accuracy_before": 12.5, "accuracy_after": 93.75, "valid_loss": 0.1234,
+        ...                "run_dir": "runs/x"}, "exact JSON"))
+        <BLANKLINE>
+                                exact JSON   validation loss
+          base model                 12.5%
+          with LoRA adapters         93.8%   0.1234
+          run folder: runs/x (config.yaml, metrics.jsonl, loss.png, checkpoints/, peft/)
+    """
+    width = max(len(label), 7)
+    lines = ["", f"{'':24}{label:>{width}}   validation loss"]
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     if before is not None:
-        lines.append(f"  base model            {before:6.1f}%")
+        lines.append(f"  {'base model':22}{before:{width - 1}.1f}%")
     if after is not None:
-        lines.append(f"  with LoRA adapters    {after:6.1f}%      {summary.get('valid_loss', math.nan):.4f}")
+        lines.append(f"  {'with LoRA adapters':22}{after:{width - 1}.1f}%   {summary.get('valid_loss', math.nan):.4f}")
     lines.append(f"  run folder: {summary['run_dir']} (config.yaml, metrics.jsonl, loss.png, checkpoints/, peft/)")
     return "\n".join(lines)
 
@@ -480,23 +604,24 @@ def _load_with_adapter(model: str, adapter: str | None):
 
 
 def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False) -> dict[str, float]:
-    """Validation loss and exact-JSON accuracy of the base model or an adapter."""
+    """Validation loss and the generation eval's score (``eval.scorer``) of the base model or an adapter."""
     _check_inputs(cfg)
+    scorer = scoring.load(cfg.eval.scorer)
+    if not cfg.data.valid:
+        raise ConfigError("`data.valid` is empty; eval needs a validation JSONL file")
     loaded = _load_model(cfg)
     adapters, lora_cfg = (None, cfg.lora) if base else load_adapters(adapter or cfg.run.dir, loaded)
     if adapters is None:
         adapters = jlora.init(loaded.params, dataclasses.replace(lora_cfg, init="default"), key=jax.random.key(0),
                               layout=_layout(loaded))
-    if not cfg.data.valid:
-        raise ConfigError("`data.valid` is empty; eval needs a validation JSONL file")
     valid = data_lib.load(cfg.data.valid, loaded.tokenizer, max_length=cfg.data.max_length)
     loss = validation_loss(jax.jit(jlora.make_eval_step(loaded.model, lora_cfg)), loaded.params, adapters,
                            _loader(cfg, valid, loaded.tokenizer, train=False))
     prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples)
-    acc, _ = score_generation(loaded, loaded.params, prompts, adapters=None if base else adapters,
+    acc, _ = score_generation(loaded, loaded.params, prompts, scorer, adapters=None if base else adapters,
                               lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens)
-    print(f"validation loss {loss:.4f}; exact JSON {acc:.1f}% on {len(prompts)} prompts")
+    print(f"validation loss {loss:.4f}; {scorer.label} {acc:.1f}% on {len(prompts)} prompts")
     return {"valid_loss": loss, "accuracy": acc}
 
 
