@@ -108,6 +108,7 @@ class Adapter:
     """
 
     __slots__ = ("a", "b", "extras", "layout", "variant")
+    slot_dims = 0   # axes between the layer-stack axes and (in, r): 1 for a bank of slots (jlora.bank.Slots)
 
     def __init__(self, a, b, extras: Mapping[str, Any] | None = None, *, layout: KernelLayout | None = None,
                  variant: str = "lora"):
@@ -189,7 +190,8 @@ class LayerCall(dict):
 
     Keys: ``module``, ``method``, ``x`` (the input), ``y`` (the layer's plain output), ``kernel`` (its dense
     value), ``bias`` (or None), ``adapter``, ``scale``, ``dtype`` (the compute dtype), ``dropout`` (a function
-    applying LoRA dropout, or None), ``path``.
+    applying LoRA dropout, or None), ``path``, ``ids`` (the per-row adapter ids given to :func:`jlora.apply`, or
+    None), ``kind`` (the layer kind), ``kwargs`` (the call's keyword arguments).
     """
 
     __getattr__ = dict.__getitem__

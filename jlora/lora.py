@@ -224,6 +224,7 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None
         lay = node.layout.fitted(shape) if node.layout is not None else default_layout(path, shape)
         lead, fan_in, fan_out = lay.split(shape)
         a, b = tuple(np.shape(node.a)), tuple(np.shape(node.b))
+        lead = (*lead, *a[len(lead):len(lead) + node.slot_dims])     # a bank's slot axis follows the stack axes
         extra = len(a) - 2 - len(lead)
         if extra > 0 and a[extra:] == (*lead, fan_in, a[-1]) and b[extra:] == (*lead, a[-1], fan_out):
             raise ValueError(f"the adapter at {path!r} carries {extra} extra leading axis of size {a[:extra]} "

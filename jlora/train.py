@@ -177,8 +177,8 @@ def scan_steps(step: Callable[..., tuple[TrainState, dict]]):
     ``lax.scan`` and ``metrics`` come back stacked (n, ...). The result equals n calls of ``step``.
 
     Why: a compiled step allocates its scratch memory afresh on every call. On the CPU that memory is fresh
-    pages the kernel must fault in and zero each time (on the SmolLM2 shape, 0.6 GB and about a tenth of the
-    step's time); inside one call the scan reuses the same scratch for every step. On accelerators it saves the
+    pages the kernel must fault in and zero each time (bench/README.md measures what that costs); inside one
+    call the scan reuses the same scratch for every step. On accelerators it saves the
     per-call dispatch instead. The price: n batches are in memory at once, and the host sees metrics every n
     steps.
 

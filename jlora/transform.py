@@ -149,8 +149,9 @@ def _low_rank(module, kind: str, method: str, x, node: Adapter, scale: float, y,
 class _Trace:
     """What one :func:`apply` call saw: the adapters it used, the layers that ran, those that ran blind."""
 
-    def __init__(self, cfg: LoraConfig, adapter_paths: set[str]):
+    def __init__(self, cfg: LoraConfig, adapter_paths: set[str], ids=None):
         self.cfg = cfg
+        self.ids = ids
         self.adapter_paths = adapter_paths
         self.used: set[str] = set()
         self.called: dict[str, str] = {}   # module path -> layer class name
@@ -174,6 +175,7 @@ def _check_node(module, kind: str, kwargs, node: Adapter, kernel, path: str) -> 
     fan_in = math.prod(kernel.shape[i] for i in in_axes)
     fan_out = math.prod(kernel.shape[i] for i in out_axes)
     a, b = jnp.shape(node.a), jnp.shape(node.b)
+    a, b = a[node.slot_dims:], b[node.slot_dims:]          # a bank's slot axis leads inside the layer
     if len(a) > 2 and a[-2:] == (fan_in, a[-1]):
         raise ValueError(f"the adapter at {path!r} carries extra leading axes {a[:-2]} (a {a}, b {b}) for a "
                          f"layer whose kernel is {tuple(kernel.shape)}: stacked adapters must be applied one at a "
@@ -220,7 +222,7 @@ def _interceptor(trace: _Trace):
             return var.layer_call(LayerCall(
                 module=module, method=method, x=x, y=y, kernel=lora_lib.dense_value(kernel), bias=bias,
                 adapter=node, scale=scale, dtype=getattr(module, "dtype", None) or y.dtype, dropout=dropout,
-                path=path))
+                path=path, ids=trace.ids, kind=kind, kwargs=kwargs))
         return y + _low_rank(module, kind, method, x, node, scale, y, kwargs, dropout)
 
     return intercept
@@ -228,7 +230,7 @@ def _interceptor(trace: _Trace):
 
 def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig, *args,
           variables: Mapping[str, Any] | None = None, rngs: Mapping[str, jax.Array] | None = None, method=None,
-          mutable=False, **kwargs) -> Any:
+          mutable=False, adapter_ids: jax.Array | None = None, **kwargs) -> Any:
     """Runs ``model`` with unmerged adapters: equal to ``model.apply({"params": merge(...)}, ...)``.
 
     Args:
@@ -241,6 +243,7 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig,
         rngs: optional rngs; LoRA dropout is active only when ``cfg.dropout > 0`` and ``"lora_dropout"`` is given.
         method: optional method of ``model`` to call instead of ``__call__``.
         mutable: as in ``flax.linen.Module.apply`` (e.g. ``["batch_stats"]``).
+        adapter_ids: for a bank of adapters (:mod:`jlora.bank`), the slot each batch row uses, shape (batch,).
         **kwargs: keyword arguments of the model call.
 
     Returns:
@@ -264,7 +267,7 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig,
     if clash:
         raise ValueError(f"`variables` holds the collections {clash}; pass the params as `params` and the "
                          f"adapters as `adapters`, and only the model's other collections in `variables`")
-    trace = _Trace(cfg, {p for p, _ in adapter_lib.adapter_items(adapters)})
+    trace = _Trace(cfg, {p for p, _ in adapter_lib.adapter_items(adapters)}, adapter_ids)
     all_vars = {**others, "params": lora_lib.overlay(params, adapters), COLLECTION: adapters}
     with nn.intercept_methods(_interceptor(trace)):
         out = model.apply(all_vars, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)

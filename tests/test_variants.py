@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import peft
+import torch
+import transformers
 
 import jlora  # noqa: E402
 from helpers import max_diff, randomize, train_peft  # noqa: E402

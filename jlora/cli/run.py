@@ -428,7 +428,8 @@ def _shard(cfg: RunConfig, loaded, mesh, params, state, optimizer):
 
     param_sh = parallel.param_shardings(params, mesh, family=loaded.family.name)
     params = parallel.place(params, param_sh)
-    state_sh = parallel.state_shardings(state, parallel.adapter_shardings(state.adapters, param_sh, params))
+    state_sh = parallel.state_shardings(state, parallel.adapter_shardings(state.adapters, param_sh, params),
+                                        optimizer)
     state = parallel.place(state, state_sh)
     step_fn = parallel.make_sharded_train_step(loaded.model, cfg.lora, optimizer, mesh, param_shardings=param_sh,
                                                state_shardings=state_sh, grad_accum_steps=cfg.train.grad_accum_steps)

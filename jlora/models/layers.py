@@ -172,7 +172,7 @@ def _attend_head_major(q, k, v, allowed, scale):
     """:func:`attend` without a cache, laid out head-major: ``(B, KV, G*T, D)`` queries (each KV head's G query
     heads stacked along the query axis) against ``(B, KV, S, D)`` keys. Same math as the grouped einsums, but
     XLA:CPU then needs one plain transpose per operand instead of strided copies around every batched matmul
-    (about 17% less time for a SmolLM2 attention block, forward and backward)."""
+    (measured in bench/README.md, "What bounds the CPU train step")."""
     b, t, h, d = q.shape
     kv, s, dv = k.shape[2], k.shape[1], v.shape[-1]
     g = h // kv
