@@ -125,7 +125,7 @@ class Adapter:
         """A copy with some fields changed (``a=``, ``b=``, ``extras=``, ``layout=``, ``variant=``)."""
         fields = {"a": self.a, "b": self.b, "extras": self.extras, "layout": self.layout, "variant": self.variant}
         fields.update(changes)
-        return Adapter(fields.pop("a"), fields.pop("b"), fields.pop("extras"), **fields)
+        return type(self)(fields.pop("a"), fields.pop("b"), fields.pop("extras"), **fields)
 
     def tree_flatten_with_keys(self):
         names = tuple(self.extras)
@@ -158,7 +158,7 @@ class Adapter:
             return f"{getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}" if hasattr(x, "shape") else repr(x)
         extras = "".join(f", {k}={show(v)}" for k, v in self.extras.items())
         variant = "" if self.variant == "lora" else f", variant={self.variant!r}"
-        return f"Adapter(a={show(self.a)}, b={show(self.b)}{extras}{variant})"
+        return f"{type(self).__name__}(a={show(self.a)}, b={show(self.b)}{extras}{variant})"
 
 
 def is_adapter(x: Any) -> bool:

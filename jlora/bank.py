@@ -1,0 +1,448 @@
+"""Many adapters on one base: a fixed-shape bank of adapter slots, routed per batch row, swapped without recompiling.
+
+A :class:`Bank` holds, at every path it covers, a :class:`Slots` node: ``a`` ``(*lead, N, in, R)`` and ``b``
+``(*lead, N, R, out)`` for N slots padded to the bank's rank R, plus each slot's ``scale`` and ``rank`` as arrays
+``(*lead, N)``. Adapters of any rank <= R, any alpha, rsLoRA, rank/alpha patterns and target sets (a subset of the
+bank's paths) share these shapes: a slot is zero where its adapter has no factor, and zero-padding A's columns and
+B's rows changes nothing, in the forward pass and in training (their gradients are exactly zero). Putting an
+adapter into a slot is therefore a data update: a jitted forward, generate or train step that takes the bank as an
+argument never recompiles (``put``/``clear`` are pure functions returning a new bank; names map to slots outside of
+jit, in the caller's own dict).
+
+Routing: :func:`apply` takes ``ids`` (batch,), the slot each row uses; :data:`BASE` (-1) means the base model
+alone. Each adapted layer gathers its rows' factors and runs one batched matmul:
+``y[i] += scale[ids[i]] * (x[i] @ A[ids[i]]) @ B[ids[i]]``. Chosen by measurement against the alternatives (see
+``bench/README.md``, "Many adapters"): the gather adds no FLOPs over a single adapter (``2 * T * R * (in + out)``
+per layer), where a one-hot einsum over slots costs ``N`` times that, and grouping rows with
+``jax.lax.ragged_dot`` needs sorted rows and lowers to a padded dense matmul on GPU. Its cost is the gathered
+factors, ``B * R * (in + out)`` values per layer: small next to the activations.
+
+Training: :func:`make_train_step` trains every slot at once on a batch whose rows carry ``adapter_ids``; each slot's
+loss is the token-weighted mean over its own rows and the step minimizes their sum, so each slot's gradient is that
+of training it alone on its rows, and with an elementwise optimizer (AdamW) — :func:`optimizer` gives per-slot
+learning rates — training N adapters together equals N separate trainings on the same rows.
+
+Not held by a bank: DoRA magnitudes and whole trained tensors (bias, modules_to_save); they are refused by name.
+Under :mod:`jlora.parallel`'s sharded step the bank is replicated on every device (it is small: see
+:func:`nbytes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jlora import adapter as adapter_lib
+from jlora import lora as lora_lib
+from jlora import train as train_lib
+from jlora import transform
+from jlora import tree as tree_lib
+from jlora.adapter import Adapter, LayerCall, Variant
+from jlora.config import LoraConfig
+
+BASE = -1          # the adapter id of a row that uses the base model alone
+VARIANT = "bank"
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Slots(Adapter):
+    """N adapter slots for one kernel: ``a`` (*lead, N, in, R), ``b`` (*lead, N, R, out), extras ``scale`` and
+    ``rank`` (*lead, N)."""
+
+    __slots__ = ()
+    slot_dims = 1
+
+    @property
+    def slots(self) -> int:
+        return int(np.shape(self.a)[-3])
+
+
+def _slot_output(c: LayerCall) -> jax.Array:
+    """The adapted output of one layer call with per-row slots (the ``bank`` variant's layer hook)."""
+    if c.ids is None:
+        raise ValueError(f"the adapter at {c.path!r} is a bank of slots: pass the slot of each batch row, "
+                         f"jlora.bank.apply(..., ids) (or adapter_ids= to jlora.apply)")
+    node, x, y = c.adapter, c.x, c.y
+    ids = jnp.asarray(c.ids, jnp.int32)
+    if ids.ndim != 1 or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"adapter ids have shape {ids.shape}; the layer at {c.path!r} sees a batch of "
+                         f"{x.shape[0]} rows: pass one id per row")
+    use = ids >= 0
+    safe = jnp.where(use, ids, 0)
+    gain = jnp.where(use, jnp.take(node.extras["scale"], safe), 0.0).astype(c.dtype)      # (B,)
+    a, b = jnp.take(node.a, safe, axis=0).astype(c.dtype), jnp.take(node.b, safe, axis=0).astype(c.dtype)
+    lift = (slice(None),) + (None,) * (y.ndim - 1)
+    if c.kind == "Embed":
+        if c.method == "attend":       # x @ E^T + s (x @ B^T) @ A^T, per row
+            h = jnp.einsum("b...d,brd->b...r", x.astype(c.dtype), b)
+            return y + (gain[lift] * jnp.einsum("b...r,bvr->b...v", h, a)).astype(y.dtype)
+        # gather the rows' tokens from their slots' A directly, never a (B, vocab, R) copy of the tables
+        h = jax.vmap(lambda t, s: jnp.take(node.a[s], t, axis=0))(x, safe).astype(c.dtype)
+        return y + (gain[lift] * jnp.einsum("b...r,bro->b...o", h, b)).astype(y.dtype)
+    xd = (c.dropout(x) if c.dropout is not None else x).astype(c.dtype)
+    module = c.module
+    if c.kind == "Einsum":                # the transform's einsum with the row letter added to A and B
+        lhs, rhs, out = transform._einsum_parts(module, c.kwargs)
+        row = lhs[0]
+        if row == "." or row not in out or row in rhs:
+            raise ValueError(f"nn.Einsum at {c.path!r} ({lhs},{rhs}->{out}): a bank routes the input's first axis "
+                             f"as batch rows, so it must be a named axis kept in the output; exclude this layer")
+        kernel_shape = module.get_variable("params", "kernel").shape
+        in_axes, out_axes = transform._axes(module, c.kind, c.kwargs)
+        in_letters, out_letters = "".join(rhs[i] for i in in_axes), "".join(rhs[i] for i in out_axes)
+        z = next(ch for ch in "zyxwvutsrqponmlkjihgfedcba" if ch not in lhs + rhs + out)
+        mid = "".join(ch for ch in lhs if ch in out)
+        h = jnp.einsum(f"{lhs},{row}{in_letters}{z}->{mid}{z}", xd,
+                       a.reshape(a.shape[0], *[kernel_shape[i] for i in in_axes], a.shape[-1]))
+        d = jnp.einsum(f"{mid}{z},{row}{z}{out_letters}->{out}", h,
+                       b.reshape(b.shape[0], b.shape[1], *[kernel_shape[i] for i in out_axes]))
+        shape = [1] * d.ndim
+        shape[out.index(row)] = -1
+        return y + (d * gain.reshape(shape)).astype(y.dtype)
+    if c.kind == "Dense":
+        xm = xd
+    else:                                 # DenseGeneral: its contracted axes flattened last
+        contract = list(transform._normalize_axes(module.axis, xd.ndim))
+        if 0 in contract:
+            raise ValueError(f"the layer at {c.path!r} contracts its input's first axis, which a bank routes as "
+                             f"batch rows; keep it out of the bank's targets")
+        keep = [i for i in range(xd.ndim) if i not in contract]
+        xm = jnp.transpose(xd, (*keep, *contract)).reshape(*[xd.shape[i] for i in keep], a.shape[-2])
+    h = jnp.einsum("b...i,bir->b...r", xm, a)
+    d = jnp.einsum("b...r,bro->b...o", h, b) * gain[(slice(None),) + (None,) * (h.ndim - 1)]
+    return y + d.reshape(y.shape).astype(y.dtype)
+
+
+def _no_merge(w, node, scale):
+    raise ValueError("a bank of slots cannot be merged as one adapter: take one slot out with "
+                     "jlora.bank.get(bank, slot) and merge that")
+
+
+adapter_lib.register_variant(Variant(VARIANT, merged=_no_merge, layer_call=_slot_output, invertible=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bank:
+    """A fixed-capacity set of adapter slots for one base model (a pytree: ``slots`` are its arrays).
+
+    Attributes:
+        slots: the nested tree of :class:`Slots` nodes, one per covered kernel path.
+        capacity: N, the number of slots.
+        rank: R, the largest rank a slot holds.
+        fingerprint: the base model's fingerprint (:func:`jlora.checkpoint.fingerprint`), or None.
+    """
+
+    slots: dict
+    capacity: int
+    rank: int
+    fingerprint: str | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in adapter_lib.adapter_items(self.slots)]
+
+    @property
+    def config(self) -> LoraConfig:
+        """A config selecting exactly the bank's paths at rank R (its scales are unused: each slot has its own)."""
+        return LoraConfig(rank=self.rank, alpha=float(self.rank), targets=tuple(f"^{p}$" for p in self.paths))
+
+
+jax.tree_util.register_dataclass(Bank, data_fields=["slots"], meta_fields=["capacity", "rank", "fingerprint"])
+
+
+def create(params: Mapping, *, capacity: int, rank: int, targets: str | Sequence[str], exclude=(),
+           layout: Mapping | None = None, dtype: str = "float32", fingerprint: str | None = None) -> Bank:
+    """An empty bank of ``capacity`` slots of rank ``rank`` at every kernel ``targets`` selects.
+
+    Args:
+        params: the base model's frozen params.
+        capacity: the number of slots N.
+        rank: the largest rank R a slot can hold.
+        targets, exclude: regexes as in :class:`jlora.LoraConfig`: the kernels the bank covers (the union of
+            the target sets of the adapters it will hold, e.g. every linear layer).
+        layout: kernel layouts from :func:`jlora.layout` (needed for kernels of more than 2 dims).
+        dtype: the dtype of the factors.
+        fingerprint: the base's :func:`jlora.checkpoint.fingerprint`; adapters from a run made on another base
+            are then refused (:func:`load`).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> params = {"q_proj": {"kernel": jnp.zeros((64, 64))}, "v_proj": {"kernel": jnp.zeros((64, 32))}}
+        >>> bank = create(params, capacity=4, rank=8, targets=("q_proj", "v_proj"))
+        >>> bank.slots["v_proj"]["kernel"]
+        Slots(a=float32[4, 64, 8], b=float32[4, 8, 32], rank=int32[4], scale=float32[4], variant='bank')
+        >>> nbytes(bank)
+        28736
+    """
+    if capacity < 1 or rank < 1:
+        raise ValueError(f"a bank needs capacity >= 1 and rank >= 1; got capacity={capacity}, rank={rank}")
+    cfg = LoraConfig(rank=1, targets=targets, exclude=exclude)
+    proto = lora_lib.init(params, cfg, key=jax.random.key(0), layout=layout)
+    full = [p for p, _ in adapter_lib.full_items(proto)]
+    if full:
+        raise ValueError(f"a bank holds low-rank adapters only; {full[:3]} would train in full")
+    flat = tree_lib.flatten(params)
+    nodes = {}
+    for path, node in adapter_lib.adapter_items(proto):
+        lay = node.layout
+        lead, fan_in, fan_out = lay.split(tuple(flat[path].shape))
+        if rank > min(fan_in, fan_out):
+            raise ValueError(f"bank rank {rank} exceeds the smaller side of {path!r} ({fan_in} in x {fan_out} out)")
+        nodes[path] = Slots(jnp.zeros((*lead, capacity, fan_in, rank), dtype),
+                            jnp.zeros((*lead, capacity, rank, fan_out), dtype),
+                            {"scale": jnp.zeros((*lead, capacity), jnp.float32),
+                             "rank": jnp.zeros((*lead, capacity), jnp.int32)},
+                            layout=lay, variant=VARIANT)
+    return Bank(tree_lib.unflatten(nodes), capacity, rank, fingerprint)
+
+
+def nbytes(bank: Bank) -> int:
+    """Bytes the bank's arrays take."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(bank)))
+
+
+def _check_slot(bank: Bank, slot: int) -> None:
+    if not 0 <= int(slot) < bank.capacity:
+        raise ValueError(f"slot {slot} is out of range: the bank has slots 0..{bank.capacity - 1} "
+                         f"({BASE} routes a row to the base model)")
+
+
+def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprint: str | None = None) -> Bank:
+    """A new bank with ``adapters`` (made with ``cfg``) in ``slot``; paths they do not cover are zero there.
+
+    Args:
+        bank: the bank.
+        slot: 0 <= slot < capacity.
+        adapters: an adapter tree for the bank's base: plain LoRA adapters at a subset of the bank's paths.
+        cfg: their config (gives each path's rank and scale).
+        fingerprint: the fingerprint of the base the adapters were trained on, if known (a run folder's);
+            refused when it differs from the bank's.
+
+    Raises:
+        ValueError: naming the problem: a slot out of range, a path the bank does not cover, a rank above the
+            bank's, a DoRA adapter or whole trained tensors, or adapters made for another base.
+    """
+    _check_slot(bank, slot)
+    if fingerprint is not None and bank.fingerprint is not None and fingerprint != bank.fingerprint:
+        raise ValueError(f"these adapters were trained on another base model (fingerprint {fingerprint}) than the "
+                         f"bank's ({bank.fingerprint}); load them into a bank made for that base")
+    full = [p for p, _ in adapter_lib.full_items(adapters)]
+    if full:
+        raise ValueError(f"a bank holds low-rank adapters only; these adapters also train whole tensors {full[:3]} "
+                         f"(bias / modules_to_save): merge those into the base instead")
+    slots = dict(adapter_lib.adapter_items(bank.slots))
+    new = dict(slots)
+    given = dict(adapter_lib.adapter_items(adapters))
+    for path, node in given.items():
+        if node.variant != "lora":
+            raise ValueError(f"the adapter at {path!r} is a {node.variant!r} adapter (e.g. DoRA's magnitudes), "
+                             f"which a bank cannot hold; use plain LoRA adapters")
+        if path not in slots:
+            raise ValueError(f"the adapter at {path!r} is outside the bank, which covers {sorted(slots)[:6]}"
+                             f"{' ...' if len(slots) > 6 else ''}; create the bank with targets covering it")
+        r = node.rank
+        if r > bank.rank:
+            raise ValueError(f"the adapter at {path!r} has rank {r}, above the bank's rank {bank.rank}")
+        if r != cfg.rank_for(path):
+            raise ValueError(f"the adapter at {path!r} has rank {r} but its config gives {cfg.rank_for(path)}")
+    for path, s in slots.items():
+        node = given.get(path)
+        lead = np.ndim(s.a) - 3
+        at = (slice(None),) * lead + (int(slot),)
+        if node is None:
+            a = s.a.at[at].set(0)
+            b = s.b.at[at].set(0)
+            scale, rank = s.extras["scale"].at[at].set(0.0), s.extras["rank"].at[at].set(0)
+        else:
+            r = node.rank
+            if np.shape(node.a)[:-2] != np.shape(s.a)[:lead] or np.shape(node.a)[-2] != np.shape(s.a)[-2] \
+                    or np.shape(node.b)[-1] != np.shape(s.b)[-1]:
+                raise ValueError(f"the adapter at {path!r} (a {np.shape(node.a)}, b {np.shape(node.b)}) does not "
+                                 f"fit the bank's kernel (a {np.shape(s.a)[:lead] + np.shape(s.a)[-2:-1]}+(r,)); "
+                                 f"it was made for another model")
+            pad_a = jnp.zeros(np.shape(s.a)[:lead] + np.shape(s.a)[-2:], s.a.dtype)
+            pad_b = jnp.zeros(np.shape(s.b)[:lead] + np.shape(s.b)[-2:], s.b.dtype)
+            a = s.a.at[at].set(pad_a.at[..., :r].set(jnp.asarray(node.a, s.a.dtype)))
+            b = s.b.at[at].set(pad_b.at[..., :r, :].set(jnp.asarray(node.b, s.b.dtype)))
+            scale = s.extras["scale"].at[at].set(cfg.scale(path))
+            rank = s.extras["rank"].at[at].set(r)
+        new[path] = s.replace(a=a, b=b, extras={"scale": scale, "rank": rank})
+    return dataclasses.replace(bank, slots=tree_lib.unflatten(new))
+
+
+def clear(bank: Bank, slot: int) -> Bank:
+    """A new bank with ``slot`` empty (zero): rows routed to it get the base model's output."""
+    return put(bank, slot, {}, LoraConfig(rank=1, targets="^$"))
+
+
+def get(bank: Bank, slot: int) -> tuple[dict, LoraConfig]:
+    """The adapters in ``slot`` (cut to their ranks) and a config with their ranks and scales.
+
+    The config's alphas are chosen so that its scales equal the slot's (``alpha = scale * r``, plain LoRA).
+    """
+    _check_slot(bank, slot)
+    out, ranks, alphas = {}, {}, {}
+    for path, s in adapter_lib.adapter_items(bank.slots):
+        lead = np.ndim(s.a) - 3
+        at = (slice(None),) * lead + (int(slot),)
+        r_all = np.asarray(s.extras["rank"][at]).reshape(-1)
+        r = int(r_all.max()) if r_all.size else 0
+        if r == 0:
+            continue
+        scale = float(np.asarray(s.extras["scale"][at]).reshape(-1)[0])
+        out[path] = Adapter(s.a[at][..., :r], s.b[at][..., :r, :], layout=s.layout)
+        ranks[path], alphas[path] = r, scale * r
+    if not out:
+        raise ValueError(f"slot {slot} is empty")
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    cfg = LoraConfig(rank=r0, alpha=a0, targets=tuple(f"^{p}$" for p in out),
+                     rank_pattern={f"^{p}$": r for p, r in ranks.items() if r != r0},
+                     alpha_pattern={f"^{p}$": a for p, a in alphas.items() if a != a0})
+    return tree_lib.unflatten(out), cfg
+
+
+def apply(model, params: Mapping, bank: Bank, ids: jax.Array, *args, **kwargs) -> Any:
+    """Runs ``model`` with row ``i`` of the batch using slot ``ids[i]`` (:data:`BASE`: the base model alone).
+
+    Equal, row by row, to :func:`jlora.apply` with that row's adapter (and to the merged model). Takes the same
+    keyword arguments as :func:`jlora.apply` (``rngs``, ``variables``, ``mutable``, ``method``, ...).
+    """
+    return transform.apply(model, params, bank.slots, bank.config, *args, adapter_ids=ids, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BankApply:
+    """``apply_fn`` for :func:`jlora.models.generate.generate`: pass ``(params, bank, ids)`` as its params."""
+
+    model: Any
+
+    def __call__(self, params_bank_ids, *args, **kwargs):
+        params, bank, ids = params_bank_ids
+        return apply(self.model, params, bank, ids, *args, **kwargs)
+
+
+def apply_fn(model) -> Callable:
+    """An ``apply_fn`` for :func:`jlora.models.generate.generate` with ``params=(params, bank, ids)``: each row
+    decodes with its own slot; the compiled function serves any bank contents and any mix of ids."""
+    return _BankApply(model)
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+def factors(bank: Bank) -> dict:
+    """The trainable part of a bank: ``{path: (a, b)}`` (scales and ranks stay fixed)."""
+    return tree_lib.unflatten({p: (s.a, s.b) for p, s in adapter_lib.adapter_items(bank.slots)})
+
+
+def with_factors(bank: Bank, trained: Mapping) -> Bank:
+    """``bank`` with trained factors (from :func:`factors`' structure) in place."""
+    flat = dict(_pairs(trained))
+    new = {p: s.replace(a=flat[p][0], b=flat[p][1]) for p, s in adapter_lib.adapter_items(bank.slots)}
+    return dataclasses.replace(bank, slots=tree_lib.unflatten(new))
+
+
+def _pairs(tree, prefix=""):
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, tuple):
+            yield path, v
+        else:
+            yield from _pairs(v, path)
+
+
+def slot_weights(batch: Mapping, capacity: int) -> jax.Array:
+    """Per-row loss weights: ``1 / (target tokens of the row's slot)``, 0 for base rows, so the token-weighted
+    loss of the batch is the sum over slots of each slot's mean, times the number of slots present."""
+    ids = jnp.asarray(batch["adapter_ids"], jnp.int32)
+    mask = batch.get("loss_mask", batch.get("attention_mask"))
+    if mask is None:
+        mask = jnp.ones(batch["input_ids"].shape, jnp.float32)
+    per_row = jnp.sum(mask[:, 1:].astype(jnp.float32), axis=1)
+    use = ids >= 0
+    per_slot = jax.ops.segment_sum(jnp.where(use, per_row, 0.0), jnp.where(use, ids, 0), capacity)
+    return jnp.where(use, 1.0 / jnp.maximum(jnp.take(per_slot, jnp.where(use, ids, 0)), 1.0), 0.0)
+
+
+def bank_lm_loss(apply_fn, batch) -> tuple[jax.Array, dict]:
+    """:func:`jlora.lm_loss` for a batch routed over slots: the sum over slots of each slot's mean token loss."""
+    capacity = apply_fn.capacity
+    w = slot_weights(batch, capacity)
+    mask = batch.get("loss_mask", batch.get("attention_mask"))
+    mask = jnp.ones(batch["input_ids"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    present = jnp.sum(jax.ops.segment_sum(jnp.where(w > 0, 1.0, 0.0),
+                                          jnp.maximum(jnp.asarray(batch["adapter_ids"], jnp.int32), 0),
+                                          capacity) > 0)
+    weighted = {**batch, "loss_mask": mask * w[:, None]}
+    mean_of_means, _ = train_lib.lm_loss(apply_fn, weighted)
+    loss = mean_of_means * present
+    return loss, {"loss": loss / jnp.maximum(present, 1), "tokens": jnp.ones((), jnp.float32),
+                  "slots": present.astype(jnp.float32)}
+
+
+def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, *,
+                    loss_fn: Callable = bank_lm_loss):
+    """``step(state, params, bank, batch) -> (state, metrics)`` training every slot on its own rows.
+
+    ``state.adapters`` holds :func:`factors` of the bank (``jlora.TrainState.create(factors(bank), optimizer,
+    rng=...)``); ``batch["adapter_ids"]`` (B,) routes the rows. The bank argument gives the scales, ranks and
+    shapes; its factors are replaced by the state's, so after training ``with_factors(bank, state.adapters)`` is
+    the trained bank. Jit it once: putting other adapters into the bank never recompiles.
+    """
+    capacity = bank.capacity
+
+    def step(state, params, bank, batch):
+        def f(fac):
+            routed = with_factors(bank, fac)
+
+            def apply_fn(*args, **kwargs):
+                rngs = {transform.DROPOUT_RNG: state.rng}
+                return apply(model, params, routed, batch["adapter_ids"], *args, rngs=rngs, **kwargs)
+
+            apply_fn.hidden_output = bool(getattr(model, "HIDDEN_OUTPUT", False))
+            apply_fn.capacity = capacity
+            return loss_fn(apply_fn, batch)
+
+        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.adapters)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters)
+        adapters = optax.apply_updates(state.adapters, updates)
+        rng = jax.random.split(state.rng)[0]
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        return train_lib.TrainState(state.step + 1, adapters, opt_state, rng), metrics
+
+    return step
+
+
+def scale_by_slot(learning_rates: Sequence[float] | jax.Array) -> optax.GradientTransformation:
+    """Multiplies each slot's updates by ``-learning_rates[slot]`` (the last step of a per-slot optimizer)."""
+    lrs = jnp.asarray(learning_rates, jnp.float32)
+
+    def update(updates, state, params=None):
+        del params
+
+        def one(u):
+            shape = [1] * u.ndim
+            shape[u.ndim - 3] = -1                 # (*lead, N, x, y): the slot axis is third from the end
+            return u * (-lrs).reshape(shape).astype(u.dtype)
+
+        return jax.tree.map(one, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def optimizer(learning_rates: Sequence[float], *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+              weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """AdamW with one learning rate per slot: ``optax.adamw(lr_s, ...)`` for every slot s."""
+    return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(weight_decay),
+                       scale_by_slot(learning_rates))
+
+
+__all__ = ["BASE", "Bank", "Slots", "create", "put", "clear", "get", "apply", "apply_fn", "nbytes", "factors",
+           "with_factors", "make_train_step", "optimizer", "scale_by_slot", "slot_weights", "bank_lm_loss"]

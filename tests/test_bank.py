@@ -1,0 +1,261 @@
+"""Many adapters on one base (jlora.bank): every row of a mixed batch equals its adapter alone, greedy generation per
+row, N adapters trained together equal N separate trainings, and hot-swaps never recompile."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from helpers import assert_trees_all_close, max_diff
+from jlora import bank as B
+from jlora.models import generate as gen
+from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+from tiny import TinyLM
+
+KEY = jax.random.key(0)
+LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT2_ALL = ("c_attn", "attn/c_proj", "c_fc", "mlp/c_proj")
+
+
+def _random(adapters, key, scale=0.1):
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def _family(name, scan):
+    if name == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, scan_layers=scan))
+        qv, everything = ("q_proj", "v_proj"), LLAMA_ALL
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, scan_layers=scan))
+        qv, everything = ("c_attn",), GPT2_ALL
+    ids = jax.random.randint(KEY, (5, 9), 0, 256)
+    params = model.init(KEY, ids)["params"]
+    return model, params, ids, jlora.layout(model, ids), qv, everything
+
+
+def _four_adapters(params, lay, qv, everything):
+    """Slots of ranks 4, 8 and 16, different alphas, rsLoRA, q,v beside all linear layers."""
+    cfgs = [jlora.LoraConfig(rank=4, alpha=8.0, targets=qv),
+            jlora.LoraConfig(rank=8, alpha=4.0, targets=everything, use_rslora=True),
+            jlora.LoraConfig(rank=16, alpha=32.0, targets=qv, rank_pattern={"layers|h": 16}),
+            jlora.LoraConfig(rank=8, alpha=2.0, targets=everything, rank_pattern={"(mlp|c_fc)": 4},
+                             alpha_pattern={"(v_proj|c_attn)": 12.0})]
+    ads = [_random(jlora.init(params, c, key=jax.random.key(i + 1), layout=lay), jax.random.key(10 + i), 0.05)
+           for i, c in enumerate(cfgs)]
+    return cfgs, ads
+
+
+@pytest.mark.parametrize("family,scan", [("llama", True), ("llama", False), ("gpt2", False)])
+def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(family, scan):
+    model, params, ids, lay, qv, everything = _family(family, scan)
+    cfgs, ads = _four_adapters(params, lay, qv, everything)
+    bank = B.create(params, capacity=6, rank=16, targets=everything, layout=lay)
+    for slot, (ad, cfg) in zip((0, 1, 3, 5), zip(ads, cfgs)):
+        bank = B.put(bank, slot, ad, cfg)
+    rows = jnp.array([3, B.BASE, 0, 5, 1])
+    mixed = jax.jit(lambda p, b, r, x: B.apply(model, p, b, r, x))(params, bank, rows, ids)
+    by_slot = {0: 0, 1: 1, 3: 2, 5: 3}
+    for i, slot in enumerate(rows.tolist()):
+        if slot == B.BASE:
+            want = model.apply({"params": params}, ids)
+            assert max_diff(mixed[i], want[i]) <= 1e-5
+            continue
+        k = by_slot[slot]
+        alone = jlora.apply(model, params, ads[k], cfgs[k], ids)
+        merged = model.apply({"params": jlora.merge(params, ads[k], cfgs[k])}, ids)
+        assert max_diff(mixed[i], alone[i]) <= 1e-5 and max_diff(mixed[i], merged[i]) <= 1e-4
+    # get() gives back what was put, at its own rank and scale
+    back, cfg = B.get(bank, 1)
+    assert max_diff(jlora.apply(model, params, back, cfg, ids), jlora.apply(model, params, ads[1], cfgs[1], ids)) \
+        <= 1e-6
+    # an emptied slot is the base model
+    cleared = B.clear(bank, 3)
+    out = B.apply(model, params, cleared, jnp.full((5,), 3), ids)
+    assert max_diff(out, model.apply({"params": params}, ids)) <= 1e-6
+
+
+def test_every_layer_kind_routes_per_row():
+    ids = jnp.arange(24).reshape(3, 8) % 64
+    model = TinyLM(multi_axis=True, tied=True)       # DenseGeneral q/k/v/o, Dense MLP, Embed + Embed.attend
+    params = model.init(KEY, ids)["params"]
+    lay = jlora.layout(model, ids)
+    targets = ("q_proj", "o_proj", "up_proj", "embed")
+    cfgs = [jlora.LoraConfig(rank=2, alpha=4.0, targets=targets), jlora.LoraConfig(rank=4, alpha=2.0,
+                                                                                  targets=("o_proj", "embed"))]
+    ads = [_random(jlora.init(params, c, key=jax.random.key(i), layout=lay), jax.random.key(5 + i))
+           for i, c in enumerate(cfgs)]
+    bank = B.create(params, capacity=2, rank=4, targets=targets, layout=lay)
+    bank = B.put(B.put(bank, 0, ads[0], cfgs[0]), 1, ads[1], cfgs[1])
+    out = B.apply(model, params, bank, jnp.array([1, 0, B.BASE]), ids)
+    assert max_diff(out[0], jlora.apply(model, params, ads[1], cfgs[1], ids)[0]) <= 1e-5
+    assert max_diff(out[1], jlora.apply(model, params, ads[0], cfgs[0], ids)[1]) <= 1e-5
+    assert max_diff(out[2], model.apply({"params": params}, ids)[2]) <= 1e-5
+
+
+def test_einsum_layer_routes_per_row():
+    class Ein(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((3, 6, 5), "btd,hdo->bhto", use_bias=False, name="proj")(x)
+
+    x = jax.random.normal(KEY, (2, 4, 6))
+    model = Ein()
+    params = model.init(KEY, x)["params"]
+    lay = jlora.layout(model, x)
+    cfg = jlora.LoraConfig(rank=2, alpha=3.0, targets="proj")
+    ad = _random(jlora.init(params, cfg, key=KEY, layout=lay), jax.random.key(1))
+    bank = B.put(B.create(params, capacity=2, rank=2, targets="proj", layout=lay), 1, ad, cfg)
+    out = B.apply(model, params, bank, jnp.array([1, B.BASE]), x)
+    assert max_diff(out[0], jlora.apply(model, params, ad, cfg, x)[0]) <= 1e-5
+    assert max_diff(out[1], model.apply({"params": params}, x)[1]) <= 1e-6
+
+
+def test_bad_adapters_are_refused_by_name():
+    model, params, ids, lay, qv, everything = _family("llama", False)
+    bank = B.create(params, capacity=2, rank=4, targets=qv, layout=lay, fingerprint="abc")
+    wide = jlora.LoraConfig(rank=8, targets=qv)
+    with pytest.raises(ValueError, match=r"rank 8, above the bank's rank 4"):
+        B.put(bank, 0, jlora.init(params, wide, key=KEY), wide)
+    mlp = jlora.LoraConfig(rank=2, targets="down_proj")
+    with pytest.raises(ValueError, match=r"'layers_0/mlp/down_proj/kernel' is outside the bank"):
+        B.put(bank, 0, jlora.init(params, mlp, key=KEY), mlp)
+    dora = jlora.LoraConfig(rank=2, targets=qv, use_dora=True)
+    with pytest.raises(ValueError, match=r"'dora' adapter .* which a bank cannot hold"):
+        B.put(bank, 0, jlora.init(params, dora, key=KEY), dora)
+    saved = jlora.LoraConfig(rank=2, targets=qv, modules_to_save="lm_head")
+    with pytest.raises(ValueError, match=r"whole tensors \['lm_head/kernel'\]"):
+        B.put(bank, 0, jlora.init(params, saved, key=KEY), saved)
+    plain = jlora.LoraConfig(rank=2, targets=qv)
+    with pytest.raises(ValueError, match=r"another base model \(fingerprint xyz\)"):
+        B.put(bank, 0, jlora.init(params, plain, key=KEY), plain, fingerprint="xyz")
+    with pytest.raises(ValueError, match=r"slot 2 is out of range: the bank has slots 0..1"):
+        B.put(bank, 2, jlora.init(params, plain, key=KEY), plain)
+    with pytest.raises(ValueError, match="pass the slot of each batch row"):
+        jlora.apply(model, params, bank.slots, bank.config, ids)
+
+
+def test_greedy_generation_per_row_equals_each_alone():
+    model, params, _, lay, qv, everything = _family("llama", True)
+    cfgs, ads = _four_adapters(params, lay, qv, everything)
+    ads = [_random(a, jax.random.key(20 + i), 0.4) for i, a in enumerate(ads)]     # strong enough to differ
+    bank = B.create(params, capacity=4, rank=16, targets=everything, layout=lay)
+    for slot in range(4):
+        bank = B.put(bank, slot, ads[slot], cfgs[slot])
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [1, 2, 3, 4, 5], [7]]
+    rows = [2, 0, B.BASE, 3, 1]
+    out = gen.generate(model, (params, bank, jnp.array(rows)), prompts, max_new_tokens=8, eos_token_id=(),
+                       apply_fn=B.apply_fn(model)).to_lists()
+    alone = []
+    for prompt, slot in zip(prompts, rows):
+        if slot == B.BASE:
+            alone.append(gen.generate(model, params, [prompt], max_new_tokens=8, eos_token_id=()).to_lists()[0])
+        else:
+            alone.append(gen.generate(model, (params, ads[slot]), [prompt], max_new_tokens=8, eos_token_id=(),
+                                      apply_fn=gen.lora_apply_fn(model, cfgs[slot])).to_lists()[0])
+    assert out == alone
+    assert len({tuple(t) for t in out}) > 2        # the adapters really steer the rows apart
+
+
+def _batch(n_rows, length, key):
+    k1, k2 = jax.random.split(key)
+    ids = jax.random.randint(k1, (n_rows, length), 0, 256)
+    mask = (jax.random.uniform(k2, (n_rows, length)) > 0.3).astype(jnp.int32).at[:, :2].set(0)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": mask}
+
+
+def test_training_four_adapters_together_equals_four_separate_trainings():
+    model, params, _, lay, qv, everything = _family("llama", True)
+    cfgs, ads = _four_adapters(params, lay, qv, everything)
+    lrs = [2e-3, 4e-3, 1e-3, 3e-3]
+    bank = B.create(params, capacity=4, rank=16, targets=everything, layout=lay)
+    for slot in range(4):
+        bank = B.put(bank, slot, ads[slot], cfgs[slot])
+    # eps 1e-6: Adam divides by sqrt(v) + eps, so where a gradient is ~1e-9 (a sum that cancels) the summation
+    # order of a batch of 8 rows vs 2 rows would otherwise show up as a visible difference in that element
+    opt = B.optimizer(lrs, weight_decay=0.01, eps=1e-6)
+    state = jlora.TrainState.create(B.factors(bank), opt, rng=KEY)
+    step = jax.jit(B.make_train_step(model, bank, opt))
+    slot_of_row = jnp.array([0, 1, 2, 3, 0, 2, 1, 3])
+    batches = [{**_batch(8, 10, jax.random.key(100 + s)), "adapter_ids": slot_of_row} for s in range(3)]
+    together = []
+    for batch in batches:
+        state, metrics = step(state, params, bank, batch)
+        together.append(float(metrics["loss"]))
+    trained = B.with_factors(bank, state.adapters)
+    separate_losses = np.zeros(len(batches))
+    for slot in range(4):
+        rows = np.flatnonzero(np.asarray(slot_of_row) == slot)
+        o = optax.adamw(lrs[slot], weight_decay=0.01, eps=1e-6)
+        s = jlora.TrainState.create(ads[slot], o, rng=KEY)
+        one = jax.jit(jlora.make_train_step(model, cfgs[slot], o))
+        for i, batch in enumerate(batches):
+            s, m = one(s, params, {k: v[rows] for k, v in batch.items() if k != "adapter_ids"})
+            separate_losses[i] += float(m["loss"]) / 4
+        moved = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), s.adapters, ads[slot])
+        assert max(jax.tree.leaves(moved)) > 2 * lrs[slot]   # the training really moved the adapters
+        got, got_cfg = B.get(trained, slot)
+        assert jax.tree.map(np.shape, got) == jax.tree.map(np.shape, s.adapters)
+        assert_trees_all_close(jlora.tree.leaves_by_path(got), jlora.tree.leaves_by_path(s.adapters), atol=1e-5)
+        assert all(got_cfg.scale(p) == pytest.approx(cfgs[slot].scale(p), rel=1e-6)   # scales are float32 arrays
+                   for p, _ in jlora.adapter.adapter_items(got))
+    np.testing.assert_allclose(together, separate_losses, atol=1e-5)
+    # the padded part of each slot (rank < 16) stayed exactly zero
+    node = trained.slots["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert not np.any(np.asarray(node.a[:, 0, :, 4:])) and not np.any(np.asarray(node.b[:, 0, 4:, :]))
+
+
+def test_hot_swaps_never_recompile():
+    model, params, ids, lay, qv, everything = _family("llama", True)
+    cfgs, ads = _four_adapters(params, lay, qv, everything)
+    bank = B.create(params, capacity=4, rank=16, targets=everything, layout=lay)
+    fwd = jax.jit(lambda p, b, r, x: B.apply(model, p, b, r, x))
+    opt = B.optimizer([1e-2] * 4)
+    step = jax.jit(B.make_train_step(model, bank, opt))
+    batch = {**_batch(4, 8, KEY), "adapter_ids": jnp.array([0, 1, 2, 3])}
+    rows = jnp.array([0, 1, 2, 3, B.BASE])
+    prompts = [[1, 2, 3]] * 4
+
+    def run_all(bank):
+        jax.block_until_ready(fwd(params, bank, rows, ids))
+        gen.generate(model, (params, bank, rows[:4]), prompts, max_new_tokens=3, eos_token_id=(),
+                     apply_fn=B.apply_fn(model))
+        state = jlora.TrainState.create(B.factors(bank), opt, rng=KEY)
+        jax.block_until_ready(step(state, params, bank, batch))
+
+    run_all(bank)
+    sizes = (fwd._cache_size(), gen._generate._cache_size(), step._cache_size())
+    for swap in range(5):                     # different ranks, alphas, target sets into different slots
+        k = swap % 4
+        bank = B.put(bank, (swap * 3) % 4, _random(ads[k], jax.random.key(50 + swap)), cfgs[k])
+        if swap == 3:
+            bank = B.clear(bank, 1)
+        run_all(bank)
+    assert (fwd._cache_size(), gen._generate._cache_size(), step._cache_size()) == sizes == (1, 1, 1)
+
+
+def test_bank_inside_a_sharded_step_equals_one_device():
+    from jlora import parallel
+
+    model, params, _, lay, qv, everything = _family("llama", False)
+    cfgs, ads = _four_adapters(params, lay, qv, everything)
+    bank = B.create(params, capacity=4, rank=16, targets=everything, layout=lay)
+    for slot in range(4):
+        bank = B.put(bank, slot, ads[slot], cfgs[slot])
+    opt = B.optimizer([1e-2, 2e-2, 1e-2, 3e-2])
+    batch = {**_batch(8, 8, KEY), "adapter_ids": jnp.array([0, 1, 2, 3, 3, 2, 1, 0])}
+    state = jlora.TrainState.create(B.factors(bank), opt, rng=KEY)
+    step = B.make_train_step(model, bank, opt)
+    want_state, want = jax.jit(step)(state, params, bank, batch)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    p_sh = parallel.param_shardings(params, mesh, "llama")
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharded = jax.jit(step, in_shardings=(rep, p_sh, rep, parallel.batch_sharding(mesh)))
+    got_state, got = sharded(state, parallel.place(params, p_sh), bank, parallel.shard_batch(batch, mesh))
+    assert abs(float(got["loss"]) - float(want["loss"])) <= 1e-5
+    assert_trees_all_close(got_state.adapters, want_state.adapters, atol=1e-5)
