@@ -335,6 +335,90 @@ def apply_fn(model) -> Callable:
     return _BankApply(model)
 
 
+# --- folders ----------------------------------------------------------------------------------------------------
+
+BANK_FILE, BANK_META = "bank.safetensors", "bank.json"
+
+
+def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
+    """``(adapters, config, base fingerprint or None)`` from a PEFT adapter folder or a jlora run folder (its
+    latest checkpoint). A run folder records the fingerprint of the base it trained on; a PEFT folder does not
+    (its tensors are checked against the base's shapes instead)."""
+    import pathlib
+
+    from jlora import checkpoint, peft
+
+    folder = pathlib.Path(folder)
+    if (folder / peft.CONFIG_FILE).is_file():
+        adapters, cfg = peft.load(folder, loaded)
+        return adapters, cfg, None
+    ckpt = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    with checkpoint.CheckpointManager(ckpt) as manager:
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f"{folder} is neither a PEFT adapter folder ({peft.CONFIG_FILE}) nor a jlora "
+                                    f"run folder with a checkpoint")
+        meta = manager.metadata()
+        cfg = LoraConfig.from_dict(meta["lora_config"])
+        seen = meta["base_model"]["fingerprint"]
+        here = checkpoint.fingerprint(loaded.params)
+        if seen != here:
+            raise ValueError(f"{folder} was trained on another base model (fingerprint {seen}) than this one "
+                             f"({here}); load it into a bank made for that base")
+        example = jnp.zeros((1, 2), jnp.int32)
+        adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg, name=meta["base_model"]["name"],
+                                            layout=transform.layout(loaded.model, example))
+    return adapters, cfg, seen
+
+
+def put_folder(bank: Bank, slot: int, folder, loaded) -> Bank:
+    """:func:`put` the adapters of a PEFT or run folder (for ``loaded``'s base) into ``slot``."""
+    adapters, cfg, seen = read_folder(folder, loaded)
+    return put(bank, slot, adapters, cfg, fingerprint=seen)
+
+
+def save(directory, bank: Bank) -> None:
+    """Writes the bank (every slot's factors, scales and ranks) to ``directory``; :func:`load` reads it back."""
+    import json
+    import pathlib
+
+    from jlora.hf import write_safetensors
+
+    out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / BANK_FILE, {p: np.asarray(x) for p, x in tree_lib.leaves_by_path(bank.slots).items()})
+    layouts = {p: dataclasses.asdict(s.layout) for p, s in adapter_lib.adapter_items(bank.slots)}
+    (out / BANK_META).write_text(json.dumps({"capacity": bank.capacity, "rank": bank.rank,
+                                             "fingerprint": bank.fingerprint, "layouts": layouts}, indent=1))
+
+
+def load(directory) -> Bank:
+    """Reads a bank written by :func:`save`."""
+    import json
+    import pathlib
+
+    from jlora.hf import SafetensorsFile
+
+    folder = pathlib.Path(directory)
+    meta = json.loads((folder / BANK_META).read_text())
+    arrays = SafetensorsFile(folder / BANK_FILE)
+    nodes = {}
+    for path, lay in meta["layouts"].items():
+        layout = adapter_lib.KernelLayout(lay["kind"], tuple(lay["in_axes"]), tuple(lay["out_axes"]), lay["lead"],
+                                          lay["traced"])
+        nodes[path] = Slots(jnp.asarray(arrays[f"{path}/a"]), jnp.asarray(arrays[f"{path}/b"]),
+                            {"rank": jnp.asarray(arrays[f"{path}/rank"]), "scale": jnp.asarray(arrays[f"{path}/scale"])},
+                            layout=layout, variant=VARIANT)
+    return Bank(tree_lib.unflatten(nodes), meta["capacity"], meta["rank"], meta["fingerprint"])
+
+
+def export_peft(bank: Bank, slot: int, out_dir, loaded):
+    """Writes ``slot`` as a PEFT adapter folder for ``loaded``'s base (see :func:`jlora.peft.save`)."""
+    from jlora import peft
+
+    adapters, cfg = get(bank, slot)
+    return peft.save(out_dir, adapters, cfg, loaded)
+
+
 # --- training ---------------------------------------------------------------------------------------------------
 
 def factors(bank: Bank) -> dict:
@@ -445,4 +529,5 @@ def optimizer(learning_rates: Sequence[float], *, b1: float = 0.9, b2: float = 0
 
 
 __all__ = ["BASE", "Bank", "Slots", "create", "put", "clear", "get", "apply", "apply_fn", "nbytes", "factors",
+           "read_folder", "put_folder", "save", "load", "export_peft",
            "with_factors", "make_train_step", "optimizer", "scale_by_slot", "slot_weights", "bank_lm_loss"]

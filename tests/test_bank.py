@@ -259,3 +259,53 @@ def test_bank_inside_a_sharded_step_equals_one_device():
     got_state, got = sharded(state, parallel.place(params, p_sh), bank, parallel.shard_batch(batch, mesh))
     assert abs(float(got["loss"]) - float(want["loss"])) <= 1e-5
     assert_trees_all_close(got_state.adapters, want_state.adapters, atol=1e-5)
+
+
+def _tiny_hf(tmp_path, seed):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                                   intermediate_size=64, num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(tmp_path / f"base{seed}")
+    return model, jlora.hf.load(tmp_path / f"base{seed}")
+
+
+def test_slots_from_peft_and_run_folders_saved_loaded_and_exported_to_peft(tmp_path):
+    import peft
+    import torch
+
+    from jlora import checkpoint
+
+    hf_model, loaded = _tiny_hf(tmp_path, 0)
+    params, ids = loaded.params, jnp.asarray([[1, 5, 9, 20, 3, 7], [4, 8, 15, 16, 23, 42]])
+    c1 = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    c2 = jlora.LoraConfig(rank=2, alpha=3.0, targets=("o_proj", "down_proj"), use_rslora=True)
+    a1 = _random(jlora.init(params, c1, key=KEY), jax.random.key(1), 0.3)
+    a2 = _random(jlora.init(params, c2, key=KEY), jax.random.key(2), 0.3)
+    jlora.peft.save(tmp_path / "peft1", a1, c1, loaded)
+    with checkpoint.CheckpointManager(tmp_path / "run2" / "checkpoints") as m:   # a run folder's checkpoint
+        m.save(3, jlora.TrainState.create(a2, optax.adam(1e-3), rng=KEY), params=params, lora_config=c2,
+               name=loaded.name)
+    bank = B.create(params, capacity=3, rank=4, targets=("q_proj", "v_proj", "o_proj", "down_proj"),
+                    fingerprint=checkpoint.fingerprint(params))
+    bank = B.put_folder(B.put_folder(bank, 0, tmp_path / "peft1", loaded), 2, tmp_path / "run2", loaded)
+    out = B.apply(loaded.model, params, bank, jnp.array([2, 0]), ids)
+    assert max_diff(out[0], jlora.apply(loaded.model, params, a2, c2, ids)[0]) <= 1e-5
+    assert max_diff(out[1], jlora.apply(loaded.model, params, a1, c1, ids)[1]) <= 1e-5
+    # a run trained on another base is refused with the fingerprint message
+    _, other = _tiny_hf(tmp_path, 1)
+    with pytest.raises(ValueError, match=r"trained on another base model \(fingerprint"):
+        B.read_folder(tmp_path / "run2", other)
+    # the bank round-trips through its folder, and a slot exports as a PEFT folder that PEFT itself runs
+    B.save(tmp_path / "bank", bank)
+    again = B.load(tmp_path / "bank")
+    assert again.capacity == 3 and again.fingerprint == bank.fingerprint
+    assert_trees_all_close(jlora.tree.leaves_by_path(again.slots), jlora.tree.leaves_by_path(bank.slots), atol=0)
+    B.export_peft(again, 2, tmp_path / "slot2", loaded)
+    theirs = peft.PeftModel.from_pretrained(hf_model, str(tmp_path / "slot2")).eval()
+    with torch.no_grad():
+        want = theirs(torch.tensor(np.asarray(ids))).logits.numpy()
+    assert max_diff(jlora.apply(loaded.model, params, a2, c2, ids), want) <= 1e-4
