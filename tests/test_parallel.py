@@ -268,6 +268,9 @@ def test_adapters_follow_their_kernels_and_optimizer_state_follows_adapters(tiny
         assert sharding.spec == expected, path
     assert sum("mu/" in p for p in by_path) == len(a_sh)
     assert s_sh.step.spec == P() and s_sh.rng.spec == P()
+    # given the optimizer, optax.tree_map_params finds the parameter-shaped state: the same shardings
+    with_opt = parallel.state_shardings(state, parallel.adapter_shardings(adapters, p_sh), opt)
+    assert jax.tree.map(lambda s: s.spec, with_opt.opt_state) == jax.tree.map(lambda s: s.spec, s_sh.opt_state)
 
 
 def test_adapter_shardings_of_multi_axis_kernels_need_params():
