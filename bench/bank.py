@@ -481,9 +481,12 @@ def _markdown(res: dict) -> str:
           f"params, which copies every leaf: {_ms(ck['whole_params_merge_median_s'])} ms).", ""]
     if min(f_serial, g_serial) < 5:
         md += [f"Serving one at a time takes {f_serial:.2f}x the bank's time for the forward and {g_serial:.2f}x "
-               f"for generation. A {tokens[1]}-token forward is compute-bound on this CPU: 16 batch-1 forwards do "
-               f"the same matmul FLOPs as one 16-row forward, so batching saves only per-call overhead, and merging "
-               f"in turn costs about the same too. Batching pays in decoding: one adapter alone takes "
+               f"for generation (CPU time: {cpu['one at a time / bank, forward']:.2f}x and "
+               f"{cpu['one at a time / bank, generation']:.2f}x). A {tokens[1]}-token forward is compute-bound on "
+               f"this CPU: 16 batch-1 forwards do the same matmul FLOPs as one 16-row forward, so batching has "
+               f"little to save"
+               + (" (here the 16 batch-1 calls were even a little cheaper)" if f_serial < 1 else "")
+               + f", and merging in turn costs about the same too. Batching pays in decoding: one adapter alone takes "
                f"{gen[SERIAL]['wall_median_s'] / s['slots']:.2f} s for its {s['new_tokens']} tokens, all 16 in one "
                f"batch {gen[BANK]['wall_median_s']:.2f} s. A 16-row decoding step does 16 times the matmul FLOPs of a "
                f"1-row step, and on this CPU that work is no longer hidden behind reading the weights, which "
