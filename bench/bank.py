@@ -10,15 +10,17 @@ non-zero factors), one per row of a 16-row batch. Contenders, alternated round b
   :func:`jlora.models.generate.lora_apply_fn`): what the bank's routing costs;
 - ``one at a time``: the 16 adapters served in turn, batch 1 each, through one compiled function (each adapter's
   scale is folded into its B so one config serves all 16: the same outputs, and no recompiles);
-- ``merge in turn``: for each adapter, :func:`jlora.merge` (jitted) into the base and a plain forward of its row,
-  merge time included (forward only).
+- ``merge in turn``: for each adapter, :func:`jlora.merge` (jitted, on the adapted q,v kernels only: a jitted merge
+  of the whole params copies every leaf) into the base and a plain forward of its row, merge time included
+  (forward only).
 
 Forward: 16 rows x 128 tokens (full fp32 logits). Generation: greedy, 16 prompts x 32 tokens, 32 new tokens, one
 jitted call (:func:`jlora.models.generate.generate`; time includes the prefill). Also: the time of
 :func:`jlora.bank.put` (one adapter into a slot), the jit cache after swaps (no recompilation), the bank's bytes for
 64 slots, compiled FLOPs (XLA cost analysis, unrolled layers, from 1- and 2-layer compiles as in
 :mod:`bench.figures`) against the slot count and rank, and one layer's low-rank update computed by gathering the
-rows' factors vs by one-hot einsums over the slots (the alternatives to the gather).
+rows' factors vs by one-hot einsums over the slots (the alternatives to the gather). Ratios are medians of
+per-round ratios, of wall time and of process CPU time (the steadier one on a shared machine).
 """
 
 from __future__ import annotations
