@@ -549,6 +549,53 @@ def test_peft_export_names_a_base_peft_can_load(tiny, trained, tmp_path):
     assert os.path.isabs(local) and local.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(local)
 
 
+def test_peft_export_of_a_gguf_run_loads_as_the_readme_says(tmp_path, monkeypatch):
+    """A run on a GGUF base (as the demo's): its export names the GGUF file, and README's PEFT example (the GGUF
+    branch: transformers reads the file from its folder) gives PEFT logits equal to jlora's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import peft
+
+    from helpers import randomize
+    from jlora import checkpoint
+    from test_gguf import _gguf_from_hf
+
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True))
+    (tmp_path / "models").mkdir()
+    gguf_file = _gguf_from_hf(tmp_path / "models" / "tiny.gguf", hf_model, "llama")
+    # a run folder on it, as `jlora train` leaves one: config.yaml and a checkpoint of trained (random) adapters
+    cfg = runconfig.parse({"model": {"path": gguf_file}, "data": {"train": TRAIN},
+                           "lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    loaded = jlora.hf.load(gguf_file)
+    adapters = randomize(jlora.init(loaded.params, cfg.lora, key=jax.random.key(0)), jax.random.key(1), 0.3)
+    state = jlora.TrainState.create(adapters, optax.adam(1e-3), rng=jax.random.key(2))
+    with checkpoint.CheckpointManager(run / "checkpoints") as manager:
+        manager.save(1, state, params=loaded.params, lora_config=cfg.lora, name=loaded.name)
+    monkeypatch.chdir(tmp_path)
+    assert _main("export-peft", "--run", run, "--out", "runs/default/peft")[0] == 0
+    config = json.loads((tmp_path / "runs/default/peft/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == gguf_file
+    readme = (ROOT / "README.md").read_text()
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "PeftModel.from_pretrained" in b]
+    assert 'export = "runs/default/peft"' in example and "gguf_file=" in example
+    scope = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    ids = np.array([[1, 5, 9, 20, 3, 7, 11, 2]])
+    with torch.no_grad():
+        theirs = scope["model"].eval()(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg.lora, jnp.asarray(ids)))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert isinstance(scope["model"], peft.PeftModel)
+
+
 # ------------------------------------------------------------------------------------------------ 11. documented keys
 def test_default_config_documents_every_key():
     """Every key of every section is in configs/default.yaml, with a comment on its line or the line above."""
