@@ -18,7 +18,6 @@ from peft.utils import merge_utils
 
 import jlora
 from jlora import compose, models
-from helpers import randomize
 
 WEIGHTS = [0.7, -0.4, 1.3]
 # name -> (r, alpha, targets, use_rslora, rank_pattern); the first uses no rsLoRA (PEFT copies the first's flag)
@@ -55,9 +54,10 @@ def _hf(kind, folder):
 class PeftSet:
     """A PeftModel holding the adapters of ``spec``, and the same adapters loaded into jlora."""
 
-    def __init__(self, kind, spec, tmp, scan_layers=False):
+    def __init__(self, kind, spec, tmp):
         model = _hf(kind, tmp / kind)
-        self.loaded = jlora.hf.load(tmp / kind, scan_layers=scan_layers)
+        self.folder = tmp / kind
+        self.loaded = jlora.hf.load(self.folder)
         self.names = list(spec)
         torch.manual_seed(1)
         pm = None
@@ -73,12 +73,20 @@ class PeftSet:
                 if "lora_" in pname:
                     p.mul_(0.03 if "lora_embedding" in pname else 0.3)  # N(0, 1) embedding factors: shrink more
         self.model = pm.eval()
-        self.items = []
+        self.adapter_folders = []
         for name in self.names:
             pm.save_pretrained(tmp / f"{kind}-peft", selected_adapters=[name], save_embedding_layers=False)
-            folder = tmp / f"{kind}-peft" / (name if name != "default" else "")
-            self.items.append(jlora.peft.load(folder, self.loaded))
+            self.adapter_folders.append(tmp / f"{kind}-peft" / name)
+        self.items = [jlora.peft.load(f, self.loaded) for f in self.adapter_folders]
         self.table = models.hf_module_table(self.loaded.family, self.loaded.config)
+
+    def scanned(self):
+        """The same model and adapters loaded with the layers in one nn.scan (a leading layer axis)."""
+        other = object.__new__(PeftSet)
+        other.loaded = jlora.hf.load(self.folder, scan_layers=True)
+        other.items = [jlora.peft.load(f, other.loaded) for f in self.adapter_folders]
+        other.table = models.hf_module_table(other.loaded.family, other.loaded.config)
+        return other
 
     def peft_deltas(self, adapter):
         """HF module name -> the adapter's update in jlora's kernel layout, from PEFT."""
@@ -222,18 +230,18 @@ def test_rslora_first_input_differs_from_peft_by_sqrt_rank(sets):
         np.testing.assert_allclose(theirs[module], np.sqrt(rank) * mine[module], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["linear", "cat", "svd", "ties", "magnitude_prune_svd", "dare_ties"])
-def test_scanned_layers_combine_per_layer(tmp_path, method):
+def test_scanned_layers_combine_per_layer(sets):
     """A scanned layer stack combines layer by layer, as the same adapters on an unscanned model."""
-    flat = PeftSet("llama", SAME_RANK, tmp_path / "flat")
-    scanned = PeftSet("llama", SAME_RANK, tmp_path / "scanned", scan_layers=True)
-    opts = {} if method in ("linear", "cat", "svd") else {"density": 1.0 if method == "dare_ties" else 0.5}
-    a, ca = compose.combine(flat.items, WEIGHTS, method, svd_rank=3, **opts)
-    b, cb = compose.combine(scanned.items, WEIGHTS, method, svd_rank=3, **opts)
-    da, db = flat.jlora_deltas(a, ca), scanned.jlora_deltas(b, cb)
-    assert sorted(da) == sorted(db)
-    for module in da:
-        np.testing.assert_allclose(da[module], db[module], atol=1e-5)
+    flat = sets["same"]
+    scanned = flat.scanned()
+    for method in ("linear", "cat", "svd", "ties", "magnitude_prune_svd", "dare_ties"):
+        opts = {} if method in ("linear", "cat", "svd") else {"density": 1.0 if method == "dare_ties" else 0.5}
+        a, ca = compose.combine(flat.items, WEIGHTS, method, svd_rank=3, **opts)
+        b, cb = compose.combine(scanned.items, WEIGHTS, method, svd_rank=3, **opts)
+        da, db = flat.jlora_deltas(a, ca), scanned.jlora_deltas(b, cb)
+        assert sorted(da) == sorted(db)
+        for module in da:
+            np.testing.assert_allclose(da[module], db[module], atol=1e-5, err_msg=f"{method}: {module}")
 
 
 # ------------------------------------------------------------------------------------- stacking at inference
@@ -245,8 +253,19 @@ def _tiny_llama(scan=False):
                       num_attention_heads=4, num_key_value_heads=2, scan_layers=scan)
     model = LlamaForCausalLM(cfg)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)), jnp.int32)
-    params = model.init(jax.random.key(0), ids)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
     return model, params, ids
+
+
+def _random_items(params, cfgs, lay=None, seed=0):
+    """(adapters with random nonzero A and B, config) per config: jlora.init's structure (traced, not run) filled
+    with numpy draws, so no random-number kernels compile."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in cfgs:
+        shapes = jax.eval_shape(lambda: jlora.init(params, c, key=jax.random.key(0), layout=lay))
+        out.append((jax.tree.map(lambda x: jnp.asarray(0.3 * rng.normal(size=x.shape), x.dtype), shapes), c))
+    return out
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -256,8 +275,7 @@ def test_stack_equals_merged_weighted_sum(scan):
     cfgs = [jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj", "embed_tokens")),
             jlora.LoraConfig(rank=3, alpha=3, targets=("q_proj", "o_proj", "up_proj"), use_rslora=True),
             jlora.LoraConfig(rank=1, alpha=8, targets=("v_proj", "down_proj"), rank_pattern={"down_proj": 2})]
-    items = [(randomize(jlora.init(params, c, key=jax.random.key(i), layout=lay), jax.random.key(10 + i), 0.3), c)
-             for i, c in enumerate(cfgs)]
+    items = _random_items(params, cfgs, lay)
     weights = [0.8, -1.5, 0.6]
     adapters, cfg = compose.stack(items, weights)
     merged = compose.merge_weighted(params, items, weights)
@@ -274,8 +292,8 @@ def test_stack_equals_merged_weighted_sum(scan):
     assert any(np.abs(flat_m[p] - flat_p[p]).max() > 1e-2 for p in flat_p)
 
     # the model: stacked adapters, unmerged, give the merged model's logits; and cat merges to the same weights
-    stacked = jlora.apply(model, params, adapters, cfg, ids)
-    reference = model.apply({"params": merged}, ids)
+    stacked = jax.jit(lambda p, a: jlora.apply(model, p, a, cfg, ids))(params, adapters)
+    reference = jax.jit(model.apply)({"params": merged}, ids)
     np.testing.assert_allclose(stacked, reference, atol=1e-5)
     cat, cat_cfg = compose.combine(items, weights, "cat")
     for path, v in jlora.tree.flatten(jlora.merge(params, cat, cat_cfg)).items():
@@ -286,8 +304,7 @@ def test_svd_at_full_rank_is_the_exact_weighted_sum():
     model, params, ids = _tiny_llama()
     cfgs = [jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "down_proj")),
             jlora.LoraConfig(rank=3, alpha=3, targets=("q_proj",))]
-    items = [(randomize(jlora.init(params, c, key=jax.random.key(i)), jax.random.key(5 + i), 0.3), c)
-             for i, c in enumerate(cfgs)]
+    items = _random_items(params, cfgs)
     merged = compose.merge_weighted(params, items, [1.0, 2.0])
     full, cfg = compose.combine(items, [1.0, 2.0], "svd", svd_rank=5)
     low, low_cfg = compose.combine(items, [1.0, 2.0], "svd", svd_rank=2)
