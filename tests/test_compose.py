@@ -230,6 +230,25 @@ def test_rslora_first_input_differs_from_peft_by_sqrt_rank(sets):
         np.testing.assert_allclose(theirs[module], np.sqrt(rank) * mine[module], atol=1e-5)
 
 
+def test_combined_adapter_exports_to_peft(sets, tmp_path):
+    """The result is an ordinary adapter: jlora.peft.save writes it and PEFT loads the same updates."""
+    s = sets["mixed"]
+    ours, cfg = compose.combine(s.items, WEIGHTS, "ties_svd", density=0.6, svd_rank=3)
+    folder = jlora.peft.save(tmp_path / "combined", ours, cfg, s.loaded)
+    base = transformers.AutoModelForCausalLM.from_pretrained(s.folder)
+    loaded = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+    mine = s.jlora_deltas(ours, cfg)
+    theirs = {}
+    for name, module in loaded.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            d = module.get_delta_weight("default").detach().numpy()
+            name = name.removeprefix("base_model.model.")
+            theirs[name] = d if models.module_kind(s.table[name][0]) == "embedding" else d.T
+    assert sorted(theirs) == sorted(mine)
+    for module in mine:
+        np.testing.assert_allclose(theirs[module], mine[module], atol=1e-6, err_msg=module)
+
+
 def test_scanned_layers_combine_per_layer(sets):
     """A scanned layer stack combines layer by layer, as the same adapters on an unscanned model."""
     flat = sets["same"]
