@@ -72,6 +72,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -134,13 +135,25 @@ def _magnitude_prune(x: jax.Array, density: float, lead: int) -> jax.Array:
 
 def _keep_mask(key: jax.Array, density: float, x: jax.Array) -> jax.Array:
     """DARE's random mask for ``x``: each entry kept (1) with probability ``density``."""
-    return jax.random.bernoulli(key, density, x.shape).astype(x.dtype)
+    return jax.random.bernoulli(key, density, x.shape).astype(jnp.float32)
 
 
-def _random_prune(x: jax.Array, density: float, key: jax.Array) -> jax.Array:
-    if density >= 1:
-        return x
-    return (x * _keep_mask(key, density, x)) / density
+@functools.partial(jax.jit, static_argnames=("rule", "density", "sign_method", "lead"))
+def _combine(xs, weights, masks, *, rule, density, sign_method, lead):
+    """:func:`combine_tensors` after the random masks are drawn: one compilation per rule and shapes."""
+    xs = [x.astype(jnp.float32) for x in xs]
+    if rule in ("ties", "magnitude_prune"):
+        xs = [_magnitude_prune(x, density, lead) for x in xs]
+    elif masks is not None:
+        xs = [(x * m) / density for x, m in zip(xs, masks)]
+    stacked = jnp.stack(xs)
+    weighted = stacked * weights.reshape((-1,) + (1,) * (stacked.ndim - 1))
+    if rule not in ("ties", "dare_ties"):
+        return weighted.sum(axis=0)
+    sign = jnp.sign(stacked)
+    votes = stacked.sum(axis=0) if sign_method == "total" else sign.sum(axis=0)
+    agree = (sign == jnp.where(votes >= 0, 1.0, -1.0)[None]).astype(jnp.float32)
+    return (weighted * agree).sum(axis=0) / jnp.maximum(agree.sum(axis=0), 1.0)
 
 
 def combine_tensors(tensors: Sequence[jax.Array], weights: Sequence[float], rule: str, *,
@@ -174,26 +187,19 @@ def combine_tensors(tensors: Sequence[jax.Array], weights: Sequence[float], rule
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
-    xs = [jnp.asarray(t, jnp.float32) for t in tensors]
     if rule != "linear":
         _check_density(density, rule)
-    if rule in ("ties", "magnitude_prune"):
-        xs = [_magnitude_prune(x, density, lead) for x in xs]
-    elif rule in ("dare_linear", "dare_ties") and density < 1:
+    if rule in ("ties", "dare_ties") and majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}; got {majority_sign_method!r}")
+    xs = tuple(jnp.asarray(t) for t in tensors)
+    masks = None
+    if rule in ("dare_linear", "dare_ties") and density < 1:
         if keys is None or len(keys) != len(xs):
             raise ValueError(f"rule {rule!r} draws random masks: pass one PRNG key per tensor as `keys`")
-        xs = [_random_prune(x, density, k) for x, k in zip(xs, keys)]
-    stacked = jnp.stack(xs)
-    w = jnp.asarray(np.asarray(weights, np.float32)).reshape((-1,) + (1,) * (stacked.ndim - 1))
-    weighted = stacked * w
-    if rule not in ("ties", "dare_ties"):
-        return weighted.sum(axis=0)
-    if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}; got {majority_sign_method!r}")
-    sign = jnp.sign(stacked)
-    votes = stacked.sum(axis=0) if majority_sign_method == "total" else sign.sum(axis=0)
-    agree = (sign == jnp.where(votes >= 0, 1.0, -1.0)[None]).astype(jnp.float32)
-    return (weighted * agree).sum(axis=0) / jnp.maximum(agree.sum(axis=0), 1.0)
+        masks = tuple(_keep_mask(k, density, x) for x, k in zip(xs, keys))
+    w = jnp.asarray(np.asarray(weights, np.float32))
+    return _combine(xs, w, masks, rule=rule, density=None if density is None else float(density),
+                    sign_method=majority_sign_method, lead=lead)
 
 
 def _check_density(density, what: str) -> None:
@@ -284,11 +290,16 @@ def _output_config(cfgs: Sequence[LoraConfig], ranks: Mapping[str, int]) -> Lora
 
 # ----------------------------------------------------------------------------------------------- combining
 
+@jax.jit
+def _cat_factors(a_s, b_s, coefs):
+    a = jnp.concatenate([a.astype(jnp.float32) * c for a, c in zip(a_s, coefs)], axis=-1)
+    return a.astype(a_s[0].dtype), jnp.concatenate([b.astype(jnp.float32) for b in b_s], axis=-2).astype(b_s[0].dtype)
+
+
 def _cat(group, weights) -> tuple[jax.Array, jax.Array]:
-    dtype = jnp.result_type(group[0][1].a)
-    a = jnp.concatenate([jnp.asarray(n.a, jnp.float32) * (weights[i] * s) for i, n, s in group], axis=-1)
-    b = jnp.concatenate([jnp.asarray(n.b, jnp.float32) for _, n, _ in group], axis=-2)
-    return a.astype(dtype), b.astype(dtype)
+    coefs = tuple(jnp.float32(weights[i] * s) for i, _, s in group)
+    return _cat_factors(tuple(jnp.asarray(n.a) for _, n, _ in group), tuple(jnp.asarray(n.b) for _, n, _ in group),
+                        coefs)
 
 
 def _factorwise(rule, group, weights, path, key, opts) -> tuple[jax.Array, jax.Array]:
@@ -312,12 +323,14 @@ def _factorwise(rule, group, weights, path, key, opts) -> tuple[jax.Array, jax.A
     return out[0].astype(dtype), out[1].astype(dtype)
 
 
-def _svd(rule, group, weights, key, opts, rank, clamp, full_matrices) -> tuple[jax.Array, jax.Array]:
-    first = group[0][1]
-    lead = np.ndim(first.a) - 2
-    deltas = [s * jnp.matmul(jnp.asarray(n.a, jnp.float32), jnp.asarray(n.b, jnp.float32)) for _, n, s in group]
-    keys = None if key is None else [jax.random.fold_in(key, 2 * i) for i, _, _ in group]
-    d = combine_tensors(deltas, [weights[i] for i, _, _ in group], rule, keys=keys, lead=lead, **opts)
+@jax.jit
+def _update(a, b, scale):
+    return scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "clamp", "full_matrices", "lead"))
+def _refactor(d, *, rank, clamp, full_matrices, lead):
+    """``(A, B)`` of rank ``rank`` from the update ``d`` ``(..., in, out)`` by a truncated SVD (PEFT's recipe)."""
     m = jnp.swapaxes(d, -1, -2)                          # (out, in), the matrix PEFT decomposes
     u, s, vh = jnp.linalg.svd(m, full_matrices=full_matrices)
     k = min(rank, *m.shape[-2:])
@@ -326,8 +339,19 @@ def _svd(rule, group, weights, key, opts, rank, clamp, full_matrices) -> tuple[j
         rows = lambda x: x.reshape(*x.shape[:lead], -1)  # noqa: E731  (one distribution per layer)
         hi = jnp.quantile(jnp.concatenate([rows(u), rows(vh)], axis=-1), clamp, axis=-1)[..., None, None]
         u, vh = jnp.clip(u, -hi, hi), jnp.clip(vh, -hi, hi)
+    return jnp.swapaxes(vh, -1, -2), jnp.swapaxes(u, -1, -2)
+
+
+def _svd(rule, group, weights, key, opts, rank, clamp, full_matrices) -> tuple[jax.Array, jax.Array]:
+    first = group[0][1]
+    lead = np.ndim(first.a) - 2
+    deltas = [_update(jnp.asarray(n.a), jnp.asarray(n.b), jnp.float32(s)) for _, n, s in group]
+    keys = None if key is None else [jax.random.fold_in(key, 2 * i) for i, _, _ in group]
+    d = combine_tensors(deltas, [weights[i] for i, _, _ in group], rule, keys=keys, lead=lead, **opts)
+    a, b = _refactor(d, rank=rank, clamp=None if clamp is None else float(clamp), full_matrices=full_matrices,
+                     lead=lead)
     dtype = jnp.result_type(first.a)
-    return jnp.swapaxes(vh, -1, -2).astype(dtype), jnp.swapaxes(u, -1, -2).astype(dtype)
+    return a.astype(dtype), b.astype(dtype)
 
 
 def canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]:

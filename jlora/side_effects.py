@@ -127,10 +127,11 @@ def _batch_stats(base_params, params, adapters, batch, *, model, lora_cfg):
 
 
 def batches(examples: Sequence[data_lib.Example], *, batch_size: int = 8, pad_id: int = 0):
-    """Padded batches of ``examples`` in order (the last one filled with empty rows), for :func:`token_stats`."""
-    longest = max(len(ex) for ex in examples)
-    return data_lib.Loader(examples, batch_size=batch_size, max_length=longest, pad_id=pad_id, shuffle=False,
-                           drop_last=False, epochs=1, bucket=16)
+    """Batches of ``examples`` in order for :func:`token_stats`, all of one shape (one compilation): rows padded
+    to the longest example rounded up to 16 tokens, the last batch filled with empty rows."""
+    width = -(-max(len(ex) for ex in examples) // 16) * 16
+    return data_lib.Loader(examples, batch_size=batch_size, max_length=width, pad_id=pad_id, shuffle=False,
+                           drop_last=False, epochs=1, bucket=None)
 
 
 def token_stats(model, params, adapters, lora_cfg: LoraConfig, examples: Sequence[data_lib.Example], *,

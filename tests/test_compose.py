@@ -253,8 +253,8 @@ def test_scanned_layers_combine_per_layer(sets):
     """A scanned layer stack combines layer by layer, as the same adapters on an unscanned model."""
     flat = sets["same"]
     scanned = flat.scanned()
-    for method in ("linear", "cat", "svd", "ties", "magnitude_prune_svd", "dare_ties"):
-        opts = {} if method in ("linear", "cat", "svd") else {"density": 1.0 if method == "dare_ties" else 0.5}
+    for method in ("linear", "cat", "ties", "magnitude_prune_svd"):
+        opts = {} if method in ("linear", "cat") else {"density": 0.5}
         a, ca = compose.combine(flat.items, WEIGHTS, method, svd_rank=3, **opts)
         b, cb = compose.combine(scanned.items, WEIGHTS, method, svd_rank=3, **opts)
         da, db = flat.jlora_deltas(a, ca), scanned.jlora_deltas(b, cb)
@@ -287,9 +287,8 @@ def _random_items(params, cfgs, lay=None, seed=0):
     return out
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_stack_equals_merged_weighted_sum(scan):
-    model, params, ids = _tiny_llama(scan)
+def test_stack_equals_merged_weighted_sum():
+    model, params, ids = _tiny_llama(scan=True)     # a layer stack: adapters with a leading layer axis
     lay = jlora.layout(model, ids)
     cfgs = [jlora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj", "embed_tokens")),
             jlora.LoraConfig(rank=3, alpha=3, targets=("q_proj", "o_proj", "up_proj"), use_rslora=True),
