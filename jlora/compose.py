@@ -382,7 +382,9 @@ def combine(items: Sequence[Item], weights: Sequence[float], method: str, *, den
         svd_rank: the rank of the ``*_svd`` result (default: the largest rank any input config names).
         svd_clamp: a quantile in ``[0, 1]``: the SVD factors (``U S`` and ``V``) are clipped to ``[-q, q]`` where
             ``q`` is that quantile of their entries (per layer); None does not clip. The quantile depends on the
-            signs of the singular vectors, which jlora fixes (:func:`canonical_signs`) where PEFT keeps LAPACK's.
+            signs of the singular vectors, which jlora fixes (:func:`canonical_signs`) where PEFT keeps LAPACK's;
+            with ``svd_rank`` above the rank of the combined update, the surplus singular vectors span its null
+            space arbitrarily and still enter the quantile (in PEFT as here), so keep the rank within it.
         svd_full_matrices: whether the SVD computes full U and V (the truncated result is the same; PEFT's
             ``svd_full_matrices``). PEFT's ``svd_driver`` picks a cuSOLVER routine and has no JAX counterpart.
         key: a PRNG key, required by the DARE types (their random masks are a pure function of it).

@@ -31,7 +31,7 @@ Examples:
     ...                       "loss_change": 0.05, "identical_continuations_pct": 62.5, "prompts": 40}}
     >>> print(summary(report))
     task: exact JSON 0.0% -> 84.0%, loss 2.000 -> 0.500 nats/token
-    general prompts: KL 0.0213 nats/token, top-1 agreement 96.4%, loss 3.000 -> 3.050 nats/token (+0.050), identical greedy continuations 62.5% of 40
+    general prompts: KL 0.0213 nats/token, top-1 agreement 96.4%, loss +0.050 nats/token, 62.5% of 40 continuations unchanged
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def _batch_stats(base_params, params, adapters, batch, *, model, lora_cfg):
     """Per row: sums over the target positions of KL(base||adapted), top-1 agreement, both NLLs; and the count."""
     ids = batch["input_ids"]
     kwargs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
-    base = model.apply({"params": base_params}, ids, **kwargs).astype(jnp.float32)
+    # the base also runs through the transform (with no adapters), so quantized kernels work
+    base = transform.apply(model, base_params, {}, lora_cfg, ids, **kwargs).astype(jnp.float32)
     adapted = transform.apply(model, params, adapters, lora_cfg, ids, **kwargs).astype(jnp.float32)
     targets, weights = shifted_targets(ids, batch.get("loss_mask", batch.get("attention_mask")))
     lp, lq = jax.nn.log_softmax(base, axis=-1), jax.nn.log_softmax(adapted, axis=-1)
@@ -209,8 +210,9 @@ def continuations(model, params, adapters, lora_cfg: LoraConfig, prompts: Sequen
     base_params = params if base_params is None else base_params
     opts = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                 batch_size=batch_size)
-    base = _greedy(model, base_params, prompts, apply_fn=None, **opts)
-    adapted = _greedy(model, (params, adapters), prompts, apply_fn=gen.lora_apply_fn(model, lora_cfg), **opts)
+    apply_fn = gen.lora_apply_fn(model, lora_cfg)   # the base runs with no adapters (quantized kernels work)
+    base = _greedy(model, (base_params, {}), prompts, apply_fn=apply_fn, **opts)
+    adapted = _greedy(model, (params, adapters), prompts, apply_fn=apply_fn, **opts)
     return base, adapted
 
 
@@ -296,14 +298,17 @@ def intruder_dimensions(params, adapters, lora_cfg: LoraConfig, *, top_k: int = 
     Returns:
         ``{"top_k", "threshold", "matrices", "total", "per_path": {path: count summed over layers}}``.
     """
+    lora_lib.check_fits(params, adapters, lora_cfg)
     flat = tree_lib.flatten(params)
-    merged = tree_lib.flatten(lora_lib.merge(params, adapters, lora_cfg))
     per_path, matrices = {}, 0
     for path, node in adapter_lib.adapter_items(adapters):
         shape = tuple(flat[path].shape)
         lay = node.layout.fitted(shape) if node.layout is not None else lora_lib.default_layout(path, shape)
-        w0 = _as_matrices(lora_lib.dense_value(flat[path]), lay)
-        w1 = _as_matrices(lora_lib.dense_value(merged[path]), lay)
+        dense, scale = lora_lib.dense_value(flat[path]), lora_cfg.scale(path)
+        hook = adapter_lib.variant(node.variant).merged   # DoRA's merge; a quantized kernel is not re-encoded
+        merged = (hook(dense, node, scale) if hook is not None
+                  else dense + lora_lib.delta(node, scale, shape, lay, dtype=jnp.float32))
+        w0, w1 = _as_matrices(dense, lay), _as_matrices(merged, lay)
         # output-space singular vectors: the rows of Vh of the (in, out) matrix
         v0 = jnp.linalg.svd(w0, full_matrices=False)[2]
         v1 = jnp.linalg.svd(w1, full_matrices=False)[2][:, :top_k]
@@ -383,7 +388,8 @@ def evaluate(model, params, adapters, lora_cfg: LoraConfig, *, general: Sequence
 
 
 def summary(report: Mapping[str, Any]) -> str:
-    """Two lines: the task (score and loss, base -> adapted) and the general prompts (KL, top-1 agreement, ...)."""
+    """Two lines: the task (score and loss, base -> adapted) and the general prompts (KL, top-1 agreement, the
+    change in loss on general text, the share of greedy continuations that stayed the same)."""
     task, general = report.get("task") or {}, report.get("general") or {}
     parts = []
     if "score_base_pct" in task:
@@ -392,11 +398,10 @@ def summary(report: Mapping[str, Any]) -> str:
         parts.append(f"loss {task['loss_base']:.3f} -> {task['loss_adapted']:.3f} nats/token")
     lines = ["task: " + (", ".join(parts) if parts else "not measured")]
     parts = [f"KL {general['kl']:.4f} nats/token", f"top-1 agreement {general['top1_agreement_pct']:.1f}%",
-             f"loss {general['loss_base']:.3f} -> {general['loss_adapted']:.3f} nats/token "
-             f"({general['loss_change']:+.3f})"]
+             f"loss {general['loss_change']:+.3f} nats/token"]
     if "identical_continuations_pct" in general:
-        parts.append(f"identical greedy continuations {general['identical_continuations_pct']:.1f}% of "
-                     f"{general['prompts']}")
+        parts.append(f"{general['identical_continuations_pct']:.1f}% of {general['prompts']} continuations "
+                     f"unchanged")
     lines.append("general prompts: " + ", ".join(parts))
     return "\n".join(lines)
 

@@ -66,7 +66,8 @@ def _adapters(params, zero_b=False, seed=0, scale=0.5):
 
 @pytest.fixture(scope="module")
 def general(tok):
-    return se.load_general(GENERAL, tok, limit=10, max_length=128)
+    with pytest.warns(UserWarning, match="1 of 10 examples exceed max_length=128 and were truncated"):
+        return se.load_general(GENERAL, tok, limit=10, max_length=128)
 
 
 def _log_softmax(x):
@@ -108,8 +109,8 @@ def test_token_stats_equal_a_numpy_reference(tiny, general, tok):
 def test_task_loss_counts_completion_tokens_only(tiny, tok):
     model, params = tiny
     adapters = _adapters(params, seed=1)
-    examples = data.load(VALID, tok, max_length=512)[:3]
-    stats = se.token_stats(model, params, adapters, CFG, examples, batch_size=2, pad_id=tok.pad_token_id)
+    examples = data.load(VALID, tok, max_length=512)[:4]
+    stats = se.token_stats(model, params, adapters, CFG, examples, batch_size=4, pad_id=tok.pad_token_id)
     merged = jlora.merge(params, adapters, CFG)
     width = max(len(ex) for ex in examples)
     ids = jnp.asarray([list(ex.input_ids) + [0] * (width - len(ex)) for ex in examples])
@@ -127,8 +128,8 @@ def test_continuations_equal_uncached_generation_with_merged_weights(tiny, gener
     model, params = tiny
     adapters = _adapters(params, seed=2)
     merged = jlora.merge(params, adapters, CFG)
-    prompts = [list(p) for p in general.prompts[:4]]
-    base, adapted = se.continuations(model, params, adapters, CFG, prompts, max_new_tokens=6, batch_size=3)
+    prompts = [list(p) for p in general.prompts]
+    base, adapted = se.continuations(model, params, adapters, CFG, prompts, max_new_tokens=6, batch_size=4)
     # the reference: all prompts in one batch, no KV cache (the recompute-everything path), merged weights
     assert base == gen.generate(model, params, prompts, max_new_tokens=6, use_cache=False).to_lists()
     assert adapted == gen.generate(model, merged, prompts, max_new_tokens=6, use_cache=False).to_lists()
