@@ -291,8 +291,8 @@ def intruder_dimensions(params, adapters, lora_cfg: LoraConfig, *, top_k: int = 
     weight ``W`` and of the merged weight ``W'`` are computed (the thin SVD: ``min(in, out)`` of them, so that a
     wide matrix's null space, whose basis is arbitrary, plays no part); each of the ``top_k`` leading singular
     vectors of ``W'`` whose largest absolute cosine similarity with all singular vectors of ``W`` is below
-    ``threshold`` is an intruder (Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of Equivalence", 2024). Full
-    fine-tuning rarely creates them; LoRA, especially at low rank and high learning rate, does. A zero adapter has
+    ``threshold`` is an intruder (Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of Equivalence",
+    2024, report them in LoRA fine-tunes, more at low rank, and rarely after full fine-tuning). A zero adapter has
     none.
 
     Returns:
