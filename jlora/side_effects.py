@@ -434,7 +434,7 @@ def plot(report: Mapping[str, Any], path: str | pathlib.Path) -> pathlib.Path | 
     right.bar(x + 0.2, [g[2] for g in groups], 0.4, label="adapted")
     right.set_xticks(x, [g[0] for g in groups])
     right.set_ylabel("nats/token")
-    title = f"top-1 agreement {general['top1_agreement_pct']:.1f}%"
+    title = f"general text: top-1 agreement {general['top1_agreement_pct']:.1f}%"
     if "score_base_pct" in task:
         title = f"{task['metric']}: {task['score_base_pct']:.0f}% -> {task['score_adapted_pct']:.0f}%; " + title
     right.set_title(title, fontsize=9)
