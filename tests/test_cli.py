@@ -658,3 +658,26 @@ def test_peft_files_share_one_mode(trained, tmp_path):
     for folder in (run / "peft",):
         modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
         assert modes["adapter_model.safetensors"] == modes["adapter_config.json"] == 0o666 & ~umask, modes
+
+
+def test_generate_routes_each_prompt_to_its_adapter_in_one_batch(tiny, trained, tmp_path):
+    """--adapter NAME=DIR (repeatable) + --route: every prompt decodes with its own adapter (a jlora.bank), each
+    output equal to generating that prompt alone with that adapter (greedy)."""
+    _, run_dir, _ = trained
+    code, _, err = _main("export-peft", "--run", str(run_dir), "--out", str(tmp_path / "peft"))
+    assert code == 0, err
+    prompts = ["Hi", "There there", "Hi"]
+    alone = []
+    for prompt, adapter in zip(prompts, [str(run_dir), None, str(tmp_path / "peft")]):
+        extra = ("--adapter", adapter) if adapter else ()
+        code, out, err = _main("generate", "--model", tiny, *extra, "--prompt", prompt, "--max-new-tokens", "6")
+        assert code == 0, err
+        alone.append(out.strip())
+    args = ["generate", "--model", tiny, "--adapter", f"run={run_dir}", "--adapter", f"peft={tmp_path / 'peft'}",
+            "--route", "run,base,peft", "--max-new-tokens", "6"]
+    code, out, err = _main(*args, *[x for p in prompts for x in ("--prompt", p)])
+    assert code == 0, err
+    outputs = re.split(r"^--- prompt \d/3 \[\w+\]: .*\n", out, flags=re.M)[1:]
+    assert [o.strip() for o in outputs] == alone
+    code, _, err = _main(*args[:-4], "--route", "run,nope", "--prompt", "a", "--prompt", "b")
+    _error(code, "", err, r"--route names unknown adapters \['nope'\]; known: \['peft', 'run'\]")

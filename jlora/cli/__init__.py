@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--adapter", help=ADAPTER_HELP)
+    p.add_argument("--adapter", action="append",
+                   help=f"{ADAPTER_HELP}; or NAME=DIR, repeatable, to serve several adapters at once with --route")
+    p.add_argument("--route", help="with NAME=DIR adapters: the adapter of each prompt in order, comma-separated "
+                                   "('base' for none), e.g. --route sql,base,sql; all prompts decode in one batch")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeatable: one output each)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     p.add_argument("--system", help="with --chat: the system turn (default: the training data's system prompt "
@@ -95,9 +98,15 @@ def _run(args: argparse.Namespace) -> int:
         cfg = run.load_config(args.config, args.overrides)
         run.evaluate_command(cfg, adapter=args.adapter, base=args.base)
     elif args.command == "generate":
-        run.generate_command(args.model, args.prompt, adapter=args.adapter, chat=args.chat, system=args.system,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        options = dict(chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        named = [a for a in args.adapter or [] if "=" in a]
+        if named or args.route:
+            run.generate_routed_command(args.model, args.prompt, args.adapter or [], args.route, **options)
+        else:
+            if args.adapter and len(args.adapter) > 1:
+                raise run.UsageError("several --adapter values need names (NAME=DIR) and a --route")
+            run.generate_command(args.model, args.prompt, adapter=(args.adapter or [None])[0], **options)
     elif args.command == "merge":
         run.merge_command(args.model, args.adapter, args.out, overwrite=args.overwrite)
     elif args.command == "export-peft":

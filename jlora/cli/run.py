@@ -962,6 +962,75 @@ def generate_command(model: str, prompts: Sequence[str], *, adapter: str | None 
     return texts
 
 
+def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequence[str], route: str | None, *,
+                            chat: bool = False, system: str | None = None, max_new_tokens: int = 64,
+                            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                            seed: int = 0) -> list[str]:
+    """Completes every prompt with its own adapter in one batch: ``adapters`` are ``NAME=DIR`` (PEFT or run
+    folders), ``route`` names each prompt's adapter (``base`` for none). The adapters go into a
+    :mod:`jlora.bank` for the model, and one compiled generate serves the whole mix."""
+    from jlora import bank as bank_lib
+    from jlora import checkpoint
+    from jlora.models import generate as gen
+
+    _check_generate_options(prompts, chat=chat, system=system, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
+    folders = {}
+    for item in adapters:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise UsageError(f"--adapter {item!r}: with --route every adapter is NAME=DIR")
+        if name == "base" or name in folders:
+            raise UsageError(f"--adapter {item!r}: the name {name!r} is {'reserved' if name == 'base' else 'given twice'}")
+        adapter_kind(folder)                              # a clear error for a missing or wrong folder, before loading
+        folders[name] = folder
+    names = [n.strip() for n in route.split(",")] if route else ([next(iter(folders))] * len(prompts)
+                                                                  if len(folders) == 1 else [])
+    if len(names) != len(prompts):
+        raise UsageError(f"--route names {len(names)} adapters for {len(prompts)} prompts; give one per prompt, "
+                         f"comma-separated (known: {sorted(folders)} and 'base')")
+    unknown = sorted({n for n in names if n != "base" and n not in folders})
+    if unknown:
+        raise UsageError(f"--route names unknown adapters {unknown}; known: {sorted(folders)} and 'base'")
+    first = next(iter(folders.values()), None)
+    loaded = _load_with_adapter(model, first)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise UsageError(f"--model {model!r} has no tokenizer (tokenizer.json), so it cannot read a prompt")
+    read = {n: bank_lib.read_folder(f, loaded) for n, f in folders.items()}
+    paths = sorted({p for ad, _, _ in read.values() for p, _ in jlora.adapter.adapter_items(ad)})
+    rank = max((node.rank for ad, _, _ in read.values() for _, node in jlora.adapter.adapter_items(ad)), default=1)
+    bank = bank_lib.create(loaded.params, capacity=max(len(read), 1), rank=rank,
+                           targets=tuple(f"^{p}$" for p in paths) or ("^$",), layout=_layout(loaded),
+                           fingerprint=checkpoint.fingerprint(loaded.params))
+    slots = {}
+    for slot, (name, (ad, cfg, seen)) in enumerate(read.items()):
+        bank, slots[name] = bank_lib.put(bank, slot, ad, cfg, fingerprint=seen), slot
+    if chat:
+        turn = [{"role": "system", "content": system}] if system else []
+        ids = [tok.encode(tok.apply_chat_template(turn + [{"role": "user", "content": p}]), add_special_tokens=False)
+               for p in prompts]
+    else:
+        ids = [tok.encode(p) for p in prompts]
+    limit = _context_length(loaded)
+    longest = max(len(p) for p in ids)
+    if limit and longest + max_new_tokens > limit:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the longest prompt has {longest} tokens, which with "
+                         f"{max_new_tokens} exceeds the model's context of {limit} tokens")
+    rows = jnp.asarray([slots.get(n, bank_lib.BASE) for n in names], jnp.int32)
+    eos = tuple(tok.eos_token_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    sampling = {} if temperature == 0 else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                            "key": jax.random.key(seed)}
+    out = gen.generate(loaded.model, (loaded.params, bank, rows), ids, max_new_tokens=max_new_tokens,
+                       eos_token_id=eos, pad_token_id=pad, apply_fn=bank_lib.apply_fn(loaded.model), **sampling)
+    texts = [tok.decode(row, skip_special_tokens=True) for row in out.to_lists()]
+    for i, (prompt, name, text) in enumerate(zip(prompts, names, texts)):
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        print(f"{'' if i == 0 else chr(10)}--- prompt {i + 1}/{len(prompts)} [{name}]: {shown}\n{text}", flush=True)
+    return texts
+
+
 def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False) -> pathlib.Path:
     """Folds ``adapter`` into ``model``'s weights and writes an HF folder to ``out``."""
     from jlora import hf
