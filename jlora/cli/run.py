@@ -61,7 +61,7 @@ CKPT_DIR = "checkpoints"
 PEFT_DIR = "peft"
 # What a run writes into its folder, in the order the report lists them.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, "loss.png", CKPT_DIR, PEFT_DIR, "summary.json", "eval_before.json",
-             "eval_after.json")
+             "eval_after.json", "side_effects.json", "side_effects.png")
 
 
 class RunInterrupted(Exception):
@@ -202,6 +202,9 @@ def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scorin
     action (:func:`_check_run_dir`)."""
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
+    if cfg.eval.side_effects and cfg.eval.after and not pathlib.Path(cfg.eval.general).is_file():
+        raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
+                          f"side-effect report); point it at a JSONL file or set eval.side_effects: false")
     mesh = _mesh(cfg)
     per_call = cfg.train.steps_per_call
     if mesh is not None and per_call > 1:
@@ -677,9 +680,34 @@ def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState
         merged = jlora.merge(run.params, state.adapters, cfg.lora, layout=run.layout)
         out["accuracy_after"] = _generation_eval(run, merged, "eval_after.json")
         del merged
+    if cfg.eval.side_effects and cfg.eval.after:
+        out.update(_side_effects(run, state.adapters, out))
     if cfg.run.export_peft:
         _export_peft(run.dir / PEFT_DIR, state.adapters, cfg.lora, run.loaded, cfg.model.path)
     return out
+
+
+def _side_effects(run: _Run, adapters, summary: dict[str, Any]) -> dict[str, Any]:
+    """The side-effect report on ``eval.general`` (written as side_effects.json and .png in the run folder), with
+    the task's before/after score from the generation eval; prints its two lines and returns the summary's entries."""
+    from jlora import side_effects
+
+    cfg, tok = run.cfg, run.loaded.tokenizer
+    general = side_effects.load_general(cfg.eval.general, tok, chat=tok.chat_template is not None,
+                                        limit=cfg.eval.general_examples)
+    report = side_effects.evaluate(run.loaded.model, run.params, adapters, cfg.lora, general=general,
+                                   base_params=run.loaded.params if run.params is not run.loaded.params else None,
+                                   batch_size=cfg.eval.batch_size, max_new_tokens=16,
+                                   eos_token_id=tuple(tok.eos_token_ids), pad_token_id=tok.pad_token_id,
+                                   decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    if "accuracy_before" in summary and "accuracy_after" in summary:
+        report["task"] = {"metric": run.scorer.label, "score_base_pct": summary.get("accuracy_before", float("nan")),
+                          "score_adapted_pct": summary.get("accuracy_after", float("nan"))}
+    side_effects.save(report, run.dir)
+    print(side_effects.summary(report))
+    g = report["general"]
+    return {"general_kl": g["kl"], "general_top1_agreement_pct": g["top1_agreement_pct"],
+            "general_loss_change": g["loss_change"]}
 
 
 def _wrap_up(run: _Run, summary: dict[str, Any], *, step: int, interrupted: bool, seconds: float) -> dict[str, Any]:
@@ -804,10 +832,17 @@ def _load_with_adapter(model: str, adapter: str | None, *, scan_layers: bool = F
     return hf.load(model, scan_layers=scan_layers)
 
 
-def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False) -> dict[str, float]:
-    """Validation loss and the generation eval's score (``eval.scorer``) of the base model or an adapter."""
+def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False,
+                     side_effects: bool = False) -> dict[str, float]:
+    """Validation loss and the generation eval's score (``eval.scorer``) of the base model or an adapter; with
+    ``side_effects``, the full side-effect report of the adapter against the base (task and ``eval.general``)."""
     if base and adapter:
         raise UsageError("--base evaluates the base model without adapters; drop --adapter (or --base)")
+    if side_effects and base:
+        raise UsageError("--side-effects compares an adapter with the base model; drop --base")
+    if side_effects and not pathlib.Path(cfg.eval.general).is_file():
+        raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
+                          f"side-effect report); point it at a JSONL file")
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
     if not cfg.data.valid:
@@ -834,7 +869,66 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
                               lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens)
     print(f"validation loss {loss:.4f}; {scorer.label} {acc:.1f}% on {len(prompts)} prompts")
-    return {"valid_loss": loss, "accuracy": acc}
+    if not side_effects:
+        return {"valid_loss": loss, "accuracy": acc}
+    from jlora import side_effects as side_effects_lib
+
+    tok = loaded.tokenizer
+    report = side_effects_lib.evaluate(
+        loaded.model, loaded.params, adapters, lora_cfg,
+        general=side_effects_lib.load_general(cfg.eval.general, tok, chat=tok.chat_template is not None,
+                                              limit=cfg.eval.general_examples),
+        task=valid, task_prompts=prompts, scorer=scorer, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        eos_token_id=tuple(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
+    folder = pathlib.Path(adapter or cfg.run.dir)
+    written = side_effects_lib.save(report, folder)
+    print(side_effects_lib.summary(report))
+    print(f"report: {', '.join(str(p) for p in written.values())}")
+    g = report["general"]
+    return {"valid_loss": loss, "accuracy": acc, "general_kl": g["kl"],
+            "general_top1_agreement_pct": g["top1_agreement_pct"]}
+
+
+def compose_command(model: str, adapters: Sequence[str], method: str, out: str, *, density: float | None = None,
+                    svd_rank: int | None = None, majority_sign_method: str = "total", seed: int = 0,
+                    overwrite: bool = False) -> pathlib.Path:
+    """Combines adapters (``NAME=DIR[:WEIGHT]``, run or PEFT folders) with one of PEFT's ``add_weighted_adapter``
+    methods (:func:`jlora.compose.combine`) and writes the result as a PEFT folder, which every ``--adapter``
+    option (and PEFT) loads."""
+    from jlora import compose
+
+    if method not in compose.METHODS:
+        raise UsageError(f"--method {method!r} is not one of {list(compose.METHODS)}")
+    items, weights = [], []
+    parsed = []
+    for item in adapters:
+        name, sep, rest = item.partition("=")
+        folder, colon, weight = rest.rpartition(":") if ":" in rest else (rest, "", "1")
+        if not sep or not name or not folder:
+            raise UsageError(f"--adapter {item!r}: expected NAME=DIR or NAME=DIR:WEIGHT")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise UsageError(f"--adapter {item!r}: the weight {weight!r} is not a number") from None
+        adapter_kind(folder)
+        parsed.append((folder, w))
+    if not parsed:
+        raise UsageError("give at least one --adapter NAME=DIR[:WEIGHT]")
+    out_dir = _check_out(out, overwrite=overwrite, marker="adapter_config.json", what="PEFT adapter")
+    loaded = _load_with_adapter(model, parsed[0][0])
+    for folder, w in parsed:
+        items.append(load_adapters(folder, loaded))
+        weights.append(w)
+    try:
+        combined, cfg = compose.combine(items, weights, method, density=density, svd_rank=svd_rank,
+                                        majority_sign_method=majority_sign_method, key=jax.random.key(seed))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _clear_out(out_dir)
+    _export_peft(out_dir, combined, cfg, loaded, model)
+    print(f"{method} of {len(items)} adapters written to {out_dir} (PEFT folder; pass it as --adapter)")
+    return out_dir
 
 
 def _check_generate_options(prompts: Sequence[str], *, chat: bool, system: str | None, max_new_tokens: int,
