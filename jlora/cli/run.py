@@ -482,6 +482,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
             if not interrupted:
                 summary.update(_finish(run, manager, loader, state))
+                if cfg.eval.side_effects and cfg.eval.after:
+                    summary.update(_side_effects(run, state.adapters, summary))
     except BaseException as e:
         kept = has_checkpoint(run.dir)
         if not kept:   # a folder without a checkpoint is not a run: leave nothing behind
@@ -680,8 +682,6 @@ def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState
         merged = jlora.merge(run.params, state.adapters, cfg.lora, layout=run.layout)
         out["accuracy_after"] = _generation_eval(run, merged, "eval_after.json")
         del merged
-    if cfg.eval.side_effects and cfg.eval.after:
-        out.update(_side_effects(run, state.adapters, out))
     if cfg.run.export_peft:
         _export_peft(run.dir / PEFT_DIR, state.adapters, cfg.lora, run.loaded, cfg.model.path)
     return out
