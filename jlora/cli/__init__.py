@@ -6,6 +6,7 @@
     jlora merge --model PATH --adapter DIR --out OUT_DIR
     jlora export-peft --run RUN_DIR --out OUT_DIR [--step N]
     jlora inspect --model PATH [--targets q_proj v_proj] [--rank 16] [--adapter DIR]
+    jlora serve --model PATH [--adapter NAME=DIR ...] [--port 8000]   (jlora.serve: an OpenAI-compatible server)
 
 A user error (bad config, missing file, adapter for another model) prints one line and exits with code 2;
 ``--debug`` shows the traceback instead.
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a run folder or a PEFT adapter folder")
     p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     p.add_argument("--rank", type=int, default=16)
+
+    from jlora import serve
+    serve.add_parser(sub)
     return parser
 
 
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             run.export_peft_command(args.run, args.out, step=args.step)
         elif args.command == "inspect":
             run.inspect_command(args.model, adapter=args.adapter, targets=args.targets, rank=args.rank)
+        elif args.command == "serve":
+            from jlora import serve
+            return serve.command(args)
         return 0
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         if args.debug:
