@@ -7,7 +7,8 @@
 Writes ``bench/results/<UTC time>.json`` (and ``latest.json``) with every sample, and rewrites ``bench/README.md``
 with the tables. Sections: figures (compiled FLOPs, trainable fraction, checkpoint bytes), train (step times vs
 PEFT and full fine-tuning), inference (forward and generation), compile (scan vs unrolled), gpu (skips without a
-GPU), variants (``bench/variants.py``: DoRA and QLoRA, when present).
+GPU), variants (``bench/variants.py``: DoRA and QLoRA, when present), serve (``jlora serve``'s engine: 8 clients on
+8 adapters vs on the base).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("figures", "train", "inference", "compile", "gpu", "variants")
+SECTIONS = ("figures", "train", "inference", "compile", "gpu", "variants", "serve")
 TITLES = {"figures": "Deterministic figures: compiled FLOPs, trainable fraction, checkpoint bytes",
           "train": "Train step: jlora vs PEFT vs full fine-tuning (CPU)",
           "inference": "Inference: forward and generation",
           "compile": "Compile time: unrolled layers vs nn.scan",
           "gpu": "GPU: bf16 tokens/s and MFU",
-          "variants": "LoRA variants: DoRA step time, QLoRA memory"}
+          "variants": "LoRA variants: DoRA step time, QLoRA memory",
+          "serve": "Serving: 8 clients on 8 adapters vs on the base"}
 
 
 def _variants(quick: bool) -> dict:
@@ -64,6 +66,9 @@ def _section(name: str, args) -> dict:
         return gpu.run()
     if name == "variants":
         return _variants(args.quick)
+    if name == "serve":
+        from bench import serve
+        return serve.run(repeats=repeats, layers=layers)
     raise ValueError(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
 
 

@@ -86,6 +86,9 @@ def world(tmp_path_factory):
     with checkpoint.CheckpointManager(root / "other_base" / "checkpoints") as m:
         m.save(1, jlora.TrainState.create(ads, optax.adam(1e-3), rng=jax.random.key(0)), params=other,
                lora_config=QV, name="other")
+    k_only = jlora.LoraConfig(rank=4, alpha=8.0, targets=("k_proj",))      # a layer the server's bank does not cover
+    jlora.peft.save(root / "k_only", _random(jlora.init(loaded.params, k_only, key=jax.random.key(8)), 8, 0.6),
+                    k_only, loaded)
     jlora.peft.save(outside / "evil", _random(jlora.init(loaded.params, QV, key=jax.random.key(7)), 7, 0.6), QV,
                     loaded)
     os.symlink(outside / "evil", root / "link_out")
@@ -278,7 +281,10 @@ def test_concurrent_requests_over_four_adapters_share_batches(server, world):
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         together = dict(zip(jobs, pool.map(one, jobs)))
     assert together == alone
-    after = _metrics(server)
+    deadline = time.time() + 30       # a batch's metrics land just after its rows' last events
+    while (after := _metrics(server))["counts"]["rows_decoded"] - before["counts"]["rows_decoded"] < 8:
+        assert time.time() < deadline
+        time.sleep(0.05)
     new = after["batches"]["recent"][-(after["counts"]["batches"] - before["counts"]["batches"]):]
     assert sum(b["rows"] for b in new) == 8 and len(new) < 8                # fewer batches than requests
     assert any(len(b["models"]) >= 2 for b in new)                          # adapters mixed in one batch
@@ -369,6 +375,8 @@ BAD = [
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "missing"}}, 404, "no folder 'missing'", "path"),
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "other_base"}}, 400, "trained on another base model",
      None),
+    ("POST", "/v1/adapters", {"json": {"name": "x", "path": "k_only"}}, 400,
+     "is outside the bank, which covers", None),
     ("POST", "/v1/adapters", {"json": {"name": "a1", "path": "a1"}}, 409, "already loaded", "name"),
     ("POST", "/v1/adapters", {"json": {"name": "bad name!", "path": "a1"}}, 400, "adapter name 'bad name!'", "name"),
     ("DELETE", "/v1/adapters/nope", {}, 404, "no adapter 'nope'", "name"),
@@ -432,3 +440,49 @@ def test_seeded_sampling_is_reproducible(server):
 
     a, b, c = draw(1), draw(1), draw(2)
     assert a == b and a != c
+
+
+def test_run_folder_loads_the_base_as_the_run_did(world, tmp_path):
+    """A run folder given at start (here scan_layers: true, as the demo's) makes the engine load the base the way
+    the run trained, so its fingerprint matches; the engine's output equals `jlora generate --adapter RUN`."""
+    import optax
+    import yaml
+
+    from jlora import checkpoint, hf
+    from jlora.serve import load_engine
+    from jlora.serve.engine import End, Row, Token
+
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw["model"].update(path=str(world["model"]), scan_layers=True)
+    run = tmp_path / "run"
+    raw["run"]["dir"] = str(run)
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg = jlora.LoraConfig(**{k: v for k, v in raw["lora"].items() if k != "dropout"})
+    scanned = hf.load(world["model"], scan_layers=True)
+    ads = _random(jlora.init(scanned.params, cfg, key=jax.random.key(3),
+                             layout=jlora.layout(scanned.model, np.ones((1, 8), np.int32))), 3, 0.6)
+    with checkpoint.CheckpointManager(run / "checkpoints") as m:
+        m.save(2, jlora.TrainState.create(ads, optax.adam(1e-3), rng=jax.random.key(0)), params=scanned.params,
+               lora_config=cfg, name=scanned.name)
+    args = cli.build_parser().parse_args(["serve", "--model", str(world["model"]), "--adapter", f"run={run}",
+                                          "--max-batch", "1"])
+    prompt = world["loaded"].tokenizer.encode(PROMPTS[0])
+    with load_engine(args) as engine:
+        assert engine.loaded.config.scan_layers and engine.adapters()["run"]["slot"] == 0
+        out = engine.generate(prompt, adapter="run", max_tokens=N)
+        # a row cancelled while it decodes (a client gone, a stop string seen) ends after its next token
+        events, ended = [], threading.Event()
+
+        def sink(event):
+            events.append(event)
+            if len(events) == 3:
+                row.cancel()
+            if not isinstance(event, Token):
+                ended.set()
+
+        row = Row(prompt, sink, adapter="run", max_tokens=N, ignore_eos=True)
+        engine.submit([row])
+        assert ended.wait(60)
+    assert world["loaded"].tokenizer.decode(out.tokens) == _jlora_generate(world["model"], PROMPTS[0], run)
+    assert events[-1] == End("cancelled") and [e.id for e in events[:-1]] == out.tokens[:4]

@@ -54,8 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=8, help="adapters held at once (the bank's slots)")
     p.add_argument("--rank", type=int, help="the bank's rank: the largest adapter rank it takes (default 16, or the "
                                             "largest rank among --adapter)")
-    p.add_argument("--targets", nargs="+", help="regexes of the kernels the bank covers (default: every linear "
-                                                "layer; fewer is faster, e.g. --targets q_proj k_proj v_proj o_proj)")
+    p.add_argument("--targets", nargs="+", help="regexes of the kernels the bank covers (default: those the --adapter "
+                                                "folders use, else every linear layer; fewer is faster)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
     p.add_argument("--batch-sizes", type=_sizes_arg, help="sizes a batch is padded to, each compiled once "
                                                           "(default: powers of two up to --max-batch)")

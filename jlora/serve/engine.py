@@ -187,8 +187,9 @@ class EngineConfig:
         slots: adapter slots in the bank (adapters served at once).
         rank: the bank's rank R (the largest adapter rank it holds); None: 16, or the largest rank of the adapters
             given at start.
-        targets: regexes of the kernels the bank covers; None: every kernel in the layer stack (plus any path the
-            adapters given at start use).
+        targets: regexes of the kernels the bank covers; None: the paths the adapters given at start use, or
+            every kernel in the layer stack when none are given. Each covered kernel costs decoding time for
+            every adapted row, used by its adapter or not.
         max_batch: rows decoded together at most.
         batch_sizes: the sizes a batch is padded to (each compiles once); None: powers of two up to max_batch.
         max_queue: rows waiting for a batch at most; more is refused (HTTP 429).
@@ -293,7 +294,7 @@ class Engine:
         targets = config.targets
         if targets is None:
             used = sorted({p for _, ads, _, _ in read.values() for p, _ in _adapter_items(ads)})
-            targets = linear_targets(loaded.params) + tuple(f"^{re.escape(p)}$" for p in used)
+            targets = tuple(f"^{re.escape(p)}$" for p in used) or linear_targets(loaded.params)
         rank = config.rank or max([16] + [node.rank for _, ads, _, _ in read.values()
                                           for _, node in _adapter_items(ads)])
         bank = bank_lib.create(loaded.params, capacity=config.slots, rank=rank, targets=targets, layout=self.layout,
@@ -383,22 +384,35 @@ class Engine:
             raise Conflict(f"adapter {name!r} is already loaded (slot {self._names[name]}); DELETE it first or "
                            f"pass \"replace\": true", param="name")
         adapters, cfg, fp = bank_lib.read_folder(folder, self.loaded)
+        return self.put_adapter(name, adapters, cfg, fingerprint=fp, replace=replace, source=str(folder))
+
+    def put_adapter(self, name: str, adapters, cfg, *, fingerprint: str | None = None, replace: bool = False,
+                    source: str | None = None) -> int:
+        """:meth:`add_adapter` for adapters in memory (an adapter tree and its :class:`jlora.LoraConfig`)."""
+        self._check_name(name)
         with self._mutate:
             slot = self._names.get(name)
             if slot is not None and not replace:
-                raise Conflict(f"adapter {name!r} is already loaded (slot {slot})", param="name")
+                raise Conflict(f"adapter {name!r} is already loaded (slot {slot}); DELETE it first or pass "
+                               f"\"replace\": true", param="name")
             if slot is None:
                 free = sorted(set(range(self._bank.capacity)) - set(self._names.values()))
                 if not free:
                     raise Conflict(f"all {self._bank.capacity} slots are in use ({', '.join(self._names)}); DELETE "
                                    f"an adapter first or restart with more --slots", param="name")
                 slot = free[0]
-            new = bank_lib.put(self._bank, slot, adapters, cfg, fingerprint=fp)
+            try:
+                new = bank_lib.put(self._bank, slot, adapters, cfg, fingerprint=fingerprint)
+            except ValueError as e:
+                hint = {"outside the bank": "restart the server with --targets covering it",
+                        "above the bank's rank": "restart the server with a larger --rank"}
+                fix = next((v for k, v in hint.items() if k in str(e)), None)
+                raise ValueError(f"{e} ({fix})" if fix else str(e)) from e
             jax.block_until_ready(new)
             with self._lock:
                 self._bank = new
                 self._names[name] = slot
-                self._info[name] = {"path": str(folder), "created": int(time.time())}
+                self._info[name] = {"path": source, "created": int(time.time())}
         self.metrics.count("adapter_loads")
         return slot
 

@@ -7,7 +7,8 @@ character; the ``*_response`` / ``*_chunk`` functions build OpenAI's JSON object
 
 Supported fields: ``model``, ``prompt`` (a string, a list of strings, a list of token ids or a list of such lists;
 completions) or ``messages`` (chat; ``content`` a string or a list of text parts), ``max_tokens`` (chat:
-``max_completion_tokens`` too), ``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``, ``stream_options``
+``max_completion_tokens`` too; default 16 for completions as in OpenAI's API, the context left but at most 1024 for
+chat), ``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``, ``stream_options``
 (``include_usage``), ``n`` (1), and the extensions ``top_k`` (0 or -1: off), ``ignore_eos`` and ``return_token_ids``
 (each choice gets ``token_ids``, the generated ids). Penalties, ``logprobs``, ``logit_bias``, tools and other
 fields the server cannot honour are refused by name rather than ignored.
@@ -32,7 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 MAX_STOPS = 4
-COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions; chat defaults to the context left
+COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 1024          # chat: the context left, at most this (the KV cache is sized by it)
 IGNORED = frozenset({"user", "metadata", "store"})
 COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
                     "stream_options", "n", "ignore_eos", "return_token_ids", "presence_penalty", "frequency_penalty",
@@ -192,7 +194,7 @@ def _max_tokens(body, field, prompts, context, default):
                       f"for a completion: shorten it")
         room = context - len(p)
         if asked is None:
-            out.append(min(default or room, room))
+            out.append(min(default, room))
         elif asked > room:
             raise bad(field, f"the prompt ({len(p)} tokens) plus {field} ({asked}) exceeds the model's context of "
                              f"{context} tokens: ask for at most {room}")
@@ -287,7 +289,8 @@ def chat_request(body: Mapping, tokenizer, *, context: int = 2**31, vocab_size: 
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is not None:
         raise bad("max_tokens", "give max_tokens or max_completion_tokens, not both")
-    return Request(prompts=[ids], max_tokens=_max_tokens(body, field, [ids], context, None), chat=True, **common)
+    return Request(prompts=[ids], max_tokens=_max_tokens(body, field, [ids], context, CHAT_DEFAULT_MAX_TOKENS),
+                   chat=True, **common)
 
 
 def _short(x: Any, n: int = 80) -> str:
