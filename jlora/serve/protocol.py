@@ -78,6 +78,8 @@ def parse_json(raw: bytes) -> dict:
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
             from None
+    except RecursionError:
+        raise ApiError(400, "the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object; got {type(body).__name__}")
     return body
