@@ -1,5 +1,6 @@
 # jlora: every install step lives here, so a clean clone needs only Python 3.11+ and make.
-#   make demo      create .venv, install jlora (+demo extras), run the default fine-tune
+#   make demo      create .venv, install jlora (+demo extras), run the default fine-tune; it replaces an earlier
+#                  demo's runs/default (and says so)
 #   make test      create .venv with test extras, run the test suite (slow tests excluded)
 #   make test-all  the whole suite, slow tests included
 #   make bench     benchmarks; results in bench/README.md
@@ -27,6 +28,7 @@ $(VENV)/.test: pyproject.toml $(VENV)/.core
 	touch $@
 
 demo: $(VENV)/.core
+	@if [ -e runs/default ]; then echo "make demo: runs/default exists and is replaced by this run"; fi
 	$(VENV)/bin/jlora train --config configs/default.yaml --overwrite
 
 test: $(VENV)/.test

@@ -6,9 +6,13 @@
 
 Writes ``bench/results/<UTC time>.json`` (and ``latest.json``) with every sample, and rewrites ``bench/README.md``
 with the tables. Sections: figures (compiled FLOPs, trainable fraction, checkpoint bytes), train (step times vs
-PEFT and full fine-tuning), inference (forward and generation), compile (scan vs unrolled), gpu (skips without a
-GPU), variants (``bench/variants.py``: DoRA and QLoRA, when present), serve (``jlora serve``'s engine: 8 clients on
-8 adapters vs on the base).
+PEFT and full fine-tuning), inference (forward and generation), bank (many adapters on one base: a batch routed over
+16 adapters vs one adapter, one at a time and merging in turn; swap time, bytes, FLOPs), compile (scan vs unrolled),
+gpu (skips without a GPU), variants (``bench/variants.py``: DoRA and QLoRA, when present), serve
+(``jlora serve``'s engine: 8 clients on 8 adapters vs on the base).
+
+A partial run (``--sections``) keeps the other sections: from ``bench/results/latest.json`` when it holds a
+full-size run, else as they stand in ``bench/README.md`` (each marked with the run that measured it).
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("figures", "train", "inference", "compile", "gpu", "variants", "serve")
+SECTIONS = ("figures", "train", "inference", "bank", "compile", "gpu", "variants", "serve")
 TITLES = {"figures": "Deterministic figures: compiled FLOPs, trainable fraction, checkpoint bytes",
           "train": "Train step: jlora vs PEFT vs full fine-tuning (CPU)",
           "inference": "Inference: forward and generation",
+          "bank": "Many adapters on one base: a bank of slots routed per row (jlora.bank)",
           "compile": "Compile time: unrolled layers vs nn.scan",
           "gpu": "GPU: bf16 tokens/s and MFU",
           "variants": "LoRA variants: DoRA step time, QLoRA memory",
@@ -50,7 +56,7 @@ def _variants(quick: bool) -> dict:
 
 
 def _section(name: str, args) -> dict:
-    from bench import compile_time, figures, gpu, inference, train_speed
+    from bench import bank, compile_time, figures, gpu, inference, train_speed
 
     layers = 4 if args.quick else None
     repeats = 3 if args.quick else args.repeats
@@ -60,6 +66,8 @@ def _section(name: str, args) -> dict:
         return train_speed.run(repeats=repeats, layers=layers)
     if name == "inference":
         return inference.run(repeats=repeats, layers=layers)
+    if name == "bank":
+        return bank.run(repeats=repeats, layers=layers, quick=args.quick)
     if name == "compile":
         return compile_time.run(layers=layers)
     if name == "gpu":
@@ -78,7 +86,8 @@ def _environment() -> dict:
     from bench import common
 
     env = {"python": platform.python_version(), "jax": jax.__version__, "machine": platform.machine(),
-           "processor": _cpu_name(), "threads": common.threads(), "devices": [str(d) for d in jax.devices()][:4],
+           "processor": _cpu_name(), "vector_extensions": _vector_extensions(), "threads": common.threads(),
+           "devices": [str(d) for d in jax.devices()][:4],
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "load_average_at_start": os.getloadavg()}
     try:
         import peft
@@ -96,6 +105,21 @@ def _cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor()
+
+
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def _vector_extensions() -> list[str]:
+    """The CPU's vector extensions that matter to XLA:CPU's and torch's kernels (from /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return []
+    return [f for f in VECTOR_FLAGS if f in flags]
 
 
 def _memory_table(train: dict) -> str:
@@ -134,11 +158,12 @@ def _targets(report: dict) -> str:
     secs = {k: v.get("results", {}) for k, v in report["sections"].items()}
     rows = []
 
-    def add(target, value, limit, note=""):
+    def add(target, value, limit, note="", at_least=False):
         if value is None:
             return
-        met = "yes" if value <= limit else "**no**"
-        rows.append([target, f"{value:.3f}", f"<= {limit:.2f}", "unreliable" if "contended" in note else met, note])
+        met = "yes" if (value >= limit if at_least else value <= limit) else "**no**"
+        rows.append([target, f"{value:.3f}", f"{'>=' if at_least else '<='} {limit:.2f}",
+                     "unreliable" if "contended" in note else met, note])
 
     train = secs.get("train", {})
     for mode, label in (("1", "1 thread"), ("all", "all cores")):
@@ -162,6 +187,20 @@ def _targets(report: dict) -> str:
     ratios = secs.get("inference", {}).get("ratios", {})
     add("merged forward / base forward", ratios.get("merged / base"), 1.02)
     add("unmerged forward / base forward (r=16, q,v)", ratios.get("unmerged / base"), 1.10)
+    bank = secs.get("bank", {}).get("ratios", {})
+    bank_cpu = secs.get("bank", {}).get("cpu_ratios", {})
+
+    def cpu_note(key):
+        return f"CPU-time ratio {bank_cpu[key]:.3f}" if key in bank_cpu else ""
+
+    for kind, label in (("forward", "forward (16 rows, r=16, q,v)"), ("generation", "32-token generation")):
+        key = f"bank / one adapter, {kind}"
+        add(f"bank of 16 adapters / one adapter, {label}", bank.get(key), 1.15, cpu_note(key))
+    for kind in ("forward", "generation"):
+        key = f"one at a time / bank, {kind}"
+        add(f"16 adapters one at a time (batch 1) / bank, {kind}", bank.get(key), 5.0,
+            "speedup; " + cpu_note(key) + ("; compute-bound on a CPU, see the section" if kind == "forward" else ""),
+            at_least=True)
     if not rows:
         return ""
     from bench import common
@@ -208,20 +247,66 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
 """
 
 
-def _readme(report: dict) -> str:
+KEPT = ("Rows of sections not measured in this run are kept from the previous bench/README.md; each such section "
+        "says which run measured it.")
+
+
+def _previous_readme(path: str) -> dict:
+    """What a partial run keeps of the README it replaces: ``{"started", "blocks": {title: text}, "targets":
+    [row cells]}`` (empty when there is no README)."""
+    try:
+        with open(path) as f:
+            return _previous_readme_text(f.read())
+    except OSError:
+        return {"started": None, "blocks": {}, "targets": []}
+
+
+def _previous_readme_text(text: str) -> dict:
+    """:func:`_previous_readme` of a README's text."""
+    run = re.search(r"^Run (\S+) \(", text, re.M)
+    blocks = {}
+    for part in re.split(r"^## ", text, flags=re.M)[1:]:
+        title, _, body = part.partition("\n")
+        blocks[title.strip()] = body.strip("\n")
+    table = blocks.get("Targets", "").split(KEPT)[0]
+    targets = [[c.strip() for c in line.strip().strip("|").split("|")]
+               for line in table.splitlines()[2:] if line.startswith("|")]
+    return {"started": run.group(1) if run else None, "blocks": blocks, "targets": targets}
+
+
+def _readme(report: dict, previous: dict | None = None) -> str:
+    """The README text; sections missing from ``report`` are kept from ``previous`` (:func:`_previous_readme`)."""
     env = report["environment"]
+    previous = previous or {"started": None, "blocks": {}, "targets": []}
+    missing = [n for n in SECTIONS if n not in report["sections"] and TITLES[n] in previous["blocks"]]
+    when = previous["started"] or "a previous run"
+    targets = _targets(report)
+    if missing:
+        have = {line.split("|")[1].strip() for line in targets.splitlines()[2:]}
+        kept = [row for row in previous["targets"] if row and row[0] not in have]
+        if kept:
+            from bench import common
+            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in targets.splitlines()[2:]]
+            targets = common.md_table(["target", "measured", "target", "met", "note"], kept + rows) + "\n\n" + KEPT
+    ext = env.get("vector_extensions")
     lines = ["# jlora benchmarks", "",
              "Generated by `make bench` (`python -m bench.run`); every ratio is measured side by side in one run. "
              "Raw samples: `bench/results/*.json` (not committed).", "",
-             f"Run {report['started']} ({report['total_s']:.0f} s): {env['processor']}, {env['threads']} threads, "
+             f"Run {report['started']} ({report['total_s']:.0f} s): {env['processor']}"
+             + (f" ({', '.join(ext)})" if ext else "") + f", {env['threads']} threads, "
              f"jax {env['jax']}, torch {env.get('torch', '-')}, transformers {env.get('transformers', '-')}, "
              f"peft {env.get('peft', '-')}; load average at start {env['load_average_at_start'][0]:.1f} "
              f"(the machine may be shared: compare ratios, not absolute times)."
              + (" **Quick mode: 4 layers, 3 repeats.**" if report["quick"] else ""), "",
-             "## Targets", "", _targets(report), ""]
+             "## Targets", "", targets, ""]
     for name in SECTIONS:
         sec = report["sections"].get(name)
         if sec is None:
+            if name in missing:
+                block = previous["blocks"][TITLES[name]]
+                lines += [f"## {TITLES[name]}", "", block, ""]
+                if "(measured in the run of" not in block:
+                    lines += [f"(measured in the run of {when})", ""]
             continue
         when = sec.get("measured", report["started"])
         lines += [f"## {TITLES[name]}", "", sec.get("markdown", ""), ""]
@@ -242,11 +327,13 @@ def main(argv=None) -> int:
     parser.add_argument("--render", action="store_true",
                         help="only rewrite bench/README.md from bench/results/latest.json")
     args = parser.parse_args(argv)
+    readme = os.path.join(HERE, "README.md")
     if args.render:
         with open(os.path.join(HERE, "results", "latest.json")) as f:
             report = json.load(f)
-        with open(os.path.join(HERE, "README.md"), "w") as f:
-            f.write(_readme(report))
+        previous = _previous_readme(readme)
+        with open(readme, "w") as f:
+            f.write(_readme(report, previous))
         return 0
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
@@ -284,8 +371,9 @@ def main(argv=None) -> int:
         with open(os.path.join(HERE, "results", fname), "w") as f:
             json.dump(report, f, indent=1, default=str)
     if not (args.quick or args.no_readme):
-        with open(os.path.join(HERE, "README.md"), "w") as f:
-            f.write(_readme(report))
+        previous = _previous_readme(readme)
+        with open(readme, "w") as f:
+            f.write(_readme(report, previous))
     print(f"[bench] done in {report['total_s']:.0f} s; results in bench/results/latest.json", flush=True)
     return 1 if failed else 0
 

@@ -17,7 +17,7 @@ Examples:
 import importlib as _importlib
 from importlib import metadata as _metadata
 
-from jlora import tree
+from jlora import compose, tree
 from jlora.adapter import Adapter, KernelLayout
 from jlora.config import LoraConfig
 from jlora.lora import count, init, merge, summary, unmerge
@@ -32,19 +32,23 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
     __version__ = "0.0.0+local"
 
 # Submodules with heavier imports load on first use: `jlora.hf`, `jlora.peft`, `jlora.checkpoint`, ...
-_LAZY = ("hf", "peft", "checkpoint", "parallel", "data", "models", "variants", "cli")
+_LAZY = ("hf", "peft", "checkpoint", "parallel", "data", "models", "variants", "cli", "side_effects")
+# Functions of those submodules, also loaded on first use.
+_LAZY_FUNCTIONS = {"evaluate": "side_effects"}
 
 
 def __getattr__(name):
     if name in _LAZY:
         return _importlib.import_module(f"jlora.{name}")
+    if name in _LAZY_FUNCTIONS:
+        return getattr(_importlib.import_module(f"jlora.{_LAZY_FUNCTIONS[name]}"), name)
     raise AttributeError(f"module 'jlora' has no attribute {name!r}")
 
 
 __all__ = [
     "LoraConfig", "Adapter", "KernelLayout", "TrainState",
     "init", "apply", "merge", "unmerge", "count", "summary", "layout", "init_with_base", "quantize",
-    "partition", "combine", "tree",
+    "partition", "combine", "tree", "compose", "evaluate",
     "make_train_step", "make_eval_step", "scan_steps", "causal_lm_loss", "lm_loss",
     "__version__",
 ]

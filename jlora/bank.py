@@ -76,15 +76,16 @@ def _slot_output(c: LayerCall) -> jax.Array:
                          f"{x.shape[0]} rows: pass one id per row")
     use = ids >= 0
     safe = jnp.where(use, ids, 0)
-    gain = jnp.where(use, jnp.take(node.extras["scale"], safe), 0.0).astype(c.dtype)      # (B,)
-    a, b = jnp.take(node.a, safe, axis=0).astype(c.dtype), jnp.take(node.b, safe, axis=0).astype(c.dtype)
+    gain = jnp.where(use, jnp.take(node.extras["scale"], safe, mode="clip"), 0.0).astype(c.dtype)      # (B,)
+    a = jnp.take(node.a, safe, axis=0, mode="clip").astype(c.dtype)      # ids are made safe: no fill masking
+    b = jnp.take(node.b, safe, axis=0, mode="clip").astype(c.dtype)
     lift = (slice(None),) + (None,) * (y.ndim - 1)
     if c.kind == "Embed":
         if c.method == "attend":       # x @ E^T + s (x @ B^T) @ A^T, per row
             h = jnp.einsum("b...d,brd->b...r", x.astype(c.dtype), b)
             return y + (gain[lift] * jnp.einsum("b...r,bvr->b...v", h, a)).astype(y.dtype)
         # gather the rows' tokens from their slots' A directly, never a (B, vocab, R) copy of the tables
-        h = jax.vmap(lambda t, s: jnp.take(node.a[s], t, axis=0))(x, safe).astype(c.dtype)
+        h = jax.vmap(lambda t, s: jnp.take(node.a[s], t, axis=0, mode="clip"))(x, safe).astype(c.dtype)
         return y + (gain[lift] * jnp.einsum("b...r,bro->b...o", h, b)).astype(y.dtype)
     xd = (c.dropout(x) if c.dropout is not None else x).astype(c.dtype)
     module = c.module
@@ -115,8 +116,8 @@ def _slot_output(c: LayerCall) -> jax.Array:
                              f"batch rows; keep it out of the bank's targets")
         keep = [i for i in range(xd.ndim) if i not in contract]
         xm = jnp.transpose(xd, (*keep, *contract)).reshape(*[xd.shape[i] for i in keep], a.shape[-2])
-    h = jnp.einsum("b...i,bir->b...r", xm, a)
-    d = jnp.einsum("b...r,bro->b...o", h, b) * gain[(slice(None),) + (None,) * (h.ndim - 1)]
+    h = jnp.einsum("b...i,bir->b...r", xm, a) * gain[(slice(None),) + (None,) * (xm.ndim - 1)]  # scale at rank r
+    d = jnp.einsum("b...r,bro->b...o", h, b)
     return y + d.reshape(y.shape).astype(y.dtype)
 
 
@@ -252,29 +253,40 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
             raise ValueError(f"the adapter at {path!r} has rank {r}, above the bank's rank {bank.rank}")
         if r != cfg.rank_for(path):
             raise ValueError(f"the adapter at {path!r} has rank {r} but its config gives {cfg.rank_for(path)}")
+    values = {}                            # what the slot holds at every path, zero-padded to the bank's rank
     for path, s in slots.items():
         node = given.get(path)
         lead = np.ndim(s.a) - 3
-        at = (slice(None),) * lead + (int(slot),)
-        if node is None:
-            a = s.a.at[at].set(0)
-            b = s.b.at[at].set(0)
-            scale, rank = s.extras["scale"].at[at].set(0.0), s.extras["rank"].at[at].set(0)
-        else:
+        a = np.zeros(np.shape(s.a)[:lead] + np.shape(s.a)[-2:], s.a.dtype)
+        b = np.zeros(np.shape(s.b)[:lead] + np.shape(s.b)[-2:], s.b.dtype)
+        scale, rank = np.zeros(np.shape(s.a)[:lead], np.float32), np.zeros(np.shape(s.a)[:lead], np.int32)
+        if node is not None:
             r = node.rank
             if np.shape(node.a)[:-2] != np.shape(s.a)[:lead] or np.shape(node.a)[-2] != np.shape(s.a)[-2] \
                     or np.shape(node.b)[-1] != np.shape(s.b)[-1]:
                 raise ValueError(f"the adapter at {path!r} (a {np.shape(node.a)}, b {np.shape(node.b)}) does not "
                                  f"fit the bank's kernel (a {np.shape(s.a)[:lead] + np.shape(s.a)[-2:-1]}+(r,)); "
                                  f"it was made for another model")
-            pad_a = jnp.zeros(np.shape(s.a)[:lead] + np.shape(s.a)[-2:], s.a.dtype)
-            pad_b = jnp.zeros(np.shape(s.b)[:lead] + np.shape(s.b)[-2:], s.b.dtype)
-            a = s.a.at[at].set(pad_a.at[..., :r].set(jnp.asarray(node.a, s.a.dtype)))
-            b = s.b.at[at].set(pad_b.at[..., :r, :].set(jnp.asarray(node.b, s.b.dtype)))
-            scale = s.extras["scale"].at[at].set(cfg.scale(path))
-            rank = s.extras["rank"].at[at].set(r)
-        new[path] = s.replace(a=a, b=b, extras={"scale": scale, "rank": rank})
-    return dataclasses.replace(bank, slots=tree_lib.unflatten(new))
+            a[..., :r] = np.asarray(node.a, s.a.dtype)
+            b[..., :r, :] = np.asarray(node.b, s.b.dtype)
+            scale[...], rank[...] = cfg.scale(path), r
+        values[path] = (a, b, scale, rank)
+    written = _write_slot(tree_lib.unflatten(slots), jnp.asarray(int(slot), jnp.int32), tree_lib.unflatten(values))
+    return dataclasses.replace(bank, slots=written)
+
+
+@jax.jit
+def _write_slot(slots: dict, slot: jax.Array, values: dict) -> dict:
+    """Every path's slot ``slot`` set to ``values`` in one compiled call (the slot is data: one compile per bank
+    shape, not per slot)."""
+    def write(s, v):
+        lead = np.ndim(s.a) - 3
+        a, b, scale, rank = v
+        put_in = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y.astype(x.dtype), slot, lead)  # noqa: E731
+        return s.replace(a=put_in(s.a, a), b=put_in(s.b, b),
+                         extras={"scale": put_in(s.extras["scale"], scale), "rank": put_in(s.extras["rank"], rank)})
+
+    return jax.tree.map(write, slots, values, is_leaf=lambda x: isinstance(x, Slots))
 
 
 def clear(bank: Bank, slot: int) -> Bank:

@@ -85,7 +85,7 @@ def _read(path: str | os.PathLike) -> list[tuple[str, dict]]:
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))   # the error column of a cut-short line: its end
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line must be one "
                                  f"JSON object") from None

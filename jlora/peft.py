@@ -82,7 +82,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     Returns:
         The folder path.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     lora_lib.check_fits(loaded.params, adapters, cfg)
     by_path: dict[tuple[str, int | None], str] = {v: k for k, v in _module_table(loaded).items()}
@@ -142,7 +142,8 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     }
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    # Both files written alike, with the mode the umask gives (safetensors' save_file makes its file 0600).
+    (out / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -287,10 +288,12 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     missing = [f"{PREFIX}{mod}.{'lora_A' if p == 'a' else 'lora_B'}" for mod, pair in found.items()
                for p in "ab" if p not in pair]
     if unexpected or missing or not found:
+        def few(keys: list[str]) -> str:   # the first three and the count: one readable line
+            return f"{sorted(keys)[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+
         raise ValueError(f"adapter {folder} does not fit the base model {loaded.name!r}: unexpected keys "
-                         f"{sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}; missing keys "
-                         f"{missing[:10]}. Module names here look like {sorted(table)[:5]}; the adapter is for "
-                         f"another model or its module names are misspelled.")
+                         f"{few(unexpected)}; missing keys {few(missing)}. Module names here look like "
+                         f"{sorted(table)[:3]}; the adapter is for another model or its module names are misspelled.")
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     per_path: dict[str, dict[int | None, dict[str, np.ndarray]]] = {}

@@ -124,6 +124,18 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
     """
     if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"`grad_accum_steps` must be an integer >= 1; got {grad_accum_steps!r}")
+    user_loss_fn = loss_fn
+
+    def loss_fn(apply_fn, batch):   # the user's, with its return value checked (at trace time)
+        out = user_loss_fn(apply_fn, batch)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)) or jnp.ndim(out[0]):
+            def kind(v):
+                return f"an array of shape {jnp.shape(v)}" if hasattr(v, "shape") else type(v).__name__
+
+            got = f"({', '.join(map(kind, out))})" if isinstance(out, tuple) else kind(out)
+            raise TypeError(f"`loss_fn` must return `(loss, metrics)`: a scalar loss and a dict of metrics, e.g. "
+                            f"`return loss, {{\"loss\": loss}}`; it returned {got}")
+        return out
 
     def step(state: TrainState, params, batch: Batch):
         rng, step_rng = jax.random.split(state.rng)

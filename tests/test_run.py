@@ -48,7 +48,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _write_config(tmp_path, model, name="run", **sections):
-    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw = runconfig.read_yaml((ROOT / "configs" / "default.yaml").read_text())
     raw["model"]["path"] = str(model)
     raw["data"].update(train=str(ROOT / "examples/data/train.jsonl"), valid=str(ROOT / "examples/data/valid.jsonl"),
                        batch_size=4)
@@ -140,12 +140,12 @@ def test_sigint_then_resume_matches_uninterrupted(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"train": {"stpes": 3}}, "unknown key `train.stpes`.*did you mean 'steps'"),
-    ({"train": {"steps": "ten"}}, "`train.steps` must be int; got 'ten'"),
+    ({"train": {"steps": "ten"}}, r"`train.steps` must be an integer; got 'ten' \(str\)"),
     ({"data": {"train": "no/such.jsonl"}}, "`data.train` file 'no/such.jsonl' does not exist"),
-    ({"model": {"path": "/no/such/model"}}, "`model.path` '/no/such/model'"),
+    ({"model": {"path": "/no/such/model"}}, "`model.path`: /no/such/model does not exist"),
 ])
 def test_bad_config_is_one_line_exit_2(change, message, tmp_path):
-    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw = runconfig.read_yaml((ROOT / "configs" / "default.yaml").read_text())
     raw["run"]["dir"] = str(tmp_path / "r")
     for section, values in change.items():
         raw[section].update(values)
@@ -164,7 +164,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "precious.txt").write_text("keep me")
-    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw = runconfig.read_yaml((ROOT / "configs" / "default.yaml").read_text())
     raw["run"]["dir"] = str(run)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -228,12 +228,12 @@ def test_steps_per_call_trains_the_same_steps_and_resumes(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("train, message", [
-    ({"steps_per_call": 0}, "train.steps_per_call must be >= 1"),
-    ({"steps_per_call": 4, "checkpoint_every": 6}, "train.checkpoint_every=6 is not a multiple of "
-                                                   "train.steps_per_call=4"),
+    ({"steps_per_call": 0}, "`train.steps_per_call` must be >= 1"),
+    ({"steps_per_call": 4, "checkpoint_every": 6}, "`train.checkpoint_every` = 6 is not a multiple of "
+                                                   "`train.steps_per_call` = 4"),
 ])
 def test_bad_steps_per_call_is_a_config_error(train, message, tmp_path):
-    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw = runconfig.read_yaml((ROOT / "configs" / "default.yaml").read_text())
     raw["train"].update(train)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -1,23 +1,37 @@
 """Run configuration: YAML files parsed into frozen dataclasses, strictly.
 
 A run config has sections ``model``, ``lora``, ``data``, ``train``, ``eval``, ``mesh`` and ``run``. Every key is
-checked: an unknown key is an error naming it and the nearest valid key, a value of the wrong type is an error
-naming the key, the expected type and the value. ``--set section.key=value`` overrides are parsed as YAML scalars
-and checked the same way. Errors are :class:`ConfigError`, which the command line prints as one line (exit 2).
+checked, and every error names the key and where its value came from (the file, or the ``--set`` override):
+
+* an unknown key is an error naming it and the nearest valid key;
+* a value of the wrong type is an error naming the expected type and the value. Numbers are numbers however they
+  are spelled (``2e-3``, ``1E5``, ``.5``, ``1_000``: YAML 1.1 would read some of these as text); an integer key
+  takes a float only when it is a whole number (``1e3``);
+* a key with a fixed set of values (``model.remat``, ``lora.init``, ...) lists them;
+* ``null`` sets an optional key (``data.valid``, ``lora.exclude``, ...) to none; on any other key it is an error;
+* an impossible value (``train.steps: 0``, a negative learning rate, ``data.batch_size: 0``) is an error giving
+  the allowed range, and so are keys that contradict each other.
+
+``--set section.key=value`` overrides are parsed as YAML scalars and checked the same way. Errors are
+:class:`ConfigError`, which the command line prints as one line (exit 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import pathlib
+import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
 
+from jlora import config as lora_config
+from jlora import data as data_lib
 from jlora.config import LoraConfig
 
 
@@ -25,6 +39,69 @@ class ConfigError(ValueError):
     """A problem with a run config that the user fixes by editing the config (printed as one line)."""
 
 
+class _BadValue(ConfigError):
+    """A key's value is out of range; :func:`parse` adds where the value came from."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"`{key}` {message}")
+        self.key = key
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.2's numbers: ``2e-3`` and ``1e5`` are floats (YAML 1.1 wants a dot and a
+    signed exponent, ``2.0e-3``, and reads the others as text)."""
+
+
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+                       |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                       |[-+]?\.(?:inf|Inf|INF)
+                       |\.(?:nan|NaN|NAN))$""", re.X)
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _FLOAT_TAG]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """Parses YAML text with :class:`_Loader` (numbers as YAML 1.2 reads them).
+
+    Examples:
+        >>> read_yaml("learning_rate: 2e-3\\nsteps: 1_000\\nvalid: null")
+        {'learning_rate': 0.002, 'steps': 1000, 'valid': None}
+    """
+    return yaml.load(text, Loader=_Loader)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _at_least(n: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= n), f">= {n}"
+
+
+_POSITIVE = (lambda v: v > 0 and math.isfinite(v)), "a number > 0"
+_NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v)), "a number >= 0"
+
+
+def _check(section: str, obj: Any, rules: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Raises :class:`_BadValue` for the first field of ``obj`` that breaks its rule."""
+    for key, (ok, allowed) in rules.items():
+        value = getattr(obj, key)
+        if not ok(value):
+            raise _BadValue(f"{section}.{key}", f"must be {allowed}; got {value!r}")
+
+
+# Keys with a fixed set of values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "data.overflow": data_lib.OVERFLOW_POLICIES,
+    "lora.init": lora_config.INITS,
+    "lora.dtype": lora_config.DTYPES,
+    "lora.bias": lora_config.BIAS_MODES,
+}
+
+
+# ------------------------------------------------------------------------------------------------ sections
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """Which pretrained model to fine-tune.
@@ -45,20 +122,37 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """Training data: JSONL files of prompt/completion pairs or chat ``messages``."""
+    """Training data: JSONL files of prompt/completion pairs or chat ``messages``.
+
+    Attributes:
+        train: the training JSONL file.
+        valid: the validation JSONL file (validation loss and the generation eval's prompts); empty or null: none.
+        valid_fraction: without ``valid``, hold out this fraction of ``train`` (seeded by ``seed``) for validation.
+        max_length: tokens per example; a longer example is handled by ``overflow``.
+        overflow: ``error`` (default: a longer example is an error naming it), ``truncate`` (keep the first
+            ``max_length`` tokens) or ``drop`` (skip it); both of the latter warn with the count.
+        batch_size: examples per step (split over ``train.grad_accum_steps`` and the mesh's data x fsdp devices).
+        packing: pack several examples into each row of ``max_length`` tokens.
+        seed: shuffling (and the ``valid_fraction`` split).
+    """
 
     train: str = ""
     valid: str = ""
     valid_fraction: float = 0.0
     max_length: int = 256
+    overflow: str = "error"
     batch_size: int = 8
     packing: bool = False
     seed: int = 0
 
+    def __post_init__(self):
+        _check("data", self, {"valid_fraction": ((lambda v: 0 <= v < 1), "in [0, 1)"), "max_length": _at_least(2),
+                              "batch_size": _at_least(1), "seed": _at_least(0)})
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    """The optimization loop."""
+    """The optimization loop (AdamW with linear warmup and cosine decay to a tenth of ``learning_rate``)."""
 
     steps: int = 100
     learning_rate: float = 1e-3
@@ -74,14 +168,17 @@ class TrainSection:
     steps_per_call: int = 1
 
     def __post_init__(self):
-        if self.steps_per_call < 1:
-            raise ValueError(f"train.steps_per_call must be >= 1; got {self.steps_per_call}")
+        _check("train", self, {
+            "steps": _at_least(1), "learning_rate": _POSITIVE, "warmup_steps": _at_least(0),
+            "weight_decay": _NON_NEGATIVE, "max_grad_norm": _POSITIVE, "grad_accum_steps": _at_least(1),
+            "seed": _at_least(0), "log_every": _at_least(1), "eval_every": _at_least(0),
+            "checkpoint_every": _at_least(0), "max_to_keep": _at_least(1), "steps_per_call": _at_least(1)})
         for name in ("eval_every", "checkpoint_every"):
             every = getattr(self, name)
             if every and every % self.steps_per_call:
-                raise ValueError(f"train.{name}={every} is not a multiple of train.steps_per_call="
-                                 f"{self.steps_per_call}: validation and checkpoints happen between calls, so "
-                                 f"make {name} a multiple of steps_per_call (or set steps_per_call: 1)")
+                raise _BadValue(f"train.{name}", f"= {every} is not a multiple of `train.steps_per_call` = "
+                                f"{self.steps_per_call}: validation and checkpoints happen between calls, so make "
+                                f"{name} a multiple of steps_per_call (or set steps_per_call: 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,22 +198,37 @@ class EvalSection:
     max_new_tokens: int = 64
     scorer: str = "jlora.cli.scoring:exact_match"
 
+    def __post_init__(self):
+        _check("eval", self, {"num_examples": _at_least(1), "batch_size": _at_least(1),
+                              "max_new_tokens": _at_least(1)})
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh sizes (``data * fsdp * tensor`` must equal the device count; 1/1/1 = a single device)."""
+    """Device mesh sizes (``data * fsdp * tensor`` must equal the device count; 1/1/1 = a single device; one size
+    may be -1: whatever the others leave)."""
 
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):
+        rule = ((lambda v: v >= 1 or v == -1), ">= 1 (or -1: the devices the other sizes leave)")
+        _check("mesh", self, {"data": rule, "fsdp": rule, "tensor": rule})
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise _BadValue("mesh", f"may have one size of -1, not several; got data={self.data}, fsdp={self.fsdp}, "
+                            f"tensor={self.tensor}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunSection:
-    """Where the run folder goes."""
+    """Where the run folder goes, and whether the run ends with a PEFT export (``<dir>/peft``)."""
 
     dir: str = "runs/default"
     export_peft: bool = True
+
+    def __post_init__(self):
+        _check("run", self, {"dir": ((lambda v: bool(v.strip())), "a folder path")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +242,16 @@ class RunConfig:
     eval: EvalSection = EvalSection()
     mesh: MeshSection = MeshSection()
     run: RunSection = RunSection()
+
+    def __post_init__(self):
+        batch, accum = self.data.batch_size, self.train.grad_accum_steps
+        if batch % accum:
+            raise _BadValue("data.batch_size", f"= {batch} does not split into `train.grad_accum_steps` = {accum} "
+                            f"equal micro-batches; make batch_size a multiple of grad_accum_steps")
+        rows = self.mesh.data * self.mesh.fsdp
+        if rows > 0 and (batch // accum) % rows:
+            raise _BadValue("data.batch_size", f"= {batch} (micro-batches of {batch // accum}) does not split over "
+                            f"the mesh's data x fsdp = {rows} devices; make each micro-batch a multiple of {rows}")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (what ``config.yaml`` in a run folder holds)."""
@@ -148,47 +270,95 @@ def _section_class(name: str) -> type:
             "eval": EvalSection, "mesh": MeshSection, "run": RunSection}[name]
 
 
+def keys() -> dict[str, tuple[str, ...]]:
+    """Every section's keys, in order (what ``configs/default.yaml`` documents).
+
+    Examples:
+        >>> keys()["mesh"]
+        ('data', 'fsdp', 'tensor')
+    """
+    return {name: tuple(f.name for f in dataclasses.fields(_section_class(name))) for name in SECTIONS}
+
+
+# ------------------------------------------------------------------------------------------------ parsing
 def _nearest(word: str, options: Sequence[str]) -> str:
     match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {sorted(options)}"
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Checks (and lightly coerces: int -> float, list -> tuple) ``value`` against a dataclass annotation."""
-    hint = annotation
+_EMPTY = ("", (), None)
+
+
+def _is_empty(value: Any) -> bool:
+    return any(value is e or value == e for e in _EMPTY) or (isinstance(value, Mapping) and not value)
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint) if h is not type(None))
+    if typing.get_origin(hint) is tuple or hint is tuple:
+        return "a list of strings"
+    if typing.get_origin(hint) in (Mapping, dict) or hint is dict:
+        return "a mapping"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """``(True, value)`` converted to the annotation ``hint`` (int -> float, a whole float -> int, list -> tuple),
+    or ``(False, None)`` when it does not fit."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
-            try:
-                return _check_type(key, value, option)
-            except ConfigError:
-                pass
-        raise ConfigError(f"`{key}` has the wrong type: got {value!r} ({type(value).__name__})")
+            fits, out = _coerce(value, option)
+            if fits:
+                return True, out
+        return False, None
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple or hint is tuple:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-    elif origin in (Mapping, dict) or hint is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-    else:
-        return value
-    expected = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"`{key}` must be {expected}; got {value!r} ({type(value).__name__})")
+        return isinstance(value, bool), value
+    if isinstance(value, bool):
+        return False, None
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int), value
+    if hint is float:
+        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else None
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is tuple or hint is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return ok, tuple(value) if ok else None
+    if origin in (Mapping, dict) or hint is dict:
+        return isinstance(value, Mapping), dict(value) if isinstance(value, Mapping) else None
+    return True, value
 
 
-def _build_section(name: str, values: Any, source: str) -> Any:
+def _check_value(key: str, value: Any, hint: Any, default: Any) -> Any:
+    """``value`` for ``key`` checked against its annotation, its choices and null; raises :class:`_BadValue`."""
+    choices = CHOICES.get(key)
+    if value is None:
+        if _is_empty(default):
+            return default
+        if choices and "none" in choices:
+            return "none"
+        raise _BadValue(key, f"cannot be null (it has no 'none'); set {_type_name(hint)}, or leave the key out for "
+                              f"its default {default!r}")
+    if choices is not None:
+        if value in choices and isinstance(value, str):
+            return value
+        hint_text = (" (YAML reads yes/no/on/off/true/false as booleans)" if isinstance(value, bool) else "")
+        raise _BadValue(key, f"must be one of {', '.join(choices)}; got {value!r}{hint_text}")
+    fits, out = _coerce(value, hint)
+    if fits:
+        return out
+    got = f"{value!r} ({type(value).__name__})"
+    quote = "; quote it to make it a string" if hint is str and not isinstance(value, (list, dict)) else ""
+    whole = "; a whole number is needed" if hint is int and isinstance(value, float) else ""
+    raise _BadValue(key, f"must be {_type_name(hint)}; got {got}{quote}{whole}")
+
+
+def _build_section(name: str, values: Any, source: str, origins: Mapping[str, str]) -> Any:
     cls = _section_class(name)
     if values is None:
         values = {}
@@ -198,17 +368,32 @@ def _build_section(name: str, values: Any, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        where = origins.get(f"{name}.{key}", source)
         if key not in fields:
-            raise ConfigError(f"unknown key `{name}.{key}` in {source}{_nearest(str(key), list(fields))}")
-        kwargs[key] = _check_type(f"{name}.{key}", value, hints[key])
+            raise ConfigError(f"unknown key `{name}.{key}` in {where}{_nearest(str(key), list(fields))}")
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        try:
+            kwargs[key] = _check_value(f"{name}.{key}", value, hints[key], default)
+        except _BadValue as e:
+            raise ConfigError(f"{e} (in {where})") from None
     try:
         return cls(**kwargs)
+    except _BadValue as e:
+        raise ConfigError(f"{e} (in {origins.get(e.key, source)})") from None
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"invalid `{name}` section in {source}: {e}") from None
+        keys_named = [k for k in kwargs if f"`{k}`" in str(e)]
+        where = origins.get(f"{name}.{keys_named[0]}", source) if keys_named else source
+        raise ConfigError(f"invalid `{name}` section: {e} (in {where})") from None
 
 
-def parse(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
-    """Builds a :class:`RunConfig` from a plain dict, checking every key and type.
+def parse(raw: Mapping[str, Any], source: str = "config", origins: Mapping[str, str] | None = None) -> RunConfig:
+    """Builds a :class:`RunConfig` from a plain dict, checking every key and value.
+
+    Args:
+        raw: ``{section: {key: value}}``.
+        source: where ``raw`` came from, for messages (a file name).
+        origins: ``{"section.key": "--set section.key=value"}`` for values that came from elsewhere.
 
     Examples:
         >>> parse({"lora": {"rank": 4}, "train": {"steps": 10}}).lora.rank
@@ -217,51 +402,75 @@ def parse(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
         Traceback (most recent call last):
         ...
         jlora.cli.config.ConfigError: unknown key `train.stpes` in config; did you mean 'steps'?
+        >>> parse({"model": {"remat": True}})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        jlora.cli.config.ConfigError: `model.remat` must be one of none, full, dots; got True (YAML reads yes/no/...
     """
+    origins = dict(origins or {})
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source} must hold a mapping of sections {sorted(SECTIONS)}; got {type(raw).__name__}")
     for name in raw:
         if name not in SECTIONS:
             raise ConfigError(f"unknown section `{name}` in {source}{_nearest(str(name), list(SECTIONS))}")
-    return RunConfig(**{name: _build_section(name, raw.get(name), source) for name in SECTIONS})
+    sections = {name: _build_section(name, raw.get(name), source, origins) for name in SECTIONS}
+    try:
+        return RunConfig(**sections)
+    except _BadValue as e:
+        raise ConfigError(f"{e} (in {origins.get(e.key, source)})") from None
+
+
+def _split_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=20)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} in --set {item} must be section.key (e.g. train.steps)")
+    section, name = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section `{section}` in --set {item}{_nearest(section, list(SECTIONS))}")
+    try:
+        parsed = read_yaml(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse the value of --set {item}: {' '.join(str(e).split())}") from None
+    return section, name, parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Applies ``section.key=value`` overrides (values parsed as YAML scalars) to a raw config dict.
 
     Examples:
-        >>> apply_overrides({"train": {"steps": 5}}, ["train.steps=20", "lora.targets=[q_proj, v_proj]"])
-        {'train': {'steps': 20}, 'lora': {'targets': ['q_proj', 'v_proj']}}
+        >>> apply_overrides({"train": {"steps": 5}}, ["train.steps=20", "train.learning_rate=2e-3",
+        ...                                            "lora.targets=[q_proj, v_proj]"])
+        {'train': {'steps': 20, 'learning_rate': 0.002}, 'lora': {'targets': ['q_proj', 'v_proj']}}
     """
     out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=20)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) != 2:
-            raise ConfigError(f"override key {key!r} must be section.key (e.g. train.steps)")
-        section, name = parts
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown section `{section}` in --set {item}{_nearest(section, list(SECTIONS))}")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"cannot parse the value of --set {item}: {e}") from None
-        out.setdefault(section, {})[name] = parsed
+        section, name, value = _split_override(item)
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][name] = value
     return out
 
 
 def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Reads a YAML run config, applies ``--set`` overrides, and validates everything."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {str(path)!r} is a folder; pass --config with a YAML file such as "
+                          f"configs/default.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file such as "
                           f"configs/default.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path} must hold a mapping of sections {sorted(SECTIONS)}")
-    return parse(apply_overrides(dict(raw), overrides), source=str(path))
+    origins = {}
+    for item in overrides:
+        section, name, _ = _split_override(item)
+        origins[f"{section}.{name}"] = f"--set {item}"
+    return parse(apply_overrides(dict(raw), overrides), source=str(path), origins=origins)

