@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -150,15 +151,21 @@ def _metrics(server):
     return r.json()
 
 
-def _jlora_generate(model, prompt, adapter=None, *, chat=False):
-    """The text `jlora generate` prints for one prompt (greedy, N tokens)."""
-    args = ["generate", "--model", str(model), "--prompt", prompt, "--max-new-tokens", str(N)]
+def _jlora_generate(model, prompts, adapter=None, *options):
+    """The texts `jlora generate` prints for ``prompts`` (greedy, N tokens unless ``options`` say otherwise)."""
+    args = ["generate", "--model", str(model), "--max-new-tokens", str(N), *options]
     args += ["--adapter", str(adapter)] if adapter else []
-    args += ["--chat"] if chat else []
+    for p in prompts:
+        args += ["--prompt", p]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli.main(args) == 0
-    return out.getvalue()[:-1]          # print() added one newline
+    text = out.getvalue()
+    if len(prompts) == 1:
+        return [text[:-1]]                                   # the completion, then one newline
+    parts = re.split(r"(?:^|\n)--- prompt \d+/\d+: [^\n]*\n", text)[1:]     # each prompt's output follows a marker
+    assert len(parts) == len(prompts), text
+    return [part[:-1] for part in parts]
 
 
 def _library_tokens(world, prompt_ids, adapter=None):
@@ -185,13 +192,13 @@ def reference(world):
     tok = world["loaded"].tokenizer
     ref = {}
     for name in (None, "a1", "a2"):
-        for p in PROMPTS:
-            text = _jlora_generate(world["model"], p, world["root"] / name if name else None)
+        texts = _jlora_generate(world["model"], PROMPTS, world["root"] / name if name else None)
+        for p, text in zip(PROMPTS, texts):
             ids = _library_tokens(world, tok.encode(p), name)
             assert tok.decode(ids) == text
             ref[(name, p)] = (text, ids)
     chat_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": CHAT}]), add_special_tokens=False)
-    text = _jlora_generate(world["model"], CHAT, world["root"] / "a1", chat=True)
+    (text,) = _jlora_generate(world["model"], [CHAT], world["root"] / "a1", "--chat")
     ref[("a1", "chat")] = (text, _library_tokens(world, chat_ids, "a1"))
     assert tok.decode(ref[("a1", "chat")][1]) == text
     return ref
@@ -429,15 +436,24 @@ def test_full_queue_is_429_and_the_server_keeps_serving(server, reference):
     assert after["http_400"] - before.get("http_400", 0) >= 3 and after.get("rows_failed", 0) == 0
 
 
-def test_seeded_sampling_is_reproducible(server):
+def test_seeded_sampling_equals_jlora_generate_and_is_reproducible(server, world):
+    """A seeded request draws from its own key (``fold_in(key(seed), prompt index)``, as `jlora generate --seed`
+    does), so it equals `jlora generate`'s sampled text and does not depend on the rows batched with it."""
     client = _client(server)
+    settings = dict(max_tokens=N, temperature=0.9, top_p=0.95)
 
-    def draw(seed, model="a2"):
-        return client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=N, temperature=1.0, top_p=0.9,
-                                         seed=seed, extra_body={"top_k": 50}).choices[0].text
+    def draw(seed, prompt=PROMPTS[0]):
+        return client.completions.create(model="a2", prompt=prompt, seed=seed, extra_body={"top_k": 40},
+                                         **settings).choices[0].text
 
-    a, b, c = draw(1), draw(1), draw(2)
-    assert a == b and a != c
+    want = _jlora_generate(world["model"], [PROMPTS[0]], world["root"] / "a2", "--temperature", "0.9",
+                           "--top-k", "40", "--top-p", "0.95", "--seed", "5")[0]
+    assert draw(5) == want
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:      # batched with others: the same draw
+        together = list(pool.map(lambda i: draw(5 + (i > 0), PROMPTS[i % 2]), range(4)))
+    assert together[0] == want and draw(6) != want
+    r = client.completions.create(model="a2", prompt=PROMPTS, seed=5, extra_body={"top_k": 40}, **settings)
+    assert r.choices[0].text == want and r.choices[1].text != want    # prompt i draws from fold_in(key(5), i)
 
 
 def test_run_folder_loads_the_base_as_the_run_did(world, tmp_path):
@@ -482,5 +498,5 @@ def test_run_folder_loads_the_base_as_the_run_did(world, tmp_path):
         row = Row(prompt, sink, adapter="run", max_tokens=N, ignore_eos=True)
         engine.submit([row])
         assert ended.wait(60)
-    assert world["loaded"].tokenizer.decode(out.tokens) == _jlora_generate(world["model"], PROMPTS[0], run)
+    assert world["loaded"].tokenizer.decode(out.tokens) == _jlora_generate(world["model"], [PROMPTS[0]], run)[0]
     assert events[-1] == End("cancelled") and [e.id for e in events[:-1]] == out.tokens[:4]

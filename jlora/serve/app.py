@@ -203,7 +203,7 @@ def create_app(engine: engine_lib.Engine, *, api_key: str | None = None,
 
         rows = [engine_lib.Row(p, sink_for(i), adapter=adapter, max_tokens=m, temperature=req.temperature,
                                top_k=req.top_k, top_p=req.top_p,
-                               seed=None if req.seed is None else req.seed + i, ignore_eos=req.ignore_eos)
+                               seed=req.seed, index=i, ignore_eos=req.ignore_eos)
                 for i, (p, m) in enumerate(zip(req.prompts, req.max_tokens))]
         engine.submit(rows)
         texts = [protocol.TextStream(tokenizer, req.stop, incremental=req.stream) for _ in rows]

@@ -104,8 +104,10 @@ class Row:
 
     ``sink`` is called from the engine's worker thread, once per :class:`Token`, then once with :class:`End` or
     :class:`Failed`; it must be quick and must not block. ``adapter`` is an adapter name or None for the base.
-    ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off. Call :meth:`cancel` to end the row early
-    (a client gone, a stop string seen): it ends after the next decoded token.
+    ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off. A sampled row draws from
+    ``fold_in(key(seed), index)`` (``jlora generate --seed`` draws prompt ``i`` from ``fold_in(key(seed), i)``), so
+    its tokens depend on its seed alone, never on the rows batched with it; no seed: a random key. Call
+    :meth:`cancel` to end the row early (a client gone, a stop string seen): it ends after the next decoded token.
     """
 
     prompt: Sequence[int]
@@ -116,6 +118,7 @@ class Row:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    index: int = 0
     ignore_eos: bool = False
     cancelled: bool = False
     tokens: list = dataclasses.field(default_factory=list)
@@ -584,10 +587,11 @@ class Engine:
         if any(r.temperature > 0 for r in rows):
             fill = b - len(rows)
             seeds = [seed_key_data(r.seed if r.seed is not None else secrets.randbits(64)) for r in rows]
+            keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(np.stack(seeds + [seeds[0]] * fill)),
+                                                jnp.asarray([r.index for r in rows] + [0] * fill, jnp.uint32))
             settings = dict(temperature=[float(r.temperature) for r in rows] + [0.0] * fill,
                             top_k=[int(r.top_k) for r in rows] + [0] * fill,
-                            top_p=[float(r.top_p) for r in rows] + [1.0] * fill,
-                            key=jax.random.wrap_key_data(np.stack(seeds + [seeds[0]] * fill)))
+                            top_p=[float(r.top_p) for r in rows] + [1.0] * fill, key=keys)
             mode = "sampled"
         shape = ("base" if plain else "bank", mode, b, t, n)
         from jlora.models import generate as gen
