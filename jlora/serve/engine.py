@@ -32,6 +32,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -231,18 +232,21 @@ class EngineConfig:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _StepHook:
-    """generate's ``on_step``: one object per engine (hashed by identity), so the compilation is reused."""
+    """generate's ``on_step``: one object per engine (hashed by identity), so the compilation is reused; it holds
+    the engine weakly (jit's cache keeps the hook, and must not keep a closed engine alive)."""
 
-    engine: Any
+    engine: Any     # weakref.ref to the Engine
 
     def __call__(self, step, tokens, done):
-        return self.engine._on_step(np.asarray(tokens), np.asarray(done))
+        engine = self.engine()
+        if engine is None:
+            return np.ones(np.shape(tokens), bool)
+        return engine._on_step(np.asarray(tokens), np.asarray(done))
 
 
 @dataclasses.dataclass
 class _Batch:
     rows: list
-    size: int
 
 
 class Engine:
@@ -315,7 +319,7 @@ class Engine:
             self._info[n] = {"path": str(folder), "created": int(time.time())}
         self._bank = bank
         self._bank_apply = bank_lib.apply_fn(self.model)
-        self._hook = _StepHook(self)
+        self._hook = _StepHook(weakref.ref(self))
         self._lock = threading.Lock()        # names and bank: read when a batch forms, written by swaps
         self._mutate = threading.Lock()      # one swap at a time
         self._cv = threading.Condition()     # the queue
@@ -596,7 +600,7 @@ class Engine:
         shape = ("base" if plain else "bank", mode, b, t, n)
         from jlora.models import generate as gen
 
-        self._current = _Batch(rows, b)
+        self._current = _Batch(rows)
         t0 = time.perf_counter()
         error = None
         try:
