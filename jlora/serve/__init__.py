@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="an adapter to serve as model NAME: a PEFT folder or a run folder (repeatable)")
     p.add_argument("--name", help="the base model's name in requests (default: the model's own name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     p.add_argument("--slots", type=int, default=8, help="adapters held at once (the bank's slots)")
     p.add_argument("--rank", type=int, help="the bank's rank: the largest adapter rank it takes (default 16, or the "
                                             "largest rank among --adapter)")
@@ -70,7 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="nn.scan over the layers (default: a run folder's setting, else off)")
     p.add_argument("--warmup", action="store_true", help="compile every batch size before listening")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="the server's log level (default info: one line per request)")
     return p
 
 
