@@ -658,3 +658,67 @@ def test_peft_files_share_one_mode(trained, tmp_path):
     for folder in (run / "peft",):
         modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
         assert modes["adapter_model.safetensors"] == modes["adapter_config.json"] == 0o666 & ~umask, modes
+
+
+def test_generate_routes_each_prompt_to_its_adapter_in_one_batch(tiny, trained, tmp_path):
+    """--adapter NAME=DIR (repeatable) + --route: every prompt decodes with its own adapter (a jlora.bank), each
+    output equal to generating that prompt alone with that adapter (greedy)."""
+    _, run_dir, _ = trained
+    code, _, err = _main("export-peft", "--run", str(run_dir), "--out", str(tmp_path / "peft"))
+    assert code == 0, err
+    prompts = ["Hi", "There there", "Hi"]
+    alone = []
+    for prompt, adapter in zip(prompts, [str(run_dir), None, str(tmp_path / "peft")]):
+        extra = ("--adapter", adapter) if adapter else ()
+        code, out, err = _main("generate", "--model", tiny, *extra, "--prompt", prompt, "--max-new-tokens", "6")
+        assert code == 0, err
+        alone.append(out.strip())
+    args = ["generate", "--model", tiny, "--adapter", f"run={run_dir}", "--adapter", f"peft={tmp_path / 'peft'}",
+            "--route", "run,base,peft", "--max-new-tokens", "6"]
+    code, out, err = _main(*args, *[x for p in prompts for x in ("--prompt", p)])
+    assert code == 0, err
+    outputs = re.split(r"^--- prompt \d/3 \[\w+\]: .*\n", out, flags=re.M)[1:]
+    assert [o.strip() for o in outputs] == alone
+    code, _, err = _main(*args[:-4], "--route", "run,nope", "--prompt", "a", "--prompt", "b")
+    _error(code, "", err, r"--route names unknown adapters \['nope'\]; known: \['peft', 'run'\]")
+
+
+def test_compose_writes_a_peft_folder_equal_to_the_weighted_sum(tiny, trained, tmp_path):
+    """jlora compose --method cat: the written folder loads as an --adapter and equals the exact weighted sum of the
+    inputs' updates (jlora.compose.merge_weighted, itself checked against PEFT in tests/test_compose.py)."""
+    import jax.numpy as jnp
+
+    from jlora import compose, hf
+    from jlora.cli import run as run_lib
+
+    _, run_dir, _ = trained
+    out = tmp_path / "composed"
+    code, stdout, err = _main("compose", "--model", tiny, "--adapter", f"a={run_dir}:0.7",
+                              "--adapter", f"b={run_dir / 'peft'}:-0.3", "--method", "cat", "--out", str(out))
+    assert code == 0, err
+    assert "cat of 2 adapters written to" in stdout and (out / "adapter_config.json").is_file()
+    loaded = hf.load(tiny)
+    items = [run_lib.load_adapters(str(run_dir), loaded), run_lib.load_adapters(str(run_dir / "peft"), loaded)]
+    want = compose.merge_weighted(loaded.params, items, [0.7, -0.3])
+    ad, cfg = run_lib.load_adapters(str(out), loaded)
+    got = jlora.merge(loaded.params, ad, cfg)
+    for path in jlora.tree.flatten(want):
+        a, b = jlora.tree.flatten(got)[path], jlora.tree.flatten(want)[path]
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5, path
+    code, _, err = _main("compose", "--model", tiny, "--adapter", f"a={run_dir}", "--method", "average",
+                         "--out", str(tmp_path / "x"))
+    _error(code, "", err, r"--method 'average' is not one of \['linear'")
+    code, _, err = _main("compose", "--model", tiny, "--adapter", f"a={run_dir}:heavy", "--method", "cat",
+                         "--out", str(tmp_path / "x"))
+    _error(code, "", err, r"the weight 'heavy' is not a number")
+
+
+def test_eval_side_effects_reports_and_writes_json(trained):
+    config, run_dir, _ = trained
+    code, out, err = _main("eval", "--config", str(config), "--side-effects", "--set", "eval.num_examples=2",
+                           "--set", "eval.general_examples=4", "--set", "eval.max_new_tokens=4")
+    assert code == 0, err
+    assert re.search(r"^task: exact JSON \d+\.\d% -> \d+\.\d%, loss [\d.]+ -> [\d.]+ nats/token$", out, re.M), out
+    assert re.search(r"^general prompts: KL [\d.]+ nats/token, top-1 agreement [\d.]+%", out, re.M), out
+    report = json.loads((run_dir / "side_effects.json").read_text())
+    assert report["general"]["texts"] == 4 and report["general"]["kl"] >= 0

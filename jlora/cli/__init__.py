@@ -48,10 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--adapter", help=f"{ADAPTER_HELP} (default: the config's run.dir)")
     group.add_argument("--base", action="store_true", help="evaluate the base model without adapters")
+    p.add_argument("--side-effects", action="store_true",
+                   help="also compare the adapter with the base on the task and on eval.general text it was not "
+                        "trained for (KL, top-1 agreement, loss change, unchanged continuations)")
+
+    p = sub.add_parser("compose", help="combine adapters (PEFT's add_weighted_adapter methods) into one")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", action="append", required=True,
+                   help="NAME=DIR[:WEIGHT] (a run or PEFT folder; weight 1 by default), repeatable")
+    p.add_argument("--method", required=True, help="linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, "
+                                                   "dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd")
+    p.add_argument("--density", type=float, help="fraction kept by ties/dare/magnitude_prune (0 < density <= 1)")
+    p.add_argument("--svd-rank", type=int, help="rank of the svd methods' result (default: the largest input rank)")
+    p.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"),
+                   help="ties' sign election (default total)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the dare methods' masks (default 0)")
+    p.add_argument("--out", required=True, help="the PEFT folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PEFT folder at --out")
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--adapter", help=ADAPTER_HELP)
+    p.add_argument("--adapter", action="append",
+                   help=f"{ADAPTER_HELP}; or NAME=DIR, repeatable, to serve several adapters at once with --route")
+    p.add_argument("--route", help="with NAME=DIR adapters: the adapter of each prompt in order, comma-separated "
+                                   "('base' for none), e.g. --route sql,base,sql; all prompts decode in one batch")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeatable: one output each)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     p.add_argument("--system", help="with --chat: the system turn (default: the training data's system prompt "
@@ -97,11 +117,21 @@ def _run(args: argparse.Namespace) -> int:
         return 130 if result.get("interrupted") else 0
     if args.command == "eval":
         cfg = run.load_config(args.config, args.overrides)
-        run.evaluate_command(cfg, adapter=args.adapter, base=args.base)
+        run.evaluate_command(cfg, adapter=args.adapter, base=args.base, side_effects=args.side_effects)
+    elif args.command == "compose":
+        run.compose_command(args.model, args.adapter, args.method, args.out, density=args.density,
+                            svd_rank=args.svd_rank, majority_sign_method=args.majority_sign_method, seed=args.seed,
+                            overwrite=args.overwrite)
     elif args.command == "generate":
-        run.generate_command(args.model, args.prompt, adapter=args.adapter, chat=args.chat, system=args.system,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        options = dict(chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        named = [a for a in args.adapter or [] if "=" in a]
+        if named or args.route:
+            run.generate_routed_command(args.model, args.prompt, args.adapter or [], args.route, **options)
+        else:
+            if args.adapter and len(args.adapter) > 1:
+                raise run.UsageError("several --adapter values need names (NAME=DIR) and a --route")
+            run.generate_command(args.model, args.prompt, adapter=(args.adapter or [None])[0], **options)
     elif args.command == "merge":
         run.merge_command(args.model, args.adapter, args.out, overwrite=args.overwrite)
     elif args.command == "export-peft":

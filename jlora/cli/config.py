@@ -189,6 +189,10 @@ class EvalSection:
     Attributes:
         scorer: the scoring function, ``path/to/file.py:function`` or ``package.module:function`` (see
             :mod:`jlora.cli.scoring`); the default compares texts exactly, ignoring surrounding whitespace.
+        side_effects: at the end of a run, compare base and adapted model on ``general`` text the adapter was not
+            trained for (:mod:`jlora.side_effects`): KL, top-1 agreement, loss change, identical continuations.
+        general: the general prompt set (JSONL of prompt/completion pairs).
+        general_examples: how many of its records the report uses.
     """
 
     before: bool = True
@@ -197,10 +201,13 @@ class EvalSection:
     batch_size: int = 16
     max_new_tokens: int = 64
     scorer: str = "jlora.cli.scoring:exact_match"
+    side_effects: bool = True
+    general: str = "examples/data/general.jsonl"
+    general_examples: int = 32
 
     def __post_init__(self):
         _check("eval", self, {"num_examples": _at_least(1), "batch_size": _at_least(1),
-                              "max_new_tokens": _at_least(1)})
+                              "max_new_tokens": _at_least(1), "general_examples": _at_least(1)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,7 +61,7 @@ CKPT_DIR = "checkpoints"
 PEFT_DIR = "peft"
 # What a run writes into its folder, in the order the report lists them.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, "loss.png", CKPT_DIR, PEFT_DIR, "summary.json", "eval_before.json",
-             "eval_after.json")
+             "eval_after.json", "side_effects.json", "side_effects.png")
 
 
 class RunInterrupted(Exception):
@@ -202,6 +202,9 @@ def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scorin
     action (:func:`_check_run_dir`)."""
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
+    if cfg.eval.side_effects and cfg.eval.after and not pathlib.Path(cfg.eval.general).is_file():
+        raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
+                          f"side-effect report); point it at a JSONL file or set eval.side_effects: false")
     mesh = _mesh(cfg)
     per_call = cfg.train.steps_per_call
     if mesh is not None and per_call > 1:
@@ -479,6 +482,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
             if not interrupted:
                 summary.update(_finish(run, manager, loader, state))
+                if cfg.eval.side_effects and cfg.eval.after:
+                    summary.update(_side_effects(run, state.adapters, summary))
     except BaseException as e:
         kept = has_checkpoint(run.dir)
         if not kept:   # a folder without a checkpoint is not a run: leave nothing behind
@@ -682,6 +687,29 @@ def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState
     return out
 
 
+def _side_effects(run: _Run, adapters, summary: dict[str, Any]) -> dict[str, Any]:
+    """The side-effect report on ``eval.general`` (written as side_effects.json and .png in the run folder), with
+    the task's before/after score from the generation eval; prints its two lines and returns the summary's entries."""
+    from jlora import side_effects
+
+    cfg, tok = run.cfg, run.loaded.tokenizer
+    general = side_effects.load_general(cfg.eval.general, tok, chat=tok.chat_template is not None,
+                                        limit=cfg.eval.general_examples)
+    report = side_effects.evaluate(run.loaded.model, run.params, adapters, cfg.lora, general=general,
+                                   base_params=run.loaded.params if run.params is not run.loaded.params else None,
+                                   batch_size=cfg.eval.batch_size, max_new_tokens=16,
+                                   eos_token_id=tuple(tok.eos_token_ids), pad_token_id=tok.pad_token_id,
+                                   decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    if "accuracy_before" in summary and "accuracy_after" in summary:
+        report["task"] = {"metric": run.scorer.label, "score_base_pct": summary.get("accuracy_before", float("nan")),
+                          "score_adapted_pct": summary.get("accuracy_after", float("nan"))}
+    side_effects.save(report, run.dir)
+    print(side_effects.summary(report))
+    g = report["general"]
+    return {"general_kl": g["kl"], "general_top1_agreement_pct": g["top1_agreement_pct"],
+            "general_loss_change": g["loss_change"]}
+
+
 def _wrap_up(run: _Run, summary: dict[str, Any], *, step: int, interrupted: bool, seconds: float) -> dict[str, Any]:
     """Writes ``loss.png`` and ``summary.json``, prints the report (unless interrupted); returns the summary."""
     plot_losses(run.dir)
@@ -804,10 +832,17 @@ def _load_with_adapter(model: str, adapter: str | None, *, scan_layers: bool = F
     return hf.load(model, scan_layers=scan_layers)
 
 
-def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False) -> dict[str, float]:
-    """Validation loss and the generation eval's score (``eval.scorer``) of the base model or an adapter."""
+def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False,
+                     side_effects: bool = False) -> dict[str, float]:
+    """Validation loss and the generation eval's score (``eval.scorer``) of the base model or an adapter; with
+    ``side_effects``, the full side-effect report of the adapter against the base (task and ``eval.general``)."""
     if base and adapter:
         raise UsageError("--base evaluates the base model without adapters; drop --adapter (or --base)")
+    if side_effects and base:
+        raise UsageError("--side-effects compares an adapter with the base model; drop --base")
+    if side_effects and not pathlib.Path(cfg.eval.general).is_file():
+        raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
+                          f"side-effect report); point it at a JSONL file")
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
     if not cfg.data.valid:
@@ -834,7 +869,66 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
                               lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens)
     print(f"validation loss {loss:.4f}; {scorer.label} {acc:.1f}% on {len(prompts)} prompts")
-    return {"valid_loss": loss, "accuracy": acc}
+    if not side_effects:
+        return {"valid_loss": loss, "accuracy": acc}
+    from jlora import side_effects as side_effects_lib
+
+    tok = loaded.tokenizer
+    report = side_effects_lib.evaluate(
+        loaded.model, loaded.params, adapters, lora_cfg,
+        general=side_effects_lib.load_general(cfg.eval.general, tok, chat=tok.chat_template is not None,
+                                              limit=cfg.eval.general_examples),
+        task=valid, task_prompts=prompts, scorer=scorer, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        eos_token_id=tuple(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
+    folder = pathlib.Path(adapter or cfg.run.dir)
+    written = side_effects_lib.save(report, folder)
+    print(side_effects_lib.summary(report))
+    print(f"report: {', '.join(str(p) for p in written.values())}")
+    g = report["general"]
+    return {"valid_loss": loss, "accuracy": acc, "general_kl": g["kl"],
+            "general_top1_agreement_pct": g["top1_agreement_pct"]}
+
+
+def compose_command(model: str, adapters: Sequence[str], method: str, out: str, *, density: float | None = None,
+                    svd_rank: int | None = None, majority_sign_method: str = "total", seed: int = 0,
+                    overwrite: bool = False) -> pathlib.Path:
+    """Combines adapters (``NAME=DIR[:WEIGHT]``, run or PEFT folders) with one of PEFT's ``add_weighted_adapter``
+    methods (:func:`jlora.compose.combine`) and writes the result as a PEFT folder, which every ``--adapter``
+    option (and PEFT) loads."""
+    from jlora import compose
+
+    if method not in compose.METHODS:
+        raise UsageError(f"--method {method!r} is not one of {list(compose.METHODS)}")
+    items, weights = [], []
+    parsed = []
+    for item in adapters:
+        name, sep, rest = item.partition("=")
+        folder, colon, weight = rest.rpartition(":") if ":" in rest else (rest, "", "1")
+        if not sep or not name or not folder:
+            raise UsageError(f"--adapter {item!r}: expected NAME=DIR or NAME=DIR:WEIGHT")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise UsageError(f"--adapter {item!r}: the weight {weight!r} is not a number") from None
+        adapter_kind(folder)
+        parsed.append((folder, w))
+    if not parsed:
+        raise UsageError("give at least one --adapter NAME=DIR[:WEIGHT]")
+    out_dir = _check_out(out, overwrite=overwrite, marker="adapter_config.json", what="PEFT adapter")
+    loaded = _load_with_adapter(model, parsed[0][0])
+    for folder, w in parsed:
+        items.append(load_adapters(folder, loaded))
+        weights.append(w)
+    try:
+        combined, cfg = compose.combine(items, weights, method, density=density, svd_rank=svd_rank,
+                                        majority_sign_method=majority_sign_method, key=jax.random.key(seed))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _clear_out(out_dir)
+    _export_peft(out_dir, combined, cfg, loaded, model)
+    print(f"{method} of {len(items)} adapters written to {out_dir} (PEFT folder; pass it as --adapter)")
+    return out_dir
 
 
 def _check_generate_options(prompts: Sequence[str], *, chat: bool, system: str | None, max_new_tokens: int,
@@ -959,6 +1053,75 @@ def generate_command(model: str, prompts: Sequence[str], *, adapter: str | None 
                                  max_new_tokens=max_new_tokens, stream=printer, **sampling)
         printer.finish(text)
         texts.append(text)
+    return texts
+
+
+def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequence[str], route: str | None, *,
+                            chat: bool = False, system: str | None = None, max_new_tokens: int = 64,
+                            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                            seed: int = 0) -> list[str]:
+    """Completes every prompt with its own adapter in one batch: ``adapters`` are ``NAME=DIR`` (PEFT or run
+    folders), ``route`` names each prompt's adapter (``base`` for none). The adapters go into a
+    :mod:`jlora.bank` for the model, and one compiled generate serves the whole mix."""
+    from jlora import bank as bank_lib
+    from jlora import checkpoint
+    from jlora.models import generate as gen
+
+    _check_generate_options(prompts, chat=chat, system=system, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
+    folders = {}
+    for item in adapters:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise UsageError(f"--adapter {item!r}: with --route every adapter is NAME=DIR")
+        if name == "base" or name in folders:
+            raise UsageError(f"--adapter {item!r}: the name {name!r} is {'reserved' if name == 'base' else 'given twice'}")
+        adapter_kind(folder)                              # a clear error for a missing or wrong folder, before loading
+        folders[name] = folder
+    names = [n.strip() for n in route.split(",")] if route else ([next(iter(folders))] * len(prompts)
+                                                                  if len(folders) == 1 else [])
+    if len(names) != len(prompts):
+        raise UsageError(f"--route names {len(names)} adapters for {len(prompts)} prompts; give one per prompt, "
+                         f"comma-separated (known: {sorted(folders)} and 'base')")
+    unknown = sorted({n for n in names if n != "base" and n not in folders})
+    if unknown:
+        raise UsageError(f"--route names unknown adapters {unknown}; known: {sorted(folders)} and 'base'")
+    first = next(iter(folders.values()), None)
+    loaded = _load_with_adapter(model, first)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise UsageError(f"--model {model!r} has no tokenizer (tokenizer.json), so it cannot read a prompt")
+    read = {n: bank_lib.read_folder(f, loaded) for n, f in folders.items()}
+    paths = sorted({p for ad, _, _ in read.values() for p, _ in jlora.adapter.adapter_items(ad)})
+    rank = max((node.rank for ad, _, _ in read.values() for _, node in jlora.adapter.adapter_items(ad)), default=1)
+    bank = bank_lib.create(loaded.params, capacity=max(len(read), 1), rank=rank,
+                           targets=tuple(f"^{p}$" for p in paths) or ("^$",), layout=_layout(loaded),
+                           fingerprint=checkpoint.fingerprint(loaded.params))
+    slots = {}
+    for slot, (name, (ad, cfg, seen)) in enumerate(read.items()):
+        bank, slots[name] = bank_lib.put(bank, slot, ad, cfg, fingerprint=seen), slot
+    if chat:
+        turn = [{"role": "system", "content": system}] if system else []
+        ids = [tok.encode(tok.apply_chat_template(turn + [{"role": "user", "content": p}]), add_special_tokens=False)
+               for p in prompts]
+    else:
+        ids = [tok.encode(p) for p in prompts]
+    limit = _context_length(loaded)
+    longest = max(len(p) for p in ids)
+    if limit and longest + max_new_tokens > limit:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the longest prompt has {longest} tokens, which with "
+                         f"{max_new_tokens} exceeds the model's context of {limit} tokens")
+    rows = jnp.asarray([slots.get(n, bank_lib.BASE) for n in names], jnp.int32)
+    eos = tuple(tok.eos_token_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    sampling = {} if temperature == 0 else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                            "key": jax.random.key(seed)}
+    out = gen.generate(loaded.model, (loaded.params, bank, rows), ids, max_new_tokens=max_new_tokens,
+                       eos_token_id=eos, pad_token_id=pad, apply_fn=bank_lib.apply_fn(loaded.model), **sampling)
+    texts = [tok.decode(row, skip_special_tokens=True) for row in out.to_lists()]
+    for i, (prompt, name, text) in enumerate(zip(prompts, names, texts)):
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        print(f"{'' if i == 0 else chr(10)}--- prompt {i + 1}/{len(prompts)} [{name}]: {shown}\n{text}", flush=True)
     return texts
 
 
