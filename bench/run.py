@@ -8,7 +8,8 @@ Writes ``bench/results/<UTC time>.json`` (and ``latest.json``) with every sample
 with the tables. Sections: figures (compiled FLOPs, trainable fraction, checkpoint bytes), train (step times vs
 PEFT and full fine-tuning), inference (forward and generation), bank (many adapters on one base: a batch routed over
 16 adapters vs one adapter, one at a time and merging in turn; swap time, bytes, FLOPs), compile (scan vs unrolled),
-gpu (skips without a GPU), variants (``bench/variants.py``: DoRA and QLoRA, when present).
+gpu (skips without a GPU), variants (``bench/variants.py``: DoRA and QLoRA, when present), serve
+(``jlora serve``'s engine: 8 clients on 8 adapters vs on the base).
 
 A partial run (``--sections``) keeps the other sections: from ``bench/results/latest.json`` when it holds a
 full-size run, else as they stand in ``bench/README.md`` (each marked with the run that measured it).
@@ -27,14 +28,15 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("figures", "train", "inference", "bank", "compile", "gpu", "variants")
+SECTIONS = ("figures", "train", "inference", "bank", "compile", "gpu", "variants", "serve")
 TITLES = {"figures": "Deterministic figures: compiled FLOPs, trainable fraction, checkpoint bytes",
           "train": "Train step: jlora vs PEFT vs full fine-tuning (CPU)",
           "inference": "Inference: forward and generation",
           "bank": "Many adapters on one base: a bank of slots routed per row (jlora.bank)",
           "compile": "Compile time: unrolled layers vs nn.scan",
           "gpu": "GPU: bf16 tokens/s and MFU",
-          "variants": "LoRA variants: DoRA step time, QLoRA memory"}
+          "variants": "LoRA variants: DoRA step time, QLoRA memory",
+          "serve": "Serving: 8 clients on 8 adapters vs on the base"}
 
 
 def _variants(quick: bool) -> dict:
@@ -72,6 +74,9 @@ def _section(name: str, args) -> dict:
         return gpu.run()
     if name == "variants":
         return _variants(args.quick)
+    if name == "serve":
+        from bench import serve
+        return serve.run(repeats=repeats, layers=layers)
     raise ValueError(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
 
 

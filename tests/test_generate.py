@@ -130,3 +130,56 @@ def test_unmerged_lora_adapters_equal_merged():
     base = gen.generate(model, params, PROMPTS, max_new_tokens=16, eos_token_id=())
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, base.tokens)
+
+
+def test_per_row_settings_equal_each_row_alone_and_share_one_compilation():
+    """Each row of a batch with its own temperature/top-k/top-p/key draws exactly what it draws alone (so a row's
+    tokens do not depend on its neighbours), and other settings reuse the compilation."""
+    _, model, params = _model()
+    settings = [(0.0, 0, 1.0), (0.8, 5, 1.0), (1.2, 0, 0.9), (1.0, 0, 1.0)]
+    prompts = PROMPTS + [[9, 9, 9]]
+    keys = jax.random.split(jax.random.key(7), 4)
+    temp, top_k, top_p = (list(x) for x in zip(*settings))
+    out = gen.generate(model, params, prompts, max_new_tokens=12, eos_token_id=(), temperature=temp, top_k=top_k,
+                       top_p=top_p, key=keys)
+    for r, ((t, k, p), prompt) in enumerate(zip(settings, prompts)):
+        alone = gen.generate(model, params, [prompt], max_new_tokens=12, eos_token_id=(), temperature=t,
+                             top_k=k or None, top_p=p, key=keys[r])
+        np.testing.assert_array_equal(out.tokens[r], alone.tokens[0])
+    assert len({tuple(row) for row in out.tokens.tolist()}) == 4
+    size = gen._generate._cache_size()
+    again = gen.generate(model, params, prompts, max_new_tokens=12, eos_token_id=(), temperature=[0.5, 0.0, 2.0, 0.1],
+                         top_k=[3, 0, 0, 7], top_p=[1.0, 1.0, 0.5, 0.95], key=keys[::-1])
+    assert gen._generate._cache_size() == size and not np.array_equal(again.tokens, out.tokens)
+    with pytest.raises(ValueError, match="one per row"):
+        gen.generate(model, params, prompts, max_new_tokens=2, temperature=[1.0, 1.0], key=jax.random.key(0))
+    with pytest.raises(ValueError, match="key"):
+        gen.generate(model, params, prompts, max_new_tokens=2, temperature=[1.0, 0.0, 0.0, 0.0])
+
+
+class _Recorder:
+    """An ``on_step`` hook: records each step's tokens and ends row 1 after step 2 and every row after step 5."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, step, tokens, done):
+        self.steps.append((int(step), np.asarray(tokens).tolist(), np.asarray(done).tolist()))
+        stop = np.zeros(len(tokens), bool)
+        stop[1] = int(step) == 2
+        return stop | (int(step) >= 5)
+
+
+def test_on_step_streams_every_token_and_ends_rows():
+    _, model, params = _model()
+    free = gen.generate(model, params, PROMPTS, max_new_tokens=16, eos_token_id=())
+    hook = _Recorder()
+    out = gen.generate(model, params, PROMPTS, max_new_tokens=16, eos_token_id=(), on_step=hook)
+    assert [s for s, _, _ in hook.steps] == list(range(6))           # every row ended after step 5: loop stopped
+    streamed = np.asarray([t for _, t, _ in hook.steps]).T           # (B, 6) tokens in the order they came
+    assert out.lengths.tolist() == [6, 3, 6]
+    np.testing.assert_array_equal(out.tokens[:, :6][[0, 2]], free.tokens[:, :6][[0, 2]])
+    np.testing.assert_array_equal(out.tokens[1, :3], free.tokens[1, :3])
+    assert (out.tokens[1, 3:] == 0).all() and (out.tokens[:, 6:] == 0).all()
+    np.testing.assert_array_equal(streamed[[0, 2]], out.tokens[[0, 2], :6])
+    np.testing.assert_array_equal(streamed[1, :3], out.tokens[1, :3])

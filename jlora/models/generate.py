@@ -16,6 +16,16 @@ whatever was passed to :func:`generate` (traced, not baked into the compiled cod
 the compilation; a fresh lambda per call recompiles.
 
 Randomness is explicit: sampling (``temperature > 0``) needs ``key``; step ``i`` uses ``fold_in(key, i)``.
+
+Per-row settings (what a server batching unrelated requests needs): ``temperature``, ``top_k`` and ``top_p`` may
+be sequences with one value per row (``0`` = greedy row, ``top_k=0`` and ``top_p=1`` = no filter), and ``key``
+may hold one key per row; then row ``r`` draws with ``fold_in(key[r], i)`` alone, so its tokens do not depend on
+the other rows of the batch. These values are traced: any mix of settings shares one compilation.
+
+``on_step(step, tokens, done) -> stop`` (static, like ``apply_fn``) is called on the host after every decoding step
+with the step's tokens (B,) and which rows have ended (B,); it returns a (B,) bool array of rows to end now (after
+this step's token). It streams tokens while the compiled loop runs and ends rows early (a client gone, a stop
+string seen, a per-row token limit reached).
 """
 
 from __future__ import annotations
@@ -130,11 +140,86 @@ class Sampling:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(model, params, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, key: jax.Array | None = None, attention_mask=None,
-             use_cache: bool = True, apply_fn: Callable | None = None, cache_dtype=None,
-             stream: Callable[[np.ndarray], None] | None = None) -> GenerateOutput:
+class RowSettings(NamedTuple):
+    """Per-row sampling settings, (B,) arrays: ``temperature`` (0: greedy), ``top_k`` (0: off), ``top_p`` (1: off),
+    ``keys`` (one PRNG key per row)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    keys: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PerRowSampling:
+    """:class:`Sampling` with each row's own settings and key (a :class:`RowSettings`, traced). A row with
+    ``temperature == 0`` takes the argmax; the others filter and draw exactly as :class:`Sampling` does with that
+    row's values, from ``fold_in(keys[r], step)``. ``filtered=False`` skips the sort (no row uses top-k/top-p).
+
+    Examples:
+        >>> logits = jnp.log(jnp.asarray([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
+        >>> rows = RowSettings(jnp.asarray([0.0, 1.0]), jnp.asarray([0, 1]), jnp.asarray([1.0, 1.0]),
+        ...                    jax.random.split(jax.random.key(0), 2))
+        >>> PerRowSampling(filtered=True)(logits, rows, 0).tolist()     # row 0 greedy, row 1 top-1
+        [1, 0]
+    """
+
+    filtered: bool = True
+
+    def __call__(self, logits: jax.Array, rows: RowSettings, step) -> jax.Array:
+        temp = rows.temperature.astype(logits.dtype)
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        x = logits / jnp.where(temp > 0, temp, 1.0)[:, None]
+        neg = jnp.finfo(x.dtype).min
+        if self.filtered:
+            v = x.shape[-1]
+            desc = -jnp.sort(-x, axis=-1)
+            k = jnp.where((rows.top_k > 0) & (rows.top_k < v), rows.top_k, v).astype(jnp.int32)
+            kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+            x = jnp.where(x < kth, neg, x)
+            desc = jnp.where(desc < kth, neg, desc)
+            top_p = rows.top_p.astype(x.dtype)[:, None]
+            probs = jax.nn.softmax(desc, axis=-1)
+            keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+            cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+            x = jnp.where((top_p < 1.0) & (x < cutoff), neg, x)
+        draw = jax.vmap(lambda key, row: jax.random.categorical(jax.random.fold_in(key, step), row))
+        return jnp.where(temp > 0, draw(rows.keys, x).astype(jnp.int32), greedy)
+
+
+def _row_settings(b: int, temperature, top_k, top_p, key) -> tuple[RowSettings, bool]:
+    """Broadcasts per-row (or scalar) settings to (B,) arrays and checks them; also whether any row filters."""
+    def per_row(x, name, dtype, off):
+        arr = np.broadcast_to(np.asarray(off if x is None else x, dtype), (b,)) if np.ndim(x) == 0 \
+            else np.asarray(x, dtype)
+        if arr.shape != (b,):
+            raise ValueError(f"`{name}` has {arr.shape[0]} values for a batch of {b} rows: pass one per row")
+        return arr
+
+    temp = per_row(temperature, "temperature", np.float32, 0.0)
+    k = per_row(top_k, "top_k", np.int32, 0)
+    p = per_row(top_p, "top_p", np.float32, 1.0)
+    if (temp < 0).any() or (k < 0).any() or not ((p > 0) & (p <= 1)).all():
+        raise ValueError(f"per-row settings out of range: temperature {temp.tolist()} must be >= 0, top_k "
+                         f"{k.tolist()} >= 0 (0: off), top_p {p.tolist()} in (0, 1]")
+    if (temp > 0).any() and key is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit PRNG `key` (e.g. jax.random.key(0), or "
+                         "one key per row)")
+    keys = jax.random.split(jax.random.key(0), b) if key is None else key
+    if np.ndim(keys) == 0:
+        keys = jnp.stack([keys] * b)
+    if np.shape(keys) != (b,):
+        raise ValueError(f"`key` holds {np.shape(keys)} keys for a batch of {b} rows: pass one key or one per row")
+    filtered = bool(((k > 0) | (p < 1))[temp > 0].any())
+    return RowSettings(jnp.asarray(temp), jnp.asarray(k), jnp.asarray(p), keys), filtered
+
+
+def generate(model, params, prompts, *, max_new_tokens: int, temperature: float | Sequence[float] = 0.0,
+             top_k: int | Sequence[int] | None = None, top_p: float | Sequence[float] | None = None,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             key: jax.Array | None = None, attention_mask=None, use_cache: bool = True,
+             apply_fn: Callable | None = None, cache_dtype=None, stream: Callable[[np.ndarray], None] | None = None,
+             on_step: Callable | None = None) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
@@ -143,10 +228,11 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
         prompts: a list of token-id lists (left-padded here), or a (B, T) array, left-padded, with
             ``attention_mask`` (default all ones).
         max_new_tokens: number of decoding steps at most.
-        temperature, top_k, top_p: see :class:`Sampling`; ``temperature=0`` (default) is greedy.
+        temperature, top_k, top_p: see :class:`Sampling`; ``temperature=0`` (default) is greedy. Each may be a
+            sequence of per-row values (see :class:`PerRowSampling`).
         eos_token_id: an id or ids that end a row; default the model config's ``eos_token_id``; ``()`` never stops.
         pad_token_id: fills prompt padding and the output after a row ends; default the config's, else 0.
-        key: PRNG key, required when sampling.
+        key: PRNG key, required when sampling; or (B,) keys, one per row (per-row sampling).
         attention_mask: (B, T) mask of an array ``prompts``.
         use_cache: False recomputes the whole sequence at every step (the slow reference path).
         stream: called on the host with each step's (B,) tokens as they are chosen, from inside the compiled loop
@@ -156,6 +242,8 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
             ``model.apply`` minus the variables wrapping: returns logits, or ``(logits, cache)`` when given
             ``cache``. See :func:`lora_apply_fn`.
         cache_dtype: dtype of cached keys/values; default the model's compute dtype.
+        on_step: ``on_step(step, tokens, done) -> stop``, called on the host after each step (see the module
+            docstring); pass the same (hashable) object each call to reuse the compilation.
 
     Returns:
         :class:`GenerateOutput` of numpy arrays.
@@ -172,9 +260,11 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     cfg = model.config
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    sampling = Sampling(float(temperature), top_k, top_p)
-    if sampling.temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit PRNG `key` (e.g. jax.random.key(0))")
+    per_row = any(np.ndim(x) > 0 for x in (temperature, top_k, top_p)) or (key is not None and np.ndim(key) > 0)
+    if not per_row:
+        sampling = Sampling(float(temperature), top_k, top_p)
+        if sampling.temperature > 0 and key is None:
+            raise ValueError("sampling with temperature > 0 needs an explicit PRNG `key` (e.g. jax.random.key(0))")
     if pad_token_id is None:
         pad_token_id = getattr(cfg, "pad_token_id", None) or 0
     if eos_token_id is None:
@@ -199,6 +289,9 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
         raise ValueError(f"prompt + max_new_tokens = {int(mask.sum(1).max()) + max_new_tokens} exceeds the "
                          f"model's {limit} learned positions (n_positions)")
     apply_fn = _ModelApply(model) if apply_fn is None else apply_fn
+    if per_row:
+        key, filtered = _row_settings(ids.shape[0], temperature, top_k, top_p, key)
+        sampling = PerRowSampling(filtered)
     key = jax.random.key(0) if key is None else key
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     # The empty cache is made outside the jit and passed in: built inside, its zeros are constants and XLA spends
@@ -208,14 +301,15 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     cache = models.init_cache(cfg, ids.shape[0], ids.shape[1] + max_new_tokens, cache_dtype) if use_cache else None
     tokens, lengths = _generate(params, jnp.asarray(ids), jnp.asarray(mask), key, eos_ids, cache, model=model,
                                 apply_fn=apply_fn, max_new_tokens=max_new_tokens, sampling=sampling,
-                                pad=int(pad_token_id), use_cache=use_cache, cache_dtype=cache_dtype, stream=stream)
+                                pad=int(pad_token_id), use_cache=use_cache, cache_dtype=cache_dtype, stream=stream,
+                                on_step=on_step)
     return GenerateOutput(np.asarray(tokens), np.asarray(lengths))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "apply_fn", "max_new_tokens", "sampling", "pad", "use_cache",
-                                             "cache_dtype", "stream"))
+                                             "cache_dtype", "stream", "on_step"))
 def _generate(params, ids, mask, key, eos_arr, cache, *, model, apply_fn, max_new_tokens, sampling, pad, use_cache,
-              cache_dtype, stream=None):
+              cache_dtype, stream=None, on_step=None):
     b, t = ids.shape
     n = max_new_tokens
 
@@ -242,11 +336,20 @@ def _generate(params, ids, mask, key, eos_arr, cache, *, model, apply_fn, max_ne
             return jax.lax.dynamic_index_in_dim(logits, cur, axis=1, keepdims=False), (seq, seq_mask, cur + 1)
 
     def pick(last, i, done):
-        tok = sampling(last, jax.random.fold_in(key, i))
+        if isinstance(sampling, PerRowSampling):
+            tok = sampling(last, key, i)            # `key` holds the RowSettings
+        else:
+            tok = sampling(last, jax.random.fold_in(key, i))
         tok = jnp.where(done, pad, tok)
         if stream is not None:
             jax.debug.callback(stream, tok, ordered=True)
-        return tok, done | jnp.any(tok[:, None] == eos_arr[None, :], axis=1)
+        done = done | jnp.any(tok[:, None] == eos_arr[None, :], axis=1)
+        if on_step is not None:
+            from jax.experimental import io_callback
+
+            stop = io_callback(on_step, jax.ShapeDtypeStruct((b,), jnp.bool_), i, tok, done)
+            done = done | stop
+        return tok, done
 
     out = jnp.full((b, n), pad, jnp.int32)
     done = jnp.zeros((b,), bool)
@@ -271,4 +374,4 @@ def _generate(params, ids, mask, key, eos_arr, cache, *, model, apply_fn, max_ne
     return out, lengths
 
 
-__all__ = ["generate", "GenerateOutput", "Sampling", "lora_apply_fn", "pad_prompts"]
+__all__ = ["generate", "GenerateOutput", "Sampling", "PerRowSampling", "RowSettings", "lora_apply_fn", "pad_prompts"]
