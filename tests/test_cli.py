@@ -23,6 +23,7 @@ import transformers
 import yaml
 
 import jlora
+from tiny import tiny_smol_llama
 from jlora import cli
 from jlora.cli import config as runconfig
 from jlora.cli import run as run_lib
@@ -36,17 +37,7 @@ SYSTEM = "Reply with JSON only: name, date (YYYY-MM-DD), amount, city."
 
 def _tiny_llama(folder, layers=2):
     """A tiny random Llama with SmolLM2's real tokenizer (so the demo's chats tokenize as in the demo)."""
-    from jlora import hf
-    from jlora.hf import gguf
-
-    tok = gguf.read(hf.resolve(SMOL)).tokenizer
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id, max_position_embeddings=256)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save(folder)
+    tiny_smol_llama(folder, layers=layers, max_position_embeddings=256)
     return folder
 
 

