@@ -41,6 +41,7 @@ import optax
 
 from jlora import adapter as adapter_lib
 from jlora import lora as lora_lib
+from jlora import loss as loss_lib
 from jlora import train as train_lib
 from jlora import transform
 from jlora import tree as tree_lib
@@ -458,10 +459,8 @@ def slot_weights(batch: Mapping, capacity: int) -> jax.Array:
     """Per-row loss weights: ``1 / (target tokens of the row's slot)``, 0 for base rows, so the token-weighted
     loss of the batch is the sum over slots of each slot's mean, times the number of slots present."""
     ids = jnp.asarray(batch["adapter_ids"], jnp.int32)
-    mask = batch.get("loss_mask", batch.get("attention_mask"))
-    if mask is None:
-        mask = jnp.ones(batch["input_ids"].shape, jnp.float32)
-    per_row = jnp.sum(mask[:, 1:].astype(jnp.float32), axis=1)
+    _, targets = loss_lib.shifted_targets(batch["input_ids"], batch.get("loss_mask", batch.get("attention_mask")))
+    per_row = jnp.sum(targets, axis=1)                    # each row's target tokens, counted as lm_loss counts them
     use = ids >= 0
     per_slot = jax.ops.segment_sum(jnp.where(use, per_row, 0.0), jnp.where(use, ids, 0), capacity)
     return jnp.where(use, 1.0 / jnp.maximum(jnp.take(per_slot, jnp.where(use, ids, 0)), 1.0), 0.0)

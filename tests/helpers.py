@@ -35,3 +35,27 @@ def train_peft(peft_model, ids, steps=3, lr=1e-2):
         opt.step()
         opt.zero_grad()
     return peft_model.eval()
+
+
+def wait_until_serving(proc, log, url, *, headers=None, seconds=180):
+    """Polls ``url``/health until a `jlora serve` subprocess answers 200; fails with its log if it exits first
+    (or kills it after ``seconds``)."""
+    import time
+
+    import httpx
+    import pytest
+
+    deadline = time.time() + seconds
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", headers=headers or {}, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not come up in {seconds} s")
+        time.sleep(0.3)

@@ -15,6 +15,7 @@ import re
 import shlex
 
 import pytest
+from helpers import wait_until_serving
 from tiny import tiny_smol_llama
 
 from jlora import cli
@@ -126,9 +127,7 @@ def test_readme_serving_runs(workdir):
     import socket
     import subprocess
     import sys
-    import time
 
-    import httpx
     import yaml
 
     folder, _ = workdir
@@ -144,18 +143,7 @@ def test_readme_serving_runs(workdir):
     proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", *_as_run_here(serve[0], model), "--port", str(port)],
                             cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the README's server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"http://{here}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the README's server did not come up in 180 s"
-            time.sleep(0.3)
+        wait_until_serving(proc, log, f"http://{here}")
         curls = [b for b in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) if b.startswith("curl ") and SERVER in b]
         assert curls
         for block in curls:

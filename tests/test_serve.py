@@ -25,6 +25,7 @@ import openai
 import pytest
 
 import jlora
+from helpers import wait_until_serving
 from tiny import tiny_smol_llama
 from jlora import cli
 
@@ -106,20 +107,7 @@ def server(world):
     log = open(world["root"].parent / "server.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("the server did not come up in 180 s")
-        time.sleep(0.3)
+    wait_until_serving(proc, log, url, headers={"Authorization": f"Bearer {KEY}"})
     yield {"url": url, "proc": proc, "log": log}
     proc.terminate()
     try:

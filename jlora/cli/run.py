@@ -865,11 +865,11 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     loss = validation_loss(jax.jit(jlora.make_eval_step(loaded.model, lora_cfg)), loaded.params, adapters,
                            _loader(cfg, valid, loaded.tokenizer, train=False))
     prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples)
-    acc, _ = score_generation(loaded, loaded.params, prompts, scorer, adapters=None if base else adapters,
-                              lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,
-                              max_new_tokens=cfg.eval.max_new_tokens)
-    print(f"validation loss {loss:.4f}; {scorer.label} {acc:.1f}% on {len(prompts)} prompts")
     if not side_effects:
+        acc, _ = score_generation(loaded, loaded.params, prompts, scorer, adapters=None if base else adapters,
+                                  lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,
+                                  max_new_tokens=cfg.eval.max_new_tokens)
+        print(f"validation loss {loss:.4f}; {scorer.label} {acc:.1f}% on {len(prompts)} prompts")
         return {"valid_loss": loss, "accuracy": acc}
     from jlora import side_effects as side_effects_lib
 
@@ -881,6 +881,8 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
         task=valid, task_prompts=prompts, scorer=scorer, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
         batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
         eos_token_id=tuple(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
+    acc = report["task"]["score_adapted_pct"]     # the report decoded the task prompts already: not twice
+    print(f"validation loss {loss:.4f}; {scorer.label} {acc:.1f}% on {len(prompts)} prompts")
     folder = pathlib.Path(adapter or cfg.run.dir)
     written = side_effects_lib.save(report, folder)
     print(side_effects_lib.summary(report))
