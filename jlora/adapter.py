@@ -191,7 +191,8 @@ class LayerCall(dict):
     Keys: ``module``, ``method``, ``x`` (the input), ``y`` (the layer's plain output), ``kernel`` (its dense
     value), ``bias`` (or None), ``adapter``, ``scale``, ``dtype`` (the compute dtype), ``dropout`` (a function
     applying LoRA dropout, or None), ``path``, ``ids`` (the per-row adapter ids given to :func:`jlora.apply`, or
-    None), ``kind`` (the layer kind), ``kwargs`` (the call's keyword arguments).
+    None), ``kind`` (the layer kind), ``kwargs`` (the call's keyword arguments), ``spec`` (the
+    :class:`jlora.transform.LayerSpec`: kernel shape and axes, so a hook needs no module system's API).
     """
 
     __getattr__ = dict.__getitem__

@@ -89,15 +89,14 @@ def _slot_output(c: LayerCall) -> jax.Array:
         h = jax.vmap(lambda t, s: jnp.take(node.a[s], t, axis=0, mode="clip"))(x, safe).astype(c.dtype)
         return y + (gain[lift] * jnp.einsum("b...r,bro->b...o", h, b)).astype(y.dtype)
     xd = (c.dropout(x) if c.dropout is not None else x).astype(c.dtype)
-    module = c.module
+    spec = c.spec
     if c.kind == "Einsum":                # the transform's einsum with the row letter added to A and B
-        lhs, rhs, out = transform._einsum_parts(module, c.kwargs)
+        lhs, rhs, out = spec.einsum
         row = lhs[0]
         if row == "." or row not in out or row in rhs:
             raise ValueError(f"nn.Einsum at {c.path!r} ({lhs},{rhs}->{out}): a bank routes the input's first axis "
                              f"as batch rows, so it must be a named axis kept in the output; exclude this layer")
-        kernel_shape = module.get_variable("params", "kernel").shape
-        in_axes, out_axes = transform._axes(module, c.kind, c.kwargs)
+        kernel_shape, in_axes, out_axes = spec.kernel_shape, spec.in_axes, spec.out_axes
         in_letters, out_letters = "".join(rhs[i] for i in in_axes), "".join(rhs[i] for i in out_axes)
         z = next(ch for ch in "zyxwvutsrqponmlkjihgfedcba" if ch not in lhs + rhs + out)
         mid = "".join(ch for ch in lhs if ch in out)
@@ -111,7 +110,7 @@ def _slot_output(c: LayerCall) -> jax.Array:
     if c.kind == "Dense":
         xm = xd
     else:                                 # DenseGeneral: its contracted axes flattened last
-        contract = list(transform._normalize_axes(module.axis, xd.ndim))
+        contract = list(transform._normalize_axes(spec.axis, xd.ndim))
         if 0 in contract:
             raise ValueError(f"the layer at {c.path!r} contracts its input's first axis, which a bank routes as "
                              f"batch rows; keep it out of the bank's targets")

@@ -24,6 +24,7 @@ outputs, for kernels of more than 2 dims.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -64,25 +65,62 @@ def _einsum_parts(module: nn.Einsum, kwargs: Mapping) -> tuple[str, str, str]:
     return lhs, rhs, out
 
 
-def _axes(module: nn.Module, kind: str, kwargs) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (in_axes, out_axes) of the per-layer kernel for a call of ``module``."""
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """How one call of an adapted layer reads its kernel: what the low-rank path needs, free of any module system.
+
+    Linen layers (here) and NNX layers (:mod:`jlora.nnx`) both describe themselves this way, so one function,
+    :func:`low_rank`, computes the path for both.
+
+    Attributes:
+        kind: the layer kind (one of :data:`jlora.adapter.LAYER_KINDS`).
+        kernel_shape: the per-layer kernel's shape.
+        in_axes: kernel axes contracted with the input.
+        out_axes: kernel axes that index the output features.
+        dtype: the layer's compute dtype, or None for the output's.
+        axis: ``DenseGeneral``: the input axes it contracts.
+        einsum: ``Einsum``: ``(lhs, rhs, out)`` of its einsum string.
+    """
+
+    kind: str
+    kernel_shape: tuple[int, ...]
+    in_axes: tuple[int, ...] = (0,)
+    out_axes: tuple[int, ...] = (1,)
+    dtype: Any = None
+    axis: tuple[int, ...] = ()
+    einsum: tuple[str, str, str] | None = None
+
+    @property
+    def layout(self) -> KernelLayout:
+        return KernelLayout(self.kind, self.in_axes, self.out_axes)
+
+
+def einsum_axes(lhs: str, rhs: str, out: str, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (in_axes, out_axes) of an einsum kernel ``rhs`` in ``lhs,rhs->out``; raises for shared batch axes."""
+    shared = [c for c in rhs if c in lhs and c in out]
+    if shared or "." in rhs:
+        raise ValueError(f"the Einsum layer at {where!r} with einsum_str {lhs},{rhs}->{out}: kernel axes "
+                         f"{shared or '...'} are batch axes shared by input and output, which LoRA does not "
+                         f"support; exclude this layer from the targets")
+    return tuple(i for i, c in enumerate(rhs) if c in lhs), tuple(i for i, c in enumerate(rhs) if c not in lhs)
+
+
+def _spec(module: nn.Module, kind: str, kwargs, kernel_shape: tuple[int, ...] = ()) -> LayerSpec:
+    """The :class:`LayerSpec` of a call of the Linen layer ``module`` (kernel shape without stack axes)."""
     where = "/".join(module.path)
+    dtype = getattr(module, "dtype", None)
     if kind == "DenseGeneral":
         if module.batch_dims:
             raise ValueError(f"nn.DenseGeneral at {where!r} has batch_dims={module.batch_dims}; LoRA supports "
                              f"DenseGeneral without batch_dims only")
-        n_in = 1 if isinstance(module.axis, int) else len(module.axis)
+        axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
         n_out = 1 if isinstance(module.features, int) else len(module.features)
-        return tuple(range(n_in)), tuple(range(n_in, n_in + n_out))
+        return LayerSpec(kind, kernel_shape, tuple(range(len(axis))),
+                         tuple(range(len(axis), len(axis) + n_out)), dtype, axis=axis)
     if kind == "Einsum":
-        lhs, rhs, out = _einsum_parts(module, kwargs)
-        shared = [c for c in rhs if c in lhs and c in out]
-        if shared or "." in rhs:
-            raise ValueError(f"nn.Einsum at {where!r} with einsum_str {lhs},{rhs}->{out}: kernel axes "
-                             f"{shared or '...'} are batch axes shared by input and output, which LoRA does not "
-                             f"support; exclude this layer from the targets")
-        return tuple(i for i, c in enumerate(rhs) if c in lhs), tuple(i for i, c in enumerate(rhs) if c not in lhs)
-    return (0,), (1,)
+        parts = _einsum_parts(module, kwargs)
+        return LayerSpec(kind, kernel_shape, *einsum_axes(*parts, where), dtype, einsum=parts)
+    return LayerSpec(kind, kernel_shape, dtype=dtype)
 
 
 @jax.custom_jvp
@@ -115,9 +153,13 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _low_rank(module, kind: str, method: str, x, node: Adapter, scale: float, y, kwargs, dropout) -> jax.Array:
-    """``scale * (dropout(x) @ A) @ B`` laid out like the layer's output ``y``."""
-    dtype = getattr(module, "dtype", None) or y.dtype
+def low_rank(spec: LayerSpec, method: str, x, node: Adapter, scale: float, y, dropout=None) -> jax.Array:
+    """``scale * (dropout(x) @ A) @ B`` for a layer described by ``spec``, laid out like its output ``y``.
+
+    The full-size update ``A @ B`` is never formed: the input is contracted with ``A`` first.
+    """
+    kind = spec.kind
+    dtype = spec.dtype or y.dtype
     a, b = node.a.astype(dtype), node.b.astype(dtype)
     if kind == "Embed":
         if method == "attend":        # x @ E^T + s (x @ B^T) @ A^T
@@ -126,20 +168,18 @@ def _low_rank(module, kind: str, method: str, x, node: Adapter, scale: float, y,
     x = (dropout(x) if dropout is not None else x).astype(dtype)
     if kind == "Dense":
         return _low_rank_matmul(x, a, (b * scale).astype(dtype)).astype(y.dtype)
-    kernel_shape = module.get_variable("params", "kernel").shape
-    in_axes, out_axes = _axes(module, kind, kwargs)
-    in_dims = [kernel_shape[i] for i in in_axes]
-    out_dims = [kernel_shape[i] for i in out_axes]
+    in_dims = [spec.kernel_shape[i] for i in spec.in_axes]
+    out_dims = [spec.kernel_shape[i] for i in spec.out_axes]
     if kind == "DenseGeneral":
-        contract = _normalize_axes(module.axis, x.ndim)
+        contract = _normalize_axes(spec.axis, x.ndim)
         keep = [i for i in range(x.ndim) if i not in contract]
         xm = jnp.transpose(x, (*keep, *contract)).reshape(*[x.shape[i] for i in keep], math.prod(in_dims))
         return (scale * jnp.matmul(jnp.matmul(xm, a), b)).reshape(y.shape).astype(y.dtype)
-    # nn.Einsum: contract the input with A (in dims, r), then expand with B (r, out dims) into the output spec.
-    lhs, rhs, out = _einsum_parts(module, kwargs)
+    # Einsum: contract the input with A (in dims, r), then expand with B (r, out dims) into the output spec.
+    lhs, rhs, out = spec.einsum
     z = next(c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in lhs + rhs + out)
-    in_letters = "".join(rhs[i] for i in in_axes)
-    out_letters = "".join(rhs[i] for i in out_axes)
+    in_letters = "".join(rhs[i] for i in spec.in_axes)
+    out_letters = "".join(rhs[i] for i in spec.out_axes)
     mid = ("..." if "..." in lhs else "") + "".join(c for c in lhs.replace("...", "") if c in out)
     h = jnp.einsum(f"{lhs},{in_letters}{z}->{mid}{z}", x, a.reshape(*in_dims, a.shape[-1]))
     d = jnp.einsum(f"{mid}{z},{z}{out_letters}->{out}", h, b.reshape(b.shape[0], *out_dims))
@@ -158,32 +198,30 @@ class _Trace:
         self.blind: set[str] = set()       # adapter paths whose layer ran without the "lora" collection in scope
 
 
-def _check_node(module, kind: str, kwargs, node: Adapter, kernel, path: str) -> None:
-    """Raises unless ``node`` fits the layer that is about to use it (layout, shapes, variant)."""
+def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str) -> None:
+    """Raises unless ``node`` fits the layer (named ``layer``, e.g. ``"nn.Dense"``) that is about to use it."""
     var = adapter_lib.variant(node.variant)
-    if kind not in var.layers:
-        raise ValueError(f"the {var.name} adapter at {path!r} is on an nn.{kind} layer; the {var.name} variant "
+    if spec.kind not in var.layers:
+        raise ValueError(f"the {var.name} adapter at {path!r} is on a {layer} layer; the {var.name} variant "
                          f"supports {'/'.join(var.layers)} layers only")
-    in_axes, out_axes = _axes(module, kind, kwargs)
-    actual = KernelLayout(kind, in_axes, out_axes)
+    actual, shape = spec.layout, tuple(spec.kernel_shape)
     if node.layout is not None and not node.layout.same_axes(actual):
         made = ("without a layout, so its 2-D kernel was taken as (in, out), nn.Dense's layout"
                 if not node.layout.traced else f"for a kernel laid out {node.layout.describe()}")
-        raise ValueError(f"the adapter at {path!r} was made {made}, but the nn.{kind} layer using it reads its "
-                         f"kernel {tuple(kernel.shape)} as {actual.describe()}; create the adapters with "
+        raise ValueError(f"the adapter at {path!r} was made {made}, but the {layer} layer using it reads its "
+                         f"kernel {shape} as {actual.describe()}; create the adapters with "
                          f"`layout=jlora.layout(model, *example_args)` so that apply and merge agree")
-    fan_in = math.prod(kernel.shape[i] for i in in_axes)
-    fan_out = math.prod(kernel.shape[i] for i in out_axes)
+    fan_in = math.prod(shape[i] for i in spec.in_axes)
+    fan_out = math.prod(shape[i] for i in spec.out_axes)
     a, b = jnp.shape(node.a), jnp.shape(node.b)
     a, b = a[node.slot_dims:], b[node.slot_dims:]          # a bank's slot axis leads inside the layer
     if len(a) > 2 and a[-2:] == (fan_in, a[-1]):
         raise ValueError(f"the adapter at {path!r} carries extra leading axes {a[:-2]} (a {a}, b {b}) for a "
-                         f"layer whose kernel is {tuple(kernel.shape)}: stacked adapters must be applied one at a "
+                         f"layer whose kernel is {shape}: stacked adapters must be applied one at a "
                          f"time (index them, or jax.vmap over jlora.apply)")
     if len(a) != 2 or len(b) != 2 or a[0] != fan_in or b[1] != fan_out or a[1] != b[0]:
-        raise ValueError(f"adapter at {path!r} does not fit its layer: the nn.{kind} kernel "
-                         f"{tuple(kernel.shape)} needs a ({fan_in}, r) and b (r, {fan_out}) per layer; got a {a} "
-                         f"and b {b}")
+        raise ValueError(f"adapter at {path!r} does not fit its layer: the {layer} kernel {shape} needs a "
+                         f"({fan_in}, r) and b (r, {fan_out}) per layer; got a {a} and b {b}")
 
 
 def _interceptor(trace: _Trace):
@@ -209,7 +247,8 @@ def _interceptor(trace: _Trace):
             trace.blind.add(path)
         if not isinstance(node, Adapter):     # no adapter here, or a whole trained tensor (see lora.overlay)
             return call(*args, **kwargs)
-        _check_node(module, kind, kwargs, node, kernel, path)
+        spec = _spec(module, kind, kwargs, tuple(jnp.shape(kernel)))
+        check_node(spec, node, path, f"nn.{kind}")
         x = args[0] if args else next(iter(kwargs.values()))
         y = call(*args, **kwargs)
         trace.used.add(path)
@@ -221,9 +260,9 @@ def _interceptor(trace: _Trace):
             bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
             return var.layer_call(LayerCall(
                 module=module, method=method, x=x, y=y, kernel=lora_lib.dense_value(kernel), bias=bias,
-                adapter=node, scale=scale, dtype=getattr(module, "dtype", None) or y.dtype, dropout=dropout,
-                path=path, ids=trace.ids, kind=kind, kwargs=kwargs))
-        return y + _low_rank(module, kind, method, x, node, scale, y, kwargs, dropout)
+                adapter=node, scale=scale, dtype=spec.dtype or y.dtype, dropout=dropout,
+                path=path, ids=trace.ids, kind=kind, kwargs=kwargs, spec=spec))
+        return y + low_rank(spec, method, x, node, scale, y, dropout)
 
     return intercept
 
@@ -321,8 +360,8 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
             leaf = _leaf_name(kind)
             kernel = module.get_variable("params", leaf)
             if kernel is not None:
-                in_axes, out_axes = _axes(module, kind, kw)
-                records[prefix + leaf] = (kind, in_axes, out_axes, len(kernel.shape))
+                spec = _spec(module, kind, kw)
+                records[prefix + leaf] = (kind, spec.in_axes, spec.out_axes, len(kernel.shape))
         else:
             for leaf in ("kernel", "embedding"):
                 if module.has_variable("params", leaf):
