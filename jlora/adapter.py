@@ -273,6 +273,47 @@ def kernel_type(leaf: Any) -> KernelType | None:
     return _KERNEL_TYPES.get(type(leaf))
 
 
+# --- model systems ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelSystem:
+    """A way of writing models other than Flax Linen (``jlora.nnx`` registers Flax NNX).
+
+    :func:`jlora.init`, :func:`jlora.apply`, :func:`jlora.layout`, :func:`jlora.merge` and friends ask
+    :func:`model_system` whether a model or parameter container belongs to a registered system and, if so, hand it
+    over, so the core never imports one.
+
+    Attributes:
+        name: for error messages.
+        owns: ``obj -> bool``: whether ``obj`` (a model, or a container of its params) belongs to this system.
+        params: ``obj -> dict``: its params as a plain nested dict with string keys (the paths adapters use).
+        layout: ``(obj, *args, **kwargs) -> Layout | None``: the kernel layouts, or None if ``obj`` cannot tell.
+        apply: the system's :func:`jlora.apply` (same signature).
+        rebuild: ``(obj, plain params) -> obj`` of the same kind with those params (after a merge).
+    """
+
+    name: str
+    owns: Callable[[Any], bool]
+    params: Callable[[Any], dict]
+    layout: Callable[..., Any]
+    apply: Callable[..., Any]
+    rebuild: Callable[[Any, Any], Any]
+
+
+_SYSTEMS: list[ModelSystem] = []
+
+
+def register_model_system(system: ModelSystem) -> ModelSystem:
+    """Adds (or replaces, by name) a model system; returns it."""
+    _SYSTEMS[:] = [s for s in _SYSTEMS if s.name != system.name] + [system]
+    return system
+
+
+def model_system(obj: Any) -> ModelSystem | None:
+    """The registered :class:`ModelSystem` that owns ``obj``, or None (a Linen model or a plain dict)."""
+    return next((s for s in _SYSTEMS if s.owns(obj)), None)
+
+
 __all__ = ["Adapter", "KernelLayout", "Layout", "LayerCall", "Variant", "KernelType", "LAYER_KINDS",
            "adapter_items", "full_items", "is_adapter", "register_variant", "variant", "register_kernel_type",
-           "kernel_type"]
+           "kernel_type", "ModelSystem", "register_model_system", "model_system"]

@@ -62,6 +62,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
+from jlora.lora import plain_params
 from jlora.train import TrainState
 
 FORMAT = "jlora.checkpoint/1"
@@ -109,6 +110,7 @@ def _sample(x, k: int) -> np.ndarray:
 
 
 def _leaves(params) -> list[tuple[str, Any]]:
+    params = plain_params(params)        # an NNX model or state: its params, by the paths adapters use
     return sorted(((tree_lib.path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]),
                   key=lambda t: t[0])
 

@@ -49,6 +49,12 @@ _WHOLE_VARIABLES = (
 )
 
 
+def plain_params(params: Any) -> Mapping:
+    """``params`` as a plain nested dict: a registered model system's model or state (NNX) gives its params."""
+    system = adapter_lib.model_system(params)
+    return system.params(params) if system is not None else params
+
+
 def check_params(params: Mapping) -> None:
     """Raises if ``params`` is a whole Flax variables dict (``{"params": ...}``) instead of its params."""
     keys = list(params) if isinstance(params, Mapping) else []
@@ -128,6 +134,10 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[st
         >>> count(adapters)
         131072
     """
+    system = adapter_lib.model_system(params)
+    if system is not None:          # an NNX model (its own layouts) or its param state
+        layout = layout if layout is not None else system.layout(params)
+        params = system.params(params)
     check_params(params)
     if cfg.init in ("pissa", "olora") and factors is None:
         raise ValueError(f"init={cfg.init!r} changes the base weights as well as creating adapters; use "
@@ -205,6 +215,7 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None
     for that kernel (an extra leading axis means stacked adapters), that its rank is ``cfg``'s at that path, and
     that every whole trained tensor has its parameter's shape.
     """
+    params = plain_params(params)
     check_params(params)
     flat_params = tree_lib.flatten(params)
     for path, leaf in full_items(adapters):
@@ -272,6 +283,9 @@ def delta(node: Adapter, scale: float, shape: tuple[int, ...], lay: KernelLayout
 
 
 def _merge(params, adapters, cfg, layout, sign):
+    system = adapter_lib.model_system(params)
+    if system is not None:          # an NNX model or state: merge its plain params, give back the same kind
+        return system.rebuild(params, _merge(system.params(params), adapters, cfg, layout, sign))
     check_fits(params, adapters, cfg)
     nodes = list(adapter_items(adapters))
     if sign < 0:
@@ -298,6 +312,9 @@ def _merge(params, adapters, cfg, layout, sign):
 def merge(params: Mapping, adapters: Mapping, cfg: LoraConfig, layout: Mapping[str, KernelLayout] | None = None
           ) -> dict:
     """Returns params with every adapter folded in: ``W + scale * A @ B`` (computed in fp32, cast back).
+
+    ``params`` may also be an NNX model or param state (:mod:`jlora.nnx`); the result is then of the same kind
+    (a new model, the given one untouched).
 
     Each adapter carries the layout of its kernel, so no layout is needed here (``layout``, if given, must agree).
     DoRA adapters give ``m * (W + s A B) / ||W + s A B||``; whole trained tensors replace their parameters; a
@@ -337,7 +354,7 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
         q_proj/kernel   (4096, 4096)   16     131,072     0.78%
         total: 131,072 trainable values = 0.78% of 16,777,216 parameters (1 adapted kernels)
     """
-    flat = tree_lib.flatten(params)
+    flat = tree_lib.flatten(plain_params(params))
     rows = [("path", "kernel shape", "rank", "trainable", "% of update")]
     entries = []
     for path, node in adapter_items(adapters):

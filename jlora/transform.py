@@ -273,7 +273,7 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig,
     """Runs ``model`` with unmerged adapters: equal to ``model.apply({"params": merge(...)}, ...)``.
 
     Args:
-        model: a Flax Linen module.
+        model: a Flax Linen module (or an NNX model or graphdef: see :mod:`jlora.nnx`).
         params: its frozen params (the ``"params"`` collection, not wrapped in ``{"params": ...}``).
         adapters: the adapter tree from :func:`jlora.init`.
         cfg: the LoRA config the adapters were made with (it gives the scale per path).
@@ -300,6 +300,10 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig,
         >>> bool(jnp.array_equal(y, model.apply({"params": params}, x)))
         True
     """
+    system = adapter_lib.model_system(model)
+    if system is not None:          # an NNX model or graphdef (jlora.nnx)
+        return system.apply(model, params, adapters, cfg, *args, variables=variables, rngs=rngs, method=method,
+                            mutable=mutable, adapter_ids=adapter_ids, **kwargs)
     lora_lib.check_fits(params, adapters, cfg)
     others = dict(variables or {})
     clash = sorted({"params", COLLECTION} & set(others))
@@ -345,6 +349,9 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
         >>> layout(model, jnp.ones((2, 16)))["kernel"]
         KernelLayout(kind='DenseGeneral', in_axes=(0,), out_axes=(1, 2), lead=0, traced=True)
     """
+    system = adapter_lib.model_system(model)
+    if system is not None:          # an NNX model reads its layouts off its layers, no trace needed
+        return system.layout(model, *args, method=method, **kwargs)
     records: dict[str, tuple[str, tuple, tuple, int]] = {}
     unsupported: dict[str, str] = {}
 

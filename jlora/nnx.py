@@ -1,0 +1,538 @@
+"""LoRA for Flax NNX models, with the same functional contract as for Linen.
+
+An NNX model keeps its params inside Python objects, but jlora's contract does not change: adapters are a
+separate pytree whose paths mirror the model's ``nnx.Param`` state (``blocks/lin/kernel``), the frozen params
+are an ordinary argument, and gradients and optimizer state exist for the adapters only. ``jlora.init``,
+``jlora.apply``, ``jlora.layout``, ``jlora.merge``/``unmerge``, ``jlora.summary`` and ``jlora.make_train_step``
+accept an NNX model (or its graphdef and param state) wherever they accept a Linen model and its params:
+
+>>> import jax, jax.numpy as jnp, jlora
+>>> from flax import nnx
+>>> model = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+>>> cfg = jlora.LoraConfig(rank=4, alpha=8, targets="kernel")
+>>> adapters = jlora.init(model, cfg, key=jax.random.key(1))
+>>> x = jnp.ones((2, 16))
+>>> bool(jnp.array_equal(jlora.apply(model, jlora.nnx.params(model), adapters, cfg, x), model(x)))
+True
+
+**How a call is intercepted.** NNX has no method interceptor like Linen's, and its transforms (``nnx.scan``,
+``nnx.vmap``, ``nnx.remat``, ``nnx.jit``) split and re-merge the module graph, so neither object identity nor a
+global hook survives them. What does survive is the graph itself: :func:`apply` merges a fresh copy of the model
+holding the given params, and on each adapted layer sets (a) :class:`AdapterParam` variables holding its
+:class:`jlora.Adapter`'s arrays and (b) the layer's class to a subclass (one per layer class, cached) whose ``__call__``
+(and ``Embed.attend``) returns the layer's own output plus the low-rank path, computed by the same
+:func:`jlora.transform.low_rank` as for Linen, from a :class:`jlora.transform.LayerSpec` read off the layer's
+attributes. Because the adapter is a variable of the layer, ``nnx.scan`` over a stack of layers slices it along
+with the layer's kernel, and ``nnx.remat``/``nnx.vmap`` carry it like any other state. The user's model is never
+modified by :func:`apply`.
+
+The NNX-idiomatic way is built on the same pieces: :func:`attach` does (a) and (b) to the user's model in place,
+so ``model(x)`` runs adapted and ``nnx.Optimizer(model, tx, wrt=jlora.nnx.AdapterParam)`` trains the adapters only;
+:func:`adapters` reads them back, :func:`detach` removes them. :func:`to_flax_lora` and :func:`from_flax_lora`
+move adapters to and from Flax's own ``nnx.LoRALinear``/``nnx.LoRA`` parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora import adapter as adapter_lib
+from jlora import lora as lora_lib
+from jlora import transform
+from jlora import tree as tree_lib
+from jlora.adapter import Adapter, KernelLayout, LayerCall, Layout
+from jlora.config import LoraConfig
+
+# NNX layer classes jlora adapts, in lookup order (a subclass, e.g. nnx.LoRALinear, takes its base's kind), and
+# the jlora layer kind each computes as.
+_KINDS = ((nnx.Linear, "Dense"), (nnx.LinearGeneral, "DenseGeneral"), (nnx.Einsum, "Einsum"),
+          (nnx.Embed, "Embed"))
+_SUPPORTED = ", ".join(f"nnx.{cls.__name__}" for cls, _ in _KINDS)
+
+
+class AdapterParam(nnx.Variable):
+    """The variables an adapted layer holds its adapter's arrays in (``jlora_a``, ``jlora_b``, and variant extras
+    as ``jlora_<name>``); the filter for ``nnx.Optimizer(..., wrt=...)`` and ``nnx.DiffState``.
+
+    It is not an ``nnx.Param``, so ``nnx.state(model, nnx.Param)`` stays the frozen params.
+    """
+
+
+class _DropoutKey(nnx.Variable):
+    """The LoRA-dropout key of one adapted layer (one key per stacked layer, so ``nnx.scan`` slices it)."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Trace:
+    """What one :func:`apply` (or :func:`attach`) set up: config, per-row adapter ids, and which adapters ran."""
+
+    cfg: LoraConfig
+    ids: Any = None
+    used: set = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Info:
+    """Static facts of one adapted layer, stored on it (identity-hashed, as NNX static attributes must hash)."""
+
+    path: str
+    kind: str
+    scale: float
+    trace: _Trace
+    extras: tuple[str, ...] = ()
+    layout: KernelLayout | None = None
+    variant: str = "lora"
+
+    def adapter(self, layer) -> Adapter:
+        """The :class:`jlora.Adapter` held by ``layer``'s variables."""
+        extras = {n: getattr(layer, f"jlora_{n}").get_value() for n in self.extras}
+        return Adapter(layer.jlora_a.get_value(), layer.jlora_b.get_value(), extras, layout=self.layout,
+                       variant=self.variant)
+
+
+def _kind(layer: Any) -> str | None:
+    return next((kind for cls, kind in _KINDS if isinstance(layer, cls)), None)
+
+
+def _leaf(kind: str) -> str:
+    return "embedding" if kind == "Embed" else "kernel"
+
+
+def _per_layer_ndim(layer: nnx.Module, kind: str) -> int:
+    if kind == "DenseGeneral":
+        return len(layer.in_features) + len(layer.out_features)
+    if kind == "Einsum":
+        return len(layer.kernel_shape)
+    return 2
+
+
+def layer_spec(layer: nnx.Module, kind: str, kernel_shape: tuple[int, ...], where: str,
+               einsum_str: str | None = None) -> transform.LayerSpec:
+    """The :class:`jlora.transform.LayerSpec` of an NNX layer whose per-layer kernel has ``kernel_shape``."""
+    dtype = getattr(layer, "dtype", None)
+    if kind == "DenseGeneral":
+        if layer.batch_axis:
+            raise ValueError(f"nnx.LinearGeneral at {where!r} has batch_axis={dict(layer.batch_axis)}; LoRA supports "
+                             f"LinearGeneral without batch axes only. Exclude it from the targets.")
+        n_in, n_out = len(layer.in_features), len(layer.out_features)
+        return transform.LayerSpec(kind, kernel_shape, tuple(range(n_in)), tuple(range(n_in, n_in + n_out)), dtype,
+                                   axis=tuple(layer.axis))
+    if kind == "Einsum":
+        spec = einsum_str or layer.einsum_str
+        if spec is None:
+            raise ValueError(f"nnx.Einsum at {where!r} has no einsum_str attribute (it is given at each call), so "
+                             f"jlora cannot tell its kernel's input axes ahead of a call; build it with einsum_str= "
+                             f"or exclude it from the targets")
+        spec = spec.replace(" ", "")
+        lhs, rest = spec.split(",")
+        rhs, out = rest.split("->")
+        return transform.LayerSpec(kind, kernel_shape, *transform.einsum_axes(lhs, rhs, out, where), dtype,
+                                   einsum=(lhs, rhs, out))
+    return transform.LayerSpec(kind, kernel_shape, dtype=dtype)
+
+
+# --- params -------------------------------------------------------------------------------------------------------
+
+def _str_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def params(model: Any) -> dict:
+    """The frozen params of an NNX model (or of its ``nnx.State``) as a plain nested dict with string keys.
+
+    These are the paths adapters use (``blocks/0/lin/kernel``); pass this dict (or the ``nnx.State`` from
+    ``nnx.split(model, nnx.Param, ...)``) as ``params`` to :func:`jlora.apply` and the train step.
+
+    Examples:
+        >>> from flax import nnx
+        >>> jax.tree.map(jnp.shape, params(nnx.Linear(3, 2, rngs=nnx.Rngs(0))))
+        {'bias': (2,), 'kernel': (3, 2)}
+    """
+    if isinstance(model, nnx.GraphDef):
+        raise ValueError("a graphdef holds no params: pass the model, or the param state from "
+                         "`graphdef, params, rest = nnx.split(model, nnx.Param, ...)`")
+    state = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
+    return _str_keys(nnx.to_pure_dict(state))
+
+
+def _variables(module: nnx.Module) -> dict[str, nnx.Variable]:
+    return {"/".join(map(str, p)): v for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
+
+
+def _layers(module: nnx.Module) -> dict[str, Any]:
+    return {"/".join(map(str, p)): v for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Module)}
+
+
+def _set_params(module: nnx.Module, flat: Mapping[str, Any], *, complete: bool) -> None:
+    """Sets the ``nnx.Param`` values of ``module`` from ``{path: array}``; with ``complete``, all of them."""
+    found = {p: v for p, v in _variables(module).items() if isinstance(v, nnx.Param)}
+    unknown = sorted(set(flat) - set(found))
+    if unknown:
+        raise ValueError(f"the params hold paths {unknown[:5]} that the NNX model has no nnx.Param at; they were "
+                         f"taken from a different model. Its param paths look like: {sorted(found)[:8]}")
+    missing = sorted(set(found) - set(flat)) if complete else []
+    if missing:
+        raise ValueError(f"the params lack {missing[:5]} of the NNX model's nnx.Param paths; pass all of them "
+                         f"(jlora.nnx.params(model), or the state from nnx.split(model, nnx.Param, ...))")
+    for path, value in flat.items():
+        found[path].set_value(value)
+
+
+def _fresh(model: Any, params_in: Any, variables: Any) -> nnx.Module:
+    """A new module (the user's untouched) with ``params_in`` as its params and ``variables`` as other state."""
+    if isinstance(model, nnx.GraphDef):
+        if not isinstance(params_in, nnx.State):
+            raise ValueError("with a graphdef, pass the param state itself: `graphdef, params, rest = "
+                             "nnx.split(model, nnx.Param, ...)`, then apply(graphdef, params, ..., variables=rest); "
+                             "or pass the model instead of its graphdef")
+        others = () if variables is None else tuple(variables) if isinstance(variables, (tuple, list)) else (variables,)
+        return nnx.merge(model, params_in, *others, copy=True)
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    if variables is not None:
+        rest = variables
+    if isinstance(params_in, nnx.State):
+        return nnx.merge(graphdef, params_in, rest, copy=True)
+    module = nnx.merge(graphdef, state, rest, copy=True)
+    _set_params(module, tree_lib.flatten(params_in), complete=True)
+    return module
+
+
+# --- adapted layers -----------------------------------------------------------------------------------------------
+
+_ADAPTED: dict[type, type] = {}
+
+
+def _adapted_class(cls: type) -> type:
+    """The subclass of the layer class ``cls`` whose calls add the low-rank path (made once per class)."""
+    if cls in _ADAPTED.values():
+        return cls
+    if cls not in _ADAPTED:
+        methods = {"__call__": _adapted_method(cls, "__call__")}
+        if issubclass(cls, nnx.Embed):
+            methods["attend"] = _adapted_method(cls, "attend")
+        _ADAPTED[cls] = type(f"{cls.__name__}WithAdapter", (cls,), {**methods, "__module__": __name__})
+    return _ADAPTED[cls]
+
+
+def _base_class(cls: type) -> type:
+    return next((base for base, adapted in _ADAPTED.items() if adapted is cls), cls)
+
+
+def _dropout(layer, rate: float):
+    if rate <= 0 or not hasattr(layer, "jlora_dropout_key"):
+        return None
+
+    def dropout(v):
+        keep = jax.random.bernoulli(layer.jlora_dropout_key.get_value(), 1.0 - rate, v.shape)
+        return jnp.where(keep, v / (1.0 - rate), jnp.zeros_like(v))
+
+    return dropout
+
+
+def _adapted_method(cls: type, method: str):
+    base = getattr(cls, method)
+
+    @functools.wraps(base)
+    def call(self, *args, **kwargs):
+        y = base(self, *args, **kwargs)
+        info: _Info = self.jlora_info
+        node = info.adapter(self)
+        kernel = getattr(self, _leaf(info.kind)).get_value()
+        if adapter_lib.kernel_type(kernel) is not None:
+            raise ValueError(f"the layer at {info.path!r} holds a {type(kernel).__name__} kernel; quantized kernels "
+                             f"are supported for Flax Linen models only")
+        einsum_str = kwargs.get("einsum_str", args[1] if info.kind == "Einsum" and len(args) > 1 else None)
+        where = info.path.rsplit("/", 1)[0] if "/" in info.path else ""
+        spec = layer_spec(self, info.kind, tuple(jnp.shape(kernel)), where, einsum_str)
+        transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(self)).__name__}")
+        info.trace.used.add(info.path)
+        x = args[0] if args else next(iter(kwargs.values()))
+        dropout = _dropout(self, info.trace.cfg.dropout) if info.kind != "Embed" else None
+        var = adapter_lib.variant(node.variant)
+        if var.layer_call is not None:
+            bias = getattr(self, "bias", None)
+            return var.layer_call(LayerCall(
+                module=self, method=method, x=x, y=y, kernel=lora_lib.dense_value(kernel),
+                bias=None if bias is None else bias.get_value(), adapter=node, scale=info.scale,
+                dtype=spec.dtype or y.dtype, dropout=dropout, path=info.path, ids=info.trace.ids, kind=info.kind,
+                kwargs=kwargs, spec=spec))
+        return y + transform.low_rank(spec, method, x, node, info.scale, y, dropout)
+
+    return call
+
+
+def _attach(module: nnx.Module, adapters: Mapping, cfg: LoraConfig, trace: _Trace, rngs=None) -> None:
+    """Puts each adapter on its layer of ``module`` (in place): the variable, the info and the adapted class."""
+    layers = _layers(module)
+    key = (rngs or {}).get(transform.DROPOUT_RNG) if cfg.dropout > 0 else None
+    for path, node in adapter_lib.adapter_items(adapters):
+        mpath, leaf = path.rsplit("/", 1) if "/" in path else ("", path)
+        layer = layers.get(mpath)
+        kind = _kind(layer)
+        if kind is None:
+            what = "no layer" if layer is None else f"an nnx.{type(layer).__name__} layer"
+            raise ValueError(f"the adapter at {path!r} targets a parameter of {what} at {mpath!r}, which jlora does "
+                             f"not adapt (it adapts {_SUPPORTED}). Exclude it from the targets, or use jlora.merge "
+                             f"to fold it into the params.")
+        if leaf != _leaf(kind):
+            raise ValueError(f"the adapter at {path!r} targets {leaf!r} of an nnx.{type(layer).__name__}; its "
+                             f"adapted parameter is {_leaf(kind)!r}. Target {mpath}/{_leaf(kind)} instead.")
+        layer.__class__ = _adapted_class(type(layer))
+        layer.jlora_a, layer.jlora_b = AdapterParam(node.a), AdapterParam(node.b)
+        for name, value in node.extras.items():
+            setattr(layer, f"jlora_{name}", AdapterParam(value))
+        layer.jlora_info = _Info(path, kind, cfg.scale(path), trace, tuple(node.extras), node.layout, node.variant)
+        if key is not None:
+            lead = tuple(jnp.shape(getattr(layer, leaf).get_value()))[:node.layout.lead if node.layout else 0]
+            keys = jax.random.split(jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF),
+                                    math.prod(lead)).reshape(lead)
+            layer.jlora_dropout_key = _DropoutKey(keys)
+
+
+def _strip(module: nnx.Module) -> dict:
+    """Removes every adapter from ``module`` (in place); returns them as an adapter tree."""
+    out = {}
+    for _, layer in _layers(module).items():
+        if hasattr(layer, "jlora_info"):
+            info = layer.jlora_info
+            out[info.path] = info.adapter(layer)
+            for name in ("a", "b", *info.extras, "info", "dropout_key"):
+                if hasattr(layer, f"jlora_{name}"):
+                    delattr(layer, f"jlora_{name}")
+            layer.__class__ = _base_class(type(layer))
+    return tree_lib.unflatten(out)
+
+
+# --- the functional API (what jlora.apply / init / layout / merge call for NNX) -------------------------------------
+
+def apply(model: Any, params_in: Any, adapters: Mapping, cfg: LoraConfig, *args, variables: Any = None,
+          rngs: Mapping[str, jax.Array] | None = None, method=None, mutable: bool = False,
+          adapter_ids: jax.Array | None = None, **kwargs) -> Any:
+    """Runs an NNX model with unmerged adapters; what :func:`jlora.apply` does for an NNX model or graphdef.
+
+    Args:
+        model: an ``nnx.Module``, or the graphdef from ``nnx.split``.
+        params_in: its frozen params: :func:`params` of the model, or the ``nnx.State`` from
+            ``nnx.split(model, nnx.Param, ...)`` (required with a graphdef).
+        adapters: the adapter tree from :func:`jlora.init`.
+        cfg: the LoRA config the adapters were made with.
+        *args: positional arguments of the model call.
+        variables: the model's other state (an ``nnx.State``, or a tuple of them), e.g. the ``rest`` of
+            ``nnx.split(model, nnx.Param, ...)``; with a model, its own by default.
+        rngs: ``{"lora_dropout": key}`` turns on LoRA dropout when ``cfg.dropout > 0``.
+        method: name of a method to call instead of ``__call__`` (or a function ``f(model, *args, **kwargs)``).
+        mutable: if true, return ``(output, state)`` with the model's non-param state after the call (batch
+            statistics, caches, RNG counts): NNX layers update these in place, and the user's model is untouched.
+        adapter_ids: for a bank of adapters (:mod:`jlora.bank`), the slot of each batch row.
+        **kwargs: keyword arguments of the model call.
+
+    Returns:
+        The model's output, or ``(output, state)`` with ``mutable``.
+    """
+    module = _fresh(model, params_in, variables)
+    lora_lib.check_fits(params(params_in) if isinstance(params_in, nnx.State) else params_in, adapters, cfg)
+    full = dict(adapter_lib.full_items(adapters))
+    if full:
+        _set_params(module, full, complete=False)
+    _attach(module, adapters, cfg, _Trace(cfg, adapter_ids), rngs)
+    if method is None:
+        out = module(*args, **kwargs)
+    elif isinstance(method, str):
+        out = getattr(module, method)(*args, **kwargs)
+    else:
+        out = method(module, *args, **kwargs)
+    if mutable:
+        _strip(module)
+        return out, nnx.state(module, nnx.Not(nnx.Param))
+    return out
+
+
+def layout(model: Any, *args, method=None, **kwargs) -> Layout:
+    """The :class:`jlora.KernelLayout` of every kernel an adapted NNX layer uses, read off the layers (no trace).
+
+    ``jlora.layout(model)`` calls this for an NNX model; example arguments are accepted and not needed. Kernels of
+    layers jlora does not adapt are listed in ``Layout.unsupported`` with their class, so targeting one is a
+    clear error.
+
+    Examples:
+        >>> from flax import nnx
+        >>> layer = nnx.LinearGeneral(16, (4, 8), rngs=nnx.Rngs(0))
+        >>> layout(layer)["kernel"]
+        KernelLayout(kind='DenseGeneral', in_axes=(0,), out_axes=(1, 2), lead=0, traced=True)
+    """
+    if isinstance(model, nnx.GraphDef):
+        raise ValueError("jlora.layout needs the NNX model, not its graphdef (an abstract one from "
+                         "nnx.eval_shape(lambda: Model(...)) will do)")
+    result = Layout()
+    for mpath, layer in _layers(model).items():
+        prefix = f"{mpath}/" if mpath else ""
+        kind = _kind(layer)
+        if kind is None:
+            for leaf in ("kernel", "embedding"):
+                if isinstance(vars(layer).get(leaf), nnx.Variable):
+                    result.unsupported[prefix + leaf] = f"nnx.{type(layer).__name__}"
+            continue
+        shape = tuple(getattr(layer, _leaf(kind)).shape)
+        lead = len(shape) - _per_layer_ndim(layer, kind)
+        spec = layer_spec(layer, kind, shape[lead:], mpath)
+        result[prefix + _leaf(kind)] = KernelLayout(kind, spec.in_axes, spec.out_axes, lead)
+    return result
+
+
+def _rebuild(obj: Any, plain: Mapping) -> Any:
+    """``obj`` (an NNX model or param state) with the params ``plain``: a new object, ``obj`` untouched."""
+    if isinstance(obj, nnx.Module):
+        graphdef, state = nnx.split(obj)
+        module = nnx.merge(graphdef, state, copy=True)
+        _set_params(module, tree_lib.flatten(plain), complete=False)
+        return module
+    if isinstance(obj, nnx.State):
+        state = jax.tree.map(lambda v: v, obj)
+        nnx.replace_by_pure_dict(state, plain)
+        return state
+    raise ValueError(f"cannot merge into an {type(obj).__name__}: pass the NNX model or its param state")
+
+
+def layout_or_none(obj: Any, *args, **kwargs) -> Layout | None:
+    """:func:`layout` of an NNX model; None for a param state, which cannot tell (the model system's hook)."""
+    return layout(obj, *args, **kwargs) if isinstance(obj, nnx.Module) else None
+
+
+def rebuild(obj: Any, plain: Mapping) -> Any:
+    """``obj`` (an NNX model or param state) with the params ``plain``: a new object, ``obj`` untouched."""
+    return _rebuild(obj, plain)
+
+
+# --- the NNX-idiomatic way ----------------------------------------------------------------------------------------
+
+def attach(model: nnx.Module, adapters: Mapping, cfg: LoraConfig, *, rngs: Mapping[str, jax.Array] | None = None
+           ) -> nnx.Module:
+    """Puts ``adapters`` on ``model``'s layers, in place, so that ``model(x)`` runs adapted; returns ``model``.
+
+    Each adapted layer gets :class:`AdapterParam` variables holding its adapter's arrays, so NNX's own tools select
+    the adapters with that filter: ``nnx.Optimizer(model, tx, wrt=jlora.nnx.AdapterParam)``,
+    ``nnx.grad(loss, argnums=nnx.DiffState(0, jlora.nnx.AdapterParam))``. The output equals
+    ``jlora.apply(model, ...)`` with the same adapters. :func:`adapters` reads them back, :func:`detach` removes
+    them. LoRA dropout (``cfg.dropout > 0``) needs ``rngs={"lora_dropout": key}``, and uses that key on every call.
+
+    Examples:
+        >>> import jlora
+        >>> from flax import nnx
+        >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+        >>> cfg = jlora.LoraConfig(rank=2, targets="kernel")
+        >>> type(attach(model, jlora.init(model, cfg, key=jax.random.key(0)), cfg)).__name__
+        'LinearWithAdapter'
+        >>> jax.tree.map(jnp.shape, adapters(model))
+        {'kernel': Adapter(a=(4, 2), b=(2, 3))}
+    """
+    if any(hasattr(layer, "jlora_info") for layer in _layers(model).values()):
+        raise ValueError("the model already carries adapters: jlora.nnx.detach(model) first")
+    lora_lib.check_fits(params(model), adapters, cfg)
+    full = dict(adapter_lib.full_items(adapters))
+    if full:
+        raise ValueError(f"attach takes LoRA adapters only; whole trained tensors at {sorted(full)[:5]} "
+                         f"(bias/modules_to_save) belong in the params: train them with jlora.apply")
+    _attach(model, adapters, cfg, _Trace(cfg), rngs)
+    return model
+
+
+def adapters(model: nnx.Module) -> dict:
+    """The adapter tree currently attached to ``model`` (its :class:`AdapterParam` values), by param path."""
+    return tree_lib.unflatten({layer.jlora_info.path: layer.jlora_info.adapter(layer)
+                               for layer in _layers(model).values() if hasattr(layer, "jlora_info")})
+
+
+def detach(model: nnx.Module) -> dict:
+    """Removes the adapters :func:`attach` put on ``model`` (in place); returns them as an adapter tree."""
+    return _strip(model)
+
+
+# --- Flax's own LoRA layers -----------------------------------------------------------------------------------------
+
+def _flax_lora_layers(model: nnx.Module) -> dict[str, Any]:
+    """``{adapter path: nnx.LoRA module}`` for every ``nnx.LoRALinear`` and ``nnx.LoRA(base_module=...)``.
+
+    An ``nnx.LoRALinear`` at ``X`` keeps ``nnx.Linear``'s state layout, so its adapter path is ``X/kernel``; an
+    ``nnx.LoRA`` wrapper at ``X`` stands where its base layer stands in the plain model, so its path is
+    ``X/kernel`` as well.
+    """
+    out = {}
+    for mpath, layer in _layers(model).items():
+        prefix = f"{mpath}/" if mpath else ""
+        if isinstance(layer, nnx.LoRALinear):
+            out[prefix + "kernel"] = layer.lora
+        elif isinstance(layer, nnx.LoRA) and layer.base_module is not None and not any(
+                isinstance(parent, nnx.LoRALinear) and parent.lora is layer for parent in _layers(model).values()):
+            out[prefix + "kernel"] = layer
+    return out
+
+
+def from_flax_lora(model: nnx.Module, cfg: LoraConfig) -> dict:
+    """Adapters from a model built with Flax's ``nnx.LoRALinear``/``nnx.LoRA`` layers.
+
+    Flax's LoRA computes ``x @ lora_a @ lora_b`` (no scale), jlora ``scale * (x @ a) @ b``, so ``a = lora_a`` and
+    ``b = lora_b / scale`` with ``scale`` from ``cfg`` at each path; the rank must be ``cfg``'s.
+
+    Examples:
+        >>> import jlora
+        >>> from flax import nnx
+        >>> layer = nnx.LoRALinear(4, 3, lora_rank=2, rngs=nnx.Rngs(0))
+        >>> jax.tree.map(jnp.shape, from_flax_lora(layer, jlora.LoraConfig(rank=2, targets="kernel")))
+        {'kernel': Adapter(a=(4, 2), b=(2, 3))}
+    """
+    out = {}
+    for path, lora in _flax_lora_layers(model).items():
+        a, b = lora.lora_a.get_value(), lora.lora_b.get_value()
+        if a.shape[-1] != cfg.rank_for(path):
+            raise ValueError(f"the Flax LoRA layer at {path!r} has rank {a.shape[-1]} but the config gives rank "
+                             f"{cfg.rank_for(path)} there; use a config with that rank")
+        scale = cfg.scale(path)
+        out[path] = Adapter(a, (b / scale).astype(b.dtype), layout=KernelLayout("Dense"))
+    if not out:
+        raise ValueError("the model has no nnx.LoRALinear or nnx.LoRA(base_module=...) layer to read adapters from")
+    return tree_lib.unflatten(out)
+
+
+def to_flax_lora(model: nnx.Module, adapters_in: Mapping, cfg: LoraConfig) -> nnx.Module:
+    """Writes ``adapters_in`` into the ``lora_a``/``lora_b`` params of a model built with Flax's LoRA layers.
+
+    The inverse of :func:`from_flax_lora` (``lora_b = scale * b``), in place; returns ``model``. Every adapter
+    needs an ``nnx.LoRALinear`` or ``nnx.LoRA`` layer of the same rank at its path; DoRA adapters and whole
+    trained tensors have no Flax counterpart and are refused.
+    """
+    layers = _flax_lora_layers(model)
+    for path, node in adapter_lib.adapter_items(adapters_in):
+        if path not in layers:
+            raise ValueError(f"the adapter at {path!r} has no nnx.LoRALinear/nnx.LoRA layer in the model (Flax LoRA "
+                             f"layers are at {sorted(layers)[:8]}); build the model with LoRA layers there")
+        if node.variant != "lora" or node.extras:
+            raise ValueError(f"the adapter at {path!r} is a {node.variant!r} adapter; Flax's LoRA layers hold plain "
+                             f"LoRA only")
+        lora = layers[path]
+        if tuple(lora.lora_a.shape) != tuple(jnp.shape(node.a)) or tuple(lora.lora_b.shape) != tuple(
+                jnp.shape(node.b)):
+            raise ValueError(f"the adapter at {path!r} (a {tuple(jnp.shape(node.a))}, b {tuple(jnp.shape(node.b))}) "
+                             f"does not fit the Flax LoRA layer there (lora_a {tuple(lora.lora_a.shape)}, lora_b "
+                             f"{tuple(lora.lora_b.shape)})")
+        lora.lora_a.set_value(jnp.asarray(node.a, lora.lora_a.dtype))
+        lora.lora_b.set_value(jnp.asarray(cfg.scale(path) * node.b, lora.lora_b.dtype))
+    full = sorted(p for p, _ in adapter_lib.full_items(adapters_in))
+    if full:
+        raise ValueError(f"whole trained tensors at {full[:5]} have no place in Flax's LoRA layers; merge them into "
+                         f"the params instead")
+    return model
+
+
+__all__ = ["AdapterParam", "apply", "layout", "params", "attach", "adapters", "detach", "from_flax_lora",
+           "to_flax_lora", "layer_spec", "layout_or_none", "rebuild"]

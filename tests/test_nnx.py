@@ -1,0 +1,365 @@
+"""Flax NNX models: the functional contract of Linen, checked against plain-jnp references and Linen itself."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jlora
+from tests.helpers import assert_trees_all_close, randomize
+
+D, H, V = 16, 2, 11
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+class SharedMLP(nnx.Module):
+    """An MLP that uses one layer twice (shared weights)."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(6, D, rngs=rngs)
+        self.shared = nnx.Linear(D, D, rngs=rngs)
+        self.out = nnx.Linear(D, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.tanh(self.inp(x))
+        h = jax.nn.tanh(self.shared(h))
+        h = jax.nn.tanh(self.shared(h))
+        return self.out(h)
+
+
+def ref_mlp(p, ad, cfg, x):
+    def w(name):
+        kernel = p[name]["kernel"]
+        node = ad.get(name, {}).get("kernel")
+        return kernel if node is None else kernel + cfg.scale(f"{name}/kernel") * node.a @ node.b
+    with jax.numpy_rank_promotion("allow"):
+        h = jax.nn.tanh(x @ w("inp") + p["inp"]["bias"])
+        h = jax.nn.tanh(h @ w("shared") + p["shared"]["bias"])
+        h = jax.nn.tanh(h @ w("shared") + p["shared"]["bias"])
+        return h @ w("out") + p["out"]["bias"]
+
+
+class Block(nnx.Module):
+    """Attention with LinearGeneral/Einsum projections, and an MLP."""
+
+    def __init__(self, d, heads, rngs):
+        hd = d // heads
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.q = nnx.LinearGeneral(d, (heads, hd), rngs=rngs)
+        self.k = nnx.Einsum("btd,dhk->bthk", (d, heads, hd), rngs=rngs)
+        self.v = nnx.LinearGeneral(d, (heads, hd), use_bias=False, rngs=rngs)
+        self.o = nnx.LinearGeneral((heads, hd), d, axis=(-2, -1), rngs=rngs)
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.norm(x)
+        x = x + self.o(_attention(self.q(h), self.k(h), self.v(h)))
+        return x + self.down(jax.nn.gelu(self.up(x), approximate=False))
+
+
+def _attention(q, k, v):
+    t = q.shape[1]
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+class Stack(nnx.Module):
+    """A tied-embedding LM over a stack of blocks made by nnx.vmap and run by nnx.scan (with nnx.remat)."""
+
+    def __init__(self, rngs, d=D, heads=H, layers=3, vocab=V, remat=True):
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.remat = remat
+
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(r):
+            return Block(d, heads, r)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, ids):
+        def body(x, block):
+            return block(x)
+
+        body = nnx.scan(nnx.remat(body) if self.remat else body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+
+        return self.embed.attend(body(self.embed(ids), self.blocks))
+
+
+class LinenBlock(nn.Module):
+    d: int = D
+    heads: int = H
+
+    @nn.compact
+    def __call__(self, x, _):
+        hd = self.d // self.heads
+        h = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+        q = nn.DenseGeneral((self.heads, hd), name="q")(h)
+        k = nn.Einsum((self.d, self.heads, hd), "btd,dhk->bthk", use_bias=False, name="k")(h)
+        v = nn.DenseGeneral((self.heads, hd), use_bias=False, name="v")(h)
+        x = x + nn.DenseGeneral(self.d, axis=(-2, -1), name="o")(_attention(q, k, v))
+        return x + nn.Dense(self.d, name="down")(nn.gelu(nn.Dense(2 * self.d, name="up")(x), approximate=False)), None
+
+
+class LinenStack(nn.Module):
+    """The same model in Linen: the same param paths, so the same params and adapters fit both."""
+
+    layers: int = 3
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(V, D, name="embed")
+        blocks = nn.scan(nn.remat(LinenBlock), variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+                         length=self.layers)
+        x, _ = blocks(name="blocks")(embed(ids), None)
+        return embed.attend(x)
+
+
+def ref_stack(p, ad, cfg, ids, layers=3):
+    """The Stack in plain jnp, each kernel replaced by W + s * (A @ B) in its own layout."""
+    with jax.numpy_rank_promotion("allow"):
+        return _ref_stack(p, ad, cfg, ids, layers)
+
+
+def _ref_stack(p, ad, cfg, ids, layers):
+    def w(path, i=None):
+        node = jlora.tree.flatten(ad).get(path)
+        kernel = jlora.tree.flatten(p)[path]
+        if i is not None:
+            kernel = kernel[i]
+        if node is None:
+            return kernel
+        a, b = (node.a, node.b) if i is None else (node.a[i], node.b[i])
+        return kernel + cfg.scale(path) * (a @ b).reshape(kernel.shape)
+
+    def norm(x, s, b):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(var + 1e-6) * s + b
+
+    e = w("embed/embedding")
+    x = e[ids]
+    blk = p["blocks"]
+    for i in range(layers):
+        h = norm(x, blk["norm"]["scale"][i], blk["norm"]["bias"][i])
+        q = jnp.einsum("btd,dhk->bthk", h, w("blocks/q/kernel", i)) + blk["q"]["bias"][i]
+        k = jnp.einsum("btd,dhk->bthk", h, w("blocks/k/kernel", i))
+        v = jnp.einsum("btd,dhk->bthk", h, w("blocks/v/kernel", i))
+        x = x + jnp.einsum("bthk,hkd->btd", _attention(q, k, v), w("blocks/o/kernel", i)) + blk["o"]["bias"][i]
+        u = jax.nn.gelu(x @ w("blocks/up/kernel", i) + blk["up"]["bias"][i], approximate=False)
+        x = x + u @ w("blocks/down/kernel", i) + blk["down"]["bias"][i]
+    return x @ e.T
+
+
+def _random_adapters(model, cfg, seed=1):
+    return randomize(jlora.init(model, cfg, key=jax.random.key(seed)), jax.random.key(seed))
+
+
+STACK_CFG = jlora.LoraConfig(rank=2, alpha=4, targets=r"(q|k|v|o|up|down)/kernel|embed/embedding")
+MLP_CFG = jlora.LoraConfig(rank=3, alpha=6, targets=r"kernel")
+IDS = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+X = jax.random.normal(jax.random.key(7), (4, 6))
+
+
+# --- tests --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mlp", "stack"])
+def test_fresh_adapters_are_a_no_op_and_apply_equals_merged_and_reference(name):
+    model, cfg, inp, ref = ((SharedMLP(nnx.Rngs(0)), MLP_CFG, X, ref_mlp) if name == "mlp"
+                            else (Stack(nnx.Rngs(0)), STACK_CFG, IDS, ref_stack))
+    params = jlora.nnx.params(model)
+    fresh = jlora.init(model, cfg, key=jax.random.key(1))
+    assert bool(jnp.array_equal(jlora.apply(model, params, fresh, cfg, inp), model(inp)))
+    ad = _random_adapters(model, cfg)
+    y = jax.jit(lambda p, a: jlora.apply(model, p, a, cfg, inp))(params, ad)
+    assert not np.allclose(y, model(inp), atol=1e-3)
+    np.testing.assert_allclose(y, jlora.merge(model, ad, cfg)(inp), atol=1e-5)
+    np.testing.assert_allclose(y, ref(params, ad, cfg, inp), atol=1e-5)
+    grads = jax.grad(lambda a: jlora.apply(model, params, a, cfg, inp).sum())(ad)
+    assert_trees_all_close(grads, jax.grad(lambda a: ref(params, a, cfg, inp).sum())(ad), atol=1e-5)
+
+
+def test_graphdef_and_state_form_and_nnx_jit():
+    model = Stack(nnx.Rngs(0))
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    ad = _random_adapters(model, STACK_CFG)
+    y = jax.jit(lambda s, a: jlora.apply(graphdef, s, a, STACK_CFG, IDS, variables=rest))(state, ad)
+    np.testing.assert_allclose(y, ref_stack(jlora.nnx.params(state), ad, STACK_CFG, IDS), atol=1e-5)
+    y2 = nnx.jit(lambda m, a: jlora.apply(m, jlora.nnx.params(m), a, STACK_CFG, IDS))(model, ad)
+    np.testing.assert_allclose(y2, y, atol=1e-6)
+    merged_state = jlora.merge(state, ad, STACK_CFG)
+    assert isinstance(merged_state, nnx.State)
+    np.testing.assert_allclose(nnx.merge(graphdef, merged_state, rest)(IDS), y, atol=1e-5)
+    with pytest.raises(ValueError, match="pass the param state itself"):
+        jlora.apply(graphdef, jlora.nnx.params(model), ad, STACK_CFG, IDS)
+
+
+def test_nnx_and_linen_versions_agree():
+    model = Stack(nnx.Rngs(0))
+    params = jlora.nnx.params(model)
+    linen = LinenStack()
+    linen_params = linen.init(jax.random.key(0), IDS)["params"]
+    assert jax.tree.map(jnp.shape, linen_params) == jax.tree.map(jnp.shape, params)
+    ad = _random_adapters(model, STACK_CFG)
+    linen_ad = jlora.init(linen_params, STACK_CFG, key=jax.random.key(1), layout=jlora.layout(linen, IDS))
+    assert jax.tree.map(jnp.shape, linen_ad) == jax.tree.map(jnp.shape, ad)
+    assert {p: n.layout for p, n in jlora.adapter.adapter_items(linen_ad)} == \
+        {p: n.layout for p, n in jlora.adapter.adapter_items(ad)}
+    y_nnx = jlora.apply(model, params, ad, STACK_CFG, IDS)
+    y_linen = jlora.apply(linen, params, ad, STACK_CFG, IDS)
+    np.testing.assert_allclose(y_nnx, y_linen, atol=1e-6)
+
+
+def test_train_step_changes_adapters_only_and_merge_round_trips():
+    model = Stack(nnx.Rngs(0))
+    params = jlora.nnx.params(model)
+    before = jax.tree.map(np.asarray, params)
+    opt = optax.adam(1e-2)
+    state = jlora.TrainState.create(jlora.init(model, STACK_CFG, key=jax.random.key(1)), opt, rng=jax.random.key(2))
+    step = jax.jit(jlora.make_train_step(model, STACK_CFG, opt))
+    new, metrics = step(state, params, {"input_ids": IDS})
+    new, metrics2 = step(new, params, {"input_ids": IDS})
+    assert float(metrics2["loss"]) < float(metrics["loss"])
+    assert jax.tree.structure(new.adapters) == jax.tree.structure(state.adapters)
+    assert not np.allclose(new.adapters["blocks"]["q"]["kernel"].b, 0)
+    assert_trees_all_close(jlora.nnx.params(model), before, atol=0)
+    merged = jlora.merge(model, new.adapters, STACK_CFG)
+    assert_trees_all_close(jlora.nnx.params(model), before, atol=0)   # the given model is untouched
+    back = jlora.unmerge(merged, new.adapters, STACK_CFG)
+    assert_trees_all_close(jlora.nnx.params(back), before, atol=1e-5)
+
+
+def test_attach_with_nnx_optimizer_trains_like_the_functional_step():
+    cfg, opt = MLP_CFG, optax.adam(1e-2)
+    y_true = jnp.ones((4, 3))
+    model = SharedMLP(nnx.Rngs(0))
+    ad0 = jlora.init(model, cfg, key=jax.random.key(1))
+
+    def loss_fn(apply_fn, batch):
+        loss = ((apply_fn(batch["x"]) - batch["y"]) ** 2).mean()
+        return loss, {"loss": loss}
+
+    step = jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=loss_fn))
+    state = jlora.TrainState.create(ad0, opt, rng=jax.random.key(0))
+    for _ in range(3):
+        state, _ = step(state, jlora.nnx.params(model), {"x": X, "y": y_true})
+
+    jlora.nnx.attach(model, ad0, cfg)
+    optimizer = nnx.Optimizer(model, opt, wrt=jlora.nnx.AdapterParam)
+
+    @nnx.jit
+    def nnx_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: ((m(X) - y_true) ** 2).mean(),
+                                         argnums=nnx.DiffState(0, jlora.nnx.AdapterParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    frozen = jax.tree.map(np.asarray, jlora.nnx.params(model))
+    for _ in range(3):
+        nnx_step(model, optimizer)
+    assert_trees_all_close(jlora.nnx.adapters(model), state.adapters, atol=1e-6)
+    assert_trees_all_close(jlora.nnx.params(model), frozen, atol=0)
+    trained = jlora.nnx.detach(model)
+    assert type(model.shared) is nnx.Linear
+    np.testing.assert_allclose(jlora.apply(model, jlora.nnx.params(model), trained, cfg, X),
+                               jlora.merge(model, trained, cfg)(X), atol=1e-5)
+
+
+def test_flax_lora_layers_both_ways():
+    cfg = jlora.LoraConfig(rank=2, alpha=8, targets=r"(l1|l2)/kernel")
+
+    class Plain(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = nnx.Linear(5, 4, rngs=rngs), nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jax.nn.relu(self.l1(x)))
+
+    class WithFlaxLora(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.LoRALinear(5, 4, lora_rank=2, rngs=rngs)
+            self.l2 = nnx.LoRA(4, 2, 3, base_module=nnx.Linear(4, 3, rngs=rngs), rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jax.nn.relu(self.l1(x)))
+
+    plain, flax_model = Plain(nnx.Rngs(0)), WithFlaxLora(nnx.Rngs(1))
+    base = jlora.nnx.params(plain)
+    flax_model.l1.kernel.set_value(base["l1"]["kernel"])
+    flax_model.l1.bias.set_value(base["l1"]["bias"])
+    flax_model.l2.base_module.kernel.set_value(base["l2"]["kernel"])
+    flax_model.l2.base_module.bias.set_value(base["l2"]["bias"])
+    x = jax.random.normal(jax.random.key(3), (2, 5))
+    ad = _random_adapters(plain, cfg)
+    jlora.nnx.to_flax_lora(flax_model, ad, cfg)
+    np.testing.assert_allclose(flax_model(x), jlora.apply(plain, base, ad, cfg, x), atol=1e-5)
+    assert_trees_all_close(jlora.nnx.from_flax_lora(flax_model, cfg), ad, atol=1e-6)
+    with pytest.raises(ValueError, match="rank 2 but the config gives rank 4"):
+        jlora.nnx.from_flax_lora(flax_model, jlora.LoraConfig(rank=4, targets="kernel"))
+
+
+def test_unsupported_layers_are_named_with_their_path():
+    class WithConvT(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.ConvTranspose(3, 4, (2,), rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.up(x))
+
+    model = WithConvT(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"'up/kernel' belongs to a nnx.ConvTranspose layer"):
+        jlora.init(model, jlora.LoraConfig(rank=2, targets="kernel"), key=jax.random.key(0))
+    hand_made = {"up": {"kernel": jlora.Adapter(jnp.zeros((6, 2)), jnp.zeros((2, 4)))}}
+    with pytest.raises(ValueError, match=r"an nnx.ConvTranspose layer at 'up'.*nnx.Linear"):
+        jlora.apply(model, jlora.nnx.params(model), hand_made, jlora.LoraConfig(rank=2, targets="kernel"),
+                    jnp.ones((1, 5, 3)))
+
+
+def test_nnx_adapters_checkpoint_round_trip(tmp_path):
+    model = Stack(nnx.Rngs(0))
+    ad = _random_adapters(model, STACK_CFG)
+    opt = optax.adam(1e-3)
+    state = jlora.TrainState.create(ad, opt, rng=jax.random.key(0))
+    with jlora.checkpoint.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(0, state, params=model, lora_config=STACK_CFG)
+        manager.wait()
+        restored = manager.restore(state, params=jlora.nnx.params(model), lora_config=STACK_CFG).state
+        only = manager.restore_adapters(params=model, lora_config=STACK_CFG)
+    assert_trees_all_close(restored.adapters, ad, atol=0)
+    assert_trees_all_close(only, ad, atol=0)
+    np.testing.assert_allclose(jlora.apply(model, jlora.nnx.params(model), restored.adapters, STACK_CFG, IDS),
+                               jlora.apply(model, jlora.nnx.params(model), ad, STACK_CFG, IDS), atol=0)
+
+
+def test_lora_grad_step_flops_are_at_most_0_72_of_the_full_step():
+    """Compiled FLOPs (deterministic): the unmerged low-rank path never forms a full-size update or its grad.
+
+    Without remat (which recomputes the forward pass in both steps alike, so the ratio tends to 3/4 with it).
+    """
+    model = Stack(nnx.Rngs(0), d=256, heads=4, layers=2, vocab=64, remat=False)
+    params = jlora.nnx.params(model)
+    ids = jnp.zeros((2, 32), jnp.int32)
+    cfg = jlora.LoraConfig(rank=16, alpha=32, targets=r"(q|v)/kernel")
+    ad = jlora.init(model, cfg, key=jax.random.key(0))
+    graphdef, rest = nnx.split(model, nnx.Param, ...)[0::2]
+
+    def full_loss(p):
+        state = nnx.split(model, nnx.Param, ...)[1]
+        nnx.replace_by_pure_dict(state, p)
+        return nnx.merge(graphdef, state, rest, copy=True)(ids).sum()
+
+    def flops(f, *a):
+        return jax.jit(f).lower(*a).compile().cost_analysis()["flops"]
+
+    lora_flops = flops(jax.grad(lambda a: jlora.apply(model, params, a, cfg, ids).sum()), ad)
+    full_flops = flops(jax.grad(full_loss), params)
+    assert lora_flops <= 0.72 * full_flops, (lora_flops, full_flops)
