@@ -163,7 +163,7 @@ def create(params: Mapping, *, capacity: int, rank: int, targets: str | Sequence
     """An empty bank of ``capacity`` slots of rank ``rank`` at every kernel ``targets`` selects.
 
     Args:
-        params: the base model's frozen params.
+        params: the base model's frozen params (or an NNX model).
         capacity: the number of slots N.
         rank: the largest rank R a slot can hold.
         targets, exclude: regexes as in :class:`jlora.LoraConfig`: the kernels the bank covers (the union of
@@ -184,6 +184,7 @@ def create(params: Mapping, *, capacity: int, rank: int, targets: str | Sequence
     """
     if capacity < 1 or rank < 1:
         raise ValueError(f"a bank needs capacity >= 1 and rank >= 1; got capacity={capacity}, rank={rank}")
+    params, layout = lora_lib.resolve(params, layout)    # an NNX model gives its params and layouts
     cfg = LoraConfig(rank=1, targets=targets, exclude=exclude)
     proto = lora_lib.init(params, cfg, key=jax.random.key(0), layout=layout)
     full = [p for p, _ in adapter_lib.full_items(proto)]

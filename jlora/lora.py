@@ -55,6 +55,14 @@ def plain_params(params: Any) -> Mapping:
     return system.params(params) if system is not None else params
 
 
+def resolve(params: Any, layout: Mapping | None) -> tuple[Mapping, Mapping | None]:
+    """``(plain params, layout)``: an NNX model (a registered model system's) gives both, its layout if none given."""
+    system = adapter_lib.model_system(params)
+    if system is None:
+        return params, layout
+    return system.params(params), (layout if layout is not None else system.layout(params))
+
+
 def check_params(params: Mapping) -> None:
     """Raises if ``params`` is a whole Flax variables dict (``{"params": ...}``) instead of its params."""
     keys = list(params) if isinstance(params, Mapping) else []
@@ -134,10 +142,7 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[st
         >>> count(adapters)
         131072
     """
-    system = adapter_lib.model_system(params)
-    if system is not None:          # an NNX model (its own layouts) or its param state
-        layout = layout if layout is not None else system.layout(params)
-        params = system.params(params)
+    params, layout = resolve(params, layout)    # an NNX model: its params and its own layouts
     check_params(params)
     if cfg.init in ("pissa", "olora") and factors is None:
         raise ValueError(f"init={cfg.init!r} changes the base weights as well as creating adapters; use "

@@ -91,12 +91,13 @@ class _Info:
     extras: tuple[str, ...] = ()
     layout: KernelLayout | None = None
     variant: str = "lora"
+    node_type: type = Adapter        # or a subclass (a bank's Slots)
 
     def adapter(self, layer) -> Adapter:
         """The :class:`jlora.Adapter` held by ``layer``'s variables."""
         extras = {n: getattr(layer, f"jlora_{n}").get_value() for n in self.extras}
-        return Adapter(layer.jlora_a.get_value(), layer.jlora_b.get_value(), extras, layout=self.layout,
-                       variant=self.variant)
+        return self.node_type(layer.jlora_a.get_value(), layer.jlora_b.get_value(), extras, layout=self.layout,
+                              variant=self.variant)
 
 
 def _kind(layer: Any) -> str | None:
@@ -292,7 +293,8 @@ def _attach(module: nnx.Module, adapters: Mapping, cfg: LoraConfig, trace: _Trac
         layer.jlora_a, layer.jlora_b = AdapterParam(node.a), AdapterParam(node.b)
         for name, value in node.extras.items():
             setattr(layer, f"jlora_{name}", AdapterParam(value))
-        layer.jlora_info = _Info(path, kind, cfg.scale(path), trace, tuple(node.extras), node.layout, node.variant)
+        layer.jlora_info = _Info(path, kind, cfg.scale(path), trace, tuple(node.extras), node.layout, node.variant,
+                                 type(node))
         if key is not None:
             lead = tuple(jnp.shape(getattr(layer, leaf).get_value()))[:node.layout.lead if node.layout else 0]
             keys = jax.random.split(jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF),

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jlora
-from tests.helpers import assert_trees_all_close, randomize
+from helpers import assert_trees_all_close, randomize
 
 D, H, V = 16, 2, 11
 
@@ -366,3 +366,27 @@ def test_lora_grad_step_flops_are_at_most_0_72_of_the_full_step():
     lora_flops = flops(jax.grad(lambda a: jlora.apply(model, params, a, cfg, ids).sum()), ad)
     full_flops = flops(jax.grad(full_loss), params)
     assert lora_flops <= 0.72 * full_flops, (lora_flops, full_flops)
+
+
+def test_dropout_and_a_bank_of_adapters():
+    model = SharedMLP(nnx.Rngs(0))
+    params = jlora.nnx.params(model)
+    cfg = jlora.LoraConfig(rank=3, alpha=6, targets="kernel", dropout=0.5)
+    ad = _random_adapters(model, cfg)
+    plain = jlora.apply(model, params, ad, cfg, X)
+    drop = jax.jit(lambda k: jlora.apply(model, params, ad, cfg, X, rngs={"lora_dropout": k}))
+    assert not np.allclose(drop(jax.random.key(0)), plain, atol=1e-4)
+    np.testing.assert_array_equal(drop(jax.random.key(0)), drop(jax.random.key(0)))
+    assert not np.allclose(drop(jax.random.key(0)), drop(jax.random.key(1)), atol=1e-4)
+
+    from jlora import bank as B
+    cfg = MLP_CFG
+    ads = [_random_adapters(model, cfg, seed) for seed in (1, 2)]
+    bank = B.create(model, capacity=2, rank=3, targets="kernel")
+    for slot, a in enumerate(ads):
+        bank = B.put(bank, slot, a, cfg)
+    ids = jnp.array([1, 0, B.BASE, 1])
+    y = jax.jit(lambda b, i: B.apply(model, params, b, i, X))(bank, ids)
+    want = [jlora.apply(model, params, ads[1], cfg, X), jlora.apply(model, params, ads[0], cfg, X), model(X),
+            jlora.apply(model, params, ads[1], cfg, X)]
+    np.testing.assert_allclose(y, jnp.stack([w[i] for i, w in enumerate(want)]), atol=1e-5)
