@@ -110,7 +110,8 @@ class KernelLayout:
     conv: ConvSpec | None = None
 
     def __repr__(self) -> str:    # conv only where there is one
-        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "conv" or self.conv]
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name != "conv" or self.conv]
         return f"KernelLayout({', '.join(shown)})"
 
     @property

@@ -258,13 +258,13 @@ def overlay(params: Mapping, adapters: Mapping) -> Mapping:
 
 
 def grouped_matmul(x: jax.Array, b: jax.Array, groups: int = 1) -> jax.Array:
-    """``x @ B`` for ``x`` ``(..., m, r)`` and a block-diagonal ``B`` stored as its ``groups`` blocks ``(..., r/g, out)``.
+    """``x @ B`` for ``x`` ``(..., m, r)`` and a block-diagonal ``B`` stored as its blocks ``(..., r/groups, out)``.
 
     Rank channel ``c`` feeds only the outputs of its group ``c // (r/g)``, as a grouped 1x1 convolution does.
 
     Examples:
-        >>> grouped_matmul(jnp.ones((1, 4)), jnp.arange(6.0).reshape(2, 3))   # groups=1: a plain matmul
-        Array([[ 3.,  5.,  7.]], dtype=float32)
+        >>> grouped_matmul(jnp.ones((1, 2)), jnp.arange(6.0).reshape(2, 3))   # groups=1: a plain matmul
+        Array([[3., 5., 7.]], dtype=float32)
         >>> grouped_matmul(jnp.array([[1.0, 2.0]]), jnp.array([[3.0, 4.0]]), groups=2)
         Array([[3., 8.]], dtype=float32)
     """
@@ -385,5 +385,6 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
     return "\n".join(lines)
 
 
-__all__ = ["Adapter", "KernelLayout", "Layout", "init", "merge", "unmerge", "delta", "grouped_matmul", "count", "summary",
+__all__ = ["Adapter", "KernelLayout", "Layout", "init", "merge", "unmerge", "delta", "grouped_matmul", "count",
+           "summary",
            "check_fits", "overlay", "target_paths", "dense_value", "adapter_items", "full_items"]

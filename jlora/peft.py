@@ -73,7 +73,7 @@ def _module_table(loaded) -> dict[str, tuple[str, int | None]]:
 
 
 def _kind(path: str, layout: KernelLayout | None = None) -> str:
-    """``"embedding"`` (PEFT's ``lora_embedding_A``/``_B``), ``"conv"`` or ``"linear"`` (``lora_A``/``lora_B.weight``)."""
+    """``"embedding"`` (PEFT's ``lora_embedding_A``/``_B``), ``"conv"`` or ``"linear"`` (``lora_A``/``_B.weight``)."""
     return "conv" if layout is not None and layout.kind == "Conv" else models.module_kind(path)
 
 
@@ -137,7 +137,8 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         for layer in layers:
             module = by_path.get((path, layer))
             if module is None:
-                raise ValueError(f"adapter at {path!r} has no {'PyTorch' if isinstance(loaded, TorchModel) else 'Hugging Face'} "
+                source = "PyTorch" if isinstance(loaded, TorchModel) else "Hugging Face"
+                raise ValueError(f"adapter at {path!r} has no {source} "
                                  f"module name{'' if layer is None else f' for layer {layer}'} in the "
                                  f"{_table_name(loaded)}; PEFT export supports the model's kernels and embeddings only")
             la, lb = (a, b) if layer is None else (a[layer], b[layer])

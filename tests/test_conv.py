@@ -53,7 +53,8 @@ def _setup():
     def draw(s, scale=0.1):
         return jnp.asarray(scale * rng.normal(size=s.shape), jnp.float32)
 
-    fresh = jax.tree.map(lambda n: n.replace(a=draw(n.a), b=jnp.zeros(n.b.shape)), made, is_leaf=jlora.adapter.is_adapter)
+    fresh = jax.tree.map(lambda n: n.replace(a=draw(n.a), b=jnp.zeros(n.b.shape)), made,
+                         is_leaf=jlora.adapter.is_adapter)
     adapters = jax.tree.map(draw, made)
     return model, xs, params, CFG, layout, fresh, adapters
 
@@ -92,7 +93,7 @@ def test_conv_lora_matches_reference_and_merge():
 
     out = jax.jit(checks)(params, adapters, x)
     plain = model.apply({"params": params}, *x)       # op by op (as the eager lora_out): XLA's fusion stays out
-    assert all(jnp.array_equal(f, p) for f, p in zip(lora_out(params, fresh, x), plain))   # fresh: a bit-identical no-op
+    assert all(jnp.array_equal(f, p) for f, p in zip(lora_out(params, fresh, x), plain))   # fresh: bit-identical
     assert all(float(jnp.max(jnp.abs(r - p))) > 1e-2 for r, p in zip(out["ref"], out["plain"]))  # they do something
     assert_trees_all_close(out["lora"], out["ref"], atol=1e-5)
     assert_trees_all_close(out["merged"], out["ref"], atol=1e-5)
@@ -149,7 +150,8 @@ def test_grouped_rank_and_unsupported_conv_layers_are_clear_errors():
             return nn.ConvLocal(4, (3, 3), name="local")(x)
 
     z = jnp.ones((1, 5, 5, 2))
-    other_params = jax.tree.map(lambda s: jnp.ones(s.shape), jax.eval_shape(Other().init, jax.random.key(0), z))["params"]
+    shapes = jax.eval_shape(Other().init, jax.random.key(0), z)["params"]
+    other_params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes)
     other_layout = jlora.layout(Other(), z)
     for target, cls in (("up", "ConvTranspose"), ("local", "ConvLocal")):
         with pytest.raises(ValueError, match=rf"'{target}/kernel' belongs to a {cls} layer"):

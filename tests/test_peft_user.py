@@ -1,6 +1,8 @@
 """PEFT folders for your own Flax ports of PyTorch models (jlora.peft.TorchModel): a small torch CNN (Conv1d and
 Conv2d with stride, padding, dilation, groups, depthwise) and a torch MLP, against PEFT both ways."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,7 +79,8 @@ def _both(dilation=1):
     return torch_model, (image, signal), model, params, x, jlora.peft.TorchModel(params, NAMES, layout, "torch-cnn")
 
 
-CFG = jlora.LoraConfig(rank=4, alpha=8, targets=("c1", "c2", "dw", "t1", "fc"), rank_pattern={"dw": 8, "t1": 3, "fc": 2})
+CFG = jlora.LoraConfig(rank=4, alpha=8, targets=("c1", "c2", "dw", "t1", "fc"),
+                       rank_pattern={"dw": 8, "t1": 3, "fc": 2})
 
 
 def _random_adapters(params, layout, seed=0):
@@ -205,3 +208,50 @@ def test_mlp_port_round_trips_with_peft(tmp_path):
                                atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"adapter at 'up/kernel' has no PyTorch module name in the TorchModel"):
         jlora.peft.save(tmp_path / "x", adapters, cfg, jlora.peft.TorchModel(params, {"down/kernel": "net.2"}))
+
+
+class _Stack(nn.Module):
+    """A scanned stack of Dense layers (params with a leading layer axis), ported from a torch ModuleList."""
+
+    @nn.compact
+    def __call__(self, x):
+        def body(mdl, h, _):
+            return jnp.tanh(nn.Dense(4, name="fc")(h)), None
+
+        return nn.scan(body, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True}, length=3)(
+            self, x, None)[0]
+
+
+def test_scanned_stack_names_each_layer(tmp_path):
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+    x = np.random.RandomState(0).normal(size=(2, 4)).astype(np.float32)
+    model = _Stack()
+    params = {"fc": {"kernel": jnp.stack([jnp.asarray(m.weight.detach().numpy().T) for m in layers]),
+                     "bias": jnp.stack([jnp.asarray(m.bias.detach().numpy()) for m in layers])}}
+    tm = jlora.peft.TorchModel(params, {"fc/kernel": "layers.{layer}"}, jlora.layout(model, jnp.asarray(x)))
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="fc")
+    made = jax.eval_shape(lambda: jlora.init(params, cfg, key=jax.random.key(0), layout=tm.layout))
+    rng = np.random.RandomState(1)
+    adapters = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), jnp.float32), made)
+    ours = np.asarray(jlora.apply(model, params, adapters, cfg, jnp.asarray(x)))
+
+    class Torch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, h):
+            for m in self.layers:
+                h = torch.tanh(m(h))
+            return h
+
+    jlora.peft.save(tmp_path, adapters, cfg, tm)
+    assert sorted(json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]) == \
+        ["layers.0", "layers.1", "layers.2"]
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(Torch(), str(tmp_path)).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    back, cfg2 = jlora.peft.load(tmp_path, tm)
+    np.testing.assert_allclose(np.asarray(jlora.apply(model, params, back, cfg2, jnp.asarray(x))), ours, atol=1e-5,
+                               rtol=0)
