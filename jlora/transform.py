@@ -126,10 +126,15 @@ def _spec(module: nn.Module, kind: str, kwargs, kernel_shape: tuple[int, ...] = 
         parts = _einsum_parts(module, kwargs)
         return LayerSpec(kind, kernel_shape, *einsum_axes(*parts, where), dtype, einsum=parts)
     if kind == "Conv":
-        conv = ConvSpec.of(module, where)
-        n = len(conv.kernel_size)
-        return LayerSpec(kind, kernel_shape, tuple(range(n + 1)), (n + 1,), dtype, conv=conv)
+        return conv_layer_spec(module, where, kernel_shape, dtype)
     return LayerSpec(kind, kernel_shape, dtype=dtype)
+
+
+def conv_layer_spec(layer: Any, where: str = "", kernel_shape: tuple[int, ...] = (), dtype=None) -> LayerSpec:
+    """The :class:`LayerSpec` of a ``flax.linen.Conv`` or ``flax.nnx.Conv`` (kernel ``(*k, in / groups, out)``)."""
+    conv = ConvSpec.of(layer, where)
+    n = len(conv.kernel_size)
+    return LayerSpec("Conv", kernel_shape, tuple(range(n + 1)), (n + 1,), dtype, conv=conv)
 
 
 def conv_low_rank(conv: ConvSpec, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:

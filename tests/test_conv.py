@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import jlora
+from jlora import bank
 from jlora.adapter import adapter_items
 from helpers import assert_trees_all_close
 
@@ -160,6 +161,15 @@ def test_grouped_rank_and_unsupported_conv_layers_are_clear_errors():
     node = jlora.Adapter(jnp.ones((2 * 9 * 5, 2)), jnp.zeros((2, 4)))     # hand-made: apply names layer and path
     with pytest.raises(ValueError, match=r"'local/kernel' targets a parameter of a ConvLocal layer"):
         jlora.apply(Other(), other_params, {"local": {"kernel": node}}, jlora.LoraConfig(rank=2, targets="local"), z)
+
+
+def test_bank_and_compose_refuse_what_they_cannot_hold():
+    _, _, params, cfg, layout, _, adapters = _setup()
+    with pytest.raises(ValueError, match=r"a bank does not hold adapters of convolutions: 'stem/kernel'"):
+        bank.create(params, capacity=2, rank=2, targets="stem", layout=layout)
+    grouped = {"grouped": adapters["grouped"]}
+    with pytest.raises(ValueError, match=r"'grouped/kernel' are on a grouped convolution \(groups=2\)"):
+        jlora.compose.combine([(grouped, cfg), (grouped, cfg)], [0.5, 0.5], "cat")
 
 
 def test_masked_conv_is_refused():
