@@ -20,7 +20,7 @@ from importlib import metadata as _metadata
 
 from jlora import adapter as _adapter
 from jlora import compose, tree
-from jlora.adapter import Adapter, KernelLayout
+from jlora.adapter import Adapter, ConvSpec, KernelLayout
 from jlora.config import LoraConfig
 from jlora.lora import count, init, merge, summary, unmerge
 from jlora.variants import init_with_base, quantize  # importing the variants registers their hooks
@@ -64,7 +64,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "LoraConfig", "Adapter", "KernelLayout", "TrainState",
+    "LoraConfig", "Adapter", "KernelLayout", "ConvSpec", "TrainState",
     "init", "apply", "merge", "unmerge", "count", "summary", "layout", "init_with_base", "quantize",
     "partition", "combine", "tree", "compose", "evaluate",
     "make_train_step", "make_eval_step", "scan_steps", "causal_lm_loss", "lm_loss",

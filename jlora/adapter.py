@@ -34,7 +34,56 @@ import jax
 import numpy as np
 
 # Layer kinds the transform handles and the layouts it records for them.
-LAYER_KINDS = ("Dense", "DenseGeneral", "Embed", "Einsum")
+LAYER_KINDS = ("Dense", "DenseGeneral", "Embed", "Einsum", "Conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """A convolution's geometry, which a conv adapter's A convolution shares (B is a 1x1 convolution).
+
+    Attributes:
+        kernel_size: the spatial kernel size, one entry per spatial dim (1 to 3).
+        strides, input_dilation, kernel_dilation: one entry per spatial dim.
+        padding: ``"SAME"``, ``"VALID"``, ``"SAME_LOWER"``, ``"CIRCULAR"``, ``"REFLECT"``, ``"CAUSAL"`` (1-D), or
+            one ``(low, high)`` pair per spatial dim.
+        feature_group_count: the layer's groups: the kernel is ``(*kernel_size, in / groups, out)``.
+    """
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: str | tuple[tuple[int, int], ...]
+    input_dilation: tuple[int, ...]
+    kernel_dilation: tuple[int, ...]
+    feature_group_count: int = 1
+
+    @classmethod
+    def of(cls, layer: Any, where: str = "") -> "ConvSpec":
+        """Reads the geometry off a ``flax.linen.Conv`` or ``flax.nnx.Conv`` (they share the attribute names).
+
+        Examples:
+            >>> import flax.linen as nn
+            >>> ConvSpec.of(nn.Conv(8, (3, 3), strides=2, padding=1, feature_group_count=2))
+            ... # doctest: +NORMALIZE_WHITESPACE
+            ConvSpec(kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), input_dilation=(1, 1),
+                     kernel_dilation=(1, 1), feature_group_count=2)
+        """
+        k = (layer.kernel_size,) if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
+
+        def each(v):   # an int (or None: 1) for every spatial dim, or one entry per dim
+            return (1 if v is None else v,) * len(k) if v is None or isinstance(v, int) else tuple(v)
+
+        pad = layer.padding
+        if not isinstance(pad, str):
+            pads = [pad] * len(k) if isinstance(pad, int) else list(pad)
+            pad = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in pads)
+        if getattr(layer, "mask", None) is not None:
+            raise ValueError(f"the {type(layer).__name__} layer at {where!r} has a kernel mask, which LoRA does not "
+                             f"support (the update would not be masked); exclude it from the targets")
+        if pad == "CAUSAL" and len(k) != 1:
+            raise ValueError(f"the {type(layer).__name__} layer at {where!r} uses CAUSAL padding with a "
+                             f"{len(k)}-D kernel; CAUSAL padding is for 1-D convolutions only")
+        return cls(k, each(layer.strides), pad, each(layer.input_dilation), each(layer.kernel_dilation),
+                   int(layer.feature_group_count))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +99,7 @@ class KernelLayout:
         traced: whether the layout was read off the layer by tracing (:func:`jlora.layout`). ``False`` means it is
             the ``(in, out)`` convention of ``nn.Dense``/``nn.Embed`` that :func:`jlora.init` takes for a 2-D
             kernel when given no layout; :func:`jlora.apply` checks it against the layer that uses the kernel.
+        conv: a ``Conv`` kernel's :class:`ConvSpec` (its groups shape the adapter: ``b`` is ``(r / groups, out)``).
     """
 
     kind: str
@@ -57,6 +107,17 @@ class KernelLayout:
     out_axes: tuple[int, ...] = (1,)
     lead: int = 0
     traced: bool = True
+    conv: ConvSpec | None = None
+
+    def __repr__(self) -> str:    # conv only where there is one
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name != "conv" or self.conv]
+        return f"KernelLayout({', '.join(shown)})"
+
+    @property
+    def groups(self) -> int:
+        """A grouped convolution's groups (1 for every other kernel)."""
+        return self.conv.feature_group_count if self.conv is not None else 1
 
     def split(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
         """Returns ``(lead_shape, fan_in, fan_out)`` for a kernel of ``shape``."""
@@ -74,7 +135,7 @@ class KernelLayout:
 
     def same_axes(self, other: "KernelLayout") -> bool:
         """Whether both layouts read a kernel the same way (kind, traced and lead aside)."""
-        return (self.in_axes, self.out_axes) == (other.in_axes, other.out_axes)
+        return (self.in_axes, self.out_axes, self.groups) == (other.in_axes, other.out_axes, other.groups)
 
     def describe(self) -> str:
         """``"(in, out)"``-style text of the per-layer axes, for error messages."""
@@ -314,6 +375,6 @@ def model_system(obj: Any) -> ModelSystem | None:
     return next((s for s in _SYSTEMS if s.owns(obj)), None)
 
 
-__all__ = ["Adapter", "KernelLayout", "Layout", "LayerCall", "Variant", "KernelType", "LAYER_KINDS",
+__all__ = ["Adapter", "ConvSpec", "KernelLayout", "Layout", "LayerCall", "Variant", "KernelType", "LAYER_KINDS",
            "adapter_items", "full_items", "is_adapter", "register_variant", "variant", "register_kernel_type",
            "kernel_type", "ModelSystem", "register_model_system", "model_system"]

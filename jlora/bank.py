@@ -126,7 +126,8 @@ def _no_merge(w, node, scale):
                      "jlora.bank.get(bank, slot) and merge that")
 
 
-adapter_lib.register_variant(Variant(VARIANT, merged=_no_merge, layer_call=_slot_output, invertible=False))
+adapter_lib.register_variant(Variant(VARIANT, merged=_no_merge, layer_call=_slot_output, invertible=False,
+                                     layers=tuple(k for k in adapter_lib.LAYER_KINDS if k != "Conv")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +195,9 @@ def create(params: Mapping, *, capacity: int, rank: int, targets: str | Sequence
     nodes = {}
     for path, node in adapter_lib.adapter_items(proto):
         lay = node.layout
+        if lay.kind == "Conv":
+            raise ValueError(f"a bank does not hold adapters of convolutions: {path!r} is an nn.Conv kernel; "
+                             f"exclude it from the bank's targets (jlora.apply runs a conv adapter on its own)")
         lead, fan_in, fan_out = lay.split(tuple(flat[path].shape))
         if rank > min(fan_in, fan_out):
             raise ValueError(f"bank rank {rank} exceeds the smaller side of {path!r} ({fan_in} in x {fan_out} out)")

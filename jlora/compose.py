@@ -257,6 +257,10 @@ def _by_path(items) -> dict[str, list[tuple[int, Adapter, float]]]:
             found.setdefault(path, []).append((i, node, cfg.scale(path)))
     for path, group in found.items():
         _, first, _ = group[0]
+        if first.layout is not None and first.layout.groups > 1:
+            raise ValueError(f"the adapters at {path!r} are on a grouped convolution (groups="
+                             f"{first.layout.groups}), whose B is block-diagonal; jlora.compose does not combine "
+                             f"them. Exclude that layer, or merge each adapter with jlora.merge in turn.")
         for i, node, _ in group[1:]:
             if (np.shape(node.a)[:-1], np.shape(node.b)[:-2] + np.shape(node.b)[-1:]) != \
                     (np.shape(first.a)[:-1], np.shape(first.b)[:-2] + np.shape(first.b)[-1:]):

@@ -160,17 +160,18 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[st
                              f"targets.{_kind_hint(layout, path)}")
         lay = layout[path] if layout is not None else default_layout(path, shape)
         lead, fan_in, fan_out = lay.split(shape)
-        r = cfg.rank_for(path)
-        if r > min(fan_in, fan_out):
-            raise ValueError(f"rank {r} at {path!r} exceeds the kernel's smaller side: shape {shape} is "
-                             f"{fan_in} in x {fan_out} out; use a rank <= {min(fan_in, fan_out)} (rank_pattern "
-                             f"can set it per path)")
+        r, g = cfg.rank_for(path), lay.groups
+        if r % g or r // g > min(fan_in, fan_out // g):
+            raise ValueError(f"rank {r} at {path!r} exceeds the kernel's smaller side: shape {shape} is {fan_in} in x "
+                             f"{fan_out} out{f' in each of {g} groups' if g > 1 else ''}; use a rank <= "
+                             f"{g * min(fan_in, fan_out // g)}{' divisible by the groups' if g > 1 else ''} "
+                             f"(rank_pattern can set it per path)")
         if lay.kind not in var.layers:
             raise ValueError(f"the {var.name} variant supports {'/'.join(var.layers)} layers; "
                              f"{path!r} is used by a {lay.kind} layer (kernel {shape}). Exclude it from the "
                              f"targets or train it as plain LoRA.")
         ka, kb = jax.random.split(_path_key(key, path))
-        a_shape, b_shape = (*lead, fan_in, r), (*lead, r, fan_out)
+        a_shape, b_shape = (*lead, fan_in, r), (*lead, r // g, fan_out)   # a grouped conv's B is block-diagonal
         if factors is not None:
             if lay.kind != "Dense" or len(shape) != lay.lead + 2:
                 raise ValueError(f"init={cfg.init!r} supports nn.Dense kernels only (as PEFT: Linear layers); "
@@ -241,15 +242,16 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None
         lead, fan_in, fan_out = lay.split(shape)
         a, b = tuple(np.shape(node.a)), tuple(np.shape(node.b))
         lead = (*lead, *a[len(lead):len(lead) + node.slot_dims])     # a bank's slot axis follows the stack axes
-        extra = len(a) - 2 - len(lead)
-        if extra > 0 and a[extra:] == (*lead, fan_in, a[-1]) and b[extra:] == (*lead, a[-1], fan_out):
+        extra, rb = len(a) - 2 - len(lead), a[-1] // lay.groups
+        if extra > 0 and a[extra:] == (*lead, fan_in, a[-1]) and b[extra:] == (*lead, rb, fan_out):
             raise ValueError(f"the adapter at {path!r} carries {extra} extra leading axis of size {a[:extra]} "
                              f"(a {a}, b {b} for kernel {shape}): these are stacked adapters (e.g. from jax.vmap "
                              f"over jlora.init). Merge or apply them one at a time, e.g. "
                              f"jax.tree.map(lambda x: x[i], adapters).")
-        if a != (*lead, fan_in, a[-1]) or b != (*lead, a[-1], fan_out):
+        if a != (*lead, fan_in, a[-1]) or b != (*lead, rb, fan_out) or a[-1] % lay.groups:
+            rank = "r" if lay.groups == 1 else f"r/{lay.groups}"
             raise ValueError(f"adapter at {path!r} does not fit the parameter: kernel {shape} laid out "
-                             f"{lay.describe()} needs a {(*lead, fan_in, 'r')} and b {(*lead, 'r', fan_out)}; got a "
+                             f"{lay.describe()} needs a {(*lead, fan_in, 'r')} and b {(*lead, rank, fan_out)}; got a "
                              f"{a} and b {b}")
         if cfg is not None and node.rank != cfg.rank_for(path):
             raise ValueError(f"adapter at {path!r} has rank {node.rank} but the config gives rank "
@@ -271,13 +273,32 @@ def overlay(params: Mapping, adapters: Mapping) -> Mapping:
     return tree_lib.unflatten(flat)
 
 
+def grouped_matmul(x: jax.Array, b: jax.Array, groups: int = 1) -> jax.Array:
+    """``x @ B`` for ``x`` ``(..., m, r)`` and a block-diagonal ``B`` stored as its blocks ``(..., r/groups, out)``.
+
+    Rank channel ``c`` feeds only the outputs of its group ``c // (r/g)``, as a grouped 1x1 convolution does.
+
+    Examples:
+        >>> grouped_matmul(jnp.ones((1, 2)), jnp.arange(6.0).reshape(2, 3))   # groups=1: a plain matmul
+        Array([[3., 5., 7.]], dtype=float32)
+        >>> grouped_matmul(jnp.array([[1.0, 2.0]]), jnp.array([[3.0, 4.0]]), groups=2)
+        Array([[3., 8.]], dtype=float32)
+    """
+    if groups == 1:
+        return jnp.matmul(x, b)
+    r, out = x.shape[-1], b.shape[-1]
+    xg = x.reshape(*x.shape[:-1], groups, r // groups)
+    y = jnp.einsum("...mjc,...cjo->...mjo", xg, b.reshape(*b.shape[:-1], groups, out // groups))
+    return y.reshape(*x.shape[:-1], out)
+
+
 def delta(node: Adapter, scale: float, shape: tuple[int, ...], lay: KernelLayout | None = None,
           dtype=None) -> jax.Array:
     """The full-size update ``scale * A @ B`` laid out like a kernel of ``shape`` (used only for merging)."""
     lay = lay or node.layout
     a, b = node.a, node.b
     dtype = dtype or jnp.result_type(a)
-    full = scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))  # (*lead, in, out)
+    full = scale * grouped_matmul(a.astype(jnp.float32), b.astype(jnp.float32), lay.groups)  # (*lead, in, out)
     per_layer = shape[lay.lead:]
     in_dims = [per_layer[i] for i in lay.in_axes]
     out_dims = [per_layer[i] for i in lay.out_axes]
@@ -367,7 +388,7 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
         a, b = np.shape(node.a), np.shape(node.b)
         layers, fan_in, fan_out = math.prod(a[:-2]), a[-2], b[-1]
         n = count(node)
-        entries.append((layers, fan_in, fan_out))
+        entries.append((layers, fan_in, fan_out * b[-2] / a[-1]))     # a grouped conv's B has r/groups rows
         rows.append((path, str(shape), str(a[-1]), f"{n:,}", f"{100 * n / math.prod(shape):.2f}%"))
     for path, leaf in full_items(adapters):
         rows.append((path, str(tuple(np.shape(leaf))), "full", f"{count(leaf):,}", "100.00%"))
@@ -381,10 +402,11 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
         lines.append("rank ladder (same targets)")
         lines.append("rank   trainable        % of parameters")
         for r in ranks:
-            n = sum(layers * r * (fi + fo) for layers, fi, fo in entries)
+            n = sum(int(layers * r * (fi + fo)) for layers, fi, fo in entries)
             lines.append(f"{r:<6} {n:<16,} {100 * n / n_params:.3f}%")
     return "\n".join(lines)
 
 
-__all__ = ["Adapter", "KernelLayout", "Layout", "init", "merge", "unmerge", "delta", "count", "summary",
+__all__ = ["Adapter", "KernelLayout", "Layout", "init", "merge", "unmerge", "delta", "grouped_matmul", "count",
+           "summary",
            "check_fits", "overlay", "target_paths", "dense_value", "adapter_items", "full_items"]

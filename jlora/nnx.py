@@ -55,7 +55,7 @@ from jlora.config import LoraConfig
 # NNX layer classes jlora adapts, in lookup order (a subclass, e.g. nnx.LoRALinear, takes its base's kind), and
 # the jlora layer kind each computes as.
 _KINDS = ((nnx.Linear, "Dense"), (nnx.LinearGeneral, "DenseGeneral"), (nnx.Einsum, "Einsum"),
-          (nnx.Embed, "Embed"))
+          (nnx.Embed, "Embed"), (nnx.Conv, "Conv"))
 _SUPPORTED = ", ".join(f"nnx.{cls.__name__}" for cls, _ in _KINDS)
 
 
@@ -113,6 +113,8 @@ def _per_layer_ndim(layer: nnx.Module, kind: str) -> int:
         return len(layer.in_features) + len(layer.out_features)
     if kind == "Einsum":
         return len(layer.kernel_shape)
+    if kind == "Conv":
+        return len(transform.ConvSpec.of(layer).kernel_size) + 2
     return 2
 
 
@@ -120,6 +122,8 @@ def layer_spec(layer: nnx.Module, kind: str, kernel_shape: tuple[int, ...], wher
                einsum_str: str | None = None) -> transform.LayerSpec:
     """The :class:`jlora.transform.LayerSpec` of an NNX layer whose per-layer kernel has ``kernel_shape``."""
     dtype = getattr(layer, "dtype", None)
+    if kind == "Conv":
+        return transform.conv_layer_spec(layer, where, kernel_shape, dtype)
     if kind == "DenseGeneral":
         if layer.batch_axis:
             raise ValueError(f"nnx.LinearGeneral at {where!r} has batch_axis={dict(layer.batch_axis)}; LoRA supports "
@@ -388,7 +392,7 @@ def layout(model: Any, *args, method=None, **kwargs) -> Layout:
         shape = tuple(getattr(layer, _leaf(kind)).shape)
         lead = len(shape) - _per_layer_ndim(layer, kind)
         spec = layer_spec(layer, kind, shape[lead:], mpath)
-        result[prefix + _leaf(kind)] = KernelLayout(kind, spec.in_axes, spec.out_axes, lead)
+        result[prefix + _leaf(kind)] = dataclasses.replace(spec.layout, lead=lead)
     return result
 
 

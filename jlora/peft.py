@@ -38,6 +38,7 @@ from jlora import models
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, KernelLayout, adapter_items, full_items
 from jlora.config import LoraConfig
+from jlora.torch_names import TorchModel, conv_from_peft, conv_to_peft
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -55,29 +56,62 @@ def _neutral(value: Any) -> bool:
     return value is None or value is False or value in ("", "none") or value == {} or value == []
 
 
-def _param_table(loaded) -> dict[str, tuple[str, int | None, Any]]:
-    """HF tensor name -> (jlora param path, layer index in a scanned stack or None, ParamSpec), for every param."""
-    return models.hf_param_table(loaded.family, loaded.config)
+def _param_table(loaded) -> dict[str, tuple[str, int | None, tuple[int, ...] | None]]:
+    """HF tensor name -> (jlora param path, layer index in a scanned stack or None, the axis order that makes one
+    layer of the jlora array the HF tensor, or None), for every param."""
+    if isinstance(loaded, TorchModel):
+        return loaded.param_table()
+    return {name: (path, layer, (1, 0) if spec.transpose else None)
+            for name, (path, layer, spec) in models.hf_param_table(loaded.family, loaded.config).items()}
 
 
 def _module_table(loaded) -> dict[str, tuple[str, int | None]]:
     """HF module name -> (jlora param path, layer index in a scanned stack or None), for kernels/embeddings."""
+    if isinstance(loaded, TorchModel):
+        return loaded.module_table()
     return models.hf_module_table(loaded.family, loaded.config)
 
 
-def _kind(path: str) -> str:
-    """``"embedding"`` (PEFT's ``lora_embedding_A``/``_B``) or ``"linear"`` (``lora_A``/``lora_B.weight``)."""
-    return models.module_kind(path)
+def _kind(path: str, layout: KernelLayout | None = None) -> str:
+    """``"embedding"`` (PEFT's ``lora_embedding_A``/``_B``), ``"conv"`` or ``"linear"`` (``lora_A``/``_B.weight``)."""
+    return "conv" if layout is not None and layout.kind == "Conv" else models.module_kind(path)
 
 
-def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded) -> pathlib.Path:
-    """Writes ``adapters`` as a PEFT LoRA adapter folder for ``loaded``'s Hugging Face model.
+def _table_name(loaded) -> str:
+    return "TorchModel names" if isinstance(loaded, TorchModel) else f"{loaded.family.name} table"
+
+
+def _torch(v: np.ndarray, perm) -> np.ndarray:
+    return np.ascontiguousarray(v if perm is None else v.transpose(perm))
+
+
+def _check_peft_geometry(path: str, lay: KernelLayout, merge_only: bool) -> None:
+    """Raises for conv geometry that PEFT 0.21's unmerged conv LoRA does not reproduce."""
+    conv = lay.conv
+    if any(d != 1 for d in conv.input_dilation):
+        raise ValueError(f"the conv adapter at {path!r} is on a layer with input_dilation {conv.input_dilation}, "
+                         f"which PyTorch's nn.ConvNd does not have; PEFT export supports ConvNd layers only")
+    lost = [f"kernel_dilation {conv.kernel_dilation}"] * any(d != 1 for d in conv.kernel_dilation) + \
+        [f"padding {conv.padding!r}"] * (conv.padding in ("CIRCULAR", "REFLECT"))
+    if lost and not merge_only:
+        raise ValueError(f"the conv adapter at {path!r} is on a layer with {' and '.join(lost)}: PEFT 0.21 builds "
+                         f"lora_A without the base layer's dilation and padding_mode (huggingface/peft#3697), so "
+                         f"its unmerged forward would differ from jlora's (its merge_and_unload is exact). Pass "
+                         f"`merge_only=True` to write the folder for PEFT users who merge it.")
+
+
+def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded, *,
+         merge_only: bool = False) -> pathlib.Path:
+    """Writes ``adapters`` as a PEFT LoRA adapter folder for ``loaded``'s Hugging Face or PyTorch model.
 
     Args:
         out_dir: the folder to write (created if needed).
         adapters: jlora adapters for ``loaded.params``.
         cfg: their LoraConfig.
-        loaded: the :class:`jlora.hf.Loaded` base model (gives module names and the base model's name).
+        loaded: the :class:`jlora.hf.Loaded` base model, or a :class:`jlora.peft.TorchModel` naming the PyTorch
+            original of your own port (gives module names and the base model's name).
+        merge_only: write conv adapters of dilated or circular/reflect-padded layers, which PEFT 0.21 merges
+            exactly but runs unmerged without the dilation or padding mode (huggingface/peft#3697).
 
     Returns:
         The folder path.
@@ -103,11 +137,18 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         for layer in layers:
             module = by_path.get((path, layer))
             if module is None:
-                raise ValueError(f"adapter at {path!r} has no Hugging Face module name in the "
-                                 f"{loaded.family.name} table; PEFT export supports the model's kernels and "
-                                 f"embeddings only")
+                source = "PyTorch" if isinstance(loaded, TorchModel) else "Hugging Face"
+                raise ValueError(f"adapter at {path!r} has no {source} "
+                                 f"module name{'' if layer is None else f' for layer {layer}'} in the "
+                                 f"{_table_name(loaded)}; PEFT export supports the model's kernels and embeddings only")
             la, lb = (a, b) if layer is None else (a[layer], b[layer])
-            if _kind(path) == "embedding":
+            kind = _kind(path, node.layout)
+            if kind == "conv":
+                _check_peft_geometry(path, node.layout, merge_only)
+                big_a, big_b = conv_to_peft(la, lb, node.layout)
+                tensors[f"{PREFIX}{module}.lora_A.weight"] = big_a
+                tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(big_b)
+            elif kind == "embedding":
                 tensors[f"{PREFIX}{module}.lora_embedding_A"] = np.ascontiguousarray(la.T)
                 tensors[f"{PREFIX}{module}.lora_embedding_B"] = np.ascontiguousarray(lb.T)
             else:
@@ -122,7 +163,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": None if isinstance(loaded, TorchModel) else "CAUSAL_LM",
         "base_model_name_or_path": loaded.name or "unknown",
         "r": int(r),
         "lora_alpha": alpha,
@@ -132,7 +173,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         "rank_pattern": {m: int(v) for m, v in sorted(ranks.items()) if v != r},
         "alpha_pattern": {m: v for m, v in sorted(alphas.items()) if v != alpha},
         "bias": cfg.bias,
-        "fan_in_fan_out": loaded.family.fan_in_fan_out,
+        "fan_in_fan_out": loaded.fan_in_fan_out if isinstance(loaded, TorchModel) else loaded.family.fan_in_fan_out,
         "modules_to_save": saved_modules or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -172,31 +213,31 @@ def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_m
         return []
     base = tree_lib.flatten(loaded.params)
     table = _param_table(loaded)
-    by_path: dict[tuple[str, int | None], tuple[str, Any]] = {(p, layer): (name, spec)
-                                                               for name, (p, layer, spec) in table.items()}
+    by_path: dict[tuple[str, int | None], tuple[str, Any]] = {(p, layer): (name, perm)
+                                                               for name, (p, layer, perm) in table.items()}
     saved_modules: set[str] = set()
     for path, leaf in full.items():
         is_module = any(re.search(r, path) for r in cfg.modules_to_save)
         value = np.asarray(leaf, np.float32)
         layers = [None] if (path, None) in by_path else [i for i in range(value.shape[0]) if (path, i) in by_path]
         if not layers:
-            raise ValueError(f"the trained tensor at {path!r} has no Hugging Face name in the {loaded.family.name} "
-                             f"table, so PEFT export cannot name it")
+            raise ValueError(f"the trained tensor at {path!r} has no PyTorch name in the {_table_name(loaded)}, so "
+                             f"PEFT export cannot name it")
         for layer in layers:
-            name, spec = by_path[(path, layer)]
+            name, perm = by_path[(path, layer)]
             v = value if layer is None else value[layer]
             module, leaf_name = name.rsplit(".", 1)
             if is_module:
                 saved_modules.add(module)
             elif module in lora_modules:
                 name = f"{module}.base_layer.{leaf_name}"
-            tensors[f"{PREFIX}{name}"] = np.ascontiguousarray(v.T if spec.transpose else v)
-    for name, (path, layer, spec) in table.items():   # the rest of each module to save
+            tensors[f"{PREFIX}{name}"] = _torch(v, perm)
+    for name, (path, layer, perm) in table.items():   # the rest of each module to save
         module = name.rsplit(".", 1)[0]
         if module in saved_modules and f"{PREFIX}{name}" not in tensors:
             v = np.asarray(base[path], np.float32)
             v = v if layer is None else v[layer]
-            tensors[f"{PREFIX}{name}"] = np.ascontiguousarray(v.T if spec.transpose else v)
+            tensors[f"{PREFIX}{name}"] = _torch(v, perm)
     return sorted(saved_modules)
 
 
@@ -256,6 +297,9 @@ _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora
 def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     """Reads a PEFT LoRA adapter folder into jlora adapters for ``loaded`` and a matching LoraConfig.
 
+    ``loaded`` is a :class:`jlora.hf.Loaded` model of a jlora family, or a :class:`jlora.peft.TorchModel` naming
+    the PyTorch original of your own Flax port (for conv adapters it must carry the port's ``layout``).
+
     Keys may carry the ``base_model.model.`` prefix or not. Ranks and scales follow PEFT's semantics for
     ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``.
 
@@ -303,20 +347,24 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
         path, layer = table[module]
         r = int(_pattern_value(rank_pattern, module, r0))
         alpha = float(_pattern_value(alpha_pattern, module, alpha0))
-        a, b = pair["a"].T.astype(np.float32), pair["b"].T.astype(np.float32)
-        shape = tuple(flat_params[path].shape)[(0 if layer is None else 1):]
-        if a.shape != (shape[0], r) or b.shape != (r, shape[1]):
+        lay = _layout(loaded, path, flat_params)
+        _, fan_in, fan_out = lay.split(tuple(flat_params[path].shape))
+        if lay.kind == "Conv":
+            a, b = (x.astype(np.float32) for x in conv_from_peft(pair["a"], pair["b"], lay, module))
+        else:
+            a, b = pair["a"].T.astype(np.float32), pair["b"].T.astype(np.float32)
+        if a.shape != (fan_in, r) or b.shape != (r // lay.groups, fan_out):
             raise ValueError(f"{module}: PEFT tensors have shapes A {pair['a'].shape} and B {pair['b'].shape}; "
-                             f"the base kernel {module} is {shape[0]} in x {shape[1]} out at r={r}, so they "
-                             f"should be A {(r, shape[0])} and B {(shape[1], r)}")
+                             f"the base kernel {module} is {fan_in} in x {fan_out} out at r={r}, so they "
+                             f"should be A {(r, fan_in)} and B {(fan_out, r)}")
         if ranks.setdefault(path, r) != r or alphas.setdefault(path, alpha) != alpha:
             raise ValueError(f"{module}: a scanned layer stack needs one rank and alpha for all its layers; "
                              f"{path} has r {ranks[path]} vs {r}, alpha {alphas[path]} vs {alpha}")
         per_path.setdefault(path, {})[layer] = {"a": a, "b": b}
         if "m" in pair:
-            if pair["m"].shape != (shape[1],):
+            if pair["m"].shape != (fan_out,):
                 raise ValueError(f"{module}: lora_magnitude_vector has shape {pair['m'].shape}; the kernel has "
-                                 f"{shape[1]} output features")
+                                 f"{fan_out} output features")
             per_path[path][layer]["m"] = pair["m"].astype(np.float32)
     if bool(config.get("use_dora")) != all("m" in pair for pair in found.values()):
         raise ValueError(f"adapter {folder}: use_dora={config.get('use_dora')} but lora_magnitude_vector tensors "
@@ -334,7 +382,7 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
             out[path] = {k: np.stack([layers[i][k] for i in range(n)]) for k in layers[0]}
     full, saved_paths = _load_full(whole, params_table, flat_params, config, folder)
     cfg = _config_for(set(out), ranks, alphas, config, flat_params, saved_paths)
-    nodes = {p: _node(p, parts, flat_params) for p, parts in out.items()}
+    nodes = {p: _node(parts, _layout(loaded, p, flat_params)) for p, parts in out.items()}
     adapters = tree_lib.unflatten({**nodes, **full})
     unwanted = sorted(p for p in full if not cfg.saves(p))
     if unwanted:
@@ -343,13 +391,18 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     return adapters, cfg
 
 
-def _node(path: str, parts: dict[str, np.ndarray], flat_params) -> Adapter:
-    """An adapter for jlora's own kernel at ``path`` ((in, out) per layer; a scanned stack leading)."""
-    lead = flat_params[path].ndim - 2
+def _layout(loaded, path: str, flat_params) -> KernelLayout:
+    """How the kernel at ``path`` is read: (in, out) per layer for jlora's own families (a scanned stack leading)."""
+    if isinstance(loaded, TorchModel):
+        return loaded.kernel_layout(path)
     kind = "Embed" if path.endswith("embedding") else "Dense"
+    return KernelLayout(kind, (0,), (1,), flat_params[path].ndim - 2)
+
+
+def _node(parts: dict[str, np.ndarray], layout: KernelLayout) -> Adapter:
+    """An adapter of the loaded factors (and DoRA magnitude) for a kernel read as ``layout``."""
     extras = {k: v for k, v in parts.items() if k not in ("a", "b")}
-    return Adapter(parts["a"], parts["b"], extras, layout=KernelLayout(kind, (0,), (1,), lead),
-                   variant="dora" if extras else "lora")
+    return Adapter(parts["a"], parts["b"], extras, layout=layout, variant="dora" if extras else "lora")
 
 
 def _load_full(whole: dict[str, np.ndarray], params_table, flat_params, config, folder):
@@ -358,12 +411,12 @@ def _load_full(whole: dict[str, np.ndarray], params_table, flat_params, config, 
     saved_modules = [str(m) for m in (config.get("modules_to_save") or [])]
     saved_paths = set()
     for name, value in whole.items():
-        path, layer, spec = params_table[name]
-        v = value.T if spec.transpose else value
+        path, layer, perm = params_table[name]
         want = tuple(flat_params[path].shape)[(0 if layer is None else 1):]
-        if v.shape != want:
-            raise ValueError(f"{name}: PEFT tensor has shape {value.shape}; the base parameter needs "
-                             f"{tuple(reversed(want)) if spec.transpose else want}")
+        torch_shape = want if perm is None else tuple(want[i] for i in perm)
+        if value.shape != torch_shape:
+            raise ValueError(f"{name}: PEFT tensor has shape {value.shape}; the base parameter needs {torch_shape}")
+        v = value if perm is None else value.transpose(np.argsort(perm))
         per_path.setdefault(path, {})[layer] = v.astype(np.float32)
         module = name.rsplit(".", 1)[0]
         if any(module == m or module.endswith(f".{m}") for m in saved_modules):

@@ -2,9 +2,10 @@
 
 :func:`apply` runs ``model.apply`` with the adapters in a separate variable collection, ``"lora"``, that
 mirrors the params, and intercepts the calls of the layers it knows (``nn.Dense``, ``nn.DenseGeneral``,
-``nn.Embed`` incl. ``Embed.attend`` and ``nn.Einsum``) with Flax's ``nn.intercept_methods``. A layer whose
-scope holds an :class:`jlora.Adapter` computes its usual output plus the low-rank path
-``scale * (dropout(x) @ A) @ B``, so the full-size update ``A @ B`` is never formed and the backward pass never
+``nn.Embed`` incl. ``Embed.attend``, ``nn.Einsum``, ``nn.Conv``) with Flax's ``nn.intercept_methods``. A layer
+whose scope holds an :class:`jlora.Adapter` computes its usual output plus the low-rank path
+``scale * (dropout(x) @ A) @ B`` (for a convolution, as PEFT: A a convolution of the layer's geometry into r
+channels, B a 1x1 convolution), so the full-size update ``A @ B`` is never formed and the backward pass never
 builds a full-size weight gradient. The interceptor is a closure over one call's state (config, what ran, what
 was used); nothing is kept between calls.
 
@@ -36,12 +37,13 @@ import jax.numpy as jnp
 from jlora import adapter as adapter_lib
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
-from jlora.adapter import Adapter, KernelLayout, LayerCall, Layout
+from jlora.adapter import Adapter, ConvSpec, KernelLayout, LayerCall, Layout
 from jlora.config import LoraConfig
 
 COLLECTION = "lora"
 DROPOUT_RNG = "lora_dropout"
-_KINDS = ((nn.Dense, "Dense"), (nn.DenseGeneral, "DenseGeneral"), (nn.Embed, "Embed"), (nn.Einsum, "Einsum"))
+_KINDS = ((nn.Dense, "Dense"), (nn.DenseGeneral, "DenseGeneral"), (nn.Embed, "Embed"), (nn.Einsum, "Einsum"),
+          (nn.Conv, "Conv"))
 _METHODS = ("__call__", "attend")
 
 
@@ -80,6 +82,8 @@ class LayerSpec:
         dtype: the layer's compute dtype, or None for the output's.
         axis: ``DenseGeneral``: the input axes it contracts.
         einsum: ``Einsum``: ``(lhs, rhs, out)`` of its einsum string.
+        conv: ``Conv``: its geometry (:meth:`jlora.ConvSpec.of` reads it off a Linen or NNX layer); the kernel is
+            ``(*kernel_size, in / groups, out)``, ``in_axes`` all but the last.
     """
 
     kind: str
@@ -89,10 +93,11 @@ class LayerSpec:
     dtype: Any = None
     axis: tuple[int, ...] = ()
     einsum: tuple[str, str, str] | None = None
+    conv: ConvSpec | None = None
 
     @property
     def layout(self) -> KernelLayout:
-        return KernelLayout(self.kind, self.in_axes, self.out_axes)
+        return KernelLayout(self.kind, self.in_axes, self.out_axes, conv=self.conv)
 
 
 def einsum_axes(lhs: str, rhs: str, out: str, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -120,7 +125,43 @@ def _spec(module: nn.Module, kind: str, kwargs, kernel_shape: tuple[int, ...] = 
     if kind == "Einsum":
         parts = _einsum_parts(module, kwargs)
         return LayerSpec(kind, kernel_shape, *einsum_axes(*parts, where), dtype, einsum=parts)
+    if kind == "Conv":
+        return conv_layer_spec(module, where, kernel_shape, dtype)
     return LayerSpec(kind, kernel_shape, dtype=dtype)
+
+
+def conv_layer_spec(layer: Any, where: str = "", kernel_shape: tuple[int, ...] = (), dtype=None) -> LayerSpec:
+    """The :class:`LayerSpec` of a ``flax.linen.Conv`` or ``flax.nnx.Conv`` (kernel ``(*k, in / groups, out)``)."""
+    conv = ConvSpec.of(layer, where)
+    n = len(conv.kernel_size)
+    return LayerSpec("Conv", kernel_shape, tuple(range(n + 1)), (n + 1,), dtype, conv=conv)
+
+
+def conv_low_rank(conv: ConvSpec, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``x`` ``(*batch, *spatial, in)`` through A, a convolution of geometry ``conv`` into r channels (``a``
+    ``(prod(kernel_size) * in / groups, r)``), then B, a grouped 1x1 convolution (``b`` ``(r / groups, out)``).
+
+    Padding, strides, dilations and groups are the layer's, as in ``flax.linen.Conv``, so the result is the layer's
+    own convolution with the kernel ``A @ B`` (block-diagonal for groups > 1), which is what :func:`jlora.merge`
+    adds; the full-size kernel is never formed.
+    """
+    n, g = len(conv.kernel_size), conv.feature_group_count
+    batch = x.shape[:x.ndim - n - 1]
+    x = x.reshape(-1, *x.shape[x.ndim - n - 1:])
+    pad = conv.padding
+    if pad in ("CIRCULAR", "REFLECT"):
+        spans = [(k - 1) * d + 1 for k, d in zip(conv.kernel_size, conv.kernel_dilation)]
+        pads = [(0, 0), *[((s - 1) // 2, s // 2) for s in spans], (0, 0)]
+        x, pad = jnp.pad(x, pads, mode="wrap" if pad == "CIRCULAR" else "reflect"), "VALID"
+    elif pad == "CAUSAL":
+        x = jnp.pad(x, [(0, 0), ((conv.kernel_size[0] - 1) * conv.kernel_dilation[0], 0), (0, 0)])
+        pad = "VALID"
+    spec = (0, n + 1, *range(1, n + 1))            # channels last, as Flax: N...C inputs, ...IO kernels
+    numbers = jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec)
+    h = jax.lax.conv_general_dilated(x, a.reshape(*conv.kernel_size, -1, a.shape[-1]), conv.strides, pad,
+                                     conv.input_dilation, conv.kernel_dilation, numbers, feature_group_count=g)
+    y = lora_lib.grouped_matmul(h.reshape(-1, h.shape[-1]), b, g)
+    return y.reshape(*batch, *h.shape[1:-1], b.shape[-1])
 
 
 @jax.custom_jvp
@@ -168,6 +209,8 @@ def low_rank(spec: LayerSpec, method: str, x, node: Adapter, scale: float, y, dr
     x = (dropout(x) if dropout is not None else x).astype(dtype)
     if kind == "Dense":
         return _low_rank_matmul(x, a, (b * scale).astype(dtype)).astype(y.dtype)
+    if kind == "Conv":
+        return conv_low_rank(spec.conv, x, a, (b * scale).astype(dtype)).astype(y.dtype)
     in_dims = [spec.kernel_shape[i] for i in spec.in_axes]
     out_dims = [spec.kernel_shape[i] for i in spec.out_axes]
     if kind == "DenseGeneral":
@@ -219,9 +262,11 @@ def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str) -> None:
         raise ValueError(f"the adapter at {path!r} carries extra leading axes {a[:-2]} (a {a}, b {b}) for a "
                          f"layer whose kernel is {shape}: stacked adapters must be applied one at a "
                          f"time (index them, or jax.vmap over jlora.apply)")
-    if len(a) != 2 or len(b) != 2 or a[0] != fan_in or b[1] != fan_out or a[1] != b[0]:
+    g = actual.groups
+    if len(a) != 2 or len(b) != 2 or a[0] != fan_in or b[1] != fan_out or a[1] != b[0] * g:
         raise ValueError(f"adapter at {path!r} does not fit its layer: the {layer} kernel {shape} needs a "
-                         f"({fan_in}, r) and b (r, {fan_out}) per layer; got a {a} and b {b}")
+                         f"({fan_in}, r) and b ({'r' if g == 1 else f'r/{g}'}, {fan_out}) per layer; got a {a} and "
+                         f"b {b}")
 
 
 def _interceptor(trace: _Trace):
@@ -352,7 +397,7 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
     system = adapter_lib.model_system(model)
     if system is not None:          # an NNX model reads its layouts off its layers, no trace needed
         return system.layout(model, *args, method=method, **kwargs)
-    records: dict[str, tuple[str, tuple, tuple, int]] = {}
+    records: dict[str, tuple[KernelLayout, int]] = {}
     unsupported: dict[str, str] = {}
 
     def record(next_fun, a, kw, context):
@@ -367,8 +412,7 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
             leaf = _leaf_name(kind)
             kernel = module.get_variable("params", leaf)
             if kernel is not None:
-                spec = _spec(module, kind, kw)
-                records[prefix + leaf] = (kind, spec.in_axes, spec.out_axes, len(kernel.shape))
+                records[prefix + leaf] = (_spec(module, kind, kw).layout, len(kernel.shape))
         else:
             for leaf in ("kernel", "embedding"):
                 if module.has_variable("params", leaf):
@@ -379,9 +423,9 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
     flat = tree_lib.flatten(shapes.get("params", {}))
     result = Layout(unsupported=unsupported)
-    for path, (kind, in_axes, out_axes, ndim) in records.items():
+    for path, (lay, ndim) in records.items():
         if path in flat:
-            result[path] = KernelLayout(kind, in_axes, out_axes, len(flat[path].shape) - ndim)
+            result[path] = dataclasses.replace(lay, lead=len(flat[path].shape) - ndim)
     return result
 
 

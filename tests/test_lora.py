@@ -237,15 +237,15 @@ def test_unsupported_layer_kind_is_named():
     class WithConv(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.Dense(3, name="head")(nn.Conv(4, (3,), name="conv")(x))
+            return nn.Dense(3, name="head")(nn.ConvTranspose(4, (3,), name="conv")(x))
 
     x = jnp.ones((1, 5, 2))
     model = WithConv()
     params = model.init(KEY, x)["params"]
     cfg = jlora.LoraConfig(rank=1, targets=("conv", "head"))
-    with pytest.raises(ValueError, match="belongs to a Conv layer"):
+    with pytest.raises(ValueError, match="belongs to a ConvTranspose layer"):
         jlora.init(params, cfg, key=KEY, layout=jlora.layout(model, x))
     adapters = jlora.init(params, jlora.LoraConfig(rank=1, targets="head"), key=KEY)
     conv_ad = jlora.Adapter(jnp.zeros((3 * 2, 1)), jnp.zeros((1, 4)))
-    with pytest.raises(ValueError, match="Conv layer, which the LoRA transform does not handle"):
+    with pytest.raises(ValueError, match="ConvTranspose layer, which the LoRA transform does not handle"):
         jlora.apply(model, params, {**adapters, "conv": {"kernel": conv_ad}}, cfg, x)

@@ -390,3 +390,79 @@ def test_dropout_and_a_bank_of_adapters():
     want = [jlora.apply(model, params, ads[1], cfg, X), jlora.apply(model, params, ads[0], cfg, X), model(X),
             jlora.apply(model, params, ads[1], cfg, X)]
     np.testing.assert_allclose(y, jnp.stack([w[i] for i, w in enumerate(want)]), atol=1e-5)
+
+
+class CNN(nnx.Module):
+    """Grouped strided conv -> BatchNorm -> depthwise dilated conv -> 1-D conv over rows -> linear head."""
+
+    def __init__(self, rngs, train=False):
+        self.c1 = nnx.Conv(4, 8, (3, 3), strides=2, padding=1, feature_group_count=2, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, use_running_average=not train, rngs=rngs)
+        self.c2 = nnx.Conv(8, 8, (3, 3), kernel_dilation=2, padding="SAME", feature_group_count=8, rngs=rngs)
+        self.c3 = nnx.Conv(8, 6, (2,), padding="VALID", rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.bn(self.c1(x)))
+        h = jax.nn.relu(self.c2(h))                      # (B, 4, 4, 8)
+        h = jax.nn.relu(self.c3(h.reshape(h.shape[0], -1, 8)))
+        return self.head(h.mean(axis=1))
+
+
+def conv_delta(node, kernel, groups):
+    """The full-size conv update A @ B in plain jnp: out channel o sees only its group's r / groups A channels."""
+    *k, cin, out = kernel.shape
+    a = node.a.reshape(*k, cin, groups, -1)                          # (*k, in/g, g, r/g)
+    own = a[..., jnp.arange(out) // (out // groups), :]             # (*k, in/g, out, r/g)
+    return jnp.einsum("...ioc,co->...io", own, node.b)
+
+
+def ref_cnn(p, ad, cfg, x, stats):
+    def w(name, groups=1):
+        node = ad[name]["kernel"]
+        return p[name]["kernel"] + cfg.scale(f"{name}/kernel") * conv_delta(node, p[name]["kernel"], groups)
+
+    def conv(h, kernel, stride, pad, groups, dil=1):
+        n = kernel.ndim - 2
+        dims = ("NHWC", "HWIO", "NHWC") if n == 2 else ("NWC", "WIO", "NWC")
+        return jax.lax.conv_general_dilated(h, kernel, (stride,) * n, pad, rhs_dilation=(dil,) * n,
+                                            dimension_numbers=dims, feature_group_count=groups)
+
+    with jax.numpy_rank_promotion("allow"):
+        h = conv(x, w("c1", 2), 2, ((1, 1), (1, 1)), 2) + p["c1"]["bias"]
+        h = (h - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+        h = jax.nn.relu(h)
+        h = jax.nn.relu(conv(h, w("c2", 8), 1, "SAME", 8, dil=2) + p["c2"]["bias"])
+        h = jax.nn.relu(conv(h.reshape(h.shape[0], -1, 8), w("c3"), 1, "VALID", 1) + p["c3"]["bias"])
+        return h.mean(axis=1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+CNN_CFG = jlora.LoraConfig(rank=4, alpha=8, targets=r"c\d/kernel", rank_pattern={"c2": 8})
+IMAGES = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
+
+
+def test_cnn_conv_adapters():
+    model = CNN(nnx.Rngs(0))
+    params = jlora.nnx.params(model)
+    stats = {"mean": model.bn.mean.get_value(), "var": model.bn.var.get_value()}
+    apply = jax.jit(lambda p, a: jlora.apply(model, p, a, CNN_CFG, IMAGES))
+    fresh = jlora.init(model, CNN_CFG, key=jax.random.key(1))
+    assert bool(jnp.array_equal(apply(params, fresh), model(IMAGES)))
+    ad = _random_adapters(model, CNN_CFG)
+    y = apply(params, ad)
+    assert not np.allclose(y, model(IMAGES), atol=1e-3)
+    np.testing.assert_allclose(y, jlora.merge(model, ad, CNN_CFG)(IMAGES), atol=1e-5)
+    np.testing.assert_allclose(y, ref_cnn(params, ad, CNN_CFG, IMAGES, stats), atol=1e-5)
+    grads = jax.jit(jax.grad(lambda a: apply(params, a).sum()))(ad)
+    assert_trees_all_close(grads, jax.grad(lambda a: ref_cnn(params, a, CNN_CFG, IMAGES, stats).sum())(ad),
+                           atol=1e-5)
+    back = jlora.unmerge(jlora.merge(model, ad, CNN_CFG), ad, CNN_CFG)
+    assert_trees_all_close(jlora.nnx.params(back), params, atol=1e-5)
+
+    # BatchNorm in training mode: mutable=True hands back the updated statistics; the given model is untouched.
+    train_model = CNN(nnx.Rngs(0), train=True)
+    out, state = jlora.apply(train_model, params, ad, CNN_CFG, IMAGES, mutable=True)
+    merged = jlora.merge(train_model, ad, CNN_CFG)
+    np.testing.assert_allclose(out, merged(IMAGES), atol=1e-5)
+    np.testing.assert_allclose(state["bn"]["mean"].get_value(), merged.bn.mean.get_value(), atol=1e-6)
+    assert float(jnp.abs(train_model.bn.mean.get_value()).max()) == 0.0
