@@ -141,7 +141,7 @@ class KernelLayout:
         """``"(in, out)"``-style text of the per-layer axes, for error messages."""
         n = len(self.in_axes) + len(self.out_axes)
         names = ["in" if i in self.in_axes else "out" for i in range(n)]
-        return "(" + ", ".join(names) + ")"
+        return "(" + ", ".join(names) + (f"; groups={self.groups}" if self.groups > 1 else "") + ")"
 
 
 class Layout(dict):

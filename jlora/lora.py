@@ -162,7 +162,8 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[st
         lead, fan_in, fan_out = lay.split(shape)
         r, g = cfg.rank_for(path), lay.groups
         if r % g or r // g > min(fan_in, fan_out // g):
-            raise ValueError(f"rank {r} at {path!r} exceeds the kernel's smaller side: shape {shape} is {fan_in} in x "
+            what = "exceeds the kernel's smaller side" if g == 1 else "does not fit the grouped kernel"
+            raise ValueError(f"rank {r} at {path!r} {what}: shape {shape} is {fan_in} in x "
                              f"{fan_out} out{f' in each of {g} groups' if g > 1 else ''}; use a rank <= "
                              f"{g * min(fan_in, fan_out // g)}{' divisible by the groups' if g > 1 else ''} "
                              f"(rank_pattern can set it per path)")
