@@ -390,8 +390,12 @@ def layout(model: Any, *args, method=None, **kwargs) -> Layout:
                     result.unsupported[prefix + leaf] = f"nnx.{type(layer).__name__}"
             continue
         shape = tuple(getattr(layer, _leaf(kind)).shape)
-        lead = len(shape) - _per_layer_ndim(layer, kind)
-        spec = layer_spec(layer, kind, shape[lead:], mpath)
+        try:
+            lead = len(shape) - _per_layer_ndim(layer, kind)
+            spec = layer_spec(layer, kind, shape[lead:], mpath)
+        except ValueError as e:      # a layer of a kind jlora adapts, set up in a way it does not: an error if targeted
+            result.unsupported[prefix + _leaf(kind)] = f"nnx.{type(layer).__name__} ({e})"
+            continue
         result[prefix + _leaf(kind)] = dataclasses.replace(spec.layout, lead=lead)
     return result
 

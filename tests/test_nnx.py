@@ -466,3 +466,16 @@ def test_cnn_conv_adapters():
     np.testing.assert_allclose(out, merged(IMAGES), atol=1e-5)
     np.testing.assert_allclose(state["bn"]["mean"].get_value(), merged.bn.mean.get_value(), atol=1e-6)
     assert float(jnp.abs(train_model.bn.mean.get_value()).max()) == 0.0
+
+
+def test_a_layer_set_up_in_a_way_lora_does_not_support_is_an_error_only_when_targeted():
+    class Batched(nnx.Module):
+        def __init__(self, rngs):
+            self.odd = nnx.LinearGeneral(4, 3, batch_axis={0: 2}, rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    model = Batched(nnx.Rngs(0))
+    assert set(jlora.layout(model)) == {"head/kernel"}
+    jlora.init(model, jlora.LoraConfig(rank=2, targets="head"), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"'odd/kernel' belongs to a nnx.LinearGeneral.*batch_axis"):
+        jlora.init(model, jlora.LoraConfig(rank=2, targets="odd"), key=jax.random.key(0))
