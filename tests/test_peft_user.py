@@ -255,3 +255,38 @@ def test_scanned_stack_names_each_layer(tmp_path):
     back, cfg2 = jlora.peft.load(tmp_path, tm)
     np.testing.assert_allclose(np.asarray(jlora.apply(model, params, back, cfg2, jnp.asarray(x))), ours, atol=1e-5,
                                rtol=0)
+
+
+def test_nnx_port_exports_to_peft(tmp_path):
+    """An NNX port of the torch MLP: its adapters have the same path strings, so the same TorchModel serves."""
+    from flax import nnx
+
+    class NnxMLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down, self.out = (nnx.Linear(6, 16, rngs=rngs), nnx.Linear(16, 5, rngs=rngs),
+                                            nnx.Linear(5, 2, rngs=rngs))
+
+        def __call__(self, x):
+            return self.out(self.down(nn.gelu(self.up(x), approximate=True)))
+
+    torch.manual_seed(0)
+    torch_model = TorchMLP().eval()
+    state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    model = NnxMLP(nnx.Rngs(0))
+    for name, module in (("up", "net.0"), ("down", "net.2"), ("out", "proj")):
+        getattr(model, name).kernel.set_value(jnp.asarray(state[f"{module}.weight"].T))
+        getattr(model, name).bias.set_value(jnp.asarray(state[f"{module}.bias"]))
+    params = jlora.nnx.params(model)
+    tm = jlora.peft.TorchModel(params, {"up/kernel": "net.0", "down/kernel": "net.2", "out/kernel": "proj"})
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=("up", "down"))
+    rng = np.random.RandomState(1)
+    made = jax.eval_shape(lambda: jlora.init(model, cfg, key=jax.random.key(0)))
+    adapters = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), jnp.float32), made)
+    x = rng.normal(size=(3, 6)).astype(np.float32)
+    ours = np.asarray(jlora.apply(model, params, adapters, cfg, jnp.asarray(x)))
+    jlora.peft.save(tmp_path, adapters, cfg, tm)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(torch_model, str(tmp_path)).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    back, cfg2 = jlora.peft.load(tmp_path, tm)
+    np.testing.assert_allclose(np.asarray(jlora.apply(model, params, back, cfg2, jnp.asarray(x))), ours, atol=1e-5)
