@@ -1,0 +1,390 @@
+"""Record sources: random access to the records of JSONL, Parquet, Arrow and ArrayRecord files, read lazily.
+
+A source is a sequence of raw records: ``len(source)`` and ``source[i] -> (where, raw)``, where ``where`` names the
+file and line or row (``data/train.jsonl:17``, ``shard-00001.parquet:row 4``) and ``raw`` is the record as stored
+(a JSONL line's bytes, a Parquet/Arrow row as a dict, an ArrayRecord's bytes). :func:`jlora.data.records.parse`
+turns a raw record into a dict; nothing here parses or validates records, so a malformed one fails (or is skipped)
+where it is used, with its ``where``.
+
+Nothing is loaded whole:
+
+* JSONL: one pass at opening counts the non-blank lines and keeps the byte offset of every ``BLOCK``-th one (8 bytes
+  per 64 records); ``source[i]`` seeks to its block and reads forward. Memory stays a few hundred KiB for a
+  million records.
+* Parquet: the files' footers give row counts per row group; ``source[i]`` decodes its row group (only the columns
+  asked for), keeping the last few decoded groups. A shuffled order over large row groups decodes about one group
+  per record: write small row groups (pyarrow's ``row_group_size``), or use Arrow or ArrayRecord files, which read
+  single records cheaply.
+* Arrow: IPC files or streams (what ``datasets.Dataset.save_to_disk`` writes: ``data-00000-of-00004.arrow``),
+  memory-mapped; rows are sliced out without copying the file.
+* ArrayRecord: one record per entry, a JSON object's UTF-8 bytes, read with ``array_record``'s random access.
+
+:func:`open_source` takes a file, a folder of shards (a ``save_to_disk`` folder is read in its ``state.json``
+order; other folders' files of one format in name order) or a glob, and concatenates the files. Opened sources
+are picklable (file handles reopen in each worker process). :func:`fingerprint` identifies the data (sizes,
+record counts and sampled bytes of every file), so a run can refuse to resume on changed data.
+
+Examples:
+    >>> import os, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with open(os.path.join(folder, "a.jsonl"), "w") as f:
+    ...     _ = f.write('{"prompt": "1+1=", "completion": "2"}\\n\\n{"prompt": "2+2=", "completion": "4"}\\n')
+    >>> src = open_source(os.path.join(folder, "a.jsonl"))
+    >>> len(src), src[1][0].endswith("a.jsonl:3"), src[1][1]
+    (2, True, b'{"prompt": "2+2=", "completion": "4"}')
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+BLOCK = 64                    # JSONL: one kept offset per this many records
+_CHUNK = 8 << 20              # JSONL: bytes read per step of the indexing pass
+_SAMPLE_BYTES = 1 << 16       # fingerprint: bytes hashed per sampled block
+_SAMPLES = 8                  # fingerprint: blocks sampled per file (plus its first and last)
+_ROW_GROUPS_KEPT = 4          # Parquet: decoded row groups kept per process
+FORMATS = ("jsonl", "parquet", "arrow", "array_record")
+_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow",
+             ".ipc": "arrow", ".array_record": "array_record", ".arrayrecord": "array_record"}
+_WHITESPACE = b" \t\r\n\f\v"
+
+
+class DataError(ValueError):
+    """A problem with data files or records; the message names the file and, where one is at fault, the record."""
+
+
+def format_of(path: str) -> str:
+    """The format a file's name says (``.jsonl``, ``.parquet``, ``.arrow``, ``.array_record``).
+
+    Examples:
+        >>> format_of("data/train-00000-of-00002.parquet"), format_of("x/data-00000-of-00001.arrow")
+        ('parquet', 'arrow')
+    """
+    base = os.path.basename(path)
+    for suffix, fmt in _SUFFIXES.items():
+        if base.endswith(suffix) or f"{suffix}-" in base:   # array_record shards: name.array_record-00000-of-00004
+            return fmt
+    raise DataError(f"{path!r}: cannot tell the data format from the file name; name files *.jsonl, *.parquet, "
+                    f"*.arrow or *.array_record")
+
+
+def _file_hash(path: str, n_records: int) -> str:
+    """Size, record count and the bytes of the first, last and ``_SAMPLES`` evenly spaced blocks of a file."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{size}|{n_records}".encode())
+    with open(path, "rb") as f:
+        starts = {0, max(0, size - _SAMPLE_BYTES)} | {size * k // (_SAMPLES + 1) for k in range(1, _SAMPLES + 1)}
+        for start in sorted(starts):
+            f.seek(start)
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+class _File:
+    """One file of records; subclasses implement ``_open``, ``_count`` and ``_get``."""
+
+    format = ""
+
+    def __init__(self, path: str, columns: Sequence[str] = ()):
+        self.path = path
+        self.columns = tuple(columns)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data file {path!r} not found (cwd {os.getcwd()!r})")
+        self._handle = None
+        self.length = self._count()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handle"] = None       # reopened lazily in each process
+        return state
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = self._open()
+        return self._handle
+
+    def __len__(self) -> int:
+        return self.length
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:row {i}"
+
+    def fingerprint(self) -> str:
+        return _file_hash(self.path, self.length)
+
+
+class JsonlFile(_File):
+    """A JSONL file: non-blank lines are records (``raw``: the line's bytes); ``where`` is ``path:line``."""
+
+    format = "jsonl"
+
+    def _open(self):
+        return open(self.path, "rb")
+
+    def _count(self) -> int:
+        offsets, lines = [], []   # of records 0, BLOCK, 2*BLOCK, ...: byte offset and 1-based line number
+        n = line = pos = 0
+        with open(self.path, "rb") as f:
+            carry = b""
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk and not carry:
+                    break
+                buf = carry + chunk
+                base = pos - len(carry)
+                cut = buf.rfind(b"\n") + 1 if chunk else len(buf)   # complete lines only, until the end
+                body, carry = buf[:cut], buf[cut:]
+                pos += len(chunk)
+                if not body:
+                    continue
+                arr = np.frombuffer(body, np.uint8)
+                ends = np.flatnonzero(arr == 10)
+                if not len(ends) or ends[-1] != len(body) - 1:
+                    ends = np.append(ends, len(body))
+                starts = np.concatenate([[0], ends[:-1] + 1])
+                first = np.frombuffer(body + b"\n", np.uint8)[starts]
+                record = ~np.isin(first, np.frombuffer(_WHITESPACE, np.uint8))
+                for k in np.flatnonzero(~record):          # a line opening with whitespace: blank unless text follows
+                    record[k] = bool(body[starts[k]:ends[k]].strip())
+                numbers = line + 1 + np.arange(len(starts))
+                kept = np.flatnonzero(record)
+                take = kept[(n + np.arange(len(kept))) % BLOCK == 0]
+                offsets.extend((base + starts[take]).tolist())
+                lines.extend(numbers[take].tolist())
+                n += len(kept)
+                line += len(starts)
+                if not chunk:
+                    break
+        self._offsets = np.asarray(offsets, np.int64)
+        self._lines = np.asarray(lines, np.int64)
+        return n
+
+    def _seek(self, i: int) -> tuple[int, bytes]:
+        """(line number, bytes) of record ``i``."""
+        f = self.handle()
+        block = i // BLOCK
+        f.seek(int(self._offsets[block]))
+        line, left = int(self._lines[block]), i - block * BLOCK
+        while True:
+            text = f.readline()
+            if text.strip():
+                if not left:
+                    return line, text.rstrip(b"\r\n")
+                left -= 1
+            line += 1
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self._seek(i)[0]}"
+
+    def get(self, i: int) -> tuple[str, Any]:
+        line, text = self._seek(i)
+        return f"{self.path}:{line}", text
+
+
+class ParquetFile(_File):
+    """A Parquet file: rows are records (dicts of the asked-for columns); ``where`` is ``path:row i``."""
+
+    format = "parquet"
+
+    def __init__(self, path: str, columns: Sequence[str] = ()):
+        super().__init__(path, columns)
+        self._groups: OrderedDict[int, list[dict]] = OrderedDict()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_groups"] = OrderedDict()
+        return state
+
+    def _open(self):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.path)
+
+    def _count(self) -> int:
+        meta = self.handle().metadata
+        self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self.schema_names = tuple(self.handle().schema_arrow.names)
+        return int(self._starts[-1])
+
+    def get(self, i: int) -> tuple[str, Any]:
+        g = int(np.searchsorted(self._starts, i, side="right")) - 1
+        rows = self._groups.get(g)
+        if rows is None:
+            table = self.handle().read_row_group(g, columns=[c for c in self.columns if c in self.schema_names] or None)
+            rows = table.to_pylist()
+            self._groups[g] = rows
+            while len(self._groups) > _ROW_GROUPS_KEPT:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end(g)
+        return self.where(i), rows[i - int(self._starts[g])]
+
+
+class ArrowFile(_File):
+    """An Arrow IPC file or stream (``datasets``' ``save_to_disk`` shards), memory-mapped."""
+
+    format = "arrow"
+
+    def _open(self):
+        import pyarrow as pa
+
+        source = pa.memory_map(self.path)
+        try:
+            table = pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:
+            source = pa.memory_map(self.path)
+            table = pa.ipc.open_stream(source).read_all()
+        keep = [c for c in self.columns if c in table.column_names]
+        return table.select(keep) if keep else table
+
+    def _count(self) -> int:
+        self.schema_names = tuple(self.handle().column_names)
+        return self.handle().num_rows
+
+    def get(self, i: int) -> tuple[str, Any]:
+        return self.where(i), self.handle().slice(i, 1).to_pylist()[0]
+
+
+class ArrayRecordFile(_File):
+    """An ArrayRecord file whose records are JSON objects' UTF-8 bytes; ``where`` is ``path:record i``."""
+
+    format = "array_record"
+
+    def _open(self):
+        from array_record.python import array_record_data_source
+
+        return array_record_data_source.ArrayRecordDataSource([self.path])
+
+    def _count(self) -> int:
+        return len(self.handle())
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:record {i}"
+
+    def get(self, i: int) -> tuple[str, Any]:
+        return self.where(i), self.handle()[i]
+
+
+_CLASSES = {"jsonl": JsonlFile, "parquet": ParquetFile, "arrow": ArrowFile, "array_record": ArrayRecordFile}
+
+
+class Source:
+    """Files of one format read as one sequence of records: ``source[i] -> (where, raw)``.
+
+    Args:
+        files: opened files (:class:`JsonlFile`, ...), in order.
+        name: what the messages call it (the path the user gave).
+    """
+
+    def __init__(self, files: Sequence[_File], name: str = ""):
+        self.files = list(files)
+        self.name = name or (self.files[0].path if len(self.files) == 1 else f"{len(self.files)} files")
+        self._starts = np.cumsum([0] + [len(f) for f in self.files]).tolist()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int) -> tuple[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} of {self.name} ({len(self)} records)")
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self.files[k].get(i - self._starts[k])
+
+    def fingerprint(self) -> str:
+        """An identity of the data: every file's size, record count and sampled bytes, in order (not the paths:
+        moved files keep it)."""
+        return fingerprint(self)
+
+    def __repr__(self) -> str:
+        return f"Source({self.name!r}, {len(self.files)} file(s), {len(self)} records)"
+
+
+def fingerprint(source: Source) -> str:
+    """16 hex digits naming the data of ``source`` (sizes, record counts, sampled bytes of every file)."""
+    h = hashlib.sha256()
+    for f in source.files:
+        h.update(f"{f.format}|{f.fingerprint()}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _state_json_files(folder: str) -> list[str] | None:
+    """The shard files a ``datasets`` ``save_to_disk`` folder lists in its ``state.json``, or None."""
+    state = os.path.join(folder, "state.json")
+    if not os.path.isfile(state):
+        return None
+    with open(state, encoding="utf-8") as f:
+        names = [d["filename"] for d in json.load(f).get("_data_files", [])]
+    return [os.path.join(folder, n) for n in names] or None
+
+
+def expand(path: str | os.PathLike) -> list[str]:
+    """The data files a path means: a file; a folder (``save_to_disk``'s ``state.json`` order, else the one format's
+    files in name order, looking into ``data/`` as the Hub's layout has it); or a glob pattern.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        DataError: a folder of several formats, or of none, or of ``datasets`` splits (name one).
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        listed = _state_json_files(path)
+        if listed:
+            return listed
+        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            splits = sorted(p for p in os.listdir(path) if os.path.isdir(os.path.join(path, p)))
+            raise DataError(f"{path!r} is a `datasets` DatasetDict folder with splits {splits}; name one of them, "
+                            f"e.g. {os.path.join(path, splits[0]) if splits else path + '/train'}")
+        names = sorted(p for p in os.listdir(path) if os.path.isfile(os.path.join(path, p)))
+        data = [n for n in names if any(n.endswith(s) or f"{s}-" in n for s in _SUFFIXES)]
+        if not data and os.path.isdir(os.path.join(path, "data")):
+            return expand(os.path.join(path, "data"))
+        formats = sorted({format_of(n) for n in data})
+        if len(formats) != 1:
+            raise DataError(f"data folder {path!r} holds " + (f"files of several formats ({', '.join(formats)}); "
+                                                              f"point at one file, or a glob such as {path}/*.parquet"
+                                                              if formats else
+                                                              f"no data files ({', '.join(names[:5]) or 'nothing'}); "
+                                                              f"expected *.jsonl, *.parquet, *.arrow or *.array_record"))
+        return [os.path.join(path, n) for n in data]
+    matches = sorted(glob.glob(path))
+    files = [m for m in matches if os.path.isfile(m)]
+    if files:
+        return files
+    raise FileNotFoundError(f"data {path!r} not found (cwd {os.getcwd()!r}): no such file, folder or glob match")
+
+
+def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike], *, columns: Sequence[str] = ()) -> Source:
+    """Opens data files (see :func:`expand` for what a path may be) as one :class:`Source`.
+
+    Args:
+        paths: a path, or several (their files concatenate in the order given).
+        columns: for Parquet and Arrow, the columns to read (others are never decoded); () reads all.
+
+    Raises:
+        FileNotFoundError: a path that names nothing.
+        DataError: an empty file (an empty shard is named), files of several formats.
+    """
+    given = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+    files = [f for p in given for f in expand(p)]
+    formats = sorted({format_of(f) for f in files})
+    if len(formats) > 1:
+        raise DataError(f"data files of several formats ({', '.join(formats)}) in {given}; use one format")
+    opened = []
+    for path in files:
+        f = _CLASSES[formats[0]](path, columns)
+        if not len(f):
+            kind = "an empty shard" if len(files) > 1 else "empty"
+            raise DataError(f"data file {path!r} holds no records ({kind}); remove it or write records to it")
+        opened.append(f)
+    return Source(opened, given[0] if len(given) == 1 else "")
