@@ -223,7 +223,8 @@ class _Tokenize(grain.transforms.Map):
                 ex = tokenize(record, self._tokenizer, source=where)
             except ValueError as e:
                 if self._on_bad == "error":
-                    raise DataError(str(e) if where in str(e) else f"{where}: {e}") from None
+                    message = str(e) if where in str(e) else f"{where}: {e}"
+                    raise DataError(f"{message} (on_bad_record='skip' skips and counts bad records)") from None
                 return Item(q, None, "skipped", where, str(e))
             boundary = self._check_boundaries and not _joined_tokenization_matches(record, self._tokenizer)
         else:

@@ -388,3 +388,47 @@ def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike], *, colum
             raise DataError(f"data file {path!r} holds no records ({kind}); remove it or write records to it")
         opened.append(f)
     return Source(opened, given[0] if len(given) == 1 else "")
+
+
+class Subset(Source):
+    """Some records of a source, by index (a train/validation split of one data set)."""
+
+    def __init__(self, source: Source, indices: np.ndarray, name: str = ""):
+        self.files, self.parent = source.files, source
+        self.indices = np.asarray(indices, np.int64)
+        self.name = name or source.name
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[str, Any]:
+        return self.parent[int(self.indices[i])]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.parent.fingerprint().encode() + self.indices.tobytes()).hexdigest()[:16]
+
+
+def split(source: Source, *, valid_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
+    """A seeded (train, valid) split of a source's records, the same split :func:`jlora.data.split` makes of a list
+    (both keep the records' order).
+
+    Examples:
+        >>> from jlora.data.records import split as split_list
+        >>> class Ten(Source):
+        ...     files, name = [], "ten"
+        ...     def __len__(self): return 10
+        ...     def __getitem__(self, i): return f"r{i}", i
+        >>> train, valid = split(Ten(), valid_fraction=0.3, seed=1)
+        >>> [valid[i][1] for i in range(len(valid))] == split_list(list(range(10)), valid_fraction=0.3, seed=1)[1]
+        True
+    """
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"`valid_fraction` must be in (0, 1); got {valid_fraction}")
+    n = len(source)
+    k = max(1, round(n * valid_fraction))
+    if k >= n:
+        raise ValueError(f"cannot hold out {k} validation examples from {n}; leave at least one for training")
+    held = np.zeros(n, bool)
+    held[np.random.default_rng([seed, 0x5EED]).permutation(n)[:k]] = True
+    return (Subset(source, np.flatnonzero(~held), f"{source.name} (train split)"),
+            Subset(source, np.flatnonzero(held), f"{source.name} (validation split)"))
