@@ -137,7 +137,7 @@ def _check_inputs(cfg: RunConfig) -> None:
         if not value:
             continue
         try:
-            data_lib.sources.expand(value)
+            data_lib.open_source(value)   # the files' formats, and no empty file
         except FileNotFoundError:
             raise ConfigError(f"`data.{key}` file {value!r} does not exist (relative paths start in the working "
                               f"directory {os.getcwd()!r}); fix the path in the config or with --set data.{key}=PATH"
@@ -551,7 +551,7 @@ class _Run:
 
 
 def _load_data(cfg: RunConfig, loaded) -> _Data:
-    """The training records (:func:`jlora.data.open_source`: opened, not read; the first is checked now), validation
+    """The training records (:func:`jlora.data.open_source`: each checked now, in one pass, never held), validation
     examples (``data.valid``, else a seeded ``data.valid_fraction`` of ``data.train``; tokenized once) and the
     generation eval's prompts (the first ``eval.num_examples`` of ``data.valid``, when a generation eval is on)."""
     if loaded.tokenizer is None:
@@ -560,6 +560,7 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
     try:
         train = data_lib.open_source(d.train, columns=data_lib.records.needed_columns(d.columns))
         data_lib.records.check_schema(train, d.columns)
+        bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
         if d.valid:
             valid = data_lib.load(d.valid, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,
                                   columns=d.columns)
@@ -571,12 +572,11 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
                                           sources=[held_out[i][0] for i in range(len(held_out))])
         else:
             valid = []
-        where, raw = train[0]   # fail fast on a wrong format or column mapping
-        data_lib.validate_record(data_lib.parse(raw, where, d.columns), where)
     except ValueError as e:
         raise _in_config_terms(e) from None
     print(f"model {display_name(cfg.model.path, loaded)}: {sum(x.size for x in jax.tree.leaves(loaded.params)):,} "
-          f"parameters; data: {len(train)} train records / {len(valid)} validation examples")
+          f"parameters; data: {len(train)} train records / {len(valid)} validation examples" +
+          (f" ({bad} malformed train records will be skipped)" if bad else ""))
     prompts = []
     if valid and d.valid and (cfg.eval.before or cfg.eval.after):
         prompts = data_lib.eval_prompts(d.valid, loaded.tokenizer, limit=cfg.eval.num_examples, columns=d.columns)

@@ -59,9 +59,8 @@ import grain
 import numpy as np
 
 from jlora.data import batching
-from jlora.data.records import (_FORMATS, BAD_RECORD_POLICIES, Example, _joined_tokenization_matches,
-                                boundary_warning, check_columns, check_policies, check_schema, fit, needed_columns,
-                                overflow_warning, parse, tokenize)
+from jlora.data.records import (_FORMATS, BAD_RECORD_POLICIES, Example, _joined_tokenization_matches, check_columns,
+                                check_policies, check_schema, fit, needed_columns, parse, tokenize)
 from jlora.data.sources import DataError, Source, open_source
 
 _ENDLESS = sys.maxsize // 2
@@ -454,16 +453,13 @@ class Loader:
         self.counts[item.note] += 1
         if item.note not in self._first:
             self._first[item.note] = item.where
-            if item.note == "skipped":
-                warnings.warn(f"skipping a bad record (on_bad_record='skip'; more are counted): {item.message}",
-                              stacklevel=4)
-            elif item.note == "boundary":
-                warnings.warn(boundary_warning(1, 1, item.where).replace("1 of 1 examples tokenize", "an example "
-                              "tokenizes") + " (more are counted)", stacklevel=4)
-            else:
-                warnings.warn(overflow_warning(1, 1, self.max_length, self.overflow, item.where).replace(
-                    "1 of 1 examples exceed", "an example exceeds").replace("and were", "and was") +
-                    " (more are counted)", stacklevel=4)
+            what = {"skipped": f"skipped a malformed record (on_bad_record='skip'): {item.message}",
+                    "boundary": f"{item.where}: prompt and completion tokenize differently apart than joined (a token "
+                                f"merges across the boundary); training uses the separate tokenizations, as "
+                                f"generation sees them",
+                    "truncated": f"{item.where}: example longer than max_length={self.max_length} truncated",
+                    "dropped": f"{item.where}: example longer than max_length={self.max_length} dropped"}[item.note]
+            warnings.warn(f"{what}; further ones are counted, not warned (Loader.counts)", stacklevel=4)
 
     def summary(self) -> str:
         """One line: the examples read and what was truncated, dropped or skipped (empty when nothing was)."""

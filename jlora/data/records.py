@@ -114,6 +114,30 @@ def parse(raw: Any, where: str, columns: Mapping[str, str] | None = None) -> dic
     return {k: v for k, v in out.items() if not (v is None and k in FIELDS)}
 
 
+def check(source: Source, columns: Mapping[str, str] | None = None, *, on_bad_record: str = "error") -> int:
+    """Reads every record of ``source`` once (in one pass per file) and checks that it parses and has a valid format,
+    so a bad record stops a run before it starts rather than when the stream reaches it. Returns the number of bad
+    records (``on_bad_record="skip"``); with ``"error"`` the first one raises, naming its file and line or row.
+
+    Examples:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.jsonl")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write('{"prompt": "a", "completion": "b"}\\n{"prompt": "a"}\\n')
+        >>> check(open_source(path), on_bad_record="skip")
+        1
+    """
+    bad = 0
+    for where, raw in source.scan():
+        try:
+            validate_record(parse(raw, where, columns), where)
+        except ValueError as e:
+            if on_bad_record == "error":
+                raise DataError(f"{e} (on_bad_record='skip' skips and counts bad records)") from None
+            bad += 1
+    return bad
+
+
 def read(path: str | os.PathLike | Sequence[str | os.PathLike], *, columns: Mapping[str, str] | None = None,
          limit: int | None = None) -> list[tuple[str, dict]]:
     """``(where, record)`` for the records of data files (any format; the first ``limit``), each validated."""

@@ -105,7 +105,13 @@ class _File:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_handle"] = None       # reopened lazily in each process
+        state.pop("_cursor", None)
         return state
+
+    def scan(self):
+        """``(where, raw)`` of every record, in order."""
+        for i in range(len(self)):
+            yield self.get(i)
 
     def handle(self):
         if self._handle is None:
@@ -169,18 +175,33 @@ class JsonlFile(_File):
         return n
 
     def _seek(self, i: int) -> tuple[int, bytes]:
-        """(line number, bytes) of record ``i``."""
+        """(line number, bytes) of record ``i``: from the nearest kept offset, or on from the last record read (so
+        reading in order is one pass)."""
         f = self.handle()
-        block = i // BLOCK
-        f.seek(int(self._offsets[block]))
-        line, left = int(self._lines[block]), i - block * BLOCK
+        cursor = getattr(self, "_cursor", None)
+        if cursor is not None and cursor[0] <= i < (cursor[0] // BLOCK + 1) * BLOCK:
+            at, line, offset = cursor
+        else:
+            block = i // BLOCK
+            at, line, offset = block * BLOCK, int(self._lines[block]), int(self._offsets[block])
+        f.seek(offset)
         while True:
             text = f.readline()
+            if not text:
+                raise DataError(f"{self.path}: the file changed while being read (record {i} is gone)")
             if text.strip():
-                if not left:
+                if at == i:
+                    self._cursor = (i + 1, line + 1, f.tell())
                     return line, text.rstrip(b"\r\n")
-                left -= 1
+                at += 1
             line += 1
+
+    def scan(self):
+        """``(where, raw)`` of every record, in order, in one pass."""
+        with open(self.path, "rb") as f:
+            for line, text in enumerate(f, 1):
+                if text.strip():
+                    yield f"{self.path}:{line}", text.rstrip(b"\r\n")
 
     def where(self, i: int) -> str:
         return f"{self.path}:{self._seek(i)[0]}"
@@ -303,6 +324,11 @@ class Source:
         """An identity of the data: every file's size, record count and sampled bytes, in order (not the paths:
         moved files keep it)."""
         return fingerprint(self)
+
+    def scan(self):
+        """``(where, raw)`` of every record, in order, each file read in one pass."""
+        for f in self.files:
+            yield from f.scan()
 
     def __repr__(self) -> str:
         return f"Source({self.name!r}, {len(self.files)} file(s), {len(self)} records)"
