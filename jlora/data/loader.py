@@ -441,6 +441,7 @@ class Loader:
                       check_boundaries=self.check_boundaries))
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if self.workers:
+            _absl_flags_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=16))
         return it
 
@@ -522,6 +523,15 @@ class Loader:
             self.close()
         except Exception:   # interpreter shutdown
             pass
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags, which a program that never ran ``absl.app`` has not parsed: take
+    their defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _is_examples(data: Any) -> bool:

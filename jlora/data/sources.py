@@ -441,10 +441,9 @@ def split(source: Source, *, valid_fraction: float, seed: int = 0) -> tuple[Subs
     Examples:
         >>> from jlora.data.records import split as split_list
         >>> class Ten(Source):
-        ...     files, name = [], "ten"
         ...     def __len__(self): return 10
         ...     def __getitem__(self, i): return f"r{i}", i
-        >>> train, valid = split(Ten(), valid_fraction=0.3, seed=1)
+        >>> train, valid = split(Ten([], "ten"), valid_fraction=0.3, seed=1)
         >>> [valid[i][1] for i in range(len(valid))] == split_list(list(range(10)), valid_fraction=0.3, seed=1)[1]
         True
     """
