@@ -48,9 +48,12 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -442,7 +445,8 @@ class Loader:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if self.workers:
             _absl_flags_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=16))
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=16),
+                                worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
         return it
 
     def note(self, item: Item) -> None:
@@ -523,6 +527,17 @@ class Loader:
             self.close()
         except Exception:   # interpreter shutdown
             pass
+
+
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """In a worker process: exit as soon as the process that started it is gone (a SIGKILLed run must not leave its
+    workers behind)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="jlora-exit-with-parent").start()
 
 
 def _absl_flags_parsed() -> None:
