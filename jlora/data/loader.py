@@ -62,8 +62,8 @@ import grain
 import numpy as np
 
 from jlora.data import batching
-from jlora.data.records import (_FORMATS, BAD_RECORD_POLICIES, Example, _joined_tokenization_matches, check_columns,
-                                check_policies, check_schema, fit, needed_columns, parse, tokenize)
+from jlora.data.records import (_FORMATS, BAD_RECORD_POLICIES, Example, check_columns, check_policies, check_schema,
+                                fit, needed_columns, parse, tokenize_checked)
 from jlora.data.sources import DataError, Source, open_source
 
 _ENDLESS = sys.maxsize // 2
@@ -222,13 +222,14 @@ class _Tokenize(grain.transforms.Map):
             where, raw = self._records[index]
             try:
                 record = parse(raw, where, self._columns)
-                ex = tokenize(record, self._tokenizer, source=where)
+                ex, matches = tokenize_checked(record, self._tokenizer, source=where,
+                                               check_boundary=self._check_boundaries)
             except ValueError as e:
                 if self._on_bad == "error":
                     message = str(e) if where in str(e) else f"{where}: {e}"
                     raise DataError(f"{message} (on_bad_record='skip' skips and counts bad records)") from None
                 return Item(q, None, "skipped", where, str(e))
-            boundary = self._check_boundaries and not _joined_tokenization_matches(record, self._tokenizer)
+            boundary = not matches
         else:
             ex, boundary = self._records[index], False
             where = ex.source

@@ -253,38 +253,43 @@ def _end_ids(tokenizer) -> tuple[int, ...]:
 
 def _pair_prompt_ids(prompt: str, tokenizer) -> list[int]:
     """A raw prompt's ids: BOS when the tokenizer adds one, then the text (never an EOS)."""
+    return _bos(tokenizer) + tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def _bos(tokenizer) -> list[int]:
     bos = tokenizer.bos_token_id
-    add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and bos is not None
-    return [bos] * add_bos + tokenizer.encode(prompt, add_special_tokens=False)
+    return [bos] if bool(getattr(tokenizer, "add_bos_token", False)) and bos is not None else []
 
 
 def tokenize(record: Mapping[str, Any], tokenizer, *, source: str = "") -> Example:
     """One record (either format) as an `Example`; see the module docstring for the formatting rules."""
+    return tokenize_checked(record, tokenizer, source=source, check_boundary=False)[0]
+
+
+def tokenize_checked(record: Mapping[str, Any], tokenizer, *, source: str = "",
+                     check_boundary: bool = True) -> tuple[Example, bool]:
+    """`tokenize`, and whether prompt and completion tokenized apart give the joined text's ids (a token merging
+    across the boundary makes them differ; True when not ``check_boundary``). One chat-template rendering and one
+    extra encode of the joined text: the texts and ids are shared."""
     fmt = validate_record(record, source or "record")
     end = _end_ids(tokenizer)
     if fmt == "chat":
         prompt_text, completion_text = format_chat(record["messages"], tokenizer)
-        prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-        completion = tokenizer.encode(completion_text, add_special_tokens=False)
-        cut = max((i for i, t in enumerate(completion) if t in end), default=None)
-        completion = completion[:cut + 1] if cut is not None else completion + list(end[:1])
+        prompt = raw_prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        raw_completion = tokenizer.encode(completion_text, add_special_tokens=False)
+        cut = max((i for i, t in enumerate(raw_completion) if t in end), default=None)
+        completion = raw_completion[:cut + 1] if cut is not None else raw_completion + list(end[:1])
     else:
-        prompt = _pair_prompt_ids(record["prompt"], tokenizer)
-        completion = tokenizer.encode(record["completion"], add_special_tokens=False) + list(end[:1])
+        prompt_text, completion_text = record["prompt"], record["completion"]
+        raw_prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        prompt = _bos(tokenizer) + raw_prompt
+        raw_completion = tokenizer.encode(completion_text, add_special_tokens=False)
+        completion = raw_completion + list(end[:1])
     if not completion:
         raise ValueError(f"{source or 'record'}: the completion is empty, so there is nothing to train on")
-    return Example(tuple(prompt), tuple(completion), source)
-
-
-def _joined_tokenization_matches(record: Mapping[str, Any], tokenizer) -> bool:
-    """Whether prompt and completion tokenized apart give the joined text's ids (a merge across the boundary
-    would make them differ)."""
-    if "messages" in record:
-        prompt, completion = format_chat(record["messages"], tokenizer)
-    else:
-        prompt, completion = record["prompt"], record["completion"]
-    apart = tokenizer.encode(prompt, add_special_tokens=False) + tokenizer.encode(completion, add_special_tokens=False)
-    return apart == tokenizer.encode(prompt + completion, add_special_tokens=False)
+    matches = (not check_boundary or
+               raw_prompt + raw_completion == tokenizer.encode(prompt_text + completion_text, add_special_tokens=False))
+    return Example(tuple(prompt), tuple(completion), source), matches
 
 
 def overflow_message(ex: Example, max_length: int, where: str) -> str:
@@ -351,8 +356,8 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
     sources = sources or [f"record {i}" for i in range(len(records))]
     out, changed, mismatched = [], [], []
     for record, where in zip(records, sources):
-        ex = tokenize(record, tokenizer, source=where)
-        if check_boundaries and not _joined_tokenization_matches(record, tokenizer):
+        ex, matches = tokenize_checked(record, tokenizer, source=where, check_boundary=check_boundaries)
+        if not matches:
             mismatched.append(where)
         kept = fit(ex, max_length, overflow, where)
         if kept is not ex:
