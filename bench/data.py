@@ -77,6 +77,7 @@ def measure(path: str, mode: str, workers: int) -> dict:
         t0 = time.perf_counter()
         data.records.check(source)
         out["check_s"] = time.perf_counter() - t0
+        out["rss_checked_mib"] = _rss_mib()
         out["check_records_per_s"] = len(source) / out["check_s"]
         loader = data.Loader(source, tokenizer=tok, workers=workers, **kw)
         next(loader)                                  # workers started, first epoch's order drawn

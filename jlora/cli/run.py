@@ -5,8 +5,8 @@
 1. :func:`_preflight`: everything that can be checked before loading anything: the config's paths, the scorer,
    the mesh, and the run folder (an existing run is never replaced without ``overwrite``; ``resume`` needs a run
    with a checkpoint and the same model and lora settings);
-2. :func:`_load_model` (:func:`jlora.hf.load`) and :func:`_load_data` (:mod:`jlora.data`: train and validation
-   examples, the generation-eval prompts);
+2. :func:`_load_model` (:func:`jlora.hf.load`) and :func:`_load_data` (:mod:`jlora.data`: the training records,
+   opened and checked but not held (the loader streams them), validation examples, the generation-eval prompts);
 3. :func:`_build`: adapters, an AdamW optimizer with warmup + cosine decay, the compiled train and eval steps
    (sharded over ``mesh`` when it has more than one device);
 4. :func:`_prepare_dir`: only now, with everything loaded, the run folder is made (or replaced) and the resolved

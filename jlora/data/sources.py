@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 BLOCK = 64                    # JSONL: one kept offset per this many records
-_CHUNK = 8 << 20              # JSONL: bytes read per step of the indexing pass
+_CHUNK = 1 << 20              # JSONL: bytes read per step of the indexing pass (what it holds at once)
 _SAMPLE_BYTES = 1 << 16       # fingerprint: bytes hashed per sampled block
 _SAMPLES = 8                  # fingerprint: blocks sampled per file (plus its first and last)
 _ROW_GROUPS_KEPT = 4          # Parquet: decoded row groups kept per process
@@ -157,7 +157,7 @@ class JsonlFile(_File):
                 if not len(ends) or ends[-1] != len(body) - 1:
                     ends = np.append(ends, len(body))
                 starts = np.concatenate([[0], ends[:-1] + 1])
-                first = np.frombuffer(body + b"\n", np.uint8)[starts]
+                first = arr[starts]                               # every start lies inside the body
                 record = ~np.isin(first, np.frombuffer(_WHITESPACE, np.uint8))
                 for k in np.flatnonzero(~record):          # a line opening with whitespace: blank unless text follows
                     record[k] = bool(body[starts[k]:ends[k]].strip())
