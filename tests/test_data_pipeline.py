@@ -68,32 +68,37 @@ def test_batches_equal_the_in_memory_loader_of_before_on_the_demo_data(smol, pac
 
 
 def _write_all_formats(folder, recs):
-    """The same records as JSONL, Parquet (small row groups), a `save_to_disk` folder of 3 Arrow shards, an Arrow
-    IPC file, and ArrayRecord; and Parquet with other column names."""
-    import datasets
+    """The same records as JSONL, Parquet (small row groups), a folder of 3 Arrow stream shards listed by a
+    `state.json` (`save_to_disk`'s layout), an Arrow IPC file, ArrayRecord, and Parquet with other column names."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from array_record.python import array_record_module
 
     paths = {"jsonl": folder / "d.jsonl"}
     paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in recs))
-    ds = datasets.Dataset.from_list(recs)
+    table = pa.Table.from_pylist(recs)
     paths["parquet"] = folder / "d.parquet"
-    pq.write_table(ds.data.table, paths["parquet"], row_group_size=7)
-    paths["save_to_disk"] = folder / "disk"
-    ds.save_to_disk(str(paths["save_to_disk"]), num_shards=3)
+    pq.write_table(table, paths["parquet"], row_group_size=7)
+    paths["arrow_shards"] = folder / "shards"
+    paths["arrow_shards"].mkdir()
+    names = [f"data-{i:05d}-of-00003.arrow" for i in range(3)]
+    for name, part in zip(names[::-1], (table.slice(0, 15), table.slice(15, 15), table.slice(30))):
+        with pa.ipc.new_stream(paths["arrow_shards"] / name, table.schema) as w:   # listed out of name order
+            w.write_table(part)
+    (paths["arrow_shards"] / "state.json").write_text(json.dumps({"_data_files": [{"filename": n}
+                                                                                  for n in names[::-1]]}))
     paths["arrow_file"] = folder / "d.arrow"
-    with pa.ipc.new_file(paths["arrow_file"], ds.data.table.schema) as w:
-        w.write_table(ds.data.table)
+    with pa.ipc.new_file(paths["arrow_file"], table.schema) as w:
+        w.write_table(table)
     paths["array_record"] = folder / "d.array_record"
     writer = array_record_module.ArrayRecordWriter(str(paths["array_record"]), "group_size:1")
     for r in recs:
         writer.write(json.dumps(r).encode())
     writer.close()
-    renamed = datasets.Dataset.from_list([{"conversation": r["messages"], "id": i} for i, r in enumerate(recs)])
     paths["renamed"] = folder / "renamed"
     paths["renamed"].mkdir()
-    renamed.to_parquet(str(paths["renamed"] / "train-00000-of-00001.parquet"))
+    pq.write_table(pa.Table.from_pylist([{"conversation": r["messages"], "id": i} for i, r in enumerate(recs)]),
+                   paths["renamed"] / "train-00000-of-00001.parquet")
     return paths
 
 
@@ -104,7 +109,24 @@ def test_every_format_gives_the_same_batches(smol, records, tmp_path):
         columns = {"messages": "conversation"} if name == "renamed" else None
         got = _take(_loader(path, smol, batch_size=4, columns=columns), 14)
         assert all(_same(g, w) for g, w in zip(got, want)), name
-    assert len(data.open_source(paths["save_to_disk"]).files) == 3
+    assert len(data.open_source(paths["arrow_shards"]).files) == 3
+
+
+@pytest.mark.slow   # ~10 s, most of it importing `datasets`
+def test_files_written_by_datasets_give_the_same_batches(smol, records, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(records[:40])
+    ds.save_to_disk(str(tmp_path / "disk"), num_shards=3)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records[:40]))
+    want = _take(_loader(jsonl, smol, batch_size=4), 14)
+    for path in (tmp_path / "disk", tmp_path / "d.parquet", tmp_path / "dict" / "train"):
+        assert all(_same(g, w) for g, w in zip(_take(_loader(path, smol, batch_size=4), 14), want)), path
+    with pytest.raises(data.DataError, match="DatasetDict folder with splits \\['train'\\]; name one"):
+        data.open_source(tmp_path / "dict")
 
 
 def test_worker_processes_give_the_same_batches(smol):
