@@ -11,10 +11,8 @@ Nothing is loaded whole:
 * JSONL: one pass at opening counts the non-blank lines and keeps the byte offset of every ``BLOCK``-th one (8 bytes
   per 64 records); ``source[i]`` seeks to its block and reads forward. Memory stays a few hundred KiB for a
   million records.
-* Parquet: the files' footers give row counts per row group; ``source[i]`` decodes its row group (only the columns
-  asked for), keeping the last few decoded groups. A shuffled order over large row groups decodes about one group
-  per record: write small row groups (pyarrow's ``row_group_size``), or use Arrow or ArrayRecord files, which read
-  single records cheaply.
+* Parquet: decoded once at opening (the asked-for columns, batch by batch) into an Arrow file in :func:`cache_dir`,
+  then read like Arrow: Parquet itself cannot read one record without decoding its whole row group.
 * Arrow: IPC files or streams (what ``datasets.Dataset.save_to_disk`` writes: ``data-00000-of-00004.arrow``),
   memory-mapped; rows are sliced out without copying the file.
 * ArrayRecord: one record per entry, a JSON object's UTF-8 bytes, read with ``array_record``'s random access.
@@ -41,7 +39,6 @@ import glob
 import hashlib
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +48,6 @@ BLOCK = 64                    # JSONL: one kept offset per this many records
 _CHUNK = 1 << 20              # JSONL: bytes read per step of the indexing pass (what it holds at once)
 _SAMPLE_BYTES = 1 << 16       # fingerprint: bytes hashed per sampled block
 _SAMPLES = 8                  # fingerprint: blocks sampled per file (plus its first and last)
-_ROW_GROUPS_KEPT = 4          # Parquet: decoded row groups kept per process
 FORMATS = ("jsonl", "parquet", "arrow", "array_record")
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow",
              ".ipc": "arrow", ".array_record": "array_record", ".arrayrecord": "array_record"}
@@ -211,43 +207,61 @@ class JsonlFile(_File):
         return f"{self.path}:{line}", text
 
 
+def cache_dir() -> str:
+    """Where decoded copies of Parquet files go: ``$JLORA_DATA_CACHE``, else ``~/.cache/jlora/data``."""
+    return os.environ.get("JLORA_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jlora", "data")
+
+
+def _mapped_table(path: str):
+    """A memory-mapped Arrow IPC file or stream as a table (nothing is copied into memory)."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_file(pa.memory_map(path)).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_stream(pa.memory_map(path)).read_all()
+
+
 class ParquetFile(_File):
-    """A Parquet file: rows are records (dicts of the asked-for columns); ``where`` is ``path:row i``."""
+    """A Parquet file: rows are records (dicts of the asked-for columns); ``where`` is ``path:row i``.
+
+    Parquet decodes whole pages, so reading single records in a shuffled order costs a row-group decode each (20
+    records/s with 10,000-row groups). On opening, the asked-for columns are decoded once, batch by batch, into an
+    Arrow file in :func:`cache_dir` (named by the Parquet file's fingerprint and the columns, so a changed file gets
+    a new copy), which every process then memory-maps and reads record by record.
+    """
 
     format = "parquet"
 
-    def __init__(self, path: str, columns: Sequence[str] = ()):
-        super().__init__(path, columns)
-        self._groups: OrderedDict[int, list[dict]] = OrderedDict()
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_groups"] = OrderedDict()
-        return state
-
-    def _open(self):
+    def _count(self) -> int:
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.path)
+        parquet = pq.ParquetFile(self.path)
+        self.schema_names = tuple(parquet.schema_arrow.names)
+        n = parquet.metadata.num_rows
+        keep = [c for c in self.columns if c in self.schema_names] or list(self.schema_names)
+        key = hashlib.sha256(f"{_file_hash(self.path, n)}|{keep}".encode()).hexdigest()[:16]
+        self.cache = os.path.join(cache_dir(), f"{os.path.basename(self.path)}.{key}.arrow")
+        if not os.path.isfile(self.cache):
+            self._decode(parquet, keep)
+        return n
 
-    def _count(self) -> int:
-        meta = self.handle().metadata
-        self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self.schema_names = tuple(self.handle().schema_arrow.names)
-        return int(self._starts[-1])
+    def _decode(self, parquet, keep: list[str]) -> None:
+        import pyarrow as pa
+
+        os.makedirs(os.path.dirname(self.cache), exist_ok=True)
+        partial = f"{self.cache}.{os.getpid()}.partial"
+        schema = pa.schema([parquet.schema_arrow.field(c) for c in keep])
+        with pa.ipc.new_file(partial, schema) as writer:
+            for batch in parquet.iter_batches(batch_size=4096, columns=keep):
+                writer.write_batch(batch)
+        os.replace(partial, self.cache)   # atomic: processes decoding the same file at once agree
+
+    def _open(self):
+        return _mapped_table(self.cache)
 
     def get(self, i: int) -> tuple[str, Any]:
-        g = int(np.searchsorted(self._starts, i, side="right")) - 1
-        rows = self._groups.get(g)
-        if rows is None:
-            table = self.handle().read_row_group(g, columns=[c for c in self.columns if c in self.schema_names] or None)
-            rows = table.to_pylist()
-            self._groups[g] = rows
-            while len(self._groups) > _ROW_GROUPS_KEPT:
-                self._groups.popitem(last=False)
-        else:
-            self._groups.move_to_end(g)
-        return self.where(i), rows[i - int(self._starts[g])]
+        return self.where(i), self.handle().slice(i, 1).to_pylist()[0]
 
 
 class ArrowFile(_File):
@@ -256,14 +270,7 @@ class ArrowFile(_File):
     format = "arrow"
 
     def _open(self):
-        import pyarrow as pa
-
-        source = pa.memory_map(self.path)
-        try:
-            table = pa.ipc.open_file(source).read_all()
-        except pa.ArrowInvalid:
-            source = pa.memory_map(self.path)
-            table = pa.ipc.open_stream(source).read_all()
+        table = _mapped_table(self.path)
         keep = [c for c in self.columns if c in table.column_names]
         return table.select(keep) if keep else table
 
