@@ -9,7 +9,8 @@ with the tables. Sections: figures (compiled FLOPs, trainable fraction, checkpoi
 PEFT and full fine-tuning), inference (forward and generation), bank (many adapters on one base: a batch routed over
 16 adapters vs one adapter, one at a time and merging in turn; swap time, bytes, FLOPs), compile (scan vs unrolled),
 gpu (skips without a GPU), variants (``bench/variants.py``: DoRA and QLoRA, when present), serve
-(``jlora serve``'s engine: 8 clients on 8 adapters vs on the base).
+(``jlora serve``'s engine: 8 clients on 8 adapters vs on the base), data (``jlora.data.Loader``: records/s and memory
+streaming 100k- and 1M-record JSONL files).
 
 A partial run (``--sections``) keeps the other sections: from ``bench/results/latest.json`` when it holds a
 full-size run, else as they stand in ``bench/README.md`` (each marked with the run that measured it).
@@ -28,7 +29,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("figures", "train", "inference", "bank", "compile", "gpu", "variants", "serve")
+SECTIONS = ("figures", "train", "inference", "bank", "compile", "gpu", "variants", "serve", "data")
 TITLES = {"figures": "Deterministic figures: compiled FLOPs, trainable fraction, checkpoint bytes",
           "train": "Train step: jlora vs PEFT vs full fine-tuning (CPU)",
           "inference": "Inference: forward and generation",
@@ -36,7 +37,8 @@ TITLES = {"figures": "Deterministic figures: compiled FLOPs, trainable fraction,
           "compile": "Compile time: unrolled layers vs nn.scan",
           "gpu": "GPU: bf16 tokens/s and MFU",
           "variants": "LoRA variants: DoRA step time, QLoRA memory",
-          "serve": "Serving: 8 clients on 8 adapters vs on the base"}
+          "serve": "Serving: 8 clients on 8 adapters vs on the base",
+          "data": "Data: records/s and memory streaming 100k and 1M-record JSONL files (jlora.data.Loader)"}
 
 
 def _variants(quick: bool) -> dict:
@@ -77,6 +79,9 @@ def _section(name: str, args) -> dict:
     if name == "serve":
         from bench import serve
         return serve.run(repeats=repeats, layers=layers)
+    if name == "data":
+        from bench import data
+        return data.run(quick=args.quick)
     raise ValueError(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
 
 

@@ -478,6 +478,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             f"{coordinator_address!r}, num_processes={num_processes!r}, process_id={process_id!r}") from None
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of every process's ``value`` (a collective: every process calls it); ``value`` itself with one
+    process. :class:`jlora.data.Loader` takes it as ``width``, so all processes pad their rows to one length.
+
+    Examples:
+        >>> max_over_processes(96)
+        96
+    """
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
 def is_main_process() -> bool:
     """True in process 0: log, print progress and write run files there only."""
     return jax.process_index() == 0
@@ -514,4 +528,4 @@ def to_host(tree: Any) -> Any:
 __all__ = ["AXES", "BATCH_AXES", "make_mesh", "leaf_spec", "param_specs", "param_shardings", "adapter_shardings",
            "like_adapters", "state_shardings", "batch_sharding", "place", "shard_batch", "local_batch_rows",
            "shard_local_batch", "make_sharded_train_step", "make_pmap_train_step", "replicate", "unreplicate",
-           "split_for_pmap", "initialize", "is_main_process", "to_host"]
+           "split_for_pmap", "initialize", "max_over_processes", "is_main_process", "to_host"]

@@ -358,11 +358,12 @@ def test_a_set_typo_is_blamed_on_the_set(tmp_path):
     assert str(path) not in line
 
 
-def test_a_folder_as_data_file_says_so(tmp_path):
+def test_an_empty_shard_in_a_data_folder_is_named(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text("")
+    (tmp_path / "data" / "train-0.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "data" / "train-1.jsonl").write_text("\n")
     _, result = _stops_at_data(tmp_path, overrides=[f"data.train={tmp_path / 'data'}"])
-    _error(*result, r"`data.train` '.*data' is a folder \(it holds train.jsonl\); set it to a JSONL file")
+    _error(*result, r"`data.train`: data file '.*train-1.jsonl' holds no records \(an empty shard\)")
 
 
 @pytest.mark.parametrize("command", ["generate", "inspect", "merge"])

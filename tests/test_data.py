@@ -310,8 +310,9 @@ def test_empty_dataset_errors(tiny, tmp_path):
         data.Loader([], batch_size=2, max_length=8, pad_id=0)
     with pytest.raises(ValueError, match="fewer than batch_size=4"):
         data.Loader(_examples([3, 3]), batch_size=4, max_length=8, pad_id=0)
-    with pytest.raises(ValueError, match="cannot fill one batch"):
-        next(data.Loader(_examples([3, 3]), batch_size=4, max_length=8, pad_id=0, packing=True))
+    # Packing runs on across epochs: two examples fill a batch of 4 rows of 8 from two epochs' worth.
+    batch = next(data.Loader(_examples([3, 3]), batch_size=4, max_length=8, pad_id=0, packing=True))
+    assert batch["segment_ids"].max(axis=1).tolist() == [2, 2, 2, 2]
 
 
 def test_overflow_policies(tiny, tmp_path):

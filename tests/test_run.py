@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 from tiny import tiny_smol_llama
@@ -125,6 +126,62 @@ def test_sigint_then_resume_matches_uninterrupted(tiny_model, tmp_path):
     resumed, want = _losses(tmp_path / "cut"), _losses(tmp_path / "straight")
     assert sorted(resumed) == list(range(1, 11))
     assert [resumed[s] for s in range(1, 11)] == [want[s] for s in range(1, 11)]
+
+
+@pytest.mark.slow   # three CLI runs (~90 s); exact resume of the data stream alone is in test_data_pipeline
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_bitwise(tiny_model, tmp_path):
+    """Packed batches tokenized by two worker processes; the run is killed (no chance to save) mid-epoch and resumed
+    from its last checkpoint: every step's loss and the final adapters are bit for bit the uninterrupted run's."""
+    from safetensors.numpy import load_file
+
+    sections = dict(train={"steps": 12, "checkpoint_every": 3}, data={"packing": True, "workers": 2},
+                    eval={"before": False, "after": False})
+    straight = _write_config(tmp_path, tiny_model, "straight", **sections)
+    assert cli.main(["train", "--config", str(straight), "--no-progress"]) == 0
+    config = _write_config(tmp_path, tiny_model, "cut", **sections)
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "train", "--config", str(config), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 240
+    workers = []
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 8:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+            proc.kill()
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert len(workers) >= 2
+    _, alive = psutil.wait_procs(workers, timeout=30)   # the worker processes end with the killed run
+    assert not alive, alive
+    kept = sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept and kept[-1] < 12
+    assert cli.main(["train", "--config", str(config), "--resume", "--no-progress"]) == 0
+    resumed, want = _losses(tmp_path / "cut"), _losses(tmp_path / "straight")
+    assert [resumed[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]
+    a = load_file(tmp_path / "cut" / "peft" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "straight" / "peft" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow   # a CLI run (~20 s); the loader's own refusal is in test_data_pipeline (make test)
+def test_resume_on_changed_data_is_refused(tiny_model, tmp_path):
+    from jlora.cli import run as cli_run
+
+    train = tmp_path / "train.jsonl"
+    train.write_text((ROOT / "examples/data/train.jsonl").read_text())
+    config = _write_config(tmp_path, tiny_model, "run", train={"steps": 2, "checkpoint_every": 2},
+                           data={"train": str(train)}, eval={"before": False, "after": False},
+                           run={"export_peft": False})
+    assert cli.main(["train", "--config", str(config), "--no-progress"]) == 0
+    train.write_text(train.read_text().replace("Zoe", "Zed"))
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["steps"] = 4
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(runconfig.ConfigError, match="--resume: the data changed since this position was saved"):
+        cli_run.train(runconfig.load(config), resume=True, progress=False)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -95,6 +95,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "data.overflow": data_lib.OVERFLOW_POLICIES,
+    "data.on_bad_record": data_lib.BAD_RECORD_POLICIES,
     "lora.init": lora_config.INITS,
     "lora.dtype": lora_config.DTYPES,
     "lora.bias": lora_config.BIAS_MODES,
@@ -122,32 +123,44 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """Training data: JSONL files of prompt/completion pairs or chat ``messages``.
+    """Training data: records of prompt/completion pairs or chat ``messages``, streamed (:class:`jlora.data.Loader`).
 
     Attributes:
-        train: the training JSONL file.
-        valid: the validation JSONL file (validation loss and the generation eval's prompts); empty or null: none.
+        train: the training data: a file (JSONL, Parquet, Arrow, ArrayRecord: the suffix says which), a folder of
+            shards (``datasets``' ``save_to_disk`` or ``to_parquet`` output) or a glob.
+        valid: validation data, likewise (validation loss and the generation eval's prompts); empty or null: none.
         valid_fraction: without ``valid``, hold out this fraction of ``train`` (seeded by ``seed``) for validation.
+        columns: ``{jlora's field: your column}`` for data with other names, e.g. ``{prompt: question, completion:
+            answer}`` or ``{messages: conversations}``.
         max_length: tokens per example; a longer example is handled by ``overflow``.
         overflow: ``error`` (default: a longer example is an error naming it), ``truncate`` (keep the first
-            ``max_length`` tokens) or ``drop`` (skip it); both of the latter warn with the count.
+            ``max_length`` tokens) or ``drop`` (skip it); both of the latter warn and count.
+        on_bad_record: a malformed record: ``error`` (names its file and line or row) or ``skip`` (warn and count).
         batch_size: examples per step (split over ``train.grad_accum_steps`` and the mesh's data x fsdp devices).
         packing: pack several examples into each row of ``max_length`` tokens.
+        workers: processes tokenizing ahead of the training loop (0: in the training process).
         seed: shuffling (and the ``valid_fraction`` split).
     """
 
     train: str = ""
     valid: str = ""
     valid_fraction: float = 0.0
+    columns: dict = dataclasses.field(default_factory=dict)
     max_length: int = 256
     overflow: str = "error"
+    on_bad_record: str = "error"
     batch_size: int = 8
     packing: bool = False
+    workers: int = 0
     seed: int = 0
 
     def __post_init__(self):
         _check("data", self, {"valid_fraction": ((lambda v: 0 <= v < 1), "in [0, 1)"), "max_length": _at_least(2),
-                              "batch_size": _at_least(1), "seed": _at_least(0)})
+                              "batch_size": _at_least(1), "seed": _at_least(0), "workers": _at_least(0)})
+        try:
+            data_lib.records.check_columns(self.columns)
+        except ValueError as e:
+            raise _BadValue("data.columns", str(e).replace("`columns` ", "")) from None
 
 
 @dataclasses.dataclass(frozen=True)

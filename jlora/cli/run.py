@@ -5,8 +5,8 @@
 1. :func:`_preflight`: everything that can be checked before loading anything: the config's paths, the scorer,
    the mesh, and the run folder (an existing run is never replaced without ``overwrite``; ``resume`` needs a run
    with a checkpoint and the same model and lora settings);
-2. :func:`_load_model` (:func:`jlora.hf.load`) and :func:`_load_data` (:mod:`jlora.data`: train and validation
-   examples, the generation-eval prompts);
+2. :func:`_load_model` (:func:`jlora.hf.load`) and :func:`_load_data` (:mod:`jlora.data`: the training records,
+   opened and checked but not held (the loader streams them), validation examples, the generation-eval prompts);
 3. :func:`_build`: adapters, an AdamW optimizer with warmup + cosine decay, the compiled train and eval steps
    (sharded over ``mesh`` when it has more than one device);
 4. :func:`_prepare_dir`: only now, with everything loaded, the run folder is made (or replaced) and the resolved
@@ -133,18 +133,17 @@ def _check_inputs(cfg: RunConfig) -> None:
     for key in ("train", "valid"):
         value = getattr(cfg.data, key)
         if key == "train" and not value:
-            raise ConfigError("`data.train` is empty; set it to a JSONL file of prompt/completion pairs or chats")
+            raise ConfigError("`data.train` is empty; set it to data files of prompt/completion pairs or chats")
         if not value:
             continue
-        path = pathlib.Path(value)
-        if path.is_dir():
-            jsonl = sorted(p.name for p in path.glob("*.jsonl"))
-            hint = f" (it holds {', '.join(jsonl[:4])})" if jsonl else ""
-            raise ConfigError(f"`data.{key}` {value!r} is a folder{hint}; set it to a JSONL file, e.g. with "
-                              f"--set data.{key}=PATH/FILE.jsonl")
-        if not path.is_file():
+        try:
+            data_lib.open_source(value)   # the files' formats, and no empty file
+        except FileNotFoundError:
             raise ConfigError(f"`data.{key}` file {value!r} does not exist (relative paths start in the working "
-                              f"directory {os.getcwd()!r}); fix the path in the config or with --set data.{key}=PATH")
+                              f"directory {os.getcwd()!r}); fix the path in the config or with --set data.{key}=PATH"
+                              ) from None
+        except ValueError as e:
+            raise ConfigError(f"`data.{key}`: {e}") from None
 
 
 def _differences(saved: RunConfig, now: RunConfig, sections: Sequence[str]) -> list[str]:
@@ -262,11 +261,27 @@ def _layout(loaded):
     return None
 
 
-def _loader(cfg: RunConfig, examples, tokenizer, *, train: bool, position=None) -> data_lib.Loader:
+def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return data_lib.Loader(examples, batch_size=cfg.data.batch_size, max_length=cfg.data.max_length,
-                           pad_id=pad or 0, seed=cfg.data.seed, shuffle=train, packing=cfg.data.packing and train,
-                           drop_last=train, epochs=None if train else 1, position=position)
+    return pad or 0
+
+
+def _loader(cfg: RunConfig, data, tokenizer, *, train: bool, position=None, mesh=None) -> data_lib.Loader:
+    """The training stream (``train``: shuffled, packed when configured, ``data.workers`` tokenizing processes;
+    with several processes each builds its rows of the global batch), or one pass over validation examples."""
+    d = cfg.data
+    if not train:
+        return data_lib.Loader(data, batch_size=d.batch_size, max_length=d.max_length, pad_id=_pad_id(tokenizer),
+                               shuffle=False, drop_last=False, epochs=1)
+    rows = width = None
+    if mesh is not None and jax.process_count() > 1:
+        from jlora import parallel
+
+        rows, width = parallel.local_batch_rows(mesh, d.batch_size), parallel.max_over_processes
+    return data_lib.Loader(data, batch_size=d.batch_size, max_length=d.max_length, pad_id=_pad_id(tokenizer),
+                           tokenizer=tokenizer, columns=d.columns, overflow=d.overflow, on_bad_record=d.on_bad_record,
+                           seed=d.seed, packing=d.packing, workers=d.workers, position=position, rows=rows,
+                           width=width)
 
 
 def _in_config_terms(e: ValueError) -> ConfigError:
@@ -274,6 +289,7 @@ def _in_config_terms(e: ValueError) -> ConfigError:
     message = str(e)
     message = message.replace("raise `max_length`", "raise `data.max_length`")
     message = message.replace("choose overflow='truncate' or 'drop'", "set `data.overflow` to truncate or drop")
+    message = message.replace("on_bad_record='skip'", "`data.on_bad_record: skip`")
     return ConfigError(message)
 # ------------------------------------------------------------------------------------------------ evaluation
 def generate_texts(loaded, params, prompts_ids: Sequence[Sequence[int]], *, adapters=None, lora_cfg=None,
@@ -477,9 +493,18 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             state, position, summary = _resume(run, manager, state) if resume else (state, None, {})
             if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
                 summary["accuracy_before"] = _score_base_model(run)
-            loader = _loader(cfg, data.train, loaded.tokenizer, train=True, position=position)
+            try:
+                loader = _loader(cfg, data.train, loaded.tokenizer, train=True, position=position, mesh=mesh)
+            except ValueError as e:    # a saved position that does not fit: changed data or batch layout
+                raise ConfigError(f"--resume: {e}") from None
             t_start = time.perf_counter()
-            state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
+            try:
+                state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
+            finally:
+                loader.close()
+            if loader.summary():
+                print(loader.summary())
+            summary["data"] = loader.counts
             if not interrupted:
                 summary.update(_finish(run, manager, loader, state))
                 if cfg.eval.side_effects and cfg.eval.after:
@@ -492,6 +517,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             raise RunInterrupted(
                 f"interrupted; {run.dir} keeps its checkpoints: continue with --resume" if kept else
                 f"interrupted before the first checkpoint: nothing was saved ({run.dir} removed)") from None
+        if isinstance(e, data_lib.DataError):
+            raise _in_config_terms(e) from None
         raise
     return _wrap_up(run, summary, step=int(state.step), interrupted=interrupted,
                     seconds=time.perf_counter() - t_start)
@@ -501,8 +528,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 class _Data:
     """What a run trains and evaluates on."""
 
-    train: list[data_lib.Example]
-    valid: list[data_lib.Example]        # validation loss (empty: none)
+    train: data_lib.Source               # the training records, read as the loader needs them
+    valid: list[data_lib.Example]        # validation loss, tokenized once (empty: none)
     prompts: list[data_lib.EvalPrompt]   # the generation eval's prompts (empty: no generation eval)
 
 
@@ -524,22 +551,36 @@ class _Run:
 
 
 def _load_data(cfg: RunConfig, loaded) -> _Data:
-    """Train and validation examples (:func:`jlora.data.load_splits`) and the generation eval's prompts (the first
-    ``eval.num_examples`` of ``data.valid``, when a generation eval is on)."""
+    """The training records (:func:`jlora.data.open_source`: each checked now, in one pass, never held), validation
+    examples (``data.valid``, else a seeded ``data.valid_fraction`` of ``data.train``; tokenized once) and the
+    generation eval's prompts (the first ``eval.num_examples`` of ``data.valid``, when a generation eval is on)."""
     if loaded.tokenizer is None:
         raise ConfigError(f"model {cfg.model.path!r} has no tokenizer; jlora's runs need one (tokenizer.json)")
+    d = cfg.data
     try:
-        train_examples, valid_examples = data_lib.load_splits(
-            cfg.data.train, loaded.tokenizer, valid=cfg.data.valid or None, valid_fraction=cfg.data.valid_fraction,
-            max_length=cfg.data.max_length, overflow=cfg.data.overflow, seed=cfg.data.seed)
+        train = data_lib.open_source(d.train, columns=data_lib.records.needed_columns(d.columns))
+        data_lib.records.check_schema(train, d.columns)
+        bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
+        if d.valid:
+            valid = data_lib.load(d.valid, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,
+                                  columns=d.columns)
+        elif d.valid_fraction > 0:
+            train, held_out = data_lib.sources.split(train, valid_fraction=d.valid_fraction, seed=d.seed)
+            records = [data_lib.parse(raw, where, d.columns) for where, raw in
+                       (held_out[i] for i in range(len(held_out)))]
+            valid = data_lib.tokenize_all(records, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,
+                                          sources=[held_out[i][0] for i in range(len(held_out))])
+        else:
+            valid = []
     except ValueError as e:
         raise _in_config_terms(e) from None
     print(f"model {display_name(cfg.model.path, loaded)}: {sum(x.size for x in jax.tree.leaves(loaded.params)):,} "
-          f"parameters; data: {len(train_examples)} train / {len(valid_examples)} validation examples")
+          f"parameters; data: {len(train)} train records / {len(valid)} validation examples" +
+          (f" ({bad} malformed train records will be skipped)" if bad else ""))
     prompts = []
-    if valid_examples and cfg.data.valid and (cfg.eval.before or cfg.eval.after):
-        prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples)
-    return _Data(train_examples, valid_examples, prompts)
+    if valid and d.valid and (cfg.eval.before or cfg.eval.after):
+        prompts = data_lib.eval_prompts(d.valid, loaded.tokenizer, limit=cfg.eval.num_examples, columns=d.columns)
+    return _Data(train, valid, prompts)
 
 
 def _build(cfg: RunConfig, run_dir: pathlib.Path, loaded, data: _Data, scorer: scoring.Scorer,
@@ -846,7 +887,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
     if not cfg.data.valid:
-        raise ConfigError("`data.valid` is empty; eval needs a validation JSONL file")
+        raise ConfigError("`data.valid` is empty; eval needs validation data")
     if not base and not adapter and not pathlib.Path(cfg.run.dir).exists():
         raise UsageError(f"the config's run.dir {cfg.run.dir!r} does not exist: train it first, or pass --adapter DIR "
                          f"(a run or PEFT folder) or --base")
@@ -859,12 +900,13 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
                               layout=_layout(loaded))
     try:
         valid = data_lib.load(cfg.data.valid, loaded.tokenizer, max_length=cfg.data.max_length,
-                              overflow=cfg.data.overflow)
+                              overflow=cfg.data.overflow, columns=cfg.data.columns)
     except ValueError as e:
         raise _in_config_terms(e) from None
     loss = validation_loss(jax.jit(jlora.make_eval_step(loaded.model, lora_cfg)), loaded.params, adapters,
                            _loader(cfg, valid, loaded.tokenizer, train=False))
-    prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples)
+    prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples,
+                                    columns=cfg.data.columns)
     if not side_effects:
         acc, _ = score_generation(loaded, loaded.params, prompts, scorer, adapters=None if base else adapters,
                                   lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,
@@ -956,10 +998,10 @@ def _check_generate_options(prompts: Sequence[str], *, chat: bool, system: str |
 
 def training_system_prompt(run_dir: str | pathlib.Path) -> tuple[str | None, str]:
     """The system prompt that every chat of a run's training data opens with (None when they have none or
-    differ), and the data file it was read from."""
+    differ; judged from the first 1,000 records), and the data it was read from."""
     cfg = runconfig.load(pathlib.Path(run_dir) / CONFIG_FILE)
     try:
-        records = data_lib.read_jsonl(cfg.data.train)
+        records = [r for _, r in data_lib.read(cfg.data.train, columns=cfg.data.columns, limit=1000)]
     except (OSError, ValueError):
         return None, cfg.data.train
     systems = {r["messages"][0].get("content") if "messages" in r and r["messages"][0].get("role") == "system"

@@ -343,6 +343,12 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
 
+    def __getstate__(self):
+        """Picklable (for data-loading worker processes): the compiled chat template is rebuilt on first use."""
+        state = dict(self.__dict__)
+        state.pop("_compiled_template", None)
+        return state
+
     @functools.cached_property
     def _compiled_template(self):
         if self._chat_template is None:

