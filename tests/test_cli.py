@@ -576,7 +576,8 @@ def test_peft_export_of_a_gguf_run_loads_as_the_readme_says(tmp_path, monkeypatc
     config = json.loads((tmp_path / "runs/default/peft/adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == gguf_file
     readme = (ROOT / "README.md").read_text()
-    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "PeftModel.from_pretrained" in b]
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                  if "PeftModel.from_pretrained" in b and "gguf_file=" in b]
     assert 'export = "runs/default/peft"' in example and "gguf_file=" in example
     scope = {}
     exec(compile(example, "README.md", "exec"), scope)
