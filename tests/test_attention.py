@@ -100,7 +100,8 @@ TPU = A.Case("tpu", jnp.float32, 64, 2048)
 
 
 @pytest.mark.parametrize("case,auto", [
-    (CASE, "blocked"), (CASE._replace(dtype=jnp.bfloat16), "blocked"),
+    (CASE, "blocked"), (CASE._replace(dtype=jnp.bfloat16), "blocked"), (CASE._replace(length=128), "xla"),
+    (CASE._replace(length=129), "blocked"),
     (GPU, "cudnn"), (GPU._replace(window=256, padding=True), "cudnn"), (GPU._replace(platform="cuda"), "cudnn"),
     (GPU._replace(dtype=jnp.float32), "blocked"), (GPU._replace(head_dim=160), "blocked"),
     (GPU._replace(segments=True), "blocked"), (GPU._replace(padding=True, length=2047), "blocked"),

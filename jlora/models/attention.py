@@ -6,7 +6,8 @@ real token (``valid``) and both are in the same example of a packed row (``segme
 KV head ``h // (H // KV)`` (MHA, GQA and MQA alike). A query with nothing to attend (a padding token) gets a
 finite, meaningless output, as in :func:`jlora.models.layers.attend`.
 
-Implementations (a model's ``attention`` option; ``"auto"`` asks :func:`choose`):
+Implementations (a model's ``attention`` option; ``"auto"`` asks :func:`choose`; a KV cache, in decoding and in
+the prefill before it, keeps the whole-matrix path of :func:`jlora.models.layers.attend`):
 
 - ``"blocked"``: queries and keys in tiles of ``t`` tokens with an online softmax (FlashAttention-2's loops in
   plain JAX: ``lax.scan`` over query tiles, a ``fori_loop`` over the key tiles each one needs); a ``custom_vjp``
@@ -101,14 +102,15 @@ def unsupported(implementation: str, case: Case) -> str | None:
 
 def choose(implementation: str, case: Case) -> str:
     """The kernel that runs ``case``: the forced ``implementation``, or for ``"auto"`` the fastest exact one of the
-    platform that supports the case (cuDNN on GPU, splash on TPU), else the blocked kernel.
+    platform that supports the case (cuDNN on GPU, splash on TPU), else the blocked kernel; on CPU, a sequence of
+    one tile or less gets the whole-matrix kernel (its scores are as small as a tile's, and it was faster).
 
     Raises:
         ValueError: a forced implementation does not support ``case``; the message says why and what to set.
 
     Examples:
-        >>> choose("auto", Case("cpu", jnp.float32, 64, 4096))
-        'blocked'
+        >>> choose("auto", Case("cpu", jnp.float32, 64, 4096)), choose("auto", Case("cpu", jnp.float32, 64, 128))
+        ('blocked', 'xla')
         >>> choose("auto", Case("gpu", jnp.bfloat16, 64, 2048))
         'cudnn'
         >>> choose("auto", Case("gpu", jnp.bfloat16, 64, 2048, segments=True))   # packed rows: not in cuDNN
@@ -116,11 +118,15 @@ def choose(implementation: str, case: Case) -> str:
         >>> choose("cudnn", Case("cpu", jnp.float32, 64, 128))
         Traceback (most recent call last):
         ...
-        ValueError: attention='cudnn' cannot run this call: cuDNN runs on an NVIDIA GPU, this is platform 'cpu'; set attention='auto' (here: 'blocked') or 'blocked', which runs every case
+        ValueError: attention='cudnn' cannot run this call: cuDNN runs on an NVIDIA GPU, this is platform 'cpu'; set attention='auto' (here: 'xla') or 'blocked', which runs every case
     """
     if implementation == "auto":
         preferred = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(case.platform)
-        return preferred if preferred and unsupported(preferred, case) is None else "blocked"
+        if preferred and unsupported(preferred, case) is None:
+            return preferred
+        if case.platform == "cpu" and case.length <= TILE["cpu"]:
+            return "xla"     # one tile: nothing to skip, and the whole matrix was 4% faster (bench/README.md)
+        return "blocked"
     reason = unsupported(implementation, case)
     if reason is not None:
         raise ValueError(f"attention={implementation!r} cannot run this call: {reason}; set attention='auto' "
