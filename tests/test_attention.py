@@ -55,7 +55,8 @@ def _rows(t, causal, window, valid, segments):
 @pytest.mark.parametrize("kind,window,causal,heads,kv_heads,tile", [
     ("causal", None, True, 4, 2, 4),          # GQA; 4 tiles of 4, the last one padded
     ("window", 3, True, 4, 1, 4),             # MQA
-    ("window", 6, True, 2, 2, 5),             # MHA; 3 tiles of 5 rounded up to 8
+    ("window", 6, True, 2, 2, 5),             # MHA; 3 tiles of 5
+    ("window", 12, True, 4, 2, 4),            # a window longer than 2 tiles
     ("pad+seg", 5, True, 6, 2, 4),            # 3 query heads per KV head; left and right padding, packed rows
     ("full+pad+seg", None, False, 2, 1, 4),   # not causal
 ])
@@ -87,7 +88,8 @@ def test_blocked_memory_is_linear_in_length():
 
 
 def test_tiling_and_plan():
-    assert A.tiling(13, 4) == (4, 8)        # 13 tokens in tiles of at most 4 -> 4 tiles, each rounded up to 8
+    assert A.tiling(13, 4) == (4, 4)        # 13 tokens in tiles of at most 4: 4 tiles, the last one padded
+    assert A.tiling(300, 128) == (3, 104)   # 3 tiles of 100 tokens, rounded up to a multiple of 8
     assert A.tiling(4096, 128) == (32, 128)
     p = A.plan(4096, 128, 3, 0.125, True, 300)
     assert (p.dmin, p.dmax) == (0, 3)       # distances up to 299 reach 3 tiles back

@@ -274,18 +274,19 @@ class _Plan(NamedTuple):
 
 
 def tiling(length: int, tile: int) -> tuple[int, int]:
-    """``(n, t)``: ``n`` tiles of ``t`` tokens covering ``length`` with the least padding, ``t <= tile`` (a
-    multiple of 8 when there is more than one tile).
+    """``(n, t)``: ``n`` tiles of ``t <= tile`` tokens covering ``length`` with the least padding (``t`` a multiple
+    of 8 when there is more than one tile and ``tile`` allows it).
 
     Examples:
         >>> tiling(100, 256), tiling(4096, 256), tiling(1000, 256), tiling(7, 4)
-        ((1, 100), (16, 256), (4, 256), (2, 8))
+        ((1, 100), (16, 256), (4, 256), (2, 4))
     """
     if length <= tile:
         return 1, length
     n = -(-length // tile)
     t = -(-length // n)
-    return n, -(-t // 8) * 8
+    aligned = -(-t // 8) * 8
+    return n, aligned if aligned <= tile else t
 
 
 def plan(length: int, tile: int, g: int, scale: float, causal: bool, window: int | None) -> _Plan:
@@ -337,13 +338,14 @@ def _tile(x, i):
     return lax.dynamic_index_in_dim(x, i, axis=2, keepdims=False)
 
 
-def _scores(p: _Plan, qi, kj, i, j, kvalid, seg):
-    """The masked scores (B, KV, G, t, t), float32, of query tile ``i`` (``qi``) against key tile ``j``."""
+def _scores(p: _Plan, qi, kj, i, j, kvalid, seg, *, interior: bool = False):
+    """The masked scores (B, KV, G, t, t), float32, of query tile ``i`` (``qi``) against key tile ``j``.
+    ``interior``: the caller knows the tile lies wholly inside the causal/window band (no slot mask needed)."""
     b, kvh = qi.shape[:2]
     s = jnp.einsum("bkmd,bksd->bkms", qi, kj, preferred_element_type=jnp.float32)
     s = s.reshape(b, kvh, p.g, p.t, p.t) * p.scale
     mask = None
-    if p.causal or p.window is not None:
+    if (p.causal or p.window is not None) and not interior:
         rel = (i - j) * p.t + jnp.asarray(np.arange(p.t)[:, None] - np.arange(p.t)[None, :])
         ok = rel >= 0 if p.causal else None
         if p.window is not None:
@@ -375,6 +377,12 @@ def _over_tiles(n: int, fn, init):
     return lax.scan(fn, init, jnp.arange(n))
 
 
+def _split_diagonal(p: _Plan) -> bool:
+    """Causal attention without a window over several tiles: every tile pair but the diagonal one lies wholly
+    below the diagonal, so the loops run those without the causal mask and the diagonal tile apart."""
+    return p.causal and p.window is None and p.n > 1
+
+
 def _forward(p: _Plan, q, k, v, kvalid, seg):
     """Online softmax: for each query tile, its key tiles one at a time. Returns the tiled output and the
     log-sum-exp per query (B, KV, n, G, t)."""
@@ -384,9 +392,9 @@ def _forward(p: _Plan, q, k, v, kvalid, seg):
     def query_tile(_, i):
         qi = _tile(q, i)
 
-        def key_tile(j, carry):
+        def key_tile(j, carry, interior=False):
             m, l, acc = carry
-            s = _scores(p, qi, _tile(k, j), i, j, kvalid, seg)
+            s = _scores(p, qi, _tile(k, j), i, j, kvalid, seg, interior=interior)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             e = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -396,9 +404,13 @@ def _forward(p: _Plan, q, k, v, kvalid, seg):
 
         rows = (b, kvh, p.g, p.t)
         init = (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, dv), jnp.float32))
-        lo = jnp.maximum(i - p.dmax, 0) if n > 1 else 0
-        hi = jnp.minimum(i - p.dmin, n - 1) + 1 if n > 1 else 1
-        m, l, acc = _loop(lo, hi, key_tile, init)
+        if _split_diagonal(p):   # key tiles 0..i-1 lie below the diagonal: no slot mask; then tile i
+            carry = lax.fori_loop(0, i, functools.partial(key_tile, interior=True), init)
+            m, l, acc = key_tile(i, carry)
+        else:
+            lo = jnp.maximum(i - p.dmax, 0) if n > 1 else 0
+            hi = jnp.minimum(i - p.dmin, n - 1) + 1 if n > 1 else 1
+            m, l, acc = _loop(lo, hi, key_tile, init)
         out = (acc / l[..., None]).astype(q.dtype).reshape(b, kvh, p.g * p.t, dv)
         return None, (out, m + jnp.log(l))
 
@@ -428,10 +440,10 @@ def _blocked_bwd(p, res, g):
     def key_tile(dq, j):
         kj, vj = _tile(k, j), _tile(v, j)
 
-        def query_tile(i, carry):
+        def query_tile(i, carry, interior=False):
             dk, dv, dq = carry
             qi, gi = _tile(q, i), _tile(g, i)
-            s = _scores(p, qi, kj, i, j, kvalid, seg)
+            s = _scores(p, qi, kj, i, j, kvalid, seg, interior=interior)
             e = jnp.exp(s - _tile(lse, i)[..., None])
             flat = (b, kvh, p.g * p.t, p.t)
             dv = dv + jnp.einsum("bkms,bkmd->bksd", e.reshape(flat).astype(q.dtype), gi,
@@ -443,9 +455,12 @@ def _blocked_bwd(p, res, g):
             return dk, dv, lax.dynamic_update_index_in_dim(dq, dqi, i, axis=2)
 
         init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dq)
-        lo = jnp.maximum(j + p.dmin, 0) if n > 1 else 0
-        hi = jnp.minimum(j + p.dmax, n - 1) + 1 if n > 1 else 1
-        dk, dv, dq = _loop(lo, hi, query_tile, init)
+        if _split_diagonal(p):   # query tile j (the diagonal), then tiles j+1..n-1 with no slot mask
+            dk, dv, dq = lax.fori_loop(j + 1, n, functools.partial(query_tile, interior=True), query_tile(j, init))
+        else:
+            lo = jnp.maximum(j + p.dmin, 0) if n > 1 else 0
+            hi = jnp.minimum(j + p.dmax, n - 1) + 1 if n > 1 else 1
+            dk, dv, dq = _loop(lo, hi, query_tile, init)
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dq, (dk, dv) = _over_tiles(n, key_tile, jnp.zeros(q.shape, jnp.float32))
