@@ -71,11 +71,13 @@ def exact_flops(fn, *args) -> float:
         loss.CHUNK_ELEMENTS = saved
 
 
-def jlora_lora(model, params, ids, targets, *, loss_fn=None, steps_per_call: int = 1) -> Compiled:
+def jlora_lora(model, params, ids, targets, *, loss_fn=None, steps_per_call: int = 1,
+               count_flops: bool = True) -> Compiled:
     """jlora's LoRA train step (rank 16, alpha 32 on ``targets``), AdamW.
 
     With ``steps_per_call`` n > 1, ``run()`` does n steps on the same batch in one call (:func:`jlora.scan_steps`);
-    divide its time by n for a per-step time. FLOPs are per step either way.
+    divide its time by n for a per-step time. FLOPs are per step either way (``count_flops=False``: not counted,
+    which saves a second compile; ``flops`` is then 0).
     """
     import jax
     import jax.numpy as jnp
@@ -91,7 +93,7 @@ def jlora_lora(model, params, ids, targets, *, loss_fn=None, steps_per_call: int
     step = jlora.make_train_step(model, cfg, opt, **kw)
     state = jlora.TrainState.create(adapters, opt, rng=jax.random.key(2))
     batch = {"input_ids": jnp.asarray(ids)}
-    flops = exact_flops(step, state, params, batch)
+    flops = exact_flops(step, state, params, batch) if count_flops else 0.0
     if steps_per_call > 1:
         step = jlora.scan_steps(step)
         batch = {"input_ids": jnp.stack([jnp.asarray(ids)] * steps_per_call)}

@@ -33,6 +33,7 @@ import yaml
 from jlora import config as lora_config
 from jlora import data as data_lib
 from jlora.config import LoraConfig
+from jlora.models.attention import IMPLEMENTATIONS
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,7 @@ def _check(section: str, obj: Any, rules: Mapping[str, tuple[Callable[[Any], boo
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.attention": IMPLEMENTATIONS,
     "data.overflow": data_lib.OVERFLOW_POLICIES,
     "data.on_bad_record": data_lib.BAD_RECORD_POLICIES,
     "lora.init": lora_config.INITS,
@@ -113,12 +115,15 @@ class ModelSection:
         dtype: parameter dtype of the frozen weights: ``float32`` or ``bfloat16``.
         scan_layers: run the layer stack under ``nn.scan`` (faster compiles for deep models).
         remat: activation rematerialization: ``none``, ``full`` or ``dots``.
+        attention: the attention kernel (:mod:`jlora.models.attention`): ``auto`` picks the platform's fastest
+            exact one; ``blocked``, ``xla``, ``cudnn`` or ``splash`` force one.
     """
 
     path: str = ""
     dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

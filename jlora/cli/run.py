@@ -252,7 +252,8 @@ def _load_model(cfg: RunConfig):
     from jlora import hf
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
-    return hf.load(cfg.model.path, dtype=dtype, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
+    return hf.load(cfg.model.path, dtype=dtype, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
+                   attention=cfg.model.attention)
 
 
 def _layout(loaded):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jlora.models import COLUMN, ROW, VOCAB, Family, ParamSpec
 from jlora.models import hf_config
 from jlora.models import layers as L
+from jlora.models.attention import IMPLEMENTATIONS
 
 MODEL_TYPES = ("gpt2",)
 LAYER_PREFIX = "h"             # the layer stack: h_{i} unrolled, h scanned (HF: transformer.h.{i})
@@ -39,7 +40,7 @@ HF_PREFIX = "transformer."     # the base model in HF names (GPT2LMHeadModel.tra
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
     """Architecture of a GPT-2 model plus jlora's compute settings (see :class:`jlora.models.llama.LlamaConfig`
-    for ``dtype``, ``param_dtype``, ``scan_layers``, ``remat``). HF's ``n_*`` names are kept."""
+    for ``dtype``, ``param_dtype``, ``scan_layers``, ``remat``, ``attention``). HF's ``n_*`` names are kept."""
 
     vocab_size: int = 256
     n_positions: int = 128
@@ -60,8 +61,11 @@ class GPT2Config:
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {IMPLEMENTATIONS}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.remat not in L.REMAT_POLICIES:
@@ -95,7 +99,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = _dense(c, 3 * c.n_embd, "c_attn")(x)
         q, k, v = (a.reshape(b, t, c.n_head, c.head_dim) for a in jnp.split(qkv, 3, axis=-1))
-        out = L.attend(q, k, v, m, c.head_dim ** -0.5, kv)
+        out = L.attend(q, k, v, m, c.head_dim ** -0.5, kv, implementation=c.attention)
         return _dense(c, c.n_embd, "c_proj")(out.reshape(b, t, c.n_embd)), None if kv is None else (k, v)
 
 

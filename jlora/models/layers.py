@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.models import attention
+
 Dtype = Any
 
 
@@ -63,16 +65,22 @@ def make_cache(num_layers: int, batch_size: int, max_len: int, num_kv_heads: int
 
 
 class Masking(NamedTuple):
-    """What every layer needs to attend.
+    """What every layer needs to attend. Without a cache the mask stays in parts (``valid``, ``segment_ids``; the
+    causal and window rules are static), so the attention kernel never needs a (T, T) array.
 
     Attributes:
         positions: (B, T) positions of the new tokens.
-        allowed: (B, T, T) bool, which new tokens each new token may attend (causal, padding, window).
+        valid: (B, T) int32, 1 where a new token is real (not padding); None when no ``attention_mask`` was given.
+        segment_ids: (B, T) packed rows' example ids, or None.
+        allowed: with a cache, (B, T, T) bool, which new tokens each new token may attend (causal, padding,
+            window); None without a cache.
         cached_allowed: (B, T, S) bool, which cache slots each new token may attend; None without a cache.
     """
 
     positions: jax.Array
-    allowed: jax.Array
+    valid: jax.Array | None
+    segment_ids: jax.Array | None
+    allowed: jax.Array | None
     cached_allowed: jax.Array | None
 
 
@@ -101,20 +109,20 @@ def masking(input_ids: jax.Array, attention_mask: jax.Array | None, positions: j
             ok = ok & (rel < sliding_window)
         return ok[None, :, :] & (key_valid[:, None, :] > 0)
 
-    steps = jnp.arange(t, dtype=jnp.int32)
-    allowed = rule(steps[:, None] - steps[None, :], mask)
+    seg = None
     if segment_ids is not None:
         if cache is not None:
             raise ValueError("`segment_ids` (packed sequences) cannot be combined with a KV cache")
         seg = jnp.asarray(segment_ids)
         if seg.shape != (b, t):
             raise ValueError(f"`segment_ids` has shape {seg.shape} but `input_ids` has shape {(b, t)}")
-        allowed = allowed & (seg[:, :, None] == seg[:, None, :])
-    cached_allowed = None
-    if cache is not None:      # slots >= end were never written: their mask is 0
-        slots = jnp.arange(cache.mask.shape[1], dtype=jnp.int32)
-        cached_allowed = rule(cache.end + steps[:, None] - slots[None, :], cache.mask)
-    return Masking(positions, allowed, cached_allowed)
+    valid = None if attention_mask is None else mask
+    if cache is None:
+        return Masking(positions, valid, seg, None, None)
+    steps = jnp.arange(t, dtype=jnp.int32)
+    slots = jnp.arange(cache.mask.shape[1], dtype=jnp.int32)     # slots >= end were never written: their mask is 0
+    return Masking(positions, valid, None, rule(steps[:, None] - steps[None, :], mask),
+                   rule(cache.end + steps[:, None] - slots[None, :], cache.mask))
 
 
 def append(cache: KVCache, k: jax.Array, v: jax.Array, attention_mask: jax.Array | None) -> KVCache:
@@ -131,7 +139,8 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, attention_mask: jax.Array
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, m: Masking, scale: float,
-           kv_cache: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+           kv_cache: tuple[jax.Array, jax.Array] | None = None, *, window: int | None = None,
+           implementation: str = "auto") -> jax.Array:
     """Masked softmax attention with grouped KV heads (MHA, GQA and MQA alike), over the new tokens and,
     when given, one layer's cache slots (one joint softmax; the cache is read, never copied).
 
@@ -141,11 +150,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, m: Masking, scale: float,
         m: the :class:`Masking` of this call.
         scale: multiplies the scores (``1/sqrt(D)`` for these models).
         kv_cache: this layer's cached ``(k, v)``, each (B, S, KV, D), or None.
+        window: the model's sliding window (the same one given to :func:`masking`), or None.
+        implementation: the attention kernel without a cache (:func:`jlora.models.attention.choose`); with a
+            cache (decoding, prefill for generation) the masked scores are computed whole.
 
     Returns:
         (B, T, H, D) in ``q``'s dtype. Scores and softmax are float32. A row with nothing allowed (a padding
-        query) gets a uniform average instead of NaN; its output is meaningless and ignored downstream.
+        query) gets a finite output that is meaningless and ignored downstream.
     """
+    if kv_cache is None:
+        return attention.attention(q, k, v, scale=scale, causal=True, window=window, valid=m.valid,
+                                   segment_ids=m.segment_ids, implementation=implementation)
     b, t, h, d = q.shape
     kv = k.shape[2]
     if h % kv:
@@ -157,8 +172,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, m: Masking, scale: float,
         s = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
         return jnp.where(allowed[:, None, None, :, :], s, neg)
 
-    if kv_cache is None:
-        return _attend_head_major(q, k, v, m.allowed, scale)
     s_new = scores(k, m.allowed)
     s_old = scores(kv_cache[0], m.cached_allowed)
     probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(q.dtype)
@@ -166,24 +179,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, m: Masking, scale: float,
     out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :n_old], kv_cache[1].astype(q.dtype))
            + jnp.einsum("bkgts,bskd->btkgd", probs[..., n_old:], v.astype(q.dtype)))
     return out.reshape(b, t, h, v.shape[-1])
-
-
-def _attend_head_major(q, k, v, allowed, scale):
-    """:func:`attend` without a cache, laid out head-major: ``(B, KV, G*T, D)`` queries (each KV head's G query
-    heads stacked along the query axis) against ``(B, KV, S, D)`` keys. Same math as the grouped einsums, but
-    XLA:CPU then needs one plain transpose per operand instead of strided copies around every batched matmul
-    (measured in bench/README.md, "What bounds the CPU train step")."""
-    b, t, h, d = q.shape
-    kv, s, dv = k.shape[2], k.shape[1], v.shape[-1]
-    g = h // kv
-    qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    kh = k.astype(q.dtype).transpose(0, 2, 1, 3)
-    vh = v.astype(q.dtype).transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkmd,bksd->bkms", qh, kh, preferred_element_type=jnp.float32) * scale
-    mask = jnp.broadcast_to(allowed[:, None, None, :, :], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
-    probs = masked_softmax(scores, mask).astype(q.dtype)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, vh)
-    return out.reshape(b, kv, g, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv)
 
 
 def output(x: jax.Array, head: nn.Module, return_hidden: bool):
@@ -202,39 +197,7 @@ def output(x: jax.Array, head: nn.Module, return_hidden: bool):
     return (head.attend(x) if tied else head(x)).astype(jnp.float32)
 
 
-@jax.custom_vjp
-def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Softmax over the last axis of ``scores`` where ``allowed`` (broadcastable bool), 0 elsewhere.
-
-    A row with nothing allowed gets a uniform average (as :func:`attend` documents). The custom VJP saves only
-    the probabilities and computes ``p * (g - sum(g * p))`` from them; differentiating the formula (or JAX's
-    default ``jax.nn.softmax``) also keeps the masked scores, the exponentials and the mask alive per layer,
-    three more (B, heads, T, S) buffers.
-
-    Examples:
-        >>> import jax, jax.numpy as jnp
-        >>> s, ok = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[True, True, False]])
-        >>> [round(float(p), 4) for p in masked_softmax(s, ok)[0]]
-        [0.2689, 0.7311, 0.0]
-        >>> ref = lambda z: jax.nn.softmax(jnp.where(ok, z, -1e30))
-        >>> g = lambda f: jax.grad(lambda z: jnp.sum(f(z) * jnp.array([[1.0, -2.0, 5.0]])))(s)
-        >>> bool(jnp.allclose(g(lambda z: masked_softmax(z, ok)), g(ref)))
-        True
-    """
-    return _masked_softmax_fwd(scores, allowed)[0]
-
-
-def _masked_softmax_fwd(scores, allowed):
-    probs = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(scores.dtype).min), axis=-1)
-    return probs, probs
-
-
-def _masked_softmax_bwd(probs, g):
-    g = g.astype(probs.dtype)
-    return probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)), None
-
-
-masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+masked_softmax = attention.masked_softmax   # kept here for callers of the earlier location
 
 
 @jax.custom_vjp

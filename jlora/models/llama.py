@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jlora.models import COLUMN, ROW, VOCAB, Family, ParamSpec
 from jlora.models import hf_config
 from jlora.models import layers as L
+from jlora.models.attention import IMPLEMENTATIONS
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LAYER_PREFIX = "layers"   # the layer stack: layers_{i} unrolled, layers scanned (HF: model.layers.{i})
@@ -63,6 +64,8 @@ class LlamaConfig:
         dtype: compute dtype. param_dtype: parameter dtype. Logits are always float32.
         scan_layers: run the layers as one ``nn.scan`` (params get a leading layer axis).
         remat: "none", "full" or "dots" (save only matmul outputs) activation rematerialization per layer.
+        attention: the attention kernel without a KV cache, one of :data:`jlora.models.attention.IMPLEMENTATIONS`:
+            "auto" (the fastest exact one of the platform), or one forced ("blocked", "xla", "cudnn", "splash").
     """
 
     vocab_size: int = 256
@@ -97,8 +100,11 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {IMPLEMENTATIONS}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not in the Llama family {MODEL_TYPES}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -139,7 +145,7 @@ class Attention(nn.Module):
             q = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
             k = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-        out = L.attend(q, k, v, m, d ** -0.5, kv)
+        out = L.attend(q, k, v, m, d ** -0.5, kv, window=c.sliding_window, implementation=c.attention)
         return _dense(c, c.hidden_size, c.o_proj_bias, "o_proj")(out.reshape(b, t, h * d)), (
             None if kv is None else (k, v))
 

@@ -1,0 +1,522 @@
+"""Attention over a whole sequence (training, scoring, prefill without a cache), and the choice of kernel.
+
+Every implementation computes the same function of ``q (B, T, H, D)``, ``k, v (B, T, KV, D)``: softmax attention
+where query ``i`` may attend key ``j`` when ``j <= i`` (causal), ``i - j < window`` (sliding window), key ``j`` is a
+real token (``valid``) and both are in the same example of a packed row (``segment_ids``). Query head ``h`` uses
+KV head ``h // (H // KV)`` (MHA, GQA and MQA alike). A query with nothing to attend (a padding token) gets a
+finite, meaningless output, as in :func:`jlora.models.layers.attend`.
+
+Implementations (a model's ``attention`` option; ``"auto"`` asks :func:`choose`; a KV cache, in decoding and in
+the prefill before it, keeps the whole-matrix path of :func:`jlora.models.layers.attend`):
+
+- ``"blocked"``: queries and keys in tiles of ``t`` tokens with an online softmax (FlashAttention-2's loops in
+  plain JAX: ``lax.scan`` over query tiles, a ``fori_loop`` over the key tiles each one needs); a ``custom_vjp``
+  saves only ``q, k, v``, the output and one log-sum-exp per query, and recomputes the tiles in the backward pass
+  (a loop over key tiles, then their query tiles). Neither pass holds more than one tile pair's (G*t, t) scores
+  per KV head, so memory is linear in T; causal attention skips the tiles above the diagonal and a sliding
+  window the ones below its band. The loops also fix the order: unrolled tile pairs let XLA:CPU's scheduler
+  compute many of them at once, whose scratch grows with T^2 again.
+- ``"xla"``: the (B, KV, G*T, T) scores in one piece (the reference; memory quadratic in T).
+- ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash attention on an
+  NVIDIA GPU (bf16/fp16; causal, sliding window and padding; no packed rows).
+- ``"splash"``: the Pallas splash-attention kernel of ``jax.experimental.pallas.ops.tpu`` on a TPU (causal,
+  sliding window, padding and packed rows, via its segment ids).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "splash")
+# Tile sizes of the blocked kernel per platform: on CPU 128 was the fastest of 64..512 for a SmolLM2 layer's
+# forward and backward at T = 512..4096 (bench/README.md, "Long context").
+TILE = {"cpu": 128, "gpu": 512, "tpu": 512}
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+class Case(NamedTuple):
+    """What decides which kernels can run an attention call (all static, known when tracing).
+
+    Attributes:
+        platform: ``jax.default_backend()``: "cpu", "gpu" (or "cuda"/"rocm"), "tpu".
+        dtype: the dtype of q, k, v.
+        head_dim: D.
+        length: T, the number of queries (= keys).
+        causal: whether query i attends only keys j <= i.
+        window: the sliding window, or None.
+        padding: whether a ``valid`` (padding) mask is given.
+        segments: whether ``segment_ids`` (packed rows) are given.
+    """
+
+    platform: str
+    dtype: object
+    head_dim: int
+    length: int
+    causal: bool = True
+    window: int | None = None
+    padding: bool = False
+    segments: bool = False
+
+
+def unsupported(implementation: str, case: Case) -> str | None:
+    """Why ``implementation`` cannot run ``case``, or None when it can.
+
+    Examples:
+        >>> gpu = Case("gpu", jnp.bfloat16, 64, 2048)
+        >>> unsupported("cudnn", gpu) is None
+        True
+        >>> unsupported("cudnn", gpu._replace(dtype=jnp.float32))
+        'cuDNN flash attention needs bfloat16 or float16 inputs, got float32'
+        >>> unsupported("splash", gpu)
+        "the Pallas splash kernel runs on a TPU, this is platform 'gpu'"
+    """
+    dtype = np.dtype(case.dtype)
+    if implementation in ("blocked", "xla"):
+        return None
+    if implementation == "cudnn":
+        if case.platform not in ("gpu", "cuda"):
+            return f"cuDNN runs on an NVIDIA GPU, this is platform {case.platform!r}"
+        if dtype not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+            return f"cuDNN flash attention needs bfloat16 or float16 inputs, got {dtype}"
+        if case.head_dim % 8 or case.head_dim > 128:
+            return f"cuDNN flash attention needs head_dim <= 128 and a multiple of 8, got {case.head_dim}"
+        if case.segments:
+            return "cuDNN through jax.nn.dot_product_attention has no segment_ids (packed rows)"
+        if case.window is not None and not case.causal:
+            return "cuDNN supports a sliding window only with causal attention"
+        if case.padding and case.length % 2:
+            return f"cuDNN with a padding mask needs an even length, got {case.length}"
+        return None
+    if implementation == "splash":
+        if case.platform != "tpu":
+            return f"the Pallas splash kernel runs on a TPU, this is platform {case.platform!r}"
+        return None
+    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+
+
+def choose(implementation: str, case: Case) -> str:
+    """The kernel that runs ``case``: the forced ``implementation``, or for ``"auto"`` the fastest exact one of the
+    platform that supports the case (cuDNN on GPU, splash on TPU), else the blocked kernel; on CPU, a sequence of
+    one tile or less gets the whole-matrix kernel (its scores are as small as a tile's, and it was faster).
+
+    Raises:
+        ValueError: a forced implementation does not support ``case``; the message says why and what to set.
+
+    Examples:
+        >>> choose("auto", Case("cpu", jnp.float32, 64, 4096)), choose("auto", Case("cpu", jnp.float32, 64, 128))
+        ('blocked', 'xla')
+        >>> choose("auto", Case("gpu", jnp.bfloat16, 64, 2048))
+        'cudnn'
+        >>> choose("auto", Case("gpu", jnp.bfloat16, 64, 2048, segments=True))   # packed rows: not in cuDNN
+        'blocked'
+        >>> choose("cudnn", Case("cpu", jnp.float32, 64, 128))
+        Traceback (most recent call last):
+        ...
+        ValueError: attention='cudnn' cannot run this call: cuDNN runs on an NVIDIA GPU, this is platform 'cpu'; set attention='auto' (here: 'xla') or 'blocked', which runs every case
+    """
+    if implementation == "auto":
+        preferred = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(case.platform)
+        if preferred and unsupported(preferred, case) is None:
+            return preferred
+        if case.platform == "cpu" and case.length <= TILE["cpu"]:
+            return "xla"     # one tile: nothing to skip, and the whole matrix was 4% faster (bench/README.md)
+        return "blocked"
+    reason = unsupported(implementation, case)
+    if reason is not None:
+        raise ValueError(f"attention={implementation!r} cannot run this call: {reason}; set attention='auto' "
+                         f"(here: {choose('auto', case)!r}) or 'blocked', which runs every case")
+    return implementation
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool = True,
+              window: int | None = None, valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
+              implementation: str = "auto", tile: int | None = None) -> jax.Array:
+    """Masked softmax attention over one sequence of new tokens (no KV cache).
+
+    Args:
+        q: (B, T, H, D) queries. k, v: (B, T, KV, D) keys and values, H a multiple of KV.
+        scale: multiplies the scores (``1/sqrt(D)`` for these models).
+        causal: query i attends keys j <= i only.
+        window: with ``causal``, query i attends keys with ``i - j < window`` only (transformers' sliding window).
+        valid: (B, T), nonzero where the key is a real token (not padding); None: all are.
+        segment_ids: (B, T) ints; a query attends only keys with its own segment id (packed rows).
+        implementation: one of :data:`IMPLEMENTATIONS` (see :func:`choose`).
+        tile: the blocked kernel's tile size; None: :data:`TILE` of the platform.
+
+    Returns:
+        (B, T, H, D) in ``q``'s dtype; scores and softmax statistics in float32.
+
+    Examples:
+        >>> q = jax.random.normal(jax.random.key(0), (1, 5, 4, 8))
+        >>> k, v = q[:, :, :2], q[:, :, 2:]                                 # GQA: 4 query heads, 2 KV heads
+        >>> a = attention(q, k, v, scale=8 ** -0.5, implementation="blocked", tile=2)
+        >>> b = attention(q, k, v, scale=8 ** -0.5, implementation="xla")
+        >>> bool(jnp.allclose(a, b, atol=1e-6))
+        True
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f"{h} query heads are not a multiple of {kv} key/value heads")
+    if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"`q` {q.shape}, `k` {k.shape} and `v` {v.shape} must share batch and length (B, T), "
+                         f"and `k`, `v` their heads")
+    if window is not None and not causal:
+        raise ValueError("a sliding `window` needs `causal=True` (transformers' sliding window is causal)")
+    platform = jax.default_backend()
+    case = Case(platform, q.dtype, d, t, causal, window, valid is not None, segment_ids is not None)
+    impl = choose(implementation, case)
+    if impl == "cudnn":
+        return _cudnn(q, k, v, scale, causal, window, valid)
+    if impl == "splash":
+        return _splash(q, k, v, scale, causal, window, valid, segment_ids)
+    if impl == "xla":
+        return dense(q, k, v, allowed_mask(t, causal, window, valid, segment_ids), scale)
+    return blocked(q, k, v, scale=scale, causal=causal, window=window, valid=valid, segment_ids=segment_ids,
+                   tile=tile or TILE.get(platform, 512))
+
+
+# --- the masks ------------------------------------------------------------------------------------------------
+
+def allowed_mask(t: int, causal: bool, window: int | None, valid, segment_ids) -> jax.Array:
+    """The dense (B or 1, T, T) bool mask of :func:`attention`'s rule (for the ``"xla"`` reference)."""
+    rel = np.arange(t)[:, None] - np.arange(t)[None, :]
+    ok = jnp.asarray(_rel_ok(rel, causal, window))[None]
+    if valid is not None:
+        ok = ok & (jnp.asarray(valid)[:, None, :] != 0)
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids)
+        ok = ok & (seg[:, :, None] == seg[:, None, :])
+    return ok
+
+
+def _rel_ok(rel: np.ndarray, causal: bool, window: int | None) -> np.ndarray:
+    ok = np.ones(rel.shape, bool)
+    if causal:
+        ok &= rel >= 0
+    if window is not None:
+        ok &= rel < window
+    return ok
+
+
+# --- the dense reference ----------------------------------------------------------------------------------------
+
+def dense(q, k, v, allowed, scale):
+    """Attention with the whole (B, KV, G*T, S) score matrix, laid out head-major: each KV head's G query heads
+    stacked along the query axis, against (B, KV, S, D) keys, so that XLA:CPU needs one plain transpose per
+    operand instead of strided copies around every batched matmul. ``allowed`` is (B or 1, T, S) bool."""
+    b, t, h, d = q.shape
+    kv, s, dv = k.shape[2], k.shape[1], v.shape[-1]
+    g = h // kv
+    qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    kh = k.astype(q.dtype).transpose(0, 2, 1, 3)
+    vh = v.astype(q.dtype).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkmd,bksd->bkms", qh, kh, preferred_element_type=jnp.float32) * scale
+    mask = jnp.broadcast_to(allowed[:, None, None, :, :], (allowed.shape[0], 1, g, t, s)).reshape(-1, 1, g * t, s)
+    probs = masked_softmax(scores, mask).astype(q.dtype)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, vh)
+    return out.reshape(b, kv, g, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv)
+
+
+@jax.custom_vjp
+def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Softmax over the last axis of ``scores`` where ``allowed`` (broadcastable bool), 0 elsewhere.
+
+    A row with nothing allowed gets a uniform average. The custom VJP saves only the probabilities and computes
+    ``p * (g - sum(g * p))`` from them; differentiating the formula (or JAX's default ``jax.nn.softmax``) also
+    keeps the masked scores, the exponentials and the mask alive per layer, three more (B, heads, T, S) buffers.
+
+    Examples:
+        >>> s, ok = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[True, True, False]])
+        >>> [round(float(p), 4) for p in masked_softmax(s, ok)[0]]
+        [0.2689, 0.7311, 0.0]
+        >>> ref = lambda z: jax.nn.softmax(jnp.where(ok, z, -1e30))
+        >>> g = lambda f: jax.grad(lambda z: jnp.sum(f(z) * jnp.array([[1.0, -2.0, 5.0]])))(s)
+        >>> bool(jnp.allclose(g(lambda z: masked_softmax(z, ok)), g(ref)))
+        True
+    """
+    return _masked_softmax_fwd(scores, allowed)[0]
+
+
+def _masked_softmax_fwd(scores, allowed):
+    probs = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(scores.dtype).min), axis=-1)
+    return probs, probs
+
+
+def _masked_softmax_bwd(probs, g):
+    g = g.astype(probs.dtype)
+    return probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
+# --- the blocked kernel -----------------------------------------------------------------------------------------
+
+class _Plan(NamedTuple):
+    """The static part of a blocked call: ``n`` tiles of ``t`` tokens, ``g`` query heads per KV head, and the tile
+    diagonals ``d = i - j`` (query tile ``i``, key tile ``j``) in ``[dmin, dmax]`` that hold an allowed pair."""
+
+    n: int
+    t: int
+    g: int
+    scale: float
+    causal: bool
+    window: int | None
+    dmin: int
+    dmax: int
+
+
+def tiling(length: int, tile: int) -> tuple[int, int]:
+    """``(n, t)``: ``n`` tiles of ``t <= tile`` tokens covering ``length`` with the least padding (``t`` a multiple
+    of 8 when there is more than one tile and ``tile`` allows it).
+
+    Examples:
+        >>> tiling(100, 256), tiling(4096, 256), tiling(1000, 256), tiling(7, 4)
+        ((1, 100), (16, 256), (4, 256), (2, 4))
+    """
+    if length <= tile:
+        return 1, length
+    n = -(-length // tile)
+    t = -(-length // n)
+    aligned = -(-t // 8) * 8
+    return n, aligned if aligned <= tile else t
+
+
+def plan(length: int, tile: int, g: int, scale: float, causal: bool, window: int | None) -> _Plan:
+    """The :class:`_Plan` of a call: tiles, and which tile diagonals hold an allowed pair (causal: none above the
+    diagonal; a window: none below its band).
+
+    Examples:
+        >>> p = plan(32, 8, 1, 1.0, True, 9)
+        >>> p.n, p.t, p.dmin, p.dmax          # a 9-token window reaches one tile back
+        (4, 8, 0, 1)
+        >>> plan(24, 8, 1, 1.0, False, None)[-2:]
+        (-2, 2)
+    """
+    n, t = tiling(length, tile)
+    dmin = 0 if causal else -(n - 1)
+    dmax = n - 1
+    if window is not None:    # diagonal d holds slot distances d*t - (t-1) ... d*t + (t-1)
+        dmax = min(dmax, (window - 1 + t - 1) // t)
+    return _Plan(n, t, g, float(scale), causal, window, dmin, dmax)
+
+
+def blocked(q, k, v, *, scale: float, causal: bool = True, window: int | None = None, valid=None,
+            segment_ids=None, tile: int = 256) -> jax.Array:
+    """:func:`attention` by the blocked kernel (see the module docstring); any T (padded to whole tiles)."""
+    b, t_len, h, d = q.shape
+    kv = k.shape[2]
+    p = plan(t_len, tile, h // kv, scale, causal, window)
+    n, t = p.n, p.t
+    pad = n * t - t_len
+    if pad and valid is None:
+        valid = jnp.ones((b, t_len), jnp.int32)
+
+    def padded(x):
+        return x if not pad else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+    kvalid = None if valid is None else padded(jnp.asarray(valid) != 0).reshape(b, n, t)
+    seg = None if segment_ids is None else padded(jnp.asarray(segment_ids)).reshape(b, n, t)
+    qt = padded(q).reshape(b, n, t, kv, p.g, d).transpose(0, 3, 1, 4, 2, 5).reshape(b, kv, n, p.g * t, d)
+    kt = padded(k.astype(q.dtype)).reshape(b, n, t, kv, d).transpose(0, 3, 1, 2, 4)
+    vt = padded(v.astype(q.dtype)).reshape(b, n, t, kv, -1).transpose(0, 3, 1, 2, 4)
+    out = _blocked(p, qt, kt, vt, kvalid, seg)
+    dv = v.shape[-1]
+    out = out.reshape(b, kv, n, p.g, t, dv).transpose(0, 2, 4, 1, 3, 5).reshape(b, n * t, h, dv)
+    return out[:, :t_len]
+
+
+def _tile(x, i):
+    """Tile ``i`` (an int or a traced index) of a tiled array (axis 2)."""
+    return lax.dynamic_index_in_dim(x, i, axis=2, keepdims=False)
+
+
+def _scores(p: _Plan, qi, kj, i, j, kvalid, seg, *, interior: bool = False):
+    """The masked scores (B, KV, G, t, t), float32, of query tile ``i`` (``qi``) against key tile ``j``.
+    ``interior``: the caller knows the tile lies wholly inside the causal/window band (no slot mask needed)."""
+    b, kvh = qi.shape[:2]
+    s = jnp.einsum("bkmd,bksd->bkms", qi, kj, preferred_element_type=jnp.float32)
+    s = s.reshape(b, kvh, p.g, p.t, p.t) * p.scale
+    mask = None
+    if (p.causal or p.window is not None) and not interior:
+        rel = (i - j) * p.t + jnp.asarray(np.arange(p.t)[:, None] - np.arange(p.t)[None, :])
+        ok = rel >= 0 if p.causal else None
+        if p.window is not None:
+            ok = rel < p.window if ok is None else ok & (rel < p.window)
+        mask = ok[None, None, None]
+    if kvalid is not None:
+        key_ok = lax.dynamic_index_in_dim(kvalid, j, axis=1, keepdims=False)[:, None, None, None, :]
+        mask = key_ok if mask is None else mask & key_ok
+    if seg is not None:
+        qs = lax.dynamic_index_in_dim(seg, i, axis=1, keepdims=False)
+        ks = lax.dynamic_index_in_dim(seg, j, axis=1, keepdims=False)
+        same = (qs[:, :, None] == ks[:, None, :])[:, None, None]
+        mask = same if mask is None else mask & same
+    return s if mask is None else jnp.where(mask, s, _NEG)
+
+
+def _loop(lo, hi, body, init):
+    """``fori_loop(lo, hi, body, init)``, run inline when there is one step (one tile: no loop at all)."""
+    if isinstance(lo, int) and isinstance(hi, int) and hi - lo == 1:
+        return body(lo, init)
+    return lax.fori_loop(lo, hi, body, init)
+
+
+def _over_tiles(n: int, fn, init):
+    """``lax.scan`` of ``fn(carry, i)`` over tiles ``0..n-1``; with one tile, one inline call."""
+    if n == 1:
+        carry, y = fn(init, 0)
+        return carry, jax.tree.map(lambda a: a[None], y)
+    return lax.scan(fn, init, jnp.arange(n))
+
+
+def _split_diagonal(p: _Plan) -> bool:
+    """Causal attention without a window over several tiles: every tile pair but the diagonal one lies wholly
+    below the diagonal, so the loops run those without the causal mask and the diagonal tile apart."""
+    return p.causal and p.window is None and p.n > 1
+
+
+def _forward(p: _Plan, q, k, v, kvalid, seg):
+    """Online softmax: for each query tile, its key tiles one at a time. Returns the tiled output and the
+    log-sum-exp per query (B, KV, n, G, t)."""
+    b, kvh, n, _, _ = q.shape
+    dv = v.shape[-1]
+
+    def query_tile(_, i):
+        qi = _tile(q, i)
+
+        def key_tile(j, carry, interior=False):
+            m, l, acc = carry
+            s = _scores(p, qi, _tile(k, j), i, j, kvalid, seg, interior=interior)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            e = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            pv = jnp.einsum("bkms,bksd->bkmd", e.reshape(b, kvh, p.g * p.t, p.t).astype(v.dtype), _tile(v, j),
+                            preferred_element_type=jnp.float32).reshape(b, kvh, p.g, p.t, dv)
+            return m_new, l * corr + jnp.sum(e, axis=-1), acc * corr[..., None] + pv
+
+        rows = (b, kvh, p.g, p.t)
+        init = (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, dv), jnp.float32))
+        if _split_diagonal(p):   # key tiles 0..i-1 lie below the diagonal: no slot mask; then tile i
+            carry = lax.fori_loop(0, i, functools.partial(key_tile, interior=True), init)
+            m, l, acc = key_tile(i, carry)
+        else:
+            lo = jnp.maximum(i - p.dmax, 0) if n > 1 else 0
+            hi = jnp.minimum(i - p.dmin, n - 1) + 1 if n > 1 else 1
+            m, l, acc = _loop(lo, hi, key_tile, init)
+        out = (acc / l[..., None]).astype(q.dtype).reshape(b, kvh, p.g * p.t, dv)
+        return None, (out, m + jnp.log(l))
+
+    _, (out, lse) = _over_tiles(n, query_tile, None)
+    return jnp.moveaxis(out, 0, 2), jnp.moveaxis(lse, 0, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked(p: _Plan, q, k, v, kvalid, seg):
+    """The blocked kernel on tiled, head-major operands: q (B, KV, n, G*t, D), k/v (B, KV, n, t, D)."""
+    return _forward(p, q, k, v, kvalid, seg)[0]
+
+
+def _blocked_fwd(p, q, k, v, kvalid, seg):
+    out, lse = _forward(p, q, k, v, kvalid, seg)
+    return out, (q, k, v, kvalid, seg, out, lse)
+
+
+def _blocked_bwd(p, res, g):
+    """FlashAttention-2's backward pass: for each key tile, its query tiles one at a time, recomputing the
+    probabilities from the saved log-sum-exp; dk, dv of the key tile accumulate in the loop, dq in place."""
+    q, k, v, kvalid, seg, out, lse = res
+    b, kvh, n, _, _ = q.shape
+    g = g.astype(q.dtype)
+    delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).reshape(lse.shape)
+
+    def key_tile(dq, j):
+        kj, vj = _tile(k, j), _tile(v, j)
+
+        def query_tile(i, carry, interior=False):
+            dk, dv, dq = carry
+            qi, gi = _tile(q, i), _tile(g, i)
+            s = _scores(p, qi, kj, i, j, kvalid, seg, interior=interior)
+            e = jnp.exp(s - _tile(lse, i)[..., None])
+            flat = (b, kvh, p.g * p.t, p.t)
+            dv = dv + jnp.einsum("bkms,bkmd->bksd", e.reshape(flat).astype(q.dtype), gi,
+                                 preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkmd,bksd->bkms", gi, vj, preferred_element_type=jnp.float32).reshape(s.shape)
+            ds = (e * (dp - _tile(delta, i)[..., None]) * p.scale).reshape(flat).astype(q.dtype)
+            dk = dk + jnp.einsum("bkms,bkmd->bksd", ds, qi, preferred_element_type=jnp.float32)
+            dqi = _tile(dq, i) + jnp.einsum("bkms,bksd->bkmd", ds, kj, preferred_element_type=jnp.float32)
+            return dk, dv, lax.dynamic_update_index_in_dim(dq, dqi, i, axis=2)
+
+        init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dq)
+        if _split_diagonal(p):   # query tile j (the diagonal), then tiles j+1..n-1 with no slot mask
+            dk, dv, dq = lax.fori_loop(j + 1, n, functools.partial(query_tile, interior=True), query_tile(j, init))
+        else:
+            lo = jnp.maximum(j + p.dmin, 0) if n > 1 else 0
+            hi = jnp.minimum(j + p.dmax, n - 1) + 1 if n > 1 else 1
+            dk, dv, dq = _loop(lo, hi, query_tile, init)
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = _over_tiles(n, key_tile, jnp.zeros(q.shape, jnp.float32))
+    return dq.astype(q.dtype), jnp.moveaxis(dk, 0, 2), jnp.moveaxis(dv, 0, 2), None, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+# --- accelerator kernels ------------------------------------------------------------------------------------------
+
+def _cudnn(q, k, v, scale, causal, window, valid, implementation="cudnn"):
+    """cuDNN's fused attention through ``jax.nn.dot_product_attention``; padding as a (B, 1, 1, T) key mask (any
+    padding side), the sliding window as cuDNN's left window. ``implementation="xla"`` runs the same call through
+    XLA (how the argument mapping is tested without a GPU)."""
+    mask = None if valid is None else (jnp.asarray(valid) != 0)[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, is_causal=causal,
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+
+
+def _splash(q, k, v, scale, causal, window, valid, segment_ids, *, interpret: bool = False, block: int = 128):
+    """The Pallas splash kernel (TPU): one MQA kernel per KV head with its G query heads, vmapped over batch and KV
+    heads; padding and packed rows become splash's segment ids (padding tokens, and the padding up to whole
+    blocks, get an id of their own that no real token has). ``interpret=True`` runs it in Pallas' interpreter (how it is tested without a TPU)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    tp = -(-t // block) * block
+    shape = (tp, tp)
+    if window is not None:
+        one = sm.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    elif causal:
+        one = sm.CausalMask(shape)
+    else:
+        one = sm.FullMask(shape)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * g), block_sizes=sizes, interpret=interpret)
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids).astype(jnp.int32)
+    lone = jnp.iinfo(jnp.int32).min     # padding (and the padded tail) attends only padding: no empty row
+    if valid is not None:
+        seg = jnp.where(jnp.asarray(valid) != 0, seg, lone)
+    pad = tp - t
+    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=lone)
+    qh = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qh = qh.reshape(b, tp, kvh, g, d).transpose(0, 2, 3, 1, 4)                       # (B, KV, G, T, D)
+    kh = jnp.pad(k.astype(q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)   # (B, KV, T, D)
+    vh = jnp.pad(v.astype(q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    def row(qb, kb, vb, qs, ks):
+        ids = sk.SegmentIds(q=qs, kv=ks)
+        return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=ids))(qb, kb, vb)
+
+    out = jax.vmap(row)(qh, kh, vh, seg, seg)                                   # (B, KV, G, T, D)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, -1)[:, :t]
