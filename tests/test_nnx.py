@@ -190,6 +190,7 @@ def test_fresh_adapters_are_a_no_op_and_apply_equals_merged_and_reference(name):
     assert_trees_all_close(grads, ref_grads, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_graphdef_and_state_form_and_nnx_jit():
     model = Stack(nnx.Rngs(0))
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
@@ -205,6 +206,7 @@ def test_graphdef_and_state_form_and_nnx_jit():
         jlora.apply(graphdef, jlora.nnx.params(model), ad, STACK_CFG, IDS)
 
 
+@pytest.mark.slow
 def test_nnx_and_linen_versions_agree():
     model = Stack(nnx.Rngs(0))
     params = jlora.nnx.params(model)
@@ -240,6 +242,7 @@ def test_train_step_changes_adapters_only_and_merge_round_trips():
     assert_trees_all_close(jlora.nnx.params(back), before, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attach_with_nnx_optimizer_trains_like_the_functional_step():
     cfg, opt = MLP_CFG, optax.adam(1e-2)
     y_true = jnp.ones((4, 3))
@@ -276,6 +279,7 @@ def test_attach_with_nnx_optimizer_trains_like_the_functional_step():
                                jlora.merge(model, trained, cfg)(X), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_flax_lora_layers_both_ways():
     cfg = jlora.LoraConfig(rank=2, alpha=8, targets=r"(l1|l2)/kernel")
 
@@ -327,6 +331,7 @@ def test_unsupported_layers_are_named_with_their_path():
                     jnp.ones((1, 5, 3)))
 
 
+@pytest.mark.slow
 def test_nnx_adapters_checkpoint_round_trip(tmp_path):
     model = Stack(nnx.Rngs(0))
     ad = _random_adapters(model, STACK_CFG)
@@ -368,6 +373,7 @@ def test_lora_grad_step_flops_are_at_most_0_72_of_the_full_step():
     assert lora_flops <= 0.72 * full_flops, (lora_flops, full_flops)
 
 
+@pytest.mark.slow
 def test_dropout_and_a_bank_of_adapters():
     model = SharedMLP(nnx.Rngs(0))
     params = jlora.nnx.params(model)
