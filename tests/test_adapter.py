@@ -75,6 +75,7 @@ def test_einsum_out_in_kernel_merges_as_it_applies_without_passing_layout():
     assert_trees_all_close(jlora.unmerge(merged, ad, cfg), params, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_merge_needs_no_layout_for_scanned_and_multi_axis_kernels():
     ids = jnp.arange(16).reshape(2, 8) % 64
     model = TinyLM(scan=True)

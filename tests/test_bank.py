@@ -80,6 +80,7 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(family, scan):
     assert max_diff(out, model.apply({"params": params}, ids)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_every_layer_kind_routes_per_row():
     ids = jnp.arange(24).reshape(3, 8) % 64
     model = TinyLM(multi_axis=True, tied=True)       # DenseGeneral q/k/v/o, Dense MLP, Embed + Embed.attend
@@ -140,6 +141,7 @@ def test_bad_adapters_are_refused_by_name():
         jlora.apply(model, params, bank.slots, bank.config, ids)
 
 
+@pytest.mark.slow
 def test_greedy_generation_per_row_equals_each_alone():
     model, params, _, lay, qv, everything = _family("llama", True)
     cfgs, ads = _four_adapters(params, lay, qv, everything)
@@ -169,6 +171,7 @@ def _batch(n_rows, length, key):
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": mask}
 
 
+@pytest.mark.slow
 def test_training_four_adapters_together_equals_four_separate_trainings():
     model, params, _, lay, qv, everything = _family("llama", True)
     cfgs, ads = _four_adapters(params, lay, qv, everything)
@@ -240,6 +243,7 @@ def test_hot_swaps_never_recompile():
     assert after == sizes and (sizes[0], sizes[2]) == (1, 1)   # generate's jit is shared with other tests
 
 
+@pytest.mark.slow
 def test_bank_inside_a_sharded_step_equals_one_device():
     from jlora import parallel
 

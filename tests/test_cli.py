@@ -706,6 +706,7 @@ def test_compose_writes_a_peft_folder_equal_to_the_weighted_sum(tiny, trained, t
     _error(code, "", err, r"the weight 'heavy' is not a number")
 
 
+@pytest.mark.slow
 def test_eval_side_effects_reports_and_writes_json(trained):
     config, run_dir, _ = trained
     code, out, err = _main("eval", "--config", str(config), "--side-effects", "--set", "eval.num_examples=2",

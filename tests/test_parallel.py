@@ -187,6 +187,7 @@ def _run_pair(phase, tmp_path, timeout=240):
     return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_a_new_pair_resumes(tmp_path, reference):
     ref_losses, ref_adapters = reference
     first = _run_pair("train", tmp_path)

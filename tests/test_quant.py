@@ -187,6 +187,7 @@ def _model_and_params(scan=False):
     return model, ids, jax.jit(model.init)(jax.random.key(0), ids)["params"]
 
 
+@pytest.mark.slow
 def test_quantized_transform_equals_dequantized_model():
     model, ids, params = _model_and_params()
     q = jlora.quantize(params, double_quant=True)
@@ -232,6 +233,7 @@ def test_merge_into_quantized_base_requantizes_and_reports_error():
     assert merged["layers_0"]["k_proj"]["kernel"] is q["layers_0"]["k_proj"]["kernel"]
 
 
+@pytest.mark.slow
 def test_qlora_finetune_lowers_loss_like_lora():
     model, ids, params = _model_and_params()
     cfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))

@@ -102,6 +102,7 @@ def _cli(*args, **kw):
                           timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_matches_uninterrupted(tiny_model, tmp_path):
     straight = _write_config(tmp_path, tiny_model, "straight", train={"steps": 10, "checkpoint_every": 0},
                              eval={"before": False, "after": False}, run={"export_peft": False})

@@ -417,6 +417,7 @@ def test_full_queue_is_429_and_the_server_keeps_serving(server, reference):
     assert after["http_400"] - before.get("http_400", 0) >= 3 and after.get("rows_failed", 0) == 0
 
 
+@pytest.mark.slow
 def test_seeded_sampling_equals_jlora_generate_and_is_reproducible(server, world):
     """A seeded request draws from its own key (``fold_in(key(seed), prompt index)``, as `jlora generate --seed`
     does), so it equals `jlora generate`'s sampled text and does not depend on the rows batched with it."""
