@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench import common, steps
+from bench import common, steps, train_speed
 
 LENGTHS = (512, 1024, 2048, 4096)
 STEP_LENGTH = 2048
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.step:
-        core = sorted(os.sched_getaffinity(0))[-1]
-        os.sched_setaffinity(0, {core})      # before jax or torch start their thread pools
+        train_speed._pin_one_core()          # before jax or torch start their thread pools
         result = step_times(repeats=args.repeats, layers=args.layers)
     else:
         result = run(repeats=args.repeats, layers=args.layers)
