@@ -8,8 +8,11 @@ their values, and nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -149,3 +152,30 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module: str, *args: str, out: str | None = None, timeout: float | None = None):
+    """Runs ``python -m <module> <args>`` from the repository root in a fresh process (its own thread pools and
+    core affinity) and returns what it wrote as JSON: the file ``out`` if given, else the last line of its stdout.
+
+    Raises:
+        RuntimeError: the process failed; the message holds the command and the end of its stderr.
+    """
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    if out is None:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    with open(out) as f:
+        return json.load(f)
+
+
+def pin_one_core() -> int:
+    """Pins this process to one core (the last one it may run on); call it before jax or torch start threads."""
+    core = sorted(os.sched_getaffinity(0))[-1]
+    os.sched_setaffinity(0, {core})
+    return core

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+from bench import common
 
 SIZES = (100_000, 1_000_000)
 BATCHES, BATCH = 250, 8          # 2,000 records batched per measurement
@@ -93,12 +93,8 @@ def measure(path: str, mode: str, workers: int) -> dict:
 
 
 def _child(path: str, mode: str, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.data", "--measure", path, "--mode", mode, "--workers", str(workers)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=3600)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return common.run_module("bench.data", "--measure", path, "--mode", mode, "--workers", str(workers),
+                             timeout=3600)
 
 
 def run(quick: bool = False) -> dict:
@@ -118,8 +114,6 @@ def run(quick: bool = False) -> dict:
 
 
 def _markdown(results: dict) -> str:
-    from bench import common
-
     rows = []
     for n, e in results.items():
         for key, label in (("stream", "Loader (streaming)"), ("stream_2_workers", "Loader, 2 worker processes"),
@@ -143,7 +137,7 @@ def _markdown(results: dict) -> str:
                    f"when batched, so memory does not grow with the file; the in-memory path of before holds every "
                    f"tokenized example. Records/s at {b:,} / at {a:,}: {mb['records_per_s'] / ma['records_per_s']:.2f} "
                    f"(the same work: the difference is the shared machine's noise). Records/s is tokenizing bound "
-                   f"(a chat template rendering and three encodes per record, ~1 ms); worker processes add little on "
+                   f"(two chat template renderings and three encodes per record, ~1 ms); worker processes add little on "
                    f"2 cores that the training process and other work share. Peak RSS is reading the GGUF "
                    f"tokenizer, the same in every row. `check records/s`: the one pass over every record that "
                    f"`jlora train` makes before training (parse and validate, no tokenizing)."]

@@ -16,11 +16,10 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-from bench import common, steps, train_speed
+from bench import common, steps
 
 LENGTHS = (512, 1024, 2048, 4096)
 STEP_LENGTH = 2048
@@ -71,13 +70,9 @@ def run(*, repeats: int = 3, layers: int | None = None, lengths=LENGTHS) -> dict
     results["temp_ratio_xla"] = ref[top]["temp_mib"] / ref[base]["temp_mib"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "step.json")
-        cmd = [sys.executable, "-m", "bench.long_context", "--step", "--repeats", str(repeats), "--out", out]
-        cmd += [] if layers is None else ["--layers", str(layers)]
-        proc = subprocess.run(cmd, cwd=os.path.dirname(common.__file__) + "/..", capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        with open(out) as f:
-            results["step"] = st = json.load(f)
+        args = ["--step", "--repeats", str(repeats), "--out", out] + ([] if layers is None else
+                                                                        ["--layers", str(layers)])
+        results["step"] = st = common.run_module("bench.long_context", *args, out=out)
     n_layers = layers or common.SMOLLM2["num_hidden_layers"]
     md = [f"SmolLM2-135M shape ({n_layers} layers), batch 1, LoRA r=16 on q,v, AdamW, fp32. Compiled scratch ('temp') "
           f"memory of the train step (XLA memory analysis; nothing runs): jlora's attention as chosen here "
@@ -105,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.step:
-        train_speed._pin_one_core()          # before jax or torch start their thread pools
+        common.pin_one_core()          # before jax or torch start their thread pools
         result = step_times(repeats=args.repeats, layers=args.layers)
     else:
         result = run(repeats=args.repeats, layers=args.layers)

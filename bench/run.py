@@ -255,7 +255,7 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
 - On all cores, a shared machine penalizes the side with more parallel regions per step (torch's eager ops
   wait for descheduled OpenMP threads); the 1-thread table is the steadier comparison.
 - Two figures measured when the code went in (1 thread, SmolLM2 shape), kept here rather than in docstrings:
-  attention laid out head-major (`jlora.models.layers._attend_head_major`: each KV head's query heads stacked
+  attention laid out head-major (`jlora.models.attention.dense`: each KV head's query heads stacked
   along the query axis, so XLA:CPU needs one plain transpose per operand instead of strided copies around every
   batched matmul) takes about 17% less time for an attention block, forward and backward; and the scratch memory
   a q,v train step allocates afresh on every call (about 0.6 GB) costs about a tenth of the step's time in page

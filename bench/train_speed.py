@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -34,24 +33,13 @@ def run(*, repeats: int = 5, layers: int | None = None, modes=("1", "all")) -> d
     for mode in modes:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "out.json")
-            cmd = [sys.executable, "-m", "bench.train_speed", "--threads", mode, "--repeats", str(repeats),
-                   "--out", out] + ([] if layers is None else ["--layers", str(layers)])
-            proc = subprocess.run(cmd, cwd=os.path.dirname(common.__file__) + "/..", capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-            with open(out) as f:
-                section = json.load(f)
+            args = ["--threads", mode, "--repeats", str(repeats), "--out", out]
+            section = common.run_module("bench.train_speed", *args, *([] if layers is None else
+                                                                      ["--layers", str(layers)]), out=out)
         label = "1 thread (pinned to one core)" if mode == "1" else f"all cores ({section['results']['threads']} threads)"
         results[mode] = section["results"]
         md += [f"### {label}", "", section["markdown"], ""]
     return {"results": results, "markdown": "\n".join(md).rstrip()}
-
-
-def _pin_one_core() -> int:
-    """Pins this process to one core (the last one it may run on)."""
-    core = sorted(os.sched_getaffinity(0))[-1]
-    os.sched_setaffinity(0, {core})
-    return core
 
 
 def measure(*, repeats: int = 5, layers: int | None = None) -> dict:
@@ -113,7 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.threads == "1":
-        _pin_one_core()   # before jax or torch start their thread pools
+        common.pin_one_core()   # before jax or torch start their thread pools
     section = measure(repeats=args.repeats, layers=args.layers)
     with open(args.out, "w") as f:
         json.dump(section, f, default=str)

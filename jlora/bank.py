@@ -30,7 +30,6 @@ Under :mod:`jlora.parallel`'s sharded step the bank is replicated on every devic
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -244,7 +243,6 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
         raise ValueError(f"a bank holds low-rank adapters only; these adapters also train whole tensors {full[:3]} "
                          f"(bias / modules_to_save): merge those into the base instead")
     slots = dict(adapter_lib.adapter_items(bank.slots))
-    new = dict(slots)
     given = dict(adapter_lib.adapter_items(adapters))
     for path, node in given.items():
         if node.variant != "lora":

@@ -104,10 +104,6 @@ def _kind(layer: Any) -> str | None:
     return next((kind for cls, kind in _KINDS if isinstance(layer, cls)), None)
 
 
-def _leaf(kind: str) -> str:
-    return "embedding" if kind == "Embed" else "kernel"
-
-
 def _per_layer_ndim(layer: nnx.Module, kind: str) -> int:
     if kind == "DenseGeneral":
         return len(layer.in_features) + len(layer.out_features)
@@ -137,9 +133,7 @@ def layer_spec(layer: nnx.Module, kind: str, kernel_shape: tuple[int, ...], wher
             raise ValueError(f"nnx.Einsum at {where!r} has no einsum_str attribute (it is given at each call), so "
                              f"jlora cannot tell its kernel's input axes ahead of a call; build it with einsum_str= "
                              f"or exclude it from the targets")
-        spec = spec.replace(" ", "")
-        lhs, rest = spec.split(",")
-        rhs, out = rest.split("->")
+        lhs, rhs, out = transform.split_einsum(spec)
         return transform.LayerSpec(kind, kernel_shape, *transform.einsum_axes(lhs, rhs, out, where), dtype,
                                    einsum=(lhs, rhs, out))
     return transform.LayerSpec(kind, kernel_shape, dtype=dtype)
@@ -253,7 +247,7 @@ def _adapted_method(cls: type, method: str):
         y = base(self, *args, **kwargs)
         info: _Info = self.jlora_info
         node = info.adapter(self)
-        kernel = getattr(self, _leaf(info.kind)).get_value()
+        kernel = getattr(self, transform.leaf_name(info.kind)).get_value()
         if adapter_lib.kernel_type(kernel) is not None:
             raise ValueError(f"the layer at {info.path!r} holds a {type(kernel).__name__} kernel; quantized kernels "
                              f"are supported for Flax Linen models only")
@@ -290,9 +284,9 @@ def _attach(module: nnx.Module, adapters: Mapping, cfg: LoraConfig, trace: _Trac
             raise ValueError(f"the adapter at {path!r} targets a parameter of {what} at {mpath!r}, which jlora does "
                              f"not adapt (it adapts {_SUPPORTED}). Exclude it from the targets, or use jlora.merge "
                              f"to fold it into the params.")
-        if leaf != _leaf(kind):
+        if leaf != transform.leaf_name(kind):
             raise ValueError(f"the adapter at {path!r} targets {leaf!r} of an nnx.{type(layer).__name__}; its "
-                             f"adapted parameter is {_leaf(kind)!r}. Target {mpath}/{_leaf(kind)} instead.")
+                             f"adapted parameter is {transform.leaf_name(kind)!r}. Target {mpath}/{transform.leaf_name(kind)} instead.")
         layer.__class__ = _adapted_class(type(layer))
         layer.jlora_a, layer.jlora_b = AdapterParam(node.a), AdapterParam(node.b)
         for name, value in node.extras.items():
@@ -389,18 +383,18 @@ def layout(model: Any, *args, method=None, **kwargs) -> Layout:
                 if isinstance(vars(layer).get(leaf), nnx.Variable):
                     result.unsupported[prefix + leaf] = f"nnx.{type(layer).__name__}"
             continue
-        shape = tuple(getattr(layer, _leaf(kind)).shape)
+        shape = tuple(getattr(layer, transform.leaf_name(kind)).shape)
         try:
             lead = len(shape) - _per_layer_ndim(layer, kind)
             spec = layer_spec(layer, kind, shape[lead:], mpath)
         except ValueError as e:      # a layer of a kind jlora adapts, set up in a way it does not: an error if targeted
-            result.unsupported[prefix + _leaf(kind)] = f"nnx.{type(layer).__name__} ({e})"
+            result.unsupported[prefix + transform.leaf_name(kind)] = f"nnx.{type(layer).__name__} ({e})"
             continue
-        result[prefix + _leaf(kind)] = dataclasses.replace(spec.layout, lead=lead)
+        result[prefix + transform.leaf_name(kind)] = dataclasses.replace(spec.layout, lead=lead)
     return result
 
 
-def _rebuild(obj: Any, plain: Mapping) -> Any:
+def rebuild(obj: Any, plain: Mapping) -> Any:
     """``obj`` (an NNX model or param state) with the params ``plain``: a new object, ``obj`` untouched."""
     if isinstance(obj, nnx.Module):
         graphdef, state = nnx.split(obj)
@@ -417,11 +411,6 @@ def _rebuild(obj: Any, plain: Mapping) -> Any:
 def layout_or_none(obj: Any, *args, **kwargs) -> Layout | None:
     """:func:`layout` of an NNX model; None for a param state, which cannot tell (the model system's hook)."""
     return layout(obj, *args, **kwargs) if isinstance(obj, nnx.Module) else None
-
-
-def rebuild(obj: Any, plain: Mapping) -> Any:
-    """``obj`` (an NNX model or param state) with the params ``plain``: a new object, ``obj`` untouched."""
-    return _rebuild(obj, plain)
 
 
 # --- the NNX-idiomatic way ----------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def _kind(module: nn.Module) -> str | None:
     return next((name for cls, name in _KINDS if isinstance(module, cls)), None)
 
 
-def _leaf_name(kind: str) -> str:
+def leaf_name(kind: str) -> str:
+    """The parameter a layer kind's adapter sits on: ``embedding`` for embeddings, else ``kernel``."""
     return "embedding" if kind == "Embed" else "kernel"
 
 
@@ -60,8 +61,14 @@ def _normalize_axes(axes, ndim: int) -> tuple[int, ...]:
     return tuple(a % ndim for a in axes)
 
 
-def _einsum_parts(module: nn.Einsum, kwargs: Mapping) -> tuple[str, str, str]:
-    spec = (kwargs.get("einsum_str") or module.einsum_str).replace(" ", "")
+def split_einsum(spec: str) -> tuple[str, str, str]:
+    """``"ab,bc->ac"`` -> ``("ab", "bc", "ac")`` (spaces dropped): an Einsum layer's input, kernel and output axes.
+
+    Examples:
+        >>> split_einsum("btd, dhk -> bthk")
+        ('btd', 'dhk', 'bthk')
+    """
+    spec = spec.replace(" ", "")
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
     return lhs, rhs, out
@@ -123,7 +130,7 @@ def _spec(module: nn.Module, kind: str, kwargs, kernel_shape: tuple[int, ...] = 
         return LayerSpec(kind, kernel_shape, tuple(range(len(axis))),
                          tuple(range(len(axis), len(axis) + n_out)), dtype, axis=axis)
     if kind == "Einsum":
-        parts = _einsum_parts(module, kwargs)
+        parts = split_einsum(kwargs.get("einsum_str") or module.einsum_str)
         return LayerSpec(kind, kernel_shape, *einsum_axes(*parts, where), dtype, einsum=parts)
     if kind == "Conv":
         return conv_layer_spec(module, where, kernel_shape, dtype)
@@ -282,7 +289,7 @@ def _interceptor(trace: _Trace):
         trace.called.setdefault(mpath, kind or type(module).__name__)
         if kind is None:
             return next_fun(*args, **kwargs)
-        leaf = _leaf_name(kind)
+        leaf = leaf_name(kind)
         path = f"{mpath}/{leaf}" if mpath else leaf
         kernel = module.get_variable("params", leaf) if module.has_variable("params", leaf) else None
         ktype = adapter_lib.kernel_type(kernel)
@@ -409,7 +416,7 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
         prefix = f"{mpath}/" if mpath else ""
         kind = _kind(module)
         if kind is not None:
-            leaf = _leaf_name(kind)
+            leaf = leaf_name(kind)
             kernel = module.get_variable("params", leaf)
             if kernel is not None:
                 records[prefix + leaf] = (_spec(module, kind, kw).layout, len(kernel.shape))

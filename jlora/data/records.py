@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jlora.data.sources import DataError, Source, open_source
+from jlora.data.sources import DataError, Source, held_out_mask, open_source
 
 OVERFLOW_POLICIES = ("error", "truncate", "drop")
 BAD_RECORD_POLICIES = ("error", "skip")
@@ -143,11 +143,23 @@ def read(path: str | os.PathLike | Sequence[str | os.PathLike], *, columns: Mapp
     """``(where, record)`` for the records of data files (any format; the first ``limit``), each validated."""
     source = open_source(path, columns=needed_columns(columns))
     check_schema(source, columns)
+    return read_source(source, columns=columns, limit=limit)
+
+
+def read_source(source: Source, *, columns: Mapping[str, str] | None = None, limit: int | None = None,
+                on_bad_record: str = "error") -> list[tuple[str, dict]]:
+    """``(where, record)`` for the records of an opened source (the first ``limit``), each validated; with
+    ``on_bad_record="skip"`` a bad record is left out instead of raising."""
     out = []
     for i in range(len(source) if limit is None else min(limit, len(source))):
         where, raw = source[i]
-        record = parse(raw, where, columns)
-        validate_record(record, where)
+        try:
+            record = parse(raw, where, columns)
+            validate_record(record, where)
+        except ValueError:
+            if on_bad_record == "error":
+                raise
+            continue
         out.append((where, record))
     return out
 
@@ -205,8 +217,8 @@ def split(items: Sequence[Any], *, valid_fraction: float = 0.0, valid_count: int
     k = valid_count or (max(1, round(n * valid_fraction)) if valid_fraction > 0 else 0)
     if not 0 <= k < n:
         raise ValueError(f"cannot hold out {k} validation examples from {n}; leave at least one for training")
-    chosen = set(np.random.default_rng([seed, 0x5EED]).permutation(n)[:k].tolist())
-    return ([x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen])
+    held = held_out_mask(n, k, seed)
+    return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
 
 
 
@@ -377,7 +389,16 @@ def load(path: str | os.PathLike, tokenizer, *, max_length: int, overflow: str =
          columns: Mapping[str, str] | None = None) -> list[Example]:
     """:func:`read` + `tokenize_all` into memory (for small data; :class:`jlora.data.Loader` streams files), with
     ``file:line`` sources in every message."""
-    pairs = read(path, columns=columns)
+    source = open_source(path, columns=needed_columns(columns))
+    check_schema(source, columns)
+    return tokenize_source(source, tokenizer, max_length=max_length, overflow=overflow, columns=columns)
+
+
+def tokenize_source(source: Source, tokenizer, *, max_length: int, overflow: str = "error",
+                    columns: Mapping[str, str] | None = None, on_bad_record: str = "error") -> list[Example]:
+    """Every record of an opened source (a :class:`jlora.data.sources.Subset` too), parsed, validated and
+    tokenized into memory by :func:`tokenize_all`, with ``file:line`` sources in every message."""
+    pairs = read_source(source, columns=columns, on_bad_record=on_bad_record)
     return tokenize_all([r for _, r in pairs], tokenizer, max_length=max_length, overflow=overflow,
                         sources=[w for w, _ in pairs])
 

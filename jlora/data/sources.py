@@ -8,9 +8,9 @@ where it is used, with its ``where``.
 
 Nothing is loaded whole:
 
-* JSONL: one pass at opening counts the non-blank lines and keeps the byte offset of every ``BLOCK``-th one (8 bytes
-  per 64 records); ``source[i]`` seeks to its block and reads forward. Memory stays a few hundred KiB for a
-  million records.
+* JSONL: one pass at opening counts the non-blank lines and keeps the byte offset and line number of every
+  ``BLOCK``-th one (16 bytes per 64 records); ``source[i]`` seeks to its block and reads forward. Memory stays a few
+  hundred KiB for a million records.
 * Parquet: decoded once at opening (the asked-for columns, batch by batch) into an Arrow file in :func:`cache_dir`,
   then read like Arrow: Parquet itself cannot read one record without decoding its whole row group.
 * Arrow: IPC files or streams (what ``datasets.Dataset.save_to_disk`` writes: ``data-00000-of-00004.arrow``),
@@ -48,7 +48,6 @@ BLOCK = 64                    # JSONL: one kept offset per this many records
 _CHUNK = 1 << 20              # JSONL: bytes read per step of the indexing pass (what it holds at once)
 _SAMPLE_BYTES = 1 << 16       # fingerprint: bytes hashed per sampled block
 _SAMPLES = 8                  # fingerprint: blocks sampled per file (plus its first and last)
-FORMATS = ("jsonl", "parquet", "arrow", "array_record")
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow",
              ".ipc": "arrow", ".array_record": "array_record", ".arrayrecord": "array_record"}
 _WHITESPACE = b" \t\r\n\f\v"
@@ -222,7 +221,14 @@ def _mapped_table(path: str):
         return pa.ipc.open_stream(pa.memory_map(path)).read_all()
 
 
-class ParquetFile(_File):
+class _TableFile(_File):
+    """A file read as an Arrow table (``handle()``), a row per record."""
+
+    def get(self, i: int) -> tuple[str, Any]:
+        return self.where(i), self.handle().slice(i, 1).to_pylist()[0]
+
+
+class ParquetFile(_TableFile):
     """A Parquet file: rows are records (dicts of the asked-for columns); ``where`` is ``path:row i``.
 
     Parquet decodes whole pages, so reading single records in a shuffled order costs a row-group decode each (20
@@ -260,11 +266,8 @@ class ParquetFile(_File):
     def _open(self):
         return _mapped_table(self.cache)
 
-    def get(self, i: int) -> tuple[str, Any]:
-        return self.where(i), self.handle().slice(i, 1).to_pylist()[0]
 
-
-class ArrowFile(_File):
+class ArrowFile(_TableFile):
     """An Arrow IPC file or stream (``datasets``' ``save_to_disk`` shards), memory-mapped."""
 
     format = "arrow"
@@ -277,9 +280,6 @@ class ArrowFile(_File):
     def _count(self) -> int:
         self.schema_names = tuple(self.handle().column_names)
         return self.handle().num_rows
-
-    def get(self, i: int) -> tuple[str, Any]:
-        return self.where(i), self.handle().slice(i, 1).to_pylist()[0]
 
 
 class ArrayRecordFile(_File):
@@ -328,9 +328,12 @@ class Source:
         return self.files[k].get(i - self._starts[k])
 
     def fingerprint(self) -> str:
-        """An identity of the data: every file's size, record count and sampled bytes, in order (not the paths:
-        moved files keep it)."""
-        return fingerprint(self)
+        """16 hex digits naming the data: every file's format, size, record count and sampled bytes, in order (not
+        the paths: moved files keep it)."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f.format}|{f.fingerprint()}\n".encode())
+        return h.hexdigest()[:16]
 
     def scan(self):
         """``(where, raw)`` of every record, in order, each file read in one pass."""
@@ -342,11 +345,8 @@ class Source:
 
 
 def fingerprint(source: Source) -> str:
-    """16 hex digits naming the data of ``source`` (sizes, record counts, sampled bytes of every file)."""
-    h = hashlib.sha256()
-    for f in source.files:
-        h.update(f"{f.format}|{f.fingerprint()}\n".encode())
-    return h.hexdigest()[:16]
+    """16 hex digits naming the data of ``source`` (a :class:`Subset` names its records too): ``source.fingerprint()``."""
+    return source.fingerprint()
 
 
 def _state_json_files(folder: str) -> list[str] | None:
@@ -440,6 +440,30 @@ class Subset(Source):
     def fingerprint(self) -> str:
         return hashlib.sha256(self.parent.fingerprint().encode() + self.indices.tobytes()).hexdigest()[:16]
 
+    def scan(self):
+        """``(where, raw)`` of this subset's records, in its order: one pass over the parent when the indices
+        ascend (as :func:`split` makes them), else one read per record."""
+        if np.all(np.diff(self.indices) > 0):
+            wanted = iter(self.indices.tolist())
+            nxt = next(wanted, None)
+            for i, record in enumerate(self.parent.scan()):
+                if nxt is None:
+                    return
+                if i == nxt:
+                    yield record
+                    nxt = next(wanted, None)
+        else:
+            for i in range(len(self)):
+                yield self[i]
+
+
+def held_out_mask(n: int, k: int, seed: int) -> np.ndarray:
+    """Which of ``n`` records a seeded split holds out (``k`` of them): the one rule both :func:`split` and
+    :func:`jlora.data.records.split` follow, so a list and a file of the same records split alike."""
+    held = np.zeros(n, bool)
+    held[np.random.default_rng([seed, 0x5EED]).permutation(n)[:k]] = True
+    return held
+
 
 def split(source: Source, *, valid_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
     """A seeded (train, valid) split of a source's records, the same split :func:`jlora.data.split` makes of a list
@@ -460,7 +484,6 @@ def split(source: Source, *, valid_fraction: float, seed: int = 0) -> tuple[Subs
     k = max(1, round(n * valid_fraction))
     if k >= n:
         raise ValueError(f"cannot hold out {k} validation examples from {n}; leave at least one for training")
-    held = np.zeros(n, bool)
-    held[np.random.default_rng([seed, 0x5EED]).permutation(n)[:k]] = True
+    held = held_out_mask(n, k, seed)
     return (Subset(source, np.flatnonzero(~held), f"{source.name} (train split)"),
             Subset(source, np.flatnonzero(held), f"{source.name} (validation split)"))

@@ -125,7 +125,7 @@ def choose(implementation: str, case: Case) -> str:
         if preferred and unsupported(preferred, case) is None:
             return preferred
         if case.platform == "cpu" and case.length <= TILE["cpu"]:
-            return "xla"     # one tile: nothing to skip, and the whole matrix was 4% faster (bench/README.md)
+            return "xla"     # one tile: nothing to skip, and the whole matrix was 4-5% faster (bench/README.md)
         return "blocked"
     reason = unsupported(implementation, case)
     if reason is not None:
@@ -196,13 +196,23 @@ def allowed_mask(t: int, causal: bool, window: int | None, valid, segment_ids) -
     return ok
 
 
-def _rel_ok(rel: np.ndarray, causal: bool, window: int | None) -> np.ndarray:
-    ok = np.ones(rel.shape, bool)
-    if causal:
-        ok &= rel >= 0
+def band(rel, causal: bool, window: int | None):
+    """Which query-minus-key slot offsets ``rel`` (a NumPy or JAX array) may attend: ``rel >= 0`` when causal,
+    ``rel < window`` with a sliding window; None when every offset may (neither).
+
+    Examples:
+        >>> band(np.arange(-1, 4), True, 3).tolist()
+        [False, True, True, True, False]
+    """
+    ok = rel >= 0 if causal else None
     if window is not None:
-        ok &= rel < window
+        ok = rel < window if ok is None else ok & (rel < window)
     return ok
+
+
+def _rel_ok(rel: np.ndarray, causal: bool, window: int | None) -> np.ndarray:
+    ok = band(rel, causal, window)
+    return np.ones(rel.shape, bool) if ok is None else ok
 
 
 # --- the dense reference ----------------------------------------------------------------------------------------
@@ -347,10 +357,7 @@ def _scores(p: _Plan, qi, kj, i, j, kvalid, seg, *, interior: bool = False):
     mask = None
     if (p.causal or p.window is not None) and not interior:
         rel = (i - j) * p.t + jnp.asarray(np.arange(p.t)[:, None] - np.arange(p.t)[None, :])
-        ok = rel >= 0 if p.causal else None
-        if p.window is not None:
-            ok = rel < p.window if ok is None else ok & (rel < p.window)
-        mask = ok[None, None, None]
+        mask = band(rel, p.causal, p.window)[None, None, None]
     if kvalid is not None:
         key_ok = lax.dynamic_index_in_dim(kvalid, j, axis=1, keepdims=False)[:, None, None, None, :]
         mask = key_ok if mask is None else mask & key_ok

@@ -104,10 +104,7 @@ def masking(input_ids: jax.Array, attention_mask: jax.Array | None, positions: j
     positions = jnp.asarray(positions).astype(jnp.int32)
 
     def rule(rel, key_valid):          # rel: (T, S) query slot - key slot; key_valid: (B, S)
-        ok = rel >= 0
-        if sliding_window is not None:
-            ok = ok & (rel < sliding_window)
-        return ok[None, :, :] & (key_valid[:, None, :] > 0)
+        return attention.band(rel, True, sliding_window)[None, :, :] & (key_valid[:, None, :] > 0)
 
     seg = None
     if segment_ids is not None:
@@ -195,9 +192,6 @@ def output(x: jax.Array, head: nn.Module, return_hidden: bool):
         if isinstance(weight, jax.Array) and (tied or not head.use_bias):   # the fused loss has no bias
             return Hidden(x, weight, 0 if tied else 1)
     return (head.attend(x) if tied else head(x)).astype(jnp.float32)
-
-
-masked_softmax = attention.masked_softmax   # kept here for callers of the earlier location
 
 
 @jax.custom_vjp
