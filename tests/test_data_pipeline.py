@@ -332,3 +332,27 @@ def test_a_split_scans_and_tokenizes_only_its_own_records(smol, tmp_path):
     assert examples == data.tokenize_all([recs[i] for i in valid.indices], smol, max_length=L,
                                          sources=[f"{path}:{i + 1}" for i in valid.indices])
     assert data.fingerprint(valid) == valid.fingerprint() != src.fingerprint() != train.fingerprint()
+
+
+def test_the_run_holds_out_a_seeded_validation_split_of_the_train_file(smol, records, tmp_path):
+    """`jlora train` with `data.valid_fraction` and no `data.valid`: the held-out records are tokenized (and left
+    out of training) exactly as `data.split` and `data.tokenize_all` would, a malformed one skipped under
+    `on_bad_record: skip`."""
+    import types
+
+    from jlora.cli import config as runconfig
+    from jlora.cli import run as run_lib
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:40]) + '{"prompt": 1}\n')
+    cfg = runconfig.parse({"model": {"path": "unused"}, "data": {"train": str(path), "valid_fraction": 0.2,
+                                                                  "seed": 0, "on_bad_record": "skip"}})
+    loaded = types.SimpleNamespace(tokenizer=smol, params={}, name="tiny")
+    got = run_lib._load_data(cfg, loaded)
+    held = data.sources.held_out_mask(41, round(41 * 0.2), 0)
+    assert held[40]                     # the malformed record falls in the validation split, and is skipped
+    want_valid = [(f"{path}:{i + 1}", r) for i, r in enumerate(records[:40]) if held[i]]
+    assert len(got.train) == 41 - held.sum() and not got.prompts
+    assert got.valid == data.tokenize_all([r for _, r in want_valid], smol, max_length=cfg.data.max_length,
+                                          sources=[w for w, _ in want_valid])
+    assert [w for w, _ in got.train.scan()] == [f"{path}:{i + 1}" for i in range(41) if not held[i]]
