@@ -51,7 +51,8 @@ def _four_adapters(params, lay, qv, everything):
     return cfgs, ads
 
 
-@pytest.mark.parametrize("family,scan", [("llama", True), ("gpt2", False)])
+# the scanned Llama case (~19 s) runs in make test-all
+@pytest.mark.parametrize("family,scan", [pytest.param("llama", True, marks=pytest.mark.slow), ("gpt2", False)])
 def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(family, scan):
     model, params, ids, lay, qv, everything = _family(family, scan)
     cfgs, ads = _four_adapters(params, lay, qv, everything)

@@ -356,6 +356,7 @@ def test_other_restore_failures_are_not_called_corruption(mid_sized, monkeypatch
         assert_trees_equal(manager.restore(states[2], params=params, lora_config=cfg).state, states[2])
 
 
+@pytest.mark.slow   # a subprocess (~7 s); the clean error itself is checked in-process above
 def test_corrupt_restore_prints_only_the_clean_error(tmp_path):
     """A truncated data file fails orbax's read with other reads in flight; the asyncio leftovers ("Exception
     ignored in: <coroutine ...>", "Event loop is closed", "... exception was never retrieved") stay off stderr."""
@@ -365,6 +366,7 @@ def test_corrupt_restore_prints_only_the_clean_error(tmp_path):
     assert all(line.startswith("error: checkpoint ") for line in lines), proc.stderr[-3000:]
 
 
+@pytest.mark.slow   # ~6 s
 def test_manager_does_not_keep_the_base_alive(tmp_path, tiny, monkeypatch):
     """The base identity is cached per params tree (one fingerprint for many saves), by weak reference: a base
     the caller replaced (an 8B model, say) is freed, and a new tree is fingerprinted afresh."""

@@ -222,6 +222,7 @@ def _no_run_left(run_dir):
     assert not pathlib.Path(run_dir).exists(), sorted(os.listdir(run_dir))
 
 
+@pytest.mark.slow   # two CLI runs (~11 s)
 def test_a_failed_start_leaves_no_run_folder_and_the_fixed_command_runs(tiny, tmp_path):
     bad = tmp_path / "bad.jsonl"
     lines = pathlib.Path(TRAIN).read_text().splitlines()
@@ -486,6 +487,7 @@ def test_several_prompts_are_separated(tiny):
     assert re.search(r"^--- prompt 1/2: Hi\n(.|\n)*\n\n--- prompt 2/2: There\n", out, re.M), out
 
 
+@pytest.mark.slow   # ~10 s
 def test_inspect_groups_stacked_layers_and_names_the_model():
     code, out, err = _main("inspect", "--model", SMOL)
     assert code == 0, err

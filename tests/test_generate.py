@@ -132,6 +132,7 @@ def test_unmerged_lora_adapters_equal_merged():
     assert not np.array_equal(a.tokens, base.tokens)
 
 
+@pytest.mark.slow   # ~12 s of compiles
 def test_per_row_settings_equal_each_row_alone_and_share_one_compilation():
     """Each row of a batch with its own temperature/top-k/top-p/key draws exactly what it draws alone (so a row's
     tokens do not depend on its neighbours), and other settings reuse the compilation."""

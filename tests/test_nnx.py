@@ -171,7 +171,7 @@ X = jax.random.normal(jax.random.key(7), (4, 6))
 
 # --- tests --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mlp", "stack"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("stack", marks=pytest.mark.slow)])   # stack: ~13 s
 def test_fresh_adapters_are_a_no_op_and_apply_equals_merged_and_reference(name):
     model, cfg, inp, ref = ((SharedMLP(nnx.Rngs(0)), MLP_CFG, X, ref_mlp) if name == "mlp"
                             else (Stack(nnx.Rngs(0)), STACK_CFG, IDS, ref_stack))
@@ -447,6 +447,7 @@ CNN_CFG = jlora.LoraConfig(rank=4, alpha=8, targets=r"c\d/kernel", rank_pattern=
 IMAGES = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
 
 
+@pytest.mark.slow   # ~19 s; conv LoRA against its reference is in test_conv (make test)
 def test_cnn_conv_adapters():
     model = CNN(nnx.Rngs(0))
     params = jlora.nnx.params(model)

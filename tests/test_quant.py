@@ -204,6 +204,7 @@ def test_quantized_transform_equals_dequantized_model():
         model.apply({"params": q}, ids)
 
 
+@pytest.mark.slow   # ~7 s; scanned layers are in test_models, QLoRA in the other tests here
 def test_quantized_scanned_model():
     model, ids, params = _model_and_params(scan=True)
     lay = jlora.layout(model, ids)

@@ -95,6 +95,7 @@ def test_readme_shows_the_commands_it_should():
         assert any(c.startswith(f"jlora {sub} ") for c in found), sub
 
 
+@pytest.mark.slow   # every README command (~65 s); the same commands on a tiny model run in test_run (make test)
 def test_every_readme_command_runs(workdir):
     folder, results = workdir
     failed = [(command, code, output[-1500:]) for command, code, output in results if code != 0]
@@ -106,6 +107,7 @@ def test_every_readme_command_runs(workdir):
     assert all(output.strip() for output in generated)
 
 
+@pytest.mark.slow   # needs the README run folder above (make test-all)
 def test_readme_python_blocks_run(workdir):
     folder, _ = workdir
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
@@ -120,6 +122,7 @@ def test_readme_python_blocks_run(workdir):
         os.chdir(cwd)
 
 
+@pytest.mark.slow   # needs the README run folder above; serving is in test_serve (make test)
 def test_readme_serving_runs(workdir):
     """The README's `jlora serve` command serves the run the commands trained; its curl example answers what
     `jlora generate --chat` gives for that run, and its `openai` example runs (both sent to this server's port)."""
