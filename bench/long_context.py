@@ -20,6 +20,7 @@ import sys
 import tempfile
 
 from bench import common, steps
+from jlora import runtime
 
 LENGTHS = (512, 1024, 2048, 4096)
 STEP_LENGTH = 2048
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.step:
+        runtime.keep_freed_memory()    # as `jlora train` does (before jax starts); PEFT, in this process, gets it too
         common.pin_one_core()          # before jax or torch start their thread pools
         result = step_times(repeats=args.repeats, layers=args.layers)
     else:

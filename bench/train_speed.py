@@ -23,6 +23,7 @@ import sys
 import tempfile
 
 from bench import common, steps
+from jlora import runtime
 
 MULTI = f"jlora LoRA, {common.STEPS_PER_CALL} steps/call"
 
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    runtime.keep_freed_memory()   # as `jlora train` does (before jax starts); PEFT, in this process, gets it too
     if args.threads == "1":
         common.pin_one_core()   # before jax or torch start their thread pools
     section = measure(repeats=args.repeats, layers=args.layers)
