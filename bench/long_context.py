@@ -84,7 +84,7 @@ def run(*, repeats: int = 3, layers: int | None = None, lengths=LENGTHS) -> dict
           f"temp({top}) / temp({base}): {results['temp_ratio']:.2f} with the blocked kernel (4.00 is linear, 16 "
           f"quadratic), {results['temp_ratio_xla']:.2f} with the whole-matrix one.", "",
           f"Step time at T = {STEP_LENGTH}, batch 1, {st['threads']} thread (process pinned to one core), median of "
-          f"{repeats} steps after warm-up, alternating:", "",
+          f"{repeats} steps after warm-up, alternating, in one process with `jlora.runtime.keep_freed_memory()`:", "",
           common.md_table(["step", "wall s (median)", "process CPU s (median)"],
                           [[n, f"{st[n]['wall_median_s']:.2f}", f"{st[n]['cpu_median_s']:.2f}"]
                            for n in ("jlora LoRA", "PEFT LoRA")]), "",

@@ -242,13 +242,22 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
 - `jlora.scan_steps` (and `train.steps_per_call` in run configs) runs n steps in one call, so the scratch is
   faulted in once per call instead of once per step (38k faults per step at 4 steps/call): the
   "4 steps/call" rows. The same steps and numerics (tested against one call per step).
-- Environment, not used in any table: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for
-  malloc'd memory, both sides in one process) removes the faults: jlora 4.13 s vs PEFT 4.40 s per q,v step
-  (0.94) in a side run. Worth setting for CPU training; it is a process setting, so jlora does not set it.
-- Still slower than torch: attention (XLA materializes the masked (B, KV, G*T, T) scores and copies q, k, v
-  to and from head-major layout: about 500 ms per step of which ~200 ms are matmuls; torch's fused CPU
-  flash-attention kernel does neither); with all linear layers, the low-rank paths add (tokens, features)
-  buffers per layer (each new MiB of scratch costs ~0.7 ms a step in faults), about 0.55 s over q,v.
+- Why the scratch came back as fresh pages every call: XLA:CPU runs on its own threads, whose glibc malloc
+  arenas cannot hold a block over 64 MiB, so glibc maps each call's block afresh and unmaps it when freed.
+  `jlora.runtime.keep_freed_memory()` (one arena, no mmap'd blocks, no trimming) makes glibc keep the freed
+  block and hand it back on the next call: page faults per q,v step 153k -> 2 and per all-linear step 243k -> 0,
+  q,v step 3.38 -> 3.33 s and all-linear 4.24 -> 3.39 s in a side run (30 layers, 4 x 128, 1 core). `jlora
+  train` and `jlora eval` call it at start, and the train-step tables here run both contenders with it (in one
+  process, so PEFT gets it too: its own faults, 111k-116k per step, also drop to ~0). Its cost: the process keeps
+  its peak memory. (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, transparent huge pages for malloc'd memory, was an
+  earlier partial fix: 0.94 on q,v in a side run.)
+- Still slower than it could be: attention at T = 128 (one tile: the whole-matrix kernel; torch's fused CPU
+  flash-attention kernel does not materialize the scores); with all linear layers XLA fuses each low-rank add
+  `y + (x A) B` into its consumers (gate and up feed the silu gate, whose backward needs them), so it keeps both
+  addends alive instead of their sum, and it keeps silu(gate) and the MLP activation besides: about 11.5 MiB
+  more scratch per layer at 4 x 128 than q,v (28.2 vs 16.7 MiB). Optimization barriers are dropped by XLA:CPU
+  and `jax.checkpoint` with a name policy made it larger (17.8 / 30.5 MiB per layer): left as is. With
+  `keep_freed_memory` that scratch costs memory, not time.
 - Screened and rejected: XLA:CPU flags (fast math, vector width, oneDNN/XNNPACK dot fusions instead of
   YNNPACK, eltwise/reduce fusion types, schedulers): none beat the defaults; smaller loss chunks (fewer faults,
   but the 113 MB head weight is re-read per chunk: slower); `nn.scan` over layers (fewer faults, more user time).

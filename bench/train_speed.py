@@ -87,7 +87,8 @@ def measure(*, repeats: int = 5, layers: int | None = None) -> dict:
     md = [f"Batch {ids.shape[0]} x {ids.shape[1]}, {hf['num_hidden_layers']} layers, fp32, {n} threads on both "
           f"sides, median of {repeats} steps after warm-up (alternating contenders). \"{MULTI}\": "
           f"{common.STEPS_PER_CALL} steps in one call (`jlora.scan_steps`), per-step time = call time / "
-          f"{common.STEPS_PER_CALL}.", "",
+          f"{common.STEPS_PER_CALL}. Both run in one process with `jlora.runtime.keep_freed_memory()`, as "
+          f"`jlora train` runs.", "",
           common.md_table(["targets", "step", "wall s (median)", "process CPU s (median)"], rows), "",
           common.md_table(["ratio (median of per-round ratios)", "q,v", "all linear"],
                           [[k, common.fmt_ratio(v), common.fmt_ratio(al.get(k))] for k, v in qv.items()])]
