@@ -242,8 +242,9 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
 - `jlora.scan_steps` (and `train.steps_per_call` in run configs) runs n steps in one call, so the scratch is
   faulted in once per call instead of once per step (38k faults per step at 4 steps/call): the
   "4 steps/call" rows. The same steps and numerics (tested against one call per step).
-- Why the scratch came back as fresh pages every call: XLA:CPU runs on its own threads, whose glibc malloc
-  arenas cannot hold a block over 64 MiB, so glibc maps each call's block afresh and unmaps it when freed.
+- Why the scratch came back as fresh pages every call: glibc gives a block over its mmap threshold (32 MiB at
+  most) its own mapping and unmaps it when freed, and XLA:CPU's threads allocate from per-thread arenas whose
+  heaps cannot hold a block over 64 MiB (turning off mmap alone left the faults; one arena as well removed them).
   `jlora.runtime.keep_freed_memory()` (one arena, no mmap'd blocks, no trimming) makes glibc keep the freed
   block and hand it back on the next call: page faults per q,v step 153k -> 2 and per all-linear step 243k -> 0,
   q,v step 3.38 -> 3.33 s and all-linear 4.24 -> 3.39 s in a side run (30 layers, 4 x 128, 1 core). `jlora

@@ -1,9 +1,10 @@
 """Host-memory setting for train steps on the CPU: reuse XLA's per-call scratch block instead of faulting it in.
 
 A compiled train step gets its scratch ("temp") memory as one block per call: 0.6 GB for a LoRA q,v step of
-SmolLM2-135M at 4 x 128 tokens, 0.95 GB with every linear layer adapted. XLA:CPU runs on its own threads, whose
-glibc malloc arenas cannot hold a block over 64 MiB, so each call gets fresh ``mmap`` pages and the kernel faults
-every 4 KiB page in again and zeroes it: 150,000 to 240,000 page faults per step, 8-20 % of the step on the
+SmolLM2-135M at 4 x 128 tokens, 0.95 GB with every linear layer adapted. glibc's malloc gives a block that large
+its own ``mmap`` and unmaps it when it is freed (and XLA:CPU's threads allocate from per-thread arenas, whose heaps
+cannot hold a block over 64 MiB anyway), so each call gets fresh pages and the kernel faults every 4 KiB page in
+again and zeroes it: 150,000 to 240,000 page faults per step, up to 20 % of the step on the
 project's CPU machine (bench/README.md). :func:`keep_freed_memory` makes glibc serve large blocks from one heap
 and keep what is freed, so from the second call on the block is reused with no page faults.
 

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 def console() -> None:
     """The ``jlora`` program (and ``python -m jlora.cli``): :func:`main` on the command line, after
     :func:`jlora.runtime.keep_freed_memory` for ``train`` and ``eval``, whose compiled steps reuse one scratch
-    block from call to call instead of faulting it in afresh (8-20 % of a CPU train step, bench/README.md)."""
+    block from call to call instead of faulting it in afresh (up to 20 % of a CPU train step, bench/README.md)."""
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     if command in ("train", "eval"):
         from jlora import runtime
