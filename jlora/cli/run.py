@@ -559,8 +559,7 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
         raise ConfigError(f"model {cfg.model.path!r} has no tokenizer; jlora's runs need one (tokenizer.json)")
     d = cfg.data
     try:
-        train = data_lib.open_source(d.train, columns=data_lib.records.needed_columns(d.columns))
-        data_lib.records.check_schema(train, d.columns)
+        train = data_lib.records.open_records(d.train, d.columns)
         bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
         if d.valid:
             valid = data_lib.load(d.valid, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,

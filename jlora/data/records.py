@@ -141,9 +141,16 @@ def check(source: Source, columns: Mapping[str, str] | None = None, *, on_bad_re
 def read(path: str | os.PathLike | Sequence[str | os.PathLike], *, columns: Mapping[str, str] | None = None,
          limit: int | None = None) -> list[tuple[str, dict]]:
     """``(where, record)`` for the records of data files (any format; the first ``limit``), each validated."""
+    return read_source(open_records(path, columns), columns=columns, limit=limit)
+
+
+def open_records(path: str | os.PathLike | Sequence[str | os.PathLike],
+                 columns: Mapping[str, str] | None = None) -> Source:
+    """:func:`jlora.data.open_source` reading only the columns the record formats need (``columns`` maps their
+    names), with the schema checked (:func:`check_schema`), so a missing column fails before any record is read."""
     source = open_source(path, columns=needed_columns(columns))
     check_schema(source, columns)
-    return read_source(source, columns=columns, limit=limit)
+    return source
 
 
 def read_source(source: Source, *, columns: Mapping[str, str] | None = None, limit: int | None = None,
@@ -389,9 +396,7 @@ def load(path: str | os.PathLike, tokenizer, *, max_length: int, overflow: str =
          columns: Mapping[str, str] | None = None) -> list[Example]:
     """:func:`read` + `tokenize_all` into memory (for small data; :class:`jlora.data.Loader` streams files), with
     ``file:line`` sources in every message."""
-    source = open_source(path, columns=needed_columns(columns))
-    check_schema(source, columns)
-    return tokenize_source(source, tokenizer, max_length=max_length, overflow=overflow, columns=columns)
+    return tokenize_source(open_records(path, columns), tokenizer, max_length=max_length, overflow=overflow, columns=columns)
 
 
 def tokenize_source(source: Source, tokenizer, *, max_length: int, overflow: str = "error",
