@@ -253,12 +253,19 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   its peak memory. (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, transparent huge pages for malloc'd memory, was an
   earlier partial fix: 0.94 on q,v in a side run.)
 - Still slower than it could be: attention at T = 128 (one tile: the whole-matrix kernel; torch's fused CPU
-  flash-attention kernel does not materialize the scores); with all linear layers XLA fuses each low-rank add
-  `y + (x A) B` into its consumers (gate and up feed the silu gate, whose backward needs them), so it keeps both
-  addends alive instead of their sum, and it keeps silu(gate) and the MLP activation besides: about 11.5 MiB
-  more scratch per layer at 4 x 128 than q,v (28.2 vs 16.7 MiB). Optimization barriers are dropped by XLA:CPU
-  and `jax.checkpoint` with a name policy made it larger (17.8 / 30.5 MiB per layer): left as is. With
-  `keep_freed_memory` that scratch costs memory, not time.
+  flash-attention kernel does not materialize the scores).
+- The all-linear step's extra scratch: with every linear layer adapted, XLA:CPU fused each low-rank add
+  `x W + (x A) B` into all its consumers (gate and up feed the silu gate, forward and backward), so it kept
+  both (tokens, out) addends alive until the backward pass instead of their sum: 28.3 MiB of temp per layer at
+  4 x 128, against 16.6 for q,v (optimization barriers are dropped by XLA:CPU; `jax.checkpoint` with a name
+  policy made it larger, 17.8 / 30.5 MiB). On CPU the transform now computes an adapted `nn.Dense` as one
+  matmul, `[x, x A] [W; s B]` (`jlora.transform.lora_dense`, a custom JVP whose frozen-kernel tangent is a
+  symbolic zero, so no weight gradient is computed), which yields the sum itself: 22.3 MiB per layer (the rest
+  over q,v is the inputs of the extra adapted layers, which their A gradients need); q,v unchanged. A 12-layer
+  all-linear step: temp 440 -> 369 MiB, the same compiled FLOPs, and step time 1.005x the two-matmul form
+  (q,v 1.000x; 1 core, medians of 7 alternating calls in one process: within noise), so the copy of W into
+  `[W; s B]` costs nothing measurable here. Other backends keep the two-matmul form (not measured there: no
+  GPU in this run).
 - Screened and rejected: XLA:CPU flags (fast math, vector width, oneDNN/XNNPACK dot fusions instead of
   YNNPACK, eltwise/reduce fusion types, schedulers): none beat the defaults; smaller loss chunks (fewer faults,
   but the 113 MB head weight is re-read per chunk: slower); `nn.scan` over layers (fewer faults, more user time).

@@ -6,7 +6,8 @@ mirrors the params, and intercepts the calls of the layers it knows (``nn.Dense`
 whose scope holds an :class:`jlora.Adapter` computes its usual output plus the low-rank path
 ``scale * (dropout(x) @ A) @ B`` (for a convolution, as PEFT: A a convolution of the layer's geometry into r
 channels, B a 1x1 convolution), so the full-size update ``A @ B`` is never formed and the backward pass never
-builds a full-size weight gradient. The interceptor is a closure over one call's state (config, what ran, what
+builds a full-size weight gradient. On CPU a plain ``nn.Dense`` computes both terms as one matmul
+(:func:`lora_dense`). The interceptor is a closure over one call's state (config, what ran, what
 was used); nothing is kept between calls.
 
 Because adapters are a collection, ``nn.scan`` slices them per layer like the params, provided the scan lists
@@ -26,6 +27,7 @@ outputs, for kernels of more than 2 dims.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -184,16 +186,73 @@ def _low_rank_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(jnp.matmul(x, a), b)
 
 
+def _tangent_matmul(x: jax.Array, d: jax.Array) -> jax.Array:
+    """``x @ d`` for a weight tangent ``d``, written ``(d^T x^T)^T``: its transpose, the weight gradient
+    ``x^T @ g``, then keeps the large ``x`` and ``g`` on the right-hand side, which XLA:CPU lays out without
+    materializing ``x^T`` or ``g^T``."""
+    t = jax.lax.dot_general(d, x.reshape(-1, x.shape[-1]), (((0,), (1,)), ((), ())))    # (n, tokens)
+    return t.T.reshape(*x.shape[:-1], t.shape[0])
+
+
 @_low_rank_matmul.defjvp
 def _low_rank_jvp(primals, tangents):
     x, a, b = primals
     dx, da, db = tangents
     h = jnp.matmul(x, a)
-    x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-    rows = lambda t: t.T.reshape(*x.shape[:-1], t.shape[0])  # noqa: E731  ((n, tokens) -> (..., n))
-    x_da = rows(jax.lax.dot_general(da, x2, (((0,), (1,)), ((), ()))))    # x @ da as (da^T x^T)^T
-    h_db = rows(jax.lax.dot_general(db, h2, (((0,), (1,)), ((), ()))))    # h @ db as (db^T h^T)^T
-    return jnp.matmul(h, b), jnp.matmul(jnp.matmul(dx, a) + x_da, b) + h_db
+    return jnp.matmul(h, b), jnp.matmul(jnp.matmul(dx, a) + _tangent_matmul(x, da), b) + _tangent_matmul(h, db)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def lora_dense(x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
+               precision=None) -> jax.Array:
+    """``x @ w + (xd @ a) @ b``, an ``nn.Dense`` kernel plus its low-rank path, as one matmul ``[x, xd a] [w; b]``.
+
+    ``xd`` is the input of the low-rank path (``x`` itself, or ``x`` after LoRA dropout) and ``b`` carries the
+    scale. Adding the two products as separate arrays lets XLA:CPU fuse the add into every consumer of the sum
+    (a gated MLP's activation, forward and backward), which then keeps both (tokens, out) addends alive until
+    the backward pass instead of one sum; one matmul yields the sum directly. The copy of ``w`` into ``[w; b]``
+    is the price (measured free on CPU, see bench/README.md), so the transform takes this path on CPU only.
+    Being a JVP of plain ops (tangents of frozen inputs are symbolic zeros and cost nothing), it serves both
+    differentiation modes.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> kx, kw, ka, kb = jax.random.split(jax.random.key(0), 4)
+        >>> x, w = jax.random.normal(kx, (2, 3, 8)), jax.random.normal(kw, (8, 5))
+        >>> a, b = jax.random.normal(ka, (8, 2)), jax.random.normal(kb, (2, 5))
+        >>> bool(jnp.allclose(lora_dense(x, x, w, a, b), x @ w + (x @ a) @ b, atol=1e-5))
+        True
+    """
+    h = jnp.matmul(xd, a, precision=precision)
+    return jnp.matmul(jnp.concatenate([x, h], -1), jnp.concatenate([w, b], 0), precision=precision)
+
+
+def _lora_dense_jvp(precision, primals, tangents):
+    x, xd, w, a, b = primals
+    dx, dxd, dw, da, db = (None if isinstance(t, jax.custom_derivatives.SymbolicZero) else t for t in tangents)
+    mm = functools.partial(jnp.matmul, precision=precision)
+    h = mm(xd, a)
+    y = mm(jnp.concatenate([x, h], -1), jnp.concatenate([w, b], 0))
+    dh = [mm(dxd, a)] if dxd is not None else []
+    dh += [_tangent_matmul(xd, da)] if da is not None else []
+    dy = [mm(dx, w)] if dx is not None else []
+    dy += [mm(sum(dh[1:], dh[0]), b)] if dh else []
+    dy += [_tangent_matmul(h, db)] if db is not None else []
+    dy += [_tangent_matmul(x, dw)] if dw is not None else []
+    return y, sum(dy[1:], dy[0]) if dy else jnp.zeros_like(y)
+
+
+lora_dense.defjvp(_lora_dense_jvp, symbolic_zeros=True)
+
+
+def _fused_dense(module: nn.Module, kernel, method: str, node: Adapter) -> bool:
+    """Whether an adapted layer's output goes through :func:`lora_dense`: a plain ``nn.Dense`` call on CPU
+    with a plain kernel and a plain (ungrouped, unstacked) LoRA adapter."""
+    return (jax.default_backend() == "cpu" and method == "__call__" and type(module).__call__ is nn.Dense.__call__
+            and module.dot_general is None and module.dot_general_cls is None
+            and module.promote_dtype is nn.dtypes.promote_dtype and isinstance(kernel, jax.Array)
+            and adapter_lib.variant(node.variant).layer_call is None and jnp.ndim(node.a) == 2
+            and jnp.ndim(node.b) == 2 and jnp.shape(node.a)[1] == jnp.shape(node.b)[0])
 
 
 def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
@@ -302,11 +361,17 @@ def _interceptor(trace: _Trace):
         spec = _spec(module, kind, kwargs, tuple(jnp.shape(kernel)))
         check_node(spec, node, path, f"nn.{kind}")
         x = args[0] if args else next(iter(kwargs.values()))
-        y = call(*args, **kwargs)
         trace.used.add(path)
         scale = trace.cfg.scale(path)
         dropout = ((lambda v: _dropout(module, v, rate))
                    if rate > 0 and kind != "Embed" and module.has_rng(DROPOUT_RNG) else None)
+        if ktype is None and _fused_dense(module, kernel, method, node):
+            bias = module.get_variable("params", "bias") if module.use_bias else None
+            x, w, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+            a, b = node.a.astype(w.dtype), (node.b * scale).astype(w.dtype)
+            y = lora_dense(x, x if dropout is None else dropout(x), w, a, b, module.precision)
+            return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        y = call(*args, **kwargs)
         var = adapter_lib.variant(node.variant)
         if var.layer_call is not None:
             bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None

@@ -258,20 +258,87 @@ def test_low_rank_matmul_gradients_pass_numerical_checks():
 
 def test_low_rank_reverse_pass_keeps_large_operands_untransposed():
     """The reason for the custom rule: no transposed copy of the (tokens, features) operands in the backward."""
-    from jlora.transform import _low_rank_matmul
+    from jlora.transform import _low_rank_matmul, lora_dense
 
     x, w = jnp.ones((4, 64, 96)), jnp.ones((96, 128))
     a, b = jnp.ones((96, 4)), jnp.ones((4, 128))
 
     def hlo(f):
-        g = jax.jit(jax.grad(lambda x, a, b: jnp.sum(jnp.tanh(x @ w + f(x, a, b))), argnums=(0, 1, 2)))
+        g = jax.jit(jax.grad(lambda x, a, b: jnp.sum(jnp.tanh(f(x, a, b))), argnums=(0, 1, 2)))
         return g.lower(x, a, b).compile().as_text()
 
-    ours, plain = hlo(_low_rank_matmul), hlo(lambda x, a, b: (x @ a) @ b)
+    ours, plain = hlo(lambda x, a, b: x @ w + _low_rank_matmul(x, a, b)), hlo(lambda x, a, b: x @ w + (x @ a) @ b)
+    fused = hlo(lambda x, a, b: lora_dense(x, x, w, a, b))
     big = ("f32[128,256]", "f32[96,256]", "f32[128,4,64]", "f32[96,4,64]")
     count = lambda text: sum(line.count(s) for line in text.splitlines()                      # noqa: E731
                              if " transpose(" in line or " copy(" in line for s in big)
-    assert count(ours) == 0 < count(plain)
+    assert count(ours) == count(fused) == 0 < count(plain)
+
+
+def test_lora_dense_gradients_pass_numerical_checks():
+    """The one-matmul Dense + low-rank path: every input differentiable, both modes, against plain jnp."""
+    from jlora.transform import lora_dense
+
+    ks = jax.random.split(jax.random.key(7), 5)
+    x, xd = jax.random.normal(ks[0], (2, 3, 5)), jax.random.normal(ks[1], (2, 3, 5))   # xd: dropout's input
+    w, a, b = jax.random.normal(ks[2], (5, 4)), jax.random.normal(ks[3], (5, 2)), jax.random.normal(ks[4], (2, 4))
+    check_grads(lora_dense, (x, xd, w, a, b), order=2, modes=("fwd", "rev"))
+    plain = lambda x, xd, w, a, b: x @ w + (xd @ a) @ b                                      # noqa: E731
+    loss = lambda f: lambda *t: jnp.sum(jnp.sin(f(*t)))                                     # noqa: E731
+    assert max_diff(lora_dense(x, xd, w, a, b), plain(x, xd, w, a, b)) <= 1e-5
+    assert_trees_all_close(jax.grad(loss(lora_dense), argnums=range(5))(x, xd, w, a, b),
+                           jax.grad(loss(plain), argnums=range(5))(x, xd, w, a, b), atol=1e-5)
+
+
+def test_lora_dense_frozen_kernel_costs_no_weight_gradient():
+    """With the kernel frozen its tangent is a symbolic zero: the step does the FLOPs of the two-matmul form."""
+    from jlora.transform import _low_rank_matmul, lora_dense
+
+    x, w = jnp.ones((4, 64, 96)), jnp.ones((96, 128))
+    a, b = jnp.ones((96, 4)), jnp.ones((4, 128))
+
+    def flops(f):
+        g = jax.jit(jax.grad(lambda x, a, b: jnp.sum(jnp.tanh(f(x, a, b))), argnums=(0, 1, 2)))
+        return g.lower(x, a, b).compile().cost_analysis()["flops"]
+
+    ours = flops(lambda x, a, b: lora_dense(x, x, w, a, b))
+    plain = flops(lambda x, a, b: x @ w + _low_rank_matmul(x, a, b))
+    weight_gradient = 2 * 4 * 64 * 96 * 128
+    assert abs(ours - plain) < weight_gradient / 10, (ours, plain)
+
+
+def test_adapted_dense_keeps_one_sum_per_gated_mlp_input(monkeypatch):
+    """On CPU, ``jlora.apply`` computes an adapted ``nn.Dense`` as one matmul, so a gated MLP's backward keeps
+    the sum ``x W + s (x A) B`` instead of both addends: compiled temp memory drops by at least one
+    (tokens, intermediate) buffer per layer against the two-matmul form (deterministic: XLA's buffer plan)."""
+    from jlora import transform
+    from jlora.models.layers import silu_gate
+
+    tokens, width, inter, layers = 4 * 64, 32, 256, 3
+
+    class GatedMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(layers):
+                dense = lambda n, name: nn.Dense(n, use_bias=False, name=f"{name}{i}")          # noqa: E731
+                x = x + dense(width, "down")(silu_gate(dense(inter, "gate")(x), dense(inter, "up")(x)))
+            return x
+
+    x = jax.random.normal(KEY, (4, 64, width))
+    model = GatedMLP()
+    params = model.init(KEY, x)["params"]
+    cfg = jlora.LoraConfig(rank=4, targets=("gate", "up", "down"))
+    ad = randomize(jlora.init(params, cfg, key=KEY), jax.random.key(3), 0.3)
+
+    def step():
+        f = jax.jit(jax.grad(lambda ad: jnp.mean(jnp.tanh(jlora.apply(model, params, ad, cfg, x)))))
+        return f.lower(ad).compile().memory_analysis().temp_size_in_bytes, f(ad)
+
+    fused, grads = step()
+    monkeypatch.setattr(transform, "_fused_dense", lambda *a: False)
+    plain, want = step()
+    assert fused <= plain - layers * tokens * inter * 4, (fused, plain)
+    assert_trees_all_close(grads, want, atol=1e-6, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- stacked adapters
