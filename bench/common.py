@@ -96,9 +96,12 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
     """Times each zero-argument ``fn`` (which must block until its work is done) ``repeats`` times, alternating.
 
     Round ``i`` runs the contenders in rotated order, so a slow spell on a shared machine lands on all of them.
+    The ``warmup`` rounds alternate too, so the timed rounds start from the heap state they will keep (with
+    ``jlora.runtime.keep_freed_memory`` each side's first call after the other's first call can still fault
+    fresh pages in).
     """
-    for fn in fns.values():
-        for _ in range(warmup):
+    for _ in range(warmup):
+        for fn in fns.values():
             fn()
     names = list(fns)
     out = {name: Samples() for name in names}

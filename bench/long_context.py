@@ -24,6 +24,7 @@ from jlora import runtime
 
 LENGTHS = (512, 1024, 2048, 4096)
 STEP_LENGTH = 2048
+WARMUP = 2   # rounds: the heap settles once each side has run after the other (see common.interleaved)
 
 
 def temp_memory(length: int, attention: str, *, layers: int | None = None) -> dict:
@@ -43,7 +44,7 @@ def step_times(*, length: int = STEP_LENGTH, repeats: int = 3, layers: int | Non
     model, params = common.jlora_model(hf)
     jl = steps.jlora_lora(model, params, ids, common.QV, count_flops=False)
     fns = {"jlora LoRA": jl.run, "PEFT LoRA": steps.torch_step(common.torch_model(hf), ids, targets=common.QV)}
-    samples = common.interleaved(fns, repeats=repeats)
+    samples = common.interleaved(fns, repeats=repeats, warmup=WARMUP)
     out = {name: s.summary() for name, s in samples.items()}
     out["ratio_wall"] = common.paired_ratio(samples, "jlora LoRA", "PEFT LoRA")
     out["ratio_cpu"] = common.paired_ratio(samples, "jlora LoRA", "PEFT LoRA", "cpu")
@@ -84,7 +85,8 @@ def run(*, repeats: int = 3, layers: int | None = None, lengths=LENGTHS) -> dict
           f"temp({top}) / temp({base}): {results['temp_ratio']:.2f} with the blocked kernel (4.00 is linear, 16 "
           f"quadratic), {results['temp_ratio_xla']:.2f} with the whole-matrix one.", "",
           f"Step time at T = {STEP_LENGTH}, batch 1, {st['threads']} thread (process pinned to one core), median of "
-          f"{repeats} steps after warm-up, alternating, in one process with `jlora.runtime.keep_freed_memory()`:", "",
+          f"{repeats} steps after {WARMUP} warm-up rounds, alternating, in one process with "
+          f"`jlora.runtime.keep_freed_memory()`:", "",
           common.md_table(["step", "wall s (median)", "process CPU s (median)"],
                           [[n, f"{st[n]['wall_median_s']:.2f}", f"{st[n]['cpu_median_s']:.2f}"]
                            for n in ("jlora LoRA", "PEFT LoRA")]), "",

@@ -30,8 +30,9 @@ _applied: bool | None = None
 
 def keep_freed_memory() -> bool:
     """Sets glibc's malloc to serve every block from one heap (``M_ARENA_MAX=1``, ``M_MMAP_MAX=0``) and to keep
-    freed memory (``M_TRIM_THRESHOLD`` at its maximum), so that a compiled step's scratch block is reused from call
-    to call (see the module docstring). Idempotent.
+    freed memory (``M_TRIM_THRESHOLD=-1``: never trim; the largest positive value, 2 GiB, would still hand back a
+    long-context step's scratch), so that a compiled step's scratch block is reused from call to call (see the
+    module docstring). Idempotent.
 
     Returns:
         True when glibc took the settings; False on other C libraries (macOS, musl), where nothing changes.
@@ -44,7 +45,7 @@ def keep_freed_memory() -> bool:
 
 def _mallopt_all() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))   # -1: never trim (mallopt(3))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 

@@ -50,3 +50,36 @@ def test_kept_memory_stops_the_page_faults_of_each_call_and_changes_no_result():
     pages = 2 * 4096 * 4096 * 4 // 4096                # the two products, in 4 KiB pages
     assert sorted(default["faults"])[3] > pages // 4, (default, kept)   # fresh pages on every call (~22,000 here)
     assert sorted(kept["faults"])[3] * 20 < sorted(default["faults"])[3], (default, kept)   # reused (~1 here)
+
+
+BIG = r"""
+import ctypes, json, resource, sys
+import jlora.runtime
+applied = jlora.runtime.keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = int(sys.argv[1])
+faults = []
+for _ in range(2):   # a block over 2 GiB (a long-context step's scratch), written, freed, asked for again
+    p = libc.malloc(size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(p, 1, size)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(p)
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_memory_holds_a_block_over_two_gib():
+    """The bug this catches: a trim threshold of 2**31 - 1 (mallopt takes an int) let glibc hand back a freed
+    2.2 GB scratch block (T = 2048, 30 layers), so every call faulted it in again; -1 turns trimming off."""
+    size = (2 << 30) + (256 << 20)
+    done = subprocess.run([sys.executable, "-c", BIG, str(size)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    pages = size // 4096
+    assert out["applied"] is True and out["faults"][0] > pages // 2, out    # the first write faults it in
+    assert out["faults"][1] < pages // 100, out                             # the second reuses it
