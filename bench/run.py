@@ -271,10 +271,10 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   policy made it larger, 17.8 / 30.5 MiB). On CPU the transform now computes an adapted `nn.Dense` as one
   matmul, `[x, x A] [W; s B]` (`jlora.transform.lora_dense`, a custom JVP whose frozen-kernel tangent is a
   symbolic zero, so no weight gradient is computed), which yields the sum itself: 22.3 MiB per layer (the rest
-  over q,v is the inputs of the extra adapted layers, which their A gradients need); q,v unchanged. A 12-layer
-  all-linear step: temp 440 -> 369 MiB, the same compiled FLOPs, and step time 1.005x the two-matmul form
-  (q,v 1.000x; 1 core, medians of 7 alternating calls in one process: within noise), so the copy of W into
-  `[W; s B]` costs nothing measurable here. Other backends keep the two-matmul form (not measured there: no
+  over q,v is the inputs of the extra adapted layers, which their A gradients need); q,v unchanged. The
+  30-layer all-linear step: temp 949 -> 774 MiB, the same compiled FLOPs, step time 1.005x the two-matmul form
+  (1 core, median of 7 alternating calls in one process; 12 layers: 1.005x, q,v 1.000x), so copying W into
+  `[W; s B]` costs about half a percent here. Other backends keep the two-matmul form (not measured there: no
   GPU in this run).
 - Screened and rejected: XLA:CPU flags (fast math, vector width, oneDNN/XNNPACK dot fusions instead of
   YNNPACK, eltwise/reduce fusion types, schedulers): none beat the defaults; smaller loss chunks (fewer faults,
