@@ -6,7 +6,8 @@ its own ``mmap`` and unmaps it when it is freed (and XLA:CPU's threads allocate 
 cannot hold a block over 64 MiB anyway), so each call gets fresh pages and the kernel faults every 4 KiB page in
 again and zeroes it: 150,000 to 240,000 page faults per step, up to 20 % of the step on the
 project's CPU machine (bench/README.md). :func:`keep_freed_memory` makes glibc serve large blocks from one heap
-and keep what is freed, so from the second call on the block is reused with no page faults.
+and keep what is freed, so from the second call on the block is reused, mostly with no page faults (a call can
+still take fresh pages when a small allocation has split the freed block; the heap settles after a few calls).
 
 The cost: the process keeps its peak memory (freed memory is reused, not handed back to the OS) and all threads
 share one malloc arena. That suits a training or evaluation process; ``jlora train`` and ``jlora eval`` call it at

@@ -28,7 +28,7 @@ def f(x):   # two (4096, 4096) float32 products, 64 MiB each: a 128 MiB scratch 
 x = jnp.linspace(0, 1, 4096 * 4096, dtype=jnp.float32).reshape(4096, 4096)
 f(x).block_until_ready(); f(x).block_until_ready()
 faults, out = [], None
-for _ in range(7):
+for _ in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = float(f(x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -48,8 +48,12 @@ def test_kept_memory_stops_the_page_faults_of_each_call_and_changes_no_result():
     default, kept = _probe("default"), _probe("keep")
     assert kept["applied"] is True and kept["out"] == default["out"]
     pages = 2 * 4096 * 4096 * 4 // 4096                # the two products, in 4 KiB pages
-    assert sorted(default["faults"])[3] > pages // 4, (default, kept)   # fresh pages on every call (~22,000 here)
-    assert sorted(kept["faults"])[3] * 20 < sorted(default["faults"])[3], (default, kept)   # reused (~1 here)
+    assert min(default["faults"]) > pages // 4, (default, kept)         # fresh pages on every call (~17,000 here)
+    # Reused: most calls take no fresh pages (0-1 faults). Not every one: a small allocation between calls can
+    # split the freed block, and the next call then takes fresh pages at the top of the heap (a 64 MiB product,
+    # 17,152 faults, in up to 5 of 12 calls in 8 probes), so the test counts the calls that faulted nothing.
+    reused = sum(f < pages // 100 for f in kept["faults"])
+    assert reused >= len(kept["faults"]) // 2, (default, kept)
 
 
 BIG = r"""
