@@ -212,9 +212,8 @@ def lora_dense(x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.A
     (a gated MLP's activation, forward and backward), which then keeps both (tokens, out) addends alive until
     the backward pass instead of one sum; one matmul yields the sum directly. The copy of ``w`` into ``[w; b]``
     is the price (about 0.5% of a CPU train step, see bench/README.md), so the transform takes this path on CPU
-    only.
-    Being a JVP of plain ops (tangents of frozen inputs are symbolic zeros and cost nothing), it serves both
-    differentiation modes.
+    only. Being a JVP of plain ops (tangents of frozen inputs are symbolic zeros and cost nothing), it serves
+    both differentiation modes.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -224,16 +223,19 @@ def lora_dense(x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.A
         >>> bool(jnp.allclose(lora_dense(x, x, w, a, b), x @ w + (x @ a) @ b, atol=1e-5))
         True
     """
+    return _lora_dense_value(x, xd, w, a, b, precision)[1]
+
+
+def _lora_dense_value(x, xd, w, a, b, precision):
     h = jnp.matmul(xd, a, precision=precision)
-    return jnp.matmul(jnp.concatenate([x, h], -1), jnp.concatenate([w, b], 0), precision=precision)
+    return h, jnp.matmul(jnp.concatenate([x, h], -1), jnp.concatenate([w, b], 0), precision=precision)
 
 
 def _lora_dense_jvp(precision, primals, tangents):
     x, xd, w, a, b = primals
     dx, dxd, dw, da, db = (None if isinstance(t, jax.custom_derivatives.SymbolicZero) else t for t in tangents)
     mm = functools.partial(jnp.matmul, precision=precision)
-    h = mm(xd, a)
-    y = mm(jnp.concatenate([x, h], -1), jnp.concatenate([w, b], 0))
+    h, y = _lora_dense_value(x, xd, w, a, b, precision)
     dh = [mm(dxd, a)] if dxd is not None else []
     dh += [_tangent_matmul(xd, da)] if da is not None else []
     dy = [mm(dx, w)] if dx is not None else []
