@@ -36,11 +36,16 @@ print(json.dumps({"applied": applied, "faults": faults, "out": out}))
 """
 
 
-def _probe(mode):
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=ROOT,
+def _run(script, *args):
+    """Runs ``script`` in a fresh Python (malloc settings are per process) and returns its last line's JSON."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _probe(mode):
+    return _run(PROBE, mode)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -80,10 +85,7 @@ def test_kept_memory_holds_a_block_over_two_gib():
     """The bug this catches: a trim threshold of 2**31 - 1 (mallopt takes an int) let glibc hand back a freed
     2.2 GB scratch block (T = 2048, 30 layers), so every call faulted it in again; -1 turns trimming off."""
     size = (2 << 30) + (256 << 20)
-    done = subprocess.run([sys.executable, "-c", BIG, str(size)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _run(BIG, str(size))
     pages = size // 4096
     assert out["applied"] is True and out["faults"][0] > pages // 2, out    # the first write faults it in
     assert out["faults"][1] < pages // 100, out                             # the second reuses it

@@ -62,7 +62,7 @@ import grain
 import numpy as np
 
 from jlora.data import batching
-from jlora.data.records import (_FORMATS, Example, check_columns, check_policies, check_schema,
+from jlora.data.records import (_FORMATS, Example, check_columns, check_policies,
                                 fit, open_records, parse, tokenize_checked)
 from jlora.data.sources import DataError, Source
 
@@ -404,9 +404,7 @@ class Loader:
         if not isinstance(data, (Source, str, os.PathLike)):
             data = list(data)  # a generator is read once: what _is_examples looks at must stay in the data
         if isinstance(data, Source) or not _is_examples(data):
-            if isinstance(data, Source):
-                check_schema(data, self.columns)
-            source = data if isinstance(data, Source) else open_records(data, self.columns)
+            source = open_records(data, self.columns)
             if tokenizer is None:
                 raise ValueError("reading data files needs a `tokenizer`")
             self.records, self.fingerprint = source, source.fingerprint()

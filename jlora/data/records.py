@@ -144,11 +144,12 @@ def read(path: str | os.PathLike | Sequence[str | os.PathLike], *, columns: Mapp
     return read_source(open_records(path, columns), columns=columns, limit=limit)
 
 
-def open_records(path: str | os.PathLike | Sequence[str | os.PathLike],
+def open_records(path: str | os.PathLike | Sequence[str | os.PathLike] | Source,
                  columns: Mapping[str, str] | None = None) -> Source:
     """:func:`jlora.data.open_source` reading only the columns the record formats need (``columns`` maps their
-    names), with the schema checked (:func:`check_schema`), so a missing column fails before any record is read."""
-    source = open_source(path, columns=needed_columns(columns))
+    names), with the schema checked (:func:`check_schema`), so a missing column fails before any record is read.
+    A :class:`Source` already open is checked and returned as it is."""
+    source = path if isinstance(path, Source) else open_source(path, columns=needed_columns(columns))
     check_schema(source, columns)
     return source
 
@@ -396,7 +397,8 @@ def load(path: str | os.PathLike, tokenizer, *, max_length: int, overflow: str =
          columns: Mapping[str, str] | None = None) -> list[Example]:
     """:func:`read` + `tokenize_all` into memory (for small data; :class:`jlora.data.Loader` streams files), with
     ``file:line`` sources in every message."""
-    return tokenize_source(open_records(path, columns), tokenizer, max_length=max_length, overflow=overflow, columns=columns)
+    return tokenize_source(open_records(path, columns), tokenizer, max_length=max_length, overflow=overflow,
+                           columns=columns)
 
 
 def tokenize_source(source: Source, tokenizer, *, max_length: int, overflow: str = "error",
