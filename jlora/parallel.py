@@ -41,6 +41,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora import models
+from jlora import transform
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 from jlora.train import LossFn, TrainState, lm_loss, make_train_step
@@ -391,10 +392,17 @@ def make_sharded_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTra
     ``grad_accum_steps > 1`` micro-batch i takes rows i, i+k, ... of the batch, so that every device works on
     every micro-batch; the token-weighted mean gradient is the same as without accumulation.
     """
-    step = make_train_step(model, cfg, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps)
-    if grad_accum_steps > 1:
-        inner = step
-        step = lambda state, params, batch: inner(state, params, _interleave(batch, grad_accum_steps))  # noqa: E731
+    plain = make_train_step(model, cfg, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps)
+    sharded_params = not all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings))
+
+    def step(state, params, batch):
+        if grad_accum_steps > 1:
+            batch = _interleave(batch, grad_accum_steps)
+        if not sharded_params:
+            return plain(state, params, batch)
+        with transform.separate_low_rank():   # lora_dense's [W; s B] would make XLA gather a sharded W
+            return plain(state, params, batch)
+
     rep = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, rep), donate_argnums=(0,) if donate else ())

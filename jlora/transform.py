@@ -26,6 +26,8 @@ outputs, for kernels of more than 2 dims.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -248,10 +250,30 @@ def _lora_dense_jvp(precision, primals, tangents):
 lora_dense.defjvp(_lora_dense_jvp, symbolic_zeros=True)
 
 
+_SEPARATE = contextvars.ContextVar("jlora_separate_low_rank", default=False)
+
+
+@contextlib.contextmanager
+def separate_low_rank():
+    """Within this context (while a step is traced), adapted ``nn.Dense`` layers compute ``x W`` and the
+    low-rank term as two matmuls on every backend, instead of :func:`lora_dense`'s one on CPU.
+
+    For frozen params sharded over a device mesh: concatenating a sharded kernel with ``s B`` makes XLA
+    re-shard it (a 2-layer SmolLM2-shape step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead
+    of 12). :func:`jlora.parallel.make_sharded_train_step` enters it when any frozen param is sharded.
+    """
+    token = _SEPARATE.set(True)
+    try:
+        yield
+    finally:
+        _SEPARATE.reset(token)
+
+
 def _fused_dense(module: nn.Module, kernel, method: str, node: Adapter) -> bool:
     """Whether an adapted layer's output goes through :func:`lora_dense`: a plain ``nn.Dense`` call on CPU
-    with a plain kernel and a plain (ungrouped, unstacked) LoRA adapter."""
-    return (jax.default_backend() == "cpu" and method == "__call__" and type(module).__call__ is nn.Dense.__call__
+    with a plain kernel and a plain (ungrouped, unstacked) LoRA adapter, outside :func:`separate_low_rank`."""
+    return (jax.default_backend() == "cpu" and not _SEPARATE.get() and method == "__call__"
+            and type(module).__call__ is nn.Dense.__call__
             and module.dot_general is None and module.dot_general_cls is None
             and module.promote_dtype is nn.dtypes.promote_dtype and isinstance(kernel, jax.Array)
             and adapter_lib.variant(node.variant).layer_call is None and jnp.ndim(node.a) == 2

@@ -424,3 +424,29 @@ def test_parallel_and_peft_ask_the_family_instead_of_spelling_architectures():
         assert not [n for n in names if n in source], module.__name__
         hits = [(found(s), s) for s in _code_strings(module) if found(s)]
         assert not hits, (module.__name__, hits)
+
+
+def test_rope_tables_are_computed_once_per_call_on_cpu():
+    """XLA:CPU fuses a plain ``cos`` / ``sin`` into each consumer (every layer's query and key rotations, forward
+    and backward) and evaluates it once per head there; ``layers.rope_cos_sin`` makes the tables one buffer per
+    call instead. So the compiled gradient's cosine count must not grow with the layer count, and the tables
+    still equal the plain formula, under ``vmap`` as well (where the conditional becomes a select)."""
+    from jlora.models import layers
+
+    def cosines(num_layers):
+        _, d, fam, _, _ = build("llama_gqa")
+        model = fam.make_model(fam.config_from_hf(dict(d, num_hidden_layers=num_layers)))
+        ids = jnp.zeros((2, 16), jnp.int32)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), ids)
+        loss = lambda v: jnp.mean(model.apply(v, ids) ** 2)
+        return jax.jit(jax.grad(loss)).lower(shapes).compile().as_text().count(" cosine(")
+
+    assert jax.default_backend() == "cpu"
+    assert cosines(2) == cosines(4) <= 2
+    inv = np.array([1.0, 0.1, 0.01], np.float32)
+    pos = jnp.asarray(np.random.RandomState(0).randint(0, 500, (3, 2, 7)))
+    freqs = np.asarray(pos, np.float32)[..., None] * inv
+    want = np.cos(np.concatenate([freqs, freqs], -1)), np.sin(np.concatenate([freqs, freqs], -1))
+    got = jax.jit(jax.vmap(lambda p: layers.rope_cos_sin(p, inv, jnp.float32)))(pos)
+    for g, w in zip(got, want):
+        assert g.shape == (3, 2, 7, 6) and np.abs(np.asarray(g) - w).max() <= 1e-5

@@ -368,3 +368,24 @@ def test_to_host_of_a_sharded_train_state_keeps_its_key_and_feeds_back(tiny, ref
 
 # The README's "Scaling out" snippet runs in tests/test_readme.py with the other README examples.
 
+
+
+@pytest.mark.parametrize("mesh_kw, fused", [(dict(fsdp=4, tensor=2), False), (dict(data=8), True)])
+def test_sharded_step_computes_low_rank_apart_from_a_sharded_kernel(tiny, monkeypatch, mesh_kw, fused):
+    """On CPU an adapted Dense is one matmul ``[x, x A] [W; s B]`` (``transform.lora_dense``); with a sharded W the
+    concatenation makes XLA re-shard it (more all-gathers), so the sharded step keeps two matmuls when any frozen
+    param is sharded, and the one-matmul form when all are replicated (data parallel)."""
+    from jlora import transform
+
+    model, params, cfg, opt, adapters, batches = tiny
+    calls, original = [], transform.lora_dense
+    monkeypatch.setattr(transform, "lora_dense", lambda *a: calls.append(1) or original(*a))
+    mesh = parallel.make_mesh(**mesh_kw)
+    p_sh = parallel.param_shardings(params, mesh, family="llama")
+    state = jlora.TrainState.create(adapters, opt, rng=jax.random.key(4))
+    s_sh = parallel.state_shardings(state, parallel.adapter_shardings(adapters, p_sh))
+    step = parallel.make_sharded_train_step(model, cfg, opt, mesh, param_shardings=p_sh, state_shardings=s_sh)
+    step.lower(parallel.place(state, s_sh), parallel.place(params, p_sh), parallel.shard_batch(batches[0], mesh))
+    assert bool(calls) == fused
+    assert not transform._SEPARATE.get()   # the context ends with the trace
+
