@@ -228,6 +228,20 @@ def lora_dense(x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.A
     return _lora_dense_value(x, xd, w, a, b, precision)[1]
 
 
+def _factor_tangent_matmul(x: jax.Array, d: jax.Array) -> jax.Array:
+    """``x @ d`` for the tangent ``d`` (in, r) of the down-projection factor, for the reverse pass on CPU.
+
+    Reverse mode turns this into A's gradient ``x^T g``, shape (in, r). XLA:CPU computes that product about 3x
+    faster as ``g^T x``, shape (r, in), followed by a transpose of the small result, but its simplifier folds
+    such a transpose back into the product. So ``d^T`` is taken inside a conditional whose two branches are the
+    same (it is ``d^T`` either way, and XLA does not fold across it); the product then contracts ``x``'s
+    feature axis with ``d^T``'s."""
+    flat = x.reshape(-1, x.shape[-1])
+    dt = jax.lax.cond(flat[0, 0] == 0, jnp.transpose, jnp.transpose, d)                 # (r, in)
+    t = jax.lax.dot_general(dt, flat, (((1,), (1,)), ((), ())))                          # (r, tokens)
+    return t.T.reshape(*x.shape[:-1], t.shape[0])
+
+
 def _lora_dense_value(x, xd, w, a, b, precision):
     h = jnp.matmul(xd, a, precision=precision)
     return h, jnp.matmul(jnp.concatenate([x, h], -1), jnp.concatenate([w, b], 0), precision=precision)
@@ -239,7 +253,7 @@ def _lora_dense_jvp(precision, primals, tangents):
     mm = functools.partial(jnp.matmul, precision=precision)
     h, y = _lora_dense_value(x, xd, w, a, b, precision)
     dh = [mm(dxd, a)] if dxd is not None else []
-    dh += [_tangent_matmul(xd, da)] if da is not None else []
+    dh += [_factor_tangent_matmul(xd, da)] if da is not None else []
     dy = [mm(dx, w)] if dx is not None else []
     dy += [mm(sum(dh[1:], dh[0]), b)] if dh else []
     dy += [_tangent_matmul(h, db)] if db is not None else []
