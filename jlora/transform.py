@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import adapter as adapter_lib
+from jlora import fusion
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, ConvSpec, KernelLayout, LayerCall, Layout
@@ -229,15 +230,14 @@ def lora_dense(x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.A
 
 
 def _factor_tangent_matmul(x: jax.Array, d: jax.Array) -> jax.Array:
-    """``x @ d`` for the tangent ``d`` (in, r) of the down-projection factor, for the reverse pass on CPU.
+    """``x @ d`` for the tangent ``d`` (in, r) of the down-projection factor, written for the reverse pass on CPU.
 
     Reverse mode turns this into A's gradient ``x^T g``, shape (in, r). XLA:CPU computes that product about 3x
-    faster as ``g^T x``, shape (r, in), followed by a transpose of the small result, but its simplifier folds
-    such a transpose back into the product. So ``d^T`` is taken inside a conditional whose two branches are the
-    same (it is ``d^T`` either way, and XLA does not fold across it); the product then contracts ``x``'s
-    feature axis with ``d^T``'s."""
+    faster as ``g^T x``, shape (r, in), followed by a transpose of the small result, but folds such a transpose
+    back into the product. So ``d^T`` is its own buffer (:func:`jlora.fusion.as_buffer`), and the product
+    contracts ``x``'s feature axis with ``d^T``'s."""
     flat = x.reshape(-1, x.shape[-1])
-    dt = jax.lax.cond(flat[0, 0] == 0, jnp.transpose, jnp.transpose, d)                 # (r, in)
+    dt = fusion.as_buffer(jnp.transpose, d, like=flat)                                    # (r, in)
     t = jax.lax.dot_general(dt, flat, (((1,), (1,)), ((), ())))                          # (r, tokens)
     return t.T.reshape(*x.shape[:-1], t.shape[0])
 

@@ -6,7 +6,7 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "jlora"
-CORE = ("config", "tree", "adapter", "lora", "transform", "train", "loss")
+CORE = ("config", "tree", "adapter", "lora", "transform", "fusion", "train", "loss")
 
 
 def _jlora_imports(path: pathlib.Path) -> set[str]:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import fusion
 from jlora.models import attention
 
 Dtype = Any
@@ -268,20 +269,16 @@ def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", facto
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
     """cos and sin tables (B, T, head_dim) for integer ``positions`` (B, T), cast to ``dtype``.
 
-    On CPU the tables are computed once per call, as buffers. Left alone, XLA:CPU fuses the ``cos`` and ``sin``
-    into every consumer (each layer's query and key rotations, forward and backward) and evaluates them once per
-    head there: about 2.5% of a SmolLM2-shape train step. A conditional on a runtime value whose two branches are
-    the same function returns the same tables either way, and XLA does not fuse into its result. Other backends
-    keep the plain form (on GPU a conditional can cost a device-to-host sync).
+    Computed once per call, as buffers (:func:`jlora.fusion.as_buffer`): left to XLA:CPU, the ``cos`` and ``sin``
+    were evaluated again in each layer's query and key rotations, once per head, about 2.5% of a SmolLM2-shape
+    train step.
     """
     def tables(pos):
         freqs = pos.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
-    if jax.default_backend() != "cpu":
-        return tables(positions)
-    return jax.lax.cond(jnp.any(positions == 0), tables, tables, positions)
+    return fusion.as_buffer(tables, positions, like=positions)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -1,0 +1,42 @@
+"""Computing a value as a buffer of its own on XLA:CPU, where fusing or folding it costs time.
+
+XLA fuses cheap producers into each of their consumers and folds a transpose into the dot next to it. Two places
+in jlora are measurably faster on CPU when it does not (bench/README.md has the figures):
+
+- the rotary-embedding tables: fused, their ``cos`` and ``sin`` are evaluated again in every consumer (each
+  layer's query and key rotations, forward and backward) and once per head there;
+- the gradient of a LoRA factor ``A`` (in, r): XLA:CPU's dot computes ``g^T x`` (r, in) about 3x faster than
+  ``x^T g`` (in, r), but folds the transpose of the fast form's result back into the slow form.
+
+``jax.lax.optimization_barrier`` does not stop either (XLA:CPU removes barriers before fusion). A conditional
+does: XLA neither fuses into its result nor folds across it, and when both branches are the same function the
+result is the same whichever one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def as_buffer(fn: Callable[[jax.Array], object], x: jax.Array, *, like: jax.Array) -> object:
+    """``fn(x)``, computed as its own buffer on CPU (elsewhere plain ``fn(x)``: on a GPU a conditional can cost a
+    device-to-host sync).
+
+    Args:
+        fn: the computation (a pytree of arrays out).
+        x: its operand.
+        like: any non-empty array of the primal computation; its first element picks one of the two identical
+            branches. Never a tangent: reverse mode needs the choice fixed before the backward pass.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.arange(6.0).reshape(2, 3)
+        >>> bool(jnp.array_equal(as_buffer(jnp.transpose, x, like=x), x.T))
+        True
+    """
+    if jax.default_backend() != "cpu":
+        return fn(x)
+    return jax.lax.cond(jnp.ravel(like)[0] == 0, fn, fn, x)
