@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jlora import fusion
+
 # Logits per chunk of the fused loss: 128 MiB of float32. Each chunk reads the whole output projection twice
 # (logits, then their input gradient), so fewer chunks are faster: on the SmolLM2 shape (1 core), 64 -> 128 MiB
 # made a 4 x 128 step 0.9% faster and a T = 2048 one ~130 ms faster, for 94 MiB more scratch (bench/README.md).
@@ -218,6 +220,8 @@ def _fused_sum_fwd(h, w, targets, weights, vocab_axis):
     def body(carry, xs):
         total, dw = carry
         hc, tc, wc = xs
+        shape = hc.shape   # (B, c, D) as (tokens, D): XLA:CPU's reductions are slow at batch 1 otherwise (jlora.fusion)
+        hc, tc, wc = fusion.rows(hc), tc.reshape(-1), wc.reshape(-1)
         logits = _logits(hc, w, vocab_axis)
         top = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - top)   # used twice, so XLA writes it once (a fused exp-and-sum runs far slower)
@@ -226,14 +230,13 @@ def _fused_sum_fwd(h, w, targets, weights, vocab_axis):
         loss = jnp.sum((jnp.log(total_e) + top[..., 0] - picked) * wc)
         hit = jax.lax.broadcasted_iota(tc.dtype, e.shape, e.ndim - 1) == tc[..., None]
         dlogits = ((e * (1.0 / total_e)[..., None] - hit.astype(e.dtype)) * wc[..., None]).astype(hc.dtype)
-        dh = jax.lax.dot_general(dlogits, w.astype(hc.dtype), (((2,), (vocab_axis,)), ((), ())),
+        dh = jax.lax.dot_general(dlogits, w.astype(hc.dtype), (((1,), (vocab_axis,)), ((), ())),
                                  preferred_element_type=jnp.float32)
         if train_w:
-            # (V, D) for vocab_axis 0, (D, V) for vocab_axis 1: contract the chunk's tokens (batch and positions).
+            # (V, D) for vocab_axis 0, (D, V) for vocab_axis 1: contract the chunk's tokens.
             lhs, rhs = (dlogits, hc) if vocab_axis == 0 else (hc, dlogits)
-            dw = dw + jax.lax.dot_general(lhs, rhs, (((0, 1), (0, 1)), ((), ())),
-                                          preferred_element_type=jnp.float32)
-        return (total + loss, dw), dh.astype(h.dtype)
+            dw = dw + jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return (total + loss, dw), dh.astype(h.dtype).reshape(shape)
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if train_w else None
     (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (h, targets, weights))

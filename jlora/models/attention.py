@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jlora import fusion
+
 IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "splash")
 # Tile sizes of the blocked kernel per platform: on CPU 128 was the fastest of 64..512 for a SmolLM2 layer's
 # forward and backward at T = 512..4096 (bench/README.md, "Long context").
@@ -255,13 +257,14 @@ def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
 
 
 def _masked_softmax_fwd(scores, allowed):
-    probs = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(scores.dtype).min), axis=-1)
+    masked = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(fusion.rows(masked), axis=-1).reshape(masked.shape)   # rows: fast at batch 1 too
     return probs, probs
 
 
 def _masked_softmax_bwd(probs, g):
-    g = g.astype(probs.dtype)
-    return probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)), None
+    p, g = fusion.rows(probs), fusion.rows(g.astype(probs.dtype))
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True))).reshape(probs.shape), None
 
 
 masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
@@ -411,12 +414,12 @@ def _forward(p: _Plan, q, k, v, kvalid, seg):
         def key_tile(j, carry, interior=False):
             m, l, acc = carry
             s = _scores(p, qi, _tile(k, j), i, j, kvalid, seg, interior=interior)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_new = jnp.maximum(m, jnp.max(fusion.rows(s), axis=-1).reshape(m.shape))   # rows: see jlora.fusion
             e = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             pv = jnp.einsum("bkms,bksd->bkmd", e.reshape(b, kvh, p.g * p.t, p.t).astype(v.dtype), _tile(v, j),
                             preferred_element_type=jnp.float32).reshape(b, kvh, p.g, p.t, dv)
-            return m_new, l * corr + jnp.sum(e, axis=-1), acc * corr[..., None] + pv
+            return m_new, l * corr + jnp.sum(fusion.rows(e), axis=-1).reshape(l.shape), acc * corr[..., None] + pv
 
         rows = (b, kvh, p.g, p.t)
         init = (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, dv), jnp.float32))
@@ -457,7 +460,7 @@ def _blocked_bwd(p, res, g):
     q, k, v, kvalid, seg, out, lse = res
     b, kvh, n, m, d = q.shape
     g = g.astype(q.dtype)
-    delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).reshape(lse.shape)
+    delta = jnp.sum(fusion.rows(g.astype(jnp.float32) * out.astype(jnp.float32)), axis=-1).reshape(lse.shape)
 
     def key_tile(dqt, j):
         kj, vj = _tile(k, j), _tile(v, j)
