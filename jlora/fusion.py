@@ -15,7 +15,7 @@ result is the same whichever one runs.
 One more XLA:CPU pathology, of a different kind: a reduction over the last axis with an elementwise product fused
 in (``sum(a * b, -1)``, a norm's statistics, and the reductions autodiff makes of broadcasts) runs 10x to 100x
 slower when the array's leading axis has size 1, i.e. at batch 1 (a (1, 2048, 576) one took 3.45 ms, the same
-data as (2048, 576) 0.26 ms; 1 core, jax 0.10.2). :func:`rows` views such an array as (rows, features) first.
+data as (2048, 576) 0.26 ms; 1 core, jax 0.10.2). :func:`squeeze_leading` drops such axes first.
 """
 
 from __future__ import annotations
@@ -47,12 +47,17 @@ def as_buffer(fn: Callable[[jax.Array], object], x: jax.Array, *, like: jax.Arra
     return jax.lax.cond(jnp.ravel(like)[0] == 0, fn, fn, x)
 
 
-def rows(x: jax.Array) -> jax.Array:
-    """``x`` as (rows, features): all leading axes merged, so that XLA:CPU's fused last-axis reductions take their
-    fast path at batch 1 too (see the module docstring). Reshape the result back with ``.reshape(x.shape)``.
+def squeeze_leading(x: jax.Array) -> jax.Array:
+    """``x`` without its leading axes of size 1 (at most ``x.ndim - 1`` of them), so that XLA:CPU's fused
+    last-axis reductions take their fast path at batch 1 too (see the module docstring); reshape the result back
+    with ``.reshape(x.shape)``. (Merging all leading axes into one works for some reductions, but XLA moves such a
+    reshape back past a reduction, and the slow form returns.)
 
     Examples:
-        >>> rows(jnp.zeros((1, 5, 3))).shape
-        (5, 3)
+        >>> squeeze_leading(jnp.zeros((1, 5, 3))).shape, squeeze_leading(jnp.zeros((2, 5, 3))).shape
+        ((5, 3), (2, 5, 3))
     """
-    return x.reshape(-1, x.shape[-1])
+    k = 0
+    while k < x.ndim - 1 and x.shape[k] == 1:
+        k += 1
+    return x.reshape(x.shape[k:])

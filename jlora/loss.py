@@ -19,8 +19,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jlora import fusion
-
 # Logits per chunk of the fused loss: 128 MiB of float32. Each chunk reads the whole output projection twice
 # (logits, then their input gradient), so fewer chunks are faster: on the SmolLM2 shape (1 core), 64 -> 128 MiB
 # made a 4 x 128 step 0.9% faster and a T = 2048 one ~130 ms faster, for 94 MiB more scratch (bench/README.md).
@@ -221,7 +219,7 @@ def _fused_sum_fwd(h, w, targets, weights, vocab_axis):
         total, dw = carry
         hc, tc, wc = xs
         shape = hc.shape   # (B, c, D) as (tokens, D): XLA:CPU's reductions are slow at batch 1 otherwise (jlora.fusion)
-        hc, tc, wc = fusion.rows(hc), tc.reshape(-1), wc.reshape(-1)
+        hc, tc, wc = hc.reshape(-1, shape[-1]), tc.reshape(-1), wc.reshape(-1)
         logits = _logits(hc, w, vocab_axis)
         top = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - top)   # used twice, so XLA writes it once (a fused exp-and-sum runs far slower)

@@ -258,12 +258,12 @@ def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
 
 def _masked_softmax_fwd(scores, allowed):
     masked = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(fusion.rows(masked), axis=-1).reshape(masked.shape)   # rows: fast at batch 1 too
+    probs = jax.nn.softmax(fusion.squeeze_leading(masked), axis=-1).reshape(masked.shape)   # fast at batch 1
     return probs, probs
 
 
 def _masked_softmax_bwd(probs, g):
-    p, g = fusion.rows(probs), fusion.rows(g.astype(probs.dtype))
+    p, g = fusion.squeeze_leading(probs), fusion.squeeze_leading(g.astype(probs.dtype))
     return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True))).reshape(probs.shape), None
 
 
@@ -414,12 +414,13 @@ def _forward(p: _Plan, q, k, v, kvalid, seg):
         def key_tile(j, carry, interior=False):
             m, l, acc = carry
             s = _scores(p, qi, _tile(k, j), i, j, kvalid, seg, interior=interior)
-            m_new = jnp.maximum(m, jnp.max(fusion.rows(s), axis=-1).reshape(m.shape))   # rows: see jlora.fusion
+            m_new = jnp.maximum(m, jnp.max(fusion.squeeze_leading(s), axis=-1).reshape(m.shape))   # jlora.fusion
             e = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             pv = jnp.einsum("bkms,bksd->bkmd", e.reshape(b, kvh, p.g * p.t, p.t).astype(v.dtype), _tile(v, j),
                             preferred_element_type=jnp.float32).reshape(b, kvh, p.g, p.t, dv)
-            return m_new, l * corr + jnp.sum(fusion.rows(e), axis=-1).reshape(l.shape), acc * corr[..., None] + pv
+            l_new = l * corr + jnp.sum(fusion.squeeze_leading(e), axis=-1).reshape(l.shape)
+            return m_new, l_new, acc * corr[..., None] + pv
 
         rows = (b, kvh, p.g, p.t)
         init = (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, dv), jnp.float32))
@@ -460,7 +461,8 @@ def _blocked_bwd(p, res, g):
     q, k, v, kvalid, seg, out, lse = res
     b, kvh, n, m, d = q.shape
     g = g.astype(q.dtype)
-    delta = jnp.sum(fusion.rows(g.astype(jnp.float32) * out.astype(jnp.float32)), axis=-1).reshape(lse.shape)
+    gf, of = fusion.squeeze_leading(g.astype(jnp.float32)), fusion.squeeze_leading(out.astype(jnp.float32))
+    delta = jnp.sum(gf * of, axis=-1).reshape(lse.shape)   # batch 1: the fast reductions (jlora.fusion)
 
     def key_tile(dqt, j):
         kj, vj = _tile(k, j), _tile(v, j)

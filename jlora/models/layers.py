@@ -290,6 +290,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # --- norms ---------------------------------------------------------------------------------------------------
 
+def _features(v: jax.Array, ndim: int) -> jax.Array:
+    """A feature vector shaped to broadcast explicitly against an array of ``ndim`` dims."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
 class RMSNorm(nn.Module):
     """``scale * x / sqrt(mean(x^2) + eps)``; statistics in float32, like transformers' LlamaRMSNorm."""
 
@@ -300,9 +305,9 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = fusion.rows(x).astype(jnp.float32)
+        x32 = fusion.squeeze_leading(x).astype(jnp.float32)     # batch 1: the fast reductions (jlora.fusion)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-        return (scale[None].astype(self.dtype) * y.astype(self.dtype)).reshape(x.shape)
+        return (_features(scale, y.ndim).astype(self.dtype) * y.astype(self.dtype)).reshape(x.shape)
 
 
 class LayerNorm(nn.Module):
@@ -316,11 +321,11 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
-        x32 = fusion.rows(x).astype(jnp.float32)
+        x32 = fusion.squeeze_leading(x).astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * scale[None].astype(jnp.float32) + bias[None].astype(jnp.float32)
+        y = y * _features(scale, y.ndim).astype(jnp.float32) + _features(bias, y.ndim).astype(jnp.float32)
         return y.astype(self.dtype).reshape(x.shape)
 
 
