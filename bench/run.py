@@ -262,8 +262,38 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   backward, ms: 4 x 128 jlora 6.8 vs torch SDPA 8.5; 1 x 2048 blocked 236 vs 259). Fitting step time against
   layer count (2 and 8 layers, same process): per layer 84.7 vs 88.5 ms for PEFT (0.957) and 608 vs 649 ms
   outside the layers (head, loss, optimizer; 0.94) at 4 x 128; 569.5 vs 594.4 ms and 2401 vs 2596 ms at
-  1 x 2048. Both sides do the same FLOPs, so with matmul speeds this close the step ratio sits near 0.93-0.96
-  here; the 0.90 and 0.85 targets would need faster matmuls than XLA:CPU's or fewer FLOPs than LoRA's math.
+  1 x 2048. Both sides do the same FLOPs and their matmuls run within a few percent of each other, so what is
+  left to win is the time outside the big dots; the next bullet is what that turned out to be.
+- Five XLA:CPU code-generation pitfalls, found in the per-op profiles and the optimized HLO after the figures
+  above (each fix is in the library and tested on the compiled HLO or against plain jnp; times 1 core):
+  (1) XLA fused the rotary tables' `cos` and `sin` into every consumer, each layer's q and k rotations forward and
+  backward, and evaluated them once per head there (about 80 ms of a 30-layer 4 x 128 step; with `jlora.scan_steps`
+  the tables were hoisted out of the loop, which is why "4 steps/call" was faster). `jlora.fusion.as_buffer`
+  computes them once per call, inside a conditional whose two branches are the same function (XLA removes
+  optimization barriers before fusion; it neither fuses into a conditional's result nor folds across it).
+  1-step q,v ratio 0.941 -> 0.918 in a section rerun. (2) A LoRA factor's gradient `x^T g` (in, r) ran as an
+  Eigen dot at 0.34 ms for 576 x 16, against 0.11 ms for `g^T x` (r, in) plus a transpose, which XLA folds back
+  into the slow form; `lora_dense` now takes A's tangent transposed through the same conditional (down_proj:
+  2.27 -> ~0.7 ms per layer; gradients bit-identical). All-linear ratio 0.910 -> 0.889 in a rerun.
+  (3) Each chunk of the fused loss reads the 113 MB output projection twice; chunks of 128 MiB of logits instead
+  of 64 made a 30-layer 4 x 128 step 0.991x and a 2-layer 1 x 2048 step 0.962x, for 94 MiB more scratch.
+  (4) The blocked kernel's backward laid tile pairs out queries first, so dk and dv contracted both operands'
+  first axes (an Eigen dot about 1.5x slower); keys first, all five products per pair take the fast forms: one
+  layer's attention, forward + backward at 1 x 2048, 232 -> 207 ms. (5) At batch 1, a last-axis reduction with an
+  elementwise product fused in runs 10x-100x slower when the array's leading axis has size 1 (`sum(a * b, -1)`:
+  (1, 2048, 576) 3.45 ms, the same data as (2048, 576) 0.26 ms; (1, 2048, 1536) 35 ms): RMSNorm forward +
+  backward at 1 x 2048 took 12.6 ms instead of 1.1, per norm. The norms, softmax, blocked kernel and loss now drop
+  leading unit axes first (`jlora.fusion.squeeze_leading`; merging all leading axes into one also worked for the
+  norm, but XLA moved that reshape back past the attention's reduction). T = 2048 ratio 0.961 -> 0.875 in a
+  `--step` rerun (before the attention-reduction part of (5)).
+  Tried and dropped: the keys-first layout for the whole-matrix (one-tile) attention's backward (6.0 -> 6.5 ms
+  per layer at 4 x 128: transposing the probabilities costs more than the faster dots save); a differently
+  written sigmoid in the silu gate's backward, so that XLA does not merge it with the forward's (0.997x, noise);
+  tiles of 256 for the new backward (214 vs 211 ms).
+- Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
+  `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
+  `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
+  12); replicated params (data parallel) keep the one-matmul form.
 - The all-linear step's extra scratch: with every linear layer adapted, XLA:CPU fused each low-rank add
   `x W + (x A) B` into all its consumers (gate and up feed the silu gate, forward and backward), so it kept
   both (tokens, out) addends alive until the backward pass instead of their sum: 28.3 MiB of temp per layer at

@@ -290,7 +290,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # --- norms ---------------------------------------------------------------------------------------------------
 
-def _features(v: jax.Array, ndim: int) -> jax.Array:
+def _expand(v: jax.Array, ndim: int) -> jax.Array:
     """A feature vector shaped to broadcast explicitly against an array of ``ndim`` dims."""
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
@@ -307,7 +307,7 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = fusion.squeeze_leading(x).astype(jnp.float32)     # batch 1: the fast reductions (jlora.fusion)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-        return (_features(scale, y.ndim).astype(self.dtype) * y.astype(self.dtype)).reshape(x.shape)
+        return (_expand(scale, y.ndim).astype(self.dtype) * y.astype(self.dtype)).reshape(x.shape)
 
 
 class LayerNorm(nn.Module):
@@ -325,7 +325,7 @@ class LayerNorm(nn.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * _features(scale, y.ndim).astype(jnp.float32) + _features(bias, y.ndim).astype(jnp.float32)
+        y = y * _expand(scale, y.ndim).astype(jnp.float32) + _expand(bias, y.ndim).astype(jnp.float32)
         return y.astype(self.dtype).reshape(x.shape)
 
 
