@@ -29,6 +29,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -398,9 +399,8 @@ def make_sharded_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTra
     def step(state, params, batch):
         if grad_accum_steps > 1:
             batch = _interleave(batch, grad_accum_steps)
-        if not sharded_params:
-            return plain(state, params, batch)
-        with transform.separate_low_rank():   # lora_dense's [W; s B] would make XLA gather a sharded W
+        # lora_dense's [W; s B] would make XLA re-shard a sharded W
+        with transform.separate_low_rank() if sharded_params else contextlib.nullcontext():
             return plain(state, params, batch)
 
     rep = NamedSharding(mesh, P())

@@ -189,11 +189,19 @@ def _low_rank_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(jnp.matmul(x, a), b)
 
 
-def _tangent_matmul(x: jax.Array, d: jax.Array) -> jax.Array:
+def _tangent_matmul(x: jax.Array, d: jax.Array, *, factor_a: bool = False) -> jax.Array:
     """``x @ d`` for a weight tangent ``d``, written ``(d^T x^T)^T``: its transpose, the weight gradient
     ``x^T @ g``, then keeps the large ``x`` and ``g`` on the right-hand side, which XLA:CPU lays out without
-    materializing ``x^T`` or ``g^T``."""
-    t = jax.lax.dot_general(d, x.reshape(-1, x.shape[-1]), (((0,), (1,)), ((), ())))    # (n, tokens)
+    materializing ``x^T`` or ``g^T``.
+
+    ``factor_a`` (the down-projection factor A, (in, r), in :func:`lora_dense` on CPU): A's gradient ``x^T g``
+    (in, r) runs about 3x faster on XLA:CPU as ``g^T x`` (r, in) and a transpose of the small result, but XLA folds
+    such a transpose back into the product. So ``d^T`` is taken as its own buffer (:func:`jlora.fusion.as_buffer`)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if factor_a:
+        t = jax.lax.dot_general(fusion.as_buffer(jnp.transpose, d, like=flat), flat, (((1,), (1,)), ((), ())))
+    else:
+        t = jax.lax.dot_general(d, flat, (((0,), (1,)), ((), ())))                       # (n, tokens)
     return t.T.reshape(*x.shape[:-1], t.shape[0])
 
 
@@ -229,19 +237,6 @@ def lora_dense(x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.A
     return _lora_dense_value(x, xd, w, a, b, precision)[1]
 
 
-def _factor_tangent_matmul(x: jax.Array, d: jax.Array) -> jax.Array:
-    """``x @ d`` for the tangent ``d`` (in, r) of the down-projection factor, written for the reverse pass on CPU.
-
-    Reverse mode turns this into A's gradient ``x^T g``, shape (in, r). XLA:CPU computes that product about 3x
-    faster as ``g^T x``, shape (r, in), followed by a transpose of the small result, but folds such a transpose
-    back into the product. So ``d^T`` is its own buffer (:func:`jlora.fusion.as_buffer`), and the product
-    contracts ``x``'s feature axis with ``d^T``'s."""
-    flat = x.reshape(-1, x.shape[-1])
-    dt = fusion.as_buffer(jnp.transpose, d, like=flat)                                    # (r, in)
-    t = jax.lax.dot_general(dt, flat, (((1,), (1,)), ((), ())))                          # (r, tokens)
-    return t.T.reshape(*x.shape[:-1], t.shape[0])
-
-
 def _lora_dense_value(x, xd, w, a, b, precision):
     h = jnp.matmul(xd, a, precision=precision)
     return h, jnp.matmul(jnp.concatenate([x, h], -1), jnp.concatenate([w, b], 0), precision=precision)
@@ -253,7 +248,7 @@ def _lora_dense_jvp(precision, primals, tangents):
     mm = functools.partial(jnp.matmul, precision=precision)
     h, y = _lora_dense_value(x, xd, w, a, b, precision)
     dh = [mm(dxd, a)] if dxd is not None else []
-    dh += [_factor_tangent_matmul(xd, da)] if da is not None else []
+    dh += [_tangent_matmul(xd, da, factor_a=True)] if da is not None else []
     dy = [mm(dx, w)] if dx is not None else []
     dy += [mm(sum(dh[1:], dh[0]), b)] if dh else []
     dy += [_tangent_matmul(h, db)] if db is not None else []

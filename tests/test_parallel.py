@@ -366,10 +366,6 @@ def test_to_host_of_a_sharded_train_state_keeps_its_key_and_feeds_back(tiny, ref
     np.testing.assert_allclose(float(parallel.to_host(metrics["loss"])), reference[0][0], atol=1e-5, rtol=0)
 
 
-# The README's "Scaling out" snippet runs in tests/test_readme.py with the other README examples.
-
-
-
 @pytest.mark.parametrize("mesh_kw, fused", [(dict(fsdp=4, tensor=2), False), (dict(data=8), True)])
 def test_sharded_step_computes_low_rank_apart_from_a_sharded_kernel(tiny, monkeypatch, mesh_kw, fused):
     """On CPU an adapted Dense is one matmul ``[x, x A] [W; s B]`` (``transform.lora_dense``); with a sharded W the
@@ -389,3 +385,5 @@ def test_sharded_step_computes_low_rank_apart_from_a_sharded_kernel(tiny, monkey
     assert bool(calls) == fused
     assert not transform._SEPARATE.get()   # the context ends with the trace
 
+
+# The README's "Scaling out" snippet runs in tests/test_readme.py with the other README examples.
