@@ -91,9 +91,9 @@ def test_tiling_and_plan():
     assert A.tiling(13, 4) == (4, 4)        # 13 tokens in tiles of at most 4: 4 tiles, the last one padded
     assert A.tiling(300, 128) == (3, 104)   # 3 tiles of 100 tokens, rounded up to a multiple of 8
     assert A.tiling(4096, 128) == (32, 128)
-    p = A.plan(4096, 128, 3, 0.125, True, 300)
+    p = A.plan(4096, 128, 3, True, 300)
     assert (p.dmin, p.dmax) == (0, 3)       # distances up to 299 reach 3 tiles back
-    assert A.plan(512, 128, 1, 1.0, True, None).dmax == 3
+    assert A.plan(512, 128, 1, True, None).dmax == 3
 
 
 CASE = A.Case("cpu", jnp.float32, 64, 2048)

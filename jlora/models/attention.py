@@ -279,7 +279,6 @@ class _Plan(NamedTuple):
     n: int
     t: int
     g: int
-    scale: float
     causal: bool
     window: int | None
     dmin: int
@@ -302,15 +301,15 @@ def tiling(length: int, tile: int) -> tuple[int, int]:
     return n, aligned if aligned <= tile else t
 
 
-def plan(length: int, tile: int, g: int, scale: float, causal: bool, window: int | None) -> _Plan:
+def plan(length: int, tile: int, g: int, causal: bool, window: int | None) -> _Plan:
     """The :class:`_Plan` of a call: tiles, and which tile diagonals hold an allowed pair (causal: none above the
     diagonal; a window: none below its band).
 
     Examples:
-        >>> p = plan(32, 8, 1, 1.0, True, 9)
+        >>> p = plan(32, 8, 1, True, 9)
         >>> p.n, p.t, p.dmin, p.dmax          # a 9-token window reaches one tile back
         (4, 8, 0, 1)
-        >>> plan(24, 8, 1, 1.0, False, None)[-2:]
+        >>> plan(24, 8, 1, False, None)[-2:]
         (-2, 2)
     """
     n, t = tiling(length, tile)
@@ -318,7 +317,7 @@ def plan(length: int, tile: int, g: int, scale: float, causal: bool, window: int
     dmax = n - 1
     if window is not None:    # diagonal d holds slot distances d*t - (t-1) ... d*t + (t-1)
         dmax = min(dmax, (window - 1 + t - 1) // t)
-    return _Plan(n, t, g, float(scale), causal, window, dmin, dmax)
+    return _Plan(n, t, g, causal, window, dmin, dmax)
 
 
 def blocked(q, k, v, *, scale: float, causal: bool = True, window: int | None = None, valid=None,
@@ -326,7 +325,7 @@ def blocked(q, k, v, *, scale: float, causal: bool = True, window: int | None = 
     """:func:`attention` by the blocked kernel (see the module docstring); any T (padded to whole tiles)."""
     b, t_len, h, d = q.shape
     kv = k.shape[2]
-    p = plan(t_len, tile, h // kv, scale, causal, window)
+    p = plan(t_len, tile, h // kv, causal, window)
     n, t = p.n, p.t
     pad = n * t - t_len
     if pad and valid is None:
@@ -337,6 +336,7 @@ def blocked(q, k, v, *, scale: float, causal: bool = True, window: int | None = 
 
     kvalid = None if valid is None else padded(jnp.asarray(valid) != 0).reshape(b, n, t)
     seg = None if segment_ids is None else padded(jnp.asarray(segment_ids)).reshape(b, n, t)
+    q = q * jnp.asarray(scale, q.dtype)   # once here, not per tile pair: a pass over each score tile fewer
     qt = padded(q).reshape(b, n, t, kv, p.g, d).transpose(0, 3, 1, 4, 2, 5).reshape(b, kv, n, p.g * t, d)
     kt = padded(k.astype(q.dtype)).reshape(b, n, t, kv, d).transpose(0, 3, 1, 2, 4)
     vt = padded(v.astype(q.dtype)).reshape(b, n, t, kv, -1).transpose(0, 3, 1, 2, 4)
@@ -358,10 +358,10 @@ def _scores(p: _Plan, qi, kj, i, j, kvalid, seg, *, interior: bool = False, tran
     b, kvh = qi.shape[:2]
     if transposed:
         s = jnp.einsum("bksd,bkmd->bksm", kj, qi, preferred_element_type=jnp.float32)
-        s = s.reshape(b, kvh, p.t, p.g, p.t) * p.scale
+        s = s.reshape(b, kvh, p.t, p.g, p.t)
     else:
         s = jnp.einsum("bkmd,bksd->bkms", qi, kj, preferred_element_type=jnp.float32)
-        s = s.reshape(b, kvh, p.g, p.t, p.t) * p.scale
+        s = s.reshape(b, kvh, p.g, p.t, p.t)
     # a (t, t) [query, key] array -> broadcastable against s
     place = (lambda a: a.T[..., :, None, :]) if transposed else (lambda a: a[..., None, :, :])
     mask = None
@@ -477,7 +477,7 @@ def _blocked_bwd(p, res, g):
             dv = dv + jnp.einsum("bksm,bkmd->bksd", e.reshape(flat).astype(q.dtype), gi,
                                  preferred_element_type=jnp.float32)
             dp = jnp.einsum("bksd,bkmd->bksm", vj, gi, preferred_element_type=jnp.float32).reshape(st.shape)
-            ds = (e * (dp - _tile(delta, i)[:, :, None]) * p.scale).reshape(flat).astype(q.dtype)
+            ds = (e * (dp - _tile(delta, i)[:, :, None])).reshape(flat).astype(q.dtype)
             dk = dk + jnp.einsum("bksm,bkmd->bksd", ds, qi, preferred_element_type=jnp.float32)
             dqti = _tile(dqt, i) + jnp.einsum("bkds,bksm->bkdm", kjt, ds, preferred_element_type=jnp.float32)
             return dk, dv, lax.dynamic_update_index_in_dim(dqt, dqti, i, axis=2)
@@ -492,7 +492,9 @@ def _blocked_bwd(p, res, g):
         return dqt, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dqt, (dk, dv) = _over_tiles(n, key_tile, jnp.zeros((b, kvh, n, d, m), jnp.float32))
-    dq = jnp.swapaxes(dqt, -1, -2)
+    # dq back to (queries, D) as a buffer of its own: fused into its consumer (the rope backward, with the tiles'
+    # un-tiling transpose), the strided reads cost more than the plain transpose does (jlora.fusion).
+    dq = fusion.as_buffer(lambda x: jnp.swapaxes(x, -1, -2), dqt, like=q)
     return dq.astype(q.dtype), jnp.moveaxis(dk, 0, 2), jnp.moveaxis(dv, 0, 2), None, None
 
 
