@@ -290,6 +290,21 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   per layer at 4 x 128: transposing the probabilities costs more than the faster dots save); a differently
   written sigmoid in the silu gate's backward, so that XLA does not merge it with the forward's (0.997x, noise);
   tiles of 256 for the new backward (214 vs 211 ms).
+- Since then (A/B in one process, 1 core, median of alternating calls): the blocked kernel scales q once before
+  tiling instead of every forward score tile (a pass over each tile fewer; bit-identical at D = 64) and turns dq
+  back to (queries, D) as a buffer of its own (fused into the rope backward, its strided reads cost more): a
+  4-layer step at 1 x 2048, 0.998x; the T = 2048 ratio stayed within noise (0.869 -> 0.871).
+  Tried and dropped: the blocked backward with query tiles outer and key tiles inner (G times fewer bytes copied
+  per tile pair, but dq's accumulation no longer fuses: 0.996x against 0.994x for the q scaling alone, one layer's
+  attention); a custom VJP for the whole-matrix attention that takes dk and dv from transposed q and g
+  (faster alone, 0.93-0.99x, but 1.000-1.007x inside an 8-layer 4 x 128 step: the transposes' copies and the
+  slower fused softmax-backward dot eat the gain); the silu gate's backward through tanh (1.004x at 1 x 2048);
+  a conditional in front of the softmax backward so that XLA does not fuse it into the dot (1.000x).
+  Why fewer loss chunks are faster: YNNPACK packs a dot's right-hand operand on every call, about 0.11 ms per MB
+  (a fitted 10-13 ms for the 113 MB head, against 0.53 ms per token row), and each chunk packs the head twice.
+  Chunks of 256 MiB of logits instead of 128 made a 2-layer 1 x 2048 step 0.982x (about 62 ms, 0.4% of the
+  30-layer step) for 192 MiB more scratch; 512 MiB (one chunk) was slower again (1.008x, 375 MiB more). Kept at
+  128 MiB: 4 x 128 already fits in one chunk, and scratch is what limits context length.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
