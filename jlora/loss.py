@@ -19,9 +19,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Logits per chunk of the fused loss: 128 MiB of float32. Each chunk reads the whole output projection twice
-# (logits, then their input gradient), so fewer chunks are faster: on the SmolLM2 shape (1 core), 64 -> 128 MiB
-# made a 4 x 128 step 0.9% faster and a T = 2048 one ~130 ms faster, for 94 MiB more scratch (bench/README.md).
+# Logits per chunk of the fused loss: 128 MiB of float32. Each chunk multiplies by the whole output projection
+# twice (logits, then their input gradient), and XLA:CPU's dots repack that operand on every call (about 12 ms for
+# SmolLM2's 113 MB head), so fewer chunks are faster: on the SmolLM2 shape (1 core), 64 -> 128 MiB made a 4 x 128
+# step 0.9% faster and a T = 2048 one ~130 ms faster for 94 MiB more scratch; 256 MiB would save ~60 ms more at
+# T = 2048 for 192 MiB more (bench/README.md).
 CHUNK_ELEMENTS = 1 << 25
 
 
