@@ -305,6 +305,12 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   Chunks of 256 MiB of logits instead of 128 made a 2-layer 1 x 2048 step 0.982x (about 62 ms, 0.4% of the
   30-layer step) for 192 MiB more scratch; 512 MiB (one chunk) was slower again (1.008x, 375 MiB more). Kept at
   128 MiB: 4 x 128 already fits in one chunk, and scratch is what limits context length.
+  Where the 1 x 2048 step goes now (2-layer profile): the fused loss 2.35 s (8 head dots at ~102 GFLOP/s); per
+  layer ~490 ms, of which ~441 ms dots at 104-108 GFLOP/s (MLP 204, projections 77, attention tiles ~160) and
+  ~42 ms the rest (attention exponentials ~15, tile copies ~12, the memory-bound silu gate ~7). Next candidate:
+  the causal diagonal tiles compute their masked half (~9.6 of ~21 ms of diagonal dots per layer); split into
+  64-token halves, the fully masked quarter could be skipped (half- and quarter-size tile dots take 0.52 and 0.26
+  of a full one's time), about 0.6-0.8% of the step.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
