@@ -58,6 +58,7 @@ def _rows(t, causal, window, valid, segments):
     ("window", 6, True, 2, 2, 5),             # MHA; 3 tiles of 5
     ("window", 12, True, 4, 2, 4),            # a window longer than 2 tiles
     ("pad+seg", 5, True, 6, 2, 4),            # 3 query heads per KV head; left and right padding, packed rows
+    ("pad+seg", None, True, 6, 2, 4),         # the same, causal without a window: diagonal tiles in halves
     ("full+pad+seg", None, False, 2, 1, 4),   # not causal
 ])
 def test_blocked_equals_whole_matrix_attention(kind, window, causal, heads, kv_heads, tile):

@@ -13,9 +13,10 @@ the prefill before it, keeps the whole-matrix path of :func:`jlora.models.layers
   plain JAX: ``lax.scan`` over query tiles, a ``fori_loop`` over the key tiles each one needs); a ``custom_vjp``
   saves only ``q, k, v``, the output and one log-sum-exp per query, and recomputes the tiles in the backward pass
   (a loop over key tiles, then their query tiles). Neither pass holds more than one tile pair's (G*t, t) scores
-  per KV head, so memory is linear in T; causal attention skips the tiles above the diagonal and a sliding
-  window the ones below its band. The loops also fix the order: unrolled tile pairs let XLA:CPU's scheduler
-  compute many of them at once, whose scratch grows with T^2 again.
+  per KV head, so memory is linear in T; causal attention skips the tiles above the diagonal (and, with an even
+  tile, the quarter of each diagonal tile where every pair is masked) and a sliding window the ones below its
+  band. The loops also fix the order: unrolled tile pairs let XLA:CPU's scheduler compute many of them at once,
+  whose scratch grows with T^2 again.
 - ``"xla"``: the (B, KV, G*T, T) scores in one piece (the reference; memory quadratic in T).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash attention on an
   NVIDIA GPU (bf16/fp16; causal, sliding window and padding; no packed rows).
@@ -351,30 +352,34 @@ def _tile(x, i):
     return lax.dynamic_index_in_dim(x, i, axis=2, keepdims=False)
 
 
-def _scores(p: _Plan, qi, kj, i, j, kvalid, seg, *, interior: bool = False, transposed: bool = False):
+def _scores(p: _Plan, qi, kj, i, j, kvalid, seg, *, interior: bool = False, transposed: bool = False,
+            qr: tuple[int, int] | None = None, kr: tuple[int, int] | None = None):
     """The masked scores, float32, of query tile ``i`` (``qi``) against key tile ``j``: (B, KV, G, t, t), queries
     before keys, or with ``transposed`` (B, KV, t, G, t), keys first. ``interior``: the caller knows the tile
-    lies wholly inside the causal/window band (no slot mask needed)."""
+    lies wholly inside the causal/window band (no slot mask needed). ``qr``, ``kr``: the slots ``(start, stop)``
+    of the tiles that ``qi`` (each query head's rows) and ``kj`` hold, when they hold part of one."""
     b, kvh = qi.shape[:2]
+    qa, qb = qr or (0, p.t)
+    ka, kb = kr or (0, p.t)
     if transposed:
         s = jnp.einsum("bksd,bkmd->bksm", kj, qi, preferred_element_type=jnp.float32)
-        s = s.reshape(b, kvh, p.t, p.g, p.t)
+        s = s.reshape(b, kvh, kb - ka, p.g, qb - qa)
     else:
         s = jnp.einsum("bkmd,bksd->bkms", qi, kj, preferred_element_type=jnp.float32)
-        s = s.reshape(b, kvh, p.g, p.t, p.t)
-    # a (t, t) [query, key] array -> broadcastable against s
+        s = s.reshape(b, kvh, p.g, qb - qa, kb - ka)
+    # a (queries, keys) array -> broadcastable against s
     place = (lambda a: a.T[..., :, None, :]) if transposed else (lambda a: a[..., None, :, :])
     mask = None
     if (p.causal or p.window is not None) and not interior:
-        rel = (i - j) * p.t + jnp.asarray(np.arange(p.t)[:, None] - np.arange(p.t)[None, :])
+        rel = (i - j) * p.t + jnp.asarray(np.arange(qa, qb)[:, None] - np.arange(ka, kb)[None, :])
         mask = place(band(rel, p.causal, p.window))[None, None]
     if kvalid is not None:
-        key_ok = lax.dynamic_index_in_dim(kvalid, j, axis=1, keepdims=False)
+        key_ok = lax.dynamic_index_in_dim(kvalid, j, axis=1, keepdims=False)[:, ka:kb]
         key_ok = key_ok[:, None, :, None, None] if transposed else key_ok[:, None, None, None, :]
         mask = key_ok if mask is None else mask & key_ok
     if seg is not None:
-        qs = lax.dynamic_index_in_dim(seg, i, axis=1, keepdims=False)
-        ks = lax.dynamic_index_in_dim(seg, j, axis=1, keepdims=False)
+        qs = lax.dynamic_index_in_dim(seg, i, axis=1, keepdims=False)[:, qa:qb]
+        ks = lax.dynamic_index_in_dim(seg, j, axis=1, keepdims=False)[:, ka:kb]
         same = ((ks[:, :, None] == qs[:, None, :])[:, None, :, None, :] if transposed
                 else (qs[:, :, None] == ks[:, None, :])[:, None, None])
         mask = same if mask is None else mask & same
@@ -408,25 +413,44 @@ def _forward(p: _Plan, q, k, v, kvalid, seg):
     b, kvh, n, _, _ = q.shape
     dv = v.shape[-1]
 
+    def online(carry, s, vj):
+        """The running max, sum and output of some query rows, (B, KV, G, tq), updated with their masked scores
+        ``s`` (B, KV, G, tq, tk) against keys whose values are ``vj``."""
+        m, l, acc = carry
+        tq, tk = s.shape[-2:]
+        m_new = jnp.maximum(m, jnp.max(fusion.squeeze_leading(s), axis=-1).reshape(m.shape))   # jlora.fusion
+        e = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkms,bksd->bkmd", e.reshape(b, kvh, p.g * tq, tk).astype(v.dtype), vj,
+                        preferred_element_type=jnp.float32).reshape(b, kvh, p.g, tq, dv)
+        l_new = l * corr + jnp.sum(fusion.squeeze_leading(e), axis=-1).reshape(l.shape)
+        return m_new, l_new, acc * corr[..., None] + pv
+
     def query_tile(_, i):
         qi = _tile(q, i)
 
         def key_tile(j, carry, interior=False):
-            m, l, acc = carry
-            s = _scores(p, qi, _tile(k, j), i, j, kvalid, seg, interior=interior)
-            m_new = jnp.maximum(m, jnp.max(fusion.squeeze_leading(s), axis=-1).reshape(m.shape))   # jlora.fusion
-            e = jnp.exp(s - m_new[..., None])
-            corr = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkms,bksd->bkmd", e.reshape(b, kvh, p.g * p.t, p.t).astype(v.dtype), _tile(v, j),
-                            preferred_element_type=jnp.float32).reshape(b, kvh, p.g, p.t, dv)
-            l_new = l * corr + jnp.sum(fusion.squeeze_leading(e), axis=-1).reshape(l.shape)
-            return m_new, l_new, acc * corr[..., None] + pv
+            return online(carry, _scores(p, qi, _tile(k, j), i, j, kvalid, seg, interior=interior), _tile(v, j))
+
+        def diagonal(carry):
+            """Key tile i, causal, in halves: queries [0, h) against keys [0, h), queries [h, t) against all the
+            tile's keys; the quarter where every pair is masked is skipped."""
+            h = p.t // 2
+            kj, vj = _tile(k, i), _tile(v, i)
+            rows = qi.reshape(b, kvh, p.g, p.t, -1)
+            lower = online(jax.tree.map(lambda a: a[:, :, :, :h], carry),
+                           _scores(p, rows[:, :, :, :h].reshape(b, kvh, p.g * h, -1), kj[:, :, :h], i, i, kvalid,
+                                   seg, qr=(0, h), kr=(0, h)), vj[:, :, :h])
+            upper = online(jax.tree.map(lambda a: a[:, :, :, h:], carry),
+                           _scores(p, rows[:, :, :, h:].reshape(b, kvh, p.g * (p.t - h), -1), kj, i, i, kvalid,
+                                   seg, qr=(h, p.t)), vj)
+            return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=3), lower, upper)
 
         rows = (b, kvh, p.g, p.t)
         init = (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, dv), jnp.float32))
         if _split_diagonal(p):   # key tiles 0..i-1 lie below the diagonal: no slot mask; then tile i
             carry = lax.fori_loop(0, i, functools.partial(key_tile, interior=True), init)
-            m, l, acc = key_tile(i, carry)
+            m, l, acc = diagonal(carry) if p.t % 2 == 0 else key_tile(i, carry)
         else:
             lo = jnp.maximum(i - p.dmax, 0) if n > 1 else 0
             hi = jnp.minimum(i - p.dmin, n - 1) + 1 if n > 1 else 1
@@ -464,6 +488,17 @@ def _blocked_bwd(p, res, g):
     gf, of = fusion.squeeze_leading(g.astype(jnp.float32)), fusion.squeeze_leading(out.astype(jnp.float32))
     delta = jnp.sum(gf * of, axis=-1).reshape(lse.shape)   # batch 1: the fast reductions (jlora.fusion)
 
+    def products(st, lse_i, delta_i, qi, gi, vj, kjt):
+        """dk, dv (B, KV, tk, D) of some key rows and dq transposed (B, KV, D, G*tq) of some query rows, from
+        their masked scores ``st`` (B, KV, tk, G, tq)."""
+        e = jnp.exp(st - lse_i[:, :, None])
+        flat = (b, kvh, st.shape[2], p.g * st.shape[4])
+        dv = jnp.einsum("bksm,bkmd->bksd", e.reshape(flat).astype(q.dtype), gi, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bksd,bkmd->bksm", vj, gi, preferred_element_type=jnp.float32).reshape(st.shape)
+        ds = (e * (dp - delta_i[:, :, None])).reshape(flat).astype(q.dtype)
+        dk = jnp.einsum("bksm,bkmd->bksd", ds, qi, preferred_element_type=jnp.float32)
+        return dk, dv, jnp.einsum("bkds,bksm->bkdm", kjt, ds, preferred_element_type=jnp.float32)
+
     def key_tile(dqt, j):
         kj, vj = _tile(k, j), _tile(v, j)
         kjt = jnp.swapaxes(kj, -1, -2)                                                   # (B, KV, D, t)
@@ -472,19 +507,32 @@ def _blocked_bwd(p, res, g):
             dk, dv, dqt = carry
             qi, gi = _tile(q, i), _tile(g, i)
             st = _scores(p, qi, kj, i, j, kvalid, seg, interior=interior, transposed=True)
-            e = jnp.exp(st - _tile(lse, i)[:, :, None])
-            flat = (b, kvh, p.t, m)
-            dv = dv + jnp.einsum("bksm,bkmd->bksd", e.reshape(flat).astype(q.dtype), gi,
-                                 preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bksd,bkmd->bksm", vj, gi, preferred_element_type=jnp.float32).reshape(st.shape)
-            ds = (e * (dp - _tile(delta, i)[:, :, None])).reshape(flat).astype(q.dtype)
-            dk = dk + jnp.einsum("bksm,bkmd->bksd", ds, qi, preferred_element_type=jnp.float32)
-            dqti = _tile(dqt, i) + jnp.einsum("bkds,bksm->bkdm", kjt, ds, preferred_element_type=jnp.float32)
-            return dk, dv, lax.dynamic_update_index_in_dim(dqt, dqti, i, axis=2)
+            dki, dvi, dqi = products(st, _tile(lse, i), _tile(delta, i), qi, gi, vj, kjt)
+            return dk + dki, dv + dvi, lax.dynamic_update_index_in_dim(dqt, _tile(dqt, i) + dqi, i, axis=2)
+
+        def diagonal(carry):
+            """Query tile j against key tile j, causal, in halves: keys [0, h) against all the tile's queries,
+            keys [h, t) against queries [h, t) only, so the quarter where every pair is masked is skipped."""
+            dk, dv, dqt = carry
+            h = p.t // 2
+            upper = lambda a: a.reshape(b, kvh, p.g, p.t, -1)[:, :, :, h:].reshape(b, kvh, p.g * (p.t - h), -1)
+            qj, gj, lse_j, delta_j = _tile(q, j), _tile(g, j), _tile(lse, j), _tile(delta, j)
+            parts = []
+            for (ka, kb), (qa, qb), qx, gx, lx, dx in (
+                    ((0, h), (0, p.t), qj, gj, lse_j, delta_j),
+                    ((h, p.t), (h, p.t), upper(qj), upper(gj), lse_j[..., h:], delta_j[..., h:])):
+                st = _scores(p, qx, kj[:, :, ka:kb], j, j, kvalid, seg, transposed=True, qr=(qa, qb), kr=(ka, kb))
+                parts.append(products(st, lx, dx, qx, gx, vj[:, :, ka:kb], kjt[..., ka:kb]))
+            (dk0, dv0, dq0), (dk1, dv1, dq1) = parts
+            dq0 = dq0.reshape(b, kvh, d, p.g, p.t).at[..., h:].add(dq1.reshape(b, kvh, d, p.g, p.t - h))
+            dqtj = _tile(dqt, j) + dq0.reshape(b, kvh, d, m)
+            return (dk + jnp.concatenate([dk0, dk1], axis=2), dv + jnp.concatenate([dv0, dv1], axis=2),
+                    lax.dynamic_update_index_in_dim(dqt, dqtj, j, axis=2))
 
         init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dqt)
         if _split_diagonal(p):   # query tile j (the diagonal), then tiles j+1..n-1 with no slot mask
-            dk, dv, dqt = lax.fori_loop(j + 1, n, functools.partial(query_tile, interior=True), query_tile(j, init))
+            first = diagonal(init) if p.t % 2 == 0 else query_tile(j, init)
+            dk, dv, dqt = lax.fori_loop(j + 1, n, functools.partial(query_tile, interior=True), first)
         else:
             lo = jnp.maximum(j + p.dmin, 0) if n > 1 else 0
             hi = jnp.minimum(j + p.dmax, n - 1) + 1 if n > 1 else 1
