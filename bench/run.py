@@ -307,10 +307,12 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   128 MiB: 4 x 128 already fits in one chunk, and scratch is what limits context length.
   Where the 1 x 2048 step goes now (2-layer profile): the fused loss 2.35 s (8 head dots at ~102 GFLOP/s); per
   layer ~490 ms, of which ~441 ms dots at 104-108 GFLOP/s (MLP 204, projections 77, attention tiles ~160) and
-  ~42 ms the rest (attention exponentials ~15, tile copies ~12, the memory-bound silu gate ~7). Next candidate:
-  the causal diagonal tiles compute their masked half (~9.6 of ~21 ms of diagonal dots per layer); split into
-  64-token halves, the fully masked quarter could be skipped (half- and quarter-size tile dots take 0.52 and 0.26
-  of a full one's time), about 0.6-0.8% of the step.
+  ~42 ms the rest (attention exponentials ~15, tile copies ~12, the memory-bound silu gate ~7). The causal
+  diagonal tiles computed their masked half (~9.6 of ~21 ms of diagonal dots per layer); they now run in halves
+  that skip the fully masked quarter (half- and quarter-size tile dots take 0.52 and 0.26 of a full one's time):
+  one layer's attention 0.975-0.985x at 1 x 2048 and 0.944x at 512; a 4-layer 1 x 2048 step 0.998x and 1.006x in
+  two runs, i.e. within this machine's noise, as is the T = 2048 ratio (per-round ratios 0.845-0.905 in this run;
+  jlora's first timed round ran slow in three of the last four runs).
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
