@@ -1,5 +1,6 @@
-"""jlora.models.attention: the blocked kernel against the whole-matrix reference (values and gradients, every mask
-kind, GQA ratios, lengths that are not whole tiles), the kernel picker, and the argument mapping of the
+"""jlora.models.attention: the blocked kernel against the whole-matrix reference, and that reference against
+attention written out in jnp (values and gradients, every mask kind, GQA ratios, lengths that are not whole
+tiles), the kernel picker, and the argument mapping of the
 accelerator kernels (run through XLA or Pallas' interpreter on CPU)."""
 
 import dataclasses
@@ -36,9 +37,24 @@ def _masks(kind, t=T):
     return valid, segments
 
 
+def _plain(q, k, v, *, causal, window, valid, segment_ids):
+    """Attention written out in jnp, independent of jlora's kernels: repeated KV heads, a numpy mask, softmax."""
+    t, g = q.shape[1], q.shape[2] // k.shape[2]
+    rel = np.arange(t)[:, None] - np.arange(t)[None, :]
+    ok = np.ones((B, t, t), bool) & ((rel >= 0) if causal else True) & ((rel < window) if window else True)
+    if valid is not None:
+        ok = ok & (np.asarray(valid)[:, None, :] != 0)
+    if segment_ids is not None:
+        ok = ok & (np.asarray(segment_ids)[:, :, None] == np.asarray(segment_ids)[:, None, :])
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, g, axis=2)) * D ** -0.5
+    probs = jax.nn.softmax(jnp.where(jnp.asarray(ok)[:, None], s, -1e30), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, jnp.repeat(v, g, axis=2))
+
+
 def _value_and_grads(impl, q, k, v, cot, **kw):
     def loss(q, k, v):
-        out = A.attention(q, k, v, scale=D ** -0.5, implementation=impl, **kw)
+        out = (_plain(q, k, v, **kw) if impl == "plain" else
+               A.attention(q, k, v, scale=D ** -0.5, implementation=impl, **kw))
         return jnp.sum(out * cot), out
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return out, grads
@@ -72,6 +88,10 @@ def test_blocked_equals_whole_matrix_attention(kind, window, causal, heads, kv_h
     np.testing.assert_allclose(out * ok, ref * ok, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=1e-5)
+    plain, plain_grads = _value_and_grads("plain", q, k, v, cot, **kw)   # the reference itself, against jnp
+    np.testing.assert_allclose(ref * ok, plain * ok, atol=1e-5)
+    for r, g in zip(ref_grads, plain_grads):
+        np.testing.assert_allclose(r, g, atol=1e-5)
 
 
 def test_blocked_memory_is_linear_in_length():

@@ -347,6 +347,12 @@ def blocked(q, k, v, *, scale: float, causal: bool = True, window: int | None = 
     return out[:, :t_len]
 
 
+def _query_rows(p: _Plan, x, lo: int, hi: int):
+    """Query slots ``[lo, hi)`` of each of a tile's G heads: (B, KV, G*t, ...) -> (B, KV, G*(hi-lo), ...)."""
+    b, kvh = x.shape[:2]
+    return x.reshape(b, kvh, p.g, p.t, -1)[:, :, :, lo:hi].reshape(b, kvh, p.g * (hi - lo), -1)
+
+
 def _tile(x, i):
     """Tile ``i`` (an int or a traced index) of a tiled array (axis 2)."""
     return lax.dynamic_index_in_dim(x, i, axis=2, keepdims=False)
@@ -437,13 +443,11 @@ def _forward(p: _Plan, q, k, v, kvalid, seg):
             tile's keys; the quarter where every pair is masked is skipped."""
             h = p.t // 2
             kj, vj = _tile(k, i), _tile(v, i)
-            rows = qi.reshape(b, kvh, p.g, p.t, -1)
             lower = online(jax.tree.map(lambda a: a[:, :, :, :h], carry),
-                           _scores(p, rows[:, :, :, :h].reshape(b, kvh, p.g * h, -1), kj[:, :, :h], i, i, kvalid,
-                                   seg, qr=(0, h), kr=(0, h)), vj[:, :, :h])
+                           _scores(p, _query_rows(p, qi, 0, h), kj[:, :, :h], i, i, kvalid, seg, qr=(0, h),
+                                   kr=(0, h)), vj[:, :, :h])
             upper = online(jax.tree.map(lambda a: a[:, :, :, h:], carry),
-                           _scores(p, rows[:, :, :, h:].reshape(b, kvh, p.g * (p.t - h), -1), kj, i, i, kvalid,
-                                   seg, qr=(h, p.t)), vj)
+                           _scores(p, _query_rows(p, qi, h, p.t), kj, i, i, kvalid, seg, qr=(h, p.t)), vj)
             return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=3), lower, upper)
 
         rows = (b, kvh, p.g, p.t)
@@ -515,12 +519,12 @@ def _blocked_bwd(p, res, g):
             keys [h, t) against queries [h, t) only, so the quarter where every pair is masked is skipped."""
             dk, dv, dqt = carry
             h = p.t // 2
-            upper = lambda a: a.reshape(b, kvh, p.g, p.t, -1)[:, :, :, h:].reshape(b, kvh, p.g * (p.t - h), -1)
             qj, gj, lse_j, delta_j = _tile(q, j), _tile(g, j), _tile(lse, j), _tile(delta, j)
             parts = []
             for (ka, kb), (qa, qb), qx, gx, lx, dx in (
                     ((0, h), (0, p.t), qj, gj, lse_j, delta_j),
-                    ((h, p.t), (h, p.t), upper(qj), upper(gj), lse_j[..., h:], delta_j[..., h:])):
+                    ((h, p.t), (h, p.t), _query_rows(p, qj, h, p.t), _query_rows(p, gj, h, p.t), lse_j[..., h:],
+                     delta_j[..., h:])):
                 st = _scores(p, qx, kj[:, :, ka:kb], j, j, kvalid, seg, transposed=True, qr=(qa, qb), kr=(ka, kb))
                 parts.append(products(st, lx, dx, qx, gx, vj[:, :, ka:kb], kjt[..., ka:kb]))
             (dk0, dv0, dq0), (dk1, dv1, dq1) = parts
