@@ -313,6 +313,12 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   one layer's attention 0.975-0.985x at 1 x 2048 and 0.944x at 512; a 4-layer 1 x 2048 step 0.998x and 1.006x in
   two runs, i.e. within this machine's noise, as is the T = 2048 ratio (per-round ratios 0.845-0.905 in this run;
   jlora's first timed round ran slow in three of the last four runs).
+  Tried and dropped after that (one layer's attention at 1 x 2048, forward + backward, A/B in one process): the
+  diagonal tiles in parts of 32 slots instead of halves (1.006x), and tiles of 256 with their diagonal in parts
+  of 64 (1.001x; as much masked work as 128 in halves, a quarter of the tile pairs): the kernel's remaining
+  non-dot time does not shrink with fewer, larger tile pairs. In the loss, folding the softmax's normalizer and
+  the target's one-hot into the head gradient (`(e W) / sum(e) - W[target]`, one pass over the logits fewer) saved
+  about 6 ms of a 700 ms 512-token chunk (0.996x): not worth a second code path for a trained output layer.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
