@@ -69,7 +69,7 @@ def _section(name: str, args) -> dict:
     if name == "train":
         return train_speed.run(repeats=repeats, layers=layers)
     if name == "long_context":
-        return long_context.run(repeats=3 if args.quick else min(repeats, 3), layers=layers)
+        return long_context.run(repeats=repeats, layers=layers)
     if name == "inference":
         return inference.run(repeats=repeats, layers=layers)
     if name == "bank":
@@ -319,6 +319,10 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   non-dot time does not shrink with fewer, larger tile pairs. In the loss, folding the softmax's normalizer and
   the target's one-hot into the head gradient (`(e W) / sum(e) - W[target]`, one pass over the logits fewer) saved
   about 6 ms of a 700 ms 512-token chunk (0.996x): not worth a second code path for a trained output layer.
+  The T = 2048 comparison now times 5 rounds instead of 3 (per-round ratios 0.865-0.941 in its first run, median
+  0.875, the same as with 3). How close the step is to this core's limit: a 1024^3 matmul runs at 107 GFLOP/s
+  here, the step's dots at 104-108, and they are ~91% of its time; both sides do the same FLOPs. A ratio of 0.85
+  would need about a third of the remaining non-dot time gone (exponentials, tile copies, memory-bound gates).
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
