@@ -220,7 +220,10 @@ def test_nnx_and_linen_versions_agree():
         {p: n.layout for p, n in jlora.adapter.adapter_items(ad)}
     y_nnx = jlora.apply(model, params, ad, STACK_CFG, IDS)
     y_linen = jlora.apply(linen, params, ad, STACK_CFG, IDS)
-    np.testing.assert_allclose(y_nnx, y_linen, atol=1e-6)
+    # The two module sets order their float32 sums differently: each is ~2.4e-6 from the plain-jnp reference on
+    # outputs up to ~8, where one float32 step is 9.5e-7, so 1e-5 (this file's tolerance) and not 1e-6.
+    np.testing.assert_allclose(y_nnx, y_linen, atol=1e-5)
+    np.testing.assert_allclose(y_nnx, ref_stack(params, ad, STACK_CFG, IDS), atol=1e-5)
 
 
 def test_train_step_changes_adapters_only_and_merge_round_trips():

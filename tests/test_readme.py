@@ -30,11 +30,13 @@ SERVER = "127.0.0.1:8000"   # where the README's serving examples send their req
 
 def commands(text: str) -> list[str]:
     """Every `jlora ...` command line in ``text``: lines of code blocks (backslash continuations joined) and inline
-    code spans, in order of appearance, each once."""
+    code spans with arguments, in order of appearance, each once. A span that only names a subcommand (prose such
+    as "`jlora train` calls it") is not a command line."""
     found = []
     for match in re.finditer(r"```[a-z]*\n(.*?)```|`(jlora [^`]+)`", text, re.S):
         if match.group(2):
-            found.append((match.start(), match.group(2)))
+            if len(match.group(2).split()) > 2:
+                found.append((match.start(), match.group(2)))
             continue
         for line in match.group(1).replace("\\\n", " ").splitlines():
             if line.strip().startswith("jlora "):
