@@ -36,7 +36,7 @@ def temp_memory(length: int, attention: str, *, layers: int | None = None) -> di
     return {**mib, "compile_s": c.compile_s}
 
 
-def step_times(*, length: int = STEP_LENGTH, repeats: int = 3, layers: int | None = None) -> dict:
+def step_times(*, length: int = STEP_LENGTH, repeats: int = 5, layers: int | None = None) -> dict:
     """jlora's and PEFT's LoRA q,v step at batch 1 x ``length``, in this process (pin it first)."""
     common.set_torch_threads(common.threads())
     hf = common.hf_config(**({} if layers is None else {"num_hidden_layers": layers}))
@@ -53,7 +53,7 @@ def step_times(*, length: int = STEP_LENGTH, repeats: int = 3, layers: int | Non
     return out
 
 
-def run(*, repeats: int = 3, layers: int | None = None, lengths=LENGTHS) -> dict:
+def run(*, repeats: int = 5, layers: int | None = None, lengths=LENGTHS) -> dict:
     results = {"lengths": list(lengths), "memory": {}}
     rows = []
     for attention in ("auto", "xla"):
@@ -98,7 +98,7 @@ def run(*, repeats: int = 3, layers: int | None = None, lengths=LENGTHS) -> dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", action="store_true", help="only the timed step comparison (one core)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
