@@ -70,6 +70,7 @@ def _rows(t, causal, window, valid, segments):
 
 @pytest.mark.parametrize("kind,window,causal,heads,kv_heads,tile", [
     ("causal", None, True, 4, 2, 4),          # GQA; 4 tiles of 4, the last one padded
+    ("causal", None, True, 2, 1, 5),          # MQA; 3 tiles of 5: an odd tile, its diagonal in one part
     ("window", 3, True, 4, 1, 4),             # MQA
     ("window", 6, True, 2, 2, 5),             # MHA; 3 tiles of 5
     ("window", 12, True, 4, 2, 4),            # a window longer than 2 tiles

@@ -413,6 +413,19 @@ def _split_diagonal(p: _Plan) -> bool:
     return p.causal and p.window is None and p.n > 1
 
 
+def _diagonal_parts(p: _Plan) -> tuple[tuple[int, int], ...]:
+    """The slot ranges a causal diagonal tile is computed in: halves when ``t`` is even (skipping the quarter where
+    every pair is masked), else the whole tile. Finer parts did not pay on CPU: parts of 32 slots at t = 128 and
+    parts of 64 at t = 256 ran 1.006x and 1.001x (bench/README.md).
+
+    Examples:
+        >>> _diagonal_parts(plan(256, 128, 1, True, None)), _diagonal_parts(plan(15, 5, 1, True, None))
+        (((0, 64), (64, 128)), ((0, 5),))
+    """
+    h = p.t // 2
+    return ((0, h), (h, p.t)) if p.t % 2 == 0 else ((0, p.t),)
+
+
 def _forward(p: _Plan, q, k, v, kvalid, seg):
     """Online softmax: for each query tile, its key tiles one at a time. Returns the tiled output and the
     log-sum-exp per query (B, KV, n, G, t)."""
@@ -439,22 +452,20 @@ def _forward(p: _Plan, q, k, v, kvalid, seg):
             return online(carry, _scores(p, qi, _tile(k, j), i, j, kvalid, seg, interior=interior), _tile(v, j))
 
         def diagonal(carry):
-            """Key tile i, causal, in halves: queries [0, h) against keys [0, h), queries [h, t) against all the
-            tile's keys; the quarter where every pair is masked is skipped."""
-            h = p.t // 2
+            """Key tile i, causal, by query part (:func:`_diagonal_parts`): query slots [lo, hi) against keys
+            [0, hi); the pairs above a part's own keys, all masked, are skipped."""
             kj, vj = _tile(k, i), _tile(v, i)
-            lower = online(jax.tree.map(lambda a: a[:, :, :, :h], carry),
-                           _scores(p, _query_rows(p, qi, 0, h), kj[:, :, :h], i, i, kvalid, seg, qr=(0, h),
-                                   kr=(0, h)), vj[:, :, :h])
-            upper = online(jax.tree.map(lambda a: a[:, :, :, h:], carry),
-                           _scores(p, _query_rows(p, qi, h, p.t), kj, i, i, kvalid, seg, qr=(h, p.t)), vj)
-            return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=3), lower, upper)
+            parts = [online(jax.tree.map(lambda a: a[:, :, :, lo:hi], carry),
+                            _scores(p, _query_rows(p, qi, lo, hi), kj[:, :, :hi], i, i, kvalid, seg, qr=(lo, hi),
+                                    kr=(0, hi)), vj[:, :, :hi])
+                     for lo, hi in _diagonal_parts(p)]
+            return jax.tree.map(lambda *x: jnp.concatenate(x, axis=3), *parts)
 
         rows = (b, kvh, p.g, p.t)
         init = (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, dv), jnp.float32))
         if _split_diagonal(p):   # key tiles 0..i-1 lie below the diagonal: no slot mask; then tile i
             carry = lax.fori_loop(0, i, functools.partial(key_tile, interior=True), init)
-            m, l, acc = diagonal(carry) if p.t % 2 == 0 else key_tile(i, carry)
+            m, l, acc = diagonal(carry)
         else:
             lo = jnp.maximum(i - p.dmax, 0) if n > 1 else 0
             hi = jnp.minimum(i - p.dmin, n - 1) + 1 if n > 1 else 1
@@ -515,28 +526,27 @@ def _blocked_bwd(p, res, g):
             return dk + dki, dv + dvi, lax.dynamic_update_index_in_dim(dqt, _tile(dqt, i) + dqi, i, axis=2)
 
         def diagonal(carry):
-            """Query tile j against key tile j, causal, in halves: keys [0, h) against all the tile's queries,
-            keys [h, t) against queries [h, t) only, so the quarter where every pair is masked is skipped."""
+            """Query tile j against key tile j, causal, by key part (:func:`_diagonal_parts`): key slots [lo, hi)
+            against queries [lo, t); the pairs before a part's own queries, all masked, are skipped."""
             dk, dv, dqt = carry
-            h = p.t // 2
             qj, gj, lse_j, delta_j = _tile(q, j), _tile(g, j), _tile(lse, j), _tile(delta, j)
-            parts = []
-            for (ka, kb), (qa, qb), qx, gx, lx, dx in (
-                    ((0, h), (0, p.t), qj, gj, lse_j, delta_j),
-                    ((h, p.t), (h, p.t), _query_rows(p, qj, h, p.t), _query_rows(p, gj, h, p.t), lse_j[..., h:],
-                     delta_j[..., h:])):
-                st = _scores(p, qx, kj[:, :, ka:kb], j, j, kvalid, seg, transposed=True, qr=(qa, qb), kr=(ka, kb))
-                parts.append(products(st, lx, dx, qx, gx, vj[:, :, ka:kb], kjt[..., ka:kb]))
-            (dk0, dv0, dq0), (dk1, dv1, dq1) = parts
-            dq0 = dq0.reshape(b, kvh, d, p.g, p.t).at[..., h:].add(dq1.reshape(b, kvh, d, p.g, p.t - h))
-            dqtj = _tile(dqt, j) + dq0.reshape(b, kvh, d, m)
-            return (dk + jnp.concatenate([dk0, dk1], axis=2), dv + jnp.concatenate([dv0, dv1], axis=2),
+            dks, dvs, dq = [], [], None
+            for lo, hi in _diagonal_parts(p):
+                qx, gx = _query_rows(p, qj, lo, p.t), _query_rows(p, gj, lo, p.t)
+                st = _scores(p, qx, kj[:, :, lo:hi], j, j, kvalid, seg, transposed=True, qr=(lo, p.t), kr=(lo, hi))
+                dka, dva, dqa = products(st, lse_j[..., lo:], delta_j[..., lo:], qx, gx, vj[:, :, lo:hi],
+                                         kjt[..., lo:hi])
+                dks.append(dka)
+                dvs.append(dva)
+                dqa = dqa.reshape(b, kvh, d, p.g, p.t - lo)
+                dq = dqa if dq is None else dq.at[..., lo:].add(dqa)   # the first part (lo = 0) covers all queries
+            dqtj = _tile(dqt, j) + dq.reshape(b, kvh, d, m)
+            return (dk + jnp.concatenate(dks, axis=2), dv + jnp.concatenate(dvs, axis=2),
                     lax.dynamic_update_index_in_dim(dqt, dqtj, j, axis=2))
 
         init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dqt)
         if _split_diagonal(p):   # query tile j (the diagonal), then tiles j+1..n-1 with no slot mask
-            first = diagonal(init) if p.t % 2 == 0 else query_tile(j, init)
-            dk, dv, dqt = lax.fori_loop(j + 1, n, functools.partial(query_tile, interior=True), first)
+            dk, dv, dqt = lax.fori_loop(j + 1, n, functools.partial(query_tile, interior=True), diagonal(init))
         else:
             lo = jnp.maximum(j + p.dmin, 0) if n > 1 else 0
             hi = jnp.minimum(j + p.dmax, n - 1) + 1 if n > 1 else 1
