@@ -323,6 +323,13 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   0.875, the same as with 3). How close the step is to this core's limit: a 1024^3 matmul runs at 107 GFLOP/s
   here, the step's dots at 104-108, and they are ~91% of its time; both sides do the same FLOPs. A ratio of 0.85
   would need about a third of the remaining non-dot time gone (exponentials, tile copies, memory-bound gates).
+  A fresh 30-layer profile at 1 x 2048 showed dq's "buffer of its own" from the paragraph before last was not
+  one: XLA:CPU gave the transpose inside the conditional a transposed layout, so it compiled to a bitcast and the
+  rope backward read dq strided anyway (3.4 ms per layer). Forcing a real copy (a reshape in the branch) ran
+  1.002x; a plain transpose without the conditional 0.997x and 1.003x at 1 x 2048, 0.993x at 1 x 1024 (30-layer
+  steps, A/B in one process): the conditional is gone. Also tried: the blocked kernel, with its diagonal halves,
+  for one-tile sequences instead of the whole matrix (one layer's attention 6.52 -> 6.21 ms at 4 x 128, but the
+  30-layer 4 x 128 step 1.003x): the picker keeps the whole matrix there.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of

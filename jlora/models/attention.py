@@ -554,10 +554,9 @@ def _blocked_bwd(p, res, g):
         return dqt, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dqt, (dk, dv) = _over_tiles(n, key_tile, jnp.zeros((b, kvh, n, d, m), jnp.float32))
-    # dq back to (queries, D) as a buffer of its own: fused into its consumer (the rope backward, with the tiles'
-    # un-tiling transpose), the strided reads cost more than the plain transpose does (jlora.fusion).
-    dq = fusion.as_buffer(lambda x: jnp.swapaxes(x, -1, -2), dqt, like=q)
-    return dq.astype(q.dtype), jnp.moveaxis(dk, 0, 2), jnp.moveaxis(dv, 0, 2), None, None
+    # dq back to (queries, D). XLA:CPU gives the transpose a strided layout that its consumer (the rope backward)
+    # reads; forcing it into a buffer of its own (jlora.fusion.as_buffer) ran 0.997-1.007x (bench/README.md).
+    return jnp.swapaxes(dqt, -1, -2).astype(q.dtype), jnp.moveaxis(dk, 0, 2), jnp.moveaxis(dv, 0, 2), None, None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
