@@ -38,7 +38,8 @@ def _masks(kind, t=T):
 
 
 def _plain(q, k, v, *, causal, window, valid, segment_ids):
-    """Attention written out in jnp, independent of jlora's kernels: repeated KV heads, a numpy mask, softmax."""
+    """Attention written out in jnp, independent of jlora's kernels: repeated KV heads, a numpy mask, softmax; a
+    query with nothing to attend gets zeros (torch's SDPA with a boolean mask does the same)."""
     t, g = q.shape[1], q.shape[2] // k.shape[2]
     rel = np.arange(t)[:, None] - np.arange(t)[None, :]
     ok = np.ones((B, t, t), bool) & ((rel >= 0) if causal else True) & ((rel < window) if window else True)
@@ -47,7 +48,7 @@ def _plain(q, k, v, *, causal, window, valid, segment_ids):
     if segment_ids is not None:
         ok = ok & (np.asarray(segment_ids)[:, :, None] == np.asarray(segment_ids)[:, None, :])
     s = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, g, axis=2)) * D ** -0.5
-    probs = jax.nn.softmax(jnp.where(jnp.asarray(ok)[:, None], s, -1e30), axis=-1)
+    probs = jax.nn.softmax(jnp.where(jnp.asarray(ok)[:, None], s, -1e30), axis=-1) * ok.any(-1)[:, None, :, None]
     return jnp.einsum("bhqk,bkhd->bqhd", probs, jnp.repeat(v, g, axis=2))
 
 
@@ -79,18 +80,18 @@ def _rows(t, causal, window, valid, segments):
     ("full+pad+seg", None, False, 2, 1, 4),   # not causal
 ])
 def test_blocked_equals_whole_matrix_attention(kind, window, causal, heads, kv_heads, tile):
+    """Every query row, padding included: rows with nothing to attend (left padding, a padding segment) give
+    zeros and no gradient in both kernels, so a loss that reads them differentiates what the forward computed."""
     q, k, v, cot = _inputs(heads, kv_heads)
     valid, segments = _masks(kind)
-    ok = _rows(T, causal, window, valid, segments)
-    cot = cot * ok
     kw = dict(causal=causal, window=window, valid=valid, segment_ids=segments)
     ref, ref_grads = _value_and_grads("xla", q, k, v, cot, **kw)
     out, grads = _value_and_grads("blocked", q, k, v, cot, tile=tile, **kw)
-    np.testing.assert_allclose(out * ok, ref * ok, atol=1e-5)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=1e-5)
     plain, plain_grads = _value_and_grads("plain", q, k, v, cot, **kw)   # the reference itself, against jnp
-    np.testing.assert_allclose(ref * ok, plain * ok, atol=1e-5)
+    np.testing.assert_allclose(ref, plain, atol=1e-5)
     for r, g in zip(ref_grads, plain_grads):
         np.testing.assert_allclose(r, g, atol=1e-5)
 
@@ -191,19 +192,21 @@ def test_splash_call_maps_masks_like_the_reference():
 
 @pytest.mark.slow
 def test_model_with_blocked_attention_equals_whole_matrix_attention(monkeypatch):
-    """A Mistral-style model (GQA, sliding window) on packed, padded rows: logits and parameter gradients of the
-    blocked kernel (tiles of 8 tokens: several tiles, the last one padded) equal the reference kernel's."""
+    """A Mistral-style model (GQA, sliding window) on packed rows with left and right padding: logits and
+    parameter gradients of the blocked kernel (tiles of 8 tokens: several tiles, the last one padded) equal the
+    reference kernel's, at every position (a loss reading padding positions, as a left-padded LM loss does)."""
     monkeypatch.setitem(A.TILE, "cpu", 8)
     cfg = llama_lib.LlamaConfig(model_type="mistral", num_key_value_heads=2, sliding_window=11, vocab_size=64,
                                 hidden_size=32, intermediate_size=64, head_dim=8, num_hidden_layers=1)
     t = 21
     ids = jax.random.randint(jax.random.key(1), (B, t), 0, 64)
     mask = np.ones((B, t), np.int32)
+    mask[0, :4] = 0         # left padding: queries with nothing to attend, which the loss below reads too
     mask[1, -5:] = 0
     seg = np.where(np.arange(t) < 9, 1, 2)[None].repeat(B, 0) * mask
     pos = np.where(np.arange(t) < 9, np.arange(t), np.arange(t) - 9)[None].repeat(B, 0)
     params = llama_lib.LlamaForCausalLM(cfg).init(jax.random.key(0), ids)["params"]
-    keep = jnp.asarray(mask[:, :, None], jnp.float32)
+    keep = jnp.ones((B, t, 1), jnp.float32)
 
     def run(impl):
         model = llama_lib.LlamaForCausalLM(dataclasses.replace(cfg, attention=impl))

@@ -199,9 +199,10 @@ def test_masked_softmax_matches_jax_softmax_and_its_gradient():
     got = jax.grad(lambda z: jnp.sum(attention.masked_softmax(z, ok) * cot))(s)
     want = jax.grad(lambda z: jnp.sum(ref(z) * cot))(s)
     np.testing.assert_allclose(got, want, atol=1e-6)
-    # a row with nothing allowed (a padding query) is a uniform average, not NaN
-    empty = attention.masked_softmax(s, jnp.zeros_like(ok))
-    np.testing.assert_allclose(empty, jnp.full(s.shape, 1 / 7), rtol=1e-6)
+    # a row with nothing allowed (a padding query) is zeros, not NaN, and passes no gradient back
+    none = jnp.zeros_like(ok)
+    np.testing.assert_array_equal(attention.masked_softmax(s, none), jnp.zeros(s.shape))
+    np.testing.assert_array_equal(jax.grad(lambda z: jnp.sum(attention.masked_softmax(z, none) * cot))(s), 0.0)
 
 
 def test_silu_gate_matches_jax_and_falls_back_for_other_activations():

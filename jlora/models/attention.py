@@ -3,8 +3,9 @@
 Every implementation computes the same function of ``q (B, T, H, D)``, ``k, v (B, T, KV, D)``: softmax attention
 where query ``i`` may attend key ``j`` when ``j <= i`` (causal), ``i - j < window`` (sliding window), key ``j`` is a
 real token (``valid``) and both are in the same example of a packed row (``segment_ids``). Query head ``h`` uses
-KV head ``h // (H // KV)`` (MHA, GQA and MQA alike). A query with nothing to attend (a padding token) gets a
-finite, meaningless output, as in :func:`jlora.models.layers.attend`.
+KV head ``h // (H // KV)`` (MHA, GQA and MQA alike). A query with nothing to attend (a left-padding token) gets
+zeros and passes no gradient back, as with torch's SDPA and a boolean mask, in the ``"blocked"`` and ``"xla"``
+kernels; the accelerator kernels give such a row some finite output of their own.
 
 Implementations (a model's ``attention`` option; ``"auto"`` asks :func:`choose`; a KV cache, in decoding and in
 the prefill before it, keeps the whole-matrix path of :func:`jlora.models.layers.attend`):
@@ -241,7 +242,7 @@ def dense(q, k, v, allowed, scale):
 def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
     """Softmax over the last axis of ``scores`` where ``allowed`` (broadcastable bool), 0 elsewhere.
 
-    A row with nothing allowed gets a uniform average. The custom VJP saves only the probabilities and computes
+    A row with nothing allowed gets zeros (no gradient). The custom VJP saves only the probabilities and computes
     ``p * (g - sum(g * p))`` from them; differentiating the formula (or JAX's default ``jax.nn.softmax``) also
     keeps the masked scores, the exponentials and the mask alive per layer, three more (B, heads, T, S) buffers.
 
@@ -249,6 +250,8 @@ def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
         >>> s, ok = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[True, True, False]])
         >>> [round(float(p), 4) for p in masked_softmax(s, ok)[0]]
         [0.2689, 0.7311, 0.0]
+        >>> masked_softmax(s, ok & False).tolist()                 # nothing allowed
+        [[0.0, 0.0, 0.0]]
         >>> ref = lambda z: jax.nn.softmax(jnp.where(ok, z, -1e30))
         >>> g = lambda f: jax.grad(lambda z: jnp.sum(f(z) * jnp.array([[1.0, -2.0, 5.0]])))(s)
         >>> bool(jnp.allclose(g(lambda z: masked_softmax(z, ok)), g(ref)))
@@ -260,6 +263,7 @@ def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
 def _masked_softmax_fwd(scores, allowed):
     masked = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(fusion.squeeze_leading(masked), axis=-1).reshape(masked.shape)   # fast at batch 1
+    probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)   # folds away without padding
     return probs, probs
 
 
@@ -470,8 +474,11 @@ def _forward(p: _Plan, q, k, v, kvalid, seg):
             lo = jnp.maximum(i - p.dmax, 0) if n > 1 else 0
             hi = jnp.minimum(i - p.dmin, n - 1) + 1 if n > 1 else 1
             m, l, acc = _loop(lo, hi, key_tile, init)
-        out = (acc / l[..., None]).astype(q.dtype).reshape(b, kvh, p.g * p.t, dv)
-        return None, (out, m + jnp.log(l))
+        # A row with no allowed key kept m = _NEG: zeros out, and an infinite log-sum-exp, so that the backward
+        # pass recomputes its probabilities as 0 (m + log(l) rounds to _NEG there, which would make them 1).
+        empty = m == _NEG
+        out = jnp.where(empty[..., None], 0.0, acc / l[..., None]).astype(q.dtype).reshape(b, kvh, p.g * p.t, dv)
+        return None, (out, jnp.where(empty, jnp.inf, m + jnp.log(l)))
 
     _, (out, lse) = _over_tiles(n, query_tile, None)
     return jnp.moveaxis(out, 0, 2), jnp.moveaxis(lse, 0, 2)
