@@ -251,6 +251,10 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
         if path not in slots:
             raise ValueError(f"the adapter at {path!r} is outside the bank, which covers {sorted(slots)[:6]}"
                              f"{' ...' if len(slots) > 6 else ''}; create the bank with targets covering it")
+        if not cfg.matches(path):
+            raise ValueError(f"the adapter at {path!r} is not one that its config targets (targets="
+                             f"{list(cfg.targets)}, exclude={list(cfg.exclude)}): pass the LoraConfig the adapters "
+                             f"were made with (it gives their scales)")
         r = node.rank
         if r > bank.rank:
             raise ValueError(f"the adapter at {path!r} has rank {r}, above the bank's rank {bank.rank}")
@@ -329,7 +333,17 @@ def apply(model, params: Mapping, bank: Bank, ids: jax.Array, *args, **kwargs) -
 
     Equal, row by row, to :func:`jlora.apply` with that row's adapter (and to the merged model). Takes the same
     keyword arguments as :func:`jlora.apply` (``rngs``, ``variables``, ``mutable``, ``method``, ...).
+
+    Raises:
+        ValueError: ``ids`` known outside a trace (not under ``jit``) hold a value other than :data:`BASE` or a
+            slot. Traced ids cannot be checked: one above the last slot uses the last, one below ``BASE`` the base.
     """
+    if not isinstance(ids, jax.core.Tracer):
+        values = np.asarray(ids)
+        bad = values[(values < BASE) | (values >= bank.capacity)]
+        if bad.size:
+            raise ValueError(f"adapter ids {sorted(set(bad.tolist()))[:5]} are out of range: the bank has slots "
+                             f"0..{bank.capacity - 1}, and {BASE} routes a row to the base model")
     return transform.apply(model, params, bank.slots, bank.config, *args, adapter_ids=ids, **kwargs)
 
 

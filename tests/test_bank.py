@@ -140,6 +140,12 @@ def test_bad_adapters_are_refused_by_name():
         B.put(bank, 2, jlora.init(params, plain, key=KEY), plain)
     with pytest.raises(ValueError, match="pass the slot of each batch row"):
         jlora.apply(model, params, bank.slots, bank.config, ids)
+    other = jlora.LoraConfig(rank=2, targets="up_proj")     # q,v adapters with a config that does not make them
+    with pytest.raises(ValueError, match=r"'layers_0/self_attn/q_proj/kernel' is not one that its config targets"):
+        B.put(bank, 0, jlora.init(params, plain, key=KEY), other)
+    for bad in (2, 7, -2):
+        with pytest.raises(ValueError, match=rf"adapter ids \[{bad}\] are out of range: the bank has slots 0..1"):
+            B.apply(model, params, bank, jnp.array([0, bad, -1, 1, 0]), ids)
 
 
 @pytest.mark.slow
