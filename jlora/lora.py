@@ -19,7 +19,9 @@ magnitude, quantized kernels, PiSSA/OLoRA inits) plug in through :mod:`jlora.ada
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -84,13 +86,38 @@ def _path_key(key: jax.Array, path: str) -> jax.Array:
 
 
 def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
-    """The paths of ``params`` that ``cfg`` targets; raises if there are none."""
+    """The paths of ``params`` that ``cfg`` targets.
+
+    Raises:
+        ValueError: the targets match nothing, or a pattern of ``exclude``, ``rank_pattern``, ``alpha_pattern``
+            or ``modules_to_save`` matches no path it could apply to (a typo, or per-layer names on layers
+            stacked by a scan), so that it would silently do nothing.
+
+    Examples:
+        >>> params = {"q_proj": {"kernel": jnp.ones((8, 8))}, "v_proj": {"kernel": jnp.ones((8, 8))}}
+        >>> target_paths(params, LoraConfig(targets=("q_proj", "v_proj"), exclude="v_proj"))
+        ['q_proj/kernel']
+        >>> target_paths(params, LoraConfig(targets=("q_proj", "v_proj"), rank_pattern={"v_prj": 4}))
+        Traceback (most recent call last):
+        ...
+        ValueError: rank_pattern 'v_prj' matches none of the 2 targeted paths, so it would do nothing; they look like: ['q_proj/kernel', 'v_proj/kernel']
+    """
     flat = tree_lib.flatten(params)
     found = [p for p in flat if cfg.matches(p)]
     if not found:
         examples = [p for p in flat if p.rsplit("/", 1)[-1] in ("kernel", "embedding")] or list(flat)
         raise ValueError(_NO_MATCH.format(targets=list(cfg.targets), exclude=list(cfg.exclude),
                                           examples=examples[:10]))
+    unexcluded = [p for p in flat if cfg.exclude and dataclasses.replace(cfg, exclude=()).matches(p)]
+    for field, patterns, among, what in (
+            ("exclude", cfg.exclude, unexcluded, "paths the targets select"),
+            ("rank_pattern", cfg.rank_pattern, found, "targeted paths"),
+            ("alpha_pattern", cfg.alpha_pattern, found, "targeted paths"),
+            ("modules_to_save", cfg.modules_to_save, list(flat), "parameter paths")):
+        for pattern in patterns:
+            if not any(re.search(pattern, p) for p in among):
+                raise ValueError(f"{field} {pattern!r} matches none of the {len(among)} {what}, so it would do "
+                                 f"nothing; they look like: {among[:4]}")
     return found
 
 

@@ -207,6 +207,22 @@ def test_targets_matching_nothing_names_targets_and_paths():
         jlora.init(params, jlora.LoraConfig(targets="q_proj"), key=KEY)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("exclude", "layers_1"),              # per-layer names on scanned layers: one stacked "layers" path
+    ("rank_pattern", {"v_prj": 4}),
+    ("alpha_pattern", {"layers_1": 4.0}),
+    ("modules_to_save", "lm_haed"),
+])
+def test_patterns_matching_nothing_are_errors_not_no_ops(field, value):
+    model = TinyLM(vocab=16, dim=8, heads=2, layers=2, scan=True)
+    params = model.init(KEY, jnp.zeros((1, 3), jnp.int32))["params"]
+    lay = jlora.layout(model, jnp.zeros((1, 3), jnp.int32))
+    cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "v_proj"), **{field: value})
+    with pytest.raises(ValueError, match=rf"{field} '{next(iter([value] if isinstance(value, str) else value))}' "
+                                         rf"matches none of the .* so it would do nothing; they look like: \['(layers|embed)/"):
+        jlora.init(params, cfg, key=KEY, layout=lay)
+
+
 def test_adapter_mismatch_names_path_and_shapes():
     x = jnp.ones((2, 8))
     model = nn.Dense(4)
