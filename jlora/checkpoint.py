@@ -323,7 +323,7 @@ class CheckpointManager:
         """Saves ``state`` (adapters, optimizer state, step, RNG) as checkpoint ``step``.
 
         Args:
-            step: the checkpoint's step number (usually ``int(state.step)``); it must not exist yet.
+            step: the checkpoint's step number (usually ``int(state.step)``); it must be after every saved step.
             state: the :class:`jlora.TrainState` to save.
             params: the frozen base params the adapters belong to; only their :func:`fingerprint` is written.
             lora_config: the adapters' config.
@@ -345,9 +345,14 @@ class CheckpointManager:
             raise ValueError(f"`data_position` must be JSON-serializable (a dict of ints, say); got "
                              f"{data_position!r}: {e}") from None
         manager = self._orbax(create=True)
-        if step in manager.all_steps():
+        saved = sorted(manager.all_steps())
+        if step in saved:
             raise ValueError(f"step {step} is already saved in {self.directory}; saved steps: "
-                             f"{sorted(manager.all_steps())}. Steps are never overwritten: pick a new step")
+                             f"{saved}. Steps are never overwritten: pick a new step")
+        if saved and step < saved[-1]:   # orbax would skip it and return False: nothing saved
+            raise ValueError(f"step {step} is before the latest saved step {saved[-1]} in {self.directory} (saved "
+                             f"steps: {saved}); checkpoints are saved in increasing step order: save a step after "
+                             f"{saved[-1]}, or save to a new directory")
         rng, rng_info = _split_rng(state.rng)
         train_state = {"step": jnp.asarray(state.step), "rng": rng, "opt_state": state.opt_state}
         meta = {

@@ -423,6 +423,17 @@ def test_save_refuses_bad_input(tmp_path, tiny):
         CheckpointManager(tmp_path, max_to_keep=0)
 
 
+def test_save_refuses_a_step_before_the_latest(tmp_path, tiny):
+    """orbax skips such a step (its save returns False): that must be an error, not a silent no-op."""
+    _, params, _, state0 = tiny
+    with CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(5, state0, params=params, lora_config=CFG)
+        with pytest.raises(ValueError, match=r"step 3 is before the latest saved step 5.*save a step after 5"):
+            manager.save(3, state0, params=params, lora_config=CFG)
+        manager.save(6, state0, params=params, lora_config=CFG)
+        assert manager.all_steps() == [5, 6]
+
+
 # ------------------------------------------------------------------------------------------------ retention
 def test_max_to_keep_and_keep_best(tmp_path, tiny):
     _, params, _, state0 = tiny

@@ -281,8 +281,104 @@ def test_ctrl_c_during_the_base_eval_keeps_nothing(tiny, tmp_path):
     config = _config(tmp_path, tiny, "r", eval={"scorer": f"{scorer}:score"})
     code, out, err = _main("train", "--config", config)
     assert code == 130 and err.strip().splitlines() == [
-        f"jlora train: interrupted before the first checkpoint: nothing was saved ({tmp_path / 'r'} removed)"], err
+        f"jlora train: interrupted before the run started: nothing was written (run folder {tmp_path / 'r'} left as "
+        f"it was)"], err
     _no_run_left(tmp_path / "r")
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes: to check that a refused command changed nothing."""
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_checked(tiny, trained, tmp_path):
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained[1], run_dir)
+    before = _snapshot(run_dir)
+    config = _config(tmp_path, tiny, "r")
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(pathlib.Path(TRAIN).read_text().splitlines(keepends=True)[:2]))
+    # too few examples for a batch: found when the loader is made; the message speaks of no --resume
+    line = _error(*_main("train", "--config", config, "--overwrite", "--set", f"data.train={few}"),
+                  r"the data set has 2 examples, fewer than batch_size=4.*lower `data\.batch_size`")
+    assert "--resume" not in line
+    assert _snapshot(run_dir) == before
+    # a scorer that fails (or Ctrl-C) in the base model's eval
+    for body, code in (("raise KeyError('broken scorer')", 2), ("raise KeyboardInterrupt", 130)):
+        scorer = tmp_path / "scorer.py"
+        scorer.write_text(f"def score(output, target):\n    {body}\n")
+        got, out, err = _main("train", "--config", config, "--overwrite", "--set", "eval.before=true",
+                              "--set", f"eval.scorer={scorer}:score")
+        assert got == code, err[-3000:]
+        assert "replacing the run folder" not in out
+        assert _snapshot(run_dir) == before
+
+
+def test_a_run_with_results_but_no_checkpoint_needs_overwrite(tiny, trained, tmp_path, monkeypatch):
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained[1], run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    before = _snapshot(run_dir)
+    _no_model_load(monkeypatch)
+    config = _config(tmp_path, tiny, "r")
+    _error(*_main("train", "--config", config, "--set", "train.seed=7"),
+           r"run folder .*r already exists and holds a run's results \(.*peft.*summary\.json.*\).*pass --overwrite")
+    assert _snapshot(run_dir) == before
+
+
+def test_a_refused_resume_changes_nothing(tiny, trained, tmp_path, monkeypatch):
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained[1], run_dir)
+    before = _snapshot(run_dir)
+    config = _config(tmp_path, tiny, "r")
+    with monkeypatch.context() as m:   # the steps are checked before the model loads
+        _no_model_load(m)
+        _error(*_main("train", "--config", config, "--resume", "--set", "train.steps=2"),
+               r"--resume: the run is already at step 4, past train\.steps=2; to train on, set train\.steps above 4"
+               r".*--overwrite instead of --resume")
+        _error(*_main("train", "--config", config, "--resume"),
+               r"--resume: the run already finished all train\.steps=4 steps; to train on, set train\.steps above 4")
+    assert _snapshot(run_dir) == before
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(pathlib.Path(TRAIN).read_text().splitlines(keepends=True)[:-1]))
+    _error(*_main("train", "--config", config, "--resume", "--set", "train.steps=6", "--set", f"data.train={other}"),
+           r"--resume: the data changed since this position was saved")
+    assert _snapshot(run_dir) == before   # config.yaml too
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.on_bad_record=skip"], r"no example is left to train on: of the 40 records, 40 malformed and skipped "
+                                  r"\(`data\.on_bad_record: skip`\); fix them"),
+    (["data.overflow=drop", "data.max_length=16", "data.valid=null"],
+     r"no example is left to train on: of the \d+ records, \d+ longer than max_length=16 dropped "
+     r"\(`data\.overflow: drop`\); raise `data\.max_length` or set `data\.overflow: truncate`"),
+])
+def test_training_on_no_example_is_an_error(overrides, message, tiny, tmp_path):
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"question": "What is 2+2?", "answer": "4"}\n' * 40)
+    train = malformed if "data.on_bad_record=skip" in overrides else TRAIN
+    config = _config(tmp_path, tiny, "r", data={"train": str(train)})
+    _error(*_main("train", "--config", config, *[a for o in overrides for a in ("--set", o)]), message)
+    _no_run_left(tmp_path / "r")
+
+
+def test_out_is_never_an_input_of_the_command(tiny, trained, tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    run = trained[1]
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    before = _snapshot(model)
+    for out, where in ((model, "is"), (model / "merged", "is inside"), (tmp_path, "holds")):
+        _error(*_main("merge", "--model", model, "--adapter", run, "--out", out, "--overwrite"),
+               rf"--out .* {where} --model .*which this command reads; .*choose another --out")
+    _error(*_main("merge", "--model", tiny, "--adapter", run / "peft", "--out", run / "peft", "--overwrite"),
+           r"--out .*peft' is --adapter .*which this command reads")
+    _error(*_main("export-peft", "--run", run, "--out", run / "peft", "--overwrite"),
+           r"--out .*peft' is inside --run .*which this command reads")
+    _error(*_main("compose", "--model", model, "--adapter", f"a={run}", "--method", "linear", "--out", model / "x"),
+           r"--out .*x' is inside --model ")
+    assert _snapshot(model) == before
 
 
 def test_ctrl_c_before_any_work_is_one_line(tiny, tmp_path, monkeypatch):

@@ -9,12 +9,14 @@
    opened and checked but not held (the loader streams them), validation examples, the generation-eval prompts);
 3. :func:`_build`: adapters, an AdamW optimizer with warmup + cosine decay, the compiled train and eval steps
    (sharded over ``mesh`` when it has more than one device);
-4. :func:`_prepare_dir`: only now, with everything loaded, the run folder is made (or replaced) and the resolved
-   ``config.yaml`` written. A run folder that holds no checkpoint is not a run: if the run stops before its first
-   checkpoint (an error, Ctrl-C during the base model's eval), the folder is removed again;
-5. :func:`_resume`: with ``resume``, the latest checkpoint's state and data position;
-6. :func:`_score_base_model`: greedy decoding of validation prompts by the base model, each completion scored by
+4. :func:`_resume`: with ``resume``, the latest checkpoint's state and data position; :func:`_open_loader`: the
+   training stream (from that position), checked to give at least one example;
+5. :func:`_score_base_model`: greedy decoding of validation prompts by the base model, each completion scored by
    ``eval.scorer`` (:mod:`jlora.cli.scoring`);
+6. :func:`_prepare_dir`: only now, with everything loaded and checked, the run folder is made (or an old run
+   replaced) and the resolved ``config.yaml`` written (a failure before this point changes nothing on disk). A run
+   folder that holds no checkpoint is not a run: if the run stops before its first checkpoint, the folder is
+   removed again;
 7. :func:`_train_loop`: one compiled step (or ``train.steps_per_call`` steps) per call, a progress bar with loss,
    tokens/s and ETA on a terminal (plain lines every ``train.log_every`` steps otherwise), ``metrics.jsonl``,
    periodic validation loss and checkpoints (adapters, optimizer state, step, RNG and the data position, so a
@@ -121,6 +123,19 @@ def has_checkpoint(folder: pathlib.Path) -> bool:
     return ckpt.is_dir() and any(p.name.isdigit() and p.is_dir() for p in ckpt.iterdir())
 
 
+def _checkpoint_steps(folder: pathlib.Path) -> list[int]:
+    """The finished checkpoints' steps in ``folder/checkpoints``, read from the step folders' names."""
+    ckpt = pathlib.Path(folder) / CKPT_DIR
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()) if ckpt.is_dir() else []
+
+
+def _saved_results(folder: pathlib.Path) -> list[str]:
+    """What of a run's results ``folder`` holds (a checkpoint, metrics, the PEFT export, the summary...): all of
+    :data:`RUN_FILES` but ``config.yaml`` and a ``checkpoints`` folder without a finished checkpoint."""
+    return [name for name in RUN_FILES if name != CONFIG_FILE and (folder / name).exists()
+            and (name != CKPT_DIR or has_checkpoint(folder))]
+
+
 def _listing(folder: pathlib.Path, limit: int = 5) -> str:
     names = sorted(p.name for p in folder.iterdir())
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
@@ -179,6 +194,16 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
         if changed:
             raise ConfigError(f"--resume: the config's model/lora settings differ from the run's saved "
                               f"{run_dir / CONFIG_FILE}: {'; '.join(changed)}; resume with the same settings")
+        latest, steps = _checkpoint_steps(run_dir)[-1], cfg.train.steps
+        if latest > steps:
+            raise ConfigError(f"--resume: the run is already at step {latest}, past train.steps={steps}; to train "
+                              f"on, set train.steps above {latest} (--set train.steps=N); to train {steps} steps from "
+                              f"the start, pass --overwrite instead of --resume (or --set run.dir=OTHER)")
+        summary = run_dir / "summary.json"
+        done = json.loads(summary.read_text()) if latest == steps and summary.is_file() else {}
+        if done.get("interrupted") is False and done.get("step") == latest:
+            raise ConfigError(f"--resume: the run already finished all train.steps={steps} steps; to train on, set "
+                              f"train.steps above {latest} (--set train.steps=N)")
         return "resume"
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return "new"
@@ -192,7 +217,12 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
         raise ConfigError(f"run folder {run_dir} already exists and is not a jlora run (it holds "
                           f"{_listing(run_dir)}); --overwrite replaces only run folders: choose another folder with "
                           f"--set run.dir=OTHER")
-    return "replace"   # jlora's own files but no checkpoint: the debris of a run that stopped before its first one
+    results = _saved_results(run_dir)
+    if results and not overwrite:
+        raise ConfigError(f"run folder {run_dir} already exists and holds a run's results ({', '.join(results)}), "
+                          f"which a new run would replace; pass --overwrite to replace them, or --set run.dir=OTHER "
+                          f"to keep them")
+    return "replace"   # with --overwrite, or only config.yaml: the debris of a run that stopped before its first one
 
 
 def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scoring.Scorer, Any, str]:
@@ -216,7 +246,7 @@ def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path:
     """Makes the run folder (replacing it for ``action == "replace"``, saying so) and writes ``config.yaml``."""
     run_dir = pathlib.Path(cfg.run.dir).absolute()
     if action == "replace":
-        why = ("--overwrite: replacing the run folder" if has_checkpoint(run_dir) else
+        why = ("--overwrite: replacing the run folder" if _saved_results(run_dir) else
                "replacing the run folder (it holds no checkpoint: a run that stopped before its first one)")
         print(f"{why} {run_dir}", flush=True)
         shutil.rmtree(run_dir)
@@ -291,6 +321,10 @@ def _in_config_terms(e: ValueError) -> ConfigError:
     message = message.replace("raise `max_length`", "raise `data.max_length`")
     message = message.replace("choose overflow='truncate' or 'drop'", "set `data.overflow` to truncate or drop")
     message = message.replace("on_bad_record='skip'", "`data.on_bad_record: skip`")
+    message = message.replace("on_bad_record='error'", "`data.on_bad_record: error`")
+    message = message.replace("choose overflow='truncate'", "set `data.overflow: truncate`")
+    message = message.replace("lower `batch_size`", "lower `data.batch_size`")
+    message = message.replace("(overflow='drop')", "(`data.overflow: drop`)")
     return ConfigError(message)
 # ------------------------------------------------------------------------------------------------ evaluation
 def generate_texts(loaded, params, prompts_ids: Sequence[Sequence[int]], *, adapters=None, lora_cfg=None,
@@ -488,18 +522,22 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     run, state = _build(cfg, pathlib.Path(cfg.run.dir).absolute(), loaded, data, scorer, mesh)
     if progress is None:
         progress = sys.stderr.isatty()
-    _prepare_dir(cfg, action)
+    prepared = False   # whether the run folder was made (or replaced) and config.yaml written
     try:
         with checkpoint.CheckpointManager(run.dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep) as manager:
             state, position, summary = _resume(run, manager, state) if resume else (state, None, {})
-            if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
-                summary["accuracy_before"] = _score_base_model(run)
+            loader = _open_loader(run, position, mesh)
             try:
-                loader = _loader(cfg, data.train, loaded.tokenizer, train=True, position=position, mesh=mesh)
-            except ValueError as e:    # a saved position that does not fit: changed data or batch layout
-                raise ConfigError(f"--resume: {e}") from None
-            t_start = time.perf_counter()
-            try:
+                before = None
+                if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
+                    before = _score_base_model(run)
+                # Everything is checked: only now is an old run replaced, or a resumed run's config.yaml rewritten.
+                _prepare_dir(cfg, action)
+                prepared = True
+                if before is not None:
+                    summary["accuracy_before"], records = before
+                    _write_json(run.dir / "eval_before.json", records)
+                t_start = time.perf_counter()
                 state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
             finally:
                 loader.close()
@@ -512,10 +550,12 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                     summary.update(_side_effects(run, state.adapters, summary))
     except BaseException as e:
         kept = has_checkpoint(run.dir)
-        if not kept:   # a folder without a checkpoint is not a run: leave nothing behind
+        if prepared and not kept:   # a folder without a checkpoint is not a run: leave nothing behind
             shutil.rmtree(run.dir, ignore_errors=True)
         if isinstance(e, KeyboardInterrupt):
             raise RunInterrupted(
+                f"interrupted before the run started: nothing was written (run folder {run.dir} left as it was)"
+                if not prepared else
                 f"interrupted; {run.dir} keeps its checkpoints: continue with --resume" if kept else
                 f"interrupted before the first checkpoint: nothing was saved ({run.dir} removed)") from None
         if isinstance(e, data_lib.DataError):
@@ -634,6 +674,28 @@ def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainSta
     return restored.state, restored.data_position, summary
 
 
+def _open_loader(run: _Run, position, mesh) -> data_lib.Loader:
+    """The training stream (from ``position`` when resuming), checked to give at least one example; every error is
+    a :class:`ConfigError` (``--resume:`` for a saved position that does not fit the data or batch layout)."""
+    cfg, tokenizer = run.cfg, run.loaded.tokenizer
+    try:
+        loader = _loader(cfg, run.data.train, tokenizer, train=True, mesh=mesh)
+    except ValueError as e:   # the data and the data settings alone
+        raise _in_config_terms(e) from None
+    try:
+        loader.check_not_empty()
+        if position is not None:
+            loader.close()
+            try:
+                loader = _loader(cfg, run.data.train, tokenizer, train=True, position=position, mesh=mesh)
+            except ValueError as e:    # a saved position that does not fit: changed data or batch layout
+                raise ConfigError(f"--resume: {e}") from None
+    except BaseException:
+        loader.close()
+        raise
+    return loader
+
+
 def _generation_eval(run: _Run, params, file: str) -> float:
     """Scores greedy completions by the model with ``params`` (:func:`score_generation`); writes the records to
     ``file`` in the run folder and returns the mean score (%)."""
@@ -643,12 +705,15 @@ def _generation_eval(run: _Run, params, file: str) -> float:
     return acc
 
 
-def _score_base_model(run: _Run) -> float:
+def _score_base_model(run: _Run) -> tuple[float, list]:
+    """The base model's generation eval: the mean score (%) and the records for ``eval_before.json``, which the
+    caller writes (it runs before the run folder is made or replaced)."""
     t0 = time.perf_counter()
-    acc = _generation_eval(run, run.loaded.params, "eval_before.json")
+    acc, records = score_generation(run.loaded, run.loaded.params, run.data.prompts, run.scorer,
+                                    batch_size=run.cfg.eval.batch_size, max_new_tokens=run.cfg.eval.max_new_tokens)
     print(f"base model: {acc:.1f}% {run.scorer.label} on {len(run.data.prompts)} validation prompts "
           f"({time.perf_counter() - t0:.0f}s)")
-    return acc
+    return acc, records
 
 
 def _validation_loss(run: _Run, state: jlora.TrainState) -> float:
@@ -799,15 +864,28 @@ class UsageError(ConfigError):
     """A command's options or arguments do not fit (printed as one line, like a config error)."""
 
 
-def _check_out(out: str, *, overwrite: bool, marker: str, what: str) -> pathlib.Path:
-    """The ``--out`` folder, checked before any work: never a file or a run folder; an existing folder only with
+def _check_out(out: str, *, overwrite: bool, marker: str, what: str,
+               reads: Sequence[tuple[str, str]] = ()) -> pathlib.Path:
+    """The ``--out`` folder, checked before any work: never a file or a run folder, nor one of the command's inputs
+    (``reads``: ``(option, path)`` pairs; nor a folder inside one or holding one); an existing folder only with
     ``overwrite``, and only one that holds a ``what`` (its ``marker`` file)."""
     path = pathlib.Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out!r} is a file; pass a folder for the {what}")
+    if path.is_dir() and any(path.iterdir()) and ((path / CONFIG_FILE).is_file() or (path / CKPT_DIR).is_dir()):
+        raise UsageError(f"--out {out!r} is a jlora run folder; write the {what} to a folder of its own")
+    target = path.resolve()
+    for option, source in reads:
+        if not source or not os.path.exists(source):   # not a local path (pkg://, a hub id): nothing to overwrite
+            continue
+        read = pathlib.Path(source).resolve()
+        where = ("is" if target == read else "is inside" if target.is_relative_to(read) else
+                 "holds" if read.is_relative_to(target) else None)
+        if where:
+            raise UsageError(f"--out {out!r} {where} {option} {source!r}, which this command reads; the {what} "
+                             f"must go to a folder apart from it (not it, inside it or holding it): choose another "
+                             f"--out")
     if path.is_dir() and any(path.iterdir()):
-        if (path / CONFIG_FILE).is_file() or (path / CKPT_DIR).is_dir():
-            raise UsageError(f"--out {out!r} is a jlora run folder; write the {what} to a folder of its own")
         if not overwrite:
             raise UsageError(f"--out {out!r} already exists (it holds {_listing(path)}); pass --overwrite to replace "
                              f"it, or choose another folder")
@@ -958,7 +1036,8 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
         parsed.append((folder, w))
     if not parsed:
         raise UsageError("give at least one --adapter NAME=DIR[:WEIGHT]")
-    out_dir = _check_out(out, overwrite=overwrite, marker="adapter_config.json", what="PEFT adapter")
+    out_dir = _check_out(out, overwrite=overwrite, marker="adapter_config.json", what="PEFT adapter",
+                         reads=[("--model", model)] + [("--adapter", folder) for folder, _ in parsed])
     loaded = _load_with_adapter(model, parsed[0][0])
     for folder, w in parsed:
         items.append(load_adapters(folder, loaded))
@@ -1172,7 +1251,8 @@ def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False
     """Folds ``adapter`` into ``model``'s weights and writes an HF folder to ``out``."""
     from jlora import hf
 
-    out_dir = _check_out(out, overwrite=overwrite, marker="config.json", what="merged model")
+    out_dir = _check_out(out, overwrite=overwrite, marker="config.json", what="merged model",
+                         reads=[("--model", model), ("--adapter", adapter)])
     loaded = _load_with_adapter(model, adapter)
     adapters, lora_cfg = load_adapters(adapter, loaded)
     merged = jlora.merge(loaded.params, adapters, lora_cfg, layout=_layout(loaded))
@@ -1198,8 +1278,9 @@ def export_peft_command(run_dir: str, out: str, *, step: int | None = None, over
         raise UsageError(f"--run {run_dir!r} holds no checkpoint (its run stopped before saving one)")
     if step is not None and step not in steps:
         raise UsageError(f"--step {step}: {run_dir} has checkpoints at steps {steps}")
-    out_dir = _check_out(out, overwrite=overwrite, marker=jlora.peft.CONFIG_FILE, what="PEFT adapter")
     cfg = runconfig.load(folder / CONFIG_FILE)
+    out_dir = _check_out(out, overwrite=overwrite, marker=jlora.peft.CONFIG_FILE, what="PEFT adapter",
+                         reads=[("--run", run_dir), ("the run's model.path", cfg.model.path)])
     resolve_model(cfg.model.path, f"the run's `model.path` (in {folder / CONFIG_FILE})")
     loaded = _load_model(cfg)
     with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:

@@ -486,6 +486,27 @@ class Loader:
         return (f"a whole epoch of {len(self.records)} records gave no example: every one was dropped "
                 f"(max_length={self.max_length}, overflow={self.overflow!r}) or skipped as malformed")
 
+    def check_not_empty(self) -> None:
+        """Raises :class:`DataError` when no record gives an example (every one dropped by the overflow policy or
+        skipped as malformed), which would otherwise train on empty batches. Tokenizes records in file order, in
+        this process, only until the first one that gives an example: one record on usual data."""
+        tokenize = _Tokenize(self.records, self.tokenizer, columns=self.columns, max_length=self.max_length,
+                             overflow=self.overflow, on_bad_record=self.on_bad_record, check_boundaries=False)
+        notes = {"dropped": 0, "skipped": 0}
+        for index in range(len(self.records)):
+            item = tokenize.map((index, index))
+            if item.example is not None:
+                return
+            notes[item.note] += 1
+        why = []
+        if notes["dropped"]:
+            why.append(f"{notes['dropped']} longer than max_length={self.max_length} dropped (overflow='drop'); raise "
+                       f"`max_length` or choose overflow='truncate'")
+        if notes["skipped"]:
+            why.append(f"{notes['skipped']} malformed and skipped (on_bad_record='skip'); fix them (on_bad_record="
+                       f"'error' stops at the first and names its problem)")
+        raise DataError(f"no example is left to train on: of the {len(self.records)} records, " + "; ".join(why))
+
     # ---- iteration and position
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
