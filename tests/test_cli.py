@@ -814,3 +814,23 @@ def test_eval_side_effects_reports_and_writes_json(trained):
     assert re.search(r"^general prompts: KL [\d.]+ nats/token, top-1 agreement [\d.]+%", out, re.M), out
     report = json.loads((run_dir / "side_effects.json").read_text())
     assert report["general"]["texts"] == 4 and report["general"]["kl"] >= 0
+
+
+def test_inspect_shows_a_peft_adapter_on_some_layers_only(tiny, tmp_path):
+    """A PEFT adapter that skips a layer (exclude_modules) cannot sit on a scanned layer stack: inspect loads the
+    model unstacked for it, as generate and merge do, instead of asking for an option it does not have."""
+    import peft
+    import torch
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      exclude_modules=["model.layers.1.self_attn.v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.save_pretrained(tmp_path / "peft")
+    code, out, err = _main("inspect", "--model", tiny, "--adapter", tmp_path / "peft")
+    assert code == 0, err[-3000:]
+    assert "layers_0/self_attn/v_proj/kernel" in out and "layers_1/self_attn/v_proj" not in out, out

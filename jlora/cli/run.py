@@ -1307,7 +1307,13 @@ def inspect_command(model: str, *, adapter: str | None = None, targets: Sequence
         raise UsageError(f"--rank must be >= 1; got {rank}")
     loaded = _load_with_adapter(model, adapter, scan_layers=True)
     if adapter:
-        adapters, _ = load_adapters(adapter, loaded)
+        try:
+            adapters, _ = load_adapters(adapter, loaded)
+        except ValueError as e:   # a PEFT adapter on some layers only (exclude_modules, ...) needs them unstacked
+            if "scan_layers=False" not in str(e):
+                raise
+            loaded = _load_with_adapter(model, adapter, scan_layers=False)
+            adapters, _ = load_adapters(adapter, loaded)
     else:
         cfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=tuple(targets or DEFAULT_TARGETS))
         adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0), layout=_layout(loaded))
