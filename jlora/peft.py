@@ -18,6 +18,12 @@ for sharing (``save_pretrained(path_initial_model_for_weight_conversion=...)``):
 ``[A | A0] @ [B ; -B0]`` relative to the *original* base, with alpha scaled to keep the scale, so PEFT users load
 it onto the unmodified model. The initial ``A0, B0`` are recomputed from ``loaded.params``, which must therefore
 be the original base (as :func:`jlora.hf.load` returns it), not the residual.
+
+A tied model (``tie_word_embeddings``) uses its embedding, adapted, as the output head too. Export says so as PEFT
+does, ``ensure_weight_tying: true`` with the head's tied copies (``lm_head.lora_A/B.weight`` or ``lm_head.weight``);
+import accepts those copies, and refuses an adapted embedding that PEFT ran untied (its default), which adapts the
+input lookup only. PEFT's copies of base weights (``<module>.base_layer.weight``, written for embeddings and
+``lm_head``) are checked against the base and skipped.
 """
 
 from __future__ import annotations
@@ -50,6 +56,44 @@ _HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "lora
             "modules_to_save", "init_lora_weights"}
 _IGNORED = {"auto_mapping", "peft_version", "revision", "inference_mode", "exclude_modules",
             "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "loftq_config"}
+# init_lora_weights values that leave the base unchanged (PiSSA, OLoRA, LoftQ, CorDA... change it)
+_PLAIN_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
+# PEFT's EMBEDDING_LAYER_NAMES (peft.utils.constants), the same for every architecture: the module names at which
+# its ensure_weight_tying applies; the second is the output head HF ties to the input embedding.
+PEFT_TIE_NAMES = ("embed_tokens", "lm_head")
+HEAD = PEFT_TIE_NAMES[1]
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _rank(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# adapter_config.json value checks: key -> (accepts, what it must be)
+_TYPES = {
+    "r": (_rank, "a positive integer"),
+    "lora_alpha": (_number, "a number"),
+    "lora_dropout": (lambda v: v is None or _number(v), "a number"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "ensure_weight_tying": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict) and all(map(_rank, v.values())),
+                     "an object mapping module patterns to positive integers"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict) and all(map(_number, v.values())),
+                      "an object mapping module patterns to numbers"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _strings(v), "a string or a list of strings"),
+    "modules_to_save": (lambda v: v is None or _strings(v), "a list of module names"),
+    "bias": (lambda v: isinstance(v, str), "a string"),
+    "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)), "true, false or a string"),
+}
 
 
 def _neutral(value: Any) -> bool:
@@ -70,6 +114,15 @@ def _module_table(loaded) -> dict[str, tuple[str, int | None]]:
     if isinstance(loaded, TorchModel):
         return loaded.module_table()
     return models.hf_module_table(loaded.family, loaded.config)
+
+
+def _tied_embedding(loaded) -> str | None:
+    """The HF module name of the input embedding when ``loaded`` ties the output head (``lm_head``) to it."""
+    if isinstance(loaded, TorchModel) or not getattr(loaded.config, "tie_word_embeddings", False):
+        return None
+    vocab = {f"{m}/embedding" for m, split in loaded.family.tensor_parallel if split == models.VOCAB}
+    names = [m for m, (path, layer) in _module_table(loaded).items() if layer is None and path in vocab]
+    return names[0] if len(names) == 1 else None
 
 
 def _kind(path: str, layout: KernelLayout | None = None) -> str:
@@ -124,6 +177,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     initial = _initial_factors(adapters, cfg, loaded)
+    tied = _tied_embedding(loaded)
     for path, node in adapter_items(adapters):
         a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)
         m = node.extras.get(dora_lib.MAGNITUDE)
@@ -151,6 +205,10 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
             elif kind == "embedding":
                 tensors[f"{PREFIX}{module}.lora_embedding_A"] = np.ascontiguousarray(la.T)
                 tensors[f"{PREFIX}{module}.lora_embedding_B"] = np.ascontiguousarray(lb.T)
+                if module == tied:   # the head's tied copy, as PEFT's ensure_weight_tying=True writes it
+                    tensors[f"{PREFIX}{HEAD}.lora_A.weight"] = np.ascontiguousarray(lb)
+                    tensors[f"{PREFIX}{HEAD}.lora_B.weight"] = np.ascontiguousarray(la)
+                    ranks[HEAD], alphas[HEAD] = la.shape[-1], alpha
             else:
                 tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(la.T)
                 tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(lb.T)
@@ -158,7 +216,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
                 tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = np.ascontiguousarray(
                     m if layer is None else m[layer])
             ranks[module], alphas[module] = la.shape[-1], alpha
-    saved_modules = _save_full(tensors, adapters, cfg, loaded, set(ranks))
+    saved_modules = _save_full(tensors, adapters, cfg, loaded, set(ranks), tied)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -180,6 +238,8 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         "layers_pattern": None,
         "use_dora": cfg.use_dora,
         "inference_mode": True,
+        # jlora's tied head uses the adapted embedding; PEFT's default (false) would adapt the input lookup only
+        "ensure_weight_tying": HEAD in ranks or HEAD in saved_modules,
     }
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,11 +262,13 @@ def _initial_factors(adapters: Mapping, cfg: LoraConfig, loaded) -> dict[str, tu
     return out
 
 
-def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_modules: set[str]) -> list[str]:
+def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_modules: set[str],
+               tied: str | None = None) -> list[str]:
     """Adds the whole trained tensors (bias, modules_to_save) to ``tensors`` as PEFT names them.
 
     Returns the HF module names of modules_to_save. A module to save is written whole, as PEFT saves it: its
-    parameters that did not train are written from the base.
+    parameters that did not train are written from the base. A saved ``tied`` embedding is also written as the
+    tied head ``lm_head.weight``, as PEFT's ``ensure_weight_tying=True`` writes it.
     """
     full = dict(full_items(adapters))
     if not full:
@@ -229,6 +291,9 @@ def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_m
             module, leaf_name = name.rsplit(".", 1)
             if is_module:
                 saved_modules.add(module)
+                if module == tied:
+                    saved_modules.add(HEAD)
+                    tensors[f"{PREFIX}{HEAD}.weight"] = _torch(v, perm)
             elif module in lora_modules:
                 name = f"{module}.base_layer.{leaf_name}"
             tensors[f"{PREFIX}{name}"] = _torch(v, perm)
@@ -257,11 +322,16 @@ def _read_config(folder: pathlib.Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds {json.dumps(config)[:40]}, not a JSON object of PEFT settings")
+    for key, (accepts, expected) in _TYPES.items():
+        if key in config and not accepts(config[key]):
+            raise ValueError(f"{path}: {key} is {json.dumps(config[key])}; it must be {expected} (JSON)")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; jlora reads LoRA adapters only")
     unsupported = sorted(k for k, v in config.items() if k not in _HANDLED | _IGNORED and not _neutral(v))
     init = config.get("init_lora_weights", True)
-    if init not in (True, False, None, "gaussian"):
+    if init not in _PLAIN_INITS:
         raise ValueError(f"{path}: init_lora_weights={init!r} means A and B are relative to a modified (residual) "
                          f"base, which this folder does not hold. Convert it in PEFT to a plain LoRA first: "
                          f"`model.save_pretrained(out, path_initial_model_for_weight_conversion=initial_adapter)`")
@@ -305,22 +375,34 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
 
     Raises:
         ValueError: keys that do not fit the base model (listing missing and unexpected keys), tensors of the
-            wrong shape, unsupported PEFT features, a pickle ``adapter_model.bin``, or a corrupt file.
+            wrong shape or not finite, config values of the wrong type, unsupported PEFT features, an adapted tied
+            embedding that PEFT ran untied, a pickle ``adapter_model.bin``, or a corrupt file.
     """
     folder = pathlib.Path(folder)
     config = _read_config(folder)
     tensors = _read_tensors(folder)
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v.astype(np.float32)).all())
+    if bad:
+        raise ValueError(f"adapter {folder} holds tensors with NaN or infinite values: {bad[:5]}"
+                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; the adapter is corrupt (or its "
+                         f"training diverged)")
     table = _module_table(loaded)
     params_table = _param_table(loaded)
     flat_params = tree_lib.flatten(loaded.params)
     found: dict[str, dict[str, np.ndarray]] = {}
     whole: dict[str, np.ndarray] = {}
+    tied, head = _tied_embedding(loaded), {}   # a tied model's lm_head.* tensors, by the rest of their name
     unexpected = []
     for key, value in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if tied and name.startswith(f"{HEAD}."):
+            head[name[len(HEAD) + 1:]] = value
+            continue
         m = _KEY.match(name)
         if not m or m.group("module") not in table:
-            if name.replace(".base_layer.", ".") in params_table:
+            if name.endswith(".base_layer.weight") and name.replace(".base_layer.", ".") in params_table:
+                _check_base_copy(folder, key, value, name.replace(".base_layer.", "."), loaded, flat_params)
+            elif name.replace(".base_layer.", ".") in params_table:
                 whole[name.replace(".base_layer.", ".")] = value
             else:
                 unexpected.append(key)
@@ -340,6 +422,8 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
                          f"{sorted(table)[:3]}; the adapter is for another model or its module names are misspelled.")
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if tied:
+        _check_tied(folder, config, tied, head, found, whole, loaded, flat_params)
     per_path: dict[str, dict[int | None, dict[str, np.ndarray]]] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -391,6 +475,56 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     return adapters, cfg
 
 
+def _check_base_copy(folder, key: str, value: np.ndarray, name: str, loaded, flat_params) -> None:
+    """Checks ``value``, PEFT's copy of the base weight ``name`` (``save_embedding_layers``), against the base."""
+    path, layer, perm = _param_table(loaded)[name]
+    base = _torch(np.asarray(flat_params[path] if layer is None else flat_params[path][layer], np.float32), perm)
+    value = value.astype(np.float32)
+    if value.shape != base.shape or not np.allclose(value, base, rtol=1e-2, atol=1e-5):
+        diff = f"shape {value.shape} vs {base.shape}" if value.shape != base.shape else \
+            f"max |diff| {np.abs(value - base).max():.3g}"
+        raise ValueError(f"adapter {folder} holds {key}, PEFT's copy of the base weight (save_embedding_layers), "
+                         f"and it differs from {name} of the base model {loaded.name!r} ({diff}): the adapter was "
+                         f"trained on another base model or with resized embeddings; load it onto that base")
+
+
+def _check_tied(folder, config, tied: str, head: dict, found: dict, whole: dict, loaded, flat_params) -> None:
+    """Checks that an adapter of a tied embedding adapts the tied head as jlora does (one matrix for both).
+
+    ``head`` holds the folder's ``lm_head.*`` tensors, which PEFT's ``ensure_weight_tying=True`` writes as copies of
+    the embedding's: they must be those copies. With ``ensure_weight_tying`` false (PEFT's default) PEFT adapts the
+    input lookup only, and the head keeps the base weights: jlora's tied model cannot do that, so it raises.
+    """
+    untie = ("load the adapter onto an untied copy of the base instead (in transformers: `model.lm_head.weight = "
+             "torch.nn.Parameter(model.lm_head.weight.clone()); model.config.tie_word_embeddings = False; "
+             "model.save_pretrained(folder)`)")
+    if "base_layer.weight" in head:
+        _check_base_copy(folder, f"{HEAD}.base_layer.weight", head.pop("base_layer.weight"), f"{tied}.weight",
+                         loaded, flat_params)
+    lora = found.get(tied, {})
+    copies = {"lora_A.weight": lora.get("b"), "lora_B.weight": lora.get("a"), "weight": whole.get(f"{tied}.weight")}
+    alpha = {m: float(_pattern_value(config.get("alpha_pattern") or {}, m, config.get("lora_alpha", 8)))
+             for m in (tied, HEAD)}
+    for part, value in sorted(head.items()):
+        want = copies.get(part)
+        want = want if want is None or part == "weight" else want.T
+        if want is None or value.shape != want.shape or not np.array_equal(value, want) or \
+                (part != "weight" and alpha[tied] != alpha[HEAD]):
+            raise ValueError(f"adapter {folder} holds {HEAD}.{part}, which is not the tied copy of {tied}'s "
+                             f"{'whole weight' if part == 'weight' else 'adapter'} (PEFT's ensure_weight_tying): "
+                             f"the base model {loaded.name!r} ties {HEAD} to {tied}, one matrix, so jlora cannot "
+                             f"give the head a{'n adapter' if part != 'weight' else ' weight'} of its own; {untie}")
+    ties = bool(head) or (config.get("ensure_weight_tying") is True and tied.rsplit(".", 1)[-1] in
+                          PEFT_TIE_NAMES)   # where PEFT honours ensure_weight_tying
+    if (tied in found or f"{tied}.weight" in whole) and not ties:
+        raise ValueError(f"adapter {folder} trains {tied}, to which the base model {loaded.name!r} ties {HEAD}, "
+                         f"with ensure_weight_tying={config.get('ensure_weight_tying', False)}: PEFT then changes the "
+                         f"input lookup only and the output head keeps the base weights, which jlora's tied model "
+                         f"(one matrix for both) cannot reproduce. Retrain it in PEFT with "
+                         f"`LoraConfig(ensure_weight_tying=True, ...)` and {HEAD!r} beside {tied!r} in its "
+                         f"target_modules (or modules_to_save), which PEFT then ties; or {untie}")
+
+
 def _layout(loaded, path: str, flat_params) -> KernelLayout:
     """How the kernel at ``path`` is read: (in, out) per layer for jlora's own families (a scanned stack leading)."""
     if isinstance(loaded, TorchModel):
@@ -419,7 +553,7 @@ def _load_full(whole: dict[str, np.ndarray], params_table, flat_params, config, 
         v = value if perm is None else value.transpose(np.argsort(perm))
         per_path.setdefault(path, {})[layer] = v.astype(np.float32)
         module = name.rsplit(".", 1)[0]
-        if any(module == m or module.endswith(f".{m}") for m in saved_modules):
+        if any(module.endswith(m) for m in saved_modules):   # PEFT's rule: plain suffix, no dot boundary
             saved_paths.add(path)
     out = {}
     for path, layers in per_path.items():

@@ -20,8 +20,9 @@ IDS = np.array([[1, 5, 9, 20, 3, 7, 11, 2], [4, 4, 8, 15, 16, 23, 42, 0]])
 def _hf_model(kind, tmp_path):
     torch.manual_seed(0)
     common = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **common)
+    if kind in ("llama", "llama_tied"):
+        cfg = transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=2,
+                                       tie_word_embeddings=kind == "llama_tied", **common)
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=2, **common)
     else:
@@ -151,6 +152,131 @@ def test_low_precision_adapter_loads_with_its_exact_values(dtype, rtol, atol, tm
         assert ours.dtype == np.float32
         np.testing.assert_array_equal(ours, stored[name].float().numpy().T)
         np.testing.assert_allclose(ours, value.T, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- tied embeddings, embedding copies
+EMBED = {"llama_tied": "model.embed_tokens", "gpt2": "transformer.wte"}
+
+
+@pytest.mark.parametrize("kind", ["llama_tied", "gpt2"])
+@pytest.mark.parametrize("how", ["lora", "modules_to_save"])
+def test_tied_embedding_adapter_matches_peft_both_ways(kind, how, tmp_path):
+    """jlora's tied head uses the adapted embedding. Export writes ensure_weight_tying and the head's tied copies,
+    so PEFT computes the same; PEFT's ensure_weight_tying=True folders load; its default (untied) ones are refused."""
+    hf_model, loaded = _hf_model(kind, tmp_path)
+    emb = EMBED[kind]
+    short = emb.rsplit(".", 1)[-1]
+    cfg = (jlora.LoraConfig(rank=4, alpha=8.0, targets=(short, "q_proj", "c_attn")) if how == "lora" else
+           jlora.LoraConfig(rank=2, targets=("q_proj", "c_attn"), modules_to_save=(short,)))
+    adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.3)
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    out = jlora.peft.save(tmp_path / "ours", adapters, cfg, loaded)
+    assert json.loads((out / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    theirs = _torch_logits(peft.PeftModel.from_pretrained(hf_model, str(out)).eval())
+    assert max_diff(ours, theirs) <= 1e-4
+    back, _ = jlora.peft.load(out, loaded)
+    flat, flat_back = jlora.tree.leaves_by_path(adapters), jlora.tree.leaves_by_path(back)
+    assert set(flat) == set(flat_back) and all(np.array_equal(flat[p], flat_back[p]) for p in flat)
+    # PEFT -> jlora: a folder PEFT saved with ensure_weight_tying=True (lm_head.* tensors: the tied copies)
+    targets = ["q_proj"] if kind != "gpt2" else ["c_attn"]
+    for tie in (True, False):
+        kw = (dict(target_modules=[short, "lm_head", *targets]) if how == "lora" else   # (PEFT edits the lists)
+              dict(target_modules=list(targets), modules_to_save=[short, "lm_head"]))
+        pm = peft.get_peft_model(_hf_model(kind, tmp_path / str(tie))[0], peft.LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights=False, ensure_weight_tying=tie, **kw))
+        train_peft(pm, IDS)
+        pm.save_pretrained(tmp_path / f"peft_{tie}")
+        if not tie:   # its head has an adapter (weight) of its own
+            with pytest.raises(ValueError, match=rf"lm_head\..*not the tied copy of {emb}.*untied copy"):
+                jlora.peft.load(tmp_path / f"peft_{tie}", loaded)
+            continue
+        theirs = _torch_logits(pm)
+        ad, cf = jlora.peft.load(tmp_path / f"peft_{tie}", loaded)
+        assert max_diff(np.asarray(jlora.apply(loaded.model, loaded.params, ad, cf, jnp.asarray(IDS))), theirs) <= 1e-4
+    # PEFT's default: only the embedding named, so only the input lookup adapted
+    kw = dict(target_modules=[short]) if how == "lora" else dict(target_modules=targets, modules_to_save=[short])
+    pm = peft.get_peft_model(_hf_model(kind, tmp_path / "d")[0], peft.LoraConfig(r=4, init_lora_weights=False, **kw))
+    pm.save_pretrained(tmp_path / "peft_default")
+    with pytest.raises(ValueError, match=rf"trains {emb}, to which .* ties lm_head, with ensure_weight_tying=False"):
+        jlora.peft.load(tmp_path / "peft_default", loaded)
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_peft_base_layer_copies_of_embeddings_load(target, tmp_path):
+    """PEFT (save_embedding_layers="auto") stores ``<module>.base_layer.weight`` for an adapted embedding or
+    lm_head: a copy of the base, checked against it and skipped."""
+    hf_model, loaded = _hf_model("llama", tmp_path)
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[target, "q_proj"],
+                                                       init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "a")
+    from safetensors.numpy import load_file, save_file
+
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    copy = f"base_model.model.{'model.' * (target == 'embed_tokens')}{target}.base_layer.weight"
+    assert copy in tensors
+    adapters, cfg = jlora.peft.load(tmp_path / "a", loaded)
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    assert max_diff(ours, _torch_logits(pm)) <= 1e-4
+    tensors[copy] = tensors[copy] + 1.0
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=rf"{re.escape(copy)}, PEFT's copy of the base weight.*max \|diff\| 1"):
+        jlora.peft.load(tmp_path / "a", loaded)
+
+
+def test_modules_to_save_matches_by_plain_suffix_as_peft(tmp_path):
+    """PEFT wraps every module whose name ends with an entry: "norm" selects input_layernorm, norm, ..."""
+    hf_model, loaded = _hf_model("llama", tmp_path)
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]))
+    train_peft(pm, IDS)
+    pm.save_pretrained(tmp_path / "a")
+    adapters, cfg = jlora.peft.load(tmp_path / "a", loaded)
+    assert {p for p in jlora.tree.leaves_by_path(adapters) if p.endswith("scale")} == {
+        p for p in jlora.tree.leaves_by_path(loaded.params) if p.endswith("scale")}
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    assert max_diff(ours, _torch_logits(pm)) <= 1e-4
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "eva"])
+def test_inits_that_keep_the_base_load(init, tmp_path):
+    loaded, out = _exported(tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    jlora.peft.load(out, loaded)
+    (out / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' means A and B are relative to a modified"):
+        jlora.peft.load(out, loaded)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("edit, message", [
+    ({"use_rslora": "false"}, 'use_rslora is "false"; it must be true or false'),
+    ({"lora_alpha": None}, "lora_alpha is null; it must be a number"),
+    ({"rank_pattern": ["v_proj"]}, r'rank_pattern is \["v_proj"\]; it must be an object'),
+    ({"r": "abc"}, 'r is "abc"; it must be a positive integer'),
+    ({"alpha_pattern": {"q_proj": "8"}}, "alpha_pattern is .*; it must be an object mapping module patterns to num"),
+    ([1, 2], r"holds \[1, 2\], not a JSON object"),
+])
+def test_config_values_of_the_wrong_type_are_refused(edit, message, tmp_path):
+    loaded, out = _exported(tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, **edit} if isinstance(edit, dict) else edit))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out / 'adapter_config.json'))}:? .*{message}"):
+        jlora.peft.load(out, loaded)
+
+
+def test_non_finite_adapter_weights_are_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    loaded, out = _exported(tmp_path)
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    tensors[key][0, 1] = np.nan
+    tensors[key.replace("lora_A", "lora_B")][1, 0] = np.inf
+    save_file(tensors, out / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"NaN or infinite values: \['.*layers.1.self_attn.q_proj.lora_A.weight', "
+                                         r"'.*q_proj.lora_B.weight'\]"):
+        jlora.peft.load(out, loaded)
 
 
 # ---------------------------------------------------------------- bad input
