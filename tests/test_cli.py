@@ -455,6 +455,14 @@ def test_a_set_typo_is_blamed_on_the_set(tmp_path):
     assert str(path) not in line
 
 
+def test_a_key_given_twice_in_the_config_is_an_error(tmp_path):
+    """Plain YAML keeps the second of two equal keys silently; the user meant one of them."""
+    config = tmp_path / "dup.yaml"
+    config.write_text("lora:\n  rank: 4\n  alpha: 8\n  rank: 16\n")
+    _error(*_main("train", "--config", config),
+           rf"{re.escape(str(config))}: `rank` is given twice in one section of the config \(lines 2 and 4\)")
+
+
 def test_an_empty_shard_in_a_data_folder_is_named(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train-0.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')

@@ -25,7 +25,7 @@ import pathlib
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -51,7 +51,18 @@ class _BadValue(ConfigError):
 # ------------------------------------------------------------------------------------------------ YAML
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader with YAML 1.2's numbers: ``2e-3`` and ``1e5`` are floats (YAML 1.1 wants a dot and a
-    signed exponent, ``2.0e-3``, and reads the others as text)."""
+    signed exponent, ``2.0e-3``, and reads the others as text); a key given twice in one mapping is an error
+    (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in lines:
+                raise ConfigError(f"`{key}` is given twice in one section of the config (lines {lines[key]} and "
+                                  f"{line}); YAML would keep only the second: delete one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
@@ -70,6 +81,10 @@ def read_yaml(text: str) -> Any:
     Examples:
         >>> read_yaml("learning_rate: 2e-3\\nsteps: 1_000\\nvalid: null")
         {'learning_rate': 0.002, 'steps': 1000, 'valid': None}
+        >>> read_yaml("lora:\\n  rank: 4\\n  rank: 16")
+        Traceback (most recent call last):
+        ...
+        jlora.cli.config.ConfigError: `rank` is given twice in one section of the config (lines 2 and 3); YAML would keep only the second: delete one
     """
     return yaml.load(text, Loader=_Loader)
 
@@ -492,6 +507,8 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> RunConfig:
         raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except ConfigError as e:   # a key given twice
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path} must hold a mapping of sections {sorted(SECTIONS)}")
     origins = {}
