@@ -140,6 +140,8 @@ def _stops_at_data(tmp_path, raw_train_section=None, overrides=()):
     raw = _demo_config()
     raw["data"]["train"] = "no/such.jsonl"
     raw["run"]["dir"] = str(tmp_path / "r")
+    for key in yaml.safe_load(raw_train_section or "") or {}:   # given once, in the raw text below
+        raw["train"].pop(key, None)
     path = tmp_path / "c.yaml"
     text = yaml.safe_dump(raw)
     if raw_train_section:   # raw YAML text for `train:`, spelled as a user writes it
