@@ -238,9 +238,11 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         "layers_pattern": None,
         "use_dora": cfg.use_dora,
         "inference_mode": True,
-        # jlora's tied head uses the adapted embedding; PEFT's default (false) would adapt the input lookup only
-        "ensure_weight_tying": HEAD in ranks or HEAD in saved_modules,
     }
+    if HEAD in ranks or HEAD in saved_modules:
+        # jlora's tied head uses the adapted embedding; PEFT does so only with this set (its default, false, adapts
+        # the input lookup alone). Written only when true: PEFT versions from before the key do not know it.
+        config["ensure_weight_tying"] = True
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Both files written alike, with the mode the umask gives (safetensors' save_file makes its file 0600).
