@@ -339,8 +339,10 @@ def test_a_refused_resume_changes_nothing(tiny, trained, tmp_path, monkeypatch):
         _error(*_main("train", "--config", config, "--resume", "--set", "train.steps=2"),
                r"--resume: the run is already at step 4, past train\.steps=2; to train on, set train\.steps above 4"
                r".*--overwrite instead of --resume")
-        _error(*_main("train", "--config", config, "--resume"),
-               r"--resume: the run already finished all train\.steps=4 steps; to train on, set train\.steps above 4")
+        # a finished run: nothing to resume, said so, and nothing rewritten (no second final eval or summary)
+        code, out, err = _main("train", "--config", config, "--resume")
+        assert code == 0 and re.search(r"already finished all train\.steps=4 steps: nothing to resume, nothing "
+                                       r"changed \(to train on, --set train\.steps=N above 4\)", out), (out, err)
     assert _snapshot(run_dir) == before
     other = tmp_path / "other.jsonl"
     other.write_text("".join(pathlib.Path(TRAIN).read_text().splitlines(keepends=True)[:-1]))

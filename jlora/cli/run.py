@@ -174,8 +174,9 @@ def _differences(saved: RunConfig, now: RunConfig, sections: Sequence[str]) -> l
 
 
 def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
-    """What to do with ``run.dir``: ``"new"``, ``"replace"`` or ``"resume"``; a :class:`ConfigError` when
-    neither fits (an existing run without ``overwrite``, a folder of other files, ``resume`` without a run)."""
+    """What to do with ``run.dir``: ``"new"``, ``"replace"``, ``"resume"`` or ``"finished"`` (``resume`` of a run
+    that completed its ``train.steps``: nothing to do); a :class:`ConfigError` when none fits (an existing run
+    without ``overwrite``, a folder of other files, ``resume`` without a run or past ``train.steps``)."""
     run_dir = pathlib.Path(cfg.run.dir).absolute()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir {str(run_dir)!r} is a file; set `run.dir` to a folder (--set run.dir=OTHER)")
@@ -202,8 +203,7 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
         summary = run_dir / "summary.json"
         done = json.loads(summary.read_text()) if latest == steps and summary.is_file() else {}
         if done.get("interrupted") is False and done.get("step") == latest:
-            raise ConfigError(f"--resume: the run already finished all train.steps={steps} steps; to train on, set "
-                              f"train.steps above {latest} (--set train.steps=N)")
+            return "finished"   # nothing to resume; train() says so and changes nothing
         return "resume"
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return "new"
@@ -517,6 +517,11 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     from jlora import checkpoint
 
     scorer, mesh, action = _preflight(cfg, resume=resume, overwrite=overwrite)
+    if action == "finished":
+        run_dir = pathlib.Path(cfg.run.dir).absolute()
+        print(f"{run_dir} already finished all train.steps={cfg.train.steps} steps: nothing to resume, nothing "
+              f"changed (to train on, --set train.steps=N above {cfg.train.steps})")
+        return json.loads((run_dir / "summary.json").read_text())
     loaded = _load_model(cfg)
     data = _load_data(cfg, loaded)
     run, state = _build(cfg, pathlib.Path(cfg.run.dir).absolute(), loaded, data, scorer, mesh)
