@@ -3,6 +3,7 @@ naming it (also as the `jlora` command's one-line exit-2 error, before any model
 demo's strict-JSON scorer (examples/json_task.py) accepts exactly the right objects."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,14 @@ def test_scores_must_be_true_false_or_in_0_1(tmp_path):
     with pytest.raises(ValueError, match=r"returned 2 for output 'ab'; a scorer returns True/False or a number in "
                                          r"\[0, 1\]"):
         scorer("ab", "")
+
+
+def test_a_scorer_that_raises_is_named_with_the_output(tmp_path):
+    path = _write(tmp_path, "import json\ndef score(output, target):\n    return json.loads(output) == target\n")
+    scorer = scoring.load(f"{path}:score")
+    with pytest.raises(ValueError, match=rf"scorer {re.escape(str(path))}:score raised JSONDecodeError: Expecting "
+                                         rf"value: .* on output 'not json' \(target '1'\); fix the scorer"):
+        scorer("not json", "1")
 
 
 def test_score_texts_is_the_mean_of_the_scores():

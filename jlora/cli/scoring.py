@@ -51,7 +51,11 @@ class Scorer(NamedTuple):
     label: str
 
     def __call__(self, output: str, target: str) -> float:
-        value = self.fn(output, target)
+        try:
+            value = self.fn(output, target)
+        except Exception as e:   # the user's code: say whose, and on what
+            raise ValueError(f"scorer {self.spec} raised {type(e).__name__}: {e} on output {output[:60]!r} (target "
+                             f"{target[:60]!r}); fix the scorer: it gets any text the model writes") from e
         if isinstance(value, bool):
             return float(value)
         if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
