@@ -108,7 +108,10 @@ def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
         examples = [p for p in flat if p.rsplit("/", 1)[-1] in ("kernel", "embedding")] or list(flat)
         raise ValueError(_NO_MATCH.format(targets=list(cfg.targets), exclude=list(cfg.exclude),
                                           examples=examples[:10]))
-    unexcluded = [p for p in flat if cfg.exclude and dataclasses.replace(cfg, exclude=()).matches(p)]
+    unexcluded = []
+    if cfg.exclude:
+        without = dataclasses.replace(cfg, exclude=())
+        unexcluded = [p for p in flat if without.matches(p)]
     for field, patterns, among, what in (
             ("exclude", cfg.exclude, unexcluded, "paths the targets select"),
             ("rank_pattern", cfg.rank_pattern, found, "targeted paths"),

@@ -116,17 +116,16 @@ def display_name(path: str, loaded) -> str:
     return loaded.name
 
 
-def has_checkpoint(folder: pathlib.Path) -> bool:
-    """Whether ``folder/checkpoints`` holds a finished checkpoint (a step folder; orbax names unfinished ones
-    ``<step>.orbax-checkpoint-tmp-...``)."""
-    ckpt = pathlib.Path(folder) / CKPT_DIR
-    return ckpt.is_dir() and any(p.name.isdigit() and p.is_dir() for p in ckpt.iterdir())
-
-
 def _checkpoint_steps(folder: pathlib.Path) -> list[int]:
-    """The finished checkpoints' steps in ``folder/checkpoints``, read from the step folders' names."""
+    """The finished checkpoints' steps in ``folder/checkpoints``, read from the step folders' names (orbax names
+    unfinished ones ``<step>.orbax-checkpoint-tmp-...``)."""
     ckpt = pathlib.Path(folder) / CKPT_DIR
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()) if ckpt.is_dir() else []
+
+
+def has_checkpoint(folder: pathlib.Path) -> bool:
+    """Whether ``folder/checkpoints`` holds a finished checkpoint."""
+    return bool(_checkpoint_steps(folder))
 
 
 def _saved_results(folder: pathlib.Path) -> list[str]:
@@ -1278,7 +1277,7 @@ def export_peft_command(run_dir: str, out: str, *, step: int | None = None, over
     if not (folder / CONFIG_FILE).is_file():
         raise UsageError(f"--run {run_dir!r} is not a jlora run folder (no {CONFIG_FILE}; it holds "
                          f"{_listing(folder) if any(folder.iterdir()) else 'nothing'})")
-    steps = sorted(int(p.name) for p in (folder / CKPT_DIR).glob("*") if p.name.isdigit() and p.is_dir())
+    steps = _checkpoint_steps(folder)
     if not steps:
         raise UsageError(f"--run {run_dir!r} holds no checkpoint (its run stopped before saving one)")
     if step is not None and step not in steps:
