@@ -22,7 +22,7 @@ and dtypes. After loading, every leaf's checksum (an order-independent uint32 su
 on sharded arrays) is compared with the saved one, which catches garbled data files that orbax itself would read
 without complaint. Restore only reads: a failed restore leaves every saved file as it was.
 
-Failures: a step whose files cannot be read (a truncated or garbled data file, a missing item, metadata that does
+Failures: a step whose files cannot be read (a truncated or garbled data file, a missing item or tree metadata file, metadata that does
 not parse) is a :class:`CheckpointError` naming the folder, the read error and the other saved steps. Any other
 failure (a target whose shardings cannot hold the arrays, say) is raised as itself: the checkpoint is fine. When
 orbax's parallel reads fail, the reads still in flight leave asyncio debris behind ("Exception ignored in:
@@ -455,6 +455,12 @@ class CheckpointManager:
         abstract = {k: _abstract(t) for k, t in targets.items()}
         for item, tree in abstract.items():
             _check_tree(meta["leaves"][item], tree, item, where)
+        # Without its tree metadata orbax rebuilds an item as nested dicts of whatever arrays it finds, and fails
+        # later with a pytree mismatch that names no file; a missing one is a damaged step.
+        folder = self.directory / str(step)
+        lost = [f"{item}/_METADATA" for item in targets if not (folder / item / "_METADATA").exists()]
+        if lost and all((folder / item).exists() for item in targets):
+            raise CheckpointError(self._corrupt(step, f"{', '.join(lost)} missing"))
         args = ocp.args.Composite(**{k: ocp.args.StandardRestore(t) for k, t in abstract.items()})
         with _orbax_read(self, step):
             restored = manager.restore(step, args=args)

@@ -295,6 +295,7 @@ def mid_sized(tmp_path_factory):
     ("truncate", r"[A-Z_]+: Error reading \"w\.kernel\.[ab]/"),   # tensorstore's own words, not orbax's wrapper
     ("metadata", "metadata: JSONDecodeError"),
     ("missing item", "Item \"train_state\" was not found"),
+    ("tree metadata", r"\(adapters/_METADATA missing\)"),   # orbax alone: a pytree mismatch naming no file
 ])
 def test_corrupt_checkpoint_is_a_clear_error(mid_sized, tmp_path, damage, why):
     source, params, cfg, states = mid_sized
@@ -305,6 +306,8 @@ def test_corrupt_checkpoint_is_a_clear_error(mid_sized, tmp_path, damage, why):
         target.write_text(target.read_text()[:40])
     elif damage == "missing item":
         shutil.rmtree(directory / "2" / "train_state")
+    elif damage == "tree metadata":
+        (directory / "2" / "adapters" / "_METADATA").unlink()
     else:
         target = max((p for p in (directory / "2" / "adapters").rglob("*") if p.is_file()),
                      key=lambda p: p.stat().st_size)
