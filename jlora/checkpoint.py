@@ -22,12 +22,12 @@ and dtypes. After loading, every leaf's checksum (an order-independent uint32 su
 on sharded arrays) is compared with the saved one, which catches garbled data files that orbax itself would read
 without complaint. Restore only reads: a failed restore leaves every saved file as it was.
 
-Failures: a step whose files cannot be read (a truncated or garbled data file, a missing item or item tree
-metadata file, metadata that does not parse) is a :class:`CheckpointError` naming the folder, the read error and the other saved steps. Any other
-failure (a target whose shardings cannot hold the arrays, say) is raised as itself: the checkpoint is fine. When
-orbax's parallel reads fail, the reads still in flight leave asyncio debris behind ("Exception ignored in:
-<coroutine ...>", "Event loop is closed", "... exception was never retrieved"); the manager waits for it and keeps
-it off stderr, so a failed restore prints nothing but its error.
+Failures: a step whose files cannot be read (a truncated or garbled data file, a missing item or item tree metadata
+file, metadata that does not parse) is a :class:`CheckpointError` naming the folder, the read error and the other
+saved steps. Any other failure (a target whose shardings cannot hold the arrays, say) is raised as itself: the
+checkpoint is fine. When orbax's parallel reads fail, the reads still in flight leave asyncio debris behind
+("Exception ignored in: <coroutine ...>", "Event loop is closed", "... exception was never retrieved"); the manager
+waits for it and keeps it off stderr, so a failed restore prints nothing but its error.
 
 Retention uses orbax's preservation policies: the ``max_to_keep`` latest steps, joined (``AnyPreservationPolicy``)
 with the ``keep_best`` best by a metric; the latest step is always kept.
