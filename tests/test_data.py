@@ -285,6 +285,10 @@ def test_malformed_line_names_file_and_line(tmp_path):
     ({"text": "x"}, r"missing key\(s\) \['prompt', 'completion'\]"),
     ({"messages": [{"role": "user", "content": "x"}]}, "the last message .* must have role 'assistant'"),
     ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with string 'role' and 'content'"),
+    ({"messages": [{"role": "usr", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     r"messages\[0\]: role 'usr' is not a chat role; did you mean 'user'\?"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "Assistant", "content": "y"}]},
+     r"messages\[1\]: role 'Assistant' is not a chat role; did you mean 'assistant'\?"),
     ({"prompt": 1, "completion": "x"}, "'prompt' must be a string"),
     ([1, 2], "expected a JSON object"),
 ])

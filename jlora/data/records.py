@@ -30,6 +30,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import warnings
@@ -43,6 +44,9 @@ from jlora.data.sources import DataError, Source, held_out_mask, open_source
 OVERFLOW_POLICIES = ("error", "truncate", "drop")
 BAD_RECORD_POLICIES = ("error", "skip")
 FIELDS = ("prompt", "completion", "messages")
+# The chat roles of the common templates (ChatML, Llama 3, Qwen, Mistral, OpenAI's messages). Another role passes
+# through to the template, which may have its own; one that only differs from these by a typo or by case is refused.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 _FORMATS = "a chat {'messages': [{'role': ..., 'content': ...}, ...]} or a pair {'prompt': ..., 'completion': ...}"
 
 
@@ -196,6 +200,7 @@ def validate_record(record: Any, where: str = "record") -> str:
                     m.get("content"), str):
                 raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'; "
                                  f"got {m!r}")
+            _check_role(m["role"], f"{where}: messages[{i}]")
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message is the training target and must have role 'assistant'; "
                              f"got role {msgs[-1]['role']!r}")
@@ -207,6 +212,26 @@ def validate_record(record: Any, where: str = "record") -> str:
         if not isinstance(record[k], str):
             raise ValueError(f"{where}: {k!r} must be a string; got {type(record[k]).__name__}")
     return "pair"
+
+
+def _check_role(role: str, where: str) -> None:
+    """Refuses a chat role that looks like a typo of a :data:`CHAT_ROLES` one ("usr", "User", "asistant").
+
+    Examples:
+        >>> _check_role("ipython", "x"), _check_role("narrator", "x")   # other roles go to the chat template
+        (None, None)
+        >>> _check_role("usr", "f.jsonl:3: messages[0]")
+        Traceback (most recent call last):
+        ...
+        ValueError: f.jsonl:3: messages[0]: role 'usr' is not a chat role; did you mean 'user'? (the common roles: system, developer, user, assistant, tool, function, ipython)
+    """
+    if role in CHAT_ROLES:
+        return
+    close = [r for r in CHAT_ROLES if r == role.strip().lower()] or difflib.get_close_matches(
+        role.strip().lower(), CHAT_ROLES, n=1, cutoff=0.6)
+    if close:
+        raise ValueError(f"{where}: role {role!r} is not a chat role; did you mean {close[0]!r}? (the common "
+                         f"roles: {', '.join(CHAT_ROLES)})")
 
 
 def split(items: Sequence[Any], *, valid_fraction: float = 0.0, valid_count: int = 0,
