@@ -19,8 +19,11 @@ factors, ``B * R * (in + out)`` values per layer: small next to the activations.
 
 Training: :func:`make_train_step` trains every slot at once on a batch whose rows carry ``adapter_ids``; each slot's
 loss is the token-weighted mean over its own rows and the step minimizes their sum, so each slot's gradient is that
-of training it alone on its rows, and with an elementwise optimizer (AdamW) — :func:`optimizer` gives per-slot
-learning rates — training N adapters together equals N separate trainings on the same rows.
+of training it alone on its rows. A slot with no rows in a batch does not move. :func:`optimizer` is AdamW with a
+learning rate and a step count per slot, and leaves an absent slot's moments and count as they were, so training N
+adapters together equals N separate trainings on the same rows, whichever slots each batch holds. Another optax
+optimizer works too, but its state is shared: an absent slot keeps its factors while its moments decay and the
+common step count advances.
 
 Not held by a bank: DoRA magnitudes and whole trained tensors (bias, modules_to_save); they are refused by name.
 Under :mod:`jlora.parallel`'s sharded step the bank is replicated on every device (it is small: see
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -471,6 +474,27 @@ def _pairs(tree, prefix=""):
             yield from _pairs(v, path)
 
 
+def _on_slot_axis(v: jax.Array, x: jax.Array) -> jax.Array:
+    """A per-slot vector ``v`` (N,) shaped to broadcast against a factor ``x`` (*lead, N, in, r) or (*lead, N, r,
+    out): the slot axis is third from the end."""
+    shape = [1] * x.ndim
+    shape[x.ndim - 3] = -1
+    return v.reshape(shape)
+
+
+def slots_present(batch: Mapping, capacity: int) -> jax.Array:
+    """(capacity,) bool: which slots have a row with at least one target token in ``batch``.
+
+    Examples:
+        >>> batch = {"input_ids": jnp.ones((3, 4), jnp.int32), "adapter_ids": jnp.array([2, BASE, 0])}
+        >>> slots_present(batch, 4).tolist()
+        [True, False, True, False]
+    """
+    ids = jnp.asarray(batch["adapter_ids"], jnp.int32)
+    hit = jnp.where(slot_weights(batch, capacity) > 0, 1.0, 0.0)
+    return jax.ops.segment_sum(hit, jnp.maximum(ids, 0), capacity) > 0
+
+
 def slot_weights(batch: Mapping, capacity: int) -> jax.Array:
     """Per-row loss weights: ``1 / (target tokens of the row's slot)``, 0 for base rows, so the token-weighted
     loss of the batch is the sum over slots of each slot's mean, times the number of slots present."""
@@ -488,9 +512,7 @@ def bank_lm_loss(apply_fn, batch) -> tuple[jax.Array, dict]:
     w = slot_weights(batch, capacity)
     mask = batch.get("loss_mask", batch.get("attention_mask"))
     mask = jnp.ones(batch["input_ids"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    present = jnp.sum(jax.ops.segment_sum(jnp.where(w > 0, 1.0, 0.0),
-                                          jnp.maximum(jnp.asarray(batch["adapter_ids"], jnp.int32), 0),
-                                          capacity) > 0)
+    present = jnp.sum(slots_present(batch, capacity))
     weighted = {**batch, "loss_mask": mask * w[:, None]}
     mean_of_means, _ = train_lib.lm_loss(apply_fn, weighted)
     loss = mean_of_means * present
@@ -506,6 +528,10 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
     rng=...)``); ``batch["adapter_ids"]`` (B,) routes the rows. The bank argument gives the scales, ranks and
     shapes; its factors are replaced by the state's, so after training ``with_factors(bank, state.adapters)`` is
     the trained bank. Jit it once: putting other adapters into the bank never recompiles.
+
+    A slot with no target tokens in ``batch`` keeps its factors (its update is zero). An optimizer that takes
+    extra arguments (``optax.GradientTransformationExtraArgs``, as :func:`optimizer` and ``optax.chain`` are) gets
+    ``slots_present``, the (N,) bool of :func:`slots_present`.
     """
     capacity = bank.capacity
 
@@ -522,7 +548,10 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
             return loss_fn(apply_fn, batch)
 
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.adapters)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters)
+        present = slots_present(batch, capacity)
+        extra = {"slots_present": present} if isinstance(optimizer, optax.GradientTransformationExtraArgs) else {}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters, **extra)
+        updates = jax.tree.map(lambda u: jnp.where(_on_slot_axis(present, u), u, 0), updates)
         adapters = optax.apply_updates(state.adapters, updates)
         rng = jax.random.split(state.rng)[0]
         metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
@@ -537,24 +566,72 @@ def scale_by_slot(learning_rates: Sequence[float] | jax.Array) -> optax.Gradient
 
     def update(updates, state, params=None):
         del params
-
-        def one(u):
-            shape = [1] * u.ndim
-            shape[u.ndim - 3] = -1                 # (*lead, N, x, y): the slot axis is third from the end
-            return u * (-lrs).reshape(shape).astype(u.dtype)
-
-        return jax.tree.map(one, updates), state
+        return jax.tree.map(lambda u: u * _on_slot_axis(-lrs, u).astype(u.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+class SlotAdamState(NamedTuple):
+    """:func:`optimizer`'s state: the steps each slot has taken (N,), and Adam's moments of every factor."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
 def optimizer(learning_rates: Sequence[float], *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-              weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """AdamW with one learning rate per slot: ``optax.adamw(lr_s, ...)`` for every slot s."""
-    return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(weight_decay),
-                       scale_by_slot(learning_rates))
+              weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
+    """AdamW with one learning rate and one step count per slot: slot s follows ``optax.adamw(learning_rates[s],
+    b1, b2, eps, weight_decay=weight_decay)`` over the steps in which it had rows.
+
+    ``update(grads, state, params, slots_present=...)``: a slot that is not present (:func:`slots_present`; all
+    are when it is not given) gets a zero update and keeps its moments and count, as if that step had not
+    happened for it.
+
+    Examples:
+        >>> grads = {"a": jnp.ones((2, 3, 1))}                     # 2 slots
+        >>> opt = optimizer([0.1, 0.2])
+        >>> u, state = opt.update(grads, opt.init(grads), grads, slots_present=jnp.array([True, False]))
+        >>> [round(float(x), 4) for x in u["a"][:, 0, 0]], state.count.tolist()   # Adam's first step: -lr
+        ([-0.1, 0.0], [1, 0])
+    """
+    lrs = jnp.asarray(learning_rates, jnp.float32)
+    if lrs.ndim != 1:
+        raise ValueError(f"`learning_rates` must be one number per slot; got shape {lrs.shape}")
+
+    def init(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)   # noqa: E731
+        return SlotAdamState(jnp.zeros(lrs.shape, jnp.int32), zeros(), zeros())
+
+    def update(grads, state, params=None, *, slots_present=None, **extra_args):
+        del extra_args
+        if weight_decay and params is None:
+            raise ValueError("bank.optimizer with weight_decay needs the params: update(grads, state, params)")
+        present = jnp.ones(lrs.shape, bool) if slots_present is None else jnp.asarray(slots_present, bool)
+        count = state.count + present.astype(jnp.int32)
+        steps = jnp.maximum(count, 1).astype(jnp.float32)
+
+        def moment(g, m, decay, power):
+            return jnp.where(_on_slot_axis(present, g), decay * m + (1 - decay) * g ** power, m)
+
+        mu = jax.tree.map(lambda g, m: moment(g, m, b1, 1), grads, state.mu)
+        nu = jax.tree.map(lambda g, v: moment(g, v, b2, 2), grads, state.nu)
+
+        def step(m, v, p):
+            m_hat = m / (1 - b1 ** _on_slot_axis(steps, m)).astype(m.dtype)
+            v_hat = v / (1 - b2 ** _on_slot_axis(steps, v)).astype(v.dtype)
+            u = m_hat / (jnp.sqrt(v_hat) + eps)
+            if weight_decay:
+                u = u + weight_decay * p
+            return jnp.where(_on_slot_axis(present, u), u * _on_slot_axis(-lrs, u).astype(u.dtype), 0)
+
+        updates = jax.tree.map(step, mu, nu, grads if params is None else params)
+        return updates, SlotAdamState(count, mu, nu)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 __all__ = ["BASE", "Bank", "Slots", "create", "put", "clear", "get", "apply", "apply_fn", "nbytes", "factors",
            "read_folder", "put_folder", "save", "load", "export_peft",
-           "with_factors", "make_train_step", "optimizer", "scale_by_slot", "slot_weights", "bank_lm_loss"]
+           "with_factors", "make_train_step", "optimizer", "SlotAdamState", "scale_by_slot", "slots_present", "slot_weights",
+           "bank_lm_loss"]
