@@ -156,6 +156,16 @@ def test_per_row_settings_equal_each_row_alone_and_share_one_compilation():
         gen.generate(model, params, prompts, max_new_tokens=2, temperature=[1.0, 1.0], key=jax.random.key(0))
     with pytest.raises(ValueError, match="key"):
         gen.generate(model, params, prompts, max_new_tokens=2, temperature=[1.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"temperature \[nan, 0.0, 0.0, 0.0\] must be finite"):   # not greedy
+        gen.generate(model, params, prompts, max_new_tokens=2, temperature=[float("nan"), 0, 0, 0], key=keys)
+    with pytest.raises(ValueError, match="temperature=nan must be a finite number"):
+        gen.generate(model, params, prompts, max_new_tokens=2, temperature=float("nan"), key=keys[0])
+    # a top_k past the vocabulary (and past int32) keeps every token: the same draw as no top_k
+    big = gen.generate(model, params, prompts, max_new_tokens=12, eos_token_id=(), temperature=temp,
+                       top_k=[10 ** 12, 0, 2 ** 40, 0], top_p=top_p, key=keys)
+    np.testing.assert_array_equal(big.tokens[[0, 2]], gen.generate(
+        model, params, prompts, max_new_tokens=12, eos_token_id=(), temperature=temp, top_k=[0, 0, 0, 0],
+        top_p=top_p, key=keys).tokens[[0, 2]])
 
 
 class _Recorder:

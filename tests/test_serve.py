@@ -328,11 +328,17 @@ BAD = [
     ("POST", "/v1/completions", {"json": [1, 2]}, 400, "must be a JSON object", None),
     ("POST", "/v1/completions", {"json": {"prompt": "hi"}}, 400, "model: is required", "model"),
     ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": "hi", "temperature": "hot"}}, 400,
-     "temperature: must be a number", "temperature"),
+     "temperature: must be a finite number", "temperature"),
     ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": "hi", "max_tokens": 0}}, 400,
      "max_tokens: must be >= 1", "max_tokens"),
     ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": "hi", "top_p": 0}}, 400, "top_p: must be in",
      "top_p"),
+    ("POST", "/v1/completions", {"content": b'{"model": "a1", "prompt": "hi", "top_p": NaN}'}, 400,
+     "top_p: must be a finite number", "top_p"),
+    ("POST", "/v1/completions", {"content": b'{"model": "a1", "prompt": "hi", "temperature": Infinity}'}, 400,
+     "temperature: must be a finite number", "temperature"),
+    ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": "hi", "top_k": 10 ** 12}}, 400,
+     "top_k: must be in [-1, 2147483647]", "top_k"),
     ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": "hi", "frobnicate": 1}}, 400,
      "frobnicate: unknown field", "frobnicate"),
     ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": "hi", "n": 2}}, 400, "only n=1", "n"),
@@ -379,6 +385,39 @@ def test_bad_input_gets_its_status_and_message(server, method, path, kwargs, sta
     error = r.json()["error"]
     assert message in error["message"], error
     assert error["param"] == param
+
+
+def test_a_row_that_fails_alone_fails_alone(world, monkeypatch):
+    """A batch that fails before it sends anything is rerun row by row: only the row that fails on its own gets
+    the error, and the others their own output (README: a failing request never touches another's)."""
+    from jlora.models import generate as gen
+    from jlora.serve.engine import End, Engine, EngineConfig, Failed, Row, Token
+
+    real, poison = gen.generate, [3, 3, 3]
+
+    def flaky(model, variables, ids, **kw):       # stands in for a request that breaks decoding by itself
+        if (np.asarray(ids)[:, -3:] == 3).all(axis=1).any():
+            raise RuntimeError("boom")
+        return real(model, variables, ids, **kw)
+
+    monkeypatch.setattr(gen, "generate", flaky)
+    tok = world["loaded"].tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS] + [poison]
+    events = [[] for _ in prompts]
+    rows = [Row(p, events[i].append, max_tokens=N) for i, p in enumerate(prompts)]
+    with Engine(world["loaded"], EngineConfig(slots=1, rank=4, max_batch=4), start=False) as engine:
+        engine.submit(rows)                          # queued before the worker starts: one batch of three
+        engine.start()
+        deadline = time.monotonic() + 120
+        while not all(e and not isinstance(e[-1], Token) for e in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.metrics.counts["batches_split"] == 1
+    assert events[2] == [Failed(500, "decoding failed: RuntimeError: boom")]
+    for p, e in zip(prompts[:2], events[:2]):
+        assert isinstance(e[-1], End) and [t.id for t in e[:-1]] == _library_tokens(world, p)
+    with pytest.raises(Exception, match="temperature=nan must be a finite number"):
+        Engine(world["loaded"], EngineConfig(slots=1, rank=4), start=False).check_row(
+            Row(prompts[0], print, temperature=float("nan")))
 
 
 def test_api_key_is_required(server):

@@ -115,8 +115,8 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 is greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1 or None")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -197,10 +197,10 @@ def _row_settings(b: int, temperature, top_k, top_p, key) -> tuple[RowSettings, 
         return arr
 
     temp = per_row(temperature, "temperature", np.float32, 0.0)
-    k = per_row(top_k, "top_k", np.int32, 0)
+    k = per_row(top_k, "top_k", np.int64, 0)
     p = per_row(top_p, "top_p", np.float32, 1.0)
-    if (temp < 0).any() or (k < 0).any() or not ((p > 0) & (p <= 1)).all():
-        raise ValueError(f"per-row settings out of range: temperature {temp.tolist()} must be >= 0, top_k "
+    if not (np.isfinite(temp) & (temp >= 0)).all() or (k < 0).any() or not ((p > 0) & (p <= 1)).all():
+        raise ValueError(f"per-row settings out of range: temperature {temp.tolist()} must be finite and >= 0, top_k "
                          f"{k.tolist()} >= 0 (0: off), top_p {p.tolist()} in (0, 1]")
     if (temp > 0).any() and key is None:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG `key` (e.g. jax.random.key(0), or "
@@ -210,6 +210,7 @@ def _row_settings(b: int, temperature, top_k, top_p, key) -> tuple[RowSettings, 
         keys = jnp.stack([keys] * b)
     if np.shape(keys) != (b,):
         raise ValueError(f"`key` holds {np.shape(keys)} keys for a batch of {b} rows: pass one key or one per row")
+    k = np.minimum(k, np.iinfo(np.int32).max).astype(np.int32)      # any k >= the vocabulary keeps every token
     filtered = bool(((k > 0) | (p < 1))[temp > 0].any())
     return RowSettings(jnp.asarray(temp), jnp.asarray(k), jnp.asarray(p), keys), filtered
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 import secrets
 import threading
@@ -467,6 +468,12 @@ class Engine:
         if self.vocab_size and any(not 0 <= int(t) < self.vocab_size for t in row.prompt):
             raise EngineError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab_size})",
                               param="prompt")
+        if not (math.isfinite(row.temperature) and row.temperature >= 0):
+            raise EngineError(f"temperature={row.temperature} must be a finite number >= 0", param="temperature")
+        if not 0 <= row.top_k < 2**31:
+            raise EngineError(f"top_k={row.top_k} must be in [0, 2**31) (0: off)", param="top_k")
+        if not 0 < row.top_p <= 1:
+            raise EngineError(f"top_p={row.top_p} must be in (0, 1]", param="top_p")
 
     def submit(self, rows: Sequence[Row]) -> None:
         """Queues ``rows`` (all or none). Raises :class:`UnknownModel`, :class:`QueueFull`, :class:`Closed` or
@@ -612,6 +619,12 @@ class Engine:
         finally:
             self._current = None
         seconds = time.perf_counter() - t0
+        if error and len(rows) > 1 and not any(r.tokens or r.finished for r in rows):
+            # Nothing was sent yet: run each row alone, so that only a request that fails by itself gets the error.
+            self.metrics.count("batches_split")
+            for row in rows:
+                self._run([row])
+            return
         for row in rows:
             if not row.finished:
                 row.finished = True

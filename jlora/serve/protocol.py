@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -91,8 +92,8 @@ def _number(body, field, default, lo, hi, *, lo_open=False):
     x = body.get(field)
     if x is None:
         return default
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise bad(field, f"must be a number; got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise bad(field, f"must be a finite number; got {x!r}")
     if x < lo or x > hi or (lo_open and x == lo):
         raise bad(field, f"must be in {'(' if lo_open else '['}{lo}, {hi}]; got {x!r}")
     return float(x)
@@ -179,7 +180,7 @@ def _common(body: Mapping, fields: frozenset) -> dict:
     if options and not stream:
         raise bad("stream_options", "is only allowed with stream: true")
     seed = _int(body, "seed", None, -(2**63), 2**64 - 1)
-    top_k = _int(body, "top_k", 0, -1)
+    top_k = _int(body, "top_k", 0, -1, 2**31 - 1)
     return dict(model=model, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=max(top_k, 0), seed=seed,
                 stop=stops, stream=stream, include_usage=_bool(options or {}, "include_usage"),
