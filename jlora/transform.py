@@ -314,7 +314,7 @@ def low_rank(spec: LayerSpec, method: str, x, node: Adapter, scale: float, y, dr
     in_dims = [spec.kernel_shape[i] for i in spec.in_axes]
     out_dims = [spec.kernel_shape[i] for i in spec.out_axes]
     if kind == "DenseGeneral":
-        contract = _normalize_axes(spec.axis, x.ndim)
+        contract = tuple(sorted(_normalize_axes(spec.axis, x.ndim)))   # Flax pairs the sorted axes with the kernel
         keep = [i for i in range(x.ndim) if i not in contract]
         xm = jnp.transpose(x, (*keep, *contract)).reshape(*[x.shape[i] for i in keep], math.prod(in_dims))
         return (scale * jnp.matmul(jnp.matmul(xm, a), b)).reshape(y.shape).astype(y.dtype)

@@ -93,6 +93,9 @@ CASES = {
                                ("kernel",)),
     "densegeneral_multi_in": (nn.DenseGeneral(6, axis=(-2, -1)), lambda: jax.random.normal(KEY, (2, 3, 4)),
                               ("kernel",)),
+    # axes given out of order (Flax pairs them with the kernel sorted) and of different sizes
+    "densegeneral_unsorted_axes": (nn.DenseGeneral(6, axis=(-1, -3)), lambda: jax.random.normal(KEY, (2, 3, 5, 4)),
+                                   ("kernel",)),
     "embed": (nn.Embed(20, 6), lambda: jnp.array([[1, 5, 19], [0, 2, 2]]), ("embedding",)),
     "einsum": (EinsumLayer(), lambda: jax.random.normal(KEY, (2, 3, 8)), ("mix", "down")),
     "transformer": (TinyLM(), lambda: jnp.arange(16).reshape(2, 8) % 64, ("proj", "embed")),

@@ -190,6 +190,18 @@ def test_fresh_adapters_are_a_no_op_and_apply_equals_merged_and_reference(name):
     assert_trees_all_close(grads, ref_grads, atol=1e-5)
 
 
+def test_linear_general_with_axes_out_of_order_equals_the_plain_reference():
+    """Flax pairs a LinearGeneral's input axes with its kernel in sorted order, whatever order `axis` lists."""
+    model = nnx.LinearGeneral((3, 4), 5, axis=(-1, -3), rngs=nnx.Rngs(0))    # kernel (3, 4, 5): input axes 1, 3
+    x = jax.random.normal(jax.random.key(3), (2, 3, 6, 4))
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="kernel")
+    ad = _random_adapters(model, cfg)
+    kernel = model.kernel[...] + cfg.scale("kernel") * (ad["kernel"].a @ ad["kernel"].b).reshape(3, 4, 5)
+    want = jnp.einsum("bimj,ijo->bmo", x, kernel) + model.bias[...][None, None]
+    np.testing.assert_allclose(jlora.apply(model, jlora.nnx.params(model), ad, cfg, x), want, atol=1e-5)
+    np.testing.assert_allclose(jlora.merge(model, ad, cfg)(x), want, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_graphdef_and_state_form_and_nnx_jit():
     model = Stack(nnx.Rngs(0))
