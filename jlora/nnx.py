@@ -395,10 +395,13 @@ def layout(model: Any, *args, method=None, **kwargs) -> Layout:
 
 
 def rebuild(obj: Any, plain: Mapping) -> Any:
-    """``obj`` (an NNX model or param state) with the params ``plain``: a new object, ``obj`` untouched."""
+    """``obj`` (an NNX model or param state) with the params ``plain``: a new object, ``obj`` untouched. A model
+    that carries adapters (:func:`attach`) comes back without them: merging folds adapters into the params, and
+    keeping the attached ones would add them a second time."""
     if isinstance(obj, nnx.Module):
         graphdef, state = nnx.split(obj)
         module = nnx.merge(graphdef, state, copy=True)
+        _strip(module)
         _set_params(module, tree_lib.flatten(plain), complete=False)
         return module
     if isinstance(obj, nnx.State):

@@ -202,6 +202,22 @@ def test_linear_general_with_axes_out_of_order_equals_the_plain_reference():
     np.testing.assert_allclose(jlora.merge(model, ad, cfg)(x), want, atol=1e-5)
 
 
+def test_merge_of_a_model_with_attached_adapters_adds_them_once():
+    model, x = nnx.Linear(6, 5, rngs=nnx.Rngs(0)), jax.random.normal(jax.random.key(4), (2, 6))
+    cfg = jlora.LoraConfig(rank=2, alpha=2, targets="kernel")
+    ad = _random_adapters(model, cfg)
+    base = model(x)
+    want = base + cfg.scale("kernel") * (x @ ad["kernel"].a) @ ad["kernel"].b         # plain jnp reference
+    jlora.nnx.attach(model, ad, cfg)
+    merged = jlora.merge(model, jlora.nnx.adapters(model), cfg)
+    assert type(merged) is nnx.Linear and not jlora.nnx.adapters(merged)
+    np.testing.assert_allclose(merged(x), want, atol=1e-5)
+    np.testing.assert_allclose(model(x), want, atol=1e-5)                              # still attached
+    unmerged = jlora.unmerge(model, ad, cfg)             # from the attached model too: a plain copy, W - s A B
+    assert type(unmerged) is nnx.Linear
+    np.testing.assert_allclose(unmerged(x), 2 * base - want, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_graphdef_and_state_form_and_nnx_jit():
     model = Stack(nnx.Rngs(0))
