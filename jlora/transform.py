@@ -122,8 +122,9 @@ def einsum_axes(lhs: str, rhs: str, out: str, where: str) -> tuple[tuple[int, ..
     return tuple(i for i, c in enumerate(rhs) if c in lhs), tuple(i for i, c in enumerate(rhs) if c not in lhs)
 
 
-def _spec(module: nn.Module, kind: str, kwargs, kernel_shape: tuple[int, ...] = ()) -> LayerSpec:
-    """The :class:`LayerSpec` of a call of the Linen layer ``module`` (kernel shape without stack axes)."""
+def _spec(module: nn.Module, kind: str, args, kwargs, kernel_shape: tuple[int, ...] = ()) -> LayerSpec:
+    """The :class:`LayerSpec` of a call ``module(*args, **kwargs)`` of a Linen layer (kernel shape without stack
+    axes)."""
     where = "/".join(module.path)
     dtype = getattr(module, "dtype", None)
     if kind == "DenseGeneral":
@@ -135,7 +136,8 @@ def _spec(module: nn.Module, kind: str, kwargs, kernel_shape: tuple[int, ...] = 
         return LayerSpec(kind, kernel_shape, tuple(range(len(axis))),
                          tuple(range(len(axis), len(axis) + n_out)), dtype, axis=axis)
     if kind == "Einsum":
-        parts = split_einsum(kwargs.get("einsum_str") or module.einsum_str)
+        given = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)   # nn.Einsum(...)(x, "ab,bc->ac")
+        parts = split_einsum(given or module.einsum_str)
         return LayerSpec(kind, kernel_shape, *einsum_axes(*parts, where), dtype, einsum=parts)
     if kind == "Conv":
         return conv_layer_spec(module, where, kernel_shape, dtype)
@@ -392,9 +394,9 @@ def _interceptor(trace: _Trace):
             trace.blind.add(path)
         if not isinstance(node, Adapter):     # no adapter here, or a whole trained tensor (see lora.overlay)
             return call(*args, **kwargs)
-        spec = _spec(module, kind, kwargs, tuple(jnp.shape(kernel)))
+        spec = _spec(module, kind, args, kwargs, tuple(jnp.shape(kernel)))
         check_node(spec, node, path, f"nn.{kind}")
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = args[0] if args else kwargs.get("inputs", kwargs.get("query", next(iter(kwargs.values()))))
         trace.used.add(path)
         scale = trace.cfg.scale(path)
         dropout = ((lambda v: _dropout(module, v, rate))
@@ -518,7 +520,7 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
             leaf = leaf_name(kind)
             kernel = module.get_variable("params", leaf)
             if kernel is not None:
-                records[prefix + leaf] = (_spec(module, kind, kw).layout, len(kernel.shape))
+                records[prefix + leaf] = (_spec(module, kind, a, kw).layout, len(kernel.shape))
         else:
             for leaf in ("kernel", "embedding"):
                 if module.has_variable("params", leaf):

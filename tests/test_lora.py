@@ -87,6 +87,15 @@ class EinsumLayer(nn.Module):
         return nn.Einsum((3, 5, 4), "bthk,hkn->btn", name="down")(y)
 
 
+class EinsumAtCall(nn.Module):
+    """The einsum string given at call time, positionally and by keyword (legal Flax)."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Einsum((3, 8, 5), name="mix")(x, "btd,hdk->bthk")
+        return nn.Einsum((3, 5, 4), name="down")(einsum_str="bthk,hkn->btn", inputs=y)
+
+
 CASES = {
     "dense": (nn.Dense(9), lambda: jax.random.normal(jax.random.key(7), (2, 3, 8)), ("kernel",)),
     "densegeneral_multi_out": (nn.DenseGeneral((3, 4), axis=-1), lambda: jax.random.normal(KEY, (2, 5, 8)),
@@ -98,6 +107,7 @@ CASES = {
                                    ("kernel",)),
     "embed": (nn.Embed(20, 6), lambda: jnp.array([[1, 5, 19], [0, 2, 2]]), ("embedding",)),
     "einsum": (EinsumLayer(), lambda: jax.random.normal(KEY, (2, 3, 8)), ("mix", "down")),
+    "einsum_at_call": (EinsumAtCall(), lambda: jax.random.normal(KEY, (2, 3, 8)), ("mix", "down")),
     "transformer": (TinyLM(), lambda: jnp.arange(16).reshape(2, 8) % 64, ("proj", "embed")),
     "transformer_untied_dense": (TinyLM(multi_axis=False, tied=False), lambda: jnp.arange(16).reshape(2, 8),
                                  ("proj", "embed", "lm_head")),
