@@ -248,15 +248,12 @@ def _adapted_method(cls: type, method: str):
         info: _Info = self.jlora_info
         node = info.adapter(self)
         kernel = getattr(self, transform.leaf_name(info.kind)).get_value()
-        if adapter_lib.kernel_type(kernel) is not None:
-            raise ValueError(f"the layer at {info.path!r} holds a {type(kernel).__name__} kernel; quantized kernels "
-                             f"are supported for Flax Linen models only")
         einsum_str = kwargs.get("einsum_str", args[1] if info.kind == "Einsum" and len(args) > 1 else None)
         where = info.path.rsplit("/", 1)[0] if "/" in info.path else ""
         spec = layer_spec(self, info.kind, tuple(jnp.shape(kernel)), where, einsum_str)
         transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(self)).__name__}")
         info.trace.used.add(info.path)
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = args[0] if args else kwargs.get("inputs", kwargs.get("query", next(iter(kwargs.values()))))
         dropout = _dropout(self, info.trace.cfg.dropout) if info.kind != "Embed" else None
         var = adapter_lib.variant(node.variant)
         if var.layer_call is not None:
@@ -340,6 +337,11 @@ def apply(model: Any, params_in: Any, adapters: Mapping, cfg: LoraConfig, *args,
     Returns:
         The model's output, or ``(output, state)`` with ``mutable``.
     """
+    quantized = [tree_lib.path_str(p) for p, leaf in jax.tree_util.tree_flatten_with_path(
+        params_in, is_leaf=lambda x: adapter_lib.kernel_type(x) is not None)[0] if adapter_lib.kernel_type(leaf)]
+    if quantized:
+        raise ValueError(f"the params hold quantized kernels at {quantized[:3]}; quantized kernels (jlora.quantize) "
+                         f"work with Flax Linen models only: pass this NNX model's plain params, or use a Linen model")
     module = _fresh(model, params_in, variables)
     lora_lib.check_fits(params(params_in) if isinstance(params_in, nnx.State) else params_in, adapters, cfg)
     full = dict(adapter_lib.full_items(adapters))

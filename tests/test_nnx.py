@@ -360,6 +360,12 @@ def test_unsupported_layers_are_named_with_their_path():
     with pytest.raises(ValueError, match=r"an nnx.ConvTranspose layer at 'up'.*nnx.Linear"):
         jlora.apply(model, jlora.nnx.params(model), hand_made, jlora.LoraConfig(rank=2, targets="kernel"),
                     jnp.ones((1, 5, 3)))
+    # quantized kernels are Linen-only: said before the model runs (it used to fail inside nnx.Linear)
+    lin = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
+    cfg = jlora.LoraConfig(rank=2, targets="kernel")
+    with pytest.raises(ValueError, match=r"quantized kernels at \['kernel'\].*Flax Linen models only"):
+        jlora.apply(lin, jlora.quantize(jlora.nnx.params(lin)), jlora.init(lin, cfg, key=jax.random.key(0)), cfg,
+                    jnp.ones((1, 64)))
 
 
 @pytest.mark.slow
