@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -109,9 +110,10 @@ class LoraConfig:
         for field in ("targets", "exclude", "modules_to_save"):
             for pattern in getattr(self, field):
                 _check_regex(pattern, field)
-        _check_rank(self.rank, "rank")
-        _check_alpha(self.alpha, "alpha")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        set_("rank", _check_rank(self.rank, "rank"))
+        set_("alpha", _check_alpha(self.alpha, "alpha"))
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real)
+                or not 0 <= self.dropout < 1):
             raise ValueError(f"`dropout` must be a number in [0, 1); got {self.dropout!r}")
         set_("dropout", float(self.dropout))
         if not isinstance(self.use_rslora, bool):
@@ -120,12 +122,13 @@ class LoraConfig:
             patterns = getattr(self, field)
             if not isinstance(patterns, Mapping):
                 raise ValueError(f"`{field}` must be a mapping regex -> value; got {patterns!r}")
+            values = {}
             for pattern, value in patterns.items():
                 if not isinstance(pattern, str):
                     raise ValueError(f"`{field}` keys must be regex strings; got {pattern!r}")
                 _check_regex(pattern, field)
-                check(value, f"{field}[{pattern!r}]")
-            set_(field, _FrozenDict(patterns))
+                values[pattern] = check(value, f"{field}[{pattern!r}]")
+            set_(field, _FrozenDict(values))
         if self.init not in INITS:
             raise ValueError(f"`init` must be one of {INITS}; got {self.init!r}")
         if self.dtype not in DTYPES:
@@ -226,11 +229,16 @@ class _FrozenDict(dict):
         return (_FrozenDict, (dict(self),))
 
 
-def _check_rank(value: Any, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _check_rank(value: Any, field: str) -> int:
+    """``value`` as a Python int (NumPy integers too, e.g. from ``np.arange``); an error unless an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{field}` must be an integer >= 1; got {value!r}")
+    return int(value)
 
 
-def _check_alpha(value: Any, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+def _check_alpha(value: Any, field: str) -> float | int:
+    """``value`` as a Python number (NumPy scalars too); an error unless finite and > 0."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not (value > 0 and math.isfinite(value))):
         raise ValueError(f"`{field}` must be a finite number > 0; got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -3,6 +3,8 @@
 Each test here failed before its fix; the oracle is a plain jnp computation or the merged model.
 """
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -374,6 +376,22 @@ def test_pattern_order_is_part_of_config_equality():
     assert first != swapped and hash(first) != hash(swapped)
     assert first == jlora.LoraConfig(alpha_pattern={"q": 1.0, "q_proj": 3.0})
     assert jlora.LoraConfig.from_dict(swapped.to_dict()) == swapped
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
+    """A rank sweep over np.arange: NumPy integers and floats are numbers; the config keeps Python ones, so it
+    serializes (to_dict, YAML, JSON) and compares as if they had been typed in."""
+    cfg = jlora.LoraConfig(rank=np.arange(8, 9)[0], alpha=np.float32(16.0), dropout=np.float64(0.25),
+                           rank_pattern={"q": np.int64(4)}, alpha_pattern={"v": np.int32(3)})
+    assert cfg == jlora.LoraConfig(rank=8, alpha=16.0, dropout=0.25, rank_pattern={"q": 4}, alpha_pattern={"v": 3})
+    assert [type(x) for x in (cfg.rank, cfg.alpha, cfg.rank_pattern["q"], cfg.alpha_pattern["v"])] == \
+        [int, float, int, int]
+    json.dumps(cfg.to_dict())
+    for bad, message in ((dict(rank=np.float64(2.0)), "`rank` must be an integer >= 1"),
+                         (dict(rank=np.True_), "`rank` must be an integer >= 1"),
+                         (dict(alpha=np.float32("nan")), "`alpha` must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            jlora.LoraConfig(**bad)
 
 
 def test_whole_variables_dict_is_refused_at_init():
