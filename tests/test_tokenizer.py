@@ -195,3 +195,8 @@ def test_chat_template_sandbox_and_raise_exception(gguf_model):
         evil.apply_chat_template([{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="no chat_template"):
         Tokenizer(backend).apply_chat_template([{"role": "user", "content": "x"}])
+    # tools and documents are None unless given, as transformers renders them (undefined is "not none" in Jinja)
+    tools = Tokenizer(backend, chat_template="{% if tools is not none %}tools={{ tools }};{% endif %}"
+                                             "{% if documents is not none %}docs;{% endif %}{{ messages[0].content }}")
+    assert tools.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
+    assert tools.apply_chat_template([{"role": "user", "content": "x"}], tools=["f"]) == "tools=['f'];x"

@@ -377,9 +377,9 @@ class Tokenizer:
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
                      "pad_token": self.pad_token}
         variables = {k: v for k, v in variables.items() if v is not None}
-        text = self._compiled_template.render(
+        text = self._compiled_template.render(   # tools and documents: None unless given, as transformers passes
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-            **variables, **template_kwargs)
+            **{"tools": None, "documents": None, **variables, **template_kwargs})
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     # ------------------------------------------------------------------ save
