@@ -387,6 +387,33 @@ def test_error_missing_shard(tmp_path):
         hf.load(tmp_path)
 
 
+def test_error_damaged_config_index_or_tokenizer_names_file_and_field(saved, tmp_path):
+    def with_config(name, edit):
+        folder = _copy_folder(saved["llama"][1], tmp_path / name)
+        config = json.load(open(os.path.join(folder, "config.json")))
+        json.dump(edit(config), open(os.path.join(folder, "config.json"), "w"))
+        return folder
+
+    with pytest.raises(ValueError, match=r"list/config\.json holds a JSON list, not the object of a model config"):
+        hf.load(with_config("list", lambda c: [c]))
+    with pytest.raises(ValueError, match=r"size: the llama config lacks 'intermediate_size', which the model needs"):
+        hf.load(with_config("size", lambda c: {k: v for k, v in c.items() if k != "intermediate_size"}))
+    rope = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    with pytest.raises(ValueError, match=r"lacks 'low_freq_factor', which rope_parameters of rope_type 'llama3'"):
+        hf.load(with_config("rope", lambda c: {**c, "rope_parameters": rope, "rope_scaling": None}))
+    folder = _copy_folder(saved["llama"][1], tmp_path / "tok")
+    open(os.path.join(folder, "tokenizer.json"), "w").write("{oops")
+    with pytest.raises(ValueError, match=r"tok/tokenizer\.json cannot be read as a tokenizer"):
+        hf.load(folder)
+    _hf_model("llama").save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    index = tmp_path / "shards" / hf.INDEX_FILE
+    for text, why in (("{oops", "is not a valid index"), ("{}", "lacks 'weight_map'")):
+        index.write_text(text)
+        with pytest.raises(ValueError, match=rf"index\.json {why}.*shard index is damaged"):
+            hf.load(tmp_path / "shards")
+
+
 def test_error_unknown_gguf_tensor_type(tmp_path):
     import gguf
 

@@ -213,13 +213,23 @@ def _open_folder(folder: str) -> tuple[dict, Callable[[str], np.ndarray], list[s
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not the object of a model config; "
+                         f"save the model again with save_pretrained")
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
         weight_map = None
         files = {WEIGHTS_FILE: SafetensorsFile(os.path.join(folder, WEIGHTS_FILE))}
     elif os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            what = "lacks 'weight_map'" if isinstance(e, KeyError) else f"is not a valid index ({e})"
+            raise ValueError(f"{index_path} {what}: the checkpoint's shard index is damaged; download or save the "
+                             f"checkpoint again") from None
         files = {}
         for shard in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(folder, shard)):
@@ -271,6 +281,10 @@ def _make_config(family, hf_config: dict, overrides: dict, source: str):
         config = family.config_from_hf(hf_config)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from e
+    except KeyError as e:        # a field the family needs (or one its rope type needs) is not in the config
+        raise ValueError(f"{source}: the {hf_config.get('model_type')} config lacks {e.args[0]!r}, which "
+                         f"{_needed_by(hf_config, e.args[0])} needs; add it to {CONFIG_FILE} (save the model again "
+                         f"with transformers)") from None
     if overrides:
         fields = {f.name for f in dataclasses.fields(config)}
         unknown = sorted(set(overrides) - fields)
@@ -279,6 +293,16 @@ def _make_config(family, hf_config: dict, overrides: dict, source: str):
                              f"fields: {sorted(fields)}")
         config = dataclasses.replace(config, **overrides)
     return config
+
+
+def _needed_by(hf_config: dict, key: str) -> str:
+    """What in ``hf_config`` needs the missing ``key``: a RoPE scaling type that reads it, else the model."""
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = hf_config.get(field)
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        if kind not in (None, "default") and key not in rope:
+            return f"{field} of rope_type {kind!r}"
+    return "the model"
 
 
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool = False,

@@ -162,7 +162,11 @@ class Tokenizer:
         tokenizer_file = os.path.join(path, TOKENIZER_FILE)
         if not os.path.isfile(tokenizer_file):
             return None
-        backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+        try:
+            backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"{tokenizer_file} cannot be read as a tokenizer ({e}); it is damaged or not a "
+                             f"Hugging Face tokenizer.json: download or save the tokenizer again") from None
         config = _read_json(os.path.join(path, CONFIG_FILE)) or {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
