@@ -414,6 +414,20 @@ def test_error_damaged_config_index_or_tokenizer_names_file_and_field(saved, tmp
             hf.load(tmp_path / "shards")
 
 
+def test_tied_config_with_a_head_of_its_own_is_refused(tmp_path):
+    """transformers 5 uses a stored lm_head.weight even when config.json says tied; jlora's tied model would drop
+    it, so a head that is not the embedding's copy is an error, and a copy loads."""
+    _hf_model("llama").save_pretrained(tmp_path / "m")
+    config = json.load(open(tmp_path / "m" / "config.json"))
+    json.dump({**config, "tie_word_embeddings": True}, open(tmp_path / "m" / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"tie_word_embeddings: true, but the checkpoint's lm_head\.weight differs "
+                                         r"from model\.embed_tokens\.weight.*\"tie_word_embeddings\": false"):
+        hf.load(tmp_path / "m")
+    _rewrite_weights(str(tmp_path / "m"), lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"]))
+    tied = hf.load(tmp_path / "m")
+    assert tied.config.tie_word_embeddings and "lm_head" not in tied.params
+
+
 def test_error_unknown_gguf_tensor_type(tmp_path):
     import gguf
 

@@ -295,6 +295,17 @@ def _make_config(family, hf_config: dict, overrides: dict, source: str):
     return config
 
 
+def _check_tied_copy(family, config, get, present: set, source: str) -> None:
+    """A tied model's checkpoint may hold ``lm_head.weight`` as a copy of the embedding; one that differs is a head
+    of its own, which the tied model would drop (transformers 5 uses it)."""
+    name = next(s.hf_name for s in family.param_specs(config) if s.path.endswith("/embedding"))
+    name = name if name in present else name.removeprefix(family.hf_prefix)
+    if not np.array_equal(get("lm_head.weight"), get(name)):
+        raise ValueError(f"{source}: config.json sets tie_word_embeddings: true, but the checkpoint's lm_head.weight "
+                         f"differs from {name}: the output head was trained on its own, and a tied model would drop "
+                         f"it. Set \"tie_word_embeddings\": false in config.json to load the head as it is")
+
+
 def _needed_by(hf_config: dict, key: str) -> str:
     """What in ``hf_config`` needs the missing ``key``: a RoPE scaling type that reads it, else the model."""
     for field in ("rope_scaling", "rope_parameters"):
@@ -384,9 +395,11 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
         if source not in msg:
             msg = f"{where(hit) if hit else source}: {msg}"
         raise ValueError(msg) from e
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" in present:
+        _check_tied_copy(family, config, get, present, source)
     buffers = re.compile(family.hf_buffers)   # tensors that are no parameters: buffers old checkpoints hold
-    unused = sorted(n for n in present - used if not buffers.search(n)
-                    and not (n == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)))
+    unused = sorted(n for n in present - used if not buffers.search(n) and not (n == "lm_head.weight" and tied))
     if unused:
         raise ValueError(f"{source} holds tensors the {model_type} config does not use, e.g. {unused[:5]} "
                          f"({len(unused)} in all); config.json and the weights disagree (a bias, norm or layer "
