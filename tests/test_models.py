@@ -225,6 +225,11 @@ def test_transformers_4x_config_form():
     assert a == b and a.rope_type == "llama3" and a.hf_dtype == "bfloat16"
     old = dict(v4, rope_scaling={"type": "linear", "factor": 2.0})
     assert llama_lib.config_from_hf(old).rope_type == "linear"
+    # both forms at once (a 5.x config edited by 4.x instructions): the same settings load, differing ones are
+    # refused, since transformers 5 would take rope_scaling and drop rope_parameters' theta
+    assert llama_lib.config_from_hf(dict(v5, rope_scaling=v4["rope_scaling"])) == a
+    with pytest.raises(ValueError, match=r"both rope_parameters .* and rope_scaling .* differ"):
+        llama_lib.config_from_hf(dict(v5, rope_scaling={"type": "linear", "factor": 2.0}))
     # Qwen2.5's real config.json: sliding window fields present but off
     qwen = dict(model_type="qwen2", **BASE, num_key_value_heads=2, use_sliding_window=False, sliding_window=131072,
                 max_window_layers=21, rope_theta=1e6, rope_scaling=None, torch_dtype="bfloat16")

@@ -279,9 +279,21 @@ IGNORED = hf_config.IGNORED | {"pretraining_tp"}
 MUST_BE_DEFAULT = {"attention_dropout": 0.0, "mlp_dropout": 0.0, "use_sliding_window": False}
 
 
+def _rope_settings(rp: dict) -> dict:
+    """A rope dict's scaling settings, with 4.x's ``type`` read as ``rope_type`` and ``rope_theta`` left out."""
+    out = {("rope_type" if k == "type" else k): v for k, v in rp.items() if k != "rope_theta"}
+    out.setdefault("rope_type", "default")
+    return out
+
+
 def _rope(d: dict) -> dict:
     """Rope settings from either ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (4.x)."""
-    rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    v5, v4 = d.get("rope_parameters"), d.get("rope_scaling")
+    if isinstance(v5, dict) and isinstance(v4, dict) and _rope_settings(v5) != _rope_settings(v4):
+        raise ValueError(f"config.json has both rope_parameters {v5} (transformers 5) and rope_scaling {v4} (4.x), "
+                         f"and they differ (transformers 5 would use rope_scaling and drop rope_parameters' "
+                         f"rope_theta); keep the one you mean and delete the other")
+    rp = dict(v5 or v4 or {})
     if rp and all(isinstance(v, dict) for v in rp.values()):
         raise ValueError(f"rope_parameters per layer type {sorted(rp)} are not supported")
     theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
