@@ -200,3 +200,41 @@ def test_chat_template_sandbox_and_raise_exception(gguf_model):
                                              "{% if documents is not none %}docs;{% endif %}{{ messages[0].content }}")
     assert tools.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
     assert tools.apply_chat_template([{"role": "user", "content": "x"}], tools=["f"]) == "tools=['f'];x"
+
+
+def _sentencepiece_llama_json(folder, post_processor):
+    """A tokenizer.json as Llama 2 / Mistral v0.x folders ship one: sentencepiece BPE with byte fallback, spaces
+    made "▁" by a Prepend + Replace normalizer, and a chat special token."""
+    from tokenizers import AddedToken, decoders, models, normalizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+
+    tk = Backend(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tk.train_from_iterator(["Hello world, this is a small corpus of text [INST] hi [/INST]."] * 50,
+                           trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_]))
+    tk.add_special_tokens([AddedToken("[INST]", normalized=False, special=True)])
+    if post_processor:
+        tk.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", special_tokens=[("<s>", 1)])
+    tk.save(os.path.join(folder, "tokenizer.json"))
+
+
+@pytest.mark.parametrize("flags", [{}, {"legacy": True}, {"add_prefix_space": False}, {"post_processor": False}])
+def test_sentencepiece_llama_folder_tokenizes_as_transformers(tmp_path, flags):
+    """transformers 5 runs a LlamaTokenizer folder's tokenizer.json through its own pipeline (no normalizer, a
+    Metaspace that prepends "▁" to the first piece only); so does jlora, so text after a special token (what chat
+    templates make) and leading spaces tokenize the same."""
+    import transformers
+
+    config = {k: v for k, v in flags.items() if k != "post_processor"}
+    _sentencepiece_llama_json(tmp_path, flags.get("post_processor", True))
+    json.dump({"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+               "unk_token": "<unk>", **config}, open(tmp_path / "tokenizer_config.json", "w"))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), Tokenizer.from_folder(tmp_path)
+    for text in ("Hello world", " Hello", "  two  spaces ", "[INST] hi", "<s>[INST]Hello", "a\nb", "ünï ✓ 🙂"):
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), text

@@ -156,7 +156,9 @@ class Tokenizer:
         `chat_template.jinja` (preferred over the config's template, as in transformers 5) and the
         `eos_token_id` list of `generation_config.json` (end-of-turn ids). Whether encoding adds BOS/EOS is
         what tokenizer.json's post-processor does: like transformers 5, the config's `add_bos_token` and
-        `add_eos_token` are ignored when tokenizer.json is present.
+        `add_eos_token` are ignored when tokenizer.json is present. A `LlamaTokenizer` folder (Llama 2, Mistral
+        v0.x) splits text as transformers 5 does, not as its tokenizer.json's normalizer says (see
+        `_as_transformers_llama`).
         """
         path = os.fspath(path)
         tokenizer_file = os.path.join(path, TOKENIZER_FILE)
@@ -168,6 +170,8 @@ class Tokenizer:
             raise ValueError(f"{tokenizer_file} cannot be read as a tokenizer ({e}); it is damaged or not a "
                              f"Hugging Face tokenizer.json: download or save the tokenizer again") from None
         config = _read_json(os.path.join(path, CONFIG_FILE)) or {}
+        if config.get("tokenizer_class") in _SENTENCEPIECE_LLAMA:
+            _as_transformers_llama(backend, config)
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t["name"]: t["template"] for t in template}
@@ -417,6 +421,26 @@ def _template_processing(backend: tokenizers.Tokenizer, bos: str | None, eos: st
     pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
     special = [(t, backend.token_to_id(t)) for t in (bos, eos) if t]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+# tokenizer_config.json classes whose tokenizer.json transformers 5 does not run as written: it keeps the vocabulary,
+# merges, added tokens and post-processor, and rebuilds the rest (transformers' LlamaTokenizer: Llama 2, Mistral v0.x
+# and other sentencepiece-BPE folders).
+_SENTENCEPIECE_LLAMA = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _as_transformers_llama(backend: tokenizers.Tokenizer, config: Mapping[str, Any]) -> None:
+    """Sets ``backend`` up as transformers 5's ``LlamaTokenizer`` does: no normalizer (tokenizer.json's
+    ``Prepend("▁")`` + ``Replace(" ", "▁")``), a ``Metaspace`` pre-tokenizer that prepends "▁" to the first piece
+    only (every piece with ``legacy: true``; none with ``add_prefix_space: false``), and its decoder. Text after a
+    special token, as chat templates make, then gets no extra "▁", and a leading space is not doubled."""
+    prefix = config.get("add_prefix_space")
+    prefix = True if prefix is None else bool(prefix)
+    scheme = ("always" if config.get("legacy", False) else "first") if prefix else "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
 
 
 def _read_json(path: str) -> dict | None:
