@@ -329,6 +329,14 @@ def register_kernel_type(kernel_type: KernelType) -> KernelType:
     return kernel_type
 
 
+def layer_input(args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    """The input ``x`` of a layer call ``layer(*args, **kwargs)``: the first positional argument, else the keyword
+    Flax's layers name it (``inputs``; ``query`` for ``Embed.attend``), else the first keyword."""
+    if args:
+        return args[0]
+    return kwargs["inputs"] if "inputs" in kwargs else kwargs.get("query", next(iter(kwargs.values())))
+
+
 def kernel_type(leaf: Any) -> KernelType | None:
     """The registered :class:`KernelType` of ``leaf``, or None for a plain array."""
     return _KERNEL_TYPES.get(type(leaf))

@@ -253,7 +253,7 @@ def _adapted_method(cls: type, method: str):
         spec = layer_spec(self, info.kind, tuple(jnp.shape(kernel)), where, einsum_str)
         transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(self)).__name__}")
         info.trace.used.add(info.path)
-        x = args[0] if args else kwargs.get("inputs", kwargs.get("query", next(iter(kwargs.values()))))
+        x = adapter_lib.layer_input(args, kwargs)
         dropout = _dropout(self, info.trace.cfg.dropout) if info.kind != "Embed" else None
         var = adapter_lib.variant(node.variant)
         if var.layer_call is not None:

@@ -396,7 +396,7 @@ def _interceptor(trace: _Trace):
             return call(*args, **kwargs)
         spec = _spec(module, kind, args, kwargs, tuple(jnp.shape(kernel)))
         check_node(spec, node, path, f"nn.{kind}")
-        x = args[0] if args else kwargs.get("inputs", kwargs.get("query", next(iter(kwargs.values()))))
+        x = adapter_lib.layer_input(args, kwargs)
         trace.used.add(path)
         scale = trace.cfg.scale(path)
         dropout = ((lambda v: _dropout(module, v, rate))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import tree as tree_lib
-from jlora.adapter import KernelType, register_kernel_type
+from jlora.adapter import KernelType, layer_input, register_kernel_type
 
 BLOCK = 64
 DQ_BLOCK = 256
@@ -320,7 +320,7 @@ def dense_call(module, path: str, args, kwargs) -> jax.Array:
         raise ValueError(_DENSE_ONLY.format(path=path, kind=type(module).__name__))
     if module.dot_general is not None or module.dot_general_cls is not None:
         raise ValueError(f"nn.Dense at {path!r} has a custom dot_general; quantized kernels support the default")
-    x = args[0] if args else next(iter(kwargs.values()))
+    x = layer_input(args, kwargs)
     q = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
     dtype = module.dtype or jnp.result_type(x.dtype, jnp.dtype(q.dtype), *([] if bias is None else [bias.dtype]))
