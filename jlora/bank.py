@@ -49,6 +49,7 @@ from jlora import transform
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, LayerCall, Variant
 from jlora.config import LoraConfig
+from jlora.variants import inits
 
 BASE = -1          # the adapter id of a row that uses the base model alone
 VARIANT = "bank"
@@ -399,6 +400,7 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
         example = jnp.zeros((1, 2), jnp.int32)
         adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg, name=meta["base_model"]["name"],
                                             layout=transform.layout(loaded.model, example))
+    adapters, cfg = inits.to_original_base(adapters, loaded.params, cfg)   # PiSSA/OLoRA: as a plain LoRA
     return adapters, cfg, seen
 
 

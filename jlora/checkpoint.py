@@ -445,8 +445,10 @@ class CheckpointManager:
         manager, step = self._resolve(step)
         meta = self._read_metadata(manager, step)
         self._validate(meta, step, params, lora_config, name)
-        if target is None:
-            target = jax.eval_shape(lambda: lora.init(params, lora_config, key=jax.random.key(0), layout=layout))
+        if target is None:   # shapes only: PiSSA/OLoRA's factors have the default init's shapes
+            shapes = dataclasses.replace(lora_config, init="default") if lora_config.init in ("pissa", "olora") \
+                else lora_config
+            target = jax.eval_shape(lambda: lora.init(params, shapes, key=jax.random.key(0), layout=layout))
         (adapters,) = self._load(manager, step, meta, adapters=target)
         return adapters
 

@@ -172,21 +172,17 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     from safetensors.numpy import save
 
     lora_lib.check_fits(loaded.params, adapters, cfg)
+    adapters, cfg = inits_lib.to_original_base(adapters, loaded.params, cfg)   # PiSSA/OLoRA: PEFT's conversion
     by_path: dict[tuple[str, int | None], str] = {v: k for k, v in _module_table(loaded).items()}
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    initial = _initial_factors(adapters, cfg, loaded)
     tied = _tied_embedding(loaded)
     for path, node in adapter_items(adapters):
         a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)
         m = node.extras.get(dora_lib.MAGNITUDE)
         m = None if m is None else np.asarray(m, np.float32)
         alpha = cfg.alpha_for(path)
-        if path in initial:   # PEFT's PiSSA/OLoRA conversion: A' = [A | A0], B' = [B ; -B0], same scale
-            a0, b0 = initial[path]
-            a, b = np.concatenate([a, a0], axis=-1), np.concatenate([b, -b0], axis=-2)
-            alpha = alpha * (2 ** 0.5 if cfg.use_rslora else 2.0)
         layers = [None] if a.ndim == 2 else list(range(a.shape[0]))
         for layer in layers:
             module = by_path.get((path, layer))
@@ -248,19 +244,6 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     # Both files written alike, with the mode the umask gives (safetensors' save_file makes its file 0600).
     (out / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
-
-def _initial_factors(adapters: Mapping, cfg: LoraConfig, loaded) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """For PiSSA/OLoRA adapters, the initial ``(A0, B0)`` recomputed from the original base ``loaded.params``."""
-    if cfg.init not in inits_lib.CHANGES_BASE:
-        return {}
-    flat = tree_lib.flatten(loaded.params)
-    factors = inits_lib._FACTORS[cfg.init]
-    out = {}
-    for path, node in adapter_items(adapters):
-        a0, b0 = factors(lora_lib.dense_value(flat[path]), node.rank, cfg.scale(path))
-        out[path] = (np.asarray(a0, np.float32), np.asarray(b0, np.float32))
     return out
 
 

@@ -88,6 +88,54 @@ def test_train_and_every_command(tiny_model, tmp_path, capsys):
     assert "rank ladder" in text and "self_attn/o_proj/kernel" in text
 
 
+def test_pissa_run_works_with_every_command(tiny_model, tmp_path, capsys):
+    """A PiSSA run trains on a residual of the base; its checkpoints name the base itself, and the commands that
+    read the run recompute the rest: they all work on the base model, and agree with the run's PEFT export."""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    import jlora
+    from jlora import checkpoint, hf
+    from jlora.cli import run as run_lib
+
+    config = _write_config(tmp_path, tiny_model, lora={"init": "pissa"}, train={"steps": 4, "checkpoint_every": 2},
+                           eval={"before": False, "after": False})
+    assert cli.main(["train", "--config", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    loaded = run_lib._load_with_adapter(str(tiny_model), str(run))     # as the run loaded it (scan_layers)
+    ids = jnp.asarray([loaded.tokenizer.encode("Hello there, general Kenobi")])
+    (a_run, c_run), (a_peft, c_peft) = run_lib.load_adapters(str(run), loaded), \
+        run_lib.load_adapters(str(run / "peft"), loaded)
+    assert c_run.init == "default" and c_run.rank == 2 * runconfig.load(run / "config.yaml").lora.rank
+    got = jlora.apply(loaded.model, loaded.params, a_run, c_run, ids)
+    np.testing.assert_allclose(got, jlora.apply(loaded.model, loaded.params, a_peft, c_peft, ids), atol=2e-5)
+    assert np.abs(np.asarray(got - loaded.model.apply({"params": loaded.params}, ids))).max() > 1e-3   # trained
+    capsys.readouterr()
+    assert cli.main(["eval", "--config", str(config)]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert cli.main(["generate", "--model", str(tiny_model), "--adapter", str(run), "--prompt", "Hi",
+                     "--max-new-tokens", "3"]) == 0
+    assert cli.main(["merge", "--model", str(tiny_model), "--adapter", str(run), "--out", str(tmp_path / "m")]) == 0
+    merged = hf.load(tmp_path / "m", scan_layers=loaded.config.scan_layers)
+    np.testing.assert_allclose(merged.model.apply({"params": merged.params}, ids), got, atol=2e-5)
+    # a checkpoint written before this fix names the residual base; --resume still reads it
+    cfg = runconfig.load(run / "config.yaml")
+    with checkpoint.CheckpointManager(run / "checkpoints") as manager:
+        adapters, residual = jlora.init_with_base(loaded.params, cfg.lora, key=jax.random.key(0),
+                                                  layout=run_lib._layout(loaded))
+        template = jlora.TrainState.create(adapters, run_lib.make_optimizer(cfg), rng=jax.random.key(0))
+        old = manager.restore(template, 2, params=loaded.params, lora_config=cfg.lora)
+    losses = _losses(run)
+    shutil.rmtree(run / "checkpoints")
+    with checkpoint.CheckpointManager(run / "checkpoints") as manager:
+        manager.save(2, old.state, params=residual, lora_config=cfg.lora, name=loaded.name,
+                     data_position=old.data_position)
+    assert cli.main(["train", "--config", str(config), "--resume", "--no-progress"]) == 0
+    assert _losses(run) == pytest.approx(losses, abs=1e-6)
+
+
 def test_eval_scores_with_the_configured_scorer(tiny_model, tmp_path, capsys):
     scorer = tmp_path / "my_task.py"
     scorer.write_text("def half(output, target):\n    return 0.5\n\nhalf.label = 'half credit'\n")
@@ -162,6 +210,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_bitwise(tiny_model,
     assert cli.main(["train", "--config", str(config), "--resume", "--no-progress"]) == 0
     resumed, want = _losses(tmp_path / "cut"), _losses(tmp_path / "straight")
     assert [resumed[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]
+    # metrics.jsonl reads as the uninterrupted run's: the records of the steps redone after the checkpoint (and a
+    # line the kill cut off) are replaced, not repeated
+    steps = [[json.loads(x).get("step") for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("cut", "straight")]
+    assert steps[0] == steps[1]
     a = load_file(tmp_path / "cut" / "peft" / "adapter_model.safetensors")
     b = load_file(tmp_path / "straight" / "peft" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

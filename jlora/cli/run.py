@@ -56,6 +56,7 @@ from jlora import data as data_lib
 from jlora.cli import config as runconfig
 from jlora.cli import scoring
 from jlora.cli.config import ConfigError, RunConfig
+from jlora.variants import inits
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -411,11 +412,34 @@ def validation_loss(eval_step, params, adapters, loader) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ logging
+def _trim_metrics(path: pathlib.Path, start: int) -> None:
+    """Drops the records of steps after ``start`` from ``path``: a resumed run redoes the steps after its
+    checkpoint, and its metrics must read as those of one uninterrupted run (a line cut off by a kill goes too)."""
+    if not path.is_file():
+        return
+    keep, dropped = [], False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped = True
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > start:
+            dropped = True
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in keep))
+        os.replace(tmp, path)
+
+
 class _Log:
     """metrics.jsonl plus console output: a tqdm bar on stderr when ``progress``, else a plain line every
     ``every`` steps (and at the first and the last)."""
 
     def __init__(self, run_dir: pathlib.Path, total: int, start: int, progress: bool, every: int):
+        _trim_metrics(run_dir / METRICS_FILE, start)
         self.file = open(run_dir / METRICS_FILE, "a")
         self.total, self.start, self.every = total, start, every
         self.bar = None
@@ -671,7 +695,15 @@ def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainSta
     ``state`` from the start."""
     if manager.latest_step() is None:
         return state, None, {}
-    restored = manager.restore(state, params=run.params, lora_config=run.cfg.lora, name=run.loaded.name)
+    from jlora import checkpoint
+
+    try:
+        restored = manager.restore(state, params=run.loaded.params, lora_config=run.cfg.lora, name=run.loaded.name)
+    except checkpoint.CheckpointError:
+        if run.params is run.loaded.params:
+            raise
+        # PiSSA/OLoRA checkpoints written before they named the original base name the residual one
+        restored = manager.restore(state, params=run.params, lora_config=run.cfg.lora, name=run.loaded.name)
     summary_file = run.dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     print(f"resumed from step {int(restored.state.step)}")
@@ -726,7 +758,9 @@ def _validation_loss(run: _Run, state: jlora.TrainState) -> float:
 
 
 def _save(run: _Run, manager, step: int, state: jlora.TrainState, loader: data_lib.Loader) -> None:
-    manager.save(step, state, params=run.params, lora_config=run.cfg.lora, name=run.loaded.name,
+    # The base named is the one loaded, also for PiSSA/OLoRA, which train on a residual of it: the commands that
+    # read a run load that base and recompute the rest (jlora.variants.inits.to_original_base).
+    manager.save(step, state, params=run.loaded.params, lora_config=run.cfg.lora, name=run.loaded.name,
                  data_position=loader.position)
 
 
@@ -938,7 +972,7 @@ def load_adapters(source: str, loaded) -> tuple[dict, jlora.LoraConfig]:
     with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
         adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg.lora, name=loaded.name,
                                             layout=_layout(loaded))
-    return adapters, cfg.lora
+    return inits.to_original_base(adapters, loaded.params, cfg.lora)   # PiSSA/OLoRA: as a plain LoRA
 
 
 def _load_with_adapter(model: str, adapter: str | None, *, scan_layers: bool = False):

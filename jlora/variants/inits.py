@@ -10,12 +10,14 @@ model's output is unchanged at step 0 while the adapter holds the kernel's most 
 
 The residual base is ``W - s A @ B``, i.e. :func:`jlora.unmerge` of the initial adapters. Both are deterministic
 functions of the kernel (the key is unused), so the initial adapters can be recomputed from the original base
-when exporting: :func:`jlora.peft.save` does that to write what PEFT writes for sharing, the rank-2r LoRA
-``[A | A0] @ [B ; -B0]`` relative to the original base.
+from the original base: :func:`to_original_base` turns trained ones into the rank-2r LoRA ``[A | A0] @ [B ; -B0]``
+relative to the original base, which is what PEFT writes for sharing (:func:`jlora.peft.save` writes it too) and
+what the ``jlora`` commands use on a PiSSA/OLoRA run, so a run needs only the base model it was trained from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -80,4 +82,41 @@ def residual(params: Mapping, adapters: Mapping, cfg: LoraConfig, layout: Mappin
     return lora_lib.unmerge(params, lowrank, cfg, layout)
 
 
-__all__ = ["init_with_base", "residual", "pissa_factors", "olora_factors", "CHANGES_BASE"]
+def to_original_base(adapters: Mapping, params: Mapping, cfg: LoraConfig) -> tuple[dict, LoraConfig]:
+    """PiSSA/OLoRA ``adapters``, trained on the residual of the *original* base ``params``, as plain LoRA adapters
+    on ``params`` itself; other inits come back unchanged.
+
+    ``A' = [A | A0]`` and ``B' = [B ; -B0]``, the initial factors recomputed from ``params``, at twice the rank with
+    alpha times 2 (sqrt 2 with rsLoRA), so the scale ``s`` is unchanged and ``W + s A' B' = (W - s A0 B0) + s A B``:
+    what PEFT writes when it shares such an adapter. Merging, evaluating or serving them needs only the original
+    base, as any other adapter does.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> params = {"q_proj": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
+        >>> cfg = jlora.LoraConfig(rank=2, alpha=4, targets="q_proj", init="pissa")
+        >>> adapters, residual_base = init_with_base(params, cfg, key=jax.random.key(1))
+        >>> plain, plain_cfg = to_original_base(adapters, params, cfg)
+        >>> plain_cfg.rank, plain_cfg.init, plain["q_proj"]["kernel"].a.shape
+        (4, 'default', (16, 4))
+        >>> x = jnp.ones((1, 16))
+        >>> w_trained = jlora.merge(residual_base, adapters, cfg)["q_proj"]["kernel"]
+        >>> bool(jnp.allclose(jlora.merge(params, plain, plain_cfg)["q_proj"]["kernel"], w_trained, atol=1e-5))
+        True
+    """
+    if cfg.init not in CHANGES_BASE:
+        return dict(adapters), cfg
+    flat = tree_lib.flatten(params)
+    out: dict = dict(adapter_lib.full_items(adapters))
+    for path, node in adapter_lib.adapter_items(adapters):
+        a0, b0 = _FACTORS[cfg.init](lora_lib.dense_value(flat[path]), node.rank, cfg.scale(path))
+        out[path] = node.replace(a=jnp.concatenate([node.a, a0.astype(node.a.dtype)], axis=-1),
+                                 b=jnp.concatenate([node.b, (-b0).astype(node.b.dtype)], axis=-2))
+    k = 2 ** 0.5 if cfg.use_rslora else 2.0
+    plain = dataclasses.replace(cfg, init="default", rank=2 * cfg.rank, alpha=cfg.alpha * k,
+                                rank_pattern={p: 2 * r for p, r in cfg.rank_pattern.items()},
+                                alpha_pattern={p: a * k for p, a in cfg.alpha_pattern.items()})
+    return tree_lib.unflatten(out), plain
+
+
+__all__ = ["init_with_base", "residual", "to_original_base", "pissa_factors", "olora_factors", "CHANGES_BASE"]
