@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import pathlib
 import pydoc
@@ -200,6 +201,8 @@ def test_keys_with_fixed_values_list_them(override, message, tmp_path):
     ("train.grad_accum_steps=0", r"`train.grad_accum_steps` must be >= 1"),
     ("train.grad_accum_steps=3", r"`data.batch_size` = 8 does not split into `train.grad_accum_steps` = 3"),
     ("train.warmup_steps=-1", r"`train.warmup_steps` must be >= 0"),
+    ("train.warmup_steps=500", r"`train.warmup_steps` = 500 is more than `train.steps` = 30: the run would end "
+                               r"before its learning rate reaches train.learning_rate"),
     ("train.max_grad_norm=0", r"`train.max_grad_norm` must be a number > 0"),
     ("train.weight_decay=-0.1", r"`train.weight_decay` must be a number >= 0"),
     ("train.log_every=0", r"`train.log_every` must be >= 1"),
@@ -217,6 +220,26 @@ def test_impossible_values_are_config_errors_naming_the_key(override, message, t
     origin = str(path) if override.startswith("train.grad_accum_steps=3") else f"--set {override}"  # batch_size's
     _error(*result, message, re.escape(f"(in {origin})"))
     assert not (tmp_path / "r").exists()
+
+
+def test_learning_rate_schedule_warms_up_then_decays_and_zero_warmup_starts_at_the_peak():
+    import jax.numpy as jnp
+
+    def rates(**train):
+        cfg = runconfig.RunConfig(train=runconfig.TrainSection(**{"learning_rate": 1.0, "max_grad_norm": 1e9,
+                                                                  "weight_decay": 0.0, **train}))
+        opt, params = run_lib.make_optimizer(cfg), {"w": jnp.zeros(())}
+        state, out = opt.init(params), []
+        for _ in range(train["steps"]):
+            updates, state = opt.update({"w": jnp.ones(())}, state, params)
+            out.append(round(-float(updates["w"]), 4))     # Adam's normalized step of a constant gradient: the rate
+        return out
+
+    def cosine(i, n):   # from the peak at step 1 towards a tenth of it after n steps
+        return round(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / n)), 4)
+
+    assert rates(steps=4, warmup_steps=0) == [cosine(i, 4) for i in range(4)]      # no warmup: the peak at step 1
+    assert rates(steps=5, warmup_steps=2) == [0.0, 0.5] + [cosine(i, 3) for i in range(3)]   # warmup from 0, as HF
 
 
 # ------------------------------------------------------------------------------------------------ 4. failed starts
@@ -346,8 +369,11 @@ def test_a_refused_resume_changes_nothing(tiny, trained, tmp_path, monkeypatch):
     assert _snapshot(run_dir) == before
     other = tmp_path / "other.jsonl"
     other.write_text("".join(pathlib.Path(TRAIN).read_text().splitlines(keepends=True)[:-1]))
-    _error(*_main("train", "--config", config, "--resume", "--set", "train.steps=6", "--set", f"data.train={other}"),
-           r"--resume: the data changed since this position was saved")
+    result = _main("train", "--config", config, "--resume", "--set", "train.steps=6", "--set", f"data.train={other}")
+    _error(*result, r"--resume: the data changed since this position was saved")
+    # training on changes the cosine schedule's length: said, since the steps from here differ from a 6-step run's
+    assert re.search(r"--resume: train\.steps: 4 in the run, 6 now: the learning-rate schedule .* is recomputed",
+                     result[1]), result[1]
     assert _snapshot(run_dir) == before   # config.yaml too
 
 

@@ -76,6 +76,21 @@ def test_a_scorer_that_raises_is_named_with_the_output(tmp_path):
         scorer("not json", "1")
 
 
+def test_numpy_and_jax_scalars_are_scores(tmp_path):
+    """np.isclose(...) and (a == b).all() return NumPy bools; they score as True/False do. Arrays and numbers
+    outside [0, 1] are still refused."""
+    path = _write(tmp_path, "import numpy as np, jax.numpy as jnp\n"
+                            "def close(output, target):\n    return np.isclose(float(output), float(target))\n"
+                            "def half(output, target):\n    return np.float32(0.5)\n"
+                            "def jax_bool(output, target):\n    return jnp.asarray(output == target)\n"
+                            "def many(output, target):\n    return np.array([True])\n"
+                            "def big(output, target):\n    return np.float64(1.5)\n")
+    assert [scoring.load(f"{path}:{name}")("1.0", "1") for name in ("close", "half", "jax_bool")] == [1.0, 0.5, 0.0]
+    for name, shown in (("many", r"array\(\[ True\]\)"), ("big", "1.5")):
+        with pytest.raises(ValueError, match=rf"returned {shown} for output '1.0'; a scorer returns True/False"):
+            scoring.load(f"{path}:{name}")("1.0", "1")
+
+
 def test_score_texts_is_the_mean_of_the_scores():
     prompts = [EvalPrompt("p", [1], target, f"v:{i}") for i, target in enumerate(['{"a": 1}', '{"a": 2}', "x"])]
     accuracy, records = score_texts(prompts, ['{"a": 1.0}', '{"a": 1}', "x"], scoring.load(f"{JSON_TASK}:score"))

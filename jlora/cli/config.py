@@ -206,6 +206,10 @@ class TrainSection:
             "weight_decay": _NON_NEGATIVE, "max_grad_norm": _POSITIVE, "grad_accum_steps": _at_least(1),
             "seed": _at_least(0), "log_every": _at_least(1), "eval_every": _at_least(0),
             "checkpoint_every": _at_least(0), "max_to_keep": _at_least(1), "steps_per_call": _at_least(1)})
+        if self.warmup_steps > self.steps:
+            raise _BadValue("train.warmup_steps", f"= {self.warmup_steps} is more than `train.steps` = {self.steps}: "
+                            f"the run would end before its learning rate reaches train.learning_rate; lower "
+                            f"warmup_steps (or raise steps)")
         for name in ("eval_every", "checkpoint_every"):
             every = getattr(self, name)
             if every and every % self.steps_per_call:

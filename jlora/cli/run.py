@@ -200,6 +200,12 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
             raise ConfigError(f"--resume: the run is already at step {latest}, past train.steps={steps}; to train "
                               f"on, set train.steps above {latest} (--set train.steps=N); to train {steps} steps from "
                               f"the start, pass --overwrite instead of --resume (or --set run.dir=OTHER)")
+        schedule = [d for d in _differences(saved, cfg, ("train",))
+                    if d.split(":")[0] in ("train.steps", "train.warmup_steps", "train.learning_rate")]
+        if schedule:
+            print(f"--resume: {'; '.join(schedule)}: the learning-rate schedule (warmup, then cosine decay to "
+                  f"train.steps) is recomputed, so the steps from here follow another curve than an uninterrupted "
+                  f"run of these settings would", flush=True)
         summary = run_dir / "summary.json"
         done = json.loads(summary.read_text()) if latest == steps and summary.is_file() else {}
         if done.get("interrupted") is False and done.get("step") == latest:
@@ -258,8 +264,9 @@ def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path:
 def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay, after global-norm clipping."""
     t = cfg.train
+    # warmup_steps: 0 starts at the peak (optax's schedule takes 0); a warmup's first step has rate 0, as in HF's
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1), t.learning_rate * 0.1)
+        0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.learning_rate * 0.1)
     return optax.chain(optax.clip_by_global_norm(t.max_grad_norm),
                        optax.adamw(schedule, weight_decay=t.weight_decay))
 

@@ -56,6 +56,8 @@ class Scorer(NamedTuple):
         except Exception as e:   # the user's code: say whose, and on what
             raise ValueError(f"scorer {self.spec} raised {type(e).__name__}: {e} on output {output[:60]!r} (target "
                              f"{target[:60]!r}); fix the scorer: it gets any text the model writes") from e
+        if hasattr(value, "item") and getattr(value, "shape", None) == ():   # a NumPy/JAX scalar: np.isclose(...)
+            value = value.item()
         if isinstance(value, bool):
             return float(value)
         if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
