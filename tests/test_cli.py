@@ -571,6 +571,21 @@ def test_merge_and_export_need_overwrite_and_never_write_into_a_run(tiny, traine
     _error(*_main("export-peft", "--run", run, "--out", out, "--overwrite"), "holds files that are not a PEFT adapter")
 
 
+def test_merge_keeps_the_base_checkpoints_dtype(tiny, trained, tmp_path):
+    import torch
+    import transformers
+
+    half = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).save_pretrained(half)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(pathlib.Path(tiny) / f, half / f)
+    assert _main("merge", "--model", half, "--adapter", trained[1] / "peft", "--out", tmp_path / "m")[0] == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    data = (tmp_path / "m" / "model.safetensors").read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+
+
 def test_make_demo_says_it_replaces_the_run():
     make = shutil.which("make")
     if make is None:

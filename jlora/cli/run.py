@@ -1302,7 +1302,10 @@ def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False
     adapters, lora_cfg = load_adapters(adapter, loaded)
     merged = jlora.merge(loaded.params, adapters, lora_cfg, layout=_layout(loaded))
     _clear_out(out_dir)
-    hf.save(out_dir, loaded, merged)
+    # in the base checkpoint's own dtype (a bf16 model stays bf16, as PEFT's merge_and_unload keeps it)
+    source = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}.get(
+        getattr(loaded.config, "hf_dtype", None))
+    hf.save(out_dir, loaded, merged, dtype=source)
     print(f"merged model written to {out_dir}")
     return out_dir
 
