@@ -33,6 +33,7 @@ Under :mod:`jlora.parallel`'s sharded step the bank is replicated on every devic
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -377,14 +378,13 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
     """``(adapters, config, base fingerprint or None)`` from a PEFT adapter folder or a jlora run folder (its
     latest checkpoint). A run folder records the fingerprint of the base it trained on; a PEFT folder does not
     (its tensors are checked against the base's shapes instead)."""
-    import pathlib
-
     from jlora import checkpoint, peft
 
     folder = pathlib.Path(folder)
     if (folder / peft.CONFIG_FILE).is_file():
         adapters, cfg = peft.load(folder, loaded)
         return adapters, cfg, None
+    check_run_form(folder, loaded)
     ckpt = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
     with checkpoint.CheckpointManager(ckpt) as manager:
         if manager.latest_step() is None:
@@ -404,6 +404,24 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
     return adapters, cfg, seen
 
 
+def check_run_form(folder, loaded) -> None:
+    """Refuses a run folder whose layer stack differs from ``loaded``'s: a run saved with ``model.scan_layers``
+    holds one stacked adapter per kernel, an unrolled one an adapter per layer, and the base's fingerprint differs
+    with it. A PEFT folder (or a folder without a ``config.yaml``) fits either."""
+    import yaml
+
+    path = pathlib.Path(folder) / "config.yaml"
+    if not path.is_file():
+        return
+    saved = bool(((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("scan_layers", False))
+    here = bool(getattr(loaded.config, "scan_layers", False))
+    if saved != here:
+        raise ValueError(f"run folder {folder} was trained with model.scan_layers: {str(saved).lower()}, but the "
+                         f"model is loaded here with scan_layers: {str(here).lower()} (for another run, or by the "
+                         f"config); runs of both forms cannot share one model: export this one to PEFT (`jlora "
+                         f"export-peft --run {folder} --out DIR`), which fits either, and pass that folder")
+
+
 def put_folder(bank: Bank, slot: int, folder, loaded) -> Bank:
     """:func:`put` the adapters of a PEFT or run folder (for ``loaded``'s base) into ``slot``."""
     adapters, cfg, seen = read_folder(folder, loaded)
@@ -413,7 +431,6 @@ def put_folder(bank: Bank, slot: int, folder, loaded) -> Bank:
 def save(directory, bank: Bank) -> None:
     """Writes the bank (every slot's factors, scales and ranks) to ``directory``; :func:`load` reads it back."""
     import json
-    import pathlib
 
     from jlora.hf import write_safetensors
 

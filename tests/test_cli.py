@@ -571,6 +571,25 @@ def test_merge_and_export_need_overwrite_and_never_write_into_a_run(tiny, traine
     _error(*_main("export-peft", "--run", run, "--out", out, "--overwrite"), "holds files that are not a PEFT adapter")
 
 
+def test_runs_of_both_layer_stack_forms_are_told_apart(tiny, trained, tmp_path):
+    """A PEFT folder fits either form; the first run folder among the adapters decides how the model loads, and a
+    run of the other form is refused by name, with the fix (its checkpoint's base fingerprint differs too)."""
+    scanned = tmp_path / "scanned"
+    shutil.copytree(trained[1], scanned)
+    raw = yaml.safe_load((scanned / "config.yaml").read_text())
+    raw["model"]["scan_layers"] = True
+    (scanned / "config.yaml").write_text(yaml.safe_dump(raw))
+    peft_folder = str(trained[1] / "peft")
+    assert run_lib._load_with_adapter(tiny, [peft_folder, str(scanned)]).config.scan_layers
+    assert not run_lib._load_with_adapter(tiny, [peft_folder, str(trained[1])]).config.scan_layers
+    for command in (["generate", "--route", "a,b", "--prompt", "x", "--prompt", "y"],
+                    ["compose", "--method", "cat", "--out", tmp_path / "c"]):
+        _error(*_main(command[0], "--model", tiny, "--adapter", f"a={trained[1]}", "--adapter", f"b={scanned}",
+                      *command[1:]),
+               rf"run folder {re.escape(str(scanned))} was trained with model\.scan_layers: true, but the model is "
+               rf"loaded here with scan_layers: false .*jlora export-peft --run")
+
+
 def test_merge_keeps_the_base_checkpoints_dtype(tiny, trained, tmp_path):
     import torch
     import transformers

@@ -975,20 +975,28 @@ def load_adapters(source: str, loaded) -> tuple[dict, jlora.LoraConfig]:
     folder = pathlib.Path(source)
     if adapter_kind(source) == "peft":
         return jlora.peft.load(folder, loaded)
+    from jlora import bank as bank_lib
+
     cfg = runconfig.load(folder / CONFIG_FILE)
+    try:
+        bank_lib.check_run_form(folder, loaded)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
         adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg.lora, name=loaded.name,
                                             layout=_layout(loaded))
     return inits.to_original_base(adapters, loaded.params, cfg.lora)   # PiSSA/OLoRA: as a plain LoRA
 
 
-def _load_with_adapter(model: str, adapter: str | None, *, scan_layers: bool = False):
+def _load_with_adapter(model: str, adapter: str | Sequence[str] | None, *, scan_layers: bool = False):
     """Loads ``model`` the way ``adapter`` needs it: a run folder's adapters follow its model settings
-    (e.g. a scanned layer stack); a PEFT folder (or none) works with either form, ``scan_layers`` chooses.
-    Both paths are checked before anything loads."""
+    (e.g. a scanned layer stack); a PEFT folder (or none) works with either form, ``scan_layers`` chooses. Of
+    several adapters, the first run folder decides. The paths are checked before anything loads."""
     from jlora import hf
 
     resolve_model(model, "--model")
+    if adapter is not None and not isinstance(adapter, str):
+        adapter = next((a for a in adapter if adapter_kind(a) == "run"), None)
     if adapter and adapter_kind(adapter) == "run":
         saved = runconfig.load(pathlib.Path(adapter) / CONFIG_FILE)
         return _load_model(dataclasses.replace(saved, model=dataclasses.replace(saved.model, path=model)))
@@ -1083,7 +1091,7 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
         raise UsageError("give at least one --adapter NAME=DIR[:WEIGHT]")
     out_dir = _check_out(out, overwrite=overwrite, marker="adapter_config.json", what="PEFT adapter",
                          reads=[("--model", model)] + [("--adapter", folder) for folder, _ in parsed])
-    loaded = _load_with_adapter(model, parsed[0][0])
+    loaded = _load_with_adapter(model, [folder for folder, _ in parsed])
     for folder, w in parsed:
         items.append(load_adapters(folder, loaded))
         weights.append(w)
@@ -1253,8 +1261,7 @@ def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequen
     unknown = sorted({n for n in names if n != "base" and n not in folders})
     if unknown:
         raise UsageError(f"--route names unknown adapters {unknown}; known: {sorted(folders)} and 'base'")
-    first = next(iter(folders.values()), None)
-    loaded = _load_with_adapter(model, first)
+    loaded = _load_with_adapter(model, list(folders.values()))
     tok = loaded.tokenizer
     if tok is None:
         raise UsageError(f"--model {model!r} has no tokenizer (tokenizer.json), so it cannot read a prompt")

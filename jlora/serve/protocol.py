@@ -20,7 +20,7 @@ Examples:
     >>> completion_request({"model": "m", "prompt": "hi", "temperature": "hot"}, None)
     Traceback (most recent call last):
     ...
-    jlora.serve.protocol.ApiError: temperature: must be a number; got 'hot'
+    jlora.serve.protocol.ApiError: temperature: must be a finite number; got 'hot'
 """
 
 from __future__ import annotations
