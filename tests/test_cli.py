@@ -886,6 +886,16 @@ def test_eval_side_effects_reports_and_writes_json(trained):
     assert re.search(r"^general prompts: KL [\d.]+ nats/token, top-1 agreement [\d.]+%", out, re.M), out
     report = json.loads((run_dir / "side_effects.json").read_text())
     assert report["general"]["texts"] == 4 and report["general"]["kl"] >= 0
+    # an adapter given as input is only read: its report goes to --out, or nowhere
+    small = ["--set", "eval.num_examples=2", "--set", "eval.general_examples=2", "--set", "eval.max_new_tokens=2"]
+    peft_folder = run_dir / "peft"
+    before = sorted(p.name for p in peft_folder.iterdir())
+    code, out, err = _main("eval", "--config", str(config), "--side-effects", "--adapter", str(peft_folder), *small)
+    assert code == 0 and "report files not written: pass --out DIR" in out, err
+    assert sorted(p.name for p in peft_folder.iterdir()) == before
+    code, out, err = _main("eval", "--config", str(config), "--side-effects", "--adapter", str(peft_folder), *small,
+                           "--out", str(run_dir.parent / "report"))
+    assert code == 0 and (run_dir.parent / "report" / "side_effects.json").is_file(), err
 
 
 def test_inspect_shows_a_peft_adapter_on_some_layers_only(tiny, tmp_path):

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side-effects", action="store_true",
                    help="also compare the adapter with the base on the task and on eval.general text it was not "
                         "trained for (KL, top-1 agreement, loss change, unchanged continuations)")
+    p.add_argument("--out", help="with --side-effects: the folder for the report files (side_effects.json/.png); "
+                                 "default: the config's run.dir when it is the run evaluated, else none are written")
 
     p = sub.add_parser("compose", help="combine adapters (PEFT's add_weighted_adapter methods) into one")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -117,7 +119,10 @@ def _run(args: argparse.Namespace) -> int:
         return 130 if result.get("interrupted") else 0
     if args.command == "eval":
         cfg = run.load_config(args.config, args.overrides)
-        run.evaluate_command(cfg, adapter=args.adapter, base=args.base, side_effects=args.side_effects)
+        if args.out and not args.side_effects:
+            raise run.UsageError("--out is where --side-effects writes its report; add --side-effects or drop --out")
+        run.evaluate_command(cfg, adapter=args.adapter, base=args.base, side_effects=args.side_effects,
+                             out=args.out)
     elif args.command == "compose":
         run.compose_command(args.model, args.adapter, args.method, args.out, density=args.density,
                             svd_rank=args.svd_rank, majority_sign_method=args.majority_sign_method, seed=args.seed,

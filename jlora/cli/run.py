@@ -1004,7 +1004,7 @@ def _load_with_adapter(model: str, adapter: str | Sequence[str] | None, *, scan_
 
 
 def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False,
-                     side_effects: bool = False) -> dict[str, float]:
+                     side_effects: bool = False, out: str | None = None) -> dict[str, float]:
     """Validation loss and the generation eval's score (``eval.scorer``) of the base model or an adapter; with
     ``side_effects``, the full side-effect report of the adapter against the base (task and ``eval.general``)."""
     if base and adapter:
@@ -1055,10 +1055,15 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
         eos_token_id=tuple(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
     acc = report["task"]["score_adapted_pct"]     # the report decoded the task prompts already: not twice
     print(f"validation loss {loss:.4f}; {scorer.label} {acc:.1f}% on {len(prompts)} prompts")
-    folder = pathlib.Path(adapter or cfg.run.dir)
-    written = side_effects_lib.save(report, folder)
     print(side_effects_lib.summary(report))
-    print(f"report: {', '.join(str(p) for p in written.values())}")
+    # The files go where asked, or into the run evaluated; never into an adapter folder given as input.
+    folder = pathlib.Path(out) if out else (None if adapter else pathlib.Path(cfg.run.dir))
+    if folder is None:
+        print("report files not written: pass --out DIR to keep them")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        written = side_effects_lib.save(report, folder)
+        print(f"report: {', '.join(str(p) for p in written.values())}")
     g = report["general"]
     return {"valid_loss": loss, "accuracy": acc, "general_kl": g["kl"],
             "general_top1_agreement_pct": g["top1_agreement_pct"]}
