@@ -590,6 +590,27 @@ def test_runs_of_both_layer_stack_forms_are_told_apart(tiny, trained, tmp_path):
                rf"loaded here with scan_layers: false .*jlora export-peft --run")
 
 
+def test_routed_generate_matches_plain_generate(tiny, trained, tmp_path):
+    """--route decodes each prompt as generate --adapter does: the same seeded draw (fold_in(key(seed), i)) and, with
+    --chat, the run's training system prompt; a folder whose name holds '=' is a folder, not NAME=DIR."""
+    run = trained[1]
+    sampled = ["--prompt", "Hi", "--prompt", "Bye", "--temperature", "1.0", "--seed", "3", "--max-new-tokens", "5"]
+    code, plain, err = _main("generate", "--model", tiny, "--adapter", run, *sampled)
+    assert code == 0, err
+    code, routed, err = _main("generate", "--model", tiny, "--adapter", f"a={run}", "--route", "a,a", *sampled)
+    assert code == 0, err
+    texts = [re.split(r"--- prompt \d/2[^\n]*\n", out)[1:] for out in (plain, routed)]
+    assert [t.strip() for t in texts[0]] == [t.strip() for t in texts[1]] and texts[0][0].strip(), (plain, routed)
+    code, out, err = _main("generate", "--model", tiny, "--adapter", f"a={run}", "--route", "a", "--chat",
+                           "--prompt", "Hi", "--max-new-tokens", "2")
+    assert code == 0 and "--system for [a]: the run's training data" in err, err
+    _error(*_main("generate", "--model", tiny, "--route", "base", "--prompt", "Hi"),
+           "--route without a named --adapter routes every prompt to the base model")
+    odd = tmp_path / "lr=0.05"
+    shutil.copytree(run / "peft", odd)
+    assert _main("generate", "--model", tiny, "--adapter", odd, "--prompt", "Hi", "--max-new-tokens", "2")[0] == 0
+
+
 def test_merge_keeps_the_base_checkpoints_dtype(tiny, trained, tmp_path):
     import torch
     import transformers

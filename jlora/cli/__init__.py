@@ -17,6 +17,7 @@ adapter for another model) prints one line and exits with code 2; Ctrl-C prints 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 MODEL_HELP = "an HF folder (config.json + safetensors), a .gguf file, or pkg://package/file"
@@ -130,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         options = dict(chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        named = [a for a in args.adapter or [] if "=" in a]
+        named = [a for a in args.adapter or [] if "=" in a and not os.path.exists(a)]   # a folder may hold "="
         if named or args.route:
             run.generate_routed_command(args.model, args.prompt, args.adapter or [], args.route, **options)
         else:

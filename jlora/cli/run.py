@@ -1266,6 +1266,9 @@ def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequen
     unknown = sorted({n for n in names if n != "base" and n not in folders})
     if unknown:
         raise UsageError(f"--route names unknown adapters {unknown}; known: {sorted(folders)} and 'base'")
+    if not folders:
+        raise UsageError("--route without a named --adapter routes every prompt to the base model: drop --route to "
+                         "decode with the base, or add --adapter NAME=DIR")
     loaded = _load_with_adapter(model, list(folders.values()))
     tok = loaded.tokenizer
     if tok is None:
@@ -1280,9 +1283,17 @@ def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequen
     for slot, (name, (ad, cfg, seen)) in enumerate(read.items()):
         bank, slots[name] = bank_lib.put(bank, slot, ad, cfg, fingerprint=seen), slot
     if chat:
-        turn = [{"role": "system", "content": system}] if system else []
-        ids = [tok.encode(tok.apply_chat_template(turn + [{"role": "user", "content": p}]), add_special_tokens=False)
-               for p in prompts]
+        systems = {n: system for n in folders}
+        if system is None:   # as generate --adapter RUN does: each run's training system prompt, for its prompts
+            for n, folder in folders.items():
+                if adapter_kind(folder) == "run":
+                    systems[n], source = training_system_prompt(folder)
+                    if systems[n] is not None:
+                        print(f"--system for [{n}]: the run's training data ({source}) opens every chat with "
+                              f"{systems[n]!r} (pass --system to change it, --system '' for none)", file=sys.stderr)
+        turns = [[{"role": "system", "content": systems.get(n)}] if systems.get(n) else [] for n in names]
+        ids = [tok.encode(tok.apply_chat_template(t + [{"role": "user", "content": p}]), add_special_tokens=False)
+               for t, p in zip(turns, prompts)]
     else:
         ids = [tok.encode(p) for p in prompts]
     limit = _context_length(loaded)
@@ -1293,8 +1304,10 @@ def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequen
     rows = jnp.asarray([slots.get(n, bank_lib.BASE) for n in names], jnp.int32)
     eos = tuple(tok.eos_token_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    # prompt i draws from fold_in(key(seed), i), as generate without --route and jlora serve do
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), i) for i in range(len(prompts))])
     sampling = {} if temperature == 0 else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                                            "key": jax.random.key(seed)}
+                                            "key": keys}
     out = gen.generate(loaded.model, (loaded.params, bank, rows), ids, max_new_tokens=max_new_tokens,
                        eos_token_id=eos, pad_token_id=pad, apply_fn=bank_lib.apply_fn(loaded.model), **sampling)
     texts = [tok.decode(row, skip_special_tokens=True) for row in out.to_lists()]
