@@ -203,7 +203,8 @@ def combine_tensors(tensors: Sequence[jax.Array], weights: Sequence[float], rule
 
 def _check_density(density, what: str) -> None:
     if density is None:
-        raise ValueError(f"{what!r} prunes the adapters: pass `density`, the share of entries kept, in (0, 1]")
+        raise ValueError(f"{what!r} prunes the adapters: pass `density` (`--density` of jlora compose), the share "
+                         f"of entries kept, in (0, 1]")
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"`density` must be a number in (0, 1] (the share of entries kept); got {density!r}")
 

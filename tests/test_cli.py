@@ -611,6 +611,15 @@ def test_routed_generate_matches_plain_generate(tiny, trained, tmp_path):
     assert _main("generate", "--model", tiny, "--adapter", odd, "--prompt", "Hi", "--max-new-tokens", "2")[0] == 0
 
 
+def test_a_reader_that_stops_early_is_no_error(tiny):
+    """`jlora inspect ... | head -1`: the reader closes the pipe before jlora writes; jlora stops quietly, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "inspect", "--model", str(tiny)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                     # long before the model has loaded and anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "Broken pipe" not in err and "Traceback" not in err, err
+
+
 def test_merge_keeps_the_base_checkpoints_dtype(tiny, trained, tmp_path):
     import torch
     import transformers

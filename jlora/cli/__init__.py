@@ -161,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prefix} interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout was closed by its reader (`| head`): stop quietly, pointing stdout at nothing so that the
+        # interpreter's final flush does not fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):   # a stdout without a file descriptor
+            pass
+        return 0
     except Exception as e:   # noqa: BLE001  (sorted by _user_error: anything else is a bug and re-raised)
         message = _user_error(e)
         if message is None or args.debug:
