@@ -611,6 +611,17 @@ def test_routed_generate_matches_plain_generate(tiny, trained, tmp_path):
     assert _main("generate", "--model", tiny, "--adapter", odd, "--prompt", "Hi", "--max-new-tokens", "2")[0] == 0
 
 
+def test_an_unreadable_training_set_is_said_not_silently_dropped(tiny, trained, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(trained[1], moved)
+    raw = yaml.safe_load((moved / "config.yaml").read_text())
+    raw["data"]["train"] = "data/train.jsonl"      # relative to where the run was trained, not to here
+    (moved / "config.yaml").write_text(yaml.safe_dump(raw))
+    code, _, err = _main("generate", "--model", tiny, "--adapter", moved, "--chat", "--prompt", "Hi",
+                         "--max-new-tokens", "1")
+    assert code == 0 and "--system: the run's training data cannot be read from here" in err, err
+
+
 def test_a_reader_that_stops_early_is_no_error(tiny):
     """`jlora inspect ... | head -1`: the reader closes the pipe before jlora writes; jlora stops quietly, exit 0."""
     proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "inspect", "--model", str(tiny)], cwd=ROOT,

@@ -1138,7 +1138,9 @@ def training_system_prompt(run_dir: str | pathlib.Path) -> tuple[str | None, str
     cfg = runconfig.load(pathlib.Path(run_dir) / CONFIG_FILE)
     try:
         records = [r for _, r in data_lib.read(cfg.data.train, columns=cfg.data.columns, limit=1000)]
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:   # e.g. a path relative to the folder the run was trained from
+        print(f"--system: the run's training data cannot be read from here ({' '.join(str(e).split())[:200]}), so "
+              f"a system prompt it trained with is not used; pass --system to give one", file=sys.stderr)
         return None, cfg.data.train
     systems = {r["messages"][0].get("content") if "messages" in r and r["messages"][0].get("role") == "system"
                else None for r in records}
