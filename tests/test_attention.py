@@ -156,6 +156,12 @@ def test_unknown_implementation_is_an_error():
     q, k, v, _ = _inputs(4, 2)
     with pytest.raises(ValueError, match="cannot run this call: cuDNN runs on an NVIDIA GPU"):
         A.attention(q, k, v, scale=1.0, implementation="cudnn")
+    # a window of no tokens would give all-zero outputs and no gradient, silently
+    for window in (0, -3):
+        with pytest.raises(ValueError, match=rf"`window`={window} must be >= 1"):
+            A.attention(q, k, v, scale=1.0, window=window)
+        with pytest.raises(ValueError, match=rf"sliding_window={window} must be >= 1"):
+            llama_lib.LlamaConfig(model_type="mistral", sliding_window=window)
 
 
 @pytest.mark.parametrize("window,kind", [(None, "causal"), (4, "causal"), (None, "pad"), (4, "pad")])

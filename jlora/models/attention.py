@@ -17,7 +17,9 @@ the prefill before it, keeps the whole-matrix path of :func:`jlora.models.layers
   per KV head, so memory is linear in T; causal attention skips the tiles above the diagonal (and, with an even
   tile, the quarter of each diagonal tile where every pair is masked) and a sliding window the ones below its
   band. The loops also fix the order: unrolled tile pairs let XLA:CPU's scheduler compute many of them at once,
-  whose scratch grows with T^2 again.
+  whose scratch grows with T^2 again. Its backward pass runs loops with traced bounds, so it is differentiable
+  forward (``jax.jvp`` of a gradient: Hessian-vector products) but not in reverse again (a gradient of a gradient);
+  force ``"xla"`` for that.
 - ``"xla"``: the (B, KV, G*T, T) scores in one piece (the reference; memory quadratic in T).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash attention on an
   NVIDIA GPU (bf16/fp16; causal, sliding window and padding; no packed rows).
@@ -173,6 +175,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal:
                          f"and `k`, `v` their heads")
     if window is not None and not causal:
         raise ValueError("a sliding `window` needs `causal=True` (transformers' sliding window is causal)")
+    if window is not None and window < 1:
+        raise ValueError(f"`window`={window} must be >= 1 (the tokens each query sees, itself included) or None")
     platform = jax.default_backend()
     case = Case(platform, q.dtype, d, t, causal, window, valid is not None, segment_ids is not None)
     impl = choose(implementation, case)

@@ -112,6 +112,9 @@ class LlamaConfig:
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (the tokens each query sees, "
+                             f"itself included) or None for full attention")
         if self.remat not in L.REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {L.REMAT_POLICIES}")
         L.activation(self.hidden_act)
