@@ -98,6 +98,17 @@ _TYPES = {
     "cat": (None, False),
 }
 METHODS = tuple(_TYPES)
+
+
+def options_used(method: str) -> set[str]:
+    """Which of ``density`` and ``svd_rank`` a combination type reads.
+
+    Examples:
+        >>> sorted(options_used("ties_svd")), sorted(options_used("cat"))
+        (['density', 'svd_rank'], [])
+    """
+    rule, svd = _TYPES[method]
+    return ({"density"} if rule not in (None, "linear") else set()) | ({"svd_rank"} if svd else set())
 """Every combination type, as PEFT's ``add_weighted_adapter`` names them."""
 EXACT_METHODS = ("cat",)
 """Types whose result is exactly the weighted sum of the updates (the ``*_svd`` types are, before truncation)."""
@@ -503,5 +514,5 @@ def merge_weighted(params: Mapping, items: Sequence[Item], weights: Sequence[flo
     return tree_lib.unflatten(flat)
 
 
-__all__ = ["combine", "stack", "merge_weighted", "combine_tensors", "canonical_signs", "METHODS", "EXACT_METHODS",
+__all__ = ["combine", "options_used", "stack", "merge_weighted", "combine_tensors", "canonical_signs", "METHODS", "EXACT_METHODS",
            "FACTORWISE_METHODS", "SVD_METHODS", "RULES", "SIGN_METHODS"]

@@ -912,6 +912,12 @@ def test_compose_writes_a_peft_folder_equal_to_the_weighted_sum(tiny, trained, t
     code, _, err = _main("compose", "--model", tiny, "--adapter", f"a={run_dir}", "--method", "average",
                          "--out", str(tmp_path / "x"))
     _error(code, "", err, r"--method 'average' is not one of \['linear'")
+    _error(*_main("compose", "--model", tiny, "--adapter", f"a={run_dir}", "--method", "cat", "--density", "0.5",
+                  "--svd-rank", "4", "--out", str(tmp_path / "x")),
+           r"--method cat does not use --density, --svd-rank: drop it")
+    code, stdout, err = _main("compose", "--model", tiny, "--adapter", f"a={run_dir}", "--method", "ties",
+                              "--density", "0.5", "--out", str(tmp_path / "one"))
+    assert code == 0 and "1 adapter (combined linearly, as PEFT does) written to" in stdout, err
     code, _, err = _main("compose", "--model", tiny, "--adapter", f"a={run_dir}:heavy", "--method", "cat",
                          "--out", str(tmp_path / "x"))
     _error(code, "", err, r"the weight 'heavy' is not a number")

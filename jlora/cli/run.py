@@ -1079,6 +1079,12 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
 
     if method not in compose.METHODS:
         raise UsageError(f"--method {method!r} is not one of {list(compose.METHODS)}")
+    given = {k for k, v in (("density", density), ("svd_rank", svd_rank)) if v is not None}
+    unused = sorted(given - compose.options_used(method))
+    if unused:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)
+        raise UsageError(f"--method {method} does not use {flags}: drop it, or pick a method that does (density: "
+                         f"ties, dare_*, magnitude_prune*; svd rank: the *svd types)")
     items, weights = [], []
     parsed = []
     for item in adapters:
@@ -1107,7 +1113,8 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
         raise UsageError(str(e)) from None
     _clear_out(out_dir)
     _export_peft(out_dir, combined, cfg, loaded, model)
-    print(f"{method} of {len(items)} adapters written to {out_dir} (PEFT folder; pass it as --adapter)")
+    what = f"{method} of {len(items)} adapters" if len(items) > 1 else "1 adapter (combined linearly, as PEFT does)"
+    print(f"{what} written to {out_dir} (PEFT folder; pass it as --adapter)")
     return out_dir
 
 
