@@ -541,6 +541,12 @@ def test_inspect_refuses_targets_or_rank_with_an_adapter(tiny, trained, monkeypa
                "--targets and --rank describe new adapters; with --adapter")
 
 
+def test_inspect_rank_too_large_names_the_options_inspect_has(tiny):
+    line = _error(*_main("inspect", "--model", tiny, "--rank", "100000"),
+                  r"--rank 100000: rank 100000 at .* exceeds the kernel's smaller side.*; or narrow --targets")
+    assert "rank_pattern" not in line
+
+
 def test_eval_refuses_base_with_an_adapter(trained):
     code, out, err = _main("eval", "--config", trained[0], "--base", "--adapter", trained[1])
     assert code == 2 and "argument --adapter: not allowed with argument --base" in err

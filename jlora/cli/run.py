@@ -1398,7 +1398,11 @@ def inspect_command(model: str, *, adapter: str | None = None, targets: Sequence
             adapters, _ = load_adapters(adapter, loaded)
     else:
         cfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=tuple(targets or DEFAULT_TARGETS))
-        adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0), layout=_layout(loaded))
+        try:
+            adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0), layout=_layout(loaded))
+        except ValueError as e:   # the library's advice names rank_pattern, which inspect has no option for
+            message = str(e).replace(" (rank_pattern can set it per path)", "")
+            raise UsageError(f"--rank {rank}: {message}; or narrow --targets") from None
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.params))
     text = (f"model {display_name(model, loaded)} ({loaded.family.name}): {n:,} parameters, "
             f"{loaded.config.num_hidden_layers} layers\n"
