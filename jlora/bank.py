@@ -396,7 +396,7 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
         here = checkpoint.fingerprint(loaded.params)
         if seen != here:
             raise ValueError(f"{folder} was trained on another base model (fingerprint {seen}) than this one "
-                             f"({here}); load it into a bank made for that base")
+                             f"({here}); use it with the base it was trained on")
         example = jnp.zeros((1, 2), jnp.int32)
         adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg, name=meta["base_model"]["name"],
                                             layout=transform.layout(loaded.model, example))

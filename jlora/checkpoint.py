@@ -61,7 +61,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jlora import tree as tree_lib
-from jlora.config import LoraConfig
+from jlora.config import CHANGES_BASE, LoraConfig
 from jlora.lora import plain_params
 from jlora.train import TrainState
 
@@ -446,7 +446,7 @@ class CheckpointManager:
         meta = self._read_metadata(manager, step)
         self._validate(meta, step, params, lora_config, name)
         if target is None:   # shapes only: PiSSA/OLoRA's factors have the default init's shapes
-            shapes = dataclasses.replace(lora_config, init="default") if lora_config.init in ("pissa", "olora") \
+            shapes = dataclasses.replace(lora_config, init="default") if lora_config.init in CHANGES_BASE \
                 else lora_config
             target = jax.eval_shape(lambda: lora.init(params, shapes, key=jax.random.key(0), layout=layout))
         (adapters,) = self._load(manager, step, meta, adapters=target)

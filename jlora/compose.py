@@ -87,7 +87,7 @@ from jlora import adapter as adapter_lib
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, adapter_items, full_items
-from jlora.config import LoraConfig
+from jlora.config import CHANGES_BASE, LoraConfig
 
 # combination type -> (how each input's factors or updates are combined, whether the result is re-factored by SVD)
 _TYPES = {
@@ -240,10 +240,10 @@ def _check_items(items: Sequence[Item], weights: Sequence[float]) -> list[tuple[
             raise ValueError(f"items[{i}] holds whole trained tensors at {full[:5]} (bias / modules_to_save); they "
                              f"replace a parameter rather than add a low-rank update, so they cannot be weighted "
                              f"and combined. Drop them from the adapter tree first (PEFT refuses them too).")
-        if cfg.init in ("pissa", "olora"):
+        if cfg.init in CHANGES_BASE:
             raise ValueError(f"items[{i}] is a {cfg.init} adapter, relative to a residual base rather than the "
-                             f"model's weights; convert it to plain LoRA first (jlora.peft.save writes it so, and "
-                             f"jlora.peft.load reads that back)")
+                             f"model's weights; convert it to plain LoRA first "
+                             f"(jlora.variants.inits.to_original_base, as the jlora commands do)")
         nodes = list(adapter_items(adapters))
         if not nodes:
             raise ValueError(f"items[{i}] holds no adapters")

@@ -22,6 +22,7 @@ from typing import Any
 
 TARGETABLE_LEAVES = ("kernel", "embedding")
 INITS = ("default", "gaussian", "pissa", "olora")
+CHANGES_BASE = ("pissa", "olora")   # inits that also change the base: jlora.init_with_base
 BIAS_MODES = ("none", "all", "lora_only")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -135,7 +136,7 @@ class LoraConfig:
             raise ValueError(f"`dtype` must be one of {DTYPES}; got {self.dtype!r}")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"`use_dora` must be a bool; got {self.use_dora!r}")
-        if self.use_dora and self.init in ("pissa", "olora"):
+        if self.use_dora and self.init in CHANGES_BASE:
             raise ValueError(f"`use_dora=True` with init={self.init!r} is not supported (PEFT cannot share such an "
                              f"adapter either); use init='default' or 'gaussian' with DoRA")
         if self.bias not in BIAS_MODES:

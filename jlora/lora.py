@@ -33,7 +33,7 @@ import numpy as np
 from jlora import adapter as adapter_lib
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, KernelLayout, Layout, adapter_items, full_items
-from jlora.config import LoraConfig
+from jlora.config import CHANGES_BASE, LoraConfig
 
 _NO_MATCH = (
     "targets={targets} (exclude={exclude}) matched no kernel or embedding parameter. Targets are regexes "
@@ -174,7 +174,7 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[st
     """
     params, layout = resolve(params, layout)    # an NNX model: its params and its own layouts
     check_params(params)
-    if cfg.init in ("pissa", "olora") and factors is None:
+    if cfg.init in CHANGES_BASE and factors is None:
         raise ValueError(f"init={cfg.init!r} changes the base weights as well as creating adapters; use "
                          f"`adapters, params = jlora.init_with_base(params, cfg, key=key)` and train on the "
                          f"returned params")

@@ -969,23 +969,13 @@ def adapter_kind(source: str, what: str = "--adapter") -> str:
 
 
 def load_adapters(source: str, loaded) -> tuple[dict, jlora.LoraConfig]:
-    """Adapters and their config from a PEFT folder or a run folder (its latest checkpoint)."""
-    from jlora import checkpoint
-
-    folder = pathlib.Path(source)
-    if adapter_kind(source) == "peft":
-        return jlora.peft.load(folder, loaded)
+    """Adapters and their config from a PEFT folder or a run folder (its latest checkpoint), as plain LoRA on
+    ``loaded``'s base (:func:`jlora.bank.read_folder`)."""
     from jlora import bank as bank_lib
 
-    cfg = runconfig.load(folder / CONFIG_FILE)
-    try:
-        bank_lib.check_run_form(folder, loaded)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
-        adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg.lora, name=loaded.name,
-                                            layout=_layout(loaded))
-    return inits.to_original_base(adapters, loaded.params, cfg.lora)   # PiSSA/OLoRA: as a plain LoRA
+    adapter_kind(source)                        # a clear error for a missing or wrong folder
+    adapters, cfg, _ = bank_lib.read_folder(source, loaded)
+    return adapters, cfg
 
 
 def _load_with_adapter(model: str, adapter: str | Sequence[str] | None, *, scan_layers: bool = False):

@@ -27,9 +27,8 @@ from jlora import adapter as adapter_lib
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter
-from jlora.config import LoraConfig
+from jlora.config import CHANGES_BASE, LoraConfig
 
-CHANGES_BASE = ("pissa", "olora")
 
 
 def pissa_factors(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
