@@ -174,6 +174,14 @@ def _targets(report: dict) -> str:
         rows.append([target, f"{value:.3f}", f"{'>=' if at_least else '<='} {limit:.2f}",
                      "unreliable" if "contended" in note else met, note])
 
+    def rounds(group, num, den="PEFT LoRA"):
+        """The range of the per-round ratios behind a median (this machine's noise), as a note."""
+        a, b = group.get(num, {}).get("wall_s"), group.get(den, {}).get("wall_s")
+        if not a or not b:
+            return ""
+        r = [x / y for x, y in zip(a, b)]
+        return f"; rounds {min(r):.3f}-{max(r):.3f}"
+
     train = secs.get("train", {})
     for mode, label in (("1", "1 thread"), ("all", "all cores")):
         for tset in ("q,v", "all linear"):
@@ -185,18 +193,19 @@ def _targets(report: dict) -> str:
                 note += (f"; **contended**: PEFT took {here:.1f} s on all cores vs {one:.1f} s on one core, so "
                          f"another process held the cores (torch's OpenMP waits suffer most); trust 1 thread")
             add(f"jlora LoRA / PEFT LoRA step, {tset}, {label}", group.get("ratios", {}).get(
-                "jlora LoRA / PEFT LoRA (wall)"), 0.90, note)
+                "jlora LoRA / PEFT LoRA (wall)"), 0.90, note + rounds(group, "jlora LoRA"))
             multi = next((k for k in group.get("ratios", {}) if "steps/call" in k and k.endswith("(wall)")), None)
             if multi:
-                add(f"{multi.split(' / ')[0]} / PEFT LoRA step, {tset}, {label}", group["ratios"][multi], 0.90,
-                    note + "; `jlora.scan_steps`: the same steps, several per call")
+                name = multi.split(" / ")[0]
+                add(f"{name} / PEFT LoRA step, {tset}, {label}", group["ratios"][multi], 0.90,
+                    note + rounds(group, name) + "; `jlora.scan_steps`: the same steps, several per call")
     long = secs.get("long_context", {})
     if long.get("temp_ratio") is not None:
         add(f"train-step temp memory, T=4096 / T=1024 (batch 1, q,v)", long["temp_ratio"], 4.5,
             f"whole-matrix attention: {long.get('temp_ratio_xla', float('nan')):.2f}")
     if long.get("step", {}).get("ratio_wall") is not None:
         add("jlora LoRA / PEFT LoRA step, T=2048, batch 1, q,v, 1 thread", long["step"]["ratio_wall"], 0.85,
-            f"CPU-time ratio {long['step']['ratio_cpu']:.3f}")
+            f"CPU-time ratio {long['step']['ratio_cpu']:.3f}" + rounds(long["step"], "jlora LoRA"))
     flops = secs.get("figures", {}).get("flops", {})
     add("LoRA / full compiled FLOPs, q,v", flops.get("q,v"), 0.69)
     add("LoRA / full compiled FLOPs, all linear", flops.get("all linear"), 0.72)
@@ -330,6 +339,16 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   steps, A/B in one process): the conditional is gone. Also tried: the blocked kernel, with its diagonal halves,
   for one-tile sequences instead of the whole matrix (one layer's attention 6.52 -> 6.21 ms at 4 x 128, but the
   30-layer 4 x 128 step 1.003x): the picker keeps the whole matrix there.
+- Where the T = 2048 step stands against PEFT, by layer count (2 and 6 layers, 1 x 2048, 1 core, same process):
+  per layer 539 vs 584 ms (0.922), outside the layers (head, loss, optimizer) 2290 vs 2755 ms (0.831). A layer is
+  ~290 ms of linear-layer dots at the core's peak plus ~210 ms of attention, forward and backward; the attention's
+  loop structure alone (9 heads cut to 1, head size 64 to 8: the same tile pairs and loop trips) takes 6 ms, so
+  the kernel's non-dot time is its elementwise passes over each (G*t, t) score tile (max, exp, sums, the
+  gradient's product), about 40 ms a layer, not loop overhead. Tried: the causal tile pairs as round-robin rounds
+  (each round pairs every tile with another, so the n/2 pairs of a round have distinct query and key tiles and
+  run as one batched product, n - 1 loop trips instead of n(n+1)/2, plus one batched step for the diagonal):
+  exact, but 1.28x slower for one layer at T = 2048, since a round's scores (8 tile pairs, 4.7 MB)
+  spill the 1 MB L2 cache that one tile pair's scores fit in.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
@@ -389,8 +408,8 @@ def _previous_readme_text(text: str) -> dict:
         title, _, body = part.partition("\n")
         blocks[title.strip()] = body.strip("\n")
     table = blocks.get("Targets", "").split(KEPT)[0]
-    targets = [[c.strip() for c in line.strip().strip("|").split("|")]
-               for line in table.splitlines()[2:] if line.startswith("|")]
+    lines = [line for line in table.splitlines() if line.startswith("|")][2:]   # past the header and its rule
+    targets = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
     return {"started": run.group(1) if run else None, "blocks": blocks, "targets": targets}
 
 
@@ -418,7 +437,11 @@ def _readme(report: dict, previous: dict | None = None) -> str:
              f"peft {env.get('peft', '-')}; load average at start {env['load_average_at_start'][0]:.1f} "
              f"(the machine may be shared: compare ratios, not absolute times)."
              + (" **Quick mode: 4 layers, 3 repeats.**" if report["quick"] else ""), "",
-             "## Targets", "", targets, ""]
+             "## Targets", "",
+             "Step-time ratios are medians of per-round ratios (the contenders alternate round by round); "
+             "\"rounds\" gives the lowest and highest per-round ratio, this machine's noise in that run. A "
+             "median within that range of a limit can land on either side of it in the next run.", "",
+             targets, ""]
     for name in SECTIONS:
         sec = report["sections"].get(name)
         if sec is None:

@@ -4,7 +4,7 @@ The whole section takes about a minute even at one layer (it compiles 30-layer-v
 generation loops), so it is not run here: `python -m bench.run --sections bank --quick` runs it. These tests check
 what the section's claims rest on: the three ways of computing a per-row low-rank update agree with a plain numpy
 reference, and XLA's FLOPs for them match the analytic counts the section prints; and a partial run keeps every
-other section of bench/README.md.
+other section of bench/README.md, and its step-time targets show the spread of their per-round ratios.
 """
 
 import os
@@ -75,3 +75,15 @@ def test_a_partial_run_keeps_every_other_readme_section(tmp_path):
     path.write_text(text)
     assert run._readme(_report({"bank": {"markdown": "NEW BANK TABLE", "results": {"ratios": ratios}}}),
                        run._previous_readme(str(path))) == text
+
+
+def test_step_targets_show_the_range_of_their_per_round_ratios():
+    group = {"jlora LoRA": {"wall_s": [3.0, 3.3, 2.7]}, "PEFT LoRA": {"wall_s": [3.0, 3.0, 3.0]},
+             "ratios": {"jlora LoRA / PEFT LoRA (wall)": 1.0}}
+    step = {"jlora LoRA": {"wall_s": [1.7, 1.8]}, "PEFT LoRA": {"wall_s": [2.0, 2.0]}, "ratio_wall": 0.875,
+            "ratio_cpu": 0.875}
+    table = run._targets(_report({"train": {"results": {"1": {"groups": {"q,v": group}}}},
+                                  "long_context": {"results": {"step": step}}}))
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:])}
+    assert "rounds 0.900-1.100" in rows["jlora LoRA / PEFT LoRA step, q,v, 1 thread"][4]
+    assert "rounds 0.850-0.900" in rows["jlora LoRA / PEFT LoRA step, T=2048, batch 1, q,v, 1 thread"][4]
