@@ -229,11 +229,19 @@ def _base_class(cls: type) -> type:
 
 
 def _dropout(layer, rate: float):
+    """The LoRA-dropout of one call of an adapted layer, or None. Each call draws its mask from the layer's key and
+    moves the key on (as ``nnx.Rngs`` does for ``nnx.Dropout``), so an attached model gets a fresh mask per call
+    under ``nnx.jit``; ``jlora.apply`` starts from the caller's key every time."""
     if rate <= 0 or not hasattr(layer, "jlora_dropout_key"):
         return None
+    var = layer.jlora_dropout_key
+    keys = var.get_value()
+    pairs = jax.vmap(jax.random.split)(keys.reshape(-1)).reshape(*keys.shape, 2)
+    var.set_value(pairs[..., 0])
+    key = pairs[..., 1]
 
     def dropout(v):
-        keep = jax.random.bernoulli(layer.jlora_dropout_key.get_value(), 1.0 - rate, v.shape)
+        keep = jax.random.bernoulli(key, 1.0 - rate, v.shape)
         return jnp.where(keep, v / (1.0 - rate), jnp.zeros_like(v))
 
     return dropout
@@ -428,7 +436,9 @@ def attach(model: nnx.Module, adapters: Mapping, cfg: LoraConfig, *, rngs: Mappi
     the adapters with that filter: ``nnx.Optimizer(model, tx, wrt=jlora.nnx.AdapterParam)``,
     ``nnx.grad(loss, argnums=nnx.DiffState(0, jlora.nnx.AdapterParam))``. The output equals
     ``jlora.apply(model, ...)`` with the same adapters. :func:`adapters` reads them back, :func:`detach` removes
-    them. LoRA dropout (``cfg.dropout > 0``) needs ``rngs={"lora_dropout": key}``, and uses that key on every call.
+    them. LoRA dropout (``cfg.dropout > 0``) needs ``rngs={"lora_dropout": key}``; each call draws a fresh mask
+    and moves the adapted layer's key on, as ``nnx.Dropout`` does with ``nnx.Rngs``, so call the model under
+    ``nnx.jit`` (not ``jax.jit``) when it trains with dropout.
 
     Examples:
         >>> import jlora

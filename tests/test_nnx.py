@@ -1,5 +1,6 @@
 """Flax NNX models: the functional contract of Linen, checked against plain-jnp references and Linen itself."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -308,6 +309,30 @@ def test_attach_with_nnx_optimizer_trains_like_the_functional_step():
     assert type(model.shared) is nnx.Linear
     np.testing.assert_allclose(jlora.apply(model, jlora.nnx.params(model), trained, cfg, X),
                                jlora.merge(model, trained, cfg)(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["mlp", "stack"])
+def test_attached_dropout_draws_a_fresh_mask_per_call(which):
+    """nnx.Dropout semantics: under nnx.jit each call of an attached model moves its dropout keys on (a shared layer
+    used twice draws twice), the sequence is fixed by the key given to attach, and jlora.apply, which starts from
+    its caller's key, gives the first call's output."""
+    model, cfg, x = ((SharedMLP(nnx.Rngs(0)), MLP_CFG, X) if which == "mlp" else
+                     (Stack(nnx.Rngs(0)), STACK_CFG, IDS))
+    cfg = dataclasses.replace(cfg, dropout=0.5)
+    ad = _random_adapters(model, cfg)
+    params = jlora.nnx.params(model)
+    first = jlora.apply(model, params, ad, cfg, x, rngs={"lora_dropout": jax.random.key(3)})
+    plain = jlora.apply(model, params, ad, cfg, x)
+    run = nnx.jit(lambda m, x: m(x))
+    outs = []
+    for _ in range(2):
+        m = jlora.nnx.attach(nnx.clone(model), ad, cfg, rngs={"lora_dropout": jax.random.key(3)})
+        outs.append([np.asarray(run(m, x)) for _ in range(3)])
+    np.testing.assert_allclose(outs[0][0], first, atol=1e-5)
+    assert not np.allclose(outs[0][0], plain, atol=1e-4)
+    assert not np.allclose(outs[0][0], outs[0][1], atol=1e-4)
+    assert not np.allclose(outs[0][1], outs[0][2], atol=1e-4)
+    np.testing.assert_array_equal(np.stack(outs[0]), np.stack(outs[1]))
 
 
 @pytest.mark.slow
