@@ -21,9 +21,9 @@ Training: :func:`make_train_step` trains every slot at once on a batch whose row
 loss is the token-weighted mean over its own rows and the step minimizes their sum, so each slot's gradient is that
 of training it alone on its rows. A slot with no rows in a batch does not move. :func:`optimizer` is AdamW with a
 learning rate and a step count per slot, and leaves an absent slot's moments and count as they were, so training N
-adapters together equals N separate trainings on the same rows, whichever slots each batch holds. Another optax
-optimizer works too, but its state is shared: an absent slot keeps its factors while its moments decay and the
-common step count advances.
+adapters together equals N separate trainings on the same rows, whichever slots each batch holds; :func:`per_slot`
+does the same for any optax optimizer. One passed as it is works too, but its state is shared: an absent slot
+keeps its factors while its moments decay and the common step count advances.
 
 Not held by a bank: DoRA magnitudes and whole trained tensors (bias, modules_to_save); they are refused by name.
 Under :mod:`jlora.parallel`'s sharded step the bank is replicated on every device (it is small: see
@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -590,67 +590,89 @@ def scale_by_slot(learning_rates: Sequence[float] | jax.Array) -> optax.Gradient
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-class SlotAdamState(NamedTuple):
-    """:func:`optimizer`'s state: the steps each slot has taken (N,), and Adam's moments of every factor."""
+def per_slot(optimizer: optax.GradientTransformation | Callable[[jax.Array], optax.GradientTransformation],
+             learning_rates: Sequence[float] | None = None) -> optax.GradientTransformationExtraArgs:
+    """Any optax optimizer run separately for each slot of :func:`factors`: each slot keeps its own state (moments,
+    step count, schedule position) and its own norms (``optax.clip_by_global_norm`` clips each slot's gradient
+    alone), as if it were trained by itself.
 
-    count: jax.Array
-    mu: Any
-    nu: Any
+    ``optimizer`` is one ``GradientTransformation`` for every slot, or with ``learning_rates`` a function of the
+    learning rate, called with each slot's (``lambda lr: optax.adamw(lr)``). ``update(grads, state, params,
+    slots_present=...)``: a slot that is not present (:func:`slots_present`; all are when it is not given) gets a
+    zero update and keeps its state, as if that step had not happened for it.
+
+    Slot ``s`` equals the optimizer training that adapter alone when it acts on each value by itself or through
+    norms over the whole tree (SGD, Adam/AdamW, Lion, clipping): a bank pads every slot to one rank and target set
+    with zeros, which those leave at zero. Optimizers that use a parameter's shape (Adafactor's factored moments,
+    Shampoo) see the padded shapes instead.
+
+    Examples:
+        >>> grads = {"a": jnp.ones((2, 3, 1))}                     # 2 slots
+        >>> opt = per_slot(lambda lr: optax.adam(lr), [0.1, 0.2])
+        >>> u, state = opt.update(grads, opt.init(grads), grads, slots_present=jnp.array([True, False]))
+        >>> [round(float(x), 4) for x in u["a"][:, 0, 0]], state[0].count.tolist()   # Adam's first step: -lr
+        ([-0.1, 0.0], [1, 0])
+    """
+    if learning_rates is None:
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError("per_slot takes an optax GradientTransformation, or a function of the learning rate "
+                            "together with `learning_rates` (one per slot)")
+        lrs, make = None, (lambda lr: optimizer)
+    else:
+        if isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError("with `learning_rates`, pass a function of the learning rate (e.g. "
+                            "`lambda lr: optax.adamw(lr)`), not a built optimizer")
+        lrs, make = jnp.asarray(learning_rates, jnp.float32), optimizer
+        if lrs.ndim != 1:
+            raise ValueError(f"`learning_rates` must be one number per slot; got shape {lrs.shape}")
+
+    def axes(tree):        # each factor's slot axis (third from the end), for vmap
+        return jax.tree.map(lambda x: x.ndim - 3, tree)
+
+    def rates(tree):
+        if lrs is None:
+            return None
+        n = {x.shape[x.ndim - 3] for x in jax.tree.leaves(tree)}
+        if n != {lrs.shape[0]}:
+            raise ValueError(f"{lrs.shape[0]} learning rates for a bank of {sorted(n)} slots: give one per slot")
+        return lrs
+
+    def init(params):
+        return jax.vmap(lambda lr, p: make(lr).init(p), in_axes=(None if lrs is None else 0, axes(params)))(
+            rates(params), params)
+
+    def update(grads, state, params=None, *, slots_present=None, **extra_args):
+        del extra_args
+        step = lambda lr, g, s, p: make(lr).update(g, s, p)   # noqa: E731
+        updates, new = jax.vmap(step, in_axes=(None if lrs is None else 0, axes(grads), 0,
+                                               None if params is None else axes(params)),
+                                out_axes=(axes(grads), 0))(rates(grads), grads, state, params)
+        if slots_present is not None:
+            present = jnp.asarray(slots_present, bool)
+            new = jax.tree.map(lambda n, o: jnp.where(present.reshape((-1,) + (1,) * (jnp.ndim(n) - 1)), n, o),
+                               new, state)
+            updates = jax.tree.map(lambda u: jnp.where(_on_slot_axis(present, u), u, 0), updates)
+        return updates, new
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def optimizer(learning_rates: Sequence[float], *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
               weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
     """AdamW with one learning rate and one step count per slot: slot s follows ``optax.adamw(learning_rates[s],
-    b1, b2, eps, weight_decay=weight_decay)`` over the steps in which it had rows.
-
-    ``update(grads, state, params, slots_present=...)``: a slot that is not present (:func:`slots_present`; all
-    are when it is not given) gets a zero update and keeps its moments and count, as if that step had not
-    happened for it.
+    b1, b2, eps, weight_decay=weight_decay)`` over the steps in which it had rows (:func:`per_slot`).
 
     Examples:
         >>> grads = {"a": jnp.ones((2, 3, 1))}                     # 2 slots
         >>> opt = optimizer([0.1, 0.2])
         >>> u, state = opt.update(grads, opt.init(grads), grads, slots_present=jnp.array([True, False]))
-        >>> [round(float(x), 4) for x in u["a"][:, 0, 0]], state.count.tolist()   # Adam's first step: -lr
-        ([-0.1, 0.0], [1, 0])
+        >>> [round(float(x), 4) for x in u["a"][:, 0, 0]]          # Adam's first step: -lr; slot 1 had no rows
+        [-0.1, 0.0]
     """
-    lrs = jnp.asarray(learning_rates, jnp.float32)
-    if lrs.ndim != 1:
-        raise ValueError(f"`learning_rates` must be one number per slot; got shape {lrs.shape}")
-
-    def init(params):
-        zeros = lambda: jax.tree.map(jnp.zeros_like, params)   # noqa: E731
-        return SlotAdamState(jnp.zeros(lrs.shape, jnp.int32), zeros(), zeros())
-
-    def update(grads, state, params=None, *, slots_present=None, **extra_args):
-        del extra_args
-        if weight_decay and params is None:
-            raise ValueError("bank.optimizer with weight_decay needs the params: update(grads, state, params)")
-        present = jnp.ones(lrs.shape, bool) if slots_present is None else jnp.asarray(slots_present, bool)
-        count = state.count + present.astype(jnp.int32)
-        steps = jnp.maximum(count, 1).astype(jnp.float32)
-
-        def moment(g, m, decay, power):
-            return jnp.where(_on_slot_axis(present, g), decay * m + (1 - decay) * g ** power, m)
-
-        mu = jax.tree.map(lambda g, m: moment(g, m, b1, 1), grads, state.mu)
-        nu = jax.tree.map(lambda g, v: moment(g, v, b2, 2), grads, state.nu)
-
-        def step(m, v, p):
-            m_hat = m / (1 - b1 ** _on_slot_axis(steps, m)).astype(m.dtype)
-            v_hat = v / (1 - b2 ** _on_slot_axis(steps, v)).astype(v.dtype)
-            u = m_hat / (jnp.sqrt(v_hat) + eps)
-            if weight_decay:
-                u = u + weight_decay * p
-            return jnp.where(_on_slot_axis(present, u), u * _on_slot_axis(-lrs, u).astype(u.dtype), 0)
-
-        updates = jax.tree.map(step, mu, nu, grads if params is None else params)
-        return updates, SlotAdamState(count, mu, nu)
-
-    return optax.GradientTransformationExtraArgs(init, update)
+    return per_slot(lambda lr: optax.adamw(lr, b1, b2, eps, weight_decay=weight_decay), learning_rates)
 
 
 __all__ = ["BASE", "Bank", "Slots", "create", "put", "clear", "get", "apply", "apply_fn", "nbytes", "factors",
            "read_folder", "put_folder", "save", "load", "export_peft",
-           "with_factors", "make_train_step", "optimizer", "SlotAdamState", "scale_by_slot", "slots_present", "slot_weights",
+           "with_factors", "make_train_step", "optimizer", "per_slot", "scale_by_slot", "slots_present", "slot_weights",
            "bank_lm_loss"]

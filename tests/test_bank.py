@@ -200,7 +200,7 @@ def test_training_four_adapters_together_equals_four_separate_trainings():
     for batch in batches:
         state, metrics = step(state, params, bank, batch)
         together.append(float(metrics["loss"]))
-    assert state.opt_state.count.tolist() == [4, 3, 4, 3]
+    assert state.opt_state[0].count.tolist() == [4, 3, 4, 3]   # adamw's scale_by_adam state, one count per slot
     trained = B.with_factors(bank, state.adapters)
     separate_losses = np.zeros(len(batches))
     for slot in range(4):
@@ -326,3 +326,37 @@ def test_slots_from_peft_and_run_folders_saved_loaded_and_exported_to_peft(tmp_p
     with torch.no_grad():
         want = theirs(torch.tensor(np.asarray(ids))).logits.numpy()
     assert max_diff(jlora.apply(loaded.model, params, a2, c2, ids), want) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["clip+lion", "sgd schedule", "adamw per-slot lr"])
+def test_per_slot_equals_the_optimizer_run_on_each_slot_alone(kind):
+    """bank.per_slot vs optax itself on each slot's slice of the factors, over steps where some slots are absent:
+    per-slot global-norm clipping, step counts and schedules, and per-slot learning rates."""
+    n, steps = 3, 5
+    lrs = [1e-2, 3e-2, 2e-2]
+    make = {"clip+lion": lambda lr: optax.chain(optax.clip_by_global_norm(0.5), optax.lion(lr)),
+            "sgd schedule": lambda lr: optax.sgd(optax.linear_schedule(lr, 0.0, 4), momentum=0.9),
+            "adamw per-slot lr": lambda lr: optax.adamw(lr, weight_decay=0.1)}[kind]
+    opt = B.per_slot(make, lrs)
+    keys = iter(jax.random.split(jax.random.key(0), 2 + 2 * steps))
+    params = {"q": {"a": jax.random.normal(next(keys), (2, n, 5, 4)), "b": jax.random.normal(next(keys), (2, n, 4, 6))}}
+    present = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 1]], bool)
+    grads = [jax.tree.map(lambda x, k=next(keys): jax.random.normal(k, x.shape), params) for _ in range(steps)]
+    state, p = opt.init(params), params
+    for i in range(steps):
+        u, state = opt.update(grads[i], state, p, slots_present=jnp.asarray(present[i]))
+        p = optax.apply_updates(p, u)
+    for s in range(n):
+        take = lambda t, s=s: jax.tree.map(lambda x: x[:, s], t)   # noqa: E731
+        alone, ps = make(lrs[s]), take(params)
+        st = alone.init(ps)
+        for i in range(steps):
+            if present[i, s]:
+                u, st = alone.update(take(grads[i]), st, ps)
+                ps = optax.apply_updates(ps, u)
+        assert_trees_all_close(take(p), ps, atol=1e-6)
+        assert not np.allclose(np.asarray(ps["q"]["a"]), np.asarray(take(params)["q"]["a"]))
+    with pytest.raises(ValueError, match="3 learning rates for a bank of \\[2\\] slots"):
+        opt.init(jax.tree.map(lambda x: x[:, :2], params))
+    with pytest.raises(TypeError, match="function of the learning rate"):
+        B.per_slot(optax.adam(1e-3), lrs)
