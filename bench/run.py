@@ -341,10 +341,12 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   30-layer 4 x 128 step 1.003x): the picker keeps the whole matrix there.
 - Where the T = 2048 step stands against PEFT, by layer count (2 and 6 layers, 1 x 2048, 1 core, same process):
   per layer 539 vs 584 ms (0.922), outside the layers (head, loss, optimizer) 2290 vs 2755 ms (0.831). A layer is
-  ~290 ms of linear-layer dots at the core's peak plus ~210 ms of attention, forward and backward; the attention's
-  loop structure alone (9 heads cut to 1, head size 64 to 8: the same tile pairs and loop trips) takes 6 ms, so
-  the kernel's non-dot time is its elementwise passes over each (G*t, t) score tile (max, exp, sums, the
-  gradient's product), about 40 ms a layer, not loop overhead. Tried: the causal tile pairs as round-robin rounds
+  ~290 ms of linear-layer dots (at 100-110 GF/s) plus ~210 ms of attention, forward and backward; the attention's
+  loop structure alone (9 heads cut to 1, head size 64 to 8: the same tile pairs and loop trips) takes 6 ms, and
+  exp 7.5 ms (replaced by a multiply). Its 17.4 GFLOP of tile-sized products run at 103-124 GF/s in a loop whose
+  operands stay in cache (its own cost subtracted), which would be ~160 ms: the other ~45 ms are the elementwise
+  passes over each (G*t, t) score tile, the tile copies, and products reading operands from farther out than
+  the hot loop does. Tried: the causal tile pairs as round-robin rounds
   (each round pairs every tile with another, so the n/2 pairs of a round have distinct query and key tiles and
   run as one batched product, n - 1 loop trips instead of n(n+1)/2, plus one batched step for the diagonal):
   exact, but 1.28x slower for one layer at T = 2048, since a round's scores (8 tile pairs, 4.7 MB)
