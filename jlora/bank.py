@@ -392,16 +392,30 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
                                     f"run folder with a checkpoint")
         meta = manager.metadata()
         cfg = LoraConfig.from_dict(meta["lora_config"])
-        seen = meta["base_model"]["fingerprint"]
-        here = checkpoint.fingerprint(loaded.params)
-        if seen != here:
+        layout = transform.layout(loaded.model, jnp.zeros((1, 2), jnp.int32))
+        base = run_base(meta, loaded.params, cfg, layout)
+        seen, here = meta["base_model"]["fingerprint"], checkpoint.fingerprint(loaded.params)
+        if base is loaded.params and seen != here:
             raise ValueError(f"{folder} was trained on another base model (fingerprint {seen}) than this one "
                              f"({here}); use it with the base it was trained on")
-        example = jnp.zeros((1, 2), jnp.int32)
-        adapters = manager.restore_adapters(params=loaded.params, lora_config=cfg, name=meta["base_model"]["name"],
-                                            layout=transform.layout(loaded.model, example))
+        adapters = manager.restore_adapters(params=base, lora_config=cfg, name=meta["base_model"]["name"],
+                                            layout=layout)
     adapters, cfg = inits.to_original_base(adapters, loaded.params, cfg)   # PiSSA/OLoRA: as a plain LoRA
-    return adapters, cfg, seen
+    return adapters, cfg, here
+
+
+def run_base(meta: Mapping, params: Mapping, cfg: LoraConfig, layout=None) -> Mapping:
+    """The base a run's checkpoint (its metadata ``meta``) was saved against, given the loaded base ``params``:
+    ``params`` itself, or, for a PiSSA/OLoRA checkpoint written before checkpoints named the original base, the
+    residual base it named instead (recomputed: the initial factors are an SVD or QR of ``params``). A checkpoint
+    of neither kind gets ``params``, which its restore then refuses by fingerprint."""
+    from jlora import checkpoint
+
+    seen = meta["base_model"]["fingerprint"]
+    if cfg.init not in inits.CHANGES_BASE or seen == checkpoint.fingerprint(params):
+        return params
+    _, residual = inits.init_with_base(params, cfg, key=jax.random.key(0), layout=layout)   # no random draws
+    return residual if checkpoint.fingerprint(residual) == seen else params
 
 
 def check_run_form(folder, loaded) -> None:

@@ -132,6 +132,14 @@ def test_pissa_run_works_with_every_command(tiny_model, tmp_path, capsys):
     with checkpoint.CheckpointManager(run / "checkpoints") as manager:
         manager.save(2, old.state, params=residual, lora_config=cfg.lora, name=loaded.name,
                      data_position=old.data_position)
+    # ... and the commands that read a run read it too, as the model it trained: the residual plus its adapters
+    want = jlora.apply(loaded.model, residual, old.state.adapters, cfg.lora, ids)
+    a_old, c_old = run_lib.load_adapters(str(run), loaded)
+    np.testing.assert_allclose(jlora.apply(loaded.model, loaded.params, a_old, c_old, ids), want, atol=2e-5)
+    assert cli.main(["export-peft", "--run", str(run), "--out", str(tmp_path / "old-peft")]) == 0
+    a_exp, c_exp = run_lib.load_adapters(str(tmp_path / "old-peft"), loaded)
+    np.testing.assert_allclose(jlora.apply(loaded.model, loaded.params, a_exp, c_exp, ids), want, atol=2e-5)
+    assert cli.main(["eval", "--config", str(config)]) == 0
     assert cli.main(["train", "--config", str(config), "--resume", "--no-progress"]) == 0
     assert _losses(run) == pytest.approx(losses, abs=1e-6)
 

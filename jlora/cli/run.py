@@ -1336,6 +1336,7 @@ def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False
 
 def export_peft_command(run_dir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> pathlib.Path:
     """Writes a run's adapters (its latest checkpoint, or ``step``) as a PEFT adapter folder ``out``."""
+    from jlora import bank as bank_lib
     from jlora import checkpoint
 
     folder = pathlib.Path(run_dir)
@@ -1356,7 +1357,8 @@ def export_peft_command(run_dir: str, out: str, *, step: int | None = None, over
     resolve_model(cfg.model.path, f"the run's `model.path` (in {folder / CONFIG_FILE})")
     loaded = _load_model(cfg)
     with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
-        adapters = manager.restore_adapters(step, params=loaded.params, lora_config=cfg.lora, name=loaded.name,
+        base = bank_lib.run_base(manager.metadata(step), loaded.params, cfg.lora, _layout(loaded))   # PiSSA's
+        adapters = manager.restore_adapters(step, params=base, lora_config=cfg.lora, name=loaded.name,
                                             layout=_layout(loaded))
     _clear_out(out_dir)
     path = _export_peft(out_dir, adapters, cfg.lora, loaded, cfg.model.path)
