@@ -404,17 +404,20 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
     return adapters, cfg, here
 
 
-def run_base(meta: Mapping, params: Mapping, cfg: LoraConfig, layout=None) -> Mapping:
+def run_base(meta: Mapping, params: Mapping, cfg: LoraConfig, layout=None, *, residual: Mapping | None = None
+             ) -> Mapping:
     """The base a run's checkpoint (its metadata ``meta``) was saved against, given the loaded base ``params``:
     ``params`` itself, or, for a PiSSA/OLoRA checkpoint written before checkpoints named the original base, the
-    residual base it named instead (recomputed: the initial factors are an SVD or QR of ``params``). A checkpoint
-    of neither kind gets ``params``, which its restore then refuses by fingerprint."""
+    residual base it named instead (``residual`` when the caller has it, else recomputed: the initial factors are
+    an SVD or QR of ``params``). A checkpoint of neither kind gets ``params``, which its restore then refuses by
+    fingerprint."""
     from jlora import checkpoint
 
     seen = meta["base_model"]["fingerprint"]
     if cfg.init not in inits.CHANGES_BASE or seen == checkpoint.fingerprint(params):
         return params
-    _, residual = inits.init_with_base(params, cfg, key=jax.random.key(0), layout=layout)   # no random draws
+    if residual is None:
+        _, residual = inits.init_with_base(params, cfg, key=jax.random.key(0), layout=layout)   # no random draws
     return residual if checkpoint.fingerprint(residual) == seen else params
 
 
@@ -688,5 +691,5 @@ def optimizer(learning_rates: Sequence[float], *, b1: float = 0.9, b2: float = 0
 
 __all__ = ["BASE", "Bank", "Slots", "create", "put", "clear", "get", "apply", "apply_fn", "nbytes", "factors",
            "read_folder", "put_folder", "save", "load", "export_peft",
-           "with_factors", "make_train_step", "optimizer", "per_slot", "scale_by_slot", "slots_present", "slot_weights",
-           "bank_lm_loss"]
+           "with_factors", "make_train_step", "optimizer", "per_slot", "scale_by_slot", "slots_present",
+           "slot_weights", "bank_lm_loss"]

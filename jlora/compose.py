@@ -98,6 +98,16 @@ _TYPES = {
     "cat": (None, False),
 }
 METHODS = tuple(_TYPES)
+"""Every combination type, as PEFT's ``add_weighted_adapter`` names them."""
+EXACT_METHODS = ("cat",)
+"""Types whose result is exactly the weighted sum of the updates (the ``*_svd`` types are, before truncation)."""
+FACTORWISE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+"""Types that combine the A's and the B's separately (an approximation of the weighted sum)."""
+SVD_METHODS = tuple(m for m, (_, svd) in _TYPES.items() if svd)
+"""Types that combine full updates and re-factor the result by a truncated SVD."""
+RULES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+"""How :func:`combine_tensors` combines a list of tensors."""
+SIGN_METHODS = ("total", "frequency")
 
 
 def options_used(method: str) -> set[str]:
@@ -109,16 +119,7 @@ def options_used(method: str) -> set[str]:
     """
     rule, svd = _TYPES[method]
     return ({"density"} if rule not in (None, "linear") else set()) | ({"svd_rank"} if svd else set())
-"""Every combination type, as PEFT's ``add_weighted_adapter`` names them."""
-EXACT_METHODS = ("cat",)
-"""Types whose result is exactly the weighted sum of the updates (the ``*_svd`` types are, before truncation)."""
-FACTORWISE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-"""Types that combine the A's and the B's separately (an approximation of the weighted sum)."""
-SVD_METHODS = tuple(m for m, (_, svd) in _TYPES.items() if svd)
-"""Types that combine full updates and re-factor the result by a truncated SVD."""
-RULES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-"""How :func:`combine_tensors` combines a list of tensors."""
-SIGN_METHODS = ("total", "frequency")
+
 
 Item = tuple[Mapping, LoraConfig]
 
@@ -514,5 +515,5 @@ def merge_weighted(params: Mapping, items: Sequence[Item], weights: Sequence[flo
     return tree_lib.unflatten(flat)
 
 
-__all__ = ["combine", "options_used", "stack", "merge_weighted", "combine_tensors", "canonical_signs", "METHODS", "EXACT_METHODS",
-           "FACTORWISE_METHODS", "SVD_METHODS", "RULES", "SIGN_METHODS"]
+__all__ = ["combine", "options_used", "stack", "merge_weighted", "combine_tensors", "canonical_signs", "METHODS",
+           "EXACT_METHODS", "FACTORWISE_METHODS", "SVD_METHODS", "RULES", "SIGN_METHODS"]

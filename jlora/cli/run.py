@@ -702,15 +702,11 @@ def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainSta
     ``state`` from the start."""
     if manager.latest_step() is None:
         return state, None, {}
-    from jlora import checkpoint
+    from jlora import bank as bank_lib
 
-    try:
-        restored = manager.restore(state, params=run.loaded.params, lora_config=run.cfg.lora, name=run.loaded.name)
-    except checkpoint.CheckpointError:
-        if run.params is run.loaded.params:
-            raise
-        # PiSSA/OLoRA checkpoints written before they named the original base name the residual one
-        restored = manager.restore(state, params=run.params, lora_config=run.cfg.lora, name=run.loaded.name)
+    # PiSSA/OLoRA checkpoints written before they named the original base name the residual one (run.params)
+    base = bank_lib.run_base(manager.metadata(), run.loaded.params, run.cfg.lora, residual=run.params)
+    restored = manager.restore(state, params=base, lora_config=run.cfg.lora, name=run.loaded.name)
     summary_file = run.dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     print(f"resumed from step {int(restored.state.step)}")

@@ -9,8 +9,8 @@ model's output is unchanged at step 0 while the adapter holds the kernel's most 
   ``B = Q_r^T`` (PEFT's ``olora_init``).
 
 The residual base is ``W - s A @ B``, i.e. :func:`jlora.unmerge` of the initial adapters. Both are deterministic
-functions of the kernel (the key is unused), so the initial adapters can be recomputed from the original base
-from the original base: :func:`to_original_base` turns trained ones into the rank-2r LoRA ``[A | A0] @ [B ; -B0]``
+functions of the kernel (the key is unused), so the initial adapters can be recomputed from the original base:
+:func:`to_original_base` turns trained ones into the rank-2r LoRA ``[A | A0] @ [B ; -B0]``
 relative to the original base, which is what PEFT writes for sharing (:func:`jlora.peft.save` writes it too) and
 what the ``jlora`` commands use on a PiSSA/OLoRA run, so a run needs only the base model it was trained from.
 """
@@ -28,7 +28,6 @@ from jlora import lora as lora_lib
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter
 from jlora.config import CHANGES_BASE, LoraConfig
-
 
 
 def pissa_factors(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
