@@ -236,7 +236,8 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
 
 - Both sides spend most of the step in the same fp32 matmuls (SmolLM2 shape, batch 4 x 128: about 290 GFLOP
   for a LoRA step, 20% of it the tied 49152-word output projection and its input gradient), at 70-90 GFLOP/s
-  per core on this AVX2 CPU: XLA:CPU's YNNPACK dots and torch's MKL sgemm are within a few percent of each other
+  per core on the AVX2 CPU of these first profiles (100-108 on the AVX-512 CPU of the later figures, a Zen 4 EPYC
+  whose 512-bit FMAs run as two 256-bit halves, so its fp32 peak per cycle is AVX2's): XLA:CPU's YNNPACK dots and torch's MKL sgemm are within a few percent of each other
   on each shape. In user CPU time jlora's q,v step is already a little below PEFT's (3.8 s vs 3.9-4.0 s).
 - The rest was system time: XLA:CPU allocates a step's scratch ("temp") memory afresh on every call, as one
   fresh mapping whose every page the kernel faults in and zeroes (about 3 us per 4 KiB page here). With 915 MiB
@@ -351,6 +352,14 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   run as one batched product, n - 1 loop trips instead of n(n+1)/2, plus one batched step for the diagonal):
   exact, but 1.28x slower for one layer at T = 2048, since a round's scores (8 tile pairs, 4.7 MB)
   spill the 1 MB L2 cache that one tile pair's scores fit in.
+- How far 0.85 is from this core's limit at T = 2048 (the 30-layer step, 1 core): its products come to about
+  1,620 GFLOP (per layer 29 of linear layers forward and input gradient, 17.4 of attention; 232 for the head and its
+  input gradient), 15.2 s at the 107 GF/s of a 1024^3 matmul here, against PEFT's fastest step of 20.5 s (0.85 of
+  it is 17.4 s; jlora's fastest was 17.8 s). A 2-layer profile puts 93% of XLA's thunk time in dot fusions (at
+  93-103 GF/s for the layers' products, 99 for the head) and 62 ms per layer plus 106 ms in the loss's
+  exponentials and reductions elsewhere; so the last 0.02 would need the dots themselves faster, or half of all
+  the non-dot time gone. Fusing each layer's q, k, v kernels into one (576, 960) product and gate, up into one
+  (576, 3072), forward and input gradient at 1 x 2048, was no faster (179.5 vs 175.4 ms, median of 15 A/B calls).
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
