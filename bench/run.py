@@ -237,8 +237,8 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
 - Both sides spend most of the step in the same fp32 matmuls (SmolLM2 shape, batch 4 x 128: about 290 GFLOP
   for a LoRA step, 20% of it the tied 49152-word output projection and its input gradient), at 70-90 GFLOP/s
   per core on the AVX2 CPU of these first profiles (100-108 on the AVX-512 CPU of the later figures, a Zen 4 EPYC
-  whose 512-bit FMAs run as two 256-bit halves, so its fp32 peak per cycle is AVX2's): XLA:CPU's YNNPACK dots and torch's MKL sgemm are within a few percent of each other
-  on each shape. In user CPU time jlora's q,v step is already a little below PEFT's (3.8 s vs 3.9-4.0 s).
+  whose 512-bit FMAs run as two 256-bit halves, so its fp32 peak per cycle is AVX2's): XLA:CPU's YNNPACK dots and
+  torch's MKL sgemm are within a few percent of each other on each shape. In user CPU time jlora's q,v step is already a little below PEFT's (3.8 s vs 3.9-4.0 s).
 - The rest was system time: XLA:CPU allocates a step's scratch ("temp") memory afresh on every call, as one
   fresh mapping whose every page the kernel faults in and zeroes (about 3 us per 4 KiB page here). With 915 MiB
   of temp the q,v step paid 234k page faults, 0.75 s, per step; torch's allocations mostly reuse freed heap
