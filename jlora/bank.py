@@ -49,7 +49,7 @@ from jlora import train as train_lib
 from jlora import transform
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, LayerCall, Variant
-from jlora.config import LoraConfig
+from jlora.config import CHANGES_BASE, LoraConfig
 from jlora.variants import inits
 
 BASE = -1          # the adapter id of a row that uses the base model alone
@@ -247,6 +247,10 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
     if full:
         raise ValueError(f"a bank holds low-rank adapters only; these adapters also train whole tensors {full[:3]} "
                          f"(bias / modules_to_save): merge those into the base instead")
+    if cfg.init in CHANGES_BASE:
+        raise ValueError(f"these are {cfg.init} adapters, relative to a residual base rather than the model's "
+                         f"weights the bank adds its slots to; convert them to plain LoRA first "
+                         f"(jlora.variants.inits.to_original_base; jlora.bank.put_folder does this itself)")
     slots = dict(adapter_lib.adapter_items(bank.slots))
     given = dict(adapter_lib.adapter_items(adapters))
     for path, node in given.items():
@@ -260,6 +264,13 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
             raise ValueError(f"the adapter at {path!r} is not one that its config targets (targets="
                              f"{list(cfg.targets)}, exclude={list(cfg.exclude)}): pass the LoraConfig the adapters "
                              f"were made with (it gives their scales)")
+        held = slots[path].layout
+        if node.layout is not None and held is not None and not node.layout.same_axes(held):
+            made = ("without a layout, so its 2-D kernel was taken as (in, out)" if not node.layout.traced
+                    else f"for a kernel laid out {node.layout.describe()}")
+            raise ValueError(f"the adapter at {path!r} was made {made}, but the bank reads that kernel as "
+                             f"{held.describe()}; create the adapters with `layout=jlora.layout(model, "
+                             f"*example_args)`, as the bank was")
         r = node.rank
         if r > bank.rank:
             raise ValueError(f"the adapter at {path!r} has rank {r}, above the bank's rank {bank.rank}")

@@ -62,8 +62,10 @@ def leaf_name(kind: str) -> str:
 
 
 def _normalize_axes(axes, ndim: int) -> tuple[int, ...]:
+    """A DenseGeneral's contracted input axes, non-negative and sorted: Flax pairs them with the kernel's leading
+    axes in ascending order, whatever order ``axis`` lists them in."""
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(a % ndim for a in axes)
+    return tuple(sorted(a % ndim for a in axes))
 
 
 def split_einsum(spec: str) -> tuple[str, str, str]:
@@ -316,7 +318,7 @@ def low_rank(spec: LayerSpec, method: str, x, node: Adapter, scale: float, y, dr
     in_dims = [spec.kernel_shape[i] for i in spec.in_axes]
     out_dims = [spec.kernel_shape[i] for i in spec.out_axes]
     if kind == "DenseGeneral":
-        contract = tuple(sorted(_normalize_axes(spec.axis, x.ndim)))   # Flax pairs the sorted axes with the kernel
+        contract = _normalize_axes(spec.axis, x.ndim)
         keep = [i for i in range(x.ndim) if i not in contract]
         xm = jnp.transpose(x, (*keep, *contract)).reshape(*[x.shape[i] for i in keep], math.prod(in_dims))
         return (scale * jnp.matmul(jnp.matmul(xm, a), b)).reshape(y.shape).astype(y.dtype)

@@ -118,6 +118,47 @@ def test_einsum_layer_routes_per_row():
     assert max_diff(out[1], model.apply({"params": params}, x)[1]) <= 1e-6
 
 
+def test_dense_general_with_its_axes_out_of_order_routes_per_row():
+    class Proj(nn.Module):                 # Flax pairs axis=(-1, -2) with the kernel's (3, 4) in sorted order
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(5, axis=(-1, -2), name="proj")(x)
+
+    x = jax.random.normal(KEY, (2, 3, 4))
+    model = Proj()
+    params = model.init(KEY, x)["params"]
+    lay = jlora.layout(model, x)
+    cfg = jlora.LoraConfig(rank=2, alpha=2.0, targets="proj")
+    ad = _random(jlora.init(params, cfg, key=KEY, layout=lay), jax.random.key(1))
+    bank = B.put(B.create(params, capacity=2, rank=2, targets="proj", layout=lay), 0, ad, cfg)
+    out = B.apply(model, params, bank, jnp.array([0, B.BASE]), x)
+    merged = model.apply({"params": jlora.merge(params, ad, cfg)}, x)     # the update in W itself
+    assert max_diff(out[0], merged[0]) <= 1e-5
+    assert max_diff(out[1], model.apply({"params": params}, x)[1]) <= 1e-6
+
+
+def test_residual_and_misread_adapters_are_refused_by_name():
+    model, params, ids, lay, qv, everything = _family("llama", False)
+    bank = B.create(params, capacity=1, rank=4, targets=qv, layout=lay)
+    pissa = jlora.LoraConfig(rank=2, targets=qv, init="pissa")
+    adapters, _ = jlora.init_with_base(params, pissa, key=KEY, layout=lay)
+    with pytest.raises(ValueError, match=r"pissa adapters, relative to a residual base .*to_original_base"):
+        B.put(bank, 0, adapters, pissa)
+
+    class Ein(nn.Module):                  # a square kernel read (out, in)
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((6, 6), "btd,od->bto", use_bias=False, name="proj")(x)
+
+    x = jax.random.normal(KEY, (2, 3, 6))
+    ein = Ein()
+    eparams = ein.init(KEY, x)["params"]
+    cfg = jlora.LoraConfig(rank=2, targets="proj")
+    ebank = B.create(eparams, capacity=1, rank=2, targets="proj", layout=jlora.layout(ein, x))
+    with pytest.raises(ValueError, match=r"made without a layout, .* the bank reads that kernel as \(out, in\)"):
+        B.put(ebank, 0, jlora.init(eparams, cfg, key=KEY), cfg)     # no layout: taken as (in, out)
+
+
 def test_bad_adapters_are_refused_by_name():
     model, params, ids, lay, qv, everything = _family("llama", False)
     bank = B.create(params, capacity=2, rank=4, targets=qv, layout=lay, fingerprint="abc")
