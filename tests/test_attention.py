@@ -177,6 +177,64 @@ def test_cudnn_call_maps_masks_like_the_reference(window, kind):
     np.testing.assert_allclose(got * ok, ref * ok, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_cudnn_takes_right_padding_as_key_counts_and_hands_other_padding_to_the_blocked_kernel(side, monkeypatch):
+    """cuDNN has no (B, 1, 1, T) key mask (JAX turns a mask into a (T, T) bias): right-padded rows go to it as
+    key counts, any other padding to the blocked kernel, chosen at run time. A blocked kernel that returns NaN
+    shows which branch ran."""
+    q, k, v, cot = _inputs(4, 2, t=12)
+    valid = np.ones((B, 12), np.int32)
+    if side == "right":
+        valid[0, 9:] = 0
+        valid[1, 5:] = 0
+    else:
+        valid[0, :3] = 0
+    cot = cot * _rows(12, True, 4, valid, None)
+
+    def run(fn):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cot), argnums=(0, 1, 2)))(q, k, v)
+
+    ref = run(lambda q, k, v: _plain(q, k, v, causal=True, window=4, valid=valid, segment_ids=None))
+    got = run(lambda q, k, v: A._cudnn(q, k, v, D ** -0.5, True, 4, valid, implementation="xla", tile=4))
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(A, "blocked", lambda q, *a, **kw: jnp.full(q.shape, jnp.nan, q.dtype))
+    out = A._cudnn(q, k, v, D ** -0.5, True, 4, valid, implementation="xla")
+    assert bool(jnp.isnan(out).any()) == (side == "left")
+
+
+def test_cudnn_arguments_pass_jax_s_checks_for_every_mask_kind(monkeypatch):
+    """The cuDNN call traced as on a GPU (only JAX's cuDNN version probe is stubbed): JAX checks the arguments'
+    shapes while tracing, which the XLA stand-in above does not."""
+    fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not hasattr(fa, "check_cudnn_version"):
+        pytest.skip("this jax has no cuDNN version probe to stub")
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda *a: 90800)
+    q = jnp.zeros((2, 16, 4, 64), jnp.bfloat16)
+    k = v = jnp.zeros((2, 16, 2, 64), jnp.bfloat16)
+    valid = np.ones((2, 16), np.int32)
+    valid[0, 12:] = 0
+    for window in (None, 4):
+        for mask in (None, valid):
+            out = jax.eval_shape(lambda q, k, v: A._cudnn(q, k, v, 0.125, True, window, mask), q, k, v)
+            assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_an_amd_gpu_is_not_taken_for_cudnn(monkeypatch):
+    class Client:
+        platform_version = "rocm 6.2.4"
+
+    class Device:
+        client = Client()
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+    assert A._platform() == "rocm"
+    assert A.choose("auto", A.Case(A._platform(), jnp.bfloat16, 64, 2048)) == "blocked"
+    Client.platform_version = "PJRT C API\ncuda 12080"
+    assert A._platform() == "gpu"
+
+
 @pytest.mark.slow
 def test_splash_call_maps_masks_like_the_reference():
     """The TPU path (Pallas splash kernel, one MQA kernel per KV head) in Pallas' interpreter on CPU: causal window,

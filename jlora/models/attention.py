@@ -22,7 +22,8 @@ the prefill before it, keeps the whole-matrix path of :func:`jlora.models.layers
   force ``"xla"`` for that.
 - ``"xla"``: the (B, KV, G*T, T) scores in one piece (the reference; memory quadratic in T).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash attention on an
-  NVIDIA GPU (bf16/fp16; causal, sliding window and padding; no packed rows).
+  NVIDIA GPU (bf16/fp16; causal, sliding window and padding, as per-row key counts: a batch with a left-padded
+  row runs the blocked kernel; no packed rows).
 - ``"splash"``: the Pallas splash-attention kernel of ``jax.experimental.pallas.ops.tpu`` on a TPU (causal,
   sliding window, padding and packed rows, via its segment ids).
 """
@@ -177,17 +178,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal:
         raise ValueError("a sliding `window` needs `causal=True` (transformers' sliding window is causal)")
     if window is not None and window < 1:
         raise ValueError(f"`window`={window} must be >= 1 (the tokens each query sees, itself included) or None")
-    platform = jax.default_backend()
+    platform = _platform()
     case = Case(platform, q.dtype, d, t, causal, window, valid is not None, segment_ids is not None)
     impl = choose(implementation, case)
     if impl == "cudnn":
-        return _cudnn(q, k, v, scale, causal, window, valid)
+        return _cudnn(q, k, v, scale, causal, window, valid, tile=tile)
     if impl == "splash":
         return _splash(q, k, v, scale, causal, window, valid, segment_ids)
     if impl == "xla":
         return dense(q, k, v, allowed_mask(t, causal, window, valid, segment_ids), scale)
     return blocked(q, k, v, scale=scale, causal=causal, window=window, valid=valid, segment_ids=segment_ids,
                    tile=tile or TILE.get(platform, 512))
+
+
+def _platform() -> str:
+    """``jax.default_backend()``, with an AMD GPU told apart as ``"rocm"``: JAX names CUDA and ROCm GPUs both
+    ``"gpu"``, and cuDNN runs on NVIDIA's only."""
+    platform = jax.default_backend()
+    if platform == "gpu":
+        version = str(getattr(getattr(jax.devices()[0], "client", None), "platform_version", "")).lower()
+        if "rocm" in version or "hip" in version:
+            return "rocm"
+    return platform
 
 
 # --- the masks ------------------------------------------------------------------------------------------------
@@ -575,14 +587,29 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 # --- accelerator kernels ------------------------------------------------------------------------------------------
 
-def _cudnn(q, k, v, scale, causal, window, valid, implementation="cudnn"):
-    """cuDNN's fused attention through ``jax.nn.dot_product_attention``; padding as a (B, 1, 1, T) key mask (any
-    padding side), the sliding window as cuDNN's left window. ``implementation="xla"`` runs the same call through
-    XLA (how the argument mapping is tested without a GPU)."""
-    mask = None if valid is None else (jnp.asarray(valid) != 0)[:, None, None, :]
-    return jax.nn.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, is_causal=causal,
-        local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+def _cudnn(q, k, v, scale, causal, window, valid, implementation="cudnn", tile=None):
+    """cuDNN's fused attention through ``jax.nn.dot_product_attention``, the sliding window as cuDNN's left window.
+
+    cuDNN takes padding as per-row key counts (``key_value_seq_lengths``: real tokens first, padding after), not
+    as a mask: JAX's cuDNN path turns a mask into a (T, T) bias, which a (B, 1, 1, T) key mask does not fit. So a
+    batch whose every row is right-padded (as training batches are) runs on cuDNN, and any other (left padding,
+    holes) runs the blocked kernel instead, chosen at run time by ``lax.cond``: exact either way.
+    ``implementation="xla"`` runs the same call through XLA (how the argument mapping is tested without a GPU)."""
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    left = None if window is None else (window - 1, 0)
+
+    def fused(lengths=None):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=left,
+                                            key_value_seq_lengths=lengths, implementation=implementation)
+
+    if valid is None:
+        return fused()
+    valid = jnp.asarray(valid) != 0
+    lengths = valid.sum(-1).astype(jnp.int32)
+    right_padded = jnp.all(valid == (jnp.arange(valid.shape[-1])[None, :] < lengths[:, None]))
+    return lax.cond(right_padded, lambda: fused(lengths),
+                    lambda: blocked(q, k, v, scale=scale, causal=causal, window=window, valid=valid,
+                                    tile=tile or TILE["gpu"]).astype(q.dtype))
 
 
 def _splash(q, k, v, scale, causal, window, valid, segment_ids, *, interpret: bool = False, block: int = 128):
