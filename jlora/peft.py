@@ -7,7 +7,9 @@ transposed (Flax kernels are (in, out)): ``lora_A = a.T``, ``lora_B = b.T``. HF 
 model family's parameter table (:mod:`jlora.models`), the single source of names for loading, export and PEFT.
 
 Export writes ``target_modules`` and pattern keys as full module names, so PEFT's matching (a key matches a
-module name ``m`` when ``re.match(rf"(.*\\.)?({key})$", m)``) selects exactly what jlora trained. Import
+module name ``m`` when ``re.match(rf"(.*\\.)?({key})$", m)``) selects exactly what jlora trained; a pattern key
+whose name is the dotted tail of another adapted module's (``proj`` and ``block.proj``) is written anchored,
+``^proj``. Import
 applies those same semantics to ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``, checks every tensor
 against the base model, and refuses PEFT features jlora does not implement rather than ignoring them.
 
@@ -55,7 +57,8 @@ _HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "lora
             "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path", "bias", "use_dora",
             "modules_to_save", "init_lora_weights"}
 _IGNORED = {"auto_mapping", "peft_version", "revision", "inference_mode", "exclude_modules",
-            "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "loftq_config"}
+            "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "loftq_config",
+            "eva_config"}   # EVA's settings shape only the initial factors; its ranks are in rank_pattern
 # init_lora_weights values that leave the base unchanged (PiSSA, OLoRA, LoftQ, CorDA... change it)
 _PLAIN_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
 # PEFT's EMBEDDING_LAYER_NAMES (peft.utils.constants), the same for every architecture: the module names at which
@@ -224,8 +227,8 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         "target_modules": sorted(ranks),
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.use_rslora,
-        "rank_pattern": {m: int(v) for m, v in sorted(ranks.items()) if v != r},
-        "alpha_pattern": {m: v for m, v in sorted(alphas.items()) if v != alpha},
+        "rank_pattern": {_pattern_key(m, ranks): int(v) for m, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {_pattern_key(m, ranks): v for m, v in sorted(alphas.items()) if v != alpha},
         "bias": cfg.bias,
         "fan_in_fan_out": loaded.fan_in_fan_out if isinstance(loaded, TorchModel) else loaded.family.fan_in_fan_out,
         "modules_to_save": saved_modules or None,
@@ -291,10 +294,31 @@ def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_m
     return sorted(saved_modules)
 
 
+def _pattern_key(module: str, modules) -> str:
+    """The pattern key that selects ``module`` alone among ``modules``: the name itself (what PEFT users write),
+    unless, read as PEFT reads a key, it also selects another of them (``proj`` selects ``block.proj``); then the
+    anchored, escaped name.
+
+    Examples:
+        >>> _pattern_key("model.layers.0.mlp.up_proj", ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"])
+        'model.layers.0.mlp.up_proj'
+        >>> _pattern_key("proj", ["proj", "block.proj"])
+        '^proj'
+    """
+    if any(other != module and _selects(module, other) for other in modules):
+        return "^" + re.escape(module)
+    return module
+
+
+def _selects(key: str, module: str) -> bool:
+    """Whether the pattern key ``key`` selects ``module``, as PEFT matches ``rank_pattern``/``alpha_pattern``."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's pattern semantics: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)`` wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _selects(key, module):
             return value
     return default
 
@@ -537,8 +561,9 @@ def _load_full(whole: dict[str, np.ndarray], params_table, flat_params, config, 
             raise ValueError(f"{name}: PEFT tensor has shape {value.shape}; the base parameter needs {torch_shape}")
         v = value if perm is None else value.transpose(np.argsort(perm))
         per_path.setdefault(path, {})[layer] = v.astype(np.float32)
-        module = name.rsplit(".", 1)[0]
-        if any(module.endswith(m) for m in saved_modules):   # PEFT's rule: plain suffix, no dot boundary
+        parts = name.split(".")[:-1]                          # the tensor's module and the modules holding it
+        holders = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        if any(h.endswith(m) for h in holders for m in saved_modules):   # PEFT's rule: plain suffix, no dot boundary
             saved_paths.add(path)
     out = {}
     for path, layers in per_path.items():

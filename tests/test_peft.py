@@ -1,5 +1,6 @@
 """PEFT interop, verified by PEFT itself: jlora -> PEFT folder -> PeftModel logits, and PEFT-trained -> jlora."""
 
+import dataclasses
 import json
 import re
 
@@ -224,15 +225,18 @@ def test_peft_base_layer_copies_of_embeddings_load(target, tmp_path):
         jlora.peft.load(tmp_path / "a", loaded)
 
 
-def test_modules_to_save_matches_by_plain_suffix_as_peft(tmp_path):
-    """PEFT wraps every module whose name ends with an entry: "norm" selects input_layernorm, norm, ..."""
+@pytest.mark.parametrize("entry, whole", [("norm", lambda p: p.endswith("scale")),   # a suffix of several names
+                                          ("mlp", lambda p: "/mlp/" in p)])          # a module holding others
+def test_modules_to_save_matches_by_plain_suffix_as_peft(entry, whole, tmp_path):
+    """PEFT wraps every module whose name ends with an entry ("norm" selects input_layernorm, norm, ...), and
+    saves all the tensors such a module holds ("mlp": its gate, up and down projections)."""
     hf_model, loaded = _hf_model("llama", tmp_path)
-    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]))
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=[entry]))
     train_peft(pm, IDS)
     pm.save_pretrained(tmp_path / "a")
     adapters, cfg = jlora.peft.load(tmp_path / "a", loaded)
-    assert {p for p in jlora.tree.leaves_by_path(adapters) if p.endswith("scale")} == {
-        p for p in jlora.tree.leaves_by_path(loaded.params) if p.endswith("scale")}
+    assert {p for p in jlora.tree.leaves_by_path(adapters) if "lora" not in p and not p.endswith(("/a", "/b"))} \
+        == {p for p in jlora.tree.leaves_by_path(loaded.params) if whole(p)}
     ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
     assert max_diff(ours, _torch_logits(pm)) <= 1e-4
 
@@ -241,7 +245,8 @@ def test_modules_to_save_matches_by_plain_suffix_as_peft(tmp_path):
 def test_inits_that_keep_the_base_load(init, tmp_path):
     loaded, out = _exported(tmp_path)
     config = json.loads((out / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    extra = {"eva_config": dataclasses.asdict(peft.EvaConfig())} if init == "eva" else {}   # as PEFT writes it
+    (out / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init, **extra}))
     jlora.peft.load(out, loaded)
     (out / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
     with pytest.raises(ValueError, match="init_lora_weights='pissa' means A and B are relative to a modified"):

@@ -210,6 +210,58 @@ def test_mlp_port_round_trips_with_peft(tmp_path):
         jlora.peft.save(tmp_path / "x", adapters, cfg, jlora.peft.TorchModel(params, {"down/kernel": "net.2"}))
 
 
+class TorchNested(torch.nn.Module):
+    """``proj`` and ``block.proj``: one module name is the dotted tail of another's."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.block = torch.nn.Module()
+        self.block.proj = torch.nn.Linear(4, 4)
+        self.other = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.other(self.block.proj(self.proj(x)))
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="proj")(x)
+
+
+class FlaxNested(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="other")(_Block(name="block")(nn.Dense(4, name="proj")(x)))
+
+
+def test_pattern_keys_select_one_module_when_a_name_ends_another(tmp_path):
+    """An alpha for ``proj`` alone: the key ``proj`` would also select ``block.proj`` in PEFT (its keys match any
+    dotted tail), so export anchors it; PEFT and the re-import get each module's own scale."""
+    torch.manual_seed(0)
+    torch_model = TorchNested().eval()
+    state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    layer = lambda m: {"kernel": jnp.asarray(state[f"{m}.weight"].T), "bias": jnp.asarray(state[f"{m}.bias"])}  # noqa: E731
+    params = {"proj": layer("proj"), "block": {"proj": layer("block.proj")}, "other": layer("other")}
+    tm = jlora.peft.TorchModel(params, {"proj/kernel": "proj", "block/proj/kernel": "block.proj",
+                                        "other/kernel": "other"})
+    cfg = jlora.LoraConfig(rank=2, alpha=8.0, targets=("proj", "other"), alpha_pattern={"^proj/": 2.0})
+    rng = np.random.RandomState(0)
+    made = jax.eval_shape(lambda: jlora.init(params, cfg, key=jax.random.key(0)))
+    adapters = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), jnp.float32), made)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    ours = np.asarray(jlora.apply(FlaxNested(), params, adapters, cfg, jnp.asarray(x)))
+    jlora.peft.save(tmp_path, adapters, cfg, tm)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["alpha_pattern"] == {"^proj": 2.0}
+    peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    back, cfg2 = jlora.peft.load(tmp_path, tm)
+    assert [cfg2.scale(p) for p in ("proj/kernel", "block/proj/kernel", "other/kernel")] == [1.0, 4.0, 4.0]
+
+
 class _Stack(nn.Module):
     """A scanned stack of Dense layers (params with a leading layer axis), ported from a torch ModuleList."""
 
