@@ -9,9 +9,9 @@ model family's parameter table (:mod:`jlora.models`), the single source of names
 Export writes ``target_modules`` and pattern keys as full module names, so PEFT's matching (a key matches a
 module name ``m`` when ``re.match(rf"(.*\\.)?({key})$", m)``) selects exactly what jlora trained; a pattern key
 whose name is the dotted tail of another adapted module's (``proj`` and ``block.proj``) is written anchored,
-``^proj``. Import
-applies those same semantics to ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``, checks every tensor
-against the base model, and refuses PEFT features jlora does not implement rather than ignoring them.
+``^proj``. Import applies those same semantics to ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``,
+checks every tensor against the base model, and refuses PEFT features jlora does not implement rather than
+ignoring them.
 
 Variants map as PEFT writes them: a DoRA magnitude is ``<module>.lora_magnitude_vector`` (``use_dora``); whole
 trained tensors (``bias``, ``modules_to_save``) are HF-layout tensors at ``<module>.bias`` (``.base_layer.bias``
