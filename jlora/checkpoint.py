@@ -249,8 +249,12 @@ class CheckpointManager:
             policy = ocm.LatestN(o.max_to_keep)
             best_fn = None
             if o.best_metric is not None:
-                metric = o.best_metric
-                best_fn = lambda m: float(m[metric])  # noqa: E731
+                metric, worst = o.best_metric, math.inf if o.mode == "min" else -math.inf
+
+                def best_fn(m):   # a NaN (a diverged eval) ranks last: it must not push out the real best step
+                    value = float(m[metric])
+                    return worst if math.isnan(value) else value
+
                 policy = ocm.AnyPreservationPolicy([
                     policy, ocm.BestN(get_metric_fn=best_fn, reverse=o.mode == "min", n=o.keep_best,
                                       keep_checkpoints_without_metrics=False)])

@@ -463,6 +463,13 @@ def test_max_to_keep_and_keep_best(tmp_path, tiny):
             m.save(step, state0, params=params, lora_config=CFG, metrics={"acc": acc})
         assert m.all_steps() == [1, 3, 6] and m.best_step() == 1
 
+    for mode, values in (("min", [1.0, float("nan"), 3.0, 4.0]), ("max", [9.0, float("nan"), 3.0, 4.0])):
+        with CheckpointManager(tmp_path / f"nan-{mode}", max_to_keep=1, best_metric="m", mode=mode) as m:
+            for step, value in enumerate(values, 1):     # a diverged eval (NaN) ranks last, whatever the mode
+                m.save(step, state0, params=params, lora_config=CFG, metrics={"m": value})
+                assert m.best_step() == 1 and 1 in m.all_steps()
+            assert m.all_steps() == [1, 4]
+
 
 # ------------------------------------------------------------------------------------------------ async, sharding
 def test_async_save_restores_the_same(tmp_path, tiny, saved):
