@@ -579,10 +579,22 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
     A slot with no target tokens in ``batch`` keeps its factors (its update is zero). An optimizer that takes
     extra arguments (``optax.GradientTransformationExtraArgs``, as :func:`optimizer` and ``optax.chain`` are) gets
     ``slots_present``, the (N,) bool of :func:`slots_present`.
+
+    Raises:
+        ValueError: (when traced) the optimizer state holds ``optax.MultiSteps``: it accumulates gradients over
+            calls, but each call masks the slots by its own rows, so a slot absent from the last micro-batch would
+            lose its accumulated update. Pass the whole batch to one call instead.
     """
     capacity = bank.capacity
 
     def step(state, params, bank, batch):
+        multi = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
+                 if isinstance(s, optax.MultiStepsState)]
+        if multi:
+            raise ValueError("the bank's optimizer is wrapped in optax.MultiSteps, which accumulates gradients over "
+                             "calls; a bank step masks each slot by the rows of its own call, so a slot absent "
+                             "from the last micro-batch would lose its accumulated update. Pass the whole batch "
+                             "to one step call instead (any batch size; rows of all slots mixed)")
         def f(fac):
             routed = with_factors(bank, fac)
 

@@ -187,6 +187,11 @@ def test_bad_adapters_are_refused_by_name():
     for bad in (2, 7, -2):
         with pytest.raises(ValueError, match=rf"adapter ids \[{bad}\] are out of range: the bank has slots 0..1"):
             B.apply(model, params, bank, jnp.array([0, bad, -1, 1, 0]), ids)
+    accumulating = optax.MultiSteps(B.optimizer([1e-3, 1e-3]), every_k_schedule=2)
+    state = jlora.TrainState.create(B.factors(bank), accumulating, rng=KEY)
+    batch = {"input_ids": ids, "adapter_ids": jnp.zeros(ids.shape[0], jnp.int32)}
+    with pytest.raises(ValueError, match=r"optax.MultiSteps.* a slot absent from the last micro-batch"):
+        B.make_train_step(model, bank, accumulating)(state, params, bank, batch)
 
 
 @pytest.mark.slow
