@@ -4,6 +4,7 @@ metadata, HF folders (as transformers saves them), and jlora's own saved folders
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 
@@ -138,6 +139,19 @@ def test_from_folder_matches_transformers(hf_folder, hf_tok):
     ours = Tokenizer.from_folder(hf_folder)
     _check_same(ours, AutoTokenizer.from_pretrained(hf_folder))
     _check_same(ours, hf_tok)
+
+
+def test_a_byte_level_folder_that_declares_a_llama_tokenizer_runs_as_written(hf_folder, tmp_path):
+    """DeepSeek's distilled and coder folders declare LlamaTokenizerFast over a byte-level tokenizer.json:
+    transformers runs the file as written (not as sentencepiece, which would drop the spaces), and so must we."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(hf_folder, tmp_path / "t")
+    config_file = tmp_path / "t" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer_class": "LlamaTokenizerFast"}))
+    ours, theirs = Tokenizer.from_folder(tmp_path / "t"), AutoTokenizer.from_pretrained(tmp_path / "t")
+    assert ours.encode("a 1", add_special_tokens=False) == theirs.encode("a 1", add_special_tokens=False)
+    _check_same(ours, theirs)
 
 
 def test_from_folder_reads_config_template_flags_and_generation_eos(hf_folder, tmp_path):

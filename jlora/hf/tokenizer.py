@@ -170,7 +170,7 @@ class Tokenizer:
             raise ValueError(f"{tokenizer_file} cannot be read as a tokenizer ({e}); it is damaged or not a "
                              f"Hugging Face tokenizer.json: download or save the tokenizer again") from None
         config = _read_json(os.path.join(path, CONFIG_FILE)) or {}
-        if config.get("tokenizer_class") in _SENTENCEPIECE_LLAMA:
+        if config.get("tokenizer_class") in _SENTENCEPIECE_LLAMA and not _byte_level(tokenizer_file):
             _as_transformers_llama(backend, config)
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
@@ -427,6 +427,14 @@ def _template_processing(backend: tokenizers.Tokenizer, bos: str | None, eos: st
 # merges, added tokens and post-processor, and rebuilds the rest (transformers' LlamaTokenizer: Llama 2, Mistral v0.x
 # and other sentencepiece-BPE folders).
 _SENTENCEPIECE_LLAMA = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _byte_level(tokenizer_file: str) -> bool:
+    """Whether a tokenizer.json uses byte-level BPE (Llama 3 style; DeepSeek's distilled and coder models declare
+    ``LlamaTokenizerFast`` for one). transformers 5 then runs the file as written, not as its ``LlamaTokenizer``
+    (whose sentencepiece set-up would drop the spaces), and so does jlora: the same test, "ByteLevel" in the file."""
+    with open(tokenizer_file, encoding="utf-8") as f:
+        return '"ByteLevel"' in f.read()
 
 
 def _as_transformers_llama(backend: tokenizers.Tokenizer, config: Mapping[str, Any]) -> None:
