@@ -52,7 +52,7 @@ def _write_gguf(path, tensors, *, arch="llama", hidden=32, ffn=48, layers=1, hea
         w.add_bos_token_id(vocab - 2)
         w.add_eos_token_id(vocab - 1)
     for key, value in (extra or {}).items():
-        w.add_string(key, value)
+        (w.add_float32 if isinstance(value, float) else w.add_string)(key, value)
     for name, value in tensors.items():
         if isinstance(value, tuple):
             w.add_tensor(name, value[0], raw_dtype=value[1])
@@ -70,7 +70,7 @@ def _llama_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_from_hf(path, hf_model, arch):
+def _gguf_from_hf(path, hf_model, arch, extra=None):
     """Write an HF model's weights as a float32 GGUF the way convert_hf_to_gguf.py names (and permutes) them."""
     cfg = hf_model.config
     table = {v: k for k, v in jgguf.GLOBAL_TABLE.items()}
@@ -89,7 +89,8 @@ def _gguf_from_hf(path, hf_model, arch):
         tensors[table[name]] = value
     return _write_gguf(path, tensors, arch=arch, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
                        layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
-                       vocab=cfg.vocab_size, key_length=getattr(cfg, "head_dim", None) if arch == "qwen3" else None)
+                       vocab=cfg.vocab_size, key_length=getattr(cfg, "head_dim", None) if arch == "qwen3" else None,
+                       extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------- real SmolLM2
@@ -185,6 +186,35 @@ def test_tiny_models_match_source_and_transformers(tmp_path, arch, kind):
         oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").state_dict()
         for name in expected:
             np.testing.assert_array_equal(loaded.tensors[name], oracle[name].numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("keys", [{"llama.rope.scale_linear": 4.0}, {"llama.rope.scaling.factor": 4.0},
+                                  {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}])
+def test_linear_rope_scaling_is_read_as_llama_cpp_reads_it(tmp_path, keys):
+    """A scaling factor without a type (or 2023 converters' rope.scale_linear) is linear in llama.cpp; the oracle is
+    the source model with linear RoPE x4."""
+    import torch
+    import transformers
+
+    import jax.numpy as jnp
+
+    import jlora
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 5e4})).eval()
+    path = _gguf_from_hf(tmp_path / "m.gguf", model, "llama", extra=keys)
+    loaded = jlora.hf.load(path)
+    assert (loaded.config.rope_type, loaded.config.rope_factor) == ("linear", 4.0)
+    ids = np.random.default_rng(0).integers(0, 62, (1, 64))
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    got = np.asarray(loaded.model.apply({"params": loaded.params}, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(ValueError, match=r"rope.scaling.type='yarn'; jlora loads GGUF files with linear rope"):
+        jgguf.hf_config({**jgguf.read(path).metadata, "llama.rope.scaling.type": "yarn"}, tied=False)
 
 
 def test_unpermute_inverts_permute():

@@ -215,7 +215,7 @@ def test_params_roundtrip_scanned():
         np.testing.assert_array_equal(v, sd[k].numpy())
 
 
-def test_transformers_4x_config_form():
+def test_transformers_4x_config_form(tmp_path):
     """transformers 4.x wrote rope_theta/rope_scaling/torch_dtype; 5.x writes rope_parameters/dtype."""
     v5 = dict(model_type="llama", **BASE, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE, dtype="bfloat16")
     v4 = dict(model_type="llama", **BASE, num_key_value_heads=2, rope_theta=500000.0, torch_dtype="bfloat16",
@@ -226,8 +226,14 @@ def test_transformers_4x_config_form():
     old = dict(v4, rope_scaling={"type": "linear", "factor": 2.0})
     assert llama_lib.config_from_hf(old).rope_type == "linear"
     # both forms at once (a 5.x config edited by 4.x instructions): the same settings load, differing ones are
-    # refused, since transformers 5 would take rope_scaling and drop rope_parameters' theta
-    assert llama_lib.config_from_hf(dict(v5, rope_scaling=v4["rope_scaling"])) == a
+    # refused; transformers 5 takes rope_scaling with the top-level rope_theta (10000 without one), not
+    # rope_parameters' theta, and so must we
+    assert llama_lib.config_from_hf(dict(v5, rope_scaling=v4["rope_scaling"], rope_theta=500000.0)) == a
+    for top in ({}, {"rope_theta": 30000.0}):
+        both = dict(v5, rope_scaling=v4["rope_scaling"], max_position_embeddings=16384, **top)
+        (tmp_path / "config.json").write_text(json.dumps(both))
+        want = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"]
+        assert llama_lib.config_from_hf(both).rope_theta == want == top.get("rope_theta", 10000.0)
     with pytest.raises(ValueError, match=r"both rope_parameters .* and rope_scaling .* differ"):
         llama_lib.config_from_hf(dict(v5, rope_scaling={"type": "linear", "factor": 2.0}))
     # Qwen2.5's real config.json: sliding window fields present but off

@@ -253,10 +253,12 @@ def hf_config(meta: Mapping[str, Any], *, tied: bool, path: str = "<gguf>") -> d
             raise ValueError(f"{path}: GGUF metadata lacks {arch_name}.{key}")
         return value
 
-    scaling = get("rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise ValueError(f"{path}: {arch_name}.rope.scaling.type={scaling!r}; jlora loads GGUF files without "
-                         "rope scaling only. Load the Hugging Face folder of this model instead.")
+    # llama.cpp's reading: a scaling factor (or 2023 converters' rope.scale_linear) without a type is linear
+    scaling, factor = get("rope.scaling.type"), get("rope.scaling.factor", get("rope.scale_linear"))
+    if scaling not in (None, "none", "linear"):
+        raise ValueError(f"{path}: {arch_name}.rope.scaling.type={scaling!r}; jlora loads GGUF files with linear "
+                         "rope scaling or none. Load the Hugging Face folder of this model instead.")
+    linear = scaling != "none" and factor not in (None, 0, 1)
     n_head = get("attention.head_count", required=True)
     tokens = meta.get("tokenizer.ggml.tokens")
     config = {
@@ -273,6 +275,8 @@ def hf_config(meta: Mapping[str, Any], *, tied: bool, path: str = "<gguf>") -> d
         "max_position_embeddings": get("context_length", required=True),
         "tie_word_embeddings": tied,
     }
+    if linear:
+        config["rope_scaling"] = {"rope_type": "linear", "factor": _shortest(factor)}
     # llama.cpp's head size: attention.key_length when given, else hidden / heads
     config["head_dim"] = get("attention.key_length") or config["hidden_size"] // n_head
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),

@@ -296,7 +296,7 @@ def _rope(d: dict) -> dict:
         raise ValueError(f"config.json has both rope_parameters {v5} (transformers 5) and rope_scaling {v4} (4.x), "
                          f"and they differ (transformers 5 would use rope_scaling and drop rope_parameters' "
                          f"rope_theta); keep the one you mean and delete the other")
-    rp = dict(v5 or v4 or {})
+    rp = dict(v4 or v5 or {})   # transformers 5 takes a non-empty rope_scaling, with the top-level rope_theta
     if rp and all(isinstance(v, dict) for v in rp.values()):
         raise ValueError(f"rope_parameters per layer type {sorted(rp)} are not supported")
     theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
