@@ -189,7 +189,7 @@ def read(path: str | os.PathLike) -> GGUFModel:
 
     Raises:
         ValueError: the file cannot be parsed, its architecture is not one of `ARCHS`, a tensor has an
-            unsupported type or a name the table does not know, or it uses rope scaling.
+            unsupported type or a name the table does not know, or it uses rope scaling other than linear.
         FileNotFoundError: no such file.
     """
     from gguf import GGUFReader
