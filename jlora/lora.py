@@ -245,12 +245,22 @@ def _check_layout_arg(path: str, node: Adapter, layout) -> None:
                          f"{node.layout.describe()}; the adapters carry their layout, so drop `layout=`")
 
 
-def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None) -> None:
+def _layout_of(path: str, node: Adapter, layout, shape: tuple[int, ...]) -> KernelLayout | None:
+    """How ``node``'s kernel is read: the layout the adapter carries, else ``layout``'s (``jlora.layout``) for
+    ``path``, else the 2-D default (None for a kernel of more dims: nothing says how)."""
+    lay = node.layout if node.layout is not None else (layout.get(path) if layout is not None else None)
+    if lay is not None:
+        return lay.fitted(shape)
+    return default_layout(path, shape) if len(shape) == 2 else None
+
+
+def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None,
+               layout: Mapping[str, KernelLayout] | None = None) -> None:
     """Raises if ``adapters`` do not fit ``params`` (or ``cfg``'s ranks), naming the first mismatch.
 
-    Checks that every adapter's path is a parameter, that its factors have the shapes its recorded layout gives
-    for that kernel (an extra leading axis means stacked adapters), that its rank is ``cfg``'s at that path, and
-    that every whole trained tensor has its parameter's shape.
+    Checks that every adapter's path is a parameter, that its factors have the shapes its recorded layout (else
+    ``layout``'s, else the 2-D default) gives for that kernel (an extra leading axis means stacked adapters), that
+    its rank is ``cfg``'s at that path, and that every whole trained tensor has its parameter's shape.
     """
     params = plain_params(params)
     check_params(params)
@@ -267,9 +277,9 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None
             raise ValueError(f"adapter at {path!r} has no parameter at that path; the adapters were made for a "
                              f"different model. Kernel paths here look like: {near}")
         shape = tuple(flat_params[path].shape)
-        if node.layout is None and len(shape) != 2:
+        lay = _layout_of(path, node, layout, shape)
+        if lay is None:
             continue   # a hand-made adapter on a >2-D kernel: the layer that uses it (apply) or merge decides
-        lay = node.layout.fitted(shape) if node.layout is not None else default_layout(path, shape)
         lead, fan_in, fan_out = lay.split(shape)
         a, b = tuple(np.shape(node.a)), tuple(np.shape(node.b))
         lead = (*lead, *a[len(lead):len(lead) + node.slot_dims])     # a bank's slot axis follows the stack axes
@@ -343,7 +353,7 @@ def _merge(params, adapters, cfg, layout, sign):
     system = adapter_lib.model_system(params)
     if system is not None:          # an NNX model or state: merge its plain params, give back the same kind
         return system.rebuild(params, _merge(system.params(params), adapters, cfg, layout, sign))
-    check_fits(params, adapters, cfg)
+    check_fits(params, adapters, cfg, layout)
     nodes = list(adapter_items(adapters))
     if sign < 0:
         fixed = [n.variant for _, n in nodes if not adapter_lib.variant(n.variant).invertible]
@@ -355,7 +365,7 @@ def _merge(params, adapters, cfg, layout, sign):
     for path, node in nodes:
         _check_layout_arg(path, node, layout)
         w = flat[path]
-        lay = node.layout.fitted(tuple(w.shape)) if node.layout is not None else default_layout(path, tuple(w.shape))
+        lay = _layout_of(path, node, layout, tuple(w.shape)) or default_layout(path, tuple(w.shape))
         hook = adapter_lib.variant(node.variant).merged
         if hook is not None:
             new = hook(dense_value(w), node, cfg.scale(path))

@@ -77,6 +77,25 @@ def test_einsum_out_in_kernel_merges_as_it_applies_without_passing_layout():
     assert_trees_all_close(jlora.unmerge(merged, ad, cfg), params, atol=1e-5)
 
 
+def test_a_hand_made_adapter_merges_by_the_layout_passed():
+    """``Adapter(a, b)`` carries no layout: apply follows the layer, and merge must follow ``layout=``."""
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    model = EinsumOutIn()
+    params = model.init(KEY, x)["params"]
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets="proj")
+    a, b = jax.random.normal(jax.random.key(2), (6, 2)), jax.random.normal(jax.random.key(3), (2, 6))
+    ad = {"proj": {"kernel": jlora.Adapter(a, b)}}
+    want = x @ params["proj"]["kernel"].T + 2.0 * (x @ a) @ b               # plain jnp: (out, in) kernel
+    assert max_diff(jlora.apply(model, params, ad, cfg, x), want) <= 1e-5
+    merged = jlora.merge(params, ad, cfg, layout=jlora.layout(model, x))
+    assert max_diff(model.apply({"params": merged}, x), want) <= 1e-5
+    dense = nn.DenseGeneral((2, 3))                                         # a 3-D kernel: no default to guess
+    dparams = dense.init(KEY, x)["params"]
+    dad = {"kernel": jlora.Adapter(a, jax.random.normal(jax.random.key(4), (2, 6)))}
+    merged = jlora.merge(dparams, dad, cfg, layout=jlora.layout(dense, x))
+    assert max_diff(dense.apply({"params": merged}, x), jlora.apply(dense, dparams, dad, cfg, x)) <= 1e-5
+
+
 @pytest.mark.slow
 def test_merge_needs_no_layout_for_scanned_and_multi_axis_kernels():
     ids = jnp.arange(16).reshape(2, 8) % 64
