@@ -24,7 +24,10 @@ holding the given params, and on each adapted layer sets (a) :class:`AdapterPara
 :func:`jlora.transform.low_rank` as for Linen, from a :class:`jlora.transform.LayerSpec` read off the layer's
 attributes. Because the adapter is a variable of the layer, ``nnx.scan`` over a stack of layers slices it along
 with the layer's kernel, and ``nnx.remat``/``nnx.vmap`` carry it like any other state. The user's model is never
-modified by :func:`apply`.
+modified by :func:`apply`. A user's subclass of a layer that overrides ``__call__`` gets the update added to what
+its override returns: right when that is the layer's output (a pass-through ``super().__call__(x)``), not when
+the override transforms it (``2 * super().__call__(x)``), which merging scales with the kernel. (Linen's
+interceptor sees the ``super()`` call and adds the update there, so Linen subclasses match merging either way.)
 
 The NNX-idiomatic way is built on the same pieces: :func:`attach` does (a) and (b) to the user's model in place,
 so ``model(x)`` runs adapted and ``nnx.Optimizer(model, tx, wrt=jlora.nnx.AdapterParam)`` trains the adapters only;

@@ -343,6 +343,9 @@ class _Trace:
         self.used: set[str] = set()
         self.called: dict[str, str] = {}   # module path -> layer class name
         self.blind: set[str] = set()       # adapter paths whose layer ran without the "lora" collection in scope
+        # (module path, method) of a subclass's override in progress -> whether it reached the Flax layer's own
+        # method (through super()), which then adds the update once, inside whatever the override does around it
+        self.overrides: dict[tuple[str, str], bool] = {}
 
 
 def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str) -> None:
@@ -373,6 +376,17 @@ def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str) -> None:
                          f"b {b}")
 
 
+def _runs_flax_method(module: nn.Module, method: str, orig_method) -> bool:
+    """Whether an intercepted call runs the Flax layer's own ``method`` (``nn.Dense.__call__``, ``Embed.attend``),
+    not a user subclass's override of it."""
+    fn = getattr(orig_method, "func", orig_method)
+    for cls in type(module).__mro__:
+        own = cls.__dict__.get(method)
+        if own is not None and cls.__module__.startswith("flax."):
+            return fn is own or fn is getattr(own, "__wrapped__", None)
+    return True
+
+
 def _interceptor(trace: _Trace):
     """The ``nn.intercept_methods`` function of one :func:`apply` call, bound to its trace."""
     rate = trace.cfg.dropout
@@ -386,11 +400,25 @@ def _interceptor(trace: _Trace):
         trace.called.setdefault(mpath, kind or type(module).__name__)
         if kind is None:
             return next_fun(*args, **kwargs)
+        override = not _runs_flax_method(module, method, context.orig_method)
+        if override:                      # a user subclass's method: adapt inside it if it reaches Flax's own
+            key = (mpath, method)
+            outer, trace.overrides[key] = trace.overrides.get(key), False
+            y = next_fun(*args, **kwargs)
+            reached = trace.overrides.pop(key)
+            if outer is not None:
+                trace.overrides[key] = outer
+            if reached:
+                return y
+        elif (mpath, method) in trace.overrides:
+            trace.overrides[(mpath, method)] = True
         leaf = leaf_name(kind)
         path = f"{mpath}/{leaf}" if mpath else leaf
         kernel = module.get_variable("params", leaf) if module.has_variable("params", leaf) else None
         ktype = adapter_lib.kernel_type(kernel)
         call = next_fun if ktype is None else (lambda *a, **kw: ktype.layer_call(module, path, a, kw))
+        if override:                      # it never did: adapt its output, as for the layer it stands for
+            call = lambda *a, **kw: y     # noqa: E731
         node = module.get_variable(COLLECTION, leaf) if module.has_variable(COLLECTION, leaf) else None
         if node is None and path in trace.adapter_paths:
             trace.blind.add(path)
@@ -403,7 +431,7 @@ def _interceptor(trace: _Trace):
         scale = trace.cfg.scale(path)
         dropout = ((lambda v: _dropout(module, v, rate))
                    if rate > 0 and kind != "Embed" and module.has_rng(DROPOUT_RNG) else None)
-        if ktype is None and _fused_dense(module, kernel, method, node):
+        if ktype is None and not override and _fused_dense(module, kernel, method, node):
             bias = module.get_variable("params", "bias") if module.use_bias else None
             x, w, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
             a, b = node.a.astype(w.dtype), (node.b * scale).astype(w.dtype)

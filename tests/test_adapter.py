@@ -108,6 +108,50 @@ def test_merge_needs_no_layout_for_scanned_and_multi_axis_kernels():
     assert_trees_all_close(jlora.unmerge(merged, ad, cfg), params, atol=1e-5)
 
 
+# ---------------------------------------------------------------- subclasses of the supported layers
+class PassDense(nn.Dense):
+    @nn.compact
+    def __call__(self, x):
+        return super().__call__(x)
+
+
+class ScaledDense(nn.Dense):              # post-processes: the update must be scaled as the kernel is
+    @nn.compact
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+class OwnDense(nn.Dense):                 # never reaches nn.Dense.__call__: reads the kernel itself
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        return x @ kernel
+
+
+class PassEmbed(nn.Embed):
+    def attend(self, query):
+        return super().attend(query)
+
+
+@pytest.mark.parametrize("layer", [PassDense, ScaledDense, OwnDense])
+def test_a_subclass_of_a_layer_gets_its_update_once_as_merged(layer):
+    """Flax intercepts both a subclass's __call__ and the nn.Dense.__call__ it reaches through super(): the update
+    goes in once, inside the subclass's own arithmetic, as merging it into the kernel puts it."""
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    model = layer(4, use_bias=layer is not OwnDense)
+    params = model.init(KEY, x)["params"]
+    cfg = jlora.LoraConfig(rank=2, alpha=2.0, targets="kernel")
+    ad = randomize(jlora.init(params, cfg, key=KEY), jax.random.key(2))
+    merged = model.apply({"params": jlora.merge(params, ad, cfg)}, x)
+    assert max_diff(jlora.apply(model, params, ad, cfg, x), merged) <= 1e-5
+    emb = PassEmbed(10, 6)
+    eparams = emb.init(KEY, jnp.array([1, 2]))["params"]
+    ecfg = jlora.LoraConfig(rank=2, alpha=2.0, targets="embedding")
+    ead = randomize(jlora.init(eparams, ecfg, key=KEY), jax.random.key(3))
+    merged = emb.apply({"params": jlora.merge(eparams, ead, ecfg)}, x, method="attend")
+    assert max_diff(jlora.apply(emb, eparams, ead, ecfg, x, method="attend"), merged) <= 1e-5
+
+
 # ---------------------------------------------------------------- rank must match the config
 def test_rank_differing_from_config_is_an_error_not_a_rescale():
     x = jnp.ones((2, 8))
