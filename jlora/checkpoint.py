@@ -734,8 +734,12 @@ def _check_lora(saved: LoraConfig, given: LoraConfig, params, where: str) -> Non
 
 
 def _effective(cfg: LoraConfig, paths: list[str]) -> dict[str, tuple]:
-    saves = getattr(cfg, "saves", lambda p: False)
+    known = set(paths)
     out = {}
+
+    def saves(p):
+        return cfg.saves(p, known)
+
     for p in paths:
         lora = cfg.matches(p)
         if lora or saves(p):

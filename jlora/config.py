@@ -17,7 +17,7 @@ import dataclasses
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 TARGETABLE_LEAVES = ("kernel", "embedding")
@@ -142,16 +142,20 @@ class LoraConfig:
         if self.bias not in BIAS_MODES:
             raise ValueError(f"`bias` must be one of {BIAS_MODES}; got {self.bias!r}")
 
-    def saves(self, path: str) -> bool:
+    def saves(self, path: str, params: Collection[str] | None = None) -> bool:
         """Whether the parameter at ``path`` trains as a full tensor (``bias`` mode or ``modules_to_save``).
 
         ``bias="lora_only"`` needs to know which layers have adapters: a bias is selected when its layer's kernel
-        (or embedding) path is a target.
+        (or embedding) path is a target, and, given ``params`` (the model's param paths), one of them: a pattern
+        such as ``".*"`` must not select the bias of a layer without a kernel (a LayerNorm).
 
         Examples:
             >>> cfg = LoraConfig(targets="q_proj", bias="lora_only", modules_to_save="lm_head")
             >>> [cfg.saves(p) for p in ("q_proj/bias", "k_proj/bias", "lm_head/kernel", "q_proj/kernel")]
             [True, False, True, False]
+            >>> everything = LoraConfig(targets=".*", bias="lora_only")
+            >>> [everything.saves(p, ["q/kernel", "q/bias", "norm/bias"]) for p in ("q/bias", "norm/bias")]
+            [True, False]
         """
         if any(re.search(p, path) for p in self.modules_to_save):
             return True
@@ -160,7 +164,8 @@ class LoraConfig:
         if self.bias == "all":
             return True
         module = path.rsplit("/", 1)[0]
-        return any(self.matches(f"{module}/{leaf}") for leaf in TARGETABLE_LEAVES)
+        return any(self.matches(f"{module}/{leaf}") and (params is None or f"{module}/{leaf}" in params)
+                   for leaf in TARGETABLE_LEAVES)
 
     def matches(self, path: str) -> bool:
         """Whether the parameter at ``path`` gets an adapter."""

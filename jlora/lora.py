@@ -225,7 +225,7 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[st
                       var.init_extras(dense_value(flat[path]), a, b, cfg.scale(path)).items()}
         out[path] = Adapter(a, b, extras, layout=lay, variant=var.name)
     for path, leaf in flat.items():
-        if not cfg.saves(path):
+        if not cfg.saves(path, flat):
             continue
         if path in out or cfg.matches(path):
             raise ValueError(f"{path!r} is both a LoRA target and selected by bias={cfg.bias!r}/modules_to_save="
@@ -362,6 +362,10 @@ def _merge(params, adapters, cfg, layout, sign):
                              f"{sorted(set(fixed)) or 'non-invertible'} adapters: the original values are not in "
                              "the adapters. Keep the original params.")
     flat = tree_lib.flatten(overlay(params, adapters) if sign > 0 else params)
+    if sign > 0:                  # whole trained tensors (kept in the adapters' dtype) go back in the base's
+        base = tree_lib.flatten(params)
+        for path, _ in full_items(adapters):
+            flat[path] = jnp.asarray(flat[path]).astype(jnp.result_type(base[path]))
     for path, node in nodes:
         _check_layout_arg(path, node, layout)
         w = flat[path]

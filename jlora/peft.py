@@ -477,7 +477,7 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     cfg = _config_for(set(out), ranks, alphas, config, flat_params, saved_paths)
     nodes = {p: _node(parts, _layout(loaded, p, flat_params)) for p, parts in out.items()}
     adapters = tree_lib.unflatten({**nodes, **full})
-    unwanted = sorted(p for p in full if not cfg.saves(p))
+    unwanted = sorted(p for p in full if not cfg.saves(p, flat_params))
     if unwanted:
         raise ValueError(f"adapter {folder} holds whole tensors {unwanted[:5]} that bias={cfg.bias!r} and "
                          f"modules_to_save={config.get('modules_to_save')} do not select")

@@ -229,6 +229,24 @@ def test_bias_and_modules_to_save_export_to_peft(bias, tmp_path):
     assert max_diff(_apply(loaded, loaded.params, back, cfg2), theirs) <= 1e-4
 
 
+def test_lora_only_bias_trains_the_biases_of_adapted_layers_only():
+    """With a broad target pattern, a layer without a kernel (a LayerNorm) gets no adapter, so its bias is not
+    "lora_only" (PEFT trains the biases of LoRA layers only)."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.LayerNorm(name="norm")(nn.Dense(4, name="proj")(x))
+
+    params = Net().init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    cfg = jlora.LoraConfig(rank=2, targets=".*", bias="lora_only")
+    adapters = jlora.init(params, cfg, key=jax.random.key(1))
+    assert sorted(jlora.tree.leaves_by_path(adapters)) == ["proj/bias", "proj/kernel/a", "proj/kernel/b"]
+    # merging puts a whole trained tensor back in the base's dtype, as it does an adapted kernel
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    merged = jlora.merge(half, jlora.init(half, cfg, key=jax.random.key(1)), cfg)
+    assert {x.dtype for x in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_import_peft_trained_bias_and_modules_to_save(tmp_path):
     hf_model, folder = _hf_model("qwen2", tmp_path, tie_word_embeddings=False)
     loaded = jlora.hf.load(folder)
