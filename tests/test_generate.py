@@ -89,6 +89,13 @@ def test_sampling():
     assert not np.array_equal(s1.tokens, s3.tokens)
     with pytest.raises(ValueError, match="key"):
         gen.generate(model, params, PROMPTS, max_new_tokens=2, temperature=1.0)
+    # a legacy uint32[2] key is the same key; a float32-subnormal temperature is greedy, as in the per-row path
+    legacy = gen.generate(model, params, PROMPTS, max_new_tokens=16, eos_token_id=(), temperature=1.0, top_k=50,
+                          top_p=0.9, key=jax.random.PRNGKey(4))
+    np.testing.assert_array_equal(legacy.tokens, s1.tokens)
+    tiny = gen.generate(model, params, PROMPTS, max_new_tokens=16, eos_token_id=(), temperature=1e-38,
+                        key=jax.random.key(3))
+    np.testing.assert_array_equal(tiny.tokens, greedy.tokens)
 
 
 def test_sampling_filters_against_numpy():

@@ -357,6 +357,8 @@ BAD = [
      f"the model's context is {CONTEXT} tokens", "prompt"),
     ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": _long_prompt(60), "max_tokens": 60}}, 400,
      f"exceeds the model's context of {CONTEXT} tokens", "max_tokens"),
+    ("POST", "/v1/completions", {"json": {"model": "a1", "prompt": ["hi"] * 13}}, 400,
+     "at most 12 (--max-queue) fit in one request", "prompt"),    # never fits: not a 429 to retry
     ("POST", "/v1/completions", {"content": b"x" * (5 << 20)}, 413, "the limit is", None),
     ("POST", "/v1/completions", {"content": b"[" * 100000}, 400, "nested too deeply", None),
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "/etc"}}, 403, "resolves outside the adapter root", "path"),
@@ -475,6 +477,14 @@ def test_seeded_sampling_equals_jlora_generate_and_is_reproducible(server, world
     assert together[0] == want and draw(6) != want
     r = client.completions.create(model="a2", prompt=PROMPTS, seed=5, extra_body={"top_k": 40}, **settings)
     assert r.choices[0].text == want and r.choices[1].text != want    # prompt i draws from fold_in(key(5), i)
+
+
+def test_a_request_seed_gives_jax_s_key_for_that_seed():
+    """`seed` is the draw of `jlora generate --seed`, which is jax.random.key(seed): negative seeds included."""
+    from jlora.serve.engine import seed_key_data
+
+    for seed in (0, 5, -1, -7, -2**31, 2**31, 2**32 - 1):
+        assert seed_key_data(seed).tolist() == jax.random.key_data(jax.random.key(seed)).tolist(), seed
 
 
 def test_run_folder_loads_the_base_as_the_run_did(world, tmp_path):

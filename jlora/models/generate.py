@@ -124,7 +124,7 @@ class Sampling:
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """Next tokens (B,) int32 from float32 logits (B, V)."""
-        if self.temperature == 0.0:
+        if self.temperature < np.finfo(np.float32).tiny:   # 0, or a float32 subnormal, which XLA flushes to 0
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logits = logits / self.temperature
         neg = jnp.finfo(logits.dtype).min
@@ -261,6 +261,11 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     cfg = model.config
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if key is not None and not jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+        if jnp.result_type(key) != jnp.uint32 or np.shape(key)[-1:] != (2,):
+            raise ValueError(f"`key` must be a PRNG key (jax.random.key(0)), or one per row; got an array of "
+                             f"{jnp.result_type(key)} {np.shape(key)}")
+        key = jax.random.wrap_key_data(key)          # a legacy jax.random.PRNGKey(0): uint32[2] per key
     per_row = any(np.ndim(x) > 0 for x in (temperature, top_k, top_p)) or (key is not None and np.ndim(key) > 0)
     if not per_row:
         sampling = Sampling(float(temperature), top_k, top_p)

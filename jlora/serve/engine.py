@@ -132,13 +132,17 @@ class Row:
 
 
 def seed_key_data(seed: int) -> np.ndarray:
-    """Threefry key data for ``seed``: ``jax.random.key(seed)``'s for seeds below 2**32, all 64 bits above.
+    """Threefry key data for ``seed``: ``jax.random.key(seed)``'s for seeds in [-2**31, 2**32) (JAX keeps the low 32
+    bits, and a zero high word), all 64 bits of the others.
 
     Examples:
-        >>> seed_key_data(7).tolist(), seed_key_data(2**40 + 1).tolist()
-        ([0, 7], [256, 1])
+        >>> seed_key_data(7).tolist(), seed_key_data(-7).tolist(), seed_key_data(2**40 + 1).tolist()
+        ([0, 7], [0, 4294967289], [256, 1])
     """
-    s = int(seed) % 2**64
+    seed = int(seed)
+    if -2**31 <= seed < 2**32:
+        return np.asarray([0, seed % 2**32], np.uint32)
+    s = seed % 2**64
     return np.asarray([s >> 32, s & 0xFFFFFFFF], np.uint32)
 
 
@@ -482,6 +486,9 @@ class Engine:
             if row.adapter is not None:
                 self.check_model(row.adapter)
             self.check_row(row)
+        if len(rows) > self.config.max_queue:   # never fits, however long the client waits: not a 429
+            raise EngineError(f"this request has {len(rows)} prompts; at most {self.config.max_queue} (--max-queue) "
+                              f"fit in one request: split it", param="prompt")
         now = time.monotonic()
         with self._cv:
             if self._closed:
