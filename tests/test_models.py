@@ -236,6 +236,19 @@ def test_transformers_4x_config_form(tmp_path):
         assert llama_lib.config_from_hf(both).rope_theta == want == top.get("rope_theta", 10000.0)
     with pytest.raises(ValueError, match=r"both rope_parameters .* and rope_scaling .* differ"):
         llama_lib.config_from_hf(dict(v5, rope_scaling={"type": "linear", "factor": 2.0}))
+    # SmolLM2's real config.json (nanotron's extra keys; transformers.js settings)
+    smollm2 = dict(architectures=["LlamaForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=1,
+                   eos_token_id=2, hidden_act="silu", hidden_size=576, initializer_range=0.041666666666666664,
+                   intermediate_size=1536, is_llama_config=True, max_position_embeddings=8192, mlp_bias=False,
+                   model_type="llama", num_attention_heads=9, num_hidden_layers=30, num_key_value_heads=3,
+                   pad_token_id=2, pretraining_tp=1, rms_norm_eps=1e-05, rope_interleaved=False, rope_scaling=None,
+                   rope_theta=100000, tie_word_embeddings=True, torch_dtype="bfloat16",
+                   **{"transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16", "fp16": "float16"}}},
+                   transformers_version="4.42.3", use_cache=True, vocab_size=49152)
+    c = llama_lib.config_from_hf(smollm2)
+    assert (c.hidden_size, c.num_key_value_heads, c.rope_theta, c.tie_word_embeddings) == (576, 3, 1e5, True)
+    with pytest.raises(ValueError, match=r"rope_interleaved=True \(only False is implemented\)"):
+        llama_lib.config_from_hf(dict(smollm2, rope_interleaved=True))
     # Qwen2.5's real config.json: sliding window fields present but off
     qwen = dict(model_type="qwen2", **BASE, num_key_value_heads=2, use_sliding_window=False, sliding_window=131072,
                 max_window_layers=21, rope_theta=1e6, rope_scaling=None, torch_dtype="bfloat16")

@@ -277,9 +277,12 @@ HANDLED = frozenset({
 })
 # Attributes with no effect on the forward pass: every config's bookkeeping, and pretraining_tp, which only splits
 # matmuls in transformers 4.x without changing their result.
-IGNORED = hf_config.IGNORED | {"pretraining_tp"}
+# SmolLM2's config.json (written by nanotron) also carries ``is_llama_config`` and transformers.js settings.
+IGNORED = hf_config.IGNORED | {"pretraining_tp", "is_llama_config", "transformers.js_config"}
 # Attributes of features jlora does not implement, with the only value it accepts (None also accepted).
-MUST_BE_DEFAULT = {"attention_dropout": 0.0, "mlp_dropout": 0.0, "use_sliding_window": False}
+# ``rope_interleaved`` (nanotron): transformers ignores it and always rotates halves, as jlora does.
+MUST_BE_DEFAULT = {"attention_dropout": 0.0, "mlp_dropout": 0.0, "use_sliding_window": False,
+                   "rope_interleaved": False}
 
 
 def _rope_settings(rp: dict) -> dict:
