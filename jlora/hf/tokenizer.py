@@ -11,8 +11,10 @@ It comes from one of two places:
   `chat_template.jinja` as transformers 5 writes it; `generation_config.json` adds end-of-turn ids).
 * `Tokenizer.from_gguf_metadata(fields)`: a GGUF file's `tokenizer.*` metadata. A GGUF carries no
   `tokenizer.json`; it stores llama.cpp's description (tokens, merges, token types, special ids and the
-  name of the pre-tokenizer split regex). We rebuild the byte-level BPE that description names, the same
-  way transformers' GGUF loader does (its path imports torch, so it is our test oracle, not a dependency).
+  name of the pre-tokenizer split regex). We rebuild the byte-level BPE that description names, as llama.cpp
+  runs it. transformers' GGUF loader (our test oracle; its path imports torch) does the same, except for the
+  digit-splitting types (`smollm`, `starcoder`, `refact`): it leaves out their digit split, which llama.cpp and
+  those models' own tokenizer.json apply, so text with a space or line break before a digit differs there.
 
 Chat templates render in a sandboxed Jinja environment set up like transformers'
 (`trim_blocks`, `lstrip_blocks`, `loopcontrols`, a `tojson` that does not escape HTML, `raise_exception`,
