@@ -14,6 +14,7 @@ import pathlib
 import pydoc
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import yaml
 import jlora
 from tiny import tiny_smol_llama
 from jlora import cli
+from jlora import data as data_lib
 from jlora.cli import config as runconfig
 from jlora.cli import run as run_lib
 
@@ -317,7 +319,7 @@ def _snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_overwrite_keeps_the_old_run_until_the_new_one_is_checked(tiny, trained, tmp_path):
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_checked(tiny, trained, tmp_path, monkeypatch):
     run_dir = tmp_path / "r"
     shutil.copytree(trained[1], run_dir)
     before = _snapshot(run_dir)
@@ -329,6 +331,17 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_checked(tiny, trained,
                   r"the data set has 2 examples, fewer than batch_size=4.*lower `data\.batch_size`")
     assert "--resume" not in line
     assert _snapshot(run_dir) == before
+    # a new run that fails in training, before its first checkpoint (as an example too long for max_length does
+    # when the stream reaches it), or is interrupted there: the old run is put back
+    for failure, code in ((data_lib.DataError("an example at step 2 is too long"), 2), (KeyboardInterrupt(), 130)):
+        def fail(*args, failure=failure, **kwargs):
+            raise failure
+
+        with monkeypatch.context() as m:
+            m.setattr(run_lib, "_train_loop", fail)
+            got, out, err = _main("train", "--config", config, "--overwrite")
+        assert got == code and "replacing the run folder" in out and "the old run is back in" in err, err[-2000:]
+        assert _snapshot(run_dir) == before and not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
     # a scorer that fails (or Ctrl-C) in the base model's eval
     for body, code in (("raise KeyError('broken scorer')", 2), ("raise KeyboardInterrupt", 130)):
         scorer = tmp_path / "scorer.py"
@@ -420,6 +433,24 @@ def test_ctrl_c_before_any_work_is_one_line(tiny, tmp_path, monkeypatch):
         code, out, err = _main(*args)
         assert code == 130 and err.strip() == f"jlora {args[0]}: interrupted", err
     _no_run_left(tmp_path / "r")
+
+
+def test_ctrl_c_during_a_scheduled_checkpoint_step_saves_once_and_resumes(tiny, tmp_path, monkeypatch):
+    """Ctrl-C while step 2 runs, a checkpoint_every step: that step's checkpoint is the interrupt's too."""
+    config = _config(tmp_path, tiny, "r", eval={"before": False, "after": False, "side_effects": False})
+    train = run_lib.train
+
+    def pressed_at_step_2(cfg, **kwargs):
+        return train(cfg, on_step=lambda step, record: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None,
+                     **kwargs)
+
+    monkeypatch.setattr(run_lib, "train", pressed_at_step_2)
+    code, out, err = _main("train", "--config", config, "--no-progress")
+    assert code == 130 and "saved a checkpoint at step 2; continue with --resume" in out + err, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    monkeypatch.setattr(run_lib, "train", train)
+    code, out, err = _main("train", "--config", config, "--resume", "--no-progress")
+    assert code == 0, err[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------ 5. one error path

@@ -248,17 +248,32 @@ def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scorin
     return scorer, mesh, _check_run_dir(cfg, resume=resume, overwrite=overwrite)
 
 
-def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path:
-    """Makes the run folder (replacing it for ``action == "replace"``, saying so) and writes ``config.yaml``."""
+def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path | None:
+    """Makes the run folder and writes ``config.yaml``. For ``action == "replace"`` (saying so) the old folder is
+    moved aside, not deleted: the returned path, which :func:`_settle_replaced` deletes once the new run has a
+    checkpoint, or puts back when it fails before one."""
     run_dir = pathlib.Path(cfg.run.dir).absolute()
+    aside = None
     if action == "replace":
         why = ("--overwrite: replacing the run folder" if _saved_results(run_dir) else
                "replacing the run folder (it holds no checkpoint: a run that stopped before its first one)")
         print(f"{why} {run_dir}", flush=True)
-        shutil.rmtree(run_dir)
+        aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}-{time.time_ns()}")
+        run_dir.rename(aside)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return run_dir
+    return aside
+
+
+def _settle_replaced(aside: pathlib.Path | None, run_dir: pathlib.Path, *, kept: bool) -> None:
+    """The old run a replacing run moved aside: deleted when the new run has a checkpoint (``kept``), else moved
+    back in place of the new folder (removed already), so a failed ``--overwrite`` loses nothing."""
+    if aside is None or not aside.exists():
+        return
+    if kept:
+        shutil.rmtree(aside, ignore_errors=True)
+    elif not run_dir.exists():
+        aside.rename(run_dir)
 
 
 def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
@@ -558,6 +573,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     if progress is None:
         progress = sys.stderr.isatty()
     prepared = False   # whether the run folder was made (or replaced) and config.yaml written
+    aside = None       # an old run that --overwrite replaces, kept until the new run has a checkpoint
     try:
         with checkpoint.CheckpointManager(run.dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep) as manager:
             state, position, summary = _resume(run, manager, state) if resume else (state, None, {})
@@ -567,7 +583,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
                     before = _score_base_model(run)
                 # Everything is checked: only now is an old run replaced, or a resumed run's config.yaml rewritten.
-                _prepare_dir(cfg, action)
+                aside = _prepare_dir(cfg, action)
                 prepared = True
                 if before is not None:
                     summary["accuracy_before"], records = before
@@ -587,15 +603,22 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         kept = has_checkpoint(run.dir)
         if prepared and not kept:   # a folder without a checkpoint is not a run: leave nothing behind
             shutil.rmtree(run.dir, ignore_errors=True)
+        _settle_replaced(aside, run.dir, kept=kept)
         if isinstance(e, KeyboardInterrupt):
             raise RunInterrupted(
                 f"interrupted before the run started: nothing was written (run folder {run.dir} left as it was)"
                 if not prepared else
                 f"interrupted; {run.dir} keeps its checkpoints: continue with --resume" if kept else
+                f"interrupted before the first checkpoint: nothing was saved (the old run is back in {run.dir})"
+                if aside is not None else
                 f"interrupted before the first checkpoint: nothing was saved ({run.dir} removed)") from None
+        if aside is not None and not kept:
+            print(f"the new run failed before its first checkpoint: the old run is back in {run.dir}",
+                  file=sys.stderr, flush=True)
         if isinstance(e, data_lib.DataError):
             raise _in_config_terms(e) from None
         raise
+    _settle_replaced(aside, run.dir, kept=True)
     return _wrap_up(run, summary, step=int(state.step), interrupted=interrupted,
                     seconds=time.perf_counter() - t_start)
 
@@ -791,10 +814,12 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
                 log.step(step + 1, record)
                 if on_step is not None:
                     on_step(step + 1, record)
-                if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+                scheduled = bool(t.checkpoint_every) and (step + 1) % t.checkpoint_every == 0
+                if scheduled:
                     _save(run, manager, step + 1, state, loader)
                 if last and interrupt.requested:
-                    _save(run, manager, step + 1, state, loader)
+                    if not scheduled:             # a step that was just saved on schedule is not saved twice
+                        _save(run, manager, step + 1, state, loader)
                     manager.wait()
                     log.say(f"interrupted: saved a checkpoint at step {step + 1}; continue with --resume")
                     return state, True
