@@ -963,6 +963,11 @@ def test_compose_writes_a_peft_folder_equal_to_the_weighted_sum(tiny, trained, t
 @pytest.mark.slow
 def test_eval_side_effects_reports_and_writes_json(trained):
     config, run_dir, _ = trained
+    # with the run's own settings, eval measures the general prompts as the run's report did
+    ran = json.loads((run_dir / "side_effects.json").read_text())["general"]
+    code, out, err = _main("eval", "--config", str(config), "--side-effects")
+    assert code == 0, err
+    assert json.loads((run_dir / "side_effects.json").read_text())["general"] == ran
     code, out, err = _main("eval", "--config", str(config), "--side-effects", "--set", "eval.num_examples=2",
                            "--set", "eval.general_examples=4", "--set", "eval.max_new_tokens=4")
     assert code == 0, err
@@ -980,6 +985,25 @@ def test_eval_side_effects_reports_and_writes_json(trained):
     code, out, err = _main("eval", "--config", str(config), "--side-effects", "--adapter", str(peft_folder), *small,
                            "--out", str(run_dir.parent / "report"))
     assert code == 0 and (run_dir.parent / "report" / "side_effects.json").is_file(), err
+
+
+def test_eval_reads_only_what_it_needs_and_writes_nothing_into_its_adapter(trained, tmp_path):
+    config, run_dir, _ = trained
+    small = ["--set", "eval.num_examples=1", "--set", "eval.max_new_tokens=2"]
+    # an adapter given as input is never written into, as merge and export-peft refuse it
+    _error(*_main("eval", "--config", config, "--side-effects", "--adapter", run_dir / "peft",
+                  "--out", run_dir / "peft"), r"--out .* is --adapter .*which this command reads")
+    # eval reads data.valid, not data.train; a malformed validation record is skipped when the config says so
+    bad = tmp_path / "valid.jsonl"
+    bad.write_text(pathlib.Path(VALID).read_text() + '{"prompt": "no completion"}\n')
+    code, out, err = _main("eval", "--config", config, "--base", "--set", "data.train=null", *small,
+                           "--set", f"data.valid={bad}", "--set", "data.on_bad_record=skip")
+    assert code == 0 and "validation loss" in out, err[-2000:]
+    _error(*_main("eval", "--config", config, "--base", "--set", f"data.valid={bad}", *small),
+           r"missing key\(s\) \['completion'\]")
+    # a config that validates on a held-out fraction of data.train: eval says why it needs data.valid
+    _error(*_main("eval", "--config", config, "--base", "--set", "data.valid=null", "--set", "data.valid_fraction=0.25"),
+           r"`data.valid` is empty; eval needs a validation file \(data.valid_fraction=0.25 .*\): set data.valid")
 
 
 def test_inspect_shows_a_peft_adapter_on_some_layers_only(tiny, tmp_path):

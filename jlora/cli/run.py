@@ -142,10 +142,11 @@ def _listing(folder: pathlib.Path, limit: int = 5) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-def _check_inputs(cfg: RunConfig) -> None:
-    """Fails fast, before any work, on paths that do not exist."""
+def _check_inputs(cfg: RunConfig, *, train: bool = True) -> None:
+    """Fails fast, before any work, on paths that do not exist (``data.train`` only when ``train``: eval does not
+    read it)."""
     resolve_model(cfg.model.path)
-    for key in ("train", "valid"):
+    for key in ("train", "valid") if train else ("valid",):
         value = getattr(cfg.data, key)
         if key == "train" and not value:
             raise ConfigError("`data.train` is empty; set it to data files of prompt/completion pairs or chats")
@@ -661,7 +662,7 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
         bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
         if d.valid:
             valid = data_lib.load(d.valid, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,
-                                  columns=d.columns)
+                                  columns=d.columns, on_bad_record=d.on_bad_record)
         elif d.valid_fraction > 0:
             train, held_out = data_lib.sources.split(train, valid_fraction=d.valid_fraction, seed=d.seed)
             valid = data_lib.records.tokenize_source(held_out, loaded.tokenizer, max_length=d.max_length,
@@ -676,7 +677,8 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
           (f" ({bad} malformed train records will be skipped)" if bad else ""))
     prompts = []
     if valid and d.valid and (cfg.eval.before or cfg.eval.after):
-        prompts = data_lib.eval_prompts(d.valid, loaded.tokenizer, limit=cfg.eval.num_examples, columns=d.columns)
+        prompts = data_lib.eval_prompts(d.valid, loaded.tokenizer, limit=cfg.eval.num_examples, columns=d.columns,
+                                        on_bad_record=d.on_bad_record)
     return _Data(train, valid, prompts)
 
 
@@ -868,7 +870,7 @@ def _side_effects(run: _Run, adapters, summary: dict[str, Any]) -> dict[str, Any
                                         limit=cfg.eval.general_examples)
     report = side_effects.evaluate(run.loaded.model, run.params, adapters, cfg.lora, general=general,
                                    base_params=run.loaded.params if run.params is not run.loaded.params else None,
-                                   batch_size=cfg.eval.batch_size, max_new_tokens=16,
+                                   batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                                    eos_token_id=tuple(tok.eos_token_ids), pad_token_id=tok.pad_token_id,
                                    decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
     if "accuracy_before" in summary and "accuracy_after" in summary:
@@ -1025,10 +1027,18 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     if side_effects and not pathlib.Path(cfg.eval.general).is_file():
         raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
                           f"side-effect report); point it at a JSONL file")
-    _check_inputs(cfg)
+    if out and adapter and os.path.exists(adapter):
+        target, read = pathlib.Path(out).resolve(), pathlib.Path(adapter).resolve()
+        if target == read or target.is_relative_to(read):
+            raise UsageError(f"--out {out!r} {'is' if target == read else 'is inside'} --adapter {adapter!r}, which "
+                             f"this command reads; the report must go to a folder apart from it: choose another --out")
+    _check_inputs(cfg, train=False)
     scorer = scoring.load(cfg.eval.scorer)
     if not cfg.data.valid:
-        raise ConfigError("`data.valid` is empty; eval needs validation data")
+        held = (f" (data.valid_fraction={cfg.data.valid_fraction} holds part of data.train out for a run's own "
+                f"validation loss; eval does not rebuild that split)" if cfg.data.valid_fraction > 0 else "")
+        raise ConfigError(f"`data.valid` is empty; eval needs a validation file{held}: set data.valid (or --set "
+                          f"data.valid=PATH)")
     if not base and not adapter and not pathlib.Path(cfg.run.dir).exists():
         raise UsageError(f"the config's run.dir {cfg.run.dir!r} does not exist: train it first, or pass --adapter DIR "
                          f"(a run or PEFT folder) or --base")
@@ -1041,13 +1051,14 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
                               layout=_layout(loaded))
     try:
         valid = data_lib.load(cfg.data.valid, loaded.tokenizer, max_length=cfg.data.max_length,
-                              overflow=cfg.data.overflow, columns=cfg.data.columns)
+                              overflow=cfg.data.overflow, columns=cfg.data.columns,
+                              on_bad_record=cfg.data.on_bad_record)
     except ValueError as e:
         raise _in_config_terms(e) from None
     loss = validation_loss(jax.jit(jlora.make_eval_step(loaded.model, lora_cfg)), loaded.params, adapters,
                            _loader(cfg, valid, loaded.tokenizer, train=False))
     prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples,
-                                    columns=cfg.data.columns)
+                                    columns=cfg.data.columns, on_bad_record=cfg.data.on_bad_record)
     if not side_effects:
         acc, _ = score_generation(loaded, loaded.params, prompts, scorer, adapters=None if base else adapters,
                                   lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,

@@ -143,9 +143,10 @@ def check(source: Source, columns: Mapping[str, str] | None = None, *, on_bad_re
 
 
 def read(path: str | os.PathLike | Sequence[str | os.PathLike], *, columns: Mapping[str, str] | None = None,
-         limit: int | None = None) -> list[tuple[str, dict]]:
-    """``(where, record)`` for the records of data files (any format; the first ``limit``), each validated."""
-    return read_source(open_records(path, columns), columns=columns, limit=limit)
+         limit: int | None = None, on_bad_record: str = "error") -> list[tuple[str, dict]]:
+    """``(where, record)`` for the records of data files (any format; the first ``limit``), each validated
+    (``on_bad_record="skip"``: malformed ones left out)."""
+    return read_source(open_records(path, columns), columns=columns, limit=limit, on_bad_record=on_bad_record)
 
 
 def open_records(path: str | os.PathLike | Sequence[str | os.PathLike] | Source,
@@ -419,11 +420,11 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
 
 
 def load(path: str | os.PathLike, tokenizer, *, max_length: int, overflow: str = "error",
-         columns: Mapping[str, str] | None = None) -> list[Example]:
+         columns: Mapping[str, str] | None = None, on_bad_record: str = "error") -> list[Example]:
     """:func:`read` + `tokenize_all` into memory (for small data; :class:`jlora.data.Loader` streams files), with
-    ``file:line`` sources in every message."""
+    ``file:line`` sources in every message; ``on_bad_record="skip"`` leaves malformed records out."""
     return tokenize_source(open_records(path, columns), tokenizer, max_length=max_length, overflow=overflow,
-                           columns=columns)
+                           columns=columns, on_bad_record=on_bad_record)
 
 
 def tokenize_source(source: Source, tokenizer, *, max_length: int, overflow: str = "error",
@@ -477,10 +478,11 @@ class EvalPrompt(NamedTuple):
 
 
 def eval_prompts(data: str | os.PathLike | Sequence[Mapping[str, Any]], tokenizer, *, limit: int | None = None,
-                 columns: Mapping[str, str] | None = None) -> list[EvalPrompt]:
-    """Prompts to decode from and their references, from data files or a list of records (the first ``limit``)."""
-    pairs = (read(data, limit=limit, columns=columns) if isinstance(data, (str, os.PathLike))
-             else [(f"record {i}", r) for i, r in enumerate(data)])
+                 columns: Mapping[str, str] | None = None, on_bad_record: str = "error") -> list[EvalPrompt]:
+    """Prompts to decode from and their references, from data files or a list of records (the first ``limit``;
+    ``on_bad_record="skip"`` leaves malformed records of data files out)."""
+    pairs = (read(data, limit=limit, columns=columns, on_bad_record=on_bad_record)
+             if isinstance(data, (str, os.PathLike)) else [(f"record {i}", r) for i, r in enumerate(data)])
     out = []
     for where, record in pairs[:limit]:
         if validate_record(record, where) == "chat":
