@@ -987,6 +987,23 @@ def test_eval_side_effects_reports_and_writes_json(trained):
     assert code == 0 and (run_dir.parent / "report" / "side_effects.json").is_file(), err
 
 
+def test_rows_longer_than_learned_positions_are_a_config_error(tmp_path):
+    """GPT-2 has no position embedding past n_positions: training would read NaN there, so the config is refused
+    before any step."""
+    from jlora import hf
+    from jlora.hf import gguf
+
+    tok = gguf.read(hf.resolve(SMOL)).tokenizer
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2,
+                                                         n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    tok.save(tmp_path / "gpt2")
+    config = _config(tmp_path, tmp_path / "gpt2", "r", lora={"targets": ["c_attn"]})
+    for command in (["train", "--config", config], ["eval", "--config", config, "--base"]):
+        _error(*_main(*command), r"data.max_length=\d+ is longer than the model's 64 learned positions "
+                                 r"\(n_positions\); set data.max_length to 64 or less")
+    _no_run_left(tmp_path / "r")
+
+
 def test_eval_reads_only_what_it_needs_and_writes_nothing_into_its_adapter(trained, tmp_path):
     config, run_dir, _ = trained
     small = ["--set", "eval.num_examples=1", "--set", "eval.max_new_tokens=2"]

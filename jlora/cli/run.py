@@ -309,6 +309,15 @@ def _load_model(cfg: RunConfig):
                    attention=cfg.model.attention)
 
 
+def _check_positions(cfg: RunConfig, loaded) -> None:
+    """A model with learned positions (GPT-2's ``n_positions``) has no embedding past them: rows of
+    ``data.max_length`` tokens must fit (RoPE models have no such table)."""
+    limit = getattr(loaded.config, "n_positions", None)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is longer than the model's {limit} learned "
+                          f"positions (n_positions); set data.max_length to {limit} or less")
+
+
 def _layout(loaded):
     if getattr(loaded.config, "scan_layers", False):
         return jlora.layout(loaded.model, jnp.ones((1, 8), jnp.int32))
@@ -569,6 +578,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
               f"changed (to train on, --set train.steps=N above {cfg.train.steps})")
         return json.loads((run_dir / "summary.json").read_text())
     loaded = _load_model(cfg)
+    _check_positions(cfg, loaded)
     data = _load_data(cfg, loaded)
     run, state = _build(cfg, pathlib.Path(cfg.run.dir).absolute(), loaded, data, scorer, mesh)
     if progress is None:
@@ -1045,6 +1055,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     if not base:
         adapter_kind(adapter or cfg.run.dir, "--adapter" if adapter else "the config's run.dir")
     loaded = _load_model(cfg)
+    _check_positions(cfg, loaded)
     adapters, lora_cfg = (None, cfg.lora) if base else load_adapters(adapter or cfg.run.dir, loaded)
     if adapters is None:
         adapters = jlora.init(loaded.params, dataclasses.replace(lora_cfg, init="default"), key=jax.random.key(0),
