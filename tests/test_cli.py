@@ -216,12 +216,19 @@ def test_keys_with_fixed_values_list_them(override, message, tmp_path):
     ("mesh.fsdp=0", r"`mesh.fsdp` must be >= 1 \(or -1"),
     ("lora.rank=0", r"`rank` must be an integer >= 1; got 0"),
     ("lora.dropout=1.5", r"`dropout` must be a number in \[0, 1\)"),
+    ("lora.rank_pattern={v_proj: 0}", r"`rank_pattern\['v_proj'\]` must be an integer >= 1; got 0"),
 ])
 def test_impossible_values_are_config_errors_naming_the_key(override, message, tmp_path):
     path, result = _stops_at_data(tmp_path, overrides=[override])
     origin = str(path) if override.startswith("train.grad_accum_steps=3") else f"--set {override}"  # batch_size's
     _error(*result, message, re.escape(f"(in {origin})"))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_glob_in_set_must_be_quoted_and_the_error_says_so(tmp_path):
+    _error(*_stops_at_data(tmp_path, overrides=["data.train=*.jsonl"])[1],
+           r"cannot parse the value of --set data.train=\*.jsonl as YAML: .*must be quoted: "
+           r"--set 'data.train=\"\*.jsonl\"'")
 
 
 def test_learning_rate_schedule_warms_up_then_decays_and_zero_warmup_starts_at_the_peak():

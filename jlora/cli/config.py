@@ -426,7 +426,7 @@ def _build_section(name: str, values: Any, source: str, origins: Mapping[str, st
     except _BadValue as e:
         raise ConfigError(f"{e} (in {origins.get(e.key, source)})") from None
     except (ValueError, TypeError) as e:
-        keys_named = [k for k in kwargs if f"`{k}`" in str(e)]
+        keys_named = [k for k in kwargs if f"`{k}`" in str(e) or f"`{k}[" in str(e)]   # `rank_pattern['q']`
         where = origins.get(f"{name}.{keys_named[0]}", source) if keys_named else source
         raise ConfigError(f"invalid `{name}` section: {e} (in {where})") from None
 
@@ -477,7 +477,9 @@ def _split_override(item: str) -> tuple[str, str, Any]:
     try:
         parsed = read_yaml(value) if value.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse the value of --set {item}: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"cannot parse the value of --set {item} as YAML: {' '.join(str(e).split())}; a value "
+                          f"with YAML's special characters (a glob's leading *, a :, #, [ or {{) must be quoted: "
+                          f"--set '{key}=\"{value}\"'") from None
     return section, name, parsed
 
 
