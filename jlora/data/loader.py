@@ -29,10 +29,11 @@ every step, and no example is lost at an epoch's end). With ``overflow="drop"`` 
 leaves the dropped example's row empty (all masks 0), so every process's rows stay those of the global batch;
 packing moves on to the next example.
 
-**Position**: ``loader.position`` is ``{"epoch": e, "index": i, "fingerprint": f}``: i examples of epoch e's order
-are behind the next batch (for packing with several processes: this process's next example's place in the order),
-f identifies the data (:func:`jlora.data.sources.fingerprint`). A Loader built with ``position=`` yields exactly the
-batches an uninterrupted one would have yielded next, and refuses a position saved for other data.
+**Position**: ``loader.position`` is ``{"epoch": e, "index": i, "fingerprint": f, "counts": c}``: i examples of
+epoch e's order are behind the next batch (for packing with several processes: this process's next example's place
+in the order), f identifies the data (:func:`jlora.data.sources.fingerprint`), and c is ``Loader.counts`` up to
+there. A Loader built with ``position=`` yields exactly the batches an uninterrupted one would have yielded next,
+counts on from c, and refuses a position saved for other data.
 
 Examples:
     >>> from jlora.data.records import Example
@@ -42,7 +43,7 @@ Examples:
     >>> batch["input_ids"].tolist(), batch["loss_mask"].tolist()
     ([[1, 5, 6, 7, 2, 0, 0, 0], [1, 5, 5, 8, 2, 0, 0, 0]], [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]])
     >>> {k: v for k, v in loader.position.items() if k != "fingerprint"}
-    {'epoch': 1, 'index': 0}
+    {'epoch': 1, 'index': 0, 'counts': {'examples': 2, 'truncated': 0, 'dropped': 0, 'skipped': 0, 'boundary': 0}}
 """
 
 from __future__ import annotations
@@ -439,6 +440,7 @@ class Loader:
         self._iter = _Batches(self).__iter__()
         if position is not None:
             self._iter.set_state(self._state_of(position))
+            self.counts.update(position.get("counts") or {})   # a resumed run counts on from where it was
 
     # ---- the pipeline
     def items(self, start: int) -> grain.IterDataset:
@@ -534,7 +536,13 @@ class Loader:
     def position(self) -> dict[str, Any]:
         """Where the next batch starts (JSON-able; pass it back as ``position``)."""
         state = self._iter.get_state()
-        return {**self.plan.position_of(state["q"], state["b"]), "fingerprint": self.fingerprint}
+        counts = dict(self.counts)
+        pending = self._iter._pending      # read and counted, but the next batch starts with it: not yet
+        if pending is not None:
+            counts["examples"] -= pending.example is not None
+            if pending.note:
+                counts[pending.note] -= 1
+        return {**self.plan.position_of(state["q"], state["b"]), "fingerprint": self.fingerprint, "counts": counts}
 
     def describe(self) -> str:
         if isinstance(self.records, Source):
