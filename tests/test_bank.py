@@ -108,14 +108,20 @@ def test_einsum_layer_routes_per_row():
 
     x = jax.random.normal(KEY, (2, 4, 6))
     model = Ein()
-    params = model.init(KEY, x)["params"]
-    lay = jlora.layout(model, x)
-    cfg = jlora.LoraConfig(rank=2, alpha=3.0, targets="proj")
-    ad = _random(jlora.init(params, cfg, key=KEY, layout=lay), jax.random.key(1))
-    bank = B.put(B.create(params, capacity=2, rank=2, targets="proj", layout=lay), 1, ad, cfg)
-    out = B.apply(model, params, bank, jnp.array([1, B.BASE]), x)
+    params, ad, cfg, out = _routed_one_layer(model, x, slot=1, alpha=3.0)
     assert max_diff(out[0], jlora.apply(model, params, ad, cfg, x)[0]) <= 1e-5
     assert max_diff(out[1], model.apply({"params": params}, x)[1]) <= 1e-6
+
+
+def _routed_one_layer(model, x, *, slot, alpha):
+    """A random adapter on the layer "proj" put in ``slot`` of a bank of 2: (params, adapter, config, bank output
+    for rows routed to ``slot`` and to the base)."""
+    params = model.init(KEY, x)["params"]
+    lay = jlora.layout(model, x)
+    cfg = jlora.LoraConfig(rank=2, alpha=alpha, targets="proj")
+    ad = _random(jlora.init(params, cfg, key=KEY, layout=lay), jax.random.key(1))
+    bank = B.put(B.create(params, capacity=2, rank=2, targets="proj", layout=lay), slot, ad, cfg)
+    return params, ad, cfg, B.apply(model, params, bank, jnp.array([slot, B.BASE]), x)
 
 
 def test_dense_general_with_its_axes_out_of_order_routes_per_row():
@@ -126,12 +132,7 @@ def test_dense_general_with_its_axes_out_of_order_routes_per_row():
 
     x = jax.random.normal(KEY, (2, 3, 4))
     model = Proj()
-    params = model.init(KEY, x)["params"]
-    lay = jlora.layout(model, x)
-    cfg = jlora.LoraConfig(rank=2, alpha=2.0, targets="proj")
-    ad = _random(jlora.init(params, cfg, key=KEY, layout=lay), jax.random.key(1))
-    bank = B.put(B.create(params, capacity=2, rank=2, targets="proj", layout=lay), 0, ad, cfg)
-    out = B.apply(model, params, bank, jnp.array([0, B.BASE]), x)
+    params, ad, cfg, out = _routed_one_layer(model, x, slot=0, alpha=2.0)
     merged = model.apply({"params": jlora.merge(params, ad, cfg)}, x)     # the update in W itself
     assert max_diff(out[0], merged[0]) <= 1e-5
     assert max_diff(out[1], model.apply({"params": params}, x)[1]) <= 1e-6

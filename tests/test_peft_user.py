@@ -184,6 +184,15 @@ class FlaxMLP(nn.Module):
         return nn.Dense(2, name="out")(nn.Dense(5, name="down")(h))
 
 
+def _random_adapters(params, cfg, scale, x_shape):
+    """Adapters of ``cfg`` on ``params`` with random factors of about ``scale`` (B too), and an input: one seeded
+    numpy stream, so both frameworks see the same numbers."""
+    rng = np.random.RandomState(0)
+    made = jax.eval_shape(lambda: jlora.init(params, cfg, key=jax.random.key(0)))
+    adapters = jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), jnp.float32), made)
+    return adapters, rng.normal(size=x_shape).astype(np.float32)
+
+
 def test_mlp_port_round_trips_with_peft(tmp_path):
     torch.manual_seed(0)
     torch_model = TorchMLP().eval()
@@ -193,10 +202,7 @@ def test_mlp_port_round_trips_with_peft(tmp_path):
               for p, m in (("up", "net.0"), ("down", "net.2"), ("out", "proj"))}
     tm = jlora.peft.TorchModel(params, names, name="torch-mlp")
     cfg = jlora.LoraConfig(rank=2, alpha=4, targets=("up", "down"), modules_to_save=("out",))
-    rng = np.random.RandomState(0)
-    made = jax.eval_shape(lambda: jlora.init(params, cfg, key=jax.random.key(0)))
-    adapters = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), jnp.float32), made)
-    x = rng.normal(size=(3, 6)).astype(np.float32)
+    adapters, x = _random_adapters(params, cfg, 0.3, (3, 6))
     ours = np.asarray(jlora.apply(FlaxMLP(), params, adapters, cfg, jnp.asarray(x)))
     jlora.peft.save(tmp_path, adapters, cfg, tm)
     peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path)).eval()
@@ -247,10 +253,7 @@ def test_pattern_keys_select_one_module_when_a_name_ends_another(tmp_path):
     tm = jlora.peft.TorchModel(params, {"proj/kernel": "proj", "block/proj/kernel": "block.proj",
                                         "other/kernel": "other"})
     cfg = jlora.LoraConfig(rank=2, alpha=8.0, targets=("proj", "other"), alpha_pattern={"^proj/": 2.0})
-    rng = np.random.RandomState(0)
-    made = jax.eval_shape(lambda: jlora.init(params, cfg, key=jax.random.key(0)))
-    adapters = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), jnp.float32), made)
-    x = rng.normal(size=(3, 4)).astype(np.float32)
+    adapters, x = _random_adapters(params, cfg, 0.5, (3, 4))
     ours = np.asarray(jlora.apply(FlaxNested(), params, adapters, cfg, jnp.asarray(x)))
     jlora.peft.save(tmp_path, adapters, cfg, tm)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["alpha_pattern"] == {"^proj": 2.0}
