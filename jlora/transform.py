@@ -403,12 +403,11 @@ def _interceptor(trace: _Trace):
         override = not _runs_flax_method(module, method, context.orig_method)
         if override:                      # a user subclass's method: adapt inside it if it reaches Flax's own
             key = (mpath, method)
-            outer, trace.overrides[key] = trace.overrides.get(key), False
+            if key in trace.overrides:    # an override called by an override: the outermost one decides
+                return next_fun(*args, **kwargs)
+            trace.overrides[key] = False
             y = next_fun(*args, **kwargs)
-            reached = trace.overrides.pop(key)
-            if outer is not None:
-                trace.overrides[key] = outer
-            if reached:
+            if trace.overrides.pop(key):
                 return y
         elif (mpath, method) in trace.overrides:
             trace.overrides[(mpath, method)] = True

@@ -121,6 +121,12 @@ class ScaledDense(nn.Dense):              # post-processes: the update must be s
         return 2.0 * super().__call__(x)
 
 
+class ScaledAgain(ScaledDense):          # an override of an override
+    @nn.compact
+    def __call__(self, x):
+        return super().__call__(x) - 1.0
+
+
 class OwnDense(nn.Dense):                 # never reaches nn.Dense.__call__: reads the kernel itself
     @nn.compact
     def __call__(self, x):
@@ -133,7 +139,7 @@ class PassEmbed(nn.Embed):
         return super().attend(query)
 
 
-@pytest.mark.parametrize("layer", [PassDense, ScaledDense, OwnDense])
+@pytest.mark.parametrize("layer", [PassDense, ScaledDense, ScaledAgain, OwnDense])
 def test_a_subclass_of_a_layer_gets_its_update_once_as_merged(layer):
     """Flax intercepts both a subclass's __call__ and the nn.Dense.__call__ it reaches through super(): the update
     goes in once, inside the subclass's own arithmetic, as merging it into the kernel puts it."""
