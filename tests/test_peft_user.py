@@ -83,10 +83,13 @@ CFG = jlora.LoraConfig(rank=4, alpha=8, targets=("c1", "c2", "dw", "t1", "fc"),
                        rank_pattern={"dw": 8, "t1": 3, "fc": 2})
 
 
-def _random_adapters(params, layout, seed=0):
+def _random_adapters(params, cfg=CFG, *, layout=None, seed=0, scale=0.2, x_shape=None):
+    """Adapters of ``cfg`` on ``params`` with random factors of about ``scale`` (B too), from one seeded numpy
+    stream, so both frameworks see the same numbers; with ``x_shape``, also an input drawn next: (adapters, x)."""
     rng = np.random.RandomState(seed)
-    made = jax.eval_shape(lambda: jlora.init(params, CFG, key=jax.random.key(0), layout=layout))
-    return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.normal(size=s.shape), jnp.float32), made)
+    made = jax.eval_shape(lambda: jlora.init(params, cfg, key=jax.random.key(0), layout=layout))
+    adapters = jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), jnp.float32), made)
+    return adapters if x_shape is None else (adapters, rng.normal(size=x_shape).astype(np.float32))
 
 
 def _torch_out(torch_model, inputs):
@@ -96,7 +99,7 @@ def _torch_out(torch_model, inputs):
 
 def test_conv_export_equals_peft_and_imports_back(tmp_path):
     torch_model, inputs, model, params, x, tm = _both()
-    adapters = _random_adapters(params, tm.layout)
+    adapters = _random_adapters(params, layout=tm.layout)
     ours = np.asarray(jlora.apply(model, params, adapters, CFG, *x))
     jlora.peft.save(tmp_path, adapters, CFG, tm)
     peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path)).eval()
@@ -141,7 +144,7 @@ def test_peft_trained_conv_adapter_loads_and_cross_group_a_is_refused(tmp_path):
 
 def test_dilated_conv_exports_for_peft_merge_only(tmp_path):
     torch_model, inputs, model, params, x, tm = _both(dilation=2)
-    adapters = _random_adapters(params, tm.layout, seed=1)
+    adapters = _random_adapters(params, layout=tm.layout, seed=1)
     cfg = jlora.LoraConfig(rank=4, alpha=8, targets=("c2",))
     adapters = {"c2": adapters["c2"]}
     with pytest.raises(ValueError, match=r"'c2/kernel' .* kernel_dilation \(2, 2\): PEFT 0.21 builds lora_A "
@@ -184,15 +187,6 @@ class FlaxMLP(nn.Module):
         return nn.Dense(2, name="out")(nn.Dense(5, name="down")(h))
 
 
-def _random_adapters(params, cfg, scale, x_shape):
-    """Adapters of ``cfg`` on ``params`` with random factors of about ``scale`` (B too), and an input: one seeded
-    numpy stream, so both frameworks see the same numbers."""
-    rng = np.random.RandomState(0)
-    made = jax.eval_shape(lambda: jlora.init(params, cfg, key=jax.random.key(0)))
-    adapters = jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), jnp.float32), made)
-    return adapters, rng.normal(size=x_shape).astype(np.float32)
-
-
 def test_mlp_port_round_trips_with_peft(tmp_path):
     torch.manual_seed(0)
     torch_model = TorchMLP().eval()
@@ -202,7 +196,7 @@ def test_mlp_port_round_trips_with_peft(tmp_path):
               for p, m in (("up", "net.0"), ("down", "net.2"), ("out", "proj"))}
     tm = jlora.peft.TorchModel(params, names, name="torch-mlp")
     cfg = jlora.LoraConfig(rank=2, alpha=4, targets=("up", "down"), modules_to_save=("out",))
-    adapters, x = _random_adapters(params, cfg, 0.3, (3, 6))
+    adapters, x = _random_adapters(params, cfg, scale=0.3, x_shape=(3, 6))
     ours = np.asarray(jlora.apply(FlaxMLP(), params, adapters, cfg, jnp.asarray(x)))
     jlora.peft.save(tmp_path, adapters, cfg, tm)
     peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path)).eval()
@@ -253,7 +247,7 @@ def test_pattern_keys_select_one_module_when_a_name_ends_another(tmp_path):
     tm = jlora.peft.TorchModel(params, {"proj/kernel": "proj", "block/proj/kernel": "block.proj",
                                         "other/kernel": "other"})
     cfg = jlora.LoraConfig(rank=2, alpha=8.0, targets=("proj", "other"), alpha_pattern={"^proj/": 2.0})
-    adapters, x = _random_adapters(params, cfg, 0.5, (3, 4))
+    adapters, x = _random_adapters(params, cfg, scale=0.5, x_shape=(3, 4))
     ours = np.asarray(jlora.apply(FlaxNested(), params, adapters, cfg, jnp.asarray(x)))
     jlora.peft.save(tmp_path, adapters, cfg, tm)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["alpha_pattern"] == {"^proj": 2.0}
