@@ -1025,9 +1025,21 @@ def test_eval_reads_only_what_it_needs_and_writes_nothing_into_its_adapter(train
     assert code == 0 and "validation loss" in out, err[-2000:]
     _error(*_main("eval", "--config", config, "--base", "--set", f"data.valid={bad}", *small),
            r"missing key\(s\) \['completion'\]")
-    # a config that validates on a held-out fraction of data.train: eval says why it needs data.valid
-    _error(*_main("eval", "--config", config, "--base", "--set", "data.valid=null", "--set", "data.valid_fraction=0.25"),
-           r"`data.valid` is empty; eval needs a validation file \(data.valid_fraction=0.25 .*\): set data.valid")
+    # a config that validates on a held-out fraction of data.train: eval rebuilds that split, the same examples
+    # as a file holding them
+    seed = runconfig.load(config).data.seed
+    _, held = data_lib.sources.split(data_lib.records.open_records(TRAIN), valid_fraction=0.25, seed=seed)
+    held_file = tmp_path / "held.jsonl"
+    held_file.write_text("".join(json.dumps(r) + "\n" for _, r in data_lib.records.read_source(held)))
+    results = [_main("eval", "--config", config, "--base", "--set", "data.train=null", *small,
+                     "--set", f"data.valid={held_file}")]
+    results.append(_main("eval", "--config", config, "--base", "--set", "data.valid=null", *small,
+                         "--set", "data.valid_fraction=0.25"))
+    assert [code for code, _, _ in results] == [0, 0], results[1][2][-2000:]
+    last = [out.splitlines()[-1] for _, out, _ in results]
+    assert last[0] == last[1] and last[0].startswith("validation loss "), last     # the loss and score line
+    _error(*_main("eval", "--config", config, "--base", "--set", "data.valid=null"),
+           r"`data.valid` is empty and data.valid_fraction is 0; eval needs validation data")
 
 
 def test_inspect_shows_a_peft_adapter_on_some_layers_only(tiny, tmp_path):

@@ -660,6 +660,14 @@ class _Run:
     eval_step: Callable                 # (params, adapters, batch) -> metrics, compiled
 
 
+def _split(cfg: RunConfig, train=None):
+    """The seeded (train, validation) split of ``data.train`` (opened here unless given) that
+    ``data.valid_fraction`` asks for: the one a run trains and validates on, and eval rebuilds."""
+    d = cfg.data
+    train = data_lib.records.open_records(d.train, d.columns) if train is None else train
+    return data_lib.sources.split(train, valid_fraction=d.valid_fraction, seed=d.seed)
+
+
 def _load_data(cfg: RunConfig, loaded) -> _Data:
     """The training records (:func:`jlora.data.open_source`: each checked now, in one pass, never held), validation
     examples (``data.valid``, else a seeded ``data.valid_fraction`` of ``data.train``; tokenized once) and the
@@ -674,7 +682,7 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
             valid = data_lib.load(d.valid, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,
                                   columns=d.columns, on_bad_record=d.on_bad_record)
         elif d.valid_fraction > 0:
-            train, held_out = data_lib.sources.split(train, valid_fraction=d.valid_fraction, seed=d.seed)
+            train, held_out = _split(cfg, train)
             valid = data_lib.records.tokenize_source(held_out, loaded.tokenizer, max_length=d.max_length,
                                                      overflow=d.overflow, columns=d.columns,
                                                      on_bad_record=d.on_bad_record)
@@ -1042,13 +1050,12 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
         if target == read or target.is_relative_to(read):
             raise UsageError(f"--out {out!r} {'is' if target == read else 'is inside'} --adapter {adapter!r}, which "
                              f"this command reads; the report must go to a folder apart from it: choose another --out")
-    _check_inputs(cfg, train=False)
+    d = cfg.data
+    _check_inputs(cfg, train=not d.valid)    # with no data.valid, the split of data.train the run validated on
     scorer = scoring.load(cfg.eval.scorer)
-    if not cfg.data.valid:
-        held = (f" (data.valid_fraction={cfg.data.valid_fraction} holds part of data.train out for a run's own "
-                f"validation loss; eval does not rebuild that split)" if cfg.data.valid_fraction > 0 else "")
-        raise ConfigError(f"`data.valid` is empty; eval needs a validation file{held}: set data.valid (or --set "
-                          f"data.valid=PATH)")
+    if not d.valid and not d.valid_fraction > 0:
+        raise ConfigError("`data.valid` is empty and data.valid_fraction is 0; eval needs validation data: set "
+                          "data.valid (or --set data.valid=PATH), or the data.valid_fraction the run held out")
     if not base and not adapter and not pathlib.Path(cfg.run.dir).exists():
         raise UsageError(f"the config's run.dir {cfg.run.dir!r} does not exist: train it first, or pass --adapter DIR "
                          f"(a run or PEFT folder) or --base")
@@ -1061,15 +1068,16 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
         adapters = jlora.init(loaded.params, dataclasses.replace(lora_cfg, init="default"), key=jax.random.key(0),
                               layout=_layout(loaded))
     try:
-        valid = data_lib.load(cfg.data.valid, loaded.tokenizer, max_length=cfg.data.max_length,
-                              overflow=cfg.data.overflow, columns=cfg.data.columns,
-                              on_bad_record=cfg.data.on_bad_record)
+        source = data_lib.records.open_records(d.valid, d.columns) if d.valid else _split(cfg)[1]
+        valid = data_lib.records.tokenize_source(source, loaded.tokenizer, max_length=d.max_length,
+                                                 overflow=d.overflow, columns=d.columns,
+                                                 on_bad_record=d.on_bad_record)
+        prompts = data_lib.eval_prompts(source, loaded.tokenizer, limit=cfg.eval.num_examples, columns=d.columns,
+                                        on_bad_record=d.on_bad_record)
     except ValueError as e:
         raise _in_config_terms(e) from None
     loss = validation_loss(jax.jit(jlora.make_eval_step(loaded.model, lora_cfg)), loaded.params, adapters,
                            _loader(cfg, valid, loaded.tokenizer, train=False))
-    prompts = data_lib.eval_prompts(cfg.data.valid, loaded.tokenizer, limit=cfg.eval.num_examples,
-                                    columns=cfg.data.columns, on_bad_record=cfg.data.on_bad_record)
     if not side_effects:
         acc, _ = score_generation(loaded, loaded.params, prompts, scorer, adapters=None if base else adapters,
                                   lora_cfg=lora_cfg, batch_size=cfg.eval.batch_size,

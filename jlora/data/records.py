@@ -477,12 +477,15 @@ class EvalPrompt(NamedTuple):
     source: str
 
 
-def eval_prompts(data: str | os.PathLike | Sequence[Mapping[str, Any]], tokenizer, *, limit: int | None = None,
-                 columns: Mapping[str, str] | None = None, on_bad_record: str = "error") -> list[EvalPrompt]:
-    """Prompts to decode from and their references, from data files or a list of records (the first ``limit``;
-    ``on_bad_record="skip"`` leaves malformed records of data files out)."""
-    pairs = (read(data, limit=limit, columns=columns, on_bad_record=on_bad_record)
-             if isinstance(data, (str, os.PathLike)) else [(f"record {i}", r) for i, r in enumerate(data)])
+def eval_prompts(data: str | os.PathLike | Source | Sequence[Mapping[str, Any]], tokenizer, *,
+                 limit: int | None = None, columns: Mapping[str, str] | None = None,
+                 on_bad_record: str = "error") -> list[EvalPrompt]:
+    """Prompts to decode from and their references, from data files, an opened source (a validation split) or a
+    list of records (the first ``limit``; ``on_bad_record="skip"`` leaves malformed records of files out)."""
+    if isinstance(data, (str, os.PathLike, Source)):
+        pairs = read_source(open_records(data, columns), columns=columns, limit=limit, on_bad_record=on_bad_record)
+    else:
+        pairs = [(f"record {i}", r) for i, r in enumerate(data)]
     out = []
     for where, record in pairs[:limit]:
         if validate_record(record, where) == "chat":
