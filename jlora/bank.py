@@ -264,13 +264,8 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
             raise ValueError(f"the adapter at {path!r} is not one that its config targets (targets="
                              f"{list(cfg.targets)}, exclude={list(cfg.exclude)}): pass the LoraConfig the adapters "
                              f"were made with (it gives their scales)")
-        held = slots[path].layout
-        if node.layout is not None and held is not None and not node.layout.same_axes(held):
-            made = ("without a layout, so its 2-D kernel was taken as (in, out)" if not node.layout.traced
-                    else f"for a kernel laid out {node.layout.describe()}")
-            raise ValueError(f"the adapter at {path!r} was made {made}, but the bank reads that kernel as "
-                             f"{held.describe()}; create the adapters with `layout=jlora.layout(model, "
-                             f"*example_args)`, as the bank was")
+        if slots[path].layout is not None:
+            transform.check_layout(node, slots[path].layout, path, "the bank reads that kernel as")
         r = node.rank
         if r > bank.rank:
             raise ValueError(f"the adapter at {path!r} has rank {r}, above the bank's rank {bank.rank}")

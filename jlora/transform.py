@@ -348,6 +348,16 @@ class _Trace:
         self.overrides: dict[tuple[str, str], bool] = {}
 
 
+def check_layout(node: Adapter, actual: adapter_lib.KernelLayout, path: str, reader: str) -> None:
+    """Raises unless ``node`` was made for a kernel read as ``actual`` (``reader``, e.g. "the bank reads that
+    kernel as", says who reads it so); an adapter without a recorded layout fits any."""
+    if node.layout is not None and not node.layout.same_axes(actual):
+        made = ("without a layout, so its 2-D kernel was taken as (in, out), nn.Dense's layout"
+                if not node.layout.traced else f"for a kernel laid out {node.layout.describe()}")
+        raise ValueError(f"the adapter at {path!r} was made {made}, but {reader} {actual.describe()}; create the "
+                         f"adapters with `layout=jlora.layout(model, *example_args)` so that apply and merge agree")
+
+
 def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str) -> None:
     """Raises unless ``node`` fits the layer (named ``layer``, e.g. ``"nn.Dense"``) that is about to use it."""
     var = adapter_lib.variant(node.variant)
@@ -355,12 +365,7 @@ def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str) -> None:
         raise ValueError(f"the {var.name} adapter at {path!r} is on a {layer} layer; the {var.name} variant "
                          f"supports {'/'.join(var.layers)} layers only")
     actual, shape = spec.layout, tuple(spec.kernel_shape)
-    if node.layout is not None and not node.layout.same_axes(actual):
-        made = ("without a layout, so its 2-D kernel was taken as (in, out), nn.Dense's layout"
-                if not node.layout.traced else f"for a kernel laid out {node.layout.describe()}")
-        raise ValueError(f"the adapter at {path!r} was made {made}, but the {layer} layer using it reads its "
-                         f"kernel {shape} as {actual.describe()}; create the adapters with "
-                         f"`layout=jlora.layout(model, *example_args)` so that apply and merge agree")
+    check_layout(node, actual, path, f"the {layer} layer using it reads its kernel {shape} as")
     fan_in = math.prod(shape[i] for i in spec.in_axes)
     fan_out = math.prod(shape[i] for i in spec.out_axes)
     a, b = jnp.shape(node.a), jnp.shape(node.b)

@@ -960,17 +960,7 @@ def _check_out(out: str, *, overwrite: bool, marker: str, what: str,
         raise UsageError(f"--out {out!r} is a file; pass a folder for the {what}")
     if path.is_dir() and any(path.iterdir()) and ((path / CONFIG_FILE).is_file() or (path / CKPT_DIR).is_dir()):
         raise UsageError(f"--out {out!r} is a jlora run folder; write the {what} to a folder of its own")
-    target = path.resolve()
-    for option, source in reads:
-        if not source or not os.path.exists(source):   # not a local path (pkg://, a hub id): nothing to overwrite
-            continue
-        read = pathlib.Path(source).resolve()
-        where = ("is" if target == read else "is inside" if target.is_relative_to(read) else
-                 "holds" if read.is_relative_to(target) else None)
-        if where:
-            raise UsageError(f"--out {out!r} {where} {option} {source!r}, which this command reads; the {what} "
-                             f"must go to a folder apart from it (not it, inside it or holding it): choose another "
-                             f"--out")
+    _refuse_out_over_inputs(out, reads, what)
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise UsageError(f"--out {out!r} already exists (it holds {_listing(path)}); pass --overwrite to replace "
@@ -979,6 +969,22 @@ def _check_out(out: str, *, overwrite: bool, marker: str, what: str,
             raise UsageError(f"--out {out!r} holds files that are not a {what} ({_listing(path)}); --overwrite "
                              f"replaces only a {what} folder: choose another folder")
     return path
+
+
+def _refuse_out_over_inputs(out: str, reads: Sequence[tuple[str, str]], what: str, *, holding: bool = True) -> None:
+    """Refuses an ``--out`` that is one of the command's inputs (``reads``: ``(option, path)`` pairs) or inside one,
+    or, with ``holding`` (an ``--out`` that is replaced whole), a folder holding one."""
+    target = pathlib.Path(out).resolve()
+    for option, source in reads:
+        if not source or not os.path.exists(source):   # not a local path (pkg://, a hub id): nothing to overwrite
+            continue
+        read = pathlib.Path(source).resolve()
+        where = ("is" if target == read else "is inside" if target.is_relative_to(read) else
+                 "holds" if holding and read.is_relative_to(target) else None)
+        if where:
+            raise UsageError(f"--out {out!r} {where} {option} {source!r}, which this command reads; the {what} "
+                             f"must go to a folder apart from it (not it, inside it{' or holding it' * holding}): "
+                             f"choose another --out")
 
 
 def _clear_out(path: pathlib.Path) -> None:
@@ -1045,11 +1051,8 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     if side_effects and not pathlib.Path(cfg.eval.general).is_file():
         raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
                           f"side-effect report); point it at a JSONL file")
-    if out and adapter and os.path.exists(adapter):
-        target, read = pathlib.Path(out).resolve(), pathlib.Path(adapter).resolve()
-        if target == read or target.is_relative_to(read):
-            raise UsageError(f"--out {out!r} {'is' if target == read else 'is inside'} --adapter {adapter!r}, which "
-                             f"this command reads; the report must go to a folder apart from it: choose another --out")
+    if out:
+        _refuse_out_over_inputs(out, [("--adapter", adapter)], "side-effect report", holding=False)
     d = cfg.data
     _check_inputs(cfg, train=not d.valid)    # with no data.valid, the split of data.train the run validated on
     scorer = scoring.load(cfg.eval.scorer)
