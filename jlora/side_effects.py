@@ -283,8 +283,8 @@ def _as_matrices(w: jax.Array, lay) -> jax.Array:
     return w.reshape(-1, fan_in, math.prod(per_layer[i] for i in lay.out_axes))
 
 
-def intruder_dimensions(params, adapters, lora_cfg: LoraConfig, *, top_k: int = 10,
-                        threshold: float = 0.5) -> dict[str, Any]:
+def intruder_dimensions(params, adapters, lora_cfg: LoraConfig, *, top_k: int = 10, threshold: float = 0.5,
+                        base_params=None) -> dict[str, Any]:
     """Counts the adapted weights' "intruder dimensions": top singular vectors unlike any of the base weight's.
 
     For every adapted kernel (each layer of a stack alone), the output-space singular vectors of the base
@@ -295,11 +295,23 @@ def intruder_dimensions(params, adapters, lora_cfg: LoraConfig, *, top_k: int = 
     2024, report them in LoRA fine-tunes, more at low rank, and rarely after full fine-tuning). A zero adapter has
     none.
 
+    Args:
+        params, adapters, lora_cfg: the fine-tune (``W'`` is ``params`` with the adapters merged).
+        top_k: how many of ``W'``'s leading singular vectors to test (>= 1).
+        threshold: the cosine similarity in (0, 1] below which one is an intruder.
+        base_params: the weights ``W`` to compare with, if not ``params`` (PiSSA/OLoRA: the original weights,
+            since their adapters run on a residual base).
+
     Returns:
         ``{"top_k", "threshold", "matrices", "total", "per_path": {path: count summed over layers}}``.
     """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1 (the leading singular vectors tested), got {top_k!r}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a cosine similarity in (0, 1], got {threshold!r}")
     lora_lib.check_fits(params, adapters, lora_cfg)
     flat = tree_lib.flatten(params)
+    flat_base = flat if base_params is None else tree_lib.flatten(base_params)
     per_path, matrices = {}, 0
     for path, node in adapter_lib.adapter_items(adapters):
         shape = tuple(flat[path].shape)
@@ -308,7 +320,11 @@ def intruder_dimensions(params, adapters, lora_cfg: LoraConfig, *, top_k: int = 
         hook = adapter_lib.variant(node.variant).merged   # DoRA's merge; a quantized kernel is not re-encoded
         merged = (hook(dense, node, scale) if hook is not None
                   else dense + lora_lib.delta(node, scale, shape, lay, dtype=jnp.float32))
-        w0, w1 = _as_matrices(dense, lay), _as_matrices(merged, lay)
+        base = dense if base_params is None else lora_lib.dense_value(flat_base[path])
+        if base.shape != dense.shape:
+            raise ValueError(f"base_params at {path!r} has shape {tuple(base.shape)}, the params "
+                             f"{tuple(dense.shape)}: pass the base the adapters were made from")
+        w0, w1 = _as_matrices(base, lay), _as_matrices(merged, lay)
         # output-space singular vectors: the rows of Vh of the (in, out) matrix
         v0 = jnp.linalg.svd(w0, full_matrices=False)[2]
         v1 = jnp.linalg.svd(w1, full_matrices=False)[2][:, :top_k]
@@ -383,7 +399,7 @@ def evaluate(model, params, adapters, lora_cfg: LoraConfig, *, general: Sequence
         report["task"].update(task_score(base, adapted, [p.target for p in task_prompts], scorer, decode))
     if intruders:
         report["intruders"] = intruder_dimensions(params, adapters, lora_cfg, top_k=intruder_top_k,
-                                                  threshold=intruder_threshold)
+                                                  threshold=intruder_threshold, base_params=base_params)
     return report
 
 

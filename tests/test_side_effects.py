@@ -194,6 +194,37 @@ def test_intruder_dimensions_equal_a_numpy_reference():
     assert out["matrices"] == 4
 
 
+
+def test_intruders_of_a_pissa_adapter_compare_with_the_original_weights():
+    """PiSSA's adapters run on a residual base; at step 0 the adapted model is the original one, so the report
+    (given the original weights as base_params) counts no intruders, as KL 0 and 100% agreement say."""
+    from jlora.variants.inits import init_with_base
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    cfg = jlora.LoraConfig(rank=12, alpha=12, targets=("q_proj", "down_proj"), init="pissa")
+    adapters, residual = init_with_base(params, cfg, key=jax.random.key(1))
+    texts = [data.Example((), tuple(int(t) for t in np.random.default_rng(i).integers(1, 64, 12)))
+             for i in range(2)]
+    report = se.evaluate(model, residual, adapters, cfg, general=texts, base_params=params, intruders=True,
+                         intruder_top_k=8)
+    assert report["general"]["top1_agreement_pct"] == 100.0
+    assert report["intruders"]["total"] == 0 and report["intruders"]["matrices"] == 2
+    # against the residual itself, the same adapters do look intruded: the base matters
+    assert se.intruder_dimensions(residual, adapters, cfg, top_k=8)["total"] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [({"top_k": -1}, "top_k must be an int >= 1"),
+                                             ({"top_k": 0}, "top_k must be an int >= 1"),
+                                             ({"threshold": 1.5}, "threshold must be")])
+def test_intruder_dimensions_refuse_bad_settings(kwargs, message):
+    params = {"dense": {"kernel": jnp.ones((6, 4), jnp.float32)}}
+    cfg = jlora.LoraConfig(rank=2, alpha=2, targets=("dense",))
+    with pytest.raises(ValueError, match=message):
+        se.intruder_dimensions(params, jlora.init(params, cfg, key=jax.random.key(0)), cfg, **kwargs)
+
 # ------------------------------------------------------------------------------------------ the general set
 
 def test_general_set_is_varied_valid_and_not_the_task(tok):
