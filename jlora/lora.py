@@ -130,11 +130,15 @@ def dense_value(w) -> jax.Array:
     return kind.dense_value(w) if kind is not None else jnp.asarray(w, jnp.float32)
 
 
-def _kind_hint(layout, path) -> str:
-    kinds = getattr(layout, "unsupported", {})
-    if path in kinds:
-        return f" ({path!r} belongs to a {kinds[path]} layer, which the LoRA transform does not handle.)"
-    return ""
+def _no_layout_error(layout, path) -> ValueError:
+    """A targeted kernel the traced layout has no entry for: its layer is unsupported (and why), or none uses it."""
+    kind = getattr(layout, "unsupported", {}).get(path)
+    if kind is not None:
+        fix = "" if "from the targets" in kind else " Exclude it from the targets."   # the reason may say it
+        return ValueError(f"parameter {path!r} is targeted, but it belongs to a {kind} layer, which the LoRA "
+                          f"transform does not handle.{fix}")
+    return ValueError(f"parameter {path!r} is targeted but the traced layout has no entry for it: no layer jlora "
+                      f"handles ({', '.join(adapter_lib.LAYER_KINDS)}) uses it. Exclude it from the targets.")
 
 
 def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[str, KernelLayout] | None = None,
@@ -185,9 +189,7 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[st
     for path in target_paths(params, cfg):
         shape = tuple(flat[path].shape)
         if layout is not None and path not in layout:
-            raise ValueError(f"parameter {path!r} is targeted but the traced layout has no entry for it: no layer "
-                             f"jlora handles ({', '.join(adapter_lib.LAYER_KINDS)}) uses it. Exclude it from the "
-                             f"targets.{_kind_hint(layout, path)}")
+            raise _no_layout_error(layout, path)
         lay = layout[path] if layout is not None else default_layout(path, shape)
         lead, fan_in, fan_out = lay.split(shape)
         r, g = cfg.rank_for(path), lay.groups

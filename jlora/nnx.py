@@ -23,7 +23,8 @@ holding the given params, and on each adapted layer sets (a) :class:`AdapterPara
 (and ``Embed.attend``) returns the layer's own output plus the low-rank path, computed by the same
 :func:`jlora.transform.low_rank` as for Linen, from a :class:`jlora.transform.LayerSpec` read off the layer's
 attributes. Because the adapter is a variable of the layer, ``nnx.scan`` over a stack of layers slices it along
-with the layer's kernel, and ``nnx.remat``/``nnx.vmap`` carry it like any other state. The user's model is never
+with the layer's kernel (a scan whose ``nnx.StateAxes`` name what to slice must name :class:`AdapterState`
+beside ``nnx.Param``), and ``nnx.remat``/``nnx.vmap`` carry it like any other state. The user's model is never
 modified by :func:`apply`. A user's subclass of a layer that overrides ``__call__`` gets the update added to what
 its override returns: right when that is the layer's output (a pass-through ``super().__call__(x)``), not when
 the override transforms it (``2 * super().__call__(x)``), which merging scales with the kernel. (Linen's
@@ -62,7 +63,15 @@ _KINDS = ((nnx.Linear, "Dense"), (nnx.LinearGeneral, "DenseGeneral"), (nnx.Einsu
 _SUPPORTED = ", ".join(f"nnx.{cls.__name__}" for cls, _ in _KINDS)
 
 
-class AdapterParam(nnx.Variable):
+class AdapterState(nnx.Variable):
+    """Everything jlora puts on an adapted layer: its :class:`AdapterParam` arrays and its :class:`DropoutKey`.
+
+    The filter for an ``nnx.scan``/``nnx.vmap`` over a stack of adapted layers, beside ``nnx.Param``, so that each
+    layer gets its own slice: ``nnx.StateAxes({(nnx.Param, jlora.nnx.AdapterState): 0, ...: None})``.
+    """
+
+
+class AdapterParam(AdapterState):
     """The variables an adapted layer holds its adapter's arrays in (``jlora_a``, ``jlora_b``, and variant extras
     as ``jlora_<name>``); the filter for ``nnx.Optimizer(..., wrt=...)`` and ``nnx.DiffState``.
 
@@ -70,8 +79,13 @@ class AdapterParam(nnx.Variable):
     """
 
 
-class _DropoutKey(nnx.Variable):
-    """The LoRA-dropout key of one adapted layer (one key per stacked layer, so ``nnx.scan`` slices it)."""
+class DropoutKey(AdapterState):
+    """The LoRA-dropout key of one adapted layer (one key per stacked layer, so ``nnx.scan`` slices it along with
+    the layer's params when its ``StateAxes`` name :class:`AdapterState`)."""
+
+
+_SLICE_HINT = ("put jlora.nnx.AdapterState beside nnx.Param in the StateAxes of the nnx.scan/nnx.vmap that slices "
+               "this layer's params (nnx.StateAxes({(nnx.Param, jlora.nnx.AdapterState): 0, ...: None}))")
 
 
 @dataclasses.dataclass(eq=False)
@@ -107,13 +121,13 @@ def _kind(layer: Any) -> str | None:
     return next((kind for cls, kind in _KINDS if isinstance(layer, cls)), None)
 
 
-def _per_layer_ndim(layer: nnx.Module, kind: str) -> int:
+def _per_layer_ndim(layer: nnx.Module, kind: str, where: str) -> int:
     if kind == "DenseGeneral":
         return len(layer.in_features) + len(layer.out_features)
     if kind == "Einsum":
         return len(layer.kernel_shape)
     if kind == "Conv":
-        return len(transform.ConvSpec.of(layer).kernel_size) + 2
+        return len(transform.ConvSpec.of(layer, where).kernel_size) + 2
     return 2
 
 
@@ -239,6 +253,10 @@ def _dropout(layer, rate: float):
         return None
     var = layer.jlora_dropout_key
     keys = var.get_value()
+    if jnp.shape(keys) != ():
+        raise ValueError(f"the LoRA-dropout key of the layer at {layer.jlora_info.path!r} has shape "
+                         f"{jnp.shape(keys)} inside the layer's call (one key per stacked layer, not sliced): "
+                         f"{_SLICE_HINT}")
     pairs = jax.vmap(jax.random.split)(keys.reshape(-1)).reshape(*keys.shape, 2)
     var.set_value(pairs[..., 0])
     key = pairs[..., 1]
@@ -262,7 +280,8 @@ def _adapted_method(cls: type, method: str):
         einsum_str = kwargs.get("einsum_str", args[1] if info.kind == "Einsum" and len(args) > 1 else None)
         where = info.path.rsplit("/", 1)[0] if "/" in info.path else ""
         spec = layer_spec(self, info.kind, tuple(jnp.shape(kernel)), where, einsum_str)
-        transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(self)).__name__}")
+        transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(self)).__name__}",
+                             stacked_hint=_SLICE_HINT if info.layout is not None and info.layout.lead else None)
         info.trace.used.add(info.path)
         x = adapter_lib.layer_input(args, kwargs)
         dropout = _dropout(self, info.trace.cfg.dropout) if info.kind != "Embed" else None
@@ -305,7 +324,7 @@ def _attach(module: nnx.Module, adapters: Mapping, cfg: LoraConfig, trace: _Trac
             lead = tuple(jnp.shape(getattr(layer, leaf).get_value()))[:node.layout.lead if node.layout else 0]
             keys = jax.random.split(jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF),
                                     math.prod(lead)).reshape(lead)
-            layer.jlora_dropout_key = _DropoutKey(keys)
+            layer.jlora_dropout_key = DropoutKey(keys)
 
 
 def _strip(module: nnx.Module) -> dict:
@@ -398,7 +417,7 @@ def layout(model: Any, *args, method=None, **kwargs) -> Layout:
             continue
         shape = tuple(getattr(layer, transform.leaf_name(kind)).shape)
         try:
-            lead = len(shape) - _per_layer_ndim(layer, kind)
+            lead = len(shape) - _per_layer_ndim(layer, kind, mpath)
             spec = layer_spec(layer, kind, shape[lead:], mpath)
         except ValueError as e:      # a layer of a kind jlora adapts, set up in a way it does not: an error if targeted
             result.unsupported[prefix + transform.leaf_name(kind)] = f"nnx.{type(layer).__name__} ({e})"
@@ -551,5 +570,5 @@ def to_flax_lora(model: nnx.Module, adapters_in: Mapping, cfg: LoraConfig) -> nn
     return model
 
 
-__all__ = ["AdapterParam", "apply", "layout", "params", "attach", "adapters", "detach", "from_flax_lora",
+__all__ = ["AdapterState", "AdapterParam", "DropoutKey", "apply", "layout", "params", "attach", "adapters", "detach", "from_flax_lora",
            "to_flax_lora", "layer_spec", "layout_or_none", "rebuild"]

@@ -358,8 +358,11 @@ def check_layout(node: Adapter, actual: adapter_lib.KernelLayout, path: str, rea
                          f"adapters with `layout=jlora.layout(model, *example_args)` so that apply and merge agree")
 
 
-def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str) -> None:
-    """Raises unless ``node`` fits the layer (named ``layer``, e.g. ``"nn.Dense"``) that is about to use it."""
+def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str, *, stacked_hint: str | None = None) -> None:
+    """Raises unless ``node`` fits the layer (named ``layer``, e.g. ``"nn.Dense"``) that is about to use it.
+
+    ``stacked_hint`` is the fix named when the adapter has more leading axes than the layer's kernel (by default:
+    apply stacked adapters one at a time)."""
     var = adapter_lib.variant(node.variant)
     if spec.kind not in var.layers:
         raise ValueError(f"the {var.name} adapter at {path!r} is on a {layer} layer; the {var.name} variant "
@@ -372,8 +375,9 @@ def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str) -> None:
     a, b = a[node.slot_dims:], b[node.slot_dims:]          # a bank's slot axis leads inside the layer
     if len(a) > 2 and a[-2:] == (fan_in, a[-1]):
         raise ValueError(f"the adapter at {path!r} carries extra leading axes {a[:-2]} (a {a}, b {b}) for a "
-                         f"layer whose kernel is {shape}: stacked adapters must be applied one at a "
-                         f"time (index them, or jax.vmap over jlora.apply)")
+                         f"layer whose kernel is {shape}: "
+                         + (stacked_hint or "stacked adapters must be applied one at a time (index them, or "
+                                            "jax.vmap over jlora.apply)"))
     g = actual.groups
     if len(a) != 2 or len(b) != 2 or a[0] != fan_in or b[1] != fan_out or a[1] != b[0] * g:
         raise ValueError(f"adapter at {path!r} does not fit its layer: the {layer} kernel {shape} needs a "
@@ -554,7 +558,10 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
             leaf = leaf_name(kind)
             kernel = module.get_variable("params", leaf)
             if kernel is not None:
-                records[prefix + leaf] = (_spec(module, kind, a, kw).layout, len(kernel.shape))
+                try:
+                    records[prefix + leaf] = (_spec(module, kind, a, kw).layout, len(kernel.shape))
+                except ValueError as e:   # set up in a way LoRA cannot follow: an error only if targeted
+                    unsupported[prefix + leaf] = f"{type(module).__name__} ({e})"
         else:
             for leaf in ("kernel", "embedding"):
                 if module.has_variable("params", leaf):

@@ -155,7 +155,7 @@ def test_grouped_rank_and_unsupported_conv_layers_are_clear_errors():
     other_params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes)
     other_layout = jlora.layout(Other(), z)
     for target, cls in (("up", "ConvTranspose"), ("local", "ConvLocal")):
-        with pytest.raises(ValueError, match=rf"'{target}/kernel' belongs to a {cls} layer"):
+        with pytest.raises(ValueError, match=rf"'{target}/kernel' is targeted, but it belongs to a {cls} layer"):
             jlora.init(other_params, jlora.LoraConfig(rank=2, targets=target), key=jax.random.key(0),
                        layout=other_layout)
     node = jlora.Adapter(jnp.ones((2 * 9 * 5, 2)), jnp.zeros((2, 4)))     # hand-made: apply names layer and path
@@ -172,7 +172,26 @@ def test_bank_and_compose_refuse_what_they_cannot_hold():
         jlora.compose.combine([(grouped, cfg), (grouped, cfg)], [0.5, 0.5], "cat")
 
 
-def test_masked_conv_is_refused():
-    model = nn.Conv(4, (3,), mask=jnp.ones((3, 2, 4)))
-    with pytest.raises(ValueError, match="kernel mask"):
-        jlora.layout(model, jnp.ones((1, 6, 2)))
+def test_masked_conv_is_refused_only_when_targeted():
+    """A layer LoRA cannot follow (a masked conv, a DenseGeneral with batch_dims) is an error when targeted, and
+    does not stop the rest of the model from being adapted (as in NNX)."""
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3,), mask=jnp.ones((3, 2, 4)), name="masked")(x)
+            x = nn.DenseGeneral(4, axis=-1, batch_dims=(0,), name="odd")(x)
+            return nn.Conv(4, (3,), name="plain")(x)
+
+    x = jax.random.normal(jax.random.key(1), (2, 6, 2))
+    params = Model().init(jax.random.key(0), x)["params"]
+    layout = jlora.layout(Model(), x)
+    assert "plain/kernel" in layout and "masked/kernel" not in layout
+    for target, reason in (("masked", "kernel mask"), ("odd", "batch_dims")):
+        with pytest.raises(ValueError, match=rf"'{target}/kernel' is targeted, but it belongs to a .*{reason}"):
+            jlora.init(params, jlora.LoraConfig(rank=2, targets=target), key=jax.random.key(0), layout=layout)
+    cfg = jlora.LoraConfig(rank=2, alpha=2, targets="plain")
+    adapters = jlora.init(params, cfg, key=jax.random.key(0), layout=layout)
+    adapters = jax.tree.map(lambda v: v + 0.1, adapters)
+    np.testing.assert_allclose(jlora.apply(Model(), params, adapters, cfg, x),
+                               Model().apply({"params": jlora.merge(params, adapters, cfg)}, x), atol=1e-5)

@@ -335,6 +335,38 @@ def test_attached_dropout_draws_a_fresh_mask_per_call(which):
     np.testing.assert_array_equal(np.stack(outs[0]), np.stack(outs[1]))
 
 
+class SlicedStack(Stack):
+    """Stack, with a scan that slices only the state its nnx.StateAxes name (the rest is broadcast)."""
+
+    def __init__(self, rngs, sliced):
+        super().__init__(rngs, remat=False)
+        self.sliced = sliced
+
+    def __call__(self, ids):
+        axes = nnx.StateAxes({self.sliced: 0, ...: None})
+        body = nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, axes), out_axes=nnx.Carry)
+        return self.embed.attend(body(self.embed(ids), self.blocks))
+
+
+def test_a_scan_whose_state_axes_name_adapter_state_runs_as_a_scan_over_all_state():
+    """With jlora.nnx.AdapterState beside nnx.Param in the StateAxes, each layer gets its adapter and its dropout
+    key, and the output equals the scan over all state (dropout included, same key); naming only the params (or
+    the adapters' AdapterParam, without the dropout keys) is an error that names the fix."""
+    cfg = dataclasses.replace(STACK_CFG, dropout=0.5)
+    full = Stack(nnx.Rngs(0), remat=False)
+    ad = _random_adapters(full, cfg)
+    rngs = {"lora_dropout": jax.random.key(3)}
+    want = jlora.apply(full, jlora.nnx.params(full), ad, cfg, IDS, rngs=rngs)
+    model = SlicedStack(nnx.Rngs(0), (nnx.Param, jlora.nnx.AdapterState))
+    np.testing.assert_allclose(jlora.apply(model, jlora.nnx.params(model), ad, cfg, IDS, rngs=rngs), want, atol=1e-5)
+    attached = jlora.nnx.attach(nnx.clone(model), ad, cfg, rngs=rngs)
+    np.testing.assert_allclose(attached(IDS), want, atol=1e-5)
+    for sliced in (nnx.Param, (nnx.Param, jlora.nnx.AdapterParam)):
+        model = SlicedStack(nnx.Rngs(0), sliced)
+        with pytest.raises(ValueError, match=r"put jlora.nnx.AdapterState beside nnx.Param in the StateAxes"):
+            jlora.apply(model, jlora.nnx.params(model), ad, cfg, IDS, rngs=rngs)
+
+
 @pytest.mark.slow
 def test_flax_lora_layers_both_ways():
     cfg = jlora.LoraConfig(rank=2, alpha=8, targets=r"(l1|l2)/kernel")
@@ -379,7 +411,7 @@ def test_unsupported_layers_are_named_with_their_path():
             return self.head(self.up(x))
 
     model = WithConvT(nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"'up/kernel' belongs to a nnx.ConvTranspose layer"):
+    with pytest.raises(ValueError, match=r"'up/kernel' is targeted, but it belongs to a nnx.ConvTranspose layer"):
         jlora.init(model, jlora.LoraConfig(rank=2, targets="kernel"), key=jax.random.key(0))
     hand_made = {"up": {"kernel": jlora.Adapter(jnp.zeros((6, 2)), jnp.zeros((2, 4)))}}
     with pytest.raises(ValueError, match=r"an nnx.ConvTranspose layer at 'up'.*nnx.Linear"):
@@ -546,5 +578,5 @@ def test_a_layer_set_up_in_a_way_lora_does_not_support_is_an_error_only_when_tar
     model = Batched(nnx.Rngs(0))
     assert set(jlora.layout(model)) == {"head/kernel"}
     jlora.init(model, jlora.LoraConfig(rank=2, targets="head"), key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"'odd/kernel' belongs to a nnx.LinearGeneral.*batch_axis"):
+    with pytest.raises(ValueError, match=r"'odd/kernel' is targeted, but it belongs to a nnx.LinearGeneral.*batch_axis"):
         jlora.init(model, jlora.LoraConfig(rank=2, targets="odd"), key=jax.random.key(0))
