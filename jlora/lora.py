@@ -223,6 +223,10 @@ def init(params: Mapping, cfg: LoraConfig, *, key: jax.Array, layout: Mapping[st
             b = jnp.zeros(b_shape, dtype)
         extras = {}
         if var.init_extras is not None:
+            if isinstance(flat[path], jax.ShapeDtypeStruct):
+                raise ValueError(f"the {var.name} variant starts from the values of the kernel at {path!r}, and "
+                                 f"params holds only its shape: pass the params themselves (for shapes only, "
+                                 f"call jlora.init under jax.eval_shape)")
             extras = {k: v.astype(dtype) for k, v in
                       var.init_extras(dense_value(flat[path]), a, b, cfg.scale(path)).items()}
         out[path] = Adapter(a, b, extras, layout=lay, variant=var.name)

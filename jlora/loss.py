@@ -107,7 +107,8 @@ def _nll(logits, targets):
 
 def _dlogits(logits, targets, logz, g):
     """``(softmax(logits) - onehot(targets)) * g``: the gradient of ``g * nll`` with respect to the logits."""
-    hit = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1) == targets[..., None]
+    # int32 whatever the ids' dtype: an iota in uint8 would wrap past 255 and hit again
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None].astype(jnp.int32)
     return (jnp.exp(logits - logz[..., None]) - hit.astype(logits.dtype)) * g[..., None].astype(logits.dtype)
 
 
@@ -166,6 +167,9 @@ def fused_causal_lm_loss(hidden: jax.Array, weight: jax.Array, input_ids: jax.Ar
                          f"or ({hidden.shape[-1]}, V) with vocab_axis=1")
     b, t, d = hidden.shape
     targets, weights = shifted_targets(input_ids, loss_mask)
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be an int >= 1 (tokens per chunk) or None; got {chunk_tokens!r}")
     c = _chunk_length(t, b * weight.shape[vocab_axis]) if chunk_tokens is None else min(chunk_tokens, t)
     pad = -t % c
     k = (t + pad) // c
@@ -228,7 +232,7 @@ def _fused_sum_fwd(h, w, targets, weights, vocab_axis):
         total_e = jnp.sum(e, axis=-1)
         picked = jnp.take_along_axis(logits, tc[..., None].astype(jnp.int32), axis=-1)[..., 0]
         loss = jnp.sum((jnp.log(total_e) + top[..., 0] - picked) * wc)
-        hit = jax.lax.broadcasted_iota(tc.dtype, e.shape, e.ndim - 1) == tc[..., None]
+        hit = jax.lax.broadcasted_iota(jnp.int32, e.shape, e.ndim - 1) == tc[..., None].astype(jnp.int32)
         dlogits = ((e * (1.0 / total_e)[..., None] - hit.astype(e.dtype)) * wc[..., None]).astype(hc.dtype)
         dh = jax.lax.dot_general(dlogits, w.astype(hc.dtype), (((1,), (vocab_axis,)), ((), ())),
                                  preferred_element_type=jnp.float32)

@@ -30,7 +30,9 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -76,10 +78,15 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices: Sequenc
         8
     """
     devices = list(jax.devices() if devices is None else devices)
+    repeated = sorted({str(d) for d in devices if devices.count(d) > 1})
+    if repeated:
+        raise ValueError(f"`devices` lists {', '.join(repeated)} more than once; a mesh holds each device once")
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1)}
+    bad = {k: v for k, v in sizes.items()
+           if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (v < 1 and v != -1)}
     if bad or list(sizes.values()).count(-1) > 1:
         raise ValueError(f"mesh sizes must be integers >= 1 (at most one may be -1, inferred); got {sizes}")
+    sizes = {k: int(v) for k, v in sizes.items()}
     known = math.prod(v for v in sizes.values() if v != -1)
     if -1 in sizes.values():
         if len(devices) % known:
@@ -372,16 +379,6 @@ def shard_local_batch(local_batch: Mapping, mesh: Mesh) -> dict:
 
 # --- train steps -----------------------------------------------------------------------------------------------
 
-def _interleave(batch: Mapping, k: int) -> dict:
-    """Reorders rows so that the step's contiguous micro-batch split takes every k-th row: micro-batch i is rows
-    i, i+k, ...; each device then holds an equal part of every micro-batch (XLA folds the reshapes)."""
-    def f(x):
-        if x.shape[0] % k:
-            raise ValueError(f"batch size {x.shape[0]} does not divide into grad_accum_steps={k} micro-batches")
-        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
-    return {name: f(x) for name, x in batch.items()}
-
-
 def make_sharded_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                             param_shardings: Any, state_shardings: TrainState, loss_fn: LossFn = lm_loss,
                             grad_accum_steps: int = 1, donate: bool = True) -> Callable:
@@ -390,22 +387,40 @@ def make_sharded_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTra
     Returns ``step(state, params, batch) -> (state, metrics)``: the state is donated (its buffers are reused for
     the new state), params and batch are expected on ``param_shardings`` and :func:`batch_sharding` (use
     :func:`place`, :func:`shard_batch`, :func:`shard_local_batch`), metrics come back replicated. With
-    ``grad_accum_steps > 1`` micro-batch i takes rows i, i+k, ... of the batch, so that every device works on
-    every micro-batch; the token-weighted mean gradient is the same as without accumulation.
+    ``grad_accum_steps > 1`` micro-batch i takes rows i, i+k, ... of the batch (as :func:`jlora.make_train_step`
+    splits it), so that every device works on every micro-batch.
+
+    The state passed in is deleted by the call (and so are arrays that :func:`place` put on their sharding
+    without a copy, such as the adapters given to ``TrainState.create``): keep the state it returns. Passing a
+    deleted state again is a ``ValueError`` (XLA's own check can crash a multi-device CPU process).
     """
     plain = make_train_step(model, cfg, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps)
     sharded_params = not all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings))
 
     def step(state, params, batch):
-        if grad_accum_steps > 1:
-            batch = _interleave(batch, grad_accum_steps)
         # lora_dense's [W; s B] would make XLA re-shard a sharded W
         with transform.separate_low_rank() if sharded_params else contextlib.nullcontext():
             return plain(state, params, batch)
 
     rep = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(step, in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
+                     out_shardings=(state_shardings, rep), donate_argnums=(0,) if donate else ())
+    return _refusing_donated(jitted) if donate else jitted
+
+
+def _refusing_donated(jitted: Callable) -> Callable:
+    """``jitted(state, ...)``, refusing a state whose buffers an earlier call consumed (donated)."""
+    @functools.wraps(jitted)
+    def run(state, *args):
+        gone = [x for x in jax.tree.leaves(state)
+                if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()]
+        if gone:
+            raise ValueError(f"the train state passed to the step was donated to an earlier call ({len(gone)} of "
+                             f"its arrays are deleted): pass the state that call returned")
+        return jitted(state, *args)
+
+    run.lower = jitted.lower
+    return run
 
 
 def make_pmap_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTransformation, *,
@@ -413,14 +428,17 @@ def make_pmap_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTransf
                          devices: Sequence[Any] | None = None, donate: bool = True) -> Callable:
     """The train step under ``jax.pmap``: replicated state and frozen params, one batch slice per device.
 
-    Gradients, metric sums and token counts are averaged with ``lax.pmean`` (the ``reduce_grads`` hook of
-    :func:`jlora.make_train_step`) before the update, so every replica applies the same token-weighted mean
-    gradient. Call as ``step(replicate(state), replicate(params), split_for_pmap(batch, n))``; metrics come
-    back with a leading device axis (identical rows). Dropout masks are the same on every replica (one rng).
+    Token-weighted gradient sums, metric sums and token counts are summed over replicas with ``lax.psum`` (the
+    ``reduce_grads`` hook of :func:`jlora.make_train_step`) before the update, so every replica applies the same
+    token-weighted mean gradient, and ``metrics["tokens"]`` counts the whole batch's. Call as
+    ``step(replicate(state), replicate(params), split_for_pmap(batch, n))``; metrics come back with a leading
+    device axis (identical rows). Dropout masks are the same on every replica (one rng). The state passed in is
+    deleted by the call (donated; passing it again is a ``ValueError``).
     """
     step = make_train_step(model, cfg, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
-                           reduce_grads=lambda t: jax.lax.pmean(t, axis_name))
-    return jax.pmap(step, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ())
+                           reduce_grads=lambda t: jax.lax.psum(t, axis_name))
+    pmapped = jax.pmap(step, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ())
+    return _refusing_donated(pmapped) if donate else pmapped
 
 
 def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:

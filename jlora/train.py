@@ -97,9 +97,10 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
         optimizer: an optax transformation over the adapter tree.
         loss_fn: ``loss_fn(apply_fn, batch) -> (loss, metrics)`` where ``apply_fn(*args, **kwargs)`` runs the
             model with the current adapters. ``metrics["tokens"]``, if present, weights micro-batches.
-        grad_accum_steps: split the batch's leading axis into this many micro-batches, run them one after
-            another (``lax.scan``, so activation memory is that of one micro-batch), and apply the token-weighted
-            mean gradient once.
+        grad_accum_steps: split the batch's leading axis into this many micro-batches (micro-batch i takes
+            rows i, i+k, ..., so that a batch sharded over devices by rows keeps every device busy on each), run
+            them one after another (``lax.scan``, so activation memory is that of one micro-batch), and apply the
+            token-weighted mean gradient once (summed in float32 whatever the adapters' dtype).
         reduce_grads: optional hook applied to the (weighted sum of) gradients, metrics and weights before the
             update, e.g. a ``lax.pmean`` under ``pmap`` (see :func:`jlora.parallel.make_pmap_train_step`).
 
@@ -144,7 +145,10 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
             metrics = jax.tree.map(lambda m: m * weight, metrics)
         else:
             micro = jax.tree.map(lambda x: _split_micro(x, grad_accum_steps), batch)
-            zeros = jax.tree.map(jnp.zeros_like, state.adapters)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, _at_least_f32(x.dtype)), state.adapters)
+
+            def add(total, v):   # in the running total's (float32 or wider) dtype: the scan's carry keeps it
+                return total + v.astype(total.dtype)
 
             def body(carry, xs):
                 i, mb = xs
@@ -152,19 +156,19 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
                 g, m, w = _weighted_grads(model, cfg, loss_fn, params, state.adapters, mb,
                                           jax.random.fold_in(step_rng, i))
                 m = jax.tree.map(lambda v: v * w, m)
-                m_sum = m if m_sum is None else jax.tree.map(jnp.add, m_sum, m)
-                return (jax.tree.map(jnp.add, g_sum, g), w_sum + w, m_sum), None
+                return (jax.tree.map(add, g_sum, g), w_sum + w, jax.tree.map(add, m_sum, m)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
             _, m0, _ = jax.eval_shape(lambda: _weighted_grads(model, cfg, loss_fn, params, state.adapters,
                                                               first, step_rng))
-            m_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+            m_init = jax.tree.map(lambda s: jnp.zeros(s.shape, _at_least_f32(s.dtype)), m0)
             (grads, weight, metrics), _ = jax.lax.scan(
                 body, (zeros, jnp.zeros((), jnp.float32), m_init), (jnp.arange(grad_accum_steps), micro))
         if reduce_grads is not None:
             grads, metrics, weight = reduce_grads((grads, metrics, weight))
         denom = jnp.maximum(weight, 1e-9)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        # in the adapters' dtype, as the optimizer state was made (a float32 gradient would change its dtype)
+        grads = jax.tree.map(lambda g, a: (g / denom).astype(jnp.result_type(a)), grads, state.adapters)
         metrics = jax.tree.map(lambda m: m / denom, metrics)
         if "tokens" in metrics:
             metrics["tokens"] = weight
@@ -177,9 +181,15 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
 
 
 def _split_micro(x: jax.Array, k: int) -> jax.Array:
+    """(B, ...) -> (k, B/k, ...), micro-batch i holding rows i, i+k, ... (a row-sharded batch stays sharded on
+    each micro-batch's rows: XLA folds the reshapes, no data moves between devices)."""
     if x.shape[0] % k:
         raise ValueError(f"batch size {x.shape[0]} does not divide into grad_accum_steps={k} micro-batches")
-    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _at_least_f32(dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def scan_steps(step: Callable[..., tuple[TrainState, dict]]):

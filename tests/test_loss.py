@@ -74,6 +74,22 @@ def test_fused_loss_equals_plain_loss_with_gradients_for_hidden_and_weight(vocab
     np.testing.assert_allclose(g_h, want_grads[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int16])
+def test_narrow_integer_ids_give_the_int32_gradient(dtype):
+    """Ids in a dtype that cannot count to the vocabulary size (300 > 255): the one-hot of the gradient is built
+    in int32 (an iota in the ids' dtype wrapped and hit a second class), for the plain and the fused loss."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(300, 8)), jnp.float32)
+    ids = rng.integers(0, 40, (2, 6))
+    for loss in (lambda hh, i: loss_lib.causal_lm_loss(hh @ w.T, i)[0],
+                 lambda hh, i: loss_lib.fused_causal_lm_loss(hh, w, i, chunk_tokens=4)[0]):
+        want = jax.grad(loss)(h, jnp.asarray(ids, jnp.int32))
+        np.testing.assert_allclose(jax.grad(loss)(h, jnp.asarray(ids, dtype)), want, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_tokens must be an int >= 1"):
+        loss_lib.fused_causal_lm_loss(h, w, jnp.asarray(ids), chunk_tokens=0)
+
+
 def test_fused_loss_rejects_a_weight_that_does_not_fit():
     h, w, ids, _ = _data()
     with pytest.raises(ValueError, match=r"\(37, 16\) with vocab_axis=1 does not fit hidden states of width 16"):

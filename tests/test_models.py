@@ -129,6 +129,25 @@ def test_logits_match_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
+def test_a_pad_id_outside_the_vocabulary_on_padding_slots_leaves_real_tokens_alone(case):
+    """A tokenizer's pad id past the model's table (here 256 = vocab_size, and -1) on masked slots: the real
+    tokens' logits are those of the same batch padded with id 0 (jnp.take's NaN row for an out-of-range id would
+    reach every query through attention). GPT-2 rows longer than n_positions are refused by name."""
+    _, _, fam, cfg, params = build(case)
+    model = fam.make_model(cfg)
+    ids, mask = _ids(3), _left_padded_mask()
+    run = jax.jit(model.apply)
+    want = run({"params": params}, jnp.asarray(np.where(mask > 0, ids, 0)), attention_mask=jnp.asarray(mask))
+    for pad in (256, -1):
+        got = run({"params": params}, jnp.asarray(np.where(mask > 0, ids, pad)), attention_mask=jnp.asarray(mask))
+        assert np.isfinite(np.asarray(got)[mask > 0]).all()
+        assert _max_diff(got, want, mask) == 0.0
+    if case == "gpt2":
+        with pytest.raises(ValueError, match=r"65 tokens per row, but this GPT-2 has 64 positions"):
+            model.apply({"params": params}, jnp.zeros((1, 65), jnp.int32))
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
 def test_left_padding_equals_unpadded_rows(case):
     """A left-padded row gives the logits of the same tokens run alone (positions restart at its first token)."""
     _, _, fam, cfg, params = build(case)

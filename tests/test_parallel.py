@@ -120,6 +120,8 @@ def test_pmap_training_equals_single_device(tiny, reference):
         state, metrics = step(state, params, parallel.split_for_pmap(batch))
         assert np.ptp(np.asarray(metrics["loss"])) == 0     # pmean: every replica reports the same loss
         losses.append(float(metrics["loss"][0]))
+        # the whole batch's target tokens (lm_loss: attended positions after the first)
+        assert float(metrics["tokens"][0]) == float(batch["attention_mask"][:, 1:].sum())
     ref_losses, ref_adapters = reference
     np.testing.assert_allclose(losses, ref_losses[:STEPS], atol=1e-5, rtol=0)
     assert_trees_all_close(jax.tree.map(np.asarray, parallel.unreplicate(state.adapters)), ref_adapters[STEPS],
@@ -127,6 +129,36 @@ def test_pmap_training_equals_single_device(tiny, reference):
     # every replica holds the same adapters
     for leaf in jax.tree.leaves(state.adapters):
         np.testing.assert_array_equal(np.asarray(leaf), np.broadcast_to(np.asarray(leaf)[:1], leaf.shape))
+
+
+def test_sharded_accumulation_with_dropout_and_an_unweighted_loss_equals_the_plain_step(tiny):
+    """Both steps split micro-batches the same way (rows i, i+k, ...) and draw the same dropout masks, so a loss
+    that weights micro-batches equally (no "tokens") and LoRA dropout give the same numbers sharded or not; and a
+    state the sharded step consumed is refused, not handed to XLA."""
+    model, params, cfg, opt, adapters, batches = tiny
+    cfg = jlora.LoraConfig(**{**cfg.to_dict(), "dropout": 0.3})
+
+    def loss_fn(apply_fn, batch):
+        loss = jlora.lm_loss(apply_fn, batch)[0]
+        return loss, {"loss": loss}
+
+    plain = jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=loss_fn, grad_accum_steps=2))
+    want, want_metrics = plain(jlora.TrainState.create(_copy(adapters), opt, rng=jax.random.key(4)), params,
+                               batches[0])
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    p_sh = parallel.param_shardings(params, mesh, family="llama")
+    state = jlora.TrainState.create(_copy(adapters), opt, rng=jax.random.key(4))
+    s_sh = parallel.state_shardings(state, parallel.adapter_shardings(adapters, p_sh))
+    state = parallel.place(state, s_sh)
+    step = parallel.make_sharded_train_step(model, cfg, opt, mesh, param_shardings=p_sh, state_shardings=s_sh,
+                                            loss_fn=loss_fn, grad_accum_steps=2)
+    sharded_params, batch = parallel.place(params, p_sh), parallel.shard_batch(batches[0], mesh)
+    got, metrics = step(state, sharded_params, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want_metrics["loss"]), rtol=1e-6)
+    assert_trees_all_close(jax.tree.map(np.asarray, got.adapters), jax.tree.map(np.asarray, want.adapters),
+                           atol=1e-5)
+    with pytest.raises(ValueError, match="was donated to an earlier call"):
+        step(state, sharded_params, batch)
 
 
 def test_fsdp_cuts_per_device_parameter_bytes_per_xla_memory_analysis(tiny):
@@ -313,6 +345,9 @@ def test_mesh_size_must_equal_device_count():
     with pytest.raises(ValueError, match=r"not a multiple"):
         parallel.make_mesh(data=-1, tensor=3)
     assert parallel.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4]).devices.size == 4
+    assert parallel.make_mesh(data=np.int64(8)).shape["data"] == 8
+    with pytest.raises(ValueError, match=r"`devices` lists cpu:0 more than once"):
+        parallel.make_mesh(data=2, devices=[jax.devices()[0]] * 2)
 
 
 def test_batch_that_does_not_divide_is_a_clear_error():

@@ -204,6 +204,23 @@ def test_quantized_transform_equals_dequantized_model():
         model.apply({"params": q}, ids)
 
 
+def test_one_bad_row_or_an_empty_batch_through_an_nf4_layer_is_what_the_dequantized_layer_gives():
+    """The NF4 layer's decoding depends on one input value (to keep XLA from hoisting it): a non-finite value
+    there must not spoil the kernel for the other rows, and an empty batch has no value to read."""
+    model = nn.Dense(64)
+    x = jax.random.normal(jax.random.key(0), (4, 64))
+    params = model.init(jax.random.key(1), x)["params"]
+    q = jlora.quantize(params, targets="kernel", exclude=())
+    cfg = jlora.LoraConfig(rank=4, targets="kernel")
+    ad = randomize(jlora.init(q, cfg, key=jax.random.key(2)), jax.random.key(3), 0.2)
+    merged = {"params": jlora.merge(quant.dequantize_params(q), ad, cfg)}
+    for bad in (x.at[0, 0].set(jnp.inf), x.at[0, 0].set(jnp.nan), jnp.zeros((0, 64))):
+        got, want = jlora.apply(model, q, ad, cfg, bad), model.apply(merged, bad)
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+        np.testing.assert_allclose(got[1:], want[1:], atol=1e-5)
+
+
 @pytest.mark.slow   # ~7 s; scanned layers are in test_models, QLoRA in the other tests here
 def test_quantized_scanned_model():
     model, ids, params = _model_and_params(scan=True)

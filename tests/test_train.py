@@ -89,6 +89,42 @@ def test_grad_accumulation_equals_one_big_batch():
         jlora.make_train_step(model, cfg, opt, grad_accum_steps=3)(state, params, batch)
 
 
+def test_grad_accumulation_takes_strided_micro_batches_in_float32():
+    """Micro-batch i holds rows i, i+k, ...: with a loss that weights micro-batches equally (no "tokens" metric),
+    the step's gradient is the mean of jax.grad over those row sets. Sums run in float32: bf16 adapters and an
+    integer metric accumulate, and the optimizer state keeps the adapters' dtype."""
+    model, ids, params = _memorize_setup()
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="proj")
+    adapters = jax.tree.map(lambda x: x + 0.05, jlora.init(params, cfg, key=KEY))
+    opt = optax.sgd(1.0)
+
+    def loss_fn(apply_fn, batch):          # equal weights: no "tokens"; an int metric
+        loss = jlora.lm_loss(apply_fn, batch)[0]
+        return loss, {"loss": loss, "rows": jnp.sum(batch["input_ids"][:, 0] >= 0)}
+
+    state = jlora.TrainState.create(adapters, opt, rng=KEY)
+    new, metrics = jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=loss_fn, grad_accum_steps=2))(
+        state, params, {"input_ids": ids})
+    grad = lambda rows: jax.grad(lambda a: loss_fn(lambda *x: jlora.apply(model, params, a, cfg, *x),  # noqa: E731
+                                                   {"input_ids": ids[rows]})[0])(adapters)
+    want = jax.tree.map(lambda a, g0, g1: a - (g0 + g1) / 2, adapters, grad(slice(0, None, 2)),
+                        grad(slice(1, None, 2)))
+    assert_trees_all_close(new.adapters, want, atol=1e-6)
+    assert float(metrics["rows"]) == 2.0          # per micro-batch, averaged
+
+    cfg16 = jlora.LoraConfig(rank=2, alpha=4, targets="proj", dtype="bfloat16")
+    ad16 = jlora.init(params, cfg16, key=KEY)
+    adam = optax.adam(1e-2)
+    results = []
+    for k in (1, 2):
+        state = jlora.TrainState.create(ad16, adam, rng=KEY)
+        state, metrics = jax.jit(jlora.make_train_step(model, cfg16, adam, grad_accum_steps=k))(
+            state, params, {"input_ids": ids})
+        assert {x.dtype for x in jax.tree.leaves(state.opt_state[0].mu)} == {jnp.dtype(jnp.bfloat16)}
+        results.append(float(metrics["loss"]))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
 def test_mixed_precision_bf16_params_fp32_adapters():
     model, ids, params = _memorize_setup()
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)

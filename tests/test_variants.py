@@ -153,6 +153,9 @@ def test_dora_rejects_non_dense_layers():
     params = {"embed": {"embedding": jnp.ones((10, 4))}}
     with pytest.raises(ValueError, match=r"the dora variant supports Dense layers; .embed/embedding. is used by a Embed layer"):
         jlora.init(params, jlora.LoraConfig(rank=2, targets="embed", use_dora=True), key=jax.random.key(0))
+    shapes = {"q": {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)}}    # DoRA's m needs the values
+    with pytest.raises(ValueError, match=r"starts from the values of the kernel at 'q/kernel'.*jax.eval_shape"):
+        jlora.init(shapes, jlora.LoraConfig(rank=2, targets="q", use_dora=True), key=jax.random.key(0))
 
 
 # ---------------------------------------------------------------- PiSSA / OLoRA
@@ -182,6 +185,22 @@ def test_pissa_olora_keep_output_and_match_peft(method, tmp_path):
     assert max_diff(ours, _torch_logits(original)) > 1e-3
     peft_logits = _torch_logits(peft.PeftModel.from_pretrained(original, str(out)).eval())
     assert max_diff(ours, peft_logits) <= 1e-4
+
+
+def test_pissa_on_an_nnx_model_gives_a_residual_model():
+    """init_with_base takes an NNX model, as jlora.init does, and gives back a new model holding the residual base
+    (as jlora.merge gives a model); at step 0 it runs as the original, which is untouched."""
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
+    before = jax.tree.map(np.asarray, jlora.nnx.params(model))
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="layers/0", init="pissa")
+    adapters, base = jlora.init_with_base(model, cfg, key=jax.random.key(2))
+    x = jax.random.normal(jax.random.key(3), (3, 6))
+    assert isinstance(base, nnx.Sequential)
+    assert max_diff(jlora.apply(base, jlora.nnx.params(base), adapters, cfg, x), model(x)) <= 1e-5
+    assert max_diff(jlora.nnx.params(base)["layers"]["0"]["kernel"], before["layers"]["0"]["kernel"]) > 1e-3
+    jax.tree.map(np.testing.assert_array_equal, jlora.nnx.params(model), before)
 
 
 def test_pissa_is_reproducible_and_scanned():

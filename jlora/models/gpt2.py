@@ -154,8 +154,11 @@ class GPT2LMHeadModel(nn.Module):
                        name="wte")
         wpe = nn.Embed(c.n_positions, c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init,
                        name="wpe")
+        if cache is None and positions is None and input_ids.shape[-1] > c.n_positions:
+            raise ValueError(f"{input_ids.shape[-1]} tokens per row, but this GPT-2 has {c.n_positions} positions "
+                             f"(n_positions); use rows of at most {c.n_positions} tokens")
         m = L.masking(input_ids, attention_mask, positions, cache, segment_ids=segment_ids)
-        x = wte(input_ids) + wpe(m.positions)
+        x = wte(L.lookup_ids(input_ids, attention_mask, c.vocab_size)) + wpe(m.positions)
         kv = None if cache is None else (cache.k, cache.v)
         x, new_kv = L.run_layers(Block, c, LAYER_PREFIX, x, kv, (m,))
         x = L.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name="ln_f")(x)

@@ -85,6 +85,18 @@ class Masking(NamedTuple):
     cached_allowed: jax.Array | None
 
 
+def lookup_ids(input_ids: jax.Array, attention_mask: jax.Array | None, vocab_size: int) -> jax.Array:
+    """The ids to look up in the token embedding: a padding slot's id (``attention_mask`` 0) outside the vocabulary
+    (a tokenizer's pad id past the model's table) reads row 0. ``jnp.take`` gives such an id a NaN row, and
+    attention's zero weight for a masked key times a NaN value is NaN in every query. A real token's id out of
+    range still gives NaN logits, as it should be seen."""
+    if attention_mask is None:
+        return input_ids
+    ids = jnp.asarray(input_ids)
+    outside = (ids < 0) | (ids >= vocab_size)
+    return jnp.where((jnp.asarray(attention_mask) == 0) & outside, jnp.zeros_like(ids), ids)
+
+
 def masking(input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,
             cache: KVCache | None, sliding_window: int | None = None,
             segment_ids: jax.Array | None = None) -> Masking:

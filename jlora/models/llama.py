@@ -207,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                          embedding_init=nn.initializers.normal(c.initializer_range), name="embed_tokens")
-        x = embed(input_ids)
+        x = embed(L.lookup_ids(input_ids, attention_mask, c.vocab_size))
         m = L.masking(input_ids, attention_mask, positions, cache, c.sliding_window, segment_ids)
         cos, sin = L.rope_cos_sin(m.positions, c.inv_freq(), c.dtype)
         kv = None if cache is None else (cache.k, cache.v)

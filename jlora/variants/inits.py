@@ -53,7 +53,9 @@ def init_with_base(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
 
     For ``init="pissa"``/``"olora"`` the returned params hold the residual ``W - s A @ B`` at every adapted
     kernel (in the kernel's dtype), so ``apply(model, params_out, adapters, ...)`` equals the original model at
-    step 0; for the other inits the params are returned unchanged (and this equals :func:`jlora.init`).
+    step 0; for the other inits the params are returned unchanged (and this equals :func:`jlora.init`). An NNX
+    model gives back a new model holding the residual (as :func:`jlora.merge` does); the model passed in is not
+    changed.
 
     Examples:
         >>> import jax, jax.numpy as jnp, jlora
@@ -66,7 +68,7 @@ def init_with_base(params: Mapping, cfg: LoraConfig, *, key: jax.Array,
     """
     if cfg.init not in CHANGES_BASE:
         return lora_lib.init(params, cfg, key=key, layout=layout), params
-    if any(adapter_lib.kernel_type(x) is not None for x in tree_lib.flatten(params).values()):
+    if any(adapter_lib.kernel_type(x) is not None for x in tree_lib.flatten(lora_lib.plain_params(params)).values()):
         raise ValueError(f"init={cfg.init!r} needs full-precision kernels (as PEFT): run it on the unquantized "
                          f"params, then quantize the returned residual base with jlora.quantize")
     adapters = lora_lib.init(params, cfg, key=key, layout=layout, factors=_FACTORS[cfg.init])

@@ -196,7 +196,7 @@ def dequantize(q: NF4, dtype=None, *, after: jax.Array | None = None) -> jax.Arr
     """The kernel that ``q`` stands for, in ``dtype`` (default: the original kernel's dtype).
 
     With ``after``, every step of the decoding depends on that array (through an exact 0 and 1 computed from
-    one of its values). Inside a layer, pass the layer's input: otherwise each layer's decoding depends on
+    one of its values, read as 0 when not finite, so that one bad input row cannot spoil the kernel). Inside a layer, pass the layer's input: otherwise each layer's decoding depends on
     params only, and XLA may hoist all of them to the start of the program and hold every full-precision
     kernel at once (XLA's CPU backend strips ``lax.optimization_barrier`` before scheduling, so a data
     dependency is the portable way to order it).
@@ -204,7 +204,8 @@ def dequantize(q: NF4, dtype=None, *, after: jax.Array | None = None) -> jax.Arr
     lead = q.codes.shape[:-1]
     codes, table, one = q.codes, jnp.asarray(NF4_CODE), None
     if after is not None:
-        zero = jnp.ravel(after)[0].astype(jnp.float32) * 0.0
+        first = jnp.ravel(after)[:1].astype(jnp.float32)      # empty for an empty batch: the sum is 0
+        zero = jnp.sum(jnp.where(jnp.isfinite(first), first, 0.0)) * 0.0   # exact 0 even if the value is inf/NaN
         one = zero + 1.0
         codes, table = codes + zero.astype(jnp.uint8), table * one
     hi, lo = codes >> 4, codes & 15
