@@ -350,6 +350,31 @@ def test_eval_prompts(tiny, tmp_path):
     assert pair.prompt_ids == list(data.tokenize(PAIR, tiny).prompt_ids) and pair.target == PAIR["completion"]
 
 
+def test_a_record_the_chat_template_refuses_is_a_bad_record(tmp_path):
+    """A template's raise_exception (here: no system turns, as Gemma's) is a malformed record: named by file and
+    line, or skipped and counted, in training data and in eval prompts."""
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    backend = _backend()
+    tok = Tokenizer(backend, eos_token="</s>", pad_token="</s>", chat_template=strict,
+                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+    user_only = {"messages": CHAT["messages"][1:]}
+    path = _write(tmp_path / "d.jsonl", [user_only, PAIR, CHAT, user_only])
+    kw = dict(tokenizer=tok, batch_size=4, max_length=64, pad_id=0, shuffle=False, drop_last=False, epochs=1)
+    with pytest.raises(data.DataError, match=r"d\.jsonl:3: the chat template cannot render this conversation "
+                                             r"\(TemplateError: System role not supported\)"):
+        list(data.Loader(path, **kw))
+    loader = data.Loader(path, on_bad_record="skip", **kw)
+    with pytest.warns(UserWarning, match="skipped a malformed record"):
+        (batch,) = list(loader)
+    assert loader.counts["skipped"] == 1 and batch["attention_mask"].any(1).tolist() == [True, True, False, True]
+    assert [p.source for p in data.eval_prompts(path, tok, on_bad_record="skip")] == [path + ":1", path + ":2",
+                                                                                     path + ":4"]
+    with pytest.raises(data.DataError, match=r"d\.jsonl:3: the chat template cannot render"):
+        data.eval_prompts(path, tok)
+
+
 # ------------------------------------------------------------------------------------------- the demo data
 
 

@@ -275,6 +275,29 @@ def test_missing_column_empty_shard_and_mixed_folder_are_named(smol, tmp_path):
         data.open_source(shards)
     with pytest.raises(FileNotFoundError, match="no such file, folder or glob match"):
         data.open_source(tmp_path / "nothing*.jsonl")
+    # an Arrow file's error lists the file's columns (not only those read), and the example maps the spare one
+    table = pa.table({"prompt": ["a"], "answer": ["b"], "id": [1]})
+    with pa.OSFile(str(tmp_path / "x.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(data.DataError, match=r"x\.arrow: missing column\(s\) \['completion'\].*columns "
+                                             r"\['prompt', 'answer', 'id'\].*\{'prompt': 'prompt', 'completion': 'answer'\}"):
+        _loader(tmp_path / "x.arrow", smol)
+    # the Hub's layout keeps every split in data/: reading them all would train on the test split
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"prompt": [split], "completion": ["b"]}), hub / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(data.DataError, match=r"holds the splits \['test', 'train'\].*e\.g\. '.*data/train-\*'"):
+        data.open_source(tmp_path / "hub")
+    assert [os.path.basename(f) for f in data.sources.expand(hub / "train-*")] == ["train-00000-of-00001.parquet"]
+
+
+def test_a_process_whose_rows_lie_past_a_short_epoch_gets_empty_batches():
+    """Three examples, batch 4, this process holds row 3: every batch it gets is empty (the epoch's padded tail),
+    which is not "every record was dropped"."""
+    examples = [data.Example((1, 2), (3,)), data.Example((4,), (5, 6)), data.Example((7,), (8,))]
+    loader = data.Loader(examples, batch_size=4, max_length=8, pad_id=0, shuffle=False, drop_last=False, rows=(3, 4))
+    assert [int(next(loader)["attention_mask"].sum()) for _ in range(4)] == [0, 0, 0, 0]
 
 
 def test_jsonl_index_reads_any_record_with_its_line(tmp_path):

@@ -193,6 +193,31 @@ def test_save_loads_in_transformers(gguf_model, tmp_path, add_bos):
     assert again.add_bos_token == add_bos
 
 
+def test_messages_reach_the_template_as_transformers_gives_them(hf_folder, tmp_path):
+    """Keys whose value is None are left out (a Parquet struct gives every message every key), and a reasoning
+    trace under any of its names is also reasoning_content and thinking: the text equals transformers'."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((hf_folder / "tokenizer.json").read_bytes())
+    config = json.loads((hf_folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}[{{ m['role'] }}]{% if 'tool_calls' in m %} calls {{ m['tool_calls'] | length }}"
+        "{% endif %}{% if m.reasoning_content %} <think>{{ m.reasoning_content }}</think>{% endif %}"
+        "{% if m.thinking %} ({{ m.thinking }}){% endif %} {{ m['content'] }}\n{% endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = Tokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+    chats = [[{"role": "user", "content": "hi", "tool_calls": None},
+              {"role": "assistant", "content": "hello", "tool_calls": None, "reasoning": "greet back"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "thinking": "t",
+                                                   "reasoning_content": None}]]
+    for chat in chats:
+        want = theirs.apply_chat_template(chat, tokenize=False)
+        assert "greet back" in want or "(t)" in want
+        assert ours.apply_chat_template(chat, add_generation_prompt=False) == want
+
+
 def test_chat_template_sandbox_and_raise_exception(gguf_model):
     import jinja2
 

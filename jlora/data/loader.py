@@ -306,7 +306,8 @@ class _BatchIterator(grain.DatasetIterator):
             self.set_state({"q": q, "b": self._b})
         chosen = [self._next_item().example for _ in range(count)]
         kept = [ex for ex in chosen if ex is not None]
-        self._fed = 0 if kept else self._fed + 1
+        # a batch that gave this process no rows (its rows lie past a short epoch's tail) is not "all dropped"
+        self._fed = 0 if kept or not count else self._fed + 1
         if self._fed > plan.batches_per_epoch:
             raise DataError(loader.nothing_left())
         width = batching.round_up(max(map(len, kept), default=1), loader.bucket, loader.max_length)

@@ -86,9 +86,12 @@ def check_schema(source: Source, columns: Mapping[str, str] | None = None) -> No
         if names is None or messages in names or (prompt in names and completion in names):
             continue
         lacking = [c for c in (prompt, completion) if c not in names]
+        spare = iter([n for n in names if n not in (prompt, completion)] + list(names))   # for the example
+        example = {field: (c if c in names else next(spare)) for field, c in (("prompt", prompt),
+                                                                               ("completion", completion))}
         raise DataError(f"{f.path}: missing column(s) {lacking} (or {messages!r} for chats); the file has columns "
                         f"{list(names)}; map your names with `columns` (data.columns in a run config), e.g. "
-                        f"{{'prompt': {names[0]!r}, 'completion': {names[-1]!r}}}")
+                        f"{example}")
 
 
 def parse(raw: Any, where: str, columns: Mapping[str, str] | None = None) -> dict:
@@ -280,15 +283,30 @@ class Example:
 
 
 def format_chat(messages: Sequence[Mapping[str, str]], tokenizer) -> tuple[str, str]:
-    """(prompt_text, completion_text) of a chat whose last turn is the assistant's (see the module docstring)."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    """(prompt_text, completion_text) of a chat whose last turn is the assistant's (see the module docstring).
+
+    Raises:
+        ValueError: the chat template refuses the conversation (its ``raise_exception``, or an error rendering
+            it), or renders it in a way that cannot be split at the last turn.
+    """
+    prompt = _render(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = _render(tokenizer, messages, add_generation_prompt=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the conversation without its last turn (plus the generation "
                          "prompt) differently from the start of the whole conversation, so the assistant turn "
                          f"cannot be split off;\n prompt: {prompt!r}\n full:   {full!r}\nuse prompt/completion "
                          "records instead")
     return prompt, full[len(prompt):]
+
+
+def _render(tokenizer, messages, *, add_generation_prompt: bool) -> str:
+    """The chat template's text; a template that refuses the conversation is a ValueError (a bad record)."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"the chat template cannot render this conversation ({type(e).__name__}: {e})") from None
 
 
 def _end_ids(tokenizer) -> tuple[int, ...]:
@@ -489,7 +507,12 @@ def eval_prompts(data: str | os.PathLike | Source | Sequence[Mapping[str, Any]],
     out = []
     for where, record in pairs[:limit]:
         if validate_record(record, where) == "chat":
-            text = tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True)
+            try:
+                text = _render(tokenizer, record["messages"][:-1], add_generation_prompt=True)
+            except ValueError as e:
+                if on_bad_record == "skip":
+                    continue
+                raise DataError(f"{where}: {e} (on_bad_record='skip' skips and counts bad records)") from None
             target = record["messages"][-1]["content"]
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:

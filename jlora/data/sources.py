@@ -39,6 +39,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -274,11 +275,11 @@ class ArrowFile(_TableFile):
 
     def _open(self):
         table = _mapped_table(self.path)
+        self.schema_names = tuple(table.column_names)    # the file's, before selecting (errors list them)
         keep = [c for c in self.columns if c in table.column_names]
         return table.select(keep) if keep else table
 
     def _count(self) -> int:
-        self.schema_names = tuple(self.handle().column_names)
         return self.handle().num_rows
 
 
@@ -359,13 +360,17 @@ def _state_json_files(folder: str) -> list[str] | None:
     return [os.path.join(folder, n) for n in names] or None
 
 
+_HUB_SHARD = re.compile(r"(.+?)-\d{5}-of-\d{5}")   # a split's shard as the Hub and `datasets` name them
+
+
 def expand(path: str | os.PathLike) -> list[str]:
     """The data files a path means: a file; a folder (``save_to_disk``'s ``state.json`` order, else the one format's
     files in name order, looking into ``data/`` as the Hub's layout has it); or a glob pattern.
 
     Raises:
         FileNotFoundError: nothing there.
-        DataError: a folder of several formats, or of none, or of ``datasets`` splits (name one).
+        DataError: a folder of several formats, or of none, or of ``datasets`` splits or the Hub's split files
+            (name one).
     """
     path = os.fspath(path)
     if os.path.isfile(path):
@@ -382,6 +387,11 @@ def expand(path: str | os.PathLike) -> list[str]:
         data = [n for n in names if any(n.endswith(s) or f"{s}-" in n for s in _SUFFIXES)]
         if not data and os.path.isdir(os.path.join(path, "data")):
             return expand(os.path.join(path, "data"))
+        splits = sorted({m.group(1) for m in map(_HUB_SHARD.match, data) if m})
+        if len(splits) > 1:      # the Hub's layout: one file set per split, e.g. train-00000-of-00002.parquet
+            pick = "train" if "train" in splits else splits[0]
+            raise DataError(f"data folder {path!r} holds the splits {splits} (file names <split>-NNNNN-of-NNNNN); "
+                            f"name one with a glob, e.g. {os.path.join(path, pick + '-*')!r}")
         formats = sorted({format_of(n) for n in data})
         if len(formats) != 1:
             raise DataError(f"data folder {path!r} holds " + (f"files of several formats ({', '.join(formats)}); "

@@ -388,7 +388,7 @@ class Tokenizer:
                      "pad_token": self.pad_token}
         variables = {k: v for k, v in variables.items() if v is not None}
         text = self._compiled_template.render(   # tools and documents: None unless given, as transformers passes
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+            messages=[_template_message(m) for m in messages], add_generation_prompt=add_generation_prompt,
             **{"tools": None, "documents": None, **variables, **template_kwargs})
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
@@ -414,6 +414,20 @@ class Tokenizer:
         with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
+
+
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as transformers' apply_chat_template hands it to the template: keys whose value is None left out
+    (a Parquet struct gives every row every key; templates test ``'tool_calls' in message``), and a reasoning
+    trace under any of its names also set as ``reasoning_content`` and ``thinking``, the names templates read."""
+    out = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((out[k] for k in _REASONING_KEYS if k in out), None)
+    if reasoning is not None:
+        out = {"thinking": reasoning, **out, "reasoning_content": reasoning}
+    return out
 
 
 def _template_processing(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None):
