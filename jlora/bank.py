@@ -401,7 +401,7 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
         layout = transform.layout(loaded.model, jnp.zeros((1, 2), jnp.int32))
         base = run_base(meta, loaded.params, cfg, layout)
         seen, here = meta["base_model"]["fingerprint"], checkpoint.fingerprint(loaded.params)
-        if base is loaded.params and seen != here:
+        if base is loaded.params and not checkpoint.is_base(meta["base_model"], loaded.params):
             raise ValueError(f"{folder} was trained on another base model (fingerprint {seen}) than this one "
                              f"({here}); use it with the base it was trained on")
         adapters = manager.restore_adapters(params=base, lora_config=cfg, name=meta["base_model"]["name"],
@@ -419,12 +419,11 @@ def run_base(meta: Mapping, params: Mapping, cfg: LoraConfig, layout=None, *, re
     fingerprint."""
     from jlora import checkpoint
 
-    seen = meta["base_model"]["fingerprint"]
-    if cfg.init not in inits.CHANGES_BASE or seen == checkpoint.fingerprint(params):
+    if cfg.init not in inits.CHANGES_BASE or checkpoint.is_base(meta["base_model"], params):
         return params
     if residual is None:
         _, residual = inits.init_with_base(params, cfg, key=jax.random.key(0), layout=layout)   # no random draws
-    return residual if checkpoint.fingerprint(residual) == seen else params
+    return residual if checkpoint.is_base(meta["base_model"], residual) else params
 
 
 def check_run_form(folder, loaded) -> None:

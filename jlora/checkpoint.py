@@ -122,12 +122,14 @@ def _structure_hash(params) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(params, *, samples: int = _SAMPLES) -> str:
+def fingerprint(params, *, samples: int = _SAMPLES, as_dtype=None) -> str:
     """A 16-hex-digit identity of a parameter tree: paths, shapes, dtypes and sampled values.
 
     Hashes every leaf's path, shape and dtype, and the bytes of ``samples`` values read at strided positions, so
     two checkpoints of one architecture (a base model and its instruct variant) differ while the cost stays a few
-    hundred reads per leaf, whatever the model's size. Works on numpy and (sharded) jax arrays.
+    hundred reads per leaf, whatever the model's size. Works on numpy and (sharded) jax arrays. With
+    ``as_dtype``, the fingerprint of the params cast to that floating dtype (the floating leaves' samples are cast:
+    nothing else is copied).
 
     Examples:
         >>> import numpy as np
@@ -139,8 +141,12 @@ def fingerprint(params, *, samples: int = _SAMPLES) -> str:
     """
     h = hashlib.sha256()
     for path, x in _leaves(params):
-        h.update(f"{path}|{tuple(np.shape(x))}|{np.dtype(x.dtype).name}\n".encode())
-        h.update(np.ascontiguousarray(_sample(x, samples)).tobytes())
+        values, dtype = _sample(x, samples), np.dtype(x.dtype)
+        if as_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+            dtype = np.dtype(as_dtype)
+            values = np.asarray(jnp.asarray(values).astype(dtype))
+        h.update(f"{path}|{tuple(np.shape(x))}|{dtype.name}\n".encode())
+        h.update(np.ascontiguousarray(values).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -405,7 +411,7 @@ class CheckpointManager:
     def _validate(self, meta: dict, step: int, params, lora_config: LoraConfig, name: str | None) -> None:
         where = f"{self.directory}/{step}"
         if params is not None:
-            _check_base(meta["base_model"], self._base_identity(params, name), where)
+            _check_base(meta["base_model"], self._base_identity(params, name), where, params)
         _check_lora(LoraConfig.from_dict(meta["lora_config"]), lora_config, params, where)
 
     def restore(self, target: TrainState, step: int | None = None, *, params, lora_config: LoraConfig,
@@ -693,8 +699,23 @@ def _check_tree(saved: dict, target, item: str, where: str) -> None:
         f"with the same LoraConfig and optimizer as the run that saved it")
 
 
-def _check_base(saved: dict, given: dict, where: str) -> None:
-    if saved["fingerprint"] == given["fingerprint"]:
+def is_base(saved: Mapping, params) -> bool:
+    """Whether ``params`` are the base model of a checkpoint whose metadata names ``saved`` (its ``base_model``):
+    the same fingerprint, or the same weights at a higher precision (the fp32 checkpoint of a run that trained on
+    its bf16 cast: cast back, its fingerprint is the saved one)."""
+    if saved["fingerprint"] == fingerprint(params):
+        return True
+    return _cast_matches(saved, params)
+
+
+def _cast_matches(saved: Mapping, params) -> bool:
+    floats = [d for d in saved.get("dtypes", ()) if jnp.issubdtype(np.dtype(d), jnp.floating)]
+    return (len(floats) == 1 and saved.get("structure") == _structure_hash(params)
+            and fingerprint(params, as_dtype=floats[0]) == saved["fingerprint"])
+
+
+def _check_base(saved: dict, given: dict, where: str, params=None) -> None:
+    if saved["fingerprint"] == given["fingerprint"] or (params is not None and _cast_matches(saved, params)):
         return
     if saved["structure"] != given["structure"]:
         why = (f"a different architecture ({saved['num_leaves']} leaves / {saved['num_params']:,} values saved, "

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -688,6 +689,32 @@ def test_merge_keeps_the_base_checkpoints_dtype(tiny, trained, tmp_path):
     data = (tmp_path / "m" / "model.safetensors").read_bytes()
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+
+
+def test_merge_of_a_bf16_run_keeps_an_fp32_base_at_full_precision(tiny, tmp_path):
+    """A run trained at model.dtype bfloat16 on an fp32 checkpoint: the merged folder's untouched tensors are the
+    checkpoint's own bits (they were rounded to bf16), and its logits are PEFT's merge_and_unload of the run's
+    export on the fp32 base."""
+    import peft
+    import safetensors.numpy
+    import torch
+    import transformers
+
+    config = _config(tmp_path, tiny, train={"steps": 2, "checkpoint_every": 2},
+                     eval={"after": False, "side_effects": False})
+    code, out, err = _main("train", "--config", config, "--set", "model.dtype=bfloat16")
+    assert code == 0, err[-3000:]
+    assert _main("merge", "--model", tiny, "--adapter", tmp_path / "run", "--out", tmp_path / "m")[0] == 0
+    merged = safetensors.numpy.load_file(tmp_path / "m" / "model.safetensors")
+    source = safetensors.numpy.load_file(pathlib.Path(tiny) / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert merged[name].dtype == np.float32 and np.array_equal(merged[name], source[name])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    oracle = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "peft").merge_and_unload().eval()
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(ids).logits.numpy(), oracle(ids).logits.numpy(), atol=1e-5)
 
 
 def test_make_demo_says_it_replaces_the_run():

@@ -217,6 +217,18 @@ def test_linear_rope_scaling_is_read_as_llama_cpp_reads_it(tmp_path, keys):
         jgguf.hf_config({**jgguf.read(path).metadata, "llama.rope.scaling.type": "yarn"}, tied=False)
 
 
+def test_per_layer_head_counts_load_when_every_layer_agrees():
+    """llama.cpp lets head counts be per-layer arrays; one value for every layer is what jlora's models hold."""
+    meta = {"general.architecture": "llama", "llama.attention.head_count": [4, 4],
+            "llama.attention.head_count_kv": np.array([2, 2], np.uint32), "llama.vocab_size": 64,
+            "llama.embedding_length": 32, "llama.feed_forward_length": 48, "llama.block_count": 2,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.context_length": 128}
+    config = jgguf.hf_config(meta, tied=True)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 8)
+    with pytest.raises(ValueError, match=r"llama.attention.head_count_kv differs between layers \(\[1, 2\]\)"):
+        jgguf.hf_config({**meta, "llama.attention.head_count_kv": [2, 1]}, tied=True)
+
+
 def test_unpermute_inverts_permute():
     rng = np.random.default_rng(0)
     for n_head, rows in ((1, 8), (3, 12), (9, 576)):

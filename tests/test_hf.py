@@ -263,12 +263,17 @@ def test_tokenizer_is_loaded_and_saved(saved, tmp_path):
     for f in os.listdir(folder):
         (src / f).write_bytes(open(os.path.join(folder, f), "rb").read())
     fast.save_pretrained(src)
+    # a chat model's end of turn (id 5) besides EOS, and a sampling default, as Llama 3 folders carry them
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5], "temperature": 0.6}))
     loaded = hf.load(src)
     assert loaded.tokenizer is not None and loaded.tokenizer.encode("abc", add_special_tokens=False) == [2, 3, 4]
     hf.save(tmp_path / "out", loaded, loaded.params)
     assert os.path.exists(tmp_path / "out" / "tokenizer.json")
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert again("a cab", add_special_tokens=False)["input_ids"] == fast("a cab", add_special_tokens=False)["input_ids"]
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert (generation.eos_token_id, generation.temperature, generation.bos_token_id) == ([1, 5], 0.6, 0)
+    assert hf.load(tmp_path / "out").tokenizer.eos_token_ids == (1, 5)
 
 
 # ---------------------------------------------------------------------------------------------- LoRA targets

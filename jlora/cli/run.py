@@ -1025,19 +1025,36 @@ def load_adapters(source: str, loaded) -> tuple[dict, jlora.LoraConfig]:
     return adapters, cfg
 
 
-def _load_with_adapter(model: str, adapter: str | Sequence[str] | None, *, scan_layers: bool = False):
+def _load_with_adapter(model: str, adapter: str | Sequence[str] | None, *, scan_layers: bool = False,
+                       dtype: str | None = None):
     """Loads ``model`` the way ``adapter`` needs it: a run folder's adapters follow its model settings
     (e.g. a scanned layer stack); a PEFT folder (or none) works with either form, ``scan_layers`` chooses. Of
-    several adapters, the first run folder decides. The paths are checked before anything loads."""
+    several adapters, the first run folder decides. ``dtype`` ("float32"/"bfloat16") replaces the run's
+    ``model.dtype``. The paths are checked before anything loads."""
     from jlora import hf
 
-    resolve_model(model, "--model")
+    local = resolve_model(model, "--model")
     if adapter is not None and not isinstance(adapter, str):
         adapter = next((a for a in adapter if adapter_kind(a) == "run"), None)
     if adapter and adapter_kind(adapter) == "run":
         saved = runconfig.load(pathlib.Path(adapter) / CONFIG_FILE)
-        return _load_model(dataclasses.replace(saved, model=dataclasses.replace(saved.model, path=model)))
-    return hf.load(model, scan_layers=scan_layers)
+        settings = dataclasses.replace(saved.model, path=model, **({"dtype": dtype} if dtype else {}))
+        return _load_model(dataclasses.replace(saved, model=settings))
+    return hf.load(model, scan_layers=scan_layers,
+                   **({"dtype": {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]} if dtype else {}))
+
+
+def _lossless_dtype(local: str) -> str:
+    """The dtype that holds ``local``'s weights without rounding them: bfloat16 for a bf16 HF checkpoint (half
+    the memory of float32), float32 for anything else (fp32 and fp16 folders, GGUF files)."""
+    config = os.path.join(local, "config.json") if os.path.isdir(local) else None
+    if config and os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            from jlora.models import hf_config
+
+            if hf_config.hf_dtype(json.load(f)) == "bfloat16":
+                return "bfloat16"
+    return "float32"
 
 
 def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False,
@@ -1376,7 +1393,9 @@ def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False
 
     out_dir = _check_out(out, overwrite=overwrite, marker="config.json", what="merged model",
                          reads=[("--model", model), ("--adapter", adapter)])
-    loaded = _load_with_adapter(model, adapter)
+    # at the checkpoint's own precision, whatever dtype the run trained in (a bf16 run on an fp32 base must not
+    # round the weights it does not change)
+    loaded = _load_with_adapter(model, adapter, dtype=_lossless_dtype(resolve_model(model, "--model")))
     adapters, lora_cfg = load_adapters(adapter, loaded)
     merged = jlora.merge(loaded.params, adapters, lora_cfg, layout=_layout(loaded))
     _clear_out(out_dir)

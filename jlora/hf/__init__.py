@@ -260,7 +260,8 @@ def _open_folder(folder: str) -> tuple[dict, Callable[[str], np.ndarray], list[s
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
-    """A loaded model. `family` is the :class:`jlora.models.Family`; `hf_config` the raw config dict read."""
+    """A loaded model. `family` is the :class:`jlora.models.Family`; `hf_config` the raw config dict read;
+    `generation_config` the folder's generation_config.json (sampling defaults, end ids), or None."""
 
     model: Any = dataclasses.field(repr=False)
     params: Any = dataclasses.field(repr=False)
@@ -269,6 +270,7 @@ class Loaded:
     name: str
     family: Any = dataclasses.field(repr=False)
     hf_config: dict = dataclasses.field(repr=False)
+    generation_config: dict | None = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         n = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(self.params))
@@ -344,13 +346,17 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
     local = resolve(path)
     if os.path.isfile(local) and os.path.basename(local) in (CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE):
         local = os.path.dirname(local) or "."
-    tokenizer = None
+    tokenizer = generation_config = None
     if os.path.isdir(local):
         hf_config, get, names, where = _open_folder(local)
         source = local
         name = hf_config.get("_name_or_path") or os.path.basename(os.path.normpath(os.path.abspath(local)))
-        from jlora.hf.tokenizer import Tokenizer
+        from jlora.hf.tokenizer import GENERATION_CONFIG_FILE, Tokenizer
         tokenizer = Tokenizer.from_folder(local)
+        generation_file = os.path.join(local, GENERATION_CONFIG_FILE)
+        if os.path.isfile(generation_file):
+            with open(generation_file, encoding="utf-8") as f:
+                generation_config = json.load(f)
     elif local.endswith(".gguf"):
         from jlora.hf import gguf
         try:
@@ -405,7 +411,7 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
                          f"({len(unused)} in all); config.json and the weights disagree (a bias, norm or layer "
                          f"count jlora would silently drop): use the config.json saved with these weights")
     return Loaded(model=family.make_model(config), params=params, config=config, tokenizer=tokenizer,
-                  name=str(name), family=family, hf_config=hf_config)
+                  name=str(name), family=family, hf_config=hf_config, generation_config=generation_config)
 
 
 # --------------------------------------------------------------------------------------------- save
@@ -416,7 +422,8 @@ def _floating_dtype(params) -> np.dtype:
 
 
 def save(out_dir: str | os.PathLike, loaded_or_model: Any, params: Any, *, dtype: Any = None) -> None:
-    """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) for `params`.
+    """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer, generation_config.json) for
+    `params`.
 
     `AutoModelForCausalLM.from_pretrained(out_dir)` loads it with no missing or unexpected keys. To export a
     fine-tuned model, merge first: `save(out, loaded, jlora.merge(loaded.params, adapters, cfg))`.
@@ -449,11 +456,25 @@ def save(out_dir: str | os.PathLike, loaded_or_model: Any, params: Any, *, dtype
     weights = os.path.join(out_dir, WEIGHTS_FILE)
     write_safetensors(weights + ".tmp", tensors, dtype=out_dtype)
     os.replace(weights + ".tmp", weights)
-    config_path = os.path.join(out_dir, CONFIG_FILE)
-    with open(config_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2)
-        f.write("\n")
-    os.replace(config_path + ".tmp", config_path)
+    _write_json(os.path.join(out_dir, CONFIG_FILE), hf)
     tokenizer = getattr(loaded_or_model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save(out_dir)
+        # the source's generation defaults, with every id that ends a turn (a chat model's end-of-turn besides
+        # EOS, a GGUF's eot), where transformers and Tokenizer.from_folder read them
+        eos = list(tokenizer.eos_token_ids)
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+               "pad_token_id": tokenizer.pad_token_id}
+        generation = {**(getattr(loaded_or_model, "generation_config", None) or {}),
+                      **{k: v for k, v in ids.items() if v not in (None, [])}}
+        if "eos_token_id" in generation:
+            from jlora.hf.tokenizer import GENERATION_CONFIG_FILE
+
+            _write_json(os.path.join(out_dir, GENERATION_CONFIG_FILE), generation)
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)

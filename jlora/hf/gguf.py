@@ -251,6 +251,12 @@ def hf_config(meta: Mapping[str, Any], *, tied: bool, path: str = "<gguf>") -> d
         value = meta.get(f"{arch_name}.{key}", default)
         if required and value is None:
             raise ValueError(f"{path}: GGUF metadata lacks {arch_name}.{key}")
+        if isinstance(value, (list, tuple, np.ndarray)):   # llama.cpp allows per-layer values (head counts)
+            values = {v.item() if isinstance(v, np.generic) else v for v in np.asarray(value).reshape(-1).tolist()}
+            if len(values) != 1:
+                raise ValueError(f"{path}: {arch_name}.{key} differs between layers ({sorted(values)[:8]}); jlora's "
+                                 f"models use one value for every layer")
+            value = values.pop()
         return value
 
     # llama.cpp's reading: a scaling factor (or 2023 converters' rope.scale_linear) without a type is linear
