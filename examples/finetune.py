@@ -3,8 +3,9 @@
     python examples/finetune.py                       # SmolLM2-135M-Instruct, the demo's JSON task, 30 steps
     python examples/finetune.py --model PATH --steps 5 --out /tmp/adapter
 
-PATH is a Hugging Face folder (config.json + safetensors), a .gguf file, or pkg://package/file. The same run with
-a progress bar, checkpoints, evaluation and a run folder is `jlora train --config configs/default.yaml`.
+PATH is a Hugging Face folder (config.json + safetensors), a .gguf file, or pkg://package/file. A similar run (batch
+8, gradient clipping, a cosine decay to a tenth of the peak) with a progress bar, checkpoints, evaluation and a run
+folder is `jlora train --config configs/default.yaml`.
 """
 
 import argparse

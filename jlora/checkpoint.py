@@ -355,6 +355,8 @@ class CheckpointManager:
             raise ValueError(f"`data_position` must be JSON-serializable (a dict of ints, say); got "
                              f"{data_position!r}: {e}") from None
         manager = self._orbax(create=True)
+        manager.wait_until_finished()
+        manager.reload()       # the steps on disk now: another writer's too (orbax caches its own list)
         saved = sorted(manager.all_steps())
         if step in saved:
             raise ValueError(f"step {step} is already saved in {self.directory}; saved steps: "
@@ -403,6 +405,15 @@ class CheckpointManager:
         missing = [k for k in ("lora_config", "base_model", "rng", "leaves") if k not in meta]
         if missing:
             raise CheckpointError(self._corrupt(step, f"metadata lacks {missing}"))
+        parts = {"base_model": ("name", "fingerprint", "structure", "dtypes", "num_params", "num_leaves"),
+                 "rng": ("typed", "impl"), "leaves": ("adapters", "train_state")}
+        for key, fields in parts.items():
+            if not isinstance(meta[key], dict) or any(f not in meta[key] for f in fields):
+                raise CheckpointError(self._corrupt(step, f"metadata's {key} is not a dict with {list(fields)}"))
+        try:
+            LoraConfig.from_dict(meta["lora_config"])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(self._corrupt(step, f"metadata's lora_config: {e}")) from None
         return meta
 
     def _corrupt(self, step: int, what: str) -> str:
@@ -735,7 +746,10 @@ def _check_lora(saved: LoraConfig, given: LoraConfig, params, where: str) -> Non
     if saved == given:
         return
     a, b = saved.to_dict(), given.to_dict()
-    differ = [k for k in a if a.get(k) != b.get(k) and k not in _FREE_FIELDS]
+    # init is free between inits that leave the base alone; PiSSA/OLoRA adapters belong to their residual base
+    free = set(_FREE_FIELDS) - ({"init"} if {saved.init, given.init} & set(CHANGES_BASE) else set())
+    # compared as the config's own fields: a pattern's order is part of it (its first match wins)
+    differ = [k for k in a if getattr(saved, k, a.get(k)) != getattr(given, k, b.get(k)) and k not in free]
     if not differ:
         return
     fields = "; ".join(f"{k}: saved {a.get(k)!r}, given {b.get(k)!r}" for k in differ)

@@ -28,12 +28,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _as_tuple(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]:
-    if value is None:
+    if value is None or value == "":        # none (an empty `--set lora.exclude=`, say)
         return ()
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"`{field}` must be a regex string or a sequence of them; got {value!r}")
+    if "" in value:
+        raise ValueError(f"`{field}` holds an empty pattern, which matches every parameter; got {list(value)!r}: "
+                         f"leave it out")
     return tuple(value)
 
 

@@ -132,11 +132,9 @@ def dense_value(w) -> jax.Array:
 
 def _no_layout_error(layout, path) -> ValueError:
     """A targeted kernel the traced layout has no entry for: its layer is unsupported (and why), or none uses it."""
-    kind = getattr(layout, "unsupported", {}).get(path)
-    if kind is not None:
-        fix = "" if "from the targets" in kind else " Exclude it from the targets."   # the reason may say it
-        return ValueError(f"parameter {path!r} is targeted, but it belongs to a {kind} layer, which the LoRA "
-                          f"transform does not handle.{fix}")
+    if (kind := getattr(layout, "unsupported", {}).get(path)) is not None:   # (its reason may say the fix)
+        return ValueError(f"parameter {path!r} is targeted, but it belongs to a {kind} layer, which the LoRA transform "
+                          f"does not handle.{'' if 'from the targets' in kind else ' Exclude it from the targets.'}")
     return ValueError(f"parameter {path!r} is targeted but the traced layout has no entry for it: no layer jlora "
                       f"handles ({', '.join(adapter_lib.LAYER_KINDS)}) uses it. Exclude it from the targets.")
 

@@ -359,10 +359,8 @@ def check_layout(node: Adapter, actual: adapter_lib.KernelLayout, path: str, rea
 
 
 def check_node(spec: LayerSpec, node: Adapter, path: str, layer: str, *, stacked_hint: str | None = None) -> None:
-    """Raises unless ``node`` fits the layer (named ``layer``, e.g. ``"nn.Dense"``) that is about to use it.
-
-    ``stacked_hint`` is the fix named when the adapter has more leading axes than the layer's kernel (by default:
-    apply stacked adapters one at a time)."""
+    """Raises unless ``node`` fits the layer (named ``layer``, e.g. ``"nn.Dense"``) that is about to use it;
+    ``stacked_hint``: the fix for an adapter with more leading axes than the kernel (default: one at a time)."""
     var = adapter_lib.variant(node.variant)
     if spec.kind not in var.layers:
         raise ValueError(f"the {var.name} adapter at {path!r} is on a {layer} layer; the {var.name} variant "

@@ -296,6 +296,8 @@ def mid_sized(tmp_path_factory):
     ("metadata", "metadata: JSONDecodeError"),
     ("missing item", "Item \"train_state\" was not found"),
     ("tree metadata", r"\(adapters/_METADATA missing\)"),   # orbax alone: a pytree mismatch naming no file
+    ("metadata fields", r"metadata's base_model is not a dict with \['name', 'fingerprint'"),
+    ("metadata config", r"metadata's lora_config: `rank` must be an integer >= 1; got 'x'"),
 ])
 def test_corrupt_checkpoint_is_a_clear_error(mid_sized, tmp_path, damage, why):
     source, params, cfg, states = mid_sized
@@ -304,6 +306,14 @@ def test_corrupt_checkpoint_is_a_clear_error(mid_sized, tmp_path, damage, why):
     if damage == "metadata":
         target = directory / "2" / "jlora" / "metadata"
         target.write_text(target.read_text()[:40])
+    elif damage.startswith("metadata "):   # valid JSON, damaged fields
+        target = directory / "2" / "jlora" / "metadata"
+        meta = json.loads(target.read_text())
+        if damage == "metadata fields":
+            del meta["base_model"]["fingerprint"]
+        else:
+            meta["lora_config"]["rank"] = "x"
+        target.write_text(json.dumps(meta))
     elif damage == "missing item":
         shutil.rmtree(directory / "2" / "train_state")
     elif damage == "tree metadata":
@@ -435,6 +445,51 @@ def test_save_refuses_a_step_before_the_latest(tmp_path, tiny):
             manager.save(3, state0, params=params, lora_config=CFG)
         manager.save(6, state0, params=params, lora_config=CFG)
         assert manager.all_steps() == [5, 6]
+
+
+def test_a_second_writer_cannot_overwrite_a_step(tmp_path, tiny):
+    """Two managers on one directory (two runs into one folder): each save reads the steps on disk, so the second
+    writer's step 2 is refused instead of replacing the first's."""
+    _, params, _, state0 = tiny
+    a, b = CheckpointManager(tmp_path / "ckpt"), CheckpointManager(tmp_path / "ckpt")
+    a.save(1, state0, params=params, lora_config=CFG)
+    b.all_steps()          # b has listed the steps (orbax caches that list)
+    a.save(2, state0, params=params, lora_config=CFG)
+    with pytest.raises(ValueError, match=r"step 2 is already saved .* saved steps: \[1, 2\]"):
+        b.save(2, state0, params=params, lora_config=CFG)
+    a.close(), b.close()
+
+
+def test_patterns_in_another_order_or_a_base_changing_init_are_another_config(tmp_path, tiny):
+    """A pattern's first match wins, so reordered patterns are another config (here: another scale for 'up'); and
+    PiSSA/OLoRA adapters belong to their residual base, so init is free only between inits that leave it alone."""
+    _, params, _, state0 = tiny
+    ordered = dataclasses.replace(CFG, alpha_pattern={"up": 4, "u": 32})
+    with CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(1, state0, params=params, lora_config=ordered)
+        with pytest.raises(CheckpointError, match=r"alpha_pattern: saved \{'up': 4, 'u': 32\}, given "
+                                                  r"\{'u': 32, 'up': 4\}.*up/kernel"):
+            manager.restore_adapters(params=params, lora_config=dataclasses.replace(ordered,
+                                                                                    alpha_pattern={"u": 32, "up": 4}))
+        with pytest.raises(CheckpointError, match=r"init: saved 'default', given 'pissa'"):
+            manager.restore_adapters(params=params, lora_config=dataclasses.replace(ordered, init="pissa"))
+        manager.restore_adapters(params=params, lora_config=dataclasses.replace(ordered, init="gaussian"))
+
+
+def test_a_checkpoint_of_a_bf16_base_restores_on_the_same_weights_in_fp32(tmp_path, tiny):
+    """A run that trained on the bf16 cast of fp32 weights: the fp32 weights are its base (cast back, they give
+    the saved fingerprint); other weights, or bf16 saved and fp32 given the other way round, are not."""
+    _, params, _, state0 = tiny
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    with CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(1, state0, params=half, lora_config=CFG, name=NAME)
+        meta = manager.metadata()["base_model"]
+        assert checkpoint.is_base(meta, half) and checkpoint.is_base(meta, params)
+        manager.restore_adapters(params=params, lora_config=CFG)
+        other = jax.tree.map(lambda x: x * 1.01, params)
+        assert not checkpoint.is_base(meta, other)
+        with pytest.raises(CheckpointError, match="other dtypes|different weights"):
+            manager.restore_adapters(params=other, lora_config=CFG)
 
 
 # ------------------------------------------------------------------------------------------------ retention

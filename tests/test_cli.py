@@ -204,8 +204,12 @@ def test_keys_with_fixed_values_list_them(override, message, tmp_path):
     ("train.grad_accum_steps=0", r"`train.grad_accum_steps` must be >= 1"),
     ("train.grad_accum_steps=3", r"`data.batch_size` = 8 does not split into `train.grad_accum_steps` = 3"),
     ("train.warmup_steps=-1", r"`train.warmup_steps` must be >= 0"),
-    ("train.warmup_steps=500", r"`train.warmup_steps` = 500 is more than `train.steps` = 30: the run would end "
-                               r"before its learning rate reaches train.learning_rate"),
+    ("train.warmup_steps=500", r"`train.warmup_steps` = 500 is not less than `train.steps` = 30: the run would "
+                               r"end before its learning rate reaches train.learning_rate"),
+    ("train.warmup_steps=30", r"`train.warmup_steps` = 30 is not less than `train.steps` = 30"),
+    ("train.seed=18446744073709551615", r"`train.seed` must be in \[0, 2\*\*63\)"),
+    ("lora.targets=", r"`targets` is empty"),
+    ("train.steps=1:00", r"`train.steps` must be an integer; got '1:00'"),   # YAML 1.1's base 60 is a string
     ("train.max_grad_norm=0", r"`train.max_grad_norm` must be a number > 0"),
     ("train.weight_decay=-0.1", r"`train.weight_decay` must be a number >= 0"),
     ("train.log_every=0", r"`train.log_every` must be >= 1"),
@@ -550,6 +554,64 @@ def test_a_bad_adapter_is_found_before_the_model_loads(command, tiny, trained, t
     (tmp_path / "other" / "notes.txt").write_text("x")
     _error(*_main(command, "--model", tiny, "--adapter", tmp_path / "other", *extra),
            r"is neither a PEFT adapter folder .* it holds notes.txt")
+
+
+def test_resume_with_another_data_order_is_refused(trained, monkeypatch):
+    """The saved data position is a place in the order data.seed draws (and the split valid_fraction holds out)."""
+    _no_model_load(monkeypatch)
+    _error(*_main("train", "--config", trained[0], "--resume", "--set", "data.seed=7"),
+           r"--resume: data.seed: 0 in the run, 7 now: the saved data position is a place in the order")
+
+
+def test_a_run_folder_in_use_or_left_by_a_killed_overwrite_is_refused(trained, tmp_path, monkeypatch):
+    """A second `jlora train` into a folder another one holds (its lock) is refused, as is a folder whose
+    --overwrite was killed (SIGKILL) before the new run's first checkpoint: the old run is named, not lost."""
+    import fcntl
+
+    _no_model_load(monkeypatch)
+    config, run_dir, _ = trained
+    with open(run_dir.with_name(f".{run_dir.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _error(*_main("train", "--config", config, "--overwrite"), r"is in use by another `jlora train`")
+    aside = run_dir.with_name(f".{run_dir.name}.replaced-1-2")
+    aside.mkdir()
+    try:
+        _error(*_main("train", "--config", config, "--overwrite"),
+               rf"--overwrite of .* was killed before .* kept in {re.escape(str(aside))}: put it back")
+    finally:
+        aside.rmdir()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tiny, tmp_path, monkeypatch):
+    """A scheduler's time limit (SIGTERM) saves a checkpoint at the step it lands in, and --resume goes on."""
+    config = _config(tmp_path, tiny, "t", train={"checkpoint_every": 0},
+                     eval={"before": False, "after": False, "side_effects": False})
+    train = run_lib.train
+    monkeypatch.setattr(run_lib, "train", lambda cfg, **kw: train(
+        cfg, on_step=lambda step, record: os.kill(os.getpid(), signal.SIGTERM) if step == 1 else None, **kw))
+    code, out, err = _main("train", "--config", config, "--no-progress")
+    assert code == 130 and "saved a checkpoint at step 1" in out + err, err[-2000:]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # the run's handler is gone after it
+    monkeypatch.setattr(run_lib, "train", train)
+    assert _main("train", "--config", config, "--resume", "--no-progress")[0] == 0
+
+
+def test_a_held_out_split_feeds_the_generation_eval_and_side_effects_need_no_after(tiny, tmp_path):
+    """Without data.valid, the generation eval scores the data.valid_fraction split (as `jlora eval` does); the
+    side-effect report runs with eval.after off; a step that the loop validated is not validated again; and
+    `eval --side-effects --adapter` naming the config's own run writes the report into it."""
+    config = _config(tmp_path, tiny, train={"steps": 2, "checkpoint_every": 2, "eval_every": 2},
+                     data={"valid": "", "valid_fraction": 0.2}, eval={"after": False, "general_examples": 4})
+    code, out, err = _main("train", "--config", config, "--no-progress")
+    assert code == 0, err[-3000:]
+    run_dir = tmp_path / "run"
+    assert len(json.loads((run_dir / "eval_before.json").read_text())) == 2          # eval.num_examples
+    assert not (run_dir / "eval_after.json").exists() and (run_dir / "side_effects.json").is_file()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "valid_loss" in r] == [2]
+    (run_dir / "side_effects.json").unlink()
+    code, out, err = _main("eval", "--config", config, "--adapter", run_dir, "--side-effects")
+    assert code == 0 and (run_dir / "side_effects.json").is_file(), err[-3000:]
 
 
 def test_resume_with_a_changed_config_names_the_key(trained, monkeypatch):

@@ -422,6 +422,54 @@ def test_a_row_that_fails_alone_fails_alone(world, monkeypatch):
             Row(prompts[0], print, temperature=float("nan")))
 
 
+def test_a_client_that_leaves_frees_its_rows_and_shutdown_fails_rows_with_503(world):
+    """A non-streamed request whose client disconnects is cancelled (it used to decode its whole budget for nobody,
+    holding up later requests); Engine.abort, which `jlora serve` calls just before uvicorn's shutdown grace period
+    ends, fails running and queued rows with 503, so every client gets an OpenAI error; a bad adapter name given
+    to the command is a user error (a ValueError)."""
+    import asyncio
+
+    from jlora.serve import app as app_lib
+    from jlora.serve.engine import End, Engine, EngineConfig, EngineError, Failed, Row, Token
+
+    assert issubclass(EngineError, ValueError)
+    tok = world["loaded"].tokenizer
+    with Engine(world["loaded"], EngineConfig(slots=1, rank=4, max_batch=4)) as engine:
+        body = json.dumps({"model": engine.name, "prompt": PROMPTS[0], "max_tokens": 60, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        sent = []
+
+        async def gone_after_sending():
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive():
+                return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+                     "headers": [(b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http",
+                     "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+            await app_lib.create_app(engine)(scope, receive, send)
+
+        asyncio.run(gone_after_sending())
+        reply = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+        assert reply["usage"]["completion_tokens"] < 60
+
+        events = [[] for _ in range(3)]
+        rows = [Row(tok.encode(PROMPTS[0]), events[i].append, max_tokens=80, ignore_eos=True) for i in range(3)]
+        engine.submit(rows[:2])
+        deadline = time.monotonic() + 60
+        while not events[0] and time.monotonic() < deadline:     # the first batch is decoding
+            time.sleep(0.005)
+        engine.submit(rows[2:])                                     # queued behind it
+        engine.abort()
+        for e in events:
+            assert Failed(503, "the server is shutting down") in e and not any(isinstance(x, End) for x in e)
+        assert isinstance(events[0][0], Token)
+
+
 def test_api_key_is_required(server):
     for key in (None, "wrong"):
         r = _http(server, "GET", "/v1/models", key=key)

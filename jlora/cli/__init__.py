@@ -1,10 +1,12 @@
 """The ``jlora`` command: parses arguments and calls :mod:`jlora.cli.run`; it has no logic of its own.
 
     jlora train --config configs/default.yaml [--set train.steps=20 ...] [--resume | --overwrite]
-    jlora eval --config configs/default.yaml [--adapter RUN_DIR_OR_PEFT_DIR | --base]
-    jlora generate --model PATH [--adapter DIR] --prompt "..." [--chat [--system "..."]] [--max-new-tokens 64]
-                   [--temperature 0.7 [--top-k 50] [--top-p 0.9]]
+    jlora eval --config configs/default.yaml [--adapter RUN_DIR_OR_PEFT_DIR | --base] [--side-effects [--out DIR]]
+    jlora generate --model PATH [--adapter DIR | --adapter NAME=DIR ... --route NAME,...] --prompt "..."
+                   [--chat [--system "..."]] [--max-new-tokens 64] [--temperature 0.7 [--top-k 50] [--top-p 0.9]]
+                   [--seed N]
     jlora merge --model PATH --adapter DIR --out OUT_DIR [--overwrite]
+    jlora compose --model PATH --adapter DIR[:WEIGHT] ... --method METHOD --out OUT_DIR [--overwrite]
     jlora export-peft --run RUN_DIR --out OUT_DIR [--step N] [--overwrite]
     jlora inspect --model PATH [--targets q_proj v_proj --rank 16 | --adapter DIR]
     jlora serve --model PATH [--adapter NAME=DIR ...] [--port 8000]   (jlora.serve: an OpenAI-compatible server)

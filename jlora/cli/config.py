@@ -70,9 +70,21 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE]
                        |[-+]?\.(?:inf|Inf|INF)
                        |\.(?:nan|NaN|NAN))$""", re.X)
 _FLOAT_TAG = "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _FLOAT_TAG]
+# YAML 1.2's integers: decimal (a leading 0 is still decimal, not 1.1's octal), 0o octal, 0x hex; no 1.1 base 60
+_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
+_INT_TAG = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_FLOAT_TAG, _INT_TAG)]
                                    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+_Loader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text[2:], {"0o": 8, "0x": 16}[text[:2]]) if text[:2] in ("0o", "0x") else int(text, 10)
+
+
+_Loader.add_constructor(_INT_TAG, _construct_int)
 
 
 def read_yaml(text: str) -> Any:
@@ -81,6 +93,8 @@ def read_yaml(text: str) -> Any:
     Examples:
         >>> read_yaml("learning_rate: 2e-3\\nsteps: 1_000\\nvalid: null")
         {'learning_rate': 0.002, 'steps': 1000, 'valid': None}
+        >>> read_yaml("steps: 0100\\nlog_every: 1:00")     # YAML 1.1 read octal 64 and base-60 60
+        {'steps': 100, 'log_every': '1:00'}
         >>> read_yaml("lora:\\n  rank: 4\\n  rank: 16")
         Traceback (most recent call last):
         ...
@@ -204,10 +218,10 @@ class TrainSection:
         _check("train", self, {
             "steps": _at_least(1), "learning_rate": _POSITIVE, "warmup_steps": _at_least(0),
             "weight_decay": _NON_NEGATIVE, "max_grad_norm": _POSITIVE, "grad_accum_steps": _at_least(1),
-            "seed": _at_least(0), "log_every": _at_least(1), "eval_every": _at_least(0),
+            "seed": ((lambda v: 0 <= v < 2 ** 63), "in [0, 2**63)"), "log_every": _at_least(1), "eval_every": _at_least(0),
             "checkpoint_every": _at_least(0), "max_to_keep": _at_least(1), "steps_per_call": _at_least(1)})
-        if self.warmup_steps > self.steps:
-            raise _BadValue("train.warmup_steps", f"= {self.warmup_steps} is more than `train.steps` = {self.steps}: "
+        if self.warmup_steps and self.warmup_steps >= self.steps:
+            raise _BadValue("train.warmup_steps", f"= {self.warmup_steps} is not less than `train.steps` = {self.steps}: "
                             f"the run would end before its learning rate reaches train.learning_rate; lower "
                             f"warmup_steps (or raise steps)")
         for name in ("eval_every", "checkpoint_every"):

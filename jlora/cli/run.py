@@ -32,7 +32,9 @@ FileNotFoundError) with a message naming it; the command line prints it as one l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -170,8 +172,12 @@ def _differences(saved: RunConfig, now: RunConfig, sections: Sequence[str]) -> l
         ['lora.rank: 8 in the run, 4 now']
     """
     a, b = saved.to_dict(), now.to_dict()
+
+    def value(cfg, d, s, k):   # the section's own field where it has one: a pattern's order is part of it
+        return getattr(getattr(cfg, s), k, d[s].get(k))
+
     return [f"{s}.{k}: {a[s].get(k)!r} in the run, {b[s].get(k)!r} now"
-            for s in sections for k in b[s] if a[s].get(k) != b[s].get(k)]
+            for s in sections for k in b[s] if value(saved, a, s, k) != value(now, b, s, k)]
 
 
 def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
@@ -181,13 +187,19 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
     run_dir = pathlib.Path(cfg.run.dir).absolute()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir {str(run_dir)!r} is a file; set `run.dir` to a folder (--set run.dir=OTHER)")
+    left = sorted(run_dir.parent.glob(f".{glob.escape(run_dir.name)}.replaced-*"))
+    if left:   # an --overwrite killed (SIGKILL, out of memory) before its new run's first checkpoint
+        raise ConfigError(f"an earlier --overwrite of {run_dir} was killed before the new run saved a checkpoint; "
+                          f"the run it replaced is kept in {left[0]}: put it back (rm -r {run_dir}; mv {left[0]} "
+                          f"{run_dir}) or delete it, then run again")
     if resume:
         if not run_dir.is_dir():
             raise ConfigError(f"--resume: run folder {run_dir} does not exist, so there is nothing to resume; start "
                               f"the run without --resume (or fix `run.dir`)")
         if not has_checkpoint(run_dir):
+            again = "with --overwrite instead of --resume" if _saved_results(run_dir) else "without --resume"
             raise ConfigError(f"--resume: {run_dir} holds no checkpoint (its run stopped before saving one), so "
-                              f"there is nothing to resume; start the run again without --resume")
+                              f"there is nothing to resume; start the run again {again}")
         if not (run_dir / CONFIG_FILE).is_file():
             raise ConfigError(f"--resume: {run_dir} has checkpoints but no {CONFIG_FILE}; it was not written by "
                               f"`jlora train`")
@@ -196,6 +208,11 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
         if changed:
             raise ConfigError(f"--resume: the config's model/lora settings differ from the run's saved "
                               f"{run_dir / CONFIG_FILE}: {'; '.join(changed)}; resume with the same settings")
+        order = [d for d in _differences(saved, cfg, ("data",)) if d.split(":")[0] in ("data.seed", "data.valid_fraction")]
+        if order:
+            raise ConfigError(f"--resume: {'; '.join(order)}: the saved data position is a place in the order (and "
+                              f"the held-out split) these settings draw, so the run would repeat some records and "
+                              f"skip others; resume with the run's settings")
         latest, steps = _checkpoint_steps(run_dir)[-1], cfg.train.steps
         if latest > steps:
             raise ConfigError(f"--resume: the run is already at step {latest}, past train.steps={steps}; to train "
@@ -207,8 +224,7 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
             print(f"--resume: {'; '.join(schedule)}: the learning-rate schedule (warmup, then cosine decay to "
                   f"train.steps) is recomputed, so the steps from here follow another curve than an uninterrupted "
                   f"run of these settings would", flush=True)
-        summary = run_dir / "summary.json"
-        done = json.loads(summary.read_text()) if latest == steps and summary.is_file() else {}
+        done = _read_summary(run_dir) if latest == steps else {}
         if done.get("interrupted") is False and done.get("step") == latest:
             return "finished"   # nothing to resume; train() says so and changes nothing
         return "resume"
@@ -238,7 +254,7 @@ def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scorin
     action (:func:`_check_run_dir`)."""
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
-    if cfg.eval.side_effects and cfg.eval.after and not pathlib.Path(cfg.eval.general).is_file():
+    if cfg.eval.side_effects and not pathlib.Path(cfg.eval.general).is_file():
         raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
                           f"side-effect report); point it at a JSONL file or set eval.side_effects: false")
     mesh = _mesh(cfg)
@@ -534,12 +550,16 @@ def plot_losses(run_dir: pathlib.Path) -> pathlib.Path | None:
     return path
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # Ctrl-C; a scheduler's time limit, `timeout`, `kill`
+
+
 class _Interrupt:
-    """Turns the first SIGINT into a flag the loop checks after each step (a second one raises as usual)."""
+    """Turns the first SIGINT or SIGTERM into a flag the loop checks after each step (a second one raises as
+    usual)."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         def handler(signum, frame):
@@ -547,15 +567,48 @@ class _Interrupt:
                 raise KeyboardInterrupt
             self.requested = True
 
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            self._previous = None
+        self._previous = _handle(_STOP_SIGNALS, handler)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _handle(signals, handler) -> dict:
+    """Installs ``handler`` for ``signals``; returns the handlers it replaced ({} off the main thread)."""
+    try:
+        return {sig: signal.signal(sig, handler) for sig in signals}
+    except ValueError:  # not the main thread: signals go to the main thread's handlers
+        return {}
+
+
+@contextlib.contextmanager
+def _run_guard(cfg: RunConfig):
+    """For a whole ``jlora train``: an exclusive lock on ``run.dir`` (a second run into the same folder would
+    overwrite its checkpoints and interleave its metrics), and SIGTERM stopping the run as Ctrl-C does, so that
+    the cleanup runs (a replaced run is put back, a folder without a checkpoint is removed)."""
+    import fcntl
+
+    run_dir = pathlib.Path(cfg.run.dir).absolute()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = run_dir.with_name(f".{run_dir.name}.lock")
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"run folder {run_dir} is in use by another `jlora train` (it holds {lock}); wait "
+                              f"for that run to end, or --set run.dir=OTHER") from None
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = _handle((signal.SIGTERM,), stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -569,6 +622,12 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     Raises:
         RunInterrupted: Ctrl-C outside the training loop (where it saves a checkpoint and returns instead).
     """
+    with _run_guard(cfg):
+        return _train(cfg, resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
+
+
+def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool | None,
+           on_step: Callable[[int, dict], None] | None) -> dict[str, Any]:
     from jlora import checkpoint
 
     scorer, mesh, action = _preflight(cfg, resume=resume, overwrite=overwrite)
@@ -576,7 +635,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         run_dir = pathlib.Path(cfg.run.dir).absolute()
         print(f"{run_dir} already finished all train.steps={cfg.train.steps} steps: nothing to resume, nothing "
               f"changed (to train on, --set train.steps=N above {cfg.train.steps})")
-        return json.loads((run_dir / "summary.json").read_text())
+        return _read_summary(run_dir)
     loaded = _load_model(cfg)
     _check_positions(cfg, loaded)
     data = _load_data(cfg, loaded)
@@ -608,7 +667,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             summary["data"] = loader.counts
             if not interrupted:
                 summary.update(_finish(run, manager, loader, state))
-                if cfg.eval.side_effects and cfg.eval.after:
+                if cfg.eval.side_effects:
                     summary.update(_side_effects(run, state.adapters, summary))
     except BaseException as e:
         kept = has_checkpoint(run.dir)
@@ -671,10 +730,12 @@ def _split(cfg: RunConfig, train=None):
 def _load_data(cfg: RunConfig, loaded) -> _Data:
     """The training records (:func:`jlora.data.open_source`: each checked now, in one pass, never held), validation
     examples (``data.valid``, else a seeded ``data.valid_fraction`` of ``data.train``; tokenized once) and the
-    generation eval's prompts (the first ``eval.num_examples`` of ``data.valid``, when a generation eval is on)."""
+    generation eval's prompts (the first ``eval.num_examples`` of the validation records, when a generation eval is
+    on)."""
     if loaded.tokenizer is None:
         raise ConfigError(f"model {cfg.model.path!r} has no tokenizer; jlora's runs need one (tokenizer.json)")
     d = cfg.data
+    held_out = None
     try:
         train = data_lib.records.open_records(d.train, d.columns)
         bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
@@ -694,9 +755,12 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
           f"parameters; data: {len(train)} train records / {len(valid)} validation examples" +
           (f" ({bad} malformed train records will be skipped)" if bad else ""))
     prompts = []
-    if valid and d.valid and (cfg.eval.before or cfg.eval.after):
-        prompts = data_lib.eval_prompts(d.valid, loaded.tokenizer, limit=cfg.eval.num_examples, columns=d.columns,
-                                        on_bad_record=d.on_bad_record)
+    if valid and (cfg.eval.before or cfg.eval.after):   # from data.valid, or the held-out split (as eval does)
+        try:
+            prompts = data_lib.eval_prompts(d.valid or held_out, loaded.tokenizer, limit=cfg.eval.num_examples,
+                                            columns=d.columns, on_bad_record=d.on_bad_record)
+        except ValueError as e:
+            raise _in_config_terms(e) from None
     return _Data(train, valid, prompts)
 
 
@@ -750,8 +814,7 @@ def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainSta
     # PiSSA/OLoRA checkpoints written before they named the original base name the residual one (run.params)
     base = bank_lib.run_base(manager.metadata(), run.loaded.params, run.cfg.lora, residual=run.params)
     restored = manager.restore(state, params=base, lora_config=run.cfg.lora, name=run.loaded.name)
-    summary_file = run.dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = _read_summary(run.dir)
     print(f"resumed from step {int(restored.state.step)}")
     return restored.state, restored.data_position, summary
 
@@ -865,9 +928,14 @@ def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState
         _save(run, manager, final_step, state, loader)
     manager.wait()
     if run.data.valid:
-        out["valid_loss"] = _validation_loss(run, state)
-        with open(run.dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps({"step": final_step, "valid_loss": out["valid_loss"]}) + "\n")
+        rows = [json.loads(line) for line in (run.dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+        logged = [r["valid_loss"] for r in rows if r.get("step") == final_step and "valid_loss" in r]
+        if logged:     # the loop validated this step already (eval_every divides train.steps)
+            out["valid_loss"] = logged[-1]
+        else:
+            out["valid_loss"] = _validation_loss(run, state)
+            with open(run.dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": final_step, "valid_loss": out["valid_loss"]}) + "\n")
     if run.data.prompts and cfg.eval.after:
         # Merged params decode exactly like unmerged adapters and reuse the base model's compiled decoder.
         merged = jlora.merge(run.params, state.adapters, cfg.lora, layout=run.layout)
@@ -944,7 +1012,25 @@ def _report(summary: dict[str, Any], label: str, files: Sequence[str]) -> str:
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    """Written beside its name and renamed into place: a run killed while writing leaves the old file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_summary(run_dir: pathlib.Path) -> dict:
+    """A run's ``summary.json`` ({} without one); a damaged one is a :class:`ConfigError` naming it."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is damaged ({e}); delete it (the run's checkpoints and metrics.jsonl are "
+                          f"intact) and resume again") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path} holds {type(summary).__name__}, not a run summary; delete it and resume again")
+    return summary
 # ------------------------------------------------------------------------------------------------ other commands
 class UsageError(ConfigError):
     """A command's options or arguments do not fit (printed as one line, like a config error)."""
@@ -1118,7 +1204,9 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     print(f"validation loss {loss:.4f}; {scorer.label} {acc:.1f}% on {len(prompts)} prompts")
     print(side_effects_lib.summary(report))
     # The files go where asked, or into the run evaluated; never into an adapter folder given as input.
-    folder = pathlib.Path(out) if out else (None if adapter else pathlib.Path(cfg.run.dir))
+    run_dir = pathlib.Path(cfg.run.dir)
+    the_run = not adapter or pathlib.Path(adapter).resolve() == run_dir.resolve()   # the config's own run
+    folder = pathlib.Path(out) if out else (run_dir if the_run else None)
     if folder is None:
         print("report files not written: pass --out DIR to keep them")
     else:

@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import pathlib
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -211,12 +212,20 @@ def create_app(engine: engine_lib.Engine, *, api_key: str | None = None,
         prompt_tokens = sum(len(p) for p in req.prompts)
         events = _events(rows, texts, queue)
         if not req.stream:
+            async def cancel_if_gone():      # a client that stops waiting frees its rows (a stream's does too)
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                for row in rows:
+                    row.cancel()
+
+            watcher = asyncio.create_task(cancel_if_gone())
             try:
                 finish = {}
                 async for i, kind, value in events:
                     if kind == "end":
                         finish[i] = value[0]
             finally:
+                watcher.cancel()
                 for row in rows:
                     row.cancel()
             choices = [{"text": t.text, "finish_reason": finish[i], "token_ids": t.ids} for i, t in enumerate(texts)]
@@ -332,10 +341,20 @@ def serve(engine: engine_lib.Engine, *, host: str = "127.0.0.1", port: int = 800
     except ImportError as e:
         raise ImportError("`jlora serve` needs Starlette and uvicorn: pip install 'jlora[serve]'") from e
     app = create_app(engine, api_key=api_key, adapter_root=adapter_root)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    grace = 5.0
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:   # requests still running just before the grace period ends fail with 503
+                timer = threading.Timer(grace - 1.0, engine.abort)   # (a thread: a signal handler takes no locks)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
     started = time.perf_counter()
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         engine.close()
         log.info("served for %.0f s", time.perf_counter() - started)

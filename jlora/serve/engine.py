@@ -49,8 +49,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 # --- errors the HTTP layer maps to status codes ------------------------------------------------------------------
 
-class EngineError(Exception):
-    """A request the engine refuses; ``status`` is the HTTP status it maps to."""
+class EngineError(ValueError):
+    """A request the engine refuses; ``status`` is the HTTP status it maps to (a ValueError: outside a server,
+    e.g. a bad ``--adapter`` name given to ``jlora serve``, it is a user error)."""
 
     status = 400
 
@@ -355,6 +356,20 @@ class Engine:
             _send(row, Failed(503, "the server is shutting down"))
         if self._thread is not None:
             self._thread.join()
+
+    def abort(self, message: str = "the server is shutting down", status: int = 503) -> None:
+        """Ends every request now: queued and running rows fail with ``status`` (the running batch stops at its next
+        token) and no new row is taken; a server's shutdown, so that every client gets an error response."""
+        with self._cv:
+            self._closed = True
+            rows = list(self._queue)
+            self._queue.clear()
+            self._cv.notify_all()
+        batch = self._current
+        rows += [] if batch is None else [r for r in batch.rows if not r.finished]
+        for row in rows:
+            row.finished = True
+            _send(row, Failed(status, message))
 
     def __enter__(self):
         return self
