@@ -364,9 +364,11 @@ def test_lora_dense_gradients_pass_numerical_checks():
     from jlora.transform import lora_dense
 
     ks = jax.random.split(jax.random.key(7), 5)
-    x, xd = jax.random.normal(ks[0], (2, 3, 5)), jax.random.normal(ks[1], (2, 3, 5))   # xd: dropout's input
-    w, a, b = jax.random.normal(ks[2], (5, 4)), jax.random.normal(ks[3], (5, 2)), jax.random.normal(ks[4], (2, 4))
-    check_grads(lora_dense, (x, xd, w, a, b), order=2, modes=("fwd", "rev"))
+    shapes = ((2, 3, 5), (2, 3, 5), (5, 4), (5, 2), (2, 4))      # x, xd (dropout's input), w, a, b
+    with jax.enable_x64(True):   # finite differences of second order need float64 (float32's are ~2% off)
+        check_grads(lora_dense, [jax.random.normal(k, s, jnp.float64) for k, s in zip(ks, shapes)], order=2,
+                    modes=("fwd", "rev"))
+    x, xd, w, a, b = [jax.random.normal(k, s) for k, s in zip(ks, shapes)]
     plain = lambda x, xd, w, a, b: x @ w + (xd @ a) @ b                                      # noqa: E731
     loss = lambda f: lambda *t: jnp.sum(jnp.sin(f(*t)))                                     # noqa: E731
     assert max_diff(lora_dense(x, xd, w, a, b), plain(x, xd, w, a, b)) <= 1e-5

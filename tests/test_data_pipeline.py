@@ -376,7 +376,11 @@ def test_the_run_holds_out_a_seeded_validation_split_of_the_train_file(smol, rec
     held = data.sources.held_out_mask(41, round(41 * 0.2), 0)
     assert held[40]                     # the malformed record falls in the validation split, and is skipped
     want_valid = [(f"{path}:{i + 1}", r) for i, r in enumerate(records[:40]) if held[i]]
-    assert len(got.train) == 41 - held.sum() and not got.prompts
+    assert len(got.train) == 41 - held.sum()
+    # the generation eval's prompts are the held-out records' (the first eval.num_examples), as `jlora eval`'s
+    want_prompts = data.eval_prompts([r for _, r in want_valid], smol)[:cfg.eval.num_examples]
+    assert [(p.source, p.prompt_ids, p.target) for p in got.prompts] == [
+        (w, q.prompt_ids, q.target) for (w, _), q in zip(want_valid, want_prompts)]
     assert got.valid == data.tokenize_all([r for _, r in want_valid], smol, max_length=cfg.data.max_length,
                                           sources=[w for w, _ in want_valid])
     assert [w for w, _ in got.train.scan()] == [f"{path}:{i + 1}" for i in range(41) if not held[i]]
