@@ -293,6 +293,7 @@ def _dense_setup():
     return model, params, ad, cfg, x
 
 
+@pytest.mark.slow
 def test_forward_mode_through_apply_matches_plain_autodiff():
     model, params, ad, cfg, x = _dense_setup()
     w, bias = params["kernel"], params["bias"]

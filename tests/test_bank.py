@@ -272,6 +272,7 @@ def test_training_four_adapters_together_equals_four_separate_trainings():
     assert not np.any(np.asarray(node.a[:, 0, :, 4:])) and not np.any(np.asarray(node.b[:, 0, 4:, :]))
 
 
+@pytest.mark.slow
 def test_hot_swaps_never_recompile():
     model, params, ids, lay, qv, everything = _family("llama", True)
     cfgs, ads = _four_adapters(params, lay, qv, everything)

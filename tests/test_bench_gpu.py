@@ -6,6 +6,8 @@ import doctest
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common, gpu, steps  # noqa: E402
@@ -15,6 +17,7 @@ def test_model_flops_doctest():
     assert doctest.testmod(gpu, raise_on_error=True).attempted == 1
 
 
+@pytest.mark.slow
 def test_model_flops_match_xla_count_of_a_small_llama_step():
     hf = dict(gpu.LLAMA_1B, vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
               num_attention_heads=8, num_key_value_heads=2, head_dim=32)

@@ -311,7 +311,7 @@ def test_attach_with_nnx_optimizer_trains_like_the_functional_step():
                                jlora.merge(model, trained, cfg)(X), atol=1e-5)
 
 
-@pytest.mark.parametrize("which", ["mlp", "stack"])
+@pytest.mark.parametrize("which", ["mlp", pytest.param("stack", marks=pytest.mark.slow)])
 def test_attached_dropout_draws_a_fresh_mask_per_call(which):
     """nnx.Dropout semantics: under nnx.jit each call of an attached model moves its dropout keys on (a shared layer
     used twice draws twice), the sequence is fixed by the key given to attach, and jlora.apply, which starts from
@@ -348,6 +348,7 @@ class SlicedStack(Stack):
         return self.embed.attend(body(self.embed(ids), self.blocks))
 
 
+@pytest.mark.slow
 def test_a_scan_whose_state_axes_name_adapter_state_runs_as_a_scan_over_all_state():
     """With jlora.nnx.AdapterState beside nnx.Param in the StateAxes, each layer gets its adapter and its dropout
     key, and the output equals the scan over all state (dropout included, same key); naming only the params (or
@@ -442,6 +443,7 @@ def test_nnx_adapters_checkpoint_round_trip(tmp_path):
                                jlora.apply(model, jlora.nnx.params(model), ad, STACK_CFG, IDS), atol=0)
 
 
+@pytest.mark.slow
 def test_lora_grad_step_flops_are_at_most_0_72_of_the_full_step():
     """Compiled FLOPs (deterministic): the unmerged low-rank path never forms a full-size update or its grad.
 

@@ -88,6 +88,7 @@ def test_train_and_every_command(tiny_model, tmp_path, capsys):
     assert "rank ladder" in text and "self_attn/o_proj/kernel" in text
 
 
+@pytest.mark.slow
 def test_pissa_run_works_with_every_command(tiny_model, tmp_path, capsys):
     """A PiSSA run trains on a residual of the base; its checkpoints name the base itself, and the commands that
     read the run recompute the rest: they all work on the base model, and agree with the run's PEFT export."""

@@ -80,6 +80,7 @@ print(json.dumps({"applied": applied, "faults": faults}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_kept_memory_holds_a_block_over_two_gib():
     """The bug this catches: a trim threshold of 2**31 - 1 (mallopt takes an int) let glibc hand back a freed

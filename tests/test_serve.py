@@ -535,6 +535,7 @@ def test_a_request_seed_gives_jax_s_key_for_that_seed():
         assert seed_key_data(seed).tolist() == jax.random.key_data(jax.random.key(seed)).tolist(), seed
 
 
+@pytest.mark.slow
 def test_run_folder_loads_the_base_as_the_run_did(world, tmp_path):
     """A run folder given at start (here scan_layers: true, as the demo's) makes the engine load the base the way
     the run trained, so its fingerprint matches; the engine's output equals `jlora generate --adapter RUN`."""

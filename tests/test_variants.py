@@ -125,6 +125,7 @@ def test_dora_import_of_peft_trained_adapter(tmp_path):
     assert max_diff(_apply(loaded, loaded.params, adapters, cfg), _torch_logits(pm)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_dora_train_step_and_scan():
     from tiny import TinyLM
 
