@@ -401,7 +401,7 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
         layout = transform.layout(loaded.model, jnp.zeros((1, 2), jnp.int32))
         base = run_base(meta, loaded.params, cfg, layout)
         seen, here = meta["base_model"]["fingerprint"], checkpoint.fingerprint(loaded.params)
-        if base is loaded.params and not checkpoint.is_base(meta["base_model"], loaded.params):
+        if base is loaded.params and seen != here and not checkpoint.is_base(meta["base_model"], loaded.params):
             raise ValueError(f"{folder} was trained on another base model (fingerprint {seen}) than this one "
                              f"({here}); use it with the base it was trained on")
         adapters = manager.restore_adapters(params=base, lora_config=cfg, name=meta["base_model"]["name"],
