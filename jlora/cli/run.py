@@ -208,7 +208,8 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
         if changed:
             raise ConfigError(f"--resume: the config's model/lora settings differ from the run's saved "
                               f"{run_dir / CONFIG_FILE}: {'; '.join(changed)}; resume with the same settings")
-        order = [d for d in _differences(saved, cfg, ("data",)) if d.split(":")[0] in ("data.seed", "data.valid_fraction")]
+        order = [d for d in _differences(saved, cfg, ("data",))
+                 if d.split(":")[0] in ("data.seed", "data.valid_fraction")]
         if order:
             raise ConfigError(f"--resume: {'; '.join(order)}: the saved data position is a place in the order (and "
                               f"the held-out split) these settings draw, so the run would repeat some records and "
@@ -317,10 +318,18 @@ def _mesh(cfg: RunConfig):
     return None if mesh.size == 1 else mesh
 
 
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}   # model.dtype
+
+
+def _metrics_rows(run_dir: pathlib.Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``, in order."""
+    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+
+
 def _load_model(cfg: RunConfig):
     from jlora import hf
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+    dtype = _DTYPES[cfg.model.dtype]
     return hf.load(cfg.model.path, dtype=dtype, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
                    attention=cfg.model.attention)
 
@@ -531,7 +540,7 @@ def plot_losses(run_dir: pathlib.Path) -> pathlib.Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    rows = _metrics_rows(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -928,8 +937,7 @@ def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState
         _save(run, manager, final_step, state, loader)
     manager.wait()
     if run.data.valid:
-        rows = [json.loads(line) for line in (run.dir / METRICS_FILE).read_text().splitlines() if line.strip()]
-        logged = [r["valid_loss"] for r in rows if r.get("step") == final_step and "valid_loss" in r]
+        logged = [r["valid_loss"] for r in _metrics_rows(run.dir) if r.get("step") == final_step and "valid_loss" in r]
         if logged:     # the loop validated this step already (eval_every divides train.steps)
             out["valid_loss"] = logged[-1]
         else:
@@ -1127,7 +1135,7 @@ def _load_with_adapter(model: str, adapter: str | Sequence[str] | None, *, scan_
         settings = dataclasses.replace(saved.model, path=model, **({"dtype": dtype} if dtype else {}))
         return _load_model(dataclasses.replace(saved, model=settings))
     return hf.load(model, scan_layers=scan_layers,
-                   **({"dtype": {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]} if dtype else {}))
+                   **({"dtype": _DTYPES[dtype]} if dtype else {}))
 
 
 def _lossless_dtype(local: str) -> str:
