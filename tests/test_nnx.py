@@ -188,7 +188,7 @@ def test_fresh_adapters_are_a_no_op_and_apply_equals_merged_and_reference(name):
     np.testing.assert_allclose(y, jax.jit(ref, static_argnums=2)(params, ad, cfg, inp), atol=1e-5)
     grads = jax.jit(jax.grad(lambda a: apply(params, a).sum()))(ad)
     ref_grads = jax.jit(jax.grad(lambda a: ref(params, a, cfg, inp).sum()))(ad)
-    assert_trees_all_close(grads, ref_grads, atol=1e-5)
+    assert_trees_all_close(grads, ref_grads, atol=1e-5, rtol=1e-6)     # some of these gradients are ~30
 
 
 def test_linear_general_with_axes_out_of_order_equals_the_plain_reference():
@@ -219,7 +219,6 @@ def test_merge_of_a_model_with_attached_adapters_adds_them_once():
     np.testing.assert_allclose(unmerged(x), 2 * base - want, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_graphdef_and_state_form_and_nnx_jit():
     model = Stack(nnx.Rngs(0))
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
@@ -235,7 +234,6 @@ def test_graphdef_and_state_form_and_nnx_jit():
         jlora.apply(graphdef, jlora.nnx.params(model), ad, STACK_CFG, IDS)
 
 
-@pytest.mark.slow
 def test_nnx_and_linen_versions_agree():
     model = Stack(nnx.Rngs(0))
     params = jlora.nnx.params(model)
@@ -274,7 +272,6 @@ def test_train_step_changes_adapters_only_and_merge_round_trips():
     assert_trees_all_close(jlora.nnx.params(back), before, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_attach_with_nnx_optimizer_trains_like_the_functional_step():
     cfg, opt = MLP_CFG, optax.adam(1e-2)
     y_true = jnp.ones((4, 3))
@@ -348,7 +345,6 @@ class SlicedStack(Stack):
         return self.embed.attend(body(self.embed(ids), self.blocks))
 
 
-@pytest.mark.slow
 def test_a_scan_whose_state_axes_name_adapter_state_runs_as_a_scan_over_all_state():
     """With jlora.nnx.AdapterState beside nnx.Param in the StateAxes, each layer gets its adapter and its dropout
     key, and the output equals the scan over all state (dropout included, same key); naming only the params (or
@@ -368,7 +364,6 @@ def test_a_scan_whose_state_axes_name_adapter_state_runs_as_a_scan_over_all_stat
             jlora.apply(model, jlora.nnx.params(model), ad, cfg, IDS, rngs=rngs)
 
 
-@pytest.mark.slow
 def test_flax_lora_layers_both_ways():
     cfg = jlora.LoraConfig(rank=2, alpha=8, targets=r"(l1|l2)/kernel")
 
@@ -426,7 +421,6 @@ def test_unsupported_layers_are_named_with_their_path():
                     jnp.ones((1, 64)))
 
 
-@pytest.mark.slow
 def test_nnx_adapters_checkpoint_round_trip(tmp_path):
     model = Stack(nnx.Rngs(0))
     ad = _random_adapters(model, STACK_CFG)
@@ -443,7 +437,6 @@ def test_nnx_adapters_checkpoint_round_trip(tmp_path):
                                jlora.apply(model, jlora.nnx.params(model), ad, STACK_CFG, IDS), atol=0)
 
 
-@pytest.mark.slow
 def test_lora_grad_step_flops_are_at_most_0_72_of_the_full_step():
     """Compiled FLOPs (deterministic): the unmerged low-rank path never forms a full-size update or its grad.
 
@@ -469,7 +462,6 @@ def test_lora_grad_step_flops_are_at_most_0_72_of_the_full_step():
     assert lora_flops <= 0.72 * full_flops, (lora_flops, full_flops)
 
 
-@pytest.mark.slow
 def test_dropout_and_a_bank_of_adapters():
     model = SharedMLP(nnx.Rngs(0))
     params = jlora.nnx.params(model)

@@ -131,7 +131,6 @@ def test_pmap_training_equals_single_device(tiny, reference):
         np.testing.assert_array_equal(np.asarray(leaf), np.broadcast_to(np.asarray(leaf)[:1], leaf.shape))
 
 
-@pytest.mark.slow
 def test_sharded_accumulation_with_dropout_and_an_unweighted_loss_equals_the_plain_step(tiny):
     """Both steps split micro-batches the same way (rows i, i+k, ...) and draw the same dropout masks, so a loss
     that weights micro-batches equally (no "tokens") and LoRA dropout give the same numbers sharded or not; and a

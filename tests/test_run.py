@@ -235,7 +235,7 @@ def test_resume_on_changed_data_is_refused(tiny_model, tmp_path):
 
     train = tmp_path / "train.jsonl"
     train.write_text((ROOT / "examples/data/train.jsonl").read_text())
-    config = _write_config(tmp_path, tiny_model, "run", train={"steps": 2, "checkpoint_every": 2},
+    config = _write_config(tmp_path, tiny_model, "run", train={"steps": 2, "checkpoint_every": 2, "warmup_steps": 1},
                            data={"train": str(train)}, eval={"before": False, "after": False},
                            run={"export_peft": False})
     assert cli.main(["train", "--config", str(config), "--no-progress"]) == 0

@@ -89,7 +89,6 @@ def test_grad_accumulation_equals_one_big_batch():
         jlora.make_train_step(model, cfg, opt, grad_accum_steps=3)(state, params, batch)
 
 
-@pytest.mark.slow
 def test_grad_accumulation_takes_strided_micro_batches_in_float32():
     """Micro-batch i holds rows i, i+k, ...: with a loss that weights micro-batches equally (no "tokens" metric),
     the step's gradient is the mean of jax.grad over those row sets. Sums run in float32: bf16 adapters and an

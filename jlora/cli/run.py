@@ -58,6 +58,7 @@ from jlora import data as data_lib
 from jlora.cli import config as runconfig
 from jlora.cli import scoring
 from jlora.cli.config import ConfigError, RunConfig
+from jlora.hf import _write_json  # atomic: a run killed while writing leaves the old file whole
 from jlora.variants import inits
 
 CONFIG_FILE = "config.yaml"
@@ -1017,13 +1018,6 @@ def _report(summary: dict[str, Any], label: str, files: Sequence[str]) -> str:
     lines = [""] + ([f"{'':24}{label:>{width}}   validation loss"] + rows if rows else [])
     lines.append(f"  run folder: {summary['run_dir']} ({', '.join(files)})")
     return "\n".join(lines)
-
-
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-    """Written beside its name and renamed into place: a run killed while writing leaves the old file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_summary(run_dir: pathlib.Path) -> dict:

@@ -473,8 +473,11 @@ def save(out_dir: str | os.PathLike, loaded_or_model: Any, params: Any, *, dtype
             _write_json(os.path.join(out_dir, GENERATION_CONFIG_FILE), generation)
 
 
-def _write_json(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+def _write_json(path: str | os.PathLike, value: Any) -> None:
+    """Written beside its name and renamed into place: a process killed while writing leaves the old file whole.
+    Also the writer of ``jlora train``'s JSON files."""
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2)
         f.write("\n")
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
