@@ -535,6 +535,27 @@ def test_a_request_seed_gives_jax_s_key_for_that_seed():
         assert seed_key_data(seed).tolist() == jax.random.key_data(jax.random.key(seed)).tolist(), seed
 
 
+def test_a_message_name_reaches_the_chat_template():
+    """OpenAI's optional ``name`` of a message goes to the template (as transformers' apply_chat_template passes
+    every key); one that is not a string is a 400 naming it."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from jlora.hf.tokenizer import Tokenizer
+    from jlora.serve import protocol
+
+    vocab = {"<s>": 0, "a": 1, "b": 2, ":": 3}
+    backend = Backend(models.BPE(vocab, []))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok = Tokenizer(backend, bos_token="<s>", chat_template="{% for m in messages %}{{ m.name or '' }}:{{ m.content }}"
+                                                             "{% endfor %}")
+    ids = protocol.chat_prompt([{"role": "user", "content": "b", "name": "ab"}, {"role": "user", "content": "a"}],
+                               tok)
+    assert tok.decode(ids) == "ab:b:a"
+    with pytest.raises(protocol.ApiError, match=r"messages\[0\]\.name.*must be a string; got 3"):
+        protocol.chat_prompt([{"role": "user", "content": "b", "name": 3}], tok)
+
+
 @pytest.mark.slow
 def test_run_folder_loads_the_base_as_the_run_did(world, tmp_path):
     """A run folder given at start (here scan_layers: true, as the demo's) makes the engine load the base the way

@@ -270,7 +270,10 @@ def chat_prompt(messages, tokenizer) -> list[int]:
         extra = sorted(set(m) - {"role", "content", "name"})
         if extra:
             raise bad(f"messages[{i}].{extra[0]}", "is not supported by jlora serve")
-        plain.append({"role": role, "content": content})
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise bad(f"messages[{i}].name", f"must be a string; got {_short(name)}")
+        plain.append({"role": role, "content": content, **({"name": name} if name is not None else {})})
     if tokenizer is None:
         raise bad("messages", "this model has no tokenizer, so no chat template: use /v1/completions with token ids")
     try:
