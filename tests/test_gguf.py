@@ -229,6 +229,17 @@ def test_per_layer_head_counts_load_when_every_layer_agrees():
         jgguf.hf_config({**meta, "llama.attention.head_count_kv": [2, 1]}, tied=True)
 
 
+def test_partial_rope_is_refused_by_name():
+    """llama.cpp's rope.dimension_count below the head size rotates only part of each head; jlora's models rotate
+    all of it, so loading such a file would give a wrong model silently."""
+    meta = {"general.architecture": "llama", "llama.attention.head_count": 4, "llama.vocab_size": 64,
+            "llama.embedding_length": 32, "llama.feed_forward_length": 48, "llama.block_count": 2,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.context_length": 128}
+    assert jgguf.hf_config({**meta, "llama.rope.dimension_count": 8}, tied=True)["head_dim"] == 8
+    with pytest.raises(ValueError, match=r"m.gguf: llama.rope.dimension_count=4 rotates part of each 8-dim head"):
+        jgguf.hf_config({**meta, "llama.rope.dimension_count": 4}, tied=True, path="m.gguf")
+
+
 def test_unpermute_inverts_permute():
     rng = np.random.default_rng(0)
     for n_head, rows in ((1, 8), (3, 12), (9, 576)):

@@ -285,6 +285,11 @@ def hf_config(meta: Mapping[str, Any], *, tied: bool, path: str = "<gguf>") -> d
         config["rope_scaling"] = {"rope_type": "linear", "factor": _shortest(factor)}
     # llama.cpp's head size: attention.key_length when given, else hidden / heads
     config["head_dim"] = get("attention.key_length") or config["hidden_size"] // n_head
+    rotated = get("rope.dimension_count", config["head_dim"])
+    if rotated != config["head_dim"]:
+        raise ValueError(f"{path}: {arch_name}.rope.dimension_count={rotated} rotates part of each "
+                         f"{config['head_dim']}-dim head (partial RoPE); jlora's models rotate the whole head, so "
+                         "this model would load wrong. It is not supported.")
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
         if meta.get(f"tokenizer.ggml.{key}") is not None:
