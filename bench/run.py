@@ -360,6 +360,18 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   exponentials and reductions elsewhere; so the last 0.02 would need the dots themselves faster, or half of all
   the non-dot time gone. Fusing each layer's q, k, v kernels into one (576, 960) product and gate, up into one
   (576, 3072), forward and input gradient at 1 x 2048, was no faster (179.5 vs 175.4 ms, median of 15 A/B calls).
+- The same targets on an AVX2 CPU (AMD EPYC Zen 3, family 25 model 1: avx2, fma, no AVX-512; 1 core, in one
+  process per figure, contenders alternating): jlora / PEFT at 4 x 128 was 0.996 on q,v and 0.921 on all linear
+  layers (4 steps per call: 0.940 and 0.963), jlora full / torch full 1.122, and at T = 2048 0.928; the Zen 4
+  run above had 0.906, 0.825 and 0.897. Fitting 2- and 8-layer q,v steps at 4 x 128: per layer 113.1 vs 114.7 ms
+  (0.986), outside the layers 705 vs 730 ms (0.965). Both sides do the same FLOPs and the step is dot-bound: in
+  4-layer profiles, XLA's dot fusions took 93% of jlora's step and aten::mm 85% of PEFT's. On this core torch's
+  MKL sgemm runs the layers' shapes at 90-92 GF/s and XLA's YNNPACK dots at 73-89 (one matmul, 1 core), so the
+  ~10% that jlora wins elsewhere (fused loss, attention, fewer scratch pages) is what keeps the ratio near 1.
+  Attention alone at T = 2048 (one layer, forward + backward): blocked 281 ms vs torch's SDPA 330; tiles of 64,
+  256 and 512 took 292, 367 and 341 ms, so 128 stays. Screened here too: YNNPACK off (Eigen dots), XNNPACK dot
+  fusions, oneDNN (q,v step 1.12-1.21x PEFT's, against 0.97 with the defaults) and one (576, 960) q, k, v
+  product (no faster), as on the Zen 4.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
