@@ -277,3 +277,31 @@ def test_sentencepiece_llama_folder_tokenizes_as_transformers(tmp_path, flags):
         assert ours.encode(text) == ids, text
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), text
+
+
+def test_a_completion_decodes_with_its_leading_space_after_its_prompt(tmp_path, gguf_model, hf_tok):
+    """prompt text + completion text = the text of both, cut at every token: a sentencepiece decoder strips a
+    text's leading space, so the completion "▁world" alone decodes as "world" but after "Hello" as " world" (what
+    an OpenAI completion returns). Oracle: transformers' decode of the whole and of the prompt; the server's
+    TextStream reads the same."""
+    import transformers
+
+    from jlora.serve.protocol import TextStream
+
+    _sentencepiece_llama_json(tmp_path, True)
+    json.dump({"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+               "unk_token": "<unk>"}, open(tmp_path / "tokenizer_config.json", "w"))
+    sentencepiece = (Tokenizer.from_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path))
+    lost = 0
+    for ours, theirs in (sentencepiece, (gguf_model.tokenizer, hf_tok)):
+        ids = theirs("Hello world, this is ünï 🙂 text")["input_ids"]
+        for k in range(1, len(ids)):
+            head = theirs.decode(ids[:k], skip_special_tokens=True)
+            if head.endswith("\ufffd"):   # a prompt that ends inside a character: no such prompt comes from text
+                continue
+            want = theirs.decode(ids, skip_special_tokens=True)[len(head):]
+            assert ours.decode(ids[k:], after=ids[:k]) == want, k
+            stream = TextStream(ours, after=ids[:k])
+            assert "".join(stream.push(i) for i in ids[k:]) + stream.finish() == want, k
+            lost += ours.decode(ids[k:]) != want
+    assert lost > 0   # without `after`, some cuts lose a space

@@ -347,9 +347,21 @@ class Tokenizer:
         """
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; special tokens are dropped when `skip_special_tokens`."""
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True, after: Sequence[int] = ()) -> str:
+        """Text of `ids`; special tokens are dropped when `skip_special_tokens`.
+
+        `after`: the tokens that come before `ids` (a prompt, of which the last few are read). The text is then
+        what `ids` add to theirs, so that prompt text + completion text = the text of both: a sentencepiece
+        decoder strips the space that starts a text, and a completion "▁Paris" after "The capital is" is
+        " Paris", not "Paris".
+        """
+        ids = [int(i) for i in ids]
+        context = [int(i) for i in after][-_CONTEXT_TOKENS:]
+        text = self._backend.decode(context + ids, skip_special_tokens=skip_special_tokens)
+        head = self._backend.decode(context, skip_special_tokens=skip_special_tokens) if context else ""
+        if text.startswith(head):
+            return text[len(head):]
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)   # bytes joined across the seam
 
     # ------------------------------------------------------------------ chat
 
@@ -437,6 +449,10 @@ def _template_processing(backend: tokenizers.Tokenizer, bos: str | None, eos: st
     pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
     special = [(t, backend.token_to_id(t)) for t in (bos, eos) if t]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+# Prompt tokens that Tokenizer.decode(after=...) reads: enough for a UTF-8 character spelled as byte tokens
+_CONTEXT_TOKENS = 8
 
 
 # tokenizer_config.json classes whose tokenizer.json transformers 5 does not run as written: it keeps the vocabulary,

@@ -207,7 +207,7 @@ def create_app(engine: engine_lib.Engine, *, api_key: str | None = None,
                                seed=req.seed, index=i, ignore_eos=req.ignore_eos)
                 for i, (p, m) in enumerate(zip(req.prompts, req.max_tokens))]
         engine.submit(rows)
-        texts = [protocol.TextStream(tokenizer, req.stop, incremental=req.stream) for _ in rows]
+        texts = [protocol.TextStream(tokenizer, req.stop, incremental=req.stream, after=p) for p in req.prompts]
         rid, created = protocol.new_id(chat), protocol.now()
         prompt_tokens = sum(len(p) for p in req.prompts)
         events = _events(rows, texts, queue)

@@ -309,7 +309,8 @@ def _short(x: Any, n: int = 80) -> str:
 class TextStream:
     """One row's text as its tokens arrive: ``push(token)`` returns the new text that is safe to send (nothing that
     could still turn into a stop string, no half of a UTF-8 character); ``stopped`` says a stop string appeared
-    (the text is cut before it); ``finish()`` returns what was held back.
+    (the text is cut before it); ``finish()`` returns what was held back. ``after``: the prompt's ids, so that the
+    text is what the row adds to the prompt's, leading space included (see ``jlora.hf.Tokenizer.decode``).
 
     Examples:
         >>> class Chars:     # a toy tokenizer: token i is chr(i)
@@ -320,8 +321,8 @@ class TextStream:
         (['a', 'b', '', ''], '', True, 'ab')
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), *, incremental: bool = True):
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
+    def __init__(self, tokenizer, stop: Sequence[str] = (), *, incremental: bool = True, after: Sequence[int] = ()):
+        self.tokenizer, self.stop, self.after = tokenizer, tuple(stop), list(after)   # after: the prompt's ids
         self.incremental = incremental or bool(stop)
         self.ids: list[int] = []
         self.text = ""
@@ -330,7 +331,10 @@ class TextStream:
         self.unsent_ids: list[int] = []
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        if self.tokenizer is None:
+            return ""
+        kw = {"after": self.after} if self.after else {}   # the completion's own leading space (Tokenizer.decode)
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, **kw)
 
     def push(self, token: int) -> str:
         if self.stopped:
