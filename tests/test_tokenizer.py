@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from jlora.hf import gguf as jgguf
-from jlora.hf.tokenizer import Tokenizer
+from jlora.hf.tokenizer import Tokenizer, _merges_from_scores
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
@@ -107,8 +107,11 @@ def test_other_pre_tokenizers_match_transformers_gguf_converter(gguf_model, pre)
 
 
 def test_unsupported_gguf_tokenizers_raise(gguf_model):
-    with pytest.raises(ValueError, match=r"tokenizer.ggml.model='llama'.*gpt2"):
-        Tokenizer.from_gguf_metadata({**gguf_model.metadata, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.model='t5'.*'gpt2'.*'llama'"):
+        Tokenizer.from_gguf_metadata({**gguf_model.metadata, "tokenizer.ggml.model": "t5"})
+    with pytest.raises(ValueError, match=r"no tokenizer.ggml.merges and no tokenizer.ggml.scores for 49152 tokens"):
+        Tokenizer.from_gguf_metadata({**gguf_model.metadata, "tokenizer.ggml.model": "llama",
+                                      "tokenizer.ggml.merges": None})
     with pytest.raises(ValueError, match=r"tokenizer.ggml.pre='chatglm-bpe'.*supported"):
         Tokenizer.from_gguf_metadata({**gguf_model.metadata, "tokenizer.ggml.pre": "chatglm-bpe"})
 
@@ -305,3 +308,83 @@ def test_a_completion_decodes_with_its_leading_space_after_its_prompt(tmp_path, 
             assert "".join(stream.push(i) for i in ids[k:]) + stream.finish() == want, k
             lost += ours.decode(ids[k:]) != want
     assert lost > 0   # without `after`, some cuts lose a space
+
+
+def _sentencepiece_gguf(folder, **flags):
+    """GGUF metadata of a sentencepiece BPE tokenizer as llama.cpp writes Llama 2's (pieces with "▁", 256 byte
+    tokens, scores and no merges, <unk> <s> </s>, a control and a user-defined token), and the file at
+    ``folder/t.gguf`` with only that metadata."""
+    import gguf
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tk = Backend(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = [" ".join(TEXTS[:4]) + " Hello world, the capital of France is Paris.\nA new line"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    rank = {"".join(m): r for r, m in enumerate(json.loads(tk.to_str())["model"]["merges"])}
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), "[INST]", "<think>"]
+    types = [2, 3, 3] + [6] * 256 + [3, 4]
+    pieces = [p for p, _ in sorted(tk.get_vocab().items(), key=lambda kv: kv[1]) if p not in tokens]
+    scores = [0.0] * len(tokens) + [-1.0 - rank[p] if p in rank else -1e4 for p in pieces]
+    fields = {"general.architecture": "llama", "tokenizer.ggml.model": "llama",
+              "tokenizer.ggml.tokens": tokens + pieces,
+              "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types + [1] * len(pieces),
+              "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+              **{f"tokenizer.ggml.{k}": v for k, v in flags.items()}}
+    w = gguf.GGUFWriter(str(folder / "t.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(fields["tokenizer.ggml.tokens"])
+    w.add_token_scores(scores)
+    w.add_token_types(fields["tokenizer.ggml.token_type"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for key, value in flags.items():
+        w.add_bool(f"tokenizer.ggml.{key}", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return fields
+
+
+@pytest.mark.parametrize("flags", [{}, {"add_bos_token": False, "add_eos_token": True}])
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path, flags):
+    """Llama 2 / Mistral v0.x / TinyLlama GGUFs: a sentencepiece vocabulary with scores and no merges. Oracle:
+    transformers' GGUF loader on the same file (encode with and without BOS, decode with and without special
+    tokens); the merges recovered from the scores also equal transformers' own."""
+    import transformers
+    from transformers.tokenization_utils_base import generate_merges
+
+    fields = _sentencepiece_gguf(tmp_path, **flags)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    ours = Tokenizer.from_gguf_metadata(fields)
+    tokens, scores = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"]
+    assert _merges_from_scores(tokens, scores) == generate_merges({t: i for i, t in enumerate(tokens)},
+                                                                  dict(zip(tokens, scores)))
+    texts = [*TEXTS, " Hello", "  two  spaces ", "[INST] hi [/INST]", "<s>[INST]Hello", "<think>x <unk>", "a\n\nb  ",
+             "The capital of France is Paris.", ""]
+    for text in texts:
+        for add in (True, False):
+            ids = theirs.encode(text, add_special_tokens=add)
+            assert ours.encode(text, add_special_tokens=add) == ids, (text, add)
+            for skip in (True, False):
+                assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), text
+    assert ours.vocab_size == len(theirs) and (ours.bos_token_id, ours.eos_token_id) == (1, 2)
+
+
+def test_sentencepiece_gguf_without_space_prefix_matches_transformers_llama_tokenizer(tmp_path):
+    """llama.cpp's ``add_space_prefix: false`` (which transformers' GGUF loader ignores): the oracle is transformers'
+    LlamaTokenizer with ``add_prefix_space=False`` over the same pieces and merges."""
+    import transformers
+
+    fields = _sentencepiece_gguf(tmp_path, add_space_prefix=False)
+    tokens = fields["tokenizer.ggml.tokens"]
+    theirs = transformers.LlamaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, add_prefix_space=False,
+                                         merges=_merges_from_scores(tokens, fields["tokenizer.ggml.scores"]))
+    ours = Tokenizer.from_gguf_metadata(fields)
+    for text in ("Hello world", " Hello", "  two  spaces ", "a\nb"):
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ours.encode(text, add_special_tokens=False) == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text

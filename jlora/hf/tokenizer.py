@@ -12,9 +12,10 @@ It comes from one of two places:
 * `Tokenizer.from_gguf_metadata(fields)`: a GGUF file's `tokenizer.*` metadata. A GGUF carries no
   `tokenizer.json`; it stores llama.cpp's description (tokens, merges, token types, special ids and the
   name of the pre-tokenizer split regex). We rebuild the byte-level BPE that description names, as llama.cpp
-  runs it. transformers' GGUF loader (our test oracle; its path imports torch) does the same, except for the
-  digit-splitting types (`smollm`, `starcoder`, `refact`): it leaves out their digit split, which llama.cpp and
-  those models' own tokenizer.json apply, so text with a space or line break before a digit differs there.
+  runs it, or its sentencepiece BPE (Llama 2, Mistral v0.x: pieces, scores and byte tokens). transformers' GGUF
+  loader (our test oracle; its path imports torch) does the same, except for the digit-splitting types
+  (`smollm`, `starcoder`, `refact`): it leaves out their digit split, which llama.cpp and those models' own
+  tokenizer.json apply, so text with a space or line break before a digit differs there.
 
 Chat templates render in a sandboxed Jinja environment set up like transformers'
 (`trim_blocks`, `lstrip_blocks`, `loopcontrols`, a `tojson` that does not escape HTML, `raise_exception`,
@@ -203,53 +204,24 @@ class Tokenizer:
                 -> list of str, `"tokenizer.ggml.bos_token_id"` -> int, ...), as `jlora.hf.gguf` reads them.
 
         Raises:
-            ValueError: the file's tokenizer is not byte-level BPE (`tokenizer.ggml.model` other than
-                "gpt2") or its pre-tokenizer (`tokenizer.ggml.pre`) is one we do not know.
+            ValueError: the file's tokenizer is neither byte-level BPE (`tokenizer.ggml.model` "gpt2") nor
+                sentencepiece BPE ("llama"), or its pre-tokenizer (`tokenizer.ggml.pre`) is one we do not know.
         """
         kind = fields.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise ValueError(
                 f"GGUF tokenizer.ggml.model={kind!r} is not supported; jlora rebuilds byte-level BPE "
-                "tokenizers (tokenizer.ggml.model='gpt2') only. Convert the model to a Hugging Face folder "
-                "with tokenizer.json instead."
-            )
-        pre = fields.get("tokenizer.ggml.pre", "default")
-        if pre not in SUPPORTED_GGUF_PRE:
-            raise ValueError(
-                f"GGUF tokenizer.ggml.pre={pre!r} (pre-tokenizer split regex) is not supported; "
-                f"supported: {list(SUPPORTED_GGUF_PRE)}"
+                "('gpt2': Llama 3, Qwen, SmolLM) and sentencepiece BPE ('llama': Llama 2, Mistral v0.x, TinyLlama) "
+                "tokenizers. Convert the model to a Hugging Face folder with tokenizer.json instead."
             )
         tokens = list(fields["tokenizer.ggml.tokens"])
         types = list(fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
         if len(types) != len(tokens):
             raise ValueError(f"GGUF has {len(tokens)} tokenizer.ggml.tokens but {len(types)} token types")
-        alphabet = set(_bytes_to_unicode().values())
-        spelling = _bytes_to_unicode()
-        # A byte-level vocabulary is spelled in GPT-2's byte alphabet; respell any token that is not
-        # (llama.cpp stores some added tokens as raw text).
-        vocab = {
-            t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-            for i, t in enumerate(tokens)
-        }
-        merges = []
-        for m in fields.get("tokenizer.ggml.merges") or ():
-            parts = m.split(" ")
-            if len(parts) != 2:
-                raise ValueError(f"GGUF merge {m!r} is not two space-separated tokens")
-            merges.append(tuple(parts))
-        backend = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if pre in _SPLIT_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
-        elif pre in _DIGITS_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                             byte_level])
+        if kind == "gpt2":
+            backend, vocab, spelled = _byte_level_from_gguf(fields, tokens)
         else:
-            backend.pre_tokenizer = byte_level
-        backend.decoder = decoders.ByteLevel()
+            backend, vocab, spelled = _sentencepiece_from_gguf(fields, tokens)
 
         def name_of(key: str) -> str | None:
             i = fields.get(f"tokenizer.ggml.{key}")
@@ -258,9 +230,9 @@ class Tokenizer:
         named = {"bos_token": name_of("bos_token_id"), "eos_token": name_of("eos_token_id"),
                  "unk_token": name_of("unknown_token_id"), "pad_token": name_of("padding_token_id")}
         # Control tokens become special tokens (matched whole, dropped by skip_special_tokens), user-defined
-        # ones plain added tokens. A "control" token spelled outside the byte alphabet is a llama.cpp mislabel
-        # that transformers skips too.
-        special = [t for t, k in zip(tokens, types) if k == TOKEN_CONTROL and set(t) <= alphabet]
+        # ones plain added tokens. A "control" token spelled outside a byte-level vocabulary's alphabet is a
+        # llama.cpp mislabel that transformers skips too.
+        special = [t for t, k in zip(tokens, types) if k == TOKEN_CONTROL and spelled(t)]
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
         user = [t for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED and t in vocab]
         if user:
@@ -269,8 +241,8 @@ class Tokenizer:
                        if fields.get(f"tokenizer.ggml.{k}_token_id") is not None]
         return cls(
             backend,
-            **named,
-            add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+            **named,   # llama.cpp (and transformers) add BOS for a sentencepiece vocabulary without the flag
+            add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama")),
             add_eos_token=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=fields.get("tokenizer.chat_template"),
             extra_eos_token_ids=end_of_turn,
@@ -449,6 +421,88 @@ def _template_processing(backend: tokenizers.Tokenizer, bos: str | None, eos: st
     pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
     special = [(t, backend.token_to_id(t)) for t in (bos, eos) if t]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+def _gguf_merges(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
+    merges = []
+    for m in fields.get("tokenizer.ggml.merges") or ():
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"GGUF merge {m!r} is not two space-separated tokens")
+        merges.append(tuple(parts))
+    return merges
+
+
+def _byte_level_from_gguf(fields: Mapping[str, Any], tokens: list[str]):
+    """``(backend, vocab, spelled)`` of a byte-level BPE GGUF tokenizer (``tokenizer.ggml.model`` "gpt2"), with
+    the split regex its ``tokenizer.ggml.pre`` names; ``spelled(token)``: whether it is in GPT-2's byte alphabet."""
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in SUPPORTED_GGUF_PRE:
+        raise ValueError(
+            f"GGUF tokenizer.ggml.pre={pre!r} (pre-tokenizer split regex) is not supported; "
+            f"supported: {list(SUPPORTED_GGUF_PRE)}"
+        )
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # A byte-level vocabulary is spelled in GPT-2's byte alphabet; respell any token that is not
+    # (llama.cpp stores some added tokens as raw text).
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(tokens)
+    }
+    backend = tokenizers.Tokenizer(models.BPE(vocab, _gguf_merges(fields), fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _SPLIT_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif pre in _DIGITS_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
+    return backend, vocab, lambda t: set(t) <= alphabet
+
+
+def _sentencepiece_from_gguf(fields: Mapping[str, Any], tokens: list[str]):
+    """``(backend, vocab, spelled)`` of a sentencepiece BPE GGUF tokenizer (``tokenizer.ggml.model`` "llama": Llama
+    2, Mistral v0.x, TinyLlama) as transformers' GGUF loader builds it: the pieces as the file spells them ("▁" for
+    a space, ``<0x0A>`` byte tokens for byte fallback), the file's merges or, as llama.cpp's converters write
+    none, merges ranked by the merged piece's score (:func:`_merges_from_scores`), and transformers'
+    ``LlamaTokenizer`` set-up, with llama.cpp's ``tokenizer.ggml.add_space_prefix`` (transformers ignores the
+    flag; it is true in the files llama.cpp's converters write for these models)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _gguf_merges(fields)
+    if not merges:
+        scores = fields.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise ValueError(f"GGUF sentencepiece tokenizer has no tokenizer.ggml.merges and "
+                             f"{'no' if scores is None else len(scores)} tokenizer.ggml.scores for {len(tokens)} "
+                             f"tokens; one of them is needed to rebuild its merges")
+        merges = _merges_from_scores(tokens, scores)
+    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
+    _as_transformers_llama(backend, {"add_prefix_space": fields.get("tokenizer.ggml.add_space_prefix")})
+    return backend, vocab, lambda t: True
+
+
+def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """The BPE merges a sentencepiece vocabulary implies: every split of a piece into two pieces of the
+    vocabulary, best-scored merged piece first (then longer left, then longer right part; ties in vocabulary
+    order), the rank transformers' ``generate_merges`` gives.
+
+    Examples:
+        >>> _merges_from_scores(["a", "b", "c", "ab", "abc", "bc"], [0, 0, 0, -1, -3, -2])
+        [('a', 'b'), ('b', 'c'), ('ab', 'c'), ('a', 'bc')]
+    """
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score in dict(zip(tokens, scores)).items():   # a repeated piece: its first place, its last score
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
+        splits.sort(key=lambda p: (ids[p[0]], ids[p[1]]))
+        ranked += [(float(score), len(a), len(b), a, b) for a, b in splits]
+    ranked.sort(key=lambda m: m[:3], reverse=True)   # stable: equal keys keep their order
+    return [(a, b) for *_, a, b in ranked]
 
 
 # Prompt tokens that Tokenizer.decode(after=...) reads: enough for a UTF-8 character spelled as byte tokens
