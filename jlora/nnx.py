@@ -25,10 +25,9 @@ holding the given params, and on each adapted layer sets (a) :class:`AdapterPara
 attributes. Because the adapter is a variable of the layer, ``nnx.scan`` over a stack of layers slices it along
 with the layer's kernel (a scan whose ``nnx.StateAxes`` name what to slice must name :class:`AdapterState`
 beside ``nnx.Param``), and ``nnx.remat``/``nnx.vmap`` carry it like any other state. The user's model is never
-modified by :func:`apply`. A user's subclass of a layer that overrides ``__call__`` gets the update added to what
-its override returns: right when that is the layer's output (a pass-through ``super().__call__(x)``), not when
-the override transforms it (``2 * super().__call__(x)``), which merging scales with the kernel. (Linen's
-interceptor sees the ``super()`` call and adds the update there, so Linen subclasses match merging either way.)
+modified by :func:`apply`. A user's subclass of a layer that overrides ``__call__`` gets the update where its
+override calls the layer's own method (``2 * super().__call__(x)`` doubles it, as merging does, and as Linen's
+interceptor does), or, when the override never calls it, added to what the override returns.
 
 The NNX-idiomatic way is built on the same pieces: :func:`attach` does (a) and (b) to the user's model in place,
 so ``model(x)`` runs adapted and ``nnx.Optimizer(model, tx, wrt=jlora.nnx.AdapterParam)`` trains the adapters only;
@@ -41,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -227,17 +227,31 @@ def _fresh(model: Any, params_in: Any, variables: Any) -> nnx.Module:
 # --- adapted layers -----------------------------------------------------------------------------------------------
 
 _ADAPTED: dict[type, type] = {}
+_INNER: dict[type, type] = {}
+_CALLS = threading.local()   # .stack: [layer, whether its own method added the update] per overriding call
 
 
 def _adapted_class(cls: type) -> type:
-    """The subclass of the layer class ``cls`` whose calls add the low-rank path (made once per class)."""
+    """The subclass of the layer class ``cls`` whose calls add the low-rank path (made once per class).
+
+    When ``cls`` overrides the layer's method (a user's subclass of ``nnx.Linear``), the update goes where the
+    override calls the layer's own method (``super().__call__``): the adapted class puts a subclass of the jlora
+    layer class that adds it between ``cls`` and that class, so ``2 * super().__call__(x)`` doubles the update as
+    merging does. An override that never calls it gets the update added to what it returns."""
     if cls in _ADAPTED.values():
         return cls
     if cls not in _ADAPTED:
-        methods = {"__call__": _adapted_method(cls, "__call__")}
-        if issubclass(cls, nnx.Embed):
-            methods["attend"] = _adapted_method(cls, "attend")
-        _ADAPTED[cls] = type(f"{cls.__name__}WithAdapter", (cls,), {**methods, "__module__": __name__})
+        base = next(b for b, _ in _KINDS if issubclass(cls, b))
+        names = ("__call__", "attend") if issubclass(cls, nnx.Embed) else ("__call__",)
+        overridden = {m for m in names if getattr(cls, m) is not getattr(base, m)}
+        bases = (cls,)
+        if overridden:
+            if base not in _INNER:
+                _INNER[base] = type(f"{base.__name__}AdaptedInside", (base,), {
+                    **{m: _adapted_method(base, m, inner=True) for m in names}, "__module__": __name__})
+            bases = (cls, _INNER[base])
+        methods = {m: _adapted_method(cls, m, outer=m in overridden) for m in names}
+        _ADAPTED[cls] = type(f"{cls.__name__}WithAdapter", bases, {**methods, "__module__": __name__})
     return _ADAPTED[cls]
 
 
@@ -268,34 +282,51 @@ def _dropout(layer, rate: float):
     return dropout
 
 
-def _adapted_method(cls: type, method: str):
+def _adapted_method(cls: type, method: str, *, outer: bool = False, inner: bool = False):
+    """``cls``'s ``method`` plus the low-rank path. ``outer``: ``cls`` overrides the method, and the path is added
+    here only when the override did not call the ``inner`` one (the jlora layer class's own, which adds it)."""
     base = getattr(cls, method)
 
     @functools.wraps(base)
     def call(self, *args, **kwargs):
+        stack = _CALLS.__dict__.setdefault("stack", [])
+        if outer:
+            stack.append([self, False])
+            try:
+                y = base(self, *args, **kwargs)
+            finally:
+                added = stack.pop()[1]
+            return y if added else _add_update(self, method, y, args, kwargs)
         y = base(self, *args, **kwargs)
-        info: _Info = self.jlora_info
-        node = info.adapter(self)
-        kernel = getattr(self, transform.leaf_name(info.kind)).get_value()
-        einsum_str = kwargs.get("einsum_str", args[1] if info.kind == "Einsum" and len(args) > 1 else None)
-        where = info.path.rsplit("/", 1)[0] if "/" in info.path else ""
-        spec = layer_spec(self, info.kind, tuple(jnp.shape(kernel)), where, einsum_str)
-        transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(self)).__name__}",
-                             stacked_hint=_SLICE_HINT if info.layout is not None and info.layout.lead else None)
-        info.trace.used.add(info.path)
-        x = adapter_lib.layer_input(args, kwargs)
-        dropout = _dropout(self, info.trace.cfg.dropout) if info.kind != "Embed" else None
-        var = adapter_lib.variant(node.variant)
-        if var.layer_call is not None:
-            bias = getattr(self, "bias", None)
-            return var.layer_call(LayerCall(
-                module=self, method=method, x=x, y=y, kernel=lora_lib.dense_value(kernel),
-                bias=None if bias is None else bias.get_value(), adapter=node, scale=info.scale,
-                dtype=spec.dtype or y.dtype, dropout=dropout, path=info.path, ids=info.trace.ids, kind=info.kind,
-                kwargs=kwargs, spec=spec))
-        return y + transform.low_rank(spec, method, x, node, info.scale, y, dropout)
+        if inner and stack and stack[-1][0] is self:
+            stack[-1][1] = True
+        return _add_update(self, method, y, args, kwargs)
 
     return call
+
+
+def _add_update(self, method: str, y, args, kwargs):
+    """The output ``y`` of an adapted layer's ``method`` plus its low-rank path (or its variant's layer call)."""
+    info: _Info = self.jlora_info
+    node = info.adapter(self)
+    kernel = getattr(self, transform.leaf_name(info.kind)).get_value()
+    einsum_str = kwargs.get("einsum_str", args[1] if info.kind == "Einsum" and len(args) > 1 else None)
+    where = info.path.rsplit("/", 1)[0] if "/" in info.path else ""
+    spec = layer_spec(self, info.kind, tuple(jnp.shape(kernel)), where, einsum_str)
+    transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(self)).__name__}",
+                         stacked_hint=_SLICE_HINT if info.layout is not None and info.layout.lead else None)
+    info.trace.used.add(info.path)
+    x = adapter_lib.layer_input(args, kwargs)
+    dropout = _dropout(self, info.trace.cfg.dropout) if info.kind != "Embed" else None
+    var = adapter_lib.variant(node.variant)
+    if var.layer_call is not None:
+        bias = getattr(self, "bias", None)
+        return var.layer_call(LayerCall(
+            module=self, method=method, x=x, y=y, kernel=lora_lib.dense_value(kernel),
+            bias=None if bias is None else bias.get_value(), adapter=node, scale=info.scale,
+            dtype=spec.dtype or y.dtype, dropout=dropout, path=info.path, ids=info.trace.ids, kind=info.kind,
+            kwargs=kwargs, spec=spec))
+    return y + transform.low_rank(spec, method, x, node, info.scale, y, dropout)
 
 
 def _attach(module: nnx.Module, adapters: Mapping, cfg: LoraConfig, trace: _Trace, rngs=None) -> None:

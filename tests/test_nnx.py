@@ -574,3 +574,35 @@ def test_a_layer_set_up_in_a_way_lora_does_not_support_is_an_error_only_when_tar
     jlora.init(model, jlora.LoraConfig(rank=2, targets="head"), key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"'odd/kernel' is targeted, but it belongs to a nnx.LinearGeneral.*batch_axis"):
         jlora.init(model, jlora.LoraConfig(rank=2, targets="odd"), key=jax.random.key(0))
+
+
+def test_a_subclass_override_gets_the_update_where_it_calls_the_layer():
+    """Merging puts the update in the kernel, so an override that transforms the layer's own output (``2 *
+    super().__call__(x + 1)``) transforms the update with it; an override that never calls the layer's own method
+    gets the update added to what it returns. Oracle: the merged model, through jlora.apply (jitted) and attach."""
+    class Doubled(nnx.Linear):
+        def __call__(self, x):
+            return 2.0 * super().__call__(x + 1.0)
+
+    class Own(nnx.Linear):
+        def __call__(self, x):
+            return x @ self.kernel[...] + self.bias[...][None]
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b, self.c = Doubled(6, 5, rngs=rngs), Own(5, 4, rngs=rngs), nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.c(jnp.tanh(self.b(jnp.tanh(self.a(x)))))
+
+    model, cfg = Model(nnx.Rngs(0)), jlora.LoraConfig(rank=2, alpha=4, targets="kernel")
+    ad = _random_adapters(model, cfg)
+    x = jax.random.normal(jax.random.key(3), (2, 6))
+    want = jlora.merge(model, ad, cfg)(x)
+    assert not np.allclose(want, model(x), atol=1e-3)
+    got = jax.jit(lambda p, a: jlora.apply(model, p, a, cfg, x))(jlora.nnx.params(model), ad)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    jlora.nnx.attach(model, ad, cfg)
+    np.testing.assert_allclose(model(x), want, atol=1e-5)
+    jlora.nnx.detach(model)
+    assert type(model.a) is Doubled and type(model.b) is Own
