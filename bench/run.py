@@ -371,7 +371,10 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   Attention alone at T = 2048 (one layer, forward + backward): blocked 281 ms vs torch's SDPA 330; tiles of 64,
   256 and 512 took 292, 367 and 341 ms, so 128 stays. Screened here too: YNNPACK off (Eigen dots), XNNPACK dot
   fusions, oneDNN (q,v step 1.12-1.21x PEFT's, against 0.97 with the defaults) and one (576, 960) q, k, v
-  product (no faster), as on the Zen 4.
+  product (no faster), as on the Zen 4. Also tried there: the blocked kernel's loops as flat scans of static
+  length over the tile pairs (which JAX can differentiate in reverse twice; today's loops with traced bounds
+  cannot), with each pair updating its tile of whole-sequence accumulators: one layer's attention, forward +
+  backward, 1.03x at T = 2048 and 1.07x at T = 4096 (more dynamic slices and updates per pair); not taken.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
