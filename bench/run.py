@@ -364,7 +364,8 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   process per figure, contenders alternating): jlora / PEFT at 4 x 128 was 0.996 on q,v and 0.921 on all linear
   layers (4 steps per call: 0.940 and 0.963), jlora full / torch full 1.122, and at T = 2048 0.928; the Zen 4
   run above had 0.906, 0.825 and 0.897. Fitting 2- and 8-layer q,v steps at 4 x 128: per layer 113.1 vs 114.7 ms
-  (0.986), outside the layers 705 vs 730 ms (0.965). Both sides do the same FLOPs and the step is dot-bound: in
+  (0.986), outside the layers 705 vs 730 ms (0.965); at 1 x 2048: 759 vs 774 ms (0.981) and 2865 vs 3021 ms
+  (0.948), though that fit predicts 0.977 for 30 layers where the 30-layer run gave 0.928. Both sides do the same FLOPs and the step is dot-bound: in
   4-layer profiles, XLA's dot fusions took 93% of jlora's step and aten::mm 85% of PEFT's. On this core torch's
   MKL sgemm runs the layers' shapes at 90-92 GF/s and XLA's YNNPACK dots at 73-89 (one matmul, 1 core), so the
   ~10% that jlora wins elsewhere (fused loss, attention, fewer scratch pages) is what keeps the ratio near 1.
