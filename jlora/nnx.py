@@ -228,7 +228,16 @@ def _fresh(model: Any, params_in: Any, variables: Any) -> nnx.Module:
 
 _ADAPTED: dict[type, type] = {}
 _INNER: dict[type, type] = {}
-_CALLS = threading.local()   # .stack: [layer, whether its own method added the update] per overriding call
+
+
+class _Calls(threading.local):
+    """Per thread: ``[layer, whether the layer class's own method added the update]`` per overriding call."""
+
+    def __init__(self):
+        self.stack: list[list] = []
+
+
+_CALLS = _Calls()
 
 
 def _adapted_class(cls: type) -> type:
@@ -289,7 +298,7 @@ def _adapted_method(cls: type, method: str, *, outer: bool = False, inner: bool 
 
     @functools.wraps(base)
     def call(self, *args, **kwargs):
-        stack = _CALLS.__dict__.setdefault("stack", [])
+        stack = _CALLS.stack
         if outer:
             stack.append([self, False])
             try:
@@ -305,24 +314,24 @@ def _adapted_method(cls: type, method: str, *, outer: bool = False, inner: bool 
     return call
 
 
-def _add_update(self, method: str, y, args, kwargs):
+def _add_update(layer, method: str, y, args, kwargs):
     """The output ``y`` of an adapted layer's ``method`` plus its low-rank path (or its variant's layer call)."""
-    info: _Info = self.jlora_info
-    node = info.adapter(self)
-    kernel = getattr(self, transform.leaf_name(info.kind)).get_value()
+    info: _Info = layer.jlora_info
+    node = info.adapter(layer)
+    kernel = getattr(layer, transform.leaf_name(info.kind)).get_value()
     einsum_str = kwargs.get("einsum_str", args[1] if info.kind == "Einsum" and len(args) > 1 else None)
     where = info.path.rsplit("/", 1)[0] if "/" in info.path else ""
-    spec = layer_spec(self, info.kind, tuple(jnp.shape(kernel)), where, einsum_str)
-    transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(self)).__name__}",
+    spec = layer_spec(layer, info.kind, tuple(jnp.shape(kernel)), where, einsum_str)
+    transform.check_node(spec, node, info.path, f"nnx.{_base_class(type(layer)).__name__}",
                          stacked_hint=_SLICE_HINT if info.layout is not None and info.layout.lead else None)
     info.trace.used.add(info.path)
     x = adapter_lib.layer_input(args, kwargs)
-    dropout = _dropout(self, info.trace.cfg.dropout) if info.kind != "Embed" else None
+    dropout = _dropout(layer, info.trace.cfg.dropout) if info.kind != "Embed" else None
     var = adapter_lib.variant(node.variant)
     if var.layer_call is not None:
-        bias = getattr(self, "bias", None)
+        bias = getattr(layer, "bias", None)
         return var.layer_call(LayerCall(
-            module=self, method=method, x=x, y=y, kernel=lora_lib.dense_value(kernel),
+            module=layer, method=method, x=x, y=y, kernel=lora_lib.dense_value(kernel),
             bias=None if bias is None else bias.get_value(), adapter=node, scale=info.scale,
             dtype=spec.dtype or y.dtype, dropout=dropout, path=info.path, ids=info.trace.ids, kind=info.kind,
             kwargs=kwargs, spec=spec))

@@ -219,9 +219,9 @@ class Tokenizer:
         if len(types) != len(tokens):
             raise ValueError(f"GGUF has {len(tokens)} tokenizer.ggml.tokens but {len(types)} token types")
         if kind == "gpt2":
-            backend, vocab, spelled = _byte_level_from_gguf(fields, tokens)
+            backend, vocab = _byte_level_from_gguf(fields, tokens)
         else:
-            backend, vocab, spelled = _sentencepiece_from_gguf(fields, tokens)
+            backend, vocab = _sentencepiece_from_gguf(fields, tokens)
 
         def name_of(key: str) -> str | None:
             i = fields.get(f"tokenizer.ggml.{key}")
@@ -230,9 +230,9 @@ class Tokenizer:
         named = {"bos_token": name_of("bos_token_id"), "eos_token": name_of("eos_token_id"),
                  "unk_token": name_of("unknown_token_id"), "pad_token": name_of("padding_token_id")}
         # Control tokens become special tokens (matched whole, dropped by skip_special_tokens), user-defined
-        # ones plain added tokens. A "control" token spelled outside a byte-level vocabulary's alphabet is a
-        # llama.cpp mislabel that transformers skips too.
-        special = [t for t, k in zip(tokens, types) if k == TOKEN_CONTROL and spelled(t)]
+        # ones plain added tokens. A "control" token that is not in the vocabulary as spelled (one outside a
+        # byte-level vocabulary's alphabet) is a llama.cpp mislabel that transformers skips too.
+        special = [t for t, k in zip(tokens, types) if k == TOKEN_CONTROL and t in vocab]
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
         user = [t for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED and t in vocab]
         if user:
@@ -434,8 +434,8 @@ def _gguf_merges(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _byte_level_from_gguf(fields: Mapping[str, Any], tokens: list[str]):
-    """``(backend, vocab, spelled)`` of a byte-level BPE GGUF tokenizer (``tokenizer.ggml.model`` "gpt2"), with
-    the split regex its ``tokenizer.ggml.pre`` names; ``spelled(token)``: whether it is in GPT-2's byte alphabet."""
+    """``(backend, vocab)`` of a byte-level BPE GGUF tokenizer (``tokenizer.ggml.model`` "gpt2"), with the split
+    regex its ``tokenizer.ggml.pre`` names; the vocabulary spells every token in GPT-2's byte alphabet."""
     pre = fields.get("tokenizer.ggml.pre", "default")
     if pre not in SUPPORTED_GGUF_PRE:
         raise ValueError(
@@ -462,11 +462,11 @@ def _byte_level_from_gguf(fields: Mapping[str, Any], tokens: list[str]):
     else:
         backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
-    return backend, vocab, lambda t: set(t) <= alphabet
+    return backend, vocab
 
 
 def _sentencepiece_from_gguf(fields: Mapping[str, Any], tokens: list[str]):
-    """``(backend, vocab, spelled)`` of a sentencepiece BPE GGUF tokenizer (``tokenizer.ggml.model`` "llama": Llama
+    """``(backend, vocab)`` of a sentencepiece BPE GGUF tokenizer (``tokenizer.ggml.model`` "llama": Llama
     2, Mistral v0.x, TinyLlama) as transformers' GGUF loader builds it: the pieces as the file spells them ("▁" for
     a space, ``<0x0A>`` byte tokens for byte fallback), the file's merges or, as llama.cpp's converters write
     none, merges ranked by the merged piece's score (:func:`_merges_from_scores`), and transformers'
@@ -483,7 +483,7 @@ def _sentencepiece_from_gguf(fields: Mapping[str, Any], tokens: list[str]):
         merges = _merges_from_scores(tokens, scores)
     backend = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
     _as_transformers_llama(backend, {"add_prefix_space": fields.get("tokenizer.ggml.add_space_prefix")})
-    return backend, vocab, lambda t: True
+    return backend, vocab
 
 
 def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
