@@ -55,7 +55,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # adapter_config.json keys jlora reads, and keys it may ignore when they hold these neutral values.
 _HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora",
             "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path", "bias", "use_dora",
-            "modules_to_save", "init_lora_weights"}
+            "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern"}
 _IGNORED = {"auto_mapping", "peft_version", "revision", "inference_mode", "exclude_modules",
             "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "loftq_config",
             "eva_config"}   # EVA's settings shape only the initial factors; its ranks are in rank_pattern
@@ -96,7 +96,40 @@ _TYPES = {
     "modules_to_save": (lambda v: v is None or _strings(v), "a list of module names"),
     "bias": (lambda v: isinstance(v, str), "a string"),
     "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)), "true, false or a string"),
+    "layers_to_transform": (lambda v: v is None or _index(v) or isinstance(v, list) and all(map(_index, v)),
+                            "a layer index or a list of them"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or _strings(v), "a string or a list of strings"),
 }
+
+
+def _index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _outside_layers(config: Mapping[str, Any], modules) -> list[str]:
+    """The ``modules`` whose layer ``layers_to_transform`` leaves out, found as PEFT finds a module's layer index:
+    the first number after ``.<name>.`` (``<layers_pattern>.`` when set) in its name. The adapted layers are those
+    whose tensors the folder holds; a tensor PEFT would not load makes the folder contradict itself.
+
+    Examples:
+        >>> _outside_layers({"layers_to_transform": [1]}, ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"])
+        ['model.layers.0.mlp.up_proj']
+        >>> _outside_layers({"layers_to_transform": 0, "layers_pattern": "h"}, ["transformer.h.0.attn.c_attn"])
+        []
+    """
+    keep = config.get("layers_to_transform")
+    if keep is None or keep == []:
+        return []
+    keep = {keep} if isinstance(keep, int) else set(keep)
+    patterns = config.get("layers_pattern") or None
+    patterns = [r".*?\.[^.]*\."] if patterns is None else [rf"(?:^|.*?\.){p}\." for p in
+                                                             ([patterns] if isinstance(patterns, str) else patterns)]
+
+    def index(module: str) -> int | None:
+        found = (re.match(rf"{p}(\d+)\.", module) for p in patterns)
+        return next((int(m.group(1)) for m in found if m), None)
+
+    return sorted(m for m in modules if index(m) not in keep)
 
 
 def _neutral(value: Any) -> bool:
@@ -429,6 +462,13 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
         raise ValueError(f"adapter {folder} does not fit the base model {loaded.name!r}: unexpected keys "
                          f"{few(unexpected)}; missing keys {few(missing)}. Module names here look like "
                          f"{sorted(table)[:3]}; the adapter is for another model or its module names are misspelled.")
+    outside = _outside_layers(config, found)
+    if outside:
+        raise ValueError(f"adapter {folder}: layers_to_transform={config['layers_to_transform']} (layers_pattern="
+                         f"{config.get('layers_pattern')!r}) leaves out {outside[:3]}"
+                         f"{f' and {len(outside) - 3} more' if len(outside) > 3 else ''}, whose tensors are here; "
+                         f"PEFT would not apply them. Correct layers_to_transform in adapter_config.json, or remove "
+                         f"those tensors")
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     if tied:

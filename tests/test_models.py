@@ -272,6 +272,8 @@ def test_transformers_4x_config_form(tmp_path):
     qwen = dict(model_type="qwen2", **BASE, num_key_value_heads=2, use_sliding_window=False, sliding_window=131072,
                 max_window_layers=21, rope_theta=1e6, rope_scaling=None, torch_dtype="bfloat16")
     assert llama_lib.config_from_hf(qwen).sliding_window is None
+    # Qwen2-0.5B's and DeepSeek-R1-Distill-Qwen's carry use_mrope=false (Qwen2-VL's positions, off)
+    assert llama_lib.config_from_hf(dict(qwen, use_mrope=False)) == llama_lib.config_from_hf(qwen)
     # the original gpt2 config.json
     g = dict(activation_function="gelu_new", architectures=["GPT2LMHeadModel"], attn_pdrop=0.1, bos_token_id=50256,
              embd_pdrop=0.1, eos_token_id=50256, initializer_range=0.02, layer_norm_epsilon=1e-05, model_type="gpt2",
@@ -280,6 +282,8 @@ def test_transformers_4x_config_form(tmp_path):
              summary_type="cls_index", summary_use_proj=True, task_specific_params={"text-generation": {}},
              vocab_size=50257)
     assert gpt2_lib.config_from_hf(g).eos_token_id == (50256,)
+    # distilgpt2's adds bookkeeping of older transformers
+    assert gpt2_lib.config_from_hf(dict(g, _num_labels=1, gradient_checkpointing=False)) == gpt2_lib.config_from_hf(g)
 
 
 @pytest.mark.parametrize("bad, attr", [
@@ -291,6 +295,7 @@ def test_transformers_4x_config_form(tmp_path):
     (dict(model_type="llama", partial_rotary_factor=0.5), "partial_rotary_factor"),
     (dict(model_type="qwen3", layer_types=["full_attention", "sliding_attention"]), "layer_types"),
     (dict(model_type="llama", hidden_act="tanh_glu"), "tanh_glu"),
+    (dict(model_type="qwen2", use_mrope=True), "use_mrope"),
 ])
 def test_unsupported_attributes_raise(bad, attr):
     d = dict(BASE, num_key_value_heads=2, **bad)

@@ -109,6 +109,32 @@ def test_import_peft_trained_adapter(kind, tmp_path):
                                                                    jlora.tree.leaves_by_path(adapters)]
 
 
+@pytest.mark.parametrize("kind, layers, pattern", [("llama", [1], None), ("gpt2", 0, "h"), ("llama", [0, 1], "layers")])
+def test_peft_adapter_on_some_layers_loads(kind, layers, pattern, tmp_path):
+    """PEFT's layers_to_transform: the folder holds tensors of those layers only, and jlora applies exactly them."""
+    hf_model, loaded = _hf_model(kind, tmp_path)
+    targets = ["q_proj", "v_proj"] if kind == "llama" else ["c_attn"]
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      layers_to_transform=layers, layers_pattern=pattern,
+                                                      fan_in_fan_out=kind == "gpt2"))
+    train_peft(pm, IDS)
+    pm.save_pretrained(tmp_path / "some")
+    adapters, cfg = jlora.peft.load(tmp_path / "some", loaded)
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    assert max_diff(ours, _torch_logits(pm)) <= 1e-4
+    assert len(jlora.tree.leaves_by_path(adapters)) == 2 * len(targets) * (len(layers) if layers != 0 else 1)
+    if layers == [1]:   # a scanned stack needs every layer
+        with pytest.raises(ValueError, match=r"covers layers \[1\] of a scanned stack of 2; load the model with "
+                                              r"scan_layers=False"):
+            jlora.peft.load(tmp_path / "some", jlora.hf.load(tmp_path / kind, scan_layers=True))
+        # a folder whose tensors PEFT would not load contradicts itself
+        config = json.loads((tmp_path / "some" / "adapter_config.json").read_text())
+        (tmp_path / "some" / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [0]}))
+        with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] \(layers_pattern=None\) leaves out "
+                                              r"\['model.layers.1.self_attn.q_proj'.*PEFT would not apply them"):
+            jlora.peft.load(tmp_path / "some", loaded)
+
+
 def test_scanned_model_round_trip(tmp_path):
     hf_model, _ = _hf_model("llama", tmp_path)
     loaded = jlora.hf.load(tmp_path / "llama", scan_layers=True)
@@ -259,6 +285,7 @@ def test_inits_that_keep_the_base_load(init, tmp_path):
     ({"lora_alpha": None}, "lora_alpha is null; it must be a number"),
     ({"rank_pattern": ["v_proj"]}, r'rank_pattern is \["v_proj"\]; it must be an object'),
     ({"r": "abc"}, 'r is "abc"; it must be a positive integer'),
+    ({"layers_to_transform": ["1"]}, r'layers_to_transform is \["1"\]; it must be a layer index or a list'),
     ({"alpha_pattern": {"q_proj": "8"}}, "alpha_pattern is .*; it must be an object mapping module patterns to num"),
     ([1, 2], r"holds \[1, 2\], not a JSON object"),
 ])
@@ -324,9 +351,8 @@ def test_adapter_for_another_base_is_refused(tmp_path):
 def test_unsupported_peft_features_and_pickles_are_refused(tmp_path):
     loaded, out = _exported(tmp_path)
     config = json.loads((out / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [0],
-                                                         "target_parameters": ["x"]}))
-    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\].*target_parameters"):
+    (out / "adapter_config.json").write_text(json.dumps({**config, "target_parameters": ["x"]}))
+    with pytest.raises(ValueError, match=r"features jlora does not support: target_parameters=\['x'\]"):
         jlora.peft.load(out, loaded)
     (out / "adapter_config.json").write_text(json.dumps(config))
     (out / "adapter_model.safetensors").rename(out / "adapter_model.bin")

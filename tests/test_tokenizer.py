@@ -176,6 +176,53 @@ def test_from_folder_reads_config_template_flags_and_generation_eos(hf_folder, t
     _check_same(ours, AutoTokenizer.from_pretrained(folder))
 
 
+LEGACY_NAMED = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "lstrip": False,
+                                                            "normalized": False, "rstrip": False, "single_word": False},
+                "pad_token": "<|endoftext|>"}
+
+
+@pytest.mark.parametrize("config, special_map", [
+    ({"tokenizer_class": "PreTrainedTokenizerFast"}, LEGACY_NAMED),                   # names only in the map
+    ({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "unk_token": "<|im_end|>"},
+     LEGACY_NAMED),                                                                    # the map wins over the config
+    ({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024}, None),           # GPT-2's class defaults
+    ({"tokenizer_class": "GPT2TokenizerFast", "pad_token": None, "bos_token": "<|im_start|>"}, None),
+    ({"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>"}, {"eos_token": "<|endoftext|>"}),
+], ids=["map-only", "map-over-config", "gpt2-defaults", "gpt2-explicit-null", "qwen2-defaults-and-map"])
+def test_named_special_tokens_resolve_as_in_transformers(hf_folder, tmp_path, config, special_map):
+    """Folders saved by older transformers name their special tokens in special_tokens_map.json, and GPT-2's name
+    none (its tokenizer class's defaults apply): the end-of-sequence token that generation stops at and that
+    training examples end with must be the one transformers finds."""
+    from transformers import AutoTokenizer
+
+    (tmp_path / "tokenizer.json").write_bytes((hf_folder / "tokenizer.json").read_bytes())
+    template = "{% for m in messages %}{{ bos_token }}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    if special_map is not None:
+        (tmp_path / "special_tokens_map.json").write_text(json.dumps(special_map))
+    ours, theirs = Tokenizer.from_folder(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    for name in ("bos", "eos", "pad", "unk"):
+        assert (getattr(ours, f"{name}_token"), getattr(ours, f"{name}_token_id")) == (
+            getattr(theirs, f"{name}_token"), getattr(theirs, f"{name}_token_id")), name
+    assert ours.eos_token is not None
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False)
+
+
+def test_a_config_with_added_tokens_ignores_the_legacy_map(hf_folder, tmp_path):
+    """transformers 5 reads special_tokens_map.json only for a config without `added_tokens_decoder`."""
+    from transformers import AutoTokenizer
+
+    (tmp_path / "tokenizer.json").write_bytes((hf_folder / "tokenizer.json").read_bytes())
+    added = {"0": {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False,
+                   "single_word": False, "special": True}}   # as transformers 4.x saves it
+    config = {**json.loads((hf_folder / "tokenizer_config.json").read_text()), "added_tokens_decoder": added}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_start|>"}))
+    ours, theirs = Tokenizer.from_folder(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.eos_token == theirs.eos_token == config["eos_token"] != "<|im_start|>"
+
+
 def test_from_folder_without_tokenizer_is_none(tmp_path):
     assert Tokenizer.from_folder(tmp_path) is None
     (tmp_path / "tokenizer_config.json").write_text("{}")

@@ -104,6 +104,38 @@ def _token_text(token: Any) -> str | None:
     raise ValueError(f"cannot read special token {token!r}; expected a string or a dict with 'content'")
 
 
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+_END_OF_TEXT = "<|endoftext|>"
+# The special tokens a tokenizer class names when its config does not (their __init__ defaults in transformers 5).
+_CLASS_DEFAULTS = {
+    "GPT2Tokenizer": dict(bos_token=_END_OF_TEXT, eos_token=_END_OF_TEXT, unk_token=_END_OF_TEXT),
+    "CodeGenTokenizer": dict(bos_token=_END_OF_TEXT, eos_token=_END_OF_TEXT, unk_token=_END_OF_TEXT),
+    "GPTNeoXTokenizer": dict(bos_token=_END_OF_TEXT, eos_token=_END_OF_TEXT, unk_token=_END_OF_TEXT,
+                             pad_token="<|padding|>"),
+    "Qwen2Tokenizer": dict(eos_token=_END_OF_TEXT, unk_token=_END_OF_TEXT, pad_token=_END_OF_TEXT),
+    "LlamaTokenizer": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+}
+
+
+def _named_tokens(path: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The bos/eos/pad/unk tokens of a folder, as transformers 5 resolves them: tokenizer_config.json's; over
+    them, in a folder saved by older transformers (a config without `added_tokens_decoder`),
+    special_tokens_map.json's; and for a name neither file has, the default of the config's `tokenizer_class`
+    (GPT-2's folders name no token and mean `<|endoftext|>`). A name set to null stays None.
+
+    Examples:
+        >>> _named_tokens("/nonexistent", {"tokenizer_class": "GPT2TokenizerFast", "pad_token": None})["eos_token"]
+        '<|endoftext|>'
+    """
+    config = dict(config)
+    if "added_tokens_decoder" not in config:
+        legacy = _read_json(os.path.join(path, SPECIAL_TOKENS_MAP_FILE)) or {}
+        config.update({name: legacy[name] for name in _NAMES if name in legacy})
+    defaults = _CLASS_DEFAULTS.get(str(config.get("tokenizer_class", "")).removesuffix("Fast"), {})
+    return {name: config[name] if name in config else defaults.get(name) for name in _NAMES}
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` with special tokens, BOS/EOS flags and a chat template.
 
@@ -155,7 +187,8 @@ class Tokenizer:
     def from_folder(cls, path: str | os.PathLike) -> Tokenizer | None:
         """The tokenizer of a Hugging Face folder, or None when it has no `tokenizer.json`.
 
-        Reads `tokenizer.json`, `tokenizer_config.json` (special tokens, `chat_template`),
+        Reads `tokenizer.json`, `tokenizer_config.json` (special tokens, `chat_template`; see
+        `_named_tokens` for `special_tokens_map.json` and the tokenizer class's own defaults),
         `chat_template.jinja` (preferred over the config's template, as in transformers 5) and the
         `eos_token_id` list of `generation_config.json` (end-of-turn ids). Whether encoding adds BOS/EOS is
         what tokenizer.json's post-processor does: like transformers 5, the config's `add_bos_token` and
@@ -183,7 +216,7 @@ class Tokenizer:
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
                 template = f.read()
-        tokens = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        tokens = {name: _token_text(token) for name, token in _named_tokens(path, config).items()}
         generation = _read_json(os.path.join(path, GENERATION_CONFIG_FILE)) or {}
         eos_ids = generation.get("eos_token_id")
         eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)

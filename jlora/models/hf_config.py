@@ -34,6 +34,7 @@ IGNORED = frozenset({
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "output_router_logits",
     "attn_implementation", "_attn_implementation_autoset", "use_return_dict", "quantization_config_ignored",
+    "_attn_implementation", "_num_labels", "gradient_checkpointing", "output_past", "xla_device",
 })
 
 

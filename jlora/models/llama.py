@@ -280,9 +280,10 @@ HANDLED = frozenset({
 # SmolLM2's config.json (written by nanotron) also carries ``is_llama_config`` and transformers.js settings.
 IGNORED = hf_config.IGNORED | {"pretraining_tp", "is_llama_config", "transformers.js_config"}
 # Attributes of features jlora does not implement, with the only value it accepts (None also accepted).
-# ``rope_interleaved`` (nanotron): transformers ignores it and always rotates halves, as jlora does.
+# ``rope_interleaved`` (nanotron): transformers ignores it and always rotates halves, as jlora does. ``use_mrope``
+# (Qwen2-VL's multimodal rotary positions) is written as false in Qwen2 and DeepSeek-R1-Distill-Qwen configs.
 MUST_BE_DEFAULT = {"attention_dropout": 0.0, "mlp_dropout": 0.0, "use_sliding_window": False,
-                   "rope_interleaved": False}
+                   "rope_interleaved": False, "use_mrope": False}
 
 
 def _rope_settings(rp: dict) -> dict:
