@@ -621,7 +621,8 @@ def _cudnn(q, k, v, scale, causal, window, valid, implementation="cudnn", tile=N
 def _splash(q, k, v, scale, causal, window, valid, segment_ids, *, interpret: bool = False, block: int = 128):
     """The Pallas splash kernel (TPU): one MQA kernel per KV head with its G query heads, vmapped over batch and KV
     heads; padding and packed rows become splash's segment ids (padding tokens, and the padding up to whole
-    blocks, get an id of their own that no real token has). ``interpret=True`` runs it in Pallas' interpreter (how it is tested without a TPU)."""
+    blocks, get an id of their own that no real token has). ``interpret=True`` runs it in Pallas' interpreter (how
+    it is tested without a TPU)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
