@@ -33,8 +33,8 @@ def as_buffer(fn: Callable[[jax.Array], object], x: jax.Array, *, like: jax.Arra
     Args:
         fn: the computation (a pytree of arrays out).
         x: its operand.
-        like: any non-empty array of the primal computation; its first element picks one of the two identical
-            branches. Never a tangent: reverse mode needs the choice fixed before the backward pass.
+        like: any array of the primal computation; its first element picks one of the two identical branches
+            (an empty one: plain ``fn(x)``). Never a tangent: reverse mode needs the choice fixed before backward.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -42,7 +42,7 @@ def as_buffer(fn: Callable[[jax.Array], object], x: jax.Array, *, like: jax.Arra
         >>> bool(jnp.array_equal(as_buffer(jnp.transpose, x, like=x), x.T))
         True
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or not like.size:
         return fn(x)
     return jax.lax.cond(jnp.ravel(like)[0] == 0, fn, fn, x)
 

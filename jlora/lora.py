@@ -33,7 +33,7 @@ import numpy as np
 from jlora import adapter as adapter_lib
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, KernelLayout, Layout, adapter_items, full_items
-from jlora.config import CHANGES_BASE, LoraConfig
+from jlora.config import CHANGES_BASE, TARGETABLE_LEAVES, LoraConfig
 
 _NO_MATCH = (
     "targets={targets} (exclude={exclude}) matched no kernel or embedding parameter. Targets are regexes "
@@ -89,8 +89,8 @@ def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
     """The paths of ``params`` that ``cfg`` targets.
 
     Raises:
-        ValueError: the targets match nothing, or a pattern of ``exclude``, ``rank_pattern``, ``alpha_pattern``
-            or ``modules_to_save`` matches no path it could apply to (a typo, or per-layer names on layers
+        ValueError: a pattern of ``targets``, ``exclude``, ``rank_pattern``, ``alpha_pattern`` or
+            ``modules_to_save`` matches no path it could apply to (a typo, or per-layer names on layers
             stacked by a scan), so that it would silently do nothing.
 
     Examples:
@@ -103,16 +103,16 @@ def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
         ValueError: rank_pattern 'v_prj' matches none of the 2 targeted paths, so it would do nothing; they look like: ['q_proj/kernel', 'v_proj/kernel']
     """
     flat = tree_lib.flatten(params)
-    found = [p for p in flat if cfg.matches(p)]
+    found, weights = [p for p in flat if cfg.matches(p)], [p for p in flat if p.rsplit("/")[-1] in TARGETABLE_LEAVES]
     if not found:
-        examples = [p for p in flat if p.rsplit("/", 1)[-1] in ("kernel", "embedding")] or list(flat)
         raise ValueError(_NO_MATCH.format(targets=list(cfg.targets), exclude=list(cfg.exclude),
-                                          examples=examples[:10]))
+                                          examples=(weights or list(flat))[:10]))
     unexcluded = []
     if cfg.exclude:
         without = dataclasses.replace(cfg, exclude=())
         unexcluded = [p for p in flat if without.matches(p)]
     for field, patterns, among, what in (
+            ("targets", cfg.targets, weights, "kernel and embedding paths"),
             ("exclude", cfg.exclude, unexcluded, "paths the targets select"),
             ("rank_pattern", cfg.rank_pattern, found, "targeted paths"),
             ("alpha_pattern", cfg.alpha_pattern, found, "targeted paths"),

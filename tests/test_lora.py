@@ -221,6 +221,7 @@ def test_targets_matching_nothing_names_targets_and_paths():
 
 
 @pytest.mark.parametrize("field,value", [
+    ("targets", ("v_prj", "q_proj")),     # a typo beside a target that matches
     ("exclude", "layers_1"),              # per-layer names on scanned layers: one stacked "layers" path
     ("rank_pattern", {"v_prj": 4}),
     ("alpha_pattern", {"layers_1": 4.0}),
@@ -230,10 +231,26 @@ def test_patterns_matching_nothing_are_errors_not_no_ops(field, value):
     model = TinyLM(vocab=16, dim=8, heads=2, layers=2, scan=True)
     params = model.init(KEY, jnp.zeros((1, 3), jnp.int32))["params"]
     lay = jlora.layout(model, jnp.zeros((1, 3), jnp.int32))
-    cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "v_proj"), **{field: value})
+    cfg = jlora.LoraConfig(**{"rank": 2, "targets": ("q_proj", "v_proj"), field: value})
     with pytest.raises(ValueError, match=rf"{field} '{next(iter([value] if isinstance(value, str) else value))}' "
                                          rf"matches none of the .* so it would do nothing; they look like: \['(layers|embed)/"):
         jlora.init(params, cfg, key=KEY, layout=lay)
+
+
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients():
+    """A batch of no rows (a filter that kept nothing, a dataset's last shard) runs as in plain Flax: on CPU the
+    fused dense path's backward and the models' rotary tables once indexed its first element."""
+    from jlora.models import llama
+
+    dense = nn.Dense(3)
+    cfg = jlora.LoraConfig(rank=2, targets="kernel")
+    params, _, adapters = _setup(dense, jnp.ones((1, 5)), cfg=cfg, layout=False)
+    grads = jax.grad(lambda a: jnp.sum(jlora.apply(dense, params, a, cfg, jnp.ones((0, 5)))))(adapters)
+    assert all(not np.any(g) for g in jax.tree.leaves(grads))
+    model = llama.LlamaForCausalLM(llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    params = model.init(KEY, jnp.ones((1, 3), jnp.int32))["params"]
+    assert model.apply({"params": params}, jnp.ones((0, 3), jnp.int32)).shape == (0, 3, 32)
 
 
 def test_adapter_mismatch_names_path_and_shapes():
