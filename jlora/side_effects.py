@@ -166,7 +166,10 @@ def token_stats(model, params, adapters, lora_cfg: LoraConfig, examples: Sequenc
         for k in sums:
             sums[k] += float(np.sum(np.asarray(out[k], np.float64)))
         per_text += [float(k / max(n, 1.0)) for k, n, r in zip(out["kl"], out["tokens"], real) if r]
-    n = max(sums["tokens"], 1.0)
+    if not sums["tokens"]:   # every figure would be 0/0
+        raise ValueError(f"none of the {len(examples)} examples has a target token (a position whose next token "
+                         f"its loss mask keeps), so there is nothing to compare: give texts of two tokens or more")
+    n = sums["tokens"]
     loss_base, loss_adapted = sums["nll_base"] / n, sums["nll_adapted"] / n
     return {"texts": len(examples), "tokens": int(sums["tokens"]), "kl": sums["kl"] / n,
             "top1_agreement_pct": 100.0 * sums["agree"] / n, "loss_base": loss_base, "loss_adapted": loss_adapted,
@@ -240,7 +243,9 @@ def continuation_stats(base: Sequence[Sequence[int]], adapted: Sequence[Sequence
         {'prompts': 2, 'identical_continuations_pct': 50.0, 'mean_common_prefix': 2.0}
     """
     same = [list(a) == list(b) for a, b in zip(base, adapted, strict=True)]
-    out: dict[str, Any] = {"prompts": len(same), "identical_continuations_pct": 100.0 * sum(same) / max(len(same), 1),
+    if not same:
+        raise ValueError("no continuations to compare: give at least one prompt")
+    out: dict[str, Any] = {"prompts": len(same), "identical_continuations_pct": 100.0 * sum(same) / len(same),
                            "mean_common_prefix": float(np.mean([_same_prefix(a, b) for a, b in zip(base, adapted)]))}
     if decode is not None:
         differ = [i for i, s in enumerate(same) if not s][:examples]
@@ -266,8 +271,10 @@ def task_score(base: Sequence[Sequence[int]], adapted: Sequence[Sequence[int]], 
         bad = [s for s in scores if not 0.0 <= s <= 1.0]
         if bad:
             raise ValueError(f"the scorer returned {bad[0]!r}; a scorer returns True/False or a number in [0, 1]")
-        return 100.0 * sum(scores) / max(len(scores), 1)
+        return 100.0 * sum(scores) / len(scores)
 
+    if not targets:
+        raise ValueError("no task prompts to score: give at least one prompt and its reference")
     label = getattr(scorer, "label", None) or getattr(scorer, "__name__", "score")
     return {"metric": label, "prompts": len(targets), "score_base_pct": mean(base), "score_adapted_pct": mean(adapted)}
 

@@ -161,6 +161,13 @@ def test_per_row_settings_equal_each_row_alone_and_share_one_compilation():
     assert gen._generate._cache_size() == size and not np.array_equal(again.tokens, out.tokens)
     with pytest.raises(ValueError, match="one per row"):
         gen.generate(model, params, prompts, max_new_tokens=2, temperature=[1.0, 1.0], key=jax.random.key(0))
+    # one key with per-row settings: each row draws with its own key from it (the same prompt twice differs)
+    twice = gen.generate(model, params, [prompts[1]] * 2, max_new_tokens=12, eos_token_id=(), temperature=[1.0, 1.0],
+                         key=jax.random.key(3))
+    mine = gen.generate(model, params, [prompts[1]] * 2, max_new_tokens=12, eos_token_id=(), temperature=[1.0, 1.0],
+                        key=jax.random.split(jax.random.key(3), 2))
+    np.testing.assert_array_equal(twice.tokens, mine.tokens)
+    assert not np.array_equal(twice.tokens[0], twice.tokens[1])
     with pytest.raises(ValueError, match="key"):
         gen.generate(model, params, prompts, max_new_tokens=2, temperature=[1.0, 0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match=r"temperature \[nan, 0.0, 0.0, 0.0\] must be finite"):   # not greedy

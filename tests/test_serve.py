@@ -586,6 +586,9 @@ def test_run_folder_loads_the_base_as_the_run_did(world, tmp_path):
     with load_engine(args) as engine:
         assert engine.loaded.config.scan_layers and engine.adapters()["run"]["slot"] == 0
         out = engine.generate(prompt, adapter="run", max_tokens=N)
+        # the base's own name is the base, as in a request's "model" (it failed as an unloaded adapter)
+        base = engine.generate(prompt, adapter=engine.name, max_tokens=N)
+        assert base.tokens == engine.generate(prompt, max_tokens=N).tokens != out.tokens
         # a row cancelled while it decodes (a client gone, a stop string seen) ends after its next token
         events, ended = [], threading.Event()
 

@@ -124,6 +124,18 @@ def test_task_loss_counts_completion_tokens_only(tiny, tok):
     np.testing.assert_allclose(stats["loss_adapted"], nll / n, rtol=1e-5)
 
 
+def test_inputs_with_nothing_to_measure_are_refused(tiny, tok):
+    """No target token, no continuation, no task prompt: an error, not 0/0 written as 0% agreement or NaN."""
+    model, params = tiny
+    untrained = [data.Example((5, 6), ()), data.Example((), (7,))]     # all prompt; one token: no next token
+    with pytest.raises(ValueError, match="none of the 2 examples has a target token"):
+        se.token_stats(model, params, _adapters(params), CFG, untrained, pad_id=tok.pad_token_id)
+    with pytest.raises(ValueError, match="no continuations to compare"):
+        se.continuation_stats([], [])
+    with pytest.raises(ValueError, match="no task prompts to score"):
+        se.task_score([], [], [], lambda out, target: True, decode=str)
+
+
 def test_continuations_equal_uncached_generation_with_merged_weights(tiny, general, tok):
     model, params = tiny
     adapters = _adapters(params, seed=2)

@@ -20,7 +20,8 @@ Randomness is explicit: sampling (``temperature > 0``) needs ``key``; step ``i``
 Per-row settings (what a server batching unrelated requests needs): ``temperature``, ``top_k`` and ``top_p`` may
 be sequences with one value per row (``0`` = greedy row, ``top_k=0`` and ``top_p=1`` = no filter), and ``key``
 may hold one key per row; then row ``r`` draws with ``fold_in(key[r], i)`` alone, so its tokens do not depend on
-the other rows of the batch. These values are traced: any mix of settings shares one compilation.
+the other rows of the batch (one key with per-row settings: row ``r``'s key is ``split(key, B)[r]``, so that rows
+draw independently, as with scalar settings). These values are traced: any mix of settings shares one compilation.
 
 ``on_step(step, tokens, done) -> stop`` (static, like ``apply_fn``) is called on the host after every decoding step
 with the step's tokens (B,) and which rows have ended (B,); it returns a (B,) bool array of rows to end now (after
@@ -206,8 +207,8 @@ def _row_settings(b: int, temperature, top_k, top_p, key) -> tuple[RowSettings, 
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG `key` (e.g. jax.random.key(0), or "
                          "one key per row)")
     keys = jax.random.split(jax.random.key(0), b) if key is None else key
-    if np.ndim(keys) == 0:
-        keys = jnp.stack([keys] * b)
+    if np.ndim(keys) == 0:     # one key: one per row from it (the same key for all would draw every row alike)
+        keys = jax.random.split(keys, b)
     if np.shape(keys) != (b,):
         raise ValueError(f"`key` holds {np.shape(keys)} keys for a batch of {b} rows: pass one key or one per row")
     k = np.minimum(k, np.iinfo(np.int32).max).astype(np.int32)      # any k >= the vocabulary keeps every token

@@ -499,7 +499,7 @@ class Engine:
         :class:`EngineError` for a bad row."""
         for row in rows:
             if row.adapter is not None:
-                self.check_model(row.adapter)
+                row.adapter = self.check_model(row.adapter)   # the base's own name: None
             self.check_row(row)
         if len(rows) > self.config.max_queue:   # never fits, however long the client waits: not a 429
             raise EngineError(f"this request has {len(rows)} prompts; at most {self.config.max_queue} (--max-queue) "
