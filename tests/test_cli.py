@@ -202,6 +202,8 @@ def test_keys_with_fixed_values_list_them(override, message, tmp_path):
     ("data.batch_size=0", r"`data.batch_size` must be >= 1; got 0"),
     ("data.max_length=0", r"`data.max_length` must be >= 2"),
     ("data.valid_fraction=1.5", r"`data.valid_fraction` must be in \[0, 1\)"),
+    ("data.valid_fraction=0.2", r"`data.valid_fraction` holds out part of `data.train` for validation, but "
+                                r"`data.valid` \('.*valid.jsonl'\) is the validation data: set one of them"),
     ("train.grad_accum_steps=0", r"`train.grad_accum_steps` must be >= 1"),
     ("train.grad_accum_steps=3", r"`data.batch_size` = 8 does not split into `train.grad_accum_steps` = 3"),
     ("train.warmup_steps=-1", r"`train.warmup_steps` must be >= 0"),

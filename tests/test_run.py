@@ -29,6 +29,16 @@ def test_every_config_parses(path):
     assert cfg.data.batch_size % (mesh.data * mesh.fsdp) == 0
 
 
+def test_a_run_config_reads_back_as_written(tmp_path):
+    """--resume, eval and export-peft read a run's config.yaml again: strings that YAML 1.2 reads as numbers
+    ("1e3", "09", "0o17") are quoted when it is written (PyYAML's YAML 1.1 rules left them bare: the run's own
+    config then failed to load)."""
+    cfg = runconfig.parse({"run": {"dir": "1e3"}, "data": {"train": "09", "columns": {"prompt": "1e5"}},
+                           "lora": {"targets": ["0o17", "q_proj"]}})
+    (tmp_path / "config.yaml").write_text(runconfig.write_yaml(cfg.to_dict()))
+    assert runconfig.load(tmp_path / "config.yaml") == cfg
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny random Llama with SmolLM2's real tokenizer (so the chat data tokenizes as in the demo)."""

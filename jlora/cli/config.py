@@ -87,6 +87,33 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
 _Loader.add_constructor(_INT_TAG, _construct_int)
 
 
+class _Dumper(yaml.SafeDumper):
+    """A SafeDumper that quotes what :class:`_Loader` would read as something else: a string YAML 1.2 reads as a
+    number (``"1e3"``, ``"09"``, ``"0o17"``), which YAML 1.1's rules, PyYAML's, leave bare."""
+
+
+_Dumper.yaml_implicit_resolvers = {first: list(resolvers) for first, resolvers in
+                                   _Loader.yaml_implicit_resolvers.items()}
+
+
+def write_yaml(data: Any) -> str:
+    """YAML text of ``data`` that :func:`read_yaml` reads back as ``data`` (a run's saved ``config.yaml``).
+
+    Examples:
+        >>> data = {"dir": "1e3", "train": "09", "targets": ["0o17", "q_proj"], "learning_rate": 1e-05}
+        >>> print(write_yaml(data), end="")
+        dir: '1e3'
+        train: '09'
+        targets:
+        - '0o17'
+        - q_proj
+        learning_rate: 1.0e-05
+        >>> read_yaml(write_yaml(data)) == data
+        True
+    """
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
 def read_yaml(text: str) -> Any:
     """Parses YAML text with :class:`_Loader` (numbers as YAML 1.2 reads them).
 
@@ -191,6 +218,9 @@ class DataSection:
     def __post_init__(self):
         _check("data", self, {"valid_fraction": ((lambda v: 0 <= v < 1), "in [0, 1)"), "max_length": _at_least(2),
                               "batch_size": _at_least(1), "seed": _at_least(0), "workers": _at_least(0)})
+        if self.valid and self.valid_fraction:
+            raise _BadValue("data.valid_fraction", f"holds out part of `data.train` for validation, but `data.valid` "
+                                                   f"({self.valid!r}) is the validation data: set one of them")
         try:
             data_lib.records.check_columns(self.columns)
         except ValueError as e:

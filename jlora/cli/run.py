@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 import jlora
 from jlora import data as data_lib
@@ -280,7 +279,7 @@ def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path | None:
         aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}-{time.time_ns()}")
         run_dir.rename(aside)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / CONFIG_FILE).write_text(runconfig.write_yaml(cfg.to_dict()))
     return aside
 
 
