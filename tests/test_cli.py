@@ -397,8 +397,12 @@ def test_a_refused_resume_changes_nothing(tiny, trained, tmp_path, monkeypatch):
     assert _snapshot(run_dir) == before
     other = tmp_path / "other.jsonl"
     other.write_text("".join(pathlib.Path(TRAIN).read_text().splitlines(keepends=True)[:-1]))
-    result = _main("train", "--config", config, "--resume", "--set", "train.steps=6", "--set", f"data.train={other}")
+    result = _main("train", "--config", config, "--resume", "--set", "train.steps=6", "--set", f"data.train={other}",
+                   "--set", "data.max_length=200")
     _error(*result, r"--resume: the data changed since this position was saved")
+    # so does a change in how batches are built
+    assert re.search(r"--resume: data\.max_length: \d+ in the run, 200 now: the batches from here are built with "
+                     r"these settings, not the run's", result[1]), result[1]
     # training on changes the cosine schedule's length: said, since the steps from here differ from a 6-step run's
     assert re.search(r"--resume: train\.steps: 4 in the run, 6 now: the learning-rate schedule .* is recomputed",
                      result[1]), result[1]

@@ -225,6 +225,11 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
             print(f"--resume: {'; '.join(schedule)}: the learning-rate schedule (warmup, then cosine decay to "
                   f"train.steps) is recomputed, so the steps from here follow another curve than an uninterrupted "
                   f"run of these settings would", flush=True)
+        built = ("batch_size", "packing", "max_length", "overflow", "on_bad_record", "columns")
+        layout = [d for d in _differences(saved, cfg, ("data",)) if d.split(":")[0] in {f"data.{k}" for k in built}]
+        if layout:
+            print(f"--resume: {'; '.join(layout)}: the batches from here are built with these settings, not the "
+                  f"run's, so they differ from those an uninterrupted run would have trained on", flush=True)
         done = _read_summary(run_dir) if latest == steps else {}
         if done.get("interrupted") is False and done.get("step") == latest:
             return "finished"   # nothing to resume; train() says so and changes nothing
