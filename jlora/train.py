@@ -44,7 +44,8 @@ def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict
     """The default loss: ``apply_fn(input_ids, **model_inputs)``, then :func:`causal_lm_loss`.
 
     ``model_inputs`` are whichever of ``attention_mask``, ``positions`` and ``segment_ids`` (packed rows) the batch
-    holds. The loss mask is ``batch["loss_mask"]`` if present, else ``batch["attention_mask"]``, else all ones.
+    holds. The loss mask is ``batch["loss_mask"]`` if present, else ``batch["attention_mask"]``, else all ones (then
+    in packed rows a segment's first token is no target: the segment before does not predict it).
 
     When the model can hand back its final hidden states and output weight instead of logits (jlora's own
     models: ``apply_fn.hidden_output`` is true, and the output layer carries no adapter and no quantization), the
@@ -52,6 +53,10 @@ def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict
     """
     kwargs = {k: batch[k] for k in ("attention_mask", "positions", "segment_ids") if k in batch}
     mask = batch.get("loss_mask", batch.get("attention_mask"))
+    if "loss_mask" not in batch and "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        first = jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
+        mask = ~first if mask is None else jnp.where(first, 0, mask)
     if getattr(apply_fn, "hidden_output", False):
         out = apply_fn(batch["input_ids"], return_hidden=True, **kwargs)
     else:

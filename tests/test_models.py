@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from jlora import models
+from jlora import train as train_lib
 from jlora.models import gpt2 as gpt2_lib
 from jlora.models import llama as llama_lib
 
@@ -380,6 +381,22 @@ def test_packed_segments_equal_separate_examples(case):
                    positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg))
     assert _max_diff(packed[0, :7], apply({"params": params}, jnp.asarray(a[None]))[0]) <= 1e-5
     assert _max_diff(packed[0, 7:11], apply({"params": params}, jnp.asarray(b[None]))[0]) <= 1e-5
+    # the default loss on the packed row without a loss mask: each example's own loss (token-weighted), not also
+    # the last token of the first predicting the first of the second
+    model = fam.make_model(cfg)
+
+    def forward(ids, return_hidden=False, **kw):
+        return model.apply({"params": params}, ids, return_hidden=return_hidden, **kw)
+
+    alone = [train_lib.causal_lm_loss(apply({"params": params}, jnp.asarray(x[None])), jnp.asarray(x[None]))
+             for x in (a, b)]
+    want = sum(loss * n for loss, n in alone) / sum(n for _, n in alone)
+    batch = dict(input_ids=jnp.asarray(row), attention_mask=jnp.asarray(mask), positions=jnp.asarray(pos),
+                 segment_ids=jnp.asarray(seg))
+    for fused in (False, True):
+        forward.hidden_output = fused
+        loss, metrics = train_lib.lm_loss(forward, batch)
+        assert int(metrics["tokens"]) == 6 + 3 and abs(float(loss) - float(want)) <= 1e-5, fused
 
 
 # --- the family objects: everything family-specific, declared by the family, checked against transformers --------
