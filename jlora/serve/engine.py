@@ -11,7 +11,9 @@ batching); they form the next one.
 Compilations are bounded: the batch is padded to one of a few sizes (``batch_sizes``), prompts are left-padded to
 a power-of-two width and the token budget rounded up to a power of two (each row still stops at its own
 ``max_tokens``, end-of-sequence token or cancellation, through generate's ``on_step`` hook, which also streams
-each token as it is decoded), and sampling settings are per-row arrays, not compile-time constants. Adding,
+each token as it is decoded), and sampling settings are per-row arrays, not compile-time constants (but whether
+any sampled row of a batch filters with top-k or top-p picks one of two compiled variants: the first such batch of
+a shape compiles once, as a new shape does; :meth:`Engine.warmup` compiles greedy decoding). Adding,
 replacing or removing an adapter writes a slot of the bank (a data update), so it never recompiles and never
 pauses decoding: a batch keeps the bank it started with, and names resolve to slots when a batch forms.
 
