@@ -570,6 +570,10 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
     shapes; its factors are replaced by the state's, so after training ``with_factors(bank, state.adapters)`` is
     the trained bank. Jit it once: putting other adapters into the bank never recompiles.
 
+    No LoRA dropout is applied, whatever the ``dropout`` of the configs the slots' adapters came with (the bank
+    runs one config for all slots, :attr:`Bank.config`, without dropout); train one adapter with
+    :func:`jlora.make_train_step` for that.
+
     A slot with no target tokens in ``batch`` keeps its factors (its update is zero). An optimizer that takes
     extra arguments (``optax.GradientTransformationExtraArgs``, as :func:`optimizer` and ``optax.chain`` are) gets
     ``slots_present``, the (N,) bool of :func:`slots_present`.
