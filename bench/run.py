@@ -376,6 +376,12 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   length over the tile pairs (which JAX can differentiate in reverse twice; today's loops with traced bounds
   cannot), with each pair updating its tile of whole-sequence accumulators: one layer's attention, forward +
   backward, 1.03x at T = 2048 and 1.07x at T = 4096 (more dynamic slices and updates per pair); not taken.
+  Measured on this core later: the layers' products ran 0.88-1.11x torch's time at 1 x 2048 (only down_proj's
+  x W faster) and 1.03-1.09x at 512 rows (one matmul per form, x W and g W^T), and the head's input gradient (512 x 49152 x 576) 57-70 GF/s
+  against MKL's 70-84. Tried for it: that product summed over vocabulary chunks of 2048 (XLA packs a 4.7 MB slice
+  of the head per dot instead of all 113 MB), 0.91x alone and 0.94-0.99x for the fused loss alone, but 1.04x and
+  1.08x for the 30-layer 4 x 128 step (A/B in one process): not taken. One layer's blocked attention run one KV
+  head at a time (a (G*t, t) score tile of 196 KB instead of three in a 512 KB L2): 0.987x; not pursued.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
