@@ -196,8 +196,12 @@ def test_targets_select_kernels_not_biases_or_norms():
     ids = jnp.arange(8).reshape(1, 8)
     model = TinyLM(multi_axis=False)
     params = model.init(KEY, ids)["params"]
-    ad = jlora.init(params, jlora.LoraConfig(rank=2, targets=(r"q_proj", r"norm", r"bias")), key=KEY)
-    assert sorted(jlora.tree.leaves_by_path(ad)) == [f"layers_{i}/q_proj/kernel/{x}" for i in range(2) for x in "ab"]
+    ad = jlora.init(params, jlora.LoraConfig(rank=2, targets=(r"q_proj/(kernel|bias)", r"layers_\d/")), key=KEY)
+    assert {p.split("/")[-2] for p in jlora.tree.leaves_by_path(ad)} == {"kernel"}
+    assert [p for p in jlora.tree.leaves_by_path(ad) if "q_proj" in p] == [
+        f"layers_{i}/q_proj/kernel/{x}" for i in range(2) for x in "ab"]
+    with pytest.raises(ValueError, match=r"targets 'norm' matches none of the \d+ kernel and embedding paths"):
+        jlora.init(params, jlora.LoraConfig(rank=2, targets=(r"q_proj", r"norm")), key=KEY)
     ex = jlora.init(params, jlora.LoraConfig(rank=2, targets="proj", exclude="layers_1"), key=KEY)
     assert "layers_1" not in ex and set(ex["layers_0"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
                                                            "down_proj"}

@@ -193,8 +193,9 @@ def test_tied_embedding_adapter_matches_peft_both_ways(kind, how, tmp_path):
     hf_model, loaded = _hf_model(kind, tmp_path)
     emb = EMBED[kind]
     short = emb.rsplit(".", 1)[-1]
-    cfg = (jlora.LoraConfig(rank=4, alpha=8.0, targets=(short, "q_proj", "c_attn")) if how == "lora" else
-           jlora.LoraConfig(rank=2, targets=("q_proj", "c_attn"), modules_to_save=(short,)))
+    attn = "c_attn" if kind == "gpt2" else "q_proj"    # every target pattern must match (a typo is an error)
+    cfg = (jlora.LoraConfig(rank=4, alpha=8.0, targets=(short, attn)) if how == "lora" else
+           jlora.LoraConfig(rank=2, targets=(attn,), modules_to_save=(short,)))
     adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.3)
     ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
     out = jlora.peft.save(tmp_path / "ours", adapters, cfg, loaded)
