@@ -103,6 +103,28 @@ def test_every_format_gives_the_same_batches(smol, records, tmp_path):
     assert len(data.open_source(paths["arrow_shards"]).files) == 3
 
 
+def test_json_text_columns_read_as_their_values(tmp_path):
+    """`datasets` stores a column whose values mix types (a completion given as a list in some records, chat
+    messages whose keys differ) as JSON text, Arrow's `arrow.json` type: it reads back as the values, as `datasets`
+    reads it, not as quoted text to train on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "name": "bot"}]
+    texts = pa.array([None, [json.dumps(m) for m in messages]], pa.list_(pa.string()))
+    completions = pa.array(['"Paris"', None]).cast(pa.json_())
+    table = pa.table({"prompt": pa.array(["Capital?", None]), "completion": completions,
+                      "messages": texts.cast(pa.list_(pa.json_()))})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pa.ipc.new_file(str(tmp_path / "d.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    for name in ("d.parquet", "d.arrow"):
+        source = data.open_source(tmp_path / name)
+        assert source[0][1] == {"prompt": "Capital?", "completion": "Paris", "messages": None}, name
+        assert source[1][1] == {"prompt": None, "completion": None, "messages": messages}, name
+        assert pickle.loads(pickle.dumps(source))[1][1]["messages"] == messages    # as worker processes get it
+
+
 @pytest.mark.slow   # ~10 s, most of it importing `datasets`
 def test_files_written_by_datasets_give_the_same_batches(smol, records, tmp_path):
     import datasets

@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,6 +102,7 @@ class _File:
         state = dict(self.__dict__)
         state["_handle"] = None       # reopened lazily in each process
         state.pop("_cursor", None)
+        state.pop("_decoders", None)  # closures, rebuilt from the schema
         return state
 
     def scan(self):
@@ -222,11 +223,42 @@ def _mapped_table(path: str):
         return pa.ipc.open_stream(pa.memory_map(path)).read_all()
 
 
+def _json_decoder(arrow_type) -> Callable[[Any], Any] | None:
+    """How to decode a value of ``arrow_type`` that holds JSON text (the ``arrow.json`` extension type, as
+    ``datasets`` stores a ``Json`` feature: a column whose values mix types, e.g. a completion given as a list in
+    some records), recursing into lists and structs; None when it holds none.
+
+    Examples:
+        >>> import pyarrow as pa
+        >>> _json_decoder(pa.list_(pa.json_()))(['{"role": "user"}', '"hi"'])
+        [{'role': 'user'}, 'hi']
+        >>> _json_decoder(pa.string()) is None
+        True
+    """
+    import pyarrow as pa
+
+    if getattr(arrow_type, "extension_name", None) == "arrow.json":
+        return lambda v: v if v is None else json.loads(v)
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        item = _json_decoder(arrow_type.value_type)
+        return None if item is None else (lambda v: v if v is None else [item(x) for x in v])
+    if pa.types.is_struct(arrow_type):
+        fields = {f.name: d for f in arrow_type if (d := _json_decoder(f.type)) is not None}
+        return None if not fields else (
+            lambda v: v if v is None else {k: fields[k](x) if k in fields else x for k, x in v.items()})
+    return None
+
+
 class _TableFile(_File):
-    """A file read as an Arrow table (``handle()``), a row per record."""
+    """A file read as an Arrow table (``handle()``), a row per record; JSON-text columns (``datasets``' ``Json``
+    feature) are decoded, as ``datasets`` reads them."""
 
     def get(self, i: int) -> tuple[str, Any]:
-        return self.where(i), self.handle().slice(i, 1).to_pylist()[0]
+        table = self.handle()
+        if getattr(self, "_decoders", None) is None:
+            self._decoders = {f.name: d for f in table.schema if (d := _json_decoder(f.type)) is not None}
+        row = table.slice(i, 1).to_pylist()[0]
+        return self.where(i), {k: self._decoders[k](v) if k in self._decoders else v for k, v in row.items()}
 
 
 class ParquetFile(_TableFile):
