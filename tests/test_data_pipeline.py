@@ -312,6 +312,13 @@ def test_missing_column_empty_shard_and_mixed_folder_are_named(smol, tmp_path):
     with pytest.raises(data.DataError, match=r"holds the splits \['test', 'train'\].*e\.g\. '.*data/train-\*'"):
         data.open_source(tmp_path / "hub")
     assert [os.path.basename(f) for f in data.sources.expand(hub / "train-*")] == ["train-00000-of-00001.parquet"]
+    # and so does a small data set's: train.jsonl beside test.jsonl (`datasets` reads two splits)
+    small = tmp_path / "small"
+    small.mkdir()
+    for split in ("train", "test"):
+        (small / f"{split}.jsonl").write_text(json.dumps({"prompt": split, "completion": "b"}) + "\n")
+    with pytest.raises(data.DataError, match=r"holds the splits \['test', 'train'\].*e\.g\. '.*small/train\.jsonl'"):
+        data.open_source(small)
 
 
 def test_a_process_whose_rows_lie_past_a_short_epoch_gets_empty_batches():

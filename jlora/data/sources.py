@@ -393,6 +393,23 @@ def _state_json_files(folder: str) -> list[str] | None:
 
 
 _HUB_SHARD = re.compile(r"(.+?)-\d{5}-of-\d{5}")   # a split's shard as the Hub and `datasets` name them
+# The words by which `datasets` tells a file's split from its name (train.jsonl, test.parquet, dev-0.arrow, ...)
+_SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+                "evaluation": "test"}
+
+
+def _split_of(name: str) -> str | None:
+    """The split a data file's name says, as ``datasets`` reads a folder, or None.
+
+    Examples:
+        >>> [_split_of(n) for n in ("train-00000-of-00002.parquet", "test.jsonl", "my_dev_set.arrow", "qa.jsonl")]
+        ['train', 'test', 'validation', None]
+    """
+    shard = _HUB_SHARD.match(name)
+    if shard:
+        return shard.group(1)
+    return next((_SPLIT_WORDS[w] for w in re.split(r"[-._ \d]+", name.lower()) if w in _SPLIT_WORDS), None)
 
 
 def expand(path: str | os.PathLike) -> list[str]:
@@ -419,11 +436,15 @@ def expand(path: str | os.PathLike) -> list[str]:
         data = [n for n in names if any(n.endswith(s) or f"{s}-" in n for s in _SUFFIXES)]
         if not data and os.path.isdir(os.path.join(path, "data")):
             return expand(os.path.join(path, "data"))
-        splits = sorted({m.group(1) for m in map(_HUB_SHARD.match, data) if m})
-        if len(splits) > 1:      # the Hub's layout: one file set per split, e.g. train-00000-of-00002.parquet
+        split = {n: _split_of(n) for n in data}
+        splits = sorted(set(split.values()) - {None})
+        if len(splits) > 1:      # the Hub's layouts: train-00000-of-00002.parquet, or train.jsonl beside test.jsonl
             pick = "train" if "train" in splits else splits[0]
-            raise DataError(f"data folder {path!r} holds the splits {splits} (file names <split>-NNNNN-of-NNNNN); "
-                            f"name one with a glob, e.g. {os.path.join(path, pick + '-*')!r}")
+            mine = [n for n in data if split[n] == pick]
+            name = f"{pick}-*" if _HUB_SHARD.match(mine[0]) else mine[0] if len(mine) == 1 else f"*{pick}*"
+            example = os.path.join(path, name)
+            raise DataError(f"data folder {path!r} holds the splits {splits} (by file name, as `datasets` reads a "
+                            f"folder), which would all be read as one; name one split's files, e.g. {example!r}")
         formats = sorted({format_of(n) for n in data})
         if len(formats) != 1:
             raise DataError(f"data folder {path!r} holds " + (f"files of several formats ({', '.join(formats)}); "
