@@ -247,6 +247,15 @@ def test_a_malformed_record_is_named_or_skipped_and_counted(smol, tmp_path):
     assert second["attention_mask"].any(1).tolist() == [False, False, False, False]
     assert loader.counts["skipped"] == 2 and loader.counts["examples"] == 3
     assert "2 skipped" in loader.summary()
+    # a lone surrogate escape is valid JSON but no text: named (the tokenizer raised a bare TypeError), or skipped
+    broken = tmp_path / "s.jsonl"
+    broken.write_text('{"prompt": "a\\ud800b", "completion": "x"}\n' + json.dumps(PAIR) + "\n")
+    with pytest.raises(data.DataError, match=r"s\.jsonl:1: 'prompt' holds '\\ud800' at character 1, a lone UTF-16"):
+        _take(_loader(broken, smol, batch_size=2, shuffle=False, epochs=1), 1)
+    loader = _loader(broken, smol, batch_size=2, shuffle=False, drop_last=False, epochs=1, on_bad_record="skip")
+    with pytest.warns(UserWarning, match="skipped a malformed record"):
+        list(loader)
+    assert (loader.counts["skipped"], loader.counts["examples"]) == (1, 1)
 
 
 def test_over_long_records_in_each_overflow_mode(smol, tmp_path):

@@ -205,6 +205,7 @@ def validate_record(record: Any, where: str = "record") -> str:
                 raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'; "
                                  f"got {m!r}")
             _check_role(m["role"], f"{where}: messages[{i}]")
+            _check_text(m["content"], f"{where}: messages[{i}]['content']")
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message is the training target and must have role 'assistant'; "
                              f"got role {msgs[-1]['role']!r}")
@@ -215,7 +216,25 @@ def validate_record(record: Any, where: str = "record") -> str:
     for k in ("prompt", "completion"):
         if not isinstance(record[k], str):
             raise ValueError(f"{where}: {k!r} must be a string; got {type(record[k]).__name__}")
+        _check_text(record[k], f"{where}: {k!r}")
     return "pair"
+
+
+def _check_text(text: str, where: str) -> None:
+    r"""Refuses a string that is no text: JSON admits a lone UTF-16 surrogate (``"\ud800"``), a tokenizer does not.
+
+    Examples:
+        >>> _check_text("a\ud800b", "f.jsonl:3: 'prompt'")
+        Traceback (most recent call last):
+        ...
+        ValueError: f.jsonl:3: 'prompt' holds '\ud800' at character 1, a lone UTF-16 surrogate (a broken '\ud800'-style escape): no character; fix or remove the record
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} holds {text[e.start:e.start + 1]!r} at character {e.start}, a lone UTF-16 "
+                         f"surrogate (a broken '\\ud800'-style escape): no character; fix or remove the record"
+                         ) from None
 
 
 def _check_role(role: str, where: str) -> None:
