@@ -145,6 +145,17 @@ def _rows_to_examples(batch):
     return found
 
 
+def test_load_names_or_skips_a_chat_the_template_refuses(smol, tmp_path):
+    """data.load (validation data, the held-out split) treats a record the chat template cannot render or split as
+    the streaming Loader does: named by file and line, or skipped and counted with on_bad_record='skip'."""
+    alone = {"messages": [{"role": "assistant", "content": "hello"}]}     # SmolLM2's template adds a system turn
+    path = _write(tmp_path / "v.jsonl", [PAIR, alone, PAIR])
+    with pytest.raises(ValueError, match=r"(?s)v\.jsonl:2: .*on_bad_record='skip'"):
+        data.load(path, smol, max_length=64)
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 records the tokenizer refuses .*first: .*v\.jsonl:2"):
+        assert len(data.load(path, smol, max_length=64, on_bad_record="skip")) == 2
+
+
 def test_padding_buckets_shapes_and_masks():
     examples = _examples([5, 9, 33, 12, 7, 40])
     loader = data.Loader(examples, batch_size=2, max_length=48, pad_id=-1, bucket=16, shuffle=False, epochs=1)

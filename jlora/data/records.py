@@ -420,7 +420,8 @@ def boundary_warning(mismatched: int, total: int, first: str) -> str:
 
 
 def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length: int, overflow: str = "error",
-                 sources: Sequence[str] | None = None, check_boundaries: bool = True) -> list[Example]:
+                 sources: Sequence[str] | None = None, check_boundaries: bool = True,
+                 on_bad_record: str = "error") -> list[Example]:
     """Tokenizes records and applies the ``overflow`` policy (:func:`fit`) to examples longer than ``max_length``.
 
     Args:
@@ -432,14 +433,23 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
             alone fills them is dropped) or "drop".
         sources: a "file:line" per record, for messages.
         check_boundaries: warn when prompt and completion tokenized apart differ from the joined text's ids.
+        on_bad_record: "skip" leaves out (and counts, in a warning) a record the tokenizer refuses (a chat its
+            template cannot render or split), as the streaming :class:`jlora.data.Loader` does; "error" raises.
     """
-    check_policies(max_length=max_length, overflow=overflow)
+    check_policies(max_length=max_length, overflow=overflow, on_bad_record=on_bad_record)
     if not records:
         raise ValueError(f"no records to tokenize; expected at least one, {_FORMATS}")
     sources = sources or [f"record {i}" for i in range(len(records))]
-    out, changed, mismatched = [], [], []
+    out, changed, mismatched, skipped = [], [], [], []
     for record, where in zip(records, sources):
-        ex, matches = tokenize_checked(record, tokenizer, source=where, check_boundary=check_boundaries)
+        try:
+            ex, matches = tokenize_checked(record, tokenizer, source=where, check_boundary=check_boundaries)
+        except ValueError as e:
+            if on_bad_record != "skip":
+                raise ValueError(f"{e if where in str(e) else f'{where}: {e}'} (on_bad_record='skip' skips and "
+                                 f"counts bad records)") from None
+            skipped.append(where)
+            continue
         if not matches:
             mismatched.append(where)
         kept = fit(ex, max_length, overflow, where)
@@ -451,8 +461,13 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
         warnings.warn(overflow_warning(len(changed), len(records), max_length, overflow, changed[0]), stacklevel=2)
     if mismatched:
         warnings.warn(boundary_warning(len(mismatched), len(records), mismatched[0]), stacklevel=2)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} of {len(records)} records the tokenizer refuses "
+                      f"(on_bad_record='skip'); first: {skipped[0]}", stacklevel=2)
     if not out:
-        raise ValueError(f"all {len(records)} examples were dropped for exceeding max_length={max_length}")
+        why = f"for exceeding max_length={max_length}"
+        raise ValueError(f"all {len(records)} examples were dropped " + (
+            f"({len(skipped)} refused by the tokenizer, the rest {why})" if skipped else why))
     return out
 
 
@@ -470,7 +485,7 @@ def tokenize_source(source: Source, tokenizer, *, max_length: int, overflow: str
     tokenized into memory by :func:`tokenize_all`, with ``file:line`` sources in every message."""
     pairs = read_source(source, columns=columns, on_bad_record=on_bad_record)
     return tokenize_all([r for _, r in pairs], tokenizer, max_length=max_length, overflow=overflow,
-                        sources=[w for w, _ in pairs])
+                        sources=[w for w, _ in pairs], on_bad_record=on_bad_record)
 
 
 def load_splits(train: str | os.PathLike, tokenizer, *, valid: str | os.PathLike | None = None,
