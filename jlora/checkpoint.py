@@ -239,7 +239,8 @@ class CheckpointManager:
             raise ValueError(f"`keep_best` must be an integer >= 1; got {keep_best!r}")
         if best_metric is not None and not isinstance(best_metric, str):
             raise ValueError(f"`best_metric` must be a metric name (str) or None; got {best_metric!r}")
-        self.directory = epath.Path(os.path.abspath(directory))  # orbax refuses relative paths
+        url = "://" in str(directory)   # gs://..., s3://...: epath's; a local path made absolute (orbax needs it)
+        self.directory = epath.Path(directory if url else os.path.abspath(directory))
         self._options = _Options(max_to_keep, best_metric, mode, keep_best, bool(async_save))
         self._manager: ocp.CheckpointManager | None = None
         self._identity_cache: tuple[tuple[weakref.ref, ...], dict] | None = None
@@ -257,8 +258,8 @@ class CheckpointManager:
             if o.best_metric is not None:
                 metric, worst = o.best_metric, math.inf if o.mode == "min" else -math.inf
 
-                def best_fn(m):   # a NaN (a diverged eval) ranks last: it must not push out the real best step
-                    value = float(m[metric])
+                def best_fn(m):   # a NaN (a diverged eval) ranks last: it must not push out the real best step;
+                    value = float(m.get(metric, math.nan))   # so does a step saved while another metric was tracked
                     return worst if math.isnan(value) else value
 
                 policy = ocm.AnyPreservationPolicy([
@@ -270,9 +271,17 @@ class CheckpointManager:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         return self._manager
 
+    def _current(self) -> ocp.CheckpointManager | None:
+        """The orbax manager, its list of steps read from the folder again (orbax caches it: another process's
+        saves and deletions, or a failed async save of ours, left it stale) unless a save of ours is in flight."""
+        manager = self._orbax(create=False)
+        if manager is not None and not manager.is_saving_in_progress():
+            manager.reload()
+        return manager
+
     def all_steps(self) -> list[int]:
         """The saved (complete) steps, ascending; a save still in flight or cut off by a crash is not listed."""
-        manager = self._orbax(create=False)
+        manager = self._current()
         return sorted(manager.all_steps()) if manager is not None else []
 
     def latest_step(self) -> int | None:
@@ -282,7 +291,7 @@ class CheckpointManager:
 
     def best_step(self) -> int | None:
         """The step with the best ``best_metric`` (the latest step when no metric is tracked)."""
-        manager = self._orbax(create=False)
+        manager = self._current()
         return manager.best_step() if manager is not None else None
 
     def wait(self) -> None:

@@ -107,7 +107,7 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
             them one after another (``lax.scan``, so activation memory is that of one micro-batch), and apply the
             token-weighted mean gradient once (summed in float32 whatever the adapters' dtype).
         reduce_grads: optional hook applied to the (weighted sum of) gradients, metrics and weights before the
-            update, e.g. a ``lax.pmean`` under ``pmap`` (see :func:`jlora.parallel.make_pmap_train_step`).
+            update, e.g. a ``lax.psum`` under ``pmap`` (see :func:`jlora.parallel.make_pmap_train_step`).
 
     Returns:
         The step function. ``metrics`` holds ``loss`` (token-weighted mean), ``tokens`` and ``grad_norm``.

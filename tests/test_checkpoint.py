@@ -459,6 +459,34 @@ def test_a_second_writer_cannot_overwrite_a_step(tmp_path, tiny):
     a.close(), b.close()
 
 
+def test_a_reader_sees_the_steps_another_writer_saved_and_deleted(tmp_path, tiny):
+    """An eval process's manager lists (and restores) what is on disk now, not the steps orbax listed when it first
+    looked: the writer, keeping one step, deleted step 1 after the reader had seen it."""
+    _, params, _, state0 = tiny
+    writer, reader = CheckpointManager(tmp_path / "ckpt", max_to_keep=1), CheckpointManager(tmp_path / "ckpt")
+    writer.save(1, state0, params=params, lora_config=CFG)
+    assert reader.all_steps() == [1]
+    writer.save(2, state0, params=params, lora_config=CFG)
+    writer.wait()
+    assert reader.all_steps() == [2] and reader.latest_step() == 2 and reader.best_step() == 2
+    assert reader.restore(state0, params=params, lora_config=CFG).step == 2
+    writer.close(), reader.close()
+
+
+def test_a_url_directory_stays_a_url_and_a_new_best_metric_ranks_older_steps_last(tmp_path, tiny):
+    """gs://... is epath's to open (it was made a local path under the working directory); a run that tracks
+    another metric than the steps already saved (saved while "eval_loss" was tracked) ranks those steps last
+    instead of failing with a KeyError on every save."""
+    assert str(CheckpointManager("gs://bucket/run/checkpoints").directory) == "gs://bucket/run/checkpoints"
+    _, params, _, state0 = tiny
+    with CheckpointManager(tmp_path / "ckpt", best_metric="eval_loss") as manager:
+        manager.save(1, state0, params=params, lora_config=CFG, metrics={"eval_loss": 1.0})
+    with CheckpointManager(tmp_path / "ckpt", best_metric="eval_acc", mode="max", max_to_keep=1) as manager:
+        manager.save(2, state0, params=params, lora_config=CFG, metrics={"eval_acc": 0.5})
+        manager.wait()
+        assert manager.best_step() == 2 and manager.all_steps() == [2]
+
+
 def test_patterns_in_another_order_or_a_base_changing_init_are_another_config(tmp_path, tiny):
     """A pattern's first match wins, so reordered patterns are another config (here: another scale for 'up'); and
     PiSSA/OLoRA adapters belong to their residual base, so init is free only between inits that leave it alone."""

@@ -193,6 +193,16 @@ def test_keys_with_fixed_values_list_them(override, message, tmp_path):
     _error(*_stops_at_data(tmp_path, overrides=[override])[1], message, re.escape(f"(in --set {override})"))
 
 
+
+def test_an_interrupted_command_exits_130_without_the_interpreter_teardown():
+    """Ctrl-C before step 1 (native threads compiling or prefetching) crashed the interpreter's teardown with
+    SIGSEGV (exit 139) about half the time: an interrupted command now leaves with os._exit(130). A non-daemon
+    thread stands in for them here: the teardown would wait a minute for it."""
+    code = ("import threading, time\nimport jlora.cli as cli\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()\ncli.main = lambda: 130\ncli.console()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=40)
+    assert result.returncode == 130, result.stderr[-2000:]
+
 # ------------------------------------------------------------------------------------------------ 3. impossible values
 @pytest.mark.parametrize("override, message", [
     ("train.learning_rate=-1e-3", r"`train.learning_rate` must be a number > 0; got -0.001"),

@@ -191,7 +191,18 @@ def console() -> None:
         from jlora import runtime
 
         runtime.keep_freed_memory()
-    sys.exit(main())
+    code = main()
+    if code == 130:
+        # Interrupted (its checkpoint, if any, is written): leave without the interpreter's teardown, which can
+        # crash (SIGSEGV) under native threads still compiling or prefetching when Ctrl-C comes before step 1.
+        import multiprocessing
+
+        for child in multiprocessing.active_children():   # data worker processes end with the run
+            child.terminate()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _user_error(e: Exception) -> str | None:
