@@ -103,7 +103,7 @@ def test_every_format_gives_the_same_batches(smol, records, tmp_path):
     assert len(data.open_source(paths["arrow_shards"]).files) == 3
 
 
-def test_json_text_columns_read_as_their_values(tmp_path):
+def test_json_text_columns_read_as_their_values(tmp_path, monkeypatch):
     """`datasets` stores a column whose values mix types (a completion given as a list in some records, chat
     messages whose keys differ) as JSON text, Arrow's `arrow.json` type: it reads back as the values, as `datasets`
     reads it, not as quoted text to train on."""
@@ -123,6 +123,14 @@ def test_json_text_columns_read_as_their_values(tmp_path):
         assert source[0][1] == {"prompt": "Capital?", "completion": "Paris", "messages": None}, name
         assert source[1][1] == {"prompt": None, "completion": None, "messages": messages}, name
         assert pickle.loads(pickle.dumps(source))[1][1]["messages"] == messages    # as worker processes get it
+    # a Parquet file rewritten with one value changed and the same size is decoded again, not read from the cache
+    # (its hash samples blocks of the file: here only its first and last 16 bytes)
+    monkeypatch.setattr(data.sources, "_SAMPLES", 0)
+    monkeypatch.setattr(data.sources, "_SAMPLE_BYTES", 16)
+    for answer in ("yes", "noo"):
+        pq.write_table(pa.table({"prompt": ["q"] * 3, "completion": ["a", answer, "c"]}), tmp_path / "e.parquet",
+                       compression="none", write_statistics=False)
+        assert data.open_source(tmp_path / "e.parquet")[1][1]["completion"] == answer
 
 
 @pytest.mark.slow   # ~10 s, most of it importing `datasets`

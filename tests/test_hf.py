@@ -173,6 +173,8 @@ def test_load_gguf_dispatch(tmp_path):
     assert loaded.name == "tiny" and loaded.family.name == "llama"
     ids = _ids()
     assert _max_diff(_jlora_logits(loaded, ids), _torch_logits(model, ids)) <= ATOL
+    upper = os.replace(path, tmp_path / "TINY.GGUF") or tmp_path / "TINY.GGUF"   # a suffix in capitals: GGUF too
+    assert hf.load(upper).family.name == "llama"
 
 
 def test_config_overrides_and_pkg_paths(saved):

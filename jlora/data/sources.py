@@ -279,7 +279,9 @@ class ParquetFile(_TableFile):
         self.schema_names = tuple(parquet.schema_arrow.names)
         n = parquet.metadata.num_rows
         keep = [c for c in self.columns if c in self.schema_names] or list(self.schema_names)
-        key = hashlib.sha256(f"{_file_hash(self.path, n)}|{keep}".encode()).hexdigest()[:16]
+        # the file's modification time too: a rewrite that keeps the size can miss the sampled blocks of the hash
+        stamp = os.stat(self.path).st_mtime_ns
+        key = hashlib.sha256(f"{_file_hash(self.path, n)}|{stamp}|{keep}".encode()).hexdigest()[:16]
         self.cache = os.path.join(cache_dir(), f"{os.path.basename(self.path)}.{key}.arrow")
         if not os.path.isfile(self.cache):
             self._decode(parquet, keep)

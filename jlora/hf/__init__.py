@@ -204,7 +204,7 @@ def _open_folder(folder: str) -> tuple[dict, Callable[[str], np.ndarray], list[s
     """(config dict, tensor getter, all tensor names, tensor name -> its file) of a Hugging Face folder."""
     config_path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(config_path):
-        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        ggufs = sorted(f for f in os.listdir(folder) if f.lower().endswith(".gguf"))
         hint = f"; it holds GGUF files {ggufs}: pass one of them as the path" if ggufs else ""
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}, so it is not a Hugging Face model folder{hint}. "
                                 f"Pass the folder that save_pretrained wrote (config.json + *.safetensors).")
@@ -357,7 +357,7 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
         if os.path.isfile(generation_file):
             with open(generation_file, encoding="utf-8") as f:
                 generation_config = json.load(f)
-    elif local.endswith(".gguf"):
+    elif local.lower().endswith(".gguf"):
         from jlora.hf import gguf
         try:
             g = gguf.read(local)
