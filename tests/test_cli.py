@@ -431,8 +431,12 @@ def test_training_on_no_example_is_an_error(overrides, message, tiny, tmp_path):
     malformed.write_text('{"question": "What is 2+2?", "answer": "4"}\n' * 40)
     train = malformed if "data.on_bad_record=skip" in overrides else TRAIN
     config = _config(tmp_path, tiny, "r", data={"train": str(train)})
-    _error(*_main("train", "--config", config, *[a for o in overrides for a in ("--set", o)]), message)
+    result = _main("train", "--config", config, *[a for o in overrides for a in ("--set", o)])
+    _error(*result, message)
     _no_run_left(tmp_path / "r")
+    if "data.valid=null" in overrides:   # eval settings with nothing to evaluate on are said to do nothing
+        assert re.search(r"no validation data \(`data.valid` is empty and `data.valid_fraction` is 0\), so "
+                         r"eval.before, eval.after do nothing in this run", result[1]), result[1]
 
 
 def test_out_is_never_an_input_of_the_command(tiny, trained, tmp_path, monkeypatch):

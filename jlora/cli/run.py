@@ -768,6 +768,11 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
     print(f"model {display_name(cfg.model.path, loaded)}: {sum(x.size for x in jax.tree.leaves(loaded.params)):,} "
           f"parameters; data: {len(train)} train records / {len(valid)} validation examples" +
           (f" ({bad} malformed train records will be skipped)" if bad else ""))
+    idle = [k for k, on in (("train.eval_every", cfg.train.eval_every), ("eval.before", cfg.eval.before),
+                            ("eval.after", cfg.eval.after)) if on]
+    if not valid and idle:
+        print(f"no validation data (`data.valid` is empty and `data.valid_fraction` is 0), so {', '.join(idle)} "
+              f"do nothing in this run", flush=True)
     prompts = []
     if valid and (cfg.eval.before or cfg.eval.after):   # from data.valid, or the held-out split (as eval does)
         try:
