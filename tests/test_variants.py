@@ -72,6 +72,23 @@ def test_dora_dense_matches_jnp_reference_and_merge():
         jlora.unmerge(params, ad, cfg)
 
 
+def test_a_fresh_dora_adapter_in_bf16_changes_nothing():
+    """A bf16 magnitude is the column norm rounded to bf16: compared with the norm at that precision, g = m / ||W||
+    is exactly 1 for a fresh adapter (it was off 1 by up to 0.33%, so the fresh adapter changed the model), and
+    apply and merge agree on a trained one."""
+    x = jax.random.normal(jax.random.key(0), (4, 64))
+    model = nn.Dense(32)
+    params = model.init(jax.random.key(1), x)["params"]
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="kernel", use_dora=True, dtype="bfloat16")
+    fresh = jlora.init(params, cfg, key=jax.random.key(2))
+    assert fresh["kernel"].extras["m"].dtype == jnp.bfloat16
+    assert jnp.array_equal(jlora.apply(model, params, fresh, cfg, x), model.apply({"params": params}, x))
+    assert jnp.array_equal(jlora.merge(params, fresh, cfg)["kernel"], params["kernel"])
+    ad = randomize(fresh, jax.random.key(3), 0.3)
+    merged = model.apply({"params": jlora.merge(params, ad, cfg)}, x)
+    assert max_diff(jlora.apply(model, params, ad, cfg, x), merged) <= 1e-5
+
+
 def test_dora_norm_is_constant_in_backward():
     """PEFT (and the DoRA paper, 4.3) detach ||W + sAB||: the gradient equals the one with the norm frozen."""
     x = jax.random.normal(jax.random.key(0), (5, 8))
