@@ -1076,6 +1076,12 @@ def test_compose_writes_a_peft_folder_equal_to_the_weighted_sum(tiny, trained, t
     code, _, err = _main("compose", "--model", tiny, "--adapter", f"a={run_dir}:heavy", "--method", "cat",
                          "--out", str(tmp_path / "x"))
     _error(code, "", err, r"the weight 'heavy' is not a number")
+    # a folder whose name holds a colon is that folder, at weight 1 (not a folder "...x" of weight "y")
+    colon = tmp_path / "run:v2"
+    shutil.copytree(run_dir / "peft", colon)
+    code, stdout, err = _main("compose", "--model", tiny, "--adapter", f"a={colon}", "--method", "ties",
+                              "--density", "0.5", "--out", str(tmp_path / "from_colon"))
+    assert code == 0 and "1 adapter" in stdout, err
 
 
 @pytest.mark.slow

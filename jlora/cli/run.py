@@ -1249,7 +1249,8 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
     parsed = []
     for item in adapters:
         name, sep, rest = item.partition("=")
-        folder, colon, weight = rest.rpartition(":") if ":" in rest else (rest, "", "1")
+        # DIR:WEIGHT, unless DIR itself holds a colon (a folder that exists as given takes weight 1)
+        folder, colon, weight = rest.rpartition(":") if ":" in rest and not os.path.exists(rest) else (rest, "", "1")
         if not sep or not name or not folder:
             raise UsageError(f"--adapter {item!r}: expected NAME=DIR or NAME=DIR:WEIGHT")
         try:
