@@ -445,7 +445,7 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
     lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     total, n_params = count(adapters), sum(math.prod(getattr(x, "shape", np.shape(x))) for x in flat.values())
     lines.append(f"total: {total:,} trainable values = {100 * total / n_params:.2f}% of {n_params:,} parameters "
-                 f"({len(entries)} adapted kernels)")
+                 f"({sum(e[0] for e in entries)} adapted kernels)")   # each layer of a stack is one
     if ranks:
         lines.append("")
         lines.append("rank ladder (same targets)")

@@ -667,6 +667,9 @@ def test_inspect_rank_too_large_names_the_options_inspect_has(tiny):
     line = _error(*_main("inspect", "--model", tiny, "--rank", "100000"),
                   r"--rank 100000: rank 100000 at .* exceeds the kernel's smaller side.*; or narrow --targets")
     assert "rank_pattern" not in line
+    line = _error(*_main("inspect", "--model", tiny, "--targets", "qproj"),   # not the rank's doing
+                  r"--targets: targets=\['qproj'\] .*matched no kernel or embedding parameter")
+    assert "--rank" not in line
 
 
 def test_eval_refuses_base_with_an_adapter(trained):
@@ -734,6 +737,17 @@ def test_routed_generate_matches_plain_generate(tiny, trained, tmp_path):
     assert code == 0 and "--system for [a]: the run's training data" in err, err
     _error(*_main("generate", "--model", tiny, "--route", "base", "--prompt", "Hi"),
            "--route without a named --adapter routes every prompt to the base model")
+    # --system reaches a prompt routed to the base too (it got the template's default system turn instead)
+    from jlora.models import generate as gen
+
+    seen, real = [], gen.generate
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gen, "generate", lambda model, variables, ids, **kw: seen.append(np.asarray(ids)) or real(
+            model, variables, ids, **kw))
+        code, out, err = _main("generate", "--model", tiny, "--adapter", f"a={run}", "--route", "a,base", "--chat",
+                               "--system", "Answer in French.", "--prompt", "Hi", "--prompt", "Hi",
+                               "--max-new-tokens", "2")
+    assert code == 0 and len(seen) == 1 and np.array_equal(seen[0][0], seen[0][1]), err
     odd = tmp_path / "lr=0.05"
     shutil.copytree(run / "peft", odd)
     assert _main("generate", "--model", tiny, "--adapter", odd, "--prompt", "Hi", "--max-new-tokens", "2")[0] == 0

@@ -215,6 +215,10 @@ def test_summary_and_count():
     assert jlora.count(ad) == 16 * (4096 + 4096)
     ladder = text.split("rank ladder")[1]
     assert "8,192" in ladder and "524,288" in ladder   # r=1 and r=64
+    stacked = {"layers": {"q_proj": {"kernel": jnp.zeros((3, 64, 64))}}}   # a scanned stack: 3 kernels, one path
+    lay = {"layers/q_proj/kernel": jlora.KernelLayout("Dense", (0,), (1,), lead=1)}
+    ad = jlora.init(stacked, jlora.LoraConfig(rank=2, targets="q_proj"), key=KEY, layout=lay)
+    assert "(3 adapted kernels)" in jlora.summary(stacked, ad)
 
 
 # ---------------------------------------------------------------- bad input

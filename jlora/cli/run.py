@@ -1461,7 +1461,8 @@ def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequen
                     if systems[n] is not None:
                         print(f"--system for [{n}]: the run's training data ({source}) opens every chat with "
                               f"{systems[n]!r} (pass --system to change it, --system '' for none)", file=sys.stderr)
-        turns = [[{"role": "system", "content": systems.get(n)}] if systems.get(n) else [] for n in names]
+        turns = [[{"role": "system", "content": systems.get(n, system)}] if systems.get(n, system) else []
+                 for n in names]   # a prompt routed to the base gets --system too
         ids = [tok.encode(tok.apply_chat_template(t + [{"role": "user", "content": p}]), add_special_tokens=False)
                for t, p in zip(turns, prompts)]
     else:
@@ -1567,6 +1568,8 @@ def inspect_command(model: str, *, adapter: str | None = None, targets: Sequence
             adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0), layout=_layout(loaded))
         except ValueError as e:   # the library's advice names rank_pattern, which inspect has no option for
             message = str(e).replace(" (rank_pattern can set it per path)", "")
+            if "match" in message:   # a target that matches nothing: not the rank's doing
+                raise UsageError(f"--targets: {message}") from None
             raise UsageError(f"--rank {rank}: {message}; or narrow --targets") from None
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.params))
     text = (f"model {display_name(model, loaded)} ({loaded.family.name}): {n:,} parameters, "
