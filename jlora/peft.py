@@ -121,9 +121,9 @@ def _outside_layers(config: Mapping[str, Any], modules) -> list[str]:
     if keep is None or keep == []:
         return []
     keep = {keep} if isinstance(keep, int) else set(keep)
-    patterns = config.get("layers_pattern") or None
-    patterns = [r".*?\.[^.]*\."] if patterns is None else [rf"(?:^|.*?\.){p}\." for p in
-                                                             ([patterns] if isinstance(patterns, str) else patterns)]
+    given = config.get("layers_pattern") or []
+    given = [given] if isinstance(given, str) else given
+    patterns = [rf"(?:^|.*?\.){p}\." for p in given] or [r".*?\.[^.]*\."]   # a layers_pattern, else any name
 
     def index(module: str) -> int | None:
         found = (re.match(rf"{p}(\d+)\.", module) for p in patterns)

@@ -63,7 +63,7 @@ import grain
 import numpy as np
 
 from jlora.data import batching
-from jlora.data.records import (_FORMATS, Example, check_columns, check_policies,
+from jlora.data.records import (_FORMATS, Example, bad_record, check_columns, check_policies,
                                 fit, open_records, parse, tokenize_checked)
 from jlora.data.sources import DataError, Source
 
@@ -232,8 +232,7 @@ class _Tokenize(grain.transforms.Map):
                                                check_boundary=self._check_boundaries)
             except ValueError as e:
                 if self._on_bad == "error":
-                    message = str(e) if where in str(e) else f"{where}: {e}"
-                    raise DataError(f"{message} (on_bad_record='skip' skips and counts bad records)") from None
+                    raise bad_record(e, where) from None
                 return Item(q, None, "skipped", where, str(e))
             boundary = not matches
         else:

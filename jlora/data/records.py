@@ -140,7 +140,7 @@ def check(source: Source, columns: Mapping[str, str] | None = None, *, on_bad_re
             validate_record(parse(raw, where, columns), where)
         except ValueError as e:
             if on_bad_record == "error":
-                raise DataError(f"{e} (on_bad_record='skip' skips and counts bad records)") from None
+                raise bad_record(e, where) from None
             bad += 1
     return bad
 
@@ -189,6 +189,13 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None) -> list[dic
         ValueError: ``file:line`` of a malformed line or a record of neither format; an empty file.
     """
     return [r for _, r in read(path, limit=limit)]
+
+
+def bad_record(e: Exception, where: str) -> DataError:
+    """The error a bad record raises under ``on_bad_record='error'``: ``e`` with where the record is (once) and how
+    to skip such records instead."""
+    message = str(e) if where in str(e) else f"{where}: {e}"
+    return DataError(f"{message} (on_bad_record='skip' skips and counts bad records)")
 
 
 def validate_record(record: Any, where: str = "record") -> str:
@@ -446,8 +453,7 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
             ex, matches = tokenize_checked(record, tokenizer, source=where, check_boundary=check_boundaries)
         except ValueError as e:
             if on_bad_record != "skip":
-                raise ValueError(f"{e if where in str(e) else f'{where}: {e}'} (on_bad_record='skip' skips and "
-                                 f"counts bad records)") from None
+                raise bad_record(e, where) from None
             skipped.append(where)
             continue
         if not matches:
@@ -546,7 +552,7 @@ def eval_prompts(data: str | os.PathLike | Source | Sequence[Mapping[str, Any]],
             except ValueError as e:
                 if on_bad_record == "skip":
                     continue
-                raise DataError(f"{where}: {e} (on_bad_record='skip' skips and counts bad records)") from None
+                raise bad_record(e, where) from None
             target = record["messages"][-1]["content"]
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
