@@ -93,12 +93,141 @@ def test_template_without_end_of_turn_gets_eos_appended():
     assert _masked_text(tok, ex.input_ids, ex.loss_mask) == CHAT["messages"][-1]["content"] + "\n</s>"
 
 
-def test_multi_turn_trains_only_the_last_assistant_turn(tiny):
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
-            {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]
-    ex = data.tokenize({"messages": msgs}, tiny)
-    assert _masked_text(tiny, ex.input_ids, ex.loss_mask) == "second<|im_end|>"
-    assert "first" in tiny.decode(ex.prompt_ids)
+MULTI = [{"role": "system", "content": "Reply in JSON."}, {"role": "user", "content": "Pay Ana"},
+         {"role": "assistant", "content": '{"name":"Ana"}'}, {"role": "user", "content": "12 euros"},
+         {"role": "assistant", "content": '{"amount":12}'}, {"role": "user", "content": "in Oslo"},
+         {"role": "assistant", "content": '{"city":"Oslo"}'}]
+# ChatML with transformers' assistant-mask markers: transformers' `return_assistant_tokens_mask` is the oracle.
+CHATML_MARKED = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                 "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}"
+                 "<|im_end|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_multi_turn_trains_every_assistant_turn_as_transformers_assistant_mask(tmp_path):
+    """chat_turns='all' (the default) masks exactly what transformers' assistant-token mask marks: each assistant
+    turn's text and its <|im_end|>; the last turn's trailing newline is left out, as before."""
+    from transformers import AutoTokenizer
+
+    backend = _backend()
+    tok = Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="</s>", chat_template=CHATML_MARKED,
+                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+    tok.save(tmp_path)
+    oracle = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        MULTI, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ex = data.tokenize({"messages": MULTI}, tok)
+    assert list(ex.input_ids) == oracle["input_ids"][:len(ex)]
+    assert list(ex.loss_mask) == oracle["assistant_masks"][:len(ex)] and sum(ex.prompt_mask) > 0
+    targets = _masked_text(tok, ex.input_ids, ex.loss_mask)
+    assert targets == '{"name":"Ana"}<|im_end|>{"amount":12}<|im_end|>{"city":"Oslo"}<|im_end|>'
+    # The prompt is still what generation sees; "last" trains only the last turn, as jlora did before.
+    assert tok.decode(ex.prompt_ids, skip_special_tokens=False) == tok.apply_chat_template(MULTI[:-1])
+    last = data.tokenize({"messages": MULTI}, tok, chat_turns="last")
+    assert last.input_ids == ex.input_ids and last.prompt_mask == ()
+    assert _masked_text(tok, last.input_ids, last.loss_mask) == '{"city":"Oslo"}<|im_end|>'
+
+
+def test_multi_turn_with_smollm2s_template(smol):
+    ex = data.tokenize({"messages": MULTI}, smol)
+    whole = smol.encode(smol.apply_chat_template(MULTI, add_generation_prompt=False), add_special_tokens=False)
+    assert list(ex.input_ids) == whole[:len(ex)]
+    assert _masked_text(smol, ex.input_ids, ex.loss_mask) == (
+        '{"name":"Ana"}<|im_end|>{"amount":12}<|im_end|>{"city":"Oslo"}<|im_end|>')
+
+
+def test_earlier_turns_a_template_renders_differently_stay_context(tiny, tmp_path):
+    """A template that puts the system prompt into the last user turn (as Mistral's did) renders the chat up to an
+    earlier turn differently: that turn stays context, with a warning naming the record; 'last' does not warn."""
+    late_system = ("{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+                   "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}"
+                   "{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n{% if loop.index0 == ns.last %}"
+                   "{{ messages[0]['content'] }} {% endif %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    backend = _backend()
+    tok = Tokenizer(backend, eos_token="</s>", pad_token="</s>", chat_template=late_system,
+                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+    with pytest.warns(UserWarning, match=r"1 of 2 chats, first record 1: the chat template renders earlier "
+                                         r"assistant turns differently .*chat_turns='last'"):
+        examples = data.tokenize_all([PAIR, {"messages": MULTI}], tok, max_length=256)
+    assert _masked_text(tok, examples[1].input_ids, examples[1].loss_mask) == '{"city":"Oslo"}<|im_end|>'
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        last = data.tokenize_all([PAIR, {"messages": MULTI}], tok, max_length=256, chat_turns="last")
+    assert last == examples
+    # The streaming Loader counts them (and warns once).
+    path = _write(tmp_path / "d.jsonl", [{"messages": MULTI}, PAIR])
+    loader = data.Loader(path, tokenizer=tok, batch_size=2, max_length=256, pad_id=0, shuffle=False, epochs=1)
+    with pytest.warns(UserWarning, match=r"d\.jsonl:1: the chat template renders earlier assistant turns"):
+        list(loader)
+    assert loader.counts["context_turns"] == 1 and "1 chats with earlier assistant turns left as" in loader.summary()
+    with pytest.raises(ValueError, match=r"`chat_turns` must be one of \('all', 'last'\); got 'every'"):
+        data.Loader(path, tokenizer=tok, batch_size=2, max_length=256, pad_id=0, chat_turns="every")
+
+
+def test_loader_batches_train_every_assistant_turn(tiny, tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"messages": MULTI}, CHAT])
+    kw = dict(tokenizer=tiny, batch_size=2, max_length=256, pad_id=0, shuffle=False, epochs=1)
+    for turns in ("all", "last"):
+        batch = next(iter(data.Loader(path, chat_turns=turns, **kw)))
+        row = batch["input_ids"][0][batch["attention_mask"][0] == 1]
+        expected = data.tokenize({"messages": MULTI}, tiny, chat_turns=turns)
+        assert row.tolist() == list(expected.input_ids)
+        assert batch["loss_mask"][0][:len(row)].tolist() == list(expected.loss_mask)
+    assert _masked_text(tiny, row, batch["loss_mask"][0][:len(row)]) == '{"city":"Oslo"}<|im_end|>'
+
+
+def test_truncation_keeps_an_earlier_turns_targets(tiny):
+    ex = data.tokenize({"messages": MULTI}, tiny)
+    first_end = ex.prompt_mask.index(1) + ex.prompt_mask[ex.prompt_mask.index(1):].index(0)   # after turn 1
+    cut = data.fit(ex, first_end + 2, "truncate")
+    assert cut.input_ids == ex.input_ids[:first_end + 2] and cut.loss_mask == ex.loss_mask[:first_end + 2]
+    assert data.fit(ex, ex.prompt_mask.index(1), "truncate") is None      # no target left in the kept tokens
+    assert data.fit(data.tokenize({"messages": MULTI}, tiny, chat_turns="last"), first_end + 2, "truncate") is None
+
+
+TOOLS = [{"type": "function", "function": {"name": "pay", "description": "Pay someone.",
+                                           "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}}}]
+CHATML_TOOLS = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+                "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% else %}{{ m['content'] }}{% endif %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_a_chats_tools_and_tool_calls_reach_the_template_as_transformers_passes_them(tmp_path, as_text):
+    """A record's ``tools`` (a list, or its JSON text as Hub data sets store it) reaches the template, and an
+    assistant turn made only of ``tool_calls`` (no content) is a valid target: the rendered text equals
+    transformers' apply_chat_template(messages, tools=...) on the same folder."""
+    from transformers import AutoTokenizer
+
+    backend = _backend()
+    tok = Tokenizer(backend, eos_token="</s>", pad_token="</s>", chat_template=CHATML_TOOLS,
+                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+    tok.save(tmp_path)
+    call = {"type": "function", "function": {"name": "pay", "arguments": {"to": "Ana"}}}
+    msgs = [{"role": "user", "content": "Pay Ana"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "done"}, {"role": "assistant", "content": "Paid."}]
+    record = {"messages": msgs, "tools": json.dumps(TOOLS) if as_text else TOOLS}
+    ex = data.tokenize(record, tok)
+    oracle = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(msgs, tools=TOOLS, tokenize=False)
+    assert tok.decode(ex.input_ids, skip_special_tokens=False) == oracle.removesuffix("\n")
+    assert "Tools: [" in oracle and _masked_text(tok, ex.input_ids, ex.loss_mask) == (
+        '<tool_call>{"name": "pay", "arguments": {"to": "Ana"}}</tool_call><|im_end|>Paid.<|im_end|>')
+    # The tool call as the last turn: a reference for generation-based eval is its rendering.
+    prompt = data.eval_prompts([{"messages": msgs[:2], "tools": record["tools"]}], tok)[0]
+    assert prompt.target == '<tool_call>{"name": "pay", "arguments": {"to": "Ana"}}</tool_call>'
+    assert prompt.prompt_text.startswith("<|im_start|>system\nTools: [")
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"messages": MULTI, "tools": "pay"}, r"'tools' must be a list of tool objects \(JSON schemas\) or its JSON"),
+    ({"messages": MULTI, "tools": [1]}, r"'tools' must be a list of tool objects"),
+    ({"messages": [{"role": "assistant", "content": None}]}, r"messages\[0\] must be an object with string 'role' "
+                                                               r"and 'content' \(a turn with 'tool_calls' may have"),
+])
+def test_bad_tools_and_tool_calls_are_bad_records(record, match):
+    with pytest.raises(ValueError, match=match):
+        data.validate_record(record, "f.jsonl:3")
 
 
 def test_loss_mask_counts_in_causal_lm_loss(tiny):

@@ -154,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention": IMPLEMENTATIONS,
     "data.overflow": data_lib.OVERFLOW_POLICIES,
     "data.on_bad_record": data_lib.BAD_RECORD_POLICIES,
+    "data.chat_turns": data_lib.CHAT_TURNS,
     "lora.init": lora_config.INITS,
     "lora.dtype": lora_config.DTYPES,
     "lora.bias": lora_config.BIAS_MODES,
@@ -197,6 +198,7 @@ class DataSection:
         overflow: ``error`` (default: a longer example is an error naming it), ``truncate`` (keep the first
             ``max_length`` tokens) or ``drop`` (skip it); both of the latter warn and count.
         on_bad_record: a malformed record: ``error`` (names its file and line or row) or ``skip`` (warn and count).
+        chat_turns: which assistant turns of a chat are trained: ``all`` (default) or ``last``.
         batch_size: examples per step (split over ``train.grad_accum_steps`` and the mesh's data x fsdp devices).
         packing: pack several examples into each row of ``max_length`` tokens.
         workers: processes tokenizing ahead of the training loop (0: in the training process).
@@ -210,6 +212,7 @@ class DataSection:
     max_length: int = 256
     overflow: str = "error"
     on_bad_record: str = "error"
+    chat_turns: str = "all"
     batch_size: int = 8
     packing: bool = False
     workers: int = 0

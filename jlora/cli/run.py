@@ -225,7 +225,7 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
             print(f"--resume: {'; '.join(schedule)}: the learning-rate schedule (warmup, then cosine decay to "
                   f"train.steps) is recomputed, so the steps from here follow another curve than an uninterrupted "
                   f"run of these settings would", flush=True)
-        built = ("batch_size", "packing", "max_length", "overflow", "on_bad_record", "columns")
+        built = ("batch_size", "packing", "max_length", "overflow", "on_bad_record", "chat_turns", "columns")
         layout = [d for d in _differences(saved, cfg, ("data",)) if d.split(":")[0] in {f"data.{k}" for k in built}]
         if layout:
             print(f"--resume: {'; '.join(layout)}: the batches from here are built with these settings, not the "
@@ -373,8 +373,8 @@ def _loader(cfg: RunConfig, data, tokenizer, *, train: bool, position=None, mesh
         rows, width = parallel.local_batch_rows(mesh, d.batch_size), parallel.max_over_processes
     return data_lib.Loader(data, batch_size=d.batch_size, max_length=d.max_length, pad_id=_pad_id(tokenizer),
                            tokenizer=tokenizer, columns=d.columns, overflow=d.overflow, on_bad_record=d.on_bad_record,
-                           seed=d.seed, packing=d.packing, workers=d.workers, position=position, rows=rows,
-                           width=width)
+                           chat_turns=d.chat_turns, seed=d.seed, packing=d.packing, workers=d.workers,
+                           position=position, rows=rows, width=width)
 
 
 def _in_config_terms(e: ValueError) -> ConfigError:
@@ -755,12 +755,12 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
         bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
         if d.valid:
             valid = data_lib.load(d.valid, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,
-                                  columns=d.columns, on_bad_record=d.on_bad_record)
+                                  columns=d.columns, on_bad_record=d.on_bad_record, chat_turns=d.chat_turns)
         elif d.valid_fraction > 0:
             train, held_out = _split(cfg, train)
             valid = data_lib.records.tokenize_source(held_out, loaded.tokenizer, max_length=d.max_length,
                                                      overflow=d.overflow, columns=d.columns,
-                                                     on_bad_record=d.on_bad_record)
+                                                     on_bad_record=d.on_bad_record, chat_turns=d.chat_turns)
         else:
             valid = []
     except ValueError as e:
@@ -1188,7 +1188,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
         source = data_lib.records.open_records(d.valid, d.columns) if d.valid else _split(cfg)[1]
         valid = data_lib.records.tokenize_source(source, loaded.tokenizer, max_length=d.max_length,
                                                  overflow=d.overflow, columns=d.columns,
-                                                 on_bad_record=d.on_bad_record)
+                                                 on_bad_record=d.on_bad_record, chat_turns=d.chat_turns)
         prompts = data_lib.eval_prompts(source, loaded.tokenizer, limit=cfg.eval.num_examples, columns=d.columns,
                                         on_bad_record=d.on_bad_record)
     except ValueError as e:

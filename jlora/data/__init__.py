@@ -18,12 +18,12 @@ Examples:
 
 from jlora.data.batching import pad_to, stack_batches
 from jlora.data.loader import Loader
-from jlora.data.records import (BAD_RECORD_POLICIES, OVERFLOW_POLICIES, EvalPrompt, Example, eval_prompts, fit,
-                                format_chat, length_stats, load, load_splits, parse, read, read_jsonl, split, tokenize,
-                                tokenize_all, validate_record)
+from jlora.data.records import (BAD_RECORD_POLICIES, CHAT_TURNS, OVERFLOW_POLICIES, EvalPrompt, Example, eval_prompts,
+                                fit, format_chat, length_stats, load, load_splits, parse, read, read_jsonl, split,
+                                split_chat, tokenize, tokenize_all, validate_record)
 from jlora.data.sources import DataError, Source, fingerprint, open_source
 
 __all__ = ["Loader", "Example", "EvalPrompt", "Source", "DataError", "OVERFLOW_POLICIES", "BAD_RECORD_POLICIES",
-           "open_source", "fingerprint", "read", "read_jsonl", "parse", "validate_record", "split", "format_chat",
-           "tokenize", "tokenize_all", "fit", "load", "load_splits", "length_stats", "stack_batches", "pad_to",
-           "eval_prompts"]
+           "CHAT_TURNS", "open_source", "fingerprint", "read", "read_jsonl", "parse", "validate_record", "split",
+           "format_chat", "split_chat", "tokenize", "tokenize_all", "fit", "load", "load_splits", "length_stats",
+           "stack_batches", "pad_to", "eval_prompts"]

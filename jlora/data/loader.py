@@ -42,8 +42,9 @@ Examples:
     >>> batch = next(loader)
     >>> batch["input_ids"].tolist(), batch["loss_mask"].tolist()
     ([[1, 5, 6, 7, 2, 0, 0, 0], [1, 5, 5, 8, 2, 0, 0, 0]], [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]])
-    >>> {k: v for k, v in loader.position.items() if k != "fingerprint"}
-    {'epoch': 1, 'index': 0, 'counts': {'examples': 2, 'truncated': 0, 'dropped': 0, 'skipped': 0, 'boundary': 0}}
+    >>> position = loader.position     # epoch 1 starts next; counts of what was read (truncated, skipped, ...)
+    >>> position["epoch"], position["index"], position["counts"]["examples"]
+    (1, 0, 2)
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ import numpy as np
 
 from jlora.data import batching
 from jlora.data.records import (_FORMATS, Example, bad_record, check_columns, check_policies,
-                                fit, open_records, parse, tokenize_checked)
+                                context_turns_warning, fit, open_records, parse, tokenize_checked)
 from jlora.data.sources import DataError, Source
 
 _ENDLESS = sys.maxsize // 2
@@ -209,6 +210,7 @@ class Item(NamedTuple):
     q: int
     example: Example | None
     note: str           # "" | "truncated" | "dropped" | "skipped" | "boundary" (kept, but a merge differed)
+    #                   | "context_turns" (kept, but earlier assistant turns stayed context)
     where: str
     message: str = ""   # a skipped record: what was wrong
 
@@ -217,10 +219,10 @@ class _Tokenize(grain.transforms.Map):
     """(q, record index) -> :class:`Item`: read, parse, validate, tokenize, apply the overflow policy."""
 
     def __init__(self, records, tokenizer, *, columns, max_length: int, overflow: str, on_bad_record: str,
-                 check_boundaries: bool):
+                 check_boundaries: bool, chat_turns: str = "all"):
         self._records, self._tokenizer, self._columns = records, tokenizer, columns
         self._max_length, self._overflow, self._on_bad = max_length, overflow, on_bad_record
-        self._check_boundaries = check_boundaries
+        self._check_boundaries, self._chat_turns = check_boundaries, chat_turns
 
     def map(self, element) -> Item:
         q, index = element
@@ -228,18 +230,19 @@ class _Tokenize(grain.transforms.Map):
             where, raw = self._records[index]
             try:
                 record = parse(raw, where, self._columns)
-                ex, matches = tokenize_checked(record, self._tokenizer, source=where,
-                                               check_boundary=self._check_boundaries)
+                ex, matches, turns = tokenize_checked(record, self._tokenizer, source=where,
+                                                      check_boundary=self._check_boundaries,
+                                                      chat_turns=self._chat_turns)
             except ValueError as e:
                 if self._on_bad == "error":
                     raise bad_record(e, where) from None
                 return Item(q, None, "skipped", where, str(e))
-            boundary = not matches
+            kept_note = "context_turns" if turns else "" if matches else "boundary"
         else:
-            ex, boundary = self._records[index], False
+            ex, kept_note = self._records[index], ""
             where = ex.source
         kept = fit(ex, self._max_length, self._overflow, where)
-        note = ("boundary" if boundary else "") if kept is ex else "dropped" if kept is None else "truncated"
+        note = kept_note if kept is ex else "dropped" if kept is None else "truncated"
         return Item(q, kept, note, where)
 
 
@@ -358,6 +361,8 @@ def _examples_fingerprint(examples: Sequence[Example]) -> str:
     for ex in examples:
         h.update(np.asarray(ex.prompt_ids, np.int64).tobytes() + b"|" +
                  np.asarray(ex.completion_ids, np.int64).tobytes() + b"\n")
+        if ex.prompt_mask:
+            h.update(b"mask" + np.asarray(ex.prompt_mask, np.int8).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -388,6 +393,7 @@ class Loader:
             maximum over processes, e.g. :func:`jlora.parallel.max_over_processes`).
         workers: tokenizing worker processes (0: in this process).
         check_boundaries: warn when prompt and completion tokenized apart differ from the joined text's ids.
+        chat_turns: "all" (default) trains every assistant turn of a chat, "last" only the last one.
     """
 
     def __init__(self, data: Any, *, batch_size: int, max_length: int, pad_id: int, tokenizer=None,
@@ -395,8 +401,8 @@ class Loader:
                  seed: int = 0, shuffle: bool = True, packing: bool = False, bucket: int | None = 16,
                  drop_last: bool = True, epochs: int | None = None, position: Mapping[str, Any] | None = None,
                  rows: tuple[int, int] | slice | None = None, width: Callable[[int], int] | None = None,
-                 workers: int = 0, check_boundaries: bool = True):
-        check_policies(max_length=max_length, overflow=overflow, on_bad_record=on_bad_record)
+                 workers: int = 0, check_boundaries: bool = True, chat_turns: str = "all"):
+        check_policies(max_length=max_length, overflow=overflow, on_bad_record=on_bad_record, chat_turns=chat_turns)
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1; got {batch_size}")
         if workers < 0:
@@ -433,9 +439,10 @@ class Loader:
             raise ValueError(f"the data set has {n} examples, fewer than the {self.plan.shard[1]} packing shards")
         self.tokenizer, self.max_length, self.pad_id = tokenizer, max_length, int(pad_id)
         self.overflow, self.on_bad_record, self.check_boundaries = overflow, on_bad_record, check_boundaries
+        self.chat_turns = chat_turns
         self.seed, self.shuffle, self.bucket, self.drop_last = seed, shuffle, bucket, drop_last
         self.epochs, self.width, self.workers = epochs, width, workers
-        self.counts = {"examples": 0, "truncated": 0, "dropped": 0, "skipped": 0, "boundary": 0}
+        self.counts = {"examples": 0, "truncated": 0, "dropped": 0, "skipped": 0, "boundary": 0, "context_turns": 0}
         self._first: dict[str, str] = {}
         self._iter = _Batches(self).__iter__()
         if position is not None:
@@ -450,7 +457,7 @@ class Loader:
         ds = _Order(plan, self.seed, self.shuffle, start, max(start, stop)).map(
             _Tokenize(self.records, self.tokenizer, columns=self.columns, max_length=self.max_length,
                       overflow=self.overflow, on_bad_record=self.on_bad_record,
-                      check_boundaries=self.check_boundaries))
+                      check_boundaries=self.check_boundaries, chat_turns=self.chat_turns))
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if self.workers:
             _absl_flags_parsed()
@@ -471,6 +478,7 @@ class Loader:
                     "boundary": f"{item.where}: prompt and completion tokenize differently apart than joined (a token "
                                 f"merges across the boundary); training uses the separate tokenizations, as "
                                 f"generation sees them",
+                    "context_turns": context_turns_warning(item.where),
                     "truncated": f"{item.where}: example longer than max_length={self.max_length} truncated",
                     "dropped": f"{item.where}: example longer than max_length={self.max_length} dropped"}[item.note]
             warnings.warn(f"{what}; further ones are counted, not warned (Loader.counts)", stacklevel=4)
@@ -481,6 +489,8 @@ class Loader:
         parts = [f"{c[k]} {k}" for k in ("truncated", "dropped", "skipped") if c[k]]
         if c["boundary"]:
             parts.append(f"{c['boundary']} with a token merge across the prompt/completion boundary")
+        if c["context_turns"]:
+            parts.append(f"{c['context_turns']} chats with earlier assistant turns left as context")
         return f"data: of {c['examples'] + c['dropped'] + c['skipped']} records read, " + ", ".join(parts) \
             if parts else ""
 
@@ -493,7 +503,8 @@ class Loader:
         skipped as malformed), which would otherwise train on empty batches. Tokenizes records in file order, in
         this process, only until the first one that gives an example: one record on usual data."""
         tokenize = _Tokenize(self.records, self.tokenizer, columns=self.columns, max_length=self.max_length,
-                             overflow=self.overflow, on_bad_record=self.on_bad_record, check_boundaries=False)
+                             overflow=self.overflow, on_bad_record=self.on_bad_record, check_boundaries=False,
+                             chat_turns=self.chat_turns)
         notes = {"dropped": 0, "skipped": 0}
         for index in range(len(self.records)):
             item = tokenize.map((index, index))

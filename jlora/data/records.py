@@ -8,7 +8,13 @@ Records are objects in either of two formats (a data set may mix them):
   prompt is the chat template applied to all turns but the last, with ``add_generation_prompt=True`` (exactly
   what generation sees); the completion is the rest of the fully rendered chat: the assistant text and the
   template's end-of-turn token(s), cut after the last end-of-turn id (ChatML's trailing newline after
-  ``<|im_end|>`` is not trained). Only the last assistant turn is a target; earlier turns are context.
+  ``<|im_end|>`` is not trained). Earlier assistant turns are targets too (``chat_turns="all"``, the default; as
+  TRL's assistant-only loss), each split off the same way: the chat up to that turn rendered with the generation
+  prompt, then up to its end; a turn the template renders differently inside the whole chat (one that moves the
+  system prompt into the last user turn, or strips earlier turns' reasoning) stays context, with a warning.
+  ``chat_turns="last"`` trains the last turn only. A chat may carry ``tools`` (a list of JSON schemas, or its
+  JSON text), handed to the template as transformers hands it; an assistant turn with ``tool_calls`` may have no
+  ``content``.
 
 Data whose fields have other names maps them with ``columns``, ``{jlora's name: the data's name}``, e.g.
 ``{"prompt": "question", "completion": "answer"}`` or ``{"messages": "conversations"}``.
@@ -43,7 +49,8 @@ from jlora.data.sources import DataError, Source, held_out_mask, open_source
 
 OVERFLOW_POLICIES = ("error", "truncate", "drop")
 BAD_RECORD_POLICIES = ("error", "skip")
-FIELDS = ("prompt", "completion", "messages")
+FIELDS = ("prompt", "completion", "messages", "tools")
+CHAT_TURNS = ("all", "last")
 # The chat roles of the common templates (ChatML, Llama 3, Qwen, Mistral, OpenAI's messages). Another role passes
 # through to the template, which may have its own; one that only differs from these by a typo or by case is refused.
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
@@ -54,7 +61,7 @@ _FORMATS = "a chat {'messages': [{'role': ..., 'content': ...}, ...]} or a pair 
 
 
 def check_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
-    """A column mapping checked: keys among ``prompt``, ``completion``, ``messages``; values strings.
+    """A column mapping checked: keys among ``prompt``, ``completion``, ``messages``, ``tools``; values strings.
 
     Examples:
         >>> check_columns({"prompt": "question"})
@@ -80,7 +87,7 @@ def check_schema(source: Source, columns: Mapping[str, str] | None = None) -> No
     """For Parquet and Arrow files: every file has the columns of one record format (a missing column is an error
     naming the file, the columns it has and the mapping to fix it)."""
     columns = dict(columns or {})
-    prompt, completion, messages = needed_columns(columns)
+    prompt, completion, messages = needed_columns(columns)[:3]
     for f in source.files:
         names = getattr(f, "schema_names", None)
         if names is None or messages in names or (prompt in names and completion in names):
@@ -207,15 +214,17 @@ def validate_record(record: Any, where: str = "record") -> str:
         if not isinstance(msgs, list) or not msgs:
             raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
         for i, m in enumerate(msgs):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
-                    m.get("content"), str):
-                raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'; "
-                                 f"got {m!r}")
+            calls = isinstance(m, Mapping) and isinstance(m.get("tool_calls"), list) and m["tool_calls"]
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not (
+                    isinstance(m.get("content"), str) or calls and m.get("content") is None):
+                raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content' (a "
+                                 f"turn with 'tool_calls' may have no content); got {m!r}")
             _check_role(m["role"], f"{where}: messages[{i}]")
-            _check_text(m["content"], f"{where}: messages[{i}]['content']")
+            _check_text(m.get("content") or "", f"{where}: messages[{i}]['content']")
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message is the training target and must have role 'assistant'; "
                              f"got role {msgs[-1]['role']!r}")
+        chat_tools(record, where)
         return "chat"
     missing = [k for k in ("prompt", "completion") if k not in record]
     if missing:
@@ -225,6 +234,30 @@ def validate_record(record: Any, where: str = "record") -> str:
             raise ValueError(f"{where}: {k!r} must be a string; got {type(record[k]).__name__}")
         _check_text(record[k], f"{where}: {k!r}")
     return "pair"
+
+
+def chat_tools(record: Mapping[str, Any], where: str = "record") -> list | None:
+    """A chat record's ``tools`` for its template: a list of objects (JSON schemas), given as such or as its JSON
+    text (as data sets on the Hub often store it); None when the record has none.
+
+    Examples:
+        >>> chat_tools({"tools": '[{"name": "get_time", "parameters": {}}]'})
+        [{'name': 'get_time', 'parameters': {}}]
+        >>> chat_tools({"tools": "get_time"}, "f.jsonl:3")
+        Traceback (most recent call last):
+        ...
+        ValueError: f.jsonl:3: 'tools' must be a list of tool objects (JSON schemas) or its JSON text; got 'get_time'
+    """
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError:
+            pass
+    if tools is None or isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools):
+        return tools or None
+    raise ValueError(f"{where}: 'tools' must be a list of tool objects (JSON schemas) or its JSON text; got "
+                     f"{record.get('tools')!r:.200}")
 
 
 def _check_text(text: str, where: str) -> None:
@@ -290,11 +323,17 @@ def split(items: Sequence[Any], *, valid_fraction: float = 0.0, valid_count: int
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """A tokenized example: ``prompt_ids`` (context, not trained) then ``completion_ids`` (targets)."""
+    """A tokenized example: ``prompt_ids`` (context) then ``completion_ids`` (targets). ``prompt_mask``, one 0 or 1
+    per prompt id, marks targets inside the prompt (a chat's earlier assistant turns); empty when there are none."""
 
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
     source: str = ""
+    prompt_mask: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.prompt_mask and len(self.prompt_mask) != len(self.prompt_ids):
+            raise ValueError(f"prompt_mask has {len(self.prompt_mask)} entries for {len(self.prompt_ids)} prompt ids")
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
@@ -305,18 +344,27 @@ class Example:
 
     @property
     def loss_mask(self) -> tuple[int, ...]:
-        return (0,) * len(self.prompt_ids) + (1,) * len(self.completion_ids)
+        return (self.prompt_mask or (0,) * len(self.prompt_ids)) + (1,) * len(self.completion_ids)
 
 
-def format_chat(messages: Sequence[Mapping[str, str]], tokenizer) -> tuple[str, str]:
+class Tokenized(NamedTuple):
+    """:func:`tokenize_checked`'s result: the example, whether its pieces tokenized apart give the joined text's ids,
+    and how many earlier assistant turns stayed context (see :func:`split_chat`)."""
+
+    example: Example
+    matches: bool
+    context_turns: int = 0
+
+
+def format_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, tools: list | None = None) -> tuple[str, str]:
     """(prompt_text, completion_text) of a chat whose last turn is the assistant's (see the module docstring).
 
     Raises:
         ValueError: the chat template refuses the conversation (its ``raise_exception``, or an error rendering
             it), or renders it in a way that cannot be split at the last turn.
     """
-    prompt = _render(tokenizer, messages[:-1], add_generation_prompt=True)
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    prompt = _render(tokenizer, messages[:-1], add_generation_prompt=True, tools=tools)
+    full = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the conversation without its last turn (plus the generation "
                          "prompt) differently from the start of the whole conversation, so the assistant turn "
@@ -325,12 +373,55 @@ def format_chat(messages: Sequence[Mapping[str, str]], tokenizer) -> tuple[str, 
     return prompt, full[len(prompt):]
 
 
-def _render(tokenizer, messages, *, add_generation_prompt: bool) -> str:
+def split_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, chat_turns: str = "all",
+               tools: list | None = None) -> tuple[list[tuple[str, bool]], int]:
+    """The rendered chat as ``(text, is_target)`` pieces, and the number of earlier assistant turns left as context.
+
+    The last piece is the last assistant turn (:func:`format_chat`'s completion). With ``chat_turns="all"`` each
+    earlier assistant turn is a target piece too: the text between the chat up to it rendered with the generation
+    prompt and the chat up to its end, where both renderings start the whole one. A template that renders the
+    chat up to a turn otherwise (it moves the system prompt into the last user turn, strips reasoning from turns
+    before the last user turn, or refuses a partial chat) leaves that turn as context, counted in the second value.
+
+    Examples:
+        >>> class Chat:  # a stand-in with a ChatML-like template
+        ...     def apply_chat_template(self, messages, add_generation_prompt, tools=None):
+        ...         text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+        ...         return text + ("<assistant>" if add_generation_prompt else "")
+        >>> msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        ...         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+        >>> split_chat(msgs, Chat())
+        ([('<user>a</><assistant>', False), ('b</>', True), ('<user>c</><assistant>', False), ('d</>', True)], 0)
+        >>> split_chat(msgs, Chat(), chat_turns="last")[0]
+        [('<user>a</><assistant>b</><user>c</><assistant>', False), ('d</>', True)]
+    """
+    if chat_turns not in CHAT_TURNS:
+        raise ValueError(f"`chat_turns` must be one of {CHAT_TURNS}; got {chat_turns!r}")
+    prompt, completion = format_chat(messages, tokenizer, tools=tools)
+    pieces, at, context = [], 0, 0
+    for i, m in enumerate(messages[:-1] if chat_turns == "all" else ()):
+        if m["role"] != "assistant":
+            continue
+        try:
+            head = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+            upto = _render(tokenizer, messages[:i + 1], add_generation_prompt=False, tools=tools)
+        except ValueError:
+            head = upto = ""
+        if not (at <= len(head) < len(upto) and prompt.startswith(head) and prompt.startswith(upto)):
+            context += 1
+            continue
+        pieces += [(prompt[at:len(head)], False), (prompt[len(head):len(upto)], True)]
+        at = len(upto)
+    return pieces + [(prompt[at:], False), (completion, True)], context
+
+
+def _render(tokenizer, messages, *, add_generation_prompt: bool, tools: list | None = None) -> str:
     """The chat template's text; a template that refuses the conversation is a ValueError (a bad record)."""
     import jinja2
 
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        kwargs = {"tools": tools} if tools is not None else {}
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
     except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise ValueError(f"the chat template cannot render this conversation ({type(e).__name__}: {e})") from None
 
@@ -339,6 +430,11 @@ def _end_ids(tokenizer) -> tuple[int, ...]:
     ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
     eos = tokenizer.eos_token_id
     return ids or (() if eos is None else (eos,))
+
+
+def _through_last_end(ids: Sequence[int], end: Sequence[int]) -> int:
+    """How many of ``ids`` run through the last end-of-turn id among them (0: none)."""
+    return max((i + 1 for i, t in enumerate(ids) if t in end), default=0)
 
 
 def _pair_prompt_ids(prompt: str, tokenizer) -> list[int]:
@@ -351,35 +447,41 @@ def _bos(tokenizer) -> list[int]:
     return [bos] if bool(getattr(tokenizer, "add_bos_token", False)) and bos is not None else []
 
 
-def tokenize(record: Mapping[str, Any], tokenizer, *, source: str = "") -> Example:
+def tokenize(record: Mapping[str, Any], tokenizer, *, source: str = "", chat_turns: str = "all") -> Example:
     """One record (either format) as an `Example`; see the module docstring for the formatting rules."""
-    return tokenize_checked(record, tokenizer, source=source, check_boundary=False)[0]
+    return tokenize_checked(record, tokenizer, source=source, check_boundary=False, chat_turns=chat_turns).example
 
 
-def tokenize_checked(record: Mapping[str, Any], tokenizer, *, source: str = "",
-                     check_boundary: bool = True) -> tuple[Example, bool]:
-    """`tokenize`, and whether prompt and completion tokenized apart give the joined text's ids (a token merging
-    across the boundary makes them differ; True when not ``check_boundary``). One chat-template rendering and one
-    extra encode of the joined text: the texts and ids are shared."""
+def tokenize_checked(record: Mapping[str, Any], tokenizer, *, source: str = "", check_boundary: bool = True,
+                     chat_turns: str = "all") -> Tokenized:
+    """`tokenize`, whether the pieces (prompt and completion; a chat's turns) tokenized apart give the joined text's
+    ids (a token merging across a boundary makes them differ; True when not ``check_boundary``), and how many of a
+    chat's earlier assistant turns stayed context (:func:`split_chat`). One extra encode of the joined text."""
     fmt = validate_record(record, source or "record")
     end = _end_ids(tokenizer)
+    context = 0
     if fmt == "chat":
-        prompt_text, completion_text = format_chat(record["messages"], tokenizer)
-        prompt = raw_prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-        raw_completion = tokenizer.encode(completion_text, add_special_tokens=False)
-        cut = max((i for i, t in enumerate(raw_completion) if t in end), default=None)
-        completion = raw_completion[:cut + 1] if cut is not None else raw_completion + list(end[:1])
+        pieces, context = split_chat(record["messages"], tokenizer, chat_turns=chat_turns,
+                                     tools=chat_tools(record, source or "record"))
+        texts = [text for text, _ in pieces]
+        raw = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        prompt, mask = [], []
+        for (_, target), ids in zip(pieces[:-1], raw[:-1]):
+            n = (_through_last_end(ids, end) or len(ids)) if target else 0   # a turn's tail after its end: context
+            prompt += ids
+            mask += [1] * n + [0] * (len(ids) - n)
+        cut = _through_last_end(raw[-1], end)
+        completion = raw[-1][:cut] if cut else raw[-1] + list(end[:1])
+        prompt_mask = tuple(mask) if any(mask) else ()
     else:
-        prompt_text, completion_text = record["prompt"], record["completion"]
-        raw_prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-        prompt = _bos(tokenizer) + raw_prompt
-        raw_completion = tokenizer.encode(completion_text, add_special_tokens=False)
-        completion = raw_completion + list(end[:1])
+        texts = [record["prompt"], record["completion"]]
+        raw = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        prompt, completion, prompt_mask = _bos(tokenizer) + raw[0], raw[1] + list(end[:1]), ()
     if not completion:
         raise ValueError(f"{source or 'record'}: the completion is empty, so there is nothing to train on")
-    matches = (not check_boundary or
-               raw_prompt + raw_completion == tokenizer.encode(prompt_text + completion_text, add_special_tokens=False))
-    return Example(tuple(prompt), tuple(completion), source), matches
+    matches = not check_boundary or [t for ids in raw for t in ids] == tokenizer.encode(
+        "".join(texts), add_special_tokens=False)
+    return Tokenized(Example(tuple(prompt), tuple(completion), source, prompt_mask), matches, context)
 
 
 def overflow_message(ex: Example, max_length: int, where: str) -> str:
@@ -390,23 +492,28 @@ def overflow_message(ex: Example, max_length: int, where: str) -> str:
 
 def fit(ex: Example, max_length: int, overflow: str, where: str = "") -> Example | None:
     """The ``overflow`` policy for one example: itself when it fits; else an error (``"error"``), None
-    (``"drop"``, or ``"truncate"`` when the prompt alone fills ``max_length``) or its first ``max_length``
+    (``"drop"``, or ``"truncate"`` when the first ``max_length`` tokens hold no target) or its first ``max_length``
     tokens (``"truncate"``).
 
     Examples:
         >>> fit(Example((1, 2), (3, 4, 5)), 4, "truncate")
-        Example(prompt_ids=(1, 2), completion_ids=(3, 4), source='')
+        Example(prompt_ids=(1, 2), completion_ids=(3, 4), source='', prompt_mask=())
+        >>> fit(Example((1, 2, 3), (4,), prompt_mask=(0, 1, 0)), 2, "truncate")   # an earlier turn's target kept
+        Example(prompt_ids=(1, 2), completion_ids=(), source='', prompt_mask=(0, 1))
     """
     if len(ex) <= max_length:
         return ex
     if overflow == "error":
         raise DataError(overflow_message(ex, max_length, where or ex.source or "record"))
-    if overflow == "drop" or len(ex.prompt_ids) >= max_length:
+    if overflow == "drop" or not any(ex.loss_mask[:max_length]):
         return None
-    return Example(ex.prompt_ids, ex.completion_ids[:max_length - len(ex.prompt_ids)], ex.source)
+    n = min(len(ex.prompt_ids), max_length)
+    return Example(ex.prompt_ids[:n], ex.completion_ids[:max_length - n], ex.source, ex.prompt_mask[:n])
 
 
-def check_policies(*, max_length: int, overflow: str, on_bad_record: str = "error") -> None:
+def check_policies(*, max_length: int, overflow: str, on_bad_record: str = "error", chat_turns: str = "all") -> None:
+    if chat_turns not in CHAT_TURNS:
+        raise ValueError(f"`chat_turns` must be one of {CHAT_TURNS}; got {chat_turns!r}")
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"`overflow` must be one of {OVERFLOW_POLICIES}; got {overflow!r}")
     if on_bad_record not in BAD_RECORD_POLICIES:
@@ -426,9 +533,17 @@ def boundary_warning(mismatched: int, total: int, first: str) -> str:
             f"first: {first}")
 
 
+def context_turns_warning(where: str, count: str = "") -> str:
+    """The warning for chats whose earlier assistant turns stay context (:func:`split_chat`); ``count``: "n of m"."""
+    return (f"{count + ' chats, first ' if count else ''}{where}: the chat template renders earlier assistant turns "
+            f"differently inside the whole chat than as its end (it moves the system prompt, strips reasoning, or "
+            f"refuses a partial chat), so they are context, not targets (the last turn is trained); chat_turns="
+            f"'last' trains the last turn only, without this warning")
+
+
 def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length: int, overflow: str = "error",
                  sources: Sequence[str] | None = None, check_boundaries: bool = True,
-                 on_bad_record: str = "error") -> list[Example]:
+                 on_bad_record: str = "error", chat_turns: str = "all") -> list[Example]:
     """Tokenizes records and applies the ``overflow`` policy (:func:`fit`) to examples longer than ``max_length``.
 
     Args:
@@ -436,21 +551,23 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
         tokenizer: a `jlora.hf.tokenizer.Tokenizer` (or anything with its ``encode``/``apply_chat_template``/
             ``bos_token_id``/``eos_token_id``/``eos_token_ids``).
         max_length: the longest example, in tokens.
-        overflow: "error" (default), "truncate" (keep the first ``max_length`` tokens; an example whose prompt
-            alone fills them is dropped) or "drop".
+        overflow: "error" (default), "truncate" (keep the first ``max_length`` tokens; an example with no target
+            among them is dropped) or "drop".
         sources: a "file:line" per record, for messages.
         check_boundaries: warn when prompt and completion tokenized apart differ from the joined text's ids.
         on_bad_record: "skip" leaves out (and counts, in a warning) a record the tokenizer refuses (a chat its
             template cannot render or split), as the streaming :class:`jlora.data.Loader` does; "error" raises.
+        chat_turns: "all" (default) trains every assistant turn of a chat, "last" only the last one.
     """
-    check_policies(max_length=max_length, overflow=overflow, on_bad_record=on_bad_record)
+    check_policies(max_length=max_length, overflow=overflow, on_bad_record=on_bad_record, chat_turns=chat_turns)
     if not records:
         raise ValueError(f"no records to tokenize; expected at least one, {_FORMATS}")
     sources = sources or [f"record {i}" for i in range(len(records))]
-    out, changed, mismatched, skipped = [], [], [], []
+    out, changed, mismatched, skipped, context = [], [], [], [], []
     for record, where in zip(records, sources):
         try:
-            ex, matches = tokenize_checked(record, tokenizer, source=where, check_boundary=check_boundaries)
+            ex, matches, turns = tokenize_checked(record, tokenizer, source=where, check_boundary=check_boundaries,
+                                                  chat_turns=chat_turns)
         except ValueError as e:
             if on_bad_record != "skip":
                 raise bad_record(e, where) from None
@@ -458,6 +575,8 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
             continue
         if not matches:
             mismatched.append(where)
+        if turns:
+            context.append(where)
         kept = fit(ex, max_length, overflow, where)
         if kept is not ex:
             changed.append(where)
@@ -467,6 +586,8 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
         warnings.warn(overflow_warning(len(changed), len(records), max_length, overflow, changed[0]), stacklevel=2)
     if mismatched:
         warnings.warn(boundary_warning(len(mismatched), len(records), mismatched[0]), stacklevel=2)
+    if context:
+        warnings.warn(context_turns_warning(context[0], f"{len(context)} of {len(records)}"), stacklevel=2)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} of {len(records)} records the tokenizer refuses "
                       f"(on_bad_record='skip'); first: {skipped[0]}", stacklevel=2)
@@ -478,25 +599,27 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
 
 
 def load(path: str | os.PathLike, tokenizer, *, max_length: int, overflow: str = "error",
-         columns: Mapping[str, str] | None = None, on_bad_record: str = "error") -> list[Example]:
+         columns: Mapping[str, str] | None = None, on_bad_record: str = "error",
+         chat_turns: str = "all") -> list[Example]:
     """:func:`read` + `tokenize_all` into memory (for small data; :class:`jlora.data.Loader` streams files), with
     ``file:line`` sources in every message; ``on_bad_record="skip"`` leaves malformed records out."""
     return tokenize_source(open_records(path, columns), tokenizer, max_length=max_length, overflow=overflow,
-                           columns=columns, on_bad_record=on_bad_record)
+                           columns=columns, on_bad_record=on_bad_record, chat_turns=chat_turns)
 
 
 def tokenize_source(source: Source, tokenizer, *, max_length: int, overflow: str = "error",
-                    columns: Mapping[str, str] | None = None, on_bad_record: str = "error") -> list[Example]:
+                    columns: Mapping[str, str] | None = None, on_bad_record: str = "error",
+                    chat_turns: str = "all") -> list[Example]:
     """Every record of an opened source (a :class:`jlora.data.sources.Subset` too), parsed, validated and
     tokenized into memory by :func:`tokenize_all`, with ``file:line`` sources in every message."""
     pairs = read_source(source, columns=columns, on_bad_record=on_bad_record)
     return tokenize_all([r for _, r in pairs], tokenizer, max_length=max_length, overflow=overflow,
-                        sources=[w for w, _ in pairs], on_bad_record=on_bad_record)
+                        sources=[w for w, _ in pairs], on_bad_record=on_bad_record, chat_turns=chat_turns)
 
 
 def load_splits(train: str | os.PathLike, tokenizer, *, valid: str | os.PathLike | None = None,
                 valid_fraction: float = 0.0, max_length: int, overflow: str = "error",
-                seed: int = 0) -> tuple[list[Example], list[Example]]:
+                seed: int = 0, chat_turns: str = "all") -> tuple[list[Example], list[Example]]:
     """Train and validation examples in memory: from ``valid`` when given, else a seeded ``valid_fraction`` of
     ``train`` (an empty list when neither)."""
     pairs = read(train)
@@ -509,7 +632,7 @@ def load_splits(train: str | os.PathLike, tokenizer, *, valid: str | os.PathLike
 
     def tok(ps):
         return tokenize_all([r for _, r in ps], tokenizer, max_length=max_length, overflow=overflow,
-                            sources=[w for w, _ in ps]) if ps else []
+                            sources=[w for w, _ in ps], chat_turns=chat_turns) if ps else []
 
     return tok(pairs), tok(vpairs)
 
@@ -548,12 +671,16 @@ def eval_prompts(data: str | os.PathLike | Source | Sequence[Mapping[str, Any]],
     for where, record in pairs[:limit]:
         if validate_record(record, where) == "chat":
             try:
-                text = _render(tokenizer, record["messages"][:-1], add_generation_prompt=True)
+                text, completion = format_chat(record["messages"], tokenizer, tools=chat_tools(record, where))
             except ValueError as e:
                 if on_bad_record == "skip":
                     continue
                 raise bad_record(e, where) from None
-            target = record["messages"][-1]["content"]
+            target = record["messages"][-1].get("content")
+            if target is None:       # a tool call: the reference is the template's rendering of it, up to its end
+                done = tokenizer.encode(completion, add_special_tokens=False)
+                end = _end_ids(tokenizer)
+                target = tokenizer.decode(done[:next((i for i, t in enumerate(done) if t in end), len(done))])
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             text, target = record["prompt"], record["completion"]
