@@ -435,3 +435,83 @@ def test_sentencepiece_gguf_without_space_prefix_matches_transformers_llama_toke
         ids = theirs.encode(text, add_special_tokens=False)
         assert ours.encode(text, add_special_tokens=False) == ids, text
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+
+
+def _byte_level_json(folder, add_prefix_space, split=None, normalizer=None, bos=False):
+    """A tokenizer.json as GPT-2-style folders ship one: byte-level BPE (a ByteLevel pre-tokenizer alone, or after a
+    Split regex as Qwen's files put it, or after Digits as Cohere's), chat special tokens, and a ByteLevel
+    post-processor (or one adding BOS, as OPT's)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+
+    tk = Backend(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = [" ".join(TEXTS[:4]) + " Hello world, hi there 123 4567."] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=split in (None, "digits"))
+    if split == "digits":
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif split is not None:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level])
+    else:
+        tk.pre_tokenizer = byte_level
+    tk.normalizer = normalizer and getattr(normalizers, normalizer)()
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    tk.post_processor = (processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+                         if bos else processors.ByteLevel(trim_offsets=False))
+    tk.save(os.path.join(folder, "tokenizer.json"))
+
+
+def _qwen_regex(module):
+    return importlib.import_module(f"transformers.models.{module}.tokenization_{module}").PRETOKENIZE_REGEX
+
+
+@pytest.mark.parametrize("tokenizer_class, in_json, in_config, split, bos", [
+    ("GPT2Tokenizer", False, True, None, False),       # GPT-2-style folders with add_prefix_space in the config only
+    ("GPT2TokenizerFast", True, False, None, False),
+    ("GPT2Tokenizer", True, None, None, False),        # no flag in the config: false, whatever tokenizer.json says
+    ("GPT2Tokenizer", False, True, None, True),        # the space goes after a BOS the post-processor adds
+    ("CodeGenTokenizer", False, True, None, False),
+    ("GPTNeoXTokenizerFast", False, True, None, False),
+    ("Qwen2Tokenizer", False, True, "qwen2", False),   # a Split regex before the ByteLevel: each piece gets a space
+    ("Qwen2TokenizerFast", True, False, "qwen2", False),
+    ("Qwen3_5Tokenizer", False, True, "qwen3_5", False),
+    ("CohereTokenizerFast", False, True, "digits", False),
+])
+def test_byte_level_folders_take_add_prefix_space_from_the_config(tmp_path, tokenizer_class, in_json, in_config,
+                                                                  split, bos):
+    """transformers 5 builds the ByteLevel pre-tokenizer of GPT-2, CodeGen, GPT-NeoX, Qwen2 and Cohere folders with
+    the config's `add_prefix_space` (false when absent), not tokenizer.json's: so does jlora, so a text, a text with
+    a leading space and the text after a special token tokenize the same; and the folder jlora saves loads in
+    transformers with the same tokens as the original."""
+    import transformers
+
+    regex = split if split in (None, "digits") else _qwen_regex(split)
+    _byte_level_json(tmp_path, in_json, split=regex, normalizer="NFC" if split else None, bos=bos)
+    config = {"tokenizer_class": tokenizer_class, "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+              "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}
+    if in_config is not None:
+        config["add_prefix_space"] = in_config
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), Tokenizer.from_folder(tmp_path)
+    ours.save(tmp_path / "saved")
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    first = theirs.convert_ids_to_tokens(theirs.encode("Hello", add_special_tokens=False))[0]
+    assert first.startswith("Ġ") == bool(in_config), first   # the oracle follows the config, not tokenizer.json
+    texts = ["Hello world", " Hello", "  two  spaces ", "<|endoftext|>Hello", "a<|endoftext|> b",
+             "<|im_start|>user\nHi there<|im_end|>", "123 4567", "ünï café", ""]
+    for text in texts:
+        for add in (True, False):
+            ids = theirs.encode(text, add_special_tokens=add)
+            assert ours.encode(text, add_special_tokens=add) == ids, (text, add)
+            assert saved.encode(text, add_special_tokens=add) == ids, (text, add)
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), text
+    for messages in MESSAGES:
+        want = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert ours.apply_chat_template(messages, tokenize=True) == list(want)

@@ -194,7 +194,9 @@ class Tokenizer:
         what tokenizer.json's post-processor does: like transformers 5, the config's `add_bos_token` and
         `add_eos_token` are ignored when tokenizer.json is present. A `LlamaTokenizer` folder (Llama 2, Mistral
         v0.x) splits text as transformers 5 does, not as its tokenizer.json's normalizer says (see
-        `_as_transformers_llama`).
+        `_as_transformers_llama`), and a folder of a byte-level class (GPT-2, CodeGen, GPT-NeoX, Qwen2, Cohere) takes
+        whether a text gets a leading space from the config's `add_prefix_space`, as transformers 5 does (see
+        `_set_add_prefix_space`).
         """
         path = os.fspath(path)
         tokenizer_file = os.path.join(path, TOKENIZER_FILE)
@@ -208,6 +210,8 @@ class Tokenizer:
         config = _read_json(os.path.join(path, CONFIG_FILE)) or {}
         if config.get("tokenizer_class") in _SENTENCEPIECE_LLAMA and not _byte_level(tokenizer_file):
             _as_transformers_llama(backend, config)
+        elif str(config.get("tokenizer_class")).removesuffix("Fast") in _BYTE_LEVEL_CLASSES:
+            _set_add_prefix_space(backend, bool(config.get("add_prefix_space")))
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t["name"]: t["template"] for t in template}
@@ -546,6 +550,41 @@ _CONTEXT_TOKENS = 8
 # merges, added tokens and post-processor, and rebuilds the rest (transformers' LlamaTokenizer: Llama 2, Mistral v0.x
 # and other sentencepiece-BPE folders).
 _SENTENCEPIECE_LLAMA = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+# tokenizer_config.json classes that transformers 5 rebuilds with a ByteLevel pre-tokenizer whose `add_prefix_space` is
+# the config's (false when absent), whatever tokenizer.json says; the "...Fast" names are the same classes.
+_BYTE_LEVEL_CLASSES = ("GPT2Tokenizer", "CodeGenTokenizer", "GPTNeoXTokenizer", "Qwen2Tokenizer", "Qwen3_5Tokenizer",
+                       "CohereTokenizer")
+
+
+def _set_add_prefix_space(backend: tokenizers.Tokenizer, add_prefix_space: bool) -> None:
+    """Sets ``add_prefix_space`` on ``backend``'s ByteLevel pre-tokenizer (alone or a step of a Sequence), as the
+    classes of ``_BYTE_LEVEL_CLASSES`` take it from tokenizer_config.json: with it, a text and each piece after a
+    special token start with a space ("Hello" encodes as " Hello"). Only the flag is followed, not the rest of
+    those classes' rebuild: GPT-2's, CodeGen's and GPT-NeoX's also drop a Split or Digits step that tokenizer.json
+    puts before the ByteLevel (OLMo 2, SmolLM2, StarCoder 2 folders), Qwen2's put their own split regex in place of
+    the file's, GPT-NeoX's drop the file's post-processor, and a ``config.json`` of some model types (olmo2,
+    granite, gpt_bigcode) makes transformers run the file as written. jlora keeps the file's steps: the models
+    were trained with them, and transformers 4 ran them.
+
+    Examples:
+        >>> backend = tokenizers.Tokenizer(models.BPE())
+        >>> backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.ByteLevel()])
+        >>> _set_add_prefix_space(backend, False)
+        >>> backend.pre_tokenizer[1].add_prefix_space
+        False
+    """
+    pre = backend.pre_tokenizer
+    if pre is None:
+        return
+    state = json.loads(pre.__getstate__())
+    if state["type"] == "ByteLevel":
+        pre.add_prefix_space = add_prefix_space
+    elif state["type"] == "Sequence":
+        for i, step in enumerate(state["pretokenizers"]):
+            if step["type"] == "ByteLevel":
+                pre[i].add_prefix_space = add_prefix_space
 
 
 def _byte_level(tokenizer_file: str) -> bool:
