@@ -103,9 +103,17 @@ CHATML_MARKED = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['r
                  "<|im_end|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def test_multi_turn_trains_every_assistant_turn_as_transformers_assistant_mask(tmp_path):
+INDENTED = [{"role": "user", "content": "code"}, {"role": "assistant", "content": "    return 1  # indented"},
+            {"role": "user", "content": "more"}, {"role": "assistant", "content": "\n\n  x = 2"},
+            {"role": "user", "content": "end"}, {"role": "assistant", "content": "done"}]
+
+
+@pytest.mark.parametrize("messages", [MULTI, INDENTED], ids=["json", "leading-whitespace"])
+def test_multi_turn_trains_every_assistant_turn_as_transformers_assistant_mask(tmp_path, messages):
     """chat_turns='all' (the default) masks exactly what transformers' assistant-token mask marks: each assistant
-    turn's text and its <|im_end|>; the last turn's trailing newline is left out, as before."""
+    turn's text and its <|im_end|> (the last turn's trailing newline is left out, as before), and the prompt's ids,
+    earlier turns included, are those of the prompt encoded whole, as generation sees it, even where a token spans
+    a turn's start ('\n   ')."""
     from transformers import AutoTokenizer
 
     backend = _backend()
@@ -113,17 +121,18 @@ def test_multi_turn_trains_every_assistant_turn_as_transformers_assistant_mask(t
                     extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
     tok.save(tmp_path)
     oracle = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
-        MULTI, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ex = data.tokenize({"messages": MULTI}, tok)
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ex = data.tokenize({"messages": messages}, tok)
     assert list(ex.input_ids) == oracle["input_ids"][:len(ex)]
     assert list(ex.loss_mask) == oracle["assistant_masks"][:len(ex)] and sum(ex.prompt_mask) > 0
-    targets = _masked_text(tok, ex.input_ids, ex.loss_mask)
-    assert targets == '{"name":"Ana"}<|im_end|>{"amount":12}<|im_end|>{"city":"Oslo"}<|im_end|>'
-    # The prompt is still what generation sees; "last" trains only the last turn, as jlora did before.
-    assert tok.decode(ex.prompt_ids, skip_special_tokens=False) == tok.apply_chat_template(MULTI[:-1])
-    last = data.tokenize({"messages": MULTI}, tok, chat_turns="last")
+    prompt = tok.apply_chat_template(messages[:-1])
+    assert list(ex.prompt_ids) == tok.encode(prompt, add_special_tokens=False)
+    last = data.tokenize({"messages": messages}, tok, chat_turns="last")   # only the last turn, as jlora did before
     assert last.input_ids == ex.input_ids and last.prompt_mask == ()
-    assert _masked_text(tok, last.input_ids, last.loss_mask) == '{"city":"Oslo"}<|im_end|>'
+    assert _masked_text(tok, last.input_ids, last.loss_mask) == messages[-1]["content"] + "<|im_end|>"
+    if messages is MULTI:
+        targets = _masked_text(tok, ex.input_ids, ex.loss_mask)
+        assert targets == '{"name":"Ana"}<|im_end|>{"amount":12}<|im_end|>{"city":"Oslo"}<|im_end|>'
 
 
 def test_multi_turn_with_smollm2s_template(smol):
@@ -132,6 +141,24 @@ def test_multi_turn_with_smollm2s_template(smol):
     assert list(ex.input_ids) == whole[:len(ex)]
     assert _masked_text(smol, ex.input_ids, ex.loss_mask) == (
         '{"name":"Ana"}<|im_end|>{"amount":12}<|im_end|>{"city":"Oslo"}<|im_end|>')
+    # SmolLM2's vocabulary merges "\n" with the spaces that start an indented turn: the history keeps generation's ids.
+    ex = data.tokenize({"messages": INDENTED}, smol)
+    assert list(ex.prompt_ids) == smol.encode(smol.apply_chat_template(INDENTED[:-1]), add_special_tokens=False)
+    assert "return 1  # indented<|im_end|>" in _masked_text(smol, ex.input_ids, ex.loss_mask)
+
+
+def test_a_turn_closed_only_before_the_next_still_learns_to_stop(tiny):
+    """A template that writes a turn's end-of-turn token only when another turn follows: the earlier turn's target
+    runs through that token."""
+    closing = ("{% for m in messages %}{% if not loop.first %}<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+               "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|im_end|>\n<|im_start|>assistant\n"
+               "{% else %}<|im_end|>{% endif %}")
+    backend = _backend()
+    tok = Tokenizer(backend, eos_token="</s>", chat_template=closing,
+                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+    msgs = MULTI[1:5]
+    ex = data.tokenize({"messages": msgs}, tok)
+    assert _masked_text(tok, ex.input_ids, ex.loss_mask) == '{"name":"Ana"}<|im_end|>{"amount":12}<|im_end|>'
 
 
 def test_earlier_turns_a_template_renders_differently_stay_context(tiny, tmp_path):
@@ -160,6 +187,13 @@ def test_earlier_turns_a_template_renders_differently_stay_context(tiny, tmp_pat
     with pytest.warns(UserWarning, match=r"d\.jsonl:1: the chat template renders earlier assistant turns"):
         list(loader)
     assert loader.counts["context_turns"] == 1 and "1 chats with earlier assistant turns left as" in loader.summary()
+    # A truncated chat with context turns counts as both.
+    long_chat = data.tokenize({"messages": MULTI}, tok)
+    loader = data.Loader(path, tokenizer=tok, batch_size=2, max_length=len(long_chat) - 1, pad_id=0, shuffle=False,
+                         epochs=1, overflow="truncate")
+    with pytest.warns(UserWarning):
+        list(loader)
+    assert loader.counts["truncated"] == 1 and loader.counts["context_turns"] == 1
     with pytest.raises(ValueError, match=r"`chat_turns` must be one of \('all', 'last'\); got 'every'"):
         data.Loader(path, tokenizer=tok, batch_size=2, max_length=256, pad_id=0, chat_turns="every")
 
@@ -195,9 +229,9 @@ CHATML_TOOLS = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|
 
 @pytest.mark.parametrize("as_text", [False, True])
 def test_a_chats_tools_and_tool_calls_reach_the_template_as_transformers_passes_them(tmp_path, as_text):
-    """A record's ``tools`` (a list, or its JSON text as Hub data sets store it) reaches the template, and an
-    assistant turn made only of ``tool_calls`` (no content) is a valid target: the rendered text equals
-    transformers' apply_chat_template(messages, tools=...) on the same folder."""
+    """A record's ``tools`` and ``tool_calls`` (lists, or their JSON text as Hub data sets store them) reach the
+    template, and an assistant turn made only of ``tool_calls`` (content null or "") is a valid target: the
+    rendered text equals transformers' apply_chat_template(messages, tools=...) on the same folder."""
     from transformers import AutoTokenizer
 
     backend = _backend()
@@ -207,14 +241,16 @@ def test_a_chats_tools_and_tool_calls_reach_the_template_as_transformers_passes_
     call = {"type": "function", "function": {"name": "pay", "arguments": {"to": "Ana"}}}
     msgs = [{"role": "user", "content": "Pay Ana"}, {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "content": "done"}, {"role": "assistant", "content": "Paid."}]
-    record = {"messages": msgs, "tools": json.dumps(TOOLS) if as_text else TOOLS}
+    stored = [{**m, "tool_calls": json.dumps(m["tool_calls"]), "content": ""} if "tool_calls" in m else m
+              for m in msgs] if as_text else msgs
+    record = {"messages": stored, "tools": json.dumps(TOOLS) if as_text else TOOLS}
     ex = data.tokenize(record, tok)
     oracle = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(msgs, tools=TOOLS, tokenize=False)
     assert tok.decode(ex.input_ids, skip_special_tokens=False) == oracle.removesuffix("\n")
     assert "Tools: [" in oracle and _masked_text(tok, ex.input_ids, ex.loss_mask) == (
         '<tool_call>{"name": "pay", "arguments": {"to": "Ana"}}</tool_call><|im_end|>Paid.<|im_end|>')
     # The tool call as the last turn: a reference for generation-based eval is its rendering.
-    prompt = data.eval_prompts([{"messages": msgs[:2], "tools": record["tools"]}], tok)[0]
+    prompt = data.eval_prompts([{"messages": stored[:2], "tools": record["tools"]}], tok)[0]
     assert prompt.target == '<tool_call>{"name": "pay", "arguments": {"to": "Ana"}}</tool_call>'
     assert prompt.prompt_text.startswith("<|im_start|>system\nTools: [")
 
@@ -224,10 +260,17 @@ def test_a_chats_tools_and_tool_calls_reach_the_template_as_transformers_passes_
     ({"messages": MULTI, "tools": [1]}, r"'tools' must be a list of tool objects"),
     ({"messages": [{"role": "assistant", "content": None}]}, r"messages\[0\] must be an object with string 'role' "
                                                                r"and 'content' \(a turn with 'tool_calls' may have"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": "pay(Ana)"}]},
+     r"messages\[0\]: 'tool_calls' must be a list of tool call objects or its JSON text; got 'pay\(Ana\)'"),
 ])
 def test_bad_tools_and_tool_calls_are_bad_records(record, match):
     with pytest.raises(ValueError, match=match):
         data.validate_record(record, "f.jsonl:3")
+
+
+def test_chat_turns_is_checked_for_every_record(tiny):
+    with pytest.raises(ValueError, match=r"`chat_turns` must be one of \('all', 'last'\); got 'every'"):
+        data.tokenize(PAIR, tiny, chat_turns="every")
 
 
 def test_loss_mask_counts_in_causal_lm_loss(tiny):

@@ -205,12 +205,13 @@ class _Order(grain.MapDataset):
 
 
 class Item(NamedTuple):
-    """One stream position after tokenizing: the example (None: dropped or skipped), why, and where it came from."""
+    """One stream position after tokenizing: the example (None: dropped or skipped), what happened, and where it
+    came from. ``notes``: "skipped" or "dropped"; or, for a kept example, any of "truncated", "boundary" (a token
+    merge across the prompt/completion boundary) and "context_turns" (earlier assistant turns stayed context)."""
 
     q: int
     example: Example | None
-    note: str           # "" | "truncated" | "dropped" | "skipped" | "boundary" (kept, but a merge differed)
-    #                   | "context_turns" (kept, but earlier assistant turns stayed context)
+    notes: tuple[str, ...]
     where: str
     message: str = ""   # a skipped record: what was wrong
 
@@ -236,14 +237,14 @@ class _Tokenize(grain.transforms.Map):
             except ValueError as e:
                 if self._on_bad == "error":
                     raise bad_record(e, where) from None
-                return Item(q, None, "skipped", where, str(e))
-            kept_note = "context_turns" if turns else "" if matches else "boundary"
+                return Item(q, None, ("skipped",), where, str(e))
+            flags = ("boundary",) * (not matches) + ("context_turns",) * bool(turns)
         else:
-            ex, kept_note = self._records[index], ""
+            ex, flags = self._records[index], ()
             where = ex.source
         kept = fit(ex, self._max_length, self._overflow, where)
-        note = kept_note if kept is ex else "dropped" if kept is None else "truncated"
-        return Item(q, kept, note, where)
+        notes = ("dropped",) if kept is None else flags if kept is ex else ("truncated", *flags)
+        return Item(q, kept, notes, where)
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -469,18 +470,18 @@ class Loader:
         """Counts what happened to an example; warns at the first of each kind."""
         if item.example is not None:
             self.counts["examples"] += 1
-        if not item.note:
-            return
-        self.counts[item.note] += 1
-        if item.note not in self._first:
-            self._first[item.note] = item.where
+        for note in item.notes:
+            self.counts[note] += 1
+            if note in self._first:
+                continue
+            self._first[note] = item.where
             what = {"skipped": f"skipped a malformed record (on_bad_record='skip'): {item.message}",
                     "boundary": f"{item.where}: prompt and completion tokenize differently apart than joined (a token "
                                 f"merges across the boundary); training uses the separate tokenizations, as "
                                 f"generation sees them",
                     "context_turns": context_turns_warning(item.where),
                     "truncated": f"{item.where}: example longer than max_length={self.max_length} truncated",
-                    "dropped": f"{item.where}: example longer than max_length={self.max_length} dropped"}[item.note]
+                    "dropped": f"{item.where}: example longer than max_length={self.max_length} dropped"}[note]
             warnings.warn(f"{what}; further ones are counted, not warned (Loader.counts)", stacklevel=4)
 
     def summary(self) -> str:
@@ -510,7 +511,7 @@ class Loader:
             item = tokenize.map((index, index))
             if item.example is not None:
                 return
-            notes[item.note] += 1
+            notes[item.notes[0]] += 1
         why = []
         if notes["dropped"]:
             why.append(f"{notes['dropped']} longer than max_length={self.max_length} dropped (overflow='drop'); raise "
@@ -551,8 +552,8 @@ class Loader:
         pending = self._iter._pending      # read and counted, but the next batch starts with it: not yet
         if pending is not None:
             counts["examples"] -= pending.example is not None
-            if pending.note:
-                counts[pending.note] -= 1
+            for note in pending.notes:
+                counts[note] -= 1
         return {**self.plan.position_of(state["q"], state["b"]), "fingerprint": self.fingerprint, "counts": counts}
 
     def describe(self) -> str:

@@ -35,6 +35,7 @@ Examples:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import difflib
 import json
@@ -214,7 +215,7 @@ def validate_record(record: Any, where: str = "record") -> str:
         if not isinstance(msgs, list) or not msgs:
             raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
         for i, m in enumerate(msgs):
-            calls = isinstance(m, Mapping) and isinstance(m.get("tool_calls"), list) and m["tool_calls"]
+            calls = isinstance(m, Mapping) and _tool_calls(m, f"{where}: messages[{i}]")
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not (
                     isinstance(m.get("content"), str) or calls and m.get("content") is None):
                 raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content' (a "
@@ -236,6 +237,35 @@ def validate_record(record: Any, where: str = "record") -> str:
     return "pair"
 
 
+def chat_messages(record: Mapping[str, Any], where: str = "record") -> list[Mapping[str, Any]]:
+    """A chat record's messages for its template: ``tool_calls`` given as JSON text decoded, as ``tools``.
+
+    Examples:
+        >>> chat_messages({"messages": [{"role": "assistant", "content": None, "tool_calls": '[{"name": "f"}]'}]})
+        [{'role': 'assistant', 'content': None, 'tool_calls': [{'name': 'f'}]}]
+    """
+    return [{**m, "tool_calls": _tool_calls(m, where)} if isinstance(m.get("tool_calls"), str) else m
+            for m in record["messages"]]
+
+
+def _tool_calls(message: Mapping[str, Any], where: str) -> list | None:
+    """A message's ``tool_calls`` (a list of objects, or its JSON text); None when it has none."""
+    return _json_list(message.get("tool_calls"), f"{where}: 'tool_calls' must be a list of tool call objects")
+
+
+def _json_list(value: Any, error: str) -> list | None:
+    """``value`` as a list of objects (given as such or as its JSON text); None for none (null, "", []); else a
+    ValueError ``error`` showing the value."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError:
+            raise ValueError(f"{error} or its JSON text; got {value!r:.200}") from None
+    if value is None or isinstance(value, list) and all(isinstance(t, Mapping) for t in value):
+        return value or None
+    raise ValueError(f"{error} or its JSON text; got {value!r:.200}")
+
+
 def chat_tools(record: Mapping[str, Any], where: str = "record") -> list | None:
     """A chat record's ``tools`` for its template: a list of objects (JSON schemas), given as such or as its JSON
     text (as data sets on the Hub often store it); None when the record has none.
@@ -248,16 +278,7 @@ def chat_tools(record: Mapping[str, Any], where: str = "record") -> list | None:
         ...
         ValueError: f.jsonl:3: 'tools' must be a list of tool objects (JSON schemas) or its JSON text; got 'get_time'
     """
-    tools = record.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError:
-            pass
-    if tools is None or isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools):
-        return tools or None
-    raise ValueError(f"{where}: 'tools' must be a list of tool objects (JSON schemas) or its JSON text; got "
-                     f"{record.get('tools')!r:.200}")
+    return _json_list(record.get("tools"), f"{where}: 'tools' must be a list of tool objects (JSON schemas)")
 
 
 def _check_text(text: str, where: str) -> None:
@@ -373,15 +394,25 @@ def format_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, tools: list
     return prompt, full[len(prompt):]
 
 
-def split_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, chat_turns: str = "all",
-               tools: list | None = None) -> tuple[list[tuple[str, bool]], int]:
-    """The rendered chat as ``(text, is_target)`` pieces, and the number of earlier assistant turns left as context.
+class ChatSplit(NamedTuple):
+    """A rendered chat split for training (:func:`split_chat`)."""
 
-    The last piece is the last assistant turn (:func:`format_chat`'s completion). With ``chat_turns="all"`` each
-    earlier assistant turn is a target piece too: the text between the chat up to it rendered with the generation
-    prompt and the chat up to its end, where both renderings start the whole one. A template that renders the
-    chat up to a turn otherwise (it moves the system prompt into the last user turn, strips reasoning from turns
-    before the last user turn, or refuses a partial chat) leaves that turn as context, counted in the second value.
+    prompt: str                            # all turns but the last, plus the generation prompt: what generation sees
+    completion: str                        # the last assistant turn: the rest of the rendered chat
+    targets: tuple[tuple[int, int], ...]   # character spans of `prompt` that are earlier assistant turns (targets)
+    context_turns: int                     # earlier assistant turns left as context
+
+
+def split_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, chat_turns: str = "all",
+               tools: list | None = None) -> ChatSplit:
+    """The rendered chat as :func:`format_chat`'s prompt and completion, and the earlier assistant turns' spans.
+
+    With ``chat_turns="all"`` an earlier assistant turn is a target span: the text between the chat up to it
+    rendered with the generation prompt and the chat up to its end, where both renderings start the whole one. A
+    template that renders the chat up to a turn otherwise (it moves the system prompt into the last user turn, adds
+    or strips reasoning by a turn's place, or refuses a partial chat) leaves that turn as context, counted. Two
+    renderings per earlier assistant turn: the work grows with turns x length (a 50-turn chat: a few tenths of a
+    second), which the Loader's workers spread.
 
     Examples:
         >>> class Chat:  # a stand-in with a ChatML-like template
@@ -390,29 +421,52 @@ def split_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, chat_turns: 
         ...         return text + ("<assistant>" if add_generation_prompt else "")
         >>> msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
         ...         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-        >>> split_chat(msgs, Chat())
-        ([('<user>a</><assistant>', False), ('b</>', True), ('<user>c</><assistant>', False), ('d</>', True)], 0)
-        >>> split_chat(msgs, Chat(), chat_turns="last")[0]
-        [('<user>a</><assistant>b</><user>c</><assistant>', False), ('d</>', True)]
+        >>> split = split_chat(msgs, Chat())
+        >>> split.prompt, split.completion, [split.prompt[i:j] for i, j in split.targets], split.context_turns
+        ('<user>a</><assistant>b</><user>c</><assistant>', 'd</>', ['b</>'], 0)
+        >>> split_chat(msgs, Chat(), chat_turns="last").targets
+        ()
     """
     if chat_turns not in CHAT_TURNS:
         raise ValueError(f"`chat_turns` must be one of {CHAT_TURNS}; got {chat_turns!r}")
     prompt, completion = format_chat(messages, tokenizer, tools=tools)
-    pieces, at, context = [], 0, 0
+    targets, at, context = [], 0, 0
     for i, m in enumerate(messages[:-1] if chat_turns == "all" else ()):
         if m["role"] != "assistant":
             continue
         try:
             head = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-            upto = _render(tokenizer, messages[:i + 1], add_generation_prompt=False, tools=tools)
+            upto = prompt.startswith(head) and _render(tokenizer, messages[:i + 1], add_generation_prompt=False,
+                                                       tools=tools)
         except ValueError:
             head = upto = ""
-        if not (at <= len(head) < len(upto) and prompt.startswith(head) and prompt.startswith(upto)):
+        if not (upto and at <= len(head) < len(upto) and prompt.startswith(upto)):
             context += 1
             continue
-        pieces += [(prompt[at:len(head)], False), (prompt[len(head):len(upto)], True)]
+        targets.append((len(head), len(upto)))
         at = len(upto)
-    return pieces + [(prompt[at:], False), (completion, True)], context
+    return ChatSplit(prompt, completion, tuple(targets), context)
+
+
+def _target_mask(tokenizer, text: str, spans: Sequence[tuple[int, int]], end: Sequence[int]
+                 ) -> tuple[list[int], list[int]]:
+    """``text``'s ids (one encode, as generation sees it) and a 0/1 per id: 1 on the tokens that overlap a span,
+    through the last end-of-turn id among them (the rest, e.g. ChatML's newline after ``<|im_end|>``, is
+    context), or through the end-of-turn id just after them (a template that closes a turn only before the next)."""
+    if hasattr(tokenizer, "encode_offsets"):
+        ids, offsets = tokenizer.encode_offsets(text)
+    else:   # a transformers fast tokenizer
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    mask = [0] * len(ids)
+    starts, stops = [a for a, _ in offsets], [b for _, b in offsets]
+    for s, e in spans:
+        first, last = bisect.bisect_right(stops, s), bisect.bisect_left(starts, e)   # ids [first, last) overlap it
+        through = _through_last_end(ids[first:last], end)
+        if not through and last < len(ids) and ids[last] in end:
+            through = last + 1 - first
+        mask[first:first + (through or last - first)] = [1] * (through or last - first)
+    return ids, mask
 
 
 def _render(tokenizer, messages, *, add_generation_prompt: bool, tools: list | None = None) -> str:
@@ -454,33 +508,34 @@ def tokenize(record: Mapping[str, Any], tokenizer, *, source: str = "", chat_tur
 
 def tokenize_checked(record: Mapping[str, Any], tokenizer, *, source: str = "", check_boundary: bool = True,
                      chat_turns: str = "all") -> Tokenized:
-    """`tokenize`, whether the pieces (prompt and completion; a chat's turns) tokenized apart give the joined text's
-    ids (a token merging across a boundary makes them differ; True when not ``check_boundary``), and how many of a
-    chat's earlier assistant turns stayed context (:func:`split_chat`). One extra encode of the joined text."""
+    """`tokenize`, whether prompt and completion tokenized apart give the joined text's ids (a token merging across
+    the boundary makes them differ; True when not ``check_boundary``), and how many of a chat's earlier assistant
+    turns stayed context (:func:`split_chat`). The prompt, earlier turns included, is encoded once, as generation
+    sees it; one extra encode of the joined text."""
     fmt = validate_record(record, source or "record")
+    if chat_turns not in CHAT_TURNS:
+        raise ValueError(f"`chat_turns` must be one of {CHAT_TURNS}; got {chat_turns!r}")
     end = _end_ids(tokenizer)
-    context = 0
+    context, prompt_mask = 0, ()
     if fmt == "chat":
-        pieces, context = split_chat(record["messages"], tokenizer, chat_turns=chat_turns,
-                                     tools=chat_tools(record, source or "record"))
-        texts = [text for text, _ in pieces]
-        raw = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-        prompt, mask = [], []
-        for (_, target), ids in zip(pieces[:-1], raw[:-1]):
-            n = (_through_last_end(ids, end) or len(ids)) if target else 0   # a turn's tail after its end: context
-            prompt += ids
-            mask += [1] * n + [0] * (len(ids) - n)
-        cut = _through_last_end(raw[-1], end)
-        completion = raw[-1][:cut] if cut else raw[-1] + list(end[:1])
-        prompt_mask = tuple(mask) if any(mask) else ()
+        split = split_chat(chat_messages(record, source or "record"), tokenizer, chat_turns=chat_turns,
+                           tools=chat_tools(record, source or "record"))
+        texts, context = [split.prompt, split.completion], split.context_turns
+        if split.targets:
+            raw_prompt, mask = _target_mask(tokenizer, split.prompt, split.targets, end)
+            prompt_mask = tuple(mask) if any(mask) else ()
+        else:
+            raw_prompt = tokenizer.encode(split.prompt, add_special_tokens=False)
+        raw = [raw_prompt, tokenizer.encode(split.completion, add_special_tokens=False)]
+        cut = _through_last_end(raw[1], end)
+        prompt, completion = raw_prompt, raw[1][:cut] if cut else raw[1] + list(end[:1])
     else:
         texts = [record["prompt"], record["completion"]]
         raw = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-        prompt, completion, prompt_mask = _bos(tokenizer) + raw[0], raw[1] + list(end[:1]), ()
+        prompt, completion = _bos(tokenizer) + raw[0], raw[1] + list(end[:1])
     if not completion:
         raise ValueError(f"{source or 'record'}: the completion is empty, so there is nothing to train on")
-    matches = not check_boundary or [t for ids in raw for t in ids] == tokenizer.encode(
-        "".join(texts), add_special_tokens=False)
+    matches = not check_boundary or raw[0] + raw[1] == tokenizer.encode("".join(texts), add_special_tokens=False)
     return Tokenized(Example(tuple(prompt), tuple(completion), source, prompt_mask), matches, context)
 
 
@@ -523,7 +578,7 @@ def check_policies(*, max_length: int, overflow: str, on_bad_record: str = "erro
 
 
 def overflow_warning(changed: int, total: int, max_length: int, overflow: str, first: str) -> str:
-    what = "dropped" if overflow == "drop" else "truncated (or dropped if the prompt alone fills it)"
+    what = "dropped" if overflow == "drop" else "truncated (or dropped where no target is left in them)"
     return f"{changed} of {total} examples exceed max_length={max_length} and were {what}; first: {first}"
 
 
@@ -536,9 +591,9 @@ def boundary_warning(mismatched: int, total: int, first: str) -> str:
 def context_turns_warning(where: str, count: str = "") -> str:
     """The warning for chats whose earlier assistant turns stay context (:func:`split_chat`); ``count``: "n of m"."""
     return (f"{count + ' chats, first ' if count else ''}{where}: the chat template renders earlier assistant turns "
-            f"differently inside the whole chat than as its end (it moves the system prompt, strips reasoning, or "
-            f"refuses a partial chat), so they are context, not targets (the last turn is trained); chat_turns="
-            f"'last' trains the last turn only, without this warning")
+            f"differently inside the whole chat than as its end (it moves the system prompt, adds or strips reasoning "
+            f"by a turn's place, or refuses a partial chat), so they are context, not targets (the last turn is "
+            f"trained); chat_turns='last' trains the last turn only, without this warning")
 
 
 def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length: int, overflow: str = "error",
@@ -573,15 +628,13 @@ def tokenize_all(records: Sequence[Mapping[str, Any]], tokenizer, *, max_length:
                 raise bad_record(e, where) from None
             skipped.append(where)
             continue
-        if not matches:
-            mismatched.append(where)
-        if turns:
-            context.append(where)
         kept = fit(ex, max_length, overflow, where)
         if kept is not ex:
             changed.append(where)
         if kept is not None:
             out.append(kept)
+            mismatched += [where] * (not matches)
+            context += [where] * bool(turns)
     if changed:
         warnings.warn(overflow_warning(len(changed), len(records), max_length, overflow, changed[0]), stacklevel=2)
     if mismatched:
@@ -671,13 +724,14 @@ def eval_prompts(data: str | os.PathLike | Source | Sequence[Mapping[str, Any]],
     for where, record in pairs[:limit]:
         if validate_record(record, where) == "chat":
             try:
-                text, completion = format_chat(record["messages"], tokenizer, tools=chat_tools(record, where))
+                messages = chat_messages(record, where)
+                text, completion = format_chat(messages, tokenizer, tools=chat_tools(record, where))
             except ValueError as e:
                 if on_bad_record == "skip":
                     continue
                 raise bad_record(e, where) from None
-            target = record["messages"][-1].get("content")
-            if target is None:       # a tool call: the reference is the template's rendering of it, up to its end
+            target = messages[-1].get("content")
+            if not target and messages[-1].get("tool_calls"):   # the reference: the template's rendering, to its end
                 done = tokenizer.encode(completion, add_special_tokens=False)
                 end = _end_ids(tokenizer)
                 target = tokenizer.decode(done[:next((i for i, t in enumerate(done) if t in end), len(done))])

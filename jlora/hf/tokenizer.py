@@ -356,6 +356,19 @@ class Tokenizer:
         """
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode` without special tokens added, and each id's (start, end) character span in `text`.
+
+        Examples:
+            >>> from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+            >>> backend = Backend(models.WordLevel({"a": 0, "bc": 1}, unk_token="a"))
+            >>> backend.pre_tokenizer = pre_tokenizers.Whitespace()
+            >>> Tokenizer(backend).encode_offsets("a bc")
+            ([0, 1], [(0, 1), (2, 4)])
+        """
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True, after: Sequence[int] = ()) -> str:
         """Text of `ids`; special tokens are dropped when `skip_special_tokens`.
 
