@@ -7,8 +7,9 @@ and a few hundred strided samples of each leaf's values (so a base model and its
 cost is a few hundred reads per leaf whatever the model's size). A manager computes that identity once per params
 tree and keeps only the result, with weak references to tell the tree again: it never holds the base weights.
 
-On disk, one folder per saved step, written by orbax into ``<step>.orbax-checkpoint-tmp-*`` and renamed to
-``<step>`` only when complete (a process killed mid-save leaves a tmp folder that no listing or restore sees)::
+On disk, one folder per saved step, written by orbax into ``<step>.orbax-checkpoint-tmp`` and renamed to
+``<step>`` only when complete (a process killed mid-save leaves a tmp folder that no listing or restore sees; a save
+that fails with an exception has its tmp folder removed by the manager, see :meth:`CheckpointManager.save`)::
 
     <directory>/<step>/adapters/      orbax PyTree (OCDBT/zarr): the adapter tree
     <directory>/<step>/train_state/   orbax PyTree: {"step", "rng" (key data, uint32), "opt_state"}
@@ -243,6 +244,7 @@ class CheckpointManager:
         self.directory = epath.Path(directory if url else os.path.abspath(directory))
         self._options = _Options(max_to_keep, best_metric, mode, keep_best, bool(async_save))
         self._manager: ocp.CheckpointManager | None = None
+        self._saving: int | None = None    # the step of a save that may still be running (async)
         self._identity_cache: tuple[tuple[weakref.ref, ...], dict] | None = None
 
     # -------------------------------------------------------------------------------------------- orbax plumbing
@@ -295,18 +297,61 @@ class CheckpointManager:
         return manager.best_step() if manager is not None else None
 
     def wait(self) -> None:
-        """Blocks until an async save has been written and committed."""
-        if self._manager is not None:
+        """Blocks until an async save has been written and committed; raises its error if it failed (after
+        removing the folder it left, as :meth:`save` does)."""
+        if self._manager is None:
+            return
+        step, self._saving = self._saving, None
+        with self._cleanup_on_failure(step):
             self._manager.wait_until_finished()
 
     wait_until_finished = wait
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's resources."""
+        """Waits for pending saves and releases orbax's resources (also when the pending save failed)."""
         if self._manager is not None:
-            self._manager.wait_until_finished()
-            self._manager.close()
-            self._manager = None
+            try:
+                self.wait()
+            finally:
+                self._manager.close()
+                self._manager = None
+
+    @contextlib.contextmanager
+    def _cleanup_on_failure(self, step: int | None):
+        """Runs a save (or the wait for one) of ``step``; if it fails, removes the unfinished folder it left and
+        re-raises with a note saying which step failed.
+
+        Orbax leaves a failed save's ``<step>.orbax-checkpoint-tmp`` folder behind (its only cleanup,
+        ``cleanup_tmp_directories``, removes every unfinished folder when a manager is created, another writer's
+        save in flight included). This removes that one step's folder, and only while the step is not listed as
+        saved: a committed step is never touched.
+        """
+        try:
+            yield
+        except Exception as e:   # not an interrupt: orbax's writes may still run then, and the folder stays
+            if step is not None:
+                try:
+                    removed = self._discard_unfinished(step)
+                    done = f"; its unfinished folder {removed.name} was removed" if removed else ""
+                except Exception as cleanup:  # noqa: BLE001  (the save's error is the one to raise)
+                    done = f"; removing its unfinished folder failed too ({type(cleanup).__name__}: {cleanup})"
+                e.add_note(f"jlora: saving checkpoint step {step} in {self.directory} failed{done}")
+            raise
+
+    def _discard_unfinished(self, step: int) -> epath.Path | None:
+        """Removes the unfinished folder of a failed save of ``step``, if there is one; returns it."""
+        manager = self._manager
+        if manager is None or jax.process_index() != 0:   # the primary process writes and commits; it cleans up
+            return None
+        manager.reload()
+        if step in manager.all_steps():
+            return None
+        final = self.directory / str(step)   # orbax's tmp folder for it: <step>.orbax-checkpoint-tmp (gs://: <step>)
+        folder = ocp.path.atomicity_defaults.get_default_temporary_path_class(final).from_final(final).get()
+        if not folder.exists():
+            return None
+        folder.rmtree()
+        return folder
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -349,6 +394,10 @@ class CheckpointManager:
             name: a human-readable name of the base model (e.g. ``loaded.name``), shown in errors.
             data_position: anything JSON-serializable that says where the data loader is (e.g. ``loader.position``).
             metrics: optional ``{name: number}``, e.g. ``{"eval_loss": 1.23}``; ``best_metric`` ranks by it.
+
+        A save that fails (here, or with ``async_save`` in the background: then its error is raised by the next
+        :meth:`save`, :meth:`wait` or :meth:`close`) leaves no trace: the unfinished folder orbax wrote is removed,
+        the steps saved before stay as they were, and the same step can be saved again.
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"`step` must be an integer >= 0; got {step!r}")
@@ -364,7 +413,7 @@ class CheckpointManager:
             raise ValueError(f"`data_position` must be JSON-serializable (a dict of ints, say); got "
                              f"{data_position!r}: {e}") from None
         manager = self._orbax(create=True)
-        manager.wait_until_finished()
+        self.wait()            # a failed async save of an earlier step raises here (its folder removed)
         manager.reload()       # the steps on disk now: another writer's too (orbax caches its own list)
         saved = sorted(manager.all_steps())
         if step in saved:
@@ -385,7 +434,9 @@ class CheckpointManager:
         args = ocp.args.Composite(adapters=ocp.args.StandardSave(state.adapters),
                                   train_state=ocp.args.StandardSave(train_state),
                                   jlora=ocp.args.JsonSave(meta))
-        manager.save(step, args=args, metrics=metrics if self._options.best_metric else None)
+        with self._cleanup_on_failure(step):
+            manager.save(step, args=args, metrics=metrics if self._options.best_metric else None)
+        self._saving = step if self._options.async_save else None
 
     # -------------------------------------------------------------------------------------------- restore
     def _resolve(self, step: int | None) -> tuple[ocp.CheckpointManager, int]:

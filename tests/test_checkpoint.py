@@ -168,6 +168,40 @@ def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path, tiny, mode):
     assert CheckpointManager(directory).all_steps() == [1, 2]
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failed_save_leaves_no_tmp_folder_and_the_step_saves_again(tmp_path, tiny, monkeypatch, async_save):
+    """A save that fails with an error (the commit's rename, here) left orbax's ``2.orbax-checkpoint-tmp`` folder
+    behind for good; the manager removes it, keeps step 1 byte for byte, and step 2 saves again afterwards."""
+    from orbax.checkpoint._src.path import async_path
+
+    _, params, _, state0 = tiny
+    directory = tmp_path / "ckpt"
+    manager = CheckpointManager(directory, async_save=async_save)
+    manager.save(1, state0, params=params, lora_config=CFG, name=NAME, data_position={"index": 1})
+    manager.wait()
+    before = listing(directory / "1")
+
+    async def fail(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(async_path, "rename", fail)
+    with pytest.raises(OSError, match="disk gone") as raised:
+        manager.save(2, state0, params=params, lora_config=CFG, name=NAME)
+        manager.save(3, state0, params=params, lora_config=CFG, name=NAME)   # async: step 2's error is raised here
+    monkeypatch.undo()
+    assert sorted(p.name for p in directory.iterdir()) == ["1"]
+    assert listing(directory / "1") == before and manager.all_steps() == [1]
+    assert "saving checkpoint step 2" in "".join(getattr(raised.value, "__notes__", []))
+
+    manager.save(2, state0, params=params, lora_config=CFG, name=NAME, data_position={"index": 2})
+    manager.close()
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+    with CheckpointManager(directory) as reader:
+        for step in (1, 2):
+            restored = reader.restore(state0, step, params=params, lora_config=CFG, name=NAME)
+            assert restored.data_position == {"index": step}
+            assert_trees_equal(restored.state, state0)
+
 def _reset(directory: pathlib.Path) -> bool:
     shutil.rmtree(directory, ignore_errors=True)
     return False
