@@ -13,6 +13,10 @@ whose name is the dotted tail of another adapted module's (``proj`` and ``block.
 checks every tensor against the base model, and refuses PEFT features jlora does not implement rather than
 ignoring them.
 
+Import warns (:class:`BaseModelWarning`) when ``base_model_name_or_path`` clearly names another model than the one
+loaded (a base and its instruct variant have the same shapes, so nothing else would tell): the final names of the
+two paths or hub ids are compared, case and punctuation aside, and nothing is said when either side is unknown.
+
 Variants map as PEFT writes them: a DoRA magnitude is ``<module>.lora_magnitude_vector`` (``use_dora``); whole
 trained tensors (``bias``, ``modules_to_save``) are HF-layout tensors at ``<module>.bias`` (``.base_layer.bias``
 for a layer with an adapter) and ``<module>.weight``; a PiSSA/OLoRA adapter is exported the way PEFT converts it
@@ -24,7 +28,8 @@ be the original base (as :func:`jlora.hf.load` returns it), not the residual.
 A tied model (``tie_word_embeddings``) uses its embedding, adapted, as the output head too. Export says so as PEFT
 does, ``ensure_weight_tying: true`` with the head's tied copies (``lm_head.lora_A/B.weight`` or ``lm_head.weight``);
 import accepts those copies, and refuses an adapted embedding that PEFT ran untied (its default), which adapts the
-input lookup only. PEFT's copies of base weights (``<module>.base_layer.weight``, written for embeddings and
+input lookup only. A DoRA adapter on a tied embedding is not exported (PEFT's tied head would have magnitudes
+of its own). PEFT's copies of base weights (``<module>.base_layer.weight``, written for embeddings and
 ``lm_head``) are checked against the base and skipped.
 """
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -65,6 +71,10 @@ _PLAIN_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
 # its ensure_weight_tying applies; the second is the output head HF ties to the input embedding.
 PEFT_TIE_NAMES = ("embed_tokens", "lm_head")
 HEAD = PEFT_TIE_NAMES[1]
+_TIED_DORA = ("the DoRA adapter at {path!r} adapts {module}, to which the base model {name!r} ties its output head; "
+              "jlora's tied head uses the same magnitudes (one per feature), but PEFT's tied lm_head is a DoRA Linear "
+              "with magnitudes of its own (one per token), so no PEFT folder reproduces it. Export a plain LoRA "
+              "adapter for the embedding (use_dora=False), or leave the embedding out of the targets")
 
 
 def _number(v: Any) -> bool:
@@ -237,6 +247,8 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
             elif kind == "embedding":
                 tensors[f"{PREFIX}{module}.lora_embedding_A"] = np.ascontiguousarray(la.T)
                 tensors[f"{PREFIX}{module}.lora_embedding_B"] = np.ascontiguousarray(lb.T)
+                if module == tied and m is not None:
+                    raise ValueError(_TIED_DORA.format(path=path, module=module, name=loaded.name))
                 if module == tied:   # the head's tied copy, as PEFT's ensure_weight_tying=True writes it
                     tensors[f"{PREFIX}{HEAD}.lora_A.weight"] = np.ascontiguousarray(lb)
                     tensors[f"{PREFIX}{HEAD}.lora_B.weight"] = np.ascontiguousarray(la)
@@ -521,7 +533,66 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     if unwanted:
         raise ValueError(f"adapter {folder} holds whole tensors {unwanted[:5]} that bias={cfg.bias!r} and "
                          f"modules_to_save={config.get('modules_to_save')} do not select")
+    _check_base_name(folder, config.get("base_model_name_or_path"), loaded)
     return adapters, cfg
+
+
+class BaseModelWarning(UserWarning):
+    """A PEFT adapter folder names another base model than the one it is loaded onto."""
+
+
+# A Hugging Face cache folder: <cache>/models--<org>--<name>/snapshots/<commit>; its basename is a commit hash.
+_HF_SNAPSHOT = re.compile(r"models--[^/]+--(?P<name>[^/]+)/snapshots/[^/]+$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_GGUF_QUANT = re.compile(r"[.\-_](?:I?Q\d\w*|[BF]F?16|F32)$", re.I)   # SmolLM2-135M.Q4_1.gguf, x-f16.gguf
+
+
+def _model_key(name: Any) -> str | None:
+    """What names one base model across machines, or None when ``name`` does not say.
+
+    The last component of a path or hub id (the model name in a Hugging Face cache path; a GGUF file's name
+    without ``.gguf`` and its quantization tag), lowercased, letters and digits only. None for no name,
+    ``"unknown"``, a bare commit hash (a cache snapshot folder's own name) or a free-form label with spaces (a
+    GGUF's ``general.name``), which cannot be compared.
+
+    Examples:
+        >>> _model_key("HuggingFaceTB/SmolLM2-135M") == _model_key("/data/models/smollm2-135m/")
+        True
+        >>> _model_key("/hf/hub/models--Qwen--Qwen2.5-0.5B/snapshots/" + "a" * 40)
+        'qwen2505b'
+        >>> _model_key("/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        'smollm2135minstruct'
+        >>> _model_key("Smollm2 135M 8k Lc100K Mix1 Ep2"), _model_key(None), _model_key("unknown")
+        (None, None, None)
+    """
+    if not isinstance(name, str):
+        return None
+    text = name.strip().replace("\\", "/").rstrip("/")
+    snapshot = _HF_SNAPSHOT.search(text)
+    last = snapshot.group("name") if snapshot else text.rsplit("/", 1)[-1]
+    if last.lower().endswith(".gguf"):
+        last = _GGUF_QUANT.sub("", last[:-len(".gguf")])
+    if _COMMIT.fullmatch(last) or any(c.isspace() for c in last):
+        return None
+    key = re.sub(r"[^0-9a-z]", "", last.lower())
+    return key if key and key != "unknown" else None
+
+
+def _check_base_name(folder: pathlib.Path, recorded: Any, loaded) -> None:
+    """Warns (:class:`BaseModelWarning`) when the adapter's ``base_model_name_or_path`` and the model it is loaded
+    onto (its name, or the ``_name_or_path`` in its config) clearly name different models (:func:`_model_key`).
+    Same-shaped models (a base and its instruct variant) load each other's adapters without an error, but the
+    adapter was trained for one of them. Paths differ between machines, so only the final names are compared, and
+    nothing is said when either side is unknown."""
+    want = _model_key(recorded)
+    names = [getattr(loaded, "name", None), (getattr(loaded, "hf_config", None) or {}).get("_name_or_path")]
+    have = {k for k in map(_model_key, names) if k is not None}
+    if want is None or not have or want in have:
+        return
+    warnings.warn(f"adapter {folder} was trained on base model {recorded!r} (base_model_name_or_path in its "
+                  f"{CONFIG_FILE}), but it is loaded onto {names[0]!r}: same-shaped models load each other's "
+                  f"adapters, yet it works as trained only on its own base. Load {recorded!r}, or ignore this if "
+                  f"both name the same weights", BaseModelWarning, stacklevel=3)
 
 
 def _check_base_copy(folder, key: str, value: np.ndarray, name: str, loaded, flat_params) -> None:

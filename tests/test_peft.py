@@ -364,3 +364,44 @@ def test_unsupported_peft_features_and_pickles_are_refused(tmp_path):
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a valid safetensors file.*truncated or "
                                          "corrupt"):
         jlora.peft.load(out, loaded)
+
+
+def test_an_adapter_for_another_base_model_warns_naming_both(tmp_path):
+    """Same shapes load silently, so an adapter trained on SmolLM2-135M-Instruct loaded onto SmolLM2-135M gave no
+    hint. The folder's base_model_name_or_path is compared with the loaded model's name by final name (paths differ
+    between machines): a different model warns, naming both; a hub id, another machine's path, a Hugging Face cache
+    folder or a GGUF file of the same model, and an unknown side on either end, say nothing."""
+    import warnings
+
+    hf_model, _ = _hf_model("llama", tmp_path)
+    hf_model.save_pretrained(tmp_path / "SmolLM2-135M")
+    loaded = jlora.hf.load(tmp_path / "SmolLM2-135M")
+    assert loaded.name == "SmolLM2-135M"
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj",))
+    out = jlora.peft.save(tmp_path / "adapter", jlora.init(loaded.params, cfg, key=jax.random.key(0)), cfg, loaded)
+    config = json.loads((out / "adapter_config.json").read_text())
+
+    def load_with(recorded, onto=loaded):
+        (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adapters, _ = jlora.peft.load(out, onto)
+        assert jlora.count(adapters) > 0
+        return [w for w in caught if issubclass(w.category, jlora.peft.BaseModelWarning)]
+
+    for other in ("HuggingFaceTB/SmolLM2-135M-Instruct", "/home/me/models/Qwen2.5-0.5B/"):
+        (warning,) = load_with(other)
+        message = str(warning.message)
+        assert f"adapter {out} was trained on base model {other!r}" in message and "'SmolLM2-135M'" in message
+        assert warning.filename == __file__        # it points at the caller's load
+    same = ["HuggingFaceTB/SmolLM2-135M", "/other/machine/smollm2-135m/", str(tmp_path / "SmolLM2-135M"),
+            "C:\\models\\SmolLM2-135M", "/pkgs/SmolLM2-135M.Q4_1.gguf",
+            "/root/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/" + "0123abcd" * 5]
+    for recorded in [*same, None, "", "unknown"]:
+        assert load_with(recorded) == [], recorded
+    # the model's side unknown: a GGUF's free-form label, a cache snapshot folder's hash, a port without a name
+    for name in ("Smollm2 135M 8k Lc100K Mix1 Ep2", "0123abcd" * 5, None):
+        assert load_with("HuggingFaceTB/SmolLM2-135M-Instruct", dataclasses.replace(loaded, name=name)) == []
+    # a config's _name_or_path (as older transformers wrote it) also names the model
+    onto = dataclasses.replace(loaded, name="snapshot", hf_config={**loaded.hf_config, "_name_or_path": "org/tiny"})
+    assert load_with("tiny", onto) == [] and len(load_with("org/other", onto)) == 1

@@ -167,14 +167,100 @@ def test_dora_train_step_and_scan():
     assert not jnp.array_equal(new.adapters["layers_0"]["q_proj"]["kernel"].extras["m"], ad["layers_0"]["q_proj"]["kernel"].extras["m"])
 
 
-def test_dora_rejects_non_dense_layers():
-    params = {"embed": {"embedding": jnp.ones((10, 4))}}
-    with pytest.raises(ValueError, match=r"the dora variant supports Dense layers; .embed/embedding. is used by a Embed layer"):
-        jlora.init(params, jlora.LoraConfig(rank=2, targets="embed", use_dora=True), key=jax.random.key(0))
+def test_dora_rejects_other_layers():
+    x = jnp.ones((1, 6, 6, 3))
+    conv = nn.Conv(4, (3, 3))
+    params = conv.init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"the dora variant supports Dense/Embed layers; 'kernel' is used by a Conv"):
+        jlora.init(params, jlora.LoraConfig(rank=2, targets="kernel", use_dora=True), key=jax.random.key(0),
+                   layout=jlora.layout(conv, x))
     shapes = {"q": {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)}}    # DoRA's m needs the values
     with pytest.raises(ValueError, match=r"starts from the values of the kernel at 'q/kernel'.*jax.eval_shape"):
         jlora.init(shapes, jlora.LoraConfig(rank=2, targets="q", use_dora=True), key=jax.random.key(0))
 
+
+def test_peft_dora_on_embeddings_applies_as_peft_runs_it(tmp_path):
+    """A PEFT DoRA adapter on embed_tokens (and q/v_proj): apply gives PEFT's logits (``g * (E[ids] + s A[ids] B)``,
+    g per feature: the norm is over the vocabulary), as merge does; exported back, PEFT runs it the same."""
+    hf_model, folder = _hf_model("llama", tmp_path)
+    loaded = jlora.hf.load(folder)
+    pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj",
+                                                                                           "v_proj"],
+                                                       use_dora=True, task_type="CAUSAL_LM"))
+    train_peft(pm, IDS, lr=2e-2)
+    with torch.no_grad():   # magnitudes off the column norms, as after longer training: g is far from 1
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=torch.Generator().manual_seed(0)))
+    pm.save_pretrained(tmp_path / "peft_dora")
+    theirs = _torch_logits(pm)
+    adapters, cfg = jlora.peft.load(tmp_path / "peft_dora", loaded)
+    node = adapters["embed_tokens"]["embedding"]
+    assert cfg.use_dora and node.variant == "dora" and node.extras["m"].shape == (32,)
+    ours = _apply(loaded, loaded.params, adapters, cfg)
+    assert max_diff(ours, theirs) <= 1e-4
+    assert max_diff(loaded.model.apply({"params": jlora.merge(loaded.params, adapters, cfg)}, jnp.asarray(IDS)),
+                    theirs) <= 1e-4
+    out = jlora.peft.save(tmp_path / "back", adapters, cfg, loaded)
+    original = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert max_diff(_torch_logits(peft.PeftModel.from_pretrained(original, str(out)).eval()), theirs) <= 1e-4
+
+
+class _TiedLM(nn.Module):
+    """An embedding that is also the output head (``Embed.attend``), around one Dense layer."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(24, 8, name="embed")
+        return embed.attend(jnp.tanh(nn.Dense(8, name="mix")(embed(ids))))
+
+
+def test_dora_embedding_init_apply_merge_and_train():
+    """jlora's own DoRA embeddings (as PEFT initializes them: A zero, m the feature columns' norms): a fresh adapter
+    changes nothing, a trained one equals the merged model in the lookup and in a tied head (attend), under jit and
+    strict dtype promotion, and its magnitudes train."""
+    ids = jnp.array([[1, 5, 23, 0], [7, 7, 2, 11]])
+    model = _TiedLM()
+    params = model.init(jax.random.key(0), ids)["params"]
+    cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets=("embed", "mix"), use_dora=True)
+    fresh = jlora.init(params, cfg, key=jax.random.key(1))
+    node = fresh["embed"]["embedding"]
+    np.testing.assert_allclose(node.extras["m"], np.linalg.norm(np.asarray(params["embed"]["embedding"]), axis=0),
+                               rtol=1e-6)
+    assert jnp.array_equal(jlora.apply(model, params, fresh, cfg, ids), model.apply({"params": params}, ids))
+    ad = randomize(fresh, jax.random.key(2), 0.5)
+    expected = model.apply({"params": jlora.merge(params, ad, cfg)}, ids)
+    assert max_diff(expected, model.apply({"params": params}, ids)) > 1e-2
+    with jax.numpy_dtype_promotion("strict"):
+        got = jax.jit(lambda p, a: jlora.apply(model, p, a, cfg, ids))(params, ad)
+    assert max_diff(got, expected) <= 1e-5
+    e, a, b, m = params["embed"]["embedding"], ad["embed"]["embedding"].a, ad["embed"]["embedding"].b, \
+        ad["embed"]["embedding"].extras["m"]
+    v = e + 2.0 * a @ b
+    np.testing.assert_allclose(jlora.merge(params, ad, cfg)["embed"]["embedding"],
+                               m[None] * v / jnp.linalg.norm(v, axis=0)[None], rtol=1e-5, atol=1e-6)
+    opt = optax.adam(1e-2)
+
+    def loss(adapters):
+        return jnp.mean(jlora.apply(model, params, adapters, cfg, ids) ** 2)
+
+    grads = jax.grad(loss)(ad)
+    assert float(jnp.abs(grads["embed"]["embedding"].extras["m"]).max()) > 0
+    updates, _ = opt.update(grads, opt.init(ad))
+    assert max_diff(optax.apply_updates(ad, updates)["embed"]["embedding"].extras["m"], m) > 1e-4
+
+
+def test_dora_on_a_tied_embedding_is_not_exported_to_peft(tmp_path):
+    """PEFT's tied head would be a DoRA Linear with magnitudes of its own (one per token), so no folder reproduces
+    jlora's tied DoRA embedding: export refuses it instead of writing an adapter PEFT runs differently."""
+    _, folder = _hf_model("llama", tmp_path, tie_word_embeddings=True)
+    loaded = jlora.hf.load(folder)
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("embed_tokens", "q_proj"), use_dora=True)
+    adapters = jlora.init(loaded.params, cfg, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"DoRA adapter at 'embed_tokens/embedding' .*ties its output head.*"
+                                         r"use_dora=False"):
+        jlora.peft.save(tmp_path / "out", adapters, cfg, loaded)
+    assert not (tmp_path / "out").exists()
 
 # ---------------------------------------------------------------- PiSSA / OLoRA
 @pytest.mark.parametrize("method", ["pissa", "olora"])

@@ -14,10 +14,15 @@ products with ``A`` and ``B`` instead of the full-size ``A @ B``::
 which costs an (r, out) and an (r, r) intermediate rather than an (in, out) one. With LoRA dropout, PEFT applies
 the dropout to the input of both the base term and the low-rank term; so does :func:`dense_output`.
 
+An embedding (PEFT's ``DoraEmbeddingLayer``) is the same decomposition of its table ``(vocab, features)``, read
+as ``(in, out)``: one magnitude per feature, the norm of each feature's column over the vocabulary, and the output
+``g * (E[ids] + s * A[ids] @ B)`` (:func:`embed_output`). A tied head (``Embed.attend``) uses the same adapted table,
+as :func:`jlora.merge` does: ``(q * g) @ (E + s A B)^T``.
+
 Magnitudes live in the adapter as the extra ``m`` of shape ``(*lead, out)``, in an :class:`jlora.Adapter` whose
 variant is ``"dora"``; this module registers that variant's hooks (init, merge, layer call) with
-:func:`jlora.adapter.register_variant`. DoRA is implemented for ``nn.Dense`` layers (PEFT's ``Linear``); other
-layer kinds raise an error naming the layer.
+:func:`jlora.adapter.register_variant`. DoRA is implemented for ``nn.Dense`` layers (PEFT's ``Linear``) and
+embeddings (PEFT's ``Embedding``); other layer kinds raise an error naming the layer.
 """
 
 from __future__ import annotations
@@ -85,6 +90,47 @@ def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array 
     return (y + shift * base.astype(dtype) + g * low).astype(y.dtype)
 
 
+def embed_output(x: jax.Array, y: jax.Array, table: jax.Array, node: Adapter, scale: float, dtype,
+                 method: str = "__call__") -> jax.Array:
+    """A DoRA embedding's output from its unmerged pieces (PEFT's ``DoraEmbeddingVariant.forward``).
+
+    Args:
+        x: the ids (``__call__``) or the query ``(..., features)`` (``attend``).
+        y: the layer's plain output (``E[ids]``, or ``query @ E^T``).
+        table: the frozen embedding ``(vocab, features)``.
+        node: the adapter: ``a`` (vocab, r), ``b`` (r, features), extra ``m`` (features,).
+        scale: the LoRA scale s.
+        dtype: the layer's compute dtype.
+        method: ``"__call__"`` (lookup) or ``"attend"`` (a tied output head).
+
+    Returns:
+        ``g * (E[ids] + s * A[ids] @ B)`` with ``g = m / stop_gradient(||E + s A B||)`` (the norm of each feature's
+        column over the vocabulary); for ``attend``, ``(query * g) @ (E + s A B)^T``, the merged table's product.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from jlora import Adapter
+        >>> e, a, b, m = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(9, 4), (9, 2), (2, 4), (4,)]))
+        >>> node, ids = Adapter(a, b, {"m": m}, variant="dora"), jnp.array([[3, 0, 8]])
+        >>> merged = merged_kernel(e, node, 0.5)
+        >>> bool(jnp.allclose(embed_output(ids, e[ids], e, node, 0.5, jnp.float32), merged[ids], atol=1e-5))
+        True
+    """
+    a, b, m = node.a, node.b, node.extras[MAGNITUDE]
+    norm = jax.lax.stop_gradient(_at_precision_of(column_norm(table, a, b, scale), m))
+    g32 = m.astype(jnp.float32) / norm
+    a, b = a.astype(dtype), b.astype(dtype)
+    lift = (None,) * (jnp.ndim(x) - (method == "attend"))      # explicit broadcasting over batch axes
+    if method == "attend":   # the merged table's product: (q * g) @ E^T + s ((q * g) @ B^T) @ A^T
+        q = x.astype(dtype) * g32.astype(dtype)[lift]
+        out = jnp.matmul(q, table.astype(dtype).T) + scale * jnp.matmul(jnp.matmul(q, b.T), a.T)
+        return out.astype(y.dtype)
+    # g - 1 in fp32, as in dense_output: a bf16 magnitude change near 1 must not round away
+    g, shift = g32.astype(dtype)[lift], (g32 - 1).astype(dtype)[lift]
+    low = scale * jnp.matmul(jnp.take(a, x, axis=0), b)
+    return (y + shift * y.astype(dtype) + g * low).astype(y.dtype)
+
+
 def _at_precision_of(norm: jax.Array, m: jax.Array) -> jax.Array:
     """The fp32 column norm rounded to the magnitude's dtype (and back), so that ``m / norm`` is exactly 1 for a
     fresh adapter whose ``m`` was that norm stored in bf16 (unrounded, g was off 1 by up to 0.4%: the fresh
@@ -101,6 +147,8 @@ def merged_kernel(w: jax.Array, node: Adapter, scale: float) -> jax.Array:
 
 
 def _layer_call(c: LayerCall) -> jax.Array:
+    if c.kind == "Embed":
+        return embed_output(c.x, c.y, c.kernel, c.adapter, c.scale, c.dtype, c.method)
     return dense_output(c.x, c.y, c.kernel, c.bias, c.adapter, c.scale, c.dtype, c.dropout)
 
 
@@ -109,6 +157,6 @@ VARIANT = register_variant(Variant(
     init_extras=lambda w, a, b, scale: {MAGNITUDE: column_norm(w, a, b, scale)},
     merged=merged_kernel,
     layer_call=_layer_call,
-    layers=("Dense",),
+    layers=("Dense", "Embed"),
     invertible=False,
 ))
