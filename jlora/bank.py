@@ -170,7 +170,7 @@ def create(params: Mapping, *, capacity: int, rank: int, targets: str | Sequence
     Args:
         params: the base model's frozen params (or an NNX model).
         capacity: the number of slots N.
-        rank: the largest rank R a slot can hold.
+        rank: the largest rank R a slot can hold; it may exceed a kernel's sides (a PiSSA adapter's plain form).
         targets, exclude: regexes as in :class:`jlora.LoraConfig`: the kernels the bank covers (the union of
             the target sets of the adapters it will hold, e.g. every linear layer).
         layout: kernel layouts from :func:`jlora.layout` (needed for kernels of more than 2 dims).
@@ -202,9 +202,7 @@ def create(params: Mapping, *, capacity: int, rank: int, targets: str | Sequence
         if lay.kind == "Conv":
             raise ValueError(f"a bank does not hold adapters of convolutions: {path!r} is an nn.Conv kernel; "
                              f"exclude it from the bank's targets (jlora.apply runs a conv adapter on its own)")
-        lead, fan_in, fan_out = lay.split(tuple(flat[path].shape))
-        if rank > min(fan_in, fan_out):
-            raise ValueError(f"bank rank {rank} exceeds the smaller side of {path!r} ({fan_in} in x {fan_out} out)")
+        lead, fan_in, fan_out = lay.split(tuple(flat[path].shape))   # rank may exceed them: slots are zero-padded
         nodes[path] = Slots(jnp.zeros((*lead, capacity, fan_in, rank), dtype),
                             jnp.zeros((*lead, capacity, rank, fan_out), dtype),
                             {"scale": jnp.zeros((*lead, capacity), jnp.float32),

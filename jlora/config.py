@@ -73,8 +73,8 @@ class LoraConfig:
             ``"gaussian"`` (A normal with std 1/r, B = 0), or ``"pissa"`` / ``"olora"`` (A, B from the kernel's
             principal singular vectors / QR factors; these change the base, so use :func:`jlora.init_with_base`).
         dtype: adapter dtype name (``"float32"`` default, also ``"bfloat16"``, ``"float16"``).
-        use_dora: DoRA (weight-decomposed LoRA): each adapted Dense kernel also trains a magnitude ``m`` per
-            output feature, ``W' = m * (W + s A B) / ||W + s A B||`` (column norms).
+        use_dora: DoRA (weight-decomposed LoRA): each adapted Dense kernel or embedding also trains a magnitude
+            ``m`` per output feature, ``W' = m * (W + s A B) / ||W + s A B||`` (column norms).
         bias: which biases train as full tensors in the adapter tree: ``"none"``, ``"all"`` (every ``bias``
             leaf) or ``"lora_only"`` (biases of adapted layers), as PEFT's ``bias``.
         modules_to_save: regexes searched in parameter paths; every matching parameter trains as a full tensor

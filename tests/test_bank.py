@@ -138,6 +138,27 @@ def test_dense_general_with_its_axes_out_of_order_routes_per_row():
     assert max_diff(out[1], model.apply({"params": params}, x)[1]) <= 1e-6
 
 
+def test_a_bank_rank_above_a_kernel_side_pads_with_zeros():
+    """A toy Llama whose k/v kernels are 8 x 4: a bank of rank 16 (jlora serve's default) holds a PiSSA adapter's plain
+    form, rank 2r = 6 > 4, and each row equals the adapter alone (both were refused: "exceeds the smaller side")."""
+    from jlora.variants import inits
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    ids = jax.random.randint(KEY, (2, 5), 0, 64)
+    params = model.init(KEY, ids)["params"]
+    pissa = jlora.LoraConfig(rank=3, alpha=6.0, targets=("q_proj", "k_proj", "v_proj"), init="pissa")
+    trained, residual = jlora.init_with_base(params, pissa, key=KEY)
+    trained = jax.tree.map(lambda x, d: x + d, trained, _random(trained, jax.random.key(1), 0.3))
+    plain, cfg = inits.to_original_base(trained, params, pissa)
+    assert cfg.rank == 6 and plain["layers_0"]["self_attn"]["k_proj"]["kernel"].a.shape == (8, 6)
+    bank = B.put(B.create(params, capacity=2, rank=16, targets=pissa.targets), 1, plain, cfg)
+    out = B.apply(model, params, bank, jnp.array([1, B.BASE]), ids)
+    want = model.apply({"params": jlora.merge(residual, trained, pissa)}, ids)      # what the run trained
+    assert max_diff(out[0], want[0]) <= 1e-4
+    assert max_diff(out[1], model.apply({"params": params}, ids)[1]) <= 1e-6
+
+
 def test_residual_and_misread_adapters_are_refused_by_name():
     model, params, ids, lay, qv, everything = _family("llama", False)
     bank = B.create(params, capacity=1, rank=4, targets=qv, layout=lay)

@@ -969,6 +969,22 @@ def test_peft_export_of_a_gguf_run_loads_as_the_readme_says(tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------------------------------------ 11. documented keys
+def test_a_run_saved_before_a_key_existed_keeps_the_behaviour_it_trained_with(tmp_path):
+    """A run folder's config.yaml written before `data.chat_turns` existed trained the last assistant turn only:
+    read back, it says so, and `--resume` with today's default ('all') names the change as a batch-building one."""
+    saved = runconfig.RunConfig().to_dict()
+    del saved["data"]["chat_turns"]
+    path = tmp_path / "config.yaml"
+    path.write_text(runconfig.write_yaml(saved))
+    old = runconfig.load_run(path)
+    assert old.data.chat_turns == "last" and runconfig.load(path).data.chat_turns == "all"
+    assert run_lib._differences(old, runconfig.RunConfig(), ["data"]) == [
+        "data.chat_turns: 'last' in the run, 'all' now"]
+    saved["data"]["chat_turns"] = "all"        # a run of today's jlora keeps what it wrote
+    path.write_text(runconfig.write_yaml(saved))
+    assert runconfig.load_run(path).data.chat_turns == "all"
+
+
 def test_default_config_documents_every_key():
     """Every key of every section is in configs/default.yaml, with a comment on its line or the line above."""
     lines = (ROOT / "configs" / "default.yaml").read_text().splitlines()
@@ -1123,6 +1139,14 @@ def test_eval_side_effects_reports_and_writes_json(trained):
     code, out, err = _main("eval", "--config", str(config), "--side-effects", "--adapter", str(peft_folder), *small,
                            "--out", str(run_dir.parent / "report"))
     assert code == 0 and (run_dir.parent / "report" / "side_effects.json").is_file(), err
+    # the report names its adapter: another one (the run) is refused that --out, the same one replaces it
+    assert json.loads((run_dir.parent / "report" / "side_effects.json").read_text())["adapter"] == \
+        str(peft_folder.resolve())
+    _error(*_main("eval", "--config", str(config), "--side-effects", *small, "--out", str(run_dir.parent / "report")),
+           r"holds the side-effect report of another adapter .*pass --overwrite to replace it")
+    code, out, err = _main("eval", "--config", str(config), "--side-effects", "--adapter", str(peft_folder), *small,
+                           "--out", str(run_dir.parent / "report"))
+    assert code == 0, err
 
 
 def test_rows_longer_than_learned_positions_are_a_config_error(tmp_path):
@@ -1191,3 +1215,116 @@ def test_inspect_shows_a_peft_adapter_on_some_layers_only(tiny, tmp_path):
     code, out, err = _main("inspect", "--model", tiny, "--adapter", tmp_path / "peft")
     assert code == 0, err[-3000:]
     assert "layers_0/self_attn/v_proj/kernel" in out and "layers_1/self_attn/v_proj" not in out, out
+
+
+def _saved_run(run_dir, model, *, model_path=None, run_dir_field=None, seed=0, **lora):
+    """A run folder as `jlora train` leaves it (config.yaml, a checkpoint at step 2) without training: random adapters
+    on ``model`` with ``lora`` settings; its config names ``model_path`` and ``run_dir_field`` (default: the absolute
+    paths). PiSSA/OLoRA adapters are saved against the original base, as a run saves them. Returns the adapters."""
+    import jax
+    import optax
+
+    from jlora import checkpoint
+
+    run_dir = pathlib.Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    raw = yaml.safe_load(_config(run_dir.parent, model, run_dir.name, lora=lora).read_text())
+    raw["model"]["path"] = str(model_path or model)
+    raw["run"]["dir"] = str(run_dir_field or run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / run_lib.CONFIG_FILE).write_text(yaml.safe_dump(raw))
+    cfg = runconfig.load(run_dir / run_lib.CONFIG_FILE)
+    loaded = run_lib._load_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model))))
+    adapters, _ = jlora.init_with_base(loaded.params, cfg.lora, key=jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    adapters = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                            for k, x in zip(keys, leaves)])
+    with checkpoint.CheckpointManager(run_dir / run_lib.CKPT_DIR) as manager:
+        manager.save(2, jlora.TrainState.create(adapters, optax.adam(1e-3), rng=jax.random.key(0)),
+                     params=loaded.params, lora_config=cfg.lora, name=loaded.name)
+    return adapters
+
+
+def test_routed_generate_serves_a_pissa_run_whose_plain_rank_exceeds_a_kernel_side(tiny, tmp_path):
+    """A PiSSA run of rank 12 is a plain LoRA of rank 24 on the original base, wider than the tiny Llama's 16-wide
+    k/v kernels: --route puts it into a bank all the same (it failed: "bank rank 24 exceeds the smaller side"), and
+    each prompt gets what generate --adapter alone, or the base, gives it."""
+    run = tmp_path / "pissa"
+    _saved_run(run, tiny, rank=12, alpha=24, init="pissa", targets=["q_proj", "k_proj", "v_proj"])
+    alone = []
+    for extra in (("--adapter", run), ()):
+        code, out, err = _main("generate", "--model", tiny, *extra, "--prompt", "Hi", "--max-new-tokens", "6")
+        assert code == 0, err[-3000:]
+        alone.append(out.strip())
+    code, out, err = _main("generate", "--model", tiny, "--adapter", f"p={run}", "--route", "p,base",
+                           "--prompt", "Hi", "--prompt", "Hi", "--max-new-tokens", "6")
+    assert code == 0, err[-3000:]
+    outputs = re.split(r"^--- prompt \d/2 \[\w+\]: .*\n", out, flags=re.M)[1:]
+    assert [o.strip() for o in outputs] == alone and alone[0] != alone[1], (out, alone)
+
+
+def test_export_peft_finds_a_relative_model_path_or_takes_model(tiny, tmp_path, monkeypatch):
+    """A run trained in /proj with model.path models/tiny and run.dir runs/a exports from any working directory (the
+    base is looked up from the folder the run was trained in); a copy of the run elsewhere names the paths tried and
+    --model, which gives the base (it had no such option: such a run exported only from the folder it trained in)."""
+    proj = tmp_path / "proj"
+    shutil.copytree(tiny, proj / "models" / "tiny")
+    _saved_run(proj / "runs" / "a", tiny, model_path="models/tiny", run_dir_field="runs/a")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = _main("export-peft", "--run", proj / "runs" / "a", "--out", "found")
+    assert code == 0 and f"relative to {proj}, where the run was trained" in err, err[-3000:]
+    named = json.loads((elsewhere / "found" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(proj / "models" / "tiny")
+    shutil.copytree(proj / "runs" / "a", elsewhere / "copy")       # moved: run.dir no longer leads to /proj
+    _error(*_main("export-peft", "--run", "copy", "--out", "lost"),
+           r"the run's `model.path` 'models/tiny' \(in copy/config.yaml\) is not found: tried "
+           rf"{re.escape(str(elsewhere / 'models' / 'tiny'))} \(from the working directory\); pass the base model the "
+           r"run trained on with --model PATH")
+    _error(*_main("export-peft", "--run", "copy", "--out", "lost", "--model", "nope"), r"--model: nope does not exist")
+    _error(*_main("export-peft", "--run", "copy", "--out", "copy/peft", "--model", proj / "models" / "tiny"),
+           r"is inside --run")
+    code, out, err = _main("export-peft", "--run", "copy", "--out", "given", "--model", proj / "models" / "tiny")
+    assert code == 0, err[-3000:]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (elsewhere / "given" / name).read_bytes() == (elsewhere / "found" / name).read_bytes(), name
+    # from the folder the run was trained in, model.path resolves as written
+    monkeypatch.chdir(proj)
+    assert _main("export-peft", "--run", "runs/a", "--out", elsewhere / "here")[0] == 0
+
+
+def test_eval_out_never_replaces_another_adapters_report(tiny, tmp_path, monkeypatch):
+    """eval --side-effects --out DIR refuses, before any work, a DIR holding another run or the report of another
+    adapter (or one that does not name its adapter); its own report, or --overwrite, goes ahead (it used to check
+    --out against --adapter only, and overwrote another run's side_effects.json)."""
+    config = _config(tmp_path, tiny, "a")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")       # a PEFT folder, as far as the checks before loading go
+    other_run = tmp_path / "b"
+    (other_run / "checkpoints").mkdir(parents=True)
+    (other_run / "config.yaml").write_text(config.read_text())
+    (other_run / "side_effects.json").write_text('{"general": {"kl": 0.1}}\n')
+    reports = {"theirs": {"adapter": str(tmp_path / "else"), "general": {}}, "unnamed": {"general": {}},
+               "mine": {"adapter": str(adapter.resolve()), "general": {}}}
+    for name, report in reports.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "side_effects.json").write_text(json.dumps(report))
+    (tmp_path / "file").write_text("x")
+    args = ["eval", "--config", config, "--side-effects", "--adapter", adapter, "--out"]
+    _no_model_load(monkeypatch)
+    for out, message in ((other_run, r"holds the run folder of another run .*whose report describes that run"),
+                         (tmp_path / "theirs", rf"the side-effect report of another adapter \({tmp_path}/else\)"),
+                         (tmp_path / "unnamed", r"a side-effect report that does not name its adapter"),
+                         (tmp_path / "file", r"is a file; pass a folder for the side-effect report")):
+        line = _error(*_main(*args, out), message)
+        assert "choose another --out" in line or "is a file" in line, line
+    assert json.loads((other_run / "side_effects.json").read_text()) == {"general": {"kl": 0.1}}
+    for out in (tmp_path / "mine", tmp_path / "fresh"):       # its own report, a new folder: the work starts
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            _main(*args, out)
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        _main(*args, other_run, "--overwrite")
+    _error(*_main("eval", "--config", config, "--side-effects", "--overwrite"), r"--overwrite .*add --out DIR")

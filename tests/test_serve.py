@@ -422,6 +422,32 @@ def test_a_row_that_fails_alone_fails_alone(world, monkeypatch):
             Row(prompts[0], print, temperature=float("nan")))
 
 
+def test_the_default_bank_serves_a_model_narrower_than_its_rank():
+    """EngineConfig's default rank (16) on a toy Llama whose kernels are 8 and 4 wide: the engine starts (it failed:
+    "bank rank 16 exceeds the smaller side"), and an adapter decodes as the library decodes it alone."""
+    from jlora.hf import Loaded
+    from jlora.models import generate as gen
+    from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+    from jlora.serve.engine import Engine, EngineConfig
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    params = _random(model.init(jax.random.key(0), np.ones((1, 2), np.int32))["params"], 1, 1.0)
+    loaded = Loaded(model, params, model.config, None, "narrow", None, {})
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    ads = _random(jlora.init(params, cfg, key=jax.random.key(2)), 3, 1.0)
+    prompt = [5, 9, 2, 7]
+    ids, mask = np.zeros((1, 16), np.int32), np.zeros((1, 16), np.int32)     # left-padded as the engine pads
+    ids[0, -len(prompt):], mask[0, -len(prompt):] = prompt, 1
+    want = gen.generate(model, (params, ads), ids, attention_mask=mask, max_new_tokens=N, eos_token_id=(),
+                        pad_token_id=0, apply_fn=gen.lora_apply_fn(model, cfg)).to_lists()[0]
+    with Engine(loaded, EngineConfig(slots=2, max_batch=1)) as engine:
+        assert engine.bank.rank == 16
+        engine.put_adapter("a", ads, cfg)
+        got = engine.generate(prompt, adapter="a", max_tokens=N, ignore_eos=True).tokens
+        assert got == want != engine.generate(prompt, max_tokens=N, ignore_eos=True).tokens
+
+
 def test_a_client_that_leaves_frees_its_rows_and_shutdown_fails_rows_with_503(world):
     """A non-streamed request whose client disconnects is cancelled (it used to decode its whole budget for nobody,
     holding up later requests); Engine.abort, which `jlora serve` calls just before uvicorn's shutdown grace period

@@ -1,13 +1,14 @@
 """The ``jlora`` command: parses arguments and calls :mod:`jlora.cli.run`; it has no logic of its own.
 
     jlora train --config configs/default.yaml [--set train.steps=20 ...] [--resume | --overwrite]
-    jlora eval --config configs/default.yaml [--adapter RUN_DIR_OR_PEFT_DIR | --base] [--side-effects [--out DIR]]
+    jlora eval --config configs/default.yaml [--adapter RUN_DIR_OR_PEFT_DIR | --base]
+               [--side-effects [--out DIR [--overwrite]]]
     jlora generate --model PATH [--adapter DIR | --adapter NAME=DIR ... --route NAME,...] --prompt "..."
                    [--chat [--system "..."]] [--max-new-tokens 64] [--temperature 0.7 [--top-k 50] [--top-p 0.9]]
                    [--seed N]
     jlora merge --model PATH --adapter DIR --out OUT_DIR [--overwrite]
     jlora compose --model PATH --adapter DIR[:WEIGHT] ... --method METHOD --out OUT_DIR [--overwrite]
-    jlora export-peft --run RUN_DIR --out OUT_DIR [--step N] [--overwrite]
+    jlora export-peft --run RUN_DIR --out OUT_DIR [--model PATH] [--step N] [--overwrite]
     jlora inspect --model PATH [--targets q_proj v_proj --rank 16 | --adapter DIR]
     jlora serve --model PATH [--adapter NAME=DIR ...] [--port 8000]   (jlora.serve: an OpenAI-compatible server)
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained for (KL, top-1 agreement, loss change, unchanged continuations)")
     p.add_argument("--out", help="with --side-effects: the folder for the report files (side_effects.json/.png); "
                                  "default: the config's run.dir when it is the run evaluated, else none are written")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --out: replace a side-effect report there that another adapter or run wrote (or write "
+                        "into another run's folder); without it that is refused")
 
     p = sub.add_parser("compose", help="combine adapters (PEFT's add_weighted_adapter methods) into one")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -97,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-peft", help="write a run's adapters as a PEFT adapter folder")
     p.add_argument("--run", required=True, help="a run folder (the run.dir of a `jlora train` config)")
     p.add_argument("--out", required=True, help="the folder to write (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--model", help=f"the base model the run trained on: {MODEL_HELP} (default: the run's model.path; "
+                                   f"a relative one is looked up from the working directory, then from the folder "
+                                   f"the run was trained in)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PEFT adapter folder --out")
 
@@ -124,8 +131,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg = run.load_config(args.config, args.overrides)
         if args.out and not args.side_effects:
             raise run.UsageError("--out is where --side-effects writes its report; add --side-effects or drop --out")
+        if args.overwrite and not args.out:
+            raise run.UsageError("--overwrite lets --out replace another adapter's side-effect report; add --out DIR "
+                                 "or drop --overwrite")
         run.evaluate_command(cfg, adapter=args.adapter, base=args.base, side_effects=args.side_effects,
-                             out=args.out)
+                             out=args.out, overwrite=args.overwrite)
     elif args.command == "compose":
         run.compose_command(args.model, args.adapter, args.method, args.out, density=args.density,
                             svd_rank=args.svd_rank, majority_sign_method=args.majority_sign_method, seed=args.seed,
@@ -143,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "merge":
         run.merge_command(args.model, args.adapter, args.out, overwrite=args.overwrite)
     elif args.command == "export-peft":
-        run.export_peft_command(args.run, args.out, step=args.step, overwrite=args.overwrite)
+        run.export_peft_command(args.run, args.out, model=args.model, step=args.step, overwrite=args.overwrite)
     elif args.command == "inspect":
         run.inspect_command(args.model, adapter=args.adapter, targets=args.targets, rank=args.rank)
     elif args.command == "serve":

@@ -569,3 +569,18 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> RunConfig:
         section, name, _ = _split_override(item)
         origins[f"{section}.{name}"] = f"--set {item}"
     return parse(apply_overrides(dict(raw), overrides), source=str(path), origins=origins)
+
+
+# Keys a run folder's config.yaml lacks when an older jlora wrote it, with the value that jlora behaved as, so a run
+# resumed or evaluated later keeps its own settings (a run's config.yaml holds every key).
+SINCE: dict[str, Any] = {"data.chat_turns": "last"}
+
+
+def load_run(path: str | pathlib.Path) -> RunConfig:
+    """A run folder's saved config.yaml (:func:`load`); a key in :data:`SINCE` that it lacks takes the value the
+    jlora that wrote it behaved as."""
+    cfg = load(path)
+    raw = read_yaml(pathlib.Path(path).read_text())
+    older = [f"{key}={value}" for key, value in SINCE.items()
+             if key.split(".")[1] not in raw.get(key.split(".")[0], {})]
+    return load(path, older) if older else cfg

@@ -203,7 +203,7 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
         if not (run_dir / CONFIG_FILE).is_file():
             raise ConfigError(f"--resume: {run_dir} has checkpoints but no {CONFIG_FILE}; it was not written by "
                               f"`jlora train`")
-        saved = runconfig.load(run_dir / CONFIG_FILE)
+        saved = runconfig.load_run(run_dir / CONFIG_FILE)
         changed = _differences(saved, cfg, ("model", "lora"))
         if changed:
             raise ConfigError(f"--resume: the config's model/lora settings differ from the run's saved "
@@ -1134,7 +1134,7 @@ def _load_with_adapter(model: str, adapter: str | Sequence[str] | None, *, scan_
     if adapter is not None and not isinstance(adapter, str):
         adapter = next((a for a in adapter if adapter_kind(a) == "run"), None)
     if adapter and adapter_kind(adapter) == "run":
-        saved = runconfig.load(pathlib.Path(adapter) / CONFIG_FILE)
+        saved = runconfig.load_run(pathlib.Path(adapter) / CONFIG_FILE)
         settings = dataclasses.replace(saved.model, path=model, **({"dtype": dtype} if dtype else {}))
         return _load_model(dataclasses.replace(saved, model=settings))
     return hf.load(model, scan_layers=scan_layers,
@@ -1154,10 +1154,41 @@ def _lossless_dtype(local: str) -> str:
     return "float32"
 
 
+def _check_report_out(out: str, source: str, *, overwrite: bool) -> None:
+    """Refuses, before any work, an ``--out`` whose side-effect report would not be the one of ``source`` (the
+    adapter evaluated): a file, another run's folder (its report describes that run), or a folder holding a report
+    that names another adapter or none (a report written there by hand or by an older jlora), unless
+    ``overwrite``."""
+    from jlora import side_effects as side_effects_lib
+
+    folder, mine = pathlib.Path(out), pathlib.Path(source).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {out!r} is a file; pass a folder for the side-effect report (side_effects.json/.png)")
+    if overwrite or not folder.is_dir() or folder.resolve() == mine:
+        return
+    report = folder / side_effects_lib.REPORT_FILE
+    if (folder / CONFIG_FILE).is_file() or (folder / CKPT_DIR).is_dir():
+        owner = f"the run folder of another run ({folder.resolve()}), whose report describes that run"
+    elif report.is_file() or (folder / side_effects_lib.PLOT_FILE).is_file():
+        try:
+            named = json.loads(report.read_text()).get("adapter")
+        except (OSError, ValueError, AttributeError):     # a missing, damaged or foreign file
+            named = None
+        if named == str(mine):
+            return
+        owner = (f"the side-effect report of another adapter ({named})" if named else
+                 "a side-effect report that does not name its adapter")
+    else:
+        return
+    raise UsageError(f"--out {out!r} holds {owner}; this report is of {source!r}: choose another --out, or pass "
+                     f"--overwrite to replace it")
+
+
 def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool = False,
-                     side_effects: bool = False, out: str | None = None) -> dict[str, float]:
+                     side_effects: bool = False, out: str | None = None, overwrite: bool = False) -> dict[str, float]:
     """Validation loss and the generation eval's score (``eval.scorer``) of the base model or an adapter; with
-    ``side_effects``, the full side-effect report of the adapter against the base (task and ``eval.general``)."""
+    ``side_effects``, the full side-effect report of the adapter against the base (task and ``eval.general``),
+    written to ``out`` (refused over another adapter's report unless ``overwrite``) or to the run evaluated."""
     if base and adapter:
         raise UsageError("--base evaluates the base model without adapters; drop --adapter (or --base)")
     if side_effects and base:
@@ -1167,6 +1198,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
                           f"side-effect report); point it at a JSONL file")
     if out:
         _refuse_out_over_inputs(out, [("--adapter", adapter)], "side-effect report", holding=False)
+        _check_report_out(out, adapter or cfg.run.dir, overwrite=overwrite)
     d = cfg.data
     _check_inputs(cfg, train=not d.valid)    # with no data.valid, the split of data.train the run validated on
     scorer = scoring.load(cfg.eval.scorer)
@@ -1222,7 +1254,9 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
         print("report files not written: pass --out DIR to keep them")
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        written = side_effects_lib.save(report, folder)
+        # the adapter it describes, so that a later eval knows whose report --out holds (_check_report_out)
+        written = side_effects_lib.save({**report, "adapter": str(pathlib.Path(adapter or run_dir).resolve())},
+                                        folder)
         print(f"report: {', '.join(str(p) for p in written.values())}")
     g = report["general"]
     return {"valid_loss": loss, "accuracy": acc, "general_kl": g["kl"],
@@ -1303,7 +1337,7 @@ def _check_generate_options(prompts: Sequence[str], *, chat: bool, system: str |
 def training_system_prompt(run_dir: str | pathlib.Path) -> tuple[str | None, str]:
     """The system prompt that every chat of a run's training data opens with (None when they have none or
     differ; judged from the first 1,000 records), and the data it was read from."""
-    cfg = runconfig.load(pathlib.Path(run_dir) / CONFIG_FILE)
+    cfg = runconfig.load_run(pathlib.Path(run_dir) / CONFIG_FILE)
     try:
         records = [r for _, r in data_lib.read(cfg.data.train, columns=cfg.data.columns, limit=1000)]
     except (OSError, ValueError) as e:   # e.g. a path relative to the folder the run was trained from
@@ -1508,8 +1542,39 @@ def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False
     return out_dir
 
 
-def export_peft_command(run_dir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> pathlib.Path:
-    """Writes a run's adapters (its latest checkpoint, or ``step``) as a PEFT adapter folder ``out``."""
+def run_model_path(folder: pathlib.Path, cfg: RunConfig) -> str:
+    """The base model of the run in ``folder`` (its saved config ``cfg``), as a path this process can read: the
+    run's ``model.path`` when it resolves here (absolute, ``pkg://``, or relative to the working directory), else,
+    for a relative one, that path in the folder the run was trained from (``folder`` less its relative ``run.dir``:
+    run.dir ``runs/a`` found at ``/proj/runs/a`` was trained from ``/proj``). A :class:`UsageError` naming every
+    path tried and ``--model`` otherwise."""
+    path, what = cfg.model.path, f"the run's `model.path` {cfg.model.path!r} (in {folder / CONFIG_FILE})"
+    fix = "pass the base model the run trained on with --model PATH"
+    relative = bool(path) and not os.path.isabs(os.path.expanduser(path)) and not path.startswith("pkg://")
+    if not relative or os.path.exists(path):
+        try:
+            resolve_model(path, what)
+        except ConfigError as e:                       # a missing absolute or pkg:// path, an empty one
+            raise UsageError(f"{e}; {fix}") from None
+        return path
+    tried = [f"{os.path.abspath(path)} (from the working directory)"]
+    run_dir = pathlib.PurePath(os.path.normpath(cfg.run.dir))
+    here = folder.resolve()
+    if not run_dir.is_absolute() and ".." not in run_dir.parts and here.parts[-len(run_dir.parts):] == run_dir.parts:
+        root = here.parents[len(run_dir.parts) - 1]
+        candidate = root / path
+        if candidate.exists():
+            print(f"the run's model.path {path!r} is relative to {root}, where the run was trained: reading "
+                  f"{candidate} (pass --model to choose another)", file=sys.stderr)
+            return str(candidate)
+        tried.append(f"{candidate} (from {root}, where the run was trained)")
+    raise UsageError(f"{what} is not found: tried {' and '.join(tried)}; {fix}")
+
+
+def export_peft_command(run_dir: str, out: str, *, model: str | None = None, step: int | None = None,
+                        overwrite: bool = False) -> pathlib.Path:
+    """Writes a run's adapters (its latest checkpoint, or ``step``) as a PEFT adapter folder ``out``; ``model``
+    replaces the run's ``model.path`` (the base it trained on, e.g. moved since; checked by fingerprint)."""
     from jlora import bank as bank_lib
     from jlora import checkpoint
 
@@ -1525,19 +1590,22 @@ def export_peft_command(run_dir: str, out: str, *, step: int | None = None, over
         raise UsageError(f"--run {run_dir!r} holds no checkpoint (its run stopped before saving one)")
     if step is not None and step not in steps:
         raise UsageError(f"--step {step}: {run_dir} has checkpoints at steps {steps}")
-    cfg = runconfig.load(folder / CONFIG_FILE)
+    cfg = runconfig.load_run(folder / CONFIG_FILE)
+    if model is not None:
+        resolve_model(model, "--model")
+    path = model if model is not None else run_model_path(folder, cfg)
     out_dir = _check_out(out, overwrite=overwrite, marker=jlora.peft.CONFIG_FILE, what="PEFT adapter",
-                         reads=[("--run", run_dir), ("the run's model.path", cfg.model.path)])
-    resolve_model(cfg.model.path, f"the run's `model.path` (in {folder / CONFIG_FILE})")
+                         reads=[("--run", run_dir), ("--model" if model else "the run's model.path", path)])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path))
     loaded = _load_model(cfg)
     with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
         base = bank_lib.run_base(manager.metadata(step), loaded.params, cfg.lora, _layout(loaded))   # PiSSA's
         adapters = manager.restore_adapters(step, params=base, lora_config=cfg.lora, name=loaded.name,
                                             layout=_layout(loaded))
     _clear_out(out_dir)
-    path = _export_peft(out_dir, adapters, cfg.lora, loaded, cfg.model.path)
-    print(f"PEFT adapter written to {path}")
-    return path
+    written = _export_peft(out_dir, adapters, cfg.lora, loaded, path)
+    print(f"PEFT adapter written to {written}")
+    return written
 
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
