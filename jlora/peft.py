@@ -72,7 +72,7 @@ _PLAIN_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
 PEFT_TIE_NAMES = ("embed_tokens", "lm_head")
 HEAD = PEFT_TIE_NAMES[1]
 _TIED_DORA = ("the DoRA adapter at {path!r} adapts {module}, to which the base model {name!r} ties its output head; "
-              "jlora's tied head uses the same magnitudes (one per feature), but PEFT's tied lm_head is a DoRA Linear "
+              "jlora's tied head uses the same magnitudes (one per feature), but PEFT's tied {head} is a DoRA Linear "
               "with magnitudes of its own (one per token), so no PEFT folder reproduces it. Export a plain LoRA "
               "adapter for the embedding (use_dora=False), or leave the embedding out of the targets")
 
@@ -248,7 +248,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
                 tensors[f"{PREFIX}{module}.lora_embedding_A"] = np.ascontiguousarray(la.T)
                 tensors[f"{PREFIX}{module}.lora_embedding_B"] = np.ascontiguousarray(lb.T)
                 if module == tied and m is not None:
-                    raise ValueError(_TIED_DORA.format(path=path, module=module, name=loaded.name))
+                    raise ValueError(_TIED_DORA.format(path=path, module=module, name=loaded.name, head=HEAD))
                 if module == tied:   # the head's tied copy, as PEFT's ensure_weight_tying=True writes it
                     tensors[f"{PREFIX}{HEAD}.lora_A.weight"] = np.ascontiguousarray(lb)
                     tensors[f"{PREFIX}{HEAD}.lora_B.weight"] = np.ascontiguousarray(la)
@@ -558,8 +558,8 @@ def _model_key(name: Any) -> str | None:
     Examples:
         >>> _model_key("HuggingFaceTB/SmolLM2-135M") == _model_key("/data/models/smollm2-135m/")
         True
-        >>> _model_key("/hf/hub/models--Qwen--Qwen2.5-0.5B/snapshots/" + "a" * 40)
-        'qwen2505b'
+        >>> _model_key("/hf/hub/models--Acme--Tiny-Chat-0.5B/snapshots/" + "a" * 40)
+        'tinychat05b'
         >>> _model_key("/models/SmolLM2-135M-Instruct.Q4_1.gguf")
         'smollm2135minstruct'
         >>> _model_key("Smollm2 135M 8k Lc100K Mix1 Ep2"), _model_key(None), _model_key("unknown")
