@@ -14,8 +14,9 @@ checks every tensor against the base model, and refuses PEFT features jlora does
 ignoring them.
 
 Import warns (:class:`BaseModelWarning`) when ``base_model_name_or_path`` clearly names another model than the one
-loaded (a base and its instruct variant have the same shapes, so nothing else would tell): the final names of the
-two paths or hub ids are compared, case and punctuation aside, and nothing is said when either side is unknown.
+loaded (a base and its instruct variant have the same shapes, so nothing else would tell): its final name is
+compared, case and punctuation aside, with the loaded model's name, its config's ``_name_or_path`` and the folder or
+file it was read from; nothing is said when either side is unknown.
 
 Variants map as PEFT writes them: a DoRA magnitude is ``<module>.lora_magnitude_vector`` (``use_dora``); whole
 trained tensors (``bias``, ``modules_to_save``) are HF-layout tensors at ``<module>.bias`` (``.base_layer.bias``
@@ -544,7 +545,6 @@ class BaseModelWarning(UserWarning):
 # A Hugging Face cache folder: <cache>/models--<org>--<name>/snapshots/<commit>; its basename is a commit hash.
 _HF_SNAPSHOT = re.compile(r"models--[^/]+--(?P<name>[^/]+)/snapshots/[^/]+$")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_GGUF_QUANT = re.compile(r"[.\-_](?:I?Q\d\w*|[BF]F?16|F32)$", re.I)   # SmolLM2-135M.Q4_1.gguf, x-f16.gguf
 
 
 def _model_key(name: Any) -> str | None:
@@ -571,7 +571,9 @@ def _model_key(name: Any) -> str | None:
     snapshot = _HF_SNAPSHOT.search(text)
     last = snapshot.group("name") if snapshot else text.rsplit("/", 1)[-1]
     if last.lower().endswith(".gguf"):
-        last = _GGUF_QUANT.sub("", last[:-len(".gguf")])
+        from jlora import hf
+
+        last = hf.gguf_model_name(last)
     if _COMMIT.fullmatch(last) or any(c.isspace() for c in last):
         return None
     key = re.sub(r"[^0-9a-z]", "", last.lower())
@@ -580,17 +582,20 @@ def _model_key(name: Any) -> str | None:
 
 def _check_base_name(folder: pathlib.Path, recorded: Any, loaded) -> None:
     """Warns (:class:`BaseModelWarning`) when the adapter's ``base_model_name_or_path`` and the model it is loaded
-    onto (its name, or the ``_name_or_path`` in its config) clearly name different models (:func:`_model_key`).
+    onto (its name, the ``_name_or_path`` in its config, or the folder or file it was read from) clearly name
+    different models (:func:`_model_key`): none of the three matches.
     Same-shaped models (a base and its instruct variant) load each other's adapters without an error, but the
     adapter was trained for one of them. Paths differ between machines, so only the final names are compared, and
     nothing is said when either side is unknown."""
     want = _model_key(recorded)
-    names = [getattr(loaded, "name", None), (getattr(loaded, "hf_config", None) or {}).get("_name_or_path")]
+    names = [getattr(loaded, "name", None), (getattr(loaded, "hf_config", None) or {}).get("_name_or_path"),
+             getattr(loaded, "source", None)]
     have = {k for k in map(_model_key, names) if k is not None}
     if want is None or not have or want in have:
         return
+    onto = names[2] or names[0]
     warnings.warn(f"adapter {folder} was trained on base model {recorded!r} (base_model_name_or_path in its "
-                  f"{CONFIG_FILE}), but it is loaded onto {names[0]!r}: same-shaped models load each other's "
+                  f"{CONFIG_FILE}), but it is loaded onto {onto!r}: same-shaped models load each other's "
                   f"adapters, yet it works as trained only on its own base. Load {recorded!r}, or ignore this if "
                   f"both name the same weights", BaseModelWarning, stacklevel=3)
 

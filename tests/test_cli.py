@@ -969,6 +969,17 @@ def test_peft_export_of_a_gguf_run_loads_as_the_readme_says(tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------------------------------------ 11. documented keys
+def test_a_run_whose_peft_export_would_fail_stops_before_training(tiny, tmp_path):
+    """DoRA on a tied embedding cannot be written as a PEFT folder (PEFT's tied head has magnitudes of its own): the
+    run says so before its first step, not after training, and leaves no run folder."""
+    lora = {"use_dora": True, "targets": ["embed_tokens", "q_proj"]}
+    config = _config(tmp_path, tiny, "dora", lora=lora)
+    _error(*_main("train", "--config", config),
+           r"run\.export_peft: these adapters cannot be written as a PEFT folder at the end of the run: the DoRA "
+           r"adapter at .*ties its output head.*; or set run\.export_peft: false")
+    assert not (tmp_path / "dora").exists()
+
+
 def test_a_run_saved_before_a_key_existed_keeps_the_behaviour_it_trained_with(tmp_path):
     """A run folder's config.yaml written before `data.chat_turns` existed trained the last assistant turn only:
     read back, it says so, and `--resume` with today's default ('all') names the change as a batch-building one."""
@@ -1293,6 +1304,23 @@ def test_export_peft_finds_a_relative_model_path_or_takes_model(tiny, tmp_path, 
     # from the folder the run was trained in, model.path resolves as written
     monkeypatch.chdir(proj)
     assert _main("export-peft", "--run", "runs/a", "--out", elsewhere / "here")[0] == 0
+    # a runs folder that is a symlink to another disk: the run was still trained in /proj
+    (tmp_path / "disk").mkdir()
+    shutil.move(proj / "runs", tmp_path / "disk" / "runs")
+    (proj / "runs").symlink_to(tmp_path / "disk" / "runs")
+    monkeypatch.chdir(elsewhere)
+    code, out, err = _main("export-peft", "--run", proj / "runs" / "a", "--out", "linked")
+    assert code == 0 and f"relative to {proj}, where the run was trained" in err, err[-3000:]
+    # another model at the same relative path here: the fingerprint refuses it, and the error says where it was read
+    shutil.copytree(proj / "models" / "tiny", elsewhere / "models" / "tiny")
+    other = json.loads((elsewhere / "models" / "tiny" / "config.json").read_text())
+    other["num_hidden_layers"] = 1
+    (elsewhere / "models" / "tiny" / "config.json").write_text(json.dumps(other))
+    (elsewhere / "models" / "tiny" / "model.safetensors").unlink()
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in other.items() if k not in (
+        "architectures", "transformers_version")})).save_pretrained(elsewhere / "models" / "tiny")
+    _error(*_main("export-peft", "--run", proj / "runs" / "a", "--out", "wrong"),
+           rf"the base model was read from models/tiny, the run's model\.path; pass --model PATH with the one the run")
 
 
 def test_eval_out_never_replaces_another_adapters_report(tiny, tmp_path, monkeypatch):
@@ -1327,4 +1355,8 @@ def test_eval_out_never_replaces_another_adapters_report(tiny, tmp_path, monkeyp
             _main(*args, out)
     with pytest.raises(AssertionError, match="the model was loaded"):
         _main(*args, other_run, "--overwrite")
+    (other_run / "peft").mkdir()     # the run's own PEFT export, evaluated into its run folder: the same adapters
+    (other_run / "peft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        _main("eval", "--config", config, "--side-effects", "--adapter", other_run / "peft", "--out", other_run)
     _error(*_main("eval", "--config", config, "--side-effects", "--overwrite"), r"--overwrite .*add --out DIR")

