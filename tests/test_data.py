@@ -135,6 +135,33 @@ def test_multi_turn_trains_every_assistant_turn_as_transformers_assistant_mask(t
         assert targets == '{"name":"Ana"}<|im_end|>{"amount":12}<|im_end|>{"city":"Oslo"}<|im_end|>'
 
 
+def test_a_template_with_generation_marks_gives_every_assistant_turn(tmp_path):
+    """A template whose rendering of a turn depends on its place (here, as Qwen3's, an empty think block on the last
+    turn only) leaves earlier turns as context when it has no marks; with `{% generation %}` marks (as TRL's
+    training templates add them) every assistant turn is a target, exactly as transformers' assistant mask says."""
+    from transformers import AutoTokenizer
+
+    think = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+             "{% if loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+             "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    backend = _backend()
+    tok = Tokenizer(backend, eos_token="</s>", pad_token="</s>", chat_template=think,
+                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+    tok.save(tmp_path)
+    oracle = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        MULTI, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ex = data.tokenize({"messages": MULTI}, tok)
+    assert list(ex.input_ids) == oracle["input_ids"][:len(ex)]
+    assert list(ex.loss_mask) == oracle["assistant_masks"][:len(ex)]
+    assert _masked_text(tok, ex.input_ids, ex.loss_mask).count("<|im_end|>") == 3
+    unmarked = Tokenizer(backend, eos_token="</s>", pad_token="</s>", extra_eos_token_ids=tok.eos_token_ids[1:],
+                         chat_template=think.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    with pytest.warns(UserWarning, match="renders earlier assistant turns differently"):
+        (alone,) = data.tokenize_all([{"messages": MULTI}], unmarked, max_length=256)
+    assert alone.input_ids == ex.input_ids and alone.prompt_mask == ()
+
+
 def test_multi_turn_with_smollm2s_template(smol):
     ex = data.tokenize({"messages": MULTI}, smol)
     whole = smol.encode(smol.apply_chat_template(MULTI, add_generation_prompt=False), add_special_tokens=False)

@@ -407,12 +407,14 @@ def split_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, chat_turns: 
                tools: list | None = None) -> ChatSplit:
     """The rendered chat as :func:`format_chat`'s prompt and completion, and the earlier assistant turns' spans.
 
-    With ``chat_turns="all"`` an earlier assistant turn is a target span: the text between the chat up to it
-    rendered with the generation prompt and the chat up to its end, where both renderings start the whole one. A
-    template that renders the chat up to a turn otherwise (it moves the system prompt into the last user turn, adds
-    or strips reasoning by a turn's place, or refuses a partial chat) leaves that turn as context, counted. Two
-    renderings per earlier assistant turn: the work grows with turns x length (a 50-turn chat: a few tenths of a
-    second), which the Loader's workers spread.
+    With ``chat_turns="all"`` the earlier assistant turns are target spans too. A template that marks them with
+    ``{% generation %}`` (as transformers' ``return_assistant_tokens_mask`` reads it) gives them in one rendering.
+    Otherwise a turn's span is the text between the chat up to it rendered with the generation prompt and the chat
+    up to its end, where both renderings start the whole one; a template that renders the chat up to a turn
+    otherwise (it moves the system prompt into the last user turn, adds or strips reasoning by a turn's place, or
+    refuses a partial chat) leaves that turn as context, counted. That is two renderings per earlier assistant
+    turn: the work grows with turns x length (a 50-turn chat: a few tenths of a second; the Loader's workers
+    spread it).
 
     Examples:
         >>> class Chat:  # a stand-in with a ChatML-like template
@@ -430,6 +432,10 @@ def split_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, chat_turns: 
     if chat_turns not in CHAT_TURNS:
         raise ValueError(f"`chat_turns` must be one of {CHAT_TURNS}; got {chat_turns!r}")
     prompt, completion = format_chat(messages, tokenizer, tools=tools)
+    marked = getattr(tokenizer, "generation_spans", None) if chat_turns == "all" else None
+    marked = marked and marked(messages, **({"tools": tools} if tools is not None else {}))
+    if marked and marked[0] == prompt + completion:
+        return ChatSplit(prompt, completion, tuple((i, j) for i, j in marked[1] if j <= len(prompt)), 0)
     targets, at, context = [], 0, 0
     for i, m in enumerate(messages[:-1] if chat_turns == "all" else ()):
         if m["role"] != "assistant":

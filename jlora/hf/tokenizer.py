@@ -41,9 +41,11 @@ Examples:
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -426,6 +428,40 @@ class Tokenizer:
             **{"tools": None, "documents": None, **variables, **template_kwargs})
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
+    def generation_spans(self, messages: Sequence[Mapping[str, Any]], **template_kwargs: Any
+                         ) -> tuple[str, list[tuple[int, int]]] | None:
+        """The whole conversation's text (no generation prompt) and the character spans that its chat template
+        marks with `{% generation %}` (the assistant turns, as transformers' `return_assistant_tokens_mask` reads
+        them); None for a template without such marks, or a conversation holding the marks' private-use
+        characters (U+E000, U+E001).
+
+        Examples:
+            >>> from tokenizers import Tokenizer as Backend, models
+            >>> marked = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
+            ...           "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}; {% endfor %}")
+            >>> tok = Tokenizer(Backend(models.BPE()), chat_template=marked)
+            >>> text, spans = tok.generation_spans([{"role": "user", "content": "hi"},
+            ...                                     {"role": "assistant", "content": "hello"}])
+            >>> text, [text[i:j] for i, j in spans]
+            ('user: hi; assistant: hello; ', ['hello'])
+        """
+        if self._chat_template is None or not _GENERATION_TAG.search(self._chat_template):
+            return None
+        token = _MARKING.set(True)
+        try:
+            marked = self.apply_chat_template(messages, add_generation_prompt=False, **template_kwargs)
+        finally:
+            _MARKING.reset(token)
+        pieces = re.split(f"([{_MARKS}])", marked)
+        if pieces[1::2] != list(_MARKS) * (len(pieces) // 4):    # marks that do not alternate: they were in the text
+            return None
+        text, spans = "", []
+        for i, piece in enumerate(pieces[::2]):
+            if i % 2:
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        return text, spans
+
     # ------------------------------------------------------------------ save
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -632,6 +668,12 @@ def _read_json(path: str) -> dict | None:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+# `{% generation %}` blocks: rendered between these private-use characters while `generation_spans` renders.
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+_MARKS = "\ue000\ue001"
+_MARKING = contextvars.ContextVar("jlora_mark_generation", default=False)
+
+
 @functools.cache
 def _jinja_env():
     """A sandboxed Jinja environment configured like transformers' chat template renderer."""
@@ -642,7 +684,8 @@ def _jinja_env():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class _Generation(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` (assistant-mask markers): render the body as is."""
+        """`{% generation %}...{% endgeneration %}` (assistant-mask markers): render the body as is, or between
+        `_MARKS` while `Tokenizer.generation_spans` renders."""
 
         tags = {"generation"}
 
@@ -652,7 +695,7 @@ def _jinja_env():
             return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
         def _render(self, caller):
-            return caller()
+            return f"{_MARKS[0]}{caller()}{_MARKS[1]}" if _MARKING.get() else caller()
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
