@@ -200,6 +200,32 @@ def _check_peft_geometry(path: str, lay: KernelLayout, merge_only: bool) -> None
                          f"`merge_only=True` to write the folder for PEFT users who merge it.")
 
 
+def check_exportable(adapters: Mapping, loaded, *, merge_only: bool = False) -> None:
+    """Raises the ValueError :func:`save` would raise for ``adapters`` on ``loaded``, from names and shapes alone
+    (nothing converted or written; a run checks its fresh adapters before training): an adapter or trained tensor
+    with no module name in the model's table, a conv adapter PEFT runs otherwise (unless ``merge_only``), DoRA on
+    a tied embedding (PEFT's tied ``lm_head`` would have magnitudes of its own)."""
+    by_path = {v: k for k, v in _module_table(loaded).items()}
+    tied = _tied_embedding(loaded)
+    for path, node in adapter_items(adapters):
+        for layer in [None] if np.ndim(node.a) == 2 else range(np.shape(node.a)[0]):
+            module = by_path.get((path, layer))
+            if module is None:
+                source = "PyTorch" if isinstance(loaded, TorchModel) else "Hugging Face"
+                raise ValueError(f"adapter at {path!r} has no {source} "
+                                 f"module name{'' if layer is None else f' for layer {layer}'} in the "
+                                 f"{_table_name(loaded)}; PEFT export supports the model's kernels and embeddings only")
+            if _kind(path, node.layout) == "conv":
+                _check_peft_geometry(path, node.layout, merge_only)
+            elif module == tied and dora_lib.MAGNITUDE in node.extras:
+                raise ValueError(_TIED_DORA.format(path=path, module=module, name=loaded.name, head=HEAD))
+    named = {(p, layer) for p, layer, _ in _param_table(loaded).values()}
+    for path, leaf in full_items(adapters):
+        if not any((path, layer) in named for layer in [None, *range(np.shape(leaf)[0] if np.ndim(leaf) else 0)]):
+            raise ValueError(f"the trained tensor at {path!r} has no PyTorch name in the {_table_name(loaded)}, so "
+                             f"PEFT export cannot name it")
+
+
 def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded, *,
          merge_only: bool = False) -> pathlib.Path:
     """Writes ``adapters`` as a PEFT LoRA adapter folder for ``loaded``'s Hugging Face or PyTorch model.
@@ -219,6 +245,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     from safetensors.numpy import save
 
     lora_lib.check_fits(loaded.params, adapters, cfg)
+    check_exportable(adapters, loaded, merge_only=merge_only)
     adapters, cfg = inits_lib.to_original_base(adapters, loaded.params, cfg)   # PiSSA/OLoRA: PEFT's conversion
     by_path: dict[tuple[str, int | None], str] = {v: k for k, v in _module_table(loaded).items()}
     tensors: dict[str, np.ndarray] = {}
@@ -232,25 +259,17 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         alpha = cfg.alpha_for(path)
         layers = [None] if a.ndim == 2 else list(range(a.shape[0]))
         for layer in layers:
-            module = by_path.get((path, layer))
-            if module is None:
-                source = "PyTorch" if isinstance(loaded, TorchModel) else "Hugging Face"
-                raise ValueError(f"adapter at {path!r} has no {source} "
-                                 f"module name{'' if layer is None else f' for layer {layer}'} in the "
-                                 f"{_table_name(loaded)}; PEFT export supports the model's kernels and embeddings only")
+            module = by_path[(path, layer)]        # every adapter has one (check_exportable)
             la, lb = (a, b) if layer is None else (a[layer], b[layer])
             kind = _kind(path, node.layout)
             if kind == "conv":
-                _check_peft_geometry(path, node.layout, merge_only)
                 big_a, big_b = conv_to_peft(la, lb, node.layout)
                 tensors[f"{PREFIX}{module}.lora_A.weight"] = big_a
                 tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(big_b)
             elif kind == "embedding":
                 tensors[f"{PREFIX}{module}.lora_embedding_A"] = np.ascontiguousarray(la.T)
                 tensors[f"{PREFIX}{module}.lora_embedding_B"] = np.ascontiguousarray(lb.T)
-                if module == tied and m is not None:
-                    raise ValueError(_TIED_DORA.format(path=path, module=module, name=loaded.name, head=HEAD))
-                if module == tied:   # the head's tied copy, as PEFT's ensure_weight_tying=True writes it
+                if module == tied:   # the head's tied copy, as PEFT's ensure_weight_tying=True writes it (not DoRA)
                     tensors[f"{PREFIX}{HEAD}.lora_A.weight"] = np.ascontiguousarray(lb)
                     tensors[f"{PREFIX}{HEAD}.lora_B.weight"] = np.ascontiguousarray(la)
                     ranks[HEAD], alphas[HEAD] = la.shape[-1], alpha
@@ -316,10 +335,7 @@ def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_m
         is_module = any(re.search(r, path) for r in cfg.modules_to_save)
         value = np.asarray(leaf, np.float32)
         layers = [None] if (path, None) in by_path else [i for i in range(value.shape[0]) if (path, i) in by_path]
-        if not layers:
-            raise ValueError(f"the trained tensor at {path!r} has no PyTorch name in the {_table_name(loaded)}, so "
-                             f"PEFT export cannot name it")
-        for layer in layers:
+        for layer in layers:           # at least one (check_exportable)
             name, perm = by_path[(path, layer)]
             v = value if layer is None else value[layer]
             module, leaf_name = name.rsplit(".", 1)

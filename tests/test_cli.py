@@ -1359,4 +1359,7 @@ def test_eval_out_never_replaces_another_adapters_report(tiny, tmp_path, monkeyp
     (other_run / "peft" / "adapter_config.json").write_text("{}")
     with pytest.raises(AssertionError, match="the model was loaded"):
         _main("eval", "--config", config, "--side-effects", "--adapter", other_run / "peft", "--out", other_run)
+    (tmp_path / "side_effects.json").write_text(json.dumps(reports["theirs"]))   # a folder further up: not its run
+    _error(*_main("eval", "--config", config, "--side-effects", "--adapter", other_run / "peft", "--out", tmp_path),
+           r"the side-effect report of another adapter")
     _error(*_main("eval", "--config", config, "--side-effects", "--overwrite"), r"--overwrite .*add --out DIR")

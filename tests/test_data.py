@@ -162,6 +162,26 @@ def test_a_template_with_generation_marks_gives_every_assistant_turn(tmp_path):
     assert alone.input_ids == ex.input_ids and alone.prompt_mask == ()
 
 
+def test_a_mark_that_stops_before_the_end_token_still_trains_it():
+    """A `{% generation %}` mark that closes before whitespace and the end-of-turn token: every turn still learns to
+    stop, as without marks (the end token after whitespace is part of the target), and marks in a chat's own text
+    make the template's marks unreadable, so the renderings decide."""
+    spaced = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+              "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %} <|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    backend = _backend()
+    kw = dict(eos_token="</s>", pad_token="</s>", extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+    marked = Tokenizer(backend, chat_template=spaced, **kw)
+    plain = Tokenizer(backend, chat_template=spaced.replace("{% generation %}", "").replace("{% endgeneration %}", ""),
+                      **kw)
+    ex = data.tokenize({"messages": MULTI}, marked)
+    assert ex == data.tokenize({"messages": MULTI}, plain)
+    assert _masked_text(marked, ex.input_ids, ex.loss_mask).count("<|im_end|>") == 3
+    odd = [dict(m, content=m["content"] + "\ue001") if m["role"] == "user" else m for m in MULTI]
+    assert marked.generation_spans(odd) is None
+    assert data.tokenize({"messages": odd}, marked) == data.tokenize({"messages": odd}, plain)
+
+
 def test_multi_turn_with_smollm2s_template(smol):
     ex = data.tokenize({"messages": MULTI}, smol)
     whole = smol.encode(smol.apply_chat_template(MULTI, add_generation_prompt=False), add_special_tokens=False)

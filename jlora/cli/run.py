@@ -43,7 +43,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -793,13 +792,12 @@ def _build(cfg: RunConfig, run_dir: pathlib.Path, loaded, data: _Data, scorer: s
     init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     layout = _layout(loaded)
     adapters, params = jlora.init_with_base(loaded.params, cfg.lora, key=init_key, layout=layout)
-    if cfg.run.export_peft:   # the export that ends the run, tried on the fresh adapters: refused now, not at the end
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                _export_peft(tmp, adapters, cfg.lora, loaded, cfg.model.path)
-            except ValueError as e:
-                raise ConfigError(f"run.export_peft: these adapters cannot be written as a PEFT folder at the end of "
-                                  f"the run: {e}; or set run.export_peft: false") from None
+    if cfg.run.export_peft:   # what the export that ends the run would refuse, refused now (names and shapes)
+        try:
+            jlora.peft.check_exportable(adapters, loaded)
+        except ValueError as e:
+            raise ConfigError(f"run.export_peft: these adapters cannot be written as a PEFT folder at the end of "
+                              f"the run: {e}; or set run.export_peft: false") from None
     print(jlora.summary(params, adapters))
     optimizer = make_optimizer(cfg)
     state = jlora.TrainState.create(adapters, optimizer, rng=rng)
@@ -1174,8 +1172,10 @@ def _check_report_out(out: str, source: str, *, overwrite: bool) -> None:
     folder, mine = pathlib.Path(out), pathlib.Path(source).resolve()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {out!r} is a file; pass a folder for the side-effect report (side_effects.json/.png)")
-    if overwrite or not folder.is_dir() or folder.resolve() == mine or folder.resolve() in mine.parents:
-        return        # the run evaluated, or the run whose folder holds it (its peft/ export)
+    if overwrite or not folder.is_dir() or folder.resolve() == mine:
+        return
+    if folder.resolve() == mine.parent and mine.name == PEFT_DIR and (folder / CONFIG_FILE).is_file():
+        return        # a run's own PEFT export, evaluated into the run's folder: the same adapters
     report = folder / side_effects_lib.REPORT_FILE
     if (folder / CONFIG_FILE).is_file() or (folder / CKPT_DIR).is_dir():
         owner = f"the run folder of another run ({folder.resolve()}), whose report describes that run"
@@ -1575,6 +1575,8 @@ def run_model_path(folder: pathlib.Path, cfg: RunConfig) -> str:
             continue
         root = here.parents[len(run_dir.parts) - 1]
         candidate = root / path
+        if str(candidate) == os.path.abspath(path):   # the working directory is where the run was trained
+            continue
         if candidate.exists():
             print(f"the run's model.path {path!r} is relative to {root}, where the run was trained: reading "
                   f"{candidate} (pass --model to choose another)", file=sys.stderr)

@@ -433,7 +433,10 @@ def split_chat(messages: Sequence[Mapping[str, Any]], tokenizer, *, chat_turns: 
         raise ValueError(f"`chat_turns` must be one of {CHAT_TURNS}; got {chat_turns!r}")
     prompt, completion = format_chat(messages, tokenizer, tools=tools)
     marked = getattr(tokenizer, "generation_spans", None) if chat_turns == "all" else None
-    marked = marked and marked(messages, **({"tools": tools} if tools is not None else {}))
+    try:
+        marked = marked and marked(messages, **({"tools": tools} if tools is not None else {}))
+    except Exception:  # noqa: BLE001 (the marks only save renderings; format_chat rendered this chat already)
+        marked = None
     if marked and marked[0] == prompt + completion:
         return ChatSplit(prompt, completion, tuple((i, j) for i, j in marked[1] if j <= len(prompt)), 0)
     targets, at, context = [], 0, 0
@@ -458,7 +461,8 @@ def _target_mask(tokenizer, text: str, spans: Sequence[tuple[int, int]], end: Se
                  ) -> tuple[list[int], list[int]]:
     """``text``'s ids (one encode, as generation sees it) and a 0/1 per id: 1 on the tokens that overlap a span,
     through the last end-of-turn id among them (the rest, e.g. ChatML's newline after ``<|im_end|>``, is
-    context), or through the end-of-turn id just after them (a template that closes a turn only before the next)."""
+    context), or, with none among them, through the end-of-turn id that follows them after whitespace at most (a
+    template that closes a turn only before the next, or whose ``{% generation %}`` mark stops before the end)."""
     if hasattr(tokenizer, "encode_offsets"):
         ids, offsets = tokenizer.encode_offsets(text)
     else:   # a transformers fast tokenizer
@@ -466,11 +470,16 @@ def _target_mask(tokenizer, text: str, spans: Sequence[tuple[int, int]], end: Se
         ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
     mask = [0] * len(ids)
     starts, stops = [a for a, _ in offsets], [b for _, b in offsets]
-    for s, e in spans:
+    for (s, e), after in zip(spans, [*(s for s, _ in spans[1:]), len(text)]):
         first, last = bisect.bisect_right(stops, s), bisect.bisect_left(starts, e)   # ids [first, last) overlap it
         through = _through_last_end(ids[first:last], end)
-        if not through and last < len(ids) and ids[last] in end:
-            through = last + 1 - first
+        k = last
+        while not through and k < len(ids) and starts[k] < after:
+            if ids[k] in end:
+                through = k + 1 - first
+            elif text[starts[k]:stops[k]].strip():
+                break
+            k += 1
         mask[first:first + (through or last - first)] = [1] * (through or last - first)
     return ids, mask
 

@@ -447,6 +447,8 @@ class Tokenizer:
         """
         if self._chat_template is None or not _GENERATION_TAG.search(self._chat_template):
             return None
+        if any(c in json.dumps([messages, template_kwargs], ensure_ascii=False, default=str) for c in _MARKS):
+            return None
         token = _MARKING.set(True)
         try:
             marked = self.apply_chat_template(messages, add_generation_prompt=False, **template_kwargs)
