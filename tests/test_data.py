@@ -108,23 +108,31 @@ INDENTED = [{"role": "user", "content": "code"}, {"role": "assistant", "content"
             {"role": "user", "content": "end"}, {"role": "assistant", "content": "done"}]
 
 
+def _checked_against_assistant_mask(folder, template, messages):
+    """A tokenizer with ``template`` and the example of ``messages`` (chat_turns='all'), whose ids and loss mask are
+    asserted equal to transformers' ``return_assistant_tokens_mask`` on the same folder (the oracle)."""
+    from transformers import AutoTokenizer
+
+    backend = _backend()
+    tok = Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="</s>", chat_template=template,
+                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
+    tok.save(folder)
+    oracle = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ex = data.tokenize({"messages": messages}, tok)
+    assert list(ex.input_ids) == oracle["input_ids"][:len(ex)]
+    assert list(ex.loss_mask) == oracle["assistant_masks"][:len(ex)]
+    return tok, ex
+
+
 @pytest.mark.parametrize("messages", [MULTI, INDENTED], ids=["json", "leading-whitespace"])
 def test_multi_turn_trains_every_assistant_turn_as_transformers_assistant_mask(tmp_path, messages):
     """chat_turns='all' (the default) masks exactly what transformers' assistant-token mask marks: each assistant
     turn's text and its <|im_end|> (the last turn's trailing newline is left out, as before), and the prompt's ids,
     earlier turns included, are those of the prompt encoded whole, as generation sees it, even where a token spans
     a turn's start ('\n   ')."""
-    from transformers import AutoTokenizer
-
-    backend = _backend()
-    tok = Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="</s>", chat_template=CHATML_MARKED,
-                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
-    tok.save(tmp_path)
-    oracle = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ex = data.tokenize({"messages": messages}, tok)
-    assert list(ex.input_ids) == oracle["input_ids"][:len(ex)]
-    assert list(ex.loss_mask) == oracle["assistant_masks"][:len(ex)] and sum(ex.prompt_mask) > 0
+    tok, ex = _checked_against_assistant_mask(tmp_path, CHATML_MARKED, messages)
+    assert sum(ex.prompt_mask) > 0
     prompt = tok.apply_chat_template(messages[:-1])
     assert list(ex.prompt_ids) == tok.encode(prompt, add_special_tokens=False)
     last = data.tokenize({"messages": messages}, tok, chat_turns="last")   # only the last turn, as jlora did before
@@ -139,23 +147,13 @@ def test_a_template_with_generation_marks_gives_every_assistant_turn(tmp_path):
     """A template whose rendering of a turn depends on its place (here, as Qwen3's, an empty think block on the last
     turn only) leaves earlier turns as context when it has no marks; with `{% generation %}` marks (as TRL's
     training templates add them) every assistant turn is a target, exactly as transformers' assistant mask says."""
-    from transformers import AutoTokenizer
-
     think = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
              "{% if loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
              "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    backend = _backend()
-    tok = Tokenizer(backend, eos_token="</s>", pad_token="</s>", chat_template=think,
-                    extra_eos_token_ids=[backend.token_to_id("<|im_end|>")])
-    tok.save(tmp_path)
-    oracle = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
-        MULTI, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ex = data.tokenize({"messages": MULTI}, tok)
-    assert list(ex.input_ids) == oracle["input_ids"][:len(ex)]
-    assert list(ex.loss_mask) == oracle["assistant_masks"][:len(ex)]
+    tok, ex = _checked_against_assistant_mask(tmp_path, think, MULTI)
     assert _masked_text(tok, ex.input_ids, ex.loss_mask).count("<|im_end|>") == 3
-    unmarked = Tokenizer(backend, eos_token="</s>", pad_token="</s>", extra_eos_token_ids=tok.eos_token_ids[1:],
+    unmarked = Tokenizer(_backend(), eos_token="</s>", pad_token="</s>", extra_eos_token_ids=tok.eos_token_ids[1:],
                          chat_template=think.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
     with pytest.warns(UserWarning, match="renders earlier assistant turns differently"):
         (alone,) = data.tokenize_all([{"messages": MULTI}], unmarked, max_length=256)
