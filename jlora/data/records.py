@@ -9,12 +9,13 @@ Records are objects in either of two formats (a data set may mix them):
   what generation sees); the completion is the rest of the fully rendered chat: the assistant text and the
   template's end-of-turn token(s), cut after the last end-of-turn id (ChatML's trailing newline after
   ``<|im_end|>`` is not trained). Earlier assistant turns are targets too (``chat_turns="all"``, the default; as
-  TRL's assistant-only loss), each split off the same way: the chat up to that turn rendered with the generation
-  prompt, then up to its end; a turn the template renders differently inside the whole chat (one that moves the
-  system prompt into the last user turn, or strips earlier turns' reasoning) stays context, with a warning.
-  ``chat_turns="last"`` trains the last turn only. A chat may carry ``tools`` (a list of JSON schemas, or its
-  JSON text), handed to the template as transformers hands it; an assistant turn with ``tool_calls`` may have no
-  ``content``.
+  TRL's assistant-only loss), each with its end-of-turn token: the spans the template marks as ``generation``
+  blocks, or else each turn split off the same way as the last (see :func:`split_chat`); a turn the template
+  renders differently inside the whole chat (one that moves the system prompt into the last user turn, or strips
+  earlier turns' reasoning) stays context, with a warning. The prompt, earlier turns included, is encoded once,
+  as generation sees it. ``chat_turns="last"`` trains the last turn only. A chat may carry ``tools`` (a list of
+  JSON schemas, or its JSON text), handed to the template as transformers hands it; an assistant turn with
+  ``tool_calls`` may have no ``content``.
 
 Data whose fields have other names maps them with ``columns``, ``{jlora's name: the data's name}``, e.g.
 ``{"prompt": "question", "completion": "answer"}`` or ``{"messages": "conversations"}``.
