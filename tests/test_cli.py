@@ -1257,6 +1257,7 @@ def _saved_run(run_dir, model, *, model_path=None, run_dir_field=None, seed=0, *
     return adapters
 
 
+@pytest.mark.slow   # ~12 s; its bank math: test_bank.py::test_a_bank_rank_above_a_kernel_side_pads_with_zeros
 def test_routed_generate_serves_a_pissa_run_whose_plain_rank_exceeds_a_kernel_side(tiny, tmp_path):
     """A PiSSA run of rank 12 is a plain LoRA of rank 24 on the original base, wider than the tiny Llama's 16-wide
     k/v kernels: --route puts it into a bank all the same (it failed: "bank rank 24 exceeds the smaller side"), and

@@ -215,6 +215,7 @@ class _TiedLM(nn.Module):
         return embed.attend(jnp.tanh(nn.Dense(8, name="mix")(embed(ids))))
 
 
+@pytest.mark.slow   # ~12 s; test_peft_dora_on_embeddings_applies_as_peft_runs_it checks apply and merge against PEFT
 def test_dora_embedding_init_apply_merge_and_train():
     """jlora's own DoRA embeddings (as PEFT initializes them: A zero, m the feature columns' norms): a fresh adapter
     changes nothing, a trained one equals the merged model in the lookup and in a tied head (attend), under jit and
