@@ -617,7 +617,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tiny, tmp_path, monkeypatch):
     assert _main("train", "--config", config, "--resume", "--no-progress")[0] == 0
 
 
-@pytest.mark.slow   # ~35 s: a whole run with the side-effect report; the split's eval: test_eval_reads_only_what_it_needs...
+@pytest.mark.slow   # ~35 s, a whole run; the split's eval: test_eval_reads_only_what_it_needs_and_writes_...
 def test_a_held_out_split_feeds_the_generation_eval_and_side_effects_need_no_after(tiny, tmp_path):
     """Without data.valid, the generation eval scores the data.valid_fraction split (as `jlora eval` does); the
     side-effect report runs with eval.after off; a step that the loop validated is not validated again; and
