@@ -549,6 +549,16 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Reads a YAML run config, applies ``--set`` overrides, and validates everything."""
+    raw = _read(path)
+    origins = {}
+    for item in overrides:
+        section, name, _ = _split_override(item)
+        origins[f"{section}.{name}"] = f"--set {item}"
+    return parse(apply_overrides(raw, overrides), source=str(path), origins=origins)
+
+
+def _read(path: str | pathlib.Path) -> dict:
+    """A YAML run config file's sections, read (errors name the file)."""
     path = pathlib.Path(path)
     if path.is_dir():
         raise ConfigError(f"config {str(path)!r} is a folder; pass --config with a YAML file such as "
@@ -564,11 +574,7 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path} must hold a mapping of sections {sorted(SECTIONS)}")
-    origins = {}
-    for item in overrides:
-        section, name, _ = _split_override(item)
-        origins[f"{section}.{name}"] = f"--set {item}"
-    return parse(apply_overrides(dict(raw), overrides), source=str(path), origins=origins)
+    return dict(raw)
 
 
 # Keys a run folder's config.yaml lacks when an older jlora wrote it, with the value that jlora behaved as, so a run
@@ -579,8 +585,7 @@ SINCE: dict[str, Any] = {"data.chat_turns": "last"}
 def load_run(path: str | pathlib.Path) -> RunConfig:
     """A run folder's saved config.yaml (:func:`load`); a key in :data:`SINCE` that it lacks takes the value the
     jlora that wrote it behaved as."""
-    cfg = load(path)
-    raw = read_yaml(pathlib.Path(path).read_text())
+    raw = _read(path)
     older = [f"{key}={value}" for key, value in SINCE.items()
-             if key.split(".")[1] not in raw.get(key.split(".")[0], {})]
-    return load(path, older) if older else cfg
+             if key.split(".")[1] not in (raw.get(key.split(".")[0]) or {})]
+    return parse(apply_overrides(raw, older), source=str(path))

@@ -73,21 +73,16 @@ def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array 
     Returns:
         ``g * (x @ W + s * (x @ A) @ B) + bias`` with ``g = m / stop_gradient(||W + s A B||)``.
     """
-    a, b, m = node.a, node.b, node.extras[MAGNITUDE]
-    norm = jax.lax.stop_gradient(_at_precision_of(column_norm(kernel, a, b, scale), m))
+    g32 = _gain(kernel, node, scale)
     lift = (None,) * (y.ndim - 1)                          # explicit broadcasting over batch axes
-    g32 = m.astype(jnp.float32) / norm
-    # g - 1 in fp32: in bf16 a magnitude change under 0.4% (its step near 1) would round away in the output
-    g, shift = g32.astype(dtype)[lift], (g32 - 1).astype(dtype)[lift]
-    a, b = a.astype(dtype), b.astype(dtype)
+    a, b = node.a.astype(dtype), node.b.astype(dtype)
     if dropout is None:
         xd = x.astype(dtype)
         base = y if bias is None else y - bias.astype(y.dtype)[lift]
     else:
         xd = dropout(x).astype(dtype)
         base = jnp.matmul(xd, kernel.astype(dtype))
-    low = scale * jnp.matmul(jnp.matmul(xd, a), b)
-    return (y + shift * base.astype(dtype) + g * low).astype(y.dtype)
+    return _rescaled(y, base, scale * jnp.matmul(jnp.matmul(xd, a), b), g32[lift], dtype)
 
 
 def embed_output(x: jax.Array, y: jax.Array, table: jax.Array, node: Adapter, scale: float, dtype,
@@ -116,19 +111,29 @@ def embed_output(x: jax.Array, y: jax.Array, table: jax.Array, node: Adapter, sc
         >>> bool(jnp.allclose(embed_output(ids, e[ids], e, node, 0.5, jnp.float32), merged[ids], atol=1e-5))
         True
     """
-    a, b, m = node.a, node.b, node.extras[MAGNITUDE]
-    norm = jax.lax.stop_gradient(_at_precision_of(column_norm(table, a, b, scale), m))
-    g32 = m.astype(jnp.float32) / norm
-    a, b = a.astype(dtype), b.astype(dtype)
+    g32 = _gain(table, node, scale)
+    a, b = node.a.astype(dtype), node.b.astype(dtype)
     lift = (None,) * (jnp.ndim(x) - (method == "attend"))      # explicit broadcasting over batch axes
     if method == "attend":   # the merged table's product: (q * g) @ E^T + s ((q * g) @ B^T) @ A^T
         q = x.astype(dtype) * g32.astype(dtype)[lift]
         out = jnp.matmul(q, table.astype(dtype).T) + scale * jnp.matmul(jnp.matmul(q, b.T), a.T)
         return out.astype(y.dtype)
-    # g - 1 in fp32, as in dense_output: a bf16 magnitude change near 1 must not round away
-    g, shift = g32.astype(dtype)[lift], (g32 - 1).astype(dtype)[lift]
-    low = scale * jnp.matmul(jnp.take(a, x, axis=0), b)
-    return (y + shift * y.astype(dtype) + g * low).astype(y.dtype)
+    return _rescaled(y, y, scale * jnp.matmul(jnp.take(a, x, axis=0), b), g32[lift], dtype)
+
+
+def _gain(kernel: jax.Array, node: Adapter, scale: float) -> jax.Array:
+    """``g = m / stop_gradient(||W + s A B||)`` per output feature, in fp32 (the norm at the magnitude's
+    precision, :func:`_at_precision_of`)."""
+    m = node.extras[MAGNITUDE]
+    norm = _at_precision_of(column_norm(kernel, node.a, node.b, scale), m)
+    return m.astype(jnp.float32) / jax.lax.stop_gradient(norm)
+
+
+def _rescaled(y: jax.Array, base: jax.Array, low: jax.Array, g32: jax.Array, dtype) -> jax.Array:
+    """``g * (base + low)`` written as ``y + (g - 1) * base + g * low`` (``y`` is ``base`` plus any bias), with
+    ``g - 1`` taken in fp32: in bf16 a magnitude change under 0.4% (its step near 1) would round away."""
+    g, shift = g32.astype(dtype), (g32 - 1).astype(dtype)
+    return (y + shift * base.astype(dtype) + g * low).astype(y.dtype)
 
 
 def _at_precision_of(norm: jax.Array, m: jax.Array) -> jax.Array:
