@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 
 
 def as_buffer(fn: Callable[[jax.Array], object], x: jax.Array, *, like: jax.Array) -> object:
@@ -35,6 +36,9 @@ def as_buffer(fn: Callable[[jax.Array], object], x: jax.Array, *, like: jax.Arra
         x: its operand.
         like: any array of the primal computation; its first element picks one of the two identical branches
             (an empty one: plain ``fn(x)``). Never a tangent: reverse mode needs the choice fixed before backward.
+            Under ``vmap`` the choice stays one scalar (:func:`_first_is_zero`), so the conditional is still one
+            and still transposes (a batched choice would turn it into a select, which reverse mode cannot take
+            through a linear ``x``).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -44,7 +48,21 @@ def as_buffer(fn: Callable[[jax.Array], object], x: jax.Array, *, like: jax.Arra
     """
     if jax.default_backend() != "cpu" or not like.size:
         return fn(x)
-    return jax.lax.cond(jnp.ravel(like)[0] == 0, fn, fn, x)
+    return jax.lax.cond(_first_is_zero(jax.lax.stop_gradient(like)), fn, fn, x)
+
+
+@custom_batching.custom_vmap
+def _first_is_zero(like: jax.Array) -> jax.Array:
+    """``like``'s first element is 0: a data-dependent scalar, so that XLA cannot fold the conditional away. Its
+    batching rule takes the first element of the whole batch and stays unbatched: both branches are the same
+    function, so any scalar picks right, and an unbatched one keeps the conditional a conditional."""
+    return jnp.ravel(like)[0] == 0
+
+
+@_first_is_zero.def_vmap
+def _first_is_zero_batched(axis_size: int, in_batched: list[bool], like: jax.Array) -> tuple[jax.Array, bool]:
+    del axis_size, in_batched
+    return jnp.ravel(like)[0] == 0, False
 
 
 def squeeze_leading(x: jax.Array) -> jax.Array:

@@ -377,6 +377,41 @@ def test_lora_dense_gradients_pass_numerical_checks():
                            jax.grad(loss(plain), argnums=range(5))(x, xd, w, a, b), atol=1e-5)
 
 
+def test_gradients_through_vmap_of_an_adapted_dense():
+    """Reverse mode through jlora under ``vmap`` over the inputs: a batched loss, per-example gradients and a Linen
+    ``nn.vmap`` ensemble's train step. On CPU the one-matmul path's buffer conditional used to turn into a select
+    there, whose reverse pass raised "Transpose rule ... for 'stop_gradient' not implemented". The oracle is the
+    same loss through the merged kernel."""
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="kernel")
+    x = jax.random.normal(jax.random.key(5), (3, 4, 6))
+    dense = nn.Dense(5)
+    params = dense.init(KEY, x[0])["params"]
+    ad = randomize(jlora.init(params, cfg, key=jax.random.key(1)), jax.random.key(2))
+    ours = lambda a, xi: jnp.sum(jnp.sin(jlora.apply(dense, params, a, cfg, xi)))                 # noqa: E731
+    merged = lambda a, xi: jnp.sum(jnp.sin(dense.apply({"params": jlora.merge(params, a, cfg)}, xi)))  # noqa: E731
+    batched = lambda f: lambda a: jnp.sum(jax.vmap(lambda xi: f(a, xi))(x))                      # noqa: E731
+    assert_trees_all_close(jax.grad(batched(ours))(ad), jax.grad(batched(merged))(ad), atol=1e-5)
+    per_example = lambda f: jax.jit(jax.vmap(jax.grad(f), (None, 0)))                             # noqa: E731
+    assert_trees_all_close(per_example(ours)(ad, x), per_example(merged)(ad, x), atol=1e-5)
+
+    class Ensemble(nn.Module):                          # one Dense per leading slice of x
+        @nn.compact
+        def __call__(self, x):
+            return nn.vmap(nn.Dense, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True})(5)(x)
+
+    model = Ensemble()
+    params = model.init(KEY, x)["params"]
+    ad = randomize(jlora.init(params, cfg, key=jax.random.key(1), layout=jlora.layout(model, x)), jax.random.key(2))
+    loss = lambda f, batch: (jnp.mean(f(batch["x"]) ** 2), {})                                # noqa: E731
+    got = jax.grad(lambda a: loss(lambda v: jlora.apply(model, params, a, cfg, v), {"x": x})[0])(ad)
+    want = jax.grad(lambda a: loss(lambda v: model.apply({"params": jlora.merge(params, a, cfg)}, v), {"x": x})[0])(ad)
+    assert_trees_all_close(got, want, atol=1e-5)
+    opt = optax.adam(1e-2)
+    state, _ = jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=loss))(
+        jlora.TrainState.create(ad, opt, rng=KEY), params, {"x": x})
+    assert int(state.step) == 1
+
+
 def test_lora_dense_frozen_kernel_costs_no_weight_gradient():
     """With the kernel frozen its tangent is a symbolic zero: the step does the FLOPs of the two-matmul form."""
     from jlora.transform import _low_rank_matmul, lora_dense

@@ -496,7 +496,7 @@ def test_rope_tables_are_computed_once_per_call_on_cpu():
     """XLA:CPU fuses a plain ``cos`` / ``sin`` into each consumer (every layer's query and key rotations, forward
     and backward) and evaluates it once per head there; ``layers.rope_cos_sin`` makes the tables one buffer per
     call instead. So the compiled gradient's cosine count must not grow with the layer count, and the tables
-    still equal the plain formula, under ``vmap`` as well (where the conditional becomes a select)."""
+    still equal the plain formula, under ``vmap`` as well."""
     from jlora.models import layers
 
     def cosines(num_layers):
