@@ -9,9 +9,11 @@ model family's parameter table (:mod:`jlora.models`), the single source of names
 Export writes ``target_modules`` and pattern keys as full module names, so PEFT's matching (a key matches a
 module name ``m`` when ``re.match(rf"(.*\\.)?({key})$", m)``) selects exactly what jlora trained; a pattern key
 whose name is the dotted tail of another adapted module's (``proj`` and ``block.proj``) is written anchored,
-``^proj``. Import applies those same semantics to ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``,
-checks every tensor against the base model, and refuses PEFT features jlora does not implement rather than
-ignoring them.
+``^proj``; ``base_model_name_or_path`` is the absolute path the base was read from (:func:`base_model_reference`),
+as PEFT writes it. Import applies those same semantics to ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``,
+checks every tensor against the base model, refuses a folder that holds LoRA tensors of modules PEFT would not
+adapt (its ``target_modules``, ``exclude_modules``, ``modules_to_save`` or ``layers_to_transform`` leave them out,
+and PEFT would drop them), and refuses PEFT features jlora does not implement rather than ignoring them.
 
 Import warns (:class:`BaseModelWarning`) when ``base_model_name_or_path`` clearly names another model than the one
 loaded (a base and its instruct variant have the same shapes, so nothing else would tell): its final name is
@@ -62,9 +64,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # adapter_config.json keys jlora reads, and keys it may ignore when they hold these neutral values.
 _HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora",
             "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path", "bias", "use_dora",
-            "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern"}
-_IGNORED = {"auto_mapping", "peft_version", "revision", "inference_mode", "exclude_modules",
-            "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "loftq_config",
+            "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "exclude_modules"}
+_IGNORED = {"auto_mapping", "peft_version", "revision", "inference_mode", "megatron_core", "runtime_config",
+            "qalora_group_size", "ensure_weight_tying", "loftq_config",
             "eva_config"}   # EVA's settings shape only the initial factors; its ranks are in rank_pattern
 # init_lora_weights values that leave the base unchanged (PiSSA, OLoRA, LoftQ, CorDA... change it)
 _PLAIN_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
@@ -104,6 +106,7 @@ _TYPES = {
     "alpha_pattern": (lambda v: v is None or isinstance(v, dict) and all(map(_number, v.values())),
                       "an object mapping module patterns to numbers"),
     "target_modules": (lambda v: v is None or isinstance(v, str) or _strings(v), "a string or a list of strings"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _strings(v), "a string or a list of strings"),
     "modules_to_save": (lambda v: v is None or _strings(v), "a list of module names"),
     "bias": (lambda v: isinstance(v, str), "a string"),
     "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)), "true, false or a string"),
@@ -141,6 +144,91 @@ def _outside_layers(config: Mapping[str, Any], modules) -> list[str]:
         return next((int(m.group(1)) for m in found if m), None)
 
     return sorted(m for m in modules if index(m) not in keep)
+
+
+def _peft_skips(config: Mapping[str, Any], module: str, *, linear: bool = True) -> str | None:
+    """The adapter_config.json key for which PEFT 0.21 puts no LoRA on ``module`` (a module name without the
+    ``base_model.model.`` prefix), or None when it adapts it: its ``check_target_module_exists`` without the layer
+    indices (:func:`_outside_layers` checks those).
+
+    ``exclude_modules`` (a string: ``re.fullmatch``; a list: the name or a ``.``-suffix) and ``modules_to_save`` (a
+    module to save, or a module inside one, gets no LoRA) come first; then ``target_modules``: a list entry matches
+    the name or a ``.``-suffix, a string is ``re.fullmatch``ed, and ``"all-linear"`` selects the ``linear`` modules
+    (PEFT's Linear and Conv1D layers but the output head). ``null`` stands for PEFT's default for the model type,
+    a table jlora does not copy: not checked.
+
+    Examples:
+        >>> config = {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["layers.0.q_proj"]}
+        >>> [_peft_skips(config, m) for m in ("layers.0.q_proj", "layers.1.q_proj", "layers.1.k_proj")]
+        ['exclude_modules', None, 'target_modules']
+        >>> _peft_skips({"target_modules": "layers[.]1[.].*"}, "layers.0.q_proj")
+        'target_modules'
+        >>> _peft_skips({"target_modules": "all-linear"}, "embed", linear=False)
+        'target_modules'
+        >>> _peft_skips({"target_modules": ["proj"], "modules_to_save": ["block"]}, "block.proj")
+        'modules_to_save'
+    """
+    exclude = config.get("exclude_modules")
+    if exclude and (re.fullmatch(exclude, module) if isinstance(exclude, str) else
+                    module in exclude or any(module.endswith(f".{e}") for e in exclude)):
+        return "exclude_modules"
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or []):
+        return "modules_to_save"
+    target = config.get("target_modules")
+    if target is None:
+        return None
+    if isinstance(target, str):
+        found = linear if target.lower() == "all-linear" else re.fullmatch(target, module)
+    else:
+        found = module in target or any(module.endswith(f".{t}") for t in target)
+    return None if found else "target_modules"
+
+
+def _regexes(config: Mapping[str, Any]):
+    """(key, pattern, the regular expression PEFT builds of it) for every pattern of ``config`` PEFT reads as one."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(key) or {}:
+            yield key, pattern, rf"(.*\.)?({pattern})$"
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), str):
+            yield key, config[key], config[key]
+    for pattern in config.get("modules_to_save") or []:
+        yield "modules_to_save", pattern, rf"(^|.*\.){pattern}($|\..*)"
+    layers = config.get("layers_pattern") or []
+    for pattern in [layers] if isinstance(layers, str) else layers:
+        yield "layers_pattern", pattern, rf"(?:^|.*?\.){pattern}\."
+
+
+def _few(keys) -> str:
+    """The first three of ``keys``, sorted, and how many more: one readable line."""
+    keys = sorted(keys)
+    return f"{keys[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+
+
+# what each adapter_config.json key does to the modules PEFT leaves without LoRA (:func:`_peft_skips`)
+_SKIPPED = {"target_modules": "does not select", "exclude_modules": "excludes",
+            "modules_to_save": "saves whole (PEFT puts no LoRA on a module to save)"}
+
+
+def _check_targeted(folder: pathlib.Path, config: Mapping[str, Any], found, loaded, table, flat_params) -> None:
+    """Raises when PEFT would not adapt some modules whose LoRA tensors the folder holds (it would leave those tensors
+    out and apply the rest): the folder contradicts itself, as with :func:`_outside_layers`."""
+    def linear(module: str) -> bool:   # what PEFT's "all-linear" selects: Linear/Conv1D layers, not the output head
+        path = table[module][0]
+        head = module == HEAD and not isinstance(loaded, TorchModel)
+        return not head and _kind(path, _layout(loaded, path, flat_params)) == "linear"
+
+    all_linear = str(config.get("target_modules")).lower() == "all-linear"
+    skipped: dict[str, list[str]] = {}
+    for module in found:
+        key = _peft_skips(config, module, linear=not all_linear or linear(module))
+        if key:
+            skipped.setdefault(key, []).append(module)
+    if skipped:
+        why = "; ".join(f"{key}={config[key]!r} {_SKIPPED[key]} {_few(modules)}" for key, modules in skipped.items())
+        raise ValueError(f"adapter {folder} holds LoRA tensors of modules PEFT would not adapt, so PEFT would leave "
+                         f"them out and apply only the rest: {why}. Correct {' and '.join(skipped)} in {CONFIG_FILE} "
+                         f"to select every module whose tensors are here, or remove those tensors")
 
 
 def _neutral(value: Any) -> bool:
@@ -286,7 +374,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     config = {
         "peft_type": "LORA",
         "task_type": None if isinstance(loaded, TorchModel) else "CAUSAL_LM",
-        "base_model_name_or_path": loaded.name or "unknown",
+        "base_model_name_or_path": base_model_reference(loaded),
         "r": int(r),
         "lora_alpha": alpha,
         "target_modules": sorted(ranks),
@@ -313,6 +401,21 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     (out / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def base_model_reference(loaded) -> str:
+    """What :func:`save` writes as ``base_model_name_or_path``: the absolute path ``loaded`` was read from
+    (``loaded.source``: an HF folder, which PEFT's ``AutoPeftModelForCausalLM`` loads as it is, or a ``.gguf``
+    file, which transformers reads from its folder with ``gguf_file=``), as PEFT writes the path it loaded the base
+    from; else (a model built in memory, a :class:`TorchModel`) its name, or ``"unknown"``.
+
+    Examples:
+        >>> class Read: source, name = "/models/tiny", "org/tiny"
+        >>> class Built: source, name = "", "tiny"
+        >>> base_model_reference(Read()), base_model_reference(Built())
+        ('/models/tiny', 'tiny')
+    """
+    return getattr(loaded, "source", "") or getattr(loaded, "name", None) or "unknown"
 
 
 def _save_full(tensors: dict, adapters: Mapping, cfg: LoraConfig, loaded, lora_modules: set[str],
@@ -398,6 +501,14 @@ def _read_config(folder: pathlib.Path) -> dict[str, Any]:
     for key, (accepts, expected) in _TYPES.items():
         if key in config and not accepts(config[key]):
             raise ValueError(f"{path}: {key} is {json.dumps(config[key])}; it must be {expected} (JSON)")
+    for key, pattern, regex in _regexes(config):
+        try:
+            re.compile(regex)
+        except re.error as e:
+            read = "" if regex == pattern else f" (PEFT reads it as {regex!r})"
+            raise ValueError(f"{path}: {key} holds {pattern!r}, which is not a valid regular expression{read}: {e}. "
+                             f"Correct it in {CONFIG_FILE} (re.escape a literal name); PEFT cannot read it "
+                             f"either") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; jlora reads LoRA adapters only")
     unsupported = sorted(k for k, v in config.items() if k not in _HANDLED | _IGNORED and not _neutral(v))
@@ -445,9 +556,11 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``.
 
     Raises:
-        ValueError: keys that do not fit the base model (listing missing and unexpected keys), tensors of the
-            wrong shape or not finite, config values of the wrong type, unsupported PEFT features, an adapted tied
-            embedding that PEFT ran untied, a pickle ``adapter_model.bin``, or a corrupt file.
+        ValueError: keys that do not fit the base model (listing missing and unexpected keys), a file with no LoRA
+            tensors, LoRA tensors of modules the folder's own config leaves out (PEFT would drop them), tensors of
+            the wrong shape or not finite, config values of the wrong type or invalid regular expressions,
+            unsupported PEFT features, an adapted tied embedding that PEFT ran untied, a pickle
+            ``adapter_model.bin``, or a corrupt file.
     """
     folder = pathlib.Path(folder)
     config = _read_config(folder)
@@ -457,6 +570,11 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
         raise ValueError(f"adapter {folder} holds tensors with NaN or infinite values: {bad[:5]}"
                          f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; the adapter is corrupt (or its "
                          f"training diverged)")
+    if not any(_KEY.match(k.removeprefix(PREFIX)) for k in tensors):
+        held = f"it holds {len(tensors)} tensors: {_few(tensors)}" if tensors else "it holds no tensors"
+        raise ValueError(f"{folder / WEIGHTS_FILE} holds no LoRA tensors (names ending in .lora_A.weight, "
+                         f".lora_B.weight, .lora_embedding_A/B or .lora_magnitude_vector); {held}. It is not the "
+                         f"weights file of a PEFT LoRA adapter: save the adapter again with PEFT's save_pretrained")
     table = _module_table(loaded)
     params_table = _param_table(loaded)
     flat_params = tree_lib.flatten(loaded.params)
@@ -485,12 +603,10 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     missing = [f"{PREFIX}{mod}.{'lora_A' if p == 'a' else 'lora_B'}" for mod, pair in found.items()
                for p in "ab" if p not in pair]
     if unexpected or missing or not found:
-        def few(keys: list[str]) -> str:   # the first three and the count: one readable line
-            return f"{sorted(keys)[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
-
         raise ValueError(f"adapter {folder} does not fit the base model {loaded.name!r}: unexpected keys "
-                         f"{few(unexpected)}; missing keys {few(missing)}. Module names here look like "
+                         f"{_few(unexpected)}; missing keys {_few(missing)}. Module names here look like "
                          f"{sorted(table)[:3]}; the adapter is for another model or its module names are misspelled.")
+    _check_targeted(folder, config, found, loaded, table, flat_params)
     outside = _outside_layers(config, found)
     if outside:
         raise ValueError(f"adapter {folder}: layers_to_transform={config['layers_to_transform']} (layers_pattern="

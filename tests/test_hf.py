@@ -386,6 +386,56 @@ def test_error_truncated_or_corrupt_safetensors(saved, tmp_path):
         hf.load(folder)
 
 
+
+def _raw_safetensors(path, header: dict, data: bytes, pad: int = 0) -> None:
+    blob = json.dumps(header).encode() + b" " * pad
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob + data)
+
+
+def test_error_safetensors_data_not_exactly_covered(saved, tmp_path):
+    """As the safetensors library (the oracle) reads the format: the tensors' byte ranges, sorted, tile the data
+    section from its first byte to the file's last; trailing bytes, gaps and overlaps are refused naming the file.
+    Valid files load: safetensors' own (its header padded with spaces), torch's, an empty one."""
+    import safetensors.numpy
+    import safetensors.torch
+
+    folder = _copy_folder(saved["llama"][1], tmp_path / "m")
+    path = os.path.join(folder, hf.WEIGHTS_FILE)
+    with open(path, "ab") as f:
+        f.write(b"\0" * 100)
+    with pytest.raises(Exception, match="incomplete metadata, file not fully covered"):
+        safetensors.numpy.load_file(path)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file \(its tensors' data "
+                                         r"ends at byte (\d+) but the file has \d+ bytes: 100 bytes follow it\)"):
+        hf.load(folder)
+    f32 = {"dtype": "F32", "shape": [2]}
+    for offsets, data, why in [([[0, 8], [12, 20]], 20, r"tensor 'b' starts at byte 12 of the data, but the tensors "
+                                                        r"before it end at byte 8 \(a gap of 4 bytes\)"),
+                               ([[0, 8], [4, 12]], 12, r"tensor 'b' starts at byte 4 of the data, but the tensors "
+                                                       r"before it end at byte 8 \(they overlap\)"),
+                               ([[8, 16], [0, 8]], 20, r"its tensors' data ends at byte \d+ but the file has \d+ "
+                                                       r"bytes: 4 bytes follow it")]:
+        bad = tmp_path / "bad.safetensors"
+        _raw_safetensors(bad, {"a": {**f32, "data_offsets": offsets[0]}, "b": {**f32, "data_offsets": offsets[1]}},
+                         bytes(data))
+        with pytest.raises(Exception, match="invalid offset|incomplete metadata"):
+            safetensors.numpy.load_file(bad)
+        with pytest.raises(ValueError, match=rf"{bad} is not a valid safetensors file \({why}\)"):
+            hf.SafetensorsFile(bad)
+    # out of order but tiling the data, an empty tensor, padding: valid for the library and for jlora
+    x = np.arange(4, dtype=np.float32)
+    _raw_safetensors(bad, {"b": {**f32, "data_offsets": [8, 16]}, "e": {"dtype": "F32", "shape": [0, 3],
+                     "data_offsets": [8, 8]}, "a": {**f32, "data_offsets": [0, 8]}}, x.tobytes(), pad=5)
+    want = safetensors.numpy.load_file(bad)
+    got = hf.SafetensorsFile(bad)
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    np_save, torch_save = safetensors.numpy.save_file, safetensors.torch.save_file
+    for name, tensors, save in [("numpy", {"w": x}, np_save), ("empty", {}, np_save),
+                                ("torch", {"w": torch.arange(3.0)}, torch_save)]:
+        save(tensors, tmp_path / f"{name}.safetensors")
+        assert len(hf.SafetensorsFile(tmp_path / f"{name}.safetensors")) == len(tensors)
+
 def test_error_missing_shard(tmp_path):
     _hf_model("llama").save_pretrained(tmp_path, max_shard_size="20KB")
     shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1]

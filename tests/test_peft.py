@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from copy import deepcopy
 
 import jax
 import jax.numpy as jnp
@@ -364,6 +365,11 @@ def test_unsupported_peft_features_and_pickles_are_refused(tmp_path):
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a valid safetensors file.*truncated or "
                                          "corrupt"):
         jlora.peft.load(out, loaded)
+    loaded, out = _exported(tmp_path / "trailing")
+    with open(out / "adapter_model.safetensors", "ab") as f:
+        f.write(b"\0" * 100)
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a valid safetensors file.*100 bytes follow"):
+        jlora.peft.load(out, loaded)
 
 
 def test_an_adapter_for_another_base_model_warns_naming_both(tmp_path):
@@ -415,3 +421,116 @@ def test_an_adapter_for_another_base_model_warns_naming_both(tmp_path):
     for label, file in (("tinyllama_tinyllama-1.1b-chat-v1.0", "/m/tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf"),
                         ("mymodel-q8_0", "/m/mymodel-q8_0.gguf")):
         assert load_with(file, dataclasses.replace(loaded, name=label, source=file)) == [], file
+
+
+# ---------------------------------------------------------------- target_modules, exclude_modules
+def _peft_adapted(hf_model, folder):
+    """The modules PEFT itself adapts when it loads ``folder`` onto ``hf_model`` (the oracle)."""
+    pm = peft.PeftModel.from_pretrained(hf_model, str(folder)).eval()
+    return pm, {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and m.lora_A
+                or isinstance(getattr(m, "lora_embedding_A", None), torch.nn.ParameterDict) and m.lora_embedding_A}
+
+
+@pytest.mark.parametrize("targets, edits", [
+    (["q_proj", "v_proj"], [{"target_modules": ["q_proj"]}, {"target_modules": ".*q_proj"},
+                            {"exclude_modules": ["v_proj"]}, {"exclude_modules": r"model\.layers\.1\..*"},
+                            {"target_modules": ["layers.0.self_attn.q_proj", "v_proj"]},
+                            {"target_modules": ["self_attn.q_proj", "v_proj"]}, {"target_modules": r".*\.(q|v)_proj"},
+                            {"exclude_modules": ["k_proj", "layers.0.self_attn"]}, {"target_modules": "all-linear"},
+                            {"target_modules": None}]),
+    (["embed_tokens", "lm_head", "q_proj"], [{"target_modules": "all-linear"}, {"target_modules": "ALL-LINEAR"}]),
+])
+def test_tensors_of_modules_peft_would_not_adapt_are_refused(targets, edits, tmp_path):
+    """PEFT adapts only the modules its target_modules select (a list entry: the name or a dotted suffix; a string:
+    re.fullmatch; "all-linear": Linear layers but the output head) that exclude_modules (a list: name or dotted
+    suffix; a string: re.fullmatch) and modules_to_save leave in, and drops other tensors of the file: a folder
+    whose config contradicts its tensors is refused naming the modules PEFT would leave out; one PEFT applies whole
+    loads with PEFT's logits."""
+    hf_model, loaded = _hf_model("llama", tmp_path)
+    pm = peft.get_peft_model(deepcopy(hf_model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                 init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "good")
+    # (saved with random B; read with PEFT's default init, so that modules PEFT adapts beyond the file start at zero)
+    config = {**json.loads((tmp_path / "good" / "adapter_config.json").read_text()), "init_lora_weights": True}
+    tensors = jlora.hf.SafetensorsFile(tmp_path / "good" / "adapter_model.safetensors")
+    held = {re.sub(r"\.(lora_\w+)(\.weight)?$", "", k.removeprefix("base_model.model.")) for k in tensors
+            if ".lora_" in k}
+    refused = 0
+    for edit in edits:
+        (tmp_path / "good" / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+        theirs, adapted = _peft_adapted(deepcopy(hf_model), tmp_path / "good")
+        dropped = sorted(held - adapted)
+        if not dropped:
+            adapters, cfg = jlora.peft.load(tmp_path / "good", loaded)
+            ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+            assert max_diff(ours, _torch_logits(theirs)) <= 1e-4, edit
+            continue
+        refused += 1
+        field = next(iter(edit))
+        with pytest.raises(ValueError, match=rf"{field}={re.escape(repr(edit[field]))} .*{re.escape(str(dropped[:3]))}"
+                                             rf".*Correct {field} in adapter_config.json") as e:
+            jlora.peft.load(tmp_path / "good", loaded)
+        assert str(tmp_path / "good") in str(e.value), edit
+        assert not [m for m in held - set(dropped) if m in str(e.value)], (edit, "only the dropped modules are named")
+    assert refused == (5 if targets[0] == "q_proj" else 2)
+    if targets[0] == "q_proj":   # a module to save gets no LoRA: PEFT fails on such a folder (a KeyError)
+        (tmp_path / "good" / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["v_proj"]}))
+        with pytest.raises(KeyError):
+            _peft_adapted(deepcopy(hf_model), tmp_path / "good")
+        with pytest.raises(ValueError, match=r"modules_to_save=\['v_proj'\] saves whole \(PEFT puts no LoRA on a "
+                                             r"module to save\) \['model.layers.0.self_attn.v_proj', 'model.layers.1"):
+            jlora.peft.load(tmp_path / "good", loaded)
+
+
+@pytest.mark.parametrize("key, value, error", [
+    ("rank_pattern", {"q_proj[": 2}, "unterminated character set"),
+    ("alpha_pattern", {"v_proj": 2, "(q_proj": 3}, "missing \\), unterminated subpattern"),
+    ("target_modules", "*q_proj", "nothing to repeat"),
+    ("exclude_modules", "q_proj)", "unbalanced parenthesis"),
+])
+def test_invalid_regular_expressions_are_refused_naming_the_key(key, value, error, tmp_path):
+    loaded, out = _exported(tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    pattern = value if isinstance(value, str) else list(value)[-1]
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out / 'adapter_config.json'))}: {key} holds "
+                                         rf"{re.escape(repr(pattern))}.*not a valid regular expression.*{error}"):
+        jlora.peft.load(out, loaded)
+
+
+def test_a_file_without_lora_tensors_says_so(tmp_path):
+    from safetensors.numpy import save_file
+
+    loaded, out = _exported(tmp_path)
+    file = out / "adapter_model.safetensors"
+    save_file({}, file)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(file))} holds no LoRA tensors .*it holds no tensors"):
+        jlora.peft.load(out, loaded)
+    save_file({"base_model.model.model.norm.weight": np.ones(32, np.float32), "foo": np.ones(2, np.float32)}, file)
+    with pytest.raises(ValueError, match=r"holds no LoRA tensors .*it holds 2 tensors: \['base_model.model.model.norm."
+                                         r"weight', 'foo'\]"):
+        jlora.peft.load(out, loaded)
+
+
+def test_export_names_the_base_by_the_path_it_was_loaded_from(tmp_path):
+    """As PEFT writes it (and as the CLI does): AutoPeftModelForCausalLM finds the base, and jlora's own import of
+    the folder says nothing about another base model."""
+    import warnings
+
+    hf_model, loaded = _hf_model("llama", tmp_path)
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj",))
+    adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.3)
+    out = jlora.peft.save(tmp_path / "adapter", adapters, cfg, jlora.hf.load(str(tmp_path / "llama" / "config.json")))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "llama").absolute())
+    theirs = _torch_logits(peft.AutoPeftModelForCausalLM.from_pretrained(str(out)).eval())
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    assert max_diff(ours, theirs) <= 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jlora.peft.BaseModelWarning)
+        jlora.peft.load(out, loaded)
+    # a GGUF file is named itself; a model read from nowhere (built in memory) by its name
+    for source, name, written in (("/m/tiny.Q4_1.gguf", "Tiny Run 3", "/m/tiny.Q4_1.gguf"), ("", "tiny", "tiny")):
+        out = jlora.peft.save(tmp_path / "a2", adapters, cfg, dataclasses.replace(loaded, source=source, name=name))
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == written

@@ -75,8 +75,10 @@ _CORRUPT = ("{file} is not a valid safetensors file ({why}); it is probably trun
 class SafetensorsFile(Mapping):
     """Read-only mapping tensor name -> numpy array (a view of a memory map) of one `.safetensors` file.
 
-    The header is validated on open: every tensor must lie inside the file and its byte range must match
-    its dtype and shape; otherwise a ValueError names the file (and the tensor).
+    The header is validated on open as the safetensors library reads it: each tensor's byte range must match
+    its dtype and shape, and the ranges, sorted, must tile the data section (the bytes after the header, which may
+    be padded with spaces) exactly: no gap, no overlap, no bytes after the last tensor. Otherwise a ValueError
+    names the file (and the tensor).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -114,7 +116,23 @@ class SafetensorsFile(Mapping):
                     file=self.path, why=f"tensor {name!r} ends at byte {self._start + end} but the file has "
                                         f"{size} bytes"))
             self._entries[name] = (dtype, shape, begin, end)
+        self._check_covered(size)
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start else None
+
+    def _check_covered(self, size: int) -> None:
+        """Raises unless the tensors' byte ranges, sorted, tile the data section from its start to the file's end
+        (each range already lies inside the file)."""
+        covered = 0
+        for name, (_, _, begin, end) in sorted(self._entries.items(), key=lambda item: item[1][2:]):
+            if begin != covered:
+                raise ValueError(_CORRUPT.format(file=self.path, why=(
+                    f"tensor {name!r} starts at byte {begin} of the data, but the tensors before it end at byte "
+                    f"{covered} ({f'a gap of {begin - covered} bytes' if begin > covered else 'they overlap'})")))
+            covered = end
+        if self._start + covered != size:
+            raise ValueError(_CORRUPT.format(file=self.path, why=(
+                f"its tensors' data ends at byte {self._start + covered} but the file has {size} bytes: "
+                f"{size - self._start - covered} bytes follow it")))
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
