@@ -258,10 +258,7 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
         if path not in slots:
             raise ValueError(f"the adapter at {path!r} is outside the bank, which covers {sorted(slots)[:6]}"
                              f"{' ...' if len(slots) > 6 else ''}; create the bank with targets covering it")
-        if not cfg.matches(path):
-            raise ValueError(f"the adapter at {path!r} is not one that its config targets (targets="
-                             f"{list(cfg.targets)}, exclude={list(cfg.exclude)}): pass the LoraConfig the adapters "
-                             f"were made with (it gives their scales)")
+        lora_lib.check_targeted(path, cfg)
         if slots[path].layout is not None:
             transform.check_layout(node, slots[path].layout, path, "the bank reads that kernel as")
         r = node.rank

@@ -63,7 +63,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from jlora import tree as tree_lib
 from jlora.config import CHANGES_BASE, LoraConfig
-from jlora.lora import plain_params
+from jlora.lora import check_fits, plain_params
 from jlora.train import TrainState
 
 FORMAT = "jlora.checkpoint/1"
@@ -390,7 +390,8 @@ class CheckpointManager:
             step: the checkpoint's step number (usually ``int(state.step)``); it must be after every saved step.
             state: the :class:`jlora.TrainState` to save.
             params: the frozen base params the adapters belong to; only their :func:`fingerprint` is written.
-            lora_config: the adapters' config.
+            lora_config: the adapters' config. The adapters must fit both (:func:`jlora.lora.check_fits`, shapes
+                and paths only), else a ``ValueError`` is raised before anything is written.
             name: a human-readable name of the base model (e.g. ``loaded.name``), shown in errors.
             data_position: anything JSON-serializable that says where the data loader is (e.g. ``loader.position``).
             metrics: optional ``{name: number}``, e.g. ``{"eval_loss": 1.23}``; ``best_metric`` ranks by it.
@@ -406,6 +407,12 @@ class CheckpointManager:
             raise ValueError(f"`state` must be a jlora.TrainState; got {type(state).__name__}")
         if not isinstance(lora_config, LoraConfig):
             raise ValueError(f"`lora_config` must be a jlora.LoraConfig; got {type(lora_config).__name__}")
+        try:       # shapes and paths only: the metadata must name the base and config the adapters belong to
+            check_fits(params, state.adapters, lora_config)
+        except ValueError as e:
+            raise ValueError(f"cannot save step {step}: the adapters in `state` do not fit the `params` (base "
+                             f"{name or 'unnamed'!r}) and `lora_config` given, so the checkpoint would be labelled "
+                             f"with the wrong base or config: {e}") from None
         metrics = _check_metrics(metrics, self._options.best_metric)
         try:
             json.dumps(data_position)

@@ -44,6 +44,24 @@ _NEEDS_LAYOUT = (
     "outputs or a scanned layer axis. Pass `layout=jlora.layout(model, *example_args)` (derived once by "
     "tracing the model), or exclude this path from the targets."
 )
+_NOT_PARAMS = (
+    "`params` must be the model's params: a nested dict of arrays (or jax.ShapeDtypeStructs) such as "
+    "`model.init(key, x)['params']`, or an NNX model or its param state; got {got}"
+)
+_NOT_ADAPTERS = (
+    "`adapters` must be the pytree jlora.init returns (a nested dict with a jlora.Adapter at each adapted "
+    "kernel's path); got {got}"
+)
+_PLAIN_ADAPTER = (
+    "the adapter at {path!r} is a plain dict with keys {keys}, not a jlora.Adapter node (an orbax restore without "
+    "a target returns such dicts). Restore with a target (CheckpointManager.restore_adapters does, or pass "
+    "`jax.eval_shape(lambda: jlora.init(params, cfg, key=key, layout=layout))` to orbax's StandardRestore), or "
+    "rebuild each node: jlora.Adapter(d['a'], d['b'], layout=...)"
+)
+_NOT_TARGETED = (
+    "the adapter at {path!r} is not one that its config targets (targets={targets}, exclude={exclude}): pass the "
+    "LoraConfig the adapters were made with (it gives their scales)"
+)
 _COLLECTIONS = ("params", "batch_stats", "cache", "intermediates", "lora", "constants")
 _WHOLE_VARIABLES = (
     "`params` looks like a whole variables dict (top-level keys {keys}); jlora functions take the params "
@@ -66,8 +84,10 @@ def resolve(params: Any, layout: Mapping | None) -> tuple[Mapping, Mapping | Non
 
 
 def check_params(params: Mapping) -> None:
-    """Raises if ``params`` is a whole Flax variables dict (``{"params": ...}``) instead of its params."""
-    keys = list(params) if isinstance(params, Mapping) else []
+    """Raises if ``params`` is not a params tree, or is a whole Flax variables dict (``{"params": ...}``)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(_NOT_PARAMS.format(got=type(params).__name__))
+    keys = list(params)
     if "params" in keys and all(k in _COLLECTIONS for k in keys):
         raise ValueError(_WHOLE_VARIABLES.format(keys=keys))
 
@@ -258,19 +278,40 @@ def _layout_of(path: str, node: Adapter, layout, shape: tuple[int, ...]) -> Kern
     return default_layout(path, shape) if len(shape) == 2 else None
 
 
+def check_targeted(path: str, cfg: LoraConfig) -> None:
+    """Raises if ``cfg`` does not target ``path``, where an adapter sits: its scale there would be a guess.
+
+    Examples:
+        >>> check_targeted("q_proj/kernel", LoraConfig(targets="q_proj"))
+        >>> check_targeted("v_proj/kernel", LoraConfig(targets="q_proj"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the adapter at 'v_proj/kernel' is not one that its config targets (targets=['q_proj'], ...
+    """
+    if not cfg.matches(path):
+        raise ValueError(_NOT_TARGETED.format(path=path, targets=list(cfg.targets), exclude=list(cfg.exclude)))
+
+
 def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None,
                layout: Mapping[str, KernelLayout] | None = None) -> None:
     """Raises if ``adapters`` do not fit ``params`` (or ``cfg``'s ranks), naming the first mismatch.
 
-    Checks that every adapter's path is a parameter, that its factors have the shapes its recorded layout (else
+    Checks that ``params`` and ``adapters`` are trees of the kind :func:`init` takes and returns, that every
+    adapter's path is a parameter that ``cfg`` targets, that its factors have the shapes its recorded layout (else
     ``layout``'s, else the 2-D default) gives for that kernel (an extra leading axis means stacked adapters), that
     its rank is ``cfg``'s at that path, and that every whole trained tensor has its parameter's shape.
     """
     params = plain_params(params)
     check_params(params)
+    if not isinstance(adapters, Mapping):
+        raise TypeError(_NOT_ADAPTERS.format(got=type(adapters).__name__))
     flat_params = tree_lib.flatten(params)
     for path, leaf in full_items(adapters):
         shape = tuple(np.shape(flat_params[path])) if path in flat_params else None
+        parent, _, name = path.rpartition("/")
+        if shape is None and name in ("a", "b") and parent in flat_params:   # a dict where an Adapter belongs
+            keys = sorted(p.rpartition("/")[2] for p, _ in full_items(adapters) if p.rpartition("/")[0] == parent)
+            raise TypeError(_PLAIN_ADAPTER.format(path=parent, keys=keys))
         if shape != tuple(np.shape(leaf)):
             raise ValueError(f"the fully trained tensor at {path!r} has shape {tuple(np.shape(leaf))} but the "
                              f"parameter there {'does not exist' if shape is None else f'has shape {shape}'}; "
@@ -280,6 +321,8 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None
             near = [p for p in flat_params if p.rsplit("/", 1)[-1] in ("kernel", "embedding")][:10]
             raise ValueError(f"adapter at {path!r} has no parameter at that path; the adapters were made for a "
                              f"different model. Kernel paths here look like: {near}")
+        if cfg is not None:
+            check_targeted(path, cfg)
         shape = tuple(flat_params[path].shape)
         lay = _layout_of(path, node, layout, shape)
         if lay is None:
@@ -458,4 +501,4 @@ def summary(params: Mapping, adapters: Mapping, *, ranks: tuple[int, ...] | None
 
 __all__ = ["Adapter", "KernelLayout", "Layout", "init", "merge", "unmerge", "delta", "grouped_matmul", "count",
            "summary",
-           "check_fits", "overlay", "target_paths", "dense_value", "adapter_items", "full_items"]
+           "check_fits", "check_targeted", "overlay", "target_paths", "dense_value", "adapter_items", "full_items"]

@@ -585,7 +585,8 @@ def to_flax_lora(model: nnx.Module, adapters_in: Mapping, cfg: LoraConfig) -> nn
 
     The inverse of :func:`from_flax_lora` (``lora_b = scale * b``), in place; returns ``model``. Every adapter
     needs an ``nnx.LoRALinear`` or ``nnx.LoRA`` layer of the same rank at its path; DoRA adapters and whole
-    trained tensors have no Flax counterpart and are refused.
+    trained tensors have no Flax counterpart and are refused; every check runs before anything is written, so a
+    refused call leaves the model as it was.
     """
     layers = _flax_lora_layers(model)
     for path, node in adapter_lib.adapter_items(adapters_in):
@@ -601,12 +602,14 @@ def to_flax_lora(model: nnx.Module, adapters_in: Mapping, cfg: LoraConfig) -> nn
             raise ValueError(f"the adapter at {path!r} (a {tuple(jnp.shape(node.a))}, b {tuple(jnp.shape(node.b))}) "
                              f"does not fit the Flax LoRA layer there (lora_a {tuple(lora.lora_a.shape)}, lora_b "
                              f"{tuple(lora.lora_b.shape)})")
-        lora.lora_a.set_value(jnp.asarray(node.a, lora.lora_a.dtype))
-        lora.lora_b.set_value(jnp.asarray(cfg.scale(path) * node.b, lora.lora_b.dtype))
     full = sorted(p for p, _ in adapter_lib.full_items(adapters_in))
     if full:
         raise ValueError(f"whole trained tensors at {full[:5]} have no place in Flax's LoRA layers; merge them into "
                          f"the params instead")
+    for path, node in adapter_lib.adapter_items(adapters_in):     # checked all: now write
+        lora = layers[path]
+        lora.lora_a.set_value(jnp.asarray(node.a, lora.lora_a.dtype))
+        lora.lora_b.set_value(jnp.asarray(cfg.scale(path) * node.b, lora.lora_b.dtype))
     return model
 
 

@@ -13,7 +13,9 @@ The axes are ``AxisType.Auto``: shardings are placed on the arguments and XLA's 
 in the collectives, so the same unmodified train step (:func:`jlora.make_train_step`) runs on any mesh and
 computes the same numbers as on one device. Adapters follow their base kernel (A like the kernel's input dim, B
 like its output dim, the rank dim replicated) and optimizer state follows the adapters, so the LoRA update
-needs no extra communication. A scanned layer stack's leading layer axis is never sharded.
+needs no extra communication. A scanned layer stack's leading layer axis is never sharded, where the rule knows
+the stack: a family's ``layer_prefix``, or with the generic rule the ``stacked=`` module paths the caller names
+(from the params alone, a ``(16, 8, 8)`` stack of 16 Dense kernels looks like one DenseGeneral kernel).
 
 Multi-host is ``jax.distributed``: call :func:`initialize` in every process, build the same mesh over all global
 devices, feed each process its own rows with :func:`shard_local_batch`, and guard logging with
@@ -128,7 +130,17 @@ def _divisor_hint(size: int, n: int) -> int:
     return max(d for d in range(1, n + 1) if size % d == 0 and n % d == 0)
 
 
-def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, family: Any = None) -> P:
+def _stacked(stacked: str | Sequence[str]) -> tuple[str, ...]:
+    return tuple(p.rstrip("/") for p in ((stacked,) if isinstance(stacked, str) else stacked))
+
+
+def _stack_depth(path: str, stacked: Sequence[str]) -> int:
+    """How many of the ``stacked`` module paths ``path`` lies under: its leading layer axes (nested scans add)."""
+    return sum(path == p or path.startswith(p + "/") for p in stacked)
+
+
+def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, family: Any = None, *,
+              stacked: str | Sequence[str] = ()) -> P:
     """The :class:`PartitionSpec` of one frozen parameter (see :func:`param_specs` for the rules; each family's
     module in :mod:`jlora.models` shows its tensor rules in action).
 
@@ -138,10 +150,14 @@ def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, family: Any = None)
         P('fsdp', None)
         >>> leaf_spec("norm/scale", (32,), mesh)
         P(None,)
+        >>> leaf_spec("layers/proj/kernel", (16, 8, 8), mesh), leaf_spec("layers/proj/kernel", (16, 8, 8), mesh,
+        ...                                                               stacked="layers")
+        (P('fsdp', None, None), P(None, 'fsdp', None))
     """
     fam = _family(family)
     spec: list[Any] = [None] * len(shape)
-    lead = 1 if fam is not None and path.startswith(fam.layer_prefix + "/") else 0
+    lead = max(1 if fam is not None and path.startswith(fam.layer_prefix + "/") else 0,
+               _stack_depth(path, _stacked(stacked)))
     n_tp, n_fsdp = _size(mesh, "tensor"), _size(mesh, "fsdp")
     split = models.tensor_split(fam, path) if fam is not None and n_tp > 1 else None
     if split is not None and len(shape) - lead >= (1 if path.endswith("bias") else 2):
@@ -157,33 +173,52 @@ def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, family: Any = None)
     return P(*spec)
 
 
-def param_specs(params: Any, mesh: Mesh, family: Any = None) -> Any:
+def param_specs(params: Any, mesh: Mesh, family: Any = None, *, stacked: str | Sequence[str] = ()) -> Any:
     """:class:`PartitionSpec` of every frozen parameter, in the tree structure of ``params``.
 
     Rules: with ``tensor > 1``, the family's Megatron rules (:func:`jlora.models.tensor_split`: column-parallel
     kernels and their biases by output columns, row-parallel kernels by input rows, embeddings by vocabulary);
     a dim it splits must divide (else a ValueError naming the parameter). Then with ``fsdp > 1``, each kernel or
-    embedding (>= 2 dims besides a scanned layer axis, which the family's ``layer_prefix`` identifies) is sharded
-    along its largest remaining dim divisible by the fsdp size (left replicated if none divides). Vectors (norm
-    scales, biases) stay replicated. ``family=None`` is the generic rule for any model: FSDP only.
+    embedding (>= 2 dims besides a scanned layer axis) is sharded along its largest remaining dim divisible by
+    the fsdp size (left replicated if none divides). Vectors (norm scales, biases) stay replicated.
+    ``family=None`` is the generic rule for any model: FSDP only.
+
+    A scanned layer axis is known from the family's ``layer_prefix``, or from ``stacked``: the generic rule cannot
+    tell it from the shapes, so without ``stacked`` it may shard the leading axis of an ``nn.scan`` stack (and
+    each step then gathers whole stacks). Name the stacks' module paths there.
 
     Args:
         params: the frozen parameter tree (arrays or anything with ``.shape``, e.g. ``jax.eval_shape`` output).
         mesh: from :func:`make_mesh`.
         family: a :class:`jlora.models.Family` (``loaded.family``), a family's name or one of its HF model
             types, or None.
+        stacked: module paths of layer stacks made by ``nn.scan`` (e.g. ``"layers"``, the scanned module's
+            name): every parameter under one keeps its leading layer axis unsharded, and its vectors (biases,
+            norm scales) stay replicated. A parameter under nested stacks has one layer axis per path.
 
     Raises:
-        ValueError: ``family`` names no family jlora implements, or a dim the tensor axis splits does not
-            divide by its size.
+        ValueError: ``family`` names no family jlora implements, a path of ``stacked`` holds no parameter, or a
+            dim the tensor axis splits does not divide by its size.
+
+    Examples:
+        >>> mesh = make_mesh(fsdp=8)
+        >>> params = {"layers": {"up": {"kernel": jnp.zeros((16, 8, 32)), "bias": jnp.zeros((16, 32))}}}
+        >>> param_specs(params, mesh, stacked="layers")["layers"]["up"]
+        {'bias': P(None, None), 'kernel': P(None, None, 'fsdp')}
     """
+    stacked = _stacked(stacked)
+    paths = [tree_lib.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    empty = [p for p in stacked if not any(_stack_depth(q, (p,)) for q in paths)]
+    if empty:
+        raise ValueError(f"`stacked` names {empty}, which hold no parameter; name the module paths of scanned layer "
+                         f"stacks. The parameter paths look like: {paths[:10]}")
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: leaf_spec(tree_lib.path_str(kp), tuple(x.shape), mesh, family), params)
+        lambda kp, x: leaf_spec(tree_lib.path_str(kp), tuple(x.shape), mesh, family, stacked=stacked), params)
 
 
-def param_shardings(params: Any, mesh: Mesh, family: Any = None) -> Any:
+def param_shardings(params: Any, mesh: Mesh, family: Any = None, *, stacked: str | Sequence[str] = ()) -> Any:
     """:func:`param_specs` as :class:`NamedSharding` objects on ``mesh`` (for ``jax.device_put`` / ``jax.jit``)."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, family),
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, family, stacked=stacked),
                         is_leaf=lambda x: isinstance(x, P))
 
 

@@ -40,6 +40,9 @@ class TrainState(NamedTuple):
         return cls(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters), rng)
 
 
+_LM_INPUTS = ("attention_mask", "loss_mask", "positions", "segment_ids")   # what lm_loss reads besides input_ids
+
+
 def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict]:
     """The default loss: ``apply_fn(input_ids, **model_inputs)``, then :func:`causal_lm_loss`.
 
@@ -51,6 +54,12 @@ def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict
     models: ``apply_fn.hidden_output`` is true, and the output layer carries no adapter and no quantization), the
     loss is :func:`jlora.loss.fused_causal_lm_loss`, the same value without (B, T, vocab) logits in memory.
     """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        found = (f"holds keys {sorted(map(str, batch))}" if isinstance(batch, Mapping)
+                 else f"is a {type(batch).__name__}")
+        raise ValueError(f"the default loss (jlora.lm_loss) needs a dict batch with 'input_ids' (and optionally "
+                         f"{', '.join(map(repr, _LM_INPUTS))}); the batch {found}. Rename the key, or pass a "
+                         f"`loss_fn` that reads your batch")
     kwargs = {k: batch[k] for k in ("attention_mask", "positions", "segment_ids") if k in batch}
     mask = batch.get("loss_mask", batch.get("attention_mask"))
     if "loss_mask" not in batch and "segment_ids" in batch:

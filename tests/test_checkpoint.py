@@ -469,6 +469,25 @@ def test_save_refuses_bad_input(tmp_path, tiny):
         CheckpointManager(tmp_path, max_to_keep=0)
 
 
+def test_save_refuses_adapters_that_do_not_fit_its_params_or_config_and_writes_nothing(tmp_path, tiny):
+    _, params, _, state0 = tiny
+    directory = tmp_path / "ckpt"
+    manager = CheckpointManager(directory)
+    wider = {**params, "up": {**params["up"], "kernel": jnp.zeros((16, 48))}}    # another model's up: (16, 48)
+    with pytest.raises(ValueError, match=r"cannot save step 1: the adapters in `state` do not fit the `params` "
+                                         r"\(base 'other'\).*'up/kernel'.*kernel \(16, 48\).*b \(4, 32\)"):
+        manager.save(1, state0, params=wider, lora_config=CFG, name="other")
+    with pytest.raises(ValueError, match=r"cannot save step 1.*'down/kernel' has rank 4 but the config gives rank 2"):
+        manager.save(1, state0, params=params, lora_config=dataclasses.replace(CFG, rank=2))
+    with pytest.raises(ValueError, match=r"cannot save step 1.*'down/kernel' is not one that its config targets"):
+        manager.save(1, state0, params=params, lora_config=dataclasses.replace(CFG, targets=("up", "head")))
+    assert not directory.exists() or listing(directory) == {}
+    assert manager.all_steps() == []
+    manager.save(1, state0, params=params, lora_config=CFG)
+    assert manager.all_steps() == [1]
+    manager.close()
+
+
 def test_save_refuses_a_step_before_the_latest(tmp_path, tiny):
     """orbax skips such a step (its save returns False): that must be an error, not a silent no-op."""
     _, params, _, state0 = tiny

@@ -277,6 +277,31 @@ def test_adapter_mismatch_names_path_and_shapes():
         jlora.apply(model, params, {**adapters, "other": {"kernel": adapters["kernel"]}}, cfg, x)
 
 
+def test_misused_arguments_say_what_they_are_and_what_to_pass():
+    x = jnp.ones((2, 8))
+    model = nn.Dense(4)
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="kernel")
+    params, _, adapters = _setup(model, x, cfg=cfg, layout=False)
+    plain = {"kernel": {"a": adapters["kernel"].a, "b": adapters["kernel"].b}}   # orbax's restore without a target
+    with pytest.raises(TypeError, match=r"'kernel' is a plain dict with keys \['a', 'b'\], not a jlora.Adapter"):
+        jlora.apply(model, params, plain, cfg, x)
+    with pytest.raises(TypeError, match=r"plain dict.*Restore with a target"):
+        jlora.merge(params, plain, cfg)
+    with pytest.raises(TypeError, match=r"`params` must be the model's params.*got NoneType"):
+        jlora.init(None, cfg, key=KEY)
+    with pytest.raises(TypeError, match=r"`adapters` must be the pytree jlora.init returns.*got list"):
+        jlora.merge(params, [adapters], cfg)
+    # a config that does not target an adapter would give it a guessed scale: refused as jlora.bank.put refuses it
+    other = jlora.LoraConfig(rank=2, alpha=1, targets="kernel_x")
+    for call in (lambda: jlora.merge(params, adapters, other),
+                 lambda: jax.jit(lambda p, a: jlora.apply(model, p, a, other, x))(params, adapters)):
+        with pytest.raises(ValueError, match=r"adapter at 'kernel' is not one that its config targets \(targets="
+                                             r"\['kernel_x'\], exclude=\[\]\): pass the LoraConfig"):
+            call()
+    with pytest.raises(ValueError, match="not one that its config targets"):
+        jlora.apply(model, params, adapters, jlora.LoraConfig(rank=2, targets="kernel", exclude="kernel"), x)
+
+
 def test_rank_larger_than_kernel_side_is_an_error():
     with pytest.raises(ValueError, match=r"rank 16 .* exceeds .* 8 in x 4 out"):
         jlora.init({"d": {"kernel": jnp.zeros((8, 4))}}, jlora.LoraConfig(rank=16, targets="d"), key=KEY)

@@ -395,6 +395,13 @@ def test_flax_lora_layers_both_ways():
     assert_trees_all_close(jlora.nnx.from_flax_lora(flax_model, cfg), ad, atol=1e-6)
     with pytest.raises(ValueError, match="rank 2 but the config gives rank 4"):
         jlora.nnx.from_flax_lora(flax_model, jlora.LoraConfig(rank=4, targets="kernel"))
+    # a refused call writes nothing: the whole trained biases are refused before any lora_a/lora_b is set
+    with_bias = dataclasses.replace(cfg, bias="all")
+    before = [np.asarray(v) for v in jax.tree.leaves(nnx.state(flax_model))]
+    with pytest.raises(ValueError, match=r"whole trained tensors at \['l1/bias', 'l2/bias'\]"):
+        jlora.nnx.to_flax_lora(flax_model, _random_adapters(plain, with_bias, seed=5), with_bias)
+    for old, new in zip(before, jax.tree.leaves(nnx.state(flax_model)), strict=True):
+        np.testing.assert_array_equal(new, old)
 
 
 def test_unsupported_layers_are_named_with_their_path():

@@ -273,6 +273,57 @@ def test_scanned_layer_axis_is_never_sharded_and_biases_follow_columns():
     assert _specs(params, mesh, None)["layers/self_attn/q_proj/kernel"] == (None, None, "fsdp")
 
 
+def test_generic_rule_keeps_the_layer_axis_of_a_named_scan_stack_whole_in_the_compiled_step():
+    """family=None cannot tell a (16, 8, 8) stack of Dense kernels from one DenseGeneral kernel: unnamed, FSDP takes
+    the largest divisible dim, the layer axis; named by ``stacked=``, no all-gather of the compiled step gathers a
+    stack along its layer axis (each one would gather all 16 layers' weights at every step)."""
+    import flax.linen as nn
+
+    layers = 16
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(8, name="proj")(jnp.tanh(nn.LayerNorm(name="norm")(x))), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True}, length=layers)
+            return scan(name="layers")(x, None)[0]
+
+    model, x = Stack(), jnp.ones((8, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    mesh = parallel.make_mesh(fsdp=8)
+    assert tuple(parallel.param_specs(params, mesh)["layers"]["proj"]["kernel"]) == ("fsdp", None, None)
+    specs = jlora.tree.flatten(parallel.param_specs(params, mesh, stacked="layers"))
+    assert {k: tuple(v) for k, v in specs.items()} == {
+        "layers/proj/kernel": (None, "fsdp", None), "layers/proj/bias": (None, None),
+        "layers/norm/scale": (None, None), "layers/norm/bias": (None, None)}
+    with pytest.raises(ValueError, match=r"`stacked` names \['layer'\], which hold no parameter.*layers/proj"):
+        parallel.param_specs(params, mesh, stacked="layer")
+
+    cfg = jlora.LoraConfig(rank=2, targets="proj")
+    adapters = jlora.init(params, cfg, key=jax.random.key(1), layout=jlora.layout(model, x))
+    opt = optax.sgd(0.1)
+    p_sh = parallel.param_shardings(params, mesh, stacked="layers")
+    state = jlora.TrainState.create(adapters, opt, rng=jax.random.key(2))
+    s_sh = parallel.state_shardings(state, parallel.adapter_shardings(adapters, p_sh), opt)
+
+    def loss_fn(apply_fn, batch):
+        loss = jnp.mean(apply_fn(batch["x"]) ** 2)
+        return loss, {"loss": loss}
+
+    step = parallel.make_sharded_train_step(model, cfg, opt, mesh, param_shardings=p_sh, state_shardings=s_sh,
+                                            loss_fn=loss_fn, donate=False)
+    hlo = step.lower(parallel.place(state, s_sh), parallel.place(params, p_sh),
+                     parallel.shard_batch({"x": x}, mesh)).compile().as_text()
+    gathers = re.findall(r"= \w+\[([\d,]+)\][^ ]* all-gather(?:-start)?\(.*?dimensions=\{(\d+)\}", hlo)
+    assert gathers                                     # the sharded kernels are gathered, by their feature dim
+    whole_stacks = [g for g in gathers if g[1] == "0" and g[0].split(",")[0] == str(layers)]
+    assert not whole_stacks, whole_stacks
+
+
 def test_generic_rule_leaves_non_divisible_kernels_replicated():
     mesh = parallel.make_mesh(fsdp=8)
     params = {"a": {"kernel": jnp.zeros((12, 20))}, "b": {"kernel": jnp.zeros((12, 24))}}

@@ -165,6 +165,20 @@ def test_config_validation_property(rank, alpha, dropout):
             jlora.LoraConfig(rank=rank, alpha=alpha, dropout=dropout)
 
 
+def test_default_loss_names_the_batch_keys_it_has_and_needs():
+    import flax.linen as nn
+
+    model, x = nn.Dense(4), jnp.ones((2, 8))
+    params = model.init(KEY, x)["params"]
+    cfg, opt = jlora.LoraConfig(rank=2, targets="kernel"), optax.sgd(0.1)
+    state = jlora.TrainState.create(jlora.init(params, cfg, key=KEY), opt, rng=KEY)
+    with pytest.raises(ValueError, match=r"needs a dict batch with 'input_ids' \(and optionally 'attention_mask', "
+                                         r"'loss_mask', 'positions', 'segment_ids'\); the batch holds keys \['x'\]"):
+        jlora.make_train_step(model, cfg, opt)(state, params, {"x": x})
+    with pytest.raises(ValueError, match=r"the batch is a tuple"):
+        jlora.make_train_step(model, cfg, opt)(state, params, (x,))
+
+
 def test_config_errors_name_field_and_value():
     with pytest.raises(ValueError, match=r"`targets` holds an invalid regex '\(q'"):
         jlora.LoraConfig(targets="(q")
