@@ -430,3 +430,16 @@ def test_the_run_holds_out_a_seeded_validation_split_of_the_train_file(smol, rec
     assert got.valid == data.tokenize_all([r for _, r in want_valid], smol, max_length=cfg.data.max_length,
                                           sources=[w for w, _ in want_valid])
     assert [w for w, _ in got.train.scan()] == [f"{path}:{i + 1}" for i in range(41) if not held[i]]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_counts_are_the_examples_in_the_yielded_batches_at_a_packed_stream_end(drop_last):
+    """Packing with drop_last does not yield the stream's last, partial batch; its examples are not counted as
+    read into training either (they were: 10 counted, 8 yielded). The oracle is the segments of the batches."""
+    from jlora.data.records import Example
+
+    examples = [Example((1, 1, 1), (5, 5, 5)) for _ in range(10)]              # 6 tokens: two to a row of 12
+    loader = data.Loader(examples, batch_size=2, max_length=12, pad_id=0, packing=True, epochs=1,
+                         drop_last=drop_last, shuffle=False)
+    yielded = sum(int(b["segment_ids"].max(axis=1).sum()) for b in loader)
+    assert yielded == (8 if drop_last else 10) and loader.counts["examples"] == yielded

@@ -327,7 +327,7 @@ class _BatchIterator(grain.DatasetIterator):
         loader = self._loader
         stop = _ENDLESS if loader.epochs is None else loader.epochs * plan.per_epoch
         batch = batching.empty(plan.local_rows, loader.max_length, loader.pad_id, True)
-        row = col = segment = 0
+        row = col = segment = placed = 0
         q = self._q
         while q < stop:
             item = self._next_item()
@@ -345,10 +345,12 @@ class _BatchIterator(grain.DatasetIterator):
                     break
             segment += 1
             col = batching.put(batch, row, col, ex, segment)
+            placed += 1
             self._fed = 0
             q += 1
         if q >= stop and (row, col) == (0, 0) or (q >= stop and loader.drop_last and row < plan.local_rows - 1):
             self._q = q
+            loader.counts["examples"] -= placed      # the stream's last, partial batch is not yielded (drop_last)
             raise StopIteration
         self._q = q
         return batch
