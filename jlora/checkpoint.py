@@ -82,7 +82,18 @@ _CORRUPT = ("checkpoint {dir}/{step} is unreadable or corrupt ({what}); restore 
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit what it is restored onto, or cannot be read."""
+    """A checkpoint that does not fit what it is restored onto, or cannot be read.
+
+    Attributes:
+        damaged: the step folder that cannot be read, when that is the error (else None); ``reason`` says what was
+            wrong with it and ``saved`` lists the steps saved then (the damaged one included), so that a caller can
+            word its own advice (the command line does: ``--step N``, or delete the folder).
+    """
+
+    def __init__(self, message: str, *, damaged: os.PathLike | None = None, reason: str = "",
+                 saved: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.damaged, self.reason, self.saved = damaged, reason, saved
 
 
 class Restored(NamedTuple):
@@ -468,23 +479,25 @@ class CheckpointManager:
         with _orbax_read(self, step, "metadata: "):
             meta = manager.restore(step, args=ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointError(self._corrupt(step, f"metadata has no format {FORMAT!r}"))
+            raise self._corrupt(step, f"metadata has no format {FORMAT!r}")
         missing = [k for k in ("lora_config", "base_model", "rng", "leaves") if k not in meta]
         if missing:
-            raise CheckpointError(self._corrupt(step, f"metadata lacks {missing}"))
+            raise self._corrupt(step, f"metadata lacks {missing}")
         parts = {"base_model": ("name", "fingerprint", "structure", "dtypes", "num_params", "num_leaves"),
                  "rng": ("typed", "impl"), "leaves": ("adapters", "train_state")}
         for key, fields in parts.items():
             if not isinstance(meta[key], dict) or any(f not in meta[key] for f in fields):
-                raise CheckpointError(self._corrupt(step, f"metadata's {key} is not a dict with {list(fields)}"))
+                raise self._corrupt(step, f"metadata's {key} is not a dict with {list(fields)}")
         try:
             LoraConfig.from_dict(meta["lora_config"])
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CheckpointError(self._corrupt(step, f"metadata's lora_config: {e}")) from None
+            raise self._corrupt(step, f"metadata's lora_config: {e}") from None
         return meta
 
-    def _corrupt(self, step: int, what: str) -> str:
-        return _CORRUPT.format(dir=self.directory, step=step, what=what[:500], steps=self.all_steps())
+    def _corrupt(self, step: int, what: str) -> CheckpointError:
+        saved, what = tuple(self.all_steps()), what[:500]
+        return CheckpointError(_CORRUPT.format(dir=self.directory, step=step, what=what, steps=list(saved)),
+                               damaged=self.directory / str(step), reason=what, saved=saved)
 
     def _validate(self, meta: dict, step: int, params, lora_config: LoraConfig, name: str | None) -> None:
         where = f"{self.directory}/{step}"
@@ -550,7 +563,7 @@ class CheckpointManager:
         folder = self.directory / str(step)
         lost = [f"{item}/_METADATA" for item in targets if not (folder / item / "_METADATA").exists()]
         if lost and all((folder / item).exists() for item in targets):
-            raise CheckpointError(self._corrupt(step, f"{', '.join(lost)} missing"))
+            raise self._corrupt(step, f"{', '.join(lost)} missing")
         args = ocp.args.Composite(**{k: ocp.args.StandardRestore(t) for k, t in abstract.items()})
         with _orbax_read(self, step):
             restored = manager.restore(step, args=args)
@@ -559,7 +572,7 @@ class CheckpointManager:
             tree = restored[item]
             bad = [p for p, d in _describe(tree).items() if d["checksum"] != meta["leaves"][item][p]["checksum"]]
             if bad:
-                raise CheckpointError(self._corrupt(step, f"checksum mismatch in {item}: {bad[:5]}"))
+                raise self._corrupt(step, f"checksum mismatch in {item}: {bad[:5]}")
             out.append(tree)
         return out
 
@@ -616,7 +629,7 @@ def _orbax_read(manager: "CheckpointManager", step: int, prefix: str = ""):
             if cause is None:
                 raise
             message = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
-            raise CheckpointError(manager._corrupt(step, f"{prefix}{type(cause).__name__}: {message}")) from e
+            raise manager._corrupt(step, f"{prefix}{type(cause).__name__}: {message}") from e
 
 
 class _AsyncDebris:

@@ -238,9 +238,23 @@ def test_an_interrupted_command_exits_130_without_the_interpreter_teardown():
 ])
 def test_impossible_values_are_config_errors_naming_the_key(override, message, tmp_path):
     path, result = _stops_at_data(tmp_path, overrides=[override])
-    origin = str(path) if override.startswith("train.grad_accum_steps=3") else f"--set {override}"  # batch_size's
+    # an error about two keys names where each came from: the --set, and the file that sets the other one
+    both = override.startswith(("train.grad_accum_steps=3", "train.warmup_steps=500", "train.warmup_steps=30",
+                                "data.valid_fraction=0.2"))
+    origin = f"--set {override}" + (f" and {path}" if both else "")
     _error(*result, message, re.escape(f"(in {origin})"))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.init=pissa", "lora.use_dora=true"], r"`use_dora=True` with init='pissa' is not supported"),
+    (["mesh.data=-1", "mesh.fsdp=-1"], r"`mesh` may have one size of -1, not several"),
+])
+def test_an_error_about_keys_given_by_set_names_the_sets_not_the_file(overrides, message, tmp_path):
+    """Keys a message names as `name=value` (not only in backticks), or that a cross-key check lists, are found."""
+    path, result = _stops_at_data(tmp_path, overrides=overrides)
+    line = _error(*result, message, re.escape(f"(in {' and '.join(f'--set {o}' for o in overrides)})"))
+    assert str(path) not in line
 
 
 def test_a_glob_in_set_must_be_quoted_and_the_error_says_so(tmp_path):
@@ -525,6 +539,34 @@ def test_a_corrupt_checkpoint_is_one_clean_line(tiny, trained, tmp_path):
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(f"jlora generate: error: checkpoint {run}/checkpoints/4 is unreadable or corrupt")
     assert "Event loop" not in result.stderr
+    # what to do, in the commands' terms: no command can "restore another step", but every command (and --resume)
+    # reads the latest step left; export-peft also takes --step; a damaged checkpoint is not the base model's fault
+    assert lines[0].endswith(f"; delete {run}/checkpoints/4: step 2, the latest left, is then the one every command "
+                             f"reads (and train --resume continues from)"), lines[0]
+    line = _error(*_main("export-peft", "--run", run, "--out", tmp_path / "out"),
+                  rf"checkpoints/4 is unreadable or corrupt \(.*\); export another step with --step N "
+                  rf"\(saved: \[2\]\), or delete {re.escape(str(run))}/checkpoints/4: step 2, the latest left")
+    assert "restore another step" not in line and "base model" not in line and "--model" not in line
+
+
+@pytest.mark.parametrize("port, message", [
+    (99999, r"--port 99999 is not a TCP port; give one from 1 to 65535"),
+    (0, r"--port 0 is not a TCP port"),
+    ("held", r"--port (\d+): 127\.0\.0\.1:\1 is in use \(another server, or a jlora serve still running\); stop "
+             r"that server or pass another --port"),
+])
+def test_serve_refuses_a_port_it_cannot_listen_on_before_the_model_loads(port, message, tiny, monkeypatch):
+    """It announced --port 99999 and listened on 34463 (uvicorn wraps it), and on a port in use it loaded the model,
+    printed its banner, and then uvicorn failed with exit code 3."""
+    import socket
+
+    _no_model_load(monkeypatch)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        if port == "held":
+            port = held.getsockname()[1]
+        _error(*_main("serve", "--model", tiny, "--port", port), message)
 
 
 # ------------------------------------------------------------------------------------------------ 6. messages
@@ -534,6 +576,9 @@ def test_missing_runs_are_named_not_blamed_on_config(tiny, tmp_path, monkeypatch
     line = _error(*_main("train", "--config", config, "--resume"),
                   r"--resume: run folder .*never_trained does not exist, so there is nothing to resume")
     assert "--config" not in line
+    _error(*_main("train", "--config", config, "--resume", "--set", f"run.dir={tmp_path / 'new' / 'runs' / 'x'}"),
+           r"--resume: run folder .*x does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["never_trained.yaml"]   # no lock file, no folder made
     line = _error(*_main("export-peft", "--run", tmp_path / "nope", "--out", tmp_path / "o"),
                   r"--run '.*nope' does not exist; pass a run folder")
     assert "--config" not in line
@@ -591,6 +636,7 @@ def test_a_run_folder_in_use_or_left_by_a_killed_overwrite_is_refused(trained, t
 
     _no_model_load(monkeypatch)
     config, run_dir, _ = trained
+    assert not run_dir.with_name(f".{run_dir.name}.lock").exists()   # the runs before ended and removed theirs
     with open(run_dir.with_name(f".{run_dir.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _error(*_main("train", "--config", config, "--overwrite"), r"is in use by another `jlora train`")
@@ -601,6 +647,36 @@ def test_a_run_folder_in_use_or_left_by_a_killed_overwrite_is_refused(trained, t
                rf"--overwrite of .* was killed before .* kept in {re.escape(str(aside))}: put it back")
     finally:
         aside.rmdir()
+
+
+def test_the_run_lock_is_removed_at_the_end_and_a_lock_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
+    """The lock file goes when its holder ends; it is removed while still locked, so a contender that opened it
+    before locks a file no longer at the path, sees so, and locks the file there instead."""
+    run_dir = tmp_path / "runs" / "a"
+    lock = tmp_path / "runs" / ".a.lock"
+    with run_lib._lock(run_dir):
+        assert lock.is_file()
+        with pytest.raises(runconfig.ConfigError, match=r"is in use by another `jlora train` \(it holds .*\.a\.lock"):
+            with run_lib._lock(run_dir):
+                pass
+    assert not (tmp_path / "runs").exists()      # the lock file and the folder made for it are gone
+    stat, calls = os.stat, []
+
+    def holder_left_meanwhile(path, *args, **kwargs):   # the holder removes the file after this locker opened it
+        if str(path) == str(lock):
+            calls.append(path)
+            if len(calls) == 1:
+                os.unlink(lock)
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", holder_left_meanwhile)
+    with run_lib._lock(run_dir):
+        monkeypatch.setattr(os, "stat", stat)
+        assert len(calls) == 2 and lock.is_file()     # it locked the file at the path the second time
+        with pytest.raises(runconfig.ConfigError, match="is in use"):
+            with run_lib._lock(run_dir):
+                pass
+    assert not lock.exists()
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tiny, tmp_path, monkeypatch):
@@ -614,7 +690,25 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tiny, tmp_path, monkeypatch):
     assert code == 130 and "saved a checkpoint at step 1" in out + err, err[-2000:]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # the run's handler is gone after it
     monkeypatch.setattr(run_lib, "train", train)
-    assert _main("train", "--config", config, "--resume", "--no-progress")[0] == 0
+    # as if step 1 had finished a run scored "after" (eval.after, eval.side_effects): this resume scores neither, so
+    # the step-1 figures are not reported as the step-4 adapters' (the report, summary.json and the files listed)
+    run_dir = tmp_path / "t"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(interrupted=False, accuracy_after=50.0, valid_loss=9.99, general_kl=0.5)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    for name in ("eval_after.json", "side_effects.json"):
+        (run_dir / name).write_text("[]")
+    code, out, err = _main("train", "--config", config, "--resume", "--no-progress")
+    assert code == 0, err[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["valid_loss"] != 9.99, summary
+    assert not {"accuracy_after", "general_kl"} & set(summary), summary
+    assert not (run_dir / "eval_after.json").exists() and not (run_dir / "side_effects.json").exists()
+    assert re.search(r"removed eval_after\.json, side_effects\.json from .*: written for the adapters at step 1, and "
+                     r"this run \(eval\.after: false, eval\.side_effects: false\) did not evaluate those at step 4",
+                     out), out
+    assert re.search(r"with LoRA adapters +– +\d", out) and "50.0%" not in out and "eval_after" not in out.split(
+        "run folder:")[-1], out
 
 
 @pytest.mark.slow   # ~35 s, a whole run; the split's eval: test_eval_reads_only_what_it_needs_and_writes_...
@@ -905,6 +999,19 @@ def test_chat_defaults_to_the_training_system_prompt(tiny, trained, monkeypatch)
     _error(*_main("generate", "--model", tiny, "--prompt", "Hi", "--system", "Be brief."), "--system .* add --chat")
 
 
+def test_chat_finds_the_runs_training_data_from_another_working_directory(tmp_path, monkeypatch):
+    """A run trained in /proj with data.train data/train.jsonl: generate --chat --adapter RUN from elsewhere reads
+    its training system prompt as export-peft finds its model (from the folder the run was trained in)."""
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    shutil.copy(TRAIN, proj / "data" / "train.jsonl")
+    (proj / "runs" / "a").mkdir(parents=True)
+    raw = {"model": {"path": "models/tiny"}, "data": {"train": "data/train.jsonl"}, "run": {"dir": "runs/a"}}
+    (proj / "runs" / "a" / run_lib.CONFIG_FILE).write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert run_lib.training_system_prompt(proj / "runs" / "a") == (SYSTEM, str(proj / "data" / "train.jsonl"))
+
+
 # ------------------------------------------------------------------------------------------------ 10. PEFT export
 def test_peft_export_names_a_base_peft_can_load(tiny, trained, tmp_path):
     import peft
@@ -917,8 +1024,6 @@ def test_peft_export_names_a_base_peft_can_load(tiny, trained, tmp_path):
         model = peft.AutoPeftModelForCausalLM.from_pretrained(str(export))
         assert isinstance(model, peft.PeftModel)
         assert any("lora_A" in name for name, _ in model.named_parameters())
-    local = run_lib.base_model_reference(SMOL)
-    assert os.path.isabs(local) and local.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(local)
 
 
 def test_peft_export_of_a_gguf_run_loads_as_the_readme_says(tmp_path, monkeypatch):

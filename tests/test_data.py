@@ -526,6 +526,29 @@ def test_bad_records_name_the_expected_keys(tmp_path, record, match):
         data.read_jsonl(path)
 
 
+@pytest.mark.parametrize("columns, record, match", [
+    ({"messages": "conversation"}, CHAT, r"maps 'messages' to the column 'conversation', which the record lacks; its "
+                                         r"keys are \['messages'\] \(a field the mapping renames is not read under its "
+                                         r"own name: drop 'messages' from the mapping, or fix the column's name\)$"),
+    ({"prompt": "question", "completion": "answer"}, {"question": "q", "reply": "a"},
+     r"maps 'completion' to the column 'answer', which the record lacks; its keys are \['question', 'reply'\]$"),
+])
+def test_a_mapping_to_a_column_the_data_lacks_names_the_mapping_and_the_keys(columns, record, match, tmp_path):
+    """It said "missing key(s) ['prompt', 'completion'] ... got keys []" of a file of chats under `messages`."""
+    from jlora.cli import run
+
+    path = _write(tmp_path / "d.jsonl", [record])
+    source = data.records.open_records(path, columns)
+    with pytest.raises(data.DataError, match=r"d\.jsonl:1: `columns` \(data\.columns in a run config\) " + match) as e:
+        data.records.check(source, columns)       # as a run checks its data before training
+    assert str(run._in_config_terms(e.value)).startswith(f"{path}:1: `data.columns` maps ")
+    with pytest.raises(data.DataError, match=match):
+        data.read(path, columns=columns)
+    # a record of the other format, which needs no mapped column, is read as it is
+    other = PAIR if "messages" in columns else CHAT
+    assert data.read(_write(tmp_path / "mixed.jsonl", [other]), columns=columns)[0][1] == other
+
+
 def test_empty_dataset_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="holds no records"):
         data.read_jsonl(_write(tmp_path / "e.jsonl", ["", "  "]))

@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         message = _user_error(e)
         if message is None or args.debug:
             raise
+        from jlora.cli.run import damaged_step_advice
+
+        message = damaged_step_advice(e, args.command) or message
         if message.startswith("interrupted"):
             print(f"{prefix} {message}", file=sys.stderr)
             return 130

@@ -25,7 +25,7 @@ import pathlib
 import re
 import types
 import typing
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -41,11 +41,15 @@ class ConfigError(ValueError):
 
 
 class _BadValue(ConfigError):
-    """A key's value is out of range; :func:`parse` adds where the value came from."""
+    """A key's value is out of range, or keys contradict each other; :func:`parse` adds where the values came from.
 
-    def __init__(self, key: str, message: str):
+    ``key`` names the subject of the message; ``keys`` are the ``section.key``s whose values it is about (default:
+    ``key`` alone), each of which may come from the file or a ``--set``."""
+
+    def __init__(self, key: str, message: str, *, keys: Sequence[str] = ()):
         super().__init__(f"`{key}` {message}")
         self.key = key
+        self.keys = tuple(keys) or (key,)
 
 
 # ------------------------------------------------------------------------------------------------ YAML
@@ -223,7 +227,8 @@ class DataSection:
                               "batch_size": _at_least(1), "seed": _at_least(0), "workers": _at_least(0)})
         if self.valid and self.valid_fraction:
             raise _BadValue("data.valid_fraction", f"holds out part of `data.train` for validation, but `data.valid` "
-                                                   f"({self.valid!r}) is the validation data: set one of them")
+                                                   f"({self.valid!r}) is the validation data: set one of them",
+                            keys=("data.valid_fraction", "data.valid"))
         try:
             data_lib.records.check_columns(self.columns)
         except ValueError as e:
@@ -256,13 +261,14 @@ class TrainSection:
         if self.warmup_steps and self.warmup_steps >= self.steps:
             raise _BadValue("train.warmup_steps", f"= {self.warmup_steps} is not less than `train.steps` = {self.steps}: "
                             f"the run would end before its learning rate reaches train.learning_rate; lower "
-                            f"warmup_steps (or raise steps)")
+                            f"warmup_steps (or raise steps)", keys=("train.warmup_steps", "train.steps"))
         for name in ("eval_every", "checkpoint_every"):
             every = getattr(self, name)
             if every and every % self.steps_per_call:
                 raise _BadValue(f"train.{name}", f"= {every} is not a multiple of `train.steps_per_call` = "
                                 f"{self.steps_per_call}: validation and checkpoints happen between calls, so make "
-                                f"{name} a multiple of steps_per_call (or set steps_per_call: 1)")
+                                f"{name} a multiple of steps_per_call (or set steps_per_call: 1)",
+                                keys=(f"train.{name}", "train.steps_per_call"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +314,8 @@ class MeshSection:
         _check("mesh", self, {"data": rule, "fsdp": rule, "tensor": rule})
         if [self.data, self.fsdp, self.tensor].count(-1) > 1:
             raise _BadValue("mesh", f"may have one size of -1, not several; got data={self.data}, fsdp={self.fsdp}, "
-                            f"tensor={self.tensor}")
+                            f"tensor={self.tensor}", keys=[f"mesh.{k}" for k in ("data", "fsdp", "tensor")
+                                                           if getattr(self, k) == -1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,11 +345,13 @@ class RunConfig:
         batch, accum = self.data.batch_size, self.train.grad_accum_steps
         if batch % accum:
             raise _BadValue("data.batch_size", f"= {batch} does not split into `train.grad_accum_steps` = {accum} "
-                            f"equal micro-batches; make batch_size a multiple of grad_accum_steps")
+                            f"equal micro-batches; make batch_size a multiple of grad_accum_steps",
+                            keys=("data.batch_size", "train.grad_accum_steps"))
         rows = self.mesh.data * self.mesh.fsdp
         if rows > 0 and (batch // accum) % rows:
             raise _BadValue("data.batch_size", f"= {batch} (micro-batches of {batch // accum}) does not split over "
-                            f"the mesh's data x fsdp = {rows} devices; make each micro-batch a multiple of {rows}")
+                            f"the mesh's data x fsdp = {rows} devices; make each micro-batch a multiple of {rows}",
+                            keys=("data.batch_size", "train.grad_accum_steps", "mesh.data", "mesh.fsdp"))
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (what ``config.yaml`` in a run folder holds)."""
@@ -449,7 +458,36 @@ def _check_value(key: str, value: Any, hint: Any, default: Any) -> Any:
     raise _BadValue(key, f"must be {_type_name(hint)}; got {got}{quote}{whole}")
 
 
-def _build_section(name: str, values: Any, source: str, origins: Mapping[str, str]) -> Any:
+def _where(keys: Sequence[str], source: str, origins: Mapping[str, str], given: Collection[str]) -> str:
+    """Where the values of ``keys`` came from, for a message's "(in ...)": the ``--set`` overrides that set them, and
+    the config file ``source`` when it sets one of the others (``given``: the keys it sets); the file alone when no
+    key is set anywhere (they hold their defaults).
+
+    Examples:
+        >>> _where(["lora.init", "lora.use_dora"], "c.yaml", {"lora.use_dora": "--set lora.use_dora=true"},
+        ...        {"lora.init", "lora.use_dora"})
+        '--set lora.use_dora=true and c.yaml'
+        >>> _where(["train.warmup_steps", "train.steps"], "c.yaml",
+        ...        {"train.warmup_steps": "--set train.warmup_steps=9"}, {"train.warmup_steps"})
+        '--set train.warmup_steps=9'
+    """
+    sets = list(dict.fromkeys(origins[k] for k in keys if k in origins))
+    in_file = any(k in given and k not in origins for k in keys)
+    return " and ".join(sets + ([source] if in_file or not sets else []))
+
+
+def _named_keys(message: str, section: str, names: Sequence[str]) -> list[str]:
+    """The keys of ``section`` (``names``) that a library error ``message`` is about: named in backticks (`rank`,
+    `rank_pattern['q']`) or as ``name=value`` (`use_dora=True`, init='pissa').
+
+    Examples:
+        >>> _named_keys("`use_dora=True` with init='pissa' is not supported", "lora", ["rank", "init", "use_dora"])
+        ['lora.init', 'lora.use_dora']
+    """
+    return [f"{section}.{k}" for k in names if re.search(rf"(?<!\w){re.escape(k)}(?:`|\[|=(?!=))", message)]
+
+
+def _build_section(name: str, values: Any, source: str, origins: Mapping[str, str], given: Collection[str]) -> Any:
     cls = _section_class(name)
     if values is None:
         values = {}
@@ -471,10 +509,9 @@ def _build_section(name: str, values: Any, source: str, origins: Mapping[str, st
     try:
         return cls(**kwargs)
     except _BadValue as e:
-        raise ConfigError(f"{e} (in {origins.get(e.key, source)})") from None
+        raise ConfigError(f"{e} (in {_where(e.keys, source, origins, given)})") from None
     except (ValueError, TypeError) as e:
-        keys_named = [k for k in kwargs if f"`{k}`" in str(e) or f"`{k}[" in str(e)]   # `rank_pattern['q']`
-        where = origins.get(f"{name}.{keys_named[0]}", source) if keys_named else source
+        where = _where(_named_keys(str(e), name, list(fields)), source, origins, given)
         raise ConfigError(f"invalid `{name}` section: {e} (in {where})") from None
 
 
@@ -504,11 +541,12 @@ def parse(raw: Mapping[str, Any], source: str = "config", origins: Mapping[str, 
     for name in raw:
         if name not in SECTIONS:
             raise ConfigError(f"unknown section `{name}` in {source}{_nearest(str(name), list(SECTIONS))}")
-    sections = {name: _build_section(name, raw.get(name), source, origins) for name in SECTIONS}
+    given = {f"{name}.{key}" for name, values in raw.items() if isinstance(values, Mapping) for key in values}
+    sections = {name: _build_section(name, raw.get(name), source, origins, given) for name in SECTIONS}
     try:
         return RunConfig(**sections)
     except _BadValue as e:
-        raise ConfigError(f"{e} (in {origins.get(e.key, source)})") from None
+        raise ConfigError(f"{e} (in {_where(e.keys, source, origins, given)})") from None
 
 
 def _split_override(item: str) -> tuple[str, str, Any]:

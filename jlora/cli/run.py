@@ -39,7 +39,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import shutil
 import signal
 import sys
@@ -69,6 +68,13 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, "loss.png", CKPT_DIR, PEFT_DIR, "summary
              "eval_after.json", "side_effects.json", "side_effects.png")
 
 
+# summary.json's entries that measure the trained adapters (a resumed run measures them again), and the files that
+# hold such results, each with the summary entry it comes with
+_ADAPTER_RESULTS = ("valid_loss", "accuracy_after", "general_kl", "general_top1_agreement_pct", "general_loss_change")
+_ADAPTER_FILES = {"eval_after.json": "accuracy_after", "side_effects.json": "general_kl",
+                  "side_effects.png": "general_kl"}
+
+
 class RunInterrupted(Exception):
     """Ctrl-C outside the training loop's own handling; the message says what was kept."""
 
@@ -90,19 +96,6 @@ def resolve_model(path: str, what: str = "`model.path`") -> str:
         return os.path.abspath(hf.resolve(path))
     except (FileNotFoundError, ModuleNotFoundError) as e:   # their messages start with the path
         raise ConfigError(f"{what}: {e}" if str(e).startswith(path) else f"{what} {path!r}: {e}") from None
-
-
-def base_model_reference(path: str) -> str:
-    """What a PEFT export names as ``base_model_name_or_path``: the model's absolute local path, which
-    transformers resolves (an HF folder loads with ``from_pretrained(path)``; a GGUF file with
-    ``from_pretrained(folder, gguf_file=name)``). ``pkg://`` paths are resolved to the installed file."""
-    from jlora import hf
-
-    local = resolve_model(path)   # a folder's config.json or weights file names the folder, as hf.load reads it
-    folder_file = os.path.basename(local) in (hf.CONFIG_FILE, hf.WEIGHTS_FILE, hf.INDEX_FILE)
-    return os.path.dirname(local) if folder_file else local
-
-
 
 
 def display_name(path: str, loaded) -> str:
@@ -382,6 +375,7 @@ def _loader(cfg: RunConfig, data, tokenizer, *, train: bool, position=None, mesh
 def _in_config_terms(e: ValueError) -> ConfigError:
     """A data error in the run config's words: ``max_length``/``overflow`` are ``data.*`` keys there."""
     message = str(e)
+    message = message.replace("`columns` (data.columns in a run config)", "`data.columns`")
     message = message.replace("raise `max_length`", "raise `data.max_length`")
     message = message.replace("choose overflow='truncate' or 'drop'", "set `data.overflow` to truncate or drop")
     message = message.replace("on_bad_record='skip'", "`data.on_bad_record: skip`")
@@ -601,21 +595,10 @@ def _handle(signals, handler) -> dict:
 
 @contextlib.contextmanager
 def _run_guard(cfg: RunConfig):
-    """For a whole ``jlora train``: an exclusive lock on ``run.dir`` (a second run into the same folder would
-    overwrite its checkpoints and interleave its metrics), and SIGTERM stopping the run as Ctrl-C does, so that
-    the cleanup runs (a replaced run is put back, a folder without a checkpoint is removed)."""
-    import fcntl
-
-    run_dir = pathlib.Path(cfg.run.dir).absolute()
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock = run_dir.with_name(f".{run_dir.name}.lock")
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"run folder {run_dir} is in use by another `jlora train` (it holds {lock}); wait "
-                              f"for that run to end, or --set run.dir=OTHER") from None
-
+    """For a whole ``jlora train``: an exclusive lock on ``run.dir`` (:func:`_lock`: a second run into the same
+    folder would overwrite its checkpoints and interleave its metrics), and SIGTERM stopping the run as Ctrl-C does,
+    so that the cleanup runs (a replaced run is put back, a folder without a checkpoint is removed)."""
+    with _lock(pathlib.Path(cfg.run.dir).absolute()):
         def stop(signum, frame):
             raise KeyboardInterrupt
 
@@ -625,6 +608,51 @@ def _run_guard(cfg: RunConfig):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _lock(run_dir: pathlib.Path):
+    """Holds ``.<name>.lock`` beside ``run_dir`` locked (``flock``) for the ``with`` block, refusing a folder another
+    process holds; the file is removed again at the end, and so are the folders made for it (a refused command
+    leaves nothing behind). It is removed while still locked, so a process that opened it meanwhile locks a file no
+    longer at the path: each locker checks that the file it locked is the one at the path, and else starts again."""
+    import fcntl
+
+    lock = run_dir.with_name(f".{run_dir.name}.lock")
+    made = [p for p in reversed(run_dir.parents) if not p.exists()]    # outermost first
+    while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(lock, "a")
+        except FileNotFoundError:      # its folder was just removed by another command that made it: again
+            continue
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ConfigError(f"run folder {run_dir} is in use by another `jlora train` (it holds {lock}); wait "
+                              f"for that run to end, or --set run.dir=OTHER") from None
+        try:
+            here = os.stat(lock)
+        except FileNotFoundError:
+            here = None
+        mine = os.fstat(f.fileno())
+        if here is not None and (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        f.close()                      # the holder before us removed it: lock the file now at the path
+    try:
+        yield
+    finally:
+        try:
+            lock.unlink()              # still locked: see above
+        except FileNotFoundError:
+            pass
+        f.close()
+        for folder in reversed(made):  # innermost first; one that holds anything now stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -841,7 +869,9 @@ def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainSta
     # PiSSA/OLoRA checkpoints written before they named the original base name the residual one (run.params)
     base = bank_lib.run_base(manager.metadata(), run.loaded.params, run.cfg.lora, residual=run.params)
     restored = manager.restore(state, params=base, lora_config=run.cfg.lora, name=run.loaded.name)
-    summary = _read_summary(run.dir)
+    # the base model's score stays; what measured the adapters of the step the run stopped at is measured again
+    # (or left out: a resumed run with eval.after off does not score "after")
+    summary = {k: v for k, v in _read_summary(run.dir).items() if k not in _ADAPTER_RESULTS}
     print(f"resumed from step {int(restored.state.step)}")
     return restored.state, restored.data_position, summary
 
@@ -938,14 +968,6 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
     return state, False
 
 
-def _export_peft(out: str | pathlib.Path, adapters, lora_cfg: jlora.LoraConfig, loaded,
-                 model_path: str) -> pathlib.Path:
-    """:func:`jlora.peft.save`, naming the base model by its path (:func:`base_model_reference`), which PEFT and
-    transformers resolve, rather than by the name inside its files."""
-    named = dataclasses.replace(loaded, name=base_model_reference(model_path))
-    return jlora.peft.save(out, adapters, lora_cfg, named)
-
-
 def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState) -> dict[str, float]:
     """After the last step: its checkpoint, the final validation loss (also in ``metrics.jsonl``), the generation
     eval of the trained adapters and the PEFT export. Returns the summary's entries."""
@@ -968,7 +990,7 @@ def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState
         out["accuracy_after"] = _generation_eval(run, merged, "eval_after.json")
         del merged
     if cfg.run.export_peft:
-        _export_peft(run.dir / PEFT_DIR, state.adapters, cfg.lora, run.loaded, cfg.model.path)
+        jlora.peft.save(run.dir / PEFT_DIR, state.adapters, cfg.lora, run.loaded)
     return out
 
 
@@ -996,8 +1018,23 @@ def _side_effects(run: _Run, adapters, summary: dict[str, Any]) -> dict[str, Any
 
 
 def _wrap_up(run: _Run, summary: dict[str, Any], *, step: int, interrupted: bool, seconds: float) -> dict[str, Any]:
-    """Writes ``loss.png`` and ``summary.json``, prints the report (unless interrupted); returns the summary."""
+    """Writes ``loss.png`` and ``summary.json``, prints the report (unless interrupted); returns the summary.
+
+    A resumed run's folder may hold the results of the adapters at the step it resumed from (``eval_after.json``,
+    the side-effect report): those this run did not write again are removed, saying so, so that the folder and
+    the summary describe the adapters at ``step`` only."""
     plot_losses(run.dir)
+    stale = [name for name, key in _ADAPTER_FILES.items() if key not in summary and (run.dir / name).exists()]
+    if stale:
+        earlier = _read_summary(run.dir).get("step", "?")
+        off = [f"eval.{key}: false" for key, name in (("after", "eval_after.json"),
+                                                      ("side_effects", "side_effects.json"))
+               if name in stale and not getattr(run.cfg.eval, key)]
+        why = "interrupted before its final evaluation" if interrupted else ", ".join(off) or "no generation eval"
+        for name in stale:
+            (run.dir / name).unlink()
+        print(f"removed {', '.join(stale)} from {run.dir}: written for the adapters at step {earlier}, and this run "
+              f"({why}) did not evaluate those at step {step}", flush=True)
     summary.update({"step": step, "interrupted": interrupted, "run_dir": str(run.dir), "train_seconds": seconds})
     _write_json(run.dir / "summary.json", summary)
     if not interrupted:
@@ -1317,7 +1354,7 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
     except ValueError as e:
         raise UsageError(str(e)) from None
     _clear_out(out_dir)
-    _export_peft(out_dir, combined, cfg, loaded, model)
+    jlora.peft.save(out_dir, combined, cfg, loaded)
     what = f"{method} of {len(items)} adapters" if len(items) > 1 else "1 adapter (combined linearly, as PEFT does)"
     print(f"{what} written to {out_dir} (PEFT folder; pass it as --adapter)")
     return out_dir
@@ -1347,16 +1384,25 @@ def _check_generate_options(prompts: Sequence[str], *, chat: bool, system: str |
 def training_system_prompt(run_dir: str | pathlib.Path) -> tuple[str | None, str]:
     """The system prompt that every chat of a run's training data opens with (None when they have none or
     differ; judged from the first 1,000 records), and the data it was read from."""
-    cfg = runconfig.load_run(pathlib.Path(run_dir) / CONFIG_FILE)
+    folder = pathlib.Path(run_dir)
+    cfg = runconfig.load_run(folder / CONFIG_FILE)
+    train = cfg.data.train
+
+    def exists(path: str) -> bool:   # a file, a folder of shards or a glob
+        return os.path.exists(path) or (glob.has_magic(path) and bool(glob.glob(path)))
+
+    if _relative(train) and not exists(train):   # as export-peft finds the model: where the run was trained
+        found = _in_training_folder(folder, cfg, train, exists)[1]
+        train = train if found is None else str(found)
     try:
-        records = [r for _, r in data_lib.read(cfg.data.train, columns=cfg.data.columns, limit=1000)]
-    except (OSError, ValueError) as e:   # e.g. a path relative to the folder the run was trained from
+        records = [r for _, r in data_lib.read(train, columns=cfg.data.columns, limit=1000)]
+    except (OSError, ValueError) as e:   # e.g. a path relative to a folder the run was moved from
         print(f"--system: the run's training data cannot be read from here ({' '.join(str(e).split())[:200]}), so "
               f"a system prompt it trained with is not used; pass --system to give one", file=sys.stderr)
-        return None, cfg.data.train
+        return None, train
     systems = {r["messages"][0].get("content") if "messages" in r and r["messages"][0].get("role") == "system"
                else None for r in records}
-    return (systems.pop() if len(systems) == 1 and None not in systems else None), cfg.data.train
+    return (systems.pop() if len(systems) == 1 and None not in systems else None), train
 
 
 def _context_length(loaded) -> int | None:
@@ -1552,37 +1598,89 @@ def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False
     return out_dir
 
 
-def run_model_path(folder: pathlib.Path, cfg: RunConfig) -> str:
-    """The base model of the run in ``folder`` (its saved config ``cfg``), as a path this process can read: the
-    run's ``model.path`` when it resolves here (absolute, ``pkg://``, or relative to the working directory), else,
-    for a relative one, that path in the folder the run was trained from (``folder`` less its relative ``run.dir``:
-    run.dir ``runs/a`` found at ``/proj/runs/a`` was trained from ``/proj``). A :class:`UsageError` naming every
-    path tried and ``--model`` otherwise."""
-    path, what = cfg.model.path, f"the run's `model.path` {cfg.model.path!r} (in {folder / CONFIG_FILE})"
-    fix = "pass the base model the run trained on with --model PATH"
-    relative = bool(path) and not os.path.isabs(os.path.expanduser(path)) and not path.startswith("pkg://")
-    if not relative or os.path.exists(path):
-        try:
-            resolve_model(path, what)
-        except ConfigError as e:                       # a missing absolute or pkg:// path, an empty one
-            raise UsageError(f"{e}; {fix}") from None
-        return path
+def _relative(path: str) -> bool:
+    """Whether a config's path is relative to the working directory (not absolute, ``~`` or ``pkg://``)."""
+    return bool(path) and not os.path.isabs(os.path.expanduser(path)) and not path.startswith("pkg://")
+
+
+def _in_training_folder(folder: pathlib.Path, cfg: RunConfig, path: str, exists: Callable[[str], bool]
+                        ) -> tuple[pathlib.Path | None, pathlib.Path | None, list[str]]:
+    """Looks up a relative ``path`` of the run in ``folder`` (its saved config ``cfg``), one the working directory
+    does not hold, in the folder the run was trained from: ``folder`` less its relative ``run.dir`` (run.dir
+    ``runs/a`` found at ``/proj/runs/a`` was trained from ``/proj``), taken as given and with symlinks resolved (a
+    symlinked runs folder hides where the run was trained). Returns that folder and the path in it where
+    ``exists`` finds it (else ``None, None``), and the places tried, the working directory first."""
     tried = [f"{os.path.abspath(path)} (from the working directory)"]
     run_dir = pathlib.PurePath(os.path.normpath(cfg.run.dir))
-    # the folder as given and with symlinks resolved: a symlinked runs folder hides where the run was trained
+    if run_dir.is_absolute() or ".." in run_dir.parts:
+        return None, None, tried
     for here in dict.fromkeys((pathlib.Path(os.path.abspath(folder)), folder.resolve())):
-        if run_dir.is_absolute() or ".." in run_dir.parts or here.parts[-len(run_dir.parts):] != run_dir.parts:
+        if here.parts[-len(run_dir.parts):] != run_dir.parts:
             continue
         root = here.parents[len(run_dir.parts) - 1]
         candidate = root / path
         if str(candidate) == os.path.abspath(path):   # the working directory is where the run was trained
             continue
-        if candidate.exists():
-            print(f"the run's model.path {path!r} is relative to {root}, where the run was trained: reading "
-                  f"{candidate} (pass --model to choose another)", file=sys.stderr)
-            return str(candidate)
+        if exists(str(candidate)):
+            return root, candidate, tried
         tried.append(f"{candidate} (from {root}, where the run may have been trained)")
-    raise UsageError(f"{what} is not found: tried {' and '.join(tried)}; {fix}")
+    return None, None, tried
+
+
+def run_model_path(folder: pathlib.Path, cfg: RunConfig) -> str:
+    """The base model of the run in ``folder`` (its saved config ``cfg``), as a path this process can read: the
+    run's ``model.path`` when it resolves here (absolute, ``pkg://``, or relative to the working directory), else,
+    for a relative one, that path in the folder the run was trained from (:func:`_in_training_folder`). A
+    :class:`UsageError` naming every path tried and ``--model`` otherwise."""
+    path, what = cfg.model.path, f"the run's `model.path` {cfg.model.path!r} (in {folder / CONFIG_FILE})"
+    fix = "pass the base model the run trained on with --model PATH"
+    if not _relative(path) or os.path.exists(path):
+        try:
+            resolve_model(path, what)
+        except ConfigError as e:                       # a missing absolute or pkg:// path, an empty one
+            raise UsageError(f"{e}; {fix}") from None
+        return path
+    root, found, tried = _in_training_folder(folder, cfg, path, os.path.exists)
+    if found is None:
+        raise UsageError(f"{what} is not found: tried {' and '.join(tried)}; {fix}")
+    print(f"the run's model.path {path!r} is relative to {root}, where the run was trained: reading {found} (pass "
+          f"--model to choose another)", file=sys.stderr)
+    return str(found)
+
+
+def damaged_step_advice(error: Exception, command: str) -> str | None:
+    """The message for a damaged checkpoint (a :class:`jlora.checkpoint.CheckpointError` with ``damaged`` set), with
+    the library's advice ("restore another step", which is ``CheckpointManager.restore(step=N)``) put in the terms
+    of ``jlora COMMAND``: every command reads a run's latest checkpoint (``train --resume`` continues from it),
+    export-peft any ``--step``; so a damaged latest step is deleted, and the latest left is read. None for any other
+    error.
+
+    Examples:
+        >>> from jlora.checkpoint import CheckpointError
+        >>> e = CheckpointError("...", damaged="/r/checkpoints/4", reason="KeyError: 'adapters'", saved=(2, 4))
+        >>> print(damaged_step_advice(e, "export-peft"))  # doctest: +NORMALIZE_WHITESPACE
+        checkpoint /r/checkpoints/4 is unreadable or corrupt (KeyError: 'adapters'); export another step with --step
+        N (saved: [2]), or delete /r/checkpoints/4: step 2, the latest left, is then the one every command reads
+        (and train --resume continues from)
+        >>> e.saved = (4,)
+        >>> print(damaged_step_advice(e, "train"))  # doctest: +NORMALIZE_WHITESPACE
+        checkpoint /r/checkpoints/4 is unreadable or corrupt (KeyError: 'adapters'); it is the run's only
+        checkpoint: train the run again (--overwrite)
+    """
+    damaged = getattr(error, "damaged", None)
+    if damaged is None:
+        return None
+    step = int(pathlib.PurePath(str(damaged)).name)
+    others = [s for s in error.saved if s != step]
+    if not others:
+        advice = "it is the run's only checkpoint: train the run again (--overwrite)"
+    else:
+        ways = [f"export another step with --step N (saved: {others})"] if command == "export-peft" else []
+        if step > others[-1]:
+            ways.append(f"delete {damaged}: step {others[-1]}, the latest left, is then the one every command reads "
+                        f"(and train --resume continues from)")
+        advice = ", or ".join(ways) or f"export-peft --step N reads another (saved: {others})"
+    return " ".join(f"checkpoint {damaged} is unreadable or corrupt ({error.reason}); {advice}".split())
 
 
 def export_peft_command(run_dir: str, out: str, *, model: str | None = None, step: int | None = None,
@@ -1613,17 +1711,20 @@ def export_peft_command(run_dir: str, out: str, *, model: str | None = None, ste
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path))
     loaded = _load_model(cfg)
     with checkpoint.CheckpointManager(folder / CKPT_DIR) as manager:
-        base = bank_lib.run_base(manager.metadata(step), loaded.params, cfg.lora, _layout(loaded))   # PiSSA's
+        meta = base = None
         try:
+            meta = manager.metadata(step)
+            base = bank_lib.run_base(meta, loaded.params, cfg.lora, _layout(loaded))   # PiSSA's
             adapters = manager.restore_adapters(step, params=base, lora_config=cfg.lora, name=loaded.name,
                                                 layout=_layout(loaded))
-        except checkpoint.CheckpointError as e:    # the run's model.path now holds another model, say
-            if model is not None:
-                raise
-            raise checkpoint.CheckpointError(f"{e} (the base model was read from {path}, the run's model.path; "
-                                             f"pass --model PATH with the one the run trained on)") from None
+        except checkpoint.CheckpointError as e:
+            if model is None and base is not None and not checkpoint.is_base(meta["base_model"], base):
+                # the run's model.path now holds another model, say
+                raise checkpoint.CheckpointError(f"{e} (the base model was read from {path}, the run's model.path; "
+                                                 f"pass --model PATH with the one the run trained on)") from None
+            raise
     _clear_out(out_dir)
-    written = _export_peft(out_dir, adapters, cfg.lora, loaded, path)
+    written = jlora.peft.save(out_dir, adapters, cfg.lora, loaded)
     print(f"PEFT adapter written to {written}")
     return written
 

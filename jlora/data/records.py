@@ -107,7 +107,8 @@ def parse(raw: Any, where: str, columns: Mapping[str, str] | None = None) -> dic
     """A stored record (a JSON line's or an ArrayRecord's bytes, a Parquet/Arrow row) as a dict of jlora's fields.
 
     Raises:
-        DataError: ``where`` and what is wrong: malformed JSON, not an object.
+        DataError: ``where`` and what is wrong: malformed JSON, not an object, or a column that ``columns`` maps
+            missing from a record that is neither format without it (named with the record's keys).
     """
     if isinstance(raw, (bytes, bytearray, memoryview, str)):
         try:
@@ -127,7 +128,36 @@ def parse(raw: Any, where: str, columns: Mapping[str, str] | None = None) -> dic
         elif k not in (columns or {}):     # a field name mapped from another column is not read from its own
             out.setdefault(k, v)
     # Parquet/Arrow rows of mixed formats hold nulls in the other format's columns.
-    return {k: v for k, v in out.items() if not (v is None and k in FIELDS)}
+    out = {k: v for k, v in out.items() if not (v is None and k in FIELDS)}
+    if columns and "messages" not in out and not ("prompt" in out and "completion" in out):
+        _check_mapped(record, where, columns)
+    return out
+
+
+class _MappingError(DataError):
+    """A record that lacks a column the ``columns`` mapping names."""
+
+
+def _check_mapped(record: Mapping[str, Any], where: str, columns: Mapping[str, str]) -> None:
+    """For a record that is neither format after the mapping: a :class:`DataError` when the mapping names a column
+    the record lacks, naming the mapping, that column and the record's own keys (a plain "missing key" would name
+    jlora's field, which the record may well hold under its own name: it is not read while ``columns`` maps it).
+
+    Examples:
+        >>> _check_mapped({"messages": []}, "d.jsonl:1", {"messages": "conversation"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        jlora.data.records._MappingError: d.jsonl:1: `columns` (data.columns in a run config) maps 'messages' to ...
+    """
+    lost = {ours: theirs for ours, theirs in columns.items() if ours != "tools" and theirs not in record}
+    if not lost:
+        return
+    maps = " and ".join(f"{ours!r} to the column {theirs!r}" for ours, theirs in lost.items())
+    own = [ours for ours in lost if ours in record]
+    hint = (f" (a field the mapping renames is not read under its own name: drop {', '.join(map(repr, own))} from "
+            f"the mapping, or fix the column's name)" if own else "")
+    raise _MappingError(f"{where}: `columns` (data.columns in a run config) maps {maps}, which the record lacks; "
+                        f"its keys are {sorted(record)}{hint}")
 
 
 def check(source: Source, columns: Mapping[str, str] | None = None, *, on_bad_record: str = "error") -> int:
@@ -204,6 +234,8 @@ def bad_record(e: Exception, where: str) -> DataError:
     """The error a bad record raises under ``on_bad_record='error'``: ``e`` with where the record is (once) and how
     to skip such records instead."""
     message = str(e) if where in str(e) else f"{where}: {e}"
+    if isinstance(e, _MappingError):   # the mapping, not the record, is what to fix
+        return DataError(message)
     return DataError(f"{message} (on_bad_record='skip' skips and counts bad records)")
 
 

@@ -184,6 +184,52 @@ def read_metadata(reader) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
+class _Truncated(ValueError):
+    """A tensor's data reaches past the end of the file."""
+
+
+def _past_end(reader, start_offs, fields) -> list[tuple[int, int, str]]:
+    """(start, end, name) of each tensor whose data reaches past the end of ``reader``'s file, from the tensor
+    infos ``GGUFReader._build_tensors`` receives; [] when they are not laid out as this gguf version's are."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size, cut = len(reader.data), []
+    try:
+        for field in fields:
+            _, name, _, dims, kind, offset = field.parts
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(kind[0]))]
+            except (ValueError, KeyError):   # an unknown type: the reader's own error names it
+                continue
+            start = int(start_offs + offset[0])
+            end = start + int(np.prod(dims)) * type_size // block
+            if end > size:
+                cut.append((start, end, bytes(name).decode("utf-8", "replace")))
+    except Exception:  # noqa: BLE001  (another gguf version's internals: leave the check to the reader)
+        return []
+    return cut
+
+
+def _open_reader(path: str):
+    """A ``gguf.GGUFReader`` of ``path`` that checks, before it maps each tensor's data, that the data lies inside
+    the file: a file cut short (an interrupted download or copy) is named as such, with the first tensor it cuts
+    into (:class:`_Truncated`), rather than failing in numpy ("cannot reshape array of size ..."). The check hooks
+    the reader's private ``_build_tensors``; with a gguf version whose hook differs, it does nothing."""
+    from gguf import GGUFReader
+
+    class Reader(GGUFReader):
+        def _build_tensors(self, *args, **kwargs):
+            cut = _past_end(self, *args, **kwargs) if len(args) == 2 and not kwargs else []
+            if cut:
+                start, end, name = min(cut)
+                raise _Truncated(f"the file is truncated: tensor {name!r} needs bytes {start:,} to {end:,}, but the "
+                                 f"file has {len(self.data):,} bytes ({len(cut)} of its {len(args[1])} tensors reach "
+                                 f"past its end); download or copy the file again")
+            return super()._build_tensors(*args, **kwargs)
+
+    return Reader(path)
+
+
 def read(path: str | os.PathLike) -> GGUFModel:
     """Open a GGUF file: config, lazy tensors and tokenizer.
 
@@ -192,13 +238,13 @@ def read(path: str | os.PathLike) -> GGUFModel:
             unsupported type or a name the table does not know, or it uses rope scaling other than linear.
         FileNotFoundError: no such file.
     """
-    from gguf import GGUFReader
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path}")
     try:
-        reader = GGUFReader(path)
+        reader = _open_reader(path)
+    except _Truncated as e:
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from None
     except Exception as e:  # the reader raises ValueError/KeyError/IndexError on bad bytes or unknown enums
         raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
     meta = read_metadata(reader)

@@ -110,11 +110,50 @@ def load_engine(args):
     return Engine(loaded, config, adapters=dict(args.adapter), name=args.name)
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuses, before the model loads, a ``--port`` outside 1..65535 or one that ``host`` cannot listen on (in use,
+    or below 1024 without the right), with a :class:`ValueError` naming it and the fix: the server would otherwise
+    load the model, announce the port, and then fail. The address is bound briefly as uvicorn binds it
+    (``SO_REUSEADDR``: a port that a server just left, still in TIME_WAIT, is free), on each address ``host`` names.
+
+    Examples:
+        >>> check_port("127.0.0.1", 99999)
+        Traceback (most recent call last):
+        ...
+        ValueError: --port 99999 is not a TCP port; give one from 1 to 65535 (default 8000)
+    """
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port; give one from 1 to 65535 (default {DEFAULT_PORT})")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} cannot be resolved ({e.strerror}); give an address of this machine, "
+                         f"e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    why = "is in use (another server, or a jlora serve still running)"
+                    fix = "stop that server or pass another --port"
+                elif e.errno == errno.EACCES and port < 1024:
+                    why, fix = "is a privileged port (below 1024)", "pass --port 1024 or above"
+                else:
+                    why, fix = f"cannot be listened on ({e.strerror})", "pass another --host or --port"
+                raise ValueError(f"--port {port}: {host}:{port} {why}; {fix}") from None
+
+
 def command(args) -> int:
     """Runs ``jlora serve`` until interrupted."""
     import logging
     import sys
 
+    check_port(args.host, args.port)    # before the model loads, which takes a while
     if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
         raise FileNotFoundError(f"--adapter-root {args.adapter_root!r} is not a directory")
     try:
@@ -138,4 +177,4 @@ def command(args) -> int:
     return 0
 
 
-__all__ = ["add_parser", "command", "load_engine"]
+__all__ = ["add_parser", "check_port", "command", "load_engine"]
