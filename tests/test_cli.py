@@ -569,6 +569,32 @@ def test_serve_refuses_a_port_it_cannot_listen_on_before_the_model_loads(port, m
         _error(*_main("serve", "--model", tiny, "--port", port), message)
 
 
+def test_serve_holds_its_port_while_the_model_loads(tiny, monkeypatch):
+    """The port is bound before the model loads and those sockets are what uvicorn listens on, so no other process
+    can take it in between (a check that only bound and released it left that window open)."""
+    import socket
+
+    import jlora.serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    seen = []
+
+    def load(args):                       # the model load: is the port taken meanwhile?
+        with socket.socket() as other:
+            seen.append(other.connect_ex(("127.0.0.1", port)) != 0)    # bound, not yet listening: refused
+            try:
+                other.bind(("127.0.0.1", port))
+            except OSError as e:
+                seen.append(e.strerror)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(jlora.serve, "load_engine", load)
+    _error(*_main("serve", "--model", tiny, "--port", port), "stop here")
+    assert seen == [True, "Address already in use"]
+
+
 # ------------------------------------------------------------------------------------------------ 6. messages
 def test_missing_runs_are_named_not_blamed_on_config(tiny, tmp_path, monkeypatch):
     _no_model_load(monkeypatch)

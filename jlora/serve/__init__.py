@@ -110,14 +110,16 @@ def load_engine(args):
     return Engine(loaded, config, adapters=dict(args.adapter), name=args.name)
 
 
-def check_port(host: str, port: int) -> None:
-    """Refuses, before the model loads, a ``--port`` outside 1..65535 or one that ``host`` cannot listen on (in use,
-    or below 1024 without the right), with a :class:`ValueError` naming it and the fix: the server would otherwise
-    load the model, announce the port, and then fail. The address is bound briefly as uvicorn binds it
-    (``SO_REUSEADDR``: a port that a server just left, still in TIME_WAIT, is free), on each address ``host`` names.
+def bind_port(host: str, port: int) -> list:
+    """The listening address of ``jlora serve``, bound before the model loads (each address ``host`` names, as
+    uvicorn would bind them, with ``SO_REUSEADDR``: a port that a server just left, still in TIME_WAIT, is free):
+    the sockets, which the caller hands to uvicorn and closes. A ``--port`` outside 1..65535, or one that cannot be
+    bound (in use, or below 1024 without the right), is a :class:`ValueError` naming it and the fix; the server
+    would otherwise load the model, announce the port, and then fail. Holding the sockets from here on, no other
+    process can take the port while the model loads.
 
     Examples:
-        >>> check_port("127.0.0.1", 99999)
+        >>> bind_port("127.0.0.1", 99999)
         Traceback (most recent call last):
         ...
         ValueError: --port 99999 is not a TCP port; give one from 1 to 65535 (default 8000)
@@ -132,28 +134,33 @@ def check_port(host: str, port: int) -> None:
     except socket.gaierror as e:
         raise ValueError(f"--host {host!r} cannot be resolved ({e.strerror}); give an address of this machine, "
                          f"e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(address)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    why = "is in use (another server, or a jlora serve still running)"
-                    fix = "stop that server or pass another --port"
-                elif e.errno == errno.EACCES and port < 1024:
-                    why, fix = "is a privileged port (below 1024)", "pass --port 1024 or above"
-                else:
-                    why, fix = f"cannot be listened on ({e.strerror})", "pass another --host or --port"
-                raise ValueError(f"--port {port}: {host}:{port} {why}; {fix}") from None
+    sockets = []
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
+        sock = socket.socket(family, kind, proto)
+        sockets.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:      # as asyncio binds: the IPv6 socket does not take the IPv4 address too
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            for s in sockets:
+                s.close()
+            if e.errno == errno.EADDRINUSE:
+                why = "is in use (another server, or a jlora serve still running)"
+                fix = "stop that server or pass another --port"
+            elif e.errno == errno.EACCES and port < 1024:
+                why, fix = "is a privileged port (below 1024)", "pass --port 1024 or above"
+            else:
+                why, fix = f"cannot be listened on ({e.strerror})", "pass another --host or --port"
+            raise ValueError(f"--port {port}: {host}:{port} {why}; {fix}") from None
+    return sockets
 
 
 def command(args) -> int:
     """Runs ``jlora serve`` until interrupted."""
-    import logging
     import sys
 
-    check_port(args.host, args.port)    # before the model loads, which takes a while
     if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
         raise FileNotFoundError(f"--adapter-root {args.adapter_root!r} is not a directory")
     try:
@@ -161,6 +168,17 @@ def command(args) -> int:
     except ImportError as e:
         print(f"jlora serve: error: {e}", file=sys.stderr)
         return 2
+    sockets = bind_port(args.host, args.port)    # before the model loads, which takes a while
+    try:
+        return _serve(args, app, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve(args, app, sockets: list) -> int:
+    import logging
+    import sys
 
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("jlora.serve").setLevel(args.log_level.upper())
@@ -173,8 +191,8 @@ def command(args) -> int:
           + ("" if args.api_key else " (no --api-key: anyone who can reach it may use it)"), file=sys.stderr,
           flush=True)
     app.serve(engine, host=args.host, port=args.port, api_key=args.api_key, adapter_root=args.adapter_root,
-              log_level=args.log_level)
+              log_level=args.log_level, sockets=sockets)
     return 0
 
 
-__all__ = ["add_parser", "check_port", "command", "load_engine"]
+__all__ = ["add_parser", "bind_port", "command", "load_engine"]

@@ -334,8 +334,9 @@ async def _events(rows, texts, queue: asyncio.Queue):
 
 
 def serve(engine: engine_lib.Engine, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          adapter_root=None, log_level: str = "info") -> None:
-    """Runs the app with uvicorn until interrupted; closes the engine afterwards."""
+          adapter_root=None, log_level: str = "info", sockets: list | None = None) -> None:
+    """Runs the app with uvicorn until interrupted; closes the engine afterwards. ``sockets``: bound sockets to
+    listen on (``jlora serve`` binds them before the model loads), else uvicorn binds ``host`` and ``port``."""
     try:
         import uvicorn
     except ImportError as e:
@@ -354,7 +355,7 @@ def serve(engine: engine_lib.Engine, *, host: str = "127.0.0.1", port: int = 800
 
     started = time.perf_counter()
     try:
-        Server(config).run()
+        Server(config).run(sockets=sockets)
     finally:
         engine.close()
         log.info("served for %.0f s", time.perf_counter() - started)
