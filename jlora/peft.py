@@ -199,10 +199,10 @@ def _regexes(config: Mapping[str, Any]):
         yield "layers_pattern", pattern, rf"(?:^|.*?\.){pattern}\."
 
 
-def _few(keys) -> str:
-    """The first three of ``keys``, sorted, and how many more: one readable line."""
+def _few(keys, n: int = 3) -> str:
+    """The first ``n`` of ``keys``, sorted, and how many more: one readable line."""
     keys = sorted(keys)
-    return f"{keys[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+    return f"{keys[:n]}{f' and {len(keys) - n} more' if len(keys) > n else ''}"
 
 
 # what each adapter_config.json key does to the modules PEFT leaves without LoRA (:func:`_peft_skips`)
@@ -567,8 +567,8 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     tensors = _read_tensors(folder)
     bad = sorted(k for k, v in tensors.items() if not np.isfinite(v.astype(np.float32)).all())
     if bad:
-        raise ValueError(f"adapter {folder} holds tensors with NaN or infinite values: {bad[:5]}"
-                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; the adapter is corrupt (or its "
+        raise ValueError(f"adapter {folder} holds tensors with NaN or infinite values: {_few(bad, 5)}"
+                         f"; the adapter is corrupt (or its "
                          f"training diverged)")
     if not any(_KEY.match(k.removeprefix(PREFIX)) for k in tensors):
         held = f"it holds {len(tensors)} tensors: {_few(tensors)}" if tensors else "it holds no tensors"
@@ -610,8 +610,8 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     outside = _outside_layers(config, found)
     if outside:
         raise ValueError(f"adapter {folder}: layers_to_transform={config['layers_to_transform']} (layers_pattern="
-                         f"{config.get('layers_pattern')!r}) leaves out {outside[:3]}"
-                         f"{f' and {len(outside) - 3} more' if len(outside) > 3 else ''}, whose tensors are here; "
+                         f"{config.get('layers_pattern')!r}) leaves out {_few(outside)}"
+                         f", whose tensors are here; "
                          f"PEFT would not apply them. Correct layers_to_transform in adapter_config.json, or remove "
                          f"those tensors")
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
