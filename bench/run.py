@@ -382,6 +382,14 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   of the head per dot instead of all 113 MB), 0.91x alone and 0.94-0.99x for the fused loss alone, but 1.04x and
   1.08x for the 30-layer 4 x 128 step (A/B in one process): not taken. One layer's blocked attention run one KV
   head at a time (a (G*t, t) score tile of 196 KB instead of three in a 512 KB L2): 0.987x; not pursued.
+  Tried on this core later still: the fp32 products of the linear layers and the head through OpenBLAS 0.3.31 (the
+  copy numpy bundles) instead of XLA's dots, as an XLA FFI custom call wrapped in a JAX primitive with transpose
+  rules (so autodiff runs through it; 2-D products, transposes passed to sgemm as flags). One matmul at 512 rows:
+  0.91-0.95x XLA's time where the inner size is 576, 1.01x where it is 1536, 0.92x for the head's two products.
+  The 30-layer q,v step at 4 x 128: 0.923x XLA's time (the same loss to 1e-6; 0.925 vs PEFT in that run, where
+  XLA's step was 0.991); at 1 x 2048: 0.986x (0.919 vs PEFT, XLA's 0.971). Not taken: it reaches neither target,
+  and it would need a C++ compiler on the user's machine, numpy's private library, rules of its own for vmap and
+  sharding (XLA cannot partition a custom call), and on the AVX-512 CPU XLA's dots already beat MKL's.
 - Sharded steps keep two matmuls per adapted layer (`transform.separate_low_rank`, entered by
   `jlora.parallel.make_sharded_train_step` when any frozen param is sharded): concatenating a sharded W with
   `s B` made XLA re-shard it (a 2-layer step on a tensor=2, fsdp=4 CPU mesh compiled to 79 all-gathers instead of
