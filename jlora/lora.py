@@ -337,6 +337,12 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig | None = None
                              f"over jlora.init). Merge or apply them one at a time, e.g. "
                              f"jax.tree.map(lambda x: x[i], adapters).")
         if a != (*lead, fan_in, a[-1]) or b != (*lead, rb, fan_out) or a[-1] % lay.groups:
+            if node.layout is not None and not node.layout.lead and lay.lead and len(a) == 2 + node.slot_dims:
+                raise ValueError(f"the adapter at {path!r} (a {a}, b {b}) was made for a {node.layout.kind} kernel "
+                                 f"of {len(shape) - lay.lead} dims laid out {lay.describe()}, but the parameter there "
+                                 f"is {shape}: a kernel of another layer kind (e.g. a convolution's), or a "
+                                 f"{shape[:lay.lead]} stack of such kernels. Make the adapters for this model: "
+                                 f"jlora.init(params, cfg, key=..., layout=jlora.layout(model, *example_args))")
             rank = "r" if lay.groups == 1 else f"r/{lay.groups}"
             raise ValueError(f"adapter at {path!r} does not fit the parameter: kernel {shape} laid out "
                              f"{lay.describe()} needs a {(*lead, fan_in, 'r')} and b {(*lead, rank, fan_out)}; got a "

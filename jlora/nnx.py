@@ -224,6 +224,20 @@ def _fresh(model: Any, params_in: Any, variables: Any) -> nnx.Module:
     return module
 
 
+def _reseed(module: nnx.Module, rngs: Mapping[str, jax.Array] | None) -> None:
+    """Reseeds ``module``'s RNG streams (in place) from ``rngs``, as ``nnx.reseed`` does: each name's streams, and
+    for the first name the module has no stream of, its ``default`` streams (which ``nnx.Rngs`` hands out in place
+    of a stream it lacks: ``nnx.Dropout(rate, rngs=nnx.Rngs(0))`` draws from one). Other names are ignored."""
+    keys = {name: key for name, key in (rngs or {}).items() if name != transform.DROPOUT_RNG}
+    tags = {node.tag for _, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream)}
+    missing = [key for name, key in keys.items() if name not in tags]
+    keys = {name: key for name, key in keys.items() if name in tags}
+    if missing and "default" in tags and "default" not in keys:
+        keys["default"] = missing[0]
+    if keys:
+        nnx.reseed(module, policy="match_shape", **keys)
+
+
 # --- adapted layers -----------------------------------------------------------------------------------------------
 
 _ADAPTED: dict[type, type] = {}
@@ -353,7 +367,8 @@ def _attach(module: nnx.Module, adapters: Mapping, cfg: LoraConfig, trace: _Trac
                              f"to fold it into the params.")
         if leaf != transform.leaf_name(kind):
             raise ValueError(f"the adapter at {path!r} targets {leaf!r} of an nnx.{type(layer).__name__}; its "
-                             f"adapted parameter is {transform.leaf_name(kind)!r}. Target {mpath}/{transform.leaf_name(kind)} instead.")
+                             f"adapted parameter is {transform.leaf_name(kind)!r}. Target "
+                             f"{mpath}/{transform.leaf_name(kind)} instead.")
         layer.__class__ = _adapted_class(type(layer))
         layer.jlora_a, layer.jlora_b = AdapterParam(node.a), AdapterParam(node.b)
         for name, value in node.extras.items():
@@ -388,6 +403,13 @@ def apply(model: Any, params_in: Any, adapters: Mapping, cfg: LoraConfig, *args,
           adapter_ids: jax.Array | None = None, **kwargs) -> Any:
     """Runs an NNX model with unmerged adapters; what :func:`jlora.apply` does for an NNX model or graphdef.
 
+    Unlike a call of the model, this is a pure function: it runs a copy of the model made from the given state
+    (``variables``, else the model's own), so the same arguments give the same output and the model's RNG state
+    never moves on. The model's own ``nnx.Dropout`` thus draws the same mask on every call; for a new mask, pass a
+    new key (``rngs={"dropout": key}``: :func:`jlora.make_train_step` passes one per step), or thread the state
+    (``out, state = apply(..., mutable=True)``, then ``apply(..., variables=state)``), which continues as calling
+    the model twice would.
+
     Args:
         model: an ``nnx.Module``, or the graphdef from ``nnx.split``.
         params_in: its frozen params: :func:`params` of the model, or the ``nnx.State`` from
@@ -397,7 +419,11 @@ def apply(model: Any, params_in: Any, adapters: Mapping, cfg: LoraConfig, *args,
         *args: positional arguments of the model call.
         variables: the model's other state (an ``nnx.State``, or a tuple of them), e.g. the ``rest`` of
             ``nnx.split(model, nnx.Param, ...)``; with a model, its own by default.
-        rngs: ``{"lora_dropout": key}`` turns on LoRA dropout when ``cfg.dropout > 0``.
+        rngs: ``{"lora_dropout": key}`` turns on LoRA dropout when ``cfg.dropout > 0``; any other name reseeds
+            the model's RNG streams of that name (``{"dropout": key}`` for its ``nnx.Dropout``), as ``nnx.reseed``
+            does on a copy. A model without a stream of that name has its ``default`` streams reseeded instead (by
+            the first such name), those ``nnx.Rngs`` hands out for a name it lacks (a model built with
+            ``nnx.Rngs(0)``); without either, the name is ignored.
         method: name of a method to call instead of ``__call__`` (or a function ``f(model, *args, **kwargs)``).
         mutable: if true, return ``(output, state)`` with the model's non-param state after the call (batch
             statistics, caches, RNG counts): NNX layers update these in place, and the user's model is untouched.
@@ -406,6 +432,25 @@ def apply(model: Any, params_in: Any, adapters: Mapping, cfg: LoraConfig, *args,
 
     Returns:
         The model's output, or ``(output, state)`` with ``mutable``.
+
+    Examples:
+        >>> import jlora
+        >>> class Net(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.lin, self.drop = nnx.Linear(8, 8, rngs=rngs), nnx.Dropout(0.5, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return self.drop(self.lin(x))
+        >>> model, x = Net(nnx.Rngs(0)), jnp.ones((1, 8))
+        >>> cfg = jlora.LoraConfig(rank=2, targets="lin")
+        >>> p, ad = params(model), jlora.init(model, cfg, key=jax.random.key(1))
+        >>> run = lambda **kw: jlora.apply(model, p, ad, cfg, x, **kw)
+        >>> bool(jnp.array_equal(run(), run()))                    # pure: the same mask
+        True
+        >>> k1, k2 = jax.random.key(1), jax.random.key(2)
+        >>> bool(jnp.array_equal(run(rngs={"dropout": k1}), run(rngs={"dropout": k1})))
+        True
+        >>> bool(jnp.array_equal(run(rngs={"dropout": k1}), run(rngs={"dropout": k2})))
+        False
     """
     quantized = [tree_lib.path_str(p) for p, leaf in jax.tree_util.tree_flatten_with_path(
         params_in, is_leaf=lambda x: adapter_lib.kernel_type(x) is not None)[0] if adapter_lib.kernel_type(leaf)]
@@ -418,6 +463,7 @@ def apply(model: Any, params_in: Any, adapters: Mapping, cfg: LoraConfig, *args,
     if full:
         _set_params(module, full, complete=False)
     _attach(module, adapters, cfg, _Trace(cfg, adapter_ids), rngs)
+    _reseed(module, rngs)
     if method is None:
         out = module(*args, **kwargs)
     elif isinstance(method, str):
@@ -554,11 +600,26 @@ def _flax_lora_layers(model: nnx.Module) -> dict[str, Any]:
     return out
 
 
+def _check_flax_base(path: str, lora: Any) -> None:
+    """Raises unless the Flax LoRA layer for ``path`` adapts an ``nnx.Linear``: ``nnx.LoRA`` adds ``x @ lora_a @
+    lora_b`` to any base module's output, which is what a jlora adapter adds only for a linear layer."""
+    base = getattr(lora, "base_module", None)
+    if base is not None and not isinstance(base, nnx.Linear):
+        mpath = path.rsplit("/", 1)[0] if "/" in path else ""
+        raise ValueError(f"the Flax LoRA layer at {mpath!r} is an nnx.LoRA(base_module=nnx.{type(base).__name__}); "
+                         f"jlora converts Flax LoRA layers of nnx.Linear only (nnx.LoRA adds x @ lora_a @ lora_b to "
+                         f"the base's output, which no jlora adapter of an nnx.{type(base).__name__} kernel computes). "
+                         f"Build that layer as a plain nnx.{type(base).__name__} and make its adapter with jlora.init, "
+                         f"or use nnx.LoRALinear / nnx.LoRA(base_module=nnx.Linear(...)) there")
+
+
 def from_flax_lora(model: nnx.Module, cfg: LoraConfig) -> dict:
     """Adapters from a model built with Flax's ``nnx.LoRALinear``/``nnx.LoRA`` layers.
 
     Flax's LoRA computes ``x @ lora_a @ lora_b`` (no scale), jlora ``scale * (x @ a) @ b``, so ``a = lora_a`` and
-    ``b = lora_b / scale`` with ``scale`` from ``cfg`` at each path; the rank must be ``cfg``'s.
+    ``b = lora_b / scale`` with ``scale`` from ``cfg`` at each path; the rank must be ``cfg``'s. An ``nnx.LoRA``
+    whose ``base_module`` is not an ``nnx.Linear`` (an ``nnx.Conv``, say) is refused: no jlora adapter computes its
+    update.
 
     Examples:
         >>> import jlora
@@ -569,6 +630,7 @@ def from_flax_lora(model: nnx.Module, cfg: LoraConfig) -> dict:
     """
     out = {}
     for path, lora in _flax_lora_layers(model).items():
+        _check_flax_base(path, lora)
         a, b = lora.lora_a.get_value(), lora.lora_b.get_value()
         if a.shape[-1] != cfg.rank_for(path):
             raise ValueError(f"the Flax LoRA layer at {path!r} has rank {a.shape[-1]} but the config gives rank "
@@ -593,6 +655,7 @@ def to_flax_lora(model: nnx.Module, adapters_in: Mapping, cfg: LoraConfig) -> nn
         if path not in layers:
             raise ValueError(f"the adapter at {path!r} has no nnx.LoRALinear/nnx.LoRA layer in the model (Flax LoRA "
                              f"layers are at {sorted(layers)[:8]}); build the model with LoRA layers there")
+        _check_flax_base(path, layers[path])
         if node.variant != "lora" or node.extras:
             raise ValueError(f"the adapter at {path!r} is a {node.variant!r} adapter; Flax's LoRA layers hold plain "
                              f"LoRA only")
@@ -613,5 +676,5 @@ def to_flax_lora(model: nnx.Module, adapters_in: Mapping, cfg: LoraConfig) -> nn
     return model
 
 
-__all__ = ["AdapterState", "AdapterParam", "DropoutKey", "apply", "layout", "params", "attach", "adapters", "detach", "from_flax_lora",
-           "to_flax_lora", "layer_spec", "layout_or_none", "rebuild"]
+__all__ = ["AdapterState", "AdapterParam", "DropoutKey", "apply", "layout", "params", "attach", "adapters", "detach",
+           "from_flax_lora", "to_flax_lora", "layer_spec", "layout_or_none", "rebuild"]

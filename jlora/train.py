@@ -10,9 +10,11 @@ casts adapters to each layer's compute dtype, and the loss is computed from fp32
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,22 +79,45 @@ def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict
     return loss, {"loss": loss, "tokens": n}
 
 
-def _bind(model: nn.Module, cfg: LoraConfig, params, adapters, rng) -> Callable[..., Any]:
-    """``apply_fn`` for a loss: the model with these adapters. ``apply_fn.hidden_output`` says whether the model
-    takes ``return_hidden=True`` (class attribute ``HIDDEN_OUTPUT``)."""
-    rngs = {transform.DROPOUT_RNG: rng} if (rng is not None and cfg.dropout > 0) else None
+_STATELESS = ("{error}\nThe step (jlora.make_train_step, make_eval_step) gives the model its params and adapters and "
+              "carries no other state from step to step. Pass the model's other collections where your `loss_fn` "
+              "calls `apply_fn`, e.g. `apply_fn(x, variables={{\"batch_stats\": stats}})` (closed over, or read "
+              "from the batch), with BatchNorm on its running averages (use_running_average=True); to update batch "
+              "statistics while training, write your own step around `jlora.apply(..., variables=..., "
+              "mutable=[\"batch_stats\"])` and carry them yourself")
 
-    def apply_fn(*args, **kwargs):
-        return transform.apply(model, params, adapters, cfg, *args, rngs=rngs, **kwargs)
+
+def _stream_keys(key: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:
+    """The keys of the model's rng streams ``names`` from a step's (or micro-batch's) ``key``."""
+    return {name: jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF) for name in names}
+
+
+def _bind(model: nn.Module, cfg: LoraConfig, params, adapters, rng, model_rngs: Sequence[str] = ()
+          ) -> Callable[..., Any]:
+    """``apply_fn`` for a loss: the model with these adapters. ``apply_fn.hidden_output`` says whether the model
+    takes ``return_hidden=True`` (class attribute ``HIDDEN_OUTPUT``).
+
+    With an ``rng``, the model gets keys derived from it for its streams ``model_rngs`` and, when ``cfg.dropout > 0``,
+    ``rng`` itself for LoRA dropout; ``rngs`` given to ``apply_fn`` are merged in (theirs win a name in both)."""
+    own = {} if rng is None else _stream_keys(rng, model_rngs)
+    if rng is not None and cfg.dropout > 0:
+        own[transform.DROPOUT_RNG] = rng
+
+    def apply_fn(*args, rngs: Mapping[str, jax.Array] | None = None, **kwargs):
+        merged = {**own, **dict(rngs or {})} or None
+        try:
+            return transform.apply(model, params, adapters, cfg, *args, rngs=merged, **kwargs)
+        except (flax.errors.ScopeCollectionNotFound, flax.errors.ModifyScopeVariableError) as e:
+            raise ValueError(_STATELESS.format(error=e)) from e
 
     apply_fn.hidden_output = bool(getattr(model, "HIDDEN_OUTPUT", False))
     return apply_fn
 
 
-def _weighted_grads(model, cfg, loss_fn, params, adapters, batch, rng):
+def _weighted_grads(model, cfg, loss_fn, params, adapters, batch, rng, model_rngs=()):
     """Loss, metrics and gradients of one (micro)batch, weighted by its token count."""
     def f(ad):
-        loss, metrics = loss_fn(_bind(model, cfg, params, ad, rng), batch)
+        loss, metrics = loss_fn(_bind(model, cfg, params, ad, rng, model_rngs), batch)
         return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(adapters)
@@ -102,7 +127,7 @@ def _weighted_grads(model, cfg, loss_fn, params, adapters, batch, rng):
 
 def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.GradientTransformation, *,
                     loss_fn: LossFn = lm_loss, grad_accum_steps: int = 1,
-                    reduce_grads: Callable[[Any], Any] | None = None):
+                    reduce_grads: Callable[[Any], Any] | None = None, model_rngs: Sequence[str] = ("dropout",)):
     """Builds ``step(state, params, batch) -> (state, metrics)``, a pure function for ``jax.jit``.
 
     Args:
@@ -110,13 +135,24 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
         cfg: the LoRA config of ``state.adapters``.
         optimizer: an optax transformation over the adapter tree.
         loss_fn: ``loss_fn(apply_fn, batch) -> (loss, metrics)`` where ``apply_fn(*args, **kwargs)`` runs the
-            model with the current adapters. ``metrics["tokens"]``, if present, weights micro-batches.
+            model with the current adapters (as :func:`jlora.apply`; ``rngs`` it is given are merged with the
+            step's, and win a name in both). ``metrics["tokens"]``, if present, weights micro-batches.
         grad_accum_steps: split the batch's leading axis into this many micro-batches (micro-batch i takes
             rows i, i+k, ..., so that a batch sharded over devices by rows keeps every device busy on each), run
             them one after another (``lax.scan``, so activation memory is that of one micro-batch), and apply the
             token-weighted mean gradient once (summed in float32 whatever the adapters' dtype).
         reduce_grads: optional hook applied to the (weighted sum of) gradients, metrics and weights before the
             update, e.g. a ``lax.psum`` under ``pmap`` (see :func:`jlora.parallel.make_pmap_train_step`).
+        model_rngs: the model's own rng streams (its ``nn.Dropout``/``nnx.Dropout``), each fed a fresh key every
+            step: ``fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)`` of the step's key
+            ``jax.random.split(state.rng)[1]`` (under accumulation, micro-batch i's key ``fold_in(key, i)``), which
+            LoRA dropout uses as it is. A Linen model gets them as ``rngs``, an NNX model's streams are reseeded
+            (:func:`jlora.nnx.apply`); a stream the model lacks is ignored.
+
+    The model's other state is read, never carried: give a Linen model its collections through ``apply_fn(...,
+    variables={"batch_stats": ...})`` in ``loss_fn`` (a missing or updated collection is an error that says so);
+    an NNX model's in-place updates (BatchNorm statistics) are dropped after each call. To train BatchNorm
+    statistics, write a step around ``jlora.apply(..., mutable=[...])`` that carries them.
 
     Returns:
         The step function. ``metrics`` holds ``loss`` (token-weighted mean), ``tokens`` and ``grad_norm``.
@@ -139,6 +175,10 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
     """
     if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"`grad_accum_steps` must be an integer >= 1; got {grad_accum_steps!r}")
+    model_rngs = (model_rngs,) if isinstance(model_rngs, str) else tuple(model_rngs)
+    if transform.DROPOUT_RNG in model_rngs or not all(isinstance(n, str) for n in model_rngs):
+        raise ValueError(f"`model_rngs` names the model's own rng streams (strings, not {transform.DROPOUT_RNG!r}, "
+                         f"which `cfg.dropout` turns on); got {model_rngs!r}")
     user_loss_fn = loss_fn
 
     def loss_fn(apply_fn, batch):   # the user's, with its return value checked (at trace time)
@@ -155,7 +195,8 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
     def step(state: TrainState, params, batch: Batch):
         rng, step_rng = jax.random.split(state.rng)
         if grad_accum_steps == 1:
-            grads, metrics, weight = _weighted_grads(model, cfg, loss_fn, params, state.adapters, batch, step_rng)
+            grads, metrics, weight = _weighted_grads(model, cfg, loss_fn, params, state.adapters, batch, step_rng,
+                                                      model_rngs)
             metrics = jax.tree.map(lambda m: m * weight, metrics)
         else:
             micro = jax.tree.map(lambda x: _split_micro(x, grad_accum_steps), batch)
@@ -168,13 +209,13 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
                 i, mb = xs
                 g_sum, w_sum, m_sum = carry
                 g, m, w = _weighted_grads(model, cfg, loss_fn, params, state.adapters, mb,
-                                          jax.random.fold_in(step_rng, i))
+                                          jax.random.fold_in(step_rng, i), model_rngs)
                 m = jax.tree.map(lambda v: v * w, m)
                 return (jax.tree.map(add, g_sum, g), w_sum + w, jax.tree.map(add, m_sum, m)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
             _, m0, _ = jax.eval_shape(lambda: _weighted_grads(model, cfg, loss_fn, params, state.adapters,
-                                                              first, step_rng))
+                                                              first, step_rng, model_rngs))
             m_init = jax.tree.map(lambda s: jnp.zeros(s.shape, _at_least_f32(s.dtype)), m0)
             (grads, weight, metrics), _ = jax.lax.scan(
                 body, (zeros, jnp.zeros((), jnp.float32), m_init), (jnp.arange(grad_accum_steps), micro))
@@ -197,8 +238,9 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
 def _split_micro(x: jax.Array, k: int) -> jax.Array:
     """(B, ...) -> (k, B/k, ...), micro-batch i holding rows i, i+k, ... (a row-sharded batch stays sharded on
     each micro-batch's rows: XLA folds the reshapes, no data moves between devices)."""
-    if x.shape[0] % k:
-        raise ValueError(f"batch size {x.shape[0]} does not divide into grad_accum_steps={k} micro-batches")
+    if not jnp.ndim(x) or x.shape[0] % k:
+        got = f"batch size {x.shape[0]}" if jnp.ndim(x) else "a scalar in the batch (it has no batch axis to split)"
+        raise ValueError(f"{got} does not divide into grad_accum_steps={k} micro-batches")
     return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
 

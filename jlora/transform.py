@@ -459,7 +459,15 @@ def _interceptor(trace: _Trace):
 def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig, *args,
           variables: Mapping[str, Any] | None = None, rngs: Mapping[str, jax.Array] | None = None, method=None,
           mutable=False, adapter_ids: jax.Array | None = None, **kwargs) -> Any:
-    """Runs ``model`` with unmerged adapters: equal to ``model.apply({"params": merge(...)}, ...)``.
+    """Runs ``model`` with unmerged adapters: equal to ``model.apply({"params": merge(...)}, ...)`` where the model
+    uses each adapted kernel through its layer's call.
+
+    An adapter acts where its layer is called (``__call__``, and ``Embed.attend``); code that reads the kernel
+    directly sees the frozen value, not the merged one: a head tied as ``h @ self.wte.embedding.T`` gets no update
+    from an adapter on ``wte/embedding`` here, but does from :func:`jlora.merge`. Call the layer there
+    (``self.wte.attend(h)``), or merge the adapters. Like ``model.apply``, this is a pure function (the same
+    arguments give the same output); with ``mutable`` it returns the updated collections, for the caller to pass
+    back as ``variables``.
 
     Args:
         model: a Flax Linen module (or an NNX model or graphdef: see :mod:`jlora.nnx`).
@@ -468,7 +476,9 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping, cfg: LoraConfig,
         cfg: the LoRA config the adapters were made with (it gives the scale per path).
         *args: positional arguments of the model call.
         variables: the model's other variable collections (``{"batch_stats": ...}``, ``{"cache": ...}``).
-        rngs: optional rngs; LoRA dropout is active only when ``cfg.dropout > 0`` and ``"lora_dropout"`` is given.
+        rngs: the model's rngs, as for ``model.apply`` (``{"dropout": key}``; for an NNX model they reseed its
+            streams, see :func:`jlora.nnx.apply`); LoRA dropout is active only when ``cfg.dropout > 0`` and
+            ``"lora_dropout"`` is given.
         method: optional method of ``model`` to call instead of ``__call__``.
         mutable: as in ``flax.linen.Module.apply`` (e.g. ``["batch_stats"]``).
         adapter_ids: for a bank of adapters (:mod:`jlora.bank`), the slot each batch row uses, shape (batch,).

@@ -1,5 +1,6 @@
 """Core LoRA math: init, apply (the transform), merge/unmerge, against a plain jnp reference and merged models."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -156,6 +157,43 @@ def test_scan_equals_unrolled_with_adapters():
     assert fresh["layers"]["o_proj"]["kernel"].a.shape == (2, 32, 2)  # (heads*head_dim) flattened
 
 
+class TiedDirect(nn.Module):
+    """A tied head that reads the embedding table directly (``h @ wte.embedding.T``), or through ``attend``."""
+
+    attend: bool
+
+    def setup(self):
+        self.wte, self.fc = nn.Embed(11, 8), nn.Dense(8)
+
+    def __call__(self, ids):
+        h = jnp.tanh(self.fc(self.wte(ids)))
+        return self.wte.attend(h) if self.attend else h @ self.wte.embedding.T
+
+
+def test_adapters_act_where_the_layer_is_called_and_direct_reads_see_the_frozen_kernel():
+    """As jlora.apply documents: through ``attend`` a tied head equals the merged model; a direct read of the table
+    sees the frozen one (the plain-jnp reference: the merged table for the lookup, the frozen one for the head)."""
+    ids = jnp.array([[1, 2, 3, 4]])
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="wte")
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(attend):                     # jlora.apply, the merged model, the reference
+        model = TiedDirect(attend)
+        params = model.init(KEY, ids)["params"]
+        ad = randomize(jlora.init(params, cfg, key=KEY), jax.random.key(1), scale=0.5)
+        merged = jlora.merge(params, ad, cfg)
+        table, fc = merged["wte"]["embedding"], params["fc"]
+        with jax.numpy_rank_promotion("allow"):
+            h = jnp.tanh(table[ids] @ fc["kernel"] + fc["bias"])
+        want = h @ (table if attend else params["wte"]["embedding"]).T
+        return jlora.apply(model, params, ad, cfg, ids), model.apply({"params": merged}, ids), want
+
+    for attend in (True, False):
+        y, merged_model, want = run(attend)
+        np.testing.assert_allclose(y, want, atol=1e-5)
+        assert attend == bool(np.allclose(y, merged_model, atol=1e-5))
+
+
 def test_dropout_only_with_rng():
     x = jax.random.normal(KEY, (4, 16))
     model = nn.Dense(8)
@@ -275,6 +313,14 @@ def test_adapter_mismatch_names_path_and_shapes():
         jlora.merge(params, {"other": {"kernel": adapters["kernel"]}}, cfg)
     with pytest.raises(ValueError, match="no parameter at that path"):
         jlora.apply(model, params, {**adapters, "other": {"kernel": adapters["kernel"]}}, cfg, x)
+    # an adapter made for a Dense kernel on a convolution's: said so, not "needs a (3, 3, 3, 'r')" (invented axes)
+    conv = nn.Conv(4, (3, 3))
+    conv_params = jax.eval_shape(lambda: conv.init(KEY, jnp.ones((1, 5, 5, 3))))["params"]
+    dense_made = {"kernel": jlora.Adapter(jnp.zeros((3, 2)), jnp.zeros((2, 4)), layout=jlora.KernelLayout("Dense"))}
+    with pytest.raises(ValueError, match=r"'kernel' \(a \(3, 2\), b \(2, 4\)\) was made for a Dense kernel of 2 dims "
+                                         r"laid out \(in, out\), but the parameter there is \(3, 3, 3, 4\): a kernel "
+                                         r"of another layer kind .*jlora\.layout"):
+        jlora.lora.check_fits(conv_params, dense_made, cfg)
 
 
 def test_misused_arguments_say_what_they_are_and_what_to_pass():

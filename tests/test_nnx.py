@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import zlib
 
 import flax.linen as nn
 import jax
@@ -332,6 +333,63 @@ def test_attached_dropout_draws_a_fresh_mask_per_call(which):
     np.testing.assert_array_equal(np.stack(outs[0]), np.stack(outs[1]))
 
 
+class DropNet(nnx.Module):
+    """An MLP with its own nnx.Dropout."""
+
+    def __init__(self, rngs):
+        self.fc, self.out = nnx.Linear(6, D, rngs=rngs), nnx.Linear(D, 3, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(jax.nn.tanh(self.fc(x))))
+
+
+@pytest.mark.parametrize("streams", ["default", "dropout"])
+def test_model_dropout_is_reseeded_by_the_key_given_and_gets_a_new_one_every_step(streams):
+    """jlora.apply is pure: the model's own nnx.Dropout draws its first mask on every call, as the merged model's
+    first call does; threading the state of mutable=True continues as the model's second call.
+    rngs={"dropout": key} reseeds the model's stream as nnx.reseed does on the merged model (its `default` stream
+    for a model built with nnx.Rngs(0)), and make_train_step feeds it the documented new key every step (it used to
+    keep one mask)."""
+    model = DropNet(nnx.Rngs(0) if streams == "default" else nnx.Rngs(params=0, dropout=1))
+    cfg, opt = jlora.LoraConfig(rank=2, alpha=4, targets=("fc", "out")), optax.sgd(0.0)
+    ad, params = _random_adapters(model, cfg), jlora.nnx.params(model)
+
+    @jax.jit
+    def oracle(keys):                    # the merged model: two plain calls, then one call per key after a reseed
+        merged = jlora.merge(model, ad, cfg)
+        out = [merged(X), merged(X)]
+        for key in keys:
+            nnx.reseed(merged, **{streams: key})
+            out.append(merged(X))
+        return out
+
+    @jax.jit
+    def apply(keys):
+        first, state = jlora.apply(model, params, ad, cfg, X, mutable=True)
+        out = [first, jlora.apply(model, params, ad, cfg, X), jlora.apply(model, params, ad, cfg, X, variables=state)]
+        return out + [jlora.apply(model, params, ad, cfg, X, rngs={"dropout": key}) for key in keys]
+
+    keys = [jax.random.key(1), jax.random.key(1), jax.random.key(2)]
+    got, want = apply(keys), oracle(keys)
+    for y, w in zip(got, [want[0], want[0], *want[1:]], strict=True):
+        np.testing.assert_allclose(y, w, atol=1e-5)
+    assert not np.allclose(got[0], got[2]) and not np.allclose(got[3], got[5])
+
+    def loss_fn(apply_fn, x):
+        loss = jnp.mean(apply_fn(x) ** 2)
+        return loss, {"loss": loss}
+
+    step = jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=loss_fn))
+    state, rngs, losses = jlora.TrainState.create(ad, opt, rng=jax.random.key(3)), [], []
+    for _ in range(3):
+        rngs.append(jax.random.fold_in(jax.random.split(state.rng)[1], zlib.crc32(b"dropout") & 0x7FFFFFFF))
+        state, metrics = step(state, params, X)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, [float(jnp.mean(y ** 2)) for y in oracle(rngs)[2:]], rtol=1e-5)
+    assert len(set(losses)) == 3
+
+
 class SlicedStack(Stack):
     """Stack, with a scan that slices only the state its nnx.StateAxes name (the rest is broadcast)."""
 
@@ -402,6 +460,13 @@ def test_flax_lora_layers_both_ways():
         jlora.nnx.to_flax_lora(flax_model, _random_adapters(plain, with_bias, seed=5), with_bias)
     for old, new in zip(before, jax.tree.leaves(nnx.state(flax_model)), strict=True):
         np.testing.assert_array_equal(new, old)
+    # nnx.LoRA around a layer other than nnx.Linear: refused, naming it (it used to come back as a Dense adapter)
+    flax_model.l2 = nnx.LoRA(4, 2, 3, base_module=nnx.Conv(4, 3, (3,), rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Flax LoRA layer at 'l2' is an nnx.LoRA\(base_module=nnx.Conv\); jlora "
+                                         r"converts Flax LoRA layers of nnx.Linear only.*plain nnx.Conv.*jlora.init"):
+        jlora.nnx.from_flax_lora(flax_model, cfg)
+    with pytest.raises(ValueError, match=r"'l2' is an nnx.LoRA\(base_module=nnx.Conv\)"):
+        jlora.nnx.to_flax_lora(flax_model, ad, cfg)
 
 
 def test_unsupported_layers_are_named_with_their_path():

@@ -1,9 +1,12 @@
 """The train step: adapters-only gradients (FLOPs), memorization, frozen params untouched, accumulation,
 mixed precision; hypothesis properties of config validation and partition/combine."""
 
+import dataclasses
 import json
 import math
+import zlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jlora
-from helpers import assert_trees_all_close
+from helpers import assert_trees_all_close, randomize
 from tiny import TinyLM
 
 KEY = jax.random.key(0)
@@ -238,3 +241,114 @@ def test_scan_steps_equals_the_same_steps_one_call_each():
     np.testing.assert_allclose(np.asarray(metrics["loss"]), losses, rtol=1e-6)
     assert_trees_all_close(many.adapters, one.adapters, atol=1e-6)
     assert_trees_all_close(many.opt_state, one.opt_state, atol=1e-6)
+
+
+class DropMLP(nn.Module):
+    """A Linen MLP with its own nn.Dropout and a BatchNorm that uses its running averages (if any)."""
+
+    norm: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        h = jnp.tanh(nn.Dense(16, name="fc")(x))
+        h = nn.BatchNorm(use_running_average=not train or self.norm == "frozen", name="bn")(h) if self.norm else h
+        return nn.Dense(2, name="out")(nn.Dropout(0.5, deterministic=not train)(h))
+
+
+def _model_key(key, name="dropout"):   # the key make_train_step documents for the model's stream `name`
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _normal(shape, seed=[0]):            # noqa: B006  (numpy: no XLA programs to compile for test data)
+    seed[0] += 1
+    return np.random.default_rng(seed[0]).normal(size=shape).astype(np.float32)
+
+
+def _sq_loss(apply_fn, batch):
+    loss = jnp.mean(apply_fn(batch["x"]) ** 2)
+    return loss, {"loss": loss}
+
+
+def test_model_dropout_gets_a_new_key_every_step_and_micro_batch():
+    """A Linen model's own nn.Dropout trains under make_train_step: each step (and micro-batch) feeds it the
+    documented key, so the step's loss is the plain model's on the merged params with that key; masks differ
+    across steps, the same seed repeats the run, LoRA dropout keeps its key, and a loss_fn's own rngs win."""
+    model, x, opt = DropMLP(), _normal((4, 6)), optax.sgd(0.0)   # lr 0: only the masks change the loss
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=("fc", "out"))
+    params = jax.tree.map(lambda s: _normal(s.shape), jax.eval_shape(lambda: model.init(KEY, x, False))["params"])
+    ad = jax.tree.map(lambda s: _normal(s.shape), jax.eval_shape(lambda p: jlora.init(p, cfg, key=KEY), params))
+
+    @jax.jit
+    def plain(x, rng):                   # the merged model's loss, with the key the step at `rng` gives the model
+        key = _model_key(jax.random.split(rng)[1])
+        return jnp.mean(model.apply({"params": jlora.merge(params, ad, cfg)}, x, rngs={"dropout": key}) ** 2)
+
+    compiled = {}
+
+    def run(cfg=cfg, steps=3, batch=None, **kw):
+        step = compiled.setdefault((cfg, *kw.items()), jax.jit(jlora.make_train_step(model, cfg, opt, **kw)))
+        state, out = jlora.TrainState.create(ad, opt, rng=jax.random.key(5)), []
+        for _ in range(steps):
+            rng = state.rng
+            state, metrics = step(state, params, batch or {"x": x})
+            out.append((float(metrics["loss"]), rng))
+        return out
+
+    steps = run(steps=4, loss_fn=_sq_loss)
+    for loss, rng in steps:
+        np.testing.assert_allclose(loss, plain(x, rng), rtol=1e-5)
+    assert len({loss for loss, _ in steps}) == 4
+    assert [loss for loss, _ in steps[:3]] == [loss for loss, _ in run(loss_fn=_sq_loss)]   # same seed, same run
+
+    lora_drop = dataclasses.replace(cfg, dropout=0.5)
+
+    @jax.jit
+    def micro(x, rng, i):                # micro-batch i: rows i::2, LoRA dropout on fold_in(key, i) as before
+        key = jax.random.fold_in(jax.random.split(rng)[1], i)
+        rngs = {"lora_dropout": key, "dropout": _model_key(key)}
+        return jnp.mean(jlora.apply(model, params, ad, lora_drop, x, rngs=rngs) ** 2)
+
+    for loss, rng in run(lora_drop, steps=2, loss_fn=_sq_loss, grad_accum_steps=2):
+        np.testing.assert_allclose(loss, np.mean([micro(x[i::2], rng, i) for i in range(2)]), rtol=1e-5)
+
+    def own_rngs(apply_fn, batch):                                  # passing rngs used to be a TypeError
+        key = _model_key(jax.random.split(batch["rng"])[1])
+        loss = jnp.mean(apply_fn(batch["x"], rngs={"dropout": key}) ** 2)
+        return loss, {"loss": loss}
+
+    batch = {"x": x, "rng": jax.random.key(6)}
+    [(loss, _)] = run(loss_fn=own_rngs, steps=1, batch=batch)
+    np.testing.assert_allclose(loss, plain(x, batch["rng"]), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"`model_rngs` names the model's own rng streams.*'lora_dropout'"):
+        jlora.make_train_step(model, cfg, opt, model_rngs=("dropout", "lora_dropout"))
+    with pytest.raises(ValueError, match=r"a scalar in the batch \(it has no batch axis to split\)"):
+        run(steps=1, batch=batch, loss_fn=own_rngs, grad_accum_steps=2)
+
+
+@pytest.mark.parametrize("norm", ["frozen", "train"])
+def test_batch_norm_in_the_step_is_an_error_that_says_how_or_runs_as_documented(norm):
+    """make_train_step carries no state besides the adapters: a BatchNorm whose statistics are not passed, or that
+    would update them, is an error naming the fix; passed through `variables`, the running averages are used."""
+    model, x = DropMLP(norm=norm), _normal((4, 6))
+    shapes = jax.eval_shape(lambda: model.init(KEY, x, False))
+    params, stats = (jax.tree.map(lambda s: _normal(s.shape), shapes[k]) for k in ("params", "batch_stats"))
+    stats = {"batch_stats": jax.tree.map(np.abs, stats)}
+    cfg, opt = jlora.LoraConfig(rank=2, alpha=4, targets="fc"), optax.sgd(0.0)
+    ad = jax.tree.map(lambda s: _normal(s.shape), jax.eval_shape(lambda p: jlora.init(p, cfg, key=KEY), params))
+    state = jlora.TrainState.create(ad, opt, rng=KEY)
+    with pytest.raises(ValueError, match=r"(?s)batch_stats.*carries no other state.*variables=\{\"batch_stats\""):
+        jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=_sq_loss))(state, params, {"x": x})
+
+    def with_stats(apply_fn, batch):
+        loss = jnp.mean(apply_fn(batch["x"], variables=stats) ** 2)
+        return loss, {"loss": loss}
+
+    step = jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=with_stats))
+    if norm == "train":         # it would update its statistics: an error that says how to run it
+        with pytest.raises(ValueError, match=r"(?s)batch_stats.*immutable.*use_running_average=True"):
+            step(state, params, {"x": x})
+        return
+    _, metrics = step(state, params, {"x": x})
+    want = jax.jit(lambda: jnp.mean(model.apply({"params": jlora.merge(params, ad, cfg), **stats}, x, rngs={
+        "dropout": _model_key(jax.random.split(KEY)[1])}) ** 2))()
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
