@@ -19,11 +19,19 @@ factors, ``B * R * (in + out)`` values per layer: small next to the activations.
 
 Training: :func:`make_train_step` trains every slot at once on a batch whose rows carry ``adapter_ids``; each slot's
 loss is the token-weighted mean over its own rows and the step minimizes their sum, so each slot's gradient is that
-of training it alone on its rows. A slot with no rows in a batch does not move. :func:`optimizer` is AdamW with a
-learning rate and a step count per slot, and leaves an absent slot's moments and count as they were, so training N
-adapters together equals N separate trainings on the same rows, whichever slots each batch holds; :func:`per_slot`
-does the same for any optax optimizer. One passed as it is works too, but its state is shared: an absent slot
-keeps its factors while its moments decay and the common step count advances.
+of training it alone on its rows (the loss mask is :func:`jlora.lm_loss`'s, packed rows included). A slot with no
+rows in a batch does not move. :func:`optimizer` is AdamW with a learning rate and a step count per slot, and leaves
+an absent slot's moments and count as they were, so training N adapters together equals N separate trainings on the
+same rows, whichever slots each batch holds; :func:`per_slot` does the same for any optax optimizer, norms
+included. One passed as it is sees all slots as one tree: its state is shared (an absent slot keeps its factors
+while its moments decay and the common step count advances), and whatever it computes over the whole tree or a
+whole factor couples the slots: ``optax.clip_by_global_norm`` clips by the norm of every slot's gradient together,
+so one slot's rows change another slot's update (and the step's ``grad_norm`` metric is that norm). Wrap such an
+optimizer in :func:`per_slot`.
+
+Ids outside the bank follow one rule everywhere (the forward pass, the loss weights, which slots are present): known
+outside a trace they are refused; traced, one above the last slot is the last slot and one below :data:`BASE` is the
+base model, so a bad id trains or changes no slot but the one it is read as.
 
 Not held by a bank: DoRA magnitudes and whole trained tensors (bias, modules_to_save); they are refused by name.
 Under :mod:`jlora.parallel`'s sharded step the bank is replicated on every device (it is small: see
@@ -344,13 +352,30 @@ def apply(model, params: Mapping, bank: Bank, ids: jax.Array, *args, **kwargs) -
         ValueError: ``ids`` known outside a trace (not under ``jit``) hold a value other than :data:`BASE` or a
             slot. Traced ids cannot be checked: one above the last slot uses the last, one below ``BASE`` the base.
     """
+    ids = _route(ids, bank.capacity)
+    return transform.apply(model, params, bank.slots, bank.config, *args, adapter_ids=ids, **kwargs)
+
+
+def _route(ids: jax.Array, capacity: int) -> jax.Array:
+    """``ids`` as every bank function reads them (the forward pass, the loss weights, the slots present): int32,
+    :data:`BASE` for any id below 0, the last slot for any id above it.
+
+    Raises:
+        ValueError: ``ids`` known outside a trace hold a value other than :data:`BASE` or a slot (traced ids cannot
+            be checked, and are read as above).
+
+    Examples:
+        >>> jax.jit(_route, static_argnums=1)(jnp.array([0, 2, 7, -1, -5]), 3).tolist()
+        [0, 2, 2, -1, -1]
+    """
     if not isinstance(ids, jax.core.Tracer):
         values = np.asarray(ids)
-        bad = values[(values < BASE) | (values >= bank.capacity)]
+        bad = values[(values < BASE) | (values >= capacity)]
         if bad.size:
             raise ValueError(f"adapter ids {sorted(set(bad.tolist()))[:5]} are out of range: the bank has slots "
-                             f"0..{bank.capacity - 1}, and {BASE} routes a row to the base model")
-    return transform.apply(model, params, bank.slots, bank.config, *args, adapter_ids=ids, **kwargs)
+                             f"0..{capacity - 1}, and {BASE} routes a row to the base model")
+    ids = jnp.asarray(ids, jnp.int32)
+    return jnp.where(ids < 0, BASE, jnp.minimum(ids, capacity - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,8 +422,9 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
         base = run_base(meta, loaded.params, cfg, layout)
         seen, here = meta["base_model"]["fingerprint"], checkpoint.fingerprint(loaded.params)
         if base is loaded.params and seen != here and not checkpoint.is_base(meta["base_model"], loaded.params):
-            raise ValueError(f"{folder} was trained on another base model (fingerprint {seen}) than this one "
-                             f"({here}); use it with the base it was trained on")
+            raise ValueError(f"{folder} was trained on base model {meta['base_model'].get('name')!r} (fingerprint "
+                             f"{seen}), not on this one (fingerprint {here}); use it with the base it was trained "
+                             f"on (the `jlora` commands: --model PATH)")
         adapters = manager.restore_adapters(params=base, lora_config=cfg, name=meta["base_model"]["name"],
                                             layout=layout)
     adapters, cfg = inits.to_original_base(adapters, loaded.params, cfg)   # PiSSA/OLoRA: as a plain LoRA
@@ -474,7 +500,8 @@ def load(directory) -> Bank:
         layout = adapter_lib.KernelLayout(lay["kind"], tuple(lay["in_axes"]), tuple(lay["out_axes"]), lay["lead"],
                                           lay["traced"])
         nodes[path] = Slots(jnp.asarray(arrays[f"{path}/a"]), jnp.asarray(arrays[f"{path}/b"]),
-                            {"rank": jnp.asarray(arrays[f"{path}/rank"]), "scale": jnp.asarray(arrays[f"{path}/scale"])},
+                            {"rank": jnp.asarray(arrays[f"{path}/rank"]),
+                             "scale": jnp.asarray(arrays[f"{path}/scale"])},
                             layout=layout, variant=VARIANT)
     return Bank(tree_lib.unflatten(nodes), meta["capacity"], meta["rank"], meta["fingerprint"])
 
@@ -519,34 +546,43 @@ def _on_slot_axis(v: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def slots_present(batch: Mapping, capacity: int) -> jax.Array:
-    """(capacity,) bool: which slots have a row with at least one target token in ``batch``.
+    """(capacity,) bool: which slots have a row with at least one target token in ``batch`` (ids out of range are
+    read as :func:`apply` reads them).
 
     Examples:
         >>> batch = {"input_ids": jnp.ones((3, 4), jnp.int32), "adapter_ids": jnp.array([2, BASE, 0])}
         >>> slots_present(batch, 4).tolist()
         [True, False, True, False]
     """
-    ids = jnp.asarray(batch["adapter_ids"], jnp.int32)
+    ids = _route(batch["adapter_ids"], capacity)
     hit = jnp.where(slot_weights(batch, capacity) > 0, 1.0, 0.0)
     return jax.ops.segment_sum(hit, jnp.maximum(ids, 0), capacity) > 0
 
 
 def slot_weights(batch: Mapping, capacity: int) -> jax.Array:
     """Per-row loss weights: ``1 / (target tokens of the row's slot)``, 0 for base rows, so the token-weighted
-    loss of the batch is the sum over slots of each slot's mean, times the number of slots present."""
-    ids = jnp.asarray(batch["adapter_ids"], jnp.int32)
-    _, targets = loss_lib.shifted_targets(batch["input_ids"], batch.get("loss_mask", batch.get("attention_mask")))
+    loss of the batch is the sum over slots of each slot's mean, times the number of slots present. Target tokens
+    are counted as :func:`jlora.lm_loss` counts them; ids out of range are read as :func:`apply` reads them.
+
+    Examples:
+        >>> batch = {"input_ids": jnp.ones((3, 4), jnp.int32), "adapter_ids": jnp.array([1, BASE, 1])}
+        >>> [round(float(w), 4) for w in slot_weights(batch, 2)]    # slot 1: 2 rows of 3 targets each
+        [0.1667, 0.0, 0.1667]
+    """
+    ids = _route(batch["adapter_ids"], capacity)
+    _, targets = loss_lib.shifted_targets(batch["input_ids"], train_lib.loss_mask(batch))
     per_row = jnp.sum(targets, axis=1)                    # each row's target tokens, counted as lm_loss counts them
     use = ids >= 0
-    per_slot = jax.ops.segment_sum(jnp.where(use, per_row, 0.0), jnp.where(use, ids, 0), capacity)
-    return jnp.where(use, 1.0 / jnp.maximum(jnp.take(per_slot, jnp.where(use, ids, 0)), 1.0), 0.0)
+    slot = jnp.maximum(ids, 0)
+    per_slot = jax.ops.segment_sum(jnp.where(use, per_row, 0.0), slot, capacity)
+    return jnp.where(use, 1.0 / jnp.maximum(jnp.take(per_slot, slot, mode="clip"), 1.0), 0.0)
 
 
 def bank_lm_loss(apply_fn, batch) -> tuple[jax.Array, dict]:
     """:func:`jlora.lm_loss` for a batch routed over slots: the sum over slots of each slot's mean token loss."""
     capacity = apply_fn.capacity
     w = slot_weights(batch, capacity)
-    mask = batch.get("loss_mask", batch.get("attention_mask"))
+    mask = train_lib.loss_mask(batch)
     mask = jnp.ones(batch["input_ids"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     present = jnp.sum(slots_present(batch, capacity))
     weighted = {**batch, "loss_mask": mask * w[:, None]}
@@ -557,7 +593,7 @@ def bank_lm_loss(apply_fn, batch) -> tuple[jax.Array, dict]:
 
 
 def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, *,
-                    loss_fn: Callable = bank_lm_loss):
+                    loss_fn: Callable = bank_lm_loss, model_rngs: Sequence[str] = ("dropout",)):
     """``step(state, params, bank, batch) -> (state, metrics)`` training every slot on its own rows.
 
     ``state.adapters`` holds :func:`factors` of the bank (``jlora.TrainState.create(factors(bank), optimizer,
@@ -567,33 +603,45 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
 
     No LoRA dropout is applied, whatever the ``dropout`` of the configs the slots' adapters came with (the bank
     runs one config for all slots, :attr:`Bank.config`, without dropout); train one adapter with
-    :func:`jlora.make_train_step` for that.
+    :func:`jlora.make_train_step` for that. The model's own rng streams ``model_rngs`` (its ``nn.Dropout``) get a
+    fresh key every step, derived from ``state.rng`` as in :func:`jlora.make_train_step`.
 
     A slot with no target tokens in ``batch`` keeps its factors (its update is zero). An optimizer that takes
     extra arguments (``optax.GradientTransformationExtraArgs``, as :func:`optimizer` and ``optax.chain`` are) gets
-    ``slots_present``, the (N,) bool of :func:`slots_present`.
+    ``slots_present``, the (N,) bool of :func:`slots_present`. Ids outside the bank are read as :func:`apply`
+    reads them (traced: above the last slot is the last, below :data:`BASE` the base), in the loss weights and in
+    ``slots_present`` too, so a bad id trains no slot but the one it is read as.
+
+    Each slot's gradient is that of its own loss, but the optimizer sees all slots as one tree. :func:`optimizer`
+    and :func:`per_slot` run it on each slot alone. An optimizer passed as it is shares its state (see the module
+    docstring), and everything it computes over the whole tree or a whole factor spans all slots:
+    ``optax.clip_by_global_norm`` (e.g. in ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr))``)
+    scales every slot's gradient by one factor, computed from the norm of all slots' gradients together, and a trust
+    ratio (LARS, LAMB) takes each factor's norm over all its slots, so one slot's rows change another slot's update.
+    Wrap such an optimizer in :func:`per_slot` to clip each slot by its own norm. ``metrics["grad_norm"]`` is
+    likewise the norm of all slots' gradients together.
 
     Raises:
-        ValueError: (when traced) the optimizer state holds ``optax.MultiSteps``: it accumulates gradients over
-            calls, but each call masks the slots by its own rows, so a slot absent from the last micro-batch would
-            lose its accumulated update. Pass the whole batch to one call instead.
+        ValueError: (when traced, before any compute) the bank has another capacity than the one the step was built
+            for; the state's adapters are not :func:`factors` of this bank (e.g. the bank itself); the batch has no
+            ``input_ids`` or ``adapter_ids``, or not one id per row; the optimizer state holds ``optax.MultiSteps``:
+            it accumulates gradients over calls, but each call masks the slots by its own rows, so a slot absent
+            from the last micro-batch would lose its accumulated update (pass the whole batch to one call instead).
+            Not under ``jit``, also ids out of range.
     """
     capacity = bank.capacity
 
     def step(state, params, bank, batch):
-        multi = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
-                 if isinstance(s, optax.MultiStepsState)]
-        if multi:
-            raise ValueError("the bank's optimizer is wrapped in optax.MultiSteps, which accumulates gradients over "
-                             "calls; a bank step masks each slot by the rows of its own call, so a slot absent "
-                             "from the last micro-batch would lose its accumulated update. Pass the whole batch "
-                             "to one step call instead (any batch size; rows of all slots mixed)")
+        _check_step_args(capacity, state, bank, batch)
+        batch = {**batch, "adapter_ids": _route(batch["adapter_ids"], capacity)}   # the rule of apply's ids
+
         def f(fac):
             routed = with_factors(bank, fac)
 
-            def apply_fn(*args, **kwargs):
-                rngs = {transform.DROPOUT_RNG: state.rng}
-                return apply(model, params, routed, batch["adapter_ids"], *args, rngs=rngs, **kwargs)
+            def apply_fn(*args, rngs=None, **kwargs):
+                own = {**train_lib.stream_keys(state.rng, model_rngs), transform.DROPOUT_RNG: state.rng}
+                return apply(model, params, routed, batch["adapter_ids"], *args, rngs={**own, **dict(rngs or {})},
+                             **kwargs)
 
             apply_fn.hidden_output = bool(getattr(model, "HIDDEN_OUTPUT", False))
             apply_fn.capacity = capacity
@@ -610,6 +658,47 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
         return train_lib.TrainState(state.step + 1, adapters, opt_state, rng), metrics
 
     return step
+
+
+def _check_step_args(capacity: int, state, bank, batch) -> None:
+    """Refuses, by name, the arguments a bank train step cannot use (see :func:`make_train_step`)."""
+    if not isinstance(bank, Bank):
+        raise TypeError(f"the bank train step takes step(state, params, bank, batch); its third argument is a "
+                        f"{type(bank).__name__}, not a jlora.bank.Bank")
+    if bank.capacity != capacity:
+        raise ValueError(f"this step was built for a bank of {capacity} slots but is called with a bank of "
+                         f"{bank.capacity}: the slot count is fixed when the step is built (its loss weights and "
+                         f"optimizer state have one entry per slot); build a step for this bank, "
+                         f"jlora.bank.make_train_step(model, bank, optimizer)")
+    fix = "jlora.TrainState.create(jlora.bank.factors(bank), optimizer, rng=...)"
+    if isinstance(state.adapters, Bank):
+        raise ValueError(f"state.adapters is the whole Bank; a bank trains its factors only: create the state with "
+                         f"{fix}")
+    want = {jax.tree_util.keystr(k): np.shape(x) for k, x in jax.tree_util.tree_leaves_with_path(factors(bank))}
+    got = {jax.tree_util.keystr(k): np.shape(x) for k, x in jax.tree_util.tree_leaves_with_path(state.adapters)}
+    if got != want:
+        diff = [f"{k}: state {got.get(k, 'missing')}, bank {want.get(k, 'missing')}"
+                for k in [*want, *(k for k in got if k not in want)] if got.get(k) != want.get(k)]
+        raise ValueError(f"state.adapters are not the factors of this bank ({len(diff)} of {len(want)} leaves "
+                         f"differ; {'; '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}): create the state "
+                         f"from the bank the step trains, {fix}")
+    multi = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
+             if isinstance(s, optax.MultiStepsState)]
+    if multi:
+        raise ValueError("the bank's optimizer is wrapped in optax.MultiSteps, which accumulates gradients over "
+                         "calls; a bank step masks each slot by the rows of its own call, so a slot absent "
+                         "from the last micro-batch would lose its accumulated update. Pass the whole batch "
+                         "to one step call instead (any batch size; rows of all slots mixed)")
+    if not isinstance(batch, Mapping) or "adapter_ids" not in batch or "input_ids" not in batch:
+        found = (f"holds keys {sorted(map(str, batch))}" if isinstance(batch, Mapping)
+                 else f"is a {type(batch).__name__}")
+        raise ValueError(f"a bank train step needs a dict batch with 'input_ids' (B, T) and 'adapter_ids' (B,), "
+                         f"the slot of each row ({BASE}: the base model); the batch {found}. Add the missing key, "
+                         f"e.g. adapter_ids=jnp.full((B,), slot) for a batch of one slot")
+    rows, ids = np.shape(batch["input_ids"])[:1], np.shape(batch["adapter_ids"])
+    if ids != rows:
+        raise ValueError(f"batch['adapter_ids'] has shape {ids}, but batch['input_ids'] has shape "
+                         f"{np.shape(batch['input_ids'])}: pass one slot id per row, shape {rows}")
 
 
 def scale_by_slot(learning_rates: Sequence[float] | jax.Array) -> optax.GradientTransformation:
@@ -660,9 +749,11 @@ def per_slot(optimizer: optax.GradientTransformation | Callable[[jax.Array], opt
             raise ValueError(f"`learning_rates` must be one number per slot; got shape {lrs.shape}")
 
     def axes(tree):        # each factor's slot axis (third from the end), for vmap
+        _check_factors(tree)
         return jax.tree.map(lambda x: x.ndim - 3, tree)
 
     def rates(tree):
+        _check_factors(tree)
         if lrs is None:
             return None
         n = {x.shape[x.ndim - 3] for x in jax.tree.leaves(tree)}
@@ -688,6 +779,19 @@ def per_slot(optimizer: optax.GradientTransformation | Callable[[jax.Array], opt
         return updates, new
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _check_factors(tree) -> None:
+    """Refuses a tree that is not a bank's :func:`factors` (each leaf with its slot axis third from the end)."""
+    fix = "pass jlora.bank.factors(bank): jlora.TrainState.create(jlora.bank.factors(bank), optimizer, rng=...)"
+    if isinstance(tree, Bank):
+        raise ValueError(f"a per-slot optimizer was given the whole Bank; it trains the bank's factors only: {fix}")
+    flat = [(jax.tree_util.keystr(k), np.shape(x)) for k, x in jax.tree_util.tree_leaves_with_path(tree)
+            if np.ndim(x) < 3]
+    if flat:
+        raise ValueError(f"a per-slot optimizer runs on a bank's factors, (*lead, N, in, r) and (*lead, N, r, out), "
+                         f"with the slot axis third from the end; the leaf at {flat[0][0]} has shape {flat[0][1]}: "
+                         f"{fix}")
 
 
 def optimizer(learning_rates: Sequence[float], *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,

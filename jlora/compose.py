@@ -37,8 +37,10 @@ How a list of tensors ``X_i`` (factors, or full updates for the ``*_svd`` types)
 * magnitude pruning (``magnitude_prune*``): keep the ``int(density * size)`` largest-magnitude entries of each
   ``X_i`` (per layer), zero the rest, then ``sum_i v_i X_i``.
 * DARE (``dare_linear*``): keep each entry with probability ``density`` and divide by ``density``, then the
-  weighted sum. The masks are drawn from ``key``: path ``p``, input ``i`` and factor ``f`` (0 for A or a full
-  update, 1 for B) use ``fold_in(fold_in(key, crc32(p)), 2 * i + f)``, so the result is a pure function of the key.
+  weighted sum. The masks are drawn from ``key``: path ``p``, input ``i`` (its index in ``items``) and factor ``f``
+  (0 for A or a full update, 1 for B) use ``jax.random.bernoulli(k, density, X_i.shape)`` with ``k =
+  fold_in(fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF), 2 * i + f)`` (the path's CRC-32 with its top bit
+  cleared), so the result is a pure function of the key.
 * TIES (``ties*``; ``dare_ties*`` prunes by DARE instead): magnitude pruning, then a sign elected per entry from the
   pruned, unweighted tensors (``"total"``: the sign of their sum; ``"frequency"``: the more frequent sign; ties go
   to +), then the mean of the weighted entries that agree with it (entries pruned to zero never agree).
@@ -287,6 +289,7 @@ def _by_path(items) -> dict[str, list[tuple[int, Adapter, float]]]:
 
 
 def _path_key(key: jax.Array, path: str) -> jax.Array:
+    """The key of the DARE masks at ``path``: ``fold_in(key, crc32(path) & 0x7FFFFFFF)`` (module docstring)."""
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 

@@ -45,6 +45,17 @@ class TrainState(NamedTuple):
 _LM_INPUTS = ("attention_mask", "loss_mask", "positions", "segment_ids")   # what lm_loss reads besides input_ids
 
 
+def loss_mask(batch: Batch) -> jax.Array | None:
+    """The loss mask of :func:`lm_loss`: ``batch["loss_mask"]``, else ``batch["attention_mask"]``, else None (all
+    ones); without a ``loss_mask``, a packed row's first token of each segment (``segment_ids``) is no target."""
+    mask = batch.get("loss_mask", batch.get("attention_mask"))
+    if "loss_mask" not in batch and "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        first = jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
+        mask = ~first if mask is None else jnp.where(first, 0, mask)
+    return mask
+
+
 def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict]:
     """The default loss: ``apply_fn(input_ids, **model_inputs)``, then :func:`causal_lm_loss`.
 
@@ -63,11 +74,7 @@ def lm_loss(apply_fn: Callable[..., Any], batch: Batch) -> tuple[jax.Array, dict
                          f"{', '.join(map(repr, _LM_INPUTS))}); the batch {found}. Rename the key, or pass a "
                          f"`loss_fn` that reads your batch")
     kwargs = {k: batch[k] for k in ("attention_mask", "positions", "segment_ids") if k in batch}
-    mask = batch.get("loss_mask", batch.get("attention_mask"))
-    if "loss_mask" not in batch and "segment_ids" in batch:
-        seg = batch["segment_ids"]
-        first = jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
-        mask = ~first if mask is None else jnp.where(first, 0, mask)
+    mask = loss_mask(batch)
     if getattr(apply_fn, "hidden_output", False):
         out = apply_fn(batch["input_ids"], return_hidden=True, **kwargs)
     else:
@@ -87,7 +94,7 @@ _STATELESS = ("{error}\nThe step (jlora.make_train_step, make_eval_step) gives t
               "mutable=[\"batch_stats\"])` and carry them yourself")
 
 
-def _stream_keys(key: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:
+def stream_keys(key: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:
     """The keys of the model's rng streams ``names`` from a step's (or micro-batch's) ``key``."""
     return {name: jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF) for name in names}
 
@@ -99,7 +106,7 @@ def _bind(model: nn.Module, cfg: LoraConfig, params, adapters, rng, model_rngs: 
 
     With an ``rng``, the model gets keys derived from it for its streams ``model_rngs`` and, when ``cfg.dropout > 0``,
     ``rng`` itself for LoRA dropout; ``rngs`` given to ``apply_fn`` are merged in (theirs win a name in both)."""
-    own = {} if rng is None else _stream_keys(rng, model_rngs)
+    own = {} if rng is None else stream_keys(rng, model_rngs)
     if rng is not None and cfg.dropout > 0:
         own[transform.DROPOUT_RNG] = rng
 

@@ -138,15 +138,20 @@ def test_dense_general_with_its_axes_out_of_order_routes_per_row():
     assert max_diff(out[1], model.apply({"params": params}, x)[1]) <= 1e-6
 
 
+def _toy_llama():
+    """A one-layer Llama of hidden size 8 (k/v kernels 8 x 4), vocab 64: (model, params)."""
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    return model, model.init(KEY, jnp.zeros((1, 4), jnp.int32))["params"]
+
+
 def test_a_bank_rank_above_a_kernel_side_pads_with_zeros():
     """A toy Llama whose k/v kernels are 8 x 4: a bank of rank 16 (jlora serve's default) holds a PiSSA adapter's plain
     form, rank 2r = 6 > 4, and each row equals the adapter alone (both were refused: "exceeds the smaller side")."""
     from jlora.variants import inits
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    model, params = _toy_llama()
     ids = jax.random.randint(KEY, (2, 5), 0, 64)
-    params = model.init(KEY, ids)["params"]
     pissa = jlora.LoraConfig(rank=3, alpha=6.0, targets=("q_proj", "k_proj", "v_proj"), init="pissa")
     trained, residual = jlora.init_with_base(params, pissa, key=KEY)
     trained = jax.tree.map(lambda x, d: x + d, trained, _random(trained, jax.random.key(1), 0.3))
@@ -244,6 +249,116 @@ def _batch(n_rows, length, key):
     ids = jax.random.randint(k1, (n_rows, length), 0, 256)
     mask = (jax.random.uniform(k2, (n_rows, length)) > 0.3).astype(jnp.int32).at[:, :2].set(0)
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The toy Llama with a bank of 3 slots of rank 4, each holding a random rank-2 q,v adapter (numpy draws: no
+    compiles), and one jitted bank step (AdamW, lr 1e-2 per slot) that the tests using it share."""
+    model, params = _toy_llama()
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: jlora.init(params, cfg, key=KEY))
+    ads = [jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), shapes) for _ in range(3)]
+    bank = B.create(params, capacity=3, rank=4, targets=cfg.targets)
+    for slot, ad in enumerate(ads):
+        bank = B.put(bank, slot, ad, cfg)
+    opt = B.optimizer([1e-2] * 3)
+    return model, params, cfg, ads, bank, opt, jax.jit(B.make_train_step(model, bank, opt))
+
+
+def _packed(seed, routes):
+    """A packed batch (``segment_ids``, no masks) of rows routed by ``routes``: several segments per row."""
+    seg = np.array([[1] * 5 + [2] * 7, [1] * 3 + [2] * 4 + [3] * 5, [1] * 12, [1] * 8 + [2] * 4,
+                    [1] * 2 + [2] * 10, [1] * 6 + [2] * 6, [1] * 4 + [2] * 4 + [3] * 4], np.int32)
+    ids = np.random.default_rng(seed).integers(0, 64, seg.shape, np.int32)
+    return {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(seg), "adapter_ids": jnp.array(routes)}
+
+
+def _slot(factors, slot, rank):
+    """Slot ``slot`` of a bank's :func:`factors`, cut to ``rank``, as ``{kernel path/0: A, kernel path/1: B}``."""
+    out = {}
+    for path, x in jlora.tree.leaves_by_path(factors).items():     # A (..., N, in, R), B (..., N, R, out)
+        x = np.take(np.asarray(x), slot, axis=np.ndim(x) - 3)
+        out[path] = x[..., :rank] if path.endswith("/0") else x[..., :rank, :]
+    return out
+
+
+def test_training_on_packed_rows_equals_each_adapter_alone_with_lm_loss(toy):
+    """Packed rows without a loss_mask: lm_loss does not score a segment's first token (the segment before does not
+    predict it); the bank's loss and its per-slot token counts must skip it too."""
+    model, params, cfg, ads, bank, opt, step = toy
+    routes = [[0, 2, 1, B.BASE, 2, 0, 1], [1, 0, 2, 2, B.BASE, 1, 0]]      # two rows per slot in each batch
+    batches = [_packed(30 + i, r) for i, r in enumerate(routes)]
+    state = jlora.TrainState.create(B.factors(bank), opt, rng=KEY)
+    together = []
+    for batch in batches:
+        state, metrics = step(state, params, bank, batch)
+        together.append(float(metrics["loss"]))
+    alone_opt = optax.adamw(1e-2, weight_decay=0.0)
+    one = jax.jit(jlora.make_train_step(model, cfg, alone_opt))       # lm_loss; one compile for every slot
+    separate = np.zeros(len(batches))
+    for slot in range(3):
+        s = jlora.TrainState.create(ads[slot], alone_opt, rng=KEY)
+        for i, batch in enumerate(batches):
+            rows = np.flatnonzero(np.asarray(routes[i]) == slot)
+            s, m = one(s, params, {k: v[rows] for k, v in batch.items() if k != "adapter_ids"})
+            separate[i] += float(m["loss"]) / 3
+        alone = {f"{p}/{i}": np.asarray(x) for p, n in jlora.adapter.adapter_items(s.adapters)
+                 for i, x in enumerate((n.a, n.b))}
+        start = {f"{p}/{i}": np.asarray(x) for p, n in jlora.adapter.adapter_items(ads[slot])
+                 for i, x in enumerate((n.a, n.b))}
+        assert max(np.abs(alone[k] - start[k]).max() for k in alone) > 1e-2      # the training moved it
+        assert_trees_all_close(_slot(state.adapters, slot, 2), alone, atol=1e-6)
+    np.testing.assert_allclose(together, separate, atol=1e-5)
+
+
+def test_an_id_out_of_range_under_jit_never_touches_another_slot(toy):
+    """Traced ids cannot be refused: above the last slot reads as the last slot, below BASE as the base, in the
+    forward pass, the loss weights and the slots present alike (a fill-mode gather gave the other slots NaN)."""
+    model, params, cfg, ads, bank, opt, step = toy
+    good, bad = _packed(0, [0, 2, 1, B.BASE, 2, 0, 1]), _packed(0, [0, 7, 1, -5, 3, 0, 1])
+    state = jlora.TrainState.create(B.factors(bank), opt, rng=KEY)
+    want_state, want = step(state, params, bank, good)
+    got_state, got = step(state, params, bank, bad)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got_state.adapters))
+    assert_trees_all_close((got_state.adapters, got_state.opt_state, got),
+                           (want_state.adapters, want_state.opt_state, want), atol=0)
+    for f in (B.slot_weights, B.slots_present):
+        f = jax.jit(f, static_argnums=1)
+        np.testing.assert_array_equal(f(bad, 3), f(good, 3))
+    with pytest.raises(ValueError, match=r"adapter ids \[-5, 3, 7\] are out of range: the bank has slots 0..2"):
+        B.make_train_step(model, bank, opt)(state, params, bank, bad)      # known outside a trace: refused
+    with pytest.raises(ValueError, match=r"adapter ids \[7\] are out of range"):
+        B.slot_weights({**good, "adapter_ids": jnp.array([0, 7, 1, 1, 2, 0, 1])}, 3)
+
+
+def test_bank_step_arguments_are_checked_by_name(toy):
+    model, params, cfg, ads, bank, opt, _ = toy
+    step = B.make_train_step(model, bank, opt)         # unjitted: every check runs before any compute
+    batch = _packed(0, [0, 1, 2, 0, 1, 2, B.BASE])
+    state = jlora.TrainState.create(B.factors(bank), opt, rng=KEY)
+    with pytest.raises(ValueError, match=r"needs a dict batch with 'input_ids' \(B, T\) and 'adapter_ids' \(B,\).* "
+                                         r"holds keys \['input_ids', 'segment_ids'\]"):
+        step(state, params, bank, {k: v for k, v in batch.items() if k != "adapter_ids"})
+    with pytest.raises(ValueError, match=r"batch\['adapter_ids'\] has shape \(3,\), but batch\['input_ids'\] has "
+                                         r"shape \(7, 12\): pass one slot id per row, shape \(7,\)"):
+        step(state, params, bank, {**batch, "adapter_ids": jnp.array([0, 1, 2])})
+    with pytest.raises(ValueError, match=r"per-slot optimizer was given the whole Bank.*jlora.bank.factors\(bank\)"):
+        jlora.TrainState.create(bank, opt, rng=KEY)
+    sgd = optax.sgd(1e-2)
+    with pytest.raises(ValueError, match=r"state.adapters is the whole Bank.*TrainState.create\(jlora.bank.factors"):
+        B.make_train_step(model, bank, sgd)(jlora.TrainState.create(bank, sgd, rng=KEY), params, bank, batch)
+    small = B.create(params, capacity=2, rank=4, targets=cfg.targets)
+    two_slots = {**batch, "adapter_ids": jnp.array([0, 1, 0, 1, 0, 1, B.BASE])}   # ids that fit either bank
+    with pytest.raises(ValueError, match=r"built for a bank of 2 slots but is called with a bank of 3"):
+        jax.jit(B.make_train_step(model, small, sgd))(jlora.TrainState.create(B.factors(small), sgd, rng=KEY),
+                                                      params, bank, two_slots)
+    with pytest.raises(ValueError, match=r"state.adapters are not the factors of this bank \(4 of 4 leaves differ; "
+                                         r"\['layers_0'\]\['self_attn'\]\['q_proj'\]\['kernel'\]\[0\]: state "
+                                         r"\(2, 8, 4\), bank \(3, 8, 4\)"):
+        jax.jit(B.make_train_step(model, bank, sgd))(jlora.TrainState.create(B.factors(small), sgd, rng=KEY), params,
+                                                     bank, two_slots)
 
 
 @pytest.mark.slow
@@ -381,9 +496,10 @@ def test_slots_from_peft_and_run_folders_saved_loaded_and_exported_to_peft(tmp_p
     out = B.apply(loaded.model, params, bank, jnp.array([2, 0]), ids)
     assert max_diff(out[0], jlora.apply(loaded.model, params, a2, c2, ids)[0]) <= 1e-5
     assert max_diff(out[1], jlora.apply(loaded.model, params, a1, c1, ids)[1]) <= 1e-5
-    # a run trained on another base is refused with the fingerprint message
+    # a run trained on another base is refused, naming that base and both fingerprints
     _, other = _tiny_hf(tmp_path, 1)
-    with pytest.raises(ValueError, match=r"trained on another base model \(fingerprint"):
+    with pytest.raises(ValueError, match=r"trained on base model '.+' \(fingerprint \w+\), not on this one "
+                                         r"\(fingerprint \w+\).*--model PATH"):
         B.read_folder(tmp_path / "run2", other)
     # the bank round-trips through its folder, and a slot exports as a PEFT folder that PEFT itself runs
     B.save(tmp_path / "bank", bank)
@@ -395,6 +511,18 @@ def test_slots_from_peft_and_run_folders_saved_loaded_and_exported_to_peft(tmp_p
     with torch.no_grad():
         want = theirs(torch.tensor(np.asarray(ids))).logits.numpy()
     assert max_diff(jlora.apply(loaded.model, params, a2, c2, ids), want) <= 1e-4
+
+
+def test_a_plain_optimizer_clips_all_slots_together_and_per_slot_each_alone():
+    """What make_train_step's docstring warns of: clip_by_global_norm in a plain optimizer takes the norm of every
+    slot's gradient together, so slot 0's update depends on slot 1's gradient; per_slot clips each slot alone."""
+    clip = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))
+    params = {"q": {"a": jnp.zeros((2, 3, 2))}}
+    g = jax.random.normal(KEY, (2, 3, 2))
+    grads = [{"q": {"a": g}}, {"q": {"a": g.at[1].multiply(10.0)}}]     # slot 0 alike, slot 1 ten times larger
+    for opt, coupled in ((clip, True), (B.per_slot(clip), False)):
+        update = jax.jit(lambda x, opt=opt: opt.update(x, opt.init(params), params)[0]["q"]["a"][0])
+        assert (max_diff(update(grads[0]), update(grads[1])) > 1e-3) == coupled
 
 
 @pytest.mark.parametrize("kind", ["clip+lion", "sgd schedule", "adamw per-slot lr"])

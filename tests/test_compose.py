@@ -7,6 +7,8 @@ equal jlora's ``scale * A @ B`` at that path. DARE draws random masks: PEFT's ar
 to jlora's mask function, so both prune the same entries.
 """
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -360,6 +362,21 @@ def test_dare_is_a_pure_function_of_the_key():
     one = compose.combine(items, [1, 1], "dare_ties", density=0.5, key=jax.random.key(3))[0]
     assert one == compose.combine(items, [1, 1], "dare_ties", density=0.5, key=jax.random.key(3))[0]
     assert one != compose.combine(items, [1, 1], "dare_ties", density=0.5, key=jax.random.key(4))[0]
+
+    # the masks are the ones the module docstring names, at a path whose CRC-32 has its top bit set ('q/kernel')
+    documented = "fold_in(fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF), 2 * i + f)"
+    assert documented in " ".join(compose.__doc__.split())
+    nested = [({"q": {"kernel": ad["kernel"]}, "kernel": ad["kernel"]}, cfg) for ad, _ in items]
+    key, weights = jax.random.key(5), [0.5, 2.0]
+    out, _ = compose.combine(nested, weights, "dare_linear", density=0.6, key=key)
+    for path, got in jlora.adapter.adapter_items(out):
+        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        for f, name in enumerate("ab"):
+            xs = [getattr(ad["kernel"], name) for ad, _ in items]
+            cs = [np.sqrt(w) for w in weights]                 # linear's split of w_i * s_i (s_i = 1) over A and B
+            want = sum(c * x * jax.random.bernoulli(jax.random.fold_in(k, 2 * i + f), 0.6, x.shape) / 0.6
+                       for i, (x, c) in enumerate(zip(xs, cs)))
+            np.testing.assert_allclose(getattr(got, name), want, atol=1e-6, err_msg=f"{path} {name}")
 
 
 def test_bad_input_errors():
