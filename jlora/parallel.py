@@ -11,11 +11,13 @@ One mesh with three named axes covers the usual layouts:
 
 The axes are ``AxisType.Auto``: shardings are placed on the arguments and XLA's partitioner (GSPMD/Shardy) fills
 in the collectives, so the same unmodified train step (:func:`jlora.make_train_step`) runs on any mesh and
-computes the same numbers as on one device. Adapters follow their base kernel (A like the kernel's input dim, B
-like its output dim, the rank dim replicated) and optimizer state follows the adapters, so the LoRA update
-needs no extra communication. A scanned layer stack's leading layer axis is never sharded, where the rule knows
-the stack: a family's ``layer_prefix``, or with the generic rule the ``stacked=`` module paths the caller names
-(from the params alone, a ``(16, 8, 8)`` stack of 16 Dense kernels looks like one DenseGeneral kernel).
+computes the same numbers as on one device. Inside the sharded step the models' activations stay split by rows
+over ``data`` x ``fsdp`` (:data:`ACTIVATION_RULES`), so FSDP moves weights, not activations. Adapters follow their
+base kernel (A like the kernel's input dim, B like its output dim, the rank dim replicated) and optimizer state
+follows the adapters, so the LoRA update needs no extra communication. A scanned layer stack's leading layer axis
+is never sharded, where the rule knows the stack: a family's ``layer_prefix``, or with the generic rule the
+``stacked=`` module paths the caller names (from the params alone, a ``(16, 8, 8)`` stack of 16 Dense kernels
+looks like one DenseGeneral kernel).
 
 Multi-host is ``jax.distributed``: call :func:`initialize` in every process, build the same mesh over all global
 devices, feed each process its own rows with :func:`shard_local_batch`, and guard logging with
@@ -39,6 +41,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,10 +52,16 @@ from jlora import models
 from jlora import transform
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
+from jlora.models import layers as model_layers
 from jlora.train import LossFn, TrainState, lm_loss, make_train_step
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# Flax logical axis rules of the activations the models constrain (jlora.models.layers.constrain): rows over the
+# batch axes, tokens whole; hidden states whole over the tensor axis (as Megatron's blocks take and give them), the
+# features inside attention and MLP blocks left to XLA (split over the tensor axis after column-parallel kernels)
+ACTIVATION_RULES = ((model_layers.BATCH, BATCH_AXES), (model_layers.LENGTH, None), (model_layers.EMBED, None),
+                    (model_layers.HEADS, P.UNCONSTRAINED), (model_layers.MLP, P.UNCONSTRAINED))
 
 _BAD_TENSOR_DIM = (
     "tensor parallelism splits dim {dim} of {path!r} (shape {shape}) over the mesh's tensor axis of size {n}, but "
@@ -425,16 +434,27 @@ def make_sharded_train_step(model, cfg: LoraConfig, optimizer: optax.GradientTra
     ``grad_accum_steps > 1`` micro-batch i takes rows i, i+k, ... of the batch (as :func:`jlora.make_train_step`
     splits it), so that every device works on every micro-batch.
 
+    Activations stay split by rows over ``("data", "fsdp")`` inside the step: the step binds
+    :data:`ACTIVATION_RULES` for the logical axes that jlora's models constrain their activations to
+    (:func:`jlora.models.layers.constrain`; a model of your own can call it too), so that FSDP gathers each frozen
+    kernel rather than the whole batch's activations (which XLA's partitioner would otherwise do where it follows a
+    kernel's sharding into them). Where a (micro-)batch's rows do not divide over those axes, nothing is bound.
+
     The state passed in is deleted by the call (and so are arrays that :func:`place` put on their sharding
     without a copy, such as the adapters given to ``TrainState.create``): keep the state it returns. Passing a
     deleted state again is a ``ValueError`` (XLA's own check can crash a multi-device CPU process).
     """
     plain = make_train_step(model, cfg, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps)
     sharded_params = not all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings))
+    shards = _size(mesh, "data") * _size(mesh, "fsdp")
 
     def step(state, params, batch):
-        # lora_dense's [W; s B] would make XLA re-shard a sharded W
-        with transform.separate_low_rank() if sharded_params else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if sharded_params:   # lora_dense's [W; s B] would make XLA re-shard a sharded W
+                stack.enter_context(transform.separate_low_rank())
+            if all(x.shape[0] // grad_accum_steps % shards == 0 for x in jax.tree.leaves(batch) if x.ndim):
+                stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+                stack.enter_context(nn.logical_axis_rules(ACTIVATION_RULES))
             return plain(state, params, batch)
 
     rep = NamedSharding(mesh, P())
@@ -586,7 +606,7 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(get, tree)
 
 
-__all__ = ["AXES", "BATCH_AXES", "make_mesh", "leaf_spec", "param_specs", "param_shardings", "adapter_shardings",
-           "like_adapters", "state_shardings", "batch_sharding", "place", "shard_batch", "local_batch_rows",
-           "shard_local_batch", "make_sharded_train_step", "make_pmap_train_step", "replicate", "unreplicate",
-           "split_for_pmap", "initialize", "max_over_processes", "is_main_process", "to_host"]
+__all__ = ["AXES", "BATCH_AXES", "ACTIVATION_RULES", "make_mesh", "leaf_spec", "param_specs", "param_shardings",
+           "adapter_shardings", "like_adapters", "state_shardings", "batch_sharding", "place", "shard_batch",
+           "local_batch_rows", "shard_local_batch", "make_sharded_train_step", "make_pmap_train_step", "replicate",
+           "unreplicate", "split_for_pmap", "initialize", "max_over_processes", "is_main_process", "to_host"]

@@ -74,10 +74,25 @@ SHARDED_CASES = {
 }
 
 
+def _activation_gathers(hlo, tokens):
+    """``(rows, op_name)`` of every all-gather (or part of a combined one) in the layers of a compiled step whose
+    result looks like activations, ``(rows, tokens, features...)`` in floating point, from its HLO text."""
+    found = []
+    for result, op in re.findall(r"= (.*?) all-gather(?:-start)?\(.*op_name=\"([^\"]*)\"", hlo):
+        if re.search(r"/layers(_\d+)?/", op):
+            found += [(int(rows), op) for rows, t in re.findall(r"\bb?f(?:16|32|64)\[(\d+),(\d+),[\d,]+\]", result)
+                      if int(t) == tokens]
+    return found
+
+
 # fsdp8 and fsdp4_tensor2 are covered by the all-axes case in `make test`; they run in `make test-all`
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("fsdp8", "fsdp4_tensor2") else c
                                   for c in SHARDED_CASES])
 def test_sharded_training_equals_single_device(case, tiny, reference):
+    """The sharded step's losses and adapters equal the single-device run's, and its layers keep the activations
+    batch-sharded: FSDP gathers the kernels, never another device's rows of a layer's activations (XLA's partitioner
+    gathered the whole batch's when it followed a kernel's FSDP sharding into them; the models now constrain their
+    activations with ``jlora.models.layers.constrain``, which the sharded step binds to the batch axes)."""
     spec = SHARDED_CASES[case]
     model, params, cfg, opt, adapters, batches = setup(scan_layers=spec.get("scan", False),
                                                        remat=spec.get("remat", "none")) if (
@@ -108,6 +123,15 @@ def test_sharded_training_equals_single_device(case, tiny, reference):
     if mesh.shape["fsdp"] > 1:
         q = params["layers" if spec.get("scan") else "layers_0"]["self_attn"]["q_proj"]["kernel"]
         assert "fsdp" in q.sharding.spec
+    # the step just ran, so lowering and compiling it again are cache hits
+    hlo = step.lower(state, params, parallel.shard_batch(batches[0], mesh)).compile().as_text()
+    rows, tokens = batches[0]["input_ids"].shape
+    own_rows = rows // spec.get("accum", 1) // (mesh.shape["data"] * mesh.shape["fsdp"])
+    gathered = _activation_gathers(hlo, tokens)
+    assert not [g for g in gathered if g[0] > own_rows], gathered
+    if mesh.shape["fsdp"] > 1:   # what FSDP gathers instead: the kernels (q_proj's (64, 64), less its tensor split)
+        q_kernel = rf"\[64,{64 // mesh.shape['tensor']}\]"
+        assert re.search(q_kernel + r"\S* all-gather(?:-start)?\(.*/layers(_\d+)?/self_attn/q_proj/", hlo)
 
 
 def test_pmap_training_equals_single_device(tiny, reference):

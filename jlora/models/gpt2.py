@@ -97,10 +97,11 @@ class Attention(nn.Module):
     def __call__(self, x, m: L.Masking, kv):
         c = self.config
         b, t, _ = x.shape
-        qkv = _dense(c, 3 * c.n_embd, "c_attn")(x)
+        qkv = L.constrain(_dense(c, 3 * c.n_embd, "c_attn")(x), L.HEADS)
         q, k, v = (a.reshape(b, t, c.n_head, c.head_dim) for a in jnp.split(qkv, 3, axis=-1))
         out = L.attend(q, k, v, m, c.head_dim ** -0.5, kv, implementation=c.attention)
-        return _dense(c, c.n_embd, "c_proj")(out.reshape(b, t, c.n_embd)), None if kv is None else (k, v)
+        out = L.constrain(out.reshape(b, t, c.n_embd), L.HEADS)
+        return _dense(c, c.n_embd, "c_proj")(out), None if kv is None else (k, v)
 
 
 class MLP(nn.Module):
@@ -109,7 +110,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        return _dense(c, c.n_embd, "c_proj")(L.activation(c.activation_function)(_dense(c, c.inner, "c_fc")(x)))
+        h = L.constrain(L.activation(c.activation_function)(_dense(c, c.inner, "c_fc")(x)), L.MLP)
+        return _dense(c, c.n_embd, "c_proj")(h)
 
 
 class Block(nn.Module):
@@ -121,11 +123,12 @@ class Block(nn.Module):
     def __call__(self, x, kv, shared):
         c = self.config
         (m,) = shared
+        x = L.constrain(x)
         h, new_kv = Attention(c, name="attn")(L.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype,
                                                           name="ln_1")(x), m, kv)
-        x = x + h
+        x = L.constrain(x + h)
         h = MLP(c, name="mlp")(L.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name="ln_2")(x))
-        return x + h, new_kv
+        return L.constrain(x + h), new_kv
 
 
 class GPT2LMHeadModel(nn.Module):

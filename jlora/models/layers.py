@@ -1,5 +1,5 @@
 """Building blocks shared by jlora's model families: norms, rotary embeddings, masked attention, the KV cache,
-the layer stack (unrolled or scanned).
+the layer stack (unrolled or scanned), and the activations' sharding constraints (:func:`constrain`).
 
 Every projection in the models is a plain ``nn.Dense`` (so the LoRA transform can intercept it); this module
 holds only the parameter-free math plus two norms, written out so that their numerics follow transformers'
@@ -356,6 +356,35 @@ def activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+# --- activation sharding --------------------------------------------------------------------------------------
+
+# Flax logical axis names of the (batch, tokens, features) activations that the models constrain: the hidden
+# states (EMBED features), attention's projected heads flattened (HEADS: heads * head_dim) and an MLP's inner
+# activations (MLP). They constrain nothing until rules bind all three axes of an array to mesh axes
+# (``flax.linen.logical_axis_rules``), as :func:`jlora.parallel.make_sharded_train_step` does.
+BATCH, LENGTH = "activation_batch", "activation_length"
+EMBED, HEADS, MLP = "activation_embed", "activation_heads", "activation_mlp"
+
+
+def constrain(x: jax.Array, features: str = EMBED) -> jax.Array:
+    """``x`` (B, T, F) under the sharding that the bound logical axis rules give ``(BATCH, LENGTH, features)``
+    (``nn.with_logical_constraint``); ``x`` itself, untouched, unless rules name all three (one device, a plain
+    ``jax.jit``, ``pmap``).
+
+    The models call it on the hidden states at every residual connection and on the outputs of the projections
+    that open attention and MLP blocks. Left alone, XLA's partitioner may carry a frozen kernel's FSDP sharding
+    (over its feature dims) into the activations, and all-gather the whole batch's activations for each matmul
+    instead of the kernel.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.ones((2, 3, 4))
+        >>> constrain(x) is x
+        True
+    """
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, features), fallback=nn.spmd.RulesFallback.NO_CONSTRAINT)
 
 
 REMAT_POLICIES = ("none", "full", "dots")

@@ -141,15 +141,16 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x.shape
         h, g, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = _dense(c, h * d, c.attention_bias, "q_proj")(x).reshape(b, t, h, d)
-        k = _dense(c, g * d, c.attention_bias, "k_proj")(x).reshape(b, t, g, d)
-        v = _dense(c, g * d, c.attention_bias, "v_proj")(x).reshape(b, t, g, d)
+        q = L.constrain(_dense(c, h * d, c.attention_bias, "q_proj")(x), L.HEADS).reshape(b, t, h, d)
+        k = L.constrain(_dense(c, g * d, c.attention_bias, "k_proj")(x), L.HEADS).reshape(b, t, g, d)
+        v = L.constrain(_dense(c, g * d, c.attention_bias, "v_proj")(x), L.HEADS).reshape(b, t, g, d)
         if c.qk_norm:
             q = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
             k = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
         out = L.attend(q, k, v, m, d ** -0.5, kv, window=c.sliding_window, implementation=c.attention)
-        return _dense(c, c.hidden_size, c.o_proj_bias, "o_proj")(out.reshape(b, t, h * d)), (
+        out = L.constrain(out.reshape(b, t, h * d), L.HEADS)
+        return _dense(c, c.hidden_size, c.o_proj_bias, "o_proj")(out), (
             None if kv is None else (k, v))
 
 
@@ -161,7 +162,8 @@ class MLP(nn.Module):
         c = self.config
         gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
         up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
-        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(L.gated(c.hidden_act, gate, up))
+        h = L.constrain(L.gated(c.hidden_act, gate, up), L.MLP)
+        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(h)
 
 
 class DecoderLayer(nn.Module):
@@ -175,11 +177,12 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, kv, shared):
         c = self.config
         m, cos, sin = shared
+        x = L.constrain(x)
         h = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="input_layernorm")(x)
         h, new_kv = Attention(c, name="self_attn")(h, m, cos, sin, kv)
-        x = x + h
+        x = L.constrain(x + h)
         h = L.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="post_attention_layernorm")(x)
-        return x + MLP(c, name="mlp")(h), new_kv
+        return L.constrain(x + MLP(c, name="mlp")(h)), new_kv
 
 
 class LlamaForCausalLM(nn.Module):
