@@ -14,7 +14,8 @@ that fails with an exception has its tmp folder removed by the manager, see :met
     <directory>/<step>/adapters/      orbax PyTree (OCDBT/zarr): the adapter tree
     <directory>/<step>/train_state/   orbax PyTree: {"step", "rng" (key data, uint32), "opt_state"}
     <directory>/<step>/jlora/metadata JSON: format, jlora version, LoraConfig, base model name + fingerprint,
-                                      RNG impl, data position, user metrics, and per-leaf shape/dtype/checksum
+                                      RNG impl, data position (or one per process), user metrics, and per-leaf
+                                      shape/dtype/checksum
     <directory>/<step>/metrics/       orbax's copy of the metrics (when keep-best is on)
 
 Restore validates before it loads anything: the step exists, the metadata parses, the base model's fingerprint
@@ -29,6 +30,14 @@ saved steps. Any other failure (a target whose shardings cannot hold the arrays,
 checkpoint is fine. When orbax's parallel reads fail, the reads still in flight leave asyncio debris behind
 ("Exception ignored in: <coroutine ...>", "Event loop is closed", "... exception was never retrieved"); the manager
 waits for it and keeps it off stderr, so a failed restore prints nothing but its error.
+
+Several processes (multi-host): every process calls :meth:`~CheckpointManager.save` and
+:meth:`~CheckpointManager.restore`. Each process's ``data_position`` is gathered (its JSON, through
+``process_allgather``) and written by the primary process: positions that are the same in every process are stored
+once as ``data_position`` (the single-process format) and restore on any number of processes; positions that differ
+(a packing loader: each process packs its own share) are stored as ``data_positions``, one per process in process
+order, and restore only on as many processes as saved them, each process getting its own back: on another number of
+processes :meth:`~CheckpointManager.restore` is an error unless told to leave the position out.
 
 Retention uses orbax's preservation policies: the ``max_to_keep`` latest steps, joined (``AnyPreservationPolicy``)
 with the ``keep_best`` best by a metric; the latest step is always kept.
@@ -79,6 +88,10 @@ _NO_DIR = "checkpoint directory {dir} does not exist; check the path (a run keep
 _NO_STEP = "no checkpoint for step {step} in {dir}; saved steps: {steps}"
 _CORRUPT = ("checkpoint {dir}/{step} is unreadable or corrupt ({what}); restore another step (saved: {steps}) "
             "or delete this one")
+_NOT_JSON = "`data_position` must be JSON-serializable (a dict of ints, say)"
+_OUT_OF_STEP = ("the processes went out of step: another process's save of this step failed (its own error, in that "
+                "process's log, says why) or it ran something else meanwhile; every process must call save() for the "
+                "same step, and a failed save must stop them all")
 
 
 class CheckpointError(ValueError):
@@ -201,6 +214,54 @@ def _describe(tree) -> dict[str, dict]:
     sums = jax.device_get(_checksums([x for _, x in flat])) if flat else []
     return {tree_lib.path_str(kp): {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name, "checksum": int(s)}
             for (kp, x), s in zip(flat, sums)}
+
+
+# ------------------------------------------------------------------------------------------------ data positions
+def _gather_positions(position) -> list[str]:
+    """Every process's ``data_position`` as JSON text, in process order (a collective: every process calls it).
+
+    Raises:
+        ValueError: a position that is not JSON-serializable, in any process (every process raises, naming them).
+    """
+    try:
+        text, error = json.dumps(position), None
+    except (TypeError, ValueError) as e:
+        text, error = "", e
+    if jax.process_count() == 1:
+        if error is not None:
+            raise ValueError(f"{_NOT_JSON}; got {position!r}: {error}")
+        return [text]
+    from jax.experimental import multihost_utils
+
+    # a leading byte says whether the position encoded, then its JSON, zero-padded to the longest
+    data = np.frombuffer(bytes([error is None]) + text.encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    failed = [i for i, row in enumerate(rows) if not row[0]]
+    if failed:
+        mine = f"; this process's: {position!r}: {error}" if error is not None else ""
+        raise ValueError(f"{_NOT_JSON}; it is not in process(es) {failed}{mine}")
+    return [bytes(row[1:n]).decode() for row, n in zip(rows, sizes)]
+
+
+def _own_position(meta: dict, where: str, with_data_position: bool) -> Any:
+    """This process's data position in a checkpoint's metadata (see the module docstring)."""
+    if not with_data_position:
+        return None
+    positions = meta.get("data_positions")
+    if positions is None:              # one position for every process (and every checkpoint of one process)
+        return meta.get("data_position")
+    count, here = len(positions), jax.process_count()
+    if count != here:
+        raise CheckpointError(
+            f"checkpoint {where} was saved by {count} processes, each with its own data position (a packing loader "
+            f"packs each process's share of the data), but this job has {here} process(es), so none of the saved "
+            f"positions is this process's: restore it with {count} processes (process i gets back the position "
+            f"process i saved), or pass with_data_position=False to restore the state without one and restart the "
+            f"data yourself (metadata(step)['data_positions'] lists the saved positions)")
+    return positions[jax.process_index()]
 
 
 # ------------------------------------------------------------------------------------------------ manager
@@ -336,6 +397,10 @@ class CheckpointManager:
         ``cleanup_tmp_directories``, removes every unfinished folder when a manager is created, another writer's
         save in flight included). This removes that one step's folder, and only while the step is not listed as
         saved: a committed step is never touched.
+
+        With several processes, orbax's barrier failing with "sync_global_devices name mismatch" means the other
+        processes did not reach it: that is raised as a ``RuntimeError`` saying so (:data:`_OUT_OF_STEP`), from
+        orbax's error.
         """
         try:
             yield
@@ -347,6 +412,10 @@ class CheckpointManager:
                 except Exception as cleanup:  # noqa: BLE001  (the save's error is the one to raise)
                     done = f"; removing its unfinished folder failed too ({type(cleanup).__name__}: {cleanup})"
                 e.add_note(f"jlora: saving checkpoint step {step} in {self.directory} failed{done}")
+                if jax.process_count() > 1 and any(isinstance(x, AssertionError) and "sync_global_devices" in str(x)
+                                                   for x in _chain(e)):
+                    raise RuntimeError(f"saving checkpoint step {step} in {self.directory} failed in process "
+                                       f"{jax.process_index()}: {_OUT_OF_STEP}{done}") from e
             raise
 
     def _discard_unfinished(self, step: int) -> epath.Path | None:
@@ -405,6 +474,7 @@ class CheckpointManager:
                 and paths only), else a ``ValueError`` is raised before anything is written.
             name: a human-readable name of the base model (e.g. ``loaded.name``), shown in errors.
             data_position: anything JSON-serializable that says where the data loader is (e.g. ``loader.position``).
+                With several processes, each passes its own: :meth:`restore` gives each process its own back.
             metrics: optional ``{name: number}``, e.g. ``{"eval_loss": 1.23}``; ``best_metric`` ranks by it.
 
         A save that fails (here, or with ``async_save`` in the background: then its error is raised by the next
@@ -425,11 +495,7 @@ class CheckpointManager:
                              f"{name or 'unnamed'!r}) and `lora_config` given, so the checkpoint would be labelled "
                              f"with the wrong base or config: {e}") from None
         metrics = _check_metrics(metrics, self._options.best_metric)
-        try:
-            json.dumps(data_position)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"`data_position` must be JSON-serializable (a dict of ints, say); got "
-                             f"{data_position!r}: {e}") from None
+        positions = _gather_positions(data_position)   # every process's: a collective, as the save is
         manager = self._orbax(create=True)
         self.wait()            # a failed async save of an earlier step raises here (its folder removed)
         manager.reload()       # the steps on disk now: another writer's too (orbax caches its own list)
@@ -449,6 +515,8 @@ class CheckpointManager:
             "rng": rng_info, "data_position": data_position, "metrics": metrics,
             "leaves": {"adapters": _describe(state.adapters), "train_state": _describe(train_state)},
         }
+        if len(set(positions)) > 1:   # differs between processes: each one's, in process order
+            meta.update(data_position=None, data_positions=[json.loads(t) for t in positions])
         args = ocp.args.Composite(adapters=ocp.args.StandardSave(state.adapters),
                                   train_state=ocp.args.StandardSave(train_state),
                                   jlora=ocp.args.JsonSave(meta))
@@ -488,6 +556,9 @@ class CheckpointManager:
         for key, fields in parts.items():
             if not isinstance(meta[key], dict) or any(f not in meta[key] for f in fields):
                 raise self._corrupt(step, f"metadata's {key} is not a dict with {list(fields)}")
+        positions = meta.get("data_positions")
+        if positions is not None and (not isinstance(positions, list) or not positions):
+            raise self._corrupt(step, "metadata's data_positions is not a list with one position per process")
         try:
             LoraConfig.from_dict(meta["lora_config"])
         except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -506,7 +577,7 @@ class CheckpointManager:
         _check_lora(LoraConfig.from_dict(meta["lora_config"]), lora_config, params, where)
 
     def restore(self, target: TrainState, step: int | None = None, *, params, lora_config: LoraConfig,
-                name: str | None = None) -> Restored:
+                name: str | None = None, with_data_position: bool = True) -> Restored:
         """Restores a full training state; validates everything before loading.
 
         Args:
@@ -518,20 +589,29 @@ class CheckpointManager:
                 ``None`` skips that check.
             lora_config: the config the adapters will be used with (checked against the saved one).
             name: the base model's name, shown in errors.
+            with_data_position: ``False`` restores the state without a data position (``Restored.data_position`` is
+                None; ``Restored.metadata`` still holds what was saved): needed to resume on another number of
+                processes than saved per-process positions.
+
+        Returns:
+            A :class:`Restored`: the state, this process's data position (the one it passed to :meth:`save`), the
+            step and the metadata.
 
         Raises:
             FileNotFoundError: no such directory or step.
-            CheckpointError: a different base model or LoraConfig, a target that does not fit, or corrupt files.
+            CheckpointError: a different base model or LoraConfig, a target that does not fit, corrupt files, or
+                per-process data positions saved by another number of processes.
         """
         manager, step = self._resolve(step)
         meta = self._read_metadata(manager, step)
         self._validate(meta, step, params, lora_config, name)
+        position = _own_position(meta, f"{self.directory}/{step}", with_data_position)
         rng_target, rng_kind = _rng_target(target.rng, meta["rng"], f"{self.directory}/{step}")
         train_target = {"step": target.step, "rng": rng_target, "opt_state": target.opt_state}
         adapters, train_state = self._load(manager, step, meta, adapters=target.adapters, train_state=train_target)
         rng = train_state["rng"] if rng_kind is None else jax.random.wrap_key_data(train_state["rng"], impl=rng_kind)
         state = TrainState(train_state["step"], adapters, train_state["opt_state"], rng)
-        return Restored(state, meta.get("data_position"), step, meta)
+        return Restored(state, position, step, meta)
 
     def restore_adapters(self, step: int | None = None, *, params, lora_config: LoraConfig,
                          name: str | None = None, layout=None, target=None):

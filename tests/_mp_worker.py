@@ -4,8 +4,10 @@ As a script: ``python tests/_mp_worker.py PROCESS_ID NUM_PROCESSES PORT PHASE CK
 ``jax.distributed`` job on 127.0.0.1:PORT with 2 CPU devices per process (gloo collectives), builds the tiny
 Llama of :func:`setup` on an fsdp=2 x tensor=2 mesh over the 4 global devices, feeds this process's rows of each
 batch, and
-- PHASE "train": trains ``SPLIT`` steps from scratch and saves checkpoint ``SPLIT`` from every process;
-- PHASE "resume": restores the latest checkpoint onto the sharded state and trains to ``TOTAL`` steps.
+- PHASE "train": checks that the `jlora` command refuses to run in the job, trains ``SPLIT`` steps from scratch and
+  saves checkpoint ``SPLIT`` from every process, each with its own data position;
+- PHASE "resume": restores the latest checkpoint onto the sharded state (each process its own data position) and
+  trains to ``TOTAL`` steps.
 "train" passes the job's coordinates to ``jlora.parallel.initialize`` as arguments, "resume" through the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables.
 Process 0 writes the losses and the final adapters (gathered to host) to OUT (.npz).
@@ -83,8 +85,21 @@ def main(process_id, num_processes, port, phase, ckpt_dir, out):
     step = parallel.make_sharded_train_step(model, cfg, opt, mesh, param_shardings=p_sh, state_shardings=s_sh)
 
     manager = CheckpointManager(ckpt_dir)
+    position = {"next": SPLIT, "process": process_id}   # each process's own, as a packing loader's are
     if phase == "resume":
-        state = manager.restore(state, params=params, lora_config=cfg).state
+        restored = manager.restore(state, params=params, lora_config=cfg)
+        assert restored.data_position == position, (process_id, restored.data_position)
+        state = restored.state
+    else:   # the `jlora` commands are single-host: in this job of two processes each refuses up front
+        import contextlib
+        import io
+
+        from jlora import cli
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main(["train", "--config", "unread.yaml"])
+        assert code == 2 and "runs on one host" in err.getvalue(), (code, err.getvalue())
     rows = parallel.local_batch_rows(mesh, B)
     losses = []
     for i in range(int(jax.device_get(state.step)), SPLIT if phase == "train" else TOTAL):
@@ -92,7 +107,7 @@ def main(process_id, num_processes, port, phase, ckpt_dir, out):
         state, metrics = step(state, params, parallel.shard_local_batch(local, mesh))
         losses.append(float(parallel.to_host(metrics["loss"])))
     if phase == "train":
-        manager.save(SPLIT, state, params=params, lora_config=cfg)
+        manager.save(SPLIT, state, params=params, lora_config=cfg, data_position=position)
     manager.close()
     flat = jlora.tree.leaves_by_path(parallel.to_host(state.adapters))   # a collective: every process calls it
     if parallel.is_main_process():

@@ -233,6 +233,7 @@ def test_restore_round_trip_and_metadata(saved, tiny):
     assert meta["base_model"]["name"] == NAME
     assert meta["base_model"]["fingerprint"] == checkpoint.fingerprint(params)
     assert meta["metrics"] == {"loss": 1.5} and meta["data_position"] == {"index": 10}
+    assert "data_positions" not in meta     # one process: the format of every jlora checkpoint before
     json.dumps(meta)
     assert listing(directory) == before
 
@@ -643,3 +644,42 @@ def test_restore_onto_shardings(saved, tiny):
     assert_trees_equal(restored.state, s10)
     loss = jax.jit(jlora.make_eval_step(tiny[0], CFG))(params, restored.state.adapters, batch_at(0))["loss"]
     assert np.isfinite(float(loss))
+
+
+# ------------------------------------------------------------------------------------------------ several processes
+def test_per_process_data_positions_restore_only_on_as_many_processes(tmp_path, tiny, monkeypatch):
+    """Positions that differ between processes are all kept (the two-process save and resume, each process getting
+    its own back: tests/test_parallel.py); here, one process stands in for a 2-process job's save: positions that
+    are the same are stored once, in the one-process format, and restore anywhere; different ones do not restore
+    on another number of processes unless the position is left out."""
+    _, params, _, state0 = tiny
+    gathered = {}
+    monkeypatch.setattr(checkpoint, "_gather_positions", lambda p: gathered["texts"])
+    with CheckpointManager(tmp_path / "ckpt") as manager:
+        gathered["texts"] = [json.dumps({"index": 8})] * 2
+        manager.save(1, state0, params=params, lora_config=CFG, data_position={"index": 8})
+        gathered["texts"] = [json.dumps({"index": 8, "counts": 5}), json.dumps({"index": 8, "counts": 3})]
+        manager.save(2, state0, params=params, lora_config=CFG, data_position={"index": 8, "counts": 5})
+        same = manager.restore(state0, 1, params=params, lora_config=CFG)
+        assert same.data_position == {"index": 8} and "data_positions" not in same.metadata
+        with pytest.raises(CheckpointError, match=r"ckpt/2 was saved by 2 processes, each with its own data position"
+                                                  r".*this job has 1 process.*restore it with 2 processes"):
+            manager.restore(state0, params=params, lora_config=CFG)
+        left_out = manager.restore(state0, params=params, lora_config=CFG, with_data_position=False)
+    assert left_out.step == 2 and left_out.data_position is None
+    assert left_out.metadata["data_positions"] == [{"index": 8, "counts": 5}, {"index": 8, "counts": 3}]
+    assert_trees_equal(left_out.state, state0)
+
+
+def test_a_save_that_other_processes_left_says_so_not_orbaxs_barrier_name(tmp_path, tiny, monkeypatch):
+    """Process 0's view of a 2-process save that failed in process 1: orbax's barrier reports a "name mismatch"."""
+    _, params, _, state0 = tiny
+    with CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(1, state0, params=params, lora_config=CFG)
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        with pytest.raises(RuntimeError, match=r"saving checkpoint step 2 .* failed in process 0: the processes went "
+                                               r"out of step: another process's save of this step failed") as raised:
+            with manager._cleanup_on_failure(2):
+                raise AssertionError("sync_global_devices name mismatch ('Checkpointer:save'). Expected: [1 2]")
+        monkeypatch.undo()
+    assert isinstance(raised.value.__cause__, AssertionError)

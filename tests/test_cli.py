@@ -675,6 +675,31 @@ def test_a_run_folder_in_use_or_left_by_a_killed_overwrite_is_refused(trained, t
         aside.rmdir()
 
 
+def test_every_command_refuses_a_job_of_several_processes(tiny, tmp_path, monkeypatch):
+    """The commands are single-host: in a JAX job of several processes (jax.distributed.initialize, a TPU pod
+    slice) each one refuses before it reads or writes anything. (A real two-process job is refused in the
+    two-process test of tests/test_parallel.py.) A library caller's own multi-process job that feeds the
+    CLI's loader (its rows only) places them with shard_local_batch, not as a global batch."""
+    from jlora import parallel
+
+    _no_model_load(monkeypatch)
+    config = _config(tmp_path, tiny)
+    monkeypatch.setattr(run_lib.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(run_lib.jax, "process_index", lambda: 1)
+    single_host = (r"`jlora {}` runs on one host \(one process, all of that host's devices\), but JAX reports 2 "
+                   r"processes here \(this is process 1: .*for several hosts write a training script on "
+                   r"jlora.parallel \(README, \"Launching on many hosts\"\)$")
+    for command, *args in (["train", "--config", config], ["eval", "--config", config, "--base"],
+                           ["generate", "--model", tiny, "--prompt", "Hi"], ["inspect", "--model", tiny],
+                           ["export-peft", "--run", tmp_path / "run", "--out", tmp_path / "peft"]):
+        _error(*_main(command, *args), single_host.format(command))
+    with pytest.raises(runconfig.ConfigError, match=single_host.format("train")):
+        run_lib.train(runconfig.load(config))     # the library entry point too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+    monkeypatch.setattr(parallel, "shard_local_batch", lambda batch, mesh: ("local rows", batch, mesh))
+    assert run_lib._put_batch("mesh")({"input_ids": 1}) == ("local rows", {"input_ids": 1}, "mesh")
+
+
 def test_the_run_lock_is_removed_at_the_end_and_a_lock_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
     """The lock file goes when its holder ends; it is removed while still locked, so a contender that opened it
     before locks a file no longer at the path, sees so, and locks the file there instead."""

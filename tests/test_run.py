@@ -27,6 +27,12 @@ def test_every_config_parses(path):
     assert cfg.lora.targets and cfg.train.steps > 0
     mesh = cfg.mesh
     assert cfg.data.batch_size % (mesh.data * mesh.fsdp) == 0
+    # the file says whether the run ends with the side-effect report, and on which general prompt set: one shipped
+    # with jlora, found from the repository root (relative paths start in the working directory)
+    raw = runconfig.read_yaml(path.read_text())
+    assert "side_effects" in raw["eval"]
+    if cfg.eval.side_effects:
+        assert "general" in raw["eval"] and (ROOT / cfg.eval.general).is_file()
 
 
 def test_a_run_config_reads_back_as_written(tmp_path):
@@ -317,9 +323,21 @@ def test_mesh_section_shards_the_run_and_matches_one_device(tiny_model, tmp_path
     assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
 
 
-def test_mesh_that_does_not_match_the_devices_is_an_error(tiny_model, tmp_path):
-    bad = _write_config(tmp_path, tiny_model, "bad", mesh={"fsdp": 3}, **_NO_EVAL)
+@pytest.mark.parametrize("mesh, message", [
+    ({"fsdp": 4, "tensor": 4}, r"`mesh` section: .*16"),   # 16 devices asked, 8 here
+    # -1 resolves to the 8 devices: the batch of 4 is checked against them before the model loads, not at step 1
+    ({"fsdp": -1}, r"`data.batch_size` = 4 \(micro-batches of 4\) does not split over the mesh's data x fsdp = 8 "
+                   r"devices \(mesh.fsdp=-1 is 8 on this host's 8 devices\); make each micro-batch a multiple of 8"),
+])
+def test_mesh_that_does_not_match_the_devices_is_an_error(mesh, message, tiny_model, tmp_path, capsys, monkeypatch):
+    from jlora import hf
+
+    monkeypatch.setattr(hf, "load", lambda *a, **k: pytest.fail("the model loaded before the mesh was checked"))
+    bad = _write_config(tmp_path, tiny_model, "bad", mesh=mesh, **_NO_EVAL)
     assert cli.main(["train", "--config", str(bad)]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.slow   # three CLI runs (~40 s); jlora.scan_steps == single steps is in test_train (make test)

@@ -14,7 +14,8 @@
 
 Every subcommand goes through one error path (:func:`main`): a user error (bad config or option, missing file,
 adapter for another model) prints one line and exits with code 2; Ctrl-C prints one line and exits with 130;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Every command runs in one process on one host, with all of its devices: in
+a JAX job of several processes it refuses before doing anything (:func:`jlora.cli.run.require_single_process`).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from jlora.cli import run
 
+    run.require_single_process(args.command)
     if args.command == "train":
         cfg = run.load_config(args.config, args.overrides)
         result = run.train(cfg, resume=args.resume, overwrite=args.overwrite,

@@ -329,6 +329,11 @@ class RunSection:
         _check("run", self, {"dir": ((lambda v: bool(v.strip())), "a folder path")})
 
 
+# `data.batch_size` against the mesh: checked by RunConfig, and again by cli.run._mesh once a -1 size is resolved
+BATCH_OVER_MESH = ("= {batch} (micro-batches of {micro}) does not split over the mesh's data x fsdp = {rows} "
+                   "devices{why}; make each micro-batch a multiple of {rows}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run: see ``configs/default.yaml`` for a documented example."""
@@ -348,9 +353,9 @@ class RunConfig:
                             f"equal micro-batches; make batch_size a multiple of grad_accum_steps",
                             keys=("data.batch_size", "train.grad_accum_steps"))
         rows = self.mesh.data * self.mesh.fsdp
-        if rows > 0 and (batch // accum) % rows:
-            raise _BadValue("data.batch_size", f"= {batch} (micro-batches of {batch // accum}) does not split over "
-                            f"the mesh's data x fsdp = {rows} devices; make each micro-batch a multiple of {rows}",
+        if rows > 0 and (batch // accum) % rows:   # a -1 size is known once the mesh is built (cli.run._mesh)
+            raise _BadValue("data.batch_size", BATCH_OVER_MESH.format(batch=batch, micro=batch // accum, rows=rows,
+                                                                      why=""),
                             keys=("data.batch_size", "train.grad_accum_steps", "mesh.data", "mesh.fsdp"))
 
     def to_dict(self) -> dict[str, Any]:

@@ -79,6 +79,26 @@ class RunInterrupted(Exception):
     """Ctrl-C outside the training loop's own handling; the message says what was kept."""
 
 
+# The commands run in one process, on all of its host's devices (GPU node, TPU v5e-8): a job of several processes
+# would need every run file, eval and export guarded and the loaders' rows split, which only a script of the user's
+# own on jlora.parallel does (README, "Launching on many hosts").
+SINGLE_HOST = ("`jlora {command}` runs on one host (one process, all of that host's devices), but JAX reports "
+               "{count} processes here (this is process {index}: jax.distributed.initialize was called, or a TPU pod "
+               "slice joined its hosts); run it on a single host (one GPU node, a TPU v5e-8), or for several hosts "
+               "write a training script on jlora.parallel (README, \"Launching on many hosts\")")
+
+
+def require_single_process(command: str) -> None:
+    """Refuses to run ``jlora command`` in a JAX job of several processes (see :data:`SINGLE_HOST`).
+
+    Raises:
+        UsageError: ``jax.process_count() > 1``.
+    """
+    count = jax.process_count()
+    if count > 1:
+        raise UsageError(SINGLE_HOST.format(command=command, count=count, index=jax.process_index()))
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     """Reads and validates a run config (see :mod:`jlora.cli.config`)."""
     return runconfig.load(path, overrides)
@@ -139,6 +159,15 @@ def _listing(folder: pathlib.Path, limit: int = 5) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+def _check_general(cfg: RunConfig, alternative: str = "") -> None:
+    """``eval.general``, the side-effect report's general prompt set, is a file (``alternative``: another fix)."""
+    general = cfg.eval.general
+    if not pathlib.Path(general).is_file():
+        where = "" if os.path.isabs(general) else f" (relative paths start in the working directory {os.getcwd()!r})"
+        raise ConfigError(f"eval.general={general!r} does not exist{where}; it is the general prompt set of the "
+                          f"side-effect report: point it at a JSONL file{alternative}")
+
+
 def _check_inputs(cfg: RunConfig, *, train: bool = True) -> None:
     """Fails fast, before any work, on paths that do not exist (``data.train`` only when ``train``: eval does not
     read it)."""
@@ -255,9 +284,8 @@ def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scorin
     action (:func:`_check_run_dir`)."""
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
-    if cfg.eval.side_effects and not pathlib.Path(cfg.eval.general).is_file():
-        raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
-                          f"side-effect report); point it at a JSONL file or set eval.side_effects: false")
+    if cfg.eval.side_effects:
+        _check_general(cfg, " or set eval.side_effects: false")
     mesh = _mesh(cfg)
     per_call = cfg.train.steps_per_call
     if mesh is not None and per_call > 1:
@@ -305,7 +333,8 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
 
 
 def _mesh(cfg: RunConfig):
-    """The configured device mesh, or None for a single device (mesh 1 x 1 x 1)."""
+    """The configured device mesh, or None for a single device (mesh 1 x 1 x 1). A size of -1 is resolved here, so
+    the batch is checked against the mesh's data x fsdp again (the config could not know the device count)."""
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if sizes == (1, 1, 1):
         return None
@@ -315,6 +344,13 @@ def _mesh(cfg: RunConfig):
         mesh = parallel.make_mesh(*sizes)
     except ValueError as e:
         raise ConfigError(f"`mesh` section: {e}") from None
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch, micro = cfg.data.batch_size, cfg.data.batch_size // cfg.train.grad_accum_steps
+    if micro % rows:
+        auto = [f"mesh.{k}=-1 is {mesh.shape[k]}" for k in ("data", "fsdp", "tensor") if getattr(cfg.mesh, k) == -1]
+        why = f" ({auto[0]} on this host's {mesh.size} devices)" if auto else ""
+        raise ConfigError("`data.batch_size` " + runconfig.BATCH_OVER_MESH.format(batch=batch, micro=micro, rows=rows,
+                                                                                  why=why))
     return None if mesh.size == 1 else mesh
 
 
@@ -665,7 +701,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     Raises:
         RunInterrupted: Ctrl-C outside the training loop (where it saves a checkpoint and returns instead).
+        UsageError: JAX runs several processes (:func:`require_single_process`).
     """
+    require_single_process("train")
     with _run_guard(cfg):
         return _train(cfg, resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
 
@@ -856,7 +894,18 @@ def _shard(cfg: RunConfig, loaded, mesh, params, state, optimizer):
     state = parallel.place(state, state_sh)
     step_fn = parallel.make_sharded_train_step(loaded.model, cfg.lora, optimizer, mesh, param_shardings=param_sh,
                                                state_shardings=state_sh, grad_accum_steps=cfg.train.grad_accum_steps)
-    return params, state, step_fn, lambda batch: parallel.shard_batch(batch, mesh)
+    return params, state, step_fn, _put_batch(mesh)
+
+
+def _put_batch(mesh) -> Callable[[dict], dict]:
+    """How :func:`_loader`'s batches go onto ``mesh``: whole (the global batch) in one process; with several (only
+    in a caller's own multi-process job: the commands refuse one, :func:`require_single_process`) each process's
+    loader builds only its rows, which :func:`jlora.parallel.shard_local_batch` assembles into the global batch."""
+    from jlora import parallel
+
+    if jax.process_count() > 1:
+        return lambda batch: parallel.shard_local_batch(batch, mesh)
+    return lambda batch: parallel.shard_batch(batch, mesh)
 
 
 def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainState, Any, dict[str, Any]]:
@@ -1240,9 +1289,8 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
         raise UsageError("--base evaluates the base model without adapters; drop --adapter (or --base)")
     if side_effects and base:
         raise UsageError("--side-effects compares an adapter with the base model; drop --base")
-    if side_effects and not pathlib.Path(cfg.eval.general).is_file():
-        raise ConfigError(f"eval.general={cfg.eval.general!r} does not exist (the general prompt set of the "
-                          f"side-effect report); point it at a JSONL file")
+    if side_effects:
+        _check_general(cfg)
     if out:
         _refuse_out_over_inputs(out, [("--adapter", adapter)], "side-effect report", holding=False)
         _check_report_out(out, adapter or cfg.run.dir, overwrite=overwrite)
