@@ -367,7 +367,7 @@ BAD = [
      "path"),
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "sneaky"}}, 403, "a link out of the adapter root", "path"),
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "missing"}}, 404, "no folder 'missing'", "path"),
-    ("POST", "/v1/adapters", {"json": {"name": "x", "path": "other_base"}}, 400, "trained on another base model",
+    ("POST", "/v1/adapters", {"json": {"name": "x", "path": "other_base"}}, 400, "was trained on base model",
      None),
     ("POST", "/v1/adapters", {"json": {"name": "x", "path": "k_only"}}, 400,
      "is outside the bank, which covers", None),
