@@ -229,6 +229,8 @@ def _reseed(module: nnx.Module, rngs: Mapping[str, jax.Array] | None) -> None:
     for the first name the module has no stream of, its ``default`` streams (which ``nnx.Rngs`` hands out in place
     of a stream it lacks: ``nnx.Dropout(rate, rngs=nnx.Rngs(0))`` draws from one). Other names are ignored."""
     keys = {name: key for name, key in (rngs or {}).items() if name != transform.DROPOUT_RNG}
+    if not keys:   # the common call (no rngs, or LoRA dropout's only): no walk over the module's graph
+        return
     tags = {node.tag for _, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream)}
     missing = [key for name, key in keys.items() if name not in tags]
     keys = {name: key for name, key in keys.items() if name in tags}
