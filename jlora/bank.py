@@ -626,13 +626,14 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
             for; the state's adapters are not :func:`factors` of this bank (e.g. the bank itself); the batch has no
             ``input_ids`` or ``adapter_ids``, or not one id per row; the optimizer state holds ``optax.MultiSteps``:
             it accumulates gradients over calls, but each call masks the slots by its own rows, so a slot absent
-            from the last micro-batch would lose its accumulated update (pass the whole batch to one call instead).
+            from the last micro-batch would lose its accumulated update (``per_slot(optax.MultiSteps(...))``
+            accumulates each slot over the calls that have its rows; or pass the whole batch to one call).
             Not under ``jit``, also ids out of range.
     """
     capacity = bank.capacity
 
     def step(state, params, bank, batch):
-        _check_step_args(capacity, state, bank, batch)
+        _check_step_args(capacity, state, bank, batch, per_slot=getattr(optimizer.update, "per_slot", False))
         batch = {**batch, "adapter_ids": _route(batch["adapter_ids"], capacity)}   # the rule of apply's ids
 
         def f(fac):
@@ -660,7 +661,7 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
     return step
 
 
-def _check_step_args(capacity: int, state, bank, batch) -> None:
+def _check_step_args(capacity: int, state, bank, batch, *, per_slot: bool = False) -> None:
     """Refuses, by name, the arguments a bank train step cannot use (see :func:`make_train_step`)."""
     if not isinstance(bank, Bank):
         raise TypeError(f"the bank train step takes step(state, params, bank, batch); its third argument is a "
@@ -684,11 +685,12 @@ def _check_step_args(capacity: int, state, bank, batch) -> None:
                          f"from the bank the step trains, {fix}")
     multi = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
              if isinstance(s, optax.MultiStepsState)]
-    if multi:
+    if multi and not per_slot:   # inside per_slot, an absent slot keeps its accumulator as it is
         raise ValueError("the bank's optimizer is wrapped in optax.MultiSteps, which accumulates gradients over "
                          "calls; a bank step masks each slot by the rows of its own call, so a slot absent "
-                         "from the last micro-batch would lose its accumulated update. Pass the whole batch "
-                         "to one step call instead (any batch size; rows of all slots mixed)")
+                         "from the last micro-batch would lose its accumulated update. Wrap it per slot instead, "
+                         "jlora.bank.per_slot(optax.MultiSteps(...)) (each slot accumulates over the calls that "
+                         "have its rows), or pass the whole batch to one step call")
     if not isinstance(batch, Mapping) or "adapter_ids" not in batch or "input_ids" not in batch:
         found = (f"holds keys {sorted(map(str, batch))}" if isinstance(batch, Mapping)
                  else f"is a {type(batch).__name__}")
@@ -723,6 +725,9 @@ def per_slot(optimizer: optax.GradientTransformation | Callable[[jax.Array], opt
     slots_present=...)``: a slot that is not present (:func:`slots_present`; all are when it is not given) gets a
     zero update and keeps its state, as if that step had not happened for it.
 
+    ``optax.MultiSteps`` works too, per slot: a slot accumulates its gradients over the calls that have its rows
+    and applies them every k of those, as when it trains alone on its own micro-batches.
+
     Slot ``s`` equals the optimizer training that adapter alone when it acts on each value by itself or through
     norms over the whole tree (SGD, Adam/AdamW, Lion, clipping): a bank pads every slot to one rank and target set
     with zeros, which those leave at zero. Optimizers that use a parameter's shape (Adafactor's factored moments,
@@ -736,15 +741,17 @@ def per_slot(optimizer: optax.GradientTransformation | Callable[[jax.Array], opt
         ([-0.1, 0.0], [1, 0])
     """
     if learning_rates is None:
-        if not isinstance(optimizer, optax.GradientTransformation):
-            raise TypeError("per_slot takes an optax GradientTransformation, or a function of the learning rate "
-                            "together with `learning_rates` (one per slot)")
-        lrs, make = None, (lambda lr: optimizer)
+        if not _is_transformation(optimizer):
+            raise TypeError(f"per_slot takes an optax GradientTransformation (or optax.MultiSteps), or a function of "
+                            f"the learning rate together with `learning_rates` (one per slot); got "
+                            f"{type(optimizer).__name__}")
+        built = _transformation(optimizer)
+        lrs, make = None, (lambda lr: built)
     else:
-        if isinstance(optimizer, optax.GradientTransformation):
+        if _is_transformation(optimizer):
             raise TypeError("with `learning_rates`, pass a function of the learning rate (e.g. "
                             "`lambda lr: optax.adamw(lr)`), not a built optimizer")
-        lrs, make = jnp.asarray(learning_rates, jnp.float32), optimizer
+        lrs, make = jnp.asarray(learning_rates, jnp.float32), (lambda lr: _transformation(optimizer(lr)))
         if lrs.ndim != 1:
             raise ValueError(f"`learning_rates` must be one number per slot; got shape {lrs.shape}")
 
@@ -778,7 +785,22 @@ def per_slot(optimizer: optax.GradientTransformation | Callable[[jax.Array], opt
             updates = jax.tree.map(lambda u: jnp.where(_on_slot_axis(present, u), u, 0), updates)
         return updates, new
 
+    update.per_slot = True   # make_train_step: this state's MultiSteps, if any, is one per slot
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _is_transformation(opt) -> bool:
+    return isinstance(opt, (optax.GradientTransformation, optax.MultiSteps))
+
+
+def _transformation(opt) -> optax.GradientTransformation:
+    """``opt`` as a GradientTransformation: ``optax.MultiSteps`` is a wrapper that builds one."""
+    if isinstance(opt, optax.MultiSteps):
+        return opt.gradient_transformation()
+    if not isinstance(opt, optax.GradientTransformation):
+        raise TypeError(f"per_slot's function of the learning rate must return an optax GradientTransformation; "
+                        f"got {type(opt).__name__}")
+    return opt
 
 
 def _check_factors(tree) -> None:

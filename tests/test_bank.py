@@ -219,6 +219,10 @@ def test_bad_adapters_are_refused_by_name():
     batch = {"input_ids": ids, "adapter_ids": jnp.zeros(ids.shape[0], jnp.int32)}
     with pytest.raises(ValueError, match=r"optax.MultiSteps.* a slot absent from the last micro-batch"):
         B.make_train_step(model, bank, accumulating)(state, params, bank, batch)
+    per_slot = B.per_slot(optax.MultiSteps(optax.adam(1e-3), every_k_schedule=2))   # each slot its own accumulator
+    state = jlora.TrainState.create(B.factors(bank), per_slot, rng=KEY)
+    state, _ = B.make_train_step(model, bank, per_slot)(state, params, bank, batch)
+    assert state.opt_state.mini_step.tolist() == [1, 0]   # slot 0 had rows, slot 1 none
 
 
 @pytest.mark.slow
@@ -525,15 +529,17 @@ def test_a_plain_optimizer_clips_all_slots_together_and_per_slot_each_alone():
         assert (max_diff(update(grads[0]), update(grads[1])) > 1e-3) == coupled
 
 
-@pytest.mark.parametrize("kind", ["clip+lion", "sgd schedule", "adamw per-slot lr"])
+@pytest.mark.parametrize("kind", ["clip+lion", "sgd schedule", "adamw per-slot lr", "multisteps adam"])
 def test_per_slot_equals_the_optimizer_run_on_each_slot_alone(kind):
     """bank.per_slot vs optax itself on each slot's slice of the factors, over steps where some slots are absent:
-    per-slot global-norm clipping, step counts and schedules, and per-slot learning rates."""
+    per-slot global-norm clipping, step counts and schedules, per-slot learning rates and MultiSteps
+    (each slot accumulates over the steps it is present in)."""
     n, steps = 3, 5
     lrs = [1e-2, 3e-2, 2e-2]
     make = {"clip+lion": lambda lr: optax.chain(optax.clip_by_global_norm(0.5), optax.lion(lr)),
             "sgd schedule": lambda lr: optax.sgd(optax.linear_schedule(lr, 0.0, 4), momentum=0.9),
-            "adamw per-slot lr": lambda lr: optax.adamw(lr, weight_decay=0.1)}[kind]
+            "adamw per-slot lr": lambda lr: optax.adamw(lr, weight_decay=0.1),
+            "multisteps adam": lambda lr: optax.MultiSteps(optax.adam(lr), every_k_schedule=2)}[kind]
     opt = B.per_slot(make, lrs)
     keys = iter(jax.random.split(jax.random.key(0), 2 + 2 * steps))
     params = {"q": {"a": jax.random.normal(next(keys), (2, n, 5, 4)), "b": jax.random.normal(next(keys), (2, n, 4, 6))}}
@@ -557,3 +563,5 @@ def test_per_slot_equals_the_optimizer_run_on_each_slot_alone(kind):
         opt.init(jax.tree.map(lambda x: x[:, :2], params))
     with pytest.raises(TypeError, match="function of the learning rate"):
         B.per_slot(optax.adam(1e-3), lrs)
+    with pytest.raises(TypeError, match="GradientTransformation; got str"):
+        B.per_slot(lambda lr: "adam", lrs).init(params)
