@@ -637,7 +637,8 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
                              f"should be A {(r, fan_in)} and B {(fan_out, r)}")
         if ranks.setdefault(path, r) != r or alphas.setdefault(path, alpha) != alpha:
             raise ValueError(f"{module}: a scanned layer stack needs one rank and alpha for all its layers; "
-                             f"{path} has r {ranks[path]} vs {r}, alpha {alphas[path]} vs {alpha}")
+                             f"{path} has r {ranks[path]} vs {r}, alpha {alphas[path]} vs {alpha}: load the model "
+                             f"with scan_layers=False (one module per layer)")
         per_path.setdefault(path, {})[layer] = {"a": a, "b": b}
         if "m" in pair:
             if pair["m"].shape != (fan_out,):
@@ -771,15 +772,18 @@ def _check_tied(folder, config, tied: str, head: dict, found: dict, whole: dict,
                              f"{'whole weight' if part == 'weight' else 'adapter'} (PEFT's ensure_weight_tying): "
                              f"the base model {loaded.name!r} ties {HEAD} to {tied}, one matrix, so jlora cannot "
                              f"give the head a{'n adapter' if part != 'weight' else ' weight'} of its own; {untie}")
-    ties = bool(head) or (config.get("ensure_weight_tying") is True and tied.rsplit(".", 1)[-1] in
-                          PEFT_TIE_NAMES)   # where PEFT honours ensure_weight_tying
-    if (tied in found or f"{tied}.weight" in whole) and not ties:
+    honoured = tied.rsplit(".", 1)[-1] in PEFT_TIE_NAMES   # the names for which PEFT honours ensure_weight_tying
+    ensure = config.get("ensure_weight_tying", False)
+    if (tied in found or f"{tied}.weight" in whole) and not (head or (ensure is True and honoured)):
+        fix = (f"Retrain it in PEFT with `LoraConfig(ensure_weight_tying=True, ...)` and {HEAD!r} beside {tied!r} "
+               f"in its target_modules (or modules_to_save), which PEFT then ties; or {untie}" if honoured else
+               f"PEFT ties adapters only for modules named {' and '.join(map(repr, PEFT_TIE_NAMES))}, so no PEFT "
+               f"setting ties {tied!r}'s adapter to the head: {untie}")
+        ignored = " (which PEFT ignores for this module name)" if ensure is True and not honoured else ""
         raise ValueError(f"adapter {folder} trains {tied}, to which the base model {loaded.name!r} ties {HEAD}, "
-                         f"with ensure_weight_tying={config.get('ensure_weight_tying', False)}: PEFT then changes the "
-                         f"input lookup only and the output head keeps the base weights, which jlora's tied model "
-                         f"(one matrix for both) cannot reproduce. Retrain it in PEFT with "
-                         f"`LoraConfig(ensure_weight_tying=True, ...)` and {HEAD!r} beside {tied!r} in its "
-                         f"target_modules (or modules_to_save), which PEFT then ties; or {untie}")
+                         f"with ensure_weight_tying={ensure}{ignored}: PEFT then changes the input lookup only and "
+                         f"the output head keeps the base weights, which jlora's tied model (one matrix for both) "
+                         f"cannot reproduce. {fix}")
 
 
 def _layout(loaded, path: str, flat_params) -> KernelLayout:

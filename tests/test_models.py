@@ -289,7 +289,6 @@ def test_transformers_4x_config_form(tmp_path):
 
 @pytest.mark.parametrize("bad, attr", [
     (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window"),
-    (dict(model_type="llama", attention_dropout=0.1), "attention_dropout"),
     (dict(model_type="llama", quantization_config={"bits": 4}), "quantization_config"),
     (dict(model_type="llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
     (dict(model_type="llama", rope_parameters={"rope_type": "yarn", "factor": 2.0}), "yarn"),
@@ -302,6 +301,12 @@ def test_unsupported_attributes_raise(bad, attr):
     d = dict(BASE, num_key_value_heads=2, **bad)
     with pytest.raises(ValueError, match=attr):
         llama_lib.config_from_hf(d)
+
+
+def test_base_model_dropout_is_ignored_as_for_gpt2():
+    """Dropout of the base model is off in inference and jlora's base models have none (GPT-2's *_pdrop alike)."""
+    d = dict(BASE, num_key_value_heads=2, model_type="llama")
+    assert llama_lib.config_from_hf(dict(d, attention_dropout=0.1, mlp_dropout=0.1)) == llama_lib.config_from_hf(d)
 
 
 def test_gpt2_unsupported_attribute_raises():

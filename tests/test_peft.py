@@ -148,6 +148,13 @@ def test_scanned_model_round_trip(tmp_path):
     assert max_diff(ours, theirs) <= 1e-4
     back, _ = jlora.peft.load(out, loaded)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y), adapters, back)
+    # ranks that differ between layers fit unscanned layers only (the advice `jlora inspect` acts on)
+    pm = peft.get_peft_model(_hf_model("llama", tmp_path / "fresh")[0], peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                      rank_pattern={"layers.1.self_attn.q_proj": 6}))
+    pm.save_pretrained(tmp_path / "ranks")
+    with pytest.raises(ValueError, match=r"q_proj: a scanned layer stack needs one rank .* r 4 vs 6.*scan_layers=False"):
+        jlora.peft.load(tmp_path / "ranks", loaded)
+    assert jlora.peft.load(tmp_path / "ranks", jlora.hf.load(tmp_path / "llama"))[1].rank_pattern
 
 
 @pytest.mark.parametrize("dtype, rtol, atol", [("bfloat16", 2 ** -8, 0.0), ("float8_e4m3fn", 2 ** -4, 2 ** -10)])
@@ -222,11 +229,16 @@ def test_tied_embedding_adapter_matches_peft_both_ways(kind, how, tmp_path):
         theirs = _torch_logits(pm)
         ad, cf = jlora.peft.load(tmp_path / f"peft_{tie}", loaded)
         assert max_diff(np.asarray(jlora.apply(loaded.model, loaded.params, ad, cf, jnp.asarray(IDS))), theirs) <= 1e-4
-    # PEFT's default: only the embedding named, so only the input lookup adapted
+    # PEFT's default: only the embedding named, so only the input lookup adapted. GPT-2's wte is not a name PEFT
+    # ties for, so ensure_weight_tying=True leaves it untied too, and the advice is to untie the base
     kw = dict(target_modules=[short]) if how == "lora" else dict(target_modules=targets, modules_to_save=[short])
-    pm = peft.get_peft_model(_hf_model(kind, tmp_path / "d")[0], peft.LoraConfig(r=4, init_lora_weights=False, **kw))
+    ensure = kind == "gpt2"
+    pm = peft.get_peft_model(_hf_model(kind, tmp_path / "d")[0], peft.LoraConfig(
+        r=4, init_lora_weights=False, ensure_weight_tying=ensure, **kw))
     pm.save_pretrained(tmp_path / "peft_default")
-    with pytest.raises(ValueError, match=rf"trains {emb}, to which .* ties lm_head, with ensure_weight_tying=False"):
+    why = (r"ensure_weight_tying=True \(which PEFT ignores for this module name\).*no PEFT setting ties .*untied copy"
+           if ensure else r"ensure_weight_tying=False.*Retrain it in PEFT")
+    with pytest.raises(ValueError, match=rf"trains {emb}, to which .* ties lm_head, with {why}"):
         jlora.peft.load(tmp_path / "peft_default", loaded)
 
 

@@ -278,15 +278,17 @@ HANDLED = frozenset({
     "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "bos_token_id", "eos_token_id",
     "pad_token_id", "initializer_range", "torch_dtype", "dtype", "partial_rotary_factor",
 })
-# Attributes with no effect on the forward pass: every config's bookkeeping, and pretraining_tp, which only splits
-# matmuls in transformers 4.x without changing their result.
-# SmolLM2's config.json (written by nanotron) also carries ``is_llama_config`` and transformers.js settings.
-IGNORED = hf_config.IGNORED | {"pretraining_tp", "is_llama_config", "transformers.js_config"}
+# Attributes with no effect on the forward pass: every config's bookkeeping, pretraining_tp, which only splits
+# matmuls in transformers 4.x without changing their result, and the base model's dropout (a regularizer of full
+# fine-tuning, off in inference; jlora's base models have none, as with GPT-2's *_pdrop: LoRA dropout is the
+# LoraConfig's). SmolLM2's config.json (written by nanotron) also carries ``is_llama_config`` and transformers.js
+# settings.
+IGNORED = hf_config.IGNORED | {"pretraining_tp", "is_llama_config", "transformers.js_config", "attention_dropout",
+                               "mlp_dropout"}
 # Attributes of features jlora does not implement, with the only value it accepts (None also accepted).
 # ``rope_interleaved`` (nanotron): transformers ignores it and always rotates halves, as jlora does. ``use_mrope``
 # (Qwen2-VL's multimodal rotary positions) is written as false in Qwen2 and DeepSeek-R1-Distill-Qwen configs.
-MUST_BE_DEFAULT = {"attention_dropout": 0.0, "mlp_dropout": 0.0, "use_sliding_window": False,
-                   "rope_interleaved": False, "use_mrope": False}
+MUST_BE_DEFAULT = {"use_sliding_window": False, "rope_interleaved": False, "use_mrope": False}
 
 
 def _rope_settings(rp: dict) -> dict:
