@@ -334,6 +334,19 @@ def test_a_failed_start_leaves_no_run_folder_and_the_fixed_command_runs(tiny, tm
     assert code == 0 and f"--overwrite: replacing the run folder {run_dir}" in out
 
 
+def test_a_bad_validation_record_gets_the_on_bad_record_hint(tiny, tmp_path):
+    """A malformed record in data.valid is named with its key and file and the data.on_bad_record hint, as one in
+    data.train is (it said only what was wrong with the record)."""
+    bad = tmp_path / "valid.jsonl"
+    bad.write_text(pathlib.Path(VALID).read_text() + '{"prompt": "no completion"}\n')
+    line = len(bad.read_text().splitlines())
+    config = _config(tmp_path, tiny, "r", data={"valid": str(bad)})
+    _error(*_main("train", "--config", config),
+           rf"^jlora train: error: `data\.valid`: {re.escape(str(bad))}:{line}: .*missing key\(s\) \['completion'\]"
+           r".*\(`data\.on_bad_record: skip` skips and counts bad records\)$")
+    _no_run_left(tmp_path / "r")
+
+
 def test_max_length_error_names_the_config_keys(tiny, tmp_path):
     config = _config(tmp_path, tiny, "r", data={"max_length": 64})
     _error(*_main("train", "--config", config), r"but max_length is 64; raise `data.max_length`, .*set `data.overflow` "
@@ -424,6 +437,7 @@ def test_a_refused_resume_changes_nothing(tiny, trained, tmp_path, monkeypatch):
     result = _main("train", "--config", config, "--resume", "--set", "train.steps=6", "--set", f"data.train={other}",
                    "--set", "data.max_length=200")
     _error(*result, r"--resume: the data changed since this position was saved")
+    assert "resumed from step" not in result[1]     # it said so before the refusal
     # so does a change in how batches are built
     assert re.search(r"--resume: data\.max_length: \d+ in the run, 200 now: the batches from here are built with "
                      r"these settings, not the run's", result[1]), result[1]
@@ -497,7 +511,62 @@ def test_ctrl_c_during_a_scheduled_checkpoint_step_saves_once_and_resumes(tiny, 
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     monkeypatch.setattr(run_lib, "train", train)
     code, out, err = _main("train", "--config", config, "--resume", "--no-progress")
-    assert code == 0, err[-2000:]
+    assert code == 0 and "resumed from step 2\n" in out, err[-2000:]
+
+
+def test_ctrl_c_right_after_an_overwrite_keeps_the_replaced_run(tiny, trained, tmp_path, monkeypatch):
+    """Ctrl-C right after a mistaken `train --overwrite` deleted the run it replaced (the interrupt's checkpoint
+    counted as the new run's): the old run is kept aside until the new run saves a scheduled checkpoint (or its last
+    one), and each message on the way says where it is and how to go back to it."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained[1], run_dir)
+    before = _snapshot(run_dir)
+    config = _config(tmp_path, tiny, "r", train={"steps": 4, "checkpoint_every": 3},
+                     eval={"before": False, "after": False, "side_effects": False}, run={"export_peft": False})
+    train, seen = run_lib.train, []
+
+    def aside():
+        return [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+
+    def on_step(step, record, stop=None):     # Ctrl-C at step `stop`
+        seen.append((step, bool(aside())))
+        if step == stop:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def run(*flags, stop=None):
+        with monkeypatch.context() as m:
+            m.setattr(run_lib, "train", lambda cfg, **kw: train(
+                cfg, on_step=lambda step, record: on_step(step, record, stop), **kw))
+            return _main("train", "--config", config, "--no-progress", *flags)
+
+    code, out, err = run("--overwrite", stop=1)
+    assert code == 130, err[-2000:]
+    (old,) = aside()
+    assert _snapshot(old) == before
+    back = f"rm -r {run_dir}; mv {old} {run_dir}"
+    kept = (f"the run that this run's --overwrite replaced is kept in {old} until this run saves a scheduled "
+            f"checkpoint (a multiple of train.checkpoint_every, or its last step); to go back to that run instead: "
+            f"{back}")
+    assert f"interrupted: saved a checkpoint at step 1; continue with --resume; {kept}\n" in out, out
+    # any other command than --resume is refused, with the three ways on
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        for flags in ([], ["--overwrite"]):
+            _error(*_main("train", "--config", config, *flags), re.escape(
+                f"an --overwrite of {run_dir} was stopped at step 1, before the new run's first scheduled checkpoint, "
+                f"and the run it replaced is kept in {old}: continue the new run with --resume (its first scheduled "
+                f"checkpoint deletes the old run), keep the new run and delete the old one (rm -r {old}), or go back "
+                f"to the old one ({back})") + "$")
+    # --resume says so once; interrupted again before step 3, it keeps the old run still
+    code, out, err = run("--resume", stop=2)
+    assert code == 130 and out.count(kept) == 2, out
+    assert f"resumed from step 1; {kept}\n" in out and _snapshot(old) == before
+    # the first scheduled checkpoint (step 3) deletes it
+    seen.clear()
+    code, out, err = run("--resume")
+    assert code == 0 and f"resumed from step 2; {kept}\n" in out, err[-2000:]
+    assert seen == [(3, True), (4, False)] and not aside()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())[-1] == "4"
 
 
 # ------------------------------------------------------------------------------------------------ 5. one error path
@@ -655,9 +724,10 @@ def test_resume_with_another_data_order_is_refused(trained, monkeypatch):
            r"--resume: data.seed: 0 in the run, 7 now: the saved data position is a place in the order")
 
 
-def test_a_run_folder_in_use_or_left_by_a_killed_overwrite_is_refused(trained, tmp_path, monkeypatch):
+def test_a_run_folder_in_use_or_left_by_a_killed_overwrite_is_refused(tiny, trained, tmp_path, monkeypatch):
     """A second `jlora train` into a folder another one holds (its lock) is refused, as is a folder whose
-    --overwrite was killed (SIGKILL) before the new run's first checkpoint: the old run is named, not lost."""
+    --overwrite was killed (SIGKILL) before the new run's first checkpoint: the old run is named, not lost. The
+    commands that read a run (eval, export-peft, generate) name it too: they said only "holds no checkpoint"."""
     import fcntl
 
     _no_model_load(monkeypatch)
@@ -666,22 +736,27 @@ def test_a_run_folder_in_use_or_left_by_a_killed_overwrite_is_refused(trained, t
     with open(run_dir.with_name(f".{run_dir.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _error(*_main("train", "--config", config, "--overwrite"), r"is in use by another `jlora train`")
-    aside = run_dir.with_name(f".{run_dir.name}.replaced-1-2")
-    aside.mkdir()
-    try:
-        _error(*_main("train", "--config", config, "--overwrite"),
-               rf"--overwrite of .* was killed before .* kept in {re.escape(str(aside))}: put it back")
-    finally:
-        aside.rmdir()
+    config = _config(tmp_path, tiny, "run")
+    killed, aside = tmp_path / "run", tmp_path / ".run.replaced-1-2"
+    shutil.copytree(run_dir, aside)
+    killed.mkdir()
+    shutil.copy(config, killed / run_lib.CONFIG_FILE)        # all that the new run had written
+    before = _snapshot(aside)
+    kept = re.escape(f"an --overwrite of {killed} was killed before the new run saved a checkpoint; the run it "
+                     f"replaced is kept in {aside}: put it back (rm -r {killed}; mv {aside} {killed}) or delete it "
+                     f"(rm -r {aside})")
+    for args in (["eval", "--config", config], ["export-peft", "--run", killed, "--out", tmp_path / "out"],
+                 ["generate", "--model", tiny, "--adapter", killed, "--prompt", "Hi"]):
+        _error(*_main(*args), r"holds no checkpoint \(its run stopped before saving one\); " + kept + "$")
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        _error(*_main("train", "--config", config, *flags), kept + ", then run again$")
+    assert _snapshot(aside) == before
 
 
 def test_every_command_refuses_a_job_of_several_processes(tiny, tmp_path, monkeypatch):
     """The commands are single-host: in a JAX job of several processes (jax.distributed.initialize, a TPU pod
     slice) each one refuses before it reads or writes anything. (A real two-process job is refused in the
-    two-process test of tests/test_parallel.py.) A library caller's own multi-process job that feeds the
-    CLI's loader (its rows only) places them with shard_local_batch, not as a global batch."""
-    from jlora import parallel
-
+    two-process test of tests/test_parallel.py.)"""
     _no_model_load(monkeypatch)
     config = _config(tmp_path, tiny)
     monkeypatch.setattr(run_lib.jax, "process_count", lambda: 2)
@@ -696,8 +771,6 @@ def test_every_command_refuses_a_job_of_several_processes(tiny, tmp_path, monkey
     with pytest.raises(runconfig.ConfigError, match=single_host.format("train")):
         run_lib.train(runconfig.load(config))     # the library entry point too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
-    monkeypatch.setattr(parallel, "shard_local_batch", lambda batch, mesh: ("local rows", batch, mesh))
-    assert run_lib._put_batch("mesh")({"input_ids": 1}) == ("local rows", {"input_ids": 1}, "mesh")
 
 
 def test_the_run_lock_is_removed_at_the_end_and_a_lock_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
@@ -816,6 +889,22 @@ def test_inspect_rank_too_large_names_the_options_inspect_has(tiny):
     line = _error(*_main("inspect", "--model", tiny, "--targets", "qproj"),   # not the rank's doing
                   r"--targets: targets=\['qproj'\] .*matched no kernel or embedding parameter")
     assert "--rank" not in line
+
+
+def test_eval_of_a_run_loads_the_base_as_the_run_did(trained):
+    """eval with model settings other than the run's (the layer stack's form, the dtype) loads the base model as the
+    run did, as generate does, and says which settings it did not use, with both values (it refused, with advice
+    meant for runs of two forms, or blamed the base model)."""
+    config, run_dir, _ = trained
+    small = ["--set", "eval.num_examples=1", "--set", "eval.max_new_tokens=2"]
+    code, want, err = _main("eval", "--config", config, *small)
+    assert code == 0 and not err, err[-2000:]
+    code, out, err = _main("eval", "--config", config, *small, "--set", "model.scan_layers=true",
+                           "--set", "model.dtype=bfloat16")
+    assert code == 0 and out == want, err[-2000:]
+    assert err.strip() == (f"model.dtype: 'float32' in the run, 'bfloat16' now; model.scan_layers: False in the run, "
+                           f"True now: eval loads the base model with the settings of the run it evaluates "
+                           f"({run_dir}), which its adapters and checkpoint fit, not with these"), err
 
 
 def test_eval_refuses_base_with_an_adapter(trained):
@@ -1064,6 +1153,20 @@ def test_chat_finds_the_runs_training_data_from_another_working_directory(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ 10. PEFT export
+def test_export_peft_reads_the_lora_settings_of_the_checkpoint(trained, tmp_path):
+    """export-peft takes rank, alpha and targets from the checkpoint, as eval and generate do: the lora section of the
+    run's config.yaml, edited after training, does not change what it writes (it failed with the library's advice)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["lora"].update(rank=4, alpha=8, targets=["q_proj"])
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    code, out, err = _main("export-peft", "--run", run, "--out", tmp_path / "peft")
+    assert code == 0, err[-2000:]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):   # as the run exported itself
+        assert (tmp_path / "peft" / name).read_bytes() == (run / "peft" / name).read_bytes(), name
+
+
 def test_peft_export_names_a_base_peft_can_load(tiny, trained, tmp_path):
     import peft
 
@@ -1347,7 +1450,8 @@ def test_eval_reads_only_what_it_needs_and_writes_nothing_into_its_adapter(train
                            "--set", f"data.valid={bad}", "--set", "data.on_bad_record=skip")
     assert code == 0 and "validation loss" in out, err[-2000:]
     _error(*_main("eval", "--config", config, "--base", "--set", f"data.valid={bad}", *small),
-           r"missing key\(s\) \['completion'\]")
+           rf"`data\.valid`: {re.escape(str(bad))}:\d+: .*missing key\(s\) \['completion'\]"
+           r".*\(`data\.on_bad_record: skip` skips and counts bad records\)")
     # a config that validates on a held-out fraction of data.train: eval rebuilds that split, the same examples
     # as a file holding them
     seed = runconfig.load(config).data.seed
@@ -1383,6 +1487,13 @@ def test_inspect_shows_a_peft_adapter_on_some_layers_only(tiny, tmp_path):
     code, out, err = _main("inspect", "--model", tiny, "--adapter", tmp_path / "peft")
     assert code == 0, err[-3000:]
     assert "layers_0/self_attn/v_proj/kernel" in out and "layers_1/self_attn/v_proj" not in out, out
+    # nor can ranks that differ between layers (rank_pattern)
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], rank_pattern={"model.layers.1.self_attn.q_proj": 6}))
+    model.save_pretrained(tmp_path / "ranks")
+    code, out, err = _main("inspect", "--model", tiny, "--adapter", tmp_path / "ranks")
+    assert code == 0, err[-3000:]
+    assert re.search(r"layers_1/self_attn/q_proj/kernel\s.*\b6\b", out), out
 
 
 def _saved_run(run_dir, model, *, model_path=None, run_dir_field=None, seed=0, **lora):

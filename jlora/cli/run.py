@@ -16,7 +16,8 @@
 6. :func:`_prepare_dir`: only now, with everything loaded and checked, the run folder is made (or an old run
    replaced) and the resolved ``config.yaml`` written (a failure before this point changes nothing on disk). A run
    folder that holds no checkpoint is not a run: if the run stops before its first checkpoint, the folder is
-   removed again;
+   removed again. A replaced run is moved aside, and deleted only at the new run's first scheduled checkpoint (or
+   its final one): an ``--overwrite`` stopped by Ctrl-C before that keeps it, and says how to go back to it;
 7. :func:`_train_loop`: one compiled step (or ``train.steps_per_call`` steps) per call, a progress bar with loss,
    tokens/s and ETA on a terminal (plain lines every ``train.log_every`` steps otherwise), ``metrics.jsonl``,
    periodic validation loss and checkpoints (adapters, optimizer state, step, RNG and the data position, so a
@@ -39,6 +40,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import sys
@@ -146,6 +148,46 @@ def has_checkpoint(folder: pathlib.Path) -> bool:
     return bool(_checkpoint_steps(folder))
 
 
+def _replaced_run(run_dir: str | pathlib.Path) -> pathlib.Path | None:
+    """The old run that an ``--overwrite`` of ``run_dir`` moved aside (``.<name>.replaced-*`` beside it,
+    :func:`_prepare_dir`) and still keeps, or None: it is deleted at the new run's first scheduled checkpoint."""
+    run_dir = pathlib.Path(run_dir).absolute()
+    left = sorted(run_dir.parent.glob(f".{glob.escape(run_dir.name)}.replaced-*"))
+    return left[0] if left else None
+
+
+def _shell(path: str | pathlib.Path) -> str:
+    """``path`` as a shell command's argument (quoted when it needs to be)."""
+    return shlex.quote(str(path))
+
+
+def _go_back(aside: pathlib.Path, run_dir: str | pathlib.Path) -> str:
+    """The shell commands that put the replaced run ``aside`` back in place of the new run in ``run_dir``."""
+    return f"rm -r {_shell(run_dir)}; mv {_shell(aside)} {_shell(run_dir)}"
+
+
+def _kept_aside(aside: pathlib.Path, run_dir: pathlib.Path) -> str:
+    """What a run that replaced another (``--overwrite``) says while it still keeps that one aside."""
+    return (f"the run that this run's --overwrite replaced is kept in {aside} until this run saves a scheduled "
+            f"checkpoint (a multiple of train.checkpoint_every, or its last step); to go back to that run instead: "
+            f"{_go_back(aside, run_dir)}")
+
+
+def _killed_overwrite(aside: pathlib.Path, run_dir: str | pathlib.Path) -> str:
+    """What a run folder left by an ``--overwrite`` killed (SIGKILL, out of memory) before its first checkpoint
+    is: the new run's ``config.yaml`` in ``run_dir``, the old run in ``aside``."""
+    return (f"an --overwrite of {run_dir} was killed before the new run saved a checkpoint; the run it replaced is "
+            f"kept in {aside}: put it back ({_go_back(aside, run_dir)}) or delete it (rm -r {_shell(aside)})")
+
+
+def _no_checkpoint(what: str, folder: str | pathlib.Path) -> str:
+    """The error for a run folder without a checkpoint (``what``: how the command names it), naming the run that a
+    killed ``--overwrite`` of it keeps aside (:func:`_replaced_run`)."""
+    aside = _replaced_run(folder)
+    return (f"{what} holds no checkpoint (its run stopped before saving one)" +
+            ("" if aside is None else f"; {_killed_overwrite(aside, pathlib.Path(folder).absolute())}"))
+
+
 def _saved_results(folder: pathlib.Path) -> list[str]:
     """What of a run's results ``folder`` holds (a checkpoint, metrics, the PEFT export, the summary...): all of
     :data:`RUN_FILES` but ``config.yaml`` and a ``checkpoints`` folder without a finished checkpoint."""
@@ -207,16 +249,21 @@ def _differences(saved: RunConfig, now: RunConfig, sections: Sequence[str]) -> l
 def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
     """What to do with ``run.dir``: ``"new"``, ``"replace"``, ``"resume"`` or ``"finished"`` (``resume`` of a run
     that completed its ``train.steps``: nothing to do); a :class:`ConfigError` when none fits (an existing run
-    without ``overwrite``, a folder of other files, ``resume`` without a run or past ``train.steps``)."""
+    without ``overwrite``, a folder of other files, ``resume`` without a run or past ``train.steps``, a run that an
+    ``--overwrite`` replaced still kept aside (:func:`_replaced_run`) unless ``resume`` continues the new run)."""
     run_dir = pathlib.Path(cfg.run.dir).absolute()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir {str(run_dir)!r} is a file; set `run.dir` to a folder (--set run.dir=OTHER)")
-    left = sorted(run_dir.parent.glob(f".{glob.escape(run_dir.name)}.replaced-*"))
-    if left:   # an --overwrite killed (SIGKILL, out of memory) before its new run's first checkpoint
-        raise ConfigError(f"an earlier --overwrite of {run_dir} was killed before the new run saved a checkpoint; "
-                          f"the run it replaced is kept in {left[0]}: put it back (rm -r {run_dir}; mv {left[0]} "
-                          f"{run_dir}) or delete it, then run again")
-    if resume:
+    aside, steps = _replaced_run(run_dir), _checkpoint_steps(run_dir)
+    if aside is not None and not steps:   # an --overwrite killed (SIGKILL, out of memory) before any checkpoint
+        raise ConfigError(f"{_killed_overwrite(aside, run_dir)}, then run again")
+    if aside is not None and not resume:  # stopped (Ctrl-C) before its first scheduled checkpoint
+        raise ConfigError(f"an --overwrite of {run_dir} was stopped at step {steps[-1]}, before the new run's first "
+                          f"scheduled checkpoint, and the run it replaced is kept in {aside}: continue the new run "
+                          f"with --resume (its first scheduled checkpoint deletes the old run), keep the new run and "
+                          f"delete the old one (rm -r {_shell(aside)}), or go back to the old one "
+                          f"({_go_back(aside, run_dir)})")
+    if resume:   # a replaced run still kept aside stays so until this run's first scheduled checkpoint (_train)
         if not run_dir.is_dir():
             raise ConfigError(f"--resume: run folder {run_dir} does not exist, so there is nothing to resume; start "
                               f"the run without --resume (or fix `run.dir`)")
@@ -296,8 +343,9 @@ def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scorin
 
 def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path | None:
     """Makes the run folder and writes ``config.yaml``. For ``action == "replace"`` (saying so) the old folder is
-    moved aside, not deleted: the returned path, which :func:`_settle_replaced` deletes once the new run has a
-    checkpoint, or puts back when it fails before one."""
+    moved aside, not deleted: the returned path, which :func:`_drop_replaced` deletes once the new run has saved a
+    scheduled or its final checkpoint (an interrupted run keeps it), and :func:`_put_back` puts back when the new
+    run fails before any checkpoint."""
     run_dir = pathlib.Path(cfg.run.dir).absolute()
     aside = None
     if action == "replace":
@@ -311,14 +359,10 @@ def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path | None:
     return aside
 
 
-def _settle_replaced(aside: pathlib.Path | None, run_dir: pathlib.Path, *, kept: bool) -> None:
-    """The old run a replacing run moved aside: deleted when the new run has a checkpoint (``kept``), else moved
-    back in place of the new folder (removed already), so a failed ``--overwrite`` loses nothing."""
-    if aside is None or not aside.exists():
-        return
-    if kept:
-        shutil.rmtree(aside, ignore_errors=True)
-    elif not run_dir.exists():
+def _put_back(aside: pathlib.Path | None, run_dir: pathlib.Path) -> None:
+    """The old run a replacing run moved aside, moved back in place of the new folder when that is gone (removed:
+    the new run failed before any checkpoint), so a failed ``--overwrite`` loses nothing."""
+    if aside is not None and aside.exists() and not run_dir.exists():
         aside.rename(run_dir)
 
 
@@ -408,8 +452,9 @@ def _loader(cfg: RunConfig, data, tokenizer, *, train: bool, position=None, mesh
                            position=position, rows=rows, width=width)
 
 
-def _in_config_terms(e: ValueError) -> ConfigError:
-    """A data error in the run config's words: ``max_length``/``overflow`` are ``data.*`` keys there."""
+def _in_config_terms(e: ValueError, key: str = "") -> ConfigError:
+    """A data error in the run config's words: ``max_length``/``overflow`` are ``data.*`` keys there; ``key``, the
+    config key of the data it is about, goes first."""
     message = str(e)
     message = message.replace("`columns` (data.columns in a run config)", "`data.columns`")
     message = message.replace("raise `max_length`", "raise `data.max_length`")
@@ -419,7 +464,21 @@ def _in_config_terms(e: ValueError) -> ConfigError:
     message = message.replace("choose overflow='truncate'", "set `data.overflow: truncate`")
     message = message.replace("lower `batch_size`", "lower `data.batch_size`")
     message = message.replace("(overflow='drop')", "(`data.overflow: drop`)")
-    return ConfigError(message)
+    return ConfigError(f"`{key}`: {message}" if key else message)
+
+
+def _validation_examples(cfg: RunConfig, source: data_lib.Source, tokenizer) -> list[data_lib.Example]:
+    """The validation examples of ``source`` (``data.valid``'s records, or the split of ``data.train`` that
+    ``data.valid_fraction`` holds out), tokenized once. Every record is checked first, as the training records are,
+    so that a bad one is an error naming its key and file with the ``data.on_bad_record`` hint."""
+    d = cfg.data
+    try:
+        data_lib.records.check(source, d.columns, on_bad_record=d.on_bad_record)
+        return data_lib.records.tokenize_source(source, tokenizer, max_length=d.max_length, overflow=d.overflow,
+                                                columns=d.columns, on_bad_record=d.on_bad_record,
+                                                chat_turns=d.chat_turns)
+    except ValueError as e:
+        raise _in_config_terms(e, "data.valid" if d.valid else "data.train") from None
 # ------------------------------------------------------------------------------------------------ evaluation
 def generate_texts(loaded, params, prompts_ids: Sequence[Sequence[int]], *, adapters=None, lora_cfg=None,
                    batch_size: int = 16, max_new_tokens: int = 64, **sampling) -> list[str]:
@@ -725,17 +784,22 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool | No
     if progress is None:
         progress = sys.stderr.isatty()
     prepared = False   # whether the run folder was made (or replaced) and config.yaml written
-    aside = None       # an old run that --overwrite replaces, kept until the new run has a checkpoint
+    # an old run that --overwrite replaces (now, or before this resume), kept until a scheduled checkpoint
+    aside = _replaced_run(run.dir) if action == "resume" else None
     try:
         with checkpoint.CheckpointManager(run.dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep) as manager:
             state, position, summary = _resume(run, manager, state) if resume else (state, None, {})
             loader = _open_loader(run, position, mesh)
+            if resume and manager.latest_step() is not None:   # only now certain: the data position fits the data
+                print(f"resumed from step {int(state.step)}" + (f"; {_kept_aside(aside, run.dir)}" if aside else ""),
+                      flush=True)
             try:
                 before = None
                 if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
                     before = _score_base_model(run)
                 # Everything is checked: only now is an old run replaced, or a resumed run's config.yaml rewritten.
-                aside = _prepare_dir(cfg, action)
+                aside = _prepare_dir(cfg, action) or aside
+                run = dataclasses.replace(run, replaced=aside)
                 prepared = True
                 if before is not None:
                     summary["accuracy_before"], records = before
@@ -755,22 +819,25 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool | No
         kept = has_checkpoint(run.dir)
         if prepared and not kept:   # a folder without a checkpoint is not a run: leave nothing behind
             shutil.rmtree(run.dir, ignore_errors=True)
-        _settle_replaced(aside, run.dir, kept=kept)
+        _put_back(aside, run.dir)
+        # still aside: this run has checkpoints, but none scheduled yet (_drop_replaced)
+        waiting = f"; {_kept_aside(aside, run.dir)}" if aside is not None and aside.exists() else ""
         if isinstance(e, KeyboardInterrupt):
             raise RunInterrupted(
                 f"interrupted before the run started: nothing was written (run folder {run.dir} left as it was)"
                 if not prepared else
-                f"interrupted; {run.dir} keeps its checkpoints: continue with --resume" if kept else
+                f"interrupted; {run.dir} keeps its checkpoints: continue with --resume{waiting}" if kept else
                 f"interrupted before the first checkpoint: nothing was saved (the old run is back in {run.dir})"
                 if aside is not None else
                 f"interrupted before the first checkpoint: nothing was saved ({run.dir} removed)") from None
         if aside is not None and not kept:
             print(f"the new run failed before its first checkpoint: the old run is back in {run.dir}",
                   file=sys.stderr, flush=True)
+        elif prepared and waiting:
+            print(f"the run failed; {run.dir} keeps its checkpoints{waiting}", file=sys.stderr, flush=True)
         if isinstance(e, data_lib.DataError):
             raise _in_config_terms(e) from None
         raise
-    _settle_replaced(aside, run.dir, kept=True)
     return _wrap_up(run, summary, step=int(state.step), interrupted=interrupted,
                     seconds=time.perf_counter() - t_start)
 
@@ -799,6 +866,7 @@ class _Run:
     multi_fn: Callable | None           # train.steps_per_call steps in one call (single device only)
     put_batch: Callable                 # a numpy batch onto the device(s)
     eval_step: Callable                 # (params, adapters, batch) -> metrics, compiled
+    replaced: pathlib.Path | None = None   # the old run an --overwrite moved aside, until _drop_replaced deletes it
 
 
 def _split(cfg: RunConfig, train=None):
@@ -822,13 +890,10 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
         train = data_lib.records.open_records(d.train, d.columns)
         bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
         if d.valid:
-            valid = data_lib.load(d.valid, loaded.tokenizer, max_length=d.max_length, overflow=d.overflow,
-                                  columns=d.columns, on_bad_record=d.on_bad_record, chat_turns=d.chat_turns)
+            valid = _validation_examples(cfg, data_lib.records.open_records(d.valid, d.columns), loaded.tokenizer)
         elif d.valid_fraction > 0:
             train, held_out = _split(cfg, train)
-            valid = data_lib.records.tokenize_source(held_out, loaded.tokenizer, max_length=d.max_length,
-                                                     overflow=d.overflow, columns=d.columns,
-                                                     on_bad_record=d.on_bad_record, chat_turns=d.chat_turns)
+            valid = _validation_examples(cfg, held_out, loaded.tokenizer)
         else:
             valid = []
     except ValueError as e:
@@ -894,18 +959,7 @@ def _shard(cfg: RunConfig, loaded, mesh, params, state, optimizer):
     state = parallel.place(state, state_sh)
     step_fn = parallel.make_sharded_train_step(loaded.model, cfg.lora, optimizer, mesh, param_shardings=param_sh,
                                                state_shardings=state_sh, grad_accum_steps=cfg.train.grad_accum_steps)
-    return params, state, step_fn, _put_batch(mesh)
-
-
-def _put_batch(mesh) -> Callable[[dict], dict]:
-    """How :func:`_loader`'s batches go onto ``mesh``: whole (the global batch) in one process; with several (only
-    in a caller's own multi-process job: the commands refuse one, :func:`require_single_process`) each process's
-    loader builds only its rows, which :func:`jlora.parallel.shard_local_batch` assembles into the global batch."""
-    from jlora import parallel
-
-    if jax.process_count() > 1:
-        return lambda batch: parallel.shard_local_batch(batch, mesh)
-    return lambda batch: parallel.shard_batch(batch, mesh)
+    return params, state, step_fn, lambda batch: parallel.shard_batch(batch, mesh)
 
 
 def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainState, Any, dict[str, Any]]:
@@ -921,7 +975,6 @@ def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainSta
     # the base model's score stays; what measured the adapters of the step the run stopped at is measured again
     # (or left out: a resumed run with eval.after off does not score "after")
     summary = {k: v for k, v in _read_summary(run.dir).items() if k not in _ADAPTER_RESULTS}
-    print(f"resumed from step {int(restored.state.step)}")
     return restored.state, restored.data_position, summary
 
 
@@ -979,6 +1032,14 @@ def _save(run: _Run, manager, step: int, state: jlora.TrainState, loader: data_l
                  data_position=loader.position)
 
 
+def _drop_replaced(run: _Run, manager) -> None:
+    """Deletes the old run that this one replaced (``run.replaced``), once the checkpoint just saved, a scheduled or
+    the final one, is written: an ``--overwrite`` stopped (Ctrl-C) before that keeps the old run."""
+    if run.replaced is not None and run.replaced.exists():
+        manager.wait()
+        shutil.rmtree(run.replaced, ignore_errors=True)
+
+
 def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState, *, progress: bool,
                 on_step: Callable[[int, dict], None] | None) -> tuple[jlora.TrainState, bool]:
     """Steps from ``state.step`` to ``train.steps``: a ``metrics.jsonl`` record per step, validation and checkpoints
@@ -1006,11 +1067,14 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
                 scheduled = bool(t.checkpoint_every) and (step + 1) % t.checkpoint_every == 0
                 if scheduled:
                     _save(run, manager, step + 1, state, loader)
+                    _drop_replaced(run, manager)
                 if last and interrupt.requested:
                     if not scheduled:             # a step that was just saved on schedule is not saved twice
                         _save(run, manager, step + 1, state, loader)
                     manager.wait()
-                    log.say(f"interrupted: saved a checkpoint at step {step + 1}; continue with --resume")
+                    kept = run.replaced is not None and run.replaced.exists()
+                    log.say(f"interrupted: saved a checkpoint at step {step + 1}; continue with --resume" +
+                            (f"; {_kept_aside(run.replaced, run.dir)}" if kept else ""))
                     return state, True
     finally:
         log.close()
@@ -1025,6 +1089,7 @@ def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState
     if manager.latest_step() != final_step:
         _save(run, manager, final_step, state, loader)
     manager.wait()
+    _drop_replaced(run, manager)
     if run.data.valid:
         logged = [r["valid_loss"] for r in _metrics_rows(run.dir) if r.get("step") == final_step and "valid_loss" in r]
         if logged:     # the loop validated this step already (eval_every divides train.steps)
@@ -1198,8 +1263,7 @@ def adapter_kind(source: str, what: str = "--adapter") -> str:
         return "peft"
     if (folder / CONFIG_FILE).is_file():
         if not has_checkpoint(folder):
-            raise UsageError(f"{what} {source!r} is a run folder without a checkpoint (its run stopped before "
-                             f"saving one)")
+            raise UsageError(_no_checkpoint(f"{what} {source!r}, a run folder,", source))
         return "run"
     listing = _listing(folder) if any(folder.iterdir()) else "nothing"
     raise UsageError(f"{what} {source!r} is neither a PEFT adapter folder (adapter_config.json) nor a jlora run "
@@ -1228,11 +1292,18 @@ def _load_with_adapter(model: str, adapter: str | Sequence[str] | None, *, scan_
     if adapter is not None and not isinstance(adapter, str):
         adapter = next((a for a in adapter if adapter_kind(a) == "run"), None)
     if adapter and adapter_kind(adapter) == "run":
-        saved = runconfig.load_run(pathlib.Path(adapter) / CONFIG_FILE)
-        settings = dataclasses.replace(saved.model, path=model, **({"dtype": dtype} if dtype else {}))
-        return _load_model(dataclasses.replace(saved, model=settings))
+        return _load_model(_run_model(adapter, model, dtype))
     return hf.load(model, scan_layers=scan_layers,
                    **({"dtype": _DTYPES[dtype]} if dtype else {}))
+
+
+def _run_model(folder: str | pathlib.Path, path: str, dtype: str | None = None) -> RunConfig:
+    """The saved config of the run in ``folder``, its base model read from ``path`` (and in ``dtype`` when given):
+    its model settings load the base as the run did, which its adapters and checkpoint fit (the layer stack's form,
+    the dtype the base's fingerprint was taken in)."""
+    saved = runconfig.load_run(pathlib.Path(folder) / CONFIG_FILE)
+    return dataclasses.replace(saved, model=dataclasses.replace(saved.model, path=path,
+                                                                **({"dtype": dtype} if dtype else {})))
 
 
 def _lossless_dtype(local: str) -> str:
@@ -1303,8 +1374,14 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     if not base and not adapter and not pathlib.Path(cfg.run.dir).exists():
         raise UsageError(f"the config's run.dir {cfg.run.dir!r} does not exist: train it first, or pass --adapter DIR "
                          f"(a run or PEFT folder) or --base")
-    if not base:
-        adapter_kind(adapter or cfg.run.dir, "--adapter" if adapter else "the config's run.dir")
+    folder = None if base else adapter or cfg.run.dir
+    if folder is not None and adapter_kind(folder, "--adapter" if adapter else "the config's run.dir") == "run":
+        ran = dataclasses.replace(cfg, model=_run_model(folder, cfg.model.path).model)   # as generate loads it
+        ignored = _differences(ran, cfg, ("model",))
+        if ignored:
+            print(f"{'; '.join(ignored)}: eval loads the base model with the settings of the run it evaluates "
+                  f"({folder}), which its adapters and checkpoint fit, not with these", file=sys.stderr, flush=True)
+        cfg = ran
     loaded = _load_model(cfg)
     _check_positions(cfg, loaded)
     adapters, lora_cfg = (None, cfg.lora) if base else load_adapters(adapter or cfg.run.dir, loaded)
@@ -1313,9 +1390,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
                               layout=_layout(loaded))
     try:
         source = data_lib.records.open_records(d.valid, d.columns) if d.valid else _split(cfg)[1]
-        valid = data_lib.records.tokenize_source(source, loaded.tokenizer, max_length=d.max_length,
-                                                 overflow=d.overflow, columns=d.columns,
-                                                 on_bad_record=d.on_bad_record, chat_turns=d.chat_turns)
+        valid = _validation_examples(cfg, source, loaded.tokenizer)
         prompts = data_lib.eval_prompts(source, loaded.tokenizer, limit=cfg.eval.num_examples, columns=d.columns,
                                         on_bad_record=d.on_bad_record)
     except ValueError as e:
@@ -1733,8 +1808,9 @@ def damaged_step_advice(error: Exception, command: str) -> str | None:
 
 def export_peft_command(run_dir: str, out: str, *, model: str | None = None, step: int | None = None,
                         overwrite: bool = False) -> pathlib.Path:
-    """Writes a run's adapters (its latest checkpoint, or ``step``) as a PEFT adapter folder ``out``; ``model``
-    replaces the run's ``model.path`` (the base it trained on, e.g. moved since; checked by fingerprint)."""
+    """Writes a run's adapters (its latest checkpoint, or ``step``) as a PEFT adapter folder ``out``, with the LoRA
+    settings saved in that checkpoint; ``model`` replaces the run's ``model.path`` (the base it trained on, e.g.
+    moved since; checked by fingerprint)."""
     from jlora import bank as bank_lib
     from jlora import checkpoint
 
@@ -1747,7 +1823,7 @@ def export_peft_command(run_dir: str, out: str, *, model: str | None = None, ste
                          f"{_listing(folder) if any(folder.iterdir()) else 'nothing'})")
     steps = _checkpoint_steps(folder)
     if not steps:
-        raise UsageError(f"--run {run_dir!r} holds no checkpoint (its run stopped before saving one)")
+        raise UsageError(_no_checkpoint(f"--run {run_dir!r}", folder))
     if step is not None and step not in steps:
         raise UsageError(f"--step {step}: {run_dir} has checkpoints at steps {steps}")
     cfg = runconfig.load_run(folder / CONFIG_FILE)
@@ -1762,8 +1838,11 @@ def export_peft_command(run_dir: str, out: str, *, model: str | None = None, ste
         meta = base = None
         try:
             meta = manager.metadata(step)
-            base = bank_lib.run_base(meta, loaded.params, cfg.lora, _layout(loaded))   # PiSSA's
-            adapters = manager.restore_adapters(step, params=base, lora_config=cfg.lora, name=loaded.name,
+            # the checkpoint's own LoRA settings, as eval and generate read them (jlora.bank.read_folder): the
+            # lora section of config.yaml may have been edited since
+            lora = jlora.LoraConfig.from_dict(meta["lora_config"])
+            base = bank_lib.run_base(meta, loaded.params, lora, _layout(loaded))   # PiSSA's
+            adapters = manager.restore_adapters(step, params=base, lora_config=lora, name=loaded.name,
                                                 layout=_layout(loaded))
         except checkpoint.CheckpointError as e:
             if model is None and base is not None and not checkpoint.is_base(meta["base_model"], base):
@@ -1772,7 +1851,7 @@ def export_peft_command(run_dir: str, out: str, *, model: str | None = None, ste
                                                  f"pass --model PATH with the one the run trained on)") from None
             raise
     _clear_out(out_dir)
-    written = jlora.peft.save(out_dir, adapters, cfg.lora, loaded)
+    written = jlora.peft.save(out_dir, adapters, lora, loaded)
     print(f"PEFT adapter written to {written}")
     return written
 
