@@ -434,22 +434,18 @@ def _pad_id(tokenizer) -> int:
     return pad or 0
 
 
-def _loader(cfg: RunConfig, data, tokenizer, *, train: bool, position=None, mesh=None) -> data_lib.Loader:
-    """The training stream (``train``: shuffled, packed when configured, ``data.workers`` tokenizing processes;
-    with several processes each builds its rows of the global batch), or one pass over validation examples."""
+def _loader(cfg: RunConfig, data, tokenizer, *, train: bool, position=None) -> data_lib.Loader:
+    """The training stream (``train``: shuffled, packed when configured, ``data.workers`` tokenizing processes; the
+    whole global batch, which the commands' single process places on its devices), or one pass over validation
+    examples."""
     d = cfg.data
     if not train:
         return data_lib.Loader(data, batch_size=d.batch_size, max_length=d.max_length, pad_id=_pad_id(tokenizer),
                                shuffle=False, drop_last=False, epochs=1)
-    rows = width = None
-    if mesh is not None and jax.process_count() > 1:
-        from jlora import parallel
-
-        rows, width = parallel.local_batch_rows(mesh, d.batch_size), parallel.max_over_processes
     return data_lib.Loader(data, batch_size=d.batch_size, max_length=d.max_length, pad_id=_pad_id(tokenizer),
                            tokenizer=tokenizer, columns=d.columns, overflow=d.overflow, on_bad_record=d.on_bad_record,
                            chat_turns=d.chat_turns, seed=d.seed, packing=d.packing, workers=d.workers,
-                           position=position, rows=rows, width=width)
+                           position=position)
 
 
 def _in_config_terms(e: ValueError, key: str = "") -> ConfigError:
@@ -789,7 +785,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool | No
     try:
         with checkpoint.CheckpointManager(run.dir / CKPT_DIR, max_to_keep=cfg.train.max_to_keep) as manager:
             state, position, summary = _resume(run, manager, state) if resume else (state, None, {})
-            loader = _open_loader(run, position, mesh)
+            loader = _open_loader(run, position)
             if resume and manager.latest_step() is not None:   # only now certain: the data position fits the data
                 print(f"resumed from step {int(state.step)}" + (f"; {_kept_aside(aside, run.dir)}" if aside else ""),
                       flush=True)
@@ -978,12 +974,12 @@ def _resume(run: _Run, manager, state: jlora.TrainState) -> tuple[jlora.TrainSta
     return restored.state, restored.data_position, summary
 
 
-def _open_loader(run: _Run, position, mesh) -> data_lib.Loader:
+def _open_loader(run: _Run, position) -> data_lib.Loader:
     """The training stream (from ``position`` when resuming), checked to give at least one example; every error is
     a :class:`ConfigError` (``--resume:`` for a saved position that does not fit the data or batch layout)."""
     cfg, tokenizer = run.cfg, run.loaded.tokenizer
     try:
-        loader = _loader(cfg, run.data.train, tokenizer, train=True, mesh=mesh)
+        loader = _loader(cfg, run.data.train, tokenizer, train=True)
     except ValueError as e:   # the data and the data settings alone
         raise _in_config_terms(e) from None
     try:
@@ -991,7 +987,7 @@ def _open_loader(run: _Run, position, mesh) -> data_lib.Loader:
         if position is not None:
             loader.close()
             try:
-                loader = _loader(cfg, run.data.train, tokenizer, train=True, position=position, mesh=mesh)
+                loader = _loader(cfg, run.data.train, tokenizer, train=True, position=position)
             except ValueError as e:    # a saved position that does not fit: changed data or batch layout
                 raise ConfigError(f"--resume: {e}") from None
     except BaseException:
