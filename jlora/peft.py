@@ -340,10 +340,11 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     tied = _tied_embedding(loaded)
+    flat_params = tree_lib.flatten(loaded.params)
     for path, node in adapter_items(adapters):
         a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)
-        m = node.extras.get(dora_lib.MAGNITUDE)
-        m = None if m is None else np.asarray(m, np.float32)
+        m = None if dora_lib.MAGNITUDE not in node.extras else np.asarray(   # PEFT's gain, at any precision of m
+            dora_lib.unrounded_magnitude(lora_lib.dense_value(flat_params[path]), node, cfg.scale(path)))
         alpha = cfg.alpha_for(path)
         layers = [None] if a.ndim == 2 else list(range(a.shape[0]))
         for layer in layers:
@@ -391,7 +392,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         "use_dora": cfg.use_dora,
         "inference_mode": True,
     }
-    if HEAD in ranks or HEAD in saved_modules:
+    if tied is not None and (HEAD in ranks or HEAD in saved_modules):
         # jlora's tied head uses the adapted embedding; PEFT does so only with this set (its default, false, adapts
         # the input lookup alone). Written only when true: PEFT versions from before the key do not know it.
         config["ensure_weight_tying"] = True

@@ -152,7 +152,8 @@ def test_scanned_model_round_trip(tmp_path):
     pm = peft.get_peft_model(_hf_model("llama", tmp_path / "fresh")[0], peft.LoraConfig(r=4, target_modules=["q_proj"],
                                                       rank_pattern={"layers.1.self_attn.q_proj": 6}))
     pm.save_pretrained(tmp_path / "ranks")
-    with pytest.raises(ValueError, match=r"q_proj: a scanned layer stack needs one rank .* r 4 vs 6.*scan_layers=False"):
+    with pytest.raises(ValueError, match=r"q_proj: a scanned layer stack needs one rank .* r 4 vs 6.*"
+                                          r"scan_layers=False"):
         jlora.peft.load(tmp_path / "ranks", loaded)
     assert jlora.peft.load(tmp_path / "ranks", jlora.hf.load(tmp_path / "llama"))[1].rank_pattern
 

@@ -107,16 +107,19 @@ def test_dora_norm_is_constant_in_backward():
                  jax.grad(ours)(pair), jax.grad(frozen)(pair))
 
 
-def test_dora_export_equals_peft_logits(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dora_export_equals_peft_logits(dtype, tmp_path):
+    """The export computes the function trained: with bf16 adapters too, whose gain takes the norm at bf16 precision
+    (test_a_fresh_dora_adapter_in_bf16_changes_nothing), which the exported fp32 magnitude makes up for."""
     hf_model, folder = _hf_model("llama", tmp_path)
     loaded = jlora.hf.load(folder)
     cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"), use_dora=True,
-                           rank_pattern={"layers_1/self_attn/v_proj": 2})
+                           rank_pattern={"layers_1/self_attn/v_proj": 2}, dtype=dtype)
     adapters = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.2)
     adapters = jax.tree.map(lambda x: x, adapters)
     for path, pair in jlora.adapter.adapter_items(adapters):   # magnitudes near the column norms, as in training
-        pair.extras["m"] = jlora.variants.dora.column_norm(jlora.tree.flatten(loaded.params)[path], pair.a, pair.b,
-                                           cfg.scale(path)) * (1 + pair.extras["m"])
+        pair.extras["m"] = (jlora.variants.dora.column_norm(jlora.tree.flatten(loaded.params)[path], pair.a, pair.b,
+                                                            cfg.scale(path)) * (1 + pair.extras["m"])).astype(dtype)
     ours = _apply(loaded, loaded.params, adapters, cfg)
     assert max_diff(ours, _torch_logits(hf_model)) > 1e-3
     out = jlora.peft.save(tmp_path / "dora", adapters, cfg, loaded)
@@ -346,6 +349,7 @@ def test_bias_and_modules_to_save_export_to_peft(bias, tmp_path):
     out = jlora.peft.save(tmp_path / "ad", trained, cfg, loaded)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["bias"] == bias and config["modules_to_save"] == ["lm_head"]
+    assert "ensure_weight_tying" not in config   # an untied head: nothing to tie (PEFT warns about the flag)
     theirs = _torch_logits(peft.PeftModel.from_pretrained(hf_model, str(out)).eval())
     assert max_diff(ours, theirs) <= 1e-4
     back, cfg2 = jlora.peft.load(out, loaded)

@@ -11,8 +11,9 @@ products with ``A`` and ``B`` instead of the full-size ``A @ B``::
 
     ||V_j||^2 = ||W_j||^2 + 2 s (A^T W)_j . B_j + s^2 B_j^T (A^T A) B_j
 
-which costs an (r, out) and an (r, r) intermediate rather than an (in, out) one. With LoRA dropout, PEFT applies
-the dropout to the input of both the base term and the low-rank term; so does :func:`dense_output`.
+which costs an (r, out) and an (r, r) intermediate rather than an (in, out) one. With LoRA dropout ``drop``, PEFT
+keeps the layer's plain output on the undropped input and applies DoRA's change to the dropped one:
+``y = x @ W + bias + (g - 1) * (drop(x) @ W) + g * s * (drop(x) @ A) @ B``; so does :func:`dense_output`.
 
 An embedding (PEFT's ``DoraEmbeddingLayer``) is the same decomposition of its table ``(vocab, features)``, read
 as ``(in, out)``: one magnitude per feature, the norm of each feature's column over the vocabulary, and the output
@@ -71,7 +72,8 @@ def dense_output(x: jax.Array, y: jax.Array, kernel: jax.Array, bias: jax.Array 
         dropout: optional function applied to the input of the adapted path (LoRA dropout).
 
     Returns:
-        ``g * (x @ W + s * (x @ A) @ B) + bias`` with ``g = m / stop_gradient(||W + s A B||)``.
+        ``g * (x @ W + s * (x @ A) @ B) + bias`` with ``g = m / stop_gradient(||W + s A B||)``; with ``dropout``,
+        ``y + (g - 1) * (drop(x) @ W) + g * s * (drop(x) @ A) @ B``.
     """
     g32 = _gain(kernel, node, scale)
     lift = (None,) * (y.ndim - 1)                          # explicit broadcasting over batch axes
@@ -141,6 +143,25 @@ def _at_precision_of(norm: jax.Array, m: jax.Array) -> jax.Array:
     fresh adapter whose ``m`` was that norm stored in bf16 (unrounded, g was off 1 by up to 0.4%: the fresh
     adapter changed the model); for an fp32 ``m`` it is the norm itself."""
     return norm.astype(m.dtype).astype(jnp.float32)
+
+
+def unrounded_magnitude(kernel: jax.Array, node: Adapter, scale: float) -> jax.Array:
+    """The fp32 magnitude that gives, with the norm unrounded (PEFT's ``g = m / ||W + s A B||``), the gain this
+    adapter has (:func:`_gain`: the norm at the magnitude's precision): ``m`` itself for an fp32 one. What an export
+    writes, so that PEFT and a reload compute the function trained in bf16.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> w = jax.random.normal(jax.random.key(0), (6, 5))
+        >>> node = Adapter(jnp.ones((6, 2), jnp.bfloat16), jnp.full((2, 5), 0.1, jnp.bfloat16),
+        ...                {MAGNITUDE: jnp.full((5,), 2.0, jnp.bfloat16)})
+        >>> m = unrounded_magnitude(w, node, 0.5)
+        >>> bool(jnp.allclose(m / column_norm(w, node.a, node.b, 0.5), _gain(w, node, 0.5), rtol=1e-6))
+        True
+    """
+    m = node.extras[MAGNITUDE]
+    norm = column_norm(kernel, node.a, node.b, scale)
+    return m.astype(jnp.float32) * (norm / _at_precision_of(norm, m))
 
 
 def merged_kernel(w: jax.Array, node: Adapter, scale: float) -> jax.Array:
