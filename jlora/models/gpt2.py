@@ -6,7 +6,11 @@ already Flax's kernel layout: no transpose on load or save. Module names mirror 
 ``transformer.`` (``h_3/attn/c_attn``); the output projection is tied to ``wte`` unless
 ``tie_word_embeddings`` is false (then ``lm_head``).
 
-Same call convention, KV cache, ``scan_layers`` and ``remat`` as :mod:`jlora.models.llama`. :data:`FAMILY`
+Same call convention, KV cache, ``scan_layers`` and ``remat`` as :mod:`jlora.models.llama`. Without ``positions``,
+a left-padded row's first real token is at position 0 (:func:`jlora.models.layers.masking`), as transformers'
+``generate`` places it; transformers' plain forward without ``position_ids`` counts from the row's first slot
+instead, so compare the two on left-padded rows with ``position_ids`` given to transformers (rotary models, whose
+attention sees only relative positions, agree either way). :data:`FAMILY`
 declares the family for :mod:`jlora.models`; its Megatron rules (:data:`TENSOR_PARALLEL`) split ``c_attn`` and
 ``c_fc`` by output columns, both ``c_proj`` by input rows, and ``wte`` by vocabulary:
 
