@@ -506,6 +506,10 @@ def test_malformed_line_names_file_and_line(tmp_path):
     path = _write(tmp_path / "bad.jsonl", [PAIR, "", '{"prompt": "x", "completion": '])
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON"):
         data.read_jsonl(path)
+    # skipped, they are counted (as the streaming Loader and a run's check count them)
+    with pytest.warns(UserWarning, match=r"skipped 1 of 2 malformed records \(on_bad_record='skip'\); first: "
+                                         r".*bad\.jsonl:3: malformed JSON"):
+        assert len(data.records.read(path, on_bad_record="skip")) == 1
 
 
 @pytest.mark.parametrize("record, match", [
@@ -518,7 +522,11 @@ def test_malformed_line_names_file_and_line(tmp_path):
     ({"messages": [{"role": "user", "content": "x"}, {"role": "Assistant", "content": "y"}]},
      r"messages\[1\]: role 'Assistant' is not a chat role; did you mean 'assistant'\?"),
     ({"prompt": 1, "completion": "x"}, "'prompt' must be a string"),
-    ([1, 2], "expected a JSON object"),
+    ({"prompt": "x", "completion": ""}, "'completion' is empty, so there is nothing to train on"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
+     "the last message, the training target, is empty"),
+    ([1, 2], r"expected a JSON object, .*; got list \(a JSON Lines file, .jsonl or .json, holds one such object per "
+             r"line, not a JSON array\)"),
 ])
 def test_bad_records_name_the_expected_keys(tmp_path, record, match):
     path = _write(tmp_path / "d.jsonl", [PAIR, record])

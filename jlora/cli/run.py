@@ -884,7 +884,6 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
     held_out = None
     try:
         train = data_lib.records.open_records(d.train, d.columns)
-        bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
         if d.valid:
             valid = _validation_examples(cfg, data_lib.records.open_records(d.valid, d.columns), loaded.tokenizer)
         elif d.valid_fraction > 0:
@@ -892,6 +891,7 @@ def _load_data(cfg: RunConfig, loaded) -> _Data:
             valid = _validation_examples(cfg, held_out, loaded.tokenizer)
         else:
             valid = []
+        bad = data_lib.records.check(train, d.columns, on_bad_record=d.on_bad_record)   # fail before training
     except ValueError as e:
         raise _in_config_terms(e) from None
     print(f"model {display_name(cfg.model.path, loaded)}: {sum(x.size for x in jax.tree.leaves(loaded.params)):,} "

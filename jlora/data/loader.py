@@ -394,7 +394,9 @@ class Loader:
         rows: ``(start, stop)`` or a slice: the rows of the global batch this process builds (default: all).
         width: padding with several processes: maps this process's row length to the one all processes use (the
             maximum over processes, e.g. :func:`jlora.parallel.max_over_processes`).
-        workers: tokenizing worker processes (0: in this process).
+        workers: tokenizing worker processes (0: in this process). They are started by spawning, which runs the
+            main module again: a script that builds a Loader with workers must do so under
+            ``if __name__ == "__main__":``, or the workers fail and the first batch never comes.
         check_boundaries: warn when prompt and completion tokenized apart differ from the joined text's ids.
         chat_turns: "all" (default) trains every assistant turn of a chat, "last" only the last one.
     """

@@ -110,16 +110,18 @@ def parse(raw: Any, where: str, columns: Mapping[str, str] | None = None) -> dic
         DataError: ``where`` and what is wrong: malformed JSON, not an object, or a column that ``columns`` maps
             missing from a record that is neither format without it (named with the record's keys).
     """
+    lines = ""
     if isinstance(raw, (bytes, bytearray, memoryview, str)):
+        lines = " (a JSON Lines file, .jsonl or .json, holds one such object per line, not a JSON array)"
         try:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             what = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-            raise DataError(f"{where}: malformed JSON ({what}); each record must be one JSON object") from None
+            raise DataError(f"{where}: malformed JSON ({what}); each record must be one JSON object{lines}") from None
     else:
         record = raw
     if not isinstance(record, Mapping):
-        raise DataError(f"{where}: expected a JSON object, {_FORMATS}; got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, {_FORMATS}; got {type(record).__name__}{lines}")
     renamed = {theirs: ours for ours, theirs in (columns or {}).items()}
     out = {}
     for k, v in record.items():
@@ -205,17 +207,21 @@ def read_source(source: Source, *, columns: Mapping[str, str] | None = None, lim
                 on_bad_record: str = "error") -> list[tuple[str, dict]]:
     """``(where, record)`` for the records of an opened source (the first ``limit``), each validated; with
     ``on_bad_record="skip"`` a bad record is left out instead of raising."""
-    out = []
+    out, skipped = [], []
     for i in range(len(source) if limit is None else min(limit, len(source))):
         where, raw = source[i]
         try:
             record = parse(raw, where, columns)
             validate_record(record, where)
-        except ValueError:
+        except ValueError as e:
             if on_bad_record == "error":
                 raise
+            skipped.append(str(e))
             continue
         out.append((where, record))
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} of {len(skipped) + len(out)} malformed records (on_bad_record='skip'); "
+                      f"first: {skipped[0]}", stacklevel=2)
     return out
 
 
@@ -258,6 +264,9 @@ def validate_record(record: Any, where: str = "record") -> str:
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message is the training target and must have role 'assistant'; "
                              f"got role {msgs[-1]['role']!r}")
+        if not msgs[-1].get("content") and not _tool_calls(msgs[-1], where):
+            raise ValueError(f"{where}: the last message, the training target, is empty, so there is nothing to "
+                             f"train on but the end of the turn")
         chat_tools(record, where)
         return "chat"
     missing = [k for k in ("prompt", "completion") if k not in record]
@@ -267,6 +276,8 @@ def validate_record(record: Any, where: str = "record") -> str:
         if not isinstance(record[k], str):
             raise ValueError(f"{where}: {k!r} must be a string; got {type(record[k]).__name__}")
         _check_text(record[k], f"{where}: {k!r}")
+    if not record["completion"]:
+        raise ValueError(f"{where}: 'completion' is empty, so there is nothing to train on but the end of the text")
     return "pair"
 
 
