@@ -362,8 +362,10 @@ NOTES = """## What bounds the CPU train step (profiled with jax.profiler, XLA du
   (576, 3072), forward and input gradient at 1 x 2048, was no faster (179.5 vs 175.4 ms, median of 15 A/B calls).
 - The same targets on an AVX2 CPU (AMD EPYC Zen 3, family 25 model 1: avx2, fma, no AVX-512; 1 core, in one
   process per figure, contenders alternating): jlora / PEFT at 4 x 128 was 0.996 on q,v and 0.921 on all linear
-  layers (4 steps per call: 0.940 and 0.963), jlora full / torch full 1.122, and at T = 2048 0.928; the Zen 4
-  run above had 0.906, 0.825 and 0.897. Fitting 2- and 8-layer q,v steps at 4 x 128: per layer 113.1 vs 114.7 ms
+  layers (4 steps per call: 0.940 and 0.963), jlora full / torch full 1.122, and at T = 2048 0.928; Zen 4 runs had
+  0.906, 0.825 and 0.897 (2026-12-06) and 0.896, 0.856 and 0.848 (2026-12-07, the tables above), with no change to
+  the step between those two runs: on the Zen 4 the 1-thread q,v and T = 2048 ratios sit at their limits, and
+  which side of them a run lands on is this machine's noise (see each row's rounds). Fitting 2- and 8-layer q,v steps at 4 x 128: per layer 113.1 vs 114.7 ms
   (0.986), outside the layers 705 vs 730 ms (0.965); at 1 x 2048: 759 vs 774 ms (0.981) and 2865 vs 3021 ms
   (0.948), though that fit predicts 0.977 for 30 layers where the 30-layer run gave 0.928. Both sides do the same FLOPs and the step is dot-bound: in
   4-layer profiles, XLA's dot fusions took 93% of jlora's step and aten::mm 85% of PEFT's. On this core torch's
