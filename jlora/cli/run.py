@@ -465,16 +465,17 @@ def _in_config_terms(e: ValueError, key: str = "") -> ConfigError:
 
 def _validation_examples(cfg: RunConfig, source: data_lib.Source, tokenizer) -> list[data_lib.Example]:
     """The validation examples of ``source`` (``data.valid``'s records, or the split of ``data.train`` that
-    ``data.valid_fraction`` holds out), tokenized once. Every record is checked first, as the training records are,
-    so that a bad one is an error naming its key and file with the ``data.on_bad_record`` hint."""
+    ``data.valid_fraction`` holds out), tokenized once; a bad record is an error naming its config key and file,
+    with the ``data.on_bad_record`` hint, as one of the training records is."""
     d = cfg.data
     try:
-        data_lib.records.check(source, d.columns, on_bad_record=d.on_bad_record)
         return data_lib.records.tokenize_source(source, tokenizer, max_length=d.max_length, overflow=d.overflow,
                                                 columns=d.columns, on_bad_record=d.on_bad_record,
                                                 chat_turns=d.chat_turns)
     except ValueError as e:
         raise _in_config_terms(e, "data.valid" if d.valid else "data.train") from None
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def generate_texts(loaded, params, prompts_ids: Sequence[Sequence[int]], *, adapters=None, lora_cfg=None,
                    batch_size: int = 16, max_new_tokens: int = 64, **sampling) -> list[str]:

@@ -215,7 +215,7 @@ def read_source(source: Source, *, columns: Mapping[str, str] | None = None, lim
             validate_record(record, where)
         except ValueError as e:
             if on_bad_record == "error":
-                raise
+                raise bad_record(e, where) from None
             skipped.append(str(e))
             continue
         out.append((where, record))
