@@ -1635,7 +1635,8 @@ def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequen
         if not sep or not name or not folder:
             raise UsageError(f"--adapter {item!r}: with --route every adapter is NAME=DIR")
         if name == "base" or name in folders:
-            raise UsageError(f"--adapter {item!r}: the name {name!r} is {'reserved' if name == 'base' else 'given twice'}")
+            why = "reserved" if name == "base" else "given twice"
+            raise UsageError(f"--adapter {item!r}: the name {name!r} is {why}")
         adapter_kind(folder)                              # a clear error for a missing or wrong folder, before loading
         folders[name] = folder
     names = [n.strip() for n in route.split(",")] if route else ([next(iter(folders))] * len(prompts)
