@@ -158,8 +158,13 @@ def unrounded_magnitude(kernel: jax.Array, node: Adapter, scale: float) -> jax.A
         >>> m = unrounded_magnitude(w, node, 0.5)
         >>> bool(jnp.allclose(m / column_norm(w, node.a, node.b, 0.5), _gain(w, node, 0.5), rtol=1e-6))
         True
+        >>> fp32 = Adapter(node.a, jnp.zeros((2, 5)), {MAGNITUDE: jnp.ones(5)})   # as it is (a zero column too)
+        >>> unrounded_magnitude(w.at[:, 0].set(0.0), fp32, 0.5).tolist()
+        [1.0, 1.0, 1.0, 1.0, 1.0]
     """
     m = node.extras[MAGNITUDE]
+    if m.dtype == jnp.float32:   # its norm is not rounded: nothing to make up for
+        return m
     norm = column_norm(kernel, node.a, node.b, scale)
     return m.astype(jnp.float32) * (norm / _at_precision_of(norm, m))
 
