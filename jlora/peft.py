@@ -343,8 +343,10 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     flat_params = tree_lib.flatten(loaded.params)
     for path, node in adapter_items(adapters):
         a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)
-        m = None if dora_lib.MAGNITUDE not in node.extras else np.asarray(   # PEFT's gain, at any precision of m
-            dora_lib.unrounded_magnitude(lora_lib.dense_value(flat_params[path]), node, cfg.scale(path)))
+        m = node.extras.get(dora_lib.MAGNITUDE)
+        if m is not None and m.dtype != np.float32:   # PEFT's gain from a rounded norm: needs the (decoded) kernel
+            m = dora_lib.unrounded_magnitude(lora_lib.dense_value(flat_params[path]), node, cfg.scale(path))
+        m = None if m is None else np.asarray(m, np.float32)
         alpha = cfg.alpha_for(path)
         layers = [None] if a.ndim == 2 else list(range(a.shape[0]))
         for layer in layers:

@@ -569,6 +569,23 @@ def test_ctrl_c_right_after_an_overwrite_keeps_the_replaced_run(tiny, trained, t
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())[-1] == "4"
 
 
+def test_an_overwrite_that_cannot_delete_the_replaced_run_says_so(tiny, trained, tmp_path, monkeypatch):
+    """Deleting the replaced run can fail (permissions, a busy file system): the new run is saved, and the old one
+    is named with the command that deletes it, not left behind without a word."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained[1], run_dir)
+    config = _config(tmp_path, tiny, "r", train={"steps": 2},
+                     eval={"before": False, "after": False, "side_effects": False}, run={"export_peft": False})
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(run_lib.shutil, "rmtree", lambda path, **kw: None if ".replaced-" in str(path)
+                        else rmtree(path, **kw))
+    code, out, err = _main("train", "--config", config, "--no-progress", "--overwrite")
+    assert code == 0, err[-2000:]
+    (old,) = [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+    assert (f"could not delete {old}, the run that this run's --overwrite replaced (this run is saved in {run_dir}): "
+            f"delete it with rm -r {old}\n") in err, err[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ 5. one error path
 @pytest.mark.parametrize("args", [
     ["generate", "--model", "pkg://nopkg/x.gguf", "--prompt", "Hi"],

@@ -1035,6 +1035,9 @@ def _drop_replaced(run: _Run, manager) -> None:
     if run.replaced is not None and run.replaced.exists():
         manager.wait()
         shutil.rmtree(run.replaced, ignore_errors=True)
+        if run.replaced.exists():   # permissions, a busy file system: the new run is saved, say what is left
+            print(f"could not delete {run.replaced}, the run that this run's --overwrite replaced (this run is saved "
+                  f"in {run.dir}): delete it with rm -r {_shell(run.replaced)}", file=sys.stderr, flush=True)
 
 
 def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState, *, progress: bool,
