@@ -147,13 +147,15 @@ class KernelLayout:
 class Layout(dict):
     """``{param path: KernelLayout}`` for every kernel a supported layer uses, from :func:`jlora.layout`.
 
-    ``unsupported`` maps the paths of kernels used by other layer kinds (``nn.Conv``, ...) to their class names,
-    so that targeting one gives an error naming the kind.
+    ``unsupported`` maps the paths of kernels used by other layer kinds (``nn.ConvTranspose``, ...) to their class
+    names, and ``refused`` those of layers of a kind jlora adapts, set up in a way LoRA cannot follow (a masked
+    ``nn.Conv``, ...), to the reason, so that targeting one gives an error naming the kind or the reason.
     """
 
-    def __init__(self, entries=(), unsupported=None):
+    def __init__(self, entries=(), unsupported=None, refused=None):
         super().__init__(entries)
         self.unsupported = dict(unsupported or {})
+        self.refused = dict(refused or {})
 
 
 @jax.tree_util.register_pytree_with_keys_class

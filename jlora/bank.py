@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -264,8 +265,13 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
             raise ValueError(f"the adapter at {path!r} is a {node.variant!r} adapter (e.g. DoRA's magnitudes), "
                              f"which a bank cannot hold; use plain LoRA adapters")
         if path not in slots:
-            raise ValueError(f"the adapter at {path!r} is outside the bank, which covers {sorted(slots)[:6]}"
-                             f"{' ...' if len(slots) > 6 else ''}; create the bank with targets covering it")
+            covers = f"{sorted(slots)[:6]}{' ...' if len(slots) > 6 else ''}"
+            if form := _other_stack_form(path, slots):
+                raise ValueError(f"the adapter at {path!r} is {form} (the bank covers {covers}): adapters and bank "
+                                 f"need one layer-stack form; read the adapters for a model loaded as the bank's "
+                                 f"(the same scan_layers), or go through a PEFT folder, which fits either")
+            raise ValueError(f"the adapter at {path!r} is outside the bank, which covers {covers}; create the bank "
+                             f"with targets covering it")
         lora_lib.check_targeted(path, cfg)
         if slots[path].layout is not None:
             transform.check_layout(node, slots[path].layout, path, "the bank reads that kernel as")
@@ -356,18 +362,42 @@ def apply(model, params: Mapping, bank: Bank, ids: jax.Array, *args, **kwargs) -
     return transform.apply(model, params, bank.slots, bank.config, *args, adapter_ids=ids, **kwargs)
 
 
+def _other_stack_form(path: str, slots) -> str | None:
+    """Why ``path``, outside the bank's ``slots``, is there in the other layer-stack form (a scanned model's
+    ``layers/...`` against an unrolled one's ``layers_0/...``, or the reverse); None if it is not.
+
+    Examples:
+        >>> _other_stack_form("layers/attn/q/kernel", ["layers_0/attn/q/kernel", "layers_1/attn/q/kernel"])[:25]
+        'stacked over the layers o'
+        >>> _other_stack_form("layers_3/attn/q/kernel", ["layers/attn/q/kernel"])[:25]
+        "one layer's of an unrolle"
+        >>> _other_stack_form("head/kernel", ["layers/attn/q/kernel"]) is None
+        True
+    """
+    unstack = lambda p: re.sub(r"_\d+(?=/|$)", "", p)   # noqa: E731
+    if any(unstack(s) == path for s in slots):
+        return "stacked over the layers of a scanned model (scan_layers), while the bank's model has them unrolled"
+    if unstack(path) in slots:
+        return "one layer's of an unrolled model, while the bank's model stacks its layers (scan_layers)"
+    return None
+
+
 def _route(ids: jax.Array, capacity: int) -> jax.Array:
     """``ids`` as every bank function reads them (the forward pass, the loss weights, the slots present): int32,
     :data:`BASE` for any id below 0, the last slot for any id above it.
 
     Raises:
-        ValueError: ``ids`` known outside a trace hold a value other than :data:`BASE` or a slot (traced ids cannot
-            be checked, and are read as above).
+        ValueError: ``ids`` are not integers, or, known outside a trace, hold a value other than :data:`BASE` or a
+            slot (traced ids cannot be checked, and are read as above).
 
     Examples:
         >>> jax.jit(_route, static_argnums=1)(jnp.array([0, 2, 7, -1, -5]), 3).tolist()
         [0, 2, 2, -1, -1]
     """
+    dtype = ids.dtype if isinstance(ids, jax.core.Tracer) else np.asarray(ids).dtype
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"adapter ids must be integers (a slot, or {BASE} for the base model); got dtype {dtype}, "
+                         f"which would be truncated to a slot (-0.5 to slot 0, say)")
     if not isinstance(ids, jax.core.Tracer):
         values = np.asarray(ids)
         bad = values[(values < BASE) | (values >= capacity)]
@@ -422,9 +452,9 @@ def read_folder(folder, loaded) -> tuple[dict, LoraConfig, str | None]:
         base = run_base(meta, loaded.params, cfg, layout)
         seen, here = meta["base_model"]["fingerprint"], checkpoint.fingerprint(loaded.params)
         if base is loaded.params and seen != here and not checkpoint.is_base(meta["base_model"], loaded.params):
-            raise ValueError(f"{folder} was trained on base model {meta['base_model'].get('name')!r} (fingerprint "
-                             f"{seen}), not on this one (fingerprint {here}); use it with the base it was trained "
-                             f"on (the `jlora` commands: --model PATH)")
+            raise ValueError(f"{folder} was trained on {checkpoint.base_model(meta['base_model'].get('name'))} "
+                             f"(fingerprint {seen}), not on this one (fingerprint {here}); use it with the base it was "
+                             f"trained on (the `jlora` commands: --model PATH)")
         adapters = manager.restore_adapters(params=base, lora_config=cfg, name=meta["base_model"]["name"],
                                             layout=layout)
     adapters, cfg = inits.to_original_base(adapters, loaded.params, cfg)   # PiSSA/OLoRA: as a plain LoRA
@@ -488,7 +518,6 @@ def save(directory, bank: Bank) -> None:
 def load(directory) -> Bank:
     """Reads a bank written by :func:`save`."""
     import json
-    import pathlib
 
     from jlora.hf import SafetensorsFile
 

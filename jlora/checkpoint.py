@@ -885,6 +885,16 @@ def _cast_matches(saved: Mapping, params) -> bool:
             and fingerprint(params, as_dtype=floats[0]) == saved["fingerprint"])
 
 
+def base_model(name: str | None) -> str:
+    """How a message names the base model ``name`` a checkpoint records (``None``: saved without one).
+
+    Examples:
+        >>> base_model("SmolLM2-135M"), base_model(None)
+        ("base model 'SmolLM2-135M'", 'an unnamed base model')
+    """
+    return f"base model {name!r}" if name else "an unnamed base model"
+
+
 def _check_base(saved: dict, given: dict, where: str, params=None) -> None:
     if saved["fingerprint"] == given["fingerprint"] or (params is not None and _cast_matches(saved, params)):
         return
@@ -897,8 +907,9 @@ def _check_base(saved: dict, given: dict, where: str, params=None) -> None:
     else:
         why = "the same architecture with different weights (e.g. a base model and its instruct variant)"
     raise CheckpointError(
-        f"checkpoint {where} was trained on base model {saved['name']!r} (fingerprint {saved['fingerprint']}), but "
-        f"the given params are {given['name'] or 'unnamed'!r} (fingerprint {given['fingerprint']}): {why}. "
+        f"checkpoint {where} was trained on {base_model(saved['name'])} (fingerprint {saved['fingerprint']}), but "
+        f"the given params are {repr(given['name']) if given['name'] else 'unnamed'} (fingerprint "
+        f"{given['fingerprint']}): {why}. "
         f"Load the base model the adapters were trained on")
 
 

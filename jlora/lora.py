@@ -151,10 +151,14 @@ def dense_value(w) -> jax.Array:
 
 
 def _no_layout_error(layout, path) -> ValueError:
-    """A targeted kernel the traced layout has no entry for: its layer is unsupported (and why), or none uses it."""
-    if (kind := getattr(layout, "unsupported", {}).get(path)) is not None:   # (its reason may say the fix)
+    """A targeted kernel the traced layout has no entry for: its layer is unsupported, set up in a way LoRA cannot
+    follow (and why), or none uses it."""
+    if (why := getattr(layout, "refused", {}).get(path)) is not None:   # (the reason may say the fix)
+        return ValueError(f"parameter {path!r} is targeted, but {why}"
+                          f"{'' if 'from the targets' in why else '. Exclude it from the targets.'}")
+    if (kind := getattr(layout, "unsupported", {}).get(path)) is not None:
         return ValueError(f"parameter {path!r} is targeted, but it belongs to a {kind} layer, which the LoRA transform "
-                          f"does not handle.{'' if 'from the targets' in kind else ' Exclude it from the targets.'}")
+                          f"does not handle. Exclude it from the targets.")
     return ValueError(f"parameter {path!r} is targeted but the traced layout has no entry for it: no layer jlora "
                       f"handles ({', '.join(adapter_lib.LAYER_KINDS)}) uses it. Exclude it from the targets.")
 

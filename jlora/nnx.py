@@ -213,7 +213,13 @@ def _fresh(model: Any, params_in: Any, variables: Any) -> nnx.Module:
                              "nnx.split(model, nnx.Param, ...)`, then apply(graphdef, params, ..., variables=rest); "
                              "or pass the model instead of its graphdef")
         others = () if variables is None else tuple(variables) if isinstance(variables, (tuple, list)) else (variables,)
-        return nnx.merge(model, params_in, *others, copy=True)
+        try:
+            return nnx.merge(model, params_in, *others, copy=True)
+        except ValueError as e:   # nnx's own words count leaves only
+            given = "the params and `variables`" if others else "the params alone (no `variables`)"
+            raise ValueError(f"the graphdef does not fit {given}: {e}. Pass all the state nnx.split gave with it: "
+                             f"`graphdef, params, rest = nnx.split(model, nnx.Param, ...)`, then apply(graphdef, "
+                             f"params, ..., variables=rest); or pass the model instead of its graphdef") from e
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     if variables is not None:
         rest = variables
@@ -508,7 +514,7 @@ def layout(model: Any, *args, method=None, **kwargs) -> Layout:
             lead = len(shape) - _per_layer_ndim(layer, kind, mpath)
             spec = layer_spec(layer, kind, shape[lead:], mpath)
         except ValueError as e:      # a layer of a kind jlora adapts, set up in a way it does not: an error if targeted
-            result.unsupported[prefix + transform.leaf_name(kind)] = f"nnx.{type(layer).__name__} ({e})"
+            result.refused[prefix + transform.leaf_name(kind)] = str(e)
             continue
         result[prefix + transform.leaf_name(kind)] = dataclasses.replace(spec.layout, lead=lead)
     return result

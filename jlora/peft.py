@@ -670,7 +670,8 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
     if unwanted:
         raise ValueError(f"adapter {folder} holds whole tensors {unwanted[:5]} that bias={cfg.bias!r} and "
                          f"modules_to_save={config.get('modules_to_save')} do not select")
-    _check_base_name(folder, config.get("base_model_name_or_path"), loaded)
+    if note := _base_name_note(folder, config.get("base_model_name_or_path"), loaded):
+        warnings.warn(note, BaseModelWarning, stacklevel=2)
     return adapters, cfg
 
 
@@ -716,10 +717,19 @@ def _model_key(name: Any) -> str | None:
     return key if key and key != "unknown" else None
 
 
-def _check_base_name(folder: pathlib.Path, recorded: Any, loaded) -> None:
-    """Warns (:class:`BaseModelWarning`) when the adapter's ``base_model_name_or_path`` and the model it is loaded
-    onto (its name, the ``_name_or_path`` in its config, or the folder or file it was read from) clearly name
-    different models (:func:`_model_key`): none of the three matches.
+def base_model_note(folder, loaded) -> str | None:
+    """What :func:`load` warns (:class:`BaseModelWarning`) of the PEFT folder ``folder`` loaded onto ``loaded``, or
+    None: for callers that pass it on, as a server's reply to the client that loaded the adapter."""
+    folder = pathlib.Path(folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    return _base_name_note(folder, config.get("base_model_name_or_path") if isinstance(config, dict) else None,
+                           loaded)
+
+
+def _base_name_note(folder: pathlib.Path, recorded: Any, loaded) -> str | None:
+    """The warning when the adapter's ``base_model_name_or_path`` and the model it is loaded onto (its name, the
+    ``_name_or_path`` in its config, or the folder or file it was read from) clearly name different models
+    (:func:`_model_key`): none of the three matches.
     Same-shaped models (a base and its instruct variant) load each other's adapters without an error, but the
     adapter was trained for one of them. Paths differ between machines, so only the final names are compared, and
     nothing is said when either side is unknown."""
@@ -728,12 +738,11 @@ def _check_base_name(folder: pathlib.Path, recorded: Any, loaded) -> None:
              getattr(loaded, "source", None)]
     have = {k for k in map(_model_key, names) if k is not None}
     if want is None or not have or want in have:
-        return
+        return None
     onto = names[2] or names[0]
-    warnings.warn(f"adapter {folder} was trained on base model {recorded!r} (base_model_name_or_path in its "
-                  f"{CONFIG_FILE}), but it is loaded onto {onto!r}: same-shaped models load each other's "
-                  f"adapters, yet it works as trained only on its own base. Load {recorded!r}, or ignore this if "
-                  f"both name the same weights", BaseModelWarning, stacklevel=3)
+    return (f"adapter {folder} was trained on base model {recorded!r} (base_model_name_or_path in its "
+            f"{CONFIG_FILE}), but it is loaded onto {onto!r}: same-shaped models load each other's adapters, yet it "
+            f"works as trained only on its own base. Load {recorded!r}, or ignore this if both name the same weights")
 
 
 def _check_base_copy(folder, key: str, value: np.ndarray, name: str, loaded, flat_params) -> None:

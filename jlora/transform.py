@@ -553,6 +553,7 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
         return system.layout(model, *args, method=method, **kwargs)
     records: dict[str, tuple[KernelLayout, int]] = {}
     unsupported: dict[str, str] = {}
+    refused: dict[str, str] = {}
 
     def record(next_fun, a, kw, context):
         out = next_fun(*a, **kw)
@@ -569,7 +570,7 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
                 try:
                     records[prefix + leaf] = (_spec(module, kind, a, kw).layout, len(kernel.shape))
                 except ValueError as e:   # set up in a way LoRA cannot follow: an error only if targeted
-                    unsupported[prefix + leaf] = f"{type(module).__name__} ({e})"
+                    refused[prefix + leaf] = str(e)
         else:
             for leaf in ("kernel", "embedding"):
                 if module.has_variable("params", leaf):
@@ -579,7 +580,7 @@ def layout(model: nn.Module, *args, method=None, **kwargs) -> Layout:
     with nn.intercept_methods(record):
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
     flat = tree_lib.flatten(shapes.get("params", {}))
-    result = Layout(unsupported=unsupported)
+    result = Layout(unsupported=unsupported, refused=refused)
     for path, (lay, ndim) in records.items():
         if path in flat:
             result[path] = dataclasses.replace(lay, lead=len(flat[path].shape) - ndim)

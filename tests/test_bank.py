@@ -214,6 +214,19 @@ def test_bad_adapters_are_refused_by_name():
     for bad in (2, 7, -2):
         with pytest.raises(ValueError, match=rf"adapter ids \[{bad}\] are out of range: the bank has slots 0..1"):
             B.apply(model, params, bank, jnp.array([0, bad, -1, 1, 0]), ids)
+    for floats in (jnp.array([-0.5, 0, 0, 1, 1]), jnp.full(5, 1.7)):   # not truncated to a slot: refused, traced too
+        for apply in (B.apply, jax.jit(B.apply, static_argnums=0)):
+            with pytest.raises(ValueError, match=r"adapter ids must be integers .* got dtype float32"):
+                apply(model, params, bank, floats, ids)
+    scanned_model, scanned_params, _, scanned_lay, _, _ = _family("llama", True)   # the other layer-stack form
+    stacked = jlora.init(scanned_params, plain, key=KEY, layout=scanned_lay)
+    with pytest.raises(ValueError, match=r"'layers/self_attn/q_proj/kernel' is stacked over the layers of a scanned "
+                                         r"model \(scan_layers\), while the bank's model has them unrolled"):
+        B.put(bank, 0, stacked, plain)
+    scanned_bank = B.create(scanned_params, capacity=2, rank=4, targets=qv, layout=scanned_lay)
+    with pytest.raises(ValueError, match=r"'layers_0/self_attn/q_proj/kernel' is one layer's of an unrolled model, "
+                                         r"while the bank's model stacks its layers"):
+        B.put(scanned_bank, 0, jlora.init(params, plain, key=KEY), plain)
     accumulating = optax.MultiSteps(B.optimizer([1e-3, 1e-3]), every_k_schedule=2)
     state = jlora.TrainState.create(B.factors(bank), accumulating, rng=KEY)
     batch = {"input_ids": ids, "adapter_ids": jnp.zeros(ids.shape[0], jnp.int32)}

@@ -274,6 +274,9 @@ def test_restore_onto_other_base_model_is_an_error(saved, tiny, tmp_path):
     for part in (NAME, "tiny-instruct", checkpoint.fingerprint(params), checkpoint.fingerprint(instruct),
                  "different weights", str(directory)):
         assert part in msg
+    with pytest.raises(CheckpointError, match=rf"trained on base model '{NAME}' .*, but the given params are unnamed "
+                                              r"\(fingerprint"):
+        manager.restore(state0, params=instruct, lora_config=CFG)
     with pytest.raises(CheckpointError, match="dtypes"):
         manager.restore_adapters(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), lora_config=CFG)
     wider = {**params, "extra": {"kernel": jnp.ones((2, 2))}}

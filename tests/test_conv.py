@@ -186,8 +186,11 @@ def test_masked_conv_is_refused_only_when_targeted():
     params = Model().init(jax.random.key(0), x)["params"]
     layout = jlora.layout(Model(), x)
     assert "plain/kernel" in layout and "masked/kernel" not in layout
-    for target, reason in (("masked", "kernel mask"), ("odd", "batch_dims")):
-        with pytest.raises(ValueError, match=rf"'{target}/kernel' is targeted, but it belongs to a .*{reason}"):
+    for target, reason in (("masked", "the Conv layer at 'masked' has a kernel mask, which LoRA does not support (the "
+                                      "update would not be masked); exclude it from the targets"),
+                           ("odd", "nn.DenseGeneral at 'odd' has batch_dims=(0,); LoRA supports DenseGeneral without "
+                                   "batch_dims only. Exclude it from the targets.")):
+        with pytest.raises(ValueError, match=re.escape(f"parameter '{target}/kernel' is targeted, but {reason}") + "$"):
             jlora.init(params, jlora.LoraConfig(rank=2, targets=target), key=jax.random.key(0), layout=layout)
     cfg = jlora.LoraConfig(rank=2, alpha=2, targets="plain")
     adapters = jlora.init(params, cfg, key=jax.random.key(0), layout=layout)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 import zlib
 
 import flax.linen as nn
@@ -233,6 +234,26 @@ def test_graphdef_and_state_form_and_nnx_jit():
     np.testing.assert_allclose(nnx.merge(graphdef, merged_state, rest)(IDS), y, atol=1e-5)
     with pytest.raises(ValueError, match="pass the param state itself"):
         jlora.apply(graphdef, jlora.nnx.params(model), ad, STACK_CFG, IDS)
+
+
+def test_graphdef_without_its_other_state_says_what_to_pass():
+    """A graphdef of a model with RNG state, applied without ``variables``: nnx counts leaves only; the error says
+    to pass the rest of nnx.split's state."""
+    class Drop(nnx.Module):
+        def __init__(self, rngs):
+            self.fc, self.drop = nnx.Linear(4, 4, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(self.fc(x), deterministic=True)
+
+    model = Drop(nnx.Rngs(0))
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    cfg = jlora.LoraConfig(rank=2, targets="fc")
+    ad = jlora.init(jlora.nnx.params(model), cfg, key=jax.random.key(1))
+    x = jnp.ones((1, 4))
+    np.testing.assert_allclose(jlora.apply(graphdef, state, ad, cfg, x, variables=rest), model(x), atol=1e-6)
+    with pytest.raises(ValueError, match=r"does not fit the params alone \(no `variables`\): .*variables=rest"):
+        jlora.apply(graphdef, state, ad, cfg, x)
 
 
 def test_nnx_and_linen_versions_agree():
@@ -644,7 +665,9 @@ def test_a_layer_set_up_in_a_way_lora_does_not_support_is_an_error_only_when_tar
     model = Batched(nnx.Rngs(0))
     assert set(jlora.layout(model)) == {"head/kernel"}
     jlora.init(model, jlora.LoraConfig(rank=2, targets="head"), key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"'odd/kernel' is targeted, but it belongs to a nnx.LinearGeneral.*batch_axis"):
+    with pytest.raises(ValueError, match=re.escape("parameter 'odd/kernel' is targeted, but nnx.LinearGeneral at 'odd' "
+                                                   "has batch_axis={0: 2}; LoRA supports LinearGeneral without batch "
+                                                   "axes only. Exclude it from the targets.") + "$"):
         jlora.init(model, jlora.LoraConfig(rank=2, targets="odd"), key=jax.random.key(0))
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,6 +84,10 @@ def world(tmp_path_factory):
                     k_only, loaded)
     jlora.peft.save(outside / "evil", _random(jlora.init(loaded.params, QV, key=jax.random.key(7)), 7, 0.6), QV,
                     loaded)
+    renamed = json.loads((root / "a5" / "adapter_config.json").read_text())   # a PEFT folder for another base
+    shutil.copytree(root / "a5", root / "renamed")
+    (root / "renamed" / "adapter_config.json").write_text(json.dumps({**renamed, "base_model_name_or_path":
+                                                                      "someone/other-model-1B"}))
     os.symlink(outside / "evil", root / "link_out")
     (root / "sneaky").mkdir()
     os.symlink(outside / "evil" / "adapter_model.safetensors", root / "sneaky" / "adapter_model.safetensors")
@@ -246,6 +251,19 @@ def test_outputs_equal_jlora_generate_streamed_and_not(server, reference, world)
 
 def _load(server, name, path, **extra):
     return _http(server, "POST", "/v1/adapters", json={"name": name, "path": str(path), **extra})
+
+
+def test_an_adapter_naming_another_base_loads_with_a_warning_for_the_client(server):
+    """Same-shaped bases load each other's PEFT adapters; the BaseModelWarning that loading gives reaches the client
+    that loaded it (the reply, and GET /v1/adapters), not only the server's log."""
+    r = _load(server, "renamed", "renamed")
+    assert r.status_code == 200, r.text
+    warning = r.json()["warning"]
+    assert re.match(r"adapter \S+renamed was trained on base model 'someone/other-model-1B' \(base_model_name_or_path "
+                    r"in its adapter_config.json\), but it is loaded onto '\S+tiny'", warning), warning
+    listed = {a["name"]: a for a in _http(server, "GET", "/v1/adapters").json()["data"]}
+    assert listed["renamed"]["warning"] == warning and "warning" not in listed["a1"]
+    assert _http(server, "DELETE", "/v1/adapters/renamed").status_code == 200
 
 
 def test_concurrent_requests_over_four_adapters_share_batches(server, world):

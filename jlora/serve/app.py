@@ -170,7 +170,9 @@ def create_app(engine: engine_lib.Engine, *, api_key: str | None = None,
             raise protocol.bad("replace", f"must be true or false; got {replace!r}")
         folder = contained(root, body.get("path"))
         slot = await run_in_threadpool(engine.add_adapter, name, folder, replace=replace)
-        return JSONResponse({"name": name, "slot": slot, "object": "adapter", "loaded": True})
+        warning = engine.adapters().get(name, {}).get("warning")   # e.g. a PEFT folder naming another base model
+        return JSONResponse({"name": name, "slot": slot, "object": "adapter", "loaded": True,
+                             **({"warning": warning} if warning else {})})
 
     async def unload_adapter(request: Request):
         name = request.path_params["name"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import pathlib
 import re
 import secrets
 import threading
@@ -324,7 +325,7 @@ class Engine:
             except ValueError as e:
                 raise ValueError(f"adapter {n!r} ({folder}): {e}") from e
             self._names[n] = slot
-            self._info[n] = {"path": str(folder), "created": int(time.time())}
+            self._info[n] = _info(folder, _base_note(folder, loaded))
         self._bank = bank
         self._bank_apply = bank_lib.apply_fn(self.model)
         self._hook = _StepHook(weakref.ref(self))
@@ -386,7 +387,8 @@ class Engine:
         return self._bank
 
     def adapters(self) -> dict[str, dict]:
-        """``{name: {"slot", "path", "created"}}`` of the loaded adapters."""
+        """``{name: {"slot", "path", "created"}}`` of the loaded adapters, and ``"warning"`` for one whose loading
+        warned (a PEFT folder naming another base model)."""
         with self._lock:
             return {n: {"slot": s, **self._info[n]} for n, s in self._names.items()}
 
@@ -413,11 +415,13 @@ class Engine:
             raise Conflict(f"adapter {name!r} is already loaded (slot {self._names[name]}); DELETE it first or "
                            f"pass \"replace\": true", param="name")
         adapters, cfg, fp = bank_lib.read_folder(folder, self.loaded)
-        return self.put_adapter(name, adapters, cfg, fingerprint=fp, replace=replace, source=str(folder))
+        return self.put_adapter(name, adapters, cfg, fingerprint=fp, replace=replace, source=str(folder),
+                                warning=_base_note(folder, self.loaded))
 
     def put_adapter(self, name: str, adapters, cfg, *, fingerprint: str | None = None, replace: bool = False,
-                    source: str | None = None) -> int:
-        """:meth:`add_adapter` for adapters in memory (an adapter tree and its :class:`jlora.LoraConfig`)."""
+                    source: str | None = None, warning: str | None = None) -> int:
+        """:meth:`add_adapter` for adapters in memory (an adapter tree and its :class:`jlora.LoraConfig`);
+        ``warning``, what loading them warned, is kept in :meth:`adapters`."""
         self._check_name(name)
         with self._mutate:
             slot = self._names.get(name)
@@ -441,7 +445,7 @@ class Engine:
             with self._lock:
                 self._bank = new
                 self._names[name] = slot
-                self._info[name] = {"path": source, "created": int(time.time())}
+                self._info[name] = _info(source, warning)
         self.metrics.count("adapter_loads")
         return slot
 
@@ -716,6 +720,19 @@ def _send(row: Row, event) -> None:
         row.sink(event)
     except Exception:  # noqa: BLE001
         pass
+
+
+def _base_note(folder, loaded) -> str | None:
+    """The :class:`jlora.peft.BaseModelWarning` text for a PEFT folder naming another base model, or None."""
+    from jlora import peft
+
+    return peft.base_model_note(folder, loaded) if (pathlib.Path(folder) / peft.CONFIG_FILE).is_file() else None
+
+
+def _info(path, warning: str | None) -> dict:
+    """What :meth:`Engine.adapters` tells of an adapter besides its slot."""
+    return {"path": None if path is None else str(path), "created": int(time.time()),
+            **({"warning": warning} if warning else {})}
 
 
 def _adapter_items(adapters):
