@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -374,10 +373,9 @@ def _other_stack_form(path: str, slots) -> str | None:
         >>> _other_stack_form("head/kernel", ["layers/attn/q/kernel"]) is None
         True
     """
-    unstack = lambda p: re.sub(r"_\d+(?=/|$)", "", p)   # noqa: E731
-    if any(unstack(s) == path for s in slots):
+    if any(tree_lib.stack_form(s) == path for s in slots):
         return "stacked over the layers of a scanned model (scan_layers), while the bank's model has them unrolled"
-    if unstack(path) in slots:
+    if tree_lib.stack_form(path) in slots:
         return "one layer's of an unrolled model, while the bank's model stacks its layers (scan_layers)"
     return None
 

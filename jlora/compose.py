@@ -225,51 +225,74 @@ def _check_density(density, what: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- checks
 
-def _check_items(items: Sequence[Item], weights: Sequence[float]) -> list[tuple[Mapping, LoraConfig]]:
+def _labels(items, names: Sequence[str] | None) -> list[str]:
+    """How messages name each input: its name, else ``items[i]``."""
+    if names is None:
+        return [f"items[{i}]" for i in range(len(items))]
+    if isinstance(names, str) or len(names) != len(items) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"give one name (a string) per adapter: {len(items)} adapters but names={names!r}")
+    return [repr(n) for n in names]
+
+
+def _check_items(items: Sequence[Item], weights: Sequence[float],
+                 names: Sequence[str] | None) -> tuple[list[tuple[Mapping, LoraConfig]], list[str]]:
+    """The inputs, checked, and how messages name them."""
     if isinstance(items, Mapping) or not isinstance(items, Sequence) or not items:
         raise ValueError("`items` must be a non-empty list of (adapters, LoraConfig) pairs")
     if isinstance(weights, (int, float)) or len(weights) != len(items):
         raise ValueError(f"give one weight per adapter: {len(items)} adapters but weights={weights!r}")
+    labels = _labels(items, names)
     for i, w in enumerate(weights):
         if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) or not math.isfinite(w):
             raise ValueError(f"weights[{i}] must be a finite number; got {w!r}")
     out = []
     for i, item in enumerate(items):
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], LoraConfig)):
-            raise ValueError(f"items[{i}] must be an (adapters, LoraConfig) pair; got {type(item).__name__}")
+            raise ValueError(f"{labels[i]} must be an (adapters, LoraConfig) pair; got {type(item).__name__}")
         adapters, cfg = item
         full = [p for p, _ in full_items(adapters)]
         if full:
-            raise ValueError(f"items[{i}] holds whole trained tensors at {full[:5]} (bias / modules_to_save); they "
+            raise ValueError(f"{labels[i]} holds whole trained tensors at {full[:5]} (bias / modules_to_save); they "
                              f"replace a parameter rather than add a low-rank update, so they cannot be weighted "
                              f"and combined. Drop them from the adapter tree first (PEFT refuses them too).")
         if cfg.init in CHANGES_BASE:
-            raise ValueError(f"items[{i}] is a {cfg.init} adapter, relative to a residual base rather than the "
+            raise ValueError(f"{labels[i]} is a {cfg.init} adapter, relative to a residual base rather than the "
                              f"model's weights; convert it to plain LoRA first "
                              f"(jlora.variants.inits.to_original_base, as the jlora commands do)")
         nodes = list(adapter_items(adapters))
         if not nodes:
-            raise ValueError(f"items[{i}] holds no adapters")
+            raise ValueError(f"{labels[i]} holds no adapters")
         for path, node in nodes:
             if node.variant != "lora" or node.extras:
-                raise ValueError(f"items[{i}] has a {node.variant!r} adapter at {path!r}; composition combines "
+                raise ValueError(f"{labels[i]} has a {node.variant!r} adapter at {path!r}; composition combines "
                                  f"plain LoRA updates only (a DoRA update is not a low-rank sum)")
             if node.slot_dims:
-                raise ValueError(f"items[{i}] at {path!r} is a bank of slots ({type(node).__name__}); take one "
+                raise ValueError(f"{labels[i]} at {path!r} is a bank of slots ({type(node).__name__}); take one "
                                  f"slot out first (jlora.bank.get)")
             if node.rank != cfg.rank_for(path):
-                raise ValueError(f"items[{i}]: the adapter at {path!r} has rank {node.rank} but its config gives "
+                raise ValueError(f"{labels[i]}: the adapter at {path!r} has rank {node.rank} but its config gives "
                                  f"rank {cfg.rank_for(path)} there; pair each adapter tree with its own config")
         out.append((adapters, cfg))
-    return out
+    return out, labels
 
 
-def _by_path(items) -> dict[str, list[tuple[int, Adapter, float]]]:
+def _by_path(items, labels: Sequence[str]) -> dict[str, list[tuple[int, Adapter, float]]]:
     """path -> [(input index, adapter, scale)] for the inputs that have an adapter there, in path order."""
     found: dict[str, list[tuple[int, Adapter, float]]] = {}
     for i, (adapters, cfg) in enumerate(items):
         for path, node in adapter_items(adapters):
             found.setdefault(path, []).append((i, node, cfg.scale(path)))
+    forms: dict[str, list[str]] = {}
+    for path in found:
+        forms.setdefault(tree_lib.stack_form(path), []).append(path)
+    for stacked, same in forms.items():
+        if stacked in found and len(same) > 1:   # one scanned stack, and one of its layers unrolled
+            one = next(p for p in same if p != stacked)
+            who = lambda p: " and ".join(labels[i] for i, _, _ in found[p])   # noqa: E731
+            raise ValueError(f"{who(stacked)} adapt {stacked!r}, a scanned stack of layers, and {who(one)} {one!r}, "
+                             f"one of those layers unrolled: the inputs were read for two forms of one model. Read "
+                             f"them all for one form (the same scan_layers), or through PEFT folders, which fit "
+                             f"either")
     for path, group in found.items():
         _, first, _ = group[0]
         if first.layout is not None and first.layout.groups > 1:
@@ -279,12 +302,12 @@ def _by_path(items) -> dict[str, list[tuple[int, Adapter, float]]]:
         for i, node, _ in group[1:]:
             if (np.shape(node.a)[:-1], np.shape(node.b)[:-2] + np.shape(node.b)[-1:]) != \
                     (np.shape(first.a)[:-1], np.shape(first.b)[:-2] + np.shape(first.b)[-1:]):
-                raise ValueError(f"the adapters at {path!r} do not fit one kernel: items[{group[0][0]}] has a "
-                                 f"{np.shape(first.a)}, b {np.shape(first.b)} and items[{i}] a {np.shape(node.a)}, "
+                raise ValueError(f"the adapters at {path!r} do not fit one kernel: {labels[group[0][0]]} has a "
+                                 f"{np.shape(first.a)}, b {np.shape(first.b)} and {labels[i]} a {np.shape(node.a)}, "
                                  f"b {np.shape(node.b)}; they were made for different models")
             if first.layout is not None and node.layout is not None and not first.layout.same_axes(node.layout):
-                raise ValueError(f"the adapters at {path!r} read the kernel differently: items[{group[0][0]}] "
-                                 f"{first.layout.describe()}, items[{i}] {node.layout.describe()}")
+                raise ValueError(f"the adapters at {path!r} read the kernel differently: {labels[group[0][0]]} "
+                                 f"{first.layout.describe()}, {labels[i]} {node.layout.describe()}")
     return dict(sorted(found.items()))
 
 
@@ -321,14 +344,14 @@ def _cat(group, weights) -> tuple[jax.Array, jax.Array]:
                         coefs)
 
 
-def _factorwise(rule, group, weights, path, key, opts) -> tuple[jax.Array, jax.Array]:
+def _factorwise(rule, group, weights, path, key, opts, labels) -> tuple[jax.Array, jax.Array]:
     first = group[0][1]
     lead = np.ndim(first.a) - 2
     ranks = {i: n.rank for i, n, _ in group}
     if len(set(ranks.values())) > 1:
         raise ValueError(f"this combination type adds the A's and the B's separately, so the adapters must have "
                          f"one rank at each path; at {path!r} the ranks are "
-                         f"{', '.join(f'items[{i}]: {r}' for i, r in ranks.items())}. Use 'cat' or an '*_svd' "
+                         f"{', '.join(f'{labels[i]}: {r}' for i, r in ranks.items())}. Use 'cat' or an '*_svd' "
                          f"type for adapters of different ranks.")
     ws = [weights[i] * s for i, _, s in group]
     w_a = [math.sqrt(abs(w)) * (1.0 if w >= 0 else -1.0) for w in ws]   # the sign goes on A only
@@ -388,7 +411,8 @@ def canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def combine(items: Sequence[Item], weights: Sequence[float], method: str, *, density: float | None = None,
             majority_sign_method: str = "total", svd_rank: int | None = None, svd_clamp: float | None = None,
-            svd_full_matrices: bool = True, key: jax.Array | None = None) -> tuple[dict, LoraConfig]:
+            svd_full_matrices: bool = True, key: jax.Array | None = None,
+            names: Sequence[str] | None = None) -> tuple[dict, LoraConfig]:
     """One adapter from several weighted ones, by one of PEFT's ``add_weighted_adapter`` combination types.
 
     Args:
@@ -407,6 +431,7 @@ def combine(items: Sequence[Item], weights: Sequence[float], method: str, *, den
         svd_full_matrices: whether the SVD computes full U and V (the truncated result is the same; PEFT's
             ``svd_full_matrices``). PEFT's ``svd_driver`` picks a cuSOLVER routine and has no JAX counterpart.
         key: a PRNG key, required by the DARE types (their random masks are a pure function of it).
+        names: one name per item, for messages (default: ``items[i]``), e.g. the names a command line gave them.
 
     Returns:
         ``(adapters, cfg)``: the combined adapter at every path any input adapts, and its config: plain LoRA,
@@ -415,12 +440,12 @@ def combine(items: Sequence[Item], weights: Sequence[float], method: str, *, den
 
     Raises:
         ValueError: for an unknown type, a missing ``density`` or ``key``, weights that do not match the items,
-            adapters of different ranks at a path for a factor-wise type, adapters made for different kernels,
-            DoRA adapters, banks, or whole trained tensors.
+            adapters of different ranks at a path for a factor-wise type, adapters made for different kernels (or
+            for a scanned and an unrolled form of one model), DoRA adapters, banks, or whole trained tensors.
     """
     if method not in _TYPES:
         raise ValueError(f"unknown combination type {method!r}; choose one of {METHODS}")
-    items = _check_items(items, weights)
+    items, labels = _check_items(items, weights, names)
     weights = [float(w) for w in weights]
     if len(items) == 1:
         method = "linear"          # as PEFT: one adapter is always combined linearly
@@ -443,27 +468,28 @@ def combine(items: Sequence[Item], weights: Sequence[float], method: str, *, den
             raise ValueError(f"`svd_clamp` is a quantile and must lie in [0, 1] (or be None); got {svd_clamp!r}")
         rank = svd_rank or max(max([cfg.rank, *cfg.rank_pattern.values()]) for _, cfg in items)
     out, ranks = {}, {}
-    for path, group in _by_path(items).items():
+    for path, group in _by_path(items, labels).items():
         path_key = _path_key(key, path) if random else None
         if rule is None:
             a, b = _cat(group, weights)
         elif svd:
             a, b = _svd(rule, group, weights, path_key, opts, rank, svd_clamp, svd_full_matrices)
         else:
-            a, b = _factorwise(rule, group, weights, path, path_key, opts)
+            a, b = _factorwise(rule, group, weights, path, path_key, opts, labels)
         first = group[0][1]
         out[path] = Adapter(a, b, layout=first.layout)
         ranks[path] = int(np.shape(a)[-1])
     return tree_lib.unflatten(out), _output_config([cfg for _, cfg in items], ranks)
 
 
-def stack(items: Sequence[Item], weights: Sequence[float]) -> tuple[dict, LoraConfig]:
+def stack(items: Sequence[Item], weights: Sequence[float], *,
+          names: Sequence[str] | None = None) -> tuple[dict, LoraConfig]:
     """Several adapters applied at once, unmerged, each with its weight: one adapter tree for :func:`jlora.apply`.
 
     At every path the factors are concatenated along the rank with ``w_i * s_i`` folded into each ``A_i`` (the
     ``cat`` construction), so the layer adds ``sum_i w_i s_i (x @ A_i) @ B_i``: exactly the model whose weights are
     :func:`merge_weighted`'s, with no full-size matrix formed. The rank at a path is the sum of the inputs' ranks
-    there; the config has scale 1 everywhere.
+    there; the config has scale 1 everywhere. ``names`` name the inputs in messages, as in :func:`combine`.
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -483,23 +509,25 @@ def stack(items: Sequence[Item], weights: Sequence[float]) -> tuple[dict, LoraCo
         >>> bool(jnp.allclose(y, model.apply({"params": merged}, x), atol=1e-5))
         True
     """
-    items = _check_items(items, weights)
+    items, labels = _check_items(items, weights, names)
     weights = [float(w) for w in weights]
     out, ranks = {}, {}
-    for path, group in _by_path(items).items():
+    for path, group in _by_path(items, labels).items():
         a, b = _cat(group, weights)
         out[path] = Adapter(a, b, layout=group[0][1].layout)
         ranks[path] = int(np.shape(a)[-1])
     return tree_lib.unflatten(out), _output_config([cfg for _, cfg in items], ranks)
 
 
-def merge_weighted(params: Mapping, items: Sequence[Item], weights: Sequence[float]) -> dict:
+def merge_weighted(params: Mapping, items: Sequence[Item], weights: Sequence[float], *,
+                   names: Sequence[str] | None = None) -> dict:
     """``params`` with the weighted sum of the adapters' updates added: ``W + sum_i w_i s_i A_i @ B_i``.
 
     The reference for :func:`stack` and for the exact combination types; computed in fp32 and cast back to each
     parameter's dtype (a quantized kernel is decoded, updated and re-encoded, as :func:`jlora.merge` does).
+    ``names`` name the inputs in messages, as in :func:`combine`.
     """
-    items = _check_items(items, weights)
+    items, _ = _check_items(items, weights, names)
     lora_lib.check_params(params)
     flat = tree_lib.flatten(params)
     sums: dict[str, jax.Array] = {}

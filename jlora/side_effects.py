@@ -130,7 +130,7 @@ def _batch_stats(base_params, params, adapters, batch, *, model, lora_cfg):
 def batches(examples: Sequence[data_lib.Example], *, batch_size: int = 8, pad_id: int = 0):
     """Batches of ``examples`` in order for :func:`token_stats`, all of one shape (one compilation): rows padded
     to the longest example rounded up to 16 tokens, the last batch filled with empty rows."""
-    width = -(-max(len(ex) for ex in examples) // 16) * 16
+    width = max(16, -(-max(len(ex) for ex in examples) // 16) * 16)   # all empty: token_stats says so
     return data_lib.Loader(examples, batch_size=batch_size, max_length=width, pad_id=pad_id, shuffle=False,
                            drop_last=False, epochs=1, bucket=None)
 
@@ -151,7 +151,8 @@ def token_stats(model, params, adapters, lora_cfg: LoraConfig, examples: Sequenc
 
     Returns:
         ``{"texts", "tokens", "kl", "top1_agreement_pct", "loss_base", "loss_adapted", "loss_change",
-        "per_text_kl"}``: means per target token (KL and losses in nats), and the mean KL of each text.
+        "per_text_kl"}``: means per target token (KL and losses in nats), and the mean KL of each text that has a
+        target token (a text of one token has none, and is left out there).
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -165,7 +166,7 @@ def token_stats(model, params, adapters, lora_cfg: LoraConfig, examples: Sequenc
                                           model=model, lora_cfg=lora_cfg))
         for k in sums:
             sums[k] += float(np.sum(np.asarray(out[k], np.float64)))
-        per_text += [float(k / max(n, 1.0)) for k, n, r in zip(out["kl"], out["tokens"], real) if r]
+        per_text += [float(k / n) for k, n, r in zip(out["kl"], out["tokens"], real) if r and n > 0]
     if not sums["tokens"]:   # every figure would be 0/0
         raise ValueError(f"none of the {len(examples)} examples has a target token (a position whose next token "
                          f"its loss mask keeps), so there is nothing to compare: give texts of two tokens or more")

@@ -265,6 +265,18 @@ def test_scanned_layers_combine_per_layer(sets):
             np.testing.assert_allclose(da[module], db[module], atol=1e-5, err_msg=f"{method}: {module}")
 
 
+def test_a_scanned_and_an_unrolled_read_of_one_model_are_refused(sets):
+    """Adapters read for a scanned and an unrolled form of one model name the same kernels by other paths: their
+    combination would hold both, which no one model has. Refused, naming both forms and the inputs."""
+    flat, scanned = sets["same"], sets["same"].scanned()
+    mixed = [scanned.items[0], flat.items[1]]
+    for run in (lambda: compose.combine(mixed, WEIGHTS[:2], "cat", names=["a", "b"]),
+                lambda: compose.stack(mixed, WEIGHTS[:2], names=["a", "b"])):
+        with pytest.raises(ValueError, match=r"^'a' adapt '\S+', a scanned stack of layers, and 'b' '\S+_0/\S+', "
+                                             r"one of those layers unrolled: .*the same scan_layers"):
+            run()
+
+
 # ------------------------------------------------------------------------------------- stacking at inference
 
 def _tiny_llama(scan=False):
@@ -389,6 +401,12 @@ def test_bad_input_errors():
         compose.combine(items, [1], "cat")
     with pytest.raises(ValueError, match=r"at 'kernel' the ranks are items\[0\]: 2, items\[1\]: 3"):
         compose.combine(items, [1, 1], "linear")
+    with pytest.raises(ValueError, match=r"at 'kernel' the ranks are 'style': 2, 'task': 3"):   # the user's names
+        compose.combine(items, [1, 1], "linear", names=["style", "task"])
+    with pytest.raises(ValueError, match=r"^'style': the adapter at 'kernel' has rank 2 but its config gives rank 3"):
+        compose.stack([(ad(2), cfg3)], [1], names=["style"])
+    with pytest.raises(ValueError, match=r"one name \(a string\) per adapter: 2 adapters but names=\['a'\]"):
+        compose.combine(items, [1, 1], "cat", names=["a"])
     with pytest.raises(ValueError, match="pass `density`"):
         compose.combine(items, [1, 1], "ties_svd")
     with pytest.raises(ValueError, match=r"`density` must be a number in \(0, 1\]"):

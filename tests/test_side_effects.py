@@ -130,6 +130,12 @@ def test_inputs_with_nothing_to_measure_are_refused(tiny, tok):
     untrained = [data.Example((5, 6), ()), data.Example((), (7,))]     # all prompt; one token: no next token
     with pytest.raises(ValueError, match="none of the 2 examples has a target token"):
         se.token_stats(model, params, _adapters(params), CFG, untrained, pad_id=tok.pad_token_id)
+    with pytest.raises(ValueError, match="none of the 1 examples has a target token"):   # empty: no Loader error
+        se.token_stats(model, params, _adapters(params), CFG, [data.Example((), (), "empty.jsonl:1")])
+    # a one-token text beside others: nothing to compare there, so no 0.0 in the per-text figures
+    stats = se.token_stats(model, params, _adapters(params), CFG, [data.Example((), (5, 6, 7)), untrained[1]])
+    assert stats["texts"] == 2 and stats["tokens"] == 2 and len(stats["per_text_kl"]) == 1
+    assert stats["per_text_kl"][0] == pytest.approx(stats["kl"])
     with pytest.raises(ValueError, match="no continuations to compare"):
         se.continuation_stats([], [])
     with pytest.raises(ValueError, match="no task prompts to score"):

@@ -795,12 +795,13 @@ class Metrics:
             return {"uptime_s": round(time.time() - self.started, 1), "counts": dict(self.counts),
                     "batches": {"rows_histogram": {str(k): v for k, v in sorted(self.batch_rows.items())},
                                 "models_histogram": {str(k): v for k, v in sorted(self.batch_models.items())},
+                                "shape_histogram": dict(self.shapes),   # batches per base|bank/mode/rows/width/new
                                 "shared": self.counts["shared_batches"], "recent": list(self.recent)},
                     "models": {m: dict(c) for m, c in self.per_model.items()},
                     "tokens": {"prompt": self.counts["prompt_tokens"], "generated": gen,
                                "decode_seconds": round(self.decode_seconds, 3),
                                "per_second": round(gen / self.decode_seconds, 2) if self.decode_seconds else 0.0},
-                    "compiles": {"generate": _compiles(), "shapes": dict(self.shapes)}}
+                    "compiles": {"generate": _compiles()}}
 
 
 __all__ = ["Engine", "EngineConfig", "Row", "Token", "End", "Failed", "Completion", "Metrics", "EngineError",
