@@ -379,10 +379,18 @@ class Tokenizer:
         decoder strips the space that starts a text, and a completion "▁Paris" after "The capital is" is
         " Paris", not "Paris".
         """
-        ids = [int(i) for i in ids]
-        context = [int(i) for i in after][-_CONTEXT_TOKENS:]
+        ids, after = [int(i) for i in ids], [int(i) for i in after]
+        n = min(len(after), _CONTEXT_TOKENS)
+        while True:
+            context = after[len(after) - n:]
+            head = self._backend.decode(context, skip_special_tokens=skip_special_tokens) if context else ""
+            # back further while the cut splits a character spelled as byte tokens (a byte-fallback decoder turns
+            # the whole run into U+FFFD, the completion's bytes too), or the context is all skipped tokens (the
+            # decoder would strip the completion's leading space as the text's)
+            if head and not head.startswith("\ufffd") or n >= min(len(after), _CONTEXT_TOKENS * 8):
+                break
+            n += 1
         text = self._backend.decode(context + ids, skip_special_tokens=skip_special_tokens)
-        head = self._backend.decode(context, skip_special_tokens=skip_special_tokens) if context else ""
         if text.startswith(head):
             return text[len(head):]
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)   # bytes joined across the seam
