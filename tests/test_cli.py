@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1649,3 +1650,150 @@ def test_eval_out_never_replaces_another_adapters_report(tiny, tmp_path, monkeyp
     _error(*_main("eval", "--config", config, "--side-effects", "--adapter", other_run / "peft", "--out", tmp_path),
            r"the side-effect report of another adapter")
     _error(*_main("eval", "--config", config, "--side-effects", "--overwrite"), r"--overwrite .*add --out DIR")
+
+
+# ------------------------------------------------------------------------------------------------ review: runs kept
+_NO_EVALS = {"before": False, "after": False, "side_effects": False}
+_KEPT = ("the run that this run's --overwrite replaced is kept in {aside} until this run saves a scheduled checkpoint "
+         "(a multiple of train.checkpoint_every, or its last step); to go back to that run instead: rm -r {run}; "
+         "mv {aside} {run}")
+
+
+def test_a_double_ctrl_c_saves_a_checkpoint_and_the_first_says_what_a_second_does(tiny, tmp_path, monkeypatch, capfd):
+    """Two Ctrl-C in quick succession deleted the run: the first printed nothing, the second (before the user could
+    read anything) stopped at once, and a run without a checkpoint yet (here train.checkpoint_every: 0, the whole
+    run) was removed. The first now says at once what it does and what another does; a second one within
+    DOUBLE_TAP_S of it is a double tap, ignored: the run saves its checkpoint and resumes."""
+    config = _config(tmp_path, tiny, "r", train={"checkpoint_every": 0}, eval=_NO_EVALS)
+    train = run_lib.train
+
+    def double_tap(step, record):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run_lib, "train", lambda cfg, **kw: train(cfg, on_step=double_tap, **kw))
+    capfd.readouterr()
+    code, out, err = _main("train", "--config", config, "--no-progress")
+    told = capfd.readouterr().err        # written on the file descriptor, as a signal handler safely can
+    assert code == 130 and "interrupted: saved a checkpoint at step 1; continue with --resume" in out, out + err
+    assert ("\nCtrl-C: stopping after the step in flight, then saving a checkpoint (continue with --resume); Ctrl-C "
+            "again stops at once, without saving the steps since the last checkpoint (all of them when none was "
+            "saved yet)\n") in told, told
+    monkeypatch.setattr(run_lib, "train", train)
+    code, out, err = _main("train", "--config", config, "--resume", "--no-progress")
+    assert code == 0 and "resumed from step 1\n" in out, err[-2000:]
+
+
+def test_a_ctrl_c_after_the_double_tap_window_stops_at_once(monkeypatch, capfd):
+    """After DOUBLE_TAP_S, a second Ctrl-C is the user's choice to stop at once (the message said so)."""
+    monkeypatch.setattr(run_lib, "DOUBLE_TAP_S", 0.0)
+    with run_lib._Interrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.requested
+        time.sleep(0.01)              # past the window (0 s here)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):     # the handler runs between bytecodes of the main thread
+                pass
+    assert "Ctrl-C: stopping after the step in flight" in capfd.readouterr().err
+
+
+def test_a_symlink_to_a_run_folder_is_that_run(tiny, trained, tmp_path, monkeypatch):
+    """run.dir through a symlink: the lock is the folder's (a `train --resume` through a link to a running run was
+    not refused, and rewrote that run's metrics.jsonl), and --overwrite replaces the folder, not the link (it renamed
+    the link aside, could then not delete it, and every later `train` said an --overwrite had been stopped)."""
+    import fcntl
+
+    real, link = tmp_path / "real", tmp_path / "link"
+    shutil.copytree(trained[1], real)
+    link.symlink_to(real, target_is_directory=True)
+    config = _config(tmp_path, tiny, "link", train={"steps": 2, "checkpoint_every": 2}, eval=_NO_EVALS,
+                     run={"export_peft": False})
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        with open(tmp_path / ".real.lock", "a") as lock:      # a `jlora train` of run.dir: real holds it
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for flags in (["--resume", "--set", "train.steps=6"], ["--overwrite"]):
+                _error(*_main("train", "--config", config, *flags),
+                       rf"run folder {re.escape(str(real))} is in use by another `jlora train`")
+    code, out, err = _main("train", "--config", config, "--no-progress", "--overwrite")
+    assert code == 0 and "could not delete" not in err, err[-2000:]
+    assert link.is_symlink() and link.resolve() == real
+    assert run_lib._checkpoint_steps(real) == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "link.yaml", "real"]   # nothing kept aside
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        _error(*_main("train", "--config", config), rf"run folder {re.escape(str(real))} already exists; pass --resume")
+
+
+def test_resume_takes_the_same_model_by_another_path(tiny, trained, tmp_path, monkeypatch):
+    """--resume compared model.path as text: `./tiny`, `tiny/` or `../x/tiny` were refused against the run's saved
+    absolute path, though the same model. Local paths are compared resolved; another model is refused still."""
+    _no_model_load(monkeypatch)
+    shutil.copytree(trained[1], tmp_path / "r")
+    config = _config(tmp_path, tiny, "r", eval={"general": str(ROOT / "examples/data/general.jsonl")})
+    tiny = pathlib.Path(tiny)
+    monkeypatch.chdir(tiny.parent)
+    for path in (f"./{tiny.name}", f"{tiny.name}/", f"../{tiny.parent.name}/{tiny.name}"):
+        code, out, err = _main("train", "--config", config, "--resume", "--set", f"model.path={path}")
+        assert code == 0 and "already finished all train.steps=4 steps" in out, (path, err)
+    shutil.copytree(tiny, tmp_path / "other")
+    _error(*_main("train", "--config", config, "--resume", "--set", f"model.path={tmp_path / 'other'}"),
+           r"--resume: the config's model/lora settings differ .*model\.path: ")
+
+
+def test_eval_of_a_run_scores_the_split_the_run_held_out(tiny, trained, tmp_path):
+    """Without data.valid, eval rebuilt the held-out split from the config's data.valid_fraction and data.seed, not
+    the run's: with other values it scored records the run trained on, silently. It uses the run's, and says which
+    given values it does not use; a run that validated on data.valid is scored on that."""
+    run_dir = tmp_path / "split"
+    _saved_run(run_dir, tiny)
+    saved = yaml.safe_load((run_dir / run_lib.CONFIG_FILE).read_text())
+    saved["data"].update(valid=None, valid_fraction=0.25)
+    (run_dir / run_lib.CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    config = _config(tmp_path, tiny, "split", data={"valid": None, "valid_fraction": 0.25},
+                     eval={"num_examples": 1, "max_new_tokens": 2})
+    results = [_main("eval", "--config", config),
+               _main("eval", "--config", config, "--set", "data.valid_fraction=0.5", "--set", "data.seed=3")]
+    assert [code for code, _, _ in results] == [0, 0], results[1][2][-2000:]
+    assert results[0][1].splitlines()[-1] == results[1][1].splitlines()[-1], results     # the loss and score line
+    assert ("data.valid_fraction: 0.25 in the run, 0.5 now; data.seed: 0 in the run, 3 now: eval scores the run it "
+            f"evaluates ({run_dir}) on its own validation data (the data.valid_fraction of its data.train that it "
+            "held out, records it did not train on), not on these settings' (set data.valid to score other "
+            "records)\n") in results[1][2], results[1][2]
+    assert "in the run" not in results[0][2]
+    # a run that validated on data.valid (no split: it trained on all of data.train) is scored on its data.valid
+    with_valid = [_main("eval", "--config", trained[0], "--adapter", trained[1], "--set", "eval.num_examples=1",
+                        "--set", "eval.max_new_tokens=2", *sets)
+                  for sets in ([], ["--set", "data.valid=null", "--set", "data.valid_fraction=0.25"])]
+    assert [code for code, _, _ in with_valid] == [0, 0], with_valid[1][2][-2000:]
+    assert with_valid[0][1].splitlines()[-1] == with_valid[1][1].splitlines()[-1]
+    assert re.search(r"data\.valid: '.*valid\.jsonl' in the run, '' now; data\.valid_fraction: 0\.0 in the run, "
+                     r"0\.25 now: .*\(its data\.valid '", with_valid[1][2]), with_valid[1][2]
+
+
+def test_commands_that_read_a_run_name_the_run_a_stopped_overwrite_keeps(tiny, trained, tmp_path):
+    """After an --overwrite stopped (Ctrl-C) once it saved a checkpoint but before its first scheduled one, the old
+    run is kept aside: eval, export-peft and generate read the new run and now say so, naming the old one (as the
+    README says), as they do for a folder without a checkpoint."""
+    run_dir, aside = tmp_path / "r", tmp_path / ".r.replaced-1-2"
+    shutil.copytree(trained[1], run_dir)          # the new run, with checkpoints
+    shutil.copytree(trained[1], aside)            # the run it replaced
+    config = _config(tmp_path, tiny, "r")
+    kept = _KEPT.format(aside=aside, run=run_dir)
+    for args in (["eval", "--config", config, "--set", "eval.num_examples=1", "--set", "eval.max_new_tokens=2"],
+                 ["export-peft", "--run", run_dir, "--out", tmp_path / "peft"],
+                 ["generate", "--model", tiny, "--adapter", run_dir, "--prompt", "Hi", "--max-new-tokens", "2"]):
+        code, out, err = _main(*args)
+        assert code == 0, err[-2000:]
+        assert f"{args[0]} reads {run_dir}: the new run of an --overwrite stopped at step 4; {kept}\n" in err, err
+
+
+def test_compose_errors_name_the_adapters_by_their_names(tiny, trained, tmp_path):
+    """compose's errors said `items[1]`; they name the adapter as the user did (NAME=DIR)."""
+    _saved_run(tmp_path / "dora", tiny, use_dora=True)
+    line = _error(*_main("compose", "--model", tiny, "--adapter", f"plain={trained[1]}", "--adapter",
+                         f"magnitude={tmp_path / 'dora'}", "--method", "linear", "--out", tmp_path / "out"),
+                  r"error: 'magnitude' has a 'dora' adapter at ")
+    assert "items[" not in line

@@ -324,7 +324,10 @@ def test_mesh_section_shards_the_run_and_matches_one_device(tiny_model, tmp_path
 
 
 @pytest.mark.parametrize("mesh, message", [
-    ({"fsdp": 4, "tensor": 4}, r"`mesh` section: .*16"),   # 16 devices asked, 8 here
+    # 16 devices asked, 8 here; the fix in the config's terms (the commands take no `devices=`)
+    ({"fsdp": 4, "tensor": 4}, r"`mesh` section: .*16 devices, but there are 8 devices \(cpu\); set mesh.data, "
+                               r"mesh.fsdp and mesh.tensor to sizes whose product is 8 \(one of them may be -1: .*"
+                               r"or make JAX see other devices \(CUDA_VISIBLE_DEVICES"),
     # -1 resolves to the 8 devices: the batch of 4 is checked against them before the model loads, not at step 1
     ({"fsdp": -1}, r"`data.batch_size` = 4 \(micro-batches of 4\) does not split over the mesh's data x fsdp = 8 "
                    r"devices \(mesh.fsdp=-1 is 8 on this host's 8 devices\); make each micro-batch a multiple of 8"),

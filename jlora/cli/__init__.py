@@ -7,7 +7,7 @@
                    [--chat [--system "..."]] [--max-new-tokens 64] [--temperature 0.7 [--top-k 50] [--top-p 0.9]]
                    [--seed N]
     jlora merge --model PATH --adapter DIR --out OUT_DIR [--overwrite]
-    jlora compose --model PATH --adapter DIR[:WEIGHT] ... --method METHOD --out OUT_DIR [--overwrite]
+    jlora compose --model PATH --adapter NAME=DIR[:WEIGHT] ... --method METHOD --out OUT_DIR [--overwrite]
     jlora export-peft --run RUN_DIR --out OUT_DIR [--model PATH] [--step N] [--overwrite]
     jlora inspect --model PATH [--targets q_proj v_proj --rank 16 | --adapter DIR]
     jlora serve --model PATH [--adapter NAME=DIR ...] [--port 8000]   (jlora.serve: an OpenAI-compatible server)

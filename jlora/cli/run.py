@@ -21,7 +21,8 @@
 7. :func:`_train_loop`: one compiled step (or ``train.steps_per_call`` steps) per call, a progress bar with loss,
    tokens/s and ETA on a terminal (plain lines every ``train.log_every`` steps otherwise), ``metrics.jsonl``,
    periodic validation loss and checkpoints (adapters, optimizer state, step, RNG and the data position, so a
-   resumed run sees exactly the batches it would have seen). SIGINT saves a checkpoint and stops cleanly;
+   resumed run sees exactly the batches it would have seen). SIGINT saves a checkpoint and stops cleanly (a
+   second one stops at once, unless it follows the first within :data:`DOUBLE_TAP_S`);
 8. :func:`_finish`: the last checkpoint, validation loss, the generation eval of the trained adapters, a PEFT
    export;
 9. :func:`_wrap_up`: ``loss.png``, ``summary.json`` and the report.
@@ -148,10 +149,22 @@ def has_checkpoint(folder: pathlib.Path) -> bool:
     return bool(_checkpoint_steps(folder))
 
 
+def run_path(run_dir: str | os.PathLike) -> pathlib.Path:
+    """The run folder that ``run_dir`` names, as an absolute path with symlinks resolved: through a symlink to a run
+    folder, the folder itself is the run, locked, replaced and found beside its own replaced run (the symlink stays
+    as the user made it). Every command resolves it so, once, before it looks at the folder.
+
+    Examples:
+        >>> run_path("runs/../runs/a") == run_path("runs/a")
+        True
+    """
+    return pathlib.Path(run_dir).resolve()
+
+
 def _replaced_run(run_dir: str | pathlib.Path) -> pathlib.Path | None:
     """The old run that an ``--overwrite`` of ``run_dir`` moved aside (``.<name>.replaced-*`` beside it,
     :func:`_prepare_dir`) and still keeps, or None: it is deleted at the new run's first scheduled checkpoint."""
-    run_dir = pathlib.Path(run_dir).absolute()
+    run_dir = run_path(run_dir)
     left = sorted(run_dir.parent.glob(f".{glob.escape(run_dir.name)}.replaced-*"))
     return left[0] if left else None
 
@@ -180,12 +193,23 @@ def _killed_overwrite(aside: pathlib.Path, run_dir: str | pathlib.Path) -> str:
             f"kept in {aside}: put it back ({_go_back(aside, run_dir)}) or delete it (rm -r {_shell(aside)})")
 
 
+def _note_kept_aside(folder: str | pathlib.Path, command: str) -> None:
+    """Says (on stderr) that the run folder ``folder`` that ``command`` reads holds a run whose ``--overwrite`` was
+    stopped (Ctrl-C) after a checkpoint but before its first scheduled one, and names the old run it keeps aside: the
+    command reads the new run, which may not be the one meant."""
+    aside = _replaced_run(folder)
+    steps = _checkpoint_steps(pathlib.Path(folder))
+    if aside is not None and steps:
+        print(f"{command} reads {run_path(folder)}: the new run of an --overwrite stopped at step {steps[-1]}; "
+              f"{_kept_aside(aside, run_path(folder))}", file=sys.stderr, flush=True)
+
+
 def _no_checkpoint(what: str, folder: str | pathlib.Path) -> str:
     """The error for a run folder without a checkpoint (``what``: how the command names it), naming the run that a
     killed ``--overwrite`` of it keeps aside (:func:`_replaced_run`)."""
     aside = _replaced_run(folder)
     return (f"{what} holds no checkpoint (its run stopped before saving one)" +
-            ("" if aside is None else f"; {_killed_overwrite(aside, pathlib.Path(folder).absolute())}"))
+            ("" if aside is None else f"; {_killed_overwrite(aside, run_path(folder))}"))
 
 
 def _saved_results(folder: pathlib.Path) -> list[str]:
@@ -246,12 +270,12 @@ def _differences(saved: RunConfig, now: RunConfig, sections: Sequence[str]) -> l
             for s in sections for k in b[s] if value(saved, a, s, k) != value(now, b, s, k)]
 
 
-def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
-    """What to do with ``run.dir``: ``"new"``, ``"replace"``, ``"resume"`` or ``"finished"`` (``resume`` of a run
-    that completed its ``train.steps``: nothing to do); a :class:`ConfigError` when none fits (an existing run
-    without ``overwrite``, a folder of other files, ``resume`` without a run or past ``train.steps``, a run that an
-    ``--overwrite`` replaced still kept aside (:func:`_replaced_run`) unless ``resume`` continues the new run)."""
-    run_dir = pathlib.Path(cfg.run.dir).absolute()
+def _check_run_dir(cfg: RunConfig, run_dir: pathlib.Path, *, resume: bool, overwrite: bool) -> str:
+    """What to do with ``run_dir`` (``run.dir`` resolved, :func:`run_path`): ``"new"``, ``"replace"``, ``"resume"``
+    or ``"finished"`` (``resume`` of a run that completed its ``train.steps``: nothing to do); a
+    :class:`ConfigError` when none fits (an existing run without ``overwrite``, a folder of other files, ``resume``
+    without a run or past ``train.steps``, a run that an ``--overwrite`` replaced still kept aside
+    (:func:`_replaced_run`) unless ``resume`` continues the new run)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir {str(run_dir)!r} is a file; set `run.dir` to a folder (--set run.dir=OTHER)")
     aside, steps = _replaced_run(run_dir), _checkpoint_steps(run_dir)
@@ -275,6 +299,8 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
             raise ConfigError(f"--resume: {run_dir} has checkpoints but no {CONFIG_FILE}; it was not written by "
                               f"`jlora train`")
         saved = runconfig.load_run(run_dir / CONFIG_FILE)
+        if _same_path(saved.model.path, cfg.model.path):   # `tiny`, `./tiny` and its absolute path: one model
+            saved = dataclasses.replace(saved, model=dataclasses.replace(saved.model, path=cfg.model.path))
         changed = _differences(saved, cfg, ("model", "lora"))
         if changed:
             raise ConfigError(f"--resume: the config's model/lora settings differ from the run's saved "
@@ -325,10 +351,11 @@ def _check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> str:
     return "replace"   # with --overwrite, or only config.yaml: the debris of a run that stopped before its first one
 
 
-def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scoring.Scorer, Any, str]:
+def _preflight(cfg: RunConfig, run_dir: pathlib.Path, *, resume: bool, overwrite: bool
+               ) -> tuple[scoring.Scorer, Any, str]:
     """Checks everything that can be checked before loading anything: paths, the scorer, the mesh (against the
-    devices and ``steps_per_call``) and the run folder. Returns the scorer, the mesh and the run folder's
-    action (:func:`_check_run_dir`)."""
+    devices and ``steps_per_call``) and the run folder ``run_dir`` (:func:`run_path`). Returns the scorer, the
+    mesh and the run folder's action (:func:`_check_run_dir`)."""
     _check_inputs(cfg)
     scorer = scoring.load(cfg.eval.scorer)
     if cfg.eval.side_effects:
@@ -338,15 +365,15 @@ def _preflight(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[scorin
     if mesh is not None and per_call > 1:
         raise ConfigError(f"train.steps_per_call={per_call} works on a single device only; with a `mesh` section "
                           f"set train.steps_per_call: 1")
-    return scorer, mesh, _check_run_dir(cfg, resume=resume, overwrite=overwrite)
+    return scorer, mesh, _check_run_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
 
 
-def _prepare_dir(cfg: RunConfig, action: str) -> pathlib.Path | None:
-    """Makes the run folder and writes ``config.yaml``. For ``action == "replace"`` (saying so) the old folder is
-    moved aside, not deleted: the returned path, which :func:`_drop_replaced` deletes once the new run has saved a
-    scheduled or its final checkpoint (an interrupted run keeps it), and :func:`_put_back` puts back when the new
-    run fails before any checkpoint."""
-    run_dir = pathlib.Path(cfg.run.dir).absolute()
+def _prepare_dir(cfg: RunConfig, run_dir: pathlib.Path, action: str) -> pathlib.Path | None:
+    """Makes the run folder ``run_dir`` (``run.dir`` resolved, :func:`run_path`: a symlink to it stays one) and
+    writes ``config.yaml``. For ``action == "replace"`` (saying so) the old folder is moved aside, not deleted: the
+    returned path, which :func:`_drop_replaced` deletes once the new run has saved a scheduled or its final
+    checkpoint (an interrupted run keeps it), and :func:`_put_back` puts back when the new run fails before any
+    checkpoint."""
     aside = None
     if action == "replace":
         why = ("--overwrite: replacing the run folder" if _saved_results(run_dir) else
@@ -376,6 +403,24 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, weight_decay=t.weight_decay))
 
 
+def _mesh_in_config_terms(e: ValueError) -> str:
+    """A :func:`jlora.parallel.make_mesh` error in the run config's words: the commands have no ``devices``
+    argument (they use all of the host's devices, the ones JAX sees), and the sizes are ``mesh.*`` keys.
+
+    Examples:
+        >>> print(_mesh_in_config_terms(ValueError("choose sizes whose product is 8, or pass `devices=` (on CPU, "
+        ...                                        "XLA_FLAGS=...)")))  # doctest: +NORMALIZE_WHITESPACE
+        set mesh.data, mesh.fsdp and mesh.tensor to sizes whose product is 8 (one of them may be -1: all the devices
+        the others leave), or make JAX see other devices (CUDA_VISIBLE_DEVICES=0,1,..., TPU_VISIBLE_CHIPS) (on CPU,
+        XLA_FLAGS=...)
+    """
+    message = str(e).replace("choose sizes whose product", "set mesh.data, mesh.fsdp and mesh.tensor to sizes whose "
+                                                           "product")
+    message = message.replace(", or pass `devices=`", " (one of them may be -1: all the devices the others leave), "
+                              "or make JAX see other devices (CUDA_VISIBLE_DEVICES=0,1,..., TPU_VISIBLE_CHIPS)")
+    return message.replace("mesh sizes must be", "mesh.data, mesh.fsdp and mesh.tensor must be")
+
+
 def _mesh(cfg: RunConfig):
     """The configured device mesh, or None for a single device (mesh 1 x 1 x 1). A size of -1 is resolved here, so
     the batch is checked against the mesh's data x fsdp again (the config could not know the device count)."""
@@ -387,7 +432,7 @@ def _mesh(cfg: RunConfig):
     try:
         mesh = parallel.make_mesh(*sizes)
     except ValueError as e:
-        raise ConfigError(f"`mesh` section: {e}") from None
+        raise ConfigError(f"`mesh` section: {_mesh_in_config_terms(e)}") from None
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     batch, micro = cfg.data.batch_size, cfg.data.batch_size // cfg.train.grad_accum_steps
     if micro % rows:
@@ -653,21 +698,55 @@ def plot_losses(run_dir: pathlib.Path) -> pathlib.Path | None:
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # Ctrl-C; a scheduler's time limit, `timeout`, `kill`
+# A second stop signal this many seconds or less after the first is a double tap (sent before the user could read
+# what the first one does), not a decision to stop at once: it is ignored.
+DOUBLE_TAP_S = 1.0
+STOPPING = ("{name}: stopping after the step in flight, then saving a checkpoint (continue with --resume); {again} "
+            "stops at once, without saving the steps since the last checkpoint (all of them when none was saved yet)")
+
+
+def _stopping_message(signum: int) -> str:
+    """What the first stop signal ``signum`` does, and what a second one does (:data:`STOPPING`).
+
+    Examples:
+        >>> print(_stopping_message(signal.SIGTERM))  # doctest: +NORMALIZE_WHITESPACE
+        SIGTERM: stopping after the step in flight, then saving a checkpoint (continue with --resume); another
+        SIGTERM or Ctrl-C stops at once, without saving the steps since the last checkpoint (all of them when none
+        was saved yet)
+    """
+    if signum == signal.SIGINT:
+        return STOPPING.format(name="Ctrl-C", again="Ctrl-C again")
+    name = signal.Signals(signum).name
+    return STOPPING.format(name=name, again=f"another {name} or Ctrl-C")
+
+
+def _tell(text: str) -> None:
+    """Writes a line to stderr's file descriptor from a signal handler (``print`` there can raise a reentrant-call
+    RuntimeError when the signal lands inside another write to ``sys.stderr``); after a newline, so that it does not
+    run on from a progress bar's line."""
+    try:
+        os.write(2, f"\n{text}\n".encode(errors="replace"))
+    except OSError:   # stderr closed: the run stops cleanly all the same
+        pass
 
 
 class _Interrupt:
-    """Turns the first SIGINT or SIGTERM into a flag the loop checks after each step (a second one raises as
-    usual)."""
+    """Turns the first SIGINT or SIGTERM into a flag the loop checks after each step, saying so at once
+    (:data:`STOPPING`); a second one within :data:`DOUBLE_TAP_S` seconds is ignored, a later one raises as usual
+    (stops at once)."""
 
     def __init__(self):
         self.requested = False
+        self._first = 0.0        # time.monotonic() of the first signal
         self._previous = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.requested:
+            if not self.requested:
+                self.requested, self._first = True, time.monotonic()
+                _tell(_stopping_message(signum))
+            elif time.monotonic() - self._first > DOUBLE_TAP_S:
                 raise KeyboardInterrupt
-            self.requested = True
 
         self._previous = _handle(_STOP_SIGNALS, handler)
         return self
@@ -686,11 +765,12 @@ def _handle(signals, handler) -> dict:
 
 
 @contextlib.contextmanager
-def _run_guard(cfg: RunConfig):
-    """For a whole ``jlora train``: an exclusive lock on ``run.dir`` (:func:`_lock`: a second run into the same
-    folder would overwrite its checkpoints and interleave its metrics), and SIGTERM stopping the run as Ctrl-C does,
-    so that the cleanup runs (a replaced run is put back, a folder without a checkpoint is removed)."""
-    with _lock(pathlib.Path(cfg.run.dir).absolute()):
+def _run_guard(run_dir: pathlib.Path):
+    """For a whole ``jlora train``: an exclusive lock on ``run_dir`` (``run.dir`` resolved, :func:`run_path`, so
+    that a symlink to a running run's folder is refused too; :func:`_lock`: a second run into the same folder would
+    overwrite its checkpoints and interleave its metrics), and SIGTERM stopping the run as Ctrl-C does, so that the
+    cleanup runs (a replaced run is put back, a folder without a checkpoint is removed)."""
+    with _lock(run_dir):
         def stop(signum, frame):
             raise KeyboardInterrupt
 
@@ -760,24 +840,24 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         UsageError: JAX runs several processes (:func:`require_single_process`).
     """
     require_single_process("train")
-    with _run_guard(cfg):
-        return _train(cfg, resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
+    run_dir = run_path(cfg.run.dir)   # once: the lock, the checks and the folder all name the same one
+    with _run_guard(run_dir):
+        return _train(cfg, run_dir, resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
 
 
-def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool | None,
+def _train(cfg: RunConfig, run_dir: pathlib.Path, *, resume: bool, overwrite: bool, progress: bool | None,
            on_step: Callable[[int, dict], None] | None) -> dict[str, Any]:
     from jlora import checkpoint
 
-    scorer, mesh, action = _preflight(cfg, resume=resume, overwrite=overwrite)
+    scorer, mesh, action = _preflight(cfg, run_dir, resume=resume, overwrite=overwrite)
     if action == "finished":
-        run_dir = pathlib.Path(cfg.run.dir).absolute()
         print(f"{run_dir} already finished all train.steps={cfg.train.steps} steps: nothing to resume, nothing "
               f"changed (to train on, --set train.steps=N above {cfg.train.steps})")
         return _read_summary(run_dir)
     loaded = _load_model(cfg)
     _check_positions(cfg, loaded)
     data = _load_data(cfg, loaded)
-    run, state = _build(cfg, pathlib.Path(cfg.run.dir).absolute(), loaded, data, scorer, mesh)
+    run, state = _build(cfg, run_dir, loaded, data, scorer, mesh)
     if progress is None:
         progress = sys.stderr.isatty()
     prepared = False   # whether the run folder was made (or replaced) and config.yaml written
@@ -795,7 +875,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool | No
                 if data.prompts and cfg.eval.before and "accuracy_before" not in summary:
                     before = _score_base_model(run)
                 # Everything is checked: only now is an old run replaced, or a resumed run's config.yaml rewritten.
-                aside = _prepare_dir(cfg, action) or aside
+                aside = _prepare_dir(cfg, run.dir, action) or aside
                 run = dataclasses.replace(run, replaced=aside)
                 prepared = True
                 if before is not None:
@@ -1306,6 +1386,65 @@ def _run_model(folder: str | pathlib.Path, path: str, dtype: str | None = None) 
                                                                 **({"dtype": dtype} if dtype else {})))
 
 
+def _data_exists(path: str) -> bool:
+    """Whether a data path is there: a file, a folder of shards or a glob that matches."""
+    return os.path.exists(path) or (glob.has_magic(path) and bool(glob.glob(path)))
+
+
+def _run_data_path(folder: pathlib.Path, cfg: RunConfig, path: str) -> tuple[str | None, list[str]]:
+    """A data path of the run in ``folder`` (its saved config ``cfg``) as this process reads it: as given when it
+    is there, else, for a relative one, in the folder the run was trained in (:func:`_in_training_folder`, as
+    export-peft finds the model). None and the places tried when it is found nowhere."""
+    if _data_exists(path):
+        return path, []
+    if not _relative(path):
+        return None, [path]
+    found, tried = _in_training_folder(folder, cfg, path, _data_exists)[1:]
+    return (None if found is None else str(found)), tried
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two paths of a config name one file or folder: local paths compared resolved (relative ones from the
+    working directory, symlinks followed), ``pkg://`` and other URLs as text.
+
+    Examples:
+        >>> _same_path("runs/../tiny", "./tiny"), _same_path("pkg://p/a.gguf", "pkg://p/./a.gguf")
+        (True, False)
+    """
+    if a == b or not a or not b or "://" in a or "://" in b:
+        return a == b
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+_VALIDATION_KEYS = ("train", "valid", "valid_fraction", "seed")   # the data keys that choose what a run validated on
+
+
+def _run_validation_data(cfg: RunConfig, folder: str | pathlib.Path) -> RunConfig:
+    """``cfg`` (without ``data.valid``) with the validation data of the run in ``folder``: its ``data.valid``, or
+    the ``data.valid_fraction`` of its ``data.train`` that its ``data.seed`` held out, so that eval never scores
+    records the run trained on; says which of ``cfg``'s settings it does not use, with the run's. A
+    :class:`UsageError` when the run's data is not found from here."""
+    folder = pathlib.Path(folder)
+    saved = runconfig.load_run(folder / CONFIG_FILE)
+    values = {k: getattr(saved.data, k) for k in _VALIDATION_KEYS}
+    for key in ("train", "valid") if saved.data.valid else ("train",):   # data.train: eval's checks read it
+        path, tried = _run_data_path(folder, saved, values[key])
+        if path is None:
+            raise UsageError(f"the run's data.{key} {values[key]!r} (in {folder / CONFIG_FILE}) is not found: tried "
+                             f"{' and '.join(tried)}; eval scores the run on its own validation data: run eval from "
+                             f"where the run was trained, or set data.valid to other records (--set data.valid=PATH)")
+        values[key] = getattr(cfg.data, key) if _same_path(path, getattr(cfg.data, key)) else path
+    ran = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **values))
+    ignored = [d for d in _differences(ran, cfg, ("data",)) if d.split(":")[0] in {f"data.{k}" for k in values}]
+    if ignored:
+        held = (f"its data.valid {values['valid']!r}" if values["valid"] else
+                f"the data.valid_fraction of its data.train that it held out")
+        print(f"{'; '.join(ignored)}: eval scores the run it evaluates ({folder}) on its own validation data ({held}, "
+              f"records it did not train on), not on these settings' (set data.valid to score other records)",
+              file=sys.stderr, flush=True)
+    return ran
+
+
 def _lossless_dtype(local: str) -> str:
     """The dtype that holds ``local``'s weights without rounding them: bfloat16 for a bf16 HF checkpoint (half
     the memory of float32), float32 for anything else (fp32 and fp16 folders, GGUF files)."""
@@ -1365,23 +1504,29 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None = None, base: bool =
     if out:
         _refuse_out_over_inputs(out, [("--adapter", adapter)], "side-effect report", holding=False)
         _check_report_out(out, adapter or cfg.run.dir, overwrite=overwrite)
-    d = cfg.data
-    _check_inputs(cfg, train=not d.valid)    # with no data.valid, the split of data.train the run validated on
-    scorer = scoring.load(cfg.eval.scorer)
-    if not d.valid and not d.valid_fraction > 0:
-        raise ConfigError("`data.valid` is empty and data.valid_fraction is 0; eval needs validation data: set "
-                          "data.valid (or --set data.valid=PATH), or the data.valid_fraction the run held out")
     if not base and not adapter and not pathlib.Path(cfg.run.dir).exists():
         raise UsageError(f"the config's run.dir {cfg.run.dir!r} does not exist: train it first, or pass --adapter DIR "
                          f"(a run or PEFT folder) or --base")
     folder = None if base else adapter or cfg.run.dir
-    if folder is not None and adapter_kind(folder, "--adapter" if adapter else "the config's run.dir") == "run":
+    of_run = folder is not None and adapter_kind(folder, "--adapter" if adapter else "the config's run.dir") == "run"
+    if of_run:
+        _note_kept_aside(folder, "eval")
         ran = dataclasses.replace(cfg, model=_run_model(folder, cfg.model.path).model)   # as generate loads it
         ignored = _differences(ran, cfg, ("model",))
         if ignored:
             print(f"{'; '.join(ignored)}: eval loads the base model with the settings of the run it evaluates "
                   f"({folder}), which its adapters and checkpoint fit, not with these", file=sys.stderr, flush=True)
-        cfg = ran
+        cfg = ran if cfg.data.valid else _run_validation_data(ran, folder)
+    d = cfg.data
+    _check_inputs(cfg, train=not d.valid)    # with no data.valid, the split of data.train the run validated on
+    scorer = scoring.load(cfg.eval.scorer)
+    if not d.valid and not d.valid_fraction > 0:
+        if of_run:
+            raise ConfigError(f"the run {folder} held out no validation data (its data.valid is empty and its "
+                              f"data.valid_fraction 0), so every record of its data.train was trained on; to score "
+                              f"it, set data.valid to other records (--set data.valid=PATH)")
+        raise ConfigError("`data.valid` is empty and data.valid_fraction is 0; eval needs validation data: set "
+                          "data.valid (or --set data.valid=PATH), or the data.valid_fraction the run held out")
     loaded = _load_model(cfg)
     _check_positions(cfg, loaded)
     adapters, lora_cfg = (None, cfg.lora) if base else load_adapters(adapter or cfg.run.dir, loaded)
@@ -1461,19 +1606,21 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
             w = float(weight)
         except ValueError:
             raise UsageError(f"--adapter {item!r}: the weight {weight!r} is not a number") from None
-        adapter_kind(folder)
-        parsed.append((folder, w))
+        if adapter_kind(folder) == "run":
+            _note_kept_aside(folder, f"compose [{name}]")
+        parsed.append((name, folder, w))
     if not parsed:
         raise UsageError("give at least one --adapter NAME=DIR[:WEIGHT]")
     out_dir = _check_out(out, overwrite=overwrite, marker="adapter_config.json", what="PEFT adapter",
-                         reads=[("--model", model)] + [("--adapter", folder) for folder, _ in parsed])
-    loaded = _load_with_adapter(model, [folder for folder, _ in parsed])
-    for folder, w in parsed:
+                         reads=[("--model", model)] + [("--adapter", folder) for _, folder, _ in parsed])
+    loaded = _load_with_adapter(model, [folder for _, folder, _ in parsed])
+    for _, folder, w in parsed:
         items.append(load_adapters(folder, loaded))
         weights.append(w)
-    try:
+    try:   # its messages name each adapter by the user's NAME
         combined, cfg = compose.combine(items, weights, method, density=density, svd_rank=svd_rank,
-                                        majority_sign_method=majority_sign_method, key=jax.random.key(seed))
+                                        majority_sign_method=majority_sign_method, key=jax.random.key(seed),
+                                        names=[name for name, _, _ in parsed])
     except ValueError as e:
         raise UsageError(str(e)) from None
     _clear_out(out_dir)
@@ -1509,14 +1656,7 @@ def training_system_prompt(run_dir: str | pathlib.Path) -> tuple[str | None, str
     differ; judged from the first 1,000 records), and the data it was read from."""
     folder = pathlib.Path(run_dir)
     cfg = runconfig.load_run(folder / CONFIG_FILE)
-    train = cfg.data.train
-
-    def exists(path: str) -> bool:   # a file, a folder of shards or a glob
-        return os.path.exists(path) or (glob.has_magic(path) and bool(glob.glob(path)))
-
-    if _relative(train) and not exists(train):   # as export-peft finds the model: where the run was trained
-        found = _in_training_folder(folder, cfg, train, exists)[1]
-        train = train if found is None else str(found)
+    train = _run_data_path(folder, cfg, cfg.data.train)[0] or cfg.data.train   # from here, or where it was trained
     try:
         records = [r for _, r in data_lib.read(train, columns=cfg.data.columns, limit=1000)]
     except (OSError, ValueError) as e:   # e.g. a path relative to a folder the run was moved from
@@ -1580,6 +1720,8 @@ def generate_command(model: str, prompts: Sequence[str], *, adapter: str | None 
     several prompts each output follows a ``--- prompt i/n`` line. Returns the completions."""
     _check_generate_options(prompts, chat=chat, system=system, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p)
+    if adapter and adapter_kind(adapter) == "run":
+        _note_kept_aside(adapter, "generate")
     loaded = _load_with_adapter(model, adapter)
     tok = loaded.tokenizer
     if tok is None:
@@ -1640,7 +1782,8 @@ def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequen
         if name == "base" or name in folders:
             why = "reserved" if name == "base" else "given twice"
             raise UsageError(f"--adapter {item!r}: the name {name!r} is {why}")
-        adapter_kind(folder)                              # a clear error for a missing or wrong folder, before loading
+        if adapter_kind(folder) == "run":                 # a clear error for a missing or wrong folder, before loading
+            _note_kept_aside(folder, f"generate [{name}]")
         folders[name] = folder
     names = [n.strip() for n in route.split(",")] if route else ([next(iter(folders))] * len(prompts)
                                                                   if len(folders) == 1 else [])
@@ -1708,6 +1851,8 @@ def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False
 
     out_dir = _check_out(out, overwrite=overwrite, marker="config.json", what="merged model",
                          reads=[("--model", model), ("--adapter", adapter)])
+    if adapter_kind(adapter) == "run":
+        _note_kept_aside(adapter, "merge")
     # at the checkpoint's own precision, whatever dtype the run trained in (a bf16 run on an fp32 base must not
     # round the weights it does not change)
     loaded = _load_with_adapter(model, adapter, dtype=_lossless_dtype(resolve_model(model, "--model")))
@@ -1827,6 +1972,7 @@ def export_peft_command(run_dir: str, out: str, *, model: str | None = None, ste
         raise UsageError(_no_checkpoint(f"--run {run_dir!r}", folder))
     if step is not None and step not in steps:
         raise UsageError(f"--step {step}: {run_dir} has checkpoints at steps {steps}")
+    _note_kept_aside(folder, "export-peft")
     cfg = runconfig.load_run(folder / CONFIG_FILE)
     if model is not None:
         resolve_model(model, "--model")
