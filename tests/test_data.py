@@ -133,7 +133,7 @@ def test_multi_turn_trains_every_assistant_turn_as_transformers_assistant_mask(t
     a turn's start ('\n   ')."""
     tok, ex = _checked_against_assistant_mask(tmp_path, CHATML_MARKED, messages)
     assert sum(ex.prompt_mask) > 0
-    prompt = tok.apply_chat_template(messages[:-1])
+    prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True)
     assert list(ex.prompt_ids) == tok.encode(prompt, add_special_tokens=False)
     last = data.tokenize({"messages": messages}, tok, chat_turns="last")   # only the last turn, as jlora did before
     assert last.input_ids == ex.input_ids and last.prompt_mask == ()
@@ -188,7 +188,8 @@ def test_multi_turn_with_smollm2s_template(smol):
         '{"name":"Ana"}<|im_end|>{"amount":12}<|im_end|>{"city":"Oslo"}<|im_end|>')
     # SmolLM2's vocabulary merges "\n" with the spaces that start an indented turn: the history keeps generation's ids.
     ex = data.tokenize({"messages": INDENTED}, smol)
-    assert list(ex.prompt_ids) == smol.encode(smol.apply_chat_template(INDENTED[:-1]), add_special_tokens=False)
+    assert list(ex.prompt_ids) == smol.encode(smol.apply_chat_template(INDENTED[:-1], add_generation_prompt=True),
+                                             add_special_tokens=False)
     assert "return 1  # indented<|im_end|>" in _masked_text(smol, ex.input_ids, ex.loss_mask)
 
 

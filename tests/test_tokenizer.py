@@ -311,7 +311,10 @@ def _sentencepiece_llama_json(folder, post_processor):
     tk.save(os.path.join(folder, "tokenizer.json"))
 
 
-@pytest.mark.parametrize("flags", [{}, {"legacy": True}, {"add_prefix_space": False}, {"post_processor": False}])
+@pytest.mark.parametrize("flags", [{}, {"legacy": True}, {"add_prefix_space": False}, {"post_processor": False},
+                                   {"tokenizer_class": "CodeLlamaTokenizer"},   # reads no legacy, always strips
+                                   {"tokenizer_class": "CodeLlamaTokenizerFast", "legacy": True},
+                                   {"tokenizer_class": "CodeLlamaTokenizer", "add_prefix_space": False}])
 def test_sentencepiece_llama_folder_tokenizes_as_transformers(tmp_path, flags):
     """transformers 5 runs a LlamaTokenizer folder's tokenizer.json through its own pipeline (no normalizer, a
     Metaspace that prepends "▁" to the first piece only); so does jlora, so text after a special token (what chat
@@ -469,6 +472,48 @@ def _byte_level_json(folder, add_prefix_space, split=None, normalizer=None, bos=
     tk.save(os.path.join(folder, "tokenizer.json"))
 
 
+def test_tokenizer_config_settings_apply_as_in_transformers(tmp_path):
+    """tokenizer_config.json settings over tokenizer.json's, as transformers 5 reads a folder: special tokens the
+    file lacks get new ids, `split_special_tokens` encodes them as text, `added_tokens_decoder` flags win, and the
+    chat template sees sep/cls/mask tokens. Oracle: AutoTokenizer on the same folder."""
+    import transformers
+
+    _byte_level_json(tmp_path, False)
+    decoder = {str(json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"][1]["id"]): {
+        "content": "<|im_start|>", "lstrip": True, "rstrip": True, "normalized": False, "single_word": False,
+        "special": True}}
+    base = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+    cases = {"additional": {"additional_special_tokens": ["<tool>"], "extra_special_tokens": {"x": "<extra>"}},
+             "extra_list": {"additional_special_tokens": ["<tool>"], "extra_special_tokens": ["<extra>"]},
+             "split": {"split_special_tokens": True}, "flags": {"added_tokens_decoder": decoder},
+             "sep": {"sep_token": "<SEP>", "chat_template": "{% for m in messages %}{{ m.content }}{{ sep_token }}"
+                                                            "{% endfor %}"}}
+    texts = ["<tool>a<extra>", "<|endoftext|> x", "a <|im_start|> b", "x<SEP>"]
+    for name, config in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(tmp_path / "tokenizer.json", folder)
+        (folder / "tokenizer_config.json").write_text(json.dumps({**base, **config}))
+        theirs, ours = transformers.AutoTokenizer.from_pretrained(folder), Tokenizer.from_folder(folder)
+        for text in texts:
+            ids = theirs.encode(text, add_special_tokens=False)
+            assert ours.encode(text, add_special_tokens=False) == ids, (name, text)
+            assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), (name, text)
+        if name == "sep":
+            m = [{"role": "user", "content": "hi"}]
+            assert ours.apply_chat_template(m) == theirs.apply_chat_template(m, tokenize=False) == "hi<SEP>"
+        if name == "split":   # the flag is not in tokenizer.json: a pickled copy (a loader worker's) keeps it
+            import pickle
+
+            assert pickle.loads(pickle.dumps(ours)).encode("<|endoftext|>") == ours.encode("<|endoftext|>")
+    folder = tmp_path / "gemma"   # a class transformers rebuilds otherwise: refused, not tokenized differently
+    folder.mkdir()
+    shutil.copy(tmp_path / "tokenizer.json", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**base, "tokenizer_class": "GemmaTokenizerFast"}))
+    with pytest.raises(ValueError, match="tokenizer_class 'GemmaTokenizerFast' is one that transformers 5 rebuilds"):
+        Tokenizer.from_folder(folder)
+
+
 def _qwen_regex(module):
     return importlib.import_module(f"transformers.models.{module}.tokenization_{module}").PRETOKENIZE_REGEX
 
@@ -518,4 +563,6 @@ def test_byte_level_folders_take_add_prefix_space_from_the_config(tmp_path, toke
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), text
     for messages in MESSAGES:
         want = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert ours.apply_chat_template(messages, tokenize=True, add_generation_prompt=True) == list(want)
+        want = theirs.apply_chat_template(messages, tokenize=True, return_dict=False)   # both: no generation prompt
         assert ours.apply_chat_template(messages, tokenize=True) == list(want)

@@ -1713,6 +1713,13 @@ class _StreamPrinter:
         self.out.flush()
 
 
+def _chat_ids(tok, turns: Sequence[list], prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt as a user turn after its ``turns`` (a system turn, or none), rendered by the chat template ready
+    for the assistant's answer, and encoded (the template writes any BOS itself)."""
+    return [tok.encode(tok.apply_chat_template(t + [{"role": "user", "content": p}], add_generation_prompt=True),
+                       add_special_tokens=False) for t, p in zip(turns, prompts)]
+
+
 def generate_command(model: str, prompts: Sequence[str], *, adapter: str | None = None, chat: bool = False,
                      system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[str]:
@@ -1734,8 +1741,7 @@ def generate_command(model: str, prompts: Sequence[str], *, adapter: str | None 
                   f"is used here too: {system!r} (pass --system to change it, --system '' for none)", file=sys.stderr)
     if chat:
         turns = [[{"role": "system", "content": system}] if system else [] for _ in prompts]
-        ids = [tok.encode(tok.apply_chat_template(t + [{"role": "user", "content": p}]), add_special_tokens=False)
-               for t, p in zip(turns, prompts)]
+        ids = _chat_ids(tok, turns, prompts)
     else:
         ids = [tok.encode(p) for p in prompts]
     limit = _context_length(loaded)
@@ -1820,8 +1826,7 @@ def generate_routed_command(model: str, prompts: Sequence[str], adapters: Sequen
                               f"{systems[n]!r} (pass --system to change it, --system '' for none)", file=sys.stderr)
         turns = [[{"role": "system", "content": systems.get(n, system)}] if systems.get(n, system) else []
                  for n in names]   # a prompt routed to the base gets --system too
-        ids = [tok.encode(tok.apply_chat_template(t + [{"role": "user", "content": p}]), add_special_tokens=False)
-               for t, p in zip(turns, prompts)]
+        ids = _chat_ids(tok, turns, prompts)
     else:
         ids = [tok.encode(p) for p in prompts]
     limit = _context_length(loaded)

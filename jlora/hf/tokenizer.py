@@ -108,6 +108,7 @@ def _token_text(token: Any) -> str | None:
 
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 _NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+_OTHER_NAMES = ("sep_token", "cls_token", "mask_token")   # chat templates see them too
 _END_OF_TEXT = "<|endoftext|>"
 # The special tokens a tokenizer class names when its config does not (their __init__ defaults in transformers 5).
 _CLASS_DEFAULTS = {
@@ -151,6 +152,12 @@ class Tokenizer:
         chat_template: Jinja source, or None.
         extra_eos_token_ids: ids that also end a generation (end-of-turn tokens), besides `eos_token`.
         keep_post_processor: keep the backend's own post-processor (tokenizer.json says what it adds).
+        other_tokens: more named special tokens (`sep_token`, `cls_token`, `mask_token`), which chat templates
+            see as variables, as in transformers.
+        additional_special_tokens: more special tokens (matched whole, skipped on decode); any the backend lacks
+            get new ids, as in transformers.
+        split_special_tokens: encode special tokens written in a text as plain text (transformers'
+            `split_special_tokens`); chat templates still write them, and their ids decode as before.
     """
 
     def __init__(
@@ -166,6 +173,9 @@ class Tokenizer:
         chat_template: str | None = None,
         extra_eos_token_ids: Sequence[int] = (),
         keep_post_processor: bool = False,
+        other_tokens: Mapping[str, str] | None = None,
+        additional_special_tokens: Sequence[str] = (),
+        split_special_tokens: bool = False,
     ):
         # A private copy: the post-processor and special tokens set below must not leak into the caller's object.
         backend = tokenizers.Tokenizer.from_str(backend.to_str())
@@ -173,12 +183,16 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         # The named special tokens match whole and are skipped on decode, as in transformers, even when
         # the backend lists them as plain vocabulary (or not at all: then, as in transformers, they get new ids).
+        self._other_tokens = {k: v for k, v in (other_tokens or {}).items() if v is not None}
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
-        missing = [t for t in dict.fromkeys((bos_token, eos_token, pad_token, unk_token)) if t and t not in added]
+        named = (bos_token, eos_token, pad_token, unk_token, *self._other_tokens.values(), *additional_special_tokens)
+        missing = [t for t in dict.fromkeys(named) if t and t not in added]
         if missing:
             backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in missing])
         self._chat_template = chat_template
         self._extra_eos = tuple(int(i) for i in extra_eos_token_ids)
+        self._split_special = bool(split_special_tokens)
+        backend.encode_special_tokens = self._split_special   # (a runtime flag: neither saved nor pickled)
         if not keep_post_processor:
             backend.post_processor = _template_processing(
                 backend, bos_token if add_bos_token else None, eos_token if add_eos_token else None)
@@ -210,8 +224,15 @@ class Tokenizer:
             raise ValueError(f"{tokenizer_file} cannot be read as a tokenizer ({e}); it is damaged or not a "
                              f"Hugging Face tokenizer.json: download or save the tokenizer again") from None
         config = _read_json(os.path.join(path, CONFIG_FILE)) or {}
-        if config.get("tokenizer_class") in _SENTENCEPIECE_LLAMA and not _byte_level(tokenizer_file):
-            _as_transformers_llama(backend, config)
+        _config_flags(backend, config.get("added_tokens_decoder"))
+        kind = str(config.get("tokenizer_class")).removesuffix("Fast")
+        if kind in _REBUILT_OTHERWISE:
+            raise ValueError(f"{os.path.join(path, CONFIG_FILE)}: tokenizer_class {config['tokenizer_class']!r} is "
+                             f"one that transformers 5 rebuilds with its own normalizer and pre-tokenizer, which "
+                             f"jlora does not reproduce, so its token ids would differ from transformers'; jlora "
+                             f"reads the tokenizers of the Llama, Mistral, Qwen and GPT-2 families")
+        if kind in _SENTENCEPIECE_LLAMA and not _byte_level(tokenizer_file):
+            _as_transformers_llama(backend, config, code=kind == "CodeLlamaTokenizer")
         elif str(config.get("tokenizer_class")).removesuffix("Fast") in _BYTE_LEVEL_CLASSES:
             _set_add_prefix_space(backend, bool(config.get("add_prefix_space")))
         template = config.get("chat_template")
@@ -226,12 +247,19 @@ class Tokenizer:
         generation = _read_json(os.path.join(path, GENERATION_CONFIG_FILE)) or {}
         eos_ids = generation.get("eos_token_id")
         eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        # transformers 5: a list of extra_special_tokens replaces additional_special_tokens; a dict's tokens join them
+        extra = config.get("extra_special_tokens") or []
+        more = [*extra.values(), *(config.get("additional_special_tokens") or [])] if isinstance(extra, Mapping) \
+            else list(extra) or list(config.get("additional_special_tokens") or [])
         return cls(
             backend,
             **tokens,
             chat_template=template,
             extra_eos_token_ids=eos_ids,
             keep_post_processor=True,
+            other_tokens={name: _token_text(config.get(name)) for name in _OTHER_NAMES},
+            additional_special_tokens=[_token_text(t) for t in more if _token_text(t)],
+            split_special_tokens=bool(config.get("split_special_tokens")),
         )
 
     @classmethod
@@ -403,6 +431,10 @@ class Tokenizer:
         state.pop("_compiled_template", None)
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._backend.encode_special_tokens = self.__dict__.get("_split_special", False)
+
     @functools.cached_property
     def _compiled_template(self):
         if self._chat_template is None:
@@ -413,7 +445,7 @@ class Tokenizer:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool = False,
         tokenize: bool = False,
         **template_kwargs: Any,
     ) -> str | list[int]:
@@ -421,7 +453,8 @@ class Tokenizer:
 
         Args:
             messages: the conversation.
-            add_generation_prompt: end with the assistant turn's opening, ready for generation.
+            add_generation_prompt: end with the assistant turn's opening, ready for generation (off by default,
+                as in transformers: a prompt to generate from needs it on).
             tokenize: return token ids (encoded without adding BOS/EOS, as transformers does) instead of text.
             **template_kwargs: extra variables for the template (e.g. `tools`).
         """
@@ -429,7 +462,7 @@ class Tokenizer:
             if not isinstance(m, Mapping):
                 raise ValueError(f"chat messages must be dicts with 'role' and 'content'; got {m!r}")
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
-                     "pad_token": self.pad_token}
+                     "pad_token": self.pad_token, **self._other_tokens}
         variables = {k: v for k, v in variables.items() if v is not None}
         text = self._compiled_template.render(   # tools and documents: None unless given, as transformers passes
             messages=[_template_message(m) for m in messages], add_generation_prompt=add_generation_prompt,
@@ -489,6 +522,9 @@ class Tokenizer:
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             if getattr(self, name) is not None:
                 config[name] = getattr(self, name)
+        config.update(self._other_tokens)
+        if self._split_special:
+            config["split_special_tokens"] = True
         if self._chat_template is not None:
             config["chat_template"] = self._chat_template
         with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -608,7 +644,9 @@ _CONTEXT_TOKENS = 8
 # tokenizer_config.json classes whose tokenizer.json transformers 5 does not run as written: it keeps the vocabulary,
 # merges, added tokens and post-processor, and rebuilds the rest (transformers' LlamaTokenizer: Llama 2, Mistral v0.x
 # and other sentencepiece-BPE folders).
-_SENTENCEPIECE_LLAMA = ("LlamaTokenizer", "LlamaTokenizerFast")
+_SENTENCEPIECE_LLAMA = ("LlamaTokenizer", "CodeLlamaTokenizer")   # (the "...Fast" names are the same classes)
+# ... and classes it rebuilds in ways jlora does not follow (other normalizers and pre-tokenizers): refused by name
+_REBUILT_OTHERWISE = ("GemmaTokenizer", "T5Tokenizer", "XLMRobertaTokenizer")
 
 
 # tokenizer_config.json classes that transformers 5 rebuilds with a ByteLevel pre-tokenizer whose `add_prefix_space` is
@@ -654,18 +692,36 @@ def _byte_level(tokenizer_file: str) -> bool:
         return '"ByteLevel"' in f.read()
 
 
-def _as_transformers_llama(backend: tokenizers.Tokenizer, config: Mapping[str, Any]) -> None:
+def _as_transformers_llama(backend: tokenizers.Tokenizer, config: Mapping[str, Any], *, code: bool = False) -> None:
     """Sets ``backend`` up as transformers 5's ``LlamaTokenizer`` does: no normalizer (tokenizer.json's
     ``Prepend("▁")`` + ``Replace(" ", "▁")``), a ``Metaspace`` pre-tokenizer that prepends "▁" to the first piece
     only (every piece with ``legacy: true``; none with ``add_prefix_space: false``), and its decoder. Text after a
-    special token, as chat templates make, then gets no extra "▁", and a leading space is not doubled."""
+    special token, as chat templates make, then gets no extra "▁", and a leading space is not doubled. ``code``:
+    as its ``CodeLlamaTokenizer`` does, which reads no ``legacy`` and always strips the decoded text's first space.
+    (Its byte fallback stays as tokenizer.json has it: without one, a character outside the vocabulary is
+    ``<unk>``, where transformers turns byte fallback on and, with no byte tokens, drops the character.)"""
     prefix = config.get("add_prefix_space")
     prefix = True if prefix is None else bool(prefix)
-    scheme = ("always" if config.get("legacy", False) else "first") if prefix else "never"
+    scheme = ("always" if config.get("legacy", False) and not code else "first") if prefix else "never"
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix or code else []))
+
+
+def _config_flags(backend: tokenizers.Tokenizer, decoder: Any) -> None:
+    """Gives ``backend``'s added tokens the flags (lstrip, rstrip, single_word, normalized, special) that
+    tokenizer_config.json's ``added_tokens_decoder`` sets for them, where they differ from tokenizer.json's: as
+    transformers 5 reads a folder, the config's win."""
+    current = backend.get_added_tokens_decoder()
+    flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
+    for key, spec in (decoder or {}).items() if isinstance(decoder, Mapping) else ():
+        token = current.get(int(key)) if str(key).isdigit() else None
+        if token is None or not isinstance(spec, Mapping) or spec.get("content") != token.content:
+            continue
+        want = {f: bool(spec.get(f, getattr(token, f))) for f in flags}
+        if any(want[f] != getattr(token, f) for f in flags):   # re-adding a token keeps its id, takes the flags
+            (backend.add_special_tokens if want["special"] else backend.add_tokens)([AddedToken(token.content, **want)])
 
 
 def _read_json(path: str) -> dict | None:

@@ -277,7 +277,7 @@ def chat_prompt(messages, tokenizer) -> list[int]:
     if tokenizer is None:
         raise bad("messages", "this model has no tokenizer, so no chat template: use /v1/completions with token ids")
     try:
-        text = tokenizer.apply_chat_template(plain)
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True)
     except ValueError as e:
         raise bad("messages", str(e)) from None
     except Exception as e:  # noqa: BLE001 - the template's own raise_exception() or a Jinja error
