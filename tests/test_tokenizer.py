@@ -506,6 +506,14 @@ def test_tokenizer_config_settings_apply_as_in_transformers(tmp_path):
             import pickle
 
             assert pickle.loads(pickle.dumps(ours)).encode("<|endoftext|>") == ours.encode("<|endoftext|>")
+    folder = tmp_path / "named"   # named templates, none 'default': the error names them and what to do
+    folder.mkdir()
+    shutil.copy(tmp_path / "tokenizer.json", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**base, "chat_template": [
+        {"name": "tool_use", "template": "t"}, {"name": "rag", "template": "r"}]}))
+    with pytest.raises(ValueError, match=r"named chat templates \['rag', 'tool_use'\] but none named 'default'.* "
+                                         r"chat_template.jinja"):
+        Tokenizer.from_folder(folder).apply_chat_template([{"role": "user", "content": "hi"}])
     folder = tmp_path / "gemma"   # a class transformers rebuilds otherwise: refused, not tokenized differently
     folder.mkdir()
     shutil.copy(tmp_path / "tokenizer.json", folder)

@@ -90,6 +90,11 @@ GLOBAL_TABLE = {
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
+# GGUF tensors jlora knows and does not read, and what they are
+_UNREAD_TENSORS = {"rope_freqs.weight": "it holds the per-frequency factors of Llama 3.1+ rope scaling (rope_scaling "
+                                        "type llama3), which jlora reads from a Hugging Face folder's config.json "
+                                        "only: load the model's safetensors folder instead"}
+
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The HF state-dict name of a GGUF tensor, or None when the table has no entry.
@@ -262,8 +267,9 @@ def read(path: str | os.PathLike) -> GGUFModel:
     for t in reader.tensors:
         name = hf_name(t.name, arch_name)
         if name is None:
+            why = _UNREAD_TENSORS.get(t.name, "the model uses a feature jlora does not load")
             raise ValueError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face name in jlora's "
-                             f"{arch_name} table (jlora.hf.gguf.ARCHS); the model uses a feature jlora does not load")
+                             f"{arch_name} table (jlora.hf.gguf.ARCHS); {why}")
         entries[name] = t
 
     config = hf_config(meta, tied="lm_head.weight" not in entries, path=path)

@@ -190,6 +190,7 @@ class Tokenizer:
         if missing:
             backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in missing])
         self._chat_template = chat_template
+        self._template_names: list[str] = []   # from_folder: named templates, none of them 'default'
         self._extra_eos = tuple(int(i) for i in extra_eos_token_ids)
         self._split_special = bool(split_special_tokens)
         backend.encode_special_tokens = self._split_special   # (a runtime flag: neither saved nor pickled)
@@ -235,7 +236,7 @@ class Tokenizer:
             _as_transformers_llama(backend, config, code=kind == "CodeLlamaTokenizer")
         elif str(config.get("tokenizer_class")).removesuffix("Fast") in _BYTE_LEVEL_CLASSES:
             _set_add_prefix_space(backend, bool(config.get("add_prefix_space")))
-        template = config.get("chat_template")
+        template, named = config.get("chat_template"), {}
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t["name"]: t["template"] for t in template}
             template = named.get("default")
@@ -251,7 +252,7 @@ class Tokenizer:
         extra = config.get("extra_special_tokens") or []
         more = [*extra.values(), *(config.get("additional_special_tokens") or [])] if isinstance(extra, Mapping) \
             else list(extra) or list(config.get("additional_special_tokens") or [])
-        return cls(
+        tok = cls(
             backend,
             **tokens,
             chat_template=template,
@@ -261,6 +262,9 @@ class Tokenizer:
             additional_special_tokens=[_token_text(t) for t in more if _token_text(t)],
             split_special_tokens=bool(config.get("split_special_tokens")),
         )
+        if template is None and named:   # for the error that rendering then raises
+            tok._template_names = sorted(named)
+        return tok
 
     @classmethod
     def from_gguf_metadata(cls, fields: Mapping[str, Any]) -> Tokenizer:
@@ -438,6 +442,11 @@ class Tokenizer:
     @functools.cached_property
     def _compiled_template(self):
         if self._chat_template is None:
+            names = self._template_names
+            if names:
+                raise ValueError(f"this tokenizer has named chat templates {names} but none named 'default', so it "
+                                 f"has no one chat template; write the one to use into the folder's "
+                                 f"{CHAT_TEMPLATE_FILE} (transformers reads that file first, too)")
             raise ValueError("this tokenizer has no chat_template; pass a model with one, or format prompts yourself")
         return _jinja_env().from_string(self._chat_template)
 
