@@ -265,7 +265,7 @@ def put(bank: Bank, slot: int, adapters: Mapping, cfg: LoraConfig, *, fingerprin
                              f"which a bank cannot hold; use plain LoRA adapters")
         if path not in slots:
             covers = f"{sorted(slots)[:6]}{' ...' if len(slots) > 6 else ''}"
-            if form := _other_stack_form(path, slots):
+            if form := _other_stack_form(path, node, slots):
                 raise ValueError(f"the adapter at {path!r} is {form} (the bank covers {covers}): adapters and bank "
                                  f"need one layer-stack form; read the adapters for a model loaded as the bank's "
                                  f"(the same scan_layers), or go through a PEFT folder, which fits either")
@@ -361,23 +361,15 @@ def apply(model, params: Mapping, bank: Bank, ids: jax.Array, *args, **kwargs) -
     return transform.apply(model, params, bank.slots, bank.config, *args, adapter_ids=ids, **kwargs)
 
 
-def _other_stack_form(path: str, slots) -> str | None:
-    """Why ``path``, outside the bank's ``slots``, is there in the other layer-stack form (a scanned model's
-    ``layers/...`` against an unrolled one's ``layers_0/...``, or the reverse); None if it is not.
-
-    Examples:
-        >>> _other_stack_form("layers/attn/q/kernel", ["layers_0/attn/q/kernel", "layers_1/attn/q/kernel"])[:25]
-        'stacked over the layers o'
-        >>> _other_stack_form("layers_3/attn/q/kernel", ["layers/attn/q/kernel"])[:25]
-        "one layer's of an unrolle"
-        >>> _other_stack_form("head/kernel", ["layers/attn/q/kernel"]) is None
-        True
-    """
-    if any(tree_lib.stack_form(s) == path for s in slots):
+def _other_stack_form(path: str, node: Adapter, slots: Mapping[str, Adapter]) -> str | None:
+    """Why the adapter ``node`` at ``path``, outside the bank's ``slots``, is there in the other layer-stack form
+    (:func:`jlora.adapter.stack_twin`); None if it is not."""
+    twin = adapter_lib.stack_twin(path, node, slots)
+    if twin is None:
+        return None
+    if twin[1] == "stacked":
         return "stacked over the layers of a scanned model (scan_layers), while the bank's model has them unrolled"
-    if tree_lib.stack_form(path) in slots:
-        return "one layer's of an unrolled model, while the bank's model stacks its layers (scan_layers)"
-    return None
+    return "one layer's of an unrolled model, while the bank's model stacks its layers (scan_layers)"
 
 
 def _route(ids: jax.Array, capacity: int) -> jax.Array:

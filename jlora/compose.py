@@ -88,7 +88,7 @@ import numpy as np
 from jlora import adapter as adapter_lib
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
-from jlora.adapter import Adapter, adapter_items, full_items
+from jlora.adapter import Adapter, adapter_items, full_items, stack_twin
 from jlora.config import CHANGES_BASE, LoraConfig
 
 # combination type -> (how each input's factors or updates are combined, whether the result is re-factored by SVD)
@@ -282,17 +282,18 @@ def _by_path(items, labels: Sequence[str]) -> dict[str, list[tuple[int, Adapter,
     for i, (adapters, cfg) in enumerate(items):
         for path, node in adapter_items(adapters):
             found.setdefault(path, []).append((i, node, cfg.scale(path)))
-    forms: dict[str, list[str]] = {}
-    for path in found:
-        forms.setdefault(tree_lib.stack_form(path), []).append(path)
-    for stacked, same in forms.items():
-        if stacked in found and len(same) > 1:   # one scanned stack, and one of its layers unrolled
-            one = next(p for p in same if p != stacked)
-            who = lambda p: " and ".join(labels[i] for i, _, _ in found[p])   # noqa: E731
-            raise ValueError(f"{who(stacked)} adapt {stacked!r}, a scanned stack of layers, and {who(one)} {one!r}, "
-                             f"one of those layers unrolled: the inputs were read for two forms of one model. Read "
-                             f"them all for one form (the same scan_layers), or through PEFT folders, which fit "
-                             f"either")
+    forms: dict[str, list[tuple[int, str, Adapter]]] = {}   # the paths that may name one kernel in two forms
+    for path, group in found.items():
+        forms.setdefault(tree_lib.stack_form(path), []).extend((i, path, node) for i, node, _ in group)
+    for same in forms.values():
+        for i, path, node in same:
+            twin = stack_twin(path, node, {p: n for j, p, n in same if j != i})
+            if twin is not None and twin[1] == "stacked":   # a scanned stack here, one of its layers unrolled there
+                one = twin[0]
+                who = " and ".join(labels[j] for j, p, _ in same if p == one)
+                raise ValueError(f"{labels[i]} adapts {path!r}, a scanned stack of layers, and {who} {one!r}, one of "
+                                 f"those layers unrolled: the inputs were read for two forms of one model. Read them "
+                                 f"all for one form (the same scan_layers), or through PEFT folders, which fit either")
     for path, group in found.items():
         _, first, _ = group[0]
         if first.layout is not None and first.layout.groups > 1:

@@ -488,8 +488,8 @@ def layout(model: Any, *args, method=None, **kwargs) -> Layout:
     """The :class:`jlora.KernelLayout` of every kernel an adapted NNX layer uses, read off the layers (no trace).
 
     ``jlora.layout(model)`` calls this for an NNX model; example arguments are accepted and not needed. Kernels of
-    layers jlora does not adapt are listed in ``Layout.unsupported`` with their class, so targeting one is a
-    clear error.
+    layers jlora does not adapt are listed in ``Layout.unsupported`` with their class, and those of layers set up in
+    a way LoRA cannot follow in ``Layout.refused`` with the reason, so targeting one is a clear error.
 
     Examples:
         >>> from flax import nnx

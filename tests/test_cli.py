@@ -1685,6 +1685,32 @@ def test_a_double_ctrl_c_saves_a_checkpoint_and_the_first_says_what_a_second_doe
     assert code == 0 and "resumed from step 1\n" in out, err[-2000:]
 
 
+def test_a_double_taps_second_half_after_the_loop_stopped_is_ignored_too(tiny, tmp_path, monkeypatch):
+    """The save after the first Ctrl-C can be quicker than a double tap: its second half then came in the wrap-up
+    (the loss plot, summary.json), where the loop's handler was gone, and stopped the command there."""
+    config = _config(tmp_path, tiny, "r", train={"checkpoint_every": 0}, eval=_NO_EVALS)
+    train, wrap_up = run_lib.train, run_lib._wrap_up
+
+    def tap(step, record):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def second_half_then_wrap_up(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):     # the handler runs between bytecodes of the main thread
+            pass
+        return wrap_up(*args, **kwargs)
+
+    monkeypatch.setattr(run_lib, "DOUBLE_TAP_S", 60.0)     # however slow this machine is, still the double tap
+    monkeypatch.setattr(run_lib, "train", lambda cfg, **kw: train(cfg, on_step=tap, **kw))
+    monkeypatch.setattr(run_lib, "_wrap_up", second_half_then_wrap_up)
+    previous = signal.getsignal(signal.SIGINT)
+    code, out, err = _main("train", "--config", config, "--no-progress")
+    assert code == 130 and "interrupted: saved a checkpoint at step 1" in out, err[-2000:]
+    assert (tmp_path / "r" / "summary.json").exists()
+    assert signal.getsignal(signal.SIGINT) is previous      # the command leaves SIGINT as it found it
+
+
 def test_a_ctrl_c_after_the_double_tap_window_stops_at_once(monkeypatch, capfd):
     """After DOUBLE_TAP_S, a second Ctrl-C is the user's choice to stop at once (the message said so)."""
     monkeypatch.setattr(run_lib, "DOUBLE_TAP_S", 0.0)
@@ -1741,6 +1767,15 @@ def test_resume_takes_the_same_model_by_another_path(tiny, trained, tmp_path, mo
     shutil.copytree(tiny, tmp_path / "other")
     _error(*_main("train", "--config", config, "--resume", "--set", f"model.path={tmp_path / 'other'}"),
            r"--resume: the config's model/lora settings differ .*model\.path: ")
+    # a resume that trains on keeps the run's own spelling in its config.yaml: commands run from elsewhere find it
+    saved = yaml.safe_load((tmp_path / "r" / run_lib.CONFIG_FILE).read_text())["model"]["path"]
+    monkeypatch.undo()
+    monkeypatch.chdir(tiny.parent)
+    code, out, err = _main("train", "--config", config, "--resume", "--no-progress", "--set", "train.steps=5",
+                           "--set", f"model.path=./{tiny.name}", "--set", "eval.before=false",
+                           "--set", "eval.after=false", "--set", "eval.side_effects=false")
+    assert code == 0 and "resumed from step 4" in out, err[-2000:]
+    assert yaml.safe_load((tmp_path / "r" / run_lib.CONFIG_FILE).read_text())["model"]["path"] == saved
 
 
 def test_eval_of_a_run_scores_the_split_the_run_held_out(tiny, trained, tmp_path):
@@ -1771,6 +1806,19 @@ def test_eval_of_a_run_scores_the_split_the_run_held_out(tiny, trained, tmp_path
     assert with_valid[0][1].splitlines()[-1] == with_valid[1][1].splitlines()[-1]
     assert re.search(r"data\.valid: '.*valid\.jsonl' in the run, '' now; data\.valid_fraction: 0\.0 in the run, "
                      r"0\.25 now: .*\(its data\.valid '", with_valid[1][2]), with_valid[1][2]
+    # ... which is all eval reads of its data: its data.train may be gone
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(TRAIN, data / "train.jsonl")
+    shutil.copy(VALID, data / "valid.jsonl")
+    saved.update(data={**saved["data"], "train": str(data / "train.jsonl"), "valid": str(data / "valid.jsonl"),
+                       "valid_fraction": 0.0})
+    (run_dir / run_lib.CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    (data / "train.jsonl").unlink()
+    code, out, err = _main("eval", "--config", config)
+    code2, want, _ = _main("eval", "--config", config, "--set", f"data.valid={data / 'valid.jsonl'}",
+                           "--set", "data.valid_fraction=0")
+    assert code == code2 == 0 and out.splitlines()[-1] == want.splitlines()[-1], err[-2000:]
 
 
 def test_commands_that_read_a_run_name_the_run_a_stopped_overwrite_keeps(tiny, trained, tmp_path):

@@ -272,9 +272,22 @@ def test_a_scanned_and_an_unrolled_read_of_one_model_are_refused(sets):
     mixed = [scanned.items[0], flat.items[1]]
     for run in (lambda: compose.combine(mixed, WEIGHTS[:2], "cat", names=["a", "b"]),
                 lambda: compose.stack(mixed, WEIGHTS[:2], names=["a", "b"])):
-        with pytest.raises(ValueError, match=r"^'a' adapt '\S+', a scanned stack of layers, and 'b' '\S+_0/\S+', "
+        with pytest.raises(ValueError, match=r"^'a' adapts '\S+', a scanned stack of layers, and 'b' '\S+_0/\S+', "
                                              r"one of those layers unrolled: .*the same scan_layers"):
             run()
+    # a model's own `proj` beside `proj_1` is no such pair (no layer axis between them): combined as usual
+    import flax.linen as nn
+
+    class TwoProj(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="proj_1")(nn.Dense(4, name="proj")(x))
+
+    params = TwoProj().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    cfg = jlora.LoraConfig(rank=2, targets="proj")
+    items = [(jlora.init(params, cfg, key=jax.random.key(k)), cfg) for k in (1, 2)]
+    assert sorted(jlora.tree.flatten(compose.stack(items, [1.0, 1.0], names=["a", "b"])[0])) == [
+        "proj/kernel", "proj_1/kernel"]
 
 
 # ------------------------------------------------------------------------------------- stacking at inference

@@ -183,7 +183,8 @@ def reference(world):
             ids = _library_tokens(world, tok.encode(p), name)
             assert tok.decode(ids) == text
             ref[(name, p)] = (text, ids)
-    chat_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True), add_special_tokens=False)
+    chat_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True),
+                          add_special_tokens=False)
     (text,) = _jlora_generate(world["model"], [CHAT], world["root"] / "a1", "--chat")
     ref[("a1", "chat")] = (text, _library_tokens(world, chat_ids, "a1"))
     assert tok.decode(ref[("a1", "chat")][1]) == text

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -381,6 +382,10 @@ def _prepare_dir(cfg: RunConfig, run_dir: pathlib.Path, action: str) -> pathlib.
         print(f"{why} {run_dir}", flush=True)
         aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}-{time.time_ns()}")
         run_dir.rename(aside)
+    if action == "resume":   # the same model by another spelling (_check_run_dir): the run's record keeps its own
+        saved = runconfig.load_run(run_dir / CONFIG_FILE).model.path
+        if _same_path(saved, cfg.model.path):
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=saved))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(runconfig.write_yaml(cfg.to_dict()))
     return aside
@@ -752,8 +757,22 @@ class _Interrupt:
         return self
 
     def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+        deadline = self._first + DOUBLE_TAP_S
+        for sig, previous in self._previous.items():   # a double tap's second half may come after the loop stopped
+            late = self.requested and time.monotonic() < deadline
+            signal.signal(sig, functools.partial(_after_tap, deadline, previous) if late else previous)
+
+
+def _after_tap(deadline: float, previous, signum: int, frame) -> None:
+    """A stop signal after :class:`_Interrupt`'s loop stopped for the first one: ignored until ``deadline`` (the
+    double tap's window, which the command's wrap-up may still be in), later handled as ``previous`` would."""
+    if time.monotonic() <= deadline:
+        return
+    signal.signal(signum, previous)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 def _handle(signals, handler) -> dict:
@@ -775,6 +794,8 @@ def _run_guard(run_dir: pathlib.Path):
             raise KeyboardInterrupt
 
         previous = _handle((signal.SIGTERM,), stop)
+        if previous:   # the main thread: SIGINT's handler too (a stopped loop leaves one for a double tap's end)
+            previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
         try:
             yield
         finally:
@@ -1427,7 +1448,9 @@ def _run_validation_data(cfg: RunConfig, folder: str | pathlib.Path) -> RunConfi
     folder = pathlib.Path(folder)
     saved = runconfig.load_run(folder / CONFIG_FILE)
     values = {k: getattr(saved.data, k) for k in _VALIDATION_KEYS}
-    for key in ("train", "valid") if saved.data.valid else ("train",):   # data.train: eval's checks read it
+    if saved.data.valid:   # only that file is read (eval's checks skip data.train then)
+        values["train"] = cfg.data.train
+    for key in ("valid",) if saved.data.valid else ("train",):
         path, tried = _run_data_path(folder, saved, values[key])
         if path is None:
             raise UsageError(f"the run's data.{key} {values[key]!r} (in {folder / CONFIG_FILE}) is not found: tried "
@@ -1602,6 +1625,8 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
         folder, colon, weight = rest.rpartition(":") if ":" in rest and not os.path.exists(rest) else (rest, "", "1")
         if not sep or not name or not folder:
             raise UsageError(f"--adapter {item!r}: expected NAME=DIR or NAME=DIR:WEIGHT")
+        if name in [n for n, _, _ in parsed]:   # messages name the adapters by these
+            raise UsageError(f"--adapter {item!r}: the name {name!r} is given twice; give each adapter its own")
         try:
             w = float(weight)
         except ValueError:

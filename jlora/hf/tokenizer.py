@@ -157,7 +157,8 @@ class Tokenizer:
         additional_special_tokens: more special tokens (matched whole, skipped on decode); any the backend lacks
             get new ids, as in transformers.
         split_special_tokens: encode special tokens written in a text as plain text (transformers'
-            `split_special_tokens`); chat templates still write them, and their ids decode as before.
+            `split_special_tokens`), those a chat template writes too when its text is encoded (as in
+            transformers); their ids decode as before.
     """
 
     def __init__(
@@ -211,9 +212,14 @@ class Tokenizer:
         what tokenizer.json's post-processor does: like transformers 5, the config's `add_bos_token` and
         `add_eos_token` are ignored when tokenizer.json is present. A `LlamaTokenizer` folder (Llama 2, Mistral
         v0.x) splits text as transformers 5 does, not as its tokenizer.json's normalizer says (see
-        `_as_transformers_llama`), and a folder of a byte-level class (GPT-2, CodeGen, GPT-NeoX, Qwen2, Cohere) takes
-        whether a text gets a leading space from the config's `add_prefix_space`, as transformers 5 does (see
-        `_set_add_prefix_space`).
+        `_as_transformers_llama`; `CodeLlamaTokenizer` likewise), and a folder of a byte-level class (GPT-2, CodeGen,
+        GPT-NeoX, Qwen2, Cohere) takes whether a text gets a leading space from the config's `add_prefix_space`, as
+        transformers 5 does (see `_set_add_prefix_space`). As in transformers 5, the config's
+        `additional_special_tokens`/`extra_special_tokens` that tokenizer.json lacks get new ids,
+        `split_special_tokens` is followed, and `added_tokens_decoder`'s lstrip/rstrip/single_word/normalized/special
+        flags win over tokenizer.json's for tokens both name. Two rare cases differ from transformers: a token only
+        the config's `added_tokens_decoder` names is not added, and one it makes non-special is kept on decode,
+        where transformers still skips it.
         """
         path = os.fspath(path)
         tokenizer_file = os.path.join(path, TOKENIZER_FILE)
@@ -234,7 +240,7 @@ class Tokenizer:
                              f"reads the tokenizers of the Llama, Mistral, Qwen and GPT-2 families")
         if kind in _SENTENCEPIECE_LLAMA and not _byte_level(tokenizer_file):
             _as_transformers_llama(backend, config, code=kind == "CodeLlamaTokenizer")
-        elif str(config.get("tokenizer_class")).removesuffix("Fast") in _BYTE_LEVEL_CLASSES:
+        elif kind in _BYTE_LEVEL_CLASSES:
             _set_add_prefix_space(backend, bool(config.get("add_prefix_space")))
         template, named = config.get("chat_template"), {}
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
