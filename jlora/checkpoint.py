@@ -231,19 +231,38 @@ def _gather_positions(position) -> list[str]:
         if error is not None:
             raise ValueError(f"{_NOT_JSON}; got {position!r}: {error}")
         return [text]
-    from jax.experimental import multihost_utils
+    from jlora.parallel import allgather_text
 
-    # a leading byte says whether the position encoded, then its JSON, zero-padded to the longest
-    data = np.frombuffer(bytes([error is None]) + text.encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded))
-    failed = [i for i, row in enumerate(rows) if not row[0]]
+    texts = allgather_text("1" + text if error is None else "0")   # a leading flag: whether the position encoded
+    failed = [i for i, t in enumerate(texts) if t[0] != "1"]
     if failed:
         mine = f"; this process's: {position!r}: {error}" if error is not None else ""
         raise ValueError(f"{_NOT_JSON}; it is not in process(es) {failed}{mine}")
-    return [bytes(row[1:n]).decode() for row, n in zip(rows, sizes)]
+    return [t[1:] for t in texts]
+
+
+def _agreed(check, what: str):
+    """``check()``'s result, once every process's own ``check()`` passed: a collective with several processes, so
+    that a check failing in one process (another config, a missing file) raises in every process instead of
+    leaving the others waiting in orbax's collective restore. The failing process raises its own error; the others
+    a :class:`CheckpointError` naming it."""
+    if jax.process_count() == 1:
+        return check()
+    from jlora.parallel import allgather_text
+
+    try:
+        result, error = check(), None
+    except Exception as e:  # noqa: BLE001  (re-raised below, after every process has heard of it)
+        result, error = None, e
+    said = allgather_text("" if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = {i: t for i, t in enumerate(said) if t}
+    if failed:
+        i, message = next(iter(failed.items()))
+        raise CheckpointError(f"{what} failed in process(es) {sorted(failed)}, so in this one too; process {i}: "
+                              f"{message}")
+    return result
 
 
 def _own_position(meta: dict, where: str, with_data_position: bool) -> Any:
@@ -496,6 +515,14 @@ class CheckpointManager:
                              f"with the wrong base or config: {e}") from None
         metrics = _check_metrics(metrics, self._options.best_metric)
         positions = _gather_positions(data_position)   # every process's: a collective, as the save is
+        if jax.process_count() > 1:   # orbax's barriers would wait forever for processes saving another step
+            from jlora.parallel import allgather_text
+
+            steps = allgather_text(str(step))
+            if len(set(steps)) > 1:
+                raise RuntimeError(f"saving checkpoint step {step} in {self.directory}: the processes save different "
+                                   f"steps ({', '.join(f'process {i}: {t}' for i, t in enumerate(steps))}); "
+                                   f"{_OUT_OF_STEP}")
         manager = self._orbax(create=True)
         self.wait()            # a failed async save of an earlier step raises here (its folder removed)
         manager.reload()       # the steps on disk now: another writer's too (orbax caches its own list)
@@ -602,13 +629,18 @@ class CheckpointManager:
             CheckpointError: a different base model or LoraConfig, a target that does not fit, corrupt files, or
                 per-process data positions saved by another number of processes.
         """
-        manager, step = self._resolve(step)
-        meta = self._read_metadata(manager, step)
-        self._validate(meta, step, params, lora_config, name)
-        position = _own_position(meta, f"{self.directory}/{step}", with_data_position)
-        rng_target, rng_kind = _rng_target(target.rng, meta["rng"], f"{self.directory}/{step}")
-        train_target = {"step": target.step, "rng": rng_target, "opt_state": target.opt_state}
-        adapters, train_state = self._load(manager, step, meta, adapters=target.adapters, train_state=train_target)
+        def check():
+            manager, found = self._resolve(step)
+            meta = self._read_metadata(manager, found)
+            self._validate(meta, found, params, lora_config, name)
+            position = _own_position(meta, f"{self.directory}/{found}", with_data_position)
+            rng_target, rng_kind = _rng_target(target.rng, meta["rng"], f"{self.directory}/{found}")
+            train_target = {"step": target.step, "rng": rng_target, "opt_state": target.opt_state}
+            targets = {"adapters": target.adapters, "train_state": train_target}
+            return manager, found, meta, position, rng_kind, targets, self._load_args(found, meta, targets)
+
+        manager, step, meta, position, rng_kind, targets, args = _agreed(check, f"restoring {self.directory}")
+        adapters, train_state = self._load(manager, step, meta, targets, args)
         rng = train_state["rng"] if rng_kind is None else jax.random.wrap_key_data(train_state["rng"], impl=rng_kind)
         state = TrainState(train_state["step"], adapters, train_state["opt_state"], rng)
         return Restored(state, position, step, meta)
@@ -623,17 +655,25 @@ class CheckpointManager:
         """
         from jlora import lora
 
-        manager, step = self._resolve(step)
-        meta = self._read_metadata(manager, step)
-        self._validate(meta, step, params, lora_config, name)
-        if target is None:   # shapes only: PiSSA/OLoRA's factors have the default init's shapes
-            shapes = dataclasses.replace(lora_config, init="default") if lora_config.init in CHANGES_BASE \
-                else lora_config
-            target = jax.eval_shape(lambda: lora.init(params, shapes, key=jax.random.key(0), layout=layout))
-        (adapters,) = self._load(manager, step, meta, adapters=target)
+        def check():
+            manager, found = self._resolve(step)
+            meta = self._read_metadata(manager, found)
+            self._validate(meta, found, params, lora_config, name)
+            tree = target
+            if tree is None:   # shapes only: PiSSA/OLoRA's factors have the default init's shapes
+                shapes = dataclasses.replace(lora_config, init="default") if lora_config.init in CHANGES_BASE \
+                    else lora_config
+                tree = jax.eval_shape(lambda: lora.init(params, shapes, key=jax.random.key(0), layout=layout))
+            targets = {"adapters": tree}
+            return manager, found, meta, targets, self._load_args(found, meta, targets)
+
+        manager, step, meta, targets, args = _agreed(check, f"restoring {self.directory}")
+        (adapters,) = self._load(manager, step, meta, targets, args)
         return adapters
 
-    def _load(self, manager, step: int, meta: dict, **targets) -> list:
+    def _load_args(self, step: int, meta: dict, targets: Mapping[str, Any]) -> ocp.args.Composite:
+        """orbax's restore arguments for the items ``targets``, once their trees are checked against the saved
+        ones (every check that needs no collective)."""
         where = f"{self.directory}/{step}"
         abstract = {k: _abstract(t) for k, t in targets.items()}
         for item, tree in abstract.items():
@@ -644,7 +684,10 @@ class CheckpointManager:
         lost = [f"{item}/_METADATA" for item in targets if not (folder / item / "_METADATA").exists()]
         if lost and all((folder / item).exists() for item in targets):
             raise self._corrupt(step, f"{', '.join(lost)} missing")
-        args = ocp.args.Composite(**{k: ocp.args.StandardRestore(t) for k, t in abstract.items()})
+        return ocp.args.Composite(**{k: ocp.args.StandardRestore(t) for k, t in abstract.items()})
+
+    def _load(self, manager, step: int, meta: dict, targets: Mapping[str, Any], args: ocp.args.Composite) -> list:
+        """The items ``targets`` of ``step`` read by orbax (``args``: :meth:`_load_args`), checksums checked."""
         with _orbax_read(self, step):
             restored = manager.restore(step, args=args)
         out = []

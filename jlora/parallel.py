@@ -411,12 +411,46 @@ def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
     return slice(shards[0] * per, (shards[-1] + 1) * per)
 
 
+def allgather_text(text: str) -> list[str]:
+    """Every process's ``text``, in process order: a collective (every process calls it; one process: ``[text]``).
+
+    Examples:
+        >>> allgather_text("step 3")
+        ['step 3']
+    """
+    if jax.process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
+    padded = np.zeros(max(1, int(sizes.max())), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]
+
+
 def shard_local_batch(local_batch: Mapping, mesh: Mesh) -> dict:
     """Per-process data feeding: each process passes only its rows (:func:`local_batch_rows`) and gets back the
     global batch as arrays sharded over ``("data", "fsdp")``, via ``jax.make_array_from_process_local_data``.
-    With one process this equals :func:`shard_batch`."""
+    With one process this equals :func:`shard_batch`. With several, the processes' batches are compared first (a
+    collective on every call): each would otherwise build the global batch from its own shapes, and processes
+    that differ in rows or row length would run different programs, with no error and wrong numbers.
+
+    Raises:
+        ValueError: in every process, when their batches differ in keys, shapes or dtypes.
+    """
     _check_batch(local_batch, mesh, len(_local_shards(mesh)),
                  " (per process: this process's devices hold that many of the batch shards)")
+    if jax.process_count() > 1:
+        mine = ", ".join(f"{k}: {np.dtype(np.asarray(v).dtype).name}{list(np.shape(v))}"
+                         for k, v in sorted(local_batch.items()))
+        every = allgather_text(mine)
+        if len(set(every)) > 1:
+            each = "; ".join(f"process {i}: {d}" for i, d in enumerate(every))
+            raise ValueError(f"the processes' local batches differ ({each}); every process must feed the same keys, "
+                             f"rows and row length (a data.Loader with rows= needs width= too, or each pads to its "
+                             f"own longest row)")
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
@@ -609,4 +643,5 @@ def to_host(tree: Any) -> Any:
 __all__ = ["AXES", "BATCH_AXES", "ACTIVATION_RULES", "make_mesh", "leaf_spec", "param_specs", "param_shardings",
            "adapter_shardings", "like_adapters", "state_shardings", "batch_sharding", "place", "shard_batch",
            "local_batch_rows", "shard_local_batch", "make_sharded_train_step", "make_pmap_train_step", "replicate",
-           "unreplicate", "split_for_pmap", "initialize", "max_over_processes", "is_main_process", "to_host"]
+           "unreplicate", "split_for_pmap", "initialize", "max_over_processes", "allgather_text", "is_main_process",
+           "to_host"]

@@ -7,7 +7,9 @@ batch, and
 - PHASE "train": checks that the `jlora` command refuses to run in the job, trains ``SPLIT`` steps from scratch and
   saves checkpoint ``SPLIT`` from every process, each with its own data position;
 - PHASE "resume": restores the latest checkpoint onto the sharded state (each process its own data position) and
-  trains to ``TOTAL`` steps.
+  trains to ``TOTAL`` steps;
+- PHASE "mismatch": the processes disagree (batch shapes, the step saved, the LoRA config restored): each call
+  raises in every process, none waits forever in a collective; each process writes what it raised to OUT.<id>.
 "train" passes the job's coordinates to ``jlora.parallel.initialize`` as arguments, "resume" through the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables.
 Process 0 writes the losses and the final adapters (gathered to host) to OUT (.npz).
@@ -85,6 +87,11 @@ def main(process_id, num_processes, port, phase, ckpt_dir, out):
     step = parallel.make_sharded_train_step(model, cfg, opt, mesh, param_shardings=p_sh, state_shardings=s_sh)
 
     manager = CheckpointManager(ckpt_dir)
+    if phase == "mismatch":
+        _mismatch(process_id, mesh, batches[0], manager, state, params, cfg, out)
+        manager.close()
+        jax.distributed.shutdown()
+        return
     position = {"next": SPLIT, "process": process_id}   # each process's own, as a packing loader's are
     if phase == "resume":
         restored = manager.restore(state, params=params, lora_config=cfg)
@@ -113,6 +120,38 @@ def main(process_id, num_processes, port, phase, ckpt_dir, out):
     if parallel.is_main_process():
         np.savez(out, losses=np.asarray(losses), step=int(parallel.to_host(state.step)), **flat)
     jax.distributed.shutdown()
+
+
+def _mismatch(process_id, mesh, batch, manager, state, params, cfg, out):
+    """Each disagreement of the processes raises in both (what each raised goes to OUT.<process id>)."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from jlora import parallel
+
+    raised = {}
+
+    def attempt(name, call):
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001  (recorded for the test to check)
+            raised[name] = f"{type(e).__name__}: {e}"
+
+    rows = parallel.local_batch_rows(mesh, B)
+    local = {k: np.asarray(v)[rows] for k, v in batch.items()}
+    if process_id == 1:     # a loader without width=: this process pads to a longer row
+        local = {k: np.pad(v, ((0, 0), (0, 8))) for k, v in local.items()}
+    attempt("batch", lambda: parallel.shard_local_batch(local, mesh))
+    attempt("save", lambda: manager.save(1 + process_id, state, params=params, lora_config=cfg))
+    manager.save(1, state, params=params, lora_config=cfg)   # in step again: this one is saved
+    manager.wait()
+    other = dataclasses.replace(cfg, rank=8) if process_id == 1 else cfg
+    attempt("restore", lambda: manager.restore(state, params=params, lora_config=other))
+    attempt("restore_adapters", lambda: manager.restore_adapters(params=params, lora_config=other))
+    with open(f"{out}.{process_id}", "w") as f:
+        json.dump(raised, f)
 
 
 if __name__ == "__main__":

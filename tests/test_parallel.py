@@ -212,7 +212,8 @@ def _free_port():
 
 
 def _run_pair(phase, tmp_path, timeout=240):
-    """Runs two worker processes of one jax.distributed job; kills both if either fails or hangs."""
+    """Runs two worker processes of one jax.distributed job; kills both if either fails or hangs. Returns what
+    process 0 wrote to ``<phase>.npz`` (None for a phase that writes none)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
     env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=os.pathsep.join(
@@ -240,7 +241,27 @@ def _run_pair(phase, tmp_path, timeout=240):
     if any(p.returncode for p in procs):
         pytest.fail(f"{phase} workers exited with {[p.returncode for p in procs]}:\n" +
                     "\n".join(f"--- process {i} ---\n{t[-3000:]}" for i, t in enumerate(texts)))
-    return dict(np.load(out))
+    return dict(np.load(out)) if out.exists() else None
+
+
+def test_two_processes_that_disagree_raise_in_both_and_wait_for_nothing(tmp_path):
+    """Processes fed batches of other shapes ran different programs with no error (wrong losses); processes saving
+    other steps waited forever in orbax's barrier, and a restore refused in one process left the other waiting in
+    orbax's collective read. Each now raises in every process, naming both sides."""
+    import json
+
+    _run_pair("mismatch", tmp_path, timeout=180)   # (within the time: nothing waits forever)
+    raised = [json.loads((tmp_path / f"mismatch.npz.{i}").read_text()) for i in range(2)]
+    for i, r in enumerate(raised):
+        assert r["batch"].startswith("ValueError: the processes' local batches differ (process 0: attention_mask: "
+                                     "int32[8, 16], input_ids: int32[8, 16]; process 1: attention_mask: "
+                                     "int32[8, 24], input_ids: int32[8, 24]); every process must feed"), (i, r)
+        assert r["save"].startswith(f"RuntimeError: saving checkpoint step {1 + i} in ") and \
+            "the processes save different steps (process 0: 1, process 1: 2)" in r["save"], (i, r)
+    for what in ("restore", "restore_adapters"):   # process 1's own error; process 0 names it
+        assert "rank" in raised[1][what] and raised[1][what].startswith("CheckpointError"), raised[1]
+        assert raised[0][what].startswith(f"CheckpointError: restoring {tmp_path / 'ckpt'} failed in process(es) "
+                                          f"[1], so in this one too; process 1: CheckpointError: "), raised[0]
 
 
 @pytest.mark.slow
