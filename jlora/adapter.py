@@ -241,34 +241,6 @@ def adapter_items(adapters: Any) -> Iterator[tuple[str, Adapter]]:
     return ((p, x) for p, x in _walk(adapters) if isinstance(x, Adapter))
 
 
-def stack_twin(path: str, node: Adapter, others: Mapping[str, Adapter]) -> tuple[str, str] | None:
-    """``(other path, "stacked" or "unrolled")`` when ``others`` holds the adapter of the kernel ``path`` names in
-    the other layer-stack form of one model: ``path`` is the scanned stack (``layers/...``, one more leading axis)
-    of an unrolled layer's ``layers_0/...`` there, or the reverse (:func:`jlora.tree.stack_form`); None otherwise.
-    The axes tell a stack from a model's own ``proj`` beside ``proj_1``.
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> one = Adapter(jnp.zeros((4, 2)), jnp.zeros((2, 3)))
-        >>> stacked = Adapter(jnp.zeros((5, 4, 2)), jnp.zeros((5, 2, 3)))   # 5 layers
-        >>> stack_twin("layers/q/kernel", stacked, {"layers_0/q/kernel": one})
-        ('layers_0/q/kernel', 'stacked')
-        >>> stack_twin("proj/kernel", one, {"proj_1/kernel": one}) is None   # two layers of one model
-        True
-    """
-    from jlora.tree import stack_form
-
-    def lead(n: Adapter) -> int:
-        return np.ndim(n.a) - 2 - n.slot_dims
-
-    for other, o in others.items():
-        if stack_form(other) == path and lead(node) == lead(o) + 1:
-            return other, "stacked"
-        if stack_form(path) == other and lead(o) == lead(node) + 1:
-            return other, "unrolled"
-    return None
-
-
 def full_items(adapters: Any) -> Iterator[tuple[str, Any]]:
     """Yields ``(param_path, array)`` for every whole trained tensor (``bias``/``modules_to_save`` leaves)."""
     return ((p, x) for p, x in _walk(adapters) if not isinstance(x, Adapter))

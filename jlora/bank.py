@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 from jlora import adapter as adapter_lib
+from jlora import compose
 from jlora import lora as lora_lib
 from jlora import loss as loss_lib
 from jlora import train as train_lib
@@ -363,8 +364,8 @@ def apply(model, params: Mapping, bank: Bank, ids: jax.Array, *args, **kwargs) -
 
 def _other_stack_form(path: str, node: Adapter, slots: Mapping[str, Adapter]) -> str | None:
     """Why the adapter ``node`` at ``path``, outside the bank's ``slots``, is there in the other layer-stack form
-    (:func:`jlora.adapter.stack_twin`); None if it is not."""
-    twin = adapter_lib.stack_twin(path, node, slots)
+    (:func:`jlora.compose.stack_twin`); None if it is not."""
+    twin = compose.stack_twin(path, node, slots)
     if twin is None:
         return None
     if twin[1] == "stacked":

@@ -88,7 +88,7 @@ import numpy as np
 from jlora import adapter as adapter_lib
 from jlora import lora as lora_lib
 from jlora import tree as tree_lib
-from jlora.adapter import Adapter, adapter_items, full_items, stack_twin
+from jlora.adapter import Adapter, adapter_items, full_items
 from jlora.config import CHANGES_BASE, LoraConfig
 
 # combination type -> (how each input's factors or updates are combined, whether the result is re-factored by SVD)
@@ -223,6 +223,46 @@ def _check_density(density, what: str) -> None:
         raise ValueError(f"`density` must be a number in (0, 1] (the share of entries kept); got {density!r}")
 
 
+# ------------------------------------------------------------------------------------ two forms of one model
+
+def stack_form(path: str) -> str:
+    """``path`` with its numbered module names unnumbered: where a model whose layers are a scanned stack holds the
+    kernel that ``path`` names in one layer of the unrolled model (jlora's models with ``scan_layers``). Two paths
+    of one set of adapters, one of which is the other's ``stack_form``, come from two forms of one model.
+
+    Examples:
+        >>> stack_form("layers_3/self_attn/q_proj/kernel"), stack_form("lm_head/kernel")
+        ('layers/self_attn/q_proj/kernel', 'lm_head/kernel')
+    """
+    return re.sub(r"_\d+(?=/|$)", "", path)
+
+
+def stack_twin(path: str, node: Adapter, others: Mapping[str, Adapter]) -> tuple[str, str] | None:
+    """``(other path, "stacked" or "unrolled")`` when ``others`` holds the adapter of the kernel ``path`` names in
+    the other layer-stack form of one model: ``path`` is the scanned stack (``layers/...``, one more leading axis)
+    of an unrolled layer's ``layers_0/...`` there, or the reverse (:func:`stack_form`); None otherwise.
+    The axes tell a stack from a model's own ``proj`` beside ``proj_1``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> one = Adapter(jnp.zeros((4, 2)), jnp.zeros((2, 3)))
+        >>> stacked = Adapter(jnp.zeros((5, 4, 2)), jnp.zeros((5, 2, 3)))   # 5 layers
+        >>> stack_twin("layers/q/kernel", stacked, {"layers_0/q/kernel": one})
+        ('layers_0/q/kernel', 'stacked')
+        >>> stack_twin("proj/kernel", one, {"proj_1/kernel": one}) is None   # two layers of one model
+        True
+    """
+    def lead(n: Adapter) -> int:
+        return np.ndim(n.a) - 2 - n.slot_dims
+
+    for other, o in others.items():
+        if stack_form(other) == path and lead(node) == lead(o) + 1:
+            return other, "stacked"
+        if stack_form(path) == other and lead(o) == lead(node) + 1:
+            return other, "unrolled"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- checks
 
 def _labels(items, names: Sequence[str] | None) -> list[str]:
@@ -284,7 +324,7 @@ def _by_path(items, labels: Sequence[str]) -> dict[str, list[tuple[int, Adapter,
             found.setdefault(path, []).append((i, node, cfg.scale(path)))
     forms: dict[str, list[tuple[int, str, Adapter]]] = {}   # the paths that may name one kernel in two forms
     for path, group in found.items():
-        forms.setdefault(tree_lib.stack_form(path), []).extend((i, path, node) for i, node, _ in group)
+        forms.setdefault(stack_form(path), []).extend((i, path, node) for i, node, _ in group)
     for same in forms.values():
         for i, path, node in same:
             twin = stack_twin(path, node, {p: n for j, p, n in same if j != i})

@@ -69,18 +69,6 @@ def paths(tree: PyTree) -> list[str]:
     return [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def stack_form(path: str) -> str:
-    """``path`` with its numbered module names unnumbered: where a model whose layers are a scanned stack holds the
-    kernel that ``path`` names in one layer of the unrolled model (jlora's models with ``scan_layers``). Two paths
-    of one set of adapters, one of which is the other's ``stack_form``, come from two forms of one model.
-
-    Examples:
-        >>> stack_form("layers_3/self_attn/q_proj/kernel"), stack_form("lm_head/kernel")
-        ('layers/self_attn/q_proj/kernel', 'lm_head/kernel')
-    """
-    return re.sub(r"_\d+(?=/|$)", "", path)
-
-
 def _is_none(x) -> bool:
     return x is None
 
