@@ -385,12 +385,12 @@ def _route(ids: jax.Array, capacity: int) -> jax.Array:
         >>> jax.jit(_route, static_argnums=1)(jnp.array([0, 2, 7, -1, -5]), 3).tolist()
         [0, 2, 2, -1, -1]
     """
-    dtype = ids.dtype if isinstance(ids, jax.core.Tracer) else np.asarray(ids).dtype
+    values = None if isinstance(ids, jax.core.Tracer) else np.asarray(ids)   # (copied to the host once)
+    dtype = ids.dtype if values is None else values.dtype
     if not np.issubdtype(dtype, np.integer):
         raise ValueError(f"adapter ids must be integers (a slot, or {BASE} for the base model); got dtype {dtype}, "
                          f"which would be truncated to a slot (-0.5 to slot 0, say)")
-    if not isinstance(ids, jax.core.Tracer):
-        values = np.asarray(ids)
+    if values is not None:
         bad = values[(values < BASE) | (values >= capacity)]
         if bad.size:
             raise ValueError(f"adapter ids {sorted(set(bad.tolist()))[:5]} are out of range: the bank has slots "

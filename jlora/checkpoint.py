@@ -248,16 +248,16 @@ def _agreed(check, what: str):
     a :class:`CheckpointError` naming it."""
     if jax.process_count() == 1:
         return check()
-    from jlora.parallel import allgather_text
+    from jlora.parallel import texts_if_different
 
     try:
         result, error = check(), None
     except Exception as e:  # noqa: BLE001  (re-raised below, after every process has heard of it)
         result, error = None, e
-    said = allgather_text("" if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
+    said = texts_if_different("" if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:   # (when every process failed alike, each raises its own)
         raise error
-    failed = {i: t for i, t in enumerate(said) if t}
+    failed = {i: t for i, t in enumerate(said or []) if t}
     if failed:
         i, message = next(iter(failed.items()))
         raise CheckpointError(f"{what} failed in process(es) {sorted(failed)}, so in this one too; process {i}: "
@@ -516,10 +516,10 @@ class CheckpointManager:
         metrics = _check_metrics(metrics, self._options.best_metric)
         positions = _gather_positions(data_position)   # every process's: a collective, as the save is
         if jax.process_count() > 1:   # orbax's barriers would wait forever for processes saving another step
-            from jlora.parallel import allgather_text
+            from jlora.parallel import texts_if_different
 
-            steps = allgather_text(str(step))
-            if len(set(steps)) > 1:
+            steps = texts_if_different(str(step))
+            if steps is not None:
                 raise RuntimeError(f"saving checkpoint step {step} in {self.directory}: the processes save different "
                                    f"steps ({', '.join(f'process {i}: {t}' for i, t in enumerate(steps))}); "
                                    f"{_OUT_OF_STEP}")

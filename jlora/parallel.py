@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import numbers
 import os
@@ -430,12 +431,31 @@ def allgather_text(text: str) -> list[str]:
     return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]
 
 
+def texts_if_different(text: str) -> list[str] | None:
+    """None when every process passes the same ``text``, else every process's (:func:`allgather_text`): a
+    collective of one fixed-size digest when they agree (the common case, cheap enough for every step), the texts
+    themselves only when they do not. Every process gets the same answer.
+
+    Examples:
+        >>> texts_if_different("int32[8, 16]") is None    # one process agrees with itself
+        True
+    """
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    return None if (digests == digests[0]).all() else allgather_text(text)
+
+
 def shard_local_batch(local_batch: Mapping, mesh: Mesh) -> dict:
     """Per-process data feeding: each process passes only its rows (:func:`local_batch_rows`) and gets back the
     global batch as arrays sharded over ``("data", "fsdp")``, via ``jax.make_array_from_process_local_data``.
     With one process this equals :func:`shard_batch`. With several, the processes' batches are compared first (a
-    collective on every call): each would otherwise build the global batch from its own shapes, and processes
-    that differ in rows or row length would run different programs, with no error and wrong numbers.
+    collective of a digest on every call, :func:`texts_if_different`): each would otherwise build the global batch
+    from its own shapes, and processes that differ in rows or row length would run different programs, with no
+    error and wrong numbers.
 
     Raises:
         ValueError: in every process, when their batches differ in keys, shapes or dtypes.
@@ -443,10 +463,9 @@ def shard_local_batch(local_batch: Mapping, mesh: Mesh) -> dict:
     _check_batch(local_batch, mesh, len(_local_shards(mesh)),
                  " (per process: this process's devices hold that many of the batch shards)")
     if jax.process_count() > 1:
-        mine = ", ".join(f"{k}: {np.dtype(np.asarray(v).dtype).name}{list(np.shape(v))}"
-                         for k, v in sorted(local_batch.items()))
-        every = allgather_text(mine)
-        if len(set(every)) > 1:
+        every = texts_if_different(", ".join(f"{k}: {np.dtype(np.asarray(v).dtype).name}{list(np.shape(v))}"
+                                             for k, v in sorted(local_batch.items())))
+        if every is not None:
             each = "; ".join(f"process {i}: {d}" for i, d in enumerate(every))
             raise ValueError(f"the processes' local batches differ ({each}); every process must feed the same keys, "
                              f"rows and row length (a data.Loader with rows= needs width= too, or each pads to its "
@@ -643,5 +662,5 @@ def to_host(tree: Any) -> Any:
 __all__ = ["AXES", "BATCH_AXES", "ACTIVATION_RULES", "make_mesh", "leaf_spec", "param_specs", "param_shardings",
            "adapter_shardings", "like_adapters", "state_shardings", "batch_sharding", "place", "shard_batch",
            "local_batch_rows", "shard_local_batch", "make_sharded_train_step", "make_pmap_train_step", "replicate",
-           "unreplicate", "split_for_pmap", "initialize", "max_over_processes", "allgather_text", "is_main_process",
-           "to_host"]
+           "unreplicate", "split_for_pmap", "initialize", "max_over_processes", "allgather_text",
+           "texts_if_different", "is_main_process", "to_host"]
