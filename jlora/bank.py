@@ -671,7 +671,9 @@ def make_train_step(model, bank: Bank, optimizer: optax.GradientTransformation, 
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.adapters)
         present = slots_present(batch, capacity)
         extra = {"slots_present": present} if isinstance(optimizer, optax.GradientTransformationExtraArgs) else {}
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters, **extra)
+        seen = train_lib.opt_view(state.adapters)   # float16 factors: the optimizer works in float32
+        grads = jax.tree.map(lambda g, a: g.astype(a.dtype), grads, seen)
+        updates, opt_state = optimizer.update(grads, state.opt_state, seen, **extra)
         updates = jax.tree.map(lambda u: jnp.where(_on_slot_axis(present, u), u, 0), updates)
         adapters = optax.apply_updates(state.adapters, updates)
         rng = jax.random.split(state.rng)[0]

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import hashlib
 import json
@@ -336,11 +337,15 @@ class CheckpointManager:
         self._options = _Options(max_to_keep, best_metric, mode, keep_best, bool(async_save))
         self._manager: ocp.CheckpointManager | None = None
         self._saving: int | None = None    # the step of a save that may still be running (async)
+        self._lock: int | None = None      # the file descriptor holding the folder's save lock (:meth:`_lock_saves`)
         self._identity_cache: tuple[tuple[weakref.ref, ...], dict] | None = None
 
     # -------------------------------------------------------------------------------------------- orbax plumbing
     def _orbax(self, *, create: bool) -> ocp.CheckpointManager | None:
         if self._manager is None:
+            if self.directory.exists() and not self.directory.is_dir():
+                raise NotADirectoryError(f"{self.directory} is a file, not a checkpoint folder; pass the folder of "
+                                         f"the checkpoints (a run's checkpoints/), or a new path to save into")
             if not self.directory.exists():
                 if not create:
                     return None
@@ -393,8 +398,11 @@ class CheckpointManager:
         if self._manager is None:
             return
         step, self._saving = self._saving, None
-        with self._cleanup_on_failure(step):
-            self._manager.wait_until_finished()
+        try:
+            with self._cleanup_on_failure(step):
+                self._manager.wait_until_finished()
+        finally:
+            self._unlock_saves()
 
     wait_until_finished = wait
 
@@ -406,6 +414,28 @@ class CheckpointManager:
             finally:
                 self._manager.close()
                 self._manager = None
+
+    def _lock_saves(self) -> None:
+        """Takes the folder's save lock (one process, a local folder): another program's ``CheckpointManager``
+        saving into the same folder at the same time would pass the same checks and one of two saves of a step
+        would be lost unseen. The lock (``flock`` on the folder itself) goes with the process; it is held until
+        the save is committed."""
+        if self._lock is not None or jax.process_count() > 1 or "://" in str(self.directory):
+            return   # several processes save collectively (process 0 commits); a remote folder has no flock
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another process is saving a checkpoint into {self.directory} right now; two "
+                               f"programs saving into one folder would lose each other's steps. Give each run a "
+                               f"checkpoint folder of its own, or wait for the other one to finish") from None
+        self._lock = fd
+
+    def _unlock_saves(self) -> None:
+        if self._lock is not None:
+            fd, self._lock = self._lock, None
+            os.close(fd)   # releases the flock
 
     @contextlib.contextmanager
     def _cleanup_on_failure(self, step: int | None):
@@ -525,6 +555,14 @@ class CheckpointManager:
                                    f"{_OUT_OF_STEP}")
         manager = self._orbax(create=True)
         self.wait()            # a failed async save of an earlier step raises here (its folder removed)
+        self._lock_saves()     # released when the save is committed (here, or by wait() when async)
+        try:
+            self._save(manager, step, state, params, lora_config, name, data_position, metrics, positions)
+        finally:
+            if self._saving is None:
+                self._unlock_saves()
+
+    def _save(self, manager, step, state, params, lora_config, name, data_position, metrics, positions) -> None:
         manager.reload()       # the steps on disk now: another writer's too (orbax caches its own list)
         saved = sorted(manager.all_steps())
         if step in saved:

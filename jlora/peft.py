@@ -50,6 +50,7 @@ import numpy as np
 
 from jlora.variants import dora as dora_lib
 from jlora.variants import inits as inits_lib
+from jlora import files
 from jlora import lora as lora_lib
 from jlora import models
 from jlora import tree as tree_lib
@@ -210,18 +211,20 @@ _SKIPPED = {"target_modules": "does not select", "exclude_modules": "excludes",
             "modules_to_save": "saves whole (PEFT puts no LoRA on a module to save)"}
 
 
+def _linear(module: str, loaded, table, flat_params) -> bool:
+    """Whether PEFT's ``"all-linear"`` selects ``module``: Linear/Conv1D layers, not the output head."""
+    path = table[module][0]
+    head = module == HEAD and not isinstance(loaded, TorchModel)
+    return not head and _kind(path, _layout(loaded, path, flat_params)) == "linear"
+
+
 def _check_targeted(folder: pathlib.Path, config: Mapping[str, Any], found, loaded, table, flat_params) -> None:
     """Raises when PEFT would not adapt some modules whose LoRA tensors the folder holds (it would leave those tensors
     out and apply the rest): the folder contradicts itself, as with :func:`_outside_layers`."""
-    def linear(module: str) -> bool:   # what PEFT's "all-linear" selects: Linear/Conv1D layers, not the output head
-        path = table[module][0]
-        head = module == HEAD and not isinstance(loaded, TorchModel)
-        return not head and _kind(path, _layout(loaded, path, flat_params)) == "linear"
-
     all_linear = str(config.get("target_modules")).lower() == "all-linear"
     skipped: dict[str, list[str]] = {}
     for module in found:
-        key = _peft_skips(config, module, linear=not all_linear or linear(module))
+        key = _peft_skips(config, module, linear=not all_linear or _linear(module, loaded, table, flat_params))
         if key:
             skipped.setdefault(key, []).append(module)
     if skipped:
@@ -229,6 +232,28 @@ def _check_targeted(folder: pathlib.Path, config: Mapping[str, Any], found, load
         raise ValueError(f"adapter {folder} holds LoRA tensors of modules PEFT would not adapt, so PEFT would leave "
                          f"them out and apply only the rest: {why}. Correct {' and '.join(skipped)} in {CONFIG_FILE} "
                          f"to select every module whose tensors are here, or remove those tensors")
+
+
+def _check_complete(folder: pathlib.Path, config: Mapping[str, Any], found, loaded, table, flat_params) -> None:
+    """Raises when the folder's config targets modules whose tensors it lacks (PEFT would start them afresh)."""
+    if config.get("target_modules") is None:   # PEFT's default for the model type: not checked (see _peft_skips)
+        return
+    all_linear = str(config["target_modules"]).lower() == "all-linear"
+    tied = HEAD if _tied_embedding(loaded) else None   # a tied head's tensors are not among ``found``
+    chosen = [m for m in table if m not in found and m != tied and not _peft_skips(
+        config, m, linear=not all_linear or _linear(m, loaded, table, flat_params))]
+    absent = sorted(set(chosen) - set(_outside_layers(config, chosen)))
+    if not absent:
+        return
+    what = (f"adapter {folder}: {CONFIG_FILE} targets modules whose LoRA tensors {WEIGHTS_FILE} lacks: "
+            f"{_few(absent)} ({len(absent)} of {len(absent) + len(found)}). PEFT warns of missing adapter keys and "
+            f"starts those modules from their initial A and B")
+    fix = ("the folder may be incomplete (a save cut short, or files of two adapters): save the adapter again, or "
+           "narrow target_modules to the modules whose tensors are here")
+    if config.get("init_lora_weights", True) is False:
+        raise ValueError(f"{what}, random ones with init_lora_weights=false, so it would compute something else than "
+                         f"jlora, which cannot know them; {fix}")
+    warnings.warn(f"{what}, whose update is zero, as jlora applies it; {fix}", stacklevel=3)
 
 
 def _neutral(value: Any) -> bool:
@@ -400,9 +425,14 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
         config["ensure_weight_tying"] = True
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Both files written alike, with the mode the umask gives (safetensors' save_file makes its file 0600).
-    (out / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    # Both files written alike, with the mode the umask gives (safetensors' save_file makes its file 0600), each
+    # beside its name; renamed into place one right after the other once both are whole. A failed save leaves the
+    # folder's old adapter as it was; a reader that catches the instant between the two renames sees the files
+    # change under it and reads again (:func:`load`).
+    with files.replacing(out / WEIGHTS_FILE) as weights:
+        pathlib.Path(weights).write_bytes(save(tensors, metadata={"format": "pt"}))
+        with files.replacing(out / CONFIG_FILE) as config_file:
+            pathlib.Path(config_file).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -545,6 +575,30 @@ def _read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     return {name: np.array(value) for name, value in SafetensorsFile(path).items()}
 
 
+def _stamps(folder: pathlib.Path) -> tuple:
+    """What changes when either file of the folder is replaced or rewritten (None for a missing file)."""
+    def stamp(path: pathlib.Path):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    return stamp(folder / CONFIG_FILE), stamp(folder / WEIGHTS_FILE)
+
+
+def _read_folder(folder: pathlib.Path, tries: int = 5) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The folder's config and tensors, read again while another process replaces its files (a save that lands
+    between the two reads would pair one save's config with another's weights)."""
+    for _ in range(tries):
+        before = _stamps(folder)
+        config, tensors = _read_config(folder), _read_tensors(folder)
+        if _stamps(folder) == before:
+            return config, tensors
+    raise OSError(f"{folder}: {CONFIG_FILE} and {WEIGHTS_FILE} changed while they were read, {tries} times: another "
+                  f"process is writing this adapter folder. Load it once that save has finished")
+
+
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
                   r"lora_magnitude_vector)$")
 
@@ -566,8 +620,7 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
             ``adapter_model.bin``, or a corrupt file.
     """
     folder = pathlib.Path(folder)
-    config = _read_config(folder)
-    tensors = _read_tensors(folder)
+    config, tensors = _read_folder(folder)
     bad = sorted(k for k, v in tensors.items() if not np.isfinite(v.astype(np.float32)).all())
     if bad:
         raise ValueError(f"adapter {folder} holds tensors with NaN or infinite values: {_few(bad, 5)}"
@@ -617,6 +670,7 @@ def load(folder: str | pathlib.Path, loaded) -> tuple[dict, LoraConfig]:
                          f", whose tensors are here; "
                          f"PEFT would not apply them. Correct layers_to_transform in adapter_config.json, or remove "
                          f"those tensors")
+    _check_complete(folder, config, found, loaded, table, flat_params)
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     if tied:

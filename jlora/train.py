@@ -38,8 +38,18 @@ class TrainState(NamedTuple):
 
     @classmethod
     def create(cls, adapters: Any, optimizer: optax.GradientTransformation, *, rng: jax.Array) -> "TrainState":
-        """A step-0 state with fresh optimizer state for ``adapters``."""
-        return cls(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters), rng)
+        """A step-0 state with fresh optimizer state for ``adapters`` (float32 for float16 ones: :func:`opt_view`)."""
+        return cls(jnp.zeros((), jnp.int32), adapters, optimizer.init(opt_view(adapters)), rng)
+
+
+def opt_view(adapters: Any) -> Any:
+    """The adapters as the optimizer sees them: float16 leaves as float32, the rest as they are.
+
+    float16 cannot hold an optimizer's state: Adam's ``eps=1e-8`` rounds to 0, so a zero gradient (every A's at
+    step 1, with B = 0) gives 0/0 = NaN, and squared gradients below ~6e-8 underflow. The update is computed in
+    float32 and rounded once, into the float16 adapters. (bfloat16 has float32's range: kept as it is.)
+    """
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float16 else x, adapters)
 
 
 _LM_INPUTS = ("attention_mask", "loss_mask", "positions", "segment_ids")   # what lm_loss reads besides input_ids
@@ -229,12 +239,13 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
         if reduce_grads is not None:
             grads, metrics, weight = reduce_grads((grads, metrics, weight))
         denom = jnp.maximum(weight, 1e-9)
-        # in the adapters' dtype, as the optimizer state was made (a float32 gradient would change its dtype)
-        grads = jax.tree.map(lambda g, a: (g / denom).astype(jnp.result_type(a)), grads, state.adapters)
+        # in the dtype the optimizer state was made in (a float32 gradient would change a bfloat16 state's dtype)
+        seen = opt_view(state.adapters)
+        grads = jax.tree.map(lambda g, a: (g / denom).astype(jnp.result_type(a)), grads, seen)
         metrics = jax.tree.map(lambda m: m / denom, metrics)
         if "tokens" in metrics:
             metrics["tokens"] = weight
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters)
+        updates, opt_state = optimizer.update(grads, state.opt_state, seen)
         adapters = optax.apply_updates(state.adapters, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
         return TrainState(state.step + 1, adapters, opt_state, rng), metrics

@@ -202,6 +202,34 @@ def test_a_failed_save_leaves_no_tmp_folder_and_the_step_saves_again(tmp_path, t
             assert restored.data_position == {"index": step}
             assert_trees_equal(restored.state, state0)
 
+def test_two_programs_saving_into_one_folder_are_told(tmp_path, tiny):
+    """Another program's manager saving into the same folder at the same time passed the same checks, and one of
+    two saves of a step was lost with both reporting success: a save now holds the folder's lock until it is
+    committed (an async one until it is waited for), and a save that finds it held says so, writing nothing."""
+    import fcntl
+    import os
+
+    _, params, _, state0 = tiny
+    directory = tmp_path / "ckpt"
+    first = CheckpointManager(directory, async_save=True)
+    first.save(1, state0, params=params, lora_config=CFG, name=NAME)   # in flight until waited for
+    with pytest.raises(RuntimeError, match=f"another process is saving a checkpoint into {directory} right now"):
+        CheckpointManager(directory).save(2, state0, params=params, lora_config=CFG, name=NAME)
+    first.close()
+    other = os.open(directory, os.O_RDONLY)   # another program's save under way
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with pytest.raises(RuntimeError, match="two programs saving into one folder would lose each other's steps"):
+        first.save(2, state0, params=params, lora_config=CFG, name=NAME)
+    os.close(other)
+    with CheckpointManager(directory) as manager:
+        manager.save(2, state0, params=params, lora_config=CFG, name=NAME)
+        manager.save(3, state0, params=params, lora_config=CFG, name=NAME)   # the lock was released after step 2
+        assert manager.all_steps() == [1, 2, 3]
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2", "3"]
+    with pytest.raises(NotADirectoryError, match="is a file, not a checkpoint folder"):
+        CheckpointManager(directory / "1" / "_CHECKPOINT_METADATA").all_steps()
+
+
 def _reset(directory: pathlib.Path) -> bool:
     shutil.rmtree(directory, ignore_errors=True)
     return False

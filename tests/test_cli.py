@@ -955,6 +955,47 @@ def test_merge_and_export_need_overwrite_and_never_write_into_a_run(tiny, traine
     _error(*_main("export-peft", "--run", run, "--out", out, "--overwrite"), "holds files that are not a PEFT adapter")
 
 
+def test_a_failed_overwrite_keeps_the_old_output(tiny, trained, tmp_path, monkeypatch):
+    """`export-peft`/`merge --overwrite` whose write fails (a full disk) leave the old output as it was, nothing
+    beside it, and say which file failed; the same command then succeeds."""
+    _, run, _ = trained
+    cases = {"peft": ["export-peft", "--run", run], "merged": ["merge", "--model", tiny, "--adapter", run]}
+    for name, command in cases.items():
+        out = tmp_path / name
+        assert _main(*command, "--out", out)[0] == 0
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+        def disk_full(src, dst):   # each file is written whole beside its name, then renamed: the disk fills first
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "replace", disk_full)
+        _error(*_main(*command, "--out", out, "--overwrite"), r"No space left on device")
+        monkeypatch.undo()
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, name
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], name
+        assert _main(*command, "--out", out, "--overwrite")[0] == 0
+
+
+def test_a_diverged_run_stops_at_the_first_nan_step_and_saves_none_of_it(tiny, tmp_path):
+    """A step whose loss or gradient norm is not finite made every adapter value NaN (its global norm scales every
+    update), and the run trained on, saved NaN checkpoints, exported an all-NaN PEFT folder (which `load` refuses)
+    and exited 0. It now stops there with an error naming the step and what was kept, and metrics.jsonl stays
+    strict JSON."""
+    config = _config(tmp_path, tiny, train={"learning_rate": 1e30, "checkpoint_every": 1, "warmup_steps": 0,
+                                            "steps": 6},
+                     eval={"before": False, "side_effects": False})
+    line = _error(*_main("train", "--config", config), r"step (\d): the loss is nan .*training diverged",
+                  r"saved nothing of this step; its checkpoints up to step \d are kept: --resume with a lower "
+                  r"train.learning_rate")
+    bad = int(re.search(r"step (\d):", line).group(1))
+    run = tmp_path / "run"
+    rows = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == bad and rows[-1]["loss"] is None
+    assert jlora.checkpoint.CheckpointManager(run / "checkpoints").all_steps() == list(range(1, bad))
+    assert not (run / "peft").exists()
+
+
 def test_runs_of_both_layer_stack_forms_are_told_apart(tiny, trained, tmp_path):
     """A PEFT folder fits either form; the first run folder among the adapters decides how the model loads, and a
     run of the other form is refused by name, with the fix (its checkpoint's base fingerprint differs too)."""

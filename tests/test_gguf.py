@@ -70,8 +70,9 @@ def _llama_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_from_hf(path, hf_model, arch, extra=None):
-    """Write an HF model's weights as a float32 GGUF the way convert_hf_to_gguf.py names (and permutes) them."""
+def _gguf_from_hf(path, hf_model, arch, extra=None, edit=None):
+    """Write an HF model's weights as a float32 GGUF the way convert_hf_to_gguf.py names (and permutes) them;
+    `edit(tensors)` may change the GGUF-named tensors first."""
     cfg = hf_model.config
     table = {v: k for k, v in jgguf.GLOBAL_TABLE.items()}
     for i in range(cfg.num_hidden_layers):
@@ -87,6 +88,8 @@ def _gguf_from_hf(path, hf_model, arch, extra=None):
         if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             value = _llama_permute(value, cfg.num_key_value_heads)
         tensors[table[name]] = value
+    if edit is not None:
+        edit(tensors)
     return _write_gguf(path, tensors, arch=arch, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
                        layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
                        vocab=cfg.vocab_size, key_length=getattr(cfg, "head_dim", None) if arch == "qwen3" else None,
@@ -441,3 +444,85 @@ def test_rope_scaling_and_no_tokenizer(tmp_path):
         jgguf.read(_write_gguf(tmp_path / "y.gguf", t, extra={"llama.rope.scaling.type": "yarn"}))
     assert jgguf.read(_write_gguf(tmp_path / "n.gguf", t, tokenizer=False)).tokenizer is None
     assert jgguf.read(_write_gguf(tmp_path / "h.gguf", t, key_length=16)).hf_config["head_dim"] == 16
+
+
+def test_a_damaged_header_is_named_as_such(tmp_path):
+    """A header whose counts are wrong made the gguf reader fail with a bare "IndexError: index 0 is out of bounds"."""
+    path = _write_gguf(tmp_path / "h.gguf", {"blk.0.ffn_up.weight": np.ones((48, 32), np.float32)})
+    data = bytearray(open(path, "rb").read())
+    n_kv = struct.unpack_from("<Q", data, 16)[0]       # magic, version (u32 each), tensor count, then kv count (u64)
+    struct.pack_into("<Q", data, 16, n_kv + 1)
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=r"cannot read GGUF file .*h\.gguf: it is not a GGUF file or its header is "
+                                         r"damaged \(the gguf reader failed with IndexError: .*\); download the file "
+                                         r"again, or convert the model to GGUF again"):
+        jgguf.read(path)
+
+
+@pytest.mark.parametrize("field,value,why", [("llama.attention.head_count", 0, "num_attention_heads': 0"),
+                                             ("tokenizer.ggml.bos_token_id", 10 ** 6, "IndexError"),
+                                             ("tokenizer.ggml.tokens", None, "KeyError: 'tokenizer.ggml.tokens'")])
+def test_damaged_metadata_is_named_as_such(tmp_path, monkeypatch, field, value, why):
+    """Metadata values that no converter writes (a zero head count, a token id past the token list, a missing token
+    list) were a ZeroDivisionError, an IndexError or a KeyError naming no file."""
+    path = _write_gguf(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": np.ones((48, 32), np.float32)})
+    real = jgguf.read_metadata
+
+    def damaged(reader):
+        meta = real(reader)
+        if value is None:
+            del meta[field]
+        else:
+            meta[field] = value
+        return meta
+
+    monkeypatch.setattr(jgguf, "read_metadata", damaged)
+    with pytest.raises(ValueError, match=r"m\.gguf: .*damaged.*download the file again, or convert the model to GGUF "
+                                         r"again") as info:
+        jgguf.read(path)
+    assert why in str(info.value)
+
+
+def _tiny_llama(vocab=64):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.__setitem__("blk.0.ffn_up.weight", t["blk.0.ffn_up.weight"][:40]),
+     r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' has shape \(40, 32\), but the file's llama metadata needs "
+     r"\(48, 32\)"),
+    (lambda t: t.pop("blk.1.ffn_up.weight"), r"has no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"),
+    (lambda t: t.__setitem__("blk.0.attn_output.bias", np.zeros(32, np.float32)),
+     r"holds tensors the llama config does not use, e\.g\. \['model\.layers\.0\.self_attn\.o_proj\.bias'\]"),
+], ids=["shape", "missing", "unused"])
+def test_tensors_that_disagree_with_the_metadata_are_named_for_a_gguf(tmp_path, edit, message):
+    """A GGUF has no config.json: its tensors disagreeing with its metadata mean a damaged file or another
+    architecture's, and the fix is a new download or conversion (the messages said to use a config.json)."""
+    from jlora import hf
+
+    path = _gguf_from_hf(tmp_path / "x.gguf", _tiny_llama(), "llama", edit=edit)
+    with pytest.raises(ValueError, match=rf"x\.gguf.*{message}.*its metadata and its tensors disagree.*: the GGUF "
+                                         rf"file is damaged or was converted from a model of another architecture: "
+                                         rf"download or convert it again") as info:
+        hf.load(path)
+    assert "config.json" not in str(info.value)
+
+
+def test_an_integer_tensor_in_a_gguf_is_refused(tmp_path, monkeypatch):
+    """hf.load refuses a non-floating tensor for a floating weight, whatever the source; GGUF tensors come
+    dequantized to float32, so only a reader bug could give one (this one is made by patching the dequantizer)."""
+    from jlora import hf
+
+    path = _gguf_from_hf(tmp_path / "i.gguf", _tiny_llama(), "llama")
+    real = jgguf.dequantize
+    monkeypatch.setattr(jgguf, "dequantize", lambda t: real(t).astype(np.int32) if t.name == "output_norm.weight"
+                        else real(t))
+    with pytest.raises(ValueError, match=r"i\.gguf: tensor 'model\.norm\.weight' has dtype int32, but it is a "
+                                         r"floating-point weight"):
+        hf.load(path)

@@ -545,3 +545,174 @@ def _gguf_from_llama(path, model, replace=None):
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- reviewed defects
+
+
+def _bases(x):
+    while x is not None:
+        yield x
+        x = x.base
+
+
+def test_small_safetensors_files_are_read_into_memory_and_large_ones_mapped(tmp_path, monkeypatch):
+    """A map of a file that another program truncates dies of SIGBUS (jlora serve hot-loads adapters): files under
+    IN_MEMORY_BELOW are read on open, and their arrays survive the file's truncation; larger ones stay mapped."""
+    import ml_dtypes
+
+    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5, -2], ml_dtypes.bfloat16),
+               "e": np.zeros((0, 3), np.float16)}
+    path = tmp_path / "a.safetensors"
+    hf.write_safetensors(path, tensors)
+    st = hf.SafetensorsFile(path)
+    for name, want in tensors.items():
+        got = st[name]
+        assert not any(isinstance(b, np.memmap) for b in _bases(got)), name
+        assert got.dtype == want.dtype and not (got.flags.writeable and got.size) and np.array_equal(got, want)
+    open(path, "wb").close()        # truncated by another program after the open: the arrays still read
+    assert np.array_equal(st["w"], tensors["w"])
+    hf.write_safetensors(path, tensors)
+    monkeypatch.setattr(hf, "IN_MEMORY_BELOW", 0)
+    mapped = hf.SafetensorsFile(path)
+    assert any(isinstance(b, np.memmap) for b in _bases(mapped["w"])) and not mapped["w"].flags.writeable
+    assert all(np.array_equal(mapped[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("entry,why", [
+    ({"dtype": "F32", "shape": [2], "data_offsets": "x"}, r"has data_offsets 'x', not \[begin, end\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}, r"has data_offsets \[0, 8, 8\], not \[begin, end\]"),
+    ({"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}, r"has data_offsets \[8, 0\], not \[begin, end\] with 0 "
+                                                             r"<= begin <= end"),
+    ({"dtype": "F32", "shape": None, "data_offsets": [0, 8]}, r"has shape None, not a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}, r"has shape \[-1, -2\], not a list of non-negative"),
+    ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, r"has shape \[2\.0\], not a list of non-negative"),
+    ({"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}, r"has shape \[True, 2\], not a list of non-neg"),
+    ({"dtype": 5, "shape": [2], "data_offsets": [0, 8]}, r"has dtype 5, not a string"),
+    ({"dtype": "F32", "data_offsets": [0, 8]}, r"has a header entry without \['shape'\]"),
+    ([["F32"], [2], [0, 8]], r"has a header entry of JSON list, not an object"),
+    ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, r"of F32 \[3\] has byte range \[0, 8\)"),
+], ids=["offsets_text", "three_offsets", "begin_after_end", "shape_null", "negative_shape", "float_shape",
+        "bool_shape", "dtype_number", "no_shape", "entry_list", "size_mismatch"])
+def test_error_safetensors_header_entries_are_validated(tmp_path, entry, why):
+    """Each malformed header entry is a ValueError naming the file and the tensor (they were a ValueError of tuple
+    unpacking, a TypeError, or a negative shape whose product passed the size check), as the library refuses them."""
+    import safetensors.numpy
+
+    bad = tmp_path / "bad.safetensors"
+    _raw_safetensors(bad, {"a": entry}, bytes(8))
+    with pytest.raises(Exception):  # noqa: B017 - the oracle refuses it too (its errors vary)
+        safetensors.numpy.load_file(bad)
+    with pytest.raises(ValueError, match=rf"{bad} is not a valid safetensors file \(tensor 'a' {why}"):
+        hf.SafetensorsFile(bad)
+
+
+def test_a_tensor_in_two_shards_is_read_from_the_one_the_index_names(tmp_path):
+    """As transformers reads a sharded checkpoint: a tensor two shards hold comes from the shard weight_map names;
+    one the index does not name is refused, as which copy to load is unknown."""
+    model = _hf_model("llama", seed=7)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / hf.INDEX_FILE).read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    name = next(n for n, shard in index["weight_map"].items() if shard != last)
+    shard = {k: np.array(v) for k, v in hf.SafetensorsFile(tmp_path / last).items()}
+    shard[name] = np.array(hf.SafetensorsFile(tmp_path / index["weight_map"][name])[name]) + 1.0   # another copy
+    hf.write_safetensors(tmp_path / last, shard)
+    ids = _ids()
+    assert _max_diff(_jlora_logits(hf.load(tmp_path), ids), _torch_logits(model, ids)) <= ATOL
+    del index["weight_map"][name]
+    (tmp_path / hf.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"tensor '{name}' is in shards \[.*'{last}'\] and the index does not name "
+                                         rf"it, so which copy to load is unknown"):
+        hf.load(tmp_path)
+
+
+def test_error_damaged_generation_config_names_the_file(saved, tmp_path):
+    folder = _copy_folder(saved["llama"][1], tmp_path / "m")
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        f.write('{"eos_token_id": 2,')
+    with pytest.raises(ValueError, match=r"m/generation_config\.json is not valid JSON \(.*\); the file is damaged: "
+                                         r"download or save the model again"):
+        hf.load(folder)
+
+
+def _with_tokenizer(saved, dest, base, added=()):
+    """The saved tiny Llama (96 embedding rows) with a tokenizer of `base` vocabulary tokens plus `added` ones."""
+    import tokenizers
+
+    from jlora.hf.tokenizer import Tokenizer
+
+    folder = _copy_folder(saved["llama"][1], dest)
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE({f"t{i}": i for i in range(base)}, []))
+    Tokenizer(backend, additional_special_tokens=list(added)).save(folder)
+    return folder
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(saved, tmp_path):
+    """A tokenizer whose ids reach past the embedding's rows gave NaN logits; its own vocabulary is refused, added
+    tokens past the rows (spares some models carry) are warned about, and a padded embedding is normal."""
+    import warnings
+
+    folder = _with_tokenizer(saved, tmp_path / "big", base=200)
+    with pytest.raises(ValueError, match=r"big/tokenizer\.json: the tokenizer's vocabulary has 200 tokens, but "
+                                         r".*big/config\.json's vocab_size gives the model's embedding 96 rows: ids 96 "
+                                         r"and up would read no embedding.*use the tokenizer saved with these weights"):
+        hf.load(folder)
+    folder = _with_tokenizer(saved, tmp_path / "added", base=90, added=[f"<x{i}>" for i in range(10)])
+    with pytest.warns(UserWarning, match=r"added/tokenizer\.json: 4 added tokens have ids past the model's 96 "
+                                         r"embedding rows \(ids \[96, 97, 98, 99\]\)"):
+        assert hf.load(folder).tokenizer.vocab_size == 100
+    folder = _with_tokenizer(saved, tmp_path / "padded", base=50, added=["<a>", "<b>"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hf.load(folder).tokenizer.vocab_size == 52
+
+
+def test_error_integer_tensor_for_a_floating_weight(saved, tmp_path):
+    """A header edited from F32 to I32 (the same bytes) loaded as integers of about 1e9."""
+    folder = _copy_folder(saved["llama"][1], tmp_path / "m")
+    name = "model.layers.0.mlp.up_proj.weight"
+    _rewrite_weights(folder, lambda t: t.__setitem__(name, t[name].view(np.int32)))
+    with pytest.raises(ValueError, match=rf"m/model\.safetensors: tensor '{name}' has dtype int32, but it is a "
+                                         rf"floating-point weight \(jlora parameter 'layers_0/mlp/up_proj/kernel'\)"):
+        hf.load(folder)
+
+
+def test_save_that_fails_midway_leaves_the_source_folder_whole(saved, tmp_path, monkeypatch):
+    """hf.save into the folder the model came from, on a full disk: the weights are written beside their name, so
+    the old file stays whole and loads, no .tmp file is left, and the error names the file."""
+    import errno
+
+    folder = _copy_folder(saved["llama"][1], tmp_path / "m")
+    loaded = hf.load(folder)
+    before = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
+    real_open = open
+
+    class FullDisk:
+        """A file that takes a few bytes, then reports a full disk."""
+
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            self._f.write(bytes(data)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if "w" in mode else f
+
+    monkeypatch.setattr(hf, "open", full_open, raising=False)
+    with pytest.raises(OSError, match=rf"cannot write {folder}/model\.safetensors: No space left on device; the file "
+                                      rf"there before, if any, is unchanged"):
+        hf.save(folder, loaded, loaded.params)
+    monkeypatch.undo()
+    assert {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)} == before
+    ids = _ids()
+    assert _max_diff(_jlora_logits(hf.load(folder), ids), _jlora_logits(loaded, ids)) == 0

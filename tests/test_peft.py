@@ -547,3 +547,85 @@ def test_export_names_the_base_by_the_path_it_was_loaded_from(tmp_path):
     for source, name, written in (("/m/tiny.Q4_1.gguf", "Tiny Run 3", "/m/tiny.Q4_1.gguf"), ("", "tiny", "tiny")):
         out = jlora.peft.save(tmp_path / "a2", adapters, cfg, dataclasses.replace(loaded, source=source, name=name))
         assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == written
+
+
+# ---------------------------------------------------------------- folders written whole, read whole
+def test_a_failed_save_leaves_the_old_adapter_whole(tmp_path, monkeypatch):
+    """A save that fails midway (a full disk) leaves the folder's old adapter loadable and unchanged, no partial file
+    beside it, and names the file it was writing."""
+    _, loaded = _hf_model("llama", tmp_path)
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    old = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.2)
+    out = jlora.peft.save(tmp_path / "adapter", old, cfg, loaded)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    new = randomize(old, jax.random.key(2), 0.2)
+
+    def disk_full(self, text, *args, **kwargs):   # the config, written after the weights: half of it, then ENOSPC
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(out), "write_text", disk_full)
+    with pytest.raises(OSError, match=r"cannot write .*adapter_config.json: No space left on device; the file there "
+                                      r"before, if any, is unchanged. Free disk space"):
+        jlora.peft.save(out, new, cfg, loaded)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    again, _ = jlora.peft.load(out, loaded)
+    for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(old), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_load_reads_again_when_a_save_lands_between_its_reads(tmp_path, monkeypatch):
+    """A save that replaces the folder's files while load reads them (between its two reads: one save's config with
+    another's weights) makes load read the folder again; files that never stop changing are an error."""
+    _, loaded = _hf_model("llama", tmp_path)
+    cfg, cfg2 = (jlora.LoraConfig(rank=4, alpha=alpha, targets=("q_proj", "v_proj")) for alpha in (8.0, 2.0))
+    first = randomize(jlora.init(loaded.params, cfg, key=jax.random.key(0)), jax.random.key(1), 0.2)
+    second = randomize(first, jax.random.key(2), 0.2)
+    out = jlora.peft.save(tmp_path / "adapter", first, cfg, loaded)
+    read_tensors, saves = jlora.peft._read_tensors, []
+
+    def racing(folder):   # another process's save lands after load read the config (once)
+        if not saves:
+            saves.append(jlora.peft.save(folder, second, cfg2, loaded))
+        return read_tensors(folder)
+
+    monkeypatch.setattr(jlora.peft, "_read_tensors", racing)
+    got, got_cfg = jlora.peft.load(out, loaded)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert got_cfg.alpha == 2.0
+
+    def always(folder):
+        jlora.peft.save(folder, first, cfg, loaded)
+        return read_tensors(folder)
+
+    monkeypatch.setattr(jlora.peft, "_read_tensors", always)
+    with pytest.raises(OSError, match="changed while they were read, 5 times: another process is writing"):
+        jlora.peft.load(out, loaded)
+
+
+def test_a_folder_missing_targeted_modules(tmp_path):
+    """A folder whose config targets modules it holds no tensors of: PEFT warns and starts them from their init.
+    With init_lora_weights=false that init is random (PEFT computes something jlora cannot): refused; with the
+    default, B = 0: loaded with a warning, equal to PEFT's logits."""
+    hf_model, loaded = _hf_model("llama", tmp_path)
+    pm = peft.get_peft_model(deepcopy(hf_model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "a")
+    folder = tmp_path / "a"
+    weights = folder / "adapter_model.safetensors"
+    from safetensors.numpy import save_file
+    kept = {k: v for k, v in jlora.hf.SafetensorsFile(weights).items() if ".layers.1.self_attn.q_proj." not in k}
+    save_file({k: np.array(v) for k, v in kept.items()}, str(weights))
+    with pytest.raises(ValueError, match=r"targets modules whose LoRA tensors adapter_model.safetensors lacks: "
+                                         r"\['model.layers.1.self_attn.q_proj'\] \(1 of 4\).*random ones"):
+        jlora.peft.load(folder, loaded)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": True}))
+    with pytest.warns(UserWarning, match=r"lacks: \['model.layers.1.self_attn.q_proj'\].*update is zero"):
+        adapters, cfg = jlora.peft.load(folder, loaded)
+    ours = np.asarray(jlora.apply(loaded.model, loaded.params, adapters, cfg, jnp.asarray(IDS)))
+    theirs = _torch_logits(peft.PeftModel.from_pretrained(deepcopy(hf_model), str(folder)).eval())
+    assert max_diff(ours, theirs) <= 1e-4

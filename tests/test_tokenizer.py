@@ -574,3 +574,79 @@ def test_byte_level_folders_take_add_prefix_space_from_the_config(tmp_path, toke
         assert ours.apply_chat_template(messages, tokenize=True, add_generation_prompt=True) == list(want)
         want = theirs.apply_chat_template(messages, tokenize=True, return_dict=False)   # both: no generation prompt
         assert ours.apply_chat_template(messages, tokenize=True) == list(want)
+
+
+def _small_tokenizer(letters="abc"):
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    backend = Backend(models.BPE({"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(letters)}}, []))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", chat_template="{{ messages[0]['content'] }}")
+
+
+@pytest.mark.parametrize("failing", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_save_that_fails_midway_leaves_the_old_files_whole_and_names_the_file(tmp_path, monkeypatch, failing):
+    """A full disk while save writes over a folder's tokenizer (jlora.hf.save into the folder the model came from):
+    each file is written beside its name and renamed into place, so the old files stay whole and load, no .tmp
+    file is left, and the error names the file (the Rust backend's own save said "File too large (os error 27)")."""
+    import errno
+
+    import jlora.files
+    import jlora.hf
+    import jlora.hf.tokenizer
+
+    old = _small_tokenizer("abc")
+    old.save(tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    real_open = open
+
+    class FullDisk:
+        """A file that takes a few bytes, then reports a full disk."""
+
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            self._f.write(data[:10])
+            raise OSError(errno.EFBIG, "File too large")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if "w" in mode and os.path.basename(file).startswith(failing) else f
+
+    for module in (jlora.files, jlora.hf, jlora.hf.tokenizer):
+        monkeypatch.setattr(module, "open", full_open, raising=False)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / failing}: File too large; the file there before"):
+        _small_tokenizer("abcxyz").save(tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(before)   # no .tmp file left
+    for f in ("tokenizer.json", "tokenizer_config.json")[("tokenizer.json", "tokenizer_config.json").index(failing):]:
+        assert (tmp_path / f).read_bytes() == before[f], f     # the file that failed, and those after it: unchanged
+    again = Tokenizer.from_folder(tmp_path)
+    assert again.encode("a b c", add_special_tokens=False) == [2, 3, 4] and again.chat_template is not None
+
+
+def test_damaged_json_beside_a_tokenizer_is_named_with_the_fix(tmp_path):
+    _small_tokenizer().save(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, ')
+    with pytest.raises(ValueError, match=r"generation_config\.json is not valid JSON \(.*\); the file is damaged: "
+                                         r"download or save the model again"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"generation_config\.json holds a JSON list, not an object; the file is "
+                                         r"damaged"):
+        Tokenizer.from_folder(tmp_path)
+
+
+def test_base_vocab_size_leaves_added_tokens_out():
+    tok = Tokenizer(_small_tokenizer("abc").backend, pad_token="<pad>")   # <pad> is not in the vocabulary: added
+    assert (tok.base_vocab_size, tok.vocab_size, tok.pad_token_id) == (5, 6, 5)

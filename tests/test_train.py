@@ -142,6 +142,32 @@ def test_mixed_precision_bf16_params_fp32_adapters():
     assert metrics["loss"].dtype == jnp.float32 and bool(jnp.isfinite(metrics["loss"]))
 
 
+def test_float16_adapters_train_with_a_float32_optimizer_state():
+    """float16 adapters (LoraConfig.dtype) made every value NaN at step 1: Adam's state in float16 rounds eps=1e-8
+    to 0, and A's gradient at B = 0 is exactly 0 (0/0). The optimizer now works in float32 (its state float32, the
+    update rounded once into the float16 adapters). Oracle: optax by hand on float32 copies, rounding each step."""
+    model, ids, params = _memorize_setup()
+    opt = optax.adamw(1e-2)
+    cfg = jlora.LoraConfig(rank=4, alpha=8, targets="proj", dtype="float16")
+    adapters = jlora.init(params, cfg, key=KEY)
+    state = jlora.TrainState.create(adapters, opt, rng=KEY)
+    step = jax.jit(jlora.make_train_step(model, cfg, opt))
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)  # noqa: E731
+    want, want_state = adapters, opt.init(f32(adapters))
+    loss = lambda a: jlora.lm_loss(lambda *x: jlora.apply(model, params, a, cfg, *x), {"input_ids": ids})[0]  # noqa
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, params, {"input_ids": ids})
+        losses.append(float(metrics["loss"]))
+        updates, want_state = opt.update(f32(jax.grad(loss)(want)), want_state, f32(want))
+        want = jax.tree.map(lambda a, u: (a.astype(jnp.float32) + u).astype(jnp.float16), want, updates)
+    assert {x.dtype for x in jax.tree.leaves(state.adapters)} == {jnp.dtype(jnp.float16)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state[0].mu)} == {jnp.dtype(jnp.float32)}
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.adapters)) and losses[-1] < losses[0]
+    for got, ref in zip(jax.tree.leaves(state.adapters), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=1e-3, rtol=0)
+
+
 def test_causal_lm_loss_matches_numpy_reference():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)

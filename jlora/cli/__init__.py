@@ -229,5 +229,6 @@ def _user_error(e: Exception) -> str | None:
     if isinstance(e, KeyError):   # the library's lookup errors carry their message as the key
         return " ".join(str(e.args[0] if e.args else e).split())
     if isinstance(e, (ValueError, OSError)):   # ConfigError is a ValueError; OSError: missing, unreadable, full disk
-        return " ".join(str(e).split())
+        notes = getattr(e, "__notes__", None) or []   # e.g. which file a full disk stopped, what was kept
+        return " ".join(" ".join([str(e), *(f"({note})" for note in notes)]).split())
     return None

@@ -47,7 +47,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -57,10 +57,10 @@ import optax
 
 import jlora
 from jlora import data as data_lib
+from jlora import files
 from jlora.cli import config as runconfig
 from jlora.cli import scoring
 from jlora.cli.config import ConfigError, RunConfig
-from jlora.hf import _write_json  # atomic: a run killed while writing leaves the old file whole
 from jlora.variants import inits
 
 CONFIG_FILE = "config.yaml"
@@ -901,7 +901,7 @@ def _train(cfg: RunConfig, run_dir: pathlib.Path, *, resume: bool, overwrite: bo
                 prepared = True
                 if before is not None:
                     summary["accuracy_before"], records = before
-                    _write_json(run.dir / "eval_before.json", records)
+                    files.replace_json(run.dir / "eval_before.json", records)
                 t_start = time.perf_counter()
                 state, interrupted = _train_loop(run, manager, loader, state, progress=progress, on_step=on_step)
             finally:
@@ -1103,7 +1103,7 @@ def _generation_eval(run: _Run, params, file: str) -> float:
     ``file`` in the run folder and returns the mean score (%)."""
     acc, records = score_generation(run.loaded, params, run.data.prompts, run.scorer,
                                     batch_size=run.cfg.eval.batch_size, max_new_tokens=run.cfg.eval.max_new_tokens)
-    _write_json(run.dir / file, records)
+    files.replace_json(run.dir / file, records)
     return acc
 
 
@@ -1159,6 +1159,9 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
                 record = {"step": step + 1, "loss": loss, "loss_tokens": float(metrics["tokens"]),
                           "grad_norm": float(metrics["grad_norm"]),
                           "tokens_per_s": tokens_seen / (time.perf_counter() - t_start)}
+                if not math.isfinite(loss + record["grad_norm"]):
+                    log.write({k: v if math.isfinite(v) else None for k, v in record.items()})
+                    raise ValueError(_diverged(step + 1, record, manager))
                 if t.eval_every and (step + 1) % t.eval_every == 0 and run.data.valid:
                     record["valid_loss"] = _validation_loss(run, state)
                 log.write(record)
@@ -1180,6 +1183,19 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
     finally:
         log.close()
     return state, False
+
+
+def _diverged(step: int, record: dict[str, float], manager) -> str:
+    """The error of a step whose loss or gradient norm is not finite: its update made the adapters NaN (a non-finite
+    global norm scales every update), so the run stops there and saves nothing of it."""
+    manager.wait()
+    saved = manager.latest_step()
+    fix = "a lower train.learning_rate (or train.max_grad_norm)"
+    kept = (f"its checkpoints up to step {saved} are kept: --resume with {fix} (--set) continues from step {saved}"
+            if saved is not None else f"no checkpoint was saved before it: start again (--overwrite) with {fix}")
+    return (f"step {step}: the loss is {record['loss']} and the gradient norm {record['grad_norm']}: training "
+            f"diverged (or a batch overflowed), and every step after it would train NaN adapters, so the run "
+            f"stopped and saved nothing of this step; {kept}")
 
 
 def _finish(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainState) -> dict[str, float]:
@@ -1251,7 +1267,7 @@ def _wrap_up(run: _Run, summary: dict[str, Any], *, step: int, interrupted: bool
         print(f"removed {', '.join(stale)} from {run.dir}: written for the adapters at step {earlier}, and this run "
               f"({why}) did not evaluate those at step {step}", flush=True)
     summary.update({"step": step, "interrupted": interrupted, "run_dir": str(run.dir), "train_seconds": seconds})
-    _write_json(run.dir / "summary.json", summary)
+    files.replace_json(run.dir / "summary.json", summary)
     if not interrupted:
         files = [name + ("/" if (run.dir / name).is_dir() else "") for name in RUN_FILES if (run.dir / name).exists()]
         print(_report(summary, run.scorer.label, files))
@@ -1344,11 +1360,27 @@ def _refuse_out_over_inputs(out: str, reads: Sequence[tuple[str, str]], what: st
                              f"choose another --out")
 
 
-def _clear_out(path: pathlib.Path) -> None:
-    """Empties an ``--out`` folder that :func:`_check_out` allowed to be replaced, saying so."""
-    if path.is_dir() and any(path.iterdir()):
-        print(f"--overwrite: replacing {path}", flush=True)
-        shutil.rmtree(path)
+@contextlib.contextmanager
+def _writing_out(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a new folder beside the ``--out`` folder ``path`` to write into; when the block ends, it takes the place
+    of ``path`` (whose old contents, which :func:`_check_out` allowed to be replaced, are removed only then, saying
+    so). A block that fails removes the new folder and leaves ``path`` as it was: a full disk loses nothing."""
+    path = path.resolve()   # a link to the folder: the folder it names is replaced, the link stays
+    stage = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        if any(path.iterdir()):
+            print(f"--overwrite: replacing {path}", flush=True)
+        os.rename(path, old)
+    os.rename(stage, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def adapter_kind(source: str, what: str = "--adapter") -> str:
@@ -1648,8 +1680,8 @@ def compose_command(model: str, adapters: Sequence[str], method: str, out: str, 
                                         names=[name for name, _, _ in parsed])
     except ValueError as e:
         raise UsageError(str(e)) from None
-    _clear_out(out_dir)
-    jlora.peft.save(out_dir, combined, cfg, loaded)
+    with _writing_out(out_dir) as stage:
+        jlora.peft.save(stage, combined, cfg, loaded)
     what = f"{method} of {len(items)} adapters" if len(items) > 1 else "1 adapter (combined linearly, as PEFT does)"
     print(f"{what} written to {out_dir} (PEFT folder; pass it as --adapter)")
     return out_dir
@@ -1888,11 +1920,11 @@ def merge_command(model: str, adapter: str, out: str, *, overwrite: bool = False
     loaded = _load_with_adapter(model, adapter, dtype=_lossless_dtype(resolve_model(model, "--model")))
     adapters, lora_cfg = load_adapters(adapter, loaded)
     merged = jlora.merge(loaded.params, adapters, lora_cfg, layout=_layout(loaded))
-    _clear_out(out_dir)
     # in the base checkpoint's own dtype (a bf16 model stays bf16, as PEFT's merge_and_unload keeps it)
     source = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}.get(
         getattr(loaded.config, "hf_dtype", None))
-    hf.save(out_dir, loaded, merged, dtype=source)
+    with _writing_out(out_dir) as stage:
+        hf.save(stage, loaded, merged, dtype=source)
     print(f"merged model written to {out_dir}")
     return out_dir
 
@@ -2027,10 +2059,10 @@ def export_peft_command(run_dir: str, out: str, *, model: str | None = None, ste
                 raise checkpoint.CheckpointError(f"{e} (the base model was read from {path}, the run's model.path; "
                                                  f"pass --model PATH with the one the run trained on)") from None
             raise
-    _clear_out(out_dir)
-    written = jlora.peft.save(out_dir, adapters, lora, loaded)
-    print(f"PEFT adapter written to {written}")
-    return written
+    with _writing_out(out_dir) as stage:
+        jlora.peft.save(stage, adapters, lora, loaded)
+    print(f"PEFT adapter written to {out_dir}")
+    return out_dir
 
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -20,10 +20,11 @@ Safetensors (checkpoints, and PEFT adapters in :mod:`jlora.peft`) are read by a 
 numpy path looks dtypes up by name in numpy, so it reads bf16 (the usual kind) only once `ml_dtypes` has
 registered the name and refuses fp8 outright, while the format itself is trivial (8-byte little-endian header
 length, a JSON header of `{name: {dtype, shape, data_offsets}}`, then raw little-endian bytes) and `ml_dtypes` (a
-JAX dependency) provides the bf16 and fp8 dtypes. A memory map is zero-copy: a tensor's bytes are read when it
-is converted, and checking every header entry against the file size turns a truncated download into an error
-naming the file and the tensor instead of a crash deep inside numpy. The writer is the same format in reverse,
-so `save` handles bf16 the same way. No torch or transformers anywhere on these paths.
+JAX dependency) provides the bf16 and fp8 dtypes. A memory map of a model file is zero-copy: a tensor's bytes are
+read when it is converted; files under 256 MiB (adapters) are read into memory instead, as a map of a file that
+another program truncates kills the reader with SIGBUS. Checking every header entry against the file size turns a
+truncated download into an error naming the file and the tensor instead of a crash deep inside numpy. The writer
+is the same format in reverse, so `save` handles bf16 the same way. No torch or transformers anywhere on these paths.
 
 Examples:
     >>> import numpy as np, tempfile, os
@@ -49,6 +50,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jlora import files as files_lib
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -68,23 +71,30 @@ _TORCH_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat1
 
 _CORRUPT = ("{file} is not a valid safetensors file ({why}); it is probably truncated or corrupt: "
             "download or save it again")
+# Safetensors files smaller than this are read into memory, larger ones (models) memory-mapped.
+IN_MEMORY_BELOW = 256 << 20
 
 
 # --------------------------------------------------------------------------------------------- safetensors I/O
 
 class SafetensorsFile(Mapping):
-    """Read-only mapping tensor name -> numpy array (a view of a memory map) of one `.safetensors` file.
+    """Read-only mapping tensor name -> read-only numpy array of one `.safetensors` file.
 
-    The header is validated on open as the safetensors library reads it: each tensor's byte range must match
-    its dtype and shape, and the ranges, sorted, must tile the data section (the bytes after the header, which may
-    be padded with spaces) exactly: no gap, no overlap, no bytes after the last tensor. Otherwise a ValueError
-    names the file (and the tensor).
+    A file under `IN_MEMORY_BELOW` bytes (256 MiB: adapters, which `jlora serve` loads while other programs may
+    rewrite them) is read into memory on open, so that a file truncated afterwards cannot crash the reader; the
+    arrays of a larger one (a model) are views of a memory map, read when they are converted.
+
+    The header is validated on open as the safetensors library reads it: each entry must be an object with a known
+    `dtype`, a `shape` of non-negative integers and `data_offsets` [begin, end] with 0 <= begin <= end, each
+    tensor's byte range must match its dtype and shape, and the ranges, sorted, must tile the data section (the bytes
+    after the header, which may be padded with spaces) exactly: no gap, no overlap, no bytes after the last tensor.
+    Otherwise a ValueError names the file (and the tensor).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError(_CORRUPT.format(file=self.path, why=f"only {size} bytes"))
@@ -96,28 +106,62 @@ class SafetensorsFile(Mapping):
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(_CORRUPT.format(file=self.path, why=f"unreadable JSON header: {e}")) from None
+            data = None
+            if size < IN_MEMORY_BELOW:
+                data = np.empty(size - 8 - n, np.uint8)
+                got = f.readinto(memoryview(data))
+                if got != data.size or f.read(1):
+                    raise ValueError(f"{self.path} changed while it was read (it had {size} bytes when opened): "
+                                     f"another program is writing it; read it again once that program is done")
+                data.flags.writeable = False
         if not isinstance(header, dict):
             raise ValueError(_CORRUPT.format(file=self.path, why="the header is not a JSON object"))
         self.metadata = header.pop("__metadata__", None) or {}
         self._start = 8 + n
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-            except KeyError as err:
-                raise ValueError(f"{self.path}: tensor {name!r} has dtype or fields jlora cannot read ({e}; missing "
-                                 f"or unknown {err}); known dtypes: {sorted(_DTYPES)}") from None
-            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-                raise ValueError(_CORRUPT.format(
-                    file=self.path, why=f"tensor {name!r} of {e['dtype']} {list(shape)} has byte range "
-                                        f"[{begin}, {end})"))
+            dtype, shape, begin, end = self._entry(name, e)
             if self._start + end > size:
                 raise ValueError(_CORRUPT.format(
                     file=self.path, why=f"tensor {name!r} ends at byte {self._start + end} but the file has "
                                         f"{size} bytes"))
             self._entries[name] = (dtype, shape, begin, end)
         self._check_covered(size)
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start else None
+        # the data section: in memory (offsets from 0), or a map of the whole file (offsets from self._start)
+        if data is not None:
+            self._data, self._offset = data, 0
+        else:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start else None
+            self._offset = self._start
+
+    def _entry(self, name: str, e: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of header entry ``e`` of tensor ``name``, validated as the safetensors library
+        does; a ValueError naming the file and the tensor otherwise."""
+        def corrupt(why: str) -> ValueError:
+            return ValueError(_CORRUPT.format(file=self.path, why=f"tensor {name!r} {why}"))
+
+        def naturals(x: Any) -> bool:   # a JSON list of non-negative integers (true and false are not integers)
+            return isinstance(x, list) and all(type(i) is int and i >= 0 for i in x)
+
+        if not isinstance(e, dict):
+            raise corrupt(f"has a header entry of JSON {type(e).__name__}, not an object")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
+        if missing:
+            raise corrupt(f"has a header entry without {missing}")
+        tag, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(tag, str):
+            raise corrupt(f"has dtype {tag!r}, not a string")
+        if tag not in _DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has dtype {tag!r}, which jlora cannot read; known dtypes: "
+                             f"{sorted(_DTYPES)}")
+        if not naturals(shape):
+            raise corrupt(f"has shape {shape!r}, not a list of non-negative integers")
+        if not naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise corrupt(f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+        dtype, (begin, end) = _DTYPES[tag], offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise corrupt(f"of {tag} {shape} has byte range [{begin}, {end})")
+        return dtype, tuple(shape), begin, end
 
     def _check_covered(self, size: int) -> None:
         """Raises unless the tensors' byte ranges, sorted, tile the data section from its start to the file's end
@@ -138,7 +182,7 @@ class SafetensorsFile(Mapping):
         dtype, shape, begin, end = self._entries[name]
         if begin == end:
             return np.zeros(shape, dtype)
-        return self._map[self._start + begin:self._start + end].view(dtype).reshape(shape)
+        return self._data[self._offset + begin:self._offset + end].view(dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -274,7 +318,21 @@ def _open_folder(folder: str) -> tuple[dict, Callable[[str], np.ndarray], list[s
         raise FileNotFoundError(f"{folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE} (it holds {present}). jlora "
                                 f"reads safetensors only; convert PyTorch .bin weights with save_pretrained"
                                 f"(..., safe_serialization=True)")
-    where = {name: shard for shard, st in files.items() for name in st}
+    holders: dict[str, list[str]] = {}
+    for shard, st in files.items():
+        for name in st:
+            holders.setdefault(name, []).append(shard)
+    where = {}
+    for name, shards in holders.items():
+        if len(shards) > 1 and weight_map is not None and weight_map.get(name) in shards:
+            where[name] = weight_map[name]     # as transformers reads it: the index says which shard's copy
+        elif len(shards) > 1:
+            said = f"the index maps it to {weight_map[name]!r}" if weight_map and name in weight_map else \
+                "the index does not name it"
+            raise ValueError(f"{folder}: tensor {name!r} is in shards {shards} and {said}, so which copy to load is "
+                             f"unknown; the checkpoint is damaged: download or save it again")
+        else:
+            where[name] = shards[0]
     if weight_map is not None:
         missing = sorted(n for n in weight_map if n not in where)
         if missing:
@@ -352,6 +410,36 @@ def _needed_by(hf_config: dict, key: str) -> str:
     return "the model"
 
 
+_GGUF_FIX = ("the GGUF file is damaged or was converted from a model of another architecture: download or convert "
+             "it again")
+
+
+def _check_vocabulary(tokenizer, rows: int, local: str, is_gguf: bool) -> None:
+    """Refuses a tokenizer whose vocabulary (added tokens aside) has more ids than the embedding has rows: the ids
+    past them would read no embedding (NaN logits). Added tokens past them are warned about (models sometimes
+    carry unused ones); an embedding padded beyond the vocabulary is normal."""
+    from jlora.hf.tokenizer import TOKENIZER_FILE
+
+    base = tokenizer.base_vocab_size
+    if is_gguf:
+        where, embedding = local, "its metadata"
+        fix = _GGUF_FIX
+    else:
+        where, embedding = os.path.join(local, TOKENIZER_FILE), f"{os.path.join(local, CONFIG_FILE)}'s vocab_size"
+        fix = "use the tokenizer saved with these weights (put its tokenizer files in the folder)"
+    if base > rows:
+        raise ValueError(f"{where}: the tokenizer's vocabulary has {base:,} tokens, but {embedding} gives the model's "
+                         f"embedding {rows:,} rows: ids {rows:,} and up would read no embedding (NaN logits). The "
+                         f"tokenizer is not this model's: {fix}")
+    outside = sorted(i for i in tokenizer.backend.get_added_tokens_decoder() if i >= rows)
+    if outside:
+        import warnings
+
+        warnings.warn(f"{where}: {len(outside)} added tokens have ids past the model's {rows:,} embedding rows "
+                      f"(ids {outside[:5]}{' ...' if len(outside) > 5 else ''}); the model can neither read nor "
+                      f"emit them: a text holding one gets an id it has no embedding for", stacklevel=3)
+
+
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool = False,
          **config_overrides: Any) -> Loaded:
     """Loads a Hugging Face folder, a `.gguf` file, or `pkg://package/file`, into a jlora model and params.
@@ -371,9 +459,13 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
     Raises:
         FileNotFoundError: no such path, no config.json in the folder, no safetensors weights, a missing shard.
         ModuleNotFoundError: the package of a `pkg://` path is not installed.
-        ValueError: unsupported model_type or config attribute, a missing tensor, a tensor of the wrong shape,
-            a tensor no parameter uses, a truncated or corrupt file, or an unsupported GGUF tensor type; each
-            names the file and the tensor.
+        ValueError: unsupported model_type or config attribute, a missing tensor, a tensor of the wrong shape or
+            of a non-floating dtype, a tensor no parameter uses, a truncated or corrupt file, a damaged JSON file,
+            a tokenizer whose vocabulary has more ids than the embedding has rows, or an unsupported GGUF tensor
+            type; each names the file (and the tensor).
+
+    Warns:
+        UserWarning: the tokenizer has added tokens whose ids lie past the embedding's rows.
     """
     from jlora import models
 
@@ -385,12 +477,9 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
         hf_config, get, names, where = _open_folder(local)
         source = local
         name = hf_config.get("_name_or_path") or os.path.basename(os.path.normpath(os.path.abspath(local)))
-        from jlora.hf.tokenizer import GENERATION_CONFIG_FILE, Tokenizer
+        from jlora.hf.tokenizer import GENERATION_CONFIG_FILE, Tokenizer, _read_json
         tokenizer = Tokenizer.from_folder(local)
-        generation_file = os.path.join(local, GENERATION_CONFIG_FILE)
-        if os.path.isfile(generation_file):
-            with open(generation_file, encoding="utf-8") as f:
-                generation_config = json.load(f)
+        generation_config = _read_json(os.path.join(local, GENERATION_CONFIG_FILE))
     elif local.lower().endswith(".gguf"):
         from jlora.hf import gguf
         try:
@@ -411,9 +500,17 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
         raise ValueError(f"{source}: {e}") from e
     overrides = {"dtype": dtype, "param_dtype": dtype, "scan_layers": scan_layers, **config_overrides}
     config = _make_config(family, hf_config, overrides, source)
+    is_gguf = not os.path.isdir(local)
+    # what to do when the config and the tensors disagree: a folder's config.json may be another model's; a GGUF's
+    # metadata and tensors come in one file
+    disagree, fix = (("its metadata and its tensors disagree", _GGUF_FIX) if is_gguf else
+                     ("config.json and the weights disagree", "use the config.json saved with these weights"))
+    if tokenizer is not None:
+        _check_vocabulary(tokenizer, config.vocab_size, local, is_gguf)
 
     present = set(names)
     used: set[str] = set()
+    specs = {s.hf_name: s for s in family.param_specs(config)}
 
     def get_tensor(hf_name: str) -> np.ndarray:
         key = hf_name
@@ -422,10 +519,20 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
             if stripped not in present:
                 raise ValueError(f"{source} has no tensor {hf_name!r}, which the {model_type} config needs "
                                  f"(the checkpoint holds {len(present)} tensors, e.g. {sorted(present)[:4]}); "
-                                 f"config.json and the weights disagree: use the config.json saved with them")
+                                 f"{disagree}: {fix}")
             key = stripped
         used.add(key)
-        return get(key)
+        tensor, spec = get(key), specs[hf_name]
+        if not jnp.issubdtype(tensor.dtype, jnp.floating):   # every parameter of jlora's models is floating point
+            raise ValueError(f"{where(key)}: tensor {key!r} has dtype {tensor.dtype}, but it is a floating-point "
+                             f"weight (jlora parameter {spec.path!r}); read as {tensor.dtype} its values would be "
+                             f"meaningless. The file's header is damaged or was edited: download or save the "
+                             f"checkpoint again")
+        want = tuple(reversed(spec.shape)) if spec.transpose else spec.shape
+        if is_gguf and tuple(tensor.shape) != want:
+            raise ValueError(f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, but the file's "
+                             f"{model_type} metadata needs {want} (jlora parameter {spec.path!r}); {disagree}: {fix}")
+        return tensor
 
     try:
         params = models.params_from_hf(family, config, get_tensor, dtype=config.param_dtype)
@@ -442,8 +549,8 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
     unused = sorted(n for n in present - used if not buffers.search(n) and not (n == "lm_head.weight" and tied))
     if unused:
         raise ValueError(f"{source} holds tensors the {model_type} config does not use, e.g. {unused[:5]} "
-                         f"({len(unused)} in all); config.json and the weights disagree (a bias, norm or layer "
-                         f"count jlora would silently drop): use the config.json saved with these weights")
+                         f"({len(unused)} in all); {disagree} (a bias, norm or layer count jlora would silently "
+                         f"drop): {fix}")
     return Loaded(model=family.make_model(config), params=params, config=config, tokenizer=tokenizer,
                   name=str(name), family=family, hf_config=hf_config, generation_config=generation_config,
                   source=os.path.abspath(local))
@@ -488,10 +595,9 @@ def save(out_dir: str | os.PathLike, loaded_or_model: Any, params: Any, *, dtype
     os.makedirs(out_dir, exist_ok=True)
     # Each file is written beside its final name and renamed into place: a crash leaves no half-written file,
     # and saving into the folder the model was loaded from never truncates a file that is still mapped.
-    weights = os.path.join(out_dir, WEIGHTS_FILE)
-    write_safetensors(weights + ".tmp", tensors, dtype=out_dtype)
-    os.replace(weights + ".tmp", weights)
-    _write_json(os.path.join(out_dir, CONFIG_FILE), hf)
+    with files_lib.replacing(os.path.join(out_dir, WEIGHTS_FILE)) as tmp:
+        write_safetensors(tmp, tensors, dtype=out_dtype)
+    files_lib.replace_json(os.path.join(out_dir, CONFIG_FILE), hf)
     tokenizer = getattr(loaded_or_model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save(out_dir)
@@ -505,14 +611,6 @@ def save(out_dir: str | os.PathLike, loaded_or_model: Any, params: Any, *, dtype
         if "eos_token_id" in generation:
             from jlora.hf.tokenizer import GENERATION_CONFIG_FILE
 
-            _write_json(os.path.join(out_dir, GENERATION_CONFIG_FILE), generation)
+            files_lib.replace_json(os.path.join(out_dir, GENERATION_CONFIG_FILE), generation)
 
 
-def _write_json(path: str | os.PathLike, value: Any) -> None:
-    """Written beside its name and renamed into place: a process killed while writing leaves the old file whole.
-    Also the writer of ``jlora train``'s JSON files."""
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -90,6 +90,9 @@ GLOBAL_TABLE = {
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
+# what to do about a damaged GGUF file (it has no config.json to replace)
+_REDO = "download the file again, or convert the model to GGUF again"
+
 # GGUF tensors jlora knows and does not read, and what they are
 _UNREAD_TENSORS = {"rope_freqs.weight": "it holds the per-frequency factors of Llama 3.1+ rope scaling (rope_scaling "
                                         "type llama3), which jlora reads from a Hugging Face folder's config.json "
@@ -251,7 +254,8 @@ def read(path: str | os.PathLike) -> GGUFModel:
     except _Truncated as e:
         raise ValueError(f"cannot read GGUF file {path}: {e}") from None
     except Exception as e:  # the reader raises ValueError/KeyError/IndexError on bad bytes or unknown enums
-        raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot read GGUF file {path}: it is not a GGUF file or its header is damaged (the gguf "
+                         f"reader failed with {type(e).__name__}: {e}); {_REDO}") from e
     meta = read_metadata(reader)
     arch_name = meta.get("general.architecture")
     if arch_name not in ARCHS:
@@ -282,7 +286,11 @@ def read(path: str | os.PathLike) -> GGUFModel:
                 permute[name] = config["num_attention_heads"]
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
                 permute[name] = config["num_key_value_heads"]
-    tokenizer = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
+    try:
+        tokenizer = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
+    except (KeyError, IndexError, TypeError) as e:   # a key missing, a token id past the token list, a wrong type
+        raise ValueError(f"{path}: the GGUF tokenizer metadata is damaged ({type(e).__name__}: {e}); "
+                         f"{_REDO}") from None
     name = meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]
     return GGUFModel(hf_config=config, tensors=GGUFTensors(path, entries, permute), tokenizer=tokenizer,
                      name=name, metadata=meta)
@@ -333,6 +341,13 @@ def hf_config(meta: Mapping[str, Any], *, tied: bool, path: str = "<gguf>") -> d
         "max_position_embeddings": get("context_length", required=True),
         "tie_word_embeddings": tied,
     }
+    counts = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+    bad = {k: config[k] for k in counts
+           if not isinstance(config[k], (int, np.integer)) or isinstance(config[k], bool) or config[k] <= 0}
+    if bad:
+        raise ValueError(f"{path}: GGUF metadata gives {bad}, not positive integers; the file's header is damaged: "
+                         f"{_REDO}")
     if linear:
         config["rope_scaling"] = {"rope_type": "linear", "factor": _shortest(factor)}
     # llama.cpp's head size: attention.key_length when given, else hidden / heads

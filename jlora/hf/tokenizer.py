@@ -341,6 +341,12 @@ class Tokenizer:
         """Number of ids, added tokens included."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def base_vocab_size(self) -> int:
+        """Number of ids of the backend model's own vocabulary (its largest id + 1), added tokens not counted: the
+        ids every text may encode to (an added token may be an unused spare)."""
+        return max(self._backend.get_vocab(with_added_tokens=False).values(), default=-1) + 1
+
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
 
@@ -525,9 +531,14 @@ class Tokenizer:
     def save(self, folder: str | os.PathLike) -> None:
         """Write `tokenizer.json` and `tokenizer_config.json` (with the chat template) into `folder`,
         a pair transformers' `AutoTokenizer.from_pretrained(folder)` loads."""
+        from jlora import files
+
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        self._backend.save(os.path.join(folder, TOKENIZER_FILE))
+        # each file written beside its name and renamed into place (`jlora.hf.save` may write into the folder the
+        # model came from): a full disk leaves the old file whole, and the error names the file
+        with files.replacing(os.path.join(folder, TOKENIZER_FILE)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(self._backend.to_str(pretty=True))   # what the backend's save(path) writes, through Python I/O
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos_token,
@@ -542,9 +553,7 @@ class Tokenizer:
             config["split_special_tokens"] = True
         if self._chat_template is not None:
             config["chat_template"] = self._chat_template
-        with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        files.replace_json(os.path.join(folder, CONFIG_FILE), config, ensure_ascii=False)
 
 
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
@@ -740,13 +749,20 @@ def _config_flags(backend: tokenizers.Tokenizer, decoder: Any) -> None:
 
 
 def _read_json(path: str) -> dict | None:
+    """The JSON object in ``path`` (a folder's tokenizer_config.json, generation_config.json, ...), None when there is
+    no such file; a ValueError naming the file when it is damaged."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+            value = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged: download or save the model "
+                             f"again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; the file is damaged: download "
+                         f"or save the model again")
+    return value
 
 
 # `{% generation %}` blocks: rendered between these private-use characters while `generation_spans` renders.
