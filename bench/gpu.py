@@ -11,12 +11,16 @@ backward pass (input gradients only: frozen weights get no weight gradients), th
 
 from __future__ import annotations
 
+import re
 import statistics
 
 from bench import common, steps
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# Device kinds as JAX names them (``NVIDIA H100 80GB HBM3``); a model whose kind names none of these (e.g. A10G)
+# gets no MFU rather than a wrong one.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
 
 # Llama 3.2 1B, as its config.json says.
 LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
@@ -26,7 +30,16 @@ LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, interme
 
 
 def _peak(kind: str) -> float | None:
-    return next((v for k, v in PEAK_BF16.items() if k in kind), None)
+    """The dense bf16 peak of a device kind: the longest name in :data:`PEAK_BF16` it holds as whole words.
+
+    Examples:
+        >>> [_peak(k) / 1e12 for k in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA L40S", "NVIDIA L4")]
+        [989.0, 756.0, 362.0, 121.0]
+        >>> _peak("NVIDIA A10G") is None, _peak("NVIDIA A100-SXM4-80GB") / 1e12
+        (True, 312.0)
+    """
+    names = sorted(PEAK_BF16, key=len, reverse=True)
+    return next((PEAK_BF16[k] for k in names if re.search(rf"(?<![\w]){re.escape(k)}(?![\w])", kind)), None)
 
 
 def model_flops(hf: dict, seq: int, targets, rank: int = common.RANK) -> float:

@@ -125,7 +125,7 @@ def choose(implementation: str, case: Case) -> str:
         >>> choose("cudnn", Case("cpu", jnp.float32, 64, 128))
         Traceback (most recent call last):
         ...
-        ValueError: attention='cudnn' cannot run this call: cuDNN runs on an NVIDIA GPU, this is platform 'cpu'; set attention='auto' (here: 'xla') or 'blocked', which runs every case
+        ValueError: attention='cudnn' cannot run this call: cuDNN runs on an NVIDIA GPU, this is platform 'cpu'; set attention (the model config's option; model.attention in a jlora run config) to 'auto', which picks per call what the platform runs, or 'blocked', which runs every case
     """
     if implementation == "auto":
         preferred = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(case.platform)
@@ -136,8 +136,9 @@ def choose(implementation: str, case: Case) -> str:
         return "blocked"
     reason = unsupported(implementation, case)
     if reason is not None:
-        raise ValueError(f"attention={implementation!r} cannot run this call: {reason}; set attention='auto' "
-                         f"(here: {choose('auto', case)!r}) or 'blocked', which runs every case")
+        raise ValueError(f"attention={implementation!r} cannot run this call: {reason}; set attention (the model "
+                         f"config's option; model.attention in a jlora run config) to 'auto', which picks per call "
+                         f"what the platform runs, or 'blocked', which runs every case")
     return implementation
 
 
