@@ -43,12 +43,8 @@ class TrainState(NamedTuple):
 
 
 def opt_view(adapters: Any) -> Any:
-    """The adapters as the optimizer sees them: float16 leaves as float32, the rest as they are.
-
-    float16 cannot hold an optimizer's state: Adam's ``eps=1e-8`` rounds to 0, so a zero gradient (every A's at
-    step 1, with B = 0) gives 0/0 = NaN, and squared gradients below ~6e-8 underflow. The update is computed in
-    float32 and rounded once, into the float16 adapters. (bfloat16 has float32's range: kept as it is.)
-    """
+    """The adapters as the optimizer sees them, float16 leaves as float32: in float16 Adam's eps=1e-8 is 0, and A's
+    zero gradient at B = 0 gave 0/0 = NaN. The update is rounded once into the adapters (bfloat16: kept as it is)."""
     return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float16 else x, adapters)
 
 
@@ -168,8 +164,9 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
 
     The model's other state is read, never carried: give a Linen model its collections through ``apply_fn(...,
     variables={"batch_stats": ...})`` in ``loss_fn`` (a missing or updated collection is an error that says so);
-    an NNX model's in-place updates (BatchNorm statistics) are dropped after each call. To train BatchNorm
-    statistics, write a step around ``jlora.apply(..., mutable=[...])`` that carries them.
+    an NNX model's in-place updates (BatchNorm statistics) are dropped after each call; to train BatchNorm
+    statistics, write a step around ``jlora.apply(..., mutable=[...])`` that carries them. A non-finite loss or
+    gradient gives a non-finite update, which is applied: ``optax.apply_if_finite(optimizer, n)`` skips those.
 
     Returns:
         The step function. ``metrics`` holds ``loss`` (token-weighted mean), ``tokens`` and ``grad_norm``.
@@ -201,9 +198,7 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
     def loss_fn(apply_fn, batch):   # the user's, with its return value checked (at trace time)
         out = user_loss_fn(apply_fn, batch)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)) or jnp.ndim(out[0]):
-            def kind(v):
-                return f"an array of shape {jnp.shape(v)}" if hasattr(v, "shape") else type(v).__name__
-
+            kind = lambda v: f"an array of shape {jnp.shape(v)}" if hasattr(v, "shape") else type(v).__name__  # noqa
             got = f"({', '.join(map(kind, out))})" if isinstance(out, tuple) else kind(out)
             raise TypeError(f"`loss_fn` must return `(loss, metrics)`: a scalar loss and a dict of metrics, e.g. "
                             f"`return loss, {{\"loss\": loss}}`; it returned {got}")
@@ -239,8 +234,7 @@ def make_train_step(model: nn.Module, cfg: LoraConfig, optimizer: optax.Gradient
         if reduce_grads is not None:
             grads, metrics, weight = reduce_grads((grads, metrics, weight))
         denom = jnp.maximum(weight, 1e-9)
-        # in the dtype the optimizer state was made in (a float32 gradient would change a bfloat16 state's dtype)
-        seen = opt_view(state.adapters)
+        seen = opt_view(state.adapters)   # the dtypes the optimizer state has (float32 would change a bfloat16 one)
         grads = jax.tree.map(lambda g, a: (g / denom).astype(jnp.result_type(a)), grads, seen)
         metrics = jax.tree.map(lambda m: m / denom, metrics)
         if "tokens" in metrics:

@@ -168,6 +168,25 @@ def test_float16_adapters_train_with_a_float32_optimizer_state():
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=1e-3, rtol=0)
 
 
+def test_a_non_finite_step_is_applied_and_apply_if_finite_skips_it():
+    """As the docstring says: a NaN loss gives NaN adapters; optax.apply_if_finite leaves them as they were."""
+    model, ids, params = _memorize_setup()
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets="proj")
+    adapters = jax.tree.map(lambda x: x + 0.05, jlora.init(params, cfg, key=KEY))
+
+    def loss_fn(apply_fn, batch):
+        loss = jlora.lm_loss(apply_fn, batch)[0] * batch["scale"]
+        return loss, {"loss": loss}
+
+    bad = {"input_ids": ids, "scale": jnp.float32(jnp.nan)}
+    for opt, finite in ((optax.adam(1e-2), False), (optax.apply_if_finite(optax.adam(1e-2), 3), True)):
+        state = jlora.TrainState.create(adapters, opt, rng=KEY)
+        state, _ = jax.jit(jlora.make_train_step(model, cfg, opt, loss_fn=loss_fn))(state, params, bad)
+        assert all(bool(jnp.isfinite(x).all()) == finite for x in jax.tree.leaves(state.adapters))
+        if finite:
+            assert_trees_all_close(state.adapters, adapters, atol=0)
+
+
 def test_causal_lm_loss_matches_numpy_reference():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
