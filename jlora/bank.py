@@ -52,6 +52,7 @@ import optax
 
 from jlora import adapter as adapter_lib
 from jlora import compose
+from jlora import files
 from jlora import lora as lora_lib
 from jlora import loss as loss_lib
 from jlora import train as train_lib
@@ -500,10 +501,14 @@ def save(directory, bank: Bank) -> None:
 
     out = pathlib.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / BANK_FILE, {p: np.asarray(x) for p, x in tree_lib.leaves_by_path(bank.slots).items()})
     layouts = {p: dataclasses.asdict(s.layout) for p, s in adapter_lib.adapter_items(bank.slots)}
-    (out / BANK_META).write_text(json.dumps({"capacity": bank.capacity, "rank": bank.rank,
-                                             "fingerprint": bank.fingerprint, "layouts": layouts}, indent=1))
+    # each file beside its name, renamed into place once both are whole (jlora.files): a failed save leaves the
+    # old bank, and a reader's map of the old file is never truncated under it
+    with files.replacing(out / BANK_FILE) as arrays:
+        write_safetensors(arrays, {p: np.asarray(x) for p, x in tree_lib.leaves_by_path(bank.slots).items()})
+        with files.replacing(out / BANK_META) as meta:
+            pathlib.Path(meta).write_text(json.dumps({"capacity": bank.capacity, "rank": bank.rank,
+                                                      "fingerprint": bank.fingerprint, "layouts": layouts}, indent=1))
 
 
 def load(directory) -> Bank:

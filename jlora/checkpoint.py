@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
+import errno
 import gc
 import hashlib
 import json
@@ -420,6 +420,10 @@ class CheckpointManager:
         saving into the same folder at the same time would pass the same checks and one of two saves of a step
         would be lost unseen. The lock (``flock`` on the folder itself) goes with the process; it is held until
         the save is committed."""
+        try:
+            import fcntl
+        except ImportError:   # Windows
+            return
         if self._lock is not None or jax.process_count() > 1 or "://" in str(self.directory):
             return   # several processes save collectively (process 0 commits); a remote folder has no flock
         fd = os.open(self.directory, os.O_RDONLY)
@@ -430,6 +434,11 @@ class CheckpointManager:
             raise RuntimeError(f"another process is saving a checkpoint into {self.directory} right now; two "
                                f"programs saving into one folder would lose each other's steps. Give each run a "
                                f"checkpoint folder of its own, or wait for the other one to finish") from None
+        except OSError as e:   # a file system without flock on a folder (NFSv4: EBADF; Lustre: ENOSYS): unlocked
+            os.close(fd)
+            if e.errno in (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                return
+            raise
         self._lock = fd
 
     def _unlock_saves(self) -> None:

@@ -14,6 +14,11 @@ Examples:
     '{"step": 2}'
     >>> sorted(p.name for p in path.parent.iterdir())    # no partial file left beside it
     ['note.json']
+    >>> with replacing(path.parent / "missing" / "x.json") as partial:
+    ...     _ = open(partial, "w")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: [Errno 2] cannot write .../missing/x.json: No such file or directory; the file there before, if any, is unchanged.
 """
 
 from __future__ import annotations
@@ -22,41 +27,42 @@ import contextlib
 import errno
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
-PARTIAL = ".tmp"   # the suffix of a file being written
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[str]:
-    """Yields the path beside ``path`` to write; when the block ends, renames it to ``path`` (the one step other
-    processes see). On an error the partial file is removed; an ``OSError`` is raised again naming ``path``.
+    """Yields a new path beside ``path`` (a hidden name of its own, ``.<name>.<random>.tmp``) to write; when the
+    block ends, renames it to ``path`` (the one step other processes see). On an error the partial file is removed
+    and the ``OSError`` is raised again, of the same kind, naming ``path``.
 
     Blocks nested for several files of one folder rename them one right after another, innermost first, and only
     once every one was written: a failed write leaves all the old files as they were, and its error names the
-    file whose write failed.
+    file whose write failed. Two writers of one file each write their own partial file; the last rename wins.
+    (Not flushed to the disk: a power cut may still lose the new file, not the old one's name.)
     """
     path = os.fspath(path)
-    partial = f"{path}{PARTIAL}"
+    head, name = os.path.split(path)
+    partial = os.path.join(head, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield partial
         os.replace(partial, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(partial)
-        if not isinstance(e, OSError) or isinstance(e, WriteError):   # named already, by a block inside this one
+        if not isinstance(e, OSError) or getattr(e, "jlora_file", None):   # named already, by a block inside
             raise
         fix = (" Free disk space, or write to another folder" if e.errno in _FULL else
                " Write to a folder you may write to" if e.errno in _DENIED else "")
         why = f"cannot write {path}: {e.strerror or e}; the file there before, if any, is unchanged.{fix}"
-        raise (WriteError(e.errno, why) if e.errno is not None else WriteError(why)) from e
-
-
-class WriteError(OSError):
-    """A file of :func:`replacing` could not be written (its message names it; the old file is unchanged)."""
+        error = OSError(e.errno, why) if e.errno is not None else OSError(why)   # OSError(errno, ...): its subclass
+        error.jlora_file = path
+        raise error from e
 
 
 def replace_json(path: str | os.PathLike, value: Any, *, ensure_ascii: bool = True) -> None:

@@ -38,9 +38,11 @@ of its own). PEFT's copies of base weights (``<module>.base_layer.weight``, writ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import re
+import time
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -61,6 +63,7 @@ from jlora.torch_names import TorchModel, conv_from_peft, conv_to_peft
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_DIGEST = "jlora_adapter_config_sha256"   # in the weights' metadata: the config saved with them (PEFT ignores it)
 
 # adapter_config.json keys jlora reads, and keys it may ignore when they hold these neutral values.
 _HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora",
@@ -427,12 +430,13 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     out.mkdir(parents=True, exist_ok=True)
     # Both files written alike, with the mode the umask gives (safetensors' save_file makes its file 0600), each
     # beside its name; renamed into place one right after the other once both are whole. A failed save leaves the
-    # folder's old adapter as it was; a reader that catches the instant between the two renames sees the files
-    # change under it and reads again (:func:`load`).
+    # folder's old adapter as it was; a reader that catches the instant between the two renames reads again: the
+    # weights' metadata holds a digest of the config saved with them (:func:`_read_folder`).
+    text = json.dumps(config, indent=2) + "\n"
     with files.replacing(out / WEIGHTS_FILE) as weights:
-        pathlib.Path(weights).write_bytes(save(tensors, metadata={"format": "pt"}))
+        pathlib.Path(weights).write_bytes(save(tensors, metadata={"format": "pt", CONFIG_DIGEST: _digest(text)}))
         with files.replacing(out / CONFIG_FILE) as config_file:
-            pathlib.Path(config_file).write_text(json.dumps(config, indent=2) + "\n")
+            pathlib.Path(config_file).write_text(text)
     return out
 
 
@@ -521,12 +525,10 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
-def _read_config(folder: pathlib.Path) -> dict[str, Any]:
+def _read_config(folder: pathlib.Path, text: str) -> dict[str, Any]:
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a PEFT adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
@@ -559,7 +561,7 @@ def _read_config(folder: pathlib.Path) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_tensors(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         if (folder / "adapter_model.bin").is_file():
@@ -571,8 +573,10 @@ def _read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     from jlora.hf import SafetensorsFile
 
     # the reader model loading uses, for every dtype it reads (safetensors.numpy refuses fp8, and reads bf16 only
-    # because ml_dtypes registers it with numpy); copies, so that nothing keeps the file mapped
-    return {name: np.array(value) for name, value in SafetensorsFile(path).items()}
+    # because ml_dtypes registers it with numpy); read whole, not mapped (a map of a file another program
+    # truncates would kill this process with SIGBUS), then copied to writable arrays
+    st = SafetensorsFile(path, in_memory=True)
+    return {name: np.array(value) for name, value in st.items()}, st.metadata
 
 
 def _stamps(folder: pathlib.Path) -> tuple:
@@ -587,14 +591,29 @@ def _stamps(folder: pathlib.Path) -> tuple:
     return stamp(folder / CONFIG_FILE), stamp(folder / WEIGHTS_FILE)
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _read_folder(folder: pathlib.Path, tries: int = 5) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The folder's config and tensors, read again while another process replaces its files (a save that lands
-    between the two reads would pair one save's config with another's weights)."""
-    for _ in range(tries):
+    """The folder's config and tensors, read again while another process replaces its files: a save that lands
+    between the two reads, or whose two renames straddle them, would pair one save's config with another's
+    weights. Seen by the files' stamps changing during the reads, or (a jlora save) by the weights' metadata
+    naming another config; a config edited by hand after the save is read as it is."""
+    path = folder / CONFIG_FILE
+    for attempt in range(tries):
         before = _stamps(folder)
-        config, tensors = _read_config(folder), _read_tensors(folder)
-        if _stamps(folder) == before:
-            return config, tensors
+        if before[0] is None:
+            raise FileNotFoundError(f"{path} not found: a PEFT adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+        text = path.read_text()
+        tensors, metadata = _read_tensors(folder)
+        if _stamps(folder) != before:
+            continue
+        saved = metadata.get(CONFIG_DIGEST)
+        edited = time.time_ns() - before[0][2] > 1_000_000_000   # renamed a second ago: edited by hand since
+        if saved is None or saved == _digest(text) or edited or attempt == tries - 1:
+            return _read_config(folder, text), tensors
+        time.sleep(0.05)   # a save's second rename is an instant away
     raise OSError(f"{folder}: {CONFIG_FILE} and {WEIGHTS_FILE} changed while they were read, {tries} times: another "
                   f"process is writing this adapter folder. Load it once that save has finished")
 

@@ -84,7 +84,8 @@ def load_general(path: str | pathlib.Path, tokenizer, *, chat: bool = False, max
     """Reads a general set (JSONL ``{"prompt", "completion"}`` pairs or chats) and tokenizes it.
 
     Args:
-        path: the JSONL file, e.g. ``examples/data/general.jsonl``.
+        path: the JSONL file, e.g. :data:`jlora.resources.GENERAL`, jlora's own general set (shipped in the
+            package; the repository's ``examples/data/general.jsonl`` is the same file).
         tokenizer: the model's tokenizer (:attr:`jlora.hf.Loaded.tokenizer`).
         chat: wrap each pair as a user turn and an assistant turn, so the tokenizer's chat template formats it
             (measure a chat model as it is used); False scores the raw text.
@@ -433,17 +434,17 @@ def summary(report: Mapping[str, Any]) -> str:
 def plot(report: Mapping[str, Any], path: str | pathlib.Path) -> pathlib.Path | None:
     """Draws the report (per-text KL on general text; base vs adapted loss and score) to ``path``.
 
-    Returns the path, or None when matplotlib is not installed.
+    Returns the path, or None when matplotlib is not installed. The figure is drawn on its own
+    ``matplotlib.figure.Figure``, without pyplot: matplotlib's global state (the backend a notebook or an application
+    chose, pyplot's current figures) is left as it was.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     task, general = report.get("task") or {}, report["general"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    left, right = fig.subplots(1, 2)
     kl = np.asarray(general.get("per_text_kl") or [general["kl"]], np.float64)
     left.hist(kl, bins=min(30, max(5, len(kl) // 5)), color="tab:blue")
     left.axvline(general["kl"], color="k", linestyle="--", label=f"mean per token {general['kl']:.4f}")
@@ -465,8 +466,7 @@ def plot(report: Mapping[str, Any], path: str | pathlib.Path) -> pathlib.Path | 
     right.legend()
     fig.tight_layout()
     path = pathlib.Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)      # PNG through matplotlib's Agg canvas, whatever the session's backend
     return path
 
 

@@ -230,6 +230,24 @@ def test_two_programs_saving_into_one_folder_are_told(tmp_path, tiny):
         CheckpointManager(directory / "1" / "_CHECKPOINT_METADATA").all_steps()
 
 
+def test_a_file_system_without_folder_locks_still_saves(tmp_path, tiny, monkeypatch):
+    """NFSv4 refuses an exclusive flock on a folder (EBADF), Lustre without -o flock has none (ENOSYS): the save goes
+    on unlocked."""
+    import errno
+    import fcntl
+    import os
+
+    _, params, _, state0 = tiny
+    for code in (errno.EBADF, errno.ENOSYS):
+        def no_flock(fd, op, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(fcntl, "flock", no_flock)
+        with CheckpointManager(tmp_path / str(code)) as manager:
+            manager.save(1, state0, params=params, lora_config=CFG, name=NAME)
+            assert manager.all_steps() == [1] and manager._lock is None
+
+
 def _reset(directory: pathlib.Path) -> bool:
     shutil.rmtree(directory, ignore_errors=True)
     return False

@@ -973,7 +973,25 @@ def test_a_failed_overwrite_keeps_the_old_output(tiny, trained, tmp_path, monkey
         monkeypatch.undo()
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before, name
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], name
+
+        def busy(src, dst):   # the swap itself fails (a mount point, say): the old output stays, nothing beside it
+            raise OSError(16, "Device or resource busy")
+
+        monkeypatch.setattr(os, "rename", busy)
+        _error(*_main(*command, "--out", out, "--overwrite"), r"Device or resource busy")
+        monkeypatch.undo()
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, name
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], name
         assert _main(*command, "--out", out, "--overwrite")[0] == 0
+        # a new --out, or an empty one, is written in place; a failed write leaves no folder, or an empty one
+        for fresh in (tmp_path / f"new-{name}", tmp_path / f"empty-{name}"):
+            if "empty" in fresh.name:
+                fresh.mkdir()
+            monkeypatch.setattr(os, "replace", disk_full)
+            _error(*_main(*command, "--out", fresh), r"No space left on device")
+            monkeypatch.undo()
+            assert (list(fresh.iterdir()) == []) if "empty" in fresh.name else not fresh.exists()
+            assert _main(*command, "--out", fresh)[0] == 0 and any(fresh.iterdir())
 
 
 def test_a_diverged_run_stops_at_the_first_nan_step_and_saves_none_of_it(tiny, tmp_path):
@@ -985,15 +1003,19 @@ def test_a_diverged_run_stops_at_the_first_nan_step_and_saves_none_of_it(tiny, t
                                             "steps": 6},
                      eval={"before": False, "side_effects": False})
     line = _error(*_main("train", "--config", config), r"step (\d): the loss is nan .*training diverged",
-                  r"saved nothing of this step; its checkpoints up to step \d are kept: --resume with a lower "
+                  r"saved nothing of this step; its checkpoint of step (\d) holds the adapters that gave this loss, "
+                  r"so --resume from it fails the same way; start again \(--overwrite\) with a lower "
                   r"train.learning_rate")
     bad = int(re.search(r"step (\d):", line).group(1))
     run = tmp_path / "run"
     rows = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
             for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == bad and rows[-1]["loss"] is None
+    assert rows[-1]["step"] == bad and rows[-1]["loss"] is None and bad > 1
     assert jlora.checkpoint.CheckpointManager(run / "checkpoints").all_steps() == list(range(1, bad))
     assert not (run / "peft").exists()
+    # what the message says of the kept checkpoint: resuming from it (even at a sane rate) gives the same NaN loss
+    _error(*_main("train", "--config", config, "--resume", "--set", "train.learning_rate=1e-3"),
+           rf"step {bad}: the loss is nan")
 
 
 def test_runs_of_both_layer_stack_forms_are_told_apart(tiny, trained, tmp_path):

@@ -556,16 +556,17 @@ def _bases(x):
         x = x.base
 
 
-def test_small_safetensors_files_are_read_into_memory_and_large_ones_mapped(tmp_path, monkeypatch):
-    """A map of a file that another program truncates dies of SIGBUS (jlora serve hot-loads adapters): files under
-    IN_MEMORY_BELOW are read on open, and their arrays survive the file's truncation; larger ones stay mapped."""
+def test_safetensors_read_into_memory_or_mapped(tmp_path):
+    """A map of a file that another program truncates dies of SIGBUS (jlora serve hot-loads adapters): with
+    in_memory=True (what peft.load and bank.load pass) the file is read on open, and its arrays survive the file's
+    truncation; by default (model shards) the arrays stay views of a map, with no copy kept."""
     import ml_dtypes
 
     tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5, -2], ml_dtypes.bfloat16),
                "e": np.zeros((0, 3), np.float16)}
     path = tmp_path / "a.safetensors"
     hf.write_safetensors(path, tensors)
-    st = hf.SafetensorsFile(path)
+    st = hf.SafetensorsFile(path, in_memory=True)
     for name, want in tensors.items():
         got = st[name]
         assert not any(isinstance(b, np.memmap) for b in _bases(got)), name
@@ -573,7 +574,6 @@ def test_small_safetensors_files_are_read_into_memory_and_large_ones_mapped(tmp_
     open(path, "wb").close()        # truncated by another program after the open: the arrays still read
     assert np.array_equal(st["w"], tensors["w"])
     hf.write_safetensors(path, tensors)
-    monkeypatch.setattr(hf, "IN_MEMORY_BELOW", 0)
     mapped = hf.SafetensorsFile(path)
     assert any(isinstance(b, np.memmap) for b in _bases(mapped["w"])) and not mapped["w"].flags.writeable
     assert all(np.array_equal(mapped[k], v) for k, v in tensors.items())

@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import os
 import re
+import time
 from copy import deepcopy
 
 import jax
@@ -604,6 +606,28 @@ def test_load_reads_again_when_a_save_lands_between_its_reads(tmp_path, monkeypa
     monkeypatch.setattr(jlora.peft, "_read_tensors", always)
     with pytest.raises(OSError, match="changed while they were read, 5 times: another process is writing"):
         jlora.peft.load(out, loaded)
+    monkeypatch.undo()
+
+    # a whole read between a save's two renames: the new config beside the old weights, both stamps steady; the
+    # weights' metadata names another config, so load waits for the second rename and reads again
+    other = jlora.peft.save(tmp_path / "other", second, cfg2, loaded)
+    jlora.peft.save(out, first, cfg, loaded)
+    os.replace(other / "adapter_config.json", out / "adapter_config.json")
+
+    def second_rename(seconds):
+        os.replace(other / "adapter_model.safetensors", out / "adapter_model.safetensors")
+
+    monkeypatch.setattr(jlora.peft.time, "sleep", second_rename)
+    got, got_cfg = jlora.peft.load(out, loaded)
+    assert got_cfg.alpha == 2.0 and not (other / "adapter_model.safetensors").exists()
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # a config edited by hand after the save (a second ago or more) is read as it is, at once
+    config = out / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lora_alpha": 4.0}))
+    os.utime(config, (time.time() - 10, time.time() - 10))
+    monkeypatch.setattr(jlora.peft.time, "sleep", lambda s: pytest.fail("waited for an edit by hand"))
+    assert jlora.peft.load(out, loaded)[1].alpha == 4.0
 
 
 def test_a_folder_missing_targeted_modules(tmp_path):

@@ -187,6 +187,28 @@ def test_zero_adapter_changes_nothing_exactly(tiny, general, tok, tmp_path):
     assert written["plot"].stat().st_size > 1000
 
 
+def test_plot_leaves_matplotlib_global_state_alone(tmp_path):
+    """A notebook calling side_effects.save keeps its backend (plot used to switch the session to Agg) and its
+    pyplot figures; the PNG is written all the same."""
+    matplotlib = pytest.importorskip("matplotlib")
+    report = {"task": {"loss_base": 2.0, "loss_adapted": 0.5, "metric": "exact JSON", "score_base_pct": 0.0,
+                       "score_adapted_pct": 84.0},
+              "general": {"kl": 0.02, "per_text_kl": [0.01, 0.03, 0.02], "top1_agreement_pct": 96.4,
+                          "loss_base": 3.0, "loss_adapted": 3.05}}
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        import matplotlib.pyplot as plt
+
+        figures = plt.get_fignums()
+        path = se.plot(report, tmp_path / "report.png")
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == figures
+    finally:
+        matplotlib.use(before)
+    assert path == tmp_path / "report.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_intruder_dimensions_equal_a_numpy_reference():
     rng = np.random.default_rng(0)
     params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)},

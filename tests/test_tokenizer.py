@@ -621,7 +621,7 @@ def test_a_save_that_fails_midway_leaves_the_old_files_whole_and_names_the_file(
 
     def full_open(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
-        return FullDisk(f) if "w" in mode and os.path.basename(file).startswith(failing) else f
+        return FullDisk(f) if "w" in mode and os.path.basename(file).startswith(f".{failing}.") else f
 
     for module in (jlora.files, jlora.hf, jlora.hf.tokenizer):
         monkeypatch.setattr(module, "open", full_open, raising=False)

@@ -32,6 +32,7 @@ import yaml
 
 from jlora import config as lora_config
 from jlora import data as data_lib
+from jlora import resources
 from jlora.config import LoraConfig
 from jlora.models.attention import IMPLEMENTATIONS
 
@@ -281,7 +282,9 @@ class EvalSection:
             :mod:`jlora.cli.scoring`); the default compares texts exactly, ignoring surrounding whitespace.
         side_effects: at the end of a run, compare base and adapted model on ``general`` text the adapter was not
             trained for (:mod:`jlora.side_effects`): KL, top-1 agreement, loss change, identical continuations.
-        general: the general prompt set (JSONL of prompt/completion pairs).
+        general: the general prompt set (JSONL of prompt/completion pairs); default: the copy shipped inside the
+            jlora package (:data:`jlora.resources.GENERAL`, identical to the repository's
+            ``examples/data/general.jsonl``), so an installed jlora needs no repository checkout for it.
         general_examples: how many of its records the report uses.
     """
 
@@ -292,7 +295,7 @@ class EvalSection:
     max_new_tokens: int = 64
     scorer: str = "jlora.cli.scoring:exact_match"
     side_effects: bool = True
-    general: str = "examples/data/general.jsonl"
+    general: str = str(resources.GENERAL)
     general_examples: int = 32
 
     def __post_init__(self):

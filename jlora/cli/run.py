@@ -387,7 +387,8 @@ def _prepare_dir(cfg: RunConfig, run_dir: pathlib.Path, action: str) -> pathlib.
         if _same_path(saved, cfg.model.path):
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=saved))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(runconfig.write_yaml(cfg.to_dict()))
+    with files.replacing(run_dir / CONFIG_FILE) as partial:
+        pathlib.Path(partial).write_text(runconfig.write_yaml(cfg.to_dict()))
     return aside
 
 
@@ -629,9 +630,8 @@ def _trim_metrics(path: pathlib.Path, start: int) -> None:
             continue
         keep.append(line)
     if dropped:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in keep))
-        os.replace(tmp, path)
+        with files.replacing(path) as partial:
+            pathlib.Path(partial).write_text("".join(f"{line}\n" for line in keep))
 
 
 class _Log:
@@ -677,16 +677,14 @@ class _Log:
 def plot_losses(run_dir: pathlib.Path) -> pathlib.Path | None:
     """Writes ``loss.png`` from ``metrics.jsonl`` (train and validation loss per step)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure   # no pyplot: the caller's backend and figures stay as they are
     except ImportError:
         return None
     rows = _metrics_rows(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    valid = [(r["step"], r["valid_loss"]) for r in rows if r.get("valid_loss") is not None]
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if valid:
@@ -698,7 +696,6 @@ def plot_losses(run_dir: pathlib.Path) -> pathlib.Path | None:
     fig.tight_layout()
     path = run_dir / "loss.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -1187,12 +1184,23 @@ def _train_loop(run: _Run, manager, loader: data_lib.Loader, state: jlora.TrainS
 
 def _diverged(step: int, record: dict[str, float], manager) -> str:
     """The error of a step whose loss or gradient norm is not finite: its update made the adapters NaN (a non-finite
-    global norm scales every update), so the run stops there and saves nothing of it."""
+    global norm scales every update), so the run stops there and saves nothing of it. A non-finite loss was computed
+    with the adapters of the step before: a checkpoint of that step gives it again (an update can make them huge
+    while its own step's loss is finite), so it is named as such."""
     manager.wait()
-    saved = manager.latest_step()
+    saved = manager.all_steps()
     fix = "a lower train.learning_rate (or train.max_grad_norm)"
-    kept = (f"its checkpoints up to step {saved} are kept: --resume with {fix} (--set) continues from step {saved}"
-            if saved is not None else f"no checkpoint was saved before it: start again (--overwrite) with {fix}")
+    again = saved[-1] if saved and saved[-1] == step - 1 and not math.isfinite(record["loss"]) else None
+    usable = [s for s in saved if s != again]
+    if again is not None:
+        kept = (f"its checkpoint of step {again} holds the adapters that gave this loss, so --resume from it fails "
+                f"the same way; " + (f"remove {manager.directory / str(again)} and --resume with {fix} (--set) to "
+                                     f"continue from step {usable[-1]}" if usable else
+                                     f"start again (--overwrite) with {fix}"))
+    elif usable:
+        kept = f"its checkpoints up to step {usable[-1]} are kept: --resume with {fix} (--set) continues from there"
+    else:
+        kept = f"no checkpoint was saved before it: start again (--overwrite) with {fix}"
     return (f"step {step}: the loss is {record['loss']} and the gradient norm {record['grad_norm']}: training "
             f"diverged (or a batch overflowed), and every step after it would train NaN adapters, so the run "
             f"stopped and saved nothing of this step; {kept}")
@@ -1269,8 +1277,8 @@ def _wrap_up(run: _Run, summary: dict[str, Any], *, step: int, interrupted: bool
     summary.update({"step": step, "interrupted": interrupted, "run_dir": str(run.dir), "train_seconds": seconds})
     files.replace_json(run.dir / "summary.json", summary)
     if not interrupted:
-        files = [name + ("/" if (run.dir / name).is_dir() else "") for name in RUN_FILES if (run.dir / name).exists()]
-        print(_report(summary, run.scorer.label, files))
+        written = [name + ("/" if (run.dir / name).is_dir() else "") for name in RUN_FILES if (run.dir / name).exists()]
+        print(_report(summary, run.scorer.label, written))
     return summary
 
 
@@ -1362,24 +1370,39 @@ def _refuse_out_over_inputs(out: str, reads: Sequence[tuple[str, str]], what: st
 
 @contextlib.contextmanager
 def _writing_out(path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Yields a new folder beside the ``--out`` folder ``path`` to write into; when the block ends, it takes the place
-    of ``path`` (whose old contents, which :func:`_check_out` allowed to be replaced, are removed only then, saying
-    so). A block that fails removes the new folder and leaves ``path`` as it was: a full disk loses nothing."""
+    """Yields the folder to write an ``--out`` into. A new or empty ``path`` is written in place, and emptied
+    again if the block fails. One with an old output (which :func:`_check_out` allowed to be replaced) gets a new
+    folder beside it, which takes its place when the block ends; the old one is removed only then, saying so. A
+    block that fails, or a swap that fails, leaves the old output as it was: a full disk loses nothing."""
     path = path.resolve()   # a link to the folder: the folder it names is replaced, the link stays
+    if not path.exists() or not any(path.iterdir()):
+        fresh = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            yield path
+        except BaseException:
+            for entry in path.iterdir() if path.exists() else ():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if fresh:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return
     stage = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    stage.mkdir()
     try:
         yield stage
+        print(f"--overwrite: replacing {path}", flush=True)
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)
+        try:
+            os.rename(stage, path)
+        except BaseException:
+            os.rename(old, path)   # the old output back under its name
+            raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        if any(path.iterdir()):
-            print(f"--overwrite: replacing {path}", flush=True)
-        os.rename(path, old)
-    os.rename(stage, path)
     shutil.rmtree(old, ignore_errors=True)
 
 

