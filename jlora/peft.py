@@ -358,7 +358,7 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     Returns:
         The folder path.
     """
-    from safetensors.numpy import save
+    from jlora.hf import write_safetensors
 
     lora_lib.check_fits(loaded.params, adapters, cfg)
     check_exportable(adapters, loaded, merge_only=merge_only)
@@ -434,7 +434,9 @@ def save(out_dir: str | pathlib.Path, adapters: Mapping, cfg: LoraConfig, loaded
     # weights' metadata holds a digest of the config saved with them (:func:`_read_folder`).
     text = json.dumps(config, indent=2) + "\n"
     with files.replacing(out / WEIGHTS_FILE) as weights:
-        pathlib.Path(weights).write_bytes(save(tensors, metadata={"format": "pt", CONFIG_DIGEST: _digest(text)}))
+        # jlora's writer: its header keeps the metadata's order (safetensors' own writer orders it at random, so
+        # two exports of one adapter differed byte for byte)
+        write_safetensors(weights, tensors, metadata={"format": "pt", CONFIG_DIGEST: _digest(text)})
         with files.replacing(out / CONFIG_FILE) as config_file:
             pathlib.Path(config_file).write_text(text)
     return out

@@ -968,20 +968,15 @@ def test_a_failed_overwrite_keeps_the_old_output(tiny, trained, tmp_path, monkey
         def disk_full(src, dst):   # each file is written whole beside its name, then renamed: the disk fills first
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(os, "replace", disk_full)
-        _error(*_main(*command, "--out", out, "--overwrite"), r"No space left on device")
-        monkeypatch.undo()
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, name
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], name
-
-        def busy(src, dst):   # the swap itself fails (a mount point, say): the old output stays, nothing beside it
+        def busy(src, dst):   # the swap itself fails (a mount point, say)
             raise OSError(16, "Device or resource busy")
 
-        monkeypatch.setattr(os, "rename", busy)
-        _error(*_main(*command, "--out", out, "--overwrite"), r"Device or resource busy")
-        monkeypatch.undo()
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, name
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], name
+        for call, failure, says in (("replace", disk_full, "No space left"), ("rename", busy, "resource busy")):
+            monkeypatch.setattr(os, call, failure)   # the old output stays as it was, nothing beside it
+            _error(*_main(*command, "--out", out, "--overwrite"), says)
+            monkeypatch.undo()
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before, (name, call)
+            assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], (name, call)
         assert _main(*command, "--out", out, "--overwrite")[0] == 0
         # a new --out, or an empty one, is written in place; a failed write leaves no folder, or an empty one
         for fresh in (tmp_path / f"new-{name}", tmp_path / f"empty-{name}"):

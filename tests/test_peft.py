@@ -573,6 +573,9 @@ def test_a_failed_save_leaves_the_old_adapter_whole(tmp_path, monkeypatch):
         jlora.peft.save(out, new, cfg, loaded)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a save is reproducible byte for byte (safetensors' own writer ordered the metadata at random)
+    twice = jlora.peft.save(tmp_path / "twice", old, cfg, loaded)
+    assert {p.name: p.read_bytes() for p in twice.iterdir()} == before
     again, _ = jlora.peft.load(out, loaded)
     for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(old), strict=True):
         np.testing.assert_array_equal(x, y)
