@@ -977,7 +977,16 @@ def test_a_failed_overwrite_keeps_the_old_output(tiny, trained, tmp_path, monkey
             monkeypatch.undo()
             assert {p.name: p.read_bytes() for p in out.iterdir()} == before, (name, call)
             assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], (name, call)
+        # a staging folder of a command killed mid-write (its process gone) goes at the next --overwrite; a
+        # running one's stays
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        for pid in (dead, str(os.getppid())):
+            (tmp_path / f".{name}.partial-{pid}").mkdir()
         assert _main(*command, "--out", out, "--overwrite")[0] == 0
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [f".{name}.partial-"
+                                                                                       f"{os.getppid()}"]
+        (tmp_path / f".{name}.partial-{os.getppid()}").rmdir()
         # a new --out, or an empty one, is written in place; a failed write leaves no folder, or an empty one
         for fresh in (tmp_path / f"new-{name}", tmp_path / f"empty-{name}"):
             if "empty" in fresh.name:

@@ -1368,6 +1368,19 @@ def _refuse_out_over_inputs(out: str, reads: Sequence[tuple[str, str]], what: st
                              f"choose another --out")
 
 
+def _alive(pid: str) -> bool:
+    """Whether the process ``pid`` (a string) still runs on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except ValueError:
+        return True          # not a pid: not ours to remove
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _writing_out(path: pathlib.Path) -> Iterator[pathlib.Path]:
     """Yields the folder to write an ``--out`` into. A new or empty ``path`` is written in place, and emptied
@@ -1387,6 +1400,9 @@ def _writing_out(path: pathlib.Path) -> Iterator[pathlib.Path]:
                 shutil.rmtree(path, ignore_errors=True)
             raise
         return
+    for left in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):   # of a command killed mid-write
+        if not _alive(left.name.rpartition("-")[2]):
+            shutil.rmtree(left, ignore_errors=True)
     stage = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
