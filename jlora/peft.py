@@ -612,7 +612,7 @@ def _read_folder(folder: pathlib.Path, tries: int = 5) -> tuple[dict[str, Any], 
         if _stamps(folder) != before:
             continue
         saved = metadata.get(CONFIG_DIGEST)
-        edited = time.time_ns() - before[0][2] > 1_000_000_000   # renamed a second ago: edited by hand since
+        edited = time.time_ns() - before[0][2] > 1_000_000_000   # written over a second ago: a hand edit
         if saved is None or saved == _digest(text) or edited or attempt == tries - 1:
             return _read_config(folder, text), tensors
         time.sleep(0.05)   # a save's second rename is an instant away
