@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import gc
 import hashlib
 import json
@@ -71,6 +70,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jlora import files
 from jlora import tree as tree_lib
 from jlora.config import CHANGES_BASE, LoraConfig
 from jlora.lora import check_fits, plain_params
@@ -337,7 +337,7 @@ class CheckpointManager:
         self._options = _Options(max_to_keep, best_metric, mode, keep_best, bool(async_save))
         self._manager: ocp.CheckpointManager | None = None
         self._saving: int | None = None    # the step of a save that may still be running (async)
-        self._lock: int | None = None      # the file descriptor holding the folder's save lock (:meth:`_lock_saves`)
+        self._lock: contextlib.ExitStack | None = None   # the folder's save lock, held (:meth:`_lock_saves`)
         self._identity_cache: tuple[tuple[weakref.ref, ...], dict] | None = None
 
     # -------------------------------------------------------------------------------------------- orbax plumbing
@@ -416,35 +416,23 @@ class CheckpointManager:
                 self._manager = None
 
     def _lock_saves(self) -> None:
-        """Takes the folder's save lock (one process, a local folder): another program's ``CheckpointManager``
-        saving into the same folder at the same time would pass the same checks and one of two saves of a step
-        would be lost unseen. The lock (``flock`` on the folder itself) goes with the process; it is held until
-        the save is committed."""
-        try:
-            import fcntl
-        except ImportError:   # Windows
-            return
+        """Takes the folder's save lock (:func:`jlora.files.locked`: ``.<folder>.lock`` beside it) for one process
+        and a local folder: another program's ``CheckpointManager`` saving into the same folder at the same time
+        would pass the same checks, and one of two saves of a step would be lost unseen. The lock goes with the
+        process; it is held until the save is committed."""
         if self._lock is not None or jax.process_count() > 1 or "://" in str(self.directory):
             return   # several processes save collectively (process 0 commits); a remote folder has no flock
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(f"another process is saving a checkpoint into {self.directory} right now; two "
-                               f"programs saving into one folder would lose each other's steps. Give each run a "
-                               f"checkpoint folder of its own, or wait for the other one to finish") from None
-        except OSError as e:   # a file system without flock on a folder (NFSv4: EBADF; Lustre: ENOSYS): unlocked
-            os.close(fd)
-            if e.errno in (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                return
-            raise
-        self._lock = fd
+        held = contextlib.ExitStack()
+        held.enter_context(files.locked(self.directory, busy=lambda lock: RuntimeError(
+            f"another process is saving a checkpoint into {self.directory} right now (it holds {lock}); two "
+            f"programs saving into one folder would lose each other's steps. Give each run a checkpoint folder of "
+            f"its own, or wait for the other one to finish")))
+        self._lock = held
 
     def _unlock_saves(self) -> None:
         if self._lock is not None:
-            fd, self._lock = self._lock, None
-            os.close(fd)   # releases the flock
+            held, self._lock = self._lock, None
+            held.close()
 
     @contextlib.contextmanager
     def _cleanup_on_failure(self, step: int | None):

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: each is written beside its name and renamed into place.
+"""Files written whole or not at all: each is written beside its name and renamed into place; and a lock file
+beside a folder, for the one process that writes into it (:func:`locked`).
 
 A full disk, a killed process or a reader that maps the file while it is rewritten never sees a truncated file:
 until the rename, readers see the old file (whose pages stay valid even while mapped); after it, the new one.
@@ -27,8 +28,9 @@ import contextlib
 import errno
 import json
 import os
+import pathlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -70,3 +72,57 @@ def replace_json(path: str | os.PathLike, value: Any, *, ensure_ascii: bool = Tr
     with replacing(path) as partial, open(partial, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2, ensure_ascii=ensure_ascii)
         f.write("\n")
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, *, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Holds ``.<name>.lock`` beside ``path`` locked (``flock``) for the ``with`` block; raises ``busy(lock file)``
+    when another process holds it. The file is removed again at the end, and so are the folders made for it (a
+    refused command leaves nothing behind). It is removed while still locked, so a process that opened it meanwhile
+    locks a file no longer at the path: each locker checks that the file it locked is the one at the path, and else
+    starts again. Where there is no flock (Windows; Lustre without ``-o flock``), the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = pathlib.Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    made = [p for p in reversed(path.parents) if not p.exists()]    # outermost first
+    while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(lock, "a")   # open for writing: NFSv4 refuses an exclusive lock on a file opened to read
+        except FileNotFoundError:      # its folder was just removed by another locker that made it: again
+            continue
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise busy(str(lock)) from None
+        except OSError as e:
+            f.close()
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            f = None                   # a file system without flock: unlocked
+            break
+        try:
+            here = os.stat(lock)
+        except FileNotFoundError:
+            here = None
+        mine = os.fstat(f.fileno())
+        if here is not None and (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        f.close()                      # the holder before us removed it: lock the file now at the path
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()              # still locked: see above
+        if f is not None:
+            f.close()
+        for folder in reversed(made):  # innermost first; one that holds anything now stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break

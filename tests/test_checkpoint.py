@@ -216,29 +216,30 @@ def test_two_programs_saving_into_one_folder_are_told(tmp_path, tiny):
     with pytest.raises(RuntimeError, match=f"another process is saving a checkpoint into {directory} right now"):
         CheckpointManager(directory).save(2, state0, params=params, lora_config=CFG, name=NAME)
     first.close()
-    other = os.open(directory, os.O_RDONLY)   # another program's save under way
+    other = open(tmp_path / ".ckpt.lock", "a")   # another program's save under way: its lock file, flocked
     fcntl.flock(other, fcntl.LOCK_EX)
     with pytest.raises(RuntimeError, match="two programs saving into one folder would lose each other's steps"):
         first.save(2, state0, params=params, lora_config=CFG, name=NAME)
-    os.close(other)
+    other.close()
     with CheckpointManager(directory) as manager:
         manager.save(2, state0, params=params, lora_config=CFG, name=NAME)
         manager.save(3, state0, params=params, lora_config=CFG, name=NAME)   # the lock was released after step 2
         assert manager.all_steps() == [1, 2, 3]
     assert sorted(p.name for p in directory.iterdir()) == ["1", "2", "3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]   # the lock file goes with the save
     with pytest.raises(NotADirectoryError, match="is a file, not a checkpoint folder"):
         CheckpointManager(directory / "1" / "_CHECKPOINT_METADATA").all_steps()
 
 
 def test_a_file_system_without_folder_locks_still_saves(tmp_path, tiny, monkeypatch):
-    """NFSv4 refuses an exclusive flock on a folder (EBADF), Lustre without -o flock has none (ENOSYS): the save goes
-    on unlocked."""
+    """Lustre without -o flock has no flock (ENOSYS), some NFS mounts no lock manager (ENOLCK): the save goes on
+    unlocked. (The lock is a file opened for writing: NFSv4 refused an exclusive flock on the folder itself.)"""
     import errno
     import fcntl
     import os
 
     _, params, _, state0 = tiny
-    for code in (errno.EBADF, errno.ENOSYS):
+    for code in (errno.ENOLCK, errno.ENOSYS):
         def no_flock(fd, op, code=code):
             raise OSError(code, os.strerror(code))
 

@@ -800,49 +800,12 @@ def _run_guard(run_dir: pathlib.Path):
                 signal.signal(sig, handler)
 
 
-@contextlib.contextmanager
 def _lock(run_dir: pathlib.Path):
-    """Holds ``.<name>.lock`` beside ``run_dir`` locked (``flock``) for the ``with`` block, refusing a folder another
-    process holds; the file is removed again at the end, and so are the folders made for it (a refused command
-    leaves nothing behind). It is removed while still locked, so a process that opened it meanwhile locks a file no
-    longer at the path: each locker checks that the file it locked is the one at the path, and else starts again."""
-    import fcntl
-
-    lock = run_dir.with_name(f".{run_dir.name}.lock")
-    made = [p for p in reversed(run_dir.parents) if not p.exists()]    # outermost first
-    while True:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            f = open(lock, "a")
-        except FileNotFoundError:      # its folder was just removed by another command that made it: again
-            continue
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise ConfigError(f"run folder {run_dir} is in use by another `jlora train` (it holds {lock}); wait "
-                              f"for that run to end, or --set run.dir=OTHER") from None
-        try:
-            here = os.stat(lock)
-        except FileNotFoundError:
-            here = None
-        mine = os.fstat(f.fileno())
-        if here is not None and (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
-            break
-        f.close()                      # the holder before us removed it: lock the file now at the path
-    try:
-        yield
-    finally:
-        try:
-            lock.unlink()              # still locked: see above
-        except FileNotFoundError:
-            pass
-        f.close()
-        for folder in reversed(made):  # innermost first; one that holds anything now stays
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+    """The run folder's lock (:func:`jlora.files.locked`: ``.<name>.lock`` beside it), refusing a folder another
+    ``jlora train`` holds."""
+    return files.locked(run_dir, busy=lambda lock: ConfigError(
+        f"run folder {run_dir} is in use by another `jlora train` (it holds {lock}); wait for that run to end, or "
+        f"--set run.dir=OTHER"))
 
 
 # ------------------------------------------------------------------------------------------------ train
